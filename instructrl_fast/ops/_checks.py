@@ -1,0 +1,77 @@
+"""Argument checks shared by the public ops. Each error names the argument and what was expected.
+
+Checks that need the data (labels in range) are made eagerly for CPU tensors only; on CUDA they are made on the
+device by the kernels (see DESIGN.md), or eagerly when ``INSTRUCTRL_FAST_CHECKS=1``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_EAGER_DEVICE_CHECKS = os.environ.get("INSTRUCTRL_FAST_CHECKS", "0") == "1"
+
+
+def check_tensor(name: str, x, *, dtypes: Sequence[torch.dtype] | None = None, ndim: int | None = None,
+                 min_ndim: int | None = None) -> None:
+    """``x`` is a tensor of one of ``dtypes`` with ``ndim`` (or at least ``min_ndim``) dimensions."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if dtypes is not None and x.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(x.dtype).removeprefix('torch.')}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if min_ndim is not None and x.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {tuple(x.shape)}")
+
+
+def check_float(name: str, x, **kw) -> None:
+    check_tensor(name, x, dtypes=FLOAT_DTYPES, **kw)
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    items = list(tensors.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; they must match")
+
+
+def check_shape(name: str, x: torch.Tensor, shape: Sequence[int], like: str) -> None:
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have the shape of {like} {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def check_mask(name: str, mask, shape: Sequence[int], like: str) -> None:
+    """A mask is bool, or 0/1 in an integer or float dtype, with the given shape."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype.is_complex:
+        raise TypeError(f"{name} must be bool or 0/1 numbers, got {mask.dtype}")
+    check_shape(name, mask, shape, like)
+    if mask.dtype != torch.bool and (mask.device.type == "cpu" or _EAGER_DEVICE_CHECKS) and mask.numel():
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"{name} must hold only 0 and 1 (or be bool)")
+
+
+def check_positive(name: str, value, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (value >= 0 if allow_zero else value > 0) or value != value or value == float("inf"):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value}")
+    return float(value)
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def eager_data_checks(x: torch.Tensor) -> bool:
+    """Whether data-dependent checks may read ``x`` now (CPU tensors, or INSTRUCTRL_FAST_CHECKS=1)."""
+    return x.device.type == "cpu" or _EAGER_DEVICE_CHECKS

@@ -1,0 +1,83 @@
+"""Build instructrl_fast: the Python package, the C++ CPU ops (always) and the CUDA ops (when possible).
+
+Switches (environment variables):
+  INSTRUCTRL_FAST_SKIP_CUDA_BUILD=1  never build the CUDA extension
+  TORCH_CUDA_ARCH_LIST               CUDA targets; defaults to "8.0;9.0a" when no GPU is visible
+  DEBUG=1                            -O0 -g instead of -O3
+  MAX_JOBS                           parallel compile jobs (ninja)
+
+Install with `pip install --no-build-isolation -e .` so the extension is compiled against the installed torch.
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEBUG = os.environ.get("DEBUG", "0") == "1"
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def _want_cuda() -> bool:
+    if os.environ.get("INSTRUCTRL_FAST_SKIP_CUDA_BUILD", "0") == "1":
+        return False
+    # CUDAExtension against a CPU torch fails with a misleading CUDA_HOME error: gate on torch.version.cuda.
+    if torch.version.cuda is None:
+        return False
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return CUDA_HOME is not None
+
+
+def _extensions():
+    opt = ["-O0", "-g"] if DEBUG else ["-O3"]
+    cxx = opt + ["-std=c++20", "-fopenmp"]
+    exts = [
+        CppExtension(
+            "instructrl_fast._C",
+            _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))),
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+    if _want_cuda():
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a"
+        sources = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(
+            os.path.join(ROOT, "csrc", "cuda", "*.cpp")
+        )
+        exts.append(
+            CUDAExtension(
+                "instructrl_fast._C_cuda",
+                _rel(sources),
+                extra_compile_args={"cxx": cxx, "nvcc": opt + ["--expt-relaxed-constexpr", "-lineinfo"]},
+                extra_link_args=["-fopenmp"],
+            )
+        )
+    return exts
+
+
+setup(
+    name="instructrl_fast",
+    version="0.1.0",
+    description="Fused Triton/CUDA/C++ kernels for RLHF and a lean tensor-parallel InstructGPT trainer",
+    python_requires=">=3.10",
+    packages=find_packages(include=["instructrl_fast", "instructrl_fast.*"]) + ["instructrl_fast.kernels"],
+    package_dir={"instructrl_fast.kernels": "kernels"},
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "tensorboard"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "test": ["pytest", "triton>=3.0"],
+        "flash": ["flash-attn>=2.6"],
+    },
+    entry_points={"console_scripts": ["instructrl-fast=instructrl_fast.cli:main"]},
+)

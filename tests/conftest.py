@@ -1,0 +1,42 @@
+"""Test set-up. Triton kernels run on CPU tensors under the interpreter when no GPU is present.
+
+TRITON_INTERPRET is read when a Triton kernel is defined, so it is set here, before any test imports
+instructrl_fast.kernels; it is set for the tests only, never globally in CI.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from instructrl_fast import backend as _backend  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def backends_for(implemented):
+    """pytest params for every backend an op implements; unbuilt ones are reported as skipped with the reason.
+
+    Only a backend that this machine cannot run (cuda without a GPU) is skipped. In CI the cpp backend must exist:
+    tests/test_build.py fails when it is missing, so a skip here can never hide a broken build.
+    """
+    params = []
+    for name in implemented:
+        reason = _backend._unavailable_reason(name, DEVICE)
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        params.append(pytest.param(name, id=name, marks=marks))
+    return params
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
