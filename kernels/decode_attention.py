@@ -128,7 +128,7 @@ def _decode_attention_combine_kernel(
     tl.store(out_ptr + pid_bh * Dh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

@@ -3,4 +3,5 @@
 Every op accepts fp32/bf16/fp16 inputs, accumulates in fp32 and returns float32; the backend is picked from the
 input's device (see ``instructrl_fast.backend``).
 """
-from instructrl_fast.ops.decode_attention import decode_attention  # noqa: E402,F401
+from instructrl_fast.ops.decode_attention import decode_attention  # noqa: F401
+from instructrl_fast.ops.logprob import gather_logprobs, linear_logprobs  # noqa: F401

@@ -21,7 +21,7 @@ from instructrl_fast.ops._checks import (
     eager_data_checks,
 )
 
-_IMPLEMENTED = ("triton",)
+_IMPLEMENTED = ("triton", "torch")  # resolve() rejects a forced "torch" unless it is listed
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
