@@ -1,0 +1,187 @@
+"""Causal self-attention with tensor-parallel heads, and the choice of attention backend.
+
+Backends (``ATTENTION_BACKENDS``), picked per call by ``choose_backend``:
+
+* ``flash``: flash-attn's ``flash_attn_varlen_func`` (training / prefill, padding removed) and
+  ``flash_attn_with_kvcache`` (cached steps), on CUDA fp16/bf16 when the package is importable;
+* ``triton``: the project's split-KV decode kernel (``instructrl_fast.ops.decode_attention``) for the one-token
+  KV-cache decode step on CUDA; other calls fall through to SDPA;
+* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (on CPU always; on CUDA it runs FlashAttention-2 or
+  memory-efficient kernels itself).
+
+``INSTRUCTRL_FAST_ATTN=flash|triton|sdpa`` (read at import) or ``use_attention_backend(name)`` forces one; a forced
+backend that cannot run raises ``BackendError`` (``triton`` also runs on CPU tensors under TRITON_INTERPRET=1).
+
+Masks. ``key_mask`` [B, S] is 1 on real tokens (left padding, and trailing padding after a row ends, are 0).
+Query i attends key j when j <= i (causal, by sequence slot) and key_mask[b, j]; a padding query also attends itself
+so that its (unused) output stays finite instead of a 0/0 softmax.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from instructrl_fast import _ext
+from instructrl_fast.backend import BackendError, triton_interpreting
+from instructrl_fast.model.kv_cache import KVCache
+from instructrl_fast.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from instructrl_fast.parallel.mappings import tp_world_size
+
+ATTENTION_BACKENDS = ("flash", "triton", "sdpa")
+
+
+def _check_backend_name(name: str | None) -> str | None:
+    if name in (None, ""):
+        return None
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    return name
+
+
+_forced: str | None = _check_backend_name(os.environ.get("INSTRUCTRL_FAST_ATTN"))
+
+
+@contextlib.contextmanager
+def use_attention_backend(name: str | None) -> Iterator[None]:
+    """Force the attention backend inside the block (None restores the automatic choice)."""
+    global _forced
+    previous, _forced = _forced, _check_backend_name(name)
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def _unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    if name == "sdpa":
+        return None
+    if name == "flash":
+        if not _ext.HAS_FLASH_ATTN:
+            return "flash-attn is not installed (pip install flash-attn)"
+        if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+            return f"flash-attn needs CUDA fp16/bf16 tensors, got {device.type} {dtype}"
+        return None
+    if not _ext.HAS_TRITON:
+        return "triton is not installed"
+    if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
+        return None
+    return f"the triton decode kernel needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device.type}"
+
+
+def choose_backend(device: torch.device, dtype: torch.dtype, *, decode: bool) -> str:
+    """The attention backend for one call: forced, else flash > triton (decode step only) > sdpa on CUDA."""
+    if _forced is not None:
+        reason = _unavailable_reason(_forced, device, dtype)
+        if reason is not None:
+            raise BackendError(f"attention backend {_forced!r} is forced but unavailable: {reason}")
+        return _forced if (_forced != "triton" or decode) else "sdpa"
+    if device.type != "cuda":
+        return "sdpa"
+    if _unavailable_reason("flash", device, dtype) is None:
+        return "flash"
+    if decode and _unavailable_reason("triton", device, dtype) is None:
+        return "triton"
+    return "sdpa"
+
+
+@dataclass
+class AttentionMeta:
+    """Per-forward attention inputs shared by every layer (computed once in ``GPT.forward``).
+
+    Without a cache, slots are 0..T-1 and ``key_mask`` (if any) is [B, T]. With a cache, ``input_pos`` [T] int64 are
+    the cache slots of the T new tokens, ``key_mask`` [B, S_max] covers every slot, and ``kv_start`` / ``kv_len``
+    [B] int32 bound the slots a row may read (left padding before ``kv_start``), as the decode kernels want them.
+    """
+
+    key_mask: torch.Tensor | None = None
+    input_pos: torch.Tensor | None = None
+    kv_start: torch.Tensor | None = None
+    kv_len: torch.Tensor | None = None
+
+
+def _sdpa_mask(key_mask: torch.Tensor | None, q_slots: torch.Tensor, S: int) -> torch.Tensor:
+    """[B or 1, 1, T, S] bool: key slot <= query slot, key is real, or key is the query itself."""
+    k_slots = torch.arange(S, device=q_slots.device)
+    causal = k_slots[None, :] <= q_slots[:, None]  # [T, S]
+    if key_mask is None:
+        return causal[None, None]
+    self_key = k_slots[None, :] == q_slots[:, None]
+    return ((causal[None] & key_mask[:, None, :].bool()) | self_key[None])[:, None]
+
+
+def _flash_dense(q, k, v, key_mask, sm_scale):
+    """flash-attn over [B, H, T, Dh]: padding removed and rows packed (varlen), causal within each row."""
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    B, H, T, Dh = q.shape
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, T, H, Dh]
+    if key_mask is None:
+        return flash_attn_func(q, k, v, softmax_scale=sm_scale, causal=True).transpose(1, 2)
+    flat = key_mask.reshape(-1).bool()
+    idx = flat.nonzero().squeeze(-1)  # host sync (nonzero): training / prefill only, never in the decode loop
+    lens = key_mask.sum(-1, dtype=torch.int32)
+    cu = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+    out_packed = flash_attn_varlen_func(
+        *(x.reshape(B * T, H, Dh)[idx] for x in (q, k, v)), cu, cu, T, T, softmax_scale=sm_scale, causal=True)
+    out = torch.zeros(B * T, H, Dh, dtype=q.dtype, device=q.device).index_copy_(0, idx, out_packed)
+    return out.view(B, T, H, Dh).transpose(1, 2)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
+           kv_cache: KVCache | None) -> torch.Tensor:
+    """Attention for q, k, v [B, H_local, T, Dh] (k, v are the new tokens' keys/values); returns [B, H_local, T, Dh]."""
+    sm_scale = q.shape[-1] ** -0.5
+    T = q.shape[2]
+    decode = kv_cache is not None and T == 1
+    name = choose_backend(q.device, q.dtype, decode=decode)
+    if kv_cache is None:
+        if name == "flash":
+            return _flash_dense(q, k, v, meta.key_mask, sm_scale)
+        if meta.key_mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sm_scale)
+        mask = _sdpa_mask(meta.key_mask, torch.arange(T, device=q.device), T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=sm_scale)
+
+    k_all, v_all = kv_cache.update(meta.input_pos, k, v)  # [B, H_local, S_max, Dh]
+    if name == "triton":
+        from instructrl_fast.ops.decode_attention import decode_attention
+
+        return decode_attention(q[:, :, 0], k_all, v_all, meta.kv_start, meta.kv_len, sm_scale=sm_scale)[:, :, None]
+    if name == "flash":
+        from flash_attn import flash_attn_with_kvcache
+
+        # Queries are aligned to the end of each row's [cache_leftpad, cache_seqlens) window (causal=True).
+        out = flash_attn_with_kvcache(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
+                                      cache_seqlens=meta.kv_len, cache_leftpad=meta.kv_start,
+                                      softmax_scale=sm_scale, causal=True)
+        return out.transpose(1, 2)
+    mask = _sdpa_mask(meta.key_mask, meta.input_pos, k_all.shape[2])
+    return F.scaled_dot_product_attention(q, k_all.to(q.dtype), v_all.to(q.dtype), attn_mask=mask, scale=sm_scale)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention, Megatron TP: the fused QKV projection is column-parallel (each rank owns
+    n_head / p whole heads of Q, K and V), the output projection row-parallel (one all-reduce per layer)."""
+
+    def __init__(self, d_model: int, n_head: int, *, tp_group: dist.ProcessGroup | None = None):
+        super().__init__()
+        p = tp_world_size(tp_group)
+        if n_head % p != 0:
+            raise ValueError(f"n_head ({n_head}) must be divisible by the tensor-parallel size ({p})")
+        self.n_head_local, self.d_head = n_head // p, d_model // n_head
+        self.qkv = ColumnParallelLinear(d_model, 3 * d_model, n_fused=3, tp_group=tp_group)
+        self.proj = RowParallelLinear(d_model, d_model, tp_group=tp_group)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMeta, kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head_local, self.d_head).permute(2, 0, 3, 1, 4).unbind(0)
+        y = attend(q, k, v, meta, kv_cache)  # [B, H_local, T, Dh]
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head_local * self.d_head))

@@ -1,0 +1,265 @@
+"""The GPT model: pre-LN transformer, learned positions, GELU MLP, tied (vocab-parallel) embeddings.
+
+One class serves all four InstructGPT roles: ``head="lm"`` (policy, reference) and ``head="scalar"`` (reward model,
+value function; a replicated D -> 1 projection after the final LayerNorm). Under tensor parallelism every layer holds
+its shard and the LM head's logits stay vocab-sharded: they go straight into the log-prob ops with ``tp_group``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from instructrl_fast.model.attention import AttentionMeta, CausalSelfAttention
+from instructrl_fast.model.config import GPTConfig
+from instructrl_fast.model.kv_cache import KVCache
+from instructrl_fast.ops._checks import check_mask, check_positive, check_tensor
+from instructrl_fast.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, \
+    shard_tensor
+from instructrl_fast.parallel.mappings import copy_to_tp, tp_rank, tp_world_size
+
+HEADS = ("lm", "scalar")
+
+
+class MLP(nn.Module):
+    """fc (column-parallel, D -> d_ff / p) -> GELU (tanh form, as GPT-2) -> proj (row-parallel, all-reduce)."""
+
+    def __init__(self, d_model: int, d_ff: int, *, tp_group=None):
+        super().__init__()
+        self.fc = ColumnParallelLinear(d_model, d_ff, tp_group=tp_group)
+        self.proj = RowParallelLinear(d_ff, d_model, tp_group=tp_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """x + drop(attn(ln_1(x))), then x + drop(mlp(ln_2(x))) (pre-LN, GPT-2/3)."""
+
+    def __init__(self, config: GPTConfig, *, tp_group=None):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config.d_model, config.n_head, tp_group=tp_group)
+        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.mlp = MLP(config.d_model, config.d_ff, tp_group=tp_group)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMeta, kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x), meta, kv_cache))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] 0/1 mask -> [B, T] int64 position ids: 0 at each row's first real token, counting real tokens only
+    (left padding gets position 0; it is never attended by real tokens)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+class GPT(nn.Module):
+    """GPT-2/3 architecture with Megatron tensor parallelism over ``tp_group`` (None: one rank).
+
+    Build on the meta device (``with torch.device("meta"): GPT(cfg)``) to plan sizes without memory; after
+    ``to_empty(device=...)`` call ``init_weights(seed)``. Built on a real device, the weights are initialised with
+    seed 0. Parameter names are the same at every TP size; ``init_weights`` gives each rank the slice of the
+    full (TP = 1) initialisation, so a model initialised with one seed is the same function at any TP size.
+    """
+
+    def __init__(self, config: GPTConfig, head: str = "lm", tp_group: dist.ProcessGroup | None = None):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        self.config, self.head, self.tp_group = config, head, tp_group
+        self.wte = VocabParallelEmbedding(config.padded_vocab_size, config.d_model, tp_group=tp_group)
+        self.wpe = nn.Embedding(config.block_size, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, tp_group=tp_group) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        # Replicated on every TP rank: its input (the final hidden state) is replicated too.
+        self.score_head = nn.Linear(config.d_model, 1) if head == "scalar" else None
+        if self.wpe.weight.device.type != "meta":
+            self.init_weights(0)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # weights
+    # ----------------------------------------------------------------------------------------------------------
+    def tp_shard_specs(self) -> dict[str, tuple[int, int]]:
+        """Parameter name -> (dim, n_fused) for every tensor-parallel parameter (the rest are replicated)."""
+        out = {}
+        for mod_name, mod in self.named_modules():
+            for p_name, spec in getattr(mod, "tp_sharding", {}).items():
+                if getattr(mod, p_name, None) is not None:
+                    out[f"{mod_name}.{p_name}"] = spec
+        return out
+
+    def _init_std(self, name: str) -> float | None:
+        """Init std of a weight (None: a bias or LayerNorm, set to constants). GPT-2 scales the residual
+        projections by 1 / sqrt(2 n_layer) so the residual stream's variance does not grow with depth."""
+        if name.endswith("bias") or ".ln_" in name or name.startswith("ln_f"):
+            return None
+        if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+            return self.config.init_std / (2 * self.config.n_layer) ** 0.5
+        return self.config.init_std
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Deterministic init from ``seed``: normal(0, init_std) weights, zero biases, unit LayerNorms.
+
+        Each parameter draws from its own generator seeded by (seed, name), on the parameter's device, the full
+        (unsharded) tensor at a time and keeps this rank's slice: the result does not depend on the TP size or on
+        the order of parameters. Meta tensors are skipped (nothing to fill). FSDP2 (DTensor) parameters are filled
+        shard by shard from the same full tensor, without communication.
+        """
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        sharding, p, r = self.tp_shard_specs(), tp_world_size(self.tp_group), tp_rank(self.tp_group)
+        for name, param in self.named_parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param
+            if local.device.type == "meta":
+                continue
+            std = self._init_std(name)
+            if std is None:  # LayerNorm weight 1, every bias 0
+                local.fill_(1.0 if name.endswith("weight") else 0.0)
+                continue
+            shape = list(param.shape)  # a DTensor reports its global (TP-local) shape
+            dim, n_fused = sharding.get(name, (0, 1))
+            if name in sharding:
+                shape[dim] *= p
+            gen = torch.Generator(device=local.device)
+            gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+            full = torch.empty(shape, dtype=torch.float32, device=local.device).normal_(0.0, std, generator=gen)
+            if name in sharding:
+                full = shard_tensor(full, dim, n_fused, r, p)
+            if hasattr(param, "to_local"):
+                from torch.distributed.tensor import distribute_tensor
+
+                full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+            local.copy_(full)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # forward
+    # ----------------------------------------------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                kv_cache: Sequence[KVCache] | None = None, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (after the last LayerNorm).
+
+        Args:
+            idx: [B, T] int64 token ids (< vocab_size).
+            attention_mask: [B, T_total] bool or 0/1, 1 on real tokens (left padding allowed). Without a cache,
+                T_total = T. With a cache, it covers the cache slots: T_total <= S_max columns, slot s = column s.
+                Positions count the real tokens of each row (the first real token has position 0).
+            kv_cache: one ``KVCache`` per layer (``setup_kv_cache``); the new keys/values are written into it.
+            input_pos: [T] int64, the cache slots of the T tokens (required with ``kv_cache``; the same for every
+                row: with left padding, slot == column of the left-padded sequence).
+
+        Returns:
+            [B, T, D] hidden states in the parameters' dtype.
+        """
+        check_tensor("idx", idx, dtypes=(torch.int64, torch.int32), ndim=2)
+        B, T = idx.shape
+        meta = AttentionMeta()
+        if kv_cache is None:
+            if input_pos is not None:
+                raise ValueError("input_pos is only meaningful with kv_cache")
+            if T > self.config.block_size:
+                raise ValueError(f"idx has {T} tokens, more than block_size ({self.config.block_size})")
+            if attention_mask is not None:
+                check_mask("attention_mask", attention_mask, (B, T), "idx")
+                meta.key_mask = attention_mask.bool()
+                pos = positions_from_mask(attention_mask)
+            else:
+                pos = torch.arange(T, device=idx.device)[None]
+        else:
+            meta, pos = self._cache_meta(idx, attention_mask, kv_cache, input_pos)
+
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for i, block in enumerate(self.blocks):
+            x = block(x, meta, None if kv_cache is None else kv_cache[i])
+        return self.ln_f(x)
+
+    def _cache_meta(self, idx, attention_mask, kv_cache, input_pos) -> tuple[AttentionMeta, torch.Tensor]:
+        """Attention metadata and positions for a cached call (prefill or decode step); no host syncs."""
+        B, T = idx.shape
+        if len(kv_cache) != self.config.n_layer:
+            raise ValueError(f"kv_cache must hold one KVCache per layer ({self.config.n_layer}), got {len(kv_cache)}")
+        S = kv_cache[0].max_seq_len
+        check_tensor("input_pos", input_pos, dtypes=(torch.int64,), ndim=1)
+        if input_pos.shape[0] != T:
+            raise ValueError(f"input_pos must have T={T} entries (one per token of idx), got {input_pos.shape[0]}")
+        if S > self.config.block_size:
+            raise ValueError(f"the KV cache has {S} slots, more than block_size ({self.config.block_size})")
+        if attention_mask is None:
+            key_mask = None
+            pos = input_pos[None].expand(B, T)
+            kv_start = torch.zeros(B, dtype=torch.int32, device=idx.device)
+        else:
+            check_tensor("attention_mask", attention_mask, ndim=2)
+            if attention_mask.shape[0] != B or attention_mask.shape[1] > S:
+                raise ValueError(f"attention_mask must be [B={B}, <= S_max={S}], got {tuple(attention_mask.shape)}")
+            key_mask = F.pad(attention_mask.bool(), (0, S - attention_mask.shape[1]))
+            pos = positions_from_mask(key_mask).gather(1, input_pos[None].expand(B, T))
+            kv_start = key_mask.int().argmax(-1).int()  # first real slot (the mask is 0 before it: left padding)
+        kv_len = (input_pos[-1] + 1).to(torch.int32).expand(B)
+        return AttentionMeta(key_mask=key_mask, input_pos=input_pos, kv_start=kv_start, kv_len=kv_len), pos
+
+    def setup_kv_cache(self, batch: int, max_seq_len: int, *, dtype: torch.dtype | None = None,
+                       device: torch.device | str | None = None) -> list[KVCache]:
+        """One preallocated ``KVCache`` [batch, n_head / p, max_seq_len, d_head] per layer (parameters' dtype and
+        device by default)."""
+        if max_seq_len > self.config.block_size:
+            raise ValueError(f"max_seq_len ({max_seq_len}) must be <= block_size ({self.config.block_size})")
+        ref = self.wpe.weight
+        attn = self.blocks[0].attn
+        return [KVCache(batch, attn.n_head_local, max_seq_len, attn.d_head, dtype=dtype or ref.dtype,
+                        device=device or ref.device) for _ in range(self.config.n_layer)]
+
+    # ----------------------------------------------------------------------------------------------------------
+    # heads
+    # ----------------------------------------------------------------------------------------------------------
+    @property
+    def lm_weight(self) -> torch.Tensor:
+        """[V_local, D] the tied embedding shard (rank r holds vocabulary ids [r V_local, (r+1) V_local))."""
+        return self.wte.weight
+
+    @property
+    def vocab_start(self) -> int:
+        """The first vocabulary id of this rank's shard."""
+        return self.wte.vocab_start
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] -> [B, T, V_local] this rank's logit shard (never gathered). Columns of padded ids
+        (>= vocab_size, see GPTConfig.padded_vocab_size) are real model outputs, not masked here."""
+        return F.linear(copy_to_tp(h, self.tp_group), self.lm_weight)
+
+    def token_logprobs(self, idx: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       temperature: float = 1.0, with_entropy: bool = False):
+        """log p(labels[b, t] | idx[b, :t+1]) at ``temperature``: [B, T] fp32 (and the entropy [B, T] if asked).
+
+        The caller aligns ``labels`` (usually ``idx`` shifted left by one; ``-100`` where no label). Computed by
+        ``ops.linear_logprobs`` on this rank's vocab shard with ``tp_group``: the [B, T, V] logits never exist.
+        """
+        from instructrl_fast.ops import linear_logprobs
+
+        if self.head != "lm":
+            raise ValueError(f"token_logprobs needs the 'lm' head, this model has head={self.head!r}")
+        check_positive("temperature", temperature)
+        h = self(idx, attention_mask)
+        return linear_logprobs(copy_to_tp(h, self.tp_group), self.lm_weight, labels, temperature=temperature,
+                               with_entropy=with_entropy, tp_group=self.tp_group)
+
+    def score(self, h: torch.Tensor) -> torch.Tensor:
+        """Scalar head: [B, T, D] hidden -> [B, T] fp32 per-position scalar (reward or value)."""
+        if self.score_head is None:
+            raise ValueError(f"score needs the 'scalar' head, this model has head={self.head!r}")
+        return self.score_head(h).squeeze(-1).float()
+
+    def num_params(self, *, local: bool = True) -> int:
+        """Parameters of this rank (``local=True``) or of the whole model at TP = 1 (sharded ones times p)."""
+        sharded, p = self.tp_shard_specs(), tp_world_size(self.tp_group)
+        return sum(t.numel() * (1 if local or n not in sharded else p) for n, t in self.named_parameters())

@@ -1,0 +1,20 @@
+"""Tensor parallelism (Megatron-style layers and paired mappings) and process-group set-up.
+
+See ``mappings`` for the collectives, ``layers`` for the sharded modules and ``dist`` for torchrun set-up.
+"""
+
+from instructrl_fast.parallel.dist import ParallelState, destroy_distributed, init_distributed, make_state
+from instructrl_fast.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    shard_tensor,
+    unshard_tensor,
+)
+from instructrl_fast.parallel.mappings import copy_to_tp, gather_from_tp, reduce_from_tp, tp_rank, tp_world_size
+
+__all__ = [
+    "ColumnParallelLinear", "ParallelState", "RowParallelLinear", "VocabParallelEmbedding", "copy_to_tp",
+    "destroy_distributed", "gather_from_tp", "init_distributed", "make_state", "reduce_from_tp", "shard_tensor",
+    "tp_rank", "tp_world_size", "unshard_tensor",
+]

@@ -1,0 +1,88 @@
+"""Process groups from the torchrun environment: a 2-D (dp x tp) device mesh, NCCL on GPU, gloo on CPU.
+
+Ranks are laid out tp-fastest (ranks 0..tp-1 form the first TP group), so a TP group stays inside one node when
+``tp_size`` <= GPUs per node, as Megatron does. Without torchrun (no ``WORLD_SIZE`` in the environment) the state is
+a single process with no groups, and every TP mapping is the identity.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(kw_only=True)
+class ParallelState:
+    """Where this process sits in the (dp x tp) layout."""
+
+    rank: int  # global rank
+    world_size: int  # number of processes
+    local_rank: int  # rank on this node (picks the GPU)
+    tp_size: int  # tensor-parallel ranks per model replica
+    dp_size: int  # data-parallel replicas (FSDP shards parameters over these)
+    device: torch.device  # this process's device
+    mesh: object | None = None  # torch.distributed.DeviceMesh with dims ("dp", "tp"); None for one process
+    tp_group: dist.ProcessGroup | None = None  # None means TP = 1
+    dp_group: dist.ProcessGroup | None = None
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(tp_size: int = 1, *, backend: str | None = None, timeout_s: float = 1800.0) -> ParallelState:
+    """Initialise torch.distributed from the torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+
+    ``backend`` defaults to ``nccl`` when CUDA is available, else ``gloo``. ``tp_size`` must divide the world size;
+    the rest is data parallel. Returns the ``ParallelState``; without torchrun, a one-process state.
+    """
+    if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
+        raise ValueError(f"tp_size must be a positive int, got {tp_size!r}")
+    if backend is not None and backend not in ("nccl", "gloo"):
+        raise ValueError(f"backend must be 'nccl', 'gloo' or None, got {backend!r}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world % tp_size != 0:
+        raise ValueError(f"tp_size ({tp_size}) must divide the world size ({world})")
+    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world == 1 and not dist.is_initialized():
+        return ParallelState(rank=0, world_size=1, local_rank=0, tp_size=1, dp_size=1, device=device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"),
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return make_state(tp_size, device=device)
+
+
+def make_state(tp_size: int, *, device: torch.device) -> ParallelState:
+    """The ``ParallelState`` of an already initialised default group (used by tests that spawn workers)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % tp_size != 0:
+        raise ValueError(f"tp_size ({tp_size}) must divide the world size ({world})")
+    mesh = init_device_mesh(device.type, (world // tp_size, tp_size), mesh_dim_names=("dp", "tp"))
+    return ParallelState(rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", rank)),
+                         tp_size=tp_size, dp_size=world // tp_size, device=device, mesh=mesh,
+                         tp_group=mesh.get_group("tp"), dp_group=mesh.get_group("dp"))
+
+
+def destroy_distributed() -> None:
+    """Tear down the default process group if one exists."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
