@@ -9,6 +9,26 @@ import torch
 # log-probs (gather_logprobs, linear_logprobs)
 # ---------------------------------------------------------------------------------------------------------------
 
+
+def gather_logprobs_ref(logits, labels, temperature=1.0, ignore_index=-100):
+    """(logp, entropy) of softmax(logits / temperature) at labels, in float64; ignored positions give 0 and 0.
+
+    Differentiable w.r.t. ``logits`` (pass a float64 tensor that requires grad to get reference gradients).
+    """
+    x = logits.double() / temperature
+    logq = torch.log_softmax(x, dim=-1)
+    keep = labels != ignore_index
+    logp = logq.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)
+    entropy = -(logq.exp() * logq).sum(-1)  # H = -sum p log p
+    zero = torch.zeros((), dtype=torch.float64)
+    return torch.where(keep, logp, zero), torch.where(keep, entropy, zero)
+
+
+def linear_logprobs_ref(hidden, weight, labels, temperature=1.0, ignore_index=-100):
+    """gather_logprobs_ref of the float64 logits hidden @ weight.T."""
+    return gather_logprobs_ref(hidden.double() @ weight.double().T, labels, temperature, ignore_index)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # RL math (kl_penalty, shape_rewards, gae, masked_whiten, ppo_policy_loss, ppo_value_loss)
 # ---------------------------------------------------------------------------------------------------------------

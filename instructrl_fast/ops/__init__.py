@@ -4,3 +4,4 @@ Every op accepts fp32/bf16/fp16 inputs, accumulates in fp32 and returns float32;
 input's device (see ``instructrl_fast.backend``).
 """
 from instructrl_fast.ops.decode_attention import decode_attention  # noqa: F401
+from instructrl_fast.ops.logprob import gather_logprobs, linear_logprobs  # noqa: F401
