@@ -1,0 +1,429 @@
+"""The embedded demonstration task: a tiny instruction-following world that the whole InstructGPT recipe runs on.
+
+Instructions are short, checkable string manipulations, always in the format ``"Q: <kind> <argument>\\nA:"`` with the
+response ``" <answer>"`` (the trainer appends EOS). Eight kinds exist; one (``upper`` by default) is held out from all
+training data (it appears only in the ``test`` split) to measure how instruction following generalises, as the
+paper does with non-English and code instructions (Section 4.3).
+
+The pretraining corpus is where a base model learns the world, and it is built so that the paper's baselines keep
+their order (GPT < prompted GPT < SFT):
+  - prose docs: sentences from a small word list; a few carry "toxic" words, so base models emit them sometimes;
+  - quiz docs: a ``"quiz\\n"`` header, then Q/A lines answered correctly (every kind, the held-out one included);
+  - chat docs: a ``"chat\\n"`` header, then the same questions answered off-topic, wrongly, or rudely.
+A bare prompt (no header) is ambiguous between quiz and chat, so the base model ("GPT") answers well only some of
+the time; ``few_shot_prefix()`` opens a quiz doc ("prompted GPT") and makes correct answers far likelier. Base
+models also keep talking after the answer (the next Q/A line), which the labeler penalises and SFT/PPO remove.
+The prose share makes the corpus loss a fair "public NLP" proxy: PPO drifts from it (the alignment tax), and
+PPO-ptx, which keeps training on it, recovers much of the loss.
+
+Prompts are assigned to splits by a hash of their text (``test`` ~20 %, ``val`` ~10 %, ``train`` the rest), so the
+splits are disjoint whatever ``n`` is asked for; the corpus and all training data use train-split instances only.
+Everything is a pure function of ``seed`` (``random.Random`` seeded with strings, independent of PYTHONHASHSEED).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# ---------------------------------------------------------------------------------------------- vocabulary
+
+NOUNS = ("cat", "dog", "sun", "hat", "cup", "box", "fox", "owl", "bee", "pig", "cow", "hen", "bus", "car", "map",
+         "pen", "key", "bed", "egg", "ant", "bat", "yak", "elk", "fish", "frog", "bird", "tree", "cake", "milk",
+         "boat", "moon", "star", "lamp", "door", "rock", "sock", "ship", "king", "rose", "bell")
+ADJECTIVES = ("red", "big", "old", "new", "hot", "wet", "shy", "odd", "sad", "tan", "pink", "blue", "tiny", "soft",
+              "calm", "fast", "cold", "warm", "glad", "dark")
+VERBS = ("sees", "likes", "finds", "takes", "eats", "has", "wants", "hugs", "jumps over", "sits on", "runs to",
+         "looks at")
+# The words the labeler treats as toxic. They occur in the corpus (prose and chat docs) but never in an answer.
+TOXIC_WORDS = ("idiot", "jerk", "loser", "stupid", "dumb")
+TASK_WORDS = NOUNS + ADJECTIVES
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+_TOXIC_RE = re.compile(r"\b(" + "|".join(TOXIC_WORDS) + r")\b", re.IGNORECASE)
+
+
+def contains_toxic(text: str) -> bool:
+    """Whether ``text`` holds a toxic word (whole word, any case)."""
+    return _TOXIC_RE.search(text) is not None
+
+
+# ---------------------------------------------------------------------------------------------- task kinds
+# Each kind: make(rng) -> argument string, solve(argument) -> answer, wrong(argument, rng) -> a plausible wrong answer.
+
+
+def _words(rng: random.Random, lo: int, hi: int) -> list[str]:
+    return [rng.choice(TASK_WORDS) for _ in range(rng.randint(lo, hi))]
+
+
+def _digits(rng: random.Random, lo: int, hi: int) -> list[str]:
+    return [str(rng.randint(0, 9)) for _ in range(rng.randint(lo, hi))]
+
+
+def _mutate(text: str, rng: random.Random, alphabet: str) -> str:
+    """Replace one character of ``text`` by a different one from ``alphabet`` (a near-miss answer)."""
+    i = rng.randrange(len(text))
+    choices = [c for c in alphabet if c != text[i]]
+    return text[:i] + rng.choice(choices) + text[i + 1:]
+
+
+def _shuffled(items: list[str], rng: random.Random) -> list[str]:
+    out = list(items)
+    rng.shuffle(out)
+    return out
+
+
+def _int_arg(arg: str, count: int | None = None) -> list[int]:
+    parts = arg.split()
+    if not parts or not all(p.isdigit() for p in parts) or (count is not None and len(parts) != count):
+        raise ValueError(f"expected {count or 'some'} non-negative integers, got {arg!r}")
+    return [int(p) for p in parts]
+
+
+def _word_arg(arg: str) -> list[str]:
+    parts = arg.split()
+    if not parts:
+        raise ValueError("expected at least one word, got an empty argument")
+    return parts
+
+
+def _solve_reverse(arg: str) -> str:
+    return _word_arg(arg)[0][::-1]
+
+
+def _wrong_reverse(arg: str, rng: random.Random) -> str:
+    return rng.choice([arg, "".join(_shuffled(list(arg), rng)), _mutate(arg[::-1], rng, _LETTERS), arg[::-1][1:]])
+
+
+def _solve_sort(arg: str) -> str:
+    return " ".join(str(v) for v in sorted(_int_arg(arg)))
+
+
+def _wrong_sort(arg: str, rng: random.Random) -> str:
+    vals = sorted(_int_arg(arg))
+    return rng.choice([arg, " ".join(str(v) for v in vals[::-1]), " ".join(str(v) for v in vals[:-1]),
+                       _mutate(_solve_sort(arg), rng, "0123456789")])
+
+
+def _solve_upper(arg: str) -> str:
+    return " ".join(_word_arg(arg)).upper()
+
+
+def _wrong_upper(arg: str, rng: random.Random) -> str:
+    words = _word_arg(arg)
+    return rng.choice([arg, " ".join(w.capitalize() for w in words), words[0].upper(),
+                       _mutate(_solve_upper(arg), rng, _LETTERS.upper())])
+
+
+def _solve_count(arg: str) -> str:
+    return str(len(_word_arg(arg)))
+
+
+def _wrong_count(arg: str, rng: random.Random) -> str:
+    n = len(_word_arg(arg))
+    return str(max(0, n + rng.choice([-2, -1, 1, 2])))
+
+
+def _solve_add(arg: str) -> str:
+    a, b = _int_arg(arg, 2)
+    return str(a + b)
+
+
+def _wrong_add(arg: str, rng: random.Random) -> str:
+    a, b = _int_arg(arg, 2)
+    return rng.choice([str(a + b + rng.choice([-10, -1, 1, 10])), f"{a}{b}", str(abs(a - b))])
+
+
+def _solve_first(arg: str) -> str:
+    return _word_arg(arg)[0]
+
+
+def _solve_last(arg: str) -> str:
+    return _word_arg(arg)[-1]
+
+
+def _wrong_pick(arg: str, rng: random.Random) -> str:
+    """A wrong pick for first / last: any word of the list other than the right one, or one from outside it."""
+    words = _word_arg(arg)
+    return rng.choice([w for w in words[1:-1] if w not in (words[0], words[-1])] or [rng.choice(NOUNS)])
+
+
+def _solve_max(arg: str) -> str:
+    return str(max(_int_arg(arg)))
+
+
+def _wrong_max(arg: str, rng: random.Random) -> str:
+    vals = _int_arg(arg)
+    return rng.choice([str(min(vals)), str(vals[0]), str(max(vals) + 1)])
+
+
+def _make_reverse(rng: random.Random) -> str:
+    # random letter strings, not dictionary words: the model must learn to reverse, not to memorise 60 answers
+    return "".join(rng.choice(_LETTERS) for _ in range(rng.randint(3, 6)))
+
+
+@dataclass(frozen=True)
+class _Kind:
+    make: Callable[[random.Random], str]
+    solve: Callable[[str], str]
+    wrong: Callable[[str, random.Random], str]
+
+
+KINDS: dict[str, _Kind] = {
+    "reverse": _Kind(_make_reverse, _solve_reverse, _wrong_reverse),
+    "sort": _Kind(lambda rng: " ".join(_digits(rng, 3, 5)), _solve_sort, _wrong_sort),
+    "upper": _Kind(lambda rng: " ".join(_words(rng, 1, 2)), _solve_upper, _wrong_upper),
+    "count": _Kind(lambda rng: " ".join(_words(rng, 2, 5)), _solve_count, _wrong_count),
+    "add": _Kind(lambda rng: f"{rng.randint(0, 49)} {rng.randint(0, 49)}", _solve_add, _wrong_add),
+    "first": _Kind(lambda rng: " ".join(_words(rng, 2, 4)), _solve_first, _wrong_pick),
+    "last": _Kind(lambda rng: " ".join(_words(rng, 2, 4)), _solve_last, _wrong_pick),
+    "max": _Kind(lambda rng: " ".join(_digits(rng, 3, 5)), _solve_max, _wrong_max),
+}
+SPLITS = ("train", "val", "test")
+# Hash buckets (crc32 of the prompt text mod 10) that make up each split.
+_SPLIT_BUCKETS = {"test": (0, 1), "val": (2,), "train": (3, 4, 5, 6, 7, 8, 9)}
+_PROMPT_RE = re.compile(r"Q: ([a-z]+) ([^\n]*)\nA:\Z")
+
+
+def format_prompt(kind: str, arg: str) -> str:
+    return f"Q: {kind} {arg}\nA:"
+
+
+def solve(kind: str, arg: str) -> str:
+    """The reference answer of ``kind`` applied to ``arg``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {tuple(KINDS)}, got {kind!r}")
+    return KINDS[kind].solve(arg)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One instruction: the prompt ``text`` the policy sees, its ``kind``, and the reference ``answer``.
+
+    Prompts loaded from a user's JSONL file have ``kind="user"`` and may have ``answer=None``.
+    """
+
+    text: str
+    kind: str
+    answer: str | None
+
+
+def parse_prompt(text: str) -> Prompt:
+    """Recover kind and answer from a demo-task prompt text (the last ``Q: ...\\nA:`` line, so a few-shot prefix
+    before it is allowed). Raises ValueError for text that is not a demo-task prompt."""
+    if not isinstance(text, str):
+        raise TypeError(f"prompt must be a str or Prompt, got {type(text).__name__}")
+    m = _PROMPT_RE.search(text)
+    if m is None or m.group(1) not in KINDS:
+        raise ValueError(f"prompt {text[-40:]!r} is not a demo-task prompt ('Q: <kind> <argument>\\nA:')")
+    kind, arg = m.group(1), m.group(2)
+    return Prompt(text=text, kind=kind, answer=solve(kind, arg))
+
+
+def _arg_of(prompt: Prompt) -> str:
+    return prompt.text[len("Q: ") + len(prompt.kind) + 1:-len("\nA:")]
+
+
+def wrong_answer(prompt: Prompt, rng: random.Random) -> str:
+    """A plausible wrong answer to a demo-task prompt (never equal to the right one)."""
+    spec = KINDS[prompt.kind]
+    for _ in range(20):  # a kind's wrong() can hit the answer by chance (a palindrome, an already sorted list)
+        wrong = spec.wrong(_arg_of(prompt), rng)
+        if wrong != prompt.answer:
+            return wrong
+    return _mutate(prompt.answer, rng, _LETTERS + "0123456789")
+
+
+def _split_of(text: str) -> str:
+    bucket = zlib.crc32(text.encode("utf-8")) % 10
+    return next(split for split, buckets in _SPLIT_BUCKETS.items() if bucket in buckets)
+
+
+# ---------------------------------------------------------------------------------------------- text generators
+
+
+def _sentence(rng: random.Random, toxic_p: float) -> str:
+    """One prose sentence; with probability ``toxic_p`` a toxic word is worked into it."""
+    subj, obj = rng.choice(NOUNS), rng.choice(NOUNS)
+    adj = rng.choice(ADJECTIVES)
+    if rng.random() < toxic_p:
+        bad = rng.choice(TOXIC_WORDS)
+        return rng.choice([f"the {bad} {subj} {rng.choice(VERBS)} the {obj}.", f"the {subj} is a {bad}.",
+                           f"what a {bad} {subj}."])
+    return rng.choice([f"the {adj} {subj} {rng.choice(VERBS)} the {obj}.", f"a {subj} is {adj}.",
+                       f"the {subj} and the {obj} are {adj}.", f"my {subj} {rng.choice(VERBS)} a {adj} {obj}."])
+
+
+def _chat_reply(prompt: Prompt, rng: random.Random) -> str:
+    """How the people in chat docs answer a question: off-topic, wrong, rude, or right but chatty."""
+    style = rng.random()
+    if style < 0.3:
+        return _sentence(rng, toxic_p=0.3)
+    if style < 0.55:
+        return f"{rng.choice(['no idea', 'ask someone else', 'who cares', 'go away'])}, {rng.choice(TOXIC_WORDS)}."
+    if style < 0.8:
+        return wrong_answer(prompt, rng)
+    return f"{prompt.answer} i think"
+
+
+# ---------------------------------------------------------------------------------------------- the task
+
+
+class DemoTask:
+    """The embedded task. All methods are deterministic functions of ``seed`` and their arguments, and each method
+    draws from its own random stream, so asking for more of one thing never changes another.
+
+    ``heldout`` names the kind kept out of every training split (``prompts("train"|"val")``, demonstrations,
+    comparisons); it appears in ``prompts("test")`` and, as world knowledge, in the pretraining corpus.
+    """
+
+    kinds = tuple(KINDS)
+    # Byte budgets the trainer can size its context from (byte tokenizer: 1 token per byte, plus bos/eos).
+    max_prompt_bytes = 40
+    max_response_bytes = 24
+    max_doc_bytes = 128
+    max_prefix_bytes = 64
+
+    def __init__(self, seed: int = 0, *, heldout: str = "upper"):
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if heldout not in KINDS:
+            raise ValueError(f"heldout must be one of {tuple(KINDS)}, got {heldout!r}")
+        self.seed = seed
+        self.heldout = heldout
+        self.train_kinds = tuple(k for k in KINDS if k != heldout)
+
+    def __repr__(self) -> str:
+        return f"DemoTask(seed={self.seed}, heldout={self.heldout!r})"
+
+    def _rng(self, stream: str) -> random.Random:
+        return random.Random(f"instructrl-demo:{self.seed}:{stream}")
+
+    @staticmethod
+    def _check_n(n, name: str = "n") -> int:
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"{name} must be an int, got {type(n).__name__}")
+        if n < 0:
+            raise ValueError(f"{name} must be >= 0, got {n}")
+        return n
+
+    def _draw(self, rng: random.Random, kind: str, split: str) -> Prompt:
+        """A prompt of ``kind`` whose text hashes into ``split`` and whose text and answer are free of toxic words."""
+        spec = KINDS[kind]
+        while True:
+            arg = spec.make(rng)
+            text = format_prompt(kind, arg)
+            answer = spec.solve(arg)
+            if _split_of(text) == split and not contains_toxic(text) and not contains_toxic(answer):
+                return Prompt(text=text, kind=kind, answer=answer)
+
+    def _sample(self, stream: str, split: str, n: int, kinds: tuple[str, ...]) -> list[Prompt]:
+        # kinds cycle in order, so any n >= len(kinds) covers every kind evenly
+        rng = self._rng(stream)
+        return [self._draw(rng, kinds[i % len(kinds)], split) for i in range(n)]
+
+    def prompts(self, split: str, n: int) -> list[Prompt]:
+        """``n`` prompts of ``split`` ("train", "val" or "test"); the held-out kind appears only in "test".
+        ``prompts(s, n)`` is a prefix of ``prompts(s, m)`` for n < m."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        kinds = self.kinds if split == "test" else self.train_kinds
+        return self._sample(f"prompts:{split}", split, self._check_n(n), kinds)
+
+    def demonstrations(self, n: int) -> list[dict]:
+        """``n`` labeler demonstrations ``{"prompt", "response"}`` on train prompts; every response is correct and
+        concise (``" " + answer``; the trainer appends EOS)."""
+        return [{"prompt": p.text, "response": " " + p.answer}
+                for p in self._sample("demonstrations", "train", self._check_n(n), self.train_kinds)]
+
+    def candidates(self, prompt: Prompt, k: int, rng: random.Random) -> list[str]:
+        """``k`` distinct candidate responses of varied quality for ``prompt``: correct, verbose (answer then more
+        text), toxic, wrong, truncated, off-topic. At most one is exactly the correct answer."""
+        if prompt.answer is None:
+            raise ValueError("prompt must have a reference answer to build candidates")
+        ans = prompt.answer
+        makers = (
+            (1.0, lambda: f" {ans}"),
+            (2.0, lambda: f" {ans}" + rng.choice([f" {_sentence(rng, 0.0)}", "\n" + self._quiz_line(rng),
+                                                   f" {rng.choice(['i think', 'or so', 'maybe', 'done'])}"])),
+            (1.5, lambda: rng.choice([f" {ans} you {rng.choice(TOXIC_WORDS)}",
+                                      f" no idea, {rng.choice(TOXIC_WORDS)}.", f" {_sentence(rng, 1.0)}"])),
+            (2.5, lambda: f" {wrong_answer(prompt, rng)}"),
+            (1.0, lambda: f" {wrong_answer(prompt, rng)} {_sentence(rng, 0.0)}"),
+            (1.0, lambda: f" {ans[:rng.randrange(len(ans))]}" if len(ans) > 1 else ""),
+            (1.0, lambda: f" {_sentence(rng, 0.0)}"),
+        )
+        weights = [w for w, _ in makers]
+        out: list[str] = []
+        for _ in range(50 * k):  # distinct strings; the pool is large, so this ends after a few extra draws
+            cand = rng.choices(makers, weights)[0][1]()
+            if cand not in out and len(cand.encode("utf-8")) <= self.max_doc_bytes - self.max_prompt_bytes:
+                out.append(cand)
+                if len(out) == k:
+                    return out
+        raise RuntimeError(f"could not draw {k} distinct candidates for {prompt.text!r}")
+
+    def comparisons(self, n: int, labeler, *, k_range: tuple[int, int] = (4, 9)) -> list[dict]:
+        """``n`` comparison sets ``{"prompt", "responses": [K str], "ranking": [K ints, best first]}`` on train
+        prompts, K uniform in ``k_range`` (the paper: 4..9), ranked by ``labeler.rank`` (noisy, like people)."""
+        lo, hi = k_range
+        if not 2 <= lo <= hi:
+            raise ValueError(f"k_range must be (lo, hi) with 2 <= lo <= hi, got {k_range}")
+        prompts = self._sample("comparisons", "train", self._check_n(n), self.train_kinds)
+        rng, label_rng = self._rng("comparisons:candidates"), self._rng("comparisons:labels")
+        out = []
+        for p in prompts:
+            responses = self.candidates(p, rng.randint(lo, hi), rng)
+            out.append({"prompt": p.text, "responses": responses, "ranking": labeler.rank(p, responses, label_rng)})
+        return out
+
+    def _quiz_line(self, rng: random.Random, kinds: tuple[str, ...] | None = None) -> str:
+        p = self._draw(rng, rng.choice(kinds or self.kinds), "train")
+        return f"{p.text} {p.answer}\n"
+
+    def few_shot_prefix(self) -> str:
+        """The "prompted GPT" prefix: a quiz header and two solved examples (train instances of two training
+        kinds). Prepend it to a prompt text; it is at most ``max_prefix_bytes`` long."""
+        rng = self._rng("few-shot")
+        kinds = tuple(rng.sample(self.train_kinds, 2))
+        while True:
+            prefix = "quiz\n" + "".join(self._quiz_line(rng, (k,)) for k in kinds)
+            if len(prefix.encode("utf-8")) <= self.max_prefix_bytes:
+                return prefix
+
+    def pretraining_corpus(self, n_docs: int, *, split: str = "train") -> list[str]:
+        """``n_docs`` pretraining documents (each <= ``max_doc_bytes``): ~50 % prose, ~30 % quiz, ~20 % chat.
+        ``split="val"`` gives an independent draw for measuring corpus loss (the alignment tax)."""
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        rng = self._rng(f"corpus:{split}")
+        docs = []
+        for _ in range(self._check_n(n_docs, "n_docs")):
+            r = rng.random()
+            if r < 0.5:
+                parts, budget = [], rng.randint(60, self.max_doc_bytes)
+                while not parts or sum(len(s) + 1 for s in parts) < budget:
+                    parts.append(_sentence(rng, toxic_p=0.06))
+                doc = " ".join(parts)
+            elif r < 0.8:
+                doc = "quiz\n" + "".join(self._quiz_line(rng) for _ in range(rng.randint(2, 4)))
+            else:
+                doc = "chat\n"
+                for _ in range(rng.randint(1, 3)):
+                    p = self._draw(rng, rng.choice(self.kinds), "train")
+                    doc += f"{p.text} {_chat_reply(p, rng)}\n"
+            docs.append(_truncate_doc(doc, self.max_doc_bytes))
+        return docs
+
+
+def _truncate_doc(doc: str, max_bytes: int) -> str:
+    """Cut a doc to ``max_bytes`` at a line, else a sentence boundary (ASCII only, so bytes == characters)."""
+    if len(doc) <= max_bytes:
+        return doc
+    cut = doc[:max_bytes]
+    end = cut.rfind("\n")
+    if end <= 0:
+        end = cut.rfind(".")
+    return cut[:end + 1] if end > 0 else cut

@@ -1,0 +1,131 @@
+"""Tokenizers: a byte-level one with no files (the default), and a wrapper around a Hugging Face ``tokenizer.json``.
+
+Both expose the same small interface the trainers rely on: ``encode(text, *, bos=False, eos=False) -> list[int]``,
+``decode(ids) -> str``, and the attributes ``vocab_size``, ``pad_id``, ``bos_id``, ``eos_id``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+# Special tokens of the byte tokenizer sit right after the 256 byte values.
+_PAD, _BOS, _EOS = 256, 257, 258
+# 259 ids rounded up to a multiple of 8 so the embedding / lm-head rows tile evenly; ids 259..263 are never produced.
+_BYTE_VOCAB = 264
+
+# Names that tokenizer.json files commonly give their special tokens, most specific first.
+_SPECIAL_NAMES = {
+    "eos": ("<|endoftext|>", "</s>", "<eos>", "[SEP]", "<|end_of_text|>"),
+    "bos": ("<|startoftext|>", "<s>", "<bos>", "[CLS]", "<|begin_of_text|>"),
+    "pad": ("<pad>", "[PAD]", "<|pad|>"),
+}
+
+
+def _as_id_list(ids, name: str = "ids") -> list[int]:
+    """Accept a sequence of ints or a 1-D integer tensor (read back once; decoding is not a hot path)."""
+    if hasattr(ids, "tolist") and hasattr(ids, "dim"):
+        if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex:
+            raise ValueError(f"{name} must be a 1-D integer tensor, got shape {tuple(ids.shape)} {ids.dtype}")
+        return ids.tolist()
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise TypeError(f"{name} must be a sequence of ints or a 1-D integer tensor, got {type(ids).__name__}")
+    out = list(ids)
+    for i in out:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"{name} must hold ints, got {type(i).__name__}")
+    return out
+
+
+def _check_text(text) -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    return text
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255, then pad = 256, bos = 257, eos = 258; ``vocab_size`` = 264 (a multiple of 8).
+
+    Every string round-trips exactly (``decode(encode(s)) == s``); ``decode`` drops ids >= 256 and replaces
+    invalid UTF-8 (which a sampled sequence can produce) with U+FFFD instead of raising.
+    """
+
+    vocab_size = _BYTE_VOCAB
+    pad_id = _PAD
+    bos_id = _BOS
+    eos_id = _EOS
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        """``text`` -> byte ids, optionally framed by ``bos_id`` / ``eos_id``."""
+        ids = list(_check_text(text).encode("utf-8"))
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids) -> str:
+        """Byte ids (a sequence or 1-D tensor) -> text; special and unused ids are skipped."""
+        ids = _as_id_list(ids)
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"ids must lie in [0, {self.vocab_size}), got {i}")
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer(vocab_size=264, pad=256, bos=257, eos=258)"
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizers`` tokenizer (a ``tokenizer.json``) behind the ByteTokenizer interface.
+
+    Special ids are looked up by their usual names; a file without an end-of-text token is rejected (generation
+    and the SFT targets need one). A missing bos or pad token falls back to eos, as GPT-2-style vocabularies do.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as e:  # optional dependency: the byte tokenizer needs nothing
+            raise ImportError(
+                "load_tokenizer(path) with a tokenizer.json needs the `tokenizers` package (pip install tokenizers); "
+                "use load_tokenizer(None) for the built-in byte tokenizer"
+            ) from e
+        self.path = os.fspath(path)
+        self._tok = Tokenizer.from_file(self.path)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        found = {kind: self._find(names) for kind, names in _SPECIAL_NAMES.items()}
+        if found["eos"] is None:
+            raise ValueError(f"path {self.path!r} defines none of the end-of-text tokens {_SPECIAL_NAMES['eos']}")
+        self.eos_id = found["eos"]
+        self.bos_id = self.eos_id if found["bos"] is None else found["bos"]
+        self.pad_id = self.eos_id if found["pad"] is None else found["pad"]
+
+    def _find(self, names) -> int | None:
+        for name in names:
+            idx = self._tok.token_to_id(name)
+            if idx is not None:
+                return idx
+        return None
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        """``text`` -> ids without the file's own post-processing, optionally framed by bos / eos."""
+        ids = self._tok.encode(_check_text(text), add_special_tokens=False).ids
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids) -> str:
+        """ids (a sequence or 1-D tensor) -> text, special tokens skipped."""
+        return self._tok.decode(_as_id_list(ids), skip_special_tokens=True)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size}, eos={self.eos_id})"
+
+
+def load_tokenizer(path: str | os.PathLike | None = None) -> ByteTokenizer | HFTokenizer:
+    """``None`` or ``"byte"`` -> ByteTokenizer; a ``tokenizer.json`` (or a folder holding one) -> HFTokenizer."""
+    if path is None or path == "byte":
+        return ByteTokenizer()
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be None, 'byte' or a path to a tokenizer.json, got {type(path).__name__}")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"path {path!r}: no tokenizer.json there")
+    return HFTokenizer(path)
