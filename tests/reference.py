@@ -33,6 +33,117 @@ def linear_logprobs_ref(hidden, weight, labels, temperature=1.0, ignore_index=-1
 # RL math (kl_penalty, shape_rewards, gae, masked_whiten, ppo_policy_loss, ppo_value_loss)
 # ---------------------------------------------------------------------------------------------------------------
 
+
+def _rl_f64(x):
+    return x.detach().double()
+
+
+def kl_penalty_ref(logp, ref_logp, estimator="k1"):
+    """Per-token KL estimate (Schulman, "Approximating KL divergence", k1/k2/k3) in float64."""
+    d = _rl_f64(logp) - _rl_f64(ref_logp)
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d**2
+    if estimator == "k3":
+        return torch.exp(-d) + d - 1  # exp(ref - logp) - (ref - logp) - 1
+    if estimator == "abs":
+        return d.abs()
+    raise ValueError(estimator)
+
+
+def shape_rewards_ref(scores, logp, ref_logp, mask, kl_coef, estimator="k1"):
+    """-kl_coef * KL at valid tokens, plus scores[b] at the last valid token of row b (a loop over rows)."""
+    m = mask.bool()
+    out = torch.where(m, -kl_coef * kl_penalty_ref(logp, ref_logp, estimator), torch.zeros((), dtype=torch.float64))
+    for b in range(m.shape[0]):
+        valid = m[b].nonzero().flatten()
+        if len(valid):
+            out[b, valid[-1]] += float(scores[b])
+    return out
+
+
+def gae_ref(rewards, values, mask, gamma=1.0, lam=0.95):
+    """GAE over each row's valid positions only, as a Python loop backwards in time (holes are skipped)."""
+    r, v, m = _rl_f64(rewards).tolist(), _rl_f64(values).tolist(), mask.bool().tolist()
+    adv = [[0.0] * len(row) for row in r]
+    ret = [[0.0] * len(row) for row in r]
+    for b in range(len(r)):
+        next_value, next_adv = 0.0, 0.0  # the episode ends after the last valid position
+        for t in reversed(range(len(r[b]))):
+            if not m[b][t]:
+                continue
+            delta = r[b][t] + gamma * next_value - v[b][t]
+            next_adv = delta + gamma * lam * next_adv
+            next_value = v[b][t]
+            adv[b][t] = next_adv
+            ret[b][t] = next_adv + v[b][t]
+    shape = tuple(rewards.shape)
+    return torch.tensor(adv, dtype=torch.float64).reshape(shape), torch.tensor(ret, dtype=torch.float64).reshape(shape)
+
+
+def masked_whiten_ref(x, mask, shift_mean=True, eps=1e-8):
+    """(x - mean) / sqrt(var + eps) over valid positions with the unbiased variance (0 when n <= 1); 0 elsewhere."""
+    m = mask.bool()
+    vals = _rl_f64(x)[m]
+    n = vals.numel()
+    mean = vals.mean() if n else torch.zeros((), dtype=torch.float64)
+    var = ((vals - mean) ** 2).sum() / (n - 1) if n > 1 else torch.zeros((), dtype=torch.float64)
+    out = (_rl_f64(x) - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(m, out, torch.zeros((), dtype=torch.float64))
+
+
+def reduce_ref(loss, mask, reduction):
+    """token_mean / seq_mean_token_mean / seq_mean_token_sum, each count clamped to >= 1 (never NaN)."""
+    m = mask.double()
+    lm = loss * m
+    if reduction == "token_mean":
+        return lm.sum() / m.sum().clamp(min=1)
+    rows = lm.sum(-1)
+    if reduction == "seq_mean_token_mean":
+        rows = rows / m.sum(-1).clamp(min=1)
+    elif reduction != "seq_mean_token_sum":
+        raise ValueError(reduction)
+    return rows.sum() / max(rows.numel(), 1)
+
+
+def ppo_policy_loss_ref(logp, old_logp, advantages, mask, clip_eps=0.2, clip_eps_high=None, dual_clip=None,
+                        reduction="token_mean"):
+    """PPO clipped surrogate (+ dual clip, Ye et al. 2020) in float64; differentiable w.r.t. ``logp``.
+
+    ``logp`` must be a float64 leaf (or derived from one) for gradients. Returns (loss, clipfrac, approx_kl).
+    """
+    old, a, m = _rl_f64(old_logp), _rl_f64(advantages), mask.bool()
+    ratio = torch.exp(logp - old)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    unclipped = -a * ratio
+    clipped = -a * torch.clamp(ratio, 1 - clip_eps, 1 + high)
+    is_clipped = clipped > unclipped
+    loss = torch.where(is_clipped, clipped, unclipped)
+    if dual_clip is not None:
+        dual = -a * dual_clip
+        binds = (a < 0) & (dual < loss)
+        loss = torch.where(binds, dual, loss)
+        is_clipped = is_clipped | binds
+    clipfrac = reduce_ref(is_clipped.double(), m, "token_mean")
+    approx_kl = reduce_ref(old - logp.detach(), m, "token_mean")
+    return reduce_ref(loss, m, reduction), clipfrac, approx_kl
+
+
+def ppo_value_loss_ref(values, old_values, returns, mask, clip_eps=0.2, reduction="token_mean"):
+    """0.5 * max((v - R)^2, (old_v + clip(v - old_v, -eps, eps) - R)^2) in float64; differentiable w.r.t. values."""
+    old, ret, m = _rl_f64(old_values), _rl_f64(returns), mask.bool()
+    # old + clip(v - old, -eps, eps) written as a clamp of v itself: equal, and exactly v inside the range
+    v_clipped = torch.minimum(torch.maximum(values, old - clip_eps), old + clip_eps)
+    unclipped = (values - ret) ** 2
+    clipped = (v_clipped - ret) ** 2
+    is_clipped = clipped > unclipped
+    loss = 0.5 * torch.where(is_clipped, clipped, unclipped)
+    return reduce_ref(loss, m, reduction), reduce_ref(is_clipped.double(), m, "token_mean")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # decode attention (decode_attention)
 # ---------------------------------------------------------------------------------------------------------------

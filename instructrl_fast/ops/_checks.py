@@ -75,3 +75,33 @@ def check_choice(name: str, value, choices: Sequence[str]) -> str:
 def eager_data_checks(x: torch.Tensor) -> bool:
     """Whether data-dependent checks may read ``x`` now (CPU tensors, or INSTRUCTRL_FAST_CHECKS=1)."""
     return x.device.type == "cpu" or _EAGER_DEVICE_CHECKS
+
+
+def check_real(name: str, value) -> float:
+    """A finite Python number (int or float, not bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def check_unit_interval(name: str, value) -> float:
+    """A number in [0, 1] (a discount factor)."""
+    value = check_real(name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
+def checked_bool_mask(name: str, mask, shape: Sequence[int], like: str) -> torch.Tensor:
+    """``check_mask``, then the mask as a contiguous bool tensor (what the kernels take).
+
+    While torch.compile traces, only the dtype and shape are checked: reading the values would break the graph.
+    """
+    if torch.compiler.is_compiling():
+        check_tensor(name, mask)
+        check_shape(name, mask, shape, like)
+    else:
+        check_mask(name, mask, shape, like)
+    return (mask if mask.dtype == torch.bool else mask != 0).contiguous()

@@ -1,0 +1,159 @@
+"""KL penalty per token and KL-shaped rewards (DESIGN.md: ``kl_penalty``, ``shape_rewards``).
+
+Estimators (Schulman, "Approximating KL divergence", 2020), with d = logp - ref_logp:
+``k1`` = d, ``k2`` = d^2 / 2, ``k3`` = exp(-d) + d - 1 (= exp(ref - logp) - (ref - logp) - 1), ``abs`` = |d|.
+k3 is evaluated by its Taylor series below |d| = 0.1, where the closed form cancels catastrophically.
+
+Backends: ``torch`` (the readable reference) and ``triton`` (``kernels/kl.py``, as torch custom ops with fake
+implementations, so both run under ``torch.compile(fullgraph=True)``). Outputs are float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from instructrl_fast import backend
+from instructrl_fast.ops._checks import check_choice, check_float, check_real, check_same_device, check_shape
+from instructrl_fast.ops._checks import checked_bool_mask
+
+ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}  # the int codes are the kernels' constexpr ESTIMATOR
+_IMPLEMENTED = ("triton", "torch")
+
+
+def _kl_torch(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL in fp32, differentiable w.r.t. both inputs through autograd."""
+    d = logp.float() - ref_logp.float()
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        series = d * d * (0.5 + d * (-1.0 / 6 + d * (1.0 / 24 + d * (-1.0 / 120 + d * (1.0 / 720)))))
+        return torch.where(d.abs() < 0.1, series, torch.exp(-d) + d - 1.0)
+    return d.abs()
+
+
+def _shape_rewards_torch(scores, logp, ref_logp, mask, kl_coef: float, estimator: str) -> torch.Tensor:
+    """[B, T] fp32 rewards; T >= 1."""
+    rewards = torch.where(mask, -kl_coef * _kl_torch(logp, ref_logp, estimator), 0.0)
+    positions = torch.arange(logp.shape[1], device=logp.device)
+    last = torch.where(mask, positions, -1).amax(dim=1, keepdim=True)  # [B, 1]; -1 for a fully masked row
+    return rewards + torch.where(positions == last, scores.float()[:, None], 0.0)
+
+
+@torch.library.custom_op("instructrl_fast::kl_penalty_triton", mutates_args=())
+def _kl_penalty_triton(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: int) -> torch.Tensor:
+    from instructrl_fast.kernels.kl import kl_fwd
+
+    return kl_fwd(logp, ref_logp, estimator)
+
+
+@_kl_penalty_triton.register_fake
+def _(logp, ref_logp, estimator):
+    return torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
+
+
+@torch.library.custom_op("instructrl_fast::kl_penalty_triton_backward", mutates_args=())
+def _kl_penalty_triton_backward(grad_kl: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
+                                estimator: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from instructrl_fast.kernels.kl import kl_bwd
+
+    return kl_bwd(grad_kl, logp, ref_logp, estimator)
+
+
+@_kl_penalty_triton_backward.register_fake
+def _(grad_kl, logp, ref_logp, estimator):
+    return (torch.empty(logp.shape, dtype=torch.float32, device=logp.device),
+            torch.empty(logp.shape, dtype=torch.float32, device=logp.device))
+
+
+def _kl_setup_context(ctx, inputs, output):
+    logp, ref_logp, estimator = inputs
+    ctx.save_for_backward(logp, ref_logp)
+    ctx.estimator = estimator
+
+
+def _kl_backward(ctx, grad_kl):
+    logp, ref_logp = ctx.saved_tensors
+    grad_logp, grad_ref_logp = _kl_penalty_triton_backward(grad_kl, logp, ref_logp, ctx.estimator)
+    return grad_logp.to(logp.dtype), grad_ref_logp.to(ref_logp.dtype), None
+
+
+_kl_penalty_triton.register_autograd(_kl_backward, setup_context=_kl_setup_context)
+
+
+@torch.library.custom_op("instructrl_fast::shape_rewards_triton", mutates_args=())
+def _shape_rewards_triton(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+                          kl_coef: float, estimator: int) -> torch.Tensor:
+    from instructrl_fast.kernels.kl import shape_rewards_fwd
+
+    return shape_rewards_fwd(scores, logp, ref_logp, mask, kl_coef, estimator)
+
+
+@_shape_rewards_triton.register_fake
+def _(scores, logp, ref_logp, mask, kl_coef, estimator):
+    return torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
+
+
+def _check_logps(logp, ref_logp, estimator: str) -> None:
+    check_float("logp", logp)
+    check_float("ref_logp", ref_logp)
+    check_shape("ref_logp", ref_logp, logp.shape, "logp")
+    check_same_device(logp=logp, ref_logp=ref_logp)
+    check_choice("estimator", estimator, tuple(ESTIMATORS))
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL estimate between the policy and the reference model.
+
+    Args:
+        logp: [...] log-probs of the sampled tokens under the policy, fp32/bf16/fp16.
+        ref_logp: [...] (same shape) log-probs under the reference model, fp32/bf16/fp16.
+        estimator: "k1" (logp - ref), "k2" ((logp - ref)^2 / 2), "k3" (exp(ref - logp) - (ref - logp) - 1),
+            "abs" (|logp - ref|).
+
+    Returns:
+        [...] float32 KL estimates. Differentiable w.r.t. both inputs (gradients in the inputs' dtypes), so it also
+        serves as a KL loss term.
+    """
+    _check_logps(logp, ref_logp, estimator)
+    name = backend.resolve("kl_penalty", logp.device, _IMPLEMENTED)
+    if name == "torch":
+        return _kl_torch(logp, ref_logp, estimator)
+    return _kl_penalty_triton(logp.contiguous(), ref_logp.contiguous(), ESTIMATORS[estimator])
+
+
+def shape_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, *,
+                  kl_coef: float, estimator: str = "k1") -> torch.Tensor:
+    """Per-token rewards of RLHF: a KL penalty at every valid token plus the sequence score at the last one.
+
+    rewards[b, t] = -kl_coef * kl_penalty(logp, ref_logp)[b, t] at valid tokens, plus scores[b] at the last valid
+    token of row b (found per row, so the valid tokens need not be contiguous); 0 at masked tokens. A fully masked
+    row gets all zeros (its score is dropped).
+
+    Args:
+        scores: [B] sequence-level scores (reward model outputs), fp32/bf16/fp16.
+        logp, ref_logp: [B, T] log-probs of the sampled tokens under the policy / the reference model.
+        mask: [B, T] bool or 0/1: the response tokens.
+        kl_coef: the KL coefficient beta, a finite Python number (0 turns the penalty off).
+        estimator: see ``kl_penalty``.
+
+    Returns:
+        [B, T] float32 rewards. Not differentiable: the inputs are treated as constants (detached).
+    """
+    check_float("logp", logp, ndim=2)
+    _check_logps(logp, ref_logp, estimator)
+    B, T = logp.shape
+    check_float("scores", scores, ndim=1)
+    check_shape("scores", scores, (B,), "logp's batch")
+    check_same_device(logp=logp, scores=scores, mask=mask)
+    mask = checked_bool_mask("mask", mask, (B, T), "logp")
+    kl_coef = check_real("kl_coef", kl_coef)
+    scores, logp, ref_logp = scores.detach(), logp.detach(), ref_logp.detach()
+    if logp.numel() == 0:
+        return torch.zeros((B, T), dtype=torch.float32, device=logp.device)
+    name = backend.resolve("shape_rewards", logp.device, _IMPLEMENTED)
+    if name == "torch":
+        return _shape_rewards_torch(scores, logp, ref_logp, mask, kl_coef, estimator)
+    return _shape_rewards_triton(scores.contiguous(), logp.contiguous(), ref_logp.contiguous(), mask, kl_coef,
+                                 ESTIMATORS[estimator])

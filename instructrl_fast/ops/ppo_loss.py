@@ -1,0 +1,297 @@
+"""PPO losses: the clipped policy surrogate (with asymmetric and dual clip) and the clipped value loss.
+
+DESIGN.md ``ppo_policy_loss`` / ``ppo_value_loss``, with these decisions:
+
+* Reductions over valid tokens divide by max(count, 1), so a fully masked batch or row gives 0, never NaN:
+  token_mean = sum(l*m) / max(sum(m), 1); seq_mean_token_mean = mean_b(sum_t l*m / max(sum_t m, 1));
+  seq_mean_token_sum = mean_b(sum_t l*m).
+* A clipped branch is "active" only when strictly larger than the unclipped one; there the gradient is 0 (the
+  clamp is saturated), elsewhere it flows through the ratio: d l / d logp = -A * ratio, d l / d v = v - R.
+  The dual clip (Ye et al. 2020, c > 1, A < 0) binds when -A * c < l strictly; then the gradient is 0 too.
+* Gradients flow to ``logp`` (policy) / ``values`` (value) only; the other inputs are constants. Stats are 0-dim
+  float32 tensors with no gradient and no host sync: clipfrac = share of valid tokens where a clipped term (the
+  dual clip included) is active; approx_kl = token_mean(old_logp - logp).
+
+Backends: ``torch`` (autograd on the formulas), ``triton`` (``kernels/ppo_loss.py``: one forward and one backward
+kernel, both torch custom ops), ``cpp`` / ``cuda`` (the C++ ops ``instructrl_fast::ppo_policy_loss`` and
+``ppo_value_loss``; their backwards are custom ops too, which is what torch.compile and opcheck need).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from instructrl_fast import _ext, backend
+from instructrl_fast.ops._checks import check_choice, check_float, check_positive, check_real, check_same_device
+from instructrl_fast.ops._checks import check_shape, checked_bool_mask
+
+REDUCTIONS = {"token_mean": 0, "seq_mean_token_mean": 1, "seq_mean_token_sum": 2}  # the kernels' int codes
+_POLICY_IMPLEMENTED = ("triton", "cuda", "cpp", "torch")
+_VALUE_IMPLEMENTED = ("triton", "cpp", "torch")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# torch backend
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def masked_reduce(loss: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Reduce a per-token [B, T] fp32 ``loss`` over the bool ``mask`` (see the module docstring), differentiably."""
+    m = mask.to(loss.dtype)
+    if reduction == "token_mean":
+        return (loss * m).sum() / m.sum().clamp(min=1.0)
+    rows = (loss * m).sum(dim=-1)
+    if reduction == "seq_mean_token_mean":
+        rows = rows / m.sum(dim=-1).clamp(min=1.0)
+    return rows.sum() / max(rows.numel(), 1)
+
+
+def _policy_loss_torch(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, reduction):
+    logp, old_logp, adv = logp.float(), old_logp.detach().float(), advantages.detach().float()
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    is_clipped = clipped > unclipped
+    loss = torch.where(is_clipped, clipped, unclipped)  # a tie keeps the unclipped branch (gradient through ratio)
+    if dual_clip > 0.0:
+        dual = -adv * dual_clip
+        binds = (adv < 0) & (dual < loss)
+        loss = torch.where(binds, dual, loss)
+        is_clipped = is_clipped | binds
+    with torch.no_grad():
+        clipfrac = masked_reduce(is_clipped.float(), mask, "token_mean")
+        approx_kl = masked_reduce(old_logp - logp, mask, "token_mean")
+    return masked_reduce(loss, mask, reduction), clipfrac, approx_kl
+
+
+def _value_loss_torch(values, old_values, returns, mask, clip_eps, reduction):
+    values, old_values, returns = values.float(), old_values.detach().float(), returns.detach().float()
+    # old + clip(v - old, -eps, eps) as a clamp of v: equal, and exactly v inside the range (no false clips)
+    v_clipped = torch.minimum(torch.maximum(values, old_values - clip_eps), old_values + clip_eps)
+    unclipped = (values - returns) ** 2
+    clipped = (v_clipped - returns) ** 2
+    is_clipped = clipped > unclipped
+    loss = 0.5 * torch.where(is_clipped, clipped, unclipped)
+    with torch.no_grad():
+        clipfrac = masked_reduce(is_clipped.float(), mask, "token_mean")
+    return masked_reduce(loss, mask, reduction), clipfrac
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# triton backend: forward and backward custom ops; the forward also returns row_scale [B] = d loss / d l_t
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("instructrl_fast::ppo_policy_loss_triton", mutates_args=())
+def _policy_loss_triton(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                        clip_low: float, clip_high: float, dual_clip: float,
+                        reduction: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from instructrl_fast.kernels.ppo_loss import ppo_loss_fwd
+
+    return ppo_loss_fwd("policy", logp, old_logp, advantages, mask, (clip_low, clip_high, dual_clip), reduction)
+
+
+@_policy_loss_triton.register_fake
+def _(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, reduction):
+    scalar = logp.new_empty((), dtype=torch.float32)
+    row_scale = logp.new_empty(logp.shape[:1], dtype=torch.float32)
+    return scalar, torch.empty_like(scalar), torch.empty_like(scalar), row_scale
+
+
+@torch.library.custom_op("instructrl_fast::ppo_policy_loss_triton_backward", mutates_args=())
+def _policy_loss_triton_backward(grad_loss: torch.Tensor, row_scale: torch.Tensor, logp: torch.Tensor,
+                                 old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                                 clip_low: float, clip_high: float, dual_clip: float) -> torch.Tensor:
+    from instructrl_fast.kernels.ppo_loss import ppo_loss_bwd
+
+    return ppo_loss_bwd("policy", grad_loss, row_scale, logp, old_logp, advantages, mask,
+                        (clip_low, clip_high, dual_clip))
+
+
+@torch.library.custom_op("instructrl_fast::ppo_value_loss_triton", mutates_args=())
+def _value_loss_triton(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       clip_eps: float, reduction: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from instructrl_fast.kernels.ppo_loss import ppo_loss_fwd
+
+    loss, clipfrac, _, row_scale = ppo_loss_fwd("value", values, old_values, returns, mask, (clip_eps, 0.0, 0.0),
+                                                reduction)
+    return loss, clipfrac, row_scale
+
+
+@_value_loss_triton.register_fake
+def _(values, old_values, returns, mask, clip_eps, reduction):
+    scalar = values.new_empty((), dtype=torch.float32)
+    return scalar, torch.empty_like(scalar), values.new_empty(values.shape[:1], dtype=torch.float32)
+
+
+@torch.library.custom_op("instructrl_fast::ppo_value_loss_triton_backward", mutates_args=())
+def _value_loss_triton_backward(grad_loss: torch.Tensor, row_scale: torch.Tensor, values: torch.Tensor,
+                                old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                                clip_eps: float) -> torch.Tensor:
+    from instructrl_fast.kernels.ppo_loss import ppo_loss_bwd
+
+    return ppo_loss_bwd("value", grad_loss, row_scale, values, old_values, returns, mask, (clip_eps, 0.0, 0.0))
+
+
+def _triton_grad_fake(grad_loss, row_scale, x, *args):
+    return torch.empty(x.shape, dtype=torch.float32, device=x.device)
+
+
+_policy_loss_triton_backward.register_fake(_triton_grad_fake)
+_value_loss_triton_backward.register_fake(_triton_grad_fake)
+
+
+def _triton_setup_context(ctx, inputs, output):
+    x, x_old, y, mask, *params = inputs
+    ctx.save_for_backward(output[-1], x, x_old, y, mask)  # output[-1] is row_scale
+    ctx.params = params[:-1]  # the clip parameters, without the reduction code
+
+
+def _policy_triton_backward(ctx, grad_loss, *_):
+    row_scale, logp, old_logp, advantages, mask = ctx.saved_tensors
+    grad = _policy_loss_triton_backward(grad_loss, row_scale, logp, old_logp, advantages, mask, *ctx.params)
+    return grad.to(logp.dtype), None, None, None, None, None, None, None
+
+
+def _value_triton_backward(ctx, grad_loss, *_):
+    row_scale, values, old_values, returns, mask = ctx.saved_tensors
+    grad = _value_loss_triton_backward(grad_loss, row_scale, values, old_values, returns, mask, *ctx.params)
+    return grad.to(values.dtype), None, None, None, None, None
+
+
+_policy_loss_triton.register_autograd(_policy_triton_backward, setup_context=_triton_setup_context)
+_value_loss_triton.register_autograd(_value_triton_backward, setup_context=_triton_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# cpp / cuda backends: the C++ ops; fake and autograd registered here (their backward is a C++ op as well)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _cpp_setup_context(ctx, inputs, output):
+    x, x_old, y, mask, *params = inputs
+    ctx.save_for_backward(x, x_old, y, mask)
+    ctx.params = params  # the clip parameters and the reduction code, as the backward op takes them
+
+
+def _cpp_policy_backward(ctx, grad_loss, *_):
+    logp, old_logp, advantages, mask = ctx.saved_tensors
+    grad = torch.ops.instructrl_fast.ppo_policy_loss_backward(grad_loss.float(), logp, old_logp, advantages, mask,
+                                                              *ctx.params)
+    return grad.to(logp.dtype), None, None, None, None, None, None, None
+
+
+def _cpp_value_backward(ctx, grad_loss, *_):
+    values, old_values, returns, mask = ctx.saved_tensors
+    grad = torch.ops.instructrl_fast.ppo_value_loss_backward(grad_loss.float(), values, old_values, returns, mask,
+                                                             *ctx.params)
+    return grad.to(values.dtype), None, None, None, None, None
+
+
+def _scalars_fake(n: int):
+    def fake(x, *args):
+        return tuple(x.new_empty((), dtype=torch.float32) for _ in range(n))
+
+    return fake
+
+
+def _cpp_grad_fake(grad_loss, x, *args):
+    return torch.empty(x.shape, dtype=torch.float32, device=x.device)
+
+
+if _ext.HAS_CPP and hasattr(torch.ops.instructrl_fast, "ppo_policy_loss"):
+    torch.library.register_fake("instructrl_fast::ppo_policy_loss", _scalars_fake(3))
+    torch.library.register_fake("instructrl_fast::ppo_policy_loss_backward", _cpp_grad_fake)
+    torch.library.register_autograd("instructrl_fast::ppo_policy_loss", _cpp_policy_backward,
+                                    setup_context=_cpp_setup_context)
+if _ext.HAS_CPP and hasattr(torch.ops.instructrl_fast, "ppo_value_loss"):
+    torch.library.register_fake("instructrl_fast::ppo_value_loss", _scalars_fake(2))
+    torch.library.register_fake("instructrl_fast::ppo_value_loss_backward", _cpp_grad_fake)
+    torch.library.register_autograd("instructrl_fast::ppo_value_loss", _cpp_value_backward,
+                                    setup_context=_cpp_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# public functions
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _check_triple(names: tuple[str, str, str], tensors, mask, reduction: str) -> torch.Tensor:
+    """Three float [B, T] tensors of one shape and device, a mask, a reduction; returns the bool mask."""
+    first_name, first = names[0], tensors[0]
+    for name, x in zip(names, tensors):
+        check_float(name, x, ndim=2)
+        check_shape(name, x, first.shape, first_name)
+    check_same_device(**dict(zip(names, tensors)), mask=mask)
+    check_choice("reduction", reduction, tuple(REDUCTIONS))
+    return checked_bool_mask("mask", mask, first.shape, first_name)
+
+
+def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                    clip_eps: float = 0.2, clip_eps_high: float | None = None, dual_clip: float | None = None,
+                    reduction: str = "token_mean") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate loss (Schulman et al. 2017), with asymmetric clip and optional dual clip.
+
+    ratio = exp(logp - old_logp); l_t = max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps_high));
+    with dual_clip = c > 1, where A < 0: l_t = min(l_t, -A * c). Then reduced over the valid tokens.
+
+    Args:
+        logp: [B, T] log-probs of the taken actions under the current policy (receives the gradient).
+        old_logp: [B, T] log-probs under the rollout policy. advantages: [B, T]. (fp32/bf16/fp16, may differ.)
+        mask: [B, T] bool or 0/1: the valid tokens.
+        clip_eps: lower clip range (> 0); clip_eps_high: upper clip range (> 0), defaults to clip_eps.
+        dual_clip: c > 1 to enable the dual clip, None to disable it.
+        reduction: "token_mean", "seq_mean_token_mean" or "seq_mean_token_sum" (see the module docstring).
+
+    Returns:
+        (loss, stats): loss a 0-dim float32 tensor, differentiable w.r.t. ``logp`` only (gradient in logp's dtype);
+        stats {"clipfrac", "approx_kl"}: 0-dim float32 tensors without gradient.
+    """
+    mask = _check_triple(("logp", "old_logp", "advantages"), (logp, old_logp, advantages), mask, reduction)
+    clip_low = check_positive("clip_eps", clip_eps)
+    clip_high = clip_low if clip_eps_high is None else check_positive("clip_eps_high", clip_eps_high)
+    dual = 0.0  # 0 disables the dual clip in every kernel
+    if dual_clip is not None:
+        dual = check_real("dual_clip", dual_clip)
+        if dual <= 1.0:
+            raise ValueError(f"dual_clip must be > 1 (or None to disable it), got {dual_clip}")
+    code = REDUCTIONS[reduction]
+    inputs = (logp.contiguous(), old_logp.detach().contiguous(), advantages.detach().contiguous(), mask)
+    name = backend.resolve("ppo_policy_loss", logp.device, _POLICY_IMPLEMENTED)
+    if name == "torch":
+        loss, clipfrac, approx_kl = _policy_loss_torch(*inputs, clip_low, clip_high, dual, reduction)
+    elif name == "triton":
+        loss, clipfrac, approx_kl, _ = _policy_loss_triton(*inputs, clip_low, clip_high, dual, code)
+    else:
+        loss, clipfrac, approx_kl = torch.ops.instructrl_fast.ppo_policy_loss(*inputs, clip_low, clip_high, dual, code)
+    return loss, {"clipfrac": clipfrac.detach(), "approx_kl": approx_kl.detach()}
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *,
+                   clip_eps: float = 0.2,
+                   reduction: str = "token_mean") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: l_t = 0.5 * max((v - R)^2, (old_v + clip(v - old_v, -clip_eps, clip_eps) - R)^2).
+
+    Args:
+        values: [B, T] current value predictions (receives the gradient). old_values: [B, T] the rollout's values.
+        returns: [B, T] targets (e.g. from ``gae``). (fp32/bf16/fp16, may differ.)
+        mask: [B, T] bool or 0/1: the valid tokens.
+        clip_eps: the clip range (> 0).
+        reduction: "token_mean", "seq_mean_token_mean" or "seq_mean_token_sum".
+
+    Returns:
+        (loss, stats): loss a 0-dim float32 tensor, differentiable w.r.t. ``values`` only; stats {"clipfrac"}:
+        the share of valid tokens where the clipped term is strictly larger (0-dim float32, no gradient).
+    """
+    mask = _check_triple(("values", "old_values", "returns"), (values, old_values, returns), mask, reduction)
+    clip_eps = check_positive("clip_eps", clip_eps)
+    code = REDUCTIONS[reduction]
+    inputs = (values.contiguous(), old_values.detach().contiguous(), returns.detach().contiguous(), mask)
+    name = backend.resolve("ppo_value_loss", values.device, _VALUE_IMPLEMENTED)
+    if name == "torch":
+        loss, clipfrac = _value_loss_torch(*inputs, clip_eps, reduction)
+    elif name == "triton":
+        loss, clipfrac, _ = _value_loss_triton(*inputs, clip_eps, code)
+    else:
+        loss, clipfrac = torch.ops.instructrl_fast.ppo_value_loss(*inputs, clip_eps, code)
+    return loss, {"clipfrac": clipfrac.detach()}

@@ -1,0 +1,105 @@
+"""Masked whitening of advantages or rewards over the valid positions (DESIGN.md: ``masked_whiten``).
+
+Moments are kept in Chan et al.'s parallel form (count n, mean, M2 = sum of squared deviations), never as a raw
+sum of squares, which loses every digit when |mean| >> std. Partials (blocks of a tensor, ranks of a group) combine
+exactly: n = sum n_i, mean = sum n_i mean_i / n, M2 = sum M2_i + sum n_i (mean_i - mean)^2. Under ``group`` each
+rank all-gathers its (n, mean, M2) triple (3 floats per rank) and combines them the same way.
+
+Backends: ``torch`` and ``triton`` (``kernels/whiten.py``: fused block moments, then one normalisation pass).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from instructrl_fast import backend
+from instructrl_fast.ops._checks import check_float, check_positive, check_same_device, checked_bool_mask
+
+_IMPLEMENTED = ("triton", "torch")
+
+
+def combine_moments(n: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor):
+    """Combine partial moments [P] (count, mean, M2; mean = M2 = 0 where count = 0) into 0-dim totals."""
+    total = n.sum()
+    grand_mean = (n * mean).sum() / total.clamp(min=1.0)
+    return total, grand_mean, m2.sum() + (n * (mean - grand_mean) ** 2).sum()
+
+
+def _group_moments(moments: torch.Tensor, group) -> torch.Tensor:
+    """[3] local (n, mean, M2) -> [3] over all ranks of ``group``; one all_gather of 3 floats per rank."""
+    gathered = [torch.empty_like(moments) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, moments, group=group)
+    return torch.stack(combine_moments(*torch.stack(gathered, dim=1)))
+
+
+def _local_moments_torch(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.float()
+    n = m.sum()
+    mean = (x * m).sum() / n.clamp(min=1.0)
+    return torch.stack((n, mean, (((x - mean) * m) ** 2).sum()))
+
+
+@torch.library.custom_op("instructrl_fast::whiten_moments_triton", mutates_args=())
+def _whiten_moments_triton(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    from instructrl_fast.kernels.whiten import whiten_moments
+
+    return torch.stack(combine_moments(*whiten_moments(x, mask)))
+
+
+@_whiten_moments_triton.register_fake
+def _(x, mask):
+    return x.new_empty((3,), dtype=torch.float32)
+
+
+@torch.library.custom_op("instructrl_fast::whiten_apply_triton", mutates_args=())
+def _whiten_apply_triton(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, shift_mean: bool) -> torch.Tensor:
+    from instructrl_fast.kernels.whiten import whiten_apply
+
+    return whiten_apply(x, mask, stats, shift_mean)
+
+
+@_whiten_apply_triton.register_fake
+def _(x, mask, stats, shift_mean):
+    return torch.empty(x.shape, dtype=torch.float32, device=x.device)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8,
+                  group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Whiten ``x`` over its valid positions: (x - mean) / sqrt(var + eps), 0 at masked positions.
+
+    mean and the unbiased variance (M2 / (n - 1)) are taken over all valid positions of the whole tensor (and of
+    every rank of ``group``). With n <= 1 valid positions the variance is defined as 0 (so a single valid value
+    becomes 0, or itself when shift_mean=False); with n = 0 the output is all 0.
+
+    Args:
+        x: [B, T] values (advantages or rewards), fp32/bf16/fp16.
+        mask: [B, T] bool or 0/1: the valid positions.
+        shift_mean: False adds the mean back after scaling (rescale only).
+        eps: added to the variance (> 0).
+        group: a torch.distributed process group whose ranks' moments are combined (a collective: every rank
+            of the group must call it), or None for local moments.
+
+    Returns:
+        [B, T] float32. Not differentiable: the inputs are treated as constants (detached).
+    """
+    check_float("x", x, ndim=2)
+    check_same_device(x=x, mask=mask)
+    mask = checked_bool_mask("mask", mask, x.shape, "x")
+    eps = check_positive("eps", eps)
+    if not isinstance(shift_mean, bool):
+        raise TypeError(f"shift_mean must be a bool, got {type(shift_mean).__name__}")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
+    x = x.detach().contiguous()
+    name = backend.resolve("masked_whiten", x.device, _IMPLEMENTED)
+    moments = _whiten_moments_triton(x, mask) if name == "triton" else _local_moments_torch(x.float(), mask)
+    if group is not None:
+        moments = _group_moments(moments, group)
+    n, mean, m2 = moments.unbind()
+    var = torch.where(n > 1, m2 / (n - 1).clamp(min=1.0), 0.0)  # unbiased; defined as 0 for n <= 1
+    stats = torch.stack((mean, torch.rsqrt(var + eps)))
+    if name == "triton":
+        return _whiten_apply_triton(x, mask, stats, shift_mean)
+    out = (x.float() - mean) * stats[1]
+    return torch.where(mask, out if shift_mean else out + mean, 0.0)

@@ -1,0 +1,176 @@
+"""Triton PPO losses (policy: clipped surrogate + dual clip; value: clipped value loss), forward and backward.
+
+Both losses share one pair of kernels, the loss picked by the constexpr KIND. The grid is (B, cdiv(T, BLOCK_T)):
+each program handles one chunk of one row. The forward writes per-(row, chunk) partial sums [K, B, C] (loss * m,
+m, clipped * m and, for the policy loss, (old_logp - logp) * m); the launcher finishes them on the device into the
+reduction and into `row_scale` [B], d loss / d l_t for a valid token of row b, which the backward uses so it never
+reduces again. The backward recomputes the per-token branch (cheap, elementwise) instead of saving it.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+POLICY = tl.constexpr(0)
+VALUE = tl.constexpr(1)
+_KINDS = {"policy": 0, "value": 1}
+_N_PARTIALS = {"policy": 4, "value": 3}  # loss, count, clipped (, kl)
+
+
+@triton.jit
+def _policy_token(logp, old_logp, adv, p0, p1, p2):
+    """Per-token PPO policy loss (p0, p1, p2 = clip_low, clip_high, dual_clip; dual_clip == 0 disables it).
+
+    Returns (l, clipped, dl/dlogp). The clipped branch counts only when strictly larger; there the gradient is 0.
+    """
+    ratio = tl.exp(logp - old_logp)
+    unclipped = -adv * ratio
+    clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - p0), 1.0 + p1)
+    is_clipped = clipped > unclipped
+    loss = tl.where(is_clipped, clipped, unclipped)
+    grad = tl.where(is_clipped, 0.0, unclipped)  # d(-A * exp(logp - old)) / d logp = -A * ratio
+    dual = -adv * p2  # dual clip (Ye et al. 2020): for A < 0 the loss is capped at -A * c
+    binds = (p2 > 0.0) & (adv < 0.0) & (dual < loss)
+    loss = tl.where(binds, dual, loss)
+    grad = tl.where(binds, 0.0, grad)
+    return loss, is_clipped | binds, grad
+
+
+@triton.jit
+def _value_token(values, old_values, returns, p0):
+    """Per-token clipped value loss (p0 = clip_eps). Returns (l, clipped, dl/dvalues)."""
+    # old + clip(v - old, -eps, eps) as a clamp of v itself: equal, and exactly v inside the range (no false clips)
+    v_clipped = tl.minimum(tl.maximum(values, old_values - p0), old_values + p0)
+    err = values - returns
+    err_clipped = v_clipped - returns
+    is_clipped = err_clipped * err_clipped > err * err
+    loss = 0.5 * tl.where(is_clipped, err_clipped * err_clipped, err * err)
+    grad = tl.where(is_clipped, 0.0, err)
+    return loss, is_clipped, grad
+
+
+@triton.jit
+def _ppo_loss_fwd_kernel(
+    x_ptr,  # [B, T] contiguous, any float dtype: logp (policy) or values (value)
+    x_old_ptr,  # [B, T] contiguous, any float dtype: old_logp or old_values
+    y_ptr,  # [B, T] contiguous, any float dtype: advantages or returns
+    mask_ptr,  # [B, T] contiguous uint8 (a bool mask viewed as bytes)
+    partial_ptr,  # [K, B, C] fp32 out, C = cdiv(T, BLOCK_T): per-chunk sums (loss, count, clipped, kl)
+    B,
+    T,
+    C,
+    p0,
+    p1,
+    p2,
+    KIND: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    t = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_row = t < T
+    offs = row * T + t  # int64: B * T may pass 2^31
+    valid = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
+    x = tl.load(x_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
+    x_old = tl.load(x_old_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
+    if KIND == POLICY:
+        loss, is_clipped, _ = _policy_token(x, x_old, y, p0, p1, p2)
+    else:
+        loss, is_clipped, _ = _value_token(x, x_old, y, p0)
+    out = partial_ptr + row * C + chunk
+    plane = B * C
+    tl.store(out, tl.sum(tl.where(valid, loss, 0.0), axis=0))
+    tl.store(out + plane, tl.sum(valid.to(tl.float32), axis=0))
+    tl.store(out + 2 * plane, tl.sum((valid & is_clipped).to(tl.float32), axis=0))
+    if KIND == POLICY:
+        tl.store(out + 3 * plane, tl.sum(tl.where(valid, x_old - x, 0.0), axis=0))
+
+
+@triton.jit
+def _ppo_loss_bwd_kernel(
+    grad_loss_ptr,  # [] fp32: upstream gradient of the reduced loss
+    row_scale_ptr,  # [B] fp32: d loss / d l_t for a valid token of each row (from the forward)
+    x_ptr,  # [B, T] contiguous, any float dtype: logp or values
+    x_old_ptr,  # [B, T] contiguous, any float dtype
+    y_ptr,  # [B, T] contiguous, any float dtype
+    mask_ptr,  # [B, T] contiguous uint8
+    grad_x_ptr,  # [B, T] fp32 out: d loss / d x
+    T,
+    p0,
+    p1,
+    p2,
+    KIND: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_row = t < T
+    offs = row * T + t
+    valid = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
+    x = tl.load(x_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
+    x_old = tl.load(x_old_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
+    if KIND == POLICY:
+        _, _, grad = _policy_token(x, x_old, y, p0, p1, p2)
+    else:
+        _, _, grad = _value_token(x, x_old, y, p0)
+    scale = tl.load(grad_loss_ptr) * tl.load(row_scale_ptr + row)
+    tl.store(grad_x_ptr + offs, tl.where(valid, grad * scale, 0.0), mask=in_row)
+
+
+def _block_t(T: int, device: torch.device) -> int:
+    # Interpreter cost grows with the number of programs, not elements: one big block per row there.
+    return min(triton.next_power_of_2(max(T, 1)), 2048 if device.type == "cuda" else 32768)
+
+
+def _finish(partials: torch.Tensor, reduction: int):
+    """[K, B, C] chunk sums -> (loss, clipfrac, approx_kl or None, row_scale [B]); all on the device, no sync."""
+    sums = partials.sum(dim=2)  # [K, B]
+    loss_rows, counts = sums[0], sums[1]
+    B = counts.numel()
+    total = counts.sum().clamp(min=1.0)
+    if reduction == 0:  # token_mean
+        loss = loss_rows.sum() / total
+        row_scale = (1.0 / total).expand(B).contiguous()
+    elif reduction == 1:  # seq_mean_token_mean
+        row_counts = counts.clamp(min=1.0)
+        loss = (loss_rows / row_counts).sum() / max(B, 1)
+        row_scale = 1.0 / (row_counts * max(B, 1))
+    else:  # seq_mean_token_sum
+        loss = loss_rows.sum() / max(B, 1)
+        row_scale = torch.full((B,), 1.0 / max(B, 1), dtype=torch.float32, device=partials.device)
+    clipfrac = sums[2].sum() / total
+    approx_kl = sums[3].sum() / total if sums.shape[0] > 3 else None
+    return loss, clipfrac, approx_kl, row_scale
+
+
+def ppo_loss_fwd(kind: str, x, x_old, y, mask, params: tuple[float, float, float], reduction: int):
+    """Forward of the ``kind`` ("policy" / "value") loss on [B, T] contiguous inputs and a contiguous bool mask.
+
+    params: (clip_low, clip_high, dual_clip) for the policy loss, (clip_eps, 0, 0) for the value loss.
+    Returns (loss, clipfrac, approx_kl or None, row_scale [B]) in fp32.
+    """
+    B, T = x.shape
+    BLOCK_T = _block_t(T, x.device)
+    C = triton.cdiv(T, BLOCK_T)
+    partials = torch.zeros((_N_PARTIALS[kind], B, max(C, 1)), dtype=torch.float32, device=x.device)
+    if x.numel():
+        _ppo_loss_fwd_kernel[(B, C)](
+            x, x_old, y, mask.view(torch.uint8), partials, B, T, C, *params,
+            KIND=_KINDS[kind], BLOCK_T=BLOCK_T, num_warps=4 if BLOCK_T <= 1024 else 8,
+        )
+    return _finish(partials, reduction)
+
+
+def ppo_loss_bwd(kind: str, grad_loss, row_scale, x, x_old, y, mask, params: tuple[float, float, float]):
+    """d loss / d x [B, T] fp32 for the ``kind`` loss; grad_loss [] and row_scale [B] fp32 (see ppo_loss_fwd)."""
+    B, T = x.shape
+    grad_x = torch.empty((B, T), dtype=torch.float32, device=x.device)
+    if x.numel():
+        BLOCK_T = _block_t(T, x.device)
+        _ppo_loss_bwd_kernel[(B, triton.cdiv(T, BLOCK_T))](
+            grad_loss.float().contiguous(), row_scale, x, x_old, y, mask.view(torch.uint8), grad_x, T, *params,
+            KIND=_KINDS[kind], BLOCK_T=BLOCK_T, num_warps=4 if BLOCK_T <= 1024 else 8,
+        )
+    return grad_x
