@@ -250,8 +250,9 @@ class GPT(nn.Module):
             raise ValueError(f"token_logprobs needs the 'lm' head, this model has head={self.head!r}")
         check_positive("temperature", temperature)
         h = self(idx, attention_mask)
-        return linear_logprobs(copy_to_tp(h, self.tp_group), self.lm_weight, labels, temperature=temperature,
-                               with_entropy=with_entropy, tp_group=self.tp_group)
+        # No copy_to_tp here: linear_logprobs all-reduces the hidden gradient over tp_group itself.
+        return linear_logprobs(h, self.lm_weight, labels, temperature=temperature, with_entropy=with_entropy,
+                               tp_group=self.tp_group)
 
     def score(self, h: torch.Tensor) -> torch.Tensor:
         """Scalar head: [B, T, D] hidden -> [B, T] fp32 per-position scalar (reward or value)."""

@@ -1,0 +1,146 @@
+"""KV-cached generation for rollouts: one prefill, then a fixed-shape decode loop with no per-token host sync.
+
+The loop (gpt-fast style): every decode step feeds one token per row at the same cache slot, with the same
+tensor shapes (the attention mask is a preallocated [B, P + N] buffer, the slot an int64 [1] device tensor updated
+in place), so ``cuda_graph=True`` can wrap the step in ``torch.compile(mode="reduce-overhead")`` (CUDA graphs).
+EOS is tracked on the device; the host looks at it only every ``stop_check_every`` steps to stop early.
+
+Log-probs of the sampled tokens are computed with ``ops.gather_logprobs`` on the last position's logit shard,
+``tp_group`` included: the same kernel family the trainer uses (``GPT.token_logprobs`` -> ``ops.linear_logprobs``),
+so rollout and training log-probs of the same sequence agree to fp32 rounding. They are log-probs of the model's
+full distribution at the sampling temperature (temperature 1 for greedy decoding), before top-k / top-p truncation
+(what the trainer recomputes), over the whole padded vocabulary (see ``GPTConfig.padded_vocab_size``).
+Under TP every rank must pass the same prompts and an identically seeded ``generator``: each rank gathers the same
+full logits and draws the same sample, so no broadcast is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from instructrl_fast.model.gpt import GPT
+from instructrl_fast.ops import gather_logprobs
+from instructrl_fast.ops._checks import check_mask, check_positive, check_tensor
+from instructrl_fast.parallel.mappings import gather_from_tp
+from instructrl_fast.rollout.sampling import sample
+
+
+@dataclass
+class RolloutBatch:
+    """The result of ``generate``. P = prompt length (left padded), N = max_new_tokens."""
+
+    sequences: torch.Tensor  # [B, P + N] int64: prompt, then generated ids; pad_token_id after EOS
+    attention_mask: torch.Tensor  # [B, P + N] int64: prompt_mask, then 1 up to and including EOS, 0 after
+    response_mask: torch.Tensor  # [B, P + N] int64: 1 on generated tokens up to and including EOS
+    logprobs: torch.Tensor  # [B, N] fp32: log p of generated token n (column P + n of sequences); 0 after EOS
+
+    @property
+    def response_logprobs_aligned(self) -> torch.Tensor:
+        """[B, P + N] log-probs aligned to ``sequences`` (0 on the prompt), the layout of ``response_mask``."""
+        B, N = self.logprobs.shape
+        return torch.cat([self.logprobs.new_zeros(B, self.sequences.shape[1] - N), self.logprobs], dim=1)
+
+
+def _next_token(model: GPT, h_last: torch.Tensor, temperature: float, top_k, top_p, generator):
+    """h_last [B, D] -> (token [B] int64, logp [B] fp32) from this rank's logit shard (gathered to sample)."""
+    shard = model.logits(h_last[:, None])[:, 0]  # [B, V_local]
+    token = sample(gather_from_tp(shard, model.tp_group), temperature=temperature, top_k=top_k, top_p=top_p,
+                   vocab_size=model.config.vocab_size, generator=generator)
+    logp = gather_logprobs(shard, token, temperature=temperature or 1.0, tp_group=model.tp_group)
+    return token, logp
+
+
+def _decode_step(model: GPT, kv_cache, token: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor):
+    """One cached forward of one token per row -> [B, D] hidden. Fixed shapes: the unit CUDA graphs capture."""
+    return model(token[:, None], mask, kv_cache, input_pos)[:, -1]
+
+
+_COMPILED_STEPS: dict[int, object] = {}
+
+
+def _step_fn(model: GPT, cuda_graph: bool):
+    if not cuda_graph:
+        return _decode_step
+    # One compiled step per model; mode="reduce-overhead" records a CUDA graph of it after warm-up.
+    return _COMPILED_STEPS.setdefault(id(model), torch.compile(_decode_step, mode="reduce-overhead", dynamic=False))
+
+
+def _check_args(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_token_id, pad_token_id,
+                stop_check_every):
+    if not isinstance(model, GPT) or model.head != "lm":
+        raise TypeError("model must be a GPT with head='lm'")
+    check_tensor("prompt_ids", prompt_ids, dtypes=(torch.int64,), ndim=2)
+    check_mask("prompt_mask", prompt_mask, prompt_ids.shape, "prompt_ids")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if prompt_ids.shape[1] + max_new_tokens > model.config.block_size:
+        raise ValueError(f"prompt length + max_new_tokens ({prompt_ids.shape[1] + max_new_tokens}) must be <= "
+                         f"block_size ({model.config.block_size})")
+    check_positive("temperature", temperature, allow_zero=True)
+    for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 0 <= value < model.config.vocab_size):
+            raise ValueError(f"{name} must be an int in [0, vocab_size={model.config.vocab_size}), got {value!r}")
+    if isinstance(stop_check_every, bool) or not isinstance(stop_check_every, int) or stop_check_every < 1:
+        raise ValueError(f"stop_check_every must be a positive int, got {stop_check_every!r}")
+
+
+@torch.no_grad()
+def generate(model: GPT, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             eos_token_id: int | None = None, pad_token_id: int = 0, generator: torch.Generator | None = None,
+             stop_check_every: int = 16, cuda_graph: bool = False) -> RolloutBatch:
+    """Sample up to ``max_new_tokens`` tokens after left-padded prompts.
+
+    Args:
+        model: a ``GPT`` with the LM head (dropout is switched off for the call and restored after).
+        prompt_ids: [B, P] int64, left padded; prompt_mask: [B, P] bool or 0/1, 1 on real tokens (>= 1 per row).
+        temperature: 0 = greedy; top_k / top_p: optional truncation of the sampling distribution.
+        eos_token_id: a row ends after emitting it (EOS is included in response_mask); None = never.
+        pad_token_id: written after a row's EOS. generator: the sampling RNG (same seed on every TP rank).
+        stop_check_every: the host checks "all rows ended" every this many steps (one sync each).
+        cuda_graph: run the decode step through torch.compile(mode="reduce-overhead") (CUDA graphs; GPU only).
+
+    Returns:
+        ``RolloutBatch`` (sequences, attention_mask, response_mask, logprobs; see its fields).
+    """
+    _check_args(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_token_id, pad_token_id,
+                stop_check_every)
+    B, P = prompt_ids.shape
+    N, dev = max_new_tokens, prompt_ids.device
+    was_training = model.training
+    model.eval()
+    try:
+        kv_cache = model.setup_kv_cache(B, P + N)
+        mask = torch.cat([prompt_mask.long(), torch.ones(B, N, dtype=torch.long, device=dev)], dim=1)
+        tokens = torch.full((B, N), pad_token_id, dtype=torch.long, device=dev)
+        logprobs = torch.zeros(B, N, dtype=torch.float32, device=dev)
+        alive = torch.ones(B, N, dtype=torch.bool, device=dev)  # alive[:, n]: token n is part of the response
+        ended = torch.zeros(B, dtype=torch.bool, device=dev)
+        step = _step_fn(model, cuda_graph)
+
+        # Every cache slot a row will write is marked real in `mask` from the start: a row attends to
+        # [first real slot, current slot] and causality hides the slots not written yet.
+        h = model(prompt_ids, mask[:, :P], kv_cache, torch.arange(P, device=dev))[:, -1]
+        input_pos = torch.full((1,), P, dtype=torch.long, device=dev)
+        for n in range(N):
+            if n > 0:
+                h = step(model, kv_cache, tokens[:, n - 1], mask, input_pos)
+                input_pos += 1
+            token, logp = _next_token(model, h, temperature, top_k, top_p, generator)
+            alive[:, n] = ~ended
+            tokens[:, n] = torch.where(ended, pad_token_id, token)
+            logprobs[:, n] = torch.where(ended, 0.0, logp)
+            if eos_token_id is not None:
+                ended |= token == eos_token_id
+                if (n + 1) % stop_check_every == 0 and n + 1 < N and bool(ended.all()):  # host sync every k steps
+                    alive[:, n + 1:] = False
+                    break
+        response = torch.cat([torch.zeros(B, P, dtype=torch.long, device=dev), alive.long()], dim=1)
+        return RolloutBatch(sequences=torch.cat([prompt_ids, tokens], dim=1),
+                            attention_mask=torch.cat([prompt_mask.long(), alive.long()], dim=1),
+                            response_mask=response, logprobs=logprobs)
+    finally:
+        model.train(was_training)
