@@ -1,0 +1,151 @@
+"""Atomic, exactly resumable checkpoints.
+
+Layout of a stage's checkpoint folder::
+
+    ckpt/
+      step_00000040/            one checkpoint: a folder that appears whole or not at all
+        <name>.safetensors      the weights of each module (policy, value, ema, ...), tied tensors stored once
+        state.pt                optimizer, step, data position, RNG states (torch, numpy, python, generators)
+      latest                    text file naming the newest complete checkpoint folder
+
+A checkpoint is written into a temporary folder in the same directory, every file is fsynced, the folder is renamed
+into place with ``os.replace`` (atomic on POSIX) and only then is ``latest`` rewritten, itself through a temporary
+file + fsync + ``os.replace``. A crash at any point therefore leaves ``latest`` naming a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+LATEST = "latest"
+STATE = "state.pt"
+_TMP_PREFIX = ".tmp-"
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def rng_state() -> dict:
+    """Every global RNG a training step draws from (dropout, data order, sampling)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_weights(path: str | os.PathLike, module: torch.nn.Module) -> None:
+    """Write one module's weights to ``path`` (safetensors) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{os.getpid()}")
+    save_model(module, str(tmp))
+    _fsync_path(tmp)
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def load_weights(path: str | os.PathLike, module: torch.nn.Module) -> torch.nn.Module:
+    """Load safetensors weights written by ``save_weights`` (or ``save_checkpoint``) into ``module``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}")
+    missing, unexpected = load_model(module, str(path), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the module (missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]})")
+    return module
+
+
+def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, modules: dict[str, torch.nn.Module], state: dict,
+                    *, keep: int = 2) -> Path:
+    """Write a checkpoint of ``modules`` (weights) and ``state`` (optimizer, data position, ...) at ``step``.
+
+    The RNG states are added to ``state`` here. Keeps the ``keep`` newest step folders. Returns the folder.
+    """
+    if not modules:
+        raise ValueError("modules must name at least one module to save")
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ckpt_dir.glob(f"{_TMP_PREFIX}*"):  # left behind by a crash during an earlier write
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    name = f"step_{step:08d}"
+    tmp = ckpt_dir / f"{_TMP_PREFIX}{name}-{os.getpid()}"
+    tmp.mkdir()
+    for key, module in modules.items():
+        save_model(module, str(tmp / f"{key}.safetensors"))
+    torch.save({**state, "step": step, "rng": rng_state()}, tmp / STATE)
+    for f in tmp.iterdir():
+        _fsync_path(f)
+    _fsync_path(tmp)
+    final = ckpt_dir / name
+    if final.exists():  # a complete folder of the same step that `latest` never pointed to (crash after rename)
+        trash = ckpt_dir / f"{_TMP_PREFIX}old-{name}"
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash)
+    else:
+        os.replace(tmp, final)
+    _fsync_path(ckpt_dir)
+    _atomic_write_text(ckpt_dir / LATEST, name)
+    for old in sorted(ckpt_dir.glob("step_*"))[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
+    """The folder ``latest`` names, or None when the stage has no complete checkpoint yet."""
+    pointer = Path(ckpt_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(ckpt_dir) / pointer.read_text().strip()
+    if not (path / STATE).is_file():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, modules: dict[str, torch.nn.Module], *,
+                    restore_rng: bool = True) -> dict:
+    """Load the weights of ``modules`` from checkpoint folder ``path``; return its state (RNGs restored)."""
+    path = Path(path)
+    for key, module in modules.items():
+        load_weights(path / f"{key}.safetensors", module)
+    state = torch.load(path / STATE, weights_only=True)
+    if restore_rng:
+        set_rng_state(state["rng"])
+    return state

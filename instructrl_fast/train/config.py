@@ -1,0 +1,414 @@
+"""Configs of the three InstructGPT stages (plus pretraining of the embedded base models) and their presets.
+
+Every config is a ``@dataclass(kw_only=True)`` with one comment per field; ``__post_init__`` rejects a bad value
+with a ValueError/TypeError naming the field. Presets are named constructors:
+
+* ``instructgpt-1.3b`` / ``instructgpt-6.7b`` / ``instructgpt-175b``: the paper's numbers (Ouyang et al. 2022,
+  appendix C) on the GPT-3 shapes; these need a GPU cluster and are here to be launched with torchrun.
+* ``demo``: the embedded default. Three byte-level base models (``demo-s`` / ``demo-m`` / ``demo-l`` standing in for
+  1.3B / 6B / 175B) pretrained on the task's corpus, then SFT -> RM -> PPO / PPO-ptx on a 2-core CPU. Learning rates,
+  step counts and batch sizes are scaled down (tiny models need ~100x larger LRs); every *ratio* of the recipe is
+  kept: SFT epochs and cosine floor, all C(K,2) pairs per RM batch element, PPO minibatch = batch / 8, 1 inner
+  epoch, beta, gamma, lambda, clip, EMA decay, 10 warmup iterations from 0.1x, the PPO init's 10% pretraining mix.
+* ``micro``: the smallest configuration that runs every stage end to end, for the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+SIZES = ("s", "m", "l")  # the three embedded base sizes, standing in for 1.3B / 6B / 175B
+PAPER_SIZES = {"s": "1.3b", "m": "6.7b", "l": "175b"}
+
+# Shapes of the embedded base models (byte vocabulary, context for prompt + response + few-shot prefix).
+DEMO_MODELS = {
+    "demo-s": dict(n_layer=2, n_head=4, d_model=64),
+    "demo-m": dict(n_layer=3, n_head=4, d_model=96),
+    "demo-l": dict(n_layer=4, n_head=4, d_model=128),
+    "micro": dict(n_layer=1, n_head=2, d_model=32),
+}
+
+
+def _check_int(obj, name: str, *, minimum: int = 1) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{type(obj).__name__}.{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{type(obj).__name__}.{name} must be >= {minimum}, got {value}")
+
+
+def _check_float(obj, name: str, *, low: float = 0.0, high: float = math.inf, low_open: bool = False) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{type(obj).__name__}.{name} must be a number, got {type(value).__name__}")
+    ok = (value > low if low_open else value >= low) and value <= high and math.isfinite(value)
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{type(obj).__name__}.{name} must lie in {bracket}{low}, {high}], got {value}")
+
+
+def _check_choice(obj, name: str, choices) -> None:
+    value = getattr(obj, name)
+    if value not in choices:
+        raise ValueError(f"{type(obj).__name__}.{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _check_divides(obj, small: str, big: str) -> None:
+    a, b = getattr(obj, small), getattr(obj, big)
+    if b % a:
+        raise ValueError(f"{type(obj).__name__}.{small} ({a}) must divide {big} ({b})")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Adam(W) and its learning-rate schedule (see ``schedule.lr_factor``)."""
+
+    lr: float  # peak learning rate
+    betas: tuple[float, float] = (0.9, 0.95)  # Adam (beta1, beta2): the paper's SFT / RM / PPO values
+    eps: float = 1e-8  # Adam epsilon
+    weight_decay: float = 0.0  # decoupled weight decay (AdamW)
+    grad_clip: float = 1.0  # max gradient norm per parameter group; 0 disables clipping
+    schedule: str = "cosine"  # "cosine": decay to min_lr_ratio * lr over the run; "constant": flat after warmup
+    warmup_steps: int = 0  # linear warmup length in optimizer steps (paper: 0 for SFT / RM, 10 for PPO)
+    warmup_from: float = 0.0  # warmup starts at this fraction of lr (paper PPO: 0.1)
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr (paper: 10%)
+
+    def __post_init__(self):
+        _check_float(self, "lr", low_open=True)
+        if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)):
+            raise ValueError(f"OptimConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = tuple(float(b) for b in self.betas)
+        _check_float(self, "eps", low_open=True)
+        _check_float(self, "weight_decay")
+        _check_float(self, "grad_clip")
+        _check_choice(self, "schedule", ("cosine", "constant"))
+        _check_int(self, "warmup_steps", minimum=0)
+        _check_float(self, "warmup_from", high=1.0)
+        _check_float(self, "min_lr_ratio", high=1.0)
+
+
+@dataclass(kw_only=True)
+class LoopConfig:
+    """How often the shared loop (``loop.train``) evaluates, checkpoints and logs."""
+
+    eval_interval: int = 0  # optimizer steps between evaluations; 0: only at the end
+    ckpt_interval: int = 0  # optimizer steps between checkpoints; 0: only at the end
+    log_interval: int = 1  # optimizer steps between log rows
+    keep_checkpoints: int = 2  # how many step checkpoints to keep on disk (the newest ones)
+    progress: bool = True  # tqdm progress bar
+
+    def __post_init__(self):
+        _check_int(self, "eval_interval", minimum=0)
+        _check_int(self, "ckpt_interval", minimum=0)
+        _check_int(self, "log_interval")
+        _check_int(self, "keep_checkpoints")
+
+
+@dataclass(kw_only=True)
+class PretrainConfig:
+    """Language-model pretraining of an embedded base model on the task's corpus (stands in for GPT-3)."""
+
+    model: str  # model shape: a DEMO_MODELS name or a GPTConfig.from_name preset
+    seed: int = 0  # weight init, data order and dropout
+    n_docs: int = 4000  # pretraining documents drawn from DemoTask.pretraining_corpus
+    seq_len: int = 128  # tokens per training sequence (documents are concatenated and chunked)
+    batch_size: int = 32  # sequences per optimizer step
+    micro_batch_size: int = 32  # sequences per forward/backward; batch_size / micro_batch_size accumulation steps
+    max_steps: int = 600  # optimizer steps
+    dropout: float = 0.0  # residual dropout
+    eval_batches: int = 4  # held-out batches for the validation loss
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=30, weight_decay=0.1))
+    loop: LoopConfig = field(default_factory=LoopConfig)  # eval / checkpoint / log cadence
+
+    def __post_init__(self):
+        for name in ("n_docs", "seq_len", "batch_size", "micro_batch_size", "max_steps", "eval_batches"):
+            _check_int(self, name)
+        _check_int(self, "seed", minimum=0)
+        _check_divides(self, "micro_batch_size", "batch_size")
+        _check_float(self, "dropout", high=0.99)
+
+
+@dataclass(kw_only=True)
+class SFTConfig:
+    """Supervised fine-tuning on labeler demonstrations (paper appendix C.1)."""
+
+    epochs: int = 16  # passes over the demonstrations (paper: 16)
+    batch_size: int = 32  # demonstrations per optimizer step (paper: 32 for 1.3B/6B, 8 for 175B)
+    micro_batch_size: int = 32  # sequences per forward/backward
+    dropout: float = 0.2  # residual dropout (paper: 0.2)
+    n_demos: int = 13000  # demonstrations drawn from the task (paper: ~13k training prompts)
+    ptx_fraction: float = 0.0  # share of each batch that is pretraining text (PPO init: 0.1)
+    select_every: int = 4  # epochs between candidate checkpoints for the RM-score selection
+    n_val_prompts: int = 64  # validation prompts the final checkpoint is chosen on (mean RM score, not loss)
+    max_new_tokens: int = 32  # response budget when sampling on the validation prompts
+    seed: int = 0  # data order and dropout
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9.65e-6))  # cosine to 10%, no warmup
+    loop: LoopConfig = field(default_factory=LoopConfig)  # eval / checkpoint / log cadence
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "micro_batch_size", "n_demos", "select_every", "n_val_prompts",
+                     "max_new_tokens"):
+            _check_int(self, name)
+        _check_int(self, "seed", minimum=0)
+        _check_divides(self, "micro_batch_size", "batch_size")
+        _check_float(self, "dropout", high=0.99)
+        _check_float(self, "ptx_fraction", high=0.9)
+
+
+@dataclass(kw_only=True)
+class RMConfig:
+    """Reward-model training on K-way rankings (paper section 3.5, appendix C.2)."""
+
+    epochs: int = 1  # passes over the comparisons (paper: 1; more overfits)
+    batch_size: int = 64  # prompts per optimizer step; each holds all C(K,2) pairs of its K responses
+    micro_batch_size: int = 64  # prompts per forward/backward
+    n_comparisons: int = 33000  # ranked prompts drawn from the task (paper: ~33k)
+    n_val_comparisons: int = 256  # held-out ranked prompts for the validation accuracy
+    seed: int = 0  # data order
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9e-6))  # cosine to 10%, no warmup
+    loop: LoopConfig = field(default_factory=LoopConfig)  # eval / checkpoint / log cadence
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "micro_batch_size", "n_comparisons", "n_val_comparisons"):
+            _check_int(self, name)
+        _check_int(self, "seed", minimum=0)
+        _check_divides(self, "micro_batch_size", "batch_size")
+
+
+@dataclass(kw_only=True)
+class PPOConfig:
+    """PPO / PPO-ptx against the reward model (paper section 3.5, appendix C.3).
+
+    One PPO iteration samples ``rollout_batch_size`` episodes, then takes ``rollout_batch_size / minibatch_size``
+    optimizer steps per inner epoch; the shared loop counts optimizer steps.
+    """
+
+    n_episodes: int = 256000  # total episodes (paper: 256k)
+    n_prompts: int = 31000  # distinct training prompts cycled through (paper: ~31k)
+    rollout_batch_size: int = 512  # episodes per PPO iteration (paper: 512)
+    minibatch_size: int = 64  # episodes per optimizer step (paper: 64)
+    micro_batch_size: int = 64  # episodes per forward/backward
+    ppo_epochs: int = 1  # passes over each rollout batch (paper: 1)
+    max_new_tokens: int = 1024  # response cap (paper: 1k tokens)
+    temperature: float = 1.0  # sampling temperature of the rollouts (paper: 1)
+    kl_coef: float = 0.02  # beta of the per-token KL penalty against the SFT policy (paper: 0.02, fixed)
+    gamma: float = 1.0  # GAE discount (paper: 1)
+    lam: float = 0.95  # GAE lambda (not given in the paper; the usual value)
+    clip_eps: float = 0.2  # PPO ratio clip (paper: 0.2)
+    value_clip_eps: float = 0.2  # value clip around the rollout-time values
+    vf_coef: float = 1.0  # value-loss weight; the value model has its own parameters and LR, so 1 is neutral
+    whiten_advantages: bool = True  # masked_whiten the advantages of each rollout batch
+    ema_decay: float = 0.992  # EMA of the policy weights; the EMA model is the one evaluated (paper: 0.992)
+    ptx_coef: float = 0.0  # gamma of PPO-ptx: weight of the pretraining log-likelihood (paper: 27.8; 0 = plain PPO)
+    ptx_per_episode: float = 8.0  # pretraining sequences per RL episode (paper: 8)
+    ptx_seq_len: int = 128  # tokens per pretraining sequence in the ptx term
+    value_lr: float = 9e-6  # value-model learning rate (paper: 9e-6 for 1.3B/6B, 5e-6 for 175B)
+    seed: int = 0  # prompt order and sampling
+    # Policy LR: constant after 10 warmup iterations from 0.1x (paper). The paper's policy LR is not in MISSION.md;
+    # the SFT LR is used for the GPT-3 presets.
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=9.65e-6, schedule="constant", warmup_steps=10, warmup_from=0.1))
+    loop: LoopConfig = field(default_factory=LoopConfig)  # eval / checkpoint / log cadence
+
+    def __post_init__(self):
+        for name in ("n_episodes", "n_prompts", "rollout_batch_size", "minibatch_size", "micro_batch_size",
+                     "ppo_epochs", "max_new_tokens", "ptx_seq_len"):
+            _check_int(self, name)
+        _check_int(self, "seed", minimum=0)
+        _check_divides(self, "minibatch_size", "rollout_batch_size")
+        _check_divides(self, "micro_batch_size", "minibatch_size")
+        _check_divides(self, "rollout_batch_size", "n_episodes")
+        _check_float(self, "temperature", low_open=True)
+        _check_float(self, "kl_coef")
+        _check_float(self, "gamma", high=1.0)
+        _check_float(self, "lam", high=1.0)
+        _check_float(self, "clip_eps", low_open=True)
+        _check_float(self, "value_clip_eps", low_open=True)
+        _check_float(self, "vf_coef")
+        _check_float(self, "ema_decay", high=1.0)
+        _check_float(self, "ptx_coef")
+        _check_float(self, "ptx_per_episode")
+        _check_float(self, "value_lr", low_open=True)
+        if self.ptx_coef > 0 and self.ptx_per_episode <= 0:
+            raise ValueError("PPOConfig.ptx_per_episode must be > 0 when ptx_coef > 0 (PPO-ptx)")
+
+    @property
+    def iterations(self) -> int:
+        """PPO iterations (rollout batches)."""
+        return self.n_episodes // self.rollout_batch_size
+
+    @property
+    def steps_per_iteration(self) -> int:
+        """Optimizer steps per rollout batch."""
+        return self.ppo_epochs * self.rollout_batch_size // self.minibatch_size
+
+    @property
+    def max_steps(self) -> int:
+        return self.iterations * self.steps_per_iteration
+
+    @property
+    def ptx_per_micro_batch(self) -> int:
+        """Pretraining sequences in each micro-batch's ptx term (at least 1 in PPO-ptx)."""
+        return max(1, round(self.ptx_per_episode * self.micro_batch_size)) if self.ptx_coef > 0 else 0
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """The final evaluation with the gold labeler (instructrl_fast.train.evaluate)."""
+
+    n_test_prompts: int = 256  # test prompts (including the held-out kind)
+    max_new_tokens: int = 32  # response budget
+    temperature: float = 0.0  # 0: greedy decoding, so the table does not depend on sampling noise
+    n_ptx_batches: int = 8  # held-out pretraining batches for the alignment-tax loss
+    seed: int = 0  # win-rate labeler noise
+
+    def __post_init__(self):
+        for name in ("n_test_prompts", "max_new_tokens", "n_ptx_batches"):
+            _check_int(self, name)
+        _check_int(self, "seed", minimum=0)
+        _check_float(self, "temperature")
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    """The whole recipe: base models -> SFT -> RM -> PPO init (SFT + 10% ptx) -> PPO and PPO-ptx -> evaluation."""
+
+    name: str  # preset name, recorded in the output folder
+    sizes: tuple[str, ...] = SIZES  # base-model sizes, smallest first (keys of `pretrain`)
+    rm_size: str = "m"  # the size whose SFT model initialises the one RM that serves every size (paper: 6B)
+    pretrain: dict[str, PretrainConfig]  # per size: the base model (shape, steps)
+    sft: SFTConfig  # the SFT baseline
+    ppo_init: SFTConfig  # the PPO starting policy: SFT for 2 epochs with 10% pretraining data
+    rm: RMConfig  # the reward model
+    ppo: PPOConfig  # plain PPO (ptx_coef = 0)
+    ppo_ptx: PPOConfig  # PPO-ptx
+    eval: EvalConfig = field(default_factory=EvalConfig)  # the final evaluation
+    block_size: int = 136  # model context: few-shot prefix (64) + prompt (40) + response (24) + bos/eos, rounded up
+    data_seed: int = 0  # DemoTask / GoldLabeler seed
+
+    def __post_init__(self):
+        if not self.sizes or any(s not in self.pretrain for s in self.sizes):
+            raise ValueError(f"PipelineConfig.sizes must be non-empty keys of pretrain {tuple(self.pretrain)}, "
+                             f"got {self.sizes!r}")
+        if self.rm_size not in self.pretrain:
+            raise ValueError(f"PipelineConfig.rm_size must be a key of pretrain {tuple(self.pretrain)}, "
+                             f"got {self.rm_size!r}")
+        if self.ppo.ptx_coef != 0:
+            raise ValueError(f"PipelineConfig.ppo must be plain PPO (ptx_coef 0), got {self.ppo.ptx_coef}")
+        if self.ppo_ptx.ptx_coef <= 0:
+            raise ValueError(f"PipelineConfig.ppo_ptx.ptx_coef must be > 0, got {self.ppo_ptx.ptx_coef}")
+        _check_int(self, "data_seed", minimum=0)
+        _check_int(self, "block_size", minimum=8)
+        for size in self.sizes:
+            if self.pretrain[size].seq_len > self.block_size:
+                raise ValueError(f"PipelineConfig.pretrain[{size!r}].seq_len ({self.pretrain[size].seq_len}) must be "
+                                 f"<= block_size ({self.block_size})")
+
+    def only(self, size: str) -> PipelineConfig:
+        """The same recipe for one size, whose SFT model then also initialises the RM (``instructrl-fast run``)."""
+        if size not in self.pretrain:
+            raise ValueError(f"size must be one of {tuple(self.pretrain)}, got {size!r}")
+        return dataclasses.replace(self, sizes=(size,), rm_size=size)
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# presets
+# -------------------------------------------------------------------------------------------------------------------
+
+
+def _paper(size: str) -> PipelineConfig:
+    """The paper's recipe on GPT-3 shapes (size in 1.3b / 6.7b / 175b); the RM is always the 6B one."""
+    big = size == "175b"
+    sft = SFTConfig(batch_size=8 if big else 32, micro_batch_size=8 if big else 32,
+                    optim=OptimConfig(lr=5.03e-6 if big else 9.65e-6))
+    ppo = PPOConfig(value_lr=5e-6 if big else 9e-6, micro_batch_size=8,
+                    optim=OptimConfig(lr=sft.optim.lr, schedule="constant", warmup_steps=10, warmup_from=0.1))
+    return PipelineConfig(
+        name=f"instructgpt-{size}",
+        sizes=(size,),
+        rm_size="6.7b",
+        pretrain={s: PretrainConfig(model=f"gpt3-{s}", seq_len=2048) for s in (size, "6.7b")},
+        sft=sft,
+        ppo_init=dataclasses.replace(sft, epochs=2, ptx_fraction=0.1),
+        rm=RMConfig(micro_batch_size=8),
+        ppo=ppo,
+        ppo_ptx=dataclasses.replace(ppo, ptx_coef=27.8),
+        block_size=2048,
+    )
+
+
+def _demo() -> PipelineConfig:
+    """The embedded default (tuned for a 2-core CPU; see the module docstring for what is scaled)."""
+    pretrain = {
+        "s": PretrainConfig(model="demo-s", max_steps=500, optim=OptimConfig(lr=3e-3, warmup_steps=30, weight_decay=0.1)),
+        "m": PretrainConfig(model="demo-m", max_steps=600, optim=OptimConfig(lr=2e-3, warmup_steps=30, weight_decay=0.1)),
+        "l": PretrainConfig(model="demo-l", max_steps=700, optim=OptimConfig(lr=1.5e-3, warmup_steps=30, weight_decay=0.1)),
+    }
+    sft = SFTConfig(epochs=16, batch_size=32, micro_batch_size=32, n_demos=640, dropout=0.2, select_every=4,
+                    n_val_prompts=64, optim=OptimConfig(lr=1e-3))
+    ppo = PPOConfig(n_episodes=2048, n_prompts=1024, rollout_batch_size=256, minibatch_size=32, micro_batch_size=32,
+                    max_new_tokens=24, value_lr=1e-3, ptx_per_episode=1.0, ptx_seq_len=64,
+                    optim=OptimConfig(lr=1e-4, schedule="constant", warmup_steps=10, warmup_from=0.1))
+    return PipelineConfig(
+        name="demo",
+        pretrain=pretrain,
+        sft=sft,
+        ppo_init=dataclasses.replace(sft, epochs=2, ptx_fraction=0.1),
+        rm=RMConfig(batch_size=16, micro_batch_size=16, n_comparisons=1024, optim=OptimConfig(lr=1e-3)),
+        ppo=ppo,
+        ppo_ptx=dataclasses.replace(ppo, ptx_coef=27.8),
+        eval=EvalConfig(n_test_prompts=256),
+    )
+
+
+def _micro() -> PipelineConfig:
+    """Every stage end to end in seconds: the tests' configuration (results are meaningless)."""
+    quick = LoopConfig(progress=False)
+    pretrain = {s: PretrainConfig(model="micro", n_docs=64, seq_len=32, batch_size=8, micro_batch_size=4,
+                                  max_steps=4, eval_batches=1, loop=quick,
+                                  optim=OptimConfig(lr=1e-3, warmup_steps=1)) for s in SIZES}
+    sft = SFTConfig(epochs=2, batch_size=8, micro_batch_size=4, n_demos=16, select_every=1, n_val_prompts=4,
+                    max_new_tokens=4, optim=OptimConfig(lr=1e-3), loop=quick)
+    ppo = PPOConfig(n_episodes=16, n_prompts=16, rollout_batch_size=8, minibatch_size=4, micro_batch_size=2,
+                    max_new_tokens=4, value_lr=1e-3, ptx_per_episode=1.0, ptx_seq_len=16,
+                    optim=OptimConfig(lr=1e-4, schedule="constant", warmup_steps=1, warmup_from=0.1), loop=quick)
+    return PipelineConfig(
+        name="micro",
+        pretrain=pretrain,
+        sft=sft,
+        ppo_init=dataclasses.replace(sft, epochs=1, ptx_fraction=0.25),
+        rm=RMConfig(batch_size=4, micro_batch_size=2, n_comparisons=8, n_val_comparisons=4,
+                    optim=OptimConfig(lr=1e-3), loop=quick),
+        ppo=ppo,
+        ppo_ptx=dataclasses.replace(ppo, ptx_coef=27.8),
+        eval=EvalConfig(n_test_prompts=8, max_new_tokens=4, n_ptx_batches=1),
+        block_size=64,
+    )
+
+
+PRESETS = {
+    "instructgpt-1.3b": lambda: _paper("1.3b"),
+    "instructgpt-6.7b": lambda: _paper("6.7b"),
+    "instructgpt-175b": lambda: _paper("175b"),
+    "demo": _demo,
+    "micro": _micro,
+}
+
+
+def preset(name: str) -> PipelineConfig:
+    """A fresh PipelineConfig for a named preset (see the module docstring)."""
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
+    return PRESETS[name]()
+
+
+def model_config(name: str, *, vocab_size: int, block_size: int, dropout: float = 0.0):
+    """The GPTConfig of a base-model shape: a DEMO_MODELS name (byte vocabulary) or a GPT-3 preset name."""
+    from instructrl_fast.model import GPTConfig
+
+    if name in DEMO_MODELS:
+        return GPTConfig(vocab_size=vocab_size, block_size=block_size, dropout=dropout, **DEMO_MODELS[name])
+    cfg = GPTConfig.from_name(name)
+    return dataclasses.replace(cfg, dropout=dropout)

@@ -1,0 +1,78 @@
+"""Metrics to a CSV file (one row per logged step, the columns fixed by the first row) and to TensorBoard."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+
+class MetricsLogger:
+    """Appends ``{step, metric: value}`` rows to ``<out>/metrics.csv`` and, when installed, TensorBoard.
+
+    ``fields`` fixes the columns up front (rows may leave some empty, e.g. eval metrics); without it the first row
+    fixes them.
+
+    On resume from step ``s`` the rows past ``s`` (written after the checkpoint the run resumes from) are dropped, so
+    the CSV of an interrupted-then-resumed run equals an uninterrupted one.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, fields: list[str] | None = None, resume_step: int | None = None,
+                 tensorboard: bool = True):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.csv_path = self.out_dir / "metrics.csv"
+        self._fields: list[str] | None = None
+        rows: list[dict] = []
+        if resume_step is not None and self.csv_path.is_file():
+            with open(self.csv_path, newline="") as f:
+                reader = csv.DictReader(f)
+                self._fields = reader.fieldnames
+                rows = [r for r in reader if int(r["step"]) <= resume_step]
+        self._file = open(self.csv_path, "w", newline="")
+        self._writer = None
+        if self._fields is None and fields is not None:
+            self._fields = ["step", *fields]
+        if self._fields:
+            self._open_writer(self._fields)
+            self._writer.writerows(rows)
+            self._file.flush()
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional: the CSV is always written
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=resume_step)
+
+    def _open_writer(self, fields: list[str]) -> None:
+        self._fields = list(fields)
+        self._writer = csv.DictWriter(self._file, fieldnames=self._fields)
+        if self._file.tell() == 0:
+            self._writer.writeheader()
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """One row; ``metrics`` values are Python numbers (the caller syncs once per log row, not per metric)."""
+        row = {"step": step, **metrics}
+        if self._writer is None:
+            self._open_writer(list(row))
+        unknown = set(row) - set(self._fields)
+        if unknown:
+            raise ValueError(f"metrics has keys {sorted(unknown)} not among the CSV columns {self._fields}")
+        self._writer.writerow(row)
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in metrics.items():
+                self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,190 @@
+"""The one training loop every stage runs (pretrain, SFT, RM, PPO / PPO-ptx), nanoGPT style.
+
+Per optimizer step, top to bottom: schedule -> eval / checkpoint -> micro-steps (forward, backward, gradients
+accumulated in place) -> clip -> step -> log (loss, LR, tokens/s, MFU). A stage supplies what differs: its modules,
+its optimizer, the micro-batches of a step and the loss of one micro-batch (``Stage`` below). The loop owns resume:
+weights, optimizer, stage state (data position, generators) and every global RNG are restored from the newest
+checkpoint, and data order is a pure function of the step, so a resumed run is bitwise identical to an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from instructrl_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from instructrl_fast.train.config import LoopConfig, OptimConfig
+from instructrl_fast.train.logging import MetricsLogger
+from instructrl_fast.train.schedule import lr_factor, set_lr
+
+
+class Stage(Protocol):
+    """What a training stage hands the shared loop."""
+
+    name: str  # progress-bar label
+    modules: dict[str, torch.nn.Module]  # everything whose weights a checkpoint holds (trained, EMA, ...)
+    optimizer: torch.optim.Optimizer  # param groups carry "peak_lr" (see make_optimizer)
+    max_steps: int  # optimizer steps of the whole stage
+    grad_accum: int  # micro-batches per optimizer step
+    flops_per_token: float  # training FLOPs per processed token, for MFU
+    metric_names: list[str]  # every key `loss` and `evaluate` may return (the CSV columns)
+
+    def micro_batches(self, step: int) -> Iterable[Any]:
+        """The ``grad_accum`` micro-batches of optimizer step ``step`` (a pure function of the step and state)."""
+
+    def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """(scalar loss of the micro-batch, detached 0-dim metrics, tokens processed); the loop calls backward."""
+
+    def after_step(self, step: int) -> None:
+        """Work after each optimizer step (EMA update)."""
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation metrics (run under no_grad with the global RNGs forked, so training is unaffected)."""
+
+    def state_dict(self) -> dict:
+        """Stage state a checkpoint must hold besides weights and optimizer (generators, buffers)."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def make_optimizer(groups: list[tuple[list[torch.nn.Parameter], float]], optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over ``(params, peak_lr)`` groups; matrices decay, biases / LayerNorm gains do not (GPT-3 practice)."""
+    param_groups = []
+    for params, peak_lr in groups:
+        decay = [p for p in params if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in params if p.requires_grad and p.dim() < 2]
+        for ps, wd in ((decay, optim.weight_decay), (no_decay, 0.0)):
+            if ps:
+                param_groups.append({"params": ps, "weight_decay": wd, "lr": peak_lr, "peak_lr": peak_lr})
+    # foreach=False: the per-tensor kernels give the same bits whichever order tensors are grouped in, which keeps
+    # resumed runs bitwise equal to uninterrupted ones.
+    return torch.optim.AdamW(param_groups, betas=optim.betas, eps=optim.eps, foreach=False)
+
+
+def flops_per_token(n_params: int, n_layer: int, d_model: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N for the matmuls (forward + backward) + 12 L T D for attention (nanoGPT / PaLM)."""
+    return 6.0 * n_params + 12.0 * n_layer * seq_len * d_model
+
+
+_PEAK_FLOPS: dict[str, float] = {}
+_GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks (vendor sheets)
+
+
+def peak_flops(device: torch.device) -> float:
+    """The MFU denominator: the vendor bf16 peak on a known GPU, else a measured fp32 matmul rate (CPU)."""
+    key = str(device)
+    if key not in _PEAK_FLOPS:
+        if device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+            _PEAK_FLOPS[key] = next((v for k, v in _GPU_PEAK.items() if k in name), 312e12)
+        else:
+            a = torch.randn(512, 512)
+            a @ a
+            t0 = time.perf_counter()
+            for _ in range(8):
+                a @ a
+            _PEAK_FLOPS[key] = 8 * 2 * 512**3 / (time.perf_counter() - t0)
+    return _PEAK_FLOPS[key]
+
+
+def _clip(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+    """Clip each parameter group on its own (policy and value have separate norms); return the largest norm."""
+    norms = [torch.nn.utils.clip_grad_norm_(g["params"], max_norm if max_norm > 0 else float("inf"), foreach=False)
+             for g in optimizer.param_groups]
+    return torch.stack(norms).max()
+
+
+def _evaluate(stage: Stage) -> dict[str, float]:
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for m in stage.modules.values():
+            m.eval()
+        try:
+            return stage.evaluate()
+        finally:
+            for m in stage.modules.values():
+                m.train()
+
+
+def train(stage: Stage, optim: OptimConfig, loop: LoopConfig, out_dir: str | os.PathLike, *,
+          resume: bool = False) -> dict[str, float]:
+    """Run ``stage`` to ``stage.max_steps`` (or on from its newest checkpoint when ``resume``).
+
+    Writes ``<out_dir>/metrics.csv``, TensorBoard events under ``<out_dir>/tb`` and checkpoints under
+    ``<out_dir>/ckpt``. Returns the final validation metrics.
+    """
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "ckpt"
+    start = 0
+    if resume and (path := latest_checkpoint(ckpt_dir)) is not None:
+        state = load_checkpoint(path, stage.modules)
+        stage.optimizer.load_state_dict(state["optimizer"])
+        stage.load_state_dict(state["stage"])
+        start = state["step"]
+    fields = ["lr", "grad_norm", "tokens_per_s", "mfu", *stage.metric_names]
+    logger = MetricsLogger(out_dir, fields=fields, resume_step=start if start else None)
+    peak = peak_flops(_device_of(stage))
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(ckpt_dir, step, stage.modules,
+                        {"optimizer": stage.optimizer.state_dict(), "stage": stage.state_dict()},
+                        keep=loop.keep_checkpoints)
+
+    for m in stage.modules.values():
+        m.train()
+    bar = tqdm(total=stage.max_steps, initial=start, desc=stage.name, disable=not loop.progress, dynamic_ncols=True)
+    t_last, tokens = time.perf_counter(), 0
+    for step in range(start, stage.max_steps):
+        # schedule: the LR is a pure function of the step, so nothing about it needs checkpointing
+        lr = lr_factor(step, stage.max_steps, optim)
+        set_lr(stage.optimizer, lr)
+
+        # eval / checkpoint (a checkpoint at step s holds the state after s optimizer steps)
+        if loop.eval_interval and step % loop.eval_interval == 0 and step > start:
+            logger.log(step, _evaluate(stage))
+        if loop.ckpt_interval and step % loop.ckpt_interval == 0 and step > start:
+            checkpoint(step)
+
+        # micro-steps: gradients of every micro-batch accumulate into the same .grad buffers
+        sums: dict[str, torch.Tensor] = {}
+        for batch in stage.micro_batches(step):
+            loss, metrics, n_tok = stage.loss(batch)
+            (loss / stage.grad_accum).backward()
+            tokens += n_tok
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v.detach() / stage.grad_accum
+
+        # clip -> step
+        grad_norm = _clip(stage.optimizer, optim.grad_clip)
+        stage.optimizer.step()
+        stage.optimizer.zero_grad(set_to_none=True)
+        stage.after_step(step)
+        bar.update(1)
+
+        # log: the one place per log row where the CPU waits for the device (.item() on the accumulated metrics)
+        if (step + 1) % loop.log_interval == 0 or step + 1 == stage.max_steps:
+            row = {k: float(v) for k, v in sums.items()}
+            dt = time.perf_counter() - t_last
+            row.update(lr=lr * stage.optimizer.param_groups[0]["peak_lr"], grad_norm=float(grad_norm),
+                       tokens_per_s=tokens / dt, mfu=stage.flops_per_token * tokens / dt / peak)
+            logger.log(step + 1, row)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in ("loss", "reward", "tokens_per_s")})
+            t_last, tokens = time.perf_counter(), 0
+    bar.close()
+
+    final = _evaluate(stage)
+    logger.log(stage.max_steps, final)
+    if start < stage.max_steps:
+        checkpoint(stage.max_steps)
+    logger.close()
+    return final
+
+
+def _device_of(stage: Stage) -> torch.device:
+    return next(next(iter(stage.modules.values())).parameters()).device

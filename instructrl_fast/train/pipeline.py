@@ -1,0 +1,269 @@
+"""The whole InstructGPT recipe on the embedded task: ``instructrl-fast run`` and ``instructrl-fast reproduce``.
+
+Per size: pretrain a base model ("GPT") -> SFT (16 epochs, candidates kept) -> one reward model, initialised from the
+SFT model of ``rm_size`` and serving every size -> the SFT checkpoint chosen by mean RM score on validation prompts
+-> the PPO starting policy (SFT recipe, 2 epochs, 10% pretraining data) -> PPO and PPO-ptx -> evaluation with the
+gold labeler against the SFT model of the largest size (the paper's Figure 1 reference).
+
+Output folder::
+
+    <out>/base-<size>/  sft-<size>/  rm/  ppo-init-<size>/  ppo-<size>/  ppo-ptx-<size>/
+        metrics.csv, tb/, ckpt/ (resumable), model.safetensors (the stage's result), learning_curves.png
+    <out>/results.json  <out>/figure1.txt  <out>/figure1.png
+
+With ``resume``, a stage whose ``model.safetensors`` exists is loaded instead of trained, and an interrupted stage
+continues from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from instructrl_fast.data import ByteTokenizer, DemoTask, GoldLabeler
+from instructrl_fast.train.batching import chunk_corpus
+from instructrl_fast.train.checkpoint import load_weights, save_weights
+from instructrl_fast.train.config import PipelineConfig, model_config
+from instructrl_fast.train.generation import respond
+from instructrl_fast.train.ppo import train_ppo
+from instructrl_fast.train.pretrain import corpus_loss, pretrain
+from instructrl_fast.train.reward import RewardModel, train_reward_model
+from instructrl_fast.train.sft import candidates, select_by_reward, train_sft
+
+RESULT = "model.safetensors"  # each stage folder's final weights
+METHODS = ("gpt", "gpt-prompted", "sft", "ppo", "ppo-ptx")  # the rows of Figure 1, worst to best in the paper
+
+
+def set_dropout(model: torch.nn.Module, p: float) -> torch.nn.Module:
+    """Residual dropout of every nn.Dropout in ``model`` (SFT trains with 0.2; PPO, RM and eval use 0)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+    return model
+
+
+def init_from(dst: torch.nn.Module, src: torch.nn.Module) -> torch.nn.Module:
+    """Copy ``src``'s transformer weights into ``dst`` (an LM model into a scalar-head one, or the reverse).
+
+    Only the heads may differ: the scalar head of a new RM / value model keeps its own init.
+    """
+    missing, unexpected = dst.load_state_dict(src.state_dict(), strict=False)
+    for key in (*missing, *unexpected):
+        if not key.startswith("score_head."):
+            raise ValueError(f"init_from: {key} is not a head parameter; the two models differ in shape")
+    return dst
+
+
+class Pipeline:
+    """Runs the stages of ``cfg`` into ``out_dir``; each stage method returns its trained model."""
+
+    def __init__(self, cfg: PipelineConfig, out_dir: str | os.PathLike, *, resume: bool = False,
+                 device: str | torch.device = "cpu", log=print):
+        self.cfg, self.out, self.resume = cfg, Path(out_dir), resume
+        self.device, self.log = torch.device(device), log
+        self.tok = ByteTokenizer()
+        self.task = DemoTask(cfg.data_seed)
+        self.labeler = GoldLabeler(cfg.data_seed)
+        self._chunks: dict[tuple, torch.Tensor] = {}
+        self.timings: dict[str, float] = {}
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    def chunks(self, n_docs: int, seq_len: int, split: str = "train") -> torch.Tensor:
+        key = (n_docs, seq_len, split)
+        if key not in self._chunks:
+            docs = self.task.pretraining_corpus(n_docs, split=split)
+            self._chunks[key] = chunk_corpus(docs, self.tok, seq_len)
+        return self._chunks[key]
+
+    def ptx_chunks(self, seq_len: int) -> torch.Tensor:
+        """Pretraining windows for the SFT mix and PPO-ptx: the corpus of the smallest base model."""
+        return self.chunks(self.cfg.pretrain[self.cfg.sizes[0]].n_docs, seq_len)
+
+    def val_chunks(self) -> torch.Tensor:
+        pc = self.cfg.pretrain[self.cfg.sizes[0]]
+        return self.chunks(pc.micro_batch_size * max(pc.eval_batches, self.cfg.eval.n_ptx_batches) * 2, pc.seq_len,
+                           "val")
+
+    def model(self, size: str, head: str = "lm", *, seed: int = 0) -> torch.nn.Module:
+        from instructrl_fast.model import GPT
+
+        cfg = model_config(self.cfg.pretrain[size].model, vocab_size=self.tok.vocab_size,
+                           block_size=self.cfg.block_size)
+        model = GPT(cfg, head=head).to(self.device)
+        model.init_weights(seed)
+        return model
+
+    def _result(self, name: str) -> Path | None:
+        """The finished result of stage ``name`` when resuming, else None (the stage runs)."""
+        path = self.out / name / RESULT
+        return path if self.resume and path.is_file() else None
+
+    def _timed(self, name: str, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+        self.log(f"[{name}] {self.timings[name]:.0f}s")
+        return out
+
+    def _finish(self, name: str, module: torch.nn.Module) -> None:
+        save_weights(self.out / name / RESULT, module)
+        try:
+            from instructrl_fast.train.evaluate import plot_learning_curves
+
+            plot_learning_curves(self.out / name / "metrics.csv", self.out / name / "learning_curves.png")
+        except (ImportError, RuntimeError) as e:  # matplotlib is optional
+            self.log(f"[{name}] no learning-curve plot: {e}")
+
+    # ---------------------------------------------------------------------------------------------- stages
+    def base(self, size: str):
+        """Pretrained base model ("GPT") of ``size``."""
+        name, pc = f"base-{size}", self.cfg.pretrain[size]
+        model = self.model(size, seed=pc.seed)
+        if (done := self._result(name)) is not None:
+            return load_weights(done, model)
+        set_dropout(model, pc.dropout)
+        torch.manual_seed(pc.seed)
+        self._timed(name, lambda: pretrain(pc, model, self.chunks(pc.n_docs, pc.seq_len), self.val_chunks(),
+                                           self.out / name, resume=self.resume))
+        self._finish(name, set_dropout(model, 0.0))
+        return model
+
+    def _demos(self, n: int) -> list[tuple[str, str]]:
+        return [(d["prompt"], d["response"]) for d in self.task.demonstrations(n)]
+
+    def _val_demos(self, n: int) -> list[tuple[str, str]]:
+        return [(p.text, " " + p.answer) for p in self.task.prompts("val", n)]
+
+    def sft(self, size: str, *, ppo_init: bool = False):
+        """SFT of the base model: the baseline (all epochs; candidates kept) or the PPO starting policy."""
+        sc = self.cfg.ppo_init if ppo_init else self.cfg.sft
+        name = f"{'ppo-init' if ppo_init else 'sft'}-{size}"
+        last = self.out / name / ("model.safetensors" if ppo_init else "last.safetensors")
+        model = self.model(size)
+        if self.resume and last.is_file():
+            return load_weights(last, model)
+        load_weights(self.out / f"base-{size}" / RESULT, model)
+        set_dropout(model, sc.dropout)
+        ptx = self.ptx_chunks(self.cfg.pretrain[size].seq_len) if sc.ptx_fraction > 0 else None
+        self._timed(name, lambda: train_sft(sc, model, self.tok, self._demos(sc.n_demos), self._val_demos(64),
+                                            self.out / name, ptx_chunks=ptx, resume=self.resume))
+        set_dropout(model, 0.0)
+        save_weights(last, model)
+        if ppo_init:
+            self._finish(name, model)
+        return model
+
+    def reward_model(self) -> RewardModel:
+        """One RM for every size, initialised from the last SFT epoch of ``rm_size``, centred on demonstrations."""
+        rc, size = self.cfg.rm, self.cfg.rm_size
+        rm = RewardModel(init_from(self.model(size, "scalar"), load_weights(
+            self.out / f"sft-{size}" / "last.safetensors", self.model(size))))
+        if (done := self._result("rm")) is not None:
+            return load_weights(done, rm).eval()
+        data = self.task.comparisons(rc.n_comparisons + rc.n_val_comparisons, self.labeler)
+        train_c, val_c = data[:rc.n_comparisons], data[rc.n_comparisons:]
+        metrics = self._timed("rm", lambda: train_reward_model(rc, rm, self.tok, train_c, val_c,
+                                                               self._demos(256), self.out / "rm",
+                                                               resume=self.resume))
+        self.log(f"[rm] {metrics}")
+        self._finish("rm", rm)
+        return rm.eval()
+
+    def select_sft(self, size: str, rm: RewardModel):
+        """The SFT checkpoint of ``size`` with the best mean RM score on validation prompts (paper C.1)."""
+        name, sc = f"sft-{size}", self.cfg.sft
+        model = self.model(size)
+        if (done := self._result(name)) is not None:
+            return load_weights(done, model)
+        prompts = [p.text for p in self.task.prompts("val", sc.n_val_prompts)]
+        best, scores = select_by_reward(candidates(self.out / name), model, rm, self.tok, prompts,
+                                        max_new_tokens=sc.max_new_tokens)
+        self.log(f"[{name}] RM score per candidate {scores}; chose {best.stem}")
+        (self.out / name / "selection.json").write_text(json.dumps({"scores": scores, "chosen": best.stem}))
+        self._finish(name, model)
+        return model
+
+    def ppo(self, size: str, rm: RewardModel, *, ptx: bool):
+        """PPO (or PPO-ptx) from the PPO starting policy; the value model starts from the RM. Returns the EMA."""
+        pc = self.cfg.ppo_ptx if ptx else self.cfg.ppo
+        name = f"{'ppo-ptx' if ptx else 'ppo'}-{size}"
+        if (done := self._result(name)) is not None:
+            return load_weights(done, self.model(size))
+        init = self.out / f"ppo-init-{size}" / RESULT
+        policy, ref = load_weights(init, self.model(size)), load_weights(init, self.model(size))
+        value = init_from(self.model(size, "scalar"), rm.body)
+        prompts = [p.text for p in self.task.prompts("train", pc.n_prompts)]
+        ptx_chunks = self.chunks(self.cfg.pretrain[self.cfg.sizes[0]].n_docs, pc.ptx_seq_len) if ptx else None
+        torch.manual_seed(pc.seed)
+        ema, _ = self._timed(name, lambda: train_ppo(pc, policy, value, ref, rm, self.tok, prompts, self.out / name,
+                                                     ptx_chunks=ptx_chunks, resume=self.resume))
+        self._finish(name, ema)
+        return ema
+
+    # ---------------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, models: dict[str, dict[str, torch.nn.Module]], reference: torch.nn.Module) -> dict:
+        """Gold-labeler metrics of every (size, method), win rate against ``reference``, corpus loss."""
+        from instructrl_fast.train import evaluate as ev
+
+        ec = self.cfg.eval
+        prompts = self.task.prompts("test", ec.n_test_prompts)
+        prefix = self.task.few_shot_prefix()
+        val_chunks = self.val_chunks()
+
+        def generator(model, with_prefix: bool = False):
+            def gen(batch):
+                texts = [(prefix if with_prefix else "") + p.text for p in batch]
+                return respond(model, self.tok, texts, max_new_tokens=ec.max_new_tokens, temperature=ec.temperature)
+            return gen
+
+        ref_gen = generator(reference)
+        results: dict = {}
+        for size, by_method in models.items():
+            results[size] = {}
+            for method, model in by_method.items():
+                gen = generator(model, with_prefix=method == "gpt-prompted")
+                row = ev.evaluate_policy(gen, prompts, self.labeler)
+                row["win_rate"] = ev.win_rate(gen, ref_gen, prompts, self.labeler, random.Random(ec.seed))
+                row["ptx_loss"] = corpus_loss(model, val_chunks, self.cfg.pretrain[size].micro_batch_size,
+                                              ec.n_ptx_batches)
+                results[size][method] = row
+                self.log(f"[eval] {size} {method}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items()
+                                                                 if isinstance(v, float)))
+        return results
+
+    # ---------------------------------------------------------------------------------------------- the recipe
+    def run(self) -> dict:
+        """Every stage for every size, then the evaluation; writes results.json, figure1.txt and figure1.png."""
+        from instructrl_fast.train import evaluate as ev
+
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        bases = {s: self.base(s) for s in cfg.sizes}
+        for s in cfg.sizes:
+            self.sft(s)
+        rm = self.reward_model()
+        models: dict[str, dict[str, torch.nn.Module]] = {}
+        for s in cfg.sizes:
+            models[s] = {"gpt": bases[s], "gpt-prompted": bases[s], "sft": self.select_sft(s, rm)}
+            self.sft(s, ppo_init=True)
+            models[s]["ppo"] = self.ppo(s, rm, ptx=False)
+            models[s]["ppo-ptx"] = self.ppo(s, rm, ptx=True)
+        results = self._timed("eval", lambda: self.evaluate(models, reference=models[cfg.sizes[-1]]["sft"]))
+        wall = time.perf_counter() - t0
+        report = {"preset": cfg.name, "sizes": list(cfg.sizes), "results": results,
+                  "timings_s": self.timings, "wall_s": wall, "threads": torch.get_num_threads()}
+        (self.out / "results.json").write_text(json.dumps(report, indent=1))
+        table = ev.figure1_table(results)
+        (self.out / "figure1.txt").write_text(table + "\n")
+        self.log(table)
+        try:
+            ev.plot_figure1(results, self.out / "figure1.png")
+        except (ImportError, RuntimeError) as e:
+            self.log(f"no figure1.png: {e}")
+        self.log(f"total {wall:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in self.timings.items())})")
+        return report

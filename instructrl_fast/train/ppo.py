@@ -1,0 +1,207 @@
+"""PPO and PPO-ptx against the reward model (paper section 3.5, appendix C.3).
+
+Each prompt and sampled response is a bandit episode. Per PPO iteration:
+
+1. rollout: ``rollout_batch_size`` prompts -> responses sampled at temperature 1 (``rollout.generate``);
+2. experience, without gradients: log-probs of the policy (``old_logp``) and of the frozen SFT reference
+   (``ref_logp``), values, and the RM score of each full sequence;
+   rewards = ``ops.shape_rewards``: score at the last response token minus beta * (logp - ref_logp) per token;
+   advantages, returns = ``ops.gae`` (gamma 1, lambda 0.95), advantages ``ops.masked_whiten``-ed;
+3. ``ppo_epochs`` passes in minibatches: ``ops.ppo_policy_loss`` (clip 0.2) + ``ops.ppo_value_loss`` and, for
+   PPO-ptx, ptx_coef * (pretraining NLL) on ``ptx_per_episode`` pretraining windows per episode, whose gradient
+   lands in the same .grad buffers as the PPO gradient before the one optimizer step;
+4. after every optimizer step, the EMA of the policy weights (decay 0.992) is updated; the EMA model is the result.
+
+Token tensors are aligned on actions: column t of logp / values / rewards [B, L-1] belongs to the token
+``sequences[:, t + 1]`` and the state ``sequences[:, :t + 1]``; the action mask is ``response_mask[:, 1:]``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+
+from instructrl_fast import ops
+from instructrl_fast.train.batching import encode_prompt, epoch_permutation, left_pad, lm_batch, step_indices
+from instructrl_fast.train.config import PPOConfig
+from instructrl_fast.train.loop import make_optimizer, train
+from instructrl_fast.train.pretrain import lm_loss, model_flops_per_token
+from instructrl_fast.train.reward import RewardModel
+
+
+@dataclass
+class Experience:
+    """One rollout batch; every [B, L-1] tensor is aligned on actions (see the module docstring)."""
+
+    sequences: torch.Tensor  # [B, L] int64 prompt (left padded) + response (right padded after EOS)
+    attention_mask: torch.Tensor  # [B, L] bool
+    action_mask: torch.Tensor  # [B, L-1] bool, 1 on sampled tokens up to and including EOS
+    old_logp: torch.Tensor  # [B, L-1] fp32 policy log-probs at sampling time
+    old_values: torch.Tensor  # [B, L-1] fp32 value estimates at sampling time
+    advantages: torch.Tensor  # [B, L-1] fp32 GAE advantages (whitened)
+    returns: torch.Tensor  # [B, L-1] fp32 GAE returns (value targets)
+    stats: dict[str, torch.Tensor]  # 0-dim means: score, kl, reward, response length
+
+    def index(self, rows: torch.Tensor) -> Experience:
+        fields = {k: getattr(self, k)[rows] for k in ("sequences", "attention_mask", "action_mask", "old_logp",
+                                                      "old_values", "advantages", "returns")}
+        return Experience(**fields, stats=self.stats)
+
+
+def values_of(value_model, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Value estimates [B, L-1] of the states sequences[:, :t+1] (the scalar head at column t)."""
+    return value_model.score(value_model(sequences[:, :-1], attention_mask=attention_mask[:, :-1]))
+
+
+def logprobs_of(policy, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """log pi(sequences[:, t+1] | sequences[:, :t+1]) [B, L-1] fp32, through ops.linear_logprobs."""
+    return policy.token_logprobs(sequences[:, :-1], sequences[:, 1:], attention_mask=attention_mask[:, :-1])
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameters and floating buffers alike."""
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1.0 - decay)
+        for e, b in zip(ema.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+class PPOStage:
+    """The shared loop counts optimizer steps; a new rollout batch is sampled at the first step of each iteration."""
+
+    metric_names = ["loss", "policy_loss", "value_loss", "ptx_loss", "clipfrac", "approx_kl", "value_clipfrac",
+                    "score", "kl", "reward", "response_len"]
+
+    def __init__(self, cfg: PPOConfig, policy, value_model, ref, rm: RewardModel, tok, prompts: list[str],
+                 ptx_chunks: torch.Tensor | None, *, ckpt_interval: int):
+        if cfg.ptx_coef > 0 and ptx_chunks is None:
+            raise ValueError("ptx_chunks must be given for PPO-ptx (cfg.ptx_coef > 0)")
+        if ckpt_interval % cfg.steps_per_iteration:
+            # a checkpoint must fall between iterations: the rollout batch itself is not saved
+            raise ValueError(f"loop.ckpt_interval ({ckpt_interval}) must be a multiple of the optimizer steps per "
+                             f"iteration ({cfg.steps_per_iteration})")
+        self.name = "ppo-ptx" if cfg.ptx_coef > 0 else "ppo"
+        self.cfg, self.policy, self.value, self.ref, self.rm, self.tok = cfg, policy, value_model, ref, rm, tok
+        self.prompts = [encode_prompt(tok, p, policy.config.block_size - cfg.max_new_tokens) for p in prompts]
+        self.ptx_chunks = ptx_chunks
+        self.ema = copy.deepcopy(policy).requires_grad_(False)
+        for frozen in (ref, rm, self.ema):
+            frozen.eval().requires_grad_(False)
+        self.modules = {"policy": policy, "value": value_model, "ema": self.ema}
+        self.optimizer = make_optimizer([(list(policy.parameters()), cfg.optim.lr),
+                                         (list(value_model.parameters()), cfg.value_lr)], cfg.optim)
+        self.max_steps = cfg.max_steps
+        self.grad_accum = cfg.minibatch_size // cfg.micro_batch_size
+        self.flops_per_token = 2 * model_flops_per_token(policy, policy.config.block_size)  # policy + value
+        self.generator = torch.Generator(device=policy.lm_weight.device).manual_seed(cfg.seed)
+        self.experience: Experience | None = None
+        self.n_prompts = min(cfg.n_prompts, len(self.prompts))
+
+    # ---------------------------------------------------------------------------------------------- rollout
+    @torch.no_grad()
+    def rollout(self, iteration: int) -> Experience:
+        from instructrl_fast.rollout import generate
+
+        cfg = self.cfg
+        rows = step_indices(iteration, n=self.n_prompts, batch_size=cfg.rollout_batch_size, seed=cfg.seed)
+        ids, mask = left_pad([self.prompts[i] for i in rows.tolist()], self.tok.pad_id)
+        device = self.policy.lm_weight.device
+        self.policy.eval()
+        out = generate(self.policy, ids.to(device), mask.to(device), max_new_tokens=cfg.max_new_tokens,
+                       temperature=cfg.temperature, eos_token_id=self.tok.eos_id, pad_token_id=self.tok.pad_id,
+                       generator=self.generator)
+        self.policy.train()
+        seq, attn = out.sequences, out.attention_mask.bool()
+        action_mask = out.response_mask[:, 1:].bool()
+        parts = {"old_logp": [], "ref_logp": [], "old_values": [], "scores": []}
+        for s, a in zip(seq.split(cfg.micro_batch_size), attn.split(cfg.micro_batch_size)):
+            parts["old_logp"].append(logprobs_of(self.policy, s, a))
+            parts["ref_logp"].append(logprobs_of(self.ref, s, a))
+            parts["old_values"].append(values_of(self.value, s, a))
+            parts["scores"].append(self.rm(s, a))
+        old_logp, ref_logp, old_values, scores = (torch.cat(parts[k]) for k in parts)
+        rewards = ops.shape_rewards(scores, old_logp, ref_logp, action_mask, kl_coef=cfg.kl_coef)
+        advantages, returns = ops.gae(rewards, old_values, action_mask, gamma=cfg.gamma, lam=cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = ops.masked_whiten(advantages, action_mask)
+        m = action_mask.float()
+        stats = {"score": scores.mean(), "kl": ((old_logp - ref_logp) * m).sum(1).mean(),
+                 "reward": (rewards * m).sum(1).mean(), "response_len": m.sum(1).mean()}
+        return Experience(seq, attn, action_mask, old_logp, old_values, advantages, returns, stats)
+
+    # ---------------------------------------------------------------------------------------------- the loop API
+    def micro_batches(self, step: int):
+        cfg = self.cfg
+        iteration, j = divmod(step, cfg.steps_per_iteration)
+        if j == 0 or self.experience is None:
+            self.experience = self.rollout(iteration)
+        per_epoch = cfg.rollout_batch_size // cfg.minibatch_size
+        epoch, mb = divmod(j, per_epoch)
+        order = epoch_permutation(cfg.rollout_batch_size, iteration * cfg.ppo_epochs + epoch, cfg.seed + 1)
+        rows = order[mb * cfg.minibatch_size:(mb + 1) * cfg.minibatch_size]
+        for m, part in enumerate(rows.split(cfg.micro_batch_size)):
+            ptx = None
+            if cfg.ptx_per_micro_batch:
+                ptx_rows = step_indices(step * self.grad_accum + m, n=len(self.ptx_chunks),
+                                        batch_size=cfg.ptx_per_micro_batch, seed=cfg.seed + 2)
+                ptx = lm_batch(self.ptx_chunks[ptx_rows])
+            yield self.experience.index(part), ptx
+
+    def ppo_loss(self, exp: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Clipped policy loss + vf_coef * clipped value loss of one micro-batch of episodes."""
+        cfg = self.cfg
+        logp = logprobs_of(self.policy, exp.sequences, exp.attention_mask)
+        policy_loss, pstats = ops.ppo_policy_loss(logp, exp.old_logp, exp.advantages, exp.action_mask,
+                                                  clip_eps=cfg.clip_eps)
+        values = values_of(self.value, exp.sequences, exp.attention_mask)
+        value_loss, vstats = ops.ppo_value_loss(values, exp.old_values, exp.returns, exp.action_mask,
+                                                clip_eps=cfg.value_clip_eps)
+        loss = policy_loss + cfg.vf_coef * value_loss
+        metrics = {"policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(),
+                   "clipfrac": pstats["clipfrac"], "approx_kl": pstats["approx_kl"],
+                   "value_clipfrac": vstats["clipfrac"], **exp.stats}
+        return loss, metrics
+
+    def ptx_loss(self, ptx) -> torch.Tensor:
+        """The pretraining NLL on the policy (PPO-ptx's gamma * log-likelihood term, with the sign of a loss)."""
+        return lm_loss(self.policy, *ptx)
+
+    def loss(self, batch):
+        exp, ptx = batch
+        loss, metrics = self.ppo_loss(exp)
+        tokens = exp.sequences.numel()
+        if ptx is not None:
+            # One backward of the sum: the PPO and the pretraining gradients accumulate into the same buffers.
+            ptx_loss = self.ptx_loss(ptx)
+            loss = loss + self.cfg.ptx_coef * ptx_loss
+            metrics["ptx_loss"] = ptx_loss.detach()
+            tokens += ptx[0].numel()
+        metrics["loss"] = loss.detach()
+        return loss, metrics, tokens
+
+    def after_step(self, step: int) -> None:
+        ema_update(self.ema, self.policy, self.cfg.ema_decay)
+
+    def evaluate(self) -> dict[str, float]:
+        return {}  # the rollout statistics (score, kl) are logged every step; the gold evaluation is the pipeline's
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.experience = None
+
+
+def train_ppo(cfg: PPOConfig, policy, value_model, ref, rm: RewardModel, tok, prompts: list[str],
+              out_dir: str | os.PathLike, *, ptx_chunks: torch.Tensor | None = None,
+              resume: bool = False) -> tuple[torch.nn.Module, dict[str, float]]:
+    """Train ``policy`` and ``value_model`` in place; returns (the EMA policy, final metrics)."""
+    stage = PPOStage(cfg, policy, value_model, ref, rm, tok, prompts, ptx_chunks,
+                     ckpt_interval=cfg.loop.ckpt_interval or cfg.steps_per_iteration)
+    metrics = train(stage, cfg.optim, cfg.loop, out_dir, resume=resume)
+    return stage.ema, metrics

@@ -1,0 +1,123 @@
+"""Supervised fine-tuning on labeler demonstrations (paper section 3.5, appendix C.1).
+
+16 epochs, residual dropout 0.2, cosine LR to 10% without warmup. The loss is the response tokens' NLL (prompt
+tokens carry no loss). Candidate checkpoints are kept every ``select_every`` epochs; the final SFT model is the one
+with the highest mean reward-model score on validation prompts (``select_by_reward``), not the lowest validation
+loss: the paper found that RM score and human preference keep improving after validation loss starts to overfit.
+The PPO starting policy is this recipe for 2 epochs with ``ptx_fraction`` = 10% pretraining data mixed in.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from instructrl_fast.train.batching import lm_batch, sft_batch, step_indices
+from instructrl_fast.train.checkpoint import load_weights, save_weights
+from instructrl_fast.train.config import SFTConfig
+from instructrl_fast.train.generation import respond
+from instructrl_fast.train.loop import make_optimizer, train
+from instructrl_fast.train.pretrain import lm_loss, model_flops_per_token
+from instructrl_fast.train.reward import score_texts
+
+
+class SFTStage:
+    """Demonstration batches, optionally with pretraining windows mixed into every micro-batch."""
+
+    name = "sft"
+    metric_names = ["loss", "demo_loss", "ptx_loss", "val_loss"]
+
+    def __init__(self, cfg: SFTConfig, model, tok, demos: list[tuple[str, str]], val_demos: list[tuple[str, str]],
+                 ptx_chunks: torch.Tensor | None, candidates_dir: str | os.PathLike):
+        if cfg.ptx_fraction > 0 and ptx_chunks is None:
+            raise ValueError("ptx_chunks must be given when cfg.ptx_fraction > 0")
+        self.cfg, self.model, self.tok = cfg, model, tok
+        self.demos, self.val_demos, self.ptx_chunks = demos, val_demos, ptx_chunks
+        self.candidates_dir = Path(candidates_dir)
+        self.max_len = model.config.block_size
+        self.modules = {"model": model}
+        self.optimizer = make_optimizer([(list(model.parameters()), cfg.optim.lr)], cfg.optim)
+        self.steps_per_epoch = len(demos) // cfg.batch_size
+        self.max_steps = cfg.epochs * self.steps_per_epoch
+        self.grad_accum = cfg.batch_size // cfg.micro_batch_size
+        # f of the examples are pretraining windows: n_ptx / (n_ptx + n_demo) = f per micro-batch
+        f = cfg.ptx_fraction
+        self.n_ptx = round(cfg.micro_batch_size * f / (1 - f)) if f > 0 else 0
+        self.flops_per_token = model_flops_per_token(model, self.max_len)
+
+    def micro_batches(self, step: int):
+        rows = step_indices(step, n=len(self.demos), batch_size=self.cfg.batch_size, seed=self.cfg.seed)
+        for m, part in enumerate(rows.split(self.cfg.micro_batch_size)):
+            demo = sft_batch([self.demos[i] for i in part.tolist()], self.tok, self.max_len)
+            ptx = None
+            if self.n_ptx:
+                ptx_rows = step_indices(step * self.grad_accum + m, n=len(self.ptx_chunks), batch_size=self.n_ptx,
+                                        seed=self.cfg.seed + 1)
+                ptx = lm_batch(self.ptx_chunks[ptx_rows])
+            yield demo, ptx
+
+    def loss(self, batch):
+        demo, ptx = batch
+        demo_loss = lm_loss(self.model, *demo)
+        metrics = {"demo_loss": demo_loss.detach()}
+        loss, tokens = demo_loss, demo[0].numel()
+        if ptx is not None:
+            ptx_loss = lm_loss(self.model, *ptx)
+            f = self.cfg.ptx_fraction
+            loss = (1 - f) * demo_loss + f * ptx_loss
+            metrics["ptx_loss"] = ptx_loss.detach()
+            tokens += ptx[0].numel()
+        metrics["loss"] = loss.detach()
+        return loss, metrics, tokens
+
+    def after_step(self, step: int) -> None:
+        done = step + 1
+        if done % (self.steps_per_epoch * self.cfg.select_every) == 0 or done == self.max_steps:
+            save_weights(self.candidates_dir / f"epoch_{done // self.steps_per_epoch:03d}.safetensors", self.model)
+
+    def evaluate(self) -> dict[str, float]:
+        losses = [lm_loss(self.model, *sft_batch(self.val_demos[i:i + self.cfg.micro_batch_size], self.tok,
+                                                 self.max_len))
+                  for i in range(0, len(self.val_demos), self.cfg.micro_batch_size)]
+        return {"val_loss": float(torch.stack(losses).mean())}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def train_sft(cfg: SFTConfig, model, tok, demos: list[tuple[str, str]], val_demos: list[tuple[str, str]],
+              out_dir: str | os.PathLike, *, ptx_chunks: torch.Tensor | None = None,
+              resume: bool = False) -> dict[str, float]:
+    """Fine-tune ``model`` in place; candidates under ``<out_dir>/candidates``. Returns final validation metrics."""
+    torch.manual_seed(cfg.seed)  # dropout stream of this stage (restored from the checkpoint on resume)
+    stage = SFTStage(cfg, model, tok, demos, val_demos, ptx_chunks, Path(out_dir) / "candidates")
+    return train(stage, cfg.optim, cfg.loop, out_dir, resume=resume)
+
+
+def candidates(out_dir: str | os.PathLike) -> list[Path]:
+    """The candidate checkpoints an SFT run kept, oldest first."""
+    return sorted((Path(out_dir) / "candidates").glob("epoch_*.safetensors"))
+
+
+@torch.no_grad()
+def select_by_reward(paths: list[Path], model, rm, tok, prompts: list[str], *,
+                     max_new_tokens: int) -> tuple[Path, dict[str, float]]:
+    """Load each candidate into ``model``, answer ``prompts`` greedily, score with ``rm``; keep the best mean.
+
+    Returns (best path, {candidate name: mean RM score}); ``model`` is left holding the best weights.
+    """
+    if not paths:
+        raise ValueError("paths must list at least one candidate checkpoint")
+    scores = {}
+    for path in paths:
+        load_weights(path, model)
+        responses = respond(model, tok, prompts, max_new_tokens=max_new_tokens)
+        scores[path.stem] = float(score_texts(rm, tok, list(zip(prompts, responses))).mean())
+    best = max(paths, key=lambda p: scores[p.stem])
+    load_weights(best, model)
+    return best, scores
