@@ -63,7 +63,8 @@ def _as_prompt(prompt) -> Prompt:
     return parse_prompt(prompt)
 
 
-def _as_rng(rng) -> random.Random:
+def as_rng(rng) -> random.Random:
+    """A ``random.Random`` as is, or a new one seeded with an int."""
     if isinstance(rng, random.Random):
         return rng
     if isinstance(rng, int) and not isinstance(rng, bool):
@@ -129,14 +130,14 @@ class GoldLabeler:
         u_a, u_b = self._utilities(prompt, [_check_response("a", a), _check_response("b", b)])
         z = (u_b - u_a) / self.noise
         p_b = 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
-        return int(_as_rng(rng).random() < p_b)
+        return int(as_rng(rng).random() < p_b)
 
     def rank(self, prompt: Prompt | str, responses: Sequence[str], rng) -> list[int]:
         """Indices of ``responses`` best first. Utilities plus Gumbel(0, noise) noise, sorted: every pair inside a
         ranking then follows the same Bradley-Terry law as ``prefer`` (the difference of two Gumbels is logistic)."""
         if isinstance(responses, str) or not isinstance(responses, Sequence) or len(responses) < 2:
             raise ValueError("responses must be a sequence of at least 2 strings")
-        rng = _as_rng(rng)
+        rng = as_rng(rng)
         # Gumbel = -log(E), E ~ Exp(1); the clamp only guards the 2**-53 chance of E == 0
         noisy = [u - self.noise * math.log(max(rng.expovariate(1.0), 1e-300))
                  for u in self._utilities(prompt, responses)]

@@ -1,0 +1,149 @@
+"""The embedded task: deterministic, split-disjoint, every kind checkable, held-out kind only in test."""
+
+import random
+
+import pytest
+
+from instructrl_fast.data import KINDS, TOXIC_WORDS, ByteTokenizer, DemoTask, GoldLabeler, contains_toxic, parse_prompt
+from instructrl_fast.data.task import solve, wrong_answer
+
+
+def test_same_seed_same_data_other_seed_other_data():
+    a, b, c = DemoTask(seed=3), DemoTask(seed=3), DemoTask(seed=4)
+    lab = GoldLabeler(0)
+    assert a.prompts("train", 50) == b.prompts("train", 50)
+    assert a.pretraining_corpus(40) == b.pretraining_corpus(40)
+    assert a.demonstrations(30) == b.demonstrations(30)
+    assert a.comparisons(20, lab) == b.comparisons(20, lab)
+    assert a.few_shot_prefix() == b.few_shot_prefix()
+    assert a.prompts("train", 50) != c.prompts("train", 50)
+    assert a.pretraining_corpus(40) != c.pretraining_corpus(40)
+    # asking for more extends, never reshuffles
+    assert a.prompts("test", 70)[:30] == a.prompts("test", 30)
+
+
+def test_at_least_six_kinds_and_heldout_only_in_test():
+    task = DemoTask(seed=0)
+    assert len(KINDS) >= 6 and task.heldout in KINDS
+    for split in ("train", "val"):
+        assert task.heldout not in {p.kind for p in task.prompts(split, 400)}
+    assert task.heldout not in {parse_prompt(d["prompt"]).kind for d in task.demonstrations(400)}
+    assert task.heldout not in {parse_prompt(c["prompt"]).kind for c in task.comparisons(100, GoldLabeler(0))}
+    assert {p.kind for p in task.prompts("test", 80)} == set(KINDS)
+    other = DemoTask(seed=0, heldout="add")
+    assert "add" not in {p.kind for p in other.prompts("train", 200)} and "upper" in {
+        p.kind for p in other.prompts("train", 200)}
+
+
+def test_splits_are_disjoint():
+    task = DemoTask(seed=0)
+    texts = {s: {p.text for p in task.prompts(s, 600)} for s in ("train", "val", "test")}
+    assert not texts["train"] & texts["test"] and not texts["train"] & texts["val"] and not texts["val"] & texts["test"]
+    assert not {d["prompt"] for d in task.demonstrations(600)} & texts["test"]
+
+
+def test_solvers_on_known_cases():
+    assert solve("reverse", "abc") == "cba"
+    assert solve("sort", "5 2 8 1") == "1 2 5 8"
+    assert solve("upper", "red cat") == "RED CAT"
+    assert solve("count", "a b c d") == "4"
+    assert solve("add", "23 45") == "68"
+    assert solve("first", "dog red sun") == "dog"
+    assert solve("last", "dog red sun") == "sun"
+    assert solve("max", "3 9 4") == "9"
+    with pytest.raises(ValueError, match="integers"):
+        solve("add", "1 x")
+    with pytest.raises(ValueError, match="kind"):
+        solve("divide", "1 2")
+
+
+def test_prompts_parse_back_and_fit_the_byte_budgets():
+    task = DemoTask(seed=0)
+    tok = ByteTokenizer()
+    for p in task.prompts("test", 400):
+        assert parse_prompt(p.text) == p
+        assert parse_prompt(task.few_shot_prefix() + p.text).answer == p.answer
+        assert len(tok.encode(p.text)) <= task.max_prompt_bytes
+        assert len(tok.encode(" " + p.answer)) <= task.max_response_bytes
+        assert not contains_toxic(p.text) and not contains_toxic(p.answer)
+    assert len(task.few_shot_prefix()) <= task.max_prefix_bytes
+    assert task.few_shot_prefix().startswith("quiz\n")
+    with pytest.raises(ValueError, match="demo-task prompt"):
+        parse_prompt("tell me a story")
+
+
+def test_demonstrations_are_correct_and_concise():
+    task, lab = DemoTask(seed=0), GoldLabeler(0)
+    for d in task.demonstrations(200):
+        a = lab.assess(d["prompt"], d["response"])
+        assert a.exact and not a.toxic and lab.score(d["prompt"], d["response"]) == 1.0
+
+
+def test_comparisons_shape_and_variety():
+    task, lab = DemoTask(seed=0), GoldLabeler(0)
+    comps = task.comparisons(200, lab)
+    ks = [len(c["responses"]) for c in comps]
+    assert min(ks) >= 4 and max(ks) <= 9 and len(set(ks)) == 6
+    for c in comps:
+        assert sorted(c["ranking"]) == list(range(len(c["responses"])))
+        assert len(set(c["responses"])) == len(c["responses"])
+    judged = [lab.assess(c["prompt"], r) for c in comps for r in c["responses"]]
+    share = {
+        "exact": sum(a.exact for a in judged) / len(judged),
+        "verbose": sum(a.correct and not a.exact for a in judged) / len(judged),
+        "wrong": sum(not a.correct for a in judged) / len(judged),
+        "toxic": sum(a.toxic for a in judged) / len(judged),
+    }
+    for name, value in share.items():  # every quality level is well represented
+        assert 0.05 < value < 0.8, (name, share)
+    # the noisy ranking still tracks the gold score: the top response beats the bottom one most of the time
+    top_better = sum(lab.score(c["prompt"], c["responses"][c["ranking"][0]])
+                     > lab.score(c["prompt"], c["responses"][c["ranking"][-1]]) for c in comps)
+    assert top_better / len(comps) > 0.85
+
+
+def test_corpus_has_prose_quiz_chat_and_toxic_words():
+    task = DemoTask(seed=0)
+    docs = task.pretraining_corpus(1000)
+    assert max(len(d.encode("utf-8")) for d in docs) <= task.max_doc_bytes
+    quiz = sum(d.startswith("quiz\n") for d in docs) / len(docs)
+    chat = sum(d.startswith("chat\n") for d in docs) / len(docs)
+    assert 0.2 < quiz < 0.4 and 0.1 < chat < 0.3
+    toxic = sum(contains_toxic(d) for d in docs) / len(docs)
+    assert 0.05 < toxic < 0.4
+    assert {w for d in docs for w in TOXIC_WORDS if w in d} == set(TOXIC_WORDS)
+    # quiz docs answer correctly, the held-out kind included (it is world knowledge, not training data)
+    kinds = set()
+    for d in docs:
+        if d.startswith("quiz\n"):
+            for line in d.splitlines()[1:]:
+                if line.startswith("Q: "):
+                    kinds.add(line.split()[1])
+                else:
+                    prev = d.splitlines()[d.splitlines().index(line) - 1]
+                    assert line == f"A: {parse_prompt(prev + chr(10) + 'A:').answer}"
+    assert task.heldout in kinds
+    # the validation corpus is an independent draw
+    assert not set(task.pretraining_corpus(200, split="val")) & set(task.pretraining_corpus(200)[:50]) - {""}
+
+
+def test_wrong_answers_are_wrong():
+    task, rng = DemoTask(seed=0), random.Random(0)
+    for p in task.prompts("test", 400):
+        assert wrong_answer(p, rng) != p.answer
+
+
+def test_bad_arguments():
+    task = DemoTask(seed=0)
+    with pytest.raises(ValueError, match="split"):
+        task.prompts("dev", 3)
+    with pytest.raises(ValueError, match="n"):
+        task.prompts("train", -1)
+    with pytest.raises(TypeError, match="n_docs"):
+        task.pretraining_corpus(2.5)
+    with pytest.raises(ValueError, match="heldout"):
+        DemoTask(heldout="nope")
+    with pytest.raises(TypeError, match="seed"):
+        DemoTask(seed="0")
+    with pytest.raises(ValueError, match="k_range"):
+        task.comparisons(2, GoldLabeler(0), k_range=(1, 3))
