@@ -54,9 +54,9 @@ _LINEAR_MIN_CHUNK_ELEMENTS = 1 << 22
 _LINEAR_MAX_CHUNK_ELEMENTS = 1 << 26
 
 
-def _empty_f32(like: Tensor) -> Tensor:
-    """The (0,) float32 placeholder the schema uses for "no entropy"."""
-    return like.new_empty(0, dtype=torch.float32)
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    """float32 for every dtype the public ops accept; float64 stays float64 (the torch backend under gradcheck)."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -74,11 +74,10 @@ def _label_columns(labels: Tensor, V: int, ignore_index: int, vocab_start: int) 
 def _torch_fwd(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, vocab_start: int,
                with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
     N, V = logits.shape
-    lse = logits.new_empty(N, dtype=torch.float32)
-    sum_px = logits.new_empty(N if with_entropy else 0, dtype=torch.float32)
+    lse, target, sum_px = _new_fwd_outputs(logits, labels, temperature, ignore_index, vocab_start, with_entropy)
     rows = max(1, _TORCH_CHUNK_ELEMENTS // V)
     for start in range(0, N, rows):
-        x = logits[start:start + rows].float() / temperature
+        x = logits[start:start + rows].to(_acc_dtype(logits)) / temperature
         # Shift by the exact row max (0 for an all -inf row), as the kernels do: E_p[x] = sum(e * x) / sum(e) is
         # then free of the rounding of lse, which exp(x - lse) would multiply by |x|.
         m = x.amax(dim=-1, keepdim=True)
@@ -88,8 +87,8 @@ def _torch_fwd(logits: Tensor, labels: Tensor, temperature: float, ignore_index:
         if with_entropy:  # e == 0 (x = -inf) contributes 0, not 0 * -inf = nan
             sum_px[start:start + rows] = (e * torch.where(e > 0, x, 0.0)).sum(-1) / s
     col, hit = _label_columns(labels, V, ignore_index, vocab_start)
-    x_label = logits.gather(1, col[:, None]).squeeze(1).float() / temperature
-    target = torch.where(hit, x_label, 0.0)
+    x_label = logits.gather(1, col[:, None]).squeeze(1).to(lse.dtype) / temperature
+    target.copy_(torch.where(hit, x_label, 0.0))
     return lse, target, sum_px
 
 
@@ -107,7 +106,7 @@ def _torch_bwd(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: 
     rows = max(1, _TORCH_CHUNK_ELEMENTS // V)
     for start in range(0, N, rows):
         sl = slice(start, start + rows)
-        x = logits[sl].float() / temperature
+        x = logits[sl].to(lse.dtype) / temperature
         p = torch.exp(x - lse[sl, None])
         g = -g_lp[sl, None] * p  # d logp / d x_j = 1[j == label] - p_j
         if with_entropy:  # d H / d x_j = -p_j (x_j - E_p[x])
@@ -126,9 +125,8 @@ def _torch_bwd(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: 
 def _new_fwd_outputs(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, vocab_start: int,
                      with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Uninitialised (lse, target, sum_px) for the schema's forward; also its fake implementation."""
-    N = logits.shape[0]
-    f32 = {"dtype": torch.float32}
-    return logits.new_empty(N, **f32), logits.new_empty(N, **f32), logits.new_empty(N if with_entropy else 0, **f32)
+    N, acc = logits.shape[0], {"dtype": _acc_dtype(logits)}
+    return logits.new_empty(N, **acc), logits.new_empty(N, **acc), logits.new_empty(N if with_entropy else 0, **acc)
 
 
 def _bwd_fake(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor,
@@ -219,7 +217,7 @@ def _linear_bwd(grad_logp: Tensor, grad_entropy: Tensor, hidden: Tensor, weight:
     with_entropy = grad_entropy.numel() > 0
     grad_hidden = torch.empty_like(hidden)
     # dW sums over all N tokens: accumulate in fp32 whatever the weight dtype.
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    grad_weight = torch.zeros(weight.shape, dtype=_acc_dtype(weight), device=weight.device)
     rows = _linear_chunk_rows(N, D, V)
     for start in range(0, N, rows):
         sl = slice(start, start + rows)
@@ -230,10 +228,10 @@ def _linear_bwd(grad_logp: Tensor, grad_entropy: Tensor, hidden: Tensor, weight:
                              vocab_start)
         del logits
         torch.mm(dlogits, weight, out=grad_hidden[sl])
-        if dlogits.dtype == torch.float32:
+        if dlogits.dtype == grad_weight.dtype:
             grad_weight.addmm_(dlogits.T, h)
         else:  # CPU has no mixed-precision mm with an fp32 output: upcast this chunk
-            grad_weight.addmm_(dlogits.T.float(), h.float())
+            grad_weight.addmm_(dlogits.T.to(grad_weight.dtype), h.to(grad_weight.dtype))
     return grad_hidden, grad_weight.to(weight.dtype)
 
 
@@ -275,7 +273,7 @@ def _combine(lse: Tensor, target: Tensor, sum_px: Tensor, keep: Tensor, with_ent
         if with_entropy:
             sum_px = parts[2] / parts[0]  # E_p[x] = sum_r exp(lse_r - lse) * sum_px_r
     logp = torch.where(keep, target - lse, 0.0)
-    entropy = torch.where(keep, lse - sum_px, 0.0) if with_entropy else _empty_f32(lse)
+    entropy = torch.where(keep, lse - sum_px, 0.0) if with_entropy else lse.new_empty(0)
     return logp, entropy, lse
 
 
@@ -337,10 +335,10 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
 def _grads_or_empty(grad_logp, grad_entropy, lse, entropy) -> tuple[Tensor, Tensor, Tensor]:
     """Upstream grads as the schema wants them: fp32 contiguous; (0,) for grad_entropy and entropy when unused."""
-    grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.float().contiguous()
+    grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
     if grad_entropy is None or entropy.numel() == 0:
-        return grad_logp, _empty_f32(lse), _empty_f32(lse)
-    return grad_logp, grad_entropy.float().contiguous(), entropy
+        return grad_logp, lse.new_empty(0), lse.new_empty(0)
+    return grad_logp, grad_entropy.to(lse.dtype).contiguous(), entropy
 
 
 # ---------------------------------------------------------------------------------------------------------------
