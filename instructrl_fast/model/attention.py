@@ -171,14 +171,14 @@ class CausalSelfAttention(nn.Module):
     """Multi-head causal attention, Megatron TP: the fused QKV projection is column-parallel (each rank owns
     n_head / p whole heads of Q, K and V), the output projection row-parallel (one all-reduce per layer)."""
 
-    def __init__(self, d_model: int, n_head: int, *, tp_group: dist.ProcessGroup | None = None):
+    def __init__(self, d_model: int, n_head: int, d_head: int, *, tp_group: dist.ProcessGroup | None = None):
         super().__init__()
         p = tp_world_size(tp_group)
         if n_head % p != 0:
             raise ValueError(f"n_head ({n_head}) must be divisible by the tensor-parallel size ({p})")
-        self.n_head_local, self.d_head = n_head // p, d_model // n_head
-        self.qkv = ColumnParallelLinear(d_model, 3 * d_model, n_fused=3, tp_group=tp_group)
-        self.proj = RowParallelLinear(d_model, d_model, tp_group=tp_group)
+        self.n_head_local, self.d_head = n_head // p, d_head
+        self.qkv = ColumnParallelLinear(d_model, 3 * n_head * d_head, n_fused=3, tp_group=tp_group)
+        self.proj = RowParallelLinear(n_head * d_head, d_model, tp_group=tp_group)
 
     def forward(self, x: torch.Tensor, meta: AttentionMeta, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape

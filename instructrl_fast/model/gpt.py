@@ -44,7 +44,7 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig, *, tp_group=None):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.attn = CausalSelfAttention(config.d_model, config.n_head, tp_group=tp_group)
+        self.attn = CausalSelfAttention(config.d_model, config.n_head, config.d_head, tp_group=tp_group)
         self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.mlp = MLP(config.d_model, config.d_ff, tp_group=tp_group)
         self.drop = nn.Dropout(config.dropout)
@@ -205,7 +205,7 @@ class GPT(nn.Module):
             key_mask = F.pad(attention_mask.bool(), (0, S - attention_mask.shape[1]))
             pos = positions_from_mask(key_mask).gather(1, input_pos[None].expand(B, T))
             kv_start = key_mask.int().argmax(-1).int()  # first real slot (the mask is 0 before it: left padding)
-        kv_len = (input_pos[-1] + 1).to(torch.int32).expand(B)
+        kv_len = (input_pos[-1:] + 1).to(torch.int32).repeat(B)  # a real [B] tensor: kernels index it by row
         return AttentionMeta(key_mask=key_mask, input_pos=input_pos, kv_start=kv_start, kv_len=kv_len), pos
 
     def setup_kv_cache(self, batch: int, max_seq_len: int, *, dtype: torch.dtype | None = None,
