@@ -40,7 +40,7 @@ def _rl_f64(x):
 
 def kl_penalty_ref(logp, ref_logp, estimator="k1"):
     """Per-token KL estimate (Schulman, "Approximating KL divergence", k1/k2/k3) in float64."""
-    d = _rl_f64(logp) - _rl_f64(ref_logp)
+    d = logp.to(torch.float64) - ref_logp.to(torch.float64)  # differentiable when the inputs are float64 leaves
     if estimator == "k1":
         return d
     if estimator == "k2":
@@ -97,7 +97,7 @@ def masked_whiten_ref(x, mask, shift_mean=True, eps=1e-8):
 
 def reduce_ref(loss, mask, reduction):
     """token_mean / seq_mean_token_mean / seq_mean_token_sum, each count clamped to >= 1 (never NaN)."""
-    m = mask.double()
+    m = mask.to(loss.dtype)
     lm = loss * m
     if reduction == "token_mean":
         return lm.sum() / m.sum().clamp(min=1)
@@ -111,11 +111,12 @@ def reduce_ref(loss, mask, reduction):
 
 def ppo_policy_loss_ref(logp, old_logp, advantages, mask, clip_eps=0.2, clip_eps_high=None, dual_clip=None,
                         reduction="token_mean"):
-    """PPO clipped surrogate (+ dual clip, Ye et al. 2020) in float64; differentiable w.r.t. ``logp``.
+    """PPO clipped surrogate (+ dual clip, Ye et al. 2020); differentiable w.r.t. ``logp``.
 
-    ``logp`` must be a float64 leaf (or derived from one) for gradients. Returns (loss, clipfrac, approx_kl).
+    Runs in ``logp``'s dtype: float64 for the reference, a low precision for the plain-PyTorch composite baseline of
+    the low-precision rule. Returns (loss, clipfrac, approx_kl).
     """
-    old, a, m = _rl_f64(old_logp), _rl_f64(advantages), mask.bool()
+    old, a, m = old_logp.detach().to(logp.dtype), advantages.detach().to(logp.dtype), mask.bool()
     ratio = torch.exp(logp - old)
     high = clip_eps if clip_eps_high is None else clip_eps_high
     unclipped = -a * ratio
@@ -133,8 +134,8 @@ def ppo_policy_loss_ref(logp, old_logp, advantages, mask, clip_eps=0.2, clip_eps
 
 
 def ppo_value_loss_ref(values, old_values, returns, mask, clip_eps=0.2, reduction="token_mean"):
-    """0.5 * max((v - R)^2, (old_v + clip(v - old_v, -eps, eps) - R)^2) in float64; differentiable w.r.t. values."""
-    old, ret, m = _rl_f64(old_values), _rl_f64(returns), mask.bool()
+    """0.5 * max((v - R)^2, (old_v + clip(v - old_v, -eps, eps) - R)^2) in values' dtype; differentiable w.r.t. it."""
+    old, ret, m = old_values.detach().to(values.dtype), returns.detach().to(values.dtype), mask.bool()
     # old + clip(v - old, -eps, eps) written as a clamp of v itself: equal, and exactly v inside the range
     v_clipped = torch.minimum(torch.maximum(values, old - clip_eps), old + clip_eps)
     unclipped = (values - ret) ** 2

@@ -21,8 +21,9 @@ _IMPLEMENTED = ("triton", "torch")
 
 
 def _kl_torch(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL in fp32, differentiable w.r.t. both inputs through autograd."""
-    d = logp.float() - ref_logp.float()
+    """Per-token KL in fp32 (float64 stays float64, for gradcheck), differentiable w.r.t. both inputs."""
+    dtype = torch.promote_types(logp.dtype, torch.float32)
+    d = logp.to(dtype) - ref_logp.to(dtype)
     if estimator == "k1":
         return d
     if estimator == "k2":
@@ -146,8 +147,8 @@ def shape_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tens
     B, T = logp.shape
     check_float("scores", scores, ndim=1)
     check_shape("scores", scores, (B,), "logp's batch")
-    check_same_device(logp=logp, scores=scores, mask=mask)
     mask = checked_bool_mask("mask", mask, (B, T), "logp")
+    check_same_device(logp=logp, scores=scores, mask=mask)
     kl_coef = check_real("kl_coef", kl_coef)
     scores, logp, ref_logp = scores.detach(), logp.detach(), ref_logp.detach()
     if logp.numel() == 0:

@@ -46,8 +46,13 @@ def masked_reduce(loss: torch.Tensor, mask: torch.Tensor, reduction: str) -> tor
     return rows.sum() / max(rows.numel(), 1)
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp32 for fp32/bf16/fp16; float64 stays float64 (the torch backend is gradchecked in float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _policy_loss_torch(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, reduction):
-    logp, old_logp, adv = logp.float(), old_logp.detach().float(), advantages.detach().float()
+    logp, old_logp, adv = _upcast(logp), _upcast(old_logp.detach()), _upcast(advantages.detach())
     ratio = torch.exp(logp - old_logp)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
@@ -59,13 +64,13 @@ def _policy_loss_torch(logp, old_logp, advantages, mask, clip_low, clip_high, du
         loss = torch.where(binds, dual, loss)
         is_clipped = is_clipped | binds
     with torch.no_grad():
-        clipfrac = masked_reduce(is_clipped.float(), mask, "token_mean")
+        clipfrac = masked_reduce(is_clipped.to(loss.dtype), mask, "token_mean")
         approx_kl = masked_reduce(old_logp - logp, mask, "token_mean")
     return masked_reduce(loss, mask, reduction), clipfrac, approx_kl
 
 
 def _value_loss_torch(values, old_values, returns, mask, clip_eps, reduction):
-    values, old_values, returns = values.float(), old_values.detach().float(), returns.detach().float()
+    values, old_values, returns = _upcast(values), _upcast(old_values.detach()), _upcast(returns.detach())
     # old + clip(v - old, -eps, eps) as a clamp of v: equal, and exactly v inside the range (no false clips)
     v_clipped = torch.minimum(torch.maximum(values, old_values - clip_eps), old_values + clip_eps)
     unclipped = (values - returns) ** 2
@@ -73,7 +78,7 @@ def _value_loss_torch(values, old_values, returns, mask, clip_eps, reduction):
     is_clipped = clipped > unclipped
     loss = 0.5 * torch.where(is_clipped, clipped, unclipped)
     with torch.no_grad():
-        clipfrac = masked_reduce(is_clipped.float(), mask, "token_mean")
+        clipfrac = masked_reduce(is_clipped.to(loss.dtype), mask, "token_mean")
     return masked_reduce(loss, mask, reduction), clipfrac
 
 
@@ -222,9 +227,10 @@ def _check_triple(names: tuple[str, str, str], tensors, mask, reduction: str) ->
     for name, x in zip(names, tensors):
         check_float(name, x, ndim=2)
         check_shape(name, x, first.shape, first_name)
+    mask = checked_bool_mask("mask", mask, first.shape, first_name)
     check_same_device(**dict(zip(names, tensors)), mask=mask)
     check_choice("reduction", reduction, tuple(REDUCTIONS))
-    return checked_bool_mask("mask", mask, first.shape, first_name)
+    return mask
 
 
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,

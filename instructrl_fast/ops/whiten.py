@@ -84,8 +84,8 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
         [B, T] float32. Not differentiable: the inputs are treated as constants (detached).
     """
     check_float("x", x, ndim=2)
-    check_same_device(x=x, mask=mask)
     mask = checked_bool_mask("mask", mask, x.shape, "x")
+    check_same_device(x=x, mask=mask)
     eps = check_positive("eps", eps)
     if not isinstance(shift_mean, bool):
         raise TypeError(f"shift_mean must be a bool, got {type(shift_mean).__name__}")
