@@ -38,11 +38,13 @@ def _decode_attention_split_kernel(
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
-    H, S, Dh,
+    H, S,
     qk_scale,  # sm_scale * log2(e): scores are kept in the log2 domain so exp2 replaces exp
+    HEAD_DIM: tl.constexpr,  # Dh. A compile-time constant so the head-dim mask is provably uniform over 16-byte
+    #                          groups: with a runtime Dh the compiler falls back to scalar loads (checked in the PTX)
     NUM_SPLITS: tl.constexpr,
     BLOCK_N: tl.constexpr,  # cache slots per loop step
-    BLOCK_D: tl.constexpr,  # next power of two >= Dh; lanes >= Dh are masked
+    BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM; lanes >= HEAD_DIM are masked
 ):
     pid_bh = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -59,7 +61,7 @@ def _decode_attention_split_kernel(
     hi = tl.minimum(lo + split_len, end)
 
     offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < Dh
+    mask_d = offs_d < HEAD_DIM
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     q = tl.load(q_ptr + b64 * stride_qb + h64 * stride_qh + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -92,7 +94,7 @@ def _decode_attention_split_kernel(
     part = pid_bh.to(tl.int64) * NUM_SPLITS + pid_split
     tl.store(m_ptr + part, m_i)
     tl.store(l_ptr + part, l_i)
-    tl.store(acc_ptr + part * Dh + offs_d, acc, mask=mask_d)
+    tl.store(acc_ptr + part * HEAD_DIM + offs_d, acc, mask=mask_d)
 
 
 @triton.jit
@@ -101,7 +103,7 @@ def _decode_attention_combine_kernel(
     l_ptr,  # [B*H, NUM_SPLITS] fp32: per-split softmax denominators relative to m
     acc_ptr,  # [B*H, NUM_SPLITS, Dh] fp32: per-split unnormalised outputs relative to m
     out_ptr,  # [B*H, Dh] contiguous, q's dtype
-    Dh,
+    HEAD_DIM: tl.constexpr,  # Dh
     NUM_SPLITS: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,  # next power of two >= NUM_SPLITS
     BLOCK_D: tl.constexpr,
@@ -110,11 +112,11 @@ def _decode_attention_combine_kernel(
     offs_s = tl.arange(0, BLOCK_SPLITS)
     mask_s = offs_s < NUM_SPLITS
     offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < Dh
+    mask_d = offs_d < HEAD_DIM
 
     m = tl.load(m_ptr + pid_bh * NUM_SPLITS + offs_s, mask=mask_s, other=-float("inf"))
     l = tl.load(l_ptr + pid_bh * NUM_SPLITS + offs_s, mask=mask_s, other=0.0)
-    acc = tl.load(acc_ptr + (pid_bh * NUM_SPLITS + offs_s[:, None]) * Dh + offs_d[None, :],
+    acc = tl.load(acc_ptr + (pid_bh * NUM_SPLITS + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
                   mask=mask_s[:, None] & mask_d[None, :], other=0.0)
     # Rescale every split to the global max: out = sum_i 2^(m_i - M) acc_i / sum_i 2^(m_i - M) l_i.
     m_max = tl.max(m, axis=0)
@@ -125,7 +127,7 @@ def _decode_attention_combine_kernel(
     out = tl.sum(w[:, None] * acc, axis=0)
     # An empty row (l_sum == 0) returns 0 rather than 0 / 0.
     out = out / tl.where(l_sum > 0.0, l_sum, 1.0)
-    tl.store(out_ptr + pid_bh * Dh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
+    tl.store(out_ptr + pid_bh * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
 @functools.cache
@@ -158,8 +160,9 @@ def decode_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     B, H, S, Dh = k_cache.shape
     block_d = triton.next_power_of_2(Dh)
     if q.device.type == "cuda":
-        # Keep a K and a V tile at 16 KiB each in fp16 (64 x 128): enough bytes in flight per program.
-        block_n, num_warps = max(16, min(64, 8192 // block_d)), 4
+        # 8192-element K and V tiles (16 KiB each in bf16) over 4 warps: 16-byte loads, ~96 registers (sm_90 PTX
+        # compiled ahead of time: no spills), so ~5 programs per SM keep ~160 KiB of loads in flight.
+        block_n, num_warps = max(16, min(128, 8192 // block_d)), 4
     else:
         # The interpreter's cost grows with loop steps: big blocks.
         block_n, num_warps = 128, 1
@@ -176,12 +179,12 @@ def decode_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        H, S, Dh, sm_scale * _LOG2E,
-        NUM_SPLITS=num_splits, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+        H, S, sm_scale * _LOG2E,
+        HEAD_DIM=Dh, NUM_SPLITS=num_splits, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
     )
     _decode_attention_combine_kernel[(B * H,)](
-        m, l, acc, out, Dh,
-        NUM_SPLITS=num_splits, BLOCK_SPLITS=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+        m, l, acc, out,
+        HEAD_DIM=Dh, NUM_SPLITS=num_splits, BLOCK_SPLITS=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
         num_warps=num_warps,
     )
     return out
