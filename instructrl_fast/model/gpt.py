@@ -19,8 +19,13 @@ from instructrl_fast.model.attention import AttentionMeta, CausalSelfAttention
 from instructrl_fast.model.config import GPTConfig
 from instructrl_fast.model.kv_cache import KVCache
 from instructrl_fast.ops._checks import check_mask, check_positive, check_tensor
-from instructrl_fast.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, \
-    shard_tensor
+from instructrl_fast.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    shard_tensor,
+    unshard_tensor,
+)
 from instructrl_fast.parallel.mappings import copy_to_tp, tp_rank, tp_world_size
 
 HEADS = ("lm", "scalar")
@@ -141,6 +146,39 @@ class GPT(nn.Module):
 
                 full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
             local.copy_(full)
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
+        """Copy a full (TP = 1) state dict into this model, each rank keeping its slice of the sharded tensors.
+
+        ``strict``: every parameter must be present (else missing ones keep their values). Shapes are checked.
+        """
+        sharding, p, r = self.tp_shard_specs(), tp_world_size(self.tp_group), tp_rank(self.tp_group)
+        for name, param in self.named_parameters():
+            if name not in state:
+                if strict:
+                    raise ValueError(f"state is missing parameter {name!r}")
+                continue
+            full = state[name]
+            value = shard_tensor(full, *sharding[name], r, p) if name in sharding else full
+            if value.shape != param.shape:
+                raise ValueError(f"state[{name!r}] has shape {tuple(full.shape)}, which does not fit "
+                                 f"{tuple(param.shape)} at TP {p}")
+            param.copy_(value)
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full (TP = 1) parameters, gathered from the TP ranks: a collective, every TP rank must call it."""
+        sharding, p = self.tp_shard_specs(), tp_world_size(self.tp_group)
+        out = {}
+        for name, param in self.named_parameters():
+            t = param.detach()
+            if name in sharding and p > 1:
+                parts = [torch.empty_like(t) for _ in range(p)]
+                dist.all_gather(parts, t.contiguous(), group=self.tp_group)
+                t = unshard_tensor(parts, *sharding[name])
+            out[name] = t
+        return out
 
     # ----------------------------------------------------------------------------------------------------------
     # forward

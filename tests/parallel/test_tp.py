@@ -13,7 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from instructrl_fast.model import GPT, GPTConfig
+from safetensors.torch import load_file
+
+from instructrl_fast.model import GPT, GPTConfig, load_gpt2, save_gpt2
 from instructrl_fast.parallel import copy_to_tp, gather_from_tp, reduce_from_tp, shard_tensor, unshard_tensor
 from instructrl_fast.rollout import generate
 
@@ -30,7 +32,7 @@ def _worker(rank: int, init_file: str, result_dir: str) -> None:
         for check in CHECKS:
             torch.manual_seed(0)  # the same stream on both ranks, as a trainer seeds TP ranks
             try:
-                check(dist.group.WORLD, rank)
+                check(dist.group.WORLD, rank, result_dir)
                 result = "ok"
             except Exception:  # noqa: BLE001 - reported by the test that owns the check
                 result = traceback.format_exc()
@@ -71,7 +73,7 @@ def _batch():
 # -------------------------------------------------------------------------------------------------------------------
 # checks run inside the workers
 # -------------------------------------------------------------------------------------------------------------------
-def _check_mappings(group, rank):
+def _check_mappings(group, rank, tmp):
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     scale = rank + 1.0
     (copy_to_tp(x, group) * scale).sum().backward()  # backward all-reduce: 1 + 2
@@ -93,7 +95,7 @@ def _check_mappings(group, rank):
     assert torch.equal(unshard_tensor(parts, 0, 3), qkv)
 
 
-def _check_model_forward_backward(group, rank):
+def _check_model_forward_backward(group, rank, tmp):
     for head in ("lm", "scalar"):
         ref, tp = GPT(CFG, head=head), GPT(CFG, head=head, tp_group=group)
         specs = tp.tp_shard_specs()
@@ -123,7 +125,7 @@ def _check_model_forward_backward(group, rank):
             torch.testing.assert_close(p.grad, expect, rtol=1e-4, atol=1e-5, msg=f"{head}: grad of {name}")
 
 
-def _check_generation(group, rank):
+def _check_generation(group, rank, tmp):
     ref, tp = GPT(CFG), GPT(CFG, tp_group=group)
     idx, mask = _batch()
     for temperature, top_k in ((0.0, None), (1.0, 20)):
@@ -133,7 +135,7 @@ def _check_generation(group, rank):
         torch.testing.assert_close(outs[1].logprobs, outs[0].logprobs, rtol=1e-5, atol=1e-5)
 
 
-def _check_tp_divisibility_at_build(group, rank):
+def _check_tp_divisibility_at_build(group, rank, tmp):
     odd = GPTConfig(n_layer=1, n_head=4, d_model=32, vocab_size=101)  # 101 vocabulary rows cannot be split in two
     with pytest.raises(ValueError, match="num_embeddings.*divisible by the tensor-parallel size"):
         GPT(odd, tp_group=group)
@@ -141,7 +143,23 @@ def _check_tp_divisibility_at_build(group, rank):
         GPT(GPTConfig(n_layer=1, n_head=3, d_model=30, vocab_size=64), tp_group=group)
 
 
-CHECKS = (_check_mappings, _check_model_forward_backward, _check_generation, _check_tp_divisibility_at_build)
+def _check_gpt2_checkpoint_sharded_load_and_save(group, rank, tmp):
+    ref = GPT(CFG)
+    src, dst = os.path.join(tmp, "gpt2_tp1"), os.path.join(tmp, "gpt2_tp2")
+    save_gpt2(ref, src)  # rank 0 writes
+    dist.barrier()
+    tp = load_gpt2(src, tp_group=group, vocab_multiple=8)
+    assert tp.lm_weight.shape[0] == CFG.padded_vocab_size // WORLD
+    idx, mask = _batch()
+    torch.testing.assert_close(tp(idx, mask), ref(idx, mask), rtol=1e-5, atol=1e-5)
+    save_gpt2(tp, dst)  # gathers the shards, rank 0 writes
+    dist.barrier()
+    a, b = load_file(os.path.join(src, "model.safetensors")), load_file(os.path.join(dst, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+CHECKS = (_check_mappings, _check_model_forward_backward, _check_generation, _check_tp_divisibility_at_build,
+          _check_gpt2_checkpoint_sharded_load_and_save)
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -161,3 +179,7 @@ def test_generation_tp2_equals_tp1(tp2_results):
 
 def test_tp_divisibility_is_checked_at_build(tp2_results):
     _assert_ok(tp2_results, _check_tp_divisibility_at_build)
+
+
+def test_gpt2_checkpoint_loads_sharded_and_saves_gathered(tp2_results):
+    _assert_ok(tp2_results, _check_gpt2_checkpoint_sharded_load_and_save)

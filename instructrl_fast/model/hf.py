@@ -1,0 +1,148 @@
+"""GPT-2-family interop with Hugging Face transformers checkpoints (a directory with config.json + model.safetensors).
+
+Name and layout map (ours <- HF, prefix ``transformer.``): wte, wpe, ln_f as is; ``blocks.i.ln_1/ln_2`` <-
+``h.i.ln_1/ln_2``; ``blocks.i.attn.qkv`` <- ``h.i.attn.c_attn``; ``blocks.i.attn.proj`` <- ``h.i.attn.c_proj``;
+``blocks.i.mlp.fc`` <- ``h.i.mlp.c_fc``; ``blocks.i.mlp.proj`` <- ``h.i.mlp.c_proj``. HF stores those four linears as
+``Conv1D`` (y = x W + b, W [in, out]): their weights are transposed on the way in and out. The LM head is tied to wte
+(HF's ``lm_head.weight`` is not stored). Loading reads one tensor at a time and keeps this rank's TP slice; saving
+gathers the slices (a collective over the TP group) and global rank 0 writes.
+
+Vocabulary padding: GPT-2's 50257 ids cannot be split over TP ranks. ``vocab_multiple`` pads the table with zero
+rows; a zero row has logit 0, which is NOT negligible next to GPT-2's strongly negative logits, so the padded model
+is a different distribution until fine-tuning pushes those logits down. It is exact only when no padding is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from instructrl_fast.model.config import GPTConfig
+from instructrl_fast.model.gpt import GPT
+
+_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+_BLOCK_NAMES = {"ln_1": "ln_1", "ln_2": "ln_2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
+                "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj"}
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+def config_from_hf(hf: dict, *, vocab_multiple: int = 1, dropout: float | None = None) -> GPTConfig:
+    """A ``GPTConfig`` from a GPT-2 ``config.json`` dict (dropout = its resid_pdrop unless given)."""
+    if hf.get("model_type") != "gpt2":
+        raise ValueError(f"config.json must describe a gpt2 model, got model_type={hf.get('model_type')!r}")
+    if hf.get("activation_function", "gelu_new") not in _TANH_GELUS:
+        raise ValueError(f"activation_function must be one of {_TANH_GELUS} (GELU, tanh form), "
+                         f"got {hf['activation_function']!r}")
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn") or \
+            not hf.get("scale_attn_weights", True):
+        raise ValueError("config.json uses an attention-scaling variant this model does not implement")
+    return GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], d_model=hf["n_embd"], vocab_size=hf["vocab_size"],
+                     vocab_multiple=vocab_multiple, block_size=hf["n_positions"], d_ff=hf.get("n_inner") or 0,
+                     layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), init_std=hf.get("initializer_range", 0.02),
+                     dropout=hf.get("resid_pdrop", 0.0) if dropout is None else dropout)
+
+
+def config_to_hf(config: GPTConfig) -> dict:
+    """The GPT-2 ``config.json`` dict of ``config`` (raises if it is not expressible as GPT-2)."""
+    if config.d_attn != config.d_model:
+        raise ValueError(f"GPT-2 needs n_head * d_head == d_model, got {config.d_attn} != {config.d_model}")
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
+            "n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.d_model,
+            "n_inner": config.d_ff, "n_positions": config.block_size, "vocab_size": config.vocab_size,
+            "layer_norm_epsilon": config.layer_norm_eps, "initializer_range": config.init_std,
+            "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": 0.0,
+            "scale_attn_weights": True, "tie_word_embeddings": True}
+
+
+def hf_name_to_ours(name: str) -> str | None:
+    """``transformer.h.3.attn.c_attn.weight`` -> ``blocks.3.attn.qkv.weight``; None for keys we do not use."""
+    name = name.removeprefix("transformer.")
+    if name.startswith(("wte.", "wpe.", "ln_f.")):
+        return name
+    if not name.startswith("h."):
+        return None  # lm_head.weight (tied), attn.bias / masked_bias buffers of old checkpoints
+    _, layer, rest = name.split(".", 2)
+    module, _, leaf = rest.rpartition(".")
+    return f"blocks.{layer}.{_BLOCK_NAMES[module]}.{leaf}" if module in _BLOCK_NAMES else None
+
+
+def _ours_to_hf_name(name: str) -> str:
+    if not name.startswith("blocks."):
+        return f"transformer.{name}"
+    _, layer, rest = name.split(".", 2)
+    module, _, leaf = rest.rpartition(".")
+    hf_module = {v: k for k, v in _BLOCK_NAMES.items()}[module]
+    return f"transformer.h.{layer}.{hf_module}.{leaf}"
+
+
+def _is_conv1d_weight(hf_name: str) -> bool:
+    return hf_name.endswith(".weight") and any(f".{m}." in hf_name for m in _CONV1D)
+
+
+def load_gpt2(path: str, *, head: str = "lm", tp_group: dist.ProcessGroup | None = None,
+              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", vocab_multiple: int = 1,
+              dropout: float | None = None) -> GPT:
+    """Build a ``GPT`` from a GPT-2 checkpoint directory, sharded for ``tp_group`` (None: the whole model).
+
+    Parameters the checkpoint lacks (the scalar head) keep the model's seed-0 initialisation.
+    """
+    from safetensors import safe_open
+
+    cfg_path, st_path = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
+    for p in (cfg_path, st_path):
+        if not os.path.isfile(p):
+            raise ValueError(f"path must be a checkpoint directory holding {os.path.basename(p)}: {p} is missing")
+    with open(cfg_path) as f:
+        config = config_from_hf(json.load(f), vocab_multiple=vocab_multiple, dropout=dropout)
+    with torch.device("meta"):
+        model = GPT(config, head, tp_group)
+    model.to_empty(device=device)
+    model.init_weights(0)
+    state = {}
+    with safe_open(st_path, framework="pt", device="cpu") as f:
+        for key in f.keys():
+            ours = hf_name_to_ours(key)
+            if ours is None:
+                continue
+            t = f.get_tensor(key)
+            if _is_conv1d_weight(key):
+                t = t.t()
+            if ours == "wte.weight" and config.padded_vocab_size > t.shape[0]:
+                t = torch.cat([t, t.new_zeros(config.padded_vocab_size - t.shape[0], t.shape[1])])
+            state[ours] = t
+    missing = {n for n, _ in model.named_parameters()} - set(state)
+    if missing - {"score_head.weight", "score_head.bias"}:
+        raise ValueError(f"the checkpoint at {path} lacks {sorted(missing)}")
+    model.load_full_state_dict(state, strict=False)
+    return model.to(dtype)
+
+
+def save_gpt2(model: GPT, path: str) -> None:
+    """Write ``model`` as a GPT-2 checkpoint (config.json + model.safetensors, HF layout, padding rows dropped).
+
+    A collective over the model's TP group (the slices are gathered); only global rank 0 writes. The scalar head,
+    which GPT-2 has no place for, is not saved.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(model, GPT):
+        raise TypeError(f"model must be a GPT, got {type(model).__name__}")
+    hf_config = config_to_hf(model.config)
+    state = model.full_state_dict()
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    out = {}
+    for name, t in state.items():
+        if name.startswith("score_head."):
+            continue
+        hf_name = _ours_to_hf_name(name)
+        if name == "wte.weight":
+            t = t[: model.config.vocab_size]
+        out[hf_name] = (t.t() if _is_conv1d_weight(hf_name) else t).contiguous().cpu()
+    os.makedirs(path, exist_ok=True)
+    save_file(out, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
