@@ -3,8 +3,6 @@
 Backends: ``torch`` (a masked softmax over the whole cache in fp32, the readable reference) and ``triton`` (the
 split-KV flash-decoding kernels in ``kernels/decode_attention.py``, wrapped in a ``torch.library.custom_op`` with a
 fake implementation so it runs under ``torch.compile(fullgraph=True)`` and inside CUDA graphs).
-
-The op is forward-only on the triton backend: rollouts run under ``torch.no_grad()``.
 """
 
 from __future__ import annotations
@@ -70,8 +68,9 @@ def _check_inputs(q, k_cache, v_cache, kv_start, kv_len) -> None:
     check_shape("kv_start", kv_start, (B,), "q's batch")
     check_shape("kv_len", kv_len, (B,), "q's batch")
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, kv_start=kv_start, kv_len=kv_len)
-    # Data checks read the tensors: only for CPU tensors (or INSTRUCTRL_FAST_CHECKS=1), never while tracing.
-    # The kernel clamps the range to [0, S) anyway, so a bad range on a GPU cannot read out of bounds.
+    # Data checks read the tensors: only for CPU tensors (or INSTRUCTRL_FAST_CHECKS=1), never while tracing. On a GPU
+    # a device-side assert would add ~6 tiny kernels per layer per decode step, so the range is not validated there;
+    # both backends clamp it to [0, S] (the kernel never reads out of bounds), and the caller owns its correctness.
     if eager_data_checks(kv_start) and not torch.compiler.is_compiling():
         for name, x in (("kv_start", kv_start), ("kv_len", kv_len)):
             if B and not bool(((x >= 0) & (x <= S)).all()):
@@ -87,11 +86,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k_cache, v_cache: [B, H, S, Dh] in q's dtype (gpt-fast layout), any strides with the last dim contiguous.
         kv_start: [B] int32 (or int64) on q's device, the first valid slot of each row (left padding lies before it).
         kv_len: [B] int32 (or int64), one past the last valid slot. A row with ``kv_len <= kv_start`` returns 0.
-            Both are read on the device: no host sync, so the call is CUDA-graph capturable.
+            Both are read on the device: no host sync, so the call is CUDA-graph capturable. They must lie in
+            [0, S]: checked eagerly for CPU tensors (or with INSTRUCTRL_FAST_CHECKS=1); on a GPU they are clamped.
         sm_scale: the softmax scale, ``Dh ** -0.5`` by default.
 
     Returns:
-        out [B, H, Dh] in q's dtype; scores, softmax and the weighted sum are accumulated in fp32.
+        out [B, H, Dh] in q's dtype; scores, softmax and the weighted sum are accumulated in fp32. The torch backend
+        is differentiable; the triton one is forward-only (backward raises), as rollouts run without grad.
     """
     _check_inputs(q, k_cache, v_cache, kv_start, kv_len)
     scale = q.shape[-1] ** -0.5 if sm_scale is None else check_positive("sm_scale", sm_scale)
