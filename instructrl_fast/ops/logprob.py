@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from instructrl_fast import _ext
 from instructrl_fast.backend import resolve
@@ -361,7 +362,9 @@ def _check_common(labels, like_name: str, like: Tensor, temperature, ignore_inde
 def _check_labels(labels: Tensor, vocab_size: int, ignore_index: int) -> None:
     """labels in [0, vocab_size) or == ignore_index: eagerly on CPU (or INSTRUCTRL_FAST_CHECKS=1), else on device."""
     ok = (((labels >= 0) & (labels < vocab_size)) | (labels == ignore_index)).all()
-    if eager_data_checks(labels) and not torch.compiler.is_compiling():
+    # Traced (torch.compile) and fake/meta tensors have no data to read: they take the device-side path.
+    traced = torch.compiler.is_compiling() or is_fake(labels) or labels.device.type == "meta"
+    if eager_data_checks(labels) and not traced:
         if not bool(ok):
             bad = labels[((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)]
             raise ValueError(f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "

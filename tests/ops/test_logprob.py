@@ -252,6 +252,24 @@ def test_opcheck_triton_and_linear_ops(device):
                           (bwd[0], bwd[1], hidden, weight, labels, lse, bwd[5], 0.8, IGNORE, 0, "torch"))
 
 
+def test_meta_and_fake_tensors():
+    """Shapes and dtypes without data (model planning on the meta device, FakeTensorMode): no data-dependent check."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for ctx, device in ((torch.device("meta"), "meta"), (FakeTensorMode(), "cpu")):
+        with ctx:
+            logits = torch.randn(2, 3, 50, device=device, dtype=torch.bfloat16, requires_grad=True)
+            hidden = torch.randn(2, 3, 8, device=device, requires_grad=True)
+            weight = torch.randn(50, 8, device=device, requires_grad=True)
+            labels = torch.zeros(2, 3, dtype=torch.long, device=device)
+            lp, ent = gather_logprobs(logits, labels, with_entropy=True)
+            lp2 = linear_logprobs(hidden, weight, labels)
+            (lp.sum() + ent.sum() + lp2.sum()).backward()
+        assert lp.shape == ent.shape == lp2.shape == (2, 3) and lp.dtype == lp2.dtype == torch.float32
+        assert logits.grad.shape == logits.shape and logits.grad.dtype == torch.bfloat16
+        assert hidden.grad.shape == hidden.shape and weight.grad.shape == weight.shape
+
+
 @pytest.mark.parametrize("backend", backends_for(("torch", "cpp")))
 def test_torch_compile_fullgraph(backend):
     """gather_logprobs and linear_logprobs inside torch.compile(fullgraph=True), forward and backward."""
