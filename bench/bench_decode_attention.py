@@ -65,9 +65,9 @@ def make_inputs(B, H, S, L, Dh, dtype, device):
     gen = torch.Generator().manual_seed(0)
     lens = (L * (0.9 + 0.2 * torch.rand(B, generator=gen))).long().clamp(1, S)
     starts = ((S - lens) * torch.rand(B, generator=gen)).long()
-    q = torch.randn(B, H, Dh, generator=gen).to(device=device, dtype=dtype)
-    k = torch.randn(B, H, S, Dh, generator=gen).to(device=device, dtype=dtype)
-    v = torch.randn(B, H, S, Dh, generator=gen).to(device=device, dtype=dtype)
+    gen_device = torch.Generator(device).manual_seed(0)  # the caches are large: draw them where they live
+    q, k, v = (torch.randn(shape, generator=gen_device, device=device, dtype=dtype)
+               for shape in ((B, H, Dh), (B, H, S, Dh), (B, H, S, Dh)))
     kv_start = starts.to(device=device, dtype=torch.int32)
     kv_len = (starts + lens).to(device=device, dtype=torch.int32)
     return q, k, v, kv_start, kv_len
