@@ -34,7 +34,7 @@ def _logprob_fwd_kernel(
     sum_px_ptr,  # [N] fp32 out: sum_j softmax_j * x_j (shard-local softmax); untouched unless WITH_ENTROPY
     stride_n,  # row stride of logits, in elements
     V,  # shard vocab size
-    temperature,  # fp32 scalar > 0
+    inv_temperature,  # fp32 scalar: 1 / temperature (a multiply, like the C++/CUDA kernels)
     ignore_index,  # int
     vocab_start,  # int: global id of this shard's column 0
     WITH_ENTROPY: tl.constexpr,
@@ -50,7 +50,7 @@ def _logprob_fwd_kernel(
     sx = tl.zeros((), tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / temperature
+        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temperature
         m_new = tl.maximum(m, tl.max(x, axis=0))
         # A row that is -inf so far would give exp(-inf - -inf) = nan: shift by 0 instead.
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -69,7 +69,7 @@ def _logprob_fwd_kernel(
     local = label - vocab_start
     hit = (local >= 0) & (local < V) & (label != ignore_index)
     safe = tl.where(hit, local, 0)
-    x_label = tl.load(row_ptr + safe).to(tl.float32) / temperature
+    x_label = tl.load(row_ptr + safe).to(tl.float32) * inv_temperature
     tl.store(target_ptr + row, tl.where(hit, x_label, 0.0))
 
 
@@ -84,7 +84,7 @@ def _logprob_bwd_kernel(
     entropy_ptr,  # [N] fp32 GLOBAL entropy; unused unless WITH_ENTROPY
     stride_n,  # row stride of logits, in elements
     V,  # shard vocab size
-    temperature,  # fp32 scalar > 0
+    inv_temperature,  # fp32 scalar: 1 / temperature
     ignore_index,  # int
     vocab_start,  # int
     WITH_ENTROPY: tl.constexpr,
@@ -105,14 +105,14 @@ def _logprob_bwd_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
-        x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
+        x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
         p = tl.exp(x - lse)
         # d logp / d x_j = 1[j == label] - p_j
         g = g_lp * (tl.where(cols == local, 1.0, 0.0) - p)
         if WITH_ENTROPY:
             # d H / d x_j = -p_j * (x_j - E_p[x]); p_j == 0 (e.g. x_j = -inf) contributes 0, not 0 * inf = nan.
             g -= g_ent * p * tl.where(p > 0.0, x - mean_x, 0.0)
-        tl.store(out_ptr + cols, (g / temperature).to(grad_logits_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + cols, (g * inv_temperature).to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_config(V: int, interpreting: bool) -> tuple[int, int]:
@@ -136,7 +136,7 @@ def logprob_fwd(logits, labels, temperature: float, ignore_index: int, vocab_sta
     block_v, num_warps = _launch_config(V, triton_interpreting())
     _logprob_fwd_kernel[(N,)](
         logits, labels, lse, target, sum_px if with_entropy else lse,
-        logits.stride(0), V, temperature, ignore_index, vocab_start,
+        logits.stride(0), V, 1.0 / temperature, ignore_index, vocab_start,
         WITH_ENTROPY=with_entropy, BLOCK_V=block_v, num_warps=num_warps,
     )
     return lse, target, sum_px
@@ -156,7 +156,7 @@ def logprob_bwd(grad_logp, grad_entropy, logits, labels, lse, entropy, temperatu
     block_v, num_warps = _launch_config(V, triton_interpreting())
     _logprob_bwd_kernel[(N,)](
         grad_logits, grad_logp, grad_entropy if with_entropy else grad_logp, logits, labels, lse,
-        entropy if with_entropy else lse, logits.stride(0), V, temperature, ignore_index, vocab_start,
+        entropy if with_entropy else lse, logits.stride(0), V, 1.0 / temperature, ignore_index, vocab_start,
         WITH_ENTROPY=with_entropy, BLOCK_V=block_v, num_warps=num_warps,
     )
     return grad_logits

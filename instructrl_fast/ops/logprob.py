@@ -78,7 +78,7 @@ def _torch_fwd(logits: Tensor, labels: Tensor, temperature: float, ignore_index:
     lse, target, sum_px = _new_fwd_outputs(logits, labels, temperature, ignore_index, vocab_start, with_entropy)
     rows = max(1, _TORCH_CHUNK_ELEMENTS // V)
     for start in range(0, N, rows):
-        x = logits[start:start + rows].to(_acc_dtype(logits)) / temperature
+        x = logits[start:start + rows].to(_acc_dtype(logits)) * (1.0 / temperature)
         # Shift by the exact row max (0 for an all -inf row), as the kernels do: E_p[x] = sum(e * x) / sum(e) is
         # then free of the rounding of lse, which exp(x - lse) would multiply by |x|.
         m = x.amax(dim=-1, keepdim=True)
@@ -88,7 +88,7 @@ def _torch_fwd(logits: Tensor, labels: Tensor, temperature: float, ignore_index:
         if with_entropy:  # e == 0 (x = -inf) contributes 0, not 0 * -inf = nan
             sum_px[start:start + rows] = (e * torch.where(e > 0, x, 0.0)).sum(-1) / s
     col, hit = _label_columns(labels, V, ignore_index, vocab_start)
-    x_label = logits.gather(1, col[:, None]).squeeze(1).to(lse.dtype) / temperature
+    x_label = logits.gather(1, col[:, None]).squeeze(1).to(lse.dtype) * (1.0 / temperature)
     target.copy_(torch.where(hit, x_label, 0.0))
     return lse, target, sum_px
 
@@ -107,13 +107,13 @@ def _torch_bwd(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: 
     rows = max(1, _TORCH_CHUNK_ELEMENTS // V)
     for start in range(0, N, rows):
         sl = slice(start, start + rows)
-        x = logits[sl].to(lse.dtype) / temperature
+        x = logits[sl].to(lse.dtype) * (1.0 / temperature)
         p = torch.exp(x - lse[sl, None])
         g = -g_lp[sl, None] * p  # d logp / d x_j = 1[j == label] - p_j
         if with_entropy:  # d H / d x_j = -p_j (x_j - E_p[x])
             g -= g_ent[sl, None] * p * torch.where(p > 0, x - mean_x[sl, None], 0.0)
         g.scatter_add_(1, col[sl, None], torch.where(hit[sl], g_lp[sl], 0.0)[:, None])
-        grad_logits[sl] = g / temperature
+        grad_logits[sl] = g * (1.0 / temperature)
     return grad_logits
 
 

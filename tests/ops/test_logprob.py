@@ -16,6 +16,7 @@ IGNORE = -100
 # one with 2 batch dims, and V > 65536 (several Triton blocks even under the interpreter's large block).
 CASES = [
     pytest.param((1,), 1003, 1.0, True, id="odd-N1"),
+    pytest.param((5,), 1, 2.0, True, id="V1"),
     pytest.param((3, 17), 4099, 0.7, True, id="small"),
     pytest.param((4, 9), 2048, 1.0, False, id="no-entropy"),
     pytest.param((3,), 70001, 1.3, True, id="V>65536"),
