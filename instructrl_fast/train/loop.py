@@ -85,7 +85,7 @@ def peak_flops(device: torch.device) -> float:
             name = torch.cuda.get_device_name(device)
             _PEAK_FLOPS[key] = next((v for k, v in _GPU_PEAK.items() if k in name), 312e12)
         else:
-            a = torch.randn(512, 512)
+            a = torch.ones(512, 512)  # not randn: measuring must not advance the global RNG a run depends on
             a @ a
             t0 = time.perf_counter()
             for _ in range(8):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 from pathlib import Path
 
@@ -36,7 +35,6 @@ from instructrl_fast.train.reward import RewardModel, train_reward_model
 from instructrl_fast.train.sft import candidates, select_by_reward, train_sft
 
 RESULT = "model.safetensors"  # each stage folder's final weights
-METHODS = ("gpt", "gpt-prompted", "sft", "ppo", "ppo-ptx")  # the rows of Figure 1, worst to best in the paper
 
 
 def set_dropout(model: torch.nn.Module, p: float) -> torch.nn.Module:
@@ -206,35 +204,36 @@ class Pipeline:
         return ema
 
     # ---------------------------------------------------------------------------------------------- evaluation
-    def evaluate(self, models: dict[str, dict[str, torch.nn.Module]], reference: torch.nn.Module) -> dict:
-        """Gold-labeler metrics of every (size, method), win rate against ``reference``, corpus loss."""
+    def evaluate(self, models: dict[str, dict[str, torch.nn.Module]], reference: torch.nn.Module) -> list[dict]:
+        """One record per (size, method): gold-labeler metrics, win rate against ``reference``, corpus loss."""
         from instructrl_fast.train import evaluate as ev
 
         ec = self.cfg.eval
         prompts = self.task.prompts("test", ec.n_test_prompts)
-        prefix = self.task.few_shot_prefix()
-        val_chunks = self.val_chunks()
 
-        def generator(model, with_prefix: bool = False):
-            def gen(batch):
-                texts = [(prefix if with_prefix else "") + p.text for p in batch]
-                return respond(model, self.tok, texts, max_new_tokens=ec.max_new_tokens, temperature=ec.temperature)
-            return gen
+        def answers(model, prefix: str = "") -> list[str]:
+            gen = lambda texts: respond(model, self.tok, texts, max_new_tokens=ec.max_new_tokens,  # noqa: E731
+                                        temperature=ec.temperature)
+            return ev.collect_responses(ev.with_prefix(gen, prefix) if prefix else gen, prompts)
 
-        ref_gen = generator(reference)
-        results: dict = {}
+        ref_answers = answers(reference)
+        records = []
         for size, by_method in models.items():
-            results[size] = {}
             for method, model in by_method.items():
-                gen = generator(model, with_prefix=method == "gpt-prompted")
-                row = ev.evaluate_policy(gen, prompts, self.labeler)
-                row["win_rate"] = ev.win_rate(gen, ref_gen, prompts, self.labeler, random.Random(ec.seed))
-                row["ptx_loss"] = corpus_loss(model, val_chunks, self.cfg.pretrain[size].micro_batch_size,
-                                              ec.n_ptx_batches)
-                results[size][method] = row
-                self.log(f"[eval] {size} {method}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items()
-                                                                 if isinstance(v, float)))
-        return results
+                responses = answers(model, self.task.few_shot_prefix() if method == "GPT (prompted)" else "")
+                rec = {"method": method, "size": size, "params": model.num_params(),
+                       **ev.evaluate_policy(responses, prompts, self.labeler),
+                       "win_rate": ev.win_rate(responses, ref_answers, prompts, self.labeler, ec.seed),
+                       "ptx_loss": self.corpus_loss(model)}
+                records.append(rec)
+                self.log(f"[eval] {size} {method}: win {rec['win_rate']:.3f} gold {rec['gold_score']:.3f} "
+                         f"correct {rec['correct']:.3f} toxic {rec['toxic_rate']:.3f} ptx_loss {rec['ptx_loss']:.3f}")
+        return records
+
+    def corpus_loss(self, model) -> float:
+        """Held-out pretraining-corpus NLL: the alignment-tax probe."""
+        pc = self.cfg.pretrain[self.cfg.sizes[0]]
+        return corpus_loss(model, self.val_chunks(), pc.micro_batch_size, self.cfg.eval.n_ptx_batches)
 
     # ---------------------------------------------------------------------------------------------- the recipe
     def run(self) -> dict:
@@ -248,22 +247,61 @@ class Pipeline:
             self.sft(s)
         rm = self.reward_model()
         models: dict[str, dict[str, torch.nn.Module]] = {}
+        init_loss = {}
         for s in cfg.sizes:
-            models[s] = {"gpt": bases[s], "gpt-prompted": bases[s], "sft": self.select_sft(s, rm)}
-            self.sft(s, ppo_init=True)
-            models[s]["ppo"] = self.ppo(s, rm, ptx=False)
-            models[s]["ppo-ptx"] = self.ppo(s, rm, ptx=True)
-        results = self._timed("eval", lambda: self.evaluate(models, reference=models[cfg.sizes[-1]]["sft"]))
+            models[s] = {"GPT": bases[s], "GPT (prompted)": bases[s], "SFT": self.select_sft(s, rm)}
+            init_loss[s] = self.corpus_loss(self.sft(s, ppo_init=True))
+            models[s]["PPO"] = self.ppo(s, rm, ptx=False)
+            models[s]["PPO-ptx"] = self.ppo(s, rm, ptx=True)
+        records = self._timed("eval", lambda: self.evaluate(models, reference=models[cfg.sizes[-1]]["SFT"]))
         wall = time.perf_counter() - t0
-        report = {"preset": cfg.name, "sizes": list(cfg.sizes), "results": results,
-                  "timings_s": self.timings, "wall_s": wall, "threads": torch.get_num_threads()}
+        report = {"preset": cfg.name, "sizes": list(cfg.sizes), "results": records,
+                  "shape": shape_checks(records, init_loss), "timings_s": self.timings, "wall_s": wall,
+                  "threads": torch.get_num_threads()}
         (self.out / "results.json").write_text(json.dumps(report, indent=1))
-        table = ev.figure1_table(results)
+        reference = f"SFT ({cfg.sizes[-1]})"
+        table = ev.figure1_table(records, reference=reference) + "\n\n" + format_shape(report["shape"])
         (self.out / "figure1.txt").write_text(table + "\n")
         self.log(table)
-        try:
-            ev.plot_figure1(results, self.out / "figure1.png")
-        except (ImportError, RuntimeError) as e:
-            self.log(f"no figure1.png: {e}")
+        ev.plot_figure1(records, self.out / "figure1.png", reference=reference)
         self.log(f"total {wall:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in self.timings.items())})")
         return report
+
+
+def shape_checks(records: list[dict], init_loss: dict[str, float]) -> dict:
+    """The paper's headline orderings, checked on the evaluation records (win rates and corpus losses).
+
+    Per size: PPO-ptx > SFT, PPO > SFT, SFT > GPT (prompted) > GPT (win rate); PPO raises the corpus loss above the
+    PPO starting policy's and PPO-ptx recovers at least half of that rise. Across sizes: the smallest PPO-ptx beats
+    the largest GPT.
+    """
+    win = {(r["size"], r["method"]): r["win_rate"] for r in records}
+    loss = {(r["size"], r["method"]): r["ptx_loss"] for r in records}
+    sizes = list(dict.fromkeys(r["size"] for r in records))
+    out = {}
+    for s in sizes:
+        tax = loss[s, "PPO"] - init_loss[s]
+        out[s] = {
+            "ppo_ptx>sft": win[s, "PPO-ptx"] > win[s, "SFT"],
+            "ppo>sft": win[s, "PPO"] > win[s, "SFT"],
+            "sft>prompted": win[s, "SFT"] > win[s, "GPT (prompted)"],
+            "prompted>gpt": win[s, "GPT (prompted)"] > win[s, "GPT"],
+            "ppo_raises_ptx_loss": tax > 0,
+            "ptx_recovers_half": tax > 0 and (loss[s, "PPO"] - loss[s, "PPO-ptx"]) >= 0.5 * tax,
+            "ptx_loss": {"ppo_init": init_loss[s], "ppo": loss[s, "PPO"], "ppo_ptx": loss[s, "PPO-ptx"]},
+        }
+    out["smallest_ppo_ptx>largest_gpt"] = win[sizes[0], "PPO-ptx"] > win[sizes[-1], "GPT"]
+    return out
+
+
+def format_shape(shape: dict) -> str:
+    lines = ["Paper-shape checks:"]
+    for size, checks in shape.items():
+        if isinstance(checks, dict):
+            flags = ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in checks.items() if isinstance(v, bool))
+            tax = checks["ptx_loss"]
+            lines.append(f"  {size}: {flags}; corpus NLL init {tax['ppo_init']:.3f} -> PPO {tax['ppo']:.3f}, "
+                         f"PPO-ptx {tax['ppo_ptx']:.3f}")
+        else:
+            lines.append(f"  {size}: {'yes' if checks else 'NO'}")
+    return "\n".join(lines)

@@ -1,0 +1,187 @@
+"""Checkpoints: atomic writes (a crash mid-write leaves the previous one loadable) and exact resume (bitwise the
+same weights as an uninterrupted run), in process and after a SIGKILL of a training subprocess."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from instructrl_fast.train import checkpoint as ckpt
+from instructrl_fast.train.batching import chunk_corpus
+from instructrl_fast.train.config import LoopConfig, OptimConfig, PretrainConfig, SFTConfig
+from instructrl_fast.train.loop import train
+from instructrl_fast.train.pretrain import PretrainStage
+from instructrl_fast.train.ppo import PPOStage
+from instructrl_fast.train.sft import SFTStage
+from tests.train.conftest import assert_same_weights, micro_gpt
+from tests.train.test_ppo import _cfg as ppo_cfg
+from tests.train.test_ppo import _stage as ppo_stage
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _interrupt_at(stage, step: int):
+    """Make ``stage`` raise when the loop asks for the micro-batches of ``step`` (a crash mid-run)."""
+    original = stage.micro_batches
+
+    def micro_batches(s):
+        if s == step:
+            raise Interrupted
+        return original(s)
+
+    stage.micro_batches = micro_batches
+    return stage
+
+
+def _sft_stage(tok, task, out):
+    cfg = SFTConfig(epochs=3, batch_size=4, micro_batch_size=2, n_demos=8, dropout=0.2, ptx_fraction=0.2,
+                    optim=OptimConfig(lr=1e-3), loop=LoopConfig(ckpt_interval=2, progress=False))
+    demos = [(d["prompt"], d["response"]) for d in task.demonstrations(8)]
+    torch.manual_seed(0)
+    chunks = torch.randint(0, 256, (16, 33))
+    return cfg, SFTStage(cfg, micro_gpt(dropout=0.2), tok, demos, demos[:2], chunks, out / "candidates")
+
+
+def test_sft_resume_is_bitwise_exact(tmp_path, tok, task):
+    cfg, full = _sft_stage(tok, task, tmp_path / "a")
+    torch.manual_seed(0)
+    train(full, cfg.optim, cfg.loop, tmp_path / "a")
+
+    cfg, first = _sft_stage(tok, task, tmp_path / "b")
+    torch.manual_seed(0)
+    with pytest.raises(Interrupted):
+        train(_interrupt_at(first, 5), cfg.optim, cfg.loop, tmp_path / "b")
+    assert ckpt.latest_checkpoint(tmp_path / "b" / "ckpt").name == "step_00000004"
+    torch.manual_seed(123)  # whatever the RNG holds now, resume restores the checkpoint's
+    cfg, resumed = _sft_stage(tok, task, tmp_path / "b")
+    train(resumed, cfg.optim, cfg.loop, tmp_path / "b", resume=True)
+    assert_same_weights(full.model, resumed.model)
+    for a, b in zip(full.optimizer.state.values(), resumed.optimizer.state.values()):
+        assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    losses = [[r.split(",")[5] for r in open(p / "metrics.csv").read().splitlines()]
+              for p in (tmp_path / "a", tmp_path / "b")]
+    assert losses[0] == losses[1]  # the resumed CSV drops the rows written after the checkpoint
+
+
+def test_ppo_resume_is_bitwise_exact(tmp_path, tok, task):
+    cfg = ppo_cfg(n_episodes=12, rollout_batch_size=4, minibatch_size=2, ptx_coef=1.0,
+                  loop=LoopConfig(ckpt_interval=2, progress=False))
+    full = ppo_stage(cfg, tok, task)
+    train(full, cfg.optim, cfg.loop, tmp_path / "a")
+
+    first = ppo_stage(cfg, tok, task)
+    with pytest.raises(Interrupted):
+        train(_interrupt_at(first, 3), cfg.optim, cfg.loop, tmp_path / "b")
+    resumed = ppo_stage(cfg, tok, task)
+    assert isinstance(resumed, PPOStage)
+    train(resumed, cfg.optim, cfg.loop, tmp_path / "b", resume=True)
+    for name in ("policy", "value", "ema"):
+        assert_same_weights(full.modules[name], resumed.modules[name])
+
+
+def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    model = micro_gpt(seed=1)
+    ckpt.save_checkpoint(tmp_path, 1, {"model": model}, {"data": 1})
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+
+    def torn_save(obj, path, *a, **k):  # the state file is half written when the process dies
+        Path(path).write_bytes(b"\x80\x02partial")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(ckpt.torch, "save", torn_save)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 2, {"model": model}, {"data": 2})
+    monkeypatch.undo()
+
+    real_replace = os.replace
+
+    def die_on_pointer(src, dst):  # the step folder is in place, the "latest" pointer is not yet
+        if Path(dst).name == ckpt.LATEST:
+            raise KeyboardInterrupt("killed before the pointer moved")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", die_on_pointer)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 3, {"model": model}, {"data": 3})
+    monkeypatch.undo()
+
+    path = ckpt.latest_checkpoint(tmp_path)
+    assert path.name == "step_00000001"
+    fresh = micro_gpt(seed=7)
+    state = ckpt.load_checkpoint(path, {"model": fresh})
+    assert state["step"] == 1 and state["data"] == 1
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, reference[k])
+    # the next save cleans the torn temporary folder and replaces the orphaned step folder
+    ckpt.save_checkpoint(tmp_path, 3, {"model": model}, {"data": 3})
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_00000003"
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_load_rejects_mismatched_weights(tmp_path):
+    ckpt.save_weights(tmp_path / "w.safetensors", micro_gpt())
+    with pytest.raises(ValueError, match="do not match"):
+        ckpt.load_weights(tmp_path / "w.safetensors", micro_gpt("scalar"))
+    with pytest.raises(FileNotFoundError):
+        ckpt.load_weights(tmp_path / "missing.safetensors", micro_gpt())
+
+
+_SCRIPT = textwrap.dedent("""
+    import sys, time, torch
+    torch.set_num_threads(1)
+    from instructrl_fast.data import ByteTokenizer, DemoTask
+    from instructrl_fast.train.batching import chunk_corpus
+    from instructrl_fast.train.config import LoopConfig, OptimConfig, PretrainConfig
+    from instructrl_fast.train.loop import train
+    from instructrl_fast.train.pretrain import PretrainStage
+    from tests.train.conftest import micro_gpt
+
+    out, resume, slow = sys.argv[1], sys.argv[2] == "1", float(sys.argv[3])
+    cfg = PretrainConfig(model="micro", seq_len=16, batch_size=4, micro_batch_size=2, max_steps=24, dropout=0.1,
+                         optim=OptimConfig(lr=1e-3, warmup_steps=2), loop=LoopConfig(ckpt_interval=3, progress=False))
+    tok = ByteTokenizer()
+    chunks = chunk_corpus(DemoTask(0).pretraining_corpus(40), tok, 16)
+    torch.manual_seed(0)
+    stage = PretrainStage(cfg, micro_gpt(dropout=0.1), chunks[:-4], chunks[-4:])
+    step_fn = stage.after_step
+    stage.after_step = lambda s: (step_fn(s), time.sleep(slow))
+    train(stage, cfg.optim, cfg.loop, out, resume=resume)
+    torch.save(stage.model.state_dict(), out + "/final.pt")
+""")
+
+
+def _run(args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", _SCRIPT, *args], cwd=ROOT, env=env, **kw)
+
+
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert _run([str(full), "0", "0"]).wait(timeout=240) == 0
+
+    proc = _run([str(killed), "0", "0.2"])
+    deadline = time.monotonic() + 240
+    while ckpt.latest_checkpoint(killed / "ckpt") is None or \
+            ckpt.latest_checkpoint(killed / "ckpt").name == "step_00000003":
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final.pt").exists()
+    assert _run([str(killed), "1", "0"]).wait(timeout=240) == 0
+
+    a, b = torch.load(full / "final.pt"), torch.load(killed / "final.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
