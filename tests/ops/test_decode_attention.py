@@ -18,7 +18,7 @@ HEAD_DIMS = (64, 80, 96, 128)
 
 
 def _inputs(B, H, S, Dh, dtype, device, *, ranges=None):
-    """Random q / cache and a valid range per row: a full row, left padding, a short row and an empty one."""
+    """Random q / cache and a valid range per row: a full row, left padding, a short row, an empty one, then random."""
     q = torch.randn(B, H, Dh, dtype=dtype, device=device)
     k = torch.randn(B, H, S, Dh, dtype=dtype, device=device)
     v = torch.randn(B, H, S, Dh, dtype=dtype, device=device)
@@ -50,7 +50,7 @@ def _run(backend, *args, **kw):
 @pytest.mark.parametrize("Dh", HEAD_DIMS)
 @pytest.mark.parametrize("S", [1, 300])  # S = 1, and S not a multiple of any block size
 def test_fp32_matches_reference(backend, Dh, S, device):
-    B = 4 if S > 1 else 2
+    B = 6 if S > 1 else 2  # four fixed ranges (full, left-padded, short, empty) and two random ones
     ranges = None if S > 1 else [(0, 1), (0, 0)]
     q, k, v, kv_start, kv_len = _inputs(B, 2, S, Dh, torch.float32, device, ranges=ranges)
     out = _run(backend, q, k, v, kv_start, kv_len)
