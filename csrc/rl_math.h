@@ -1,0 +1,245 @@
+// Shared pieces of the RL-math ops (gae, ppo_policy_loss, ppo_value_loss) for their CPU kernels (csrc/*.cpp) and
+// CUDA kernels (csrc/cuda/*.cu): argument checks, the dtype dispatch, and the per-token loss terms and reduction
+// weights. The per-token maths is written once here (C10_HOST_DEVICE) so that the CPU and CUDA kernels, forward and
+// backward, cannot drift apart. Semantics: DESIGN.md, "The public ops API".
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <vector>
+
+namespace instructrl_fast::rl {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Host-side argument checks and dtype handling
+// ---------------------------------------------------------------------------------------------------------------
+
+// The [B, T] float inputs may be fp32 / bf16 / fp16, each its own; the kernels are templated on one dtype.
+#define INSTRUCTRL_FAST_DISPATCH_FLOAT(TYPE, NAME, ...)           \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
+                                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// `x` is the first [B, T] input: 2-D, contiguous, fp32/bf16/fp16.
+inline void check_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.defined(), name, " must be a defined tensor");
+  TORCH_CHECK(x.dim() == 2, name, " must be 2-D [B, T], got shape ", x.sizes());
+  TORCH_CHECK(is_supported_float(x.scalar_type()), name, " must be float32, bfloat16 or float16, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.is_contiguous(), name, " must be contiguous");
+}
+
+// `x` is a further [B, T] input with the shape and device of `like`.
+inline void check_rows_like(const at::Tensor& x, const char* name, const at::Tensor& like, const char* like_name) {
+  check_rows(x, name);
+  TORCH_CHECK(x.sizes() == like.sizes(), name, " must have the shape of ", like_name, " ", like.sizes(), ", got ",
+              x.sizes());
+  TORCH_CHECK(x.device() == like.device(), name, " is on ", x.device(), " but ", like_name, " is on ", like.device());
+}
+
+inline void check_mask_like(const at::Tensor& mask, const at::Tensor& like, const char* like_name) {
+  TORCH_CHECK(mask.defined(), "mask must be a defined tensor");
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask must be bool, got ", mask.scalar_type());
+  TORCH_CHECK(mask.sizes() == like.sizes(), "mask must have the shape of ", like_name, " ", like.sizes(), ", got ",
+              mask.sizes());
+  TORCH_CHECK(mask.is_contiguous(), "mask must be contiguous");
+  TORCH_CHECK(mask.device() == like.device(), "mask is on ", mask.device(), " but ", like_name, " is on ",
+              like.device());
+}
+
+// grad_loss is the upstream gradient of a 0-dim loss: a 0-dim fp32 tensor beside the inputs.
+inline void check_grad_loss(const at::Tensor& grad_loss, const at::Tensor& like) {
+  TORCH_CHECK(grad_loss.defined() && grad_loss.dim() == 0, "grad_loss must be a 0-dim tensor, got shape ",
+              grad_loss.sizes());
+  TORCH_CHECK(grad_loss.scalar_type() == at::kFloat, "grad_loss must be float32, got ", grad_loss.scalar_type());
+  TORCH_CHECK(grad_loss.device() == like.device(), "grad_loss is on ", grad_loss.device(), " but the inputs are on ",
+              like.device());
+}
+
+// The kernels read every float input in one dtype: inputs that already agree are passed through untouched; mixed
+// dtypes are all upcast to fp32 first (one extra pass over memory, paid only in that uncommon case, and it keeps
+// the number of kernel instantiations at three instead of one per dtype combination).
+inline std::vector<at::Tensor> in_common_dtype(std::initializer_list<at::Tensor> xs) {
+  std::vector<at::Tensor> out(xs);
+  for (const auto& x : out) {
+    if (x.scalar_type() != out.front().scalar_type()) {
+      for (auto& y : out) y = y.to(at::kFloat);
+      break;
+    }
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Reductions of the PPO losses (the schema's `int reduction`)
+// ---------------------------------------------------------------------------------------------------------------
+
+enum Reduction : int64_t { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2 };
+
+inline Reduction check_reduction(int64_t reduction) {
+  TORCH_CHECK(reduction >= kTokenMean && reduction <= kSeqMeanTokenSum,
+              "reduction must be 0 (token_mean), 1 (seq_mean_token_mean) or 2 (seq_mean_token_sum), got ",
+              reduction);
+  return static_cast<Reduction>(reduction);
+}
+
+// Per-row partial sums of a loss over the valid tokens of one row; `acc_t` is double on CPU, float on CUDA.
+// An aggregate without default member initialisers so that it can live in CUDA shared memory: value-initialise it.
+template <typename acc_t>
+struct RowPartial {
+  acc_t loss;         // sum_t l_t * m_t over the row (after add_row: the row's share of the reduced loss numerator)
+  acc_t kl;           // sum_t (old_logp - logp) * m_t (policy loss only)
+  int64_t count;      // sum_t m_t
+  int64_t clipped;    // valid tokens where a clip branch is strictly active
+};
+
+// Folds one row's partial sums into the batch total. Every reduction is sum_rows(contribution) / denominator:
+// token_mean: sum_b L_b / max(N, 1); seq_mean_token_mean: sum_b (L_b / max(n_b, 1)) / B; seq_mean_token_sum:
+// sum_b L_b / B (L_b = sum_t l*m over row b, n_b = sum_t m over row b, N = sum_b n_b).
+template <typename acc_t>
+C10_HOST_DEVICE inline void add_row(RowPartial<acc_t>& total, const RowPartial<acc_t>& row, Reduction mode) {
+  const acc_t n_b = static_cast<acc_t>(row.count > 1 ? row.count : 1);
+  total.loss += mode == kSeqMeanTokenMean ? row.loss / n_b : row.loss;
+  total.kl += row.kl;
+  total.count += row.count;
+  total.clipped += row.clipped;
+}
+
+// The batch outputs from the folded total: loss by `mode`; clipfrac and approx_kl as token means. Fully masked
+// rows or batches give 0, never NaN (every denominator is at least 1). `approx_kl` may be null (value loss).
+template <typename acc_t>
+C10_HOST_DEVICE inline void finish(const RowPartial<acc_t>& total, Reduction mode, int64_t B, float* loss,
+                                   float* clipfrac, float* approx_kl) {
+  const acc_t n = static_cast<acc_t>(total.count > 1 ? total.count : 1);
+  const acc_t rows = static_cast<acc_t>(B > 1 ? B : 1);
+  *loss = static_cast<float>(total.loss / (mode == kTokenMean ? n : rows));
+  *clipfrac = static_cast<float>(static_cast<acc_t>(total.clipped) / n);
+  if (approx_kl != nullptr) *approx_kl = static_cast<float>(total.kl / n);
+}
+
+// d loss / d l_t for a valid token t (the same weights as in finish): token_mean 1/max(N,1); seq_mean_token_mean
+// 1/(B*max(n_b,1)); seq_mean_token_sum 1/B. `total_count` (N) is read only for token_mean, `row_count` (n_b) only
+// for seq_mean_token_mean.
+C10_HOST_DEVICE inline float token_weight(Reduction mode, int64_t B, int64_t total_count, int64_t row_count) {
+  const float rows = static_cast<float>(B > 1 ? B : 1);
+  switch (mode) {
+    case kTokenMean:
+      return 1.0f / static_cast<float>(total_count > 1 ? total_count : 1);
+    case kSeqMeanTokenMean:
+      return 1.0f / (rows * static_cast<float>(row_count > 1 ? row_count : 1));
+    default:
+      return 1.0f / rows;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Per-token terms, all in fp32
+// ---------------------------------------------------------------------------------------------------------------
+
+struct TokenTerm {
+  float loss;    // l_t
+  float grad;    // d l_t / d (logp_t or v_t)
+  float kl;      // old_logp_t - logp_t (policy loss only)
+  bool clipped;  // a clip branch is strictly the active one (it then carries no gradient)
+};
+
+// PPO clipped surrogate (Schulman et al. 2017, eq. 7) with an asymmetric range (DAPO's clip-higher) and the dual
+// clip of Ye et al. 2020 (for A < 0 the loss is capped at -A * dual_clip; dual_clip == 0 disables it):
+//   ratio = exp(logp - old_logp), l = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high)),
+//   l = min(l, -A * dual_clip) where A < 0.
+// The gradient flows through ratio (d(-A * ratio)/d logp = -A * ratio) unless a clip branch is strictly active.
+struct PolicyTerm {
+  float clip_low, clip_high, dual_clip;
+
+  C10_HOST_DEVICE TokenTerm operator()(float logp, float old_logp, float adv) const {
+    const float log_ratio = logp - old_logp;
+    const float ratio = ::expf(log_ratio);
+    const float unclipped = -adv * ratio;
+    const float clipped = -adv * ::fminf(::fmaxf(ratio, 1.0f - clip_low), 1.0f + clip_high);
+    bool clip_active = clipped > unclipped;
+    float loss = clip_active ? clipped : unclipped;
+    if (dual_clip > 0.0f && adv < 0.0f) {
+      const float cap = -adv * dual_clip;
+      if (cap < loss) {
+        loss = cap;
+        clip_active = true;
+      }
+    }
+    return {loss, clip_active ? 0.0f : unclipped, -log_ratio, clip_active};
+  }
+};
+
+// PPO value loss with value clipping (as in OpenAI baselines ppo2): 0.5 * max((v - R)^2, (v_clip - R)^2) with
+// v_clip = old_v + clip(v - old_v, -clip_eps, clip_eps). Inside the clip range v_clip is v itself, and it is taken
+// as v rather than recomputed as old_v + (v - old_v), whose rounding could make the clipped square spuriously
+// (strictly) larger. The gradient goes through the active branch: (v - R) when the unclipped square is >= the
+// clipped one, else (v_clip - R) * d v_clip / d v. The clipped square can only be strictly larger outside the clip
+// range (inside it the two squares are equal), where d v_clip / d v = 0: a strictly active clip has no gradient.
+struct ValueTerm {
+  float clip_eps;
+
+  C10_HOST_DEVICE TokenTerm operator()(float v, float old_v, float ret) const {
+    const float diff = v - old_v;
+    const float v_clip = ::fabsf(diff) < clip_eps ? v : old_v + (diff > 0.0f ? clip_eps : -clip_eps);
+    const float err = v - ret;
+    const float err_clip = v_clip - ret;
+    const bool clip_active = err_clip * err_clip > err * err;
+    const float loss = 0.5f * (clip_active ? err_clip * err_clip : err * err);
+    return {loss, clip_active ? 0.0f : err, 0.0f, clip_active};
+  }
+};
+
+// Adds one valid token to a row's partial sums.
+template <typename acc_t>
+C10_HOST_DEVICE inline void add_token(RowPartial<acc_t>& row, const TokenTerm& tok) {
+  row.loss += tok.loss;
+  row.kl += tok.kl;
+  row.count += 1;
+  row.clipped += tok.clipped;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Argument checks of the ops, the same on CPU and CUDA
+// ---------------------------------------------------------------------------------------------------------------
+
+inline void check_gae_args(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask, double gamma,
+                           double lam) {
+  check_rows(rewards, "rewards");
+  check_rows_like(values, "values", rewards, "rewards");
+  check_mask_like(mask, rewards, "rewards");
+  TORCH_CHECK(gamma >= 0.0 && gamma <= 1.0, "gamma must be in [0, 1], got ", gamma);
+  TORCH_CHECK(lam >= 0.0 && lam <= 1.0, "lam must be in [0, 1], got ", lam);
+}
+
+// Checks the inputs of ppo_policy_loss(_backward) and returns its per-token term.
+inline PolicyTerm check_policy_args(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+                                    const at::Tensor& mask, double clip_low, double clip_high, double dual_clip) {
+  check_rows(logp, "logp");
+  check_rows_like(old_logp, "old_logp", logp, "logp");
+  check_rows_like(advantages, "advantages", logp, "logp");
+  check_mask_like(mask, logp, "logp");
+  TORCH_CHECK(clip_low >= 0.0, "clip_low must be >= 0, got ", clip_low);
+  TORCH_CHECK(clip_high >= 0.0, "clip_high must be >= 0, got ", clip_high);
+  TORCH_CHECK(dual_clip == 0.0 || dual_clip > 1.0, "dual_clip must be 0 (disabled) or > 1, got ", dual_clip);
+  return {static_cast<float>(clip_low), static_cast<float>(clip_high), static_cast<float>(dual_clip)};
+}
+
+// Checks the inputs of ppo_value_loss(_backward) and returns its per-token term.
+inline ValueTerm check_value_args(const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
+                                  const at::Tensor& mask, double clip_eps) {
+  check_rows(values, "values");
+  check_rows_like(old_values, "old_values", values, "values");
+  check_rows_like(returns, "returns", values, "values");
+  check_mask_like(mask, values, "values");
+  TORCH_CHECK(clip_eps >= 0.0, "clip_eps must be >= 0, got ", clip_eps);
+  return {static_cast<float>(clip_eps)};
+}
+
+}  // namespace instructrl_fast::rl

@@ -1,0 +1,391 @@
+"""The C++ (CPU) and CUDA kernels of gae and the PPO losses, called directly as torch.ops.instructrl_fast.*.
+
+Every result is compared with a float64 reference written here plainly from the formulas of DESIGN.md (a Python
+loop for GAE). Low-precision inputs are compared with the reference evaluated on the same rounded values: the
+kernels read them exactly and accumulate in fp32, so the fp32 tolerance applies. CUDA cases run where a GPU and
+instructrl_fast._C_cuda exist (the project's GPU script), and are reported as skipped elsewhere.
+"""
+
+import pytest
+import torch
+
+import instructrl_fast  # noqa: F401  (loads instructrl_fast._C and, where built, _C_cuda)
+from instructrl_fast import _ext
+
+ops = torch.ops.instructrl_fast
+
+_NO_CUDA = None
+if not torch.cuda.is_available():
+    _NO_CUDA = "no GPU"
+elif not _ext.HAS_CUDA_EXT:
+    _NO_CUDA = f"instructrl_fast._C_cuda is not built ({_ext.CUDA_EXT_ERROR})"
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.skip(reason=_NO_CUDA)] if _NO_CUDA else []),
+]
+
+TOKEN_MEAN, SEQ_MEAN_TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM = 0, 1, 2
+REDUCTIONS = [TOKEN_MEAN, SEQ_MEAN_TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM]
+F32_TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def _mask(B: int, T: int, kind: str, device) -> torch.Tensor:
+    """all: every token valid; holes: random holes; ragged: holes plus a fully masked row; none: fully masked."""
+    if kind == "all":
+        return torch.ones(B, T, dtype=torch.bool, device=device)
+    if kind == "none":
+        return torch.zeros(B, T, dtype=torch.bool, device=device)
+    mask = torch.rand(B, T, device=device) < 0.7
+    if kind == "ragged" and B > 1:
+        mask[1] = False
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# float64 references
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def ref_gae(rewards, values, mask, gamma, lam):
+    """A Python loop over each row's valid positions, from the end; (advantages, returns) in float64."""
+    r, v, m = rewards.double().cpu(), values.double().cpu(), mask.cpu()
+    adv, ret = torch.zeros_like(r), torch.zeros_like(r)
+    for b in range(r.shape[0]):
+        next_value, next_adv = 0.0, 0.0  # after the last valid position V = 0 and A = 0
+        for t in reversed(range(r.shape[1])):
+            if m[b, t]:
+                delta = r[b, t].item() + gamma * next_value - v[b, t].item()
+                next_adv = delta + gamma * lam * next_adv
+                next_value = v[b, t].item()
+                adv[b, t], ret[b, t] = next_adv, next_adv + next_value
+    return adv, ret
+
+
+def _reduce(loss, mask, reduction):
+    m = mask.double()
+    if reduction == TOKEN_MEAN:
+        return (loss * m).sum() / m.sum().clamp(min=1)
+    per_row = (loss * m).sum(1)
+    if reduction == SEQ_MEAN_TOKEN_MEAN:
+        per_row = per_row / m.sum(1).clamp(min=1)
+    return per_row.mean() if per_row.numel() else per_row.sum()
+
+
+def _token_mean(x, mask):
+    return (x * mask.double()).sum() / mask.double().sum().clamp(min=1)
+
+
+def ref_policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, reduction):
+    """(loss, clipfrac, approx_kl) in float64, differentiable w.r.t. logp."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    active = clipped > unclipped
+    if dual_clip > 0:
+        cap = -advantages * dual_clip
+        dual = (advantages < 0) & (cap < loss)
+        loss = torch.where(dual, cap, loss)
+        active = active | dual
+    return (_reduce(loss, mask, reduction), _token_mean(active.double(), mask),
+            _token_mean((old_logp - logp).detach(), mask))
+
+
+def ref_value_loss(values, old_values, returns, mask, clip_eps, reduction):
+    """(loss, clipfrac) in float64, differentiable w.r.t. values."""
+    v_clip = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    unclipped, clipped = (values - returns) ** 2, (v_clip - returns) ** 2
+    loss = 0.5 * torch.maximum(unclipped, clipped)
+    return _reduce(loss, mask, reduction), _token_mean((clipped > unclipped).double(), mask)
+
+
+def _policy_inputs(B, T, device, dtype=torch.float32, spread=0.5):
+    """logp, old_logp, advantages: log-ratios of std `spread` so that both clips and the dual clip bind."""
+    logp = (-torch.rand(B, T, device=device) * 3).to(dtype)
+    old_logp = (logp.float() + spread * torch.randn(B, T, device=device)).to(dtype)
+    advantages = torch.randn(B, T, device=device).to(dtype)
+    return logp, old_logp, advantages
+
+
+def _value_inputs(B, T, device, dtype=torch.float32):
+    values = torch.randn(B, T, device=device).to(dtype)
+    old_values = (values.float() + 0.3 * torch.randn(B, T, device=device)).to(dtype)
+    returns = torch.randn(B, T, device=device).to(dtype)
+    return values, old_values, returns
+
+
+def _close(actual, expected, **tol):
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), **(tol or F32_TOL))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GAE
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 1), (4, 37), (3, 700)])
+@pytest.mark.parametrize("kind", ["all", "holes", "ragged", "none"])
+def test_gae_matches_reference(device, B, T, kind):
+    rewards, values = torch.randn(B, T, device=device), torch.randn(B, T, device=device)
+    mask = _mask(B, T, kind, device)
+    adv, ret = ops.gae(rewards, values, mask, 0.99, 0.95)
+    ref_adv, ref_ret = ref_gae(rewards, values, mask, 0.99, 0.95)
+    assert adv.dtype == ret.dtype == torch.float32 and adv.shape == (B, T) and adv.device.type == device
+    _close(adv, ref_adv)
+    _close(ret, ref_ret)
+    assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()  # exactly 0 at masked positions
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (1.0, 0.0), (0.0, 0.5), (0.9, 0.7)])
+def test_gae_gamma_lam(device, gamma, lam):
+    rewards, values = torch.randn(3, 50, device=device), torch.randn(3, 50, device=device)
+    mask = _mask(3, 50, "holes", device)
+    for out, ref in zip(ops.gae(rewards, values, mask, gamma, lam), ref_gae(rewards, values, mask, gamma, lam)):
+        _close(out, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gae_holes_are_skipped(device):
+    """A hole between two valid tokens changes nothing: the row equals the same row with the hole removed."""
+    rewards, values = torch.randn(1, 6, device=device), torch.randn(1, 6, device=device)
+    mask = torch.tensor([[True, True, False, False, True, True]], device=device)
+    adv, ret = ops.gae(rewards, values, mask, 0.9, 0.8)
+    keep = mask[0]
+    dense_adv, dense_ret = ops.gae(rewards[:, keep].contiguous(), values[:, keep].contiguous(),
+                                   torch.ones(1, 4, dtype=torch.bool, device=device), 0.9, 0.8)
+    _close(adv[:, keep], dense_adv)
+    _close(ret[:, keep], dense_ret)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                    (torch.bfloat16, torch.float32)], ids=["bf16", "fp16", "bf16+fp32"])
+def test_gae_low_precision_inputs(device, dtypes):
+    rewards = torch.randn(4, 300, device=device).to(dtypes[0])
+    values = torch.randn(4, 300, device=device).to(dtypes[1])
+    mask = _mask(4, 300, "ragged", device)
+    adv, ret = ops.gae(rewards, values, mask, 0.99, 0.95)
+    assert adv.dtype == ret.dtype == torch.float32
+    ref_adv, ref_ret = ref_gae(rewards, values, mask, 0.99, 0.95)  # on the same rounded inputs
+    _close(adv, ref_adv)
+    _close(ret, ref_ret)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gae_padding_never_leaks(device):
+    rewards, values = torch.randn(3, 40, device=device), torch.randn(3, 40, device=device)
+    mask = _mask(3, 40, "ragged", device)
+    clean = ops.gae(rewards, values, mask, 0.99, 0.95)
+    poisoned = ops.gae(rewards.masked_fill(~mask, float("nan")), values.masked_fill(~mask, float("inf")), mask,
+                       0.99, 0.95)
+    for a, b in zip(clean, poisoned):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PPO policy loss
+# ---------------------------------------------------------------------------------------------------------------
+
+POLICY_CLIPS = [(0.2, 0.2, 0.0), (0.2, 0.28, 0.0), (0.2, 0.28, 2.0)]
+POLICY_CLIP_IDS = ["symmetric", "asymmetric", "dual"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("clips", POLICY_CLIPS, ids=POLICY_CLIP_IDS)
+@pytest.mark.parametrize("B,T,kind", [(1, 1, "all"), (5, 33, "ragged"), (4, 300, "holes")])
+def test_policy_loss_forward_backward(device, reduction, clips, B, T, kind):
+    logp, old_logp, advantages = _policy_inputs(B, T, device)
+    mask = _mask(B, T, kind, device)
+    loss, clipfrac, approx_kl = ops.ppo_policy_loss(logp, old_logp, advantages, mask, *clips, reduction)
+    assert all(x.shape == () and x.dtype == torch.float32 for x in (loss, clipfrac, approx_kl))
+
+    logp64 = logp.double().cpu().requires_grad_()
+    ref = ref_policy_loss(logp64, old_logp.double().cpu(), advantages.double().cpu(), mask.cpu(), *clips, reduction)
+    _close(loss, ref[0])
+    _close(clipfrac, ref[1])
+    _close(approx_kl, ref[2])
+
+    grad_loss = torch.tensor(0.7, device=device)  # a non-unit upstream gradient
+    grad = ops.ppo_policy_loss_backward(grad_loss, logp, old_logp, advantages, mask, *clips, reduction)
+    (ref_grad,) = torch.autograd.grad(ref[0], logp64, grad_outputs=torch.tensor(0.7, dtype=torch.float64))
+    assert grad.dtype == torch.float32 and grad.shape == (B, T)
+    _close(grad, ref_grad)
+    assert (grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_policy_loss_clips_actually_bind(device):
+    """The inputs of the tests above exercise every branch: clip-low, clip-high and the dual clip."""
+    logp, old_logp, advantages = _policy_inputs(4, 300, device)
+    ratio = torch.exp(logp - old_logp)
+    assert ((ratio < 0.8) & (advantages < 0)).any() and ((ratio > 1.28) & (advantages > 0)).any()
+    assert ((ratio > 2.0) & (advantages < 0)).any()
+    mask = _mask(4, 300, "all", device)
+    without = ops.ppo_policy_loss(logp, old_logp, advantages, mask, 0.2, 0.28, 0.0, TOKEN_MEAN)
+    with_dual = ops.ppo_policy_loss(logp, old_logp, advantages, mask, 0.2, 0.28, 2.0, TOKEN_MEAN)
+    assert with_dual[0] < without[0] and with_dual[1] > without[1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_policy_loss_low_precision_inputs(device, dtype):
+    logp, old_logp, advantages = _policy_inputs(4, 200, device, dtype)
+    old_logp = old_logp.float()  # mixed dtypes too
+    mask = _mask(4, 200, "ragged", device)
+    clips = (0.2, 0.28, 2.0)
+    out = ops.ppo_policy_loss(logp, old_logp, advantages, mask, *clips, SEQ_MEAN_TOKEN_MEAN)
+    logp64 = logp.double().cpu().requires_grad_()
+    ref = ref_policy_loss(logp64, old_logp.double().cpu(), advantages.double().cpu(), mask.cpu(), *clips,
+                          SEQ_MEAN_TOKEN_MEAN)
+    for a, b in zip(out, ref):
+        _close(a, b)
+    grad = ops.ppo_policy_loss_backward(torch.tensor(1.5, device=device), logp, old_logp, advantages, mask, *clips,
+                                        SEQ_MEAN_TOKEN_MEAN)
+    _close(grad, torch.autograd.grad(ref[0], logp64, torch.tensor(1.5, dtype=torch.float64))[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_losses_fully_masked_batch_are_zero(device, reduction):
+    logp, old_logp, advantages = _policy_inputs(3, 9, device)
+    mask = _mask(3, 9, "none", device)
+    for x in ops.ppo_policy_loss(logp, old_logp, advantages, mask, 0.2, 0.2, 3.0, reduction):
+        assert x.item() == 0.0
+    grad = ops.ppo_policy_loss_backward(torch.tensor(1.0, device=device), logp, old_logp, advantages, mask, 0.2,
+                                        0.2, 3.0, reduction)
+    assert (grad == 0).all()
+    for x in ops.ppo_value_loss(logp, old_logp, advantages, mask, 0.2, reduction):
+        assert x.item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_losses_padding_never_leaks(device):
+    logp, old_logp, advantages = _policy_inputs(3, 40, device)
+    mask = _mask(3, 40, "ragged", device)
+    nan = float("nan")
+    args = (0.2, 0.28, 2.0, SEQ_MEAN_TOKEN_MEAN)
+    clean = ops.ppo_policy_loss(logp, old_logp, advantages, mask, *args)
+    poisoned = ops.ppo_policy_loss(logp.masked_fill(~mask, nan), old_logp, advantages.masked_fill(~mask, nan), mask,
+                                   *args)
+    for a, b in zip(clean, poisoned):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    one = torch.tensor(1.0, device=device)
+    grad = ops.ppo_policy_loss_backward(one, logp.masked_fill(~mask, nan), old_logp, advantages, mask, *args)
+    assert torch.isfinite(grad).all()
+    clean_v = ops.ppo_value_loss(logp, old_logp, advantages, mask, 0.2, TOKEN_MEAN)
+    poisoned_v = ops.ppo_value_loss(logp.masked_fill(~mask, nan), old_logp, advantages, mask, 0.2, TOKEN_MEAN)
+    for a, b in zip(clean_v, poisoned_v):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PPO value loss
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("B,T,kind", [(1, 1, "all"), (5, 33, "ragged"), (4, 300, "holes")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_value_loss_forward_backward(device, reduction, B, T, kind, dtype):
+    values, old_values, returns = _value_inputs(B, T, device, dtype)
+    mask = _mask(B, T, kind, device)
+    loss, clipfrac = ops.ppo_value_loss(values, old_values, returns, mask, 0.2, reduction)
+    assert loss.shape == clipfrac.shape == () and loss.dtype == clipfrac.dtype == torch.float32
+
+    v64 = values.double().cpu().requires_grad_()
+    ref_loss, ref_clipfrac = ref_value_loss(v64, old_values.double().cpu(), returns.double().cpu(), mask.cpu(), 0.2,
+                                            reduction)
+    _close(loss, ref_loss)
+    _close(clipfrac, ref_clipfrac)
+    if kind == "holes":
+        assert 0 < clipfrac.item() < 1  # both branches are exercised
+
+    grad = ops.ppo_value_loss_backward(torch.tensor(-2.5, device=device), values, old_values, returns, mask, 0.2,
+                                       reduction)
+    (ref_grad,) = torch.autograd.grad(ref_loss, v64, grad_outputs=torch.tensor(-2.5, dtype=torch.float64))
+    _close(grad, ref_grad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Determinism, bad input, opcheck
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_cpu_results_do_not_depend_on_threads():
+    logp, old_logp, advantages = _policy_inputs(64, 700, "cpu")
+    mask = _mask(64, 700, "ragged", "cpu")
+    args = (logp, old_logp, advantages, mask, 0.2, 0.28, 2.0, TOKEN_MEAN)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = ops.ppo_policy_loss(*args) + (ops.gae(advantages, logp, mask, 0.99, 0.95)[0],)
+        torch.set_num_threads(max(2, threads))
+        parallel = ops.ppo_policy_loss(*args) + (ops.gae(advantages, logp, mask, 0.99, 0.95)[0],)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(serial, parallel):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _valid_args(op):
+    x, y, z = _policy_inputs(2, 5, "cpu")
+    mask = _mask(2, 5, "all", "cpu")
+    if op == "gae":
+        return [x, y, mask, 0.99, 0.95]
+    if op == "ppo_policy_loss":
+        return [x, y, z, mask, 0.2, 0.2, 0.0, 0]
+    if op == "ppo_policy_loss_backward":
+        return [torch.tensor(1.0), x, y, z, mask, 0.2, 0.2, 0.0, 0]
+    if op == "ppo_value_loss":
+        return [x, y, z, mask, 0.2, 0]
+    return [torch.tensor(1.0), x, y, z, mask, 0.2, 0]
+
+
+# (op, argument index, replacement, expected message): each error names the argument.
+_BAD = [
+    ("gae", 0, torch.zeros(2, 5, dtype=torch.float64), "rewards must be float32, bfloat16 or float16"),
+    ("gae", 1, torch.zeros(2, 5, dtype=torch.int64), "values must be float32"),
+    ("gae", 1, torch.zeros(2, 6), "values must have the shape of rewards"),
+    ("gae", 0, torch.zeros(5, 2).t(), "rewards must be contiguous"),
+    ("gae", 0, torch.zeros(10), "rewards must be 2-D"),
+    ("gae", 2, torch.ones(2, 5), "mask must be bool"),
+    ("gae", 2, torch.ones(2, 4, dtype=torch.bool), "mask must have the shape of rewards"),
+    ("gae", 2, torch.ones(5, 2, dtype=torch.bool).t(), "mask must be contiguous"),
+    ("gae", 3, 1.5, "gamma must be in"),
+    ("gae", 4, -0.1, "lam must be in"),
+    ("ppo_policy_loss", 1, torch.zeros(2, 10)[:, ::2], "old_logp must be contiguous"),
+    ("ppo_policy_loss", 2, torch.zeros(3, 5), "advantages must have the shape of logp"),
+    ("ppo_policy_loss", 6, 0.5, "dual_clip must be 0"),
+    ("ppo_policy_loss", 7, 3, "reduction must be"),
+    ("ppo_policy_loss_backward", 0, torch.ones(1), "grad_loss must be a 0-dim"),
+    ("ppo_policy_loss_backward", 0, torch.tensor(1.0, dtype=torch.float64), "grad_loss must be float32"),
+    ("ppo_value_loss", 0, torch.zeros(2, 5, dtype=torch.float64), "values must be float32"),
+    ("ppo_value_loss", 2, torch.zeros(2, 4), "returns must have the shape of values"),
+    ("ppo_value_loss", 4, -0.2, "clip_eps must be >= 0"),
+    ("ppo_value_loss_backward", 6, -1, "reduction must be"),
+]
+
+
+@pytest.mark.parametrize("op,index,bad,message", _BAD, ids=[f"{b[0]}-{b[3][:24]}" for b in _BAD])
+def test_bad_input_is_rejected(op, index, bad, message):
+    args = _valid_args(op)
+    getattr(ops, op)(*args)  # the valid call works
+    args[index] = bad
+    with pytest.raises(RuntimeError, match=message):
+        getattr(ops, op)(*args)
+
+
+@pytest.mark.parametrize("op", ["gae", "ppo_policy_loss", "ppo_policy_loss_backward", "ppo_value_loss",
+                                "ppo_value_loss_backward"])
+def test_opcheck(op):
+    """Schema, fake impl (registered by instructrl_fast.ops) and autograd registration agree with the kernels."""
+    import instructrl_fast.ops  # noqa: F401  (registers the fake and autograd impls)
+
+    args = _valid_args(op)
+    if op in ("ppo_policy_loss", "ppo_value_loss"):
+        args[0].requires_grad_()
+    torch.library.opcheck(getattr(ops, op).default, tuple(args))
