@@ -231,13 +231,15 @@ def _linear_bwd(grad_logp: Tensor, grad_entropy: Tensor, hidden: Tensor, weight:
         torch.mm(dlogits, weight, out=grad_hidden[sl])
         if dlogits.dtype == grad_weight.dtype:
             grad_weight.addmm_(dlogits.T, h)
-        else:  # CPU has no mixed-precision mm with an fp32 output: upcast this chunk
+        elif grad_weight.is_cuda:  # a bf16/fp16 GEMM with an fp32 output (cuBLAS accumulates in fp32 anyway)
+            grad_weight = torch.addmm(grad_weight, dlogits.T, h, out_dtype=grad_weight.dtype)
+        else:  # CPU has no mixed-precision GEMM with an fp32 output: upcast this chunk
             grad_weight.addmm_(dlogits.T.to(grad_weight.dtype), h.to(grad_weight.dtype))
     return grad_hidden, grad_weight.to(weight.dtype)
 
 
 @_linear_fwd.register_fake
-def _linear_new_fwd_outputs(hidden, weight, labels, temperature, ignore_index, vocab_start, with_entropy, backend):
+def _linear_fwd_fake(hidden, weight, labels, temperature, ignore_index, vocab_start, with_entropy, backend):
     return _new_fwd_outputs(hidden, labels, temperature, ignore_index, vocab_start, with_entropy)
 
 
