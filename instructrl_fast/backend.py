@@ -96,10 +96,11 @@ def available(name: str, device: torch.device) -> bool:
 def resolve(op: str, device: torch.device, implemented: Sequence[str]) -> str:
     """Pick the backend for one call of ``op`` on tensors living on ``device``.
 
-    ``implemented`` lists the op's backends in order of preference on a GPU (``torch`` is always implemented).
+    ``implemented`` lists the op's compiled backends in order of preference on a GPU; ``torch`` is always
+    implemented and need not be listed.
     """
     if _forced is not None:
-        if _forced not in implemented:
+        if _forced not in implemented and _forced != "torch":
             raise BackendError(f"{op}: backend {_forced!r} is forced but {op} implements only {tuple(implemented)}")
         reason = _unavailable_reason(_forced, device)
         if reason is not None:

@@ -24,6 +24,8 @@ def test_forced_missing_backend_is_an_error():
     with backend.use_backend("cpp"):
         with pytest.raises(backend.BackendError, match="implements only"):
             backend.resolve("op", torch.device("cpu"), ("triton",))
+    with backend.use_backend("torch"):
+        assert backend.resolve("op", torch.device("cpu"), ("triton",)) == "torch"
 
 
 def test_unknown_backend_name():
