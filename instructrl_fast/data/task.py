@@ -7,12 +7,14 @@ paper does with non-English and code instructions (Section 4.3).
 
 The pretraining corpus is where a base model learns the world, and it is built so that the paper's baselines keep
 their order (GPT < prompted GPT < SFT):
-  - prose docs: sentences from a small word list; a few carry "toxic" words, so base models emit them sometimes;
-  - quiz docs: a ``"quiz\\n"`` header, then Q/A lines answered correctly (every kind, the held-out one included);
-  - chat docs: a ``"chat\\n"`` header, then the same questions answered off-topic, wrongly, or rudely.
-A bare prompt (no header) is ambiguous between quiz and chat, so the base model ("GPT") answers well only some of
-the time; ``few_shot_prefix()`` opens a quiz doc ("prompted GPT") and makes correct answers far likelier. Base
-models also keep talking after the answer (the next Q/A line), which the labeler penalises and SFT/PPO remove.
+  - prose docs (~45 %): sentences from a small word list; a few carry "toxic" words, so base models emit them;
+  - quiz docs (~30 %): a ``"quiz\n"`` header, then Q/A lines answered correctly (every kind, held-out included);
+  - chat docs (~25 %): no header, the same questions answered off-topic, rudely, wrongly, or right but chattily.
+A bare prompt starts the way chat docs do, so the base model ("GPT") mostly chats back; ``few_shot_prefix()``
+opens a quiz doc ("prompted GPT") and makes correct answers far likelier, as a few-shot prompt does for GPT-3.
+Base models also keep talking after the answer (the next Q/A line), which the labeler penalises and SFT/PPO remove.
+Docs are meant to be framed by bos/eos (``tok.encode(doc, bos=True, eos=True)``) so that a prompt after bos
+looks like the start of a document.
 The prose share makes the corpus loss a fair "public NLP" proxy: PPO drifts from it (the alignment tax), and
 PPO-ptx, which keeps training on it, recovers much of the loss.
 
@@ -257,13 +259,13 @@ def _sentence(rng: random.Random, toxic_p: float) -> str:
 
 
 def _chat_reply(prompt: Prompt, rng: random.Random) -> str:
-    """How the people in chat docs answer a question: off-topic, wrong, rude, or right but chatty."""
+    """How people in chat docs answer a question: off-topic 35 %, rude 25 %, wrong 25 %, right but chatty 15 %."""
     style = rng.random()
-    if style < 0.3:
-        return _sentence(rng, toxic_p=0.3)
-    if style < 0.55:
+    if style < 0.35:
+        return _sentence(rng, toxic_p=0.2)
+    if style < 0.6:
         return f"{rng.choice(['no idea', 'ask someone else', 'who cares', 'go away'])}, {rng.choice(TOXIC_WORDS)}."
-    if style < 0.8:
+    if style < 0.85:
         return wrong_answer(prompt, rng)
     return f"{prompt.answer} i think"
 
@@ -394,7 +396,7 @@ class DemoTask:
                 return prefix
 
     def pretraining_corpus(self, n_docs: int, *, split: str = "train") -> list[str]:
-        """``n_docs`` pretraining documents (each <= ``max_doc_bytes``): ~50 % prose, ~30 % quiz, ~20 % chat.
+        """``n_docs`` pretraining documents (each <= ``max_doc_bytes``): ~45 % prose, ~30 % quiz, ~25 % chat.
         ``split="val"`` gives an independent draw for measuring corpus loss (the alignment tax)."""
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -402,15 +404,15 @@ class DemoTask:
         docs = []
         for _ in range(self._check_n(n_docs, "n_docs")):
             r = rng.random()
-            if r < 0.5:
+            if r < 0.45:
                 parts, budget = [], rng.randint(60, self.max_doc_bytes)
                 while not parts or sum(len(s) + 1 for s in parts) < budget:
                     parts.append(_sentence(rng, toxic_p=0.06))
                 doc = " ".join(parts)
-            elif r < 0.8:
+            elif r < 0.75:
                 doc = "quiz\n" + "".join(self._quiz_line(rng) for _ in range(rng.randint(2, 4)))
             else:
-                doc = "chat\n"
+                doc = ""  # chat docs open with a question, as a bare prompt does
                 for _ in range(rng.randint(1, 3)):
                     p = self._draw(rng, rng.choice(self.kinds), "train")
                     doc += f"{p.text} {_chat_reply(p, rng)}\n"
