@@ -38,11 +38,11 @@ from pathlib import Path
 # children are spawned after this line and inherit it).
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
 
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (  # noqa: E402
+from bench.common import (
     append_rows,
     copy_bandwidth_gbs,
     cpu_peak_bytes,
@@ -50,8 +50,8 @@ from bench.common import (  # noqa: E402
     median_ms,
     print_table,
 )
-from instructrl_fast import backend as backend_mod  # noqa: E402
-from instructrl_fast.ops import gather_logprobs, linear_logprobs  # noqa: E402
+from instructrl_fast import backend as backend_mod
+from instructrl_fast.ops import gather_logprobs, linear_logprobs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEMPERATURE = 0.9
@@ -195,7 +195,7 @@ def peak_extra_bytes(op, provider, N, V, D, dtype_name, device) -> int:
 def bench_case(op, N, V, D, dtype_name, device, provider_names, copy_gbs, quick):
     dtype = DTYPES[dtype_name]
     itemsize = dtype.itemsize
-    reps = dict(warmup=1, reps=3, max_seconds=10) if device.type == "cpu" or quick else dict(warmup=3, reps=10)
+    reps = {"warmup": 1, "reps": 3, "max_seconds": 10} if device.type == "cpu" or quick else {"warmup": 3, "reps": 10}
     rows = []
     for provider in provider_names:
         row = {"op": op, "provider": provider, "N": N, "V": V, "D": D or None, "dtype": dtype_name}
@@ -206,7 +206,7 @@ def bench_case(op, N, V, D, dtype_name, device, provider_names, copy_gbs, quick)
             fwd_bwd_ms = median_ms(step_fn(fn, leaves, labels, grad, True), device=device, **reps)
             del leaves
             extra = peak_extra_bytes(op, provider, N, V, D, dtype_name, device)
-        except Exception as e:  # a provider that cannot run here is reported, not fatal for the others
+        except (RuntimeError, ImportError, AttributeError, ValueError) as e:  # reported, not fatal for the others
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             rows.append(row)
             continue

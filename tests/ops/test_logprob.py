@@ -303,23 +303,23 @@ def test_torch_compile_fullgraph(backend):
 def test_gather_bad_input():
     logits, labels = torch.randn(2, 3, 10), torch.randint(0, 10, (2, 3))
     cases = [
-        (TypeError, "logits", dict(logits=logits.numpy())),
-        (TypeError, "logits", dict(logits=logits.double())),
-        (ValueError, "logits", dict(logits=torch.randn(())), ),
-        (ValueError, "vocab", dict(logits=torch.randn(2, 3, 0))),
-        (TypeError, "labels", dict(labels=labels.int())),
-        (TypeError, "labels", dict(labels=[1, 2])),
-        (ValueError, "labels", dict(labels=labels[:, :2])),
-        (ValueError, "labels must lie", dict(labels=torch.full((2, 3), 10))),
-        (ValueError, "labels must lie", dict(labels=torch.full((2, 3), -1))),
-        (ValueError, "temperature", dict(temperature=0.0)),
-        (ValueError, "temperature", dict(temperature=-1.0)),
-        (ValueError, "temperature", dict(temperature=float("nan"))),
-        (TypeError, "temperature", dict(temperature="1")),
-        (TypeError, "temperature", dict(temperature=torch.tensor(1.0))),
-        (TypeError, "ignore_index", dict(ignore_index=1.5)),
-        (TypeError, "with_entropy", dict(with_entropy=1)),
-        (TypeError, "tp_group", dict(tp_group="world")),
+        (TypeError, "logits", {"logits": logits.numpy()}),
+        (TypeError, "logits", {"logits": logits.double()}),
+        (ValueError, "logits", {"logits": torch.randn(())}),
+        (ValueError, "vocab", {"logits": torch.randn(2, 3, 0)}),
+        (TypeError, "labels", {"labels": labels.int()}),
+        (TypeError, "labels", {"labels": [1, 2]}),
+        (ValueError, "labels", {"labels": labels[:, :2]}),
+        (ValueError, "labels must lie", {"labels": torch.full((2, 3), 10)}),
+        (ValueError, "labels must lie", {"labels": torch.full((2, 3), -1)}),
+        (ValueError, "temperature", {"temperature": 0.0}),
+        (ValueError, "temperature", {"temperature": -1.0}),
+        (ValueError, "temperature", {"temperature": float("nan")}),
+        (TypeError, "temperature", {"temperature": "1"}),
+        (TypeError, "temperature", {"temperature": torch.tensor(1.0)}),
+        (TypeError, "ignore_index", {"ignore_index": 1.5}),
+        (TypeError, "with_entropy", {"with_entropy": 1}),
+        (TypeError, "tp_group", {"tp_group": "world"}),
     ]
     for exc, match, kw in cases:
         args = {"logits": logits, "labels": labels, **kw}
@@ -332,16 +332,16 @@ def test_gather_bad_input():
 def test_linear_bad_input():
     hidden, weight, labels = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
     cases = [
-        (TypeError, "hidden", dict(hidden=hidden.long())),
-        (TypeError, "weight", dict(weight=weight.half())),
-        (ValueError, "weight", dict(weight=torch.randn(10, 7))),
-        (ValueError, "weight", dict(weight=torch.randn(10, 8, 1))),
-        (ValueError, "weight", dict(weight=torch.randn(0, 8))),
-        (ValueError, "labels", dict(labels=labels[:3])),
-        (ValueError, "labels must lie", dict(labels=labels + 10)),
-        (ValueError, "temperature", dict(temperature=0)),
-        (TypeError, "ignore_index", dict(ignore_index=None)),
-        (ValueError, "weight is on meta", dict(weight=weight.to("meta"))),
+        (TypeError, "hidden", {"hidden": hidden.long()}),
+        (TypeError, "weight", {"weight": weight.half()}),
+        (ValueError, "weight", {"weight": torch.randn(10, 7)}),
+        (ValueError, "weight", {"weight": torch.randn(10, 8, 1)}),
+        (ValueError, "weight", {"weight": torch.randn(0, 8)}),
+        (ValueError, "labels", {"labels": labels[:3]}),
+        (ValueError, "labels must lie", {"labels": labels + 10}),
+        (ValueError, "temperature", {"temperature": 0}),
+        (TypeError, "ignore_index", {"ignore_index": None}),
+        (ValueError, "weight is on meta", {"weight": weight.to("meta")}),
     ]
     for exc, match, kw in cases:
         args = {"hidden": hidden, "weight": weight, "labels": labels, **kw}
