@@ -61,8 +61,8 @@ class Pipeline:
     """Runs the stages of ``cfg`` into ``out_dir``; each stage method returns its trained model."""
 
     def __init__(self, cfg: PipelineConfig, out_dir: str | os.PathLike, *, resume: bool = False,
-                 device: str | torch.device = "cpu", log=print):
-        self.cfg, self.out, self.resume = cfg, Path(out_dir), resume
+                 device: str | torch.device = "cpu", log=print, tp_group=None):
+        self.cfg, self.out, self.resume, self.tp_group = cfg, Path(out_dir), resume, tp_group
         self.device, self.log = torch.device(device), log
         self.tok = ByteTokenizer()
         self.task = DemoTask(cfg.data_seed)
@@ -92,7 +92,7 @@ class Pipeline:
 
         cfg = model_config(self.cfg.pretrain[size].model, vocab_size=self.tok.vocab_size,
                            block_size=self.cfg.block_size)
-        model = GPT(cfg, head=head).to(self.device)
+        model = GPT(cfg, head=head, tp_group=self.tp_group).to(self.device)
         model.init_weights(seed)
         return model
 

@@ -1,0 +1,77 @@
+"""The command line end to end on the micro preset: `run` (every stage, evaluation, table, resume), the single
+stages on user JSONL data, and errors that name the file, line and field."""
+
+import json
+
+import pytest
+
+from instructrl_fast.cli import main
+from instructrl_fast.data import save_jsonl
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["run", "--preset", "micro", "--out", str(out), "--quiet", "--threads", "1"]) == 0
+    return out
+
+
+def test_run_writes_every_stage_and_the_table(run_dir):
+    report = json.loads((run_dir / "results.json").read_text())
+    methods = {r["method"] for r in report["results"]}
+    assert methods == {"GPT", "GPT (prompted)", "SFT", "PPO", "PPO-ptx"}
+    assert all(0.0 <= r["win_rate"] <= 1.0 and r["ptx_loss"] > 0 for r in report["results"])
+    for stage in ("base-s", "sft-s", "rm", "ppo-init-s", "ppo-s", "ppo-ptx-s"):
+        assert (run_dir / stage / "model.safetensors").is_file(), stage
+        assert (run_dir / stage / "metrics.csv").is_file(), stage
+        assert (run_dir / stage / "ckpt" / "latest").is_file(), stage
+    assert list((run_dir / "base-s" / "tb").iterdir())  # TensorBoard events
+    assert json.loads((run_dir / "sft-s" / "selection.json").read_text())["chosen"].startswith("epoch_")
+    assert "Figure 1" in (run_dir / "figure1.txt").read_text()
+
+
+def test_resume_reuses_finished_stages(run_dir, capsys):
+    before = (run_dir / "ppo-s" / "model.safetensors").stat().st_mtime_ns
+    assert main(["run", "--preset", "micro", "--out", str(run_dir), "--quiet", "--threads", "1", "--resume"]) == 0
+    assert (run_dir / "ppo-s" / "model.safetensors").stat().st_mtime_ns == before
+    assert "Figure 1" in capsys.readouterr().out
+
+
+def test_stages_on_user_data(tmp_path, run_dir, task, labeler):
+    demos, comps = tmp_path / "demos.jsonl", tmp_path / "comps.jsonl"
+    prompts = tmp_path / "prompts.jsonl"
+    save_jsonl(demos, task.demonstrations(12))
+    save_jsonl(comps, task.comparisons(10, labeler))
+    save_jsonl(prompts, [{"prompt": p.text} for p in task.prompts("train", 8)])
+    common = ["--preset", "micro", "--quiet", "--threads", "1"]
+    init = str(run_dir / "base-s" / "model.safetensors")
+    assert main(["sft", "--out", str(tmp_path / "sft"), "--data", str(demos), "--init", init, *common]) == 0
+    sft = str(tmp_path / "sft" / "model.safetensors")
+    assert main(["rm", "--out", str(tmp_path / "rm"), "--data", str(comps), "--demos", str(demos),
+                 "--init", sft, *common]) == 0
+    assert main(["ppo", "--out", str(tmp_path / "ppo"), "--prompts", str(prompts), "--init", sft, "--rm",
+                 str(tmp_path / "rm" / "model.safetensors"), "--ptx", "--episodes", "8", *common]) == 0
+    assert main(["eval", "--out", str(tmp_path / "eval"), "--policy", f"sft={sft}",
+                 "--policy", f"ppo={tmp_path / 'ppo' / 'model.safetensors'}", *common]) == 0
+    results = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert set(results) == {"sft", "ppo"} and results["sft"]["win_rate"] >= 0
+    assert main(["eval", "--out", str(tmp_path / "eval"), "--policy", f"sft={sft}", "--prompts", str(prompts),
+                 *common]) == 0
+    assert len((tmp_path / "eval" / "responses.jsonl").read_text().splitlines()) == 8
+
+
+def test_malformed_jsonl_names_file_line_and_field(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Q: add 1 2\\nA:", "response": " 3"}\n{"prompt": "Q: add 2 2\\nA:"}\n')
+    assert main(["sft", "--out", str(tmp_path / "o"), "--data", str(bad), "--preset", "micro", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and "2" in err and "response" in err
+
+
+def test_bad_arguments_are_rejected(tmp_path, capsys):
+    assert main(["run", "--preset", "micro", "--out", str(tmp_path), "--size", "xl", "--quiet"]) == 2
+    with pytest.raises(SystemExit):
+        main(["sft", "--preset", "micro", "--quiet"])  # --out is required
+    assert main(["run", "--preset", "nope", "--out", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "size must be one of" in err and "preset must be one of" in err
