@@ -31,7 +31,7 @@ def verl_gae_ref(rewards, values, mask, gamma, lam):
     """verl: the loop over time carries next value / advantage through masked positions, returns = A + V, then the
     advantages are whitened over the mask (unbiased variance, eps 1e-8) at every position."""
     r, v, m = rewards.double(), values.double(), mask.double()
-    next_value = torch.zeros(r.shape[0], dtype=torch.float64)
+    next_value = torch.zeros(r.shape[0], dtype=torch.float64, device=r.device)
     last_adv = torch.zeros_like(next_value)
     adv = torch.zeros_like(r)
     for t in reversed(range(r.shape[1])):
@@ -125,7 +125,7 @@ def openrlhf_gae_ref(values, rewards, action_mask, gamma, lambd):
 
 def _right_padded_mask(B, T):
     lengths = torch.randint(1, T + 1, (B,))
-    return torch.arange(T)[None, :] < lengths[:, None]
+    return (torch.arange(T)[None, :] < lengths[:, None]).to(DEVICE)
 
 
 def _with_holes(mask):
@@ -138,8 +138,7 @@ def _rl_batch(B=4, T=23):
     mask = _right_padded_mask(B, T)
     mask[0] = True
     logp = -torch.rand(B, T) * 3
-    return dict(
-        mask=mask,
+    batch = dict(
         logp=logp,
         old_logp=logp + 0.4 * torch.randn(B, T),
         ref_logp=logp + 0.3 * torch.randn(B, T),
@@ -149,6 +148,7 @@ def _rl_batch(B=4, T=23):
         returns=torch.randn(B, T),
         scores=torch.randn(B),
     )
+    return {"mask": mask, **{k: v.to(DEVICE) for k, v in batch.items()}}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -174,8 +174,8 @@ def test_verl_gae_equals_verl_at_valid_positions(backend, holes):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(verl.KL_PENALTIES))
 def test_verl_kl_penalty(backend, name):
-    logp = -torch.rand(3, 40) * 30  # log-ratios up to +-30: verl's clamps at 20 and 10 are exercised
-    ref_logp = -torch.rand(3, 40) * 30
+    logp = -torch.rand(3, 40, device=DEVICE) * 30  # log-ratios up to +-30: verl's clamps at 20 and 10 are exercised
+    ref_logp = -torch.rand(3, 40, device=DEVICE) * 30
     with use_backend(backend):
         kl = verl.kl_penalty(logp, ref_logp, name)
     torch.testing.assert_close(kl.double(), verl_kl_ref(logp, ref_logp, name), rtol=1e-5, atol=1e-5)
@@ -223,8 +223,8 @@ def test_verl_value_loss_and_agg_loss(backend, mode):
 
 
 def test_verl_fully_masked_row_is_zero_not_nan():
-    loss = torch.randn(3, 5)
-    mask = torch.ones(3, 5)
+    loss = torch.randn(3, 5, device=DEVICE)
+    mask = torch.ones(3, 5, device=DEVICE)
     mask[1] = 0
     ours = verl.agg_loss(loss, mask, "seq-mean-token-mean")
     assert torch.isnan(verl_agg_ref(loss.double(), mask, "seq-mean-token-mean"))  # verl's documented formula
@@ -297,7 +297,7 @@ def test_openrlhf_gae_right_padded_equals_openrlhf_holes_differ(backend):
     ref_adv, ref_ret = openrlhf_gae_ref(b["values"], b["rewards"], b["mask"].double(), 0.99, 0.95)
     torch.testing.assert_close(adv.double(), ref_adv, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ret.double(), ref_ret, rtol=1e-5, atol=1e-5)
-    ref_all = openrlhf_gae_ref(b["values"], b["rewards"], torch.ones(b["mask"].shape, dtype=torch.float64), 0.99,
+    ref_all = openrlhf_gae_ref(b["values"], b["rewards"], torch.ones_like(b["values"], dtype=torch.float64), 0.99,
                                0.95)
     torch.testing.assert_close(all_valid[0].double(), ref_all[0], rtol=1e-5, atol=1e-5)
     # the documented difference: a hole inside a row is skipped by us, a zero step for OpenRLHF

@@ -117,7 +117,7 @@ def test_kl_bad_input():
 
 def test_shape_rewards_bad_input():
     logp, ref = _logps((2, 5))
-    scores, mask = torch.randn(2), torch.ones(2, 5, dtype=torch.bool)
+    scores, mask = torch.randn(2, device=DEVICE), torch.ones(2, 5, dtype=torch.bool, device=DEVICE)
     with pytest.raises(ValueError, match="logp"):
         ops.shape_rewards(scores, logp[0], ref[0], mask[0], kl_coef=0.1)
     with pytest.raises(ValueError, match="ref_logp"):
@@ -146,8 +146,10 @@ def test_opcheck(backend):
     mask = torch.rand(3, 7, device=DEVICE) < 0.5
     ops_ = torch.ops.instructrl_fast
     torch.library.opcheck(ops_.kl_penalty_triton.default, (logp.requires_grad_(), ref.to(torch.bfloat16), 2))
-    torch.library.opcheck(ops_.kl_penalty_triton_backward.default, (torch.randn(3, 7), logp.detach(), ref, 1))
-    torch.library.opcheck(ops_.shape_rewards_triton.default, (torch.randn(3), logp.detach(), ref, mask, 0.1, 0))
+    grad = torch.randn(3, 7, device=DEVICE)
+    torch.library.opcheck(ops_.kl_penalty_triton_backward.default, (grad, logp.detach(), ref, 1))
+    scores = torch.randn(3, device=DEVICE)
+    torch.library.opcheck(ops_.shape_rewards_triton.default, (scores, logp.detach(), ref, mask, 0.1, 0))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
