@@ -119,14 +119,16 @@ def bench_case(op, B, T, dtype_name, device, copy_gbs, quick):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the GPU script's cut: one shape, few reps (< 60 s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the GPU script's cut: the policy loss at one shape, few reps (< 60 s)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = (GPU_QUICK if args.quick else GPU_SHAPES) if device.type == "cuda" else CPU_SHAPES
     copy_gbs = copy_bandwidth_gbs(device)
     print(f"device {device}: copy bandwidth {copy_gbs:.1f} GB/s")
-    rows = [row for op in ("policy", "value") for B, T in shapes
+    ops = ("policy",) if args.quick else ("policy", "value")  # quick: one inductor compile, not two
+    rows = [row for op in ops for B, T in shapes
             for row in bench_case(op, B, T, args.dtype, device, copy_gbs, args.quick)]
     print_table(rows, ["op", "provider", "B", "T", "dtype", "ms", "speedup_vs_eager", "gbs", "pct_copy", "peak_mib",
                        "max_err_vs_eager"])
