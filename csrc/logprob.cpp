@@ -1,0 +1,214 @@
+// instructrl_fast::logprob_fwd / logprob_bwd: the shard-local kernels behind gather_logprobs and linear_logprobs
+// (instructrl_fast/ops/logprob.py registers their fake impls and autograd, and combines shards under tensor
+// parallelism). Schemas and CPU kernels here; CUDA kernels in csrc/cuda/logprob.cu.
+//
+// With x_j = logits[n, j] / temperature over this rank's vocab shard [vocab_start, vocab_start + V):
+//   fwd: lse = logsumexp_j x_j, target = x[label - vocab_start] (0 outside the shard or for ignored rows),
+//        sum_px = sum_j softmax_j * x_j (shard-local softmax; entropy H = lse - sum_px once combined over shards).
+//   bwd: with the GLOBAL lse and H, p_j = exp(x_j - lse), and for rows whose label != ignore_index
+//        grad_logits[n, j] = (g_lp * (1[j == label - vocab_start] - p_j) - g_ent * p_j * (x_j - (lse - H))) / T,
+//        since d logp / dx_j = 1[j == label] - p_j and dH / dx_j = -p_j * (x_j - E_p[x]) with E_p[x] = lse - H.
+// Neither direction materialises an [N, V] fp32 temporary: the forward streams each row once through a small
+// fp32 buffer, the backward reads each row once and writes its gradient once.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cstdint>
+#include <limits>
+
+#include "logprob.h"
+
+namespace instructrl_fast::logprob {
+namespace {
+
+constexpr int64_t kChunk = 1024;   // columns per step through a row's fp32 staging buffer (4 KiB on the stack)
+constexpr int64_t kGrain = 32768;  // elements per parallel task (ATen's GRAIN_SIZE): small V gets many rows per task
+
+// The fp32 inner loops. gcc keeps a loop scalar when vectorising it would evaluate a floating-point expression on
+// a path where the scalar code skips it (it "could trap": exp_f32's polynomial once its clamp is threaded into
+// branches), so trapping math is switched off for these functions alone. Functions defined under other options
+// (std::min, std::bit_cast, the bf16/fp16 conversions) are not inlined here, so these loops touch only fp32 and
+// builtins; the conversions happen in the loops outside this region.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+// exp(x) in float as straight-line code, so that gcc -O3 vectorises the loops calling it (std::exp is an opaque
+// libm call that keeps them scalar without -ffast-math). Cephes expf: Cody-Waite reduction x = n ln2 + r with
+// |r| <= ln2 / 2 (ln2 split in two so that n * C1 is exact), a degree-5 polynomial for exp(r), and 2^n built in the
+// exponent bits; relative error <= 2.3e-7 on [-87.3, 88.3]. Below that range it returns 0 (the true value is
+// subnormal or 0: exp(-inf) = 0 exactly), above it saturates near 2.4e38 (the callers' arguments are <= ~0);
+// NaN propagates (the clamp keeps it, the final 0/1 mask multiplies it).
+inline float exp_f32(float x) {
+  constexpr float kLo = -87.33654f, kHi = 88.37626f;
+  const float xc = x < kLo ? kLo : (x > kHi ? kHi : x);  // no std::min/max: not inlined under these options
+  // Round x / ln2 to the nearest integer with the 1.5 * 2^23 trick (floor needs SSE4.1; this needs nothing).
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * (r * r) + r + 1.0f;
+  const float two_n = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);  // n in [-126, 127]: normal
+  return y * two_n * static_cast<float>(x >= kLo);
+}
+
+// Adds sum exp(x - m) to s and sum exp(x - m) * x to t over x[0, len), for a finite m. The per-call partial sums
+// (several vector lanes each) keep the fp32 summation error small for long rows.
+void add_exp_sums(const float* x, int64_t len, float m, float& s, float& t) {
+  float cs = 0.0f, ct = 0.0f;
+#pragma omp simd reduction(+ : cs, ct)
+  for (int64_t k = 0; k < len; ++k) {
+    const float e = exp_f32(x[k] - m);
+    cs += e;
+    ct += e * (e > 0.0f ? x[k] : 0.0f);  // a -inf logit adds 0, not 0 * -inf = nan
+  }
+  s += cs;
+  t += ct;
+}
+
+// In place x -> grad_x = g * (0 - p) - g_ent * p * (x - mean_x) with p = exp(x - lse), over x[0, len): the
+// backward's formula without its one-hot term. g and g_ent arrive already divided by the temperature.
+void softmax_grad(float* x, int64_t len, float g, float g_ent, float lse, float mean_x) {
+#pragma omp simd
+  for (int64_t k = 0; k < len; ++k) {
+    const float p = exp_f32(x[k] - lse);
+    x[k] = -g * p - g_ent * p * (p > 0.0f ? x[k] - mean_x : 0.0f);  // p = 0 (x = -inf) gives 0, not nan
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
+// x[k] = row[k] / T in fp32 over k in [0, len); returns max_k x[k].
+template <typename scalar_t>
+float load_scaled(const scalar_t* row, int64_t len, float inv_temp, float* x) {
+  float x_max = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : x_max)
+  for (int64_t k = 0; k < len; ++k) {
+    x[k] = static_cast<float>(row[k]) * inv_temp;
+    x_max = std::max(x_max, x[k]);
+  }
+  return x_max;
+}
+
+// One row of the forward: a single streaming pass with the online rescaling trick. The state is m = max x,
+// s = sum exp(x - m), t = sum exp(x - m) * x over the columns seen so far; a chunk with a larger max rescales
+// s and t by exp(m_old - m_new). Returns lse = m + log(s) and sum_px = t / s (an all -inf row: lse = -inf).
+template <typename scalar_t>
+std::pair<float, float> fwd_row(const scalar_t* row, int64_t V, float inv_temp) {
+  float x[kChunk];
+  float m = -std::numeric_limits<float>::infinity(), s = 0.0f, t = 0.0f;
+  for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
+    const int64_t len = std::min(kChunk, V - j0);
+    const float chunk_max = load_scaled(row + j0, len, inv_temp, x);
+    if (chunk_max > m) {
+      const float scale = exp_f32(m - chunk_max);  // exp(-inf) = 0 on the first chunk
+      s *= scale;
+      t *= scale;
+      m = chunk_max;
+    }
+    if (m > -std::numeric_limits<float>::infinity()) add_exp_sums(x, len, m, s, t);  // -inf so far: s = t = 0
+  }
+  return {m + std::log(s), t / s};
+}
+
+// One row of the backward, for a row whose label is not ignore_index. `local` = label - vocab_start may lie outside
+// [0, V): the row then has no one-hot term. g and g_ent arrive already divided by the temperature.
+template <typename scalar_t>
+void bwd_row(const scalar_t* row, scalar_t* out, int64_t V, int64_t local, float inv_temp, float g, float g_ent,
+             float lse, float mean_x) {
+  float x[kChunk];
+  for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
+    const int64_t len = std::min(kChunk, V - j0);
+    load_scaled(row + j0, len, inv_temp, x);
+    softmax_grad(x, len, g, g_ent, lse, mean_x);
+    // The one-hot term is added in fp32, before the single rounding to the output dtype.
+    if (local >= j0 && local < j0 + len) x[local - j0] += g;
+    std::copy(x, x + len, out + j0);  // converts to scalar_t
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels,
+                                                               double temperature, int64_t ignore_index,
+                                                               int64_t vocab_start, bool with_entropy) {
+  auto [lse, target, sum_px] = fwd_outputs(logits, labels, temperature, with_entropy);
+  const at::Tensor labels_c = labels.contiguous();
+  const int64_t N = logits.size(0), V = logits.size(1), stride = logits.stride(0);
+  const float inv_temp = static_cast<float>(1.0 / temperature);
+  INSTRUCTRL_LOGPROB_DISPATCH(logits.scalar_type(), "logprob_fwd_cpu", [&] {
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    const int64_t* lab = labels_c.const_data_ptr<int64_t>();
+    float* lse_p = lse.mutable_data_ptr<float>();
+    float* target_p = target.mutable_data_ptr<float>();
+    float* sum_px_p = with_entropy ? sum_px.mutable_data_ptr<float>() : nullptr;
+    at::parallel_for(0, N, std::max<int64_t>(1, kGrain / V), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const scalar_t* row = x + n * stride;  // int64 offsets: N * V passes 2^31 at real sizes
+        const auto [row_lse, row_sum_px] = fwd_row(row, V, inv_temp);
+        lse_p[n] = row_lse;
+        if (sum_px_p != nullptr) sum_px_p[n] = row_sum_px;
+        const int64_t local = lab[n] - vocab_start;
+        const bool in_shard = lab[n] != ignore_index && local >= 0 && local < V;
+        target_p[n] = in_shard ? static_cast<float>(row[local]) * inv_temp : 0.0f;
+      }
+    });
+  });
+  return {lse, target, sum_px};
+}
+
+at::Tensor logprob_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& logits,
+                           const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& entropy,
+                           double temperature, int64_t ignore_index, int64_t vocab_start) {
+  const BwdArgs a = bwd_args(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature);
+  const int64_t N = logits.size(0), V = logits.size(1), stride = logits.stride(0);
+  const float inv_temp = static_cast<float>(1.0 / temperature);
+  INSTRUCTRL_LOGPROB_DISPATCH(logits.scalar_type(), "logprob_bwd_cpu", [&] {
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    scalar_t* out = a.grad_logits.mutable_data_ptr<scalar_t>();
+    const int64_t* lab = a.labels.const_data_ptr<int64_t>();
+    const float* g_lp = a.grad_logp.const_data_ptr<float>();
+    const float* g_ent = a.with_entropy ? a.grad_entropy.const_data_ptr<float>() : nullptr;
+    const float* lse_p = a.lse.const_data_ptr<float>();
+    const float* ent_p = a.with_entropy ? a.entropy.const_data_ptr<float>() : nullptr;
+    at::parallel_for(0, N, std::max<int64_t>(1, kGrain / V), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        scalar_t* out_row = out + n * V;
+        if (lab[n] == ignore_index) {
+          std::fill(out_row, out_row + V, scalar_t(0));
+          continue;
+        }
+        const float g_ent_n = g_ent != nullptr ? g_ent[n] * inv_temp : 0.0f;
+        const float mean_x = g_ent != nullptr ? lse_p[n] - ent_p[n] : 0.0f;  // E_p[x] = lse - H
+        bwd_row(x + n * stride, out_row, V, lab[n] - vocab_start, inv_temp, g_lp[n] * inv_temp, g_ent_n, lse_p[n],
+                mean_x);
+      }
+    });
+  });
+  return a.grad_logits;
+}
+
+}  // namespace
+}  // namespace instructrl_fast::logprob
+
+TORCH_LIBRARY_FRAGMENT(instructrl_fast, m) {
+  m.def(
+      "logprob_fwd(Tensor logits, Tensor labels, float temperature, int ignore_index, int vocab_start, "
+      "bool with_entropy) -> (Tensor lse, Tensor target, Tensor sum_px)");
+  m.def(
+      "logprob_bwd(Tensor grad_logp, Tensor grad_entropy, Tensor logits, Tensor labels, Tensor lse, "
+      "Tensor entropy, float temperature, int ignore_index, int vocab_start) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(instructrl_fast, CPU, m) {
+  m.impl("logprob_fwd", &instructrl_fast::logprob::logprob_fwd_cpu);
+  m.impl("logprob_bwd", &instructrl_fast::logprob::logprob_bwd_cpu);
+}
