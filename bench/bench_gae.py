@@ -30,10 +30,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import append_rows, copy_bandwidth_gbs, cpu_peak_bytes, cuda_peak_bytes, median_ms  # noqa: E402
-from bench.common import print_table  # noqa: E402
-from instructrl_fast import backend as backend_mod  # noqa: E402
-from instructrl_fast.ops import gae  # noqa: E402
+from bench.common import (
+    append_rows,
+    copy_bandwidth_gbs,
+    cpu_peak_bytes,
+    cuda_peak_bytes,
+    median_ms,
+    print_table,
+)
+from instructrl_fast import backend as backend_mod
+from instructrl_fast.ops import gae
 
 GAMMA, LAM = 1.0, 0.95
 CPU_SHAPES = [(256, 1024), (32, 8192)]

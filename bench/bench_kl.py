@@ -26,10 +26,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import append_rows, copy_bandwidth_gbs, cpu_peak_bytes, cuda_peak_bytes, median_ms  # noqa: E402
-from bench.common import print_table  # noqa: E402
-from instructrl_fast import backend as backend_mod  # noqa: E402
-from instructrl_fast.ops import kl_penalty, shape_rewards  # noqa: E402
+from bench.common import (
+    append_rows,
+    copy_bandwidth_gbs,
+    cpu_peak_bytes,
+    cuda_peak_bytes,
+    median_ms,
+    print_table,
+)
+from instructrl_fast import backend as backend_mod
+from instructrl_fast.ops import kl_penalty, shape_rewards
 
 KL_COEF = 0.05
 CPU_SHAPES = [(256, 1024)]

@@ -29,10 +29,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import append_rows, copy_bandwidth_gbs, cpu_peak_bytes, cuda_peak_bytes, median_ms  # noqa: E402
-from bench.common import print_table  # noqa: E402
-from instructrl_fast import backend as backend_mod  # noqa: E402
-from instructrl_fast.ops import ppo_policy_loss, ppo_value_loss  # noqa: E402
+from bench.common import (
+    append_rows,
+    copy_bandwidth_gbs,
+    cpu_peak_bytes,
+    cuda_peak_bytes,
+    median_ms,
+    print_table,
+)
+from instructrl_fast import backend as backend_mod
+from instructrl_fast.ops import ppo_policy_loss, ppo_value_loss
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CLIP_LOW, CLIP_HIGH, DUAL_CLIP, VALUE_CLIP = 0.2, 0.28, 3.0, 0.2

@@ -11,8 +11,13 @@ from __future__ import annotations
 import torch
 
 from instructrl_fast import _ext, backend
-from instructrl_fast.ops._checks import check_float, check_same_device, check_shape, check_unit_interval
-from instructrl_fast.ops._checks import checked_bool_mask
+from instructrl_fast.ops._checks import (
+    check_float,
+    check_same_device,
+    check_shape,
+    check_unit_interval,
+    checked_bool_mask,
+)
 
 _IMPLEMENTED = ("triton", "cuda", "cpp", "torch")
 

@@ -13,8 +13,14 @@ from __future__ import annotations
 import torch
 
 from instructrl_fast import backend
-from instructrl_fast.ops._checks import check_choice, check_float, check_real, check_same_device, check_shape
-from instructrl_fast.ops._checks import checked_bool_mask
+from instructrl_fast.ops._checks import (
+    check_choice,
+    check_float,
+    check_real,
+    check_same_device,
+    check_shape,
+    checked_bool_mask,
+)
 
 ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}  # the int codes are the kernels' constexpr ESTIMATOR
 _IMPLEMENTED = ("triton", "torch")

@@ -22,8 +22,15 @@ from __future__ import annotations
 import torch
 
 from instructrl_fast import _ext, backend
-from instructrl_fast.ops._checks import check_choice, check_float, check_positive, check_real, check_same_device
-from instructrl_fast.ops._checks import check_shape, checked_bool_mask
+from instructrl_fast.ops._checks import (
+    check_choice,
+    check_float,
+    check_positive,
+    check_real,
+    check_same_device,
+    check_shape,
+    checked_bool_mask,
+)
 
 REDUCTIONS = {"token_mean": 0, "seq_mean_token_mean": 1, "seq_mean_token_sum": 2}  # the kernels' int codes
 _POLICY_IMPLEMENTED = ("triton", "cuda", "cpp", "torch")
@@ -36,23 +43,28 @@ _VALUE_IMPLEMENTED = ("triton", "cpp", "torch")
 
 
 def masked_reduce(loss: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Reduce a per-token [B, T] fp32 ``loss`` over the bool ``mask`` (see the module docstring), differentiably."""
+    """Reduce a per-token [B, T] ``loss`` over the bool ``mask`` (see the module docstring), differentiably.
+
+    Masked positions are selected away, not multiplied by 0, so garbage there (inf, NaN) cannot leak in.
+    """
     m = mask.to(loss.dtype)
+    masked = torch.where(mask, loss, 0.0)
     if reduction == "token_mean":
-        return (loss * m).sum() / m.sum().clamp(min=1.0)
-    rows = (loss * m).sum(dim=-1)
+        return masked.sum() / m.sum().clamp(min=1.0)
+    rows = masked.sum(dim=-1)
     if reduction == "seq_mean_token_mean":
         rows = rows / m.sum(dim=-1).clamp(min=1.0)
     return rows.sum() / max(rows.numel(), 1)
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """fp32 for fp32/bf16/fp16; float64 stays float64 (the torch backend is gradchecked in float64)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+def _valid_upcast(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x in fp32 (float64 stays float64: the torch backend is gradchecked in it) with masked positions set to 0,
+    so that padding garbage (inf, NaN) cannot turn a zero gradient into NaN (0 * NaN) further down."""
+    return torch.where(mask, x.to(torch.promote_types(x.dtype, torch.float32)), 0.0)
 
 
 def _policy_loss_torch(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, reduction):
-    logp, old_logp, adv = _upcast(logp), _upcast(old_logp.detach()), _upcast(advantages.detach())
+    logp, old_logp, adv = (_valid_upcast(x, mask) for x in (logp, old_logp.detach(), advantages.detach()))
     ratio = torch.exp(logp - old_logp)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
@@ -70,7 +82,7 @@ def _policy_loss_torch(logp, old_logp, advantages, mask, clip_low, clip_high, du
 
 
 def _value_loss_torch(values, old_values, returns, mask, clip_eps, reduction):
-    values, old_values, returns = _upcast(values), _upcast(old_values.detach()), _upcast(returns.detach())
+    values, old_values, returns = (_valid_upcast(x, mask) for x in (values, old_values.detach(), returns.detach()))
     # old + clip(v - old, -eps, eps) as a clamp of v: equal, and exactly v inside the range (no false clips)
     v_clipped = torch.minimum(torch.maximum(values, old_values - clip_eps), old_values + clip_eps)
     unclipped = (values - returns) ** 2

@@ -34,10 +34,10 @@ def _group_moments(moments: torch.Tensor, group) -> torch.Tensor:
 
 
 def _local_moments_torch(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.float()
-    n = m.sum()
-    mean = (x * m).sum() / n.clamp(min=1.0)
-    return torch.stack((n, mean, (((x - mean) * m) ** 2).sum()))
+    """[3] (n, mean, M2) of the valid positions; masked ones are selected away (padding garbage cannot leak)."""
+    n = mask.sum(dtype=torch.float32)
+    mean = torch.where(mask, x, 0.0).sum() / n.clamp(min=1.0)
+    return torch.stack((n, mean, (torch.where(mask, x - mean, 0.0) ** 2).sum()))
 
 
 @torch.library.custom_op("instructrl_fast::whiten_moments_triton", mutates_args=())

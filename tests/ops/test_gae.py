@@ -150,3 +150,13 @@ def test_gae_valid_only_at_the_end_and_single_tokens(backend):
     with use_backend(backend):
         adv, ret = ops.gae(rewards, values, mask, gamma=0.9, lam=0.8)
     _check(rewards, values, mask, 0.9, 0.8, adv, ret)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gae_garbage_at_masked_positions_does_not_leak(backend):
+    rewards, values, mask = _inputs(3, 40, 0.6)
+    with use_backend(backend):
+        clean = ops.gae(rewards, values, mask, gamma=0.99, lam=0.95)
+        rewards[~mask], values[~mask] = float("nan"), float("inf")
+        dirty = ops.gae(rewards, values, mask, gamma=0.99, lam=0.95)
+    torch.testing.assert_close(dirty, clean)

@@ -149,6 +149,7 @@ def test_non_contiguous_and_float_mask(backend):
                                     "token_mean")
     ref_loss, ref_clipfrac, _, ref_grad = _ref_policy(logp, old_logp, adv, mask, CLIPS["asymmetric"], "token_mean")
     torch.testing.assert_close(loss.double().cpu(), ref_loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats["clipfrac"].double().cpu(), ref_clipfrac, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad.double().cpu(), ref_grad, rtol=1e-5, atol=1e-7)
     values, old_values, returns, vmask = _value_inputs(6, 40)
     with use_backend(backend if backend != "cuda" else "triton"):
@@ -179,12 +180,12 @@ def test_gradcheck_float64_torch_backend():
     logp.requires_grad_()
     for reduction in REDUCTIONS:
         assert torch.autograd.gradcheck(
-            lambda x: _policy_loss_torch(x, old_logp, adv, mask, 0.2, 0.28, 1.5, reduction)[0], (logp,))
+            lambda x, r=reduction: _policy_loss_torch(x, old_logp, adv, mask, 0.2, 0.28, 1.5, r)[0], (logp,))
     values, old_values, returns, mask = (t.double() if t.is_floating_point() else t for t in _value_inputs(3, 6))
     values.requires_grad_()
     for reduction in REDUCTIONS:
         assert torch.autograd.gradcheck(
-            lambda v: _value_loss_torch(v, old_values, returns, mask, 0.1, reduction)[0], (values,))
+            lambda v, r=reduction: _value_loss_torch(v, old_values, returns, mask, 0.1, r)[0], (values,))
 
 
 def test_policy_bad_input():
@@ -295,3 +296,23 @@ def test_torch_compile_fullgraph(backend):
         results.append((loss, clipfrac, x.grad, v.grad))
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("backend", POLICY_BACKENDS)
+def test_garbage_at_masked_positions_does_not_leak(backend):
+    """inf / NaN at masked positions (padding) must not reach the loss, the stats or the gradient."""
+    logp, old_logp, adv, mask = _policy_inputs(4, 30)
+    clean = _run_policy(backend, logp, old_logp, adv, mask, CLIPS["dual"], "seq_mean_token_mean")
+    logp, old_logp, adv = logp.clone(), old_logp.clone(), adv.clone()
+    logp[~mask], old_logp[~mask], adv[~mask] = float("nan"), float("inf"), float("nan")
+    dirty = _run_policy(backend, logp, old_logp, adv, mask, CLIPS["dual"], "seq_mean_token_mean")
+    torch.testing.assert_close(dirty[0], clean[0])
+    torch.testing.assert_close(dirty[1], clean[1])
+    torch.testing.assert_close(dirty[2], clean[2])
+    if backend != "cuda":
+        values, old_values, returns, vmask = _value_inputs(4, 30)
+        with use_backend(backend):
+            vclean = ops.ppo_value_loss(values, old_values, returns, vmask)
+            values[~vmask], returns[~vmask] = float("nan"), float("inf")
+            vdirty = ops.ppo_value_loss(values, old_values, returns, vmask)
+        torch.testing.assert_close(vdirty, vclean)

@@ -141,3 +141,13 @@ def test_masked_whiten_group_equals_whole_batch():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the children inherit it (conftest sets it without a GPU)
         mp.spawn(_worker, args=(os.path.join(tmp, "init"), backends, tmp), nprocs=WORLD, join=True)
         assert {"ok0", "ok1"} <= set(os.listdir(tmp))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_whiten_garbage_at_masked_positions_does_not_leak(backend):
+    x, mask = torch.randn(3, 20, device=DEVICE), _mask("random", 3, 20)
+    with use_backend(backend):
+        clean = ops.masked_whiten(x, mask)
+        x[~mask] = float("nan")
+        dirty = ops.masked_whiten(x, mask)
+    torch.testing.assert_close(dirty, clean)
