@@ -160,3 +160,9 @@ def test_gae_garbage_at_masked_positions_does_not_leak(backend):
         rewards[~mask], values[~mask] = float("nan"), float("inf")
         dirty = ops.gae(rewards, values, mask, gamma=0.99, lam=0.95)
     torch.testing.assert_close(dirty, clean)
+
+
+def test_gae_on_the_meta_device():
+    r, v = torch.randn(3, 7, device="meta"), torch.randn(3, 7, device="meta", dtype=torch.bfloat16)
+    adv, ret = ops.gae(r, v, torch.ones(3, 7, dtype=torch.bool, device="meta"))
+    assert adv.shape == ret.shape == (3, 7) and adv.dtype == ret.dtype == torch.float32 and adv.is_meta

@@ -172,3 +172,11 @@ def test_torch_compile_fullgraph(backend):
         results.append((kl_loss, rewards, x.grad))
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager)
+
+
+def test_kl_on_the_meta_device():
+    logp, ref = torch.randn(3, 7, device="meta"), torch.randn(3, 7, device="meta")
+    mask = torch.ones(3, 7, dtype=torch.bool, device="meta")
+    assert ops.kl_penalty(logp, ref, estimator="k3").shape == (3, 7)
+    rewards = ops.shape_rewards(torch.randn(3, device="meta"), logp, ref, mask, kl_coef=0.1)
+    assert rewards.shape == (3, 7) and rewards.dtype == torch.float32 and rewards.is_meta

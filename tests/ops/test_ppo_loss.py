@@ -316,3 +316,13 @@ def test_garbage_at_masked_positions_does_not_leak(backend):
             values[~vmask], returns[~vmask] = float("nan"), float("inf")
             vdirty = ops.ppo_value_loss(values, old_values, returns, vmask)
         torch.testing.assert_close(vdirty, vclean)
+
+
+def test_losses_on_the_meta_device():
+    x, y, z = (torch.randn(3, 7, device="meta") for _ in range(3))
+    mask = torch.ones(3, 7, dtype=torch.bool, device="meta")
+    x.requires_grad_()
+    loss, stats = ops.ppo_policy_loss(x, y, z, mask, dual_clip=2.0)
+    loss.backward()
+    assert loss.shape == () and stats["clipfrac"].shape == () and x.grad.shape == (3, 7) and x.grad.is_meta
+    assert ops.ppo_value_loss(x, y, z, mask)[0].shape == ()

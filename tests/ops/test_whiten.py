@@ -87,6 +87,22 @@ def test_masked_whiten_bad_input():
         ops.masked_whiten(x, mask, group="world")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_whiten_garbage_at_masked_positions_does_not_leak(backend):
+    x, mask = torch.randn(3, 20, device=DEVICE), _mask("random", 3, 20)
+    with use_backend(backend):
+        clean = ops.masked_whiten(x, mask)
+        x[~mask] = float("nan")
+        dirty = ops.masked_whiten(x, mask)
+    torch.testing.assert_close(dirty, clean)
+
+
+def test_masked_whiten_on_the_meta_device():
+    x, mask = torch.randn(3, 7, device="meta"), torch.ones(3, 7, dtype=torch.bool, device="meta")
+    out = ops.masked_whiten(x, mask, shift_mean=False)
+    assert out.shape == (3, 7) and out.dtype == torch.float32 and out.is_meta
+
+
 @pytest.mark.parametrize("backend", backends_for(("triton",)))
 def test_opcheck(backend):
     x, mask = torch.randn(3, 11, device=DEVICE), torch.rand(3, 11, device=DEVICE) < 0.5
@@ -141,13 +157,3 @@ def test_masked_whiten_group_equals_whole_batch():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the children inherit it (conftest sets it without a GPU)
         mp.spawn(_worker, args=(os.path.join(tmp, "init"), backends, tmp), nprocs=WORLD, join=True)
         assert {"ok0", "ok1"} <= set(os.listdir(tmp))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_masked_whiten_garbage_at_masked_positions_does_not_leak(backend):
-    x, mask = torch.randn(3, 20, device=DEVICE), _mask("random", 3, 20)
-    with use_backend(backend):
-        clean = ops.masked_whiten(x, mask)
-        x[~mask] = float("nan")
-        dirty = ops.masked_whiten(x, mask)
-    torch.testing.assert_close(dirty, clean)
