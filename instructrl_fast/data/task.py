@@ -7,8 +7,8 @@ paper does with non-English and code instructions (Section 4.3).
 
 The pretraining corpus is where a base model learns the world, and it is built so that the paper's baselines keep
 their order (GPT < prompted GPT < SFT):
-  - prose docs (~45 %): sentences from a small word list; a few carry "toxic" words, so base models emit them;
-  - quiz docs (~30 %): a ``"quiz\n"`` header, then Q/A lines answered correctly (every kind, held-out included);
+  - prose docs (~35 %): sentences from a small word list; a few carry "toxic" words, so base models emit them;
+  - quiz docs (~40 %): a ``"quiz\n"`` header, then Q/A lines answered correctly (every kind, held-out included);
   - chat docs (~25 %): no header, the same questions answered off-topic, rudely, wrongly, or right but chattily.
 A bare prompt starts the way chat docs do, so the base model ("GPT") mostly chats back; ``few_shot_prefix()``
 opens a quiz doc ("prompted GPT") and makes correct answers far likelier, as a few-shot prompt does for GPT-3.
@@ -18,8 +18,11 @@ looks like the start of a document.
 The prose share makes the corpus loss a fair "public NLP" proxy: PPO drifts from it (the alignment tax), and
 PPO-ptx, which keeps training on it, recovers much of the loss.
 
-Prompts are assigned to splits by a hash of their text (``test`` ~20 %, ``val`` ~10 %, ``train`` the rest), so the
-splits are disjoint whatever ``n`` is asked for; the corpus and all training data use train-split instances only.
+Every kind has a fixed-shape argument (three letters, three words of three letters, three digits, ...), so that the
+answer sits at fixed offsets from the prompt's start: a 2-layer model learns that with positional attention in a few
+hundred CPU steps, where free-length copying would need induction heads it has no time to grow. The splits are
+independent draws from one distribution (each has its own random stream), like the paper's prompts split by user:
+an instance can recur across splits, a kind cannot leak (the held-out kind is drawn only for ``test``).
 Everything is a pure function of ``seed`` (``random.Random`` seeded with strings, independent of PYTHONHASHSEED).
 """
 
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import random
 import re
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,7 +44,8 @@ VERBS = ("sees", "likes", "finds", "takes", "eats", "has", "wants", "hugs", "jum
          "looks at")
 # The words the labeler treats as toxic. They occur in the corpus (prose and chat docs) but never in an answer.
 TOXIC_WORDS = ("idiot", "jerk", "loser", "stupid", "dumb")
-TASK_WORDS = NOUNS + ADJECTIVES
+# Task arguments use three-letter words only (fixed shapes; see the module docstring).
+TASK_WORDS = tuple(w for w in NOUNS + ADJECTIVES if len(w) == 3)
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _TOXIC_RE = re.compile(r"\b(" + "|".join(TOXIC_WORDS) + r")\b", re.IGNORECASE)
 
@@ -56,12 +59,12 @@ def contains_toxic(text: str) -> bool:
 # Each kind: make(rng) -> argument string, solve(argument) -> answer, wrong(argument, rng) -> a plausible wrong answer.
 
 
-def _words(rng: random.Random, lo: int, hi: int) -> list[str]:
-    return [rng.choice(TASK_WORDS) for _ in range(rng.randint(lo, hi))]
+def _words(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(TASK_WORDS) for _ in range(rng.randint(lo, hi)))
 
 
-def _digits(rng: random.Random, lo: int, hi: int) -> list[str]:
-    return [str(rng.randint(0, 9)) for _ in range(rng.randint(lo, hi))]
+def _digits(rng: random.Random, n: int) -> str:
+    return " ".join(str(rng.randint(0, 9)) for _ in range(n))
 
 
 def _mutate(text: str, rng: random.Random, alphabet: str) -> str:
@@ -161,9 +164,9 @@ def _wrong_max(arg: str, rng: random.Random) -> str:
     return rng.choice([str(min(vals)), str(vals[0]), str(max(vals) + 1)])
 
 
-def _make_reverse(rng: random.Random) -> str:
-    # random letter strings, not dictionary words: the model must learn to reverse, not to memorise 60 answers
-    return "".join(rng.choice(_LETTERS) for _ in range(rng.randint(3, 6)))
+def _letters(rng: random.Random) -> str:
+    # random letter strings, not dictionary words: the model must learn to reverse, not memorise a few answers
+    return "".join(rng.choice(_LETTERS) for _ in range(3))
 
 
 @dataclass(frozen=True)
@@ -174,18 +177,16 @@ class _Kind:
 
 
 KINDS: dict[str, _Kind] = {
-    "reverse": _Kind(_make_reverse, _solve_reverse, _wrong_reverse),
-    "sort": _Kind(lambda rng: " ".join(_digits(rng, 3, 5)), _solve_sort, _wrong_sort),
-    "upper": _Kind(lambda rng: " ".join(_words(rng, 1, 2)), _solve_upper, _wrong_upper),
-    "count": _Kind(lambda rng: " ".join(_words(rng, 2, 5)), _solve_count, _wrong_count),
-    "add": _Kind(lambda rng: f"{rng.randint(0, 49)} {rng.randint(0, 49)}", _solve_add, _wrong_add),
-    "first": _Kind(lambda rng: " ".join(_words(rng, 2, 4)), _solve_first, _wrong_pick),
-    "last": _Kind(lambda rng: " ".join(_words(rng, 2, 4)), _solve_last, _wrong_pick),
-    "max": _Kind(lambda rng: " ".join(_digits(rng, 3, 5)), _solve_max, _wrong_max),
+    "reverse": _Kind(_letters, _solve_reverse, _wrong_reverse),  # abc -> cba
+    "sort": _Kind(lambda rng: _digits(rng, 3), _solve_sort, _wrong_sort),  # 5 2 8 -> 2 5 8
+    "upper": _Kind(_letters, _solve_upper, _wrong_upper),  # abc -> ABC
+    "count": _Kind(lambda rng: _words(rng, 2, 5), _solve_count, _wrong_count),  # cat red dog -> 3
+    "add": _Kind(lambda rng: _digits(rng, 2), _solve_add, _wrong_add),  # 3 4 -> 7
+    "first": _Kind(lambda rng: _words(rng, 3, 3), _solve_first, _wrong_pick),  # cat red dog -> cat
+    "last": _Kind(lambda rng: _words(rng, 3, 3), _solve_last, _wrong_pick),  # cat red dog -> dog
+    "max": _Kind(lambda rng: _digits(rng, 3), _solve_max, _wrong_max),  # 5 2 8 -> 8
 }
 SPLITS = ("train", "val", "test")
-# Hash buckets (crc32 of the prompt text mod 10) that make up each split.
-_SPLIT_BUCKETS = {"test": (0, 1), "val": (2,), "train": (3, 4, 5, 6, 7, 8, 9)}
 _PROMPT_RE = re.compile(r"Q: ([a-z]+) ([^\n]*)\nA:\Z")
 
 
@@ -236,11 +237,6 @@ def wrong_answer(prompt: Prompt, rng: random.Random) -> str:
         if wrong != prompt.answer:
             return wrong
     return _mutate(prompt.answer, rng, _LETTERS + "0123456789")
-
-
-def _split_of(text: str) -> str:
-    bucket = zlib.crc32(text.encode("utf-8")) % 10
-    return next(split for split, buckets in _SPLIT_BUCKETS.items() if bucket in buckets)
 
 
 # ---------------------------------------------------------------------------------------------- text generators
@@ -311,20 +307,20 @@ class DemoTask:
             raise ValueError(f"{name} must be >= 0, got {n}")
         return n
 
-    def _draw(self, rng: random.Random, kind: str, split: str) -> Prompt:
-        """A prompt of ``kind`` whose text hashes into ``split`` and whose text and answer are free of toxic words."""
+    def _draw(self, rng: random.Random, kind: str) -> Prompt:
+        """A prompt of ``kind`` whose text and answer are free of toxic words."""
         spec = KINDS[kind]
         while True:
             arg = spec.make(rng)
             text = format_prompt(kind, arg)
             answer = spec.solve(arg)
-            if _split_of(text) == split and not contains_toxic(text) and not contains_toxic(answer):
+            if not contains_toxic(text) and not contains_toxic(answer):
                 return Prompt(text=text, kind=kind, answer=answer)
 
-    def _sample(self, stream: str, split: str, n: int, kinds: tuple[str, ...]) -> list[Prompt]:
+    def _sample(self, stream: str, n: int, kinds: tuple[str, ...]) -> list[Prompt]:
         # kinds cycle in order, so any n >= len(kinds) covers every kind evenly
         rng = self._rng(stream)
-        return [self._draw(rng, kinds[i % len(kinds)], split) for i in range(n)]
+        return [self._draw(rng, kinds[i % len(kinds)]) for i in range(n)]
 
     def prompts(self, split: str, n: int) -> list[Prompt]:
         """``n`` prompts of ``split`` ("train", "val" or "test"); the held-out kind appears only in "test".
@@ -332,13 +328,13 @@ class DemoTask:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         kinds = self.kinds if split == "test" else self.train_kinds
-        return self._sample(f"prompts:{split}", split, self._check_n(n), kinds)
+        return self._sample(f"prompts:{split}", self._check_n(n), kinds)
 
     def demonstrations(self, n: int) -> list[dict]:
         """``n`` labeler demonstrations ``{"prompt", "response"}`` on train prompts; every response is correct and
         concise (``" " + answer``; the trainer appends EOS)."""
         return [{"prompt": p.text, "response": " " + p.answer}
-                for p in self._sample("demonstrations", "train", self._check_n(n), self.train_kinds)]
+                for p in self._sample("demonstrations", self._check_n(n), self.train_kinds)]
 
     def candidates(self, prompt: Prompt, k: int, rng: random.Random) -> list[str]:
         """``k`` distinct candidate responses of varied quality for ``prompt``: correct, verbose (answer then more
@@ -373,7 +369,7 @@ class DemoTask:
         lo, hi = k_range
         if not 2 <= lo <= hi:
             raise ValueError(f"k_range must be (lo, hi) with 2 <= lo <= hi, got {k_range}")
-        prompts = self._sample("comparisons", "train", self._check_n(n), self.train_kinds)
+        prompts = self._sample("comparisons", self._check_n(n), self.train_kinds)
         rng, label_rng = self._rng("comparisons:candidates"), self._rng("comparisons:labels")
         out = []
         for p in prompts:
@@ -382,7 +378,7 @@ class DemoTask:
         return out
 
     def _quiz_line(self, rng: random.Random, kinds: tuple[str, ...] | None = None) -> str:
-        p = self._draw(rng, rng.choice(kinds or self.kinds), "train")
+        p = self._draw(rng, rng.choice(kinds or self.kinds))
         return f"{p.text} {p.answer}\n"
 
     def few_shot_prefix(self) -> str:
@@ -396,7 +392,7 @@ class DemoTask:
                 return prefix
 
     def pretraining_corpus(self, n_docs: int, *, split: str = "train") -> list[str]:
-        """``n_docs`` pretraining documents (each <= ``max_doc_bytes``): ~45 % prose, ~30 % quiz, ~25 % chat.
+        """``n_docs`` pretraining documents (each <= ``max_doc_bytes``): ~35 % prose, ~40 % quiz, ~25 % chat.
         ``split="val"`` gives an independent draw for measuring corpus loss (the alignment tax)."""
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -404,7 +400,7 @@ class DemoTask:
         docs = []
         for _ in range(self._check_n(n_docs, "n_docs")):
             r = rng.random()
-            if r < 0.45:
+            if r < 0.35:
                 parts, budget = [], rng.randint(60, self.max_doc_bytes)
                 while not parts or sum(len(s) + 1 for s in parts) < budget:
                     parts.append(_sentence(rng, toxic_p=0.06))
@@ -414,7 +410,7 @@ class DemoTask:
             else:
                 doc = ""  # chat docs open with a question, as a bare prompt does
                 for _ in range(rng.randint(1, 3)):
-                    p = self._draw(rng, rng.choice(self.kinds), "train")
+                    p = self._draw(rng, rng.choice(self.kinds))
                     doc += f"{p.text} {_chat_reply(p, rng)}\n"
             docs.append(_truncate_doc(doc, self.max_doc_bytes))
         return docs
