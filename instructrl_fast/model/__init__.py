@@ -6,5 +6,15 @@ from instructrl_fast.model.gpt import GPT, positions_from_mask
 from instructrl_fast.model.hf import load_gpt2, save_gpt2
 from instructrl_fast.model.kv_cache import KVCache
 
-__all__ = ["ATTENTION_BACKENDS", "GPT", "GPTConfig", "KVCache", "PRESETS", "choose_backend", "load_gpt2",
-           "positions_from_mask", "save_gpt2", "use_attention_backend"]
+__all__ = [
+           "ATTENTION_BACKENDS",
+           "GPT",
+           "PRESETS",
+           "GPTConfig",
+           "KVCache",
+           "choose_backend",
+           "load_gpt2",
+           "positions_from_mask",
+           "save_gpt2",
+           "use_attention_backend",
+]

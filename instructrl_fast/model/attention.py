@@ -105,6 +105,13 @@ class AttentionMeta:
     input_pos: torch.Tensor | None = None
     kv_start: torch.Tensor | None = None
     kv_len: torch.Tensor | None = None
+    sdpa_mask: torch.Tensor | None = None  # [B, 1, T, S] bool, built by the first layer that needs it, then reused
+
+    def mask_for_sdpa(self, T: int, S: int, device: torch.device) -> torch.Tensor:
+        if self.sdpa_mask is None:
+            q_slots = torch.arange(T, device=device) if self.input_pos is None else self.input_pos
+            self.sdpa_mask = _sdpa_mask(self.key_mask, q_slots, S)
+        return self.sdpa_mask
 
 
 def _sdpa_mask(key_mask: torch.Tensor | None, q_slots: torch.Tensor, S: int) -> torch.Tensor:
@@ -147,7 +154,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMet
             return _flash_dense(q, k, v, meta.key_mask, sm_scale)
         if meta.key_mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sm_scale)
-        mask = _sdpa_mask(meta.key_mask, torch.arange(T, device=q.device), T)
+        mask = meta.mask_for_sdpa(T, T, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=sm_scale)
 
     k_all, v_all = kv_cache.update(meta.input_pos, k, v)  # [B, H_local, S_max, Dh]
@@ -163,7 +170,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMet
                                       cache_seqlens=meta.kv_len, cache_leftpad=meta.kv_start,
                                       softmax_scale=sm_scale, causal=True)
         return out.transpose(1, 2)
-    mask = _sdpa_mask(meta.key_mask, meta.input_pos, k_all.shape[2])
+    mask = meta.mask_for_sdpa(T, k_all.shape[2], q.device)
     return F.scaled_dot_product_attention(q, k_all.to(q.dtype), v_all.to(q.dtype), attn_mask=mask, scale=sm_scale)
 
 

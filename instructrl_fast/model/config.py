@@ -75,10 +75,10 @@ class GPTConfig:
 # The table gives 1.3B 24 heads of d_head 128 with d_model 2048: an attention width of 3072 != d_model, kept as
 # published (1.51B parameters counted this way; implementations that want exactly 1.3B use 16 heads of 128).
 PRESETS: dict[str, dict] = {
-    "gpt3-1.3b": dict(n_layer=24, n_head=24, d_head=128, d_model=2048, vocab_multiple=128),
-    "gpt3-6.7b": dict(n_layer=32, n_head=32, d_model=4096, vocab_multiple=128),
-    "gpt3-175b": dict(n_layer=96, n_head=96, d_model=12288, vocab_multiple=128),
+    "gpt3-1.3b": {"n_layer": 24, "n_head": 24, "d_head": 128, "d_model": 2048, "vocab_multiple": 128},
+    "gpt3-6.7b": {"n_layer": 32, "n_head": 32, "d_model": 4096, "vocab_multiple": 128},
+    "gpt3-175b": {"n_layer": 96, "n_head": 96, "d_model": 12288, "vocab_multiple": 128},
     # Test sizes: a byte-level vocabulary, every dimension divisible by TP 2 and 4.
-    "test-tiny": dict(n_layer=2, n_head=4, d_model=64, vocab_size=256, block_size=128),
-    "test-small": dict(n_layer=4, n_head=8, d_model=256, vocab_size=512, block_size=256),
+    "test-tiny": {"n_layer": 2, "n_head": 4, "d_model": 64, "vocab_size": 256, "block_size": 128},
+    "test-small": {"n_layer": 4, "n_head": 8, "d_model": 256, "vocab_size": 512, "block_size": 256},
 }

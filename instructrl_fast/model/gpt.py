@@ -108,7 +108,7 @@ class GPT(nn.Module):
         projections by 1 / sqrt(2 n_layer) so the residual stream's variance does not grow with depth."""
         if name.endswith("bias") or ".ln_" in name or name.startswith("ln_f"):
             return None
-        if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+        if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
             return self.config.init_std / (2 * self.config.n_layer) ** 0.5
         return self.config.init_std
 

@@ -54,7 +54,10 @@ def config_to_hf(config: GPTConfig) -> dict:
             "n_inner": config.d_ff, "n_positions": config.block_size, "vocab_size": config.vocab_size,
             "layer_norm_epsilon": config.layer_norm_eps, "initializer_range": config.init_std,
             "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": 0.0,
-            "scale_attn_weights": True, "tie_word_embeddings": True}
+            "scale_attn_weights": True, "tie_word_embeddings": True,
+            # GPT-2's <|endoftext|> (50256) where the vocabulary has it; none for other vocabularies
+            "bos_token_id": 50256 if config.vocab_size > 50256 else None,
+            "eos_token_id": 50256 if config.vocab_size > 50256 else None}
 
 
 def hf_name_to_ours(name: str) -> str | None:
@@ -103,7 +106,7 @@ def load_gpt2(path: str, *, head: str = "lm", tp_group: dist.ProcessGroup | None
     model.init_weights(0)
     state = {}
     with safe_open(st_path, framework="pt", device="cpu") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
             ours = hf_name_to_ours(key)
             if ours is None:
                 continue

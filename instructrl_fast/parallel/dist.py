@@ -53,7 +53,6 @@ def init_distributed(tp_size: int = 1, *, backend: str | None = None, timeout_s:
     if backend is not None and backend not in ("nccl", "gloo"):
         raise ValueError(f"backend must be 'nccl', 'gloo' or None, got {backend!r}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world % tp_size != 0:
         raise ValueError(f"tp_size ({tp_size}) must divide the world size ({world})")

@@ -13,7 +13,7 @@ from instructrl_fast.ops._checks import check_float, check_positive
 
 def filter_logits(logits: torch.Tensor, *, vocab_size: int | None = None, top_k: int | None = None,
                   top_p: float | None = None) -> torch.Tensor:
-    """[B, V] logits -> [B, V] fp32 with the excluded ids at -inf (a new tensor; the input is not modified).
+    """[B, V] logits -> [B, V] fp32 with the excluded ids at -inf (the input is never modified).
 
     ``vocab_size``: ids >= vocab_size (the embedding's padding rows) are never sampled. ``top_k``: keep the k largest
     (ties at the k-th value kept). ``top_p``: keep the smallest set of most likely ids whose probability reaches
@@ -21,9 +21,9 @@ def filter_logits(logits: torch.Tensor, *, vocab_size: int | None = None, top_k:
     """
     check_float("logits", logits, ndim=2)
     V = logits.shape[-1]
-    x = logits.float().clone()
+    x = logits.float()  # every step below is out of place: the caller's logits are never modified
     if vocab_size is not None and vocab_size < V:
-        x[:, vocab_size:] = float("-inf")
+        x = x.masked_fill(torch.arange(V, device=x.device) >= vocab_size, float("-inf"))
     if top_k is not None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")

@@ -38,11 +38,11 @@ def test_presets_shapes():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(n_layer=2, n_head=3, d_model=32), "divisible by n_head"),
-    (dict(n_layer=0, n_head=4, d_model=32), "n_layer"),
-    (dict(n_layer=2, n_head=4, d_model=32, dropout=1.0), "dropout"),
-    (dict(n_layer=2, n_head=4, d_model=32, vocab_size=2.5), "vocab_size"),
-    (dict(n_layer=2, n_head=4, d_model=32, d_ff=-1), "d_ff"),
+    ({"n_layer": 2, "n_head": 3, "d_model": 32}, "divisible by n_head"),
+    ({"n_layer": 0, "n_head": 4, "d_model": 32}, "n_layer"),
+    ({"n_layer": 2, "n_head": 4, "d_model": 32, "dropout": 1.0}, "dropout"),
+    ({"n_layer": 2, "n_head": 4, "d_model": 32, "vocab_size": 2.5}, "vocab_size"),
+    ({"n_layer": 2, "n_head": 4, "d_model": 32, "d_ff": -1}, "d_ff"),
 ])
 def test_config_rejects(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from safetensors.torch import load_file
 
 from instructrl_fast.model import GPT, GPTConfig, load_gpt2, save_gpt2
@@ -34,7 +33,7 @@ def _worker(rank: int, init_file: str, result_dir: str) -> None:
             try:
                 check(dist.group.WORLD, rank, result_dir)
                 result = "ok"
-            except Exception:  # noqa: BLE001 - reported by the test that owns the check
+            except Exception:  # noqa: BLE001 - reported, with its traceback, by the test that owns the check
                 result = traceback.format_exc()
             with open(os.path.join(result_dir, f"{check.__name__}.{rank}"), "w") as f:
                 f.write(result)
@@ -53,7 +52,11 @@ def tp2_results():
             out[check.__name__] = {}
             for r in range(WORLD):
                 path = os.path.join(tmp, f"{check.__name__}.{r}")
-                out[check.__name__][r] = open(path).read() if os.path.exists(path) else "no result written"
+                if not os.path.exists(path):
+                    out[check.__name__][r] = "no result written"
+                    continue
+                with open(path) as f:
+                    out[check.__name__][r] = f.read()
         return out
 
 

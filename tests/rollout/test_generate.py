@@ -115,11 +115,11 @@ def test_dropout_is_off_during_generation_and_mode_restored():
 
 
 @pytest.mark.parametrize("kw, exc, match", [
-    (dict(max_new_tokens=0), ValueError, "max_new_tokens"),
-    (dict(max_new_tokens=40), ValueError, "block_size"),
-    (dict(max_new_tokens=2, temperature=-0.5), ValueError, "temperature"),
-    (dict(max_new_tokens=2, eos_token_id=101), ValueError, "eos_token_id"),
-    (dict(max_new_tokens=2, stop_check_every=0), ValueError, "stop_check_every"),
+    ({"max_new_tokens": 0}, ValueError, "max_new_tokens"),
+    ({"max_new_tokens": 40}, ValueError, "block_size"),
+    ({"max_new_tokens": 2, "temperature": -0.5}, ValueError, "temperature"),
+    ({"max_new_tokens": 2, "eos_token_id": 101}, ValueError, "eos_token_id"),
+    ({"max_new_tokens": 2, "stop_check_every": 0}, ValueError, "stop_check_every"),
 ])
 def test_generate_rejects_bad_arguments(model, kw, exc, match):
     ids, mask = _prompts()

@@ -18,8 +18,8 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = probs.log().float()[:, [3, 0, 4, 1, 2]]  # shuffled columns
     for p, kept in ((0.5, {0.5}), (0.6, {0.5, 0.2}), (0.86, {0.5, 0.2, 0.15, 0.1}), (1.0, {0.5, 0.2, 0.15, 0.1, 0.05})):
         out = filter_logits(logits, top_p=p)
-        got = set(round(v, 6) for v in out[torch.isfinite(out)].double().exp().tolist())
-        assert got == set(round(v, 6) for v in kept), (p, got)
+        got = {round(v, 6) for v in out[torch.isfinite(out)].double().exp().tolist()}
+        assert got == {round(v, 6) for v in kept}, (p, got)
 
 
 def test_vocab_size_masks_padding_ids_and_greedy():
@@ -57,10 +57,10 @@ def test_sampling_is_reproducible_with_a_generator():
 
 
 @pytest.mark.parametrize("kw, exc, match", [
-    (dict(top_k=0), ValueError, "top_k"),
-    (dict(top_p=1.5), ValueError, "top_p"),
-    (dict(top_p=0.0), ValueError, "top_p"),
-    (dict(temperature=-1.0), ValueError, "temperature"),
+    ({"top_k": 0}, ValueError, "top_k"),
+    ({"top_p": 1.5}, ValueError, "top_p"),
+    ({"top_p": 0.0}, ValueError, "top_p"),
+    ({"temperature": -1.0}, ValueError, "temperature"),
 ])
 def test_sample_rejects_bad_arguments(kw, exc, match):
     with pytest.raises(exc, match=match):

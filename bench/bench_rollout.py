@@ -1,0 +1,161 @@
+"""Rollout generation: our KV-cached ``rollout.generate`` vs Hugging Face ``transformers`` ``generate`` on the same
+weights (saved by ``model.hf.save_gpt2`` and read back by transformers), side by side.
+
+A decode step is memory bound: it must read every weight once and the valid part of the KV cache,
+
+    bytes/step = weight_bytes - wpe_bytes + 2 * n_layer * B * d_attn * ctx * itemsize,   ctx = P + N / 2 (mean)
+
+(the tied embedding is read once, as the LM head; one position row is negligible). ``limit_ms`` = bytes/step over the
+measured copy bandwidth (bench.common.copy_bandwidth_gbs), the time a step cannot beat; ``eff`` = limit_ms / step_ms.
+Step time = (time(N new tokens) - time(1 new token)) / (N - 1): prefill and set-up cancel out.
+tokens/s = B * N / time(N new tokens), prefill included. Both providers decode greedily (argmax) for exactly N tokens
+(no EOS), so they do the same work; ours also computes the log-prob of every sampled token with the fused op, as a
+rollout must. ``same_tokens`` says whether both produced the same sequences.
+
+Usage:
+  python bench/bench_rollout.py                 # CPU: a small model (6 layers, d_model 384), batch 1 and 8
+  python bench/bench_rollout.py --gpu-preset    # GPU: GPT-3 1.3B shape, bf16, random weights, batch 1 and 64,
+                                                # 128-token prompts, 256 new tokens (under 3 minutes on an H100)
+  add --cuda-graph to also time our decode step captured in CUDA graphs (torch.compile mode="reduce-overhead")
+Rows go to bench/results/rollout.jsonl ($OUT/rollout.jsonl when $OUT is set). Peak memory: torch.cuda on a GPU;
+on CPU the peak RSS a generate call adds, measured in a fresh process (bench.common.cpu_peak_bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import append_rows, copy_bandwidth_gbs, cpu_peak_bytes, cuda_peak_bytes, print_table, sync
+from instructrl_fast.model import GPT, GPTConfig, save_gpt2
+from instructrl_fast.rollout import generate
+
+# The GPU preset is GPT-3 1.3B with 16 heads of 128 (d_attn = d_model = 2048, 1.3B parameters): the published
+# 24 x 128 heads (d_attn 3072) cannot be written as a GPT-2 checkpoint for transformers to read.
+GPU_CFG = {"name": "gpt3-1.3b", "n_head": 16, "d_head": 128}
+CPU_CFG = {"n_layer": 6, "n_head": 6, "d_model": 384, "vocab_size": 8192, "block_size": 256}
+
+
+def _prompts(B: int, P: int, vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, vocab, (B, P), generator=g)
+    mask = torch.ones(B, P, dtype=torch.long)
+    mask[: B // 2, : P // 4] = 0  # half the rows left padded by a quarter
+    return (ids * mask).to(device), mask.to(device)
+
+
+def _ours(model, ids, mask, n, cuda_graph):
+    return lambda: generate(model, ids, mask, max_new_tokens=n, temperature=0.0, cuda_graph=cuda_graph).sequences
+
+
+def _hf(model, ids, mask, n):
+    def run():  # transformers derives the positions from the mask as we do (cumsum - 1)
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, pad_token_id=0, eos_token_id=None, use_cache=True)
+    return run
+
+
+def _time(fn, device, reps) -> float:
+    """Median seconds of fn() over reps runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)  # the CPU waits for the GPU here, once per run
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _build(cfg: GPTConfig, dtype, device, ckpt: str):
+    """Our model (seed 0) and transformers' GPT2LMHeadModel holding the same weights (via our GPT-2 save)."""
+    import transformers
+
+    with torch.device("meta"):
+        ours = GPT(cfg)
+    ours.to_empty(device=device)
+    ours.init_weights(0)
+    save_gpt2(ours, ckpt)
+    ours = ours.to(dtype).eval()
+    hf = transformers.GPT2LMHeadModel.from_pretrained(ckpt, dtype=dtype).to(device).eval()
+    return ours, hf
+
+
+def _cpu_peak_make(provider: str, cfg_kw: dict, ckpt: str, B: int, P: int, N: int):
+    """Module-level builder for cpu_peak_bytes (runs in a fresh process)."""
+    torch.set_num_threads(1)
+    cfg = GPTConfig(**cfg_kw)
+    ours, hf = _build(cfg, torch.float32, "cpu", ckpt)
+    ids, mask = _prompts(B, P, cfg.vocab_size, "cpu")
+    return _ours(ours, ids, mask, N, False) if provider == "ours" else _hf(hf, ids, mask, N)
+
+
+def step_bytes(model: GPT, B: int, ctx: float) -> float:
+    """Bytes one decode step must read: the weights (position table excepted) and the KV cache's valid part."""
+    c = model.config
+    itemsize = model.lm_weight.element_size()
+    weights = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
+    return (weights + 2 * c.n_layer * B * c.d_attn * ctx) * itemsize
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpu-preset", action="store_true", help="GPT-3 1.3B bf16 on the GPU (batch 1 and 64)")
+    ap.add_argument("--cuda-graph", action="store_true", help="also time our CUDA-graph decode step (GPU)")
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+
+    if args.gpu_preset:
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu-preset needs a CUDA GPU")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        cfg = GPTConfig.from_name(GPU_CFG["name"], n_head=GPU_CFG["n_head"], d_head=GPU_CFG["d_head"])
+        batches, P, N, reps = (1, 64), 128, 256, min(args.reps, 2)
+    else:
+        device, dtype = torch.device("cpu"), torch.float32
+        cfg = GPTConfig(**CPU_CFG)
+        batches, P, N, reps = (1, 8), 32, 64, args.reps
+    bw = copy_bandwidth_gbs(device)
+    rows = []
+    with tempfile.TemporaryDirectory() as ckpt:
+        ours, hf = _build(cfg, dtype, device, ckpt)
+        for B in batches:
+            ids, mask = _prompts(B, P, cfg.vocab_size, device)
+            providers = {"ours": lambda n, ids=ids, mask=mask: _ours(ours, ids, mask, n, False),
+                         "transformers": lambda n, ids=ids, mask=mask: _hf(hf, ids, mask, n)}
+            if args.cuda_graph and device.type == "cuda":
+                providers["ours_cuda_graph"] = lambda n, ids=ids, mask=mask: _ours(ours, ids, mask, n, True)
+            seqs = {name: make(N)() for name, make in providers.items()}
+            limit_ms = step_bytes(ours, B, P + N / 2) / (bw * 1e9) * 1e3
+            for name, make in providers.items():
+                t_n = _time(make(N), device, reps)
+                t_1 = _time(make(1), device, reps)
+                step_ms = (t_n - t_1) / (N - 1) * 1e3
+                if device.type == "cuda":
+                    peak = cuda_peak_bytes(make(N))
+                else:
+                    peak = cpu_peak_bytes(_cpu_peak_make, "ours" if name == "ours" else "transformers", CPU_CFG,
+                                          ckpt, B, P, N)
+                rows.append({"provider": name, "model": "gpt3-1.3b(16x128)" if args.gpu_preset else "cpu-small",
+                             "params_M": round(ours.num_params() / 1e6, 1), "dtype": str(dtype).removeprefix("torch."),
+                             "B": B, "P": P, "N": N, "tokens_per_s": B * N / t_n, "total_s": t_n, "step_ms": step_ms,
+                             "limit_ms": limit_ms, "eff": limit_ms / step_ms if step_ms > 0 else None,
+                             "copy_gbs": bw, "peak_mem_MiB": peak / 2**20,
+                             "same_tokens": bool(torch.equal(seqs[name].cpu(), seqs["ours"].cpu()))})
+    print_table(rows, ["provider", "B", "P", "N", "tokens_per_s", "total_s", "step_ms", "limit_ms", "eff",
+                       "peak_mem_MiB", "same_tokens"])
+    path = append_rows("rollout", rows, device)
+    print(f"rows appended to {path}")
+
+
+if __name__ == "__main__":
+    main()
