@@ -4,6 +4,7 @@ See ``mappings`` for the collectives, ``layers`` for the sharded modules and ``d
 """
 
 from instructrl_fast.parallel.dist import ParallelState, destroy_distributed, init_distributed, make_state
+from instructrl_fast.parallel.fsdp import apply_fsdp
 from instructrl_fast.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -14,7 +15,19 @@ from instructrl_fast.parallel.layers import (
 from instructrl_fast.parallel.mappings import copy_to_tp, gather_from_tp, reduce_from_tp, tp_rank, tp_world_size
 
 __all__ = [
-    "ColumnParallelLinear", "ParallelState", "RowParallelLinear", "VocabParallelEmbedding", "copy_to_tp",
-    "destroy_distributed", "gather_from_tp", "init_distributed", "make_state", "reduce_from_tp", "shard_tensor",
-    "tp_rank", "tp_world_size", "unshard_tensor",
+    "ColumnParallelLinear",
+    "ParallelState",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "apply_fsdp",
+    "copy_to_tp",
+    "destroy_distributed",
+    "gather_from_tp",
+    "init_distributed",
+    "make_state",
+    "reduce_from_tp",
+    "shard_tensor",
+    "tp_rank",
+    "tp_world_size",
+    "unshard_tensor",
 ]

@@ -13,17 +13,23 @@ and ``score`` do. Initialise after wrapping (meta device -> ``fully_shard`` -> `
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from instructrl_fast.model.gpt import GPT
+if TYPE_CHECKING:
+    from instructrl_fast.model.gpt import GPT
 
 
 def apply_fsdp(model: GPT, mesh, *, param_dtype: torch.dtype | None = None,
                reduce_dtype: torch.dtype | None = torch.float32, reshard_after_forward: bool = True) -> GPT:
     """Wrap ``model`` in place with FSDP2 over ``mesh["dp"]`` (``mesh``: a DeviceMesh with a "dp" dim, or a 1-D
     mesh); returns it. ``param_dtype`` (e.g. bf16) is the compute dtype of the all-gathered parameters;
-    ``reduce_dtype`` the gradient reduce-scatter dtype (fp32 by default, the numerically safe choice)."""
+    ``reduce_dtype`` the gradient reduce-scatter dtype (fp32 by default, the numerically safe choice);
+    ``reshard_after_forward`` applies to the blocks (free their gathered weights between forward and backward)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from instructrl_fast.model.gpt import GPT  # here, not at the top: the model package imports this one
 
     if not isinstance(model, GPT):
         raise TypeError(f"model must be a GPT, got {type(model).__name__}")
@@ -35,5 +41,7 @@ def apply_fsdp(model: GPT, mesh, *, param_dtype: torch.dtype | None = None,
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # None: FSDP2's root default, which keeps the root's parameters (wte = the LM head, ln_f, the scalar head)
+    # unsharded after forward, so the heads can use them outside forward. True would reshard them into DTensors.
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=None)
     return model

@@ -15,7 +15,14 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from instructrl_fast.model import GPT, GPTConfig, load_gpt2, save_gpt2
-from instructrl_fast.parallel import copy_to_tp, gather_from_tp, reduce_from_tp, shard_tensor, unshard_tensor
+from instructrl_fast.parallel import (
+    apply_fsdp,
+    copy_to_tp,
+    gather_from_tp,
+    reduce_from_tp,
+    shard_tensor,
+    unshard_tensor,
+)
 from instructrl_fast.rollout import generate
 
 pytestmark = pytest.mark.dist
@@ -161,8 +168,31 @@ def _check_gpt2_checkpoint_sharded_load_and_save(group, rank, tmp):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _check_fsdp2_data_parallel(group, rank, tmp):
+    """dp = 2 (FSDP2 over the two ranks, TP = 1): meta init after wrapping equals the plain init, and the averaged
+    gradients of the same batch on both ranks equal the one-process gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("dp", "tp"))
+    ref = GPT(CFG)
+    with torch.device("meta"):
+        model = GPT(CFG)
+    apply_fsdp(model, mesh)
+    model.to_empty(device="cpu")
+    model.init_weights(0)
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p.full_tensor(), ref_params[name].detach()), name
+    idx, mask = _batch()
+    labels = idx[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    for m in (ref, model):
+        m.token_logprobs(idx[:, :-1], labels, mask[:, :-1]).sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.full_tensor(), ref_params[name].grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 CHECKS = (_check_mappings, _check_model_forward_backward, _check_generation, _check_tp_divisibility_at_build,
-          _check_gpt2_checkpoint_sharded_load_and_save)
+          _check_gpt2_checkpoint_sharded_load_and_save, _check_fsdp2_data_parallel)
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -186,3 +216,7 @@ def test_tp_divisibility_is_checked_at_build(tp2_results):
 
 def test_gpt2_checkpoint_loads_sharded_and_saves_gathered(tp2_results):
     _assert_ok(tp2_results, _check_gpt2_checkpoint_sharded_load_and_save)
+
+
+def test_fsdp2_data_parallel_init_and_grads(tp2_results):
+    _assert_ok(tp2_results, _check_fsdp2_data_parallel)
