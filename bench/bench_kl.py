@@ -19,6 +19,7 @@ Usage:  python bench/bench_kl.py [--quick]      Rows go to bench/results/kl.json
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -140,7 +141,8 @@ def main(argv=None) -> None:
             for row in bench_case(op, B, T, device, copy_gbs, args.quick)]
     print_table(rows, ["op", "provider", "B", "T", "ms", "speedup_vs_first", "gbs", "pct_copy", "peak_mib",
                        "max_err_vs_eager"])
-    print(f"appended {len(rows)} rows to {append_rows('kl', rows, device)}")
+    load = os.getloadavg()[0]  # CPU timings on a shared machine mean little under load: record it with them
+    print(f"appended {len(rows)} rows to {append_rows('kl', [{**r, 'load_1min': load} for r in rows], device)}")
 
 
 if __name__ == "__main__":

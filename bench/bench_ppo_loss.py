@@ -22,6 +22,7 @@ Rows go to bench/results/ppo_loss.jsonl ($OUT/ppo_loss.jsonl when $OUT is set).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -138,7 +139,8 @@ def main(argv=None) -> None:
             for row in bench_case(op, B, T, args.dtype, device, copy_gbs, args.quick)]
     print_table(rows, ["op", "provider", "B", "T", "dtype", "ms", "speedup_vs_eager", "gbs", "pct_copy", "peak_mib",
                        "max_err_vs_eager"])
-    print(f"appended {len(rows)} rows to {append_rows('ppo_loss', rows, device)}")
+    load = os.getloadavg()[0]  # CPU timings on a shared machine mean little under load: record it with them
+    print(f"appended {len(rows)} rows to {append_rows('ppo_loss', [{**r, 'load_1min': load} for r in rows], device)}")
 
 
 if __name__ == "__main__":
