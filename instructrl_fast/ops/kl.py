@@ -35,8 +35,10 @@ def _kl_torch(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> tor
     if estimator == "k2":
         return 0.5 * d * d
     if estimator == "k3":
-        series = d * d * (0.5 + d * (-1.0 / 6 + d * (1.0 / 24 + d * (-1.0 / 120 + d * (1.0 / 720)))))
-        return torch.where(d.abs() < 0.1, series, torch.exp(-d) + d - 1.0)
+        small = d.abs() < 0.1
+        ds = torch.where(small, d, 0.0)  # the series only sees small d: no inf * 0 = NaN in its backward
+        series = ds * ds * (0.5 + ds * (-1.0 / 6 + ds * (1.0 / 24 + ds * (-1.0 / 120 + ds * (1.0 / 720)))))
+        return torch.where(small, series, torch.exp(-d) + d - 1.0)
     return d.abs()
 
 
