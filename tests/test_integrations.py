@@ -6,6 +6,7 @@ semantics differ on purpose (masked positions, holes in a row), the tests pin th
 """
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -200,6 +201,19 @@ def test_verl_policy_loss(backend, mode, clips):
     for ours, theirs in zip(out, ref):
         torch.testing.assert_close(ours.detach().double(), theirs.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_verl_policy_loss_vanilla_reads_the_config():
+    b = _rl_batch()
+    config = SimpleNamespace(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=0.3, clip_ratio_c=2.0)
+    out = verl.compute_policy_loss_vanilla(b["old_logp"], b["logp"], b["advantages"], b["mask"],
+                                           "seq-mean-token-mean", config)
+    ref = verl_policy_ref(b["old_logp"], b["logp"].double(), b["advantages"], b["mask"], 0.2, 0.3, 2.0,
+                          "seq-mean-token-mean")
+    for ours, theirs in zip(out, ref):
+        torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="config"):
+        verl.compute_policy_loss_vanilla(b["old_logp"], b["logp"], b["advantages"], b["mask"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

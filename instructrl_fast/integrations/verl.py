@@ -6,7 +6,8 @@ Use them by patching the module, e.g.::
     from instructrl_fast.integrations import verl as fast
 
     core_algos.compute_gae_advantage_return = fast.compute_gae_advantage_return
-    core_algos.compute_policy_loss = fast.compute_policy_loss  # the explicit-argument (pre-registry) signature
+    core_algos.compute_policy_loss = fast.compute_policy_loss  # the explicit-argument signature
+    core_algos.POLICY_LOSS_REGISTRY["vanilla"] = fast.compute_policy_loss_vanilla  # the registry's (config) one
 
 Differences common to all functions: outputs are float32 whatever the input dtype; a fully masked batch or row
 gives 0 where verl's masked means give NaN (verl divides by sum(mask), or by sum(mask) + 1e-8 in later versions,
@@ -105,6 +106,18 @@ def compute_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, adva
         dual_binds = (advantages < 0) & (log_prob.float() - old_log_prob.float() > math.log(clip_ratio_c))
         pg_clipfrac_lower = masked_reduce(dual_binds.float(), mask, "token_mean")
     return pg_loss * scale, stats["clipfrac"] - pg_clipfrac_lower, stats["approx_kl"], pg_clipfrac_lower
+
+
+def compute_policy_loss_vanilla(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                                response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config=None):
+    """verl's registered "vanilla" policy loss: ``compute_policy_loss`` with the clip ranges read from ``config``
+    (``clip_ratio``, ``clip_ratio_low``, ``clip_ratio_high``, ``clip_ratio_c`` defaulting to 3.0)."""
+    if config is None:
+        raise ValueError("config must be given (an actor config with clip_ratio, clip_ratio_low, clip_ratio_high)")
+    return compute_policy_loss(old_log_prob, log_prob, advantages, response_mask,
+                               cliprange=config.clip_ratio, cliprange_low=getattr(config, "clip_ratio_low", None),
+                               cliprange_high=getattr(config, "clip_ratio_high", None),
+                               clip_ratio_c=getattr(config, "clip_ratio_c", 3.0), loss_agg_mode=loss_agg_mode)
 
 
 def compute_value_loss(vpreds: torch.Tensor, returns: torch.Tensor, values: torch.Tensor,
