@@ -71,6 +71,28 @@ def test_gpt3_175b_on_meta_needs_no_memory():
     assert grown < 512 * 2**20, f"building on meta grew RSS by {grown / 2**20:.0f} MiB"
 
 
+def test_gpt3_175b_tp8_plan_on_meta_with_a_fake_process_group():
+    """TP = 8 simulated in one process (a fake process group): each rank holds 1/8 of every sharded tensor."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    cfg = GPTConfig.from_name("gpt3-175b")
+    dist.init_process_group("fake", store=FakeStore(), rank=3, world_size=8)
+    try:
+        with torch.device("meta"):
+            model = GPT(cfg, tp_group=dist.group.WORLD)
+        sharded = model.tp_shard_specs()
+        local = model.num_params()
+        replicated = sum(p.numel() for n, p in model.named_parameters() if n not in sharded)
+        assert model.num_params(local=False) == (local - replicated) * 8 + replicated
+        assert abs(model.num_params(local=False) - 174.6e9) / 174.6e9 < 0.005
+        assert model.lm_weight.shape == (50304 // 8, 12288) and model.vocab_start == 3 * 50304 // 8
+        assert model.blocks[0].attn.qkv.weight.shape == (3 * 12288 // 8, 12288)
+        assert model.blocks[0].mlp.proj.weight.shape == (12288, 4 * 12288 // 8)
+    finally:
+        dist.destroy_process_group()
+
+
 # -------------------------------------------------------------------------------------------------------------------
 # forward
 # -------------------------------------------------------------------------------------------------------------------
