@@ -14,9 +14,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cstdint>
 #include <limits>
+#include <utility>
 
 #include "logprob.h"
 

@@ -9,6 +9,8 @@ A -inf logit contributes 0 (p = 0) to sum_px and to the entropy term, as in the 
 The public ops (gather_logprobs, ...) are tested in tests/ops/test_logprob.py.
 """
 
+import itertools
+
 import pytest
 import torch
 
@@ -166,7 +168,7 @@ def test_vocab_shards_combine_to_the_full_softmax(device, shards):
     labels = torch.randint(0, V, (N,), device=device)
     labels[2] = IGNORE
     bounds = [round(i * V / shards) for i in range(shards + 1)]
-    parts = [(start, logits[:, start:stop].float()) for start, stop in zip(bounds, bounds[1:])]
+    parts = [(start, logits[:, start:stop].float()) for start, stop in itertools.pairwise(bounds)]
     outs = [op.logprob_fwd(x, labels, T, IGNORE, start, True) for start, x in parts]
     lse = torch.logsumexp(torch.stack([o[0] for o in outs]).double(), dim=0)
     target = sum(o[1].double() for o in outs)
@@ -248,20 +250,20 @@ def test_cpu_result_does_not_depend_on_thread_count():
 @pytest.mark.parametrize(
     "change, error, match",
     [
-        (dict(logits=torch.randn(4, 10, dtype=torch.float64)), TypeError, "logits must be float32"),
-        (dict(logits=torch.randint(0, 5, (4, 10))), TypeError, "logits must be float32"),
-        (dict(logits=torch.randn(40)), ValueError, "logits must be 2-D"),
-        (dict(logits=torch.randn(4, 0)), ValueError, "non-empty vocab"),
-        (dict(logits=torch.randn(10, 4).t()), ValueError, "contiguous in its last dim"),
-        (dict(labels=torch.zeros(4, dtype=torch.int32)), TypeError, "labels must be int64"),
-        (dict(labels=torch.zeros(5, dtype=torch.long)), ValueError, "labels must have shape"),
-        (dict(labels=torch.zeros(4, 1, dtype=torch.long)), ValueError, "labels must have shape"),
-        (dict(temperature=0.0), ValueError, "temperature"),
-        (dict(temperature=float("nan")), ValueError, "temperature"),
+        ({"logits": torch.randn(4, 10, dtype=torch.float64)}, TypeError, "logits must be float32"),
+        ({"logits": torch.randint(0, 5, (4, 10))}, TypeError, "logits must be float32"),
+        ({"logits": torch.randn(40)}, ValueError, "logits must be 2-D"),
+        ({"logits": torch.randn(4, 0)}, ValueError, "non-empty vocab"),
+        ({"logits": torch.randn(10, 4).t()}, ValueError, "contiguous in its last dim"),
+        ({"labels": torch.zeros(4, dtype=torch.int32)}, TypeError, "labels must be int64"),
+        ({"labels": torch.zeros(5, dtype=torch.long)}, ValueError, "labels must have shape"),
+        ({"labels": torch.zeros(4, 1, dtype=torch.long)}, ValueError, "labels must have shape"),
+        ({"temperature": 0.0}, ValueError, "temperature"),
+        ({"temperature": float("nan")}, ValueError, "temperature"),
     ],
 )
 def test_fwd_rejects_bad_arguments(change, error, match):
-    args = dict(logits=torch.randn(4, 10), labels=torch.zeros(4, dtype=torch.long), temperature=1.0)
+    args = {"logits": torch.randn(4, 10), "labels": torch.zeros(4, dtype=torch.long), "temperature": 1.0}
     args.update(change)
     with pytest.raises(error, match=match):
         op.logprob_fwd(args["logits"], args["labels"], args["temperature"], IGNORE, 0, False)
@@ -270,20 +272,20 @@ def test_fwd_rejects_bad_arguments(change, error, match):
 @pytest.mark.parametrize(
     "change, error, match",
     [
-        (dict(grad_logp=torch.ones(4, dtype=torch.float64)), TypeError, "grad_logp must be float32"),
-        (dict(grad_logp=torch.ones(3)), ValueError, "grad_logp must have shape"),
-        (dict(grad_logp=torch.ones(0)), ValueError, "grad_logp must have shape"),
-        (dict(lse=torch.ones(4, 1)), ValueError, "lse must have shape"),
-        (dict(grad_entropy=torch.ones(4, dtype=torch.bfloat16)), TypeError, "grad_entropy must be float32"),
-        (dict(grad_entropy=torch.ones(2)), ValueError, "grad_entropy must have shape"),
-        (dict(entropy=torch.ones(0)), ValueError, "entropy must have shape"),
-        (dict(logits=torch.randn(4, 10, dtype=torch.float64)), TypeError, "logits must be float32"),
-        (dict(labels=torch.zeros(4)), TypeError, "labels must be int64"),
+        ({"grad_logp": torch.ones(4, dtype=torch.float64)}, TypeError, "grad_logp must be float32"),
+        ({"grad_logp": torch.ones(3)}, ValueError, "grad_logp must have shape"),
+        ({"grad_logp": torch.ones(0)}, ValueError, "grad_logp must have shape"),
+        ({"lse": torch.ones(4, 1)}, ValueError, "lse must have shape"),
+        ({"grad_entropy": torch.ones(4, dtype=torch.bfloat16)}, TypeError, "grad_entropy must be float32"),
+        ({"grad_entropy": torch.ones(2)}, ValueError, "grad_entropy must have shape"),
+        ({"entropy": torch.ones(0)}, ValueError, "entropy must have shape"),
+        ({"logits": torch.randn(4, 10, dtype=torch.float64)}, TypeError, "logits must be float32"),
+        ({"labels": torch.zeros(4)}, TypeError, "labels must be int64"),
     ],
 )
 def test_bwd_rejects_bad_arguments(change, error, match):
-    args = dict(grad_logp=torch.ones(4), grad_entropy=torch.ones(4), logits=torch.randn(4, 10),
-                labels=torch.zeros(4, dtype=torch.long), lse=torch.ones(4), entropy=torch.ones(4))
+    args = {"grad_logp": torch.ones(4), "grad_entropy": torch.ones(4), "logits": torch.randn(4, 10),
+            "labels": torch.zeros(4, dtype=torch.long), "lse": torch.ones(4), "entropy": torch.ones(4)}
     args.update(change)
     with pytest.raises(error, match=match):
         op.logprob_bwd(*args.values(), 1.0, IGNORE, 0)
