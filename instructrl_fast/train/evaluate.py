@@ -27,7 +27,8 @@ from collections.abc import Callable, Sequence
 from instructrl_fast.data.labeler import GoldLabeler, as_rng
 from instructrl_fast.data.task import Prompt, parse_prompt
 
-Generator = Callable[[list[str]], Sequence[str]] | Sequence[str]
+# A generator: a callable texts -> responses, or the responses already computed.
+Responses = Callable[[list[str]], Sequence[str]] | Sequence[str]
 # Figure 1's methods, in the paper's order (worst to best); other names are listed after them.
 METHODS = ("GPT", "GPT (prompted)", "SFT", "PPO", "PPO-ptx")
 
@@ -65,7 +66,7 @@ def _floats(values, name: str, n: int) -> list[float]:
     return [float(v) for v in values]
 
 
-def collect_responses(generator: Generator, prompts: Sequence[Prompt | str], *, batch_size: int = 64) -> list[str]:
+def collect_responses(generator: Responses, prompts: Sequence[Prompt | str], *, batch_size: int = 64) -> list[str]:
     """The responses of ``generator`` to ``prompts``: a callable is called on batches of ``batch_size`` prompt texts,
     a list is checked for length and returned."""
     texts = [p.text if isinstance(p, Prompt) else p for p in _as_prompts(prompts)]
@@ -102,7 +103,7 @@ def with_prefix(generate_fn: Callable[[list[str]], Sequence[str]], prefix: str) 
 # ---------------------------------------------------------------------------------------------- policy quality
 
 
-def evaluate_policy(generator: Generator, prompts: Sequence[Prompt | str], labeler: GoldLabeler, *,
+def evaluate_policy(generator: Responses, prompts: Sequence[Prompt | str], labeler: GoldLabeler, *,
                     batch_size: int = 64) -> dict[str, float]:
     """Gold-labeler metrics of a policy's responses to ``prompts`` (every value a float, ready for a CSV row):
 
@@ -131,7 +132,7 @@ def evaluate_policy(generator: Generator, prompts: Sequence[Prompt | str], label
     return out
 
 
-def win_rate(gen_a: Generator, gen_b: Generator, prompts: Sequence[Prompt | str], labeler: GoldLabeler,
+def win_rate(gen_a: Responses, gen_b: Responses, prompts: Sequence[Prompt | str], labeler: GoldLabeler,
              rng: random.Random | int, *, batch_size: int = 64) -> float:
     """Share of ``prompts`` on which the (noisy) labeler prefers ``gen_a``'s response to ``gen_b``'s: Figure 1's
     axis with ``gen_b`` the reference (the largest SFT model). A model against itself scores 0.5 in expectation."""
