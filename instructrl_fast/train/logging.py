@@ -29,7 +29,7 @@ class MetricsLogger:
                 reader = csv.DictReader(f)
                 self._fields = reader.fieldnames
                 rows = [r for r in reader if int(r["step"]) <= resume_step]
-        self._file = open(self.csv_path, "w", newline="")
+        self._file = open(self.csv_path, "w", newline="")  # noqa: SIM115 (held open for the run; see close())
         self._writer = None
         if self._fields is None and fields is not None:
             self._fields = ["step", *fields]

@@ -34,7 +34,7 @@ class Stage(Protocol):
     max_steps: int  # optimizer steps of the whole stage
     grad_accum: int  # micro-batches per optimizer step
     flops_per_token: float  # training FLOPs per processed token, for MFU
-    metric_names: list[str]  # every key `loss` and `evaluate` may return (the CSV columns)
+    metric_names: tuple[str, ...]  # every key `loss` and `evaluate` may return (the CSV columns)
 
     def micro_batches(self, step: int) -> Iterable[Any]:
         """The ``grad_accum`` micro-batches of optimizer step ``step`` (a pure function of the step and state)."""

@@ -212,7 +212,7 @@ class Pipeline:
         prompts = self.task.prompts("test", ec.n_test_prompts)
 
         def answers(model, prefix: str = "") -> list[str]:
-            gen = lambda texts: respond(model, self.tok, texts, max_new_tokens=ec.max_new_tokens,  # noqa: E731
+            gen = lambda texts: respond(model, self.tok, texts, max_new_tokens=ec.max_new_tokens,
                                         temperature=ec.temperature)
             return ev.collect_responses(ev.with_prefix(gen, prefix) if prefix else gen, prompts)
 

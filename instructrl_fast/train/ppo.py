@@ -73,8 +73,8 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 class PPOStage:
     """The shared loop counts optimizer steps; a new rollout batch is sampled at the first step of each iteration."""
 
-    metric_names = ["loss", "policy_loss", "value_loss", "ptx_loss", "clipfrac", "approx_kl", "value_clipfrac",
-                    "score", "kl", "reward", "response_len"]
+    metric_names = ("loss", "policy_loss", "value_loss", "ptx_loss", "clipfrac", "approx_kl", "value_clipfrac",
+                    "score", "kl", "reward", "response_len")
 
     def __init__(self, cfg: PPOConfig, policy, value_model, ref, rm: RewardModel, tok, prompts: list[str],
                  ptx_chunks: torch.Tensor | None, *, ckpt_interval: int):

@@ -30,7 +30,7 @@ class PretrainStage:
     """Next-token prediction on fixed windows of the corpus; data order is a seeded permutation per epoch."""
 
     name = "pretrain"
-    metric_names = ["loss", "val_loss"]
+    metric_names = ("loss", "val_loss")
 
     def __init__(self, cfg: PretrainConfig, model, train_chunks: torch.Tensor, val_chunks: torch.Tensor):
         self.cfg, self.model = cfg, model

@@ -67,7 +67,7 @@ class RMStage:
     """One epoch over ranked prompts; a micro-batch is a list of prompts, each with all its K responses."""
 
     name = "reward model"
-    metric_names = ["loss", "accuracy", "val_loss", "val_accuracy"]
+    metric_names = ("loss", "accuracy", "val_loss", "val_accuracy")
 
     def __init__(self, cfg: RMConfig, rm: RewardModel, tok, comparisons: list[dict], val_comparisons: list[dict]):
         self.cfg, self.rm, self.tok = cfg, rm, tok

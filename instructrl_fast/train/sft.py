@@ -27,7 +27,7 @@ class SFTStage:
     """Demonstration batches, optionally with pretraining windows mixed into every micro-batch."""
 
     name = "sft"
-    metric_names = ["loss", "demo_loss", "ptx_loss", "val_loss"]
+    metric_names = ("loss", "demo_loss", "ptx_loss", "val_loss")
 
     def __init__(self, cfg: SFTConfig, model, tok, demos: list[tuple[str, str]], val_demos: list[tuple[str, str]],
                  ptx_chunks: torch.Tensor | None, candidates_dir: str | os.PathLike):

@@ -13,10 +13,8 @@ import pytest
 import torch
 
 from instructrl_fast.train import checkpoint as ckpt
-from instructrl_fast.train.batching import chunk_corpus
-from instructrl_fast.train.config import LoopConfig, OptimConfig, PretrainConfig, SFTConfig
+from instructrl_fast.train.config import LoopConfig, OptimConfig, SFTConfig
 from instructrl_fast.train.loop import train
-from instructrl_fast.train.pretrain import PretrainStage
 from instructrl_fast.train.ppo import PPOStage
 from instructrl_fast.train.sft import SFTStage
 from tests.train.conftest import assert_same_weights, micro_gpt
@@ -68,7 +66,7 @@ def test_sft_resume_is_bitwise_exact(tmp_path, tok, task):
     assert_same_weights(full.model, resumed.model)
     for a, b in zip(full.optimizer.state.values(), resumed.optimizer.state.values()):
         assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
-    losses = [[r.split(",")[5] for r in open(p / "metrics.csv").read().splitlines()]
+    losses = [[r.split(",")[5] for r in (p / "metrics.csv").read_text().splitlines()]
               for p in (tmp_path / "a", tmp_path / "b")]
     assert losses[0] == losses[1]  # the resumed CSV drops the rows written after the checkpoint
 

@@ -14,10 +14,10 @@ from tests.train.conftest import micro_gpt
 
 
 def _cfg(**kw):
-    base = dict(n_episodes=8, n_prompts=8, rollout_batch_size=4, minibatch_size=2, micro_batch_size=2,
-                max_new_tokens=6, value_lr=1e-3, ptx_per_episode=1.0, ptx_seq_len=16,
-                optim=OptimConfig(lr=1e-3, schedule="constant", warmup_steps=1, warmup_from=0.1),
-                loop=LoopConfig(progress=False))
+    base = {"n_episodes": 8, "n_prompts": 8, "rollout_batch_size": 4, "minibatch_size": 2, "micro_batch_size": 2,
+            "max_new_tokens": 6, "value_lr": 1e-3, "ptx_per_episode": 1.0, "ptx_seq_len": 16,
+            "optim": OptimConfig(lr=1e-3, schedule="constant", warmup_steps=1, warmup_from=0.1),
+            "loop": LoopConfig(progress=False)}
     return PPOConfig(**{**base, **kw})
 
 
@@ -26,7 +26,8 @@ def _stage(cfg, tok, task, corpus=True):
     policy, ref = micro_gpt(seed=1), micro_gpt(seed=1)
     value = init_from(micro_gpt("scalar", seed=9), rm.body)
     prompts = [p.text for p in task.prompts("train", cfg.n_prompts)]
-    chunks = torch.randint(0, 256, (32, cfg.ptx_seq_len + 1), generator=torch.Generator().manual_seed(0)) if corpus else None
+    g = torch.Generator().manual_seed(0)
+    chunks = torch.randint(0, 256, (32, cfg.ptx_seq_len + 1), generator=g) if corpus else None
     return PPOStage(cfg, policy, value, ref, rm, tok, prompts, chunks, ckpt_interval=0)
 
 
@@ -94,12 +95,13 @@ def test_ppo_ptx_runs_and_logs(tmp_path, tok, task):
     cfg = _cfg(ptx_coef=27.8)
     stage = _stage(cfg, tok, task)
     before = [p.detach().clone() for p in stage.policy.parameters()]
-    ema, metrics = train_ppo(cfg, stage.policy, stage.value, stage.ref, stage.rm, tok,
+    ema, _ = train_ppo(cfg, stage.policy, stage.value, stage.ref, stage.rm, tok,
                              [p.text for p in task.prompts("train", 8)], tmp_path, ptx_chunks=stage.ptx_chunks)
     moved = [not torch.equal(a, b) for a, b in zip(before, stage.policy.parameters())]
     assert any(moved)
     assert any(not torch.equal(e, p) for e, p in zip(ema.parameters(), stage.policy.parameters()))
-    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
     train_rows = [r for r in rows if r["loss"]]
     assert len(train_rows) == cfg.max_steps
     assert all(r["ptx_loss"] and r["score"] and r["clipfrac"] for r in train_rows)

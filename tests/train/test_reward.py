@@ -9,8 +9,14 @@ import torch.nn.functional as F
 
 from instructrl_fast.train.batching import encode_prompt, left_pad, ranking_batch
 from instructrl_fast.train.config import LoopConfig, OptimConfig, RMConfig
-from instructrl_fast.train.reward import RewardModel, last_index, normalize_to_demos, ranking_loss, score_texts, \
-    train_reward_model
+from instructrl_fast.train.reward import (
+    RewardModel,
+    last_index,
+    normalize_to_demos,
+    ranking_loss,
+    score_texts,
+    train_reward_model,
+)
 from tests.train.conftest import micro_gpt
 
 
