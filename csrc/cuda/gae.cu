@@ -40,12 +40,12 @@ template <typename scalar_t>
 struct ChunkLoads {
   scalar_t r[kPerLane];
   scalar_t v[kPerLane];
-  bool m[kPerLane];  // valid and inside the row
+  uint8_t m[kPerLane];  // the mask's bytes (bool is one byte, 0 or 1); 0 past the row's end
 };
 
 template <typename scalar_t>
 __device__ __forceinline__ void load_chunk(ChunkLoads<scalar_t>& c, const scalar_t* __restrict__ rewards,
-                                           const scalar_t* __restrict__ values, const bool* __restrict__ mask,
+                                           const scalar_t* __restrict__ values, const uint8_t* __restrict__ mask,
                                            int64_t T, int64_t start, int lane) {
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
@@ -53,7 +53,7 @@ __device__ __forceinline__ void load_chunk(ChunkLoads<scalar_t>& c, const scalar
     const bool inside = t < T;
     c.r[k] = inside ? rewards[t] : scalar_t(0);
     c.v[k] = inside ? values[t] : scalar_t(0);
-    c.m[k] = inside && mask[t];
+    c.m[k] = inside ? mask[t] : uint8_t(0);
   }
 }
 
@@ -61,7 +61,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
     gae_kernel(const scalar_t* __restrict__ rewards,  // [B, T] row-major
                const scalar_t* __restrict__ values,   // [B, T] row-major
-               const bool* __restrict__ mask,         // [B, T] row-major
+               const uint8_t* __restrict__ mask,      // [B, T] row-major, the bytes of a bool tensor
                float* __restrict__ advantages,        // [B, T] out
                float* __restrict__ returns,           // [B, T] out
                int64_t B, int64_t T, float gamma, float gamma_lam) {
@@ -89,8 +89,9 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) {
       const float r = static_cast<float>(cur.r[k]), v = static_cast<float>(cur.v[k]);
-      s[k] = cur.m[k] ? gamma * v + gamma_lam * (r - v) : 0.0f;  // select, so masked garbage never enters
-      g[k] = cur.m[k] ? gamma_lam : 1.0f;
+      const bool valid = cur.m[k] != 0;
+      s[k] = valid ? gamma * v + gamma_lam * (r - v) : 0.0f;  // select, so masked garbage never enters
+      g[k] = valid ? gamma_lam : 1.0f;
     }
 #pragma unroll
     for (int offset = 1; offset < kWarp; offset *= 2) {
@@ -120,11 +121,12 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp)
       }
       const float y_next = fmaf(g_after, carry, s_after);  // Y_{t+1}
       const float r = static_cast<float>(cur.r[k]), v = static_cast<float>(cur.v[k]);
-      const float adv = cur.m[k] ? (r - v) + y_next : 0.0f;
+      const bool valid = cur.m[k] != 0;
+      const float adv = valid ? (r - v) + y_next : 0.0f;
       const int64_t t = start + k * kWarp + lane;
       if (t < T) {
         advantages[t] = adv;
-        returns[t] = cur.m[k] ? adv + v : 0.0f;
+        returns[t] = valid ? adv + v : 0.0f;
       }
       carry = fmaf(g_group, carry, s_group);
     }
@@ -143,9 +145,10 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
   const int64_t blocks = (B + kRowsPerBlock - 1) / kRowsPerBlock;
   TORCH_CHECK(blocks <= INT32_MAX, "rewards has too many rows for one launch: ", B);
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto* mask_bytes = reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>());
   INSTRUCTRL_FAST_DISPATCH_FLOAT(inputs[0].scalar_type(), "gae_cuda", [&] {
     gae_kernel<scalar_t><<<static_cast<unsigned>(blocks), kRowsPerBlock * kWarp, 0, stream>>>(
-        inputs[0].const_data_ptr<scalar_t>(), inputs[1].const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(),
+        inputs[0].const_data_ptr<scalar_t>(), inputs[1].const_data_ptr<scalar_t>(), mask_bytes,
         advantages.mutable_data_ptr<float>(), returns.mutable_data_ptr<float>(), B, T, static_cast<float>(gamma),
         static_cast<float>(gamma * lam));
     C10_CUDA_KERNEL_LAUNCH_CHECK();

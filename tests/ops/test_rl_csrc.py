@@ -26,7 +26,7 @@ DEVICES = [
 
 TOKEN_MEAN, SEQ_MEAN_TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM = 0, 1, 2
 REDUCTIONS = [TOKEN_MEAN, SEQ_MEAN_TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM]
-F32_TOL = dict(rtol=1e-5, atol=1e-6)
+F32_TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 
 def _mask(B: int, T: int, kind: str, device) -> torch.Tensor:
