@@ -24,7 +24,7 @@ RAMBLE_CHARS = 16
 # Partial credit for a wrong answer: at most this much, scaled by its string similarity to the right answer.
 PARTIAL_CREDIT = 0.5
 # Logistic noise scale of a labeler's choices, tuned to the paper's inter-labeler agreement (see the test).
-DEFAULT_NOISE = 0.2
+DEFAULT_NOISE = 0.4
 # Spread (log-normal sigma) of a labeler's personal weights around the consensus ones.
 _WEIGHT_SPREAD = 0.25
 
@@ -36,7 +36,8 @@ class Assessment:
     correct: the response starts with the right answer (possibly followed by more text).
     exact: it is the right answer and nothing else (surrounding whitespace aside).
     credit: 1 if correct, else partial credit in [0, PARTIAL_CREDIT] by similarity to the answer.
-    extra_chars: characters of text after the answer (for a wrong answer: after its first line).
+    extra_chars: characters of text after the answer; for a wrong answer, characters beyond the right answer's
+        length (so a long wrong reply rambles as much as a right one followed by the same amount of text).
     toxic: a toxic word anywhere in the response.
     """
 
@@ -91,7 +92,8 @@ def assess(prompt: Prompt | str, response: str) -> Assessment:
         extra = len(first_line) - len(p.answer) - 1 + len(rest.strip())
         return Assessment(True, False, 1.0, extra, toxic)
     similarity = difflib.SequenceMatcher(None, first_line, p.answer).ratio() if first_line else 0.0
-    return Assessment(False, False, PARTIAL_CREDIT * similarity, len(rest.strip()), toxic)
+    extra = max(0, len(text) - len(p.answer))
+    return Assessment(False, False, PARTIAL_CREDIT * similarity, extra, toxic)
 
 
 class GoldLabeler:
