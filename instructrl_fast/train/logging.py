@@ -28,7 +28,9 @@ class MetricsLogger:
             with open(self.csv_path, newline="") as f:
                 reader = csv.DictReader(f)
                 self._fields = reader.fieldnames
-                rows = [r for r in reader if int(r["step"]) <= resume_step]
+                # a SIGKILL can leave a torn last row: keep only complete rows up to the resumed step
+                rows = [r for r in reader if None not in r.values() and r["step"].isdigit()
+                        and int(r["step"]) <= resume_step]
         self._file = open(self.csv_path, "w", newline="")  # noqa: SIM115 (held open for the run; see close())
         self._writer = None
         if self._fields is None and fields is not None:

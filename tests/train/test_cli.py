@@ -75,3 +75,12 @@ def test_bad_arguments_are_rejected(tmp_path, capsys):
     assert main(["run", "--preset", "nope", "--out", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "size must be one of" in err and "preset must be one of" in err
+
+
+def test_reproduce_runs_every_size_with_one_reward_model(tmp_path):
+    assert main(["reproduce", "--preset", "micro", "--out", str(tmp_path), "--quiet", "--threads", "1"]) == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert {(r["size"], r["method"]) for r in report["results"]} == {
+        (s, m) for s in ("s", "m", "l") for m in ("GPT", "GPT (prompted)", "SFT", "PPO", "PPO-ptx")}
+    assert not list(tmp_path.glob("rm-*"))  # the one RM (from the middle size's SFT model) serves every size
+    assert "smallest_ppo_ptx>largest_gpt" in report["shape"]
