@@ -31,9 +31,17 @@ constexpr int64_t kGrain = 32768;  // elements per parallel task (ATen's GRAIN_S
 // branches), so trapping math is switched off for these functions alone. Functions defined under other options
 // (std::min, std::bit_cast, the bf16/fp16 conversions) are not inlined here, so these loops touch only fp32 and
 // builtins; the conversions happen in the loops outside this region.
+//
+// The two hot loops are also compiled for AVX-512 and AVX2 (8 or 16 lanes instead of SSE2's 4), picked once at
+// load time by the CPU (gcc's target_clones: an ifunc, as ATen's own CPU kernels dispatch on the CPU's capability).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
 #pragma GCC optimize("no-trapping-math")
+#endif
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define INSTRUCTRL_LOGPROB_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define INSTRUCTRL_LOGPROB_CLONES
 #endif
 
 // exp(x) in float as straight-line code, so that gcc -O3 vectorises the loops calling it (std::exp is an opaque
@@ -62,7 +70,7 @@ inline float exp_f32(float x) {
 
 // Adds sum exp(x - m) to s and sum exp(x - m) * x to t over x[0, len), for a finite m. The per-call partial sums
 // (several vector lanes each) keep the fp32 summation error small for long rows.
-void add_exp_sums(const float* x, int64_t len, float m, float& s, float& t) {
+INSTRUCTRL_LOGPROB_CLONES void add_exp_sums(const float* x, int64_t len, float m, float& s, float& t) {
   float cs = 0.0f, ct = 0.0f;
 #pragma omp simd reduction(+ : cs, ct)
   for (int64_t k = 0; k < len; ++k) {
@@ -76,7 +84,7 @@ void add_exp_sums(const float* x, int64_t len, float m, float& s, float& t) {
 
 // In place x -> grad_x = g * (0 - p) - g_ent * p * (x - mean_x) with p = exp(x - lse), over x[0, len): the
 // backward's formula without its one-hot term. g and g_ent arrive already divided by the temperature.
-void softmax_grad(float* x, int64_t len, float g, float g_ent, float lse, float mean_x) {
+INSTRUCTRL_LOGPROB_CLONES void softmax_grad(float* x, int64_t len, float g, float g_ent, float lse, float mean_x) {
 #pragma omp simd
   for (int64_t k = 0; k < len; ++k) {
     const float p = exp_f32(x[k] - lse);
@@ -87,6 +95,7 @@ void softmax_grad(float* x, int64_t len, float g, float g_ent, float lse, float 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #endif
+#undef INSTRUCTRL_LOGPROB_CLONES
 
 // x[k] = row[k] / T in fp32 over k in [0, len); returns max_k x[k].
 template <typename scalar_t>
