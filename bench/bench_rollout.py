@@ -24,6 +24,7 @@ on CPU the peak RSS a generate call adds, measured in a fresh process (bench.com
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -63,17 +64,28 @@ def _hf(model, ids, mask, n):
     return run
 
 
-def _time(fn, device, reps) -> float:
-    """Median seconds of fn() over reps runs after one warm-up."""
-    fn()
-    times = []
+def _time_interleaved(fns: dict, device, reps: int) -> tuple[dict, dict, dict]:
+    """Median seconds of each fn() over ``reps`` rounds, after one warm-up each; the providers take turns within a
+    round, so a change in machine load (a shared CPU) hits them alike instead of biasing one.
+
+    Returns (medians, warm-up outputs, warm-up peak CUDA bytes or None on CPU): the warm-up run doubles as the
+    output check and, on a GPU, the peak-memory measurement, which keeps the GPU preset short.
+    """
+    outputs, peaks = {}, {}
+    for key, fn in fns.items():
+        if torch.device(device).type == "cuda":
+            peaks[key] = cuda_peak_bytes(lambda key=key, fn=fn: outputs.__setitem__(key, fn()))
+        else:
+            outputs[key], peaks[key] = fn(), None
+    times = {key: [] for key in fns}
     for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)  # the CPU waits for the GPU here, once per run
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        for key, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)  # the CPU waits for the GPU here, once per run
+            times[key].append(time.perf_counter() - t0)
+    return {key: statistics.median(t) for key, t in times.items()}, outputs, peaks
 
 
 def _build(cfg: GPTConfig, dtype, device, ckpt: str):
@@ -84,9 +96,10 @@ def _build(cfg: GPTConfig, dtype, device, ckpt: str):
         ours = GPT(cfg)
     ours.to_empty(device=device)
     ours.init_weights(0)
-    save_gpt2(ours, ckpt)
     ours = ours.to(dtype).eval()
-    hf = transformers.GPT2LMHeadModel.from_pretrained(ckpt, dtype=dtype).to(device).eval()
+    save_gpt2(ours, ckpt)  # in the run's dtype: half the bytes to write and read for bf16
+    # .to() rather than from_pretrained's dtype argument, whose name changed across transformers versions
+    hf = transformers.GPT2LMHeadModel.from_pretrained(ckpt).to(device=device, dtype=dtype).eval()
     return ours, hf
 
 
@@ -119,7 +132,7 @@ def main() -> None:
             raise SystemExit("--gpu-preset needs a CUDA GPU")
         device, dtype = torch.device("cuda"), torch.bfloat16
         cfg = GPTConfig.from_name(GPU_CFG["name"], n_head=GPU_CFG["n_head"], d_head=GPU_CFG["d_head"])
-        batches, P, N, reps = (1, 64), 128, 256, min(args.reps, 2)
+        batches, P, N, reps = (1, 64), 128, 256, min(args.reps, 1)
     else:
         device, dtype = torch.device("cpu"), torch.float32
         cfg = GPTConfig(**CPU_CFG)
@@ -134,15 +147,14 @@ def main() -> None:
                          "transformers": lambda n, ids=ids, mask=mask: _hf(hf, ids, mask, n)}
             if args.cuda_graph and device.type == "cuda":
                 providers["ours_cuda_graph"] = lambda n, ids=ids, mask=mask: _ours(ours, ids, mask, n, True)
-            seqs = {name: make(N)() for name, make in providers.items()}
             limit_ms = step_bytes(ours, B, P + N / 2) / (bw * 1e9) * 1e3
-            for name, make in providers.items():
-                t_n = _time(make(N), device, reps)
-                t_1 = _time(make(1), device, reps)
+            med, seqs, peaks = _time_interleaved(
+                {(name, n): make(n) for name, make in providers.items() for n in (N, 1)}, device, reps)
+            for name in providers:
+                t_n, t_1 = med[(name, N)], med[(name, 1)]
                 step_ms = (t_n - t_1) / (N - 1) * 1e3
-                if device.type == "cuda":
-                    peak = cuda_peak_bytes(make(N))
-                else:
+                peak = peaks[(name, N)]
+                if peak is None:  # CPU: the peak RSS one generate call adds, in a fresh process
                     peak = cpu_peak_bytes(_cpu_peak_make, "ours" if name == "ours" else "transformers", CPU_CFG,
                                           ckpt, B, P, N)
                 rows.append({"provider": name, "model": "gpt3-1.3b(16x128)" if args.gpu_preset else "cpu-small",
@@ -150,7 +162,7 @@ def main() -> None:
                              "B": B, "P": P, "N": N, "tokens_per_s": B * N / t_n, "total_s": t_n, "step_ms": step_ms,
                              "limit_ms": limit_ms, "eff": limit_ms / step_ms if step_ms > 0 else None,
                              "copy_gbs": bw, "peak_mem_MiB": peak / 2**20,
-                             "same_tokens": bool(torch.equal(seqs[name].cpu(), seqs["ours"].cpu()))})
+                             "same_tokens": bool(torch.equal(seqs[(name, N)].cpu(), seqs[("ours", N)].cpu()))})
     print_table(rows, ["provider", "B", "P", "N", "tokens_per_s", "total_s", "step_ms", "limit_ms", "eff",
                        "peak_mem_MiB", "same_tokens"])
     path = append_rows("rollout", rows, device)

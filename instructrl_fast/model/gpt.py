@@ -72,6 +72,8 @@ class GPT(nn.Module):
     ``to_empty(device=...)`` call ``init_weights(seed)``. Built on a real device, the weights are initialised with
     seed 0. Parameter names are the same at every TP size; ``init_weights`` gives each rank the slice of the
     full (TP = 1) initialisation, so a model initialised with one seed is the same function at any TP size.
+    With dropout under TP, seed torch's RNG identically on the ranks of a TP group: the dropped residual
+    activations are replicated tensors and must be dropped alike on every rank (as Megatron does).
     """
 
     def __init__(self, config: GPTConfig, head: str = "lm", tp_group: dist.ProcessGroup | None = None):
@@ -243,7 +245,7 @@ class GPT(nn.Module):
             key_mask = F.pad(attention_mask.bool(), (0, S - attention_mask.shape[1]))
             pos = positions_from_mask(key_mask).gather(1, input_pos[None].expand(B, T))
             kv_start = key_mask.int().argmax(-1).int()  # first real slot (the mask is 0 before it: left padding)
-        kv_len = (input_pos[-1:] + 1).to(torch.int32).repeat(B)  # a real [B] tensor: kernels index it by row
+        kv_len = (input_pos[-1] + 1).to(torch.int32).expand(B).contiguous()  # a real [B] tensor: kernels index rows
         return AttentionMeta(key_mask=key_mask, input_pos=input_pos, kv_start=kv_start, kv_len=kv_len), pos
 
     def setup_kv_cache(self, batch: int, max_seq_len: int, *, dtype: torch.dtype | None = None,

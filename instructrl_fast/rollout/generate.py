@@ -16,6 +16,7 @@ full logits and draws the same sample, so no broadcast is needed.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -57,14 +58,11 @@ def _decode_step(model: GPT, kv_cache, token: torch.Tensor, mask: torch.Tensor, 
     return model(token[:, None], mask, kv_cache, input_pos)[:, -1]
 
 
-_COMPILED_STEPS: dict[int, object] = {}
-
-
-def _step_fn(model: GPT, cuda_graph: bool):
-    if not cuda_graph:
-        return _decode_step
-    # One compiled step per model; mode="reduce-overhead" records a CUDA graph of it after warm-up.
-    return _COMPILED_STEPS.setdefault(id(model), torch.compile(_decode_step, mode="reduce-overhead", dynamic=False))
+@functools.cache
+def _compiled_decode_step():
+    """``_decode_step`` under torch.compile(mode="reduce-overhead"): one graph (no breaks, checked on CPU) that
+    inductor records as a CUDA graph after warm-up on a GPU. Compiled once; dynamo guards recompile per model."""
+    return torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
 
 
 def _check_args(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_token_id, pad_token_id,
@@ -119,7 +117,7 @@ def generate(model: GPT, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
         logprobs = torch.zeros(B, N, dtype=torch.float32, device=dev)
         alive = torch.ones(B, N, dtype=torch.bool, device=dev)  # alive[:, n]: token n is part of the response
         ended = torch.zeros(B, dtype=torch.bool, device=dev)
-        step = _step_fn(model, cuda_graph)
+        step = _compiled_decode_step() if cuda_graph else _decode_step
 
         # Every cache slot a row will write is marked real in `mask` from the start: a row attends to
         # [first real slot, current slot] and causality hides the slots not written yet.
