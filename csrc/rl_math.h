@@ -17,11 +17,13 @@ namespace instructrl_fast::rl {
 // Host-side argument checks and dtype handling
 // ---------------------------------------------------------------------------------------------------------------
 
-// The [B, T] float inputs may be fp32 / bf16 / fp16, each its own; the kernels are templated on one dtype.
-#define INSTRUCTRL_FAST_DISPATCH_FLOAT(TYPE, NAME, ...)           \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
-                                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+// The [B, T] float inputs may be fp32 / bf16 / fp16, each its own; the kernels are templated on one dtype
+// (see in_common_dtype), so this dispatches over exactly those three.
+#define INSTRUCTRL_FAST_DISPATCH_FLOAT(TYPE, NAME, ...)              \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                     \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)       \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)    \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
