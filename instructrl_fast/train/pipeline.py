@@ -69,6 +69,7 @@ class Pipeline:
         self.labeler = GoldLabeler(cfg.data_seed)
         self._chunks: dict[tuple, torch.Tensor] = {}
         self.timings: dict[str, float] = {}
+        self.cpu_times: dict[str, float] = {}
 
     # ---------------------------------------------------------------------------------------------- helpers
     def chunks(self, n_docs: int, seq_len: int, split: str = "train") -> torch.Tensor:
@@ -102,10 +103,13 @@ class Pipeline:
         return path if self.resume and path.is_file() else None
 
     def _timed(self, name: str, fn):
-        t0 = time.perf_counter()
+        """Run ``fn``, recording its wall time and this process's CPU time (the latter is what a shared machine
+        cannot inflate: at one thread it is the wall time the stage takes on an idle core)."""
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
-        self.log(f"[{name}] {self.timings[name]:.0f}s")
+        self.cpu_times[name] = self.cpu_times.get(name, 0.0) + time.process_time() - c0
+        self.log(f"[{name}] {self.timings[name]:.0f}s (cpu {self.cpu_times[name]:.0f}s)")
         return out
 
     def _finish(self, name: str, module: torch.nn.Module) -> None:
@@ -256,7 +260,7 @@ class Pipeline:
         records = self._timed("eval", lambda: self.evaluate(models, reference=models[cfg.sizes[-1]]["SFT"]))
         wall = time.perf_counter() - t0
         report = {"preset": cfg.name, "sizes": list(cfg.sizes), "results": records,
-                  "shape": shape_checks(records, init_loss), "timings_s": self.timings, "wall_s": wall,
+                  "shape": shape_checks(records, init_loss), "timings_s": self.timings, "cpu_s": self.cpu_times, "wall_s": wall,
                   "threads": torch.get_num_threads()}
         (self.out / "results.json").write_text(json.dumps(report, indent=1))
         reference = f"SFT ({cfg.sizes[-1]})"

@@ -61,6 +61,12 @@ def logprobs_of(policy, sequences: torch.Tensor, attention_mask: torch.Tensor) -
     return policy.token_logprobs(sequences[:, :-1], sequences[:, 1:], attention_mask=attention_mask[:, :-1])
 
 
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy without gradients that shares (does not copy) the model's tensor-parallel process groups."""
+    groups = {id(g): g for m in model.modules() if (g := getattr(m, "tp_group", None)) is not None}
+    return copy.deepcopy(model, memo=groups).requires_grad_(False)
+
+
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, parameters and floating buffers alike."""
     with torch.no_grad():
@@ -88,7 +94,7 @@ class PPOStage:
         self.cfg, self.policy, self.value, self.ref, self.rm, self.tok = cfg, policy, value_model, ref, rm, tok
         self.prompts = [encode_prompt(tok, p, policy.config.block_size - cfg.max_new_tokens) for p in prompts]
         self.ptx_chunks = ptx_chunks
-        self.ema = copy.deepcopy(policy).requires_grad_(False)
+        self.ema = frozen_copy(policy)
         for frozen in (ref, rm, self.ema):
             frozen.eval().requires_grad_(False)
         self.modules = {"policy": policy, "value": value_model, "ema": self.ema}
