@@ -169,7 +169,7 @@ def _run(args, **kw):
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path, monkeypatch):
     full, killed = tmp_path / "full", tmp_path / "killed"
     monkeypatch.setattr(sys, "argv", ["-c", str(full), "0", "0"])
-    exec(_SCRIPT, {"__name__": "__main__"})  # the uninterrupted reference, in this process
+    exec(_SCRIPT, {"__name__": "__main__"})  # noqa: S102 (our own script: the uninterrupted reference, in process)
 
     proc = _run([str(killed), "0", "0.1"])
     deadline = time.monotonic() + 240
