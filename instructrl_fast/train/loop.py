@@ -132,9 +132,12 @@ def train(stage: Stage, optim: OptimConfig, loop: LoopConfig, out_dir: str | os.
     peak = peak_flops(_device_of(stage))
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(ckpt_dir, step, stage.modules,
-                        {"optimizer": stage.optimizer.state_dict(), "stage": stage.state_dict()},
-                        keep=loop.keep_checkpoints)
+        # The LR schedule and the data order are pure functions of the step: the step is the scheduler state and
+        # the data position (recorded explicitly for readers of the checkpoint).
+        state = {"optimizer": stage.optimizer.state_dict(), "stage": stage.state_dict(),
+                 "scheduler": {"schedule": optim.schedule, "lr_factor": lr_factor(step, stage.max_steps, optim)},
+                 "data_position": {"optimizer_steps": step, "micro_batches": step * stage.grad_accum}}
+        save_checkpoint(ckpt_dir, step, stage.modules, state, keep=loop.keep_checkpoints)
 
     for m in stage.modules.values():
         m.train()

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from instructrl_fast.data import ByteTokenizer, DemoTask, GoldLabeler
 from instructrl_fast.train.batching import chunk_corpus
@@ -70,6 +71,7 @@ class Pipeline:
         self._chunks: dict[tuple, torch.Tensor] = {}
         self.timings: dict[str, float] = {}
         self.cpu_times: dict[str, float] = {}
+        self.progress = cfg.sft.loop.progress
 
     # ---------------------------------------------------------------------------------------------- helpers
     def chunks(self, n_docs: int, seq_len: int, split: str = "train") -> torch.Tensor:
@@ -222,16 +224,16 @@ class Pipeline:
 
         ref_answers = answers(reference)
         records = []
-        for size, by_method in models.items():
-            for method, model in by_method.items():
-                responses = answers(model, self.task.few_shot_prefix() if method == "GPT (prompted)" else "")
-                rec = {"method": method, "size": size, "params": model.num_params(),
-                       **ev.evaluate_policy(responses, prompts, self.labeler),
-                       "win_rate": ev.win_rate(responses, ref_answers, prompts, self.labeler, ec.seed),
-                       "ptx_loss": self.corpus_loss(model)}
-                records.append(rec)
-                self.log(f"[eval] {size} {method}: win {rec['win_rate']:.3f} gold {rec['gold_score']:.3f} "
-                         f"correct {rec['correct']:.3f} toxic {rec['toxic_rate']:.3f} ptx_loss {rec['ptx_loss']:.3f}")
+        todo = [(size, method, model) for size, by_method in models.items() for method, model in by_method.items()]
+        for size, method, model in tqdm(todo, desc="eval", disable=not self.progress):
+            responses = answers(model, self.task.few_shot_prefix() if method == "GPT (prompted)" else "")
+            rec = {"method": method, "size": size, "params": model.num_params(),
+                   **ev.evaluate_policy(responses, prompts, self.labeler),
+                   "win_rate": ev.win_rate(responses, ref_answers, prompts, self.labeler, ec.seed),
+                   "ptx_loss": self.corpus_loss(model)}
+            records.append(rec)
+            self.log(f"[eval] {size} {method}: win {rec['win_rate']:.3f} gold {rec['gold_score']:.3f} "
+                     f"correct {rec['correct']:.3f} toxic {rec['toxic_rate']:.3f} ptx_loss {rec['ptx_loss']:.3f}")
         return records
 
     def corpus_loss(self, model) -> float:

@@ -59,7 +59,11 @@ def test_sft_resume_is_bitwise_exact(tmp_path, tok, task):
     torch.manual_seed(0)
     with pytest.raises(Interrupted):
         train(_interrupt_at(first, 5), cfg.optim, cfg.loop, tmp_path / "b")
-    assert ckpt.latest_checkpoint(tmp_path / "b" / "ckpt").name == "step_00000004"
+    latest = ckpt.latest_checkpoint(tmp_path / "b" / "ckpt")
+    assert latest.name == "step_00000004"
+    state = torch.load(latest / ckpt.STATE, weights_only=True)
+    assert {"optimizer", "scheduler", "data_position", "rng", "step"} <= set(state)
+    assert set(state["rng"]) >= {"torch", "numpy", "python"} and state["data_position"]["micro_batches"] == 8
     torch.manual_seed(123)  # whatever the RNG holds now, resume restores the checkpoint's
     cfg, resumed = _sft_stage(tok, task, tmp_path / "b")
     train(resumed, cfg.optim, cfg.loop, tmp_path / "b", resume=True)
