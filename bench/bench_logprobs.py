@@ -112,13 +112,16 @@ def _flash_attn(op):
     return gather if op == "gather" else (lambda hidden, weight, labels: gather(hidden @ weight.T, labels))
 
 
+PEERS = {"liger": "liger_kernel", "flash_attn": "flash_attn"}  # provider name -> the module that must be installed
+
+
 def providers(op: str, device: torch.device, quick: bool) -> list[str]:
     names = ["eager"] + ([] if quick else ["compile"])
     for b in ("torch", "cpp", "triton", "cuda"):
         if backend_mod.available(b, device) and not (b == "triton" and device.type == "cpu"):
             names.append(f"ours-{b}")
     if device.type == "cuda":
-        names += [n for n in ("liger", "flash_attn") if importlib.util.find_spec(n.replace("liger", "liger_kernel"))]
+        names += [name for name, module in PEERS.items() if importlib.util.find_spec(module)]
     return names
 
 
