@@ -17,7 +17,7 @@ that runs here (cpp on CPU; cuda / triton on a GPU; the Triton interpreter is no
 CPU machine and ran no faster than eager (29 ms vs 31 ms); at T = 1024 it does not finish within the bench's budget.
 
 Issue target: on CPU, ops.gae (cpp) at [256, 1024] at least 20x faster than the Python loop.
-Usage:  python bench/bench_gae.py [--quick]      Rows go to bench/results/gae.jsonl ($OUT/gae.jsonl when set).
+Usage:  python bench/bench_gae.py [--quick] [--threads N]  Rows go to bench/results/gae.jsonl ($OUT/gae.jsonl when set).
 """
 
 from __future__ import annotations
@@ -108,7 +108,11 @@ def bench_shape(B, T, device, copy_gbs, quick):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the GPU script's cut: two shapes, few reps (< 60 s)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (torch.set_num_threads); 1 avoids OpenMP stalls on an oversubscribed CPU")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # rows carry the thread count in their device name
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = (GPU_QUICK if args.quick else GPU_SHAPES) if device.type == "cuda" else CPU_SHAPES
     copy_gbs = copy_bandwidth_gbs(device)

@@ -13,7 +13,7 @@ token), ``eager`` (the composite: OpenRLHF's k3 ``exp(-d) - 1 + d``; for shape_r
 the last valid index by fliplr/argmax and a scatter), ``compile`` (torch.compile of eager), and ``ours-<backend>``
 (triton on a GPU; on CPU only our torch backend runs: the Triton interpreter is not timed).
 
-Usage:  python bench/bench_kl.py [--quick]      Rows go to bench/results/kl.jsonl ($OUT/kl.jsonl when set).
+Usage:  python bench/bench_kl.py [--quick] [--threads N]   Rows go to bench/results/kl.jsonl ($OUT/kl.jsonl when set).
 """
 
 from __future__ import annotations
@@ -132,7 +132,11 @@ def bench_case(op, B, T, device, copy_gbs, quick):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the GPU script's cut: one shape, few reps (< 60 s)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (torch.set_num_threads); 1 avoids OpenMP stalls on an oversubscribed CPU")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # rows carry the thread count in their device name
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = (GPU_QUICK if args.quick else GPU_SHAPES) if device.type == "cuda" else CPU_SHAPES
     copy_gbs = copy_bandwidth_gbs(device)

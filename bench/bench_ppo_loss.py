@@ -15,7 +15,7 @@ dual clip, masked mean; autograd keeps every intermediate), ``compile`` (torch.c
 ``ours-<backend>`` for each backend that runs here (cpp on CPU; cuda / triton on a GPU). No trainer loops over time
 for these losses, so there is no loop baseline here (see bench_gae.py for that).
 
-Usage:  python bench/bench_ppo_loss.py [--quick] [--dtype fp32|bf16]
+Usage:  python bench/bench_ppo_loss.py [--quick] [--dtype fp32|bf16] [--threads N]
 Rows go to bench/results/ppo_loss.jsonl ($OUT/ppo_loss.jsonl when $OUT is set).
 """
 
@@ -129,7 +129,11 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="the GPU script's cut: the policy loss at one shape, few reps (< 60 s)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (torch.set_num_threads); 1 avoids OpenMP stalls on an oversubscribed CPU")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # rows carry the thread count in their device name
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = (GPU_QUICK if args.quick else GPU_SHAPES) if device.type == "cuda" else CPU_SHAPES
     copy_gbs = copy_bandwidth_gbs(device)
