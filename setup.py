@@ -73,10 +73,12 @@ setup(
     package_dir={"instructrl_fast.kernels": "kernels"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "tensorboard"],
+    # matplotlib draws the learning-curve and Figure-1 PNGs of the main job.
+    install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "tensorboard", "matplotlib"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "triton>=3.0"],
+        # transformers: the GPT-2 interop tests and the rollout bench's baseline; tokenizers: tokenizer.json input.
+        "test": ["pytest", "triton>=3.0", "transformers", "tokenizers"],
         "flash": ["flash-attn>=2.6"],
     },
     entry_points={"console_scripts": ["instructrl-fast=instructrl_fast.cli:main"]},
