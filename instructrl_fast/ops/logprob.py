@@ -82,7 +82,7 @@ def _torch_fwd(logits: Tensor, labels: Tensor, temperature: float, ignore_index:
         # Shift by the exact row max (0 for an all -inf row), as the kernels do: E_p[x] = sum(e * x) / sum(e) is
         # then free of the rounding of lse, which exp(x - lse) would multiply by |x|.
         m = x.amax(dim=-1, keepdim=True)
-        e = torch.exp(x - torch.where(m == float("-inf"), 0.0, m))
+        e = (x - torch.where(m == float("-inf"), 0.0, m)).exp_()
         s = e.sum(-1)
         lse[start:start + rows] = m.squeeze(-1) + torch.log(s)
         if with_entropy:  # e == 0 (x = -inf) contributes 0, not 0 * -inf = nan
@@ -98,22 +98,23 @@ def _torch_bwd(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: 
     N, V = logits.shape
     grad_logits = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
     col, hit = _label_columns(labels, V, ignore_index, vocab_start)
+    # Ignored rows get no gradient; d x / d logits = 1 / T is folded into the per-row upstream gradients.
     keep = labels != ignore_index
-    g_lp = torch.where(keep, grad_logp, 0.0)
+    g_lp = torch.where(keep, grad_logp * (1.0 / temperature), 0.0)
     with_entropy = grad_entropy.numel() > 0
     if with_entropy:
-        g_ent = torch.where(keep, grad_entropy, 0.0)
+        g_ent = torch.where(keep, grad_entropy * (1.0 / temperature), 0.0)
         mean_x = lse - entropy  # E_p[x] = lse - H
     rows = max(1, _TORCH_CHUNK_ELEMENTS // V)
     for start in range(0, N, rows):
         sl = slice(start, start + rows)
         x = logits[sl].to(lse.dtype) * (1.0 / temperature)
-        p = torch.exp(x - lse[sl, None])
-        g = -g_lp[sl, None] * p  # d logp / d x_j = 1[j == label] - p_j
+        p = (x - lse[sl, None]).exp_()
+        g = p * -g_lp[sl, None]  # d logp / d x_j = 1[j == label] - p_j
         if with_entropy:  # d H / d x_j = -p_j (x_j - E_p[x])
             g -= g_ent[sl, None] * p * torch.where(p > 0, x - mean_x[sl, None], 0.0)
         g.scatter_add_(1, col[sl, None], torch.where(hit[sl], g_lp[sl], 0.0)[:, None])
-        grad_logits[sl] = g * (1.0 / temperature)
+        grad_logits[sl] = g
     return grad_logits
 
 
