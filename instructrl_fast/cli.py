@@ -143,8 +143,7 @@ def _model(args, cfg, tok, size: str, head: str = "lm", *, state=None, init: Pat
     if init is not None and init.is_dir():  # a GPT-2-family transformers checkpoint
         from instructrl_fast.model import hf
 
-        model = hf.load_hf_gpt2(init, head=head, tp_group=tp_group)
-        return model.to(_device(args, state))
+        return hf.load_gpt2(str(init), head=head, tp_group=tp_group, device=_device(args, state))
     if size not in cfg.pretrain:
         raise SystemExit(f"--size must be one of {tuple(cfg.pretrain)} for preset {cfg.name}, got {size!r}")
     mcfg = model_config(cfg.pretrain[size].model, vocab_size=tok.vocab_size, block_size=cfg.block_size)
@@ -290,8 +289,11 @@ def cmd_ppo(args) -> dict:
         ptx = chunk_corpus(docs, tok, pc.ptx_seq_len)
     policy = _model(args, cfg, tok, args.size, state=state, init=args.init)
     ref = _model(args, cfg, tok, args.size, state=state, init=args.init)
-    rm = load_weights(args.rm, RewardModel(_model(args, cfg, tok, args.rm_size or args.size, "scalar", state=state)))
-    value = init_from(_model(args, cfg, tok, args.rm_size or args.size, "scalar", state=state), rm.body)
+    # the RM has the policy's shape unless --rm-size names another (an HF-initialised policy: the HF shape)
+    rm_shape = args.init if args.init is not None and args.init.is_dir() and args.rm_size is None else None
+    rm_size = args.rm_size or args.size
+    rm = load_weights(args.rm, RewardModel(_model(args, cfg, tok, rm_size, "scalar", state=state, init=rm_shape)))
+    value = init_from(_model(args, cfg, tok, rm_size, "scalar", state=state, init=rm_shape), rm.body)
     ema, metrics = train_ppo(pc, policy, value, ref, rm, tok, prompts, args.out, ptx_chunks=ptx, resume=args.resume)
     save_weights(args.out / "model.safetensors", ema)
     _write(args.out, "result.json", metrics)

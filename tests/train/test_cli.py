@@ -84,3 +84,21 @@ def test_reproduce_runs_every_size_with_one_reward_model(tmp_path):
         (s, m) for s in ("s", "m", "l") for m in ("GPT", "GPT (prompted)", "SFT", "PPO", "PPO-ptx")}
     assert not list(tmp_path.glob("rm-*"))  # the one RM (from the middle size's SFT model) serves every size
     assert "smallest_ppo_ptx>largest_gpt" in report["shape"]
+
+
+def test_sft_from_a_gpt2_checkpoint_with_a_tokenizer_json(tmp_path, task):
+    tokenizers = pytest.importorskip("tokenizers")
+    from instructrl_fast.model.hf import save_gpt2
+    from tests.train.conftest import micro_gpt
+
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=200, special_tokens=["<|endoftext|>", "<unk>"])
+    bpe.train_from_iterator([d["prompt"] + d["response"] for d in task.demonstrations(64)], trainer)
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    save_gpt2(micro_gpt(seed=4), str(tmp_path / "gpt2"))
+    save_jsonl(tmp_path / "demos.jsonl", task.demonstrations(12))
+    assert main(["sft", "--out", str(tmp_path / "sft"), "--init", str(tmp_path / "gpt2"), "--tokenizer",
+                 str(tmp_path / "tokenizer.json"), "--data", str(tmp_path / "demos.jsonl"), "--epochs", "1",
+                 "--preset", "micro", "--quiet", "--threads", "1"]) == 0
+    assert (tmp_path / "sft" / "model.safetensors").is_file()
