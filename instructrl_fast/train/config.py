@@ -7,9 +7,12 @@ with a ValueError/TypeError naming the field. Presets are named constructors:
   appendix C) on the GPT-3 shapes; these need a GPU cluster and are here to be launched with torchrun.
 * ``demo``: the embedded default. Three byte-level base models (``demo-s`` / ``demo-m`` / ``demo-l`` standing in for
   1.3B / 6B / 175B) pretrained on the task's corpus, then SFT -> RM -> PPO / PPO-ptx on a 2-core CPU. Learning rates,
-  step counts and batch sizes are scaled down (tiny models need ~100x larger LRs); every *ratio* of the recipe is
-  kept: SFT epochs and cosine floor, all C(K,2) pairs per RM batch element, PPO minibatch = batch / 8, 1 inner
-  epoch, beta, gamma, lambda, clip, EMA decay, 10 warmup iterations from 0.1x, the PPO init's 10% pretraining mix.
+  step counts and batch sizes are scaled down (tiny models need ~100x larger LRs); the recipe's constants and
+  ratios are kept: 16 SFT epochs with dropout 0.2 and a cosine floor of 10%, all C(K,2) pairs per RM batch element
+  and K = 4..9, PPO minibatch = batch / 8 with 1 inner epoch, beta 0.02, gamma 1, lambda 0.95, clip 0.2, 10 warmup
+  iterations from 0.1x, ptx gamma 27.8 and the PPO init's 10% pretraining mix. Deliberate deviations: the PPO init
+  runs 8 SFT epochs (not 2), the EMA decay keeps the paper's horizon as a share of the run (0.8, not 0.992), and
+  PPO-ptx uses 1 pretraining window per episode (not 8).
 * ``micro``: the smallest configuration that runs every stage end to end, for the tests.
 """
 
