@@ -135,7 +135,7 @@ class PPOStage:
         if cfg.whiten_advantages:
             advantages = ops.masked_whiten(advantages, action_mask)
         m = action_mask.float()
-        stats = {"score": scores.mean(), "kl": ((old_logp - ref_logp) * m).sum(1).mean(),
+        stats = {"score": scores.mean(), "kl": (ops.kl_penalty(old_logp, ref_logp) * m).sum(1).mean(),
                  "reward": (rewards * m).sum(1).mean(), "response_len": m.sum(1).mean()}
         return Experience(seq, attn, action_mask, old_logp, old_values, advantages, returns, stats)
 
