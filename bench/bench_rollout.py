@@ -24,6 +24,8 @@ on CPU the peak RSS a generate call adds, measured in a fresh process (bench.com
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import statistics
 import sys
 import tempfile
@@ -35,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import append_rows, copy_bandwidth_gbs, cpu_peak_bytes, cuda_peak_bytes, print_table, sync
-from instructrl_fast.model import GPT, GPTConfig, save_gpt2
+from instructrl_fast.model import GPT, GPTConfig, load_gpt2, save_gpt2
 from instructrl_fast.rollout import generate
 
 # The GPU preset is GPT-3 1.3B with 16 heads of 128 (d_attn = d_model = 2048, 1.3B parameters): the published
@@ -105,11 +107,21 @@ def _build(cfg: GPTConfig, dtype, device, ckpt: str):
 
 def _cpu_peak_make(provider: str, cfg_kw: dict, ckpt: str, B: int, P: int, N: int):
     """Module-level builder for cpu_peak_bytes (runs in a fresh process)."""
+    import transformers
+
     torch.set_num_threads(1)
-    cfg = GPTConfig(**cfg_kw)
-    ours, hf = _build(cfg, torch.float32, "cpu", ckpt)
-    ids, mask = _prompts(B, P, cfg.vocab_size, "cpu")
-    return _ours(ours, ids, mask, N, False) if provider == "ours" else _hf(hf, ids, mask, N)
+    if provider == "ours":
+        model = load_gpt2(ckpt).eval()
+        ids, mask = _prompts(B, P, model.config.vocab_size, "cpu")
+        run = _ours(model, ids, mask, N, False)
+    else:
+        model = transformers.GPT2LMHeadModel.from_pretrained(ckpt).eval()
+        ids, mask = _prompts(B, P, model.config.vocab_size, "cpu")
+        run = _hf(model, ids, mask, N)
+    # Hand the memory freed while loading back to the OS, or the run reuses those resident pages unseen.
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return run
 
 
 def step_bytes(model: GPT, B: int, ctx: float) -> float:
