@@ -6,10 +6,12 @@ import os
 import pytest
 import torch
 
-from instructrl_fast.backend import use_backend
+from instructrl_fast.backend import triton_interpreting, use_backend
 from instructrl_fast.model import GPT, GPTConfig, use_attention_backend
 from tests.model._reference import reference_hidden
 
+NEEDS_INTERPRETER = pytest.mark.skipif(not triton_interpreting(), reason="CPU tensors reach the Triton kernel only "
+                                       "under TRITON_INTERPRET=1 (set by conftest when there is no GPU)")
 # An odd vocabulary padded to a multiple of 8 (so the padded rows are exercised), 4 heads of 8.
 CFG = GPTConfig(n_layer=2, n_head=4, d_model=32, vocab_size=101, vocab_multiple=8, block_size=32)
 
@@ -125,7 +127,7 @@ def test_forward_double_precision_and_dropout_determinism():
     assert (model(idx, mask) - ref).abs()[mask.bool()].max() > 1e-3
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "triton"])
+@pytest.mark.parametrize("attn", ["sdpa", pytest.param("triton", marks=NEEDS_INTERPRETER)])
 def test_kv_cache_decode_equals_full_forward(attn):
     """Prefill 5 tokens, then decode one at a time: every step's hidden state equals the full forward's."""
     model = GPT(CFG).eval()
@@ -210,3 +212,32 @@ def test_forward_rejects_bad_input():
         model(idx, mask, model.setup_kv_cache(3, 16), torch.arange(2))
     with pytest.raises(ValueError, match="head must be one of"):
         GPT(CFG, head="value")
+
+
+def test_attention_backend_choice():
+    from instructrl_fast.backend import BackendError
+    from instructrl_fast.model import choose_backend
+
+    cpu = torch.device("cpu")
+    assert choose_backend(cpu, torch.float32, decode=True) == "sdpa"  # CPU: always SDPA unless forced
+    with use_attention_backend("triton"):
+        if not triton_interpreting():
+            pytest.skip("CPU tensors reach the Triton kernel only under TRITON_INTERPRET=1 (conftest, no GPU)")
+        assert choose_backend(cpu, torch.float32, decode=True) == "triton"
+        assert choose_backend(cpu, torch.float32, decode=False) == "sdpa"  # the kernel serves decode steps only
+    with use_attention_backend("flash"), pytest.raises(BackendError, match="flash"):
+        choose_backend(cpu, torch.float32, decode=False)
+    with pytest.raises(ValueError, match="attention backend must be one of"), use_attention_backend("xformers"):
+        pass
+
+
+def test_init_distributed_without_torchrun_is_one_process(monkeypatch):
+    from instructrl_fast.parallel import init_distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    state = init_distributed(tp_size=1)
+    assert (state.world_size, state.tp_size, state.dp_size, state.tp_group, state.is_main) == (1, 1, 1, None, True)
+    with pytest.raises(ValueError, match="tp_size"):
+        init_distributed(tp_size=0)
+    with pytest.raises(ValueError, match="divide the world size"):
+        init_distributed(tp_size=2)

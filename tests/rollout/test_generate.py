@@ -4,7 +4,7 @@ EOS / masks, the triton decode backend, bad input."""
 import pytest
 import torch
 
-from instructrl_fast.backend import use_backend
+from instructrl_fast.backend import triton_interpreting, use_backend
 from instructrl_fast.model import GPT, GPTConfig, use_attention_backend
 from instructrl_fast.rollout import generate
 
@@ -97,6 +97,8 @@ def test_early_stop_keeps_shapes(model):
     assert out.response_mask[:, P:].sum(1).tolist() == [1, 1, 1]
 
 
+@pytest.mark.skipif(not triton_interpreting(), reason="CPU tensors reach the Triton kernel only under "
+                    "TRITON_INTERPRET=1 (set by conftest when there is no GPU)")
 def test_triton_decode_backend_gives_the_same_rollout(model):
     ids, mask = _prompts()
     ref = generate(model, ids, mask, max_new_tokens=4, temperature=0.0)
