@@ -158,6 +158,8 @@ def decode_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     Returns out [B, H, Dh] contiguous in q's dtype.
     """
     B, H, S, Dh = k_cache.shape
+    # The kernels index the ranges as kv_start_ptr + b: a broadcast (stride-0) or strided [B] tensor is made dense.
+    kv_start, kv_len = kv_start.contiguous(), kv_len.contiguous()
     block_d = triton.next_power_of_2(Dh)
     if q.device.type == "cuda":
         # 8192-element K and V tiles (16 KiB each in bf16) over 4 warps: 16-byte loads, ~96 registers (sm_90 PTX

@@ -89,6 +89,18 @@ def test_strided_cache_int64_ranges_and_scale(backend, device):
     torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_broadcast_ranges(backend, device):
+    """kv_start / kv_len expanded from one value (stride 0), as a model with one shared cache length passes them."""
+    q, k, v, _, _ = _inputs(4, 2, 70, 64, torch.float32, device)
+    kv_start = torch.tensor([3], dtype=torch.int32, device=device).expand(4)
+    kv_len = torch.tensor([61], dtype=torch.int32, device=device).expand(4)
+    assert kv_len.stride(0) == 0
+    out = _run(backend, q, k, v, kv_start, kv_len)
+    expected = decode_attention_ref(q, k, v, kv_start.contiguous(), kv_len.contiguous())
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("num_splits", [1, 3, 5])
 def test_triton_combine_with_other_split_counts(num_splits, device, monkeypatch):
     """The GPU picks many splits (and a non-power-of-two count); the interpreter's fixed 2 would not cover them."""
