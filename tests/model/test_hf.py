@@ -5,11 +5,10 @@ import json
 
 import pytest
 import torch
+import transformers  # in the "test" extra: a missing install fails here instead of skipping the interop tests
 
 from instructrl_fast.model import GPT, GPTConfig, load_gpt2, save_gpt2
 from instructrl_fast.model.hf import config_from_hf
-
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
