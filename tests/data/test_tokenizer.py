@@ -52,7 +52,7 @@ def test_hf_tokenizer_without_package_says_what_to_install(tmp_path, monkeypatch
 
 
 def test_hf_tokenizer_json(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers  # in the "test" extra: a missing install fails instead of skipping
     vocab = {"<|endoftext|>": 0, "<pad>": 1, "[UNK]": 2, "reverse": 3, "abc": 4, "cba": 5, "Q": 6, ":": 7}
     tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()

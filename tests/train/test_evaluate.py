@@ -160,7 +160,7 @@ def test_plots_without_matplotlib_warn(tmp_path, monkeypatch):
 
 
 def test_plots_write_pngs(tmp_path):
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401  (an install dependency: a missing one fails here, it does not skip)
     _write_csv(tmp_path / "m.csv")
     outs = [plot_figure1(RESULTS, tmp_path / "a" / "f1.png"),
             plot_figure1([{k: v for k, v in r.items() if k != "params"} for r in RESULTS], tmp_path / "f1b.png"),
