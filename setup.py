@@ -12,9 +12,8 @@ Install with `pip install --no-build-isolation -e .` so the extension is compile
 import glob
 import os
 
-from setuptools import find_packages, setup
-
 import torch
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

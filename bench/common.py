@@ -130,7 +130,7 @@ def device_name(device: torch.device | str) -> str:
 def git_sha() -> str:
     try:
         root = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=False)
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
@@ -167,8 +167,7 @@ def append_rows(name: str, rows: Sequence[dict], device: torch.device | str) -> 
     env = environment(device)
     path = results_path(name)
     with open(path, "a") as f:
-        for row in rows:
-            f.write(json.dumps({"bench": name, **env, **row}) + "\n")
+        f.writelines(json.dumps({"bench": name, **env, **row}) + "\n" for row in rows)
     return path
 
 

@@ -8,4 +8,4 @@ from instructrl_fast._ext import build_info
 from instructrl_fast.backend import BackendError, use_backend
 
 __version__ = "0.1.0"
-__all__ = ["BackendError", "build_info", "use_backend", "__version__"]
+__all__ = ["BackendError", "__version__", "build_info", "use_backend"]

@@ -11,9 +11,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from instructrl_fast import backend as _backend  # noqa: E402
+from instructrl_fast import backend as _backend
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -21,17 +21,15 @@ def test_forced_missing_backend_is_an_error():
         if not instructrl_fast.build_info()["cuda"]:
             with pytest.raises(backend.BackendError, match="cuda"):
                 backend.resolve("op", torch.device("cpu"), ("triton", "cuda", "cpp"))
-    with backend.use_backend("cpp"):
-        with pytest.raises(backend.BackendError, match="implements only"):
-            backend.resolve("op", torch.device("cpu"), ("triton",))
+    with backend.use_backend("cpp"), pytest.raises(backend.BackendError, match="implements only"):
+        backend.resolve("op", torch.device("cpu"), ("triton",))
     with backend.use_backend("torch"):
         assert backend.resolve("op", torch.device("cpu"), ("triton",)) == "torch"
 
 
 def test_unknown_backend_name():
-    with pytest.raises(ValueError, match="backend"):
-        with backend.use_backend("tpu"):
-            pass
+    with pytest.raises(ValueError, match="backend"), backend.use_backend("tpu"):
+        pass
 
 
 def test_automatic_choice_on_cpu():

@@ -139,16 +139,16 @@ def _rl_batch(B=4, T=23):
     mask = _right_padded_mask(B, T)
     mask[0] = True
     logp = -torch.rand(B, T) * 3
-    batch = dict(
-        logp=logp,
-        old_logp=logp + 0.4 * torch.randn(B, T),
-        ref_logp=logp + 0.3 * torch.randn(B, T),
-        advantages=torch.randn(B, T),
-        values=torch.randn(B, T),
-        rewards=torch.randn(B, T),
-        returns=torch.randn(B, T),
-        scores=torch.randn(B),
-    )
+    batch = {
+        "logp": logp,
+        "old_logp": logp + 0.4 * torch.randn(B, T),
+        "ref_logp": logp + 0.3 * torch.randn(B, T),
+        "advantages": torch.randn(B, T),
+        "values": torch.randn(B, T),
+        "rewards": torch.randn(B, T),
+        "returns": torch.randn(B, T),
+        "scores": torch.randn(B),
+    }
     return {"mask": mask, **{k: v.to(DEVICE) for k, v in batch.items()}}
 
 

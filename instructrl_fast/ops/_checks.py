@@ -6,6 +6,7 @@ device by the kernels (see DESIGN.md), or eagerly when ``INSTRUCTRL_FAST_CHECKS=
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -53,17 +54,17 @@ def check_mask(name: str, mask, shape: Sequence[int], like: str) -> None:
     if mask.dtype.is_complex:
         raise TypeError(f"{name} must be bool or 0/1 numbers, got {mask.dtype}")
     check_shape(name, mask, shape, like)
-    if mask.dtype != torch.bool and (mask.device.type == "cpu" or _EAGER_DEVICE_CHECKS) and mask.numel():
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(f"{name} must hold only 0 and 1 (or be bool)")
+    needs_check = mask.dtype != torch.bool and eager_data_checks(mask) and mask.numel()
+    if needs_check and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{name} must hold only 0 and 1 (or be bool)")
 
 
 def check_positive(name: str, value, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (value >= 0 if allow_zero else value > 0) or value != value or value == float("inf"):
+    """A finite Python number > 0 (>= 0 with ``allow_zero``)."""
+    value = check_real(name, value)
+    if not (value >= 0 if allow_zero else value > 0):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value}")
-    return float(value)
+    return value
 
 
 def check_choice(name: str, value, choices: Sequence[str]) -> str:
@@ -81,7 +82,7 @@ def check_real(name: str, value) -> float:
     """A finite Python number (int or float, not bool)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
 

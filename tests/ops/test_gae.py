@@ -113,9 +113,9 @@ def test_gae_bad_input():
         ops.gae(r, v, m.float() * 2)
     with pytest.raises(TypeError, match="mask"):
         ops.gae(r, v, m.tolist())
-    for kw, error in ((dict(gamma=1.5), ValueError), (dict(gamma=-0.1), ValueError), (dict(gamma="0.9"), TypeError),
-                      (dict(gamma=float("nan")), ValueError), (dict(lam=1.01), ValueError),
-                      (dict(lam=-1.0), ValueError), (dict(lam=None), TypeError)):
+    for kw, error in (({"gamma": 1.5}, ValueError), ({"gamma": -0.1}, ValueError), ({"gamma": "0.9"}, TypeError),
+                      ({"gamma": float("nan")}, ValueError), ({"lam": 1.01}, ValueError),
+                      ({"lam": -1.0}, ValueError), ({"lam": None}, TypeError)):
         with pytest.raises(error, match=next(iter(kw))):
             ops.gae(r, v, m, **kw)
 

@@ -208,11 +208,11 @@ def test_policy_bad_input():
         ops.ppo_policy_loss(logp, old, adv, mask[:1])
     with pytest.raises(ValueError, match="mask"):
         ops.ppo_policy_loss(logp, old, adv, mask.float() - 0.5)
-    for kw, error in ((dict(clip_eps=0.0), ValueError), (dict(clip_eps=-0.2), ValueError),
-                      (dict(clip_eps="0.2"), TypeError), (dict(clip_eps_high=0.0), ValueError),
-                      (dict(clip_eps_high=float("nan")), ValueError), (dict(dual_clip=1.0), ValueError),
-                      (dict(dual_clip=0.5), ValueError), (dict(dual_clip="3"), TypeError),
-                      (dict(reduction="mean"), ValueError), (dict(reduction=None), ValueError)):
+    for kw, error in (({"clip_eps": 0.0}, ValueError), ({"clip_eps": -0.2}, ValueError),
+                      ({"clip_eps": "0.2"}, TypeError), ({"clip_eps_high": 0.0}, ValueError),
+                      ({"clip_eps_high": float("nan")}, ValueError), ({"dual_clip": 1.0}, ValueError),
+                      ({"dual_clip": 0.5}, ValueError), ({"dual_clip": "3"}, TypeError),
+                      ({"reduction": "mean"}, ValueError), ({"reduction": None}, ValueError)):
         with pytest.raises(error, match=next(iter(kw))):
             ops.ppo_policy_loss(logp, old, adv, mask, **kw)
 
@@ -227,8 +227,8 @@ def test_value_bad_input():
         ops.ppo_value_loss(values, old, ret[:, None], mask)
     with pytest.raises(ValueError, match="mask"):
         ops.ppo_value_loss(values, old, ret, mask[:, :2])
-    for kw, error in ((dict(clip_eps=0), ValueError), (dict(clip_eps=float("inf")), ValueError),
-                      (dict(clip_eps=None), TypeError), (dict(reduction="sum"), ValueError)):
+    for kw, error in (({"clip_eps": 0}, ValueError), ({"clip_eps": float("inf")}, ValueError),
+                      ({"clip_eps": None}, TypeError), ({"reduction": "sum"}, ValueError)):
         with pytest.raises(error, match=next(iter(kw))):
             ops.ppo_value_loss(values, old, ret, mask, **kw)
 
