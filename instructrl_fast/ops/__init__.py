@@ -3,9 +3,22 @@
 Every op accepts fp32/bf16/fp16 inputs, accumulates in fp32 and returns float32; the backend is picked from the
 input's device (see ``instructrl_fast.backend``).
 """
-from instructrl_fast.ops.decode_attention import decode_attention  # noqa: F401
-from instructrl_fast.ops.gae import gae  # noqa: F401
-from instructrl_fast.ops.kl import kl_penalty, shape_rewards  # noqa: F401
-from instructrl_fast.ops.logprob import gather_logprobs, linear_logprobs  # noqa: F401
-from instructrl_fast.ops.ppo_loss import ppo_policy_loss, ppo_value_loss  # noqa: F401
-from instructrl_fast.ops.whiten import masked_whiten  # noqa: F401
+
+from instructrl_fast.ops.decode_attention import decode_attention
+from instructrl_fast.ops.gae import gae
+from instructrl_fast.ops.kl import kl_penalty, shape_rewards
+from instructrl_fast.ops.logprob import gather_logprobs, linear_logprobs
+from instructrl_fast.ops.ppo_loss import ppo_policy_loss, ppo_value_loss
+from instructrl_fast.ops.whiten import masked_whiten
+
+__all__ = [
+    "decode_attention",
+    "gae",
+    "gather_logprobs",
+    "kl_penalty",
+    "linear_logprobs",
+    "masked_whiten",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "shape_rewards",
+]
