@@ -28,6 +28,8 @@ def test_run_writes_every_stage_and_the_table(run_dir):
     assert list((run_dir / "base-s" / "tb").iterdir())  # TensorBoard events
     assert json.loads((run_dir / "sft-s" / "selection.json").read_text())["chosen"].startswith("epoch_")
     assert "Figure 1" in (run_dir / "figure1.txt").read_text()
+    pytest.importorskip("matplotlib")
+    assert (run_dir / "figure1.png").is_file() and (run_dir / "ppo-s" / "learning_curves.png").is_file()
 
 
 def test_resume_reuses_finished_stages(run_dir, capsys):
