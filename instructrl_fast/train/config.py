@@ -31,6 +31,7 @@ DEMO_MODELS = {
     "demo-m": {"n_layer": 3, "n_head": 4, "d_model": 96},
     "demo-l": {"n_layer": 4, "n_head": 4, "d_model": 128},
     "micro": {"n_layer": 1, "n_head": 2, "d_model": 32},
+    "micro-m": {"n_layer": 1, "n_head": 2, "d_model": 48},
 }
 
 
@@ -374,7 +375,8 @@ def _demo() -> PipelineConfig:
 def _micro() -> PipelineConfig:
     """Every stage end to end in seconds: the tests' configuration (results are meaningless)."""
     quick = LoopConfig(progress=False)
-    pretrain = {s: PretrainConfig(model="micro", n_docs=64, seq_len=32, batch_size=8, micro_batch_size=4,
+    # the middle size has another width, so the RM / value model differ in shape from the other sizes' policies
+    pretrain = {s: PretrainConfig(model="micro-m" if s == "m" else "micro", n_docs=64, seq_len=32, batch_size=8, micro_batch_size=4,
                                   max_steps=4, eval_batches=1, loop=quick,
                                   optim=OptimConfig(lr=1e-3, warmup_steps=1)) for s in SIZES}
     sft = SFTConfig(epochs=2, batch_size=8, micro_batch_size=4, n_demos=16, select_every=1, n_val_prompts=4,

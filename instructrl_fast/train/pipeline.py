@@ -193,14 +193,15 @@ class Pipeline:
         return model
 
     def ppo(self, size: str, rm: RewardModel, *, ptx: bool):
-        """PPO (or PPO-ptx) from the PPO starting policy; the value model starts from the RM. Returns the EMA."""
+        """PPO (or PPO-ptx) from the PPO starting policy; the value model starts from the RM (so it has the RM's
+        size, as in the paper where the 6B RM initialises the value function of every policy). Returns the EMA."""
         pc = self.cfg.ppo_ptx if ptx else self.cfg.ppo
         name = f"{'ppo-ptx' if ptx else 'ppo'}-{size}"
         if (done := self._result(name)) is not None:
             return load_weights(done, self.model(size))
         init = self.out / f"ppo-init-{size}" / RESULT
         policy, ref = load_weights(init, self.model(size)), load_weights(init, self.model(size))
-        value = init_from(self.model(size, "scalar"), rm.body)
+        value = init_from(self.model(self.cfg.rm_size, "scalar"), rm.body)  # the RM's shape, whatever the policy's
         prompts = [p.text for p in self.task.prompts("train", pc.n_prompts)]
         ptx_chunks = self.chunks(self.cfg.pretrain[self.cfg.sizes[0]].n_docs, pc.ptx_seq_len) if ptx else None
         torch.manual_seed(pc.seed)
