@@ -33,6 +33,13 @@ def _kl_token(d, ESTIMATOR: tl.constexpr):
 
 
 @triton.jit
+def _load_diff(logp_ptr, ref_logp_ptr, offs, inside):
+    """d = logp - ref_logp in fp32 over one block (0 outside)."""
+    logp = tl.load(logp_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    return logp - tl.load(ref_logp_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _kl_fwd_kernel(
     logp_ptr,  # [N] contiguous, any float dtype
     ref_logp_ptr,  # [N] contiguous, any float dtype
@@ -43,9 +50,7 @@ def _kl_fwd_kernel(
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < N
-    d = tl.load(logp_ptr + offs, mask=inside, other=0.0).to(tl.float32) - tl.load(
-        ref_logp_ptr + offs, mask=inside, other=0.0
-    ).to(tl.float32)
+    d = _load_diff(logp_ptr, ref_logp_ptr, offs, inside)
     kl, _ = _kl_token(d, ESTIMATOR)
     tl.store(kl_ptr + offs, kl, mask=inside)
 
@@ -63,9 +68,7 @@ def _kl_bwd_kernel(
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < N
-    d = tl.load(logp_ptr + offs, mask=inside, other=0.0).to(tl.float32) - tl.load(
-        ref_logp_ptr + offs, mask=inside, other=0.0
-    ).to(tl.float32)
+    d = _load_diff(logp_ptr, ref_logp_ptr, offs, inside)
     _, dkl = _kl_token(d, ESTIMATOR)
     g = tl.load(grad_kl_ptr + offs, mask=inside, other=0.0) * dkl
     tl.store(grad_logp_ptr + offs, g, mask=inside)
@@ -98,9 +101,7 @@ def _shape_rewards_kernel(
         t = start + tl.arange(0, BLOCK_T)
         in_row = t < T
         valid = tl.load(mask_ptr + row_start + t, mask=in_row, other=0) != 0
-        d = tl.load(logp_ptr + row_start + t, mask=in_row, other=0.0).to(tl.float32) - tl.load(
-            ref_logp_ptr + row_start + t, mask=in_row, other=0.0
-        ).to(tl.float32)
+        d = _load_diff(logp_ptr, ref_logp_ptr, row_start + t, in_row)
         kl, _ = _kl_token(d, ESTIMATOR)
         reward = tl.where(valid, -kl_coef * kl, 0.0) + tl.where(t == last, score, 0.0)
         tl.store(rewards_ptr + row_start + t, reward, mask=in_row)

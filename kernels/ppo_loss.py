@@ -50,6 +50,20 @@ def _value_token(values, old_values, returns, p0):
 
 
 @triton.jit
+def _load_token_terms(x_ptr, x_old_ptr, y_ptr, mask_ptr, offs, in_row, p0, p1, p2, KIND: tl.constexpr):
+    """Loads one chunk of a row and evaluates the loss's per-token term: (valid, x, x_old, l, clipped, dl/dx)."""
+    valid = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
+    x = tl.load(x_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
+    x_old = tl.load(x_old_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
+    if KIND == POLICY:
+        loss, is_clipped, grad = _policy_token(x, x_old, y, p0, p1, p2)
+    else:
+        loss, is_clipped, grad = _value_token(x, x_old, y, p0)
+    return valid, x, x_old, loss, is_clipped, grad
+
+
+@triton.jit
 def _ppo_loss_fwd_kernel(
     x_ptr,  # [B, T] contiguous, any float dtype: logp (policy) or values (value)
     x_old_ptr,  # [B, T] contiguous, any float dtype: old_logp or old_values
@@ -70,14 +84,8 @@ def _ppo_loss_fwd_kernel(
     t = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
     in_row = t < T
     offs = row * T + t  # int64: B * T may pass 2^31
-    valid = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
-    x = tl.load(x_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
-    x_old = tl.load(x_old_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
-    if KIND == POLICY:
-        loss, is_clipped, _ = _policy_token(x, x_old, y, p0, p1, p2)
-    else:
-        loss, is_clipped, _ = _value_token(x, x_old, y, p0)
+    valid, x, x_old, loss, is_clipped, _ = _load_token_terms(x_ptr, x_old_ptr, y_ptr, mask_ptr, offs, in_row,
+                                                             p0, p1, p2, KIND)
     out = partial_ptr + row * C + chunk
     plane = B * C
     tl.store(out, tl.sum(tl.where(valid, loss, 0.0), axis=0))
@@ -107,14 +115,7 @@ def _ppo_loss_bwd_kernel(
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     in_row = t < T
     offs = row * T + t
-    valid = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
-    x = tl.load(x_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
-    x_old = tl.load(x_old_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
-    if KIND == POLICY:
-        _, _, grad = _policy_token(x, x_old, y, p0, p1, p2)
-    else:
-        _, _, grad = _value_token(x, x_old, y, p0)
+    valid, _, _, _, _, grad = _load_token_terms(x_ptr, x_old_ptr, y_ptr, mask_ptr, offs, in_row, p0, p1, p2, KIND)
     scale = tl.load(grad_loss_ptr) * tl.load(row_scale_ptr + row)
     tl.store(grad_x_ptr + offs, tl.where(valid, grad * scale, 0.0), mask=in_row)
 

@@ -19,7 +19,7 @@ from instructrl_fast.ops._checks import (
     eager_data_checks,
 )
 
-_IMPLEMENTED = ("triton", "torch")  # resolve() rejects a forced "torch" unless it is listed
+_IMPLEMENTED = ("triton", "torch")
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
