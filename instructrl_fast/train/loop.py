@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from instructrl_fast.parallel.mappings import tp_world_size
 from instructrl_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from instructrl_fast.train.config import LoopConfig, OptimConfig
 from instructrl_fast.train.logging import MetricsLogger
@@ -94,10 +96,45 @@ def peak_flops(device: torch.device) -> float:
     return _PEAK_FLOPS[key]
 
 
-def _clip(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
-    """Clip each parameter group on its own (policy and value have separate norms); return the largest norm."""
-    norms = [torch.nn.utils.clip_grad_norm_(g["params"], max_norm if max_norm > 0 else float("inf"), foreach=False)
-             for g in optimizer.param_groups]
+def _tp_shards(modules: Iterable[torch.nn.Module]) -> tuple[set[int], dist.ProcessGroup | None]:
+    """(ids of the tensor-parallel parameter shards, their TP group); (empty, None) at TP = 1. The TP layers name
+    their sharded parameters in ``tp_sharding``; every other parameter is replicated on the TP ranks."""
+    ids, group = set(), None
+    for module in modules:
+        for m in module.modules():
+            if tp_world_size(g := getattr(m, "tp_group", None)) == 1:
+                continue
+            if group is not None and g is not group:
+                raise ValueError("the trained modules must share one tensor-parallel group")
+            group = g
+            ids.update(id(p) for name in getattr(m, "tp_sharding", {}) if (p := getattr(m, name, None)) is not None)
+    return ids, group
+
+
+def _clip(optimizer: torch.optim.Optimizer, max_norm: float,
+          tp_shards: tuple[set[int], dist.ProcessGroup | None]) -> torch.Tensor:
+    """Clip each parameter group on its own (policy and value have separate norms); return the largest norm.
+
+    Under TP the norm is the full (TP = 1) gradient's: ||g||^2 = sum of the replicated parameters' ||g_i||^2 (once)
+    + the shards' ||g_i||^2 summed over the TP group (Megatron's clip_grad_norm). A rank-local norm would scale the
+    ranks' gradients by different factors, and the replicated parameters would drift apart across the TP ranks.
+    """
+    from torch.nn.utils import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
+
+    max_norm = max_norm if max_norm > 0 else float("inf")
+    ids, group = tp_shards
+    if group is None:
+        return torch.stack([clip_grad_norm_(g["params"], max_norm, foreach=False)
+                            for g in optimizer.param_groups]).max()
+    norms = []
+    for g in optimizer.param_groups:
+        params = [p for p in g["params"] if p.grad is not None]
+        device = params[0].device if params else torch.device("cpu")
+        shard_sq = get_total_norm([p.grad for p in params if id(p) in ids], foreach=False).to(device) ** 2
+        dist.all_reduce(shard_sq, group=group)  # once per param group on every rank: the groups match across ranks
+        replicated = get_total_norm([p.grad for p in params if id(p) not in ids], foreach=False).to(device)
+        norms.append((replicated**2 + shard_sq).sqrt())
+        clip_grads_with_norm_(params, max_norm, norms[-1], foreach=False)
     return torch.stack(norms).max()
 
 
@@ -130,6 +167,7 @@ def train(stage: Stage, optim: OptimConfig, loop: LoopConfig, out_dir: str | os.
     fields = ["lr", "grad_norm", "tokens_per_s", "mfu", *stage.metric_names]
     logger = MetricsLogger(out_dir, fields=fields, resume_step=start if start else None)
     peak = peak_flops(_device_of(stage))
+    tp_shards = _tp_shards(stage.modules.values())
 
     def checkpoint(step: int) -> None:
         # The LR schedule and the data order are pure functions of the step: the step is the scheduler state and
@@ -164,7 +202,7 @@ def train(stage: Stage, optim: OptimConfig, loop: LoopConfig, out_dir: str | os.
                 sums[k] = sums.get(k, 0.0) + v.detach() / stage.grad_accum
 
         # clip -> step
-        grad_norm = _clip(stage.optimizer, optim.grad_clip)
+        grad_norm = _clip(stage.optimizer, optim.grad_clip, tp_shards)
         stage.optimizer.step()
         stage.optimizer.zero_grad(set_to_none=True)
         stage.after_step(step)
