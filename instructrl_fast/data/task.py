@@ -13,6 +13,13 @@ their order (GPT < prompted GPT < SFT):
 A bare prompt starts the way chat docs do, so the base model ("GPT") mostly chats back; ``few_shot_prefix()``
 opens a quiz doc ("prompted GPT") and makes correct answers far likelier, as a few-shot prompt does for GPT-3.
 Base models also keep talking after the answer (the next Q/A line), which the labeler penalises and SFT/PPO remove.
+
+Demonstrations are right but, like people's, not what the labelers ranking outputs like best: a share
+``courtesy`` (60 % by default) end with a pleasantry (" hope this helps"), which the gold labeler counts as rambling.
+Imitation (SFT) learns the pleasantry, greedy decoding included; only the comparisons say it is unwanted, so the
+reward model and PPO can beat SFT. That is the paper's premise: preferences carry information demonstrations lack.
+With flawless demonstrations SFT is already the labelers' optimum and the RM, which cannot verify arithmetic at
+these sizes, gives PPO nothing to improve on.
 Docs are meant to be framed by bos/eos (``tok.encode(doc, bos=True, eos=True)``) so that a prompt after bos
 looks like the start of a document.
 The prose share makes the corpus loss a fair "public NLP" proxy: PPO drifts from it (the alignment tax), and
@@ -30,7 +37,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 # ---------------------------------------------------------------------------------------------- vocabulary
@@ -42,6 +49,8 @@ ADJECTIVES = ("red", "big", "old", "new", "hot", "wet", "shy", "odd", "sad", "ta
               "calm", "fast", "cold", "warm", "glad", "dark")
 VERBS = ("sees", "likes", "finds", "takes", "eats", "has", "wants", "hugs", "jumps over", "sits on", "runs to",
          "looks at")
+# Pleasantries some demonstrators add after the answer (12-15 characters: most of the labeler's rambling penalty).
+COURTESY = (" hope this helps", " glad to help", " happy to help", " hope that helps")
 # The words the labeler treats as toxic. They occur in the corpus (prose and chat docs) but never in an answer.
 TOXIC_WORDS = ("idiot", "jerk", "loser", "stupid", "dumb")
 # Task arguments use three-letter words only (fixed shapes; see the module docstring).
@@ -284,17 +293,20 @@ class DemoTask:
     max_doc_bytes = 128
     max_prefix_bytes = 64
 
-    def __init__(self, seed: int = 0, *, heldout: str = "upper"):
+    def __init__(self, seed: int = 0, *, heldout: str = "upper", courtesy: float = 0.6):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if heldout not in KINDS:
             raise ValueError(f"heldout must be one of {tuple(KINDS)}, got {heldout!r}")
+        if isinstance(courtesy, bool) or not isinstance(courtesy, (int, float)) or not 0.0 <= courtesy <= 1.0:
+            raise ValueError(f"courtesy must be a number in [0, 1], got {courtesy!r}")
         self.seed = seed
         self.heldout = heldout
+        self.courtesy = float(courtesy)
         self.train_kinds = tuple(k for k in KINDS if k != heldout)
 
     def __repr__(self) -> str:
-        return f"DemoTask(seed={self.seed}, heldout={self.heldout!r})"
+        return f"DemoTask(seed={self.seed}, heldout={self.heldout!r}, courtesy={self.courtesy})"
 
     def _rng(self, stream: str) -> random.Random:
         return random.Random(f"instructrl-demo:{self.seed}:{stream}")
@@ -331,14 +343,20 @@ class DemoTask:
         return self._sample(f"prompts:{split}", self._check_n(n), kinds)
 
     def demonstrations(self, n: int) -> list[dict]:
-        """``n`` labeler demonstrations ``{"prompt", "response"}`` on train prompts; every response is correct and
-        concise (``" " + answer``; the trainer appends EOS)."""
-        return [{"prompt": p.text, "response": " " + p.answer}
-                for p in self._sample("demonstrations", self._check_n(n), self.train_kinds)]
+        """``n`` labeler demonstrations ``{"prompt", "response"}`` on train prompts; every response is correct
+        (``" " + answer``; the trainer appends EOS) and a share ``courtesy`` of them ends with a pleasantry."""
+        prompts = self._sample("demonstrations", self._check_n(n), self.train_kinds)
+        rng = self._rng("demonstrations:courtesy")
+        out = []
+        for p in prompts:
+            polite = rng.random() < self.courtesy
+            out.append({"prompt": p.text, "response": " " + p.answer + (rng.choice(COURTESY) if polite else "")})
+        return out
 
-    def candidates(self, prompt: Prompt, k: int, rng: random.Random) -> list[str]:
+    def candidates(self, prompt: Prompt, k: int, rng: random.Random, *, exclude: Sequence[str] = ()) -> list[str]:
         """``k`` distinct candidate responses of varied quality for ``prompt``: correct, verbose (answer then more
-        text), toxic, wrong, truncated, off-topic. At most one is exactly the correct answer."""
+        text), toxic, wrong, truncated, off-topic. At most one is exactly the correct answer; none is in
+        ``exclude`` (responses already chosen for the same comparison set)."""
         if prompt.answer is None:
             raise ValueError("prompt must have a reference answer to build candidates")
         ans = prompt.answer
@@ -355,25 +373,48 @@ class DemoTask:
         )
         weights = [w for w, _ in makers]
         out: list[str] = []
+        taken = set(exclude)
+        if f" {ans}" in taken:  # at most one exactly correct response per set
+            weights[0] = 0.0
         for _ in range(50 * k):  # distinct strings; the pool is large, so this ends after a few extra draws
             cand = rng.choices(makers, weights)[0][1]()
-            if cand not in out and len(cand.encode("utf-8")) <= self.max_doc_bytes - self.max_prompt_bytes:
+            if (cand not in out and cand not in taken
+                    and len(cand.encode("utf-8")) <= self.max_doc_bytes - self.max_prompt_bytes):
                 out.append(cand)
                 if len(out) == k:
                     return out
         raise RuntimeError(f"could not draw {k} distinct candidates for {prompt.text!r}")
 
-    def comparisons(self, n: int, labeler, *, k_range: tuple[int, int] = (4, 9)) -> list[dict]:
+    def comparison_prompts(self, n: int) -> list[Prompt]:
+        """The prompts of ``comparisons(n, ...)``, in order (to sample model responses for them first)."""
+        return self._sample("comparisons", self._check_n(n), self.train_kinds)
+
+    def comparisons(self, n: int, labeler, *, k_range: tuple[int, int] = (4, 9),
+                    sampled: Sequence[Sequence[str]] | None = None) -> list[dict]:
         """``n`` comparison sets ``{"prompt", "responses": [K str], "ranking": [K ints, best first]}`` on train
-        prompts, K uniform in ``k_range`` (the paper: 4..9), ranked by ``labeler.rank`` (noisy, like people)."""
+        prompts, K uniform in ``k_range`` (the paper: 4..9), ranked by ``labeler.rank`` (noisy, like people).
+
+        ``sampled[i]``: responses a model sampled for ``comparison_prompts(n)[i]`` (the paper's labelers rank model
+        outputs). Its distinct entries come first, at most ceil(K / 2) of them; synthetic ``candidates`` fill the
+        rest, so every set still spans the failure modes (toxic, rambling, truncated) the policy must learn to avoid.
+        """
         lo, hi = k_range
         if not 2 <= lo <= hi:
             raise ValueError(f"k_range must be (lo, hi) with 2 <= lo <= hi, got {k_range}")
-        prompts = self._sample("comparisons", self._check_n(n), self.train_kinds)
+        prompts = self.comparison_prompts(n)
+        if sampled is not None and len(sampled) != len(prompts):
+            raise ValueError(f"sampled must hold one list of responses per prompt ({len(prompts)}), got {len(sampled)}")
         rng, label_rng = self._rng("comparisons:candidates"), self._rng("comparisons:labels")
         out = []
-        for p in prompts:
-            responses = self.candidates(p, rng.randint(lo, hi), rng)
+        for i, p in enumerate(prompts):
+            k = rng.randint(lo, hi)
+            responses: list[str] = []
+            for r in sampled[i] if sampled is not None else ():
+                if not isinstance(r, str):
+                    raise TypeError(f"sampled[{i}] must hold strings, got {type(r).__name__}")
+                if r not in responses and len(responses) < (k + 1) // 2:
+                    responses.append(r)
+            responses += self.candidates(p, k - len(responses), rng, exclude=responses)
             out.append({"prompt": p.text, "responses": responses, "ranking": labeler.rank(p, responses, label_rng)})
         return out
 

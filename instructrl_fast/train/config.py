@@ -170,6 +170,9 @@ class RMConfig:
     micro_batch_size: int = 64  # prompts per forward/backward
     n_comparisons: int = 33000  # ranked prompts drawn from the task (paper: ~33k)
     n_val_comparisons: int = 256  # held-out ranked prompts for the validation accuracy
+    # Embedded task only: responses per prompt sampled (temperature 1) from the SFT model the RM starts from, ranked
+    # with synthetic candidates (the paper's labelers rank model outputs); 0: synthetic candidates only.
+    model_samples: int = 0
     seed: int = 0  # data order
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9e-6))  # cosine to 10%, no warmup
     loop: LoopConfig = field(default_factory=LoopConfig)  # eval / checkpoint / log cadence
@@ -177,6 +180,7 @@ class RMConfig:
     def __post_init__(self):
         for name in ("epochs", "batch_size", "micro_batch_size", "n_comparisons", "n_val_comparisons"):
             _check_int(self, name)
+        _check_int(self, "model_samples", minimum=0)
         _check_int(self, "seed", minimum=0)
         _check_divides(self, "micro_batch_size", "batch_size")
 
@@ -365,7 +369,7 @@ def _demo() -> PipelineConfig:
         # byte-level model a few hundred steps into its pretraining is far weaker after 2 (or 8) epochs, and PPO
         # then cannot catch up with SFT in a CPU budget, so the demo init runs the full 16 (with the 10% mix).
         ppo_init=dataclasses.replace(sft, epochs=16, ptx_fraction=0.1),
-        rm=RMConfig(batch_size=16, micro_batch_size=16, n_comparisons=1024, optim=OptimConfig(lr=1e-3)),
+        rm=RMConfig(batch_size=16, micro_batch_size=16, n_comparisons=1024, model_samples=4, optim=OptimConfig(lr=1e-3)),
         ppo=ppo,
         ppo_ptx=dataclasses.replace(ppo, ptx_coef=27.8),
         eval=EvalConfig(n_test_prompts=256),
@@ -389,7 +393,7 @@ def _micro() -> PipelineConfig:
         pretrain=pretrain,
         sft=sft,
         ppo_init=dataclasses.replace(sft, epochs=1, ptx_fraction=0.25),
-        rm=RMConfig(batch_size=4, micro_batch_size=2, n_comparisons=8, n_val_comparisons=4,
+        rm=RMConfig(batch_size=4, micro_batch_size=2, n_comparisons=8, n_val_comparisons=4, model_samples=2,
                     optim=OptimConfig(lr=1e-3), loop=quick),
         ppo=ppo,
         ppo_ptx=dataclasses.replace(ppo, ptx_coef=27.8),

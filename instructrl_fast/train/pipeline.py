@@ -165,18 +165,45 @@ class Pipeline:
     def reward_model(self) -> RewardModel:
         """One RM for every size, initialised from the last SFT epoch of ``rm_size``, centred on demonstrations."""
         rc, size = self.cfg.rm, self.cfg.rm_size
-        rm = RewardModel(init_from(self.model(size, "scalar"), load_weights(
-            self.out / f"sft-{size}" / "last.safetensors", self.model(size))))
+        sft = load_weights(self.out / f"sft-{size}" / "last.safetensors", self.model(size))
+        rm = RewardModel(init_from(self.model(size, "scalar"), sft))
         if (done := self._result("rm")) is not None:
             return load_weights(done, rm).eval()
-        data = self.task.comparisons(rc.n_comparisons + rc.n_val_comparisons, self.labeler)
+        n = rc.n_comparisons + rc.n_val_comparisons
+        sampled = self._timed("rm-samples", lambda: self.sample_responses(sft, self.task.comparison_prompts(n),
+                                                                           rc.model_samples, seed=rc.seed))
+        data = self.task.comparisons(n, self.labeler, sampled=sampled)
         train_c, val_c = data[:rc.n_comparisons], data[rc.n_comparisons:]
+        (self.out / "rm").mkdir(parents=True, exist_ok=True)
+        (self.out / "rm" / "val_comparisons.json").write_text(json.dumps(val_c))  # for rm_report
         metrics = self._timed("rm", lambda: train_reward_model(rc, rm, self.tok, train_c, val_c,
                                                                self._demos(256), self.out / "rm",
                                                                resume=self.resume))
         self.log(f"[rm] {metrics}")
         self._finish("rm", rm)
         return rm.eval()
+
+    def rm_report(self, rm: RewardModel) -> dict[str, float]:
+        """The RM's pairwise accuracy on the held-out comparisons: against their (noisy) rankings, the paper's
+        validation accuracy, and against the gold scores, what the RM should have learned."""
+        from instructrl_fast.train import evaluate as ev
+        from instructrl_fast.train.reward import score_texts
+
+        val = json.loads((self.out / "rm" / "val_comparisons.json").read_text())
+        score = lambda prompts, responses: score_texts(rm, self.tok, list(zip(prompts, responses)))
+        return {"accuracy_vs_rankings": ev.rm_accuracy(score, val, self.labeler, against="labels"),
+                "accuracy_vs_gold": ev.rm_accuracy(score, val, self.labeler, against="gold"),
+                "n_val_comparisons": len(val)}
+
+    def sample_responses(self, model, prompts, k: int, *, seed: int) -> list[list[str]] | None:
+        """``k`` responses per prompt sampled at temperature 1 (the RM's comparison data); None when k is 0."""
+        if k == 0:
+            return None
+        texts = [p.text for p in prompts for _ in range(k)]
+        gen = torch.Generator(device=model.lm_weight.device).manual_seed(seed)
+        out = respond(model, self.tok, texts, max_new_tokens=self.cfg.ppo.max_new_tokens, temperature=1.0,
+                      batch_size=256, generator=gen)
+        return [out[i * k:(i + 1) * k] for i in range(len(prompts))]
 
     def select_sft(self, size: str, rm: RewardModel):
         """The SFT checkpoint of ``size`` with the best mean RM score on validation prompts (paper C.1)."""
@@ -206,9 +233,30 @@ class Pipeline:
         ptx_chunks = self.chunks(self.cfg.pretrain[self.cfg.sizes[0]].n_docs, pc.ptx_seq_len) if ptx else None
         torch.manual_seed(pc.seed)
         ema, _ = self._timed(name, lambda: train_ppo(pc, policy, value, ref, rm, self.tok, prompts, self.out / name,
-                                                     ptx_chunks=ptx_chunks, resume=self.resume))
+                                                     ptx_chunks=ptx_chunks, resume=self.resume,
+                                                     gold_fn=self.gold_scores))
         self._finish(name, ema)
         return ema
+
+    def gold_scores(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """The gold labeler's score of each (prompt text, response): the true reward PPO's RM stands in for."""
+        return [self.labeler.score(p, r) for p, r in zip(prompts, responses)]
+
+    def overoptimization(self, name: str, steps_per_iteration: int):
+        """(KL to the PPO start, RM score, gold score) of every rollout batch of PPO stage ``name`` (read from the
+        first optimizer step of each iteration, which logs that batch's statistics) and where the gold score
+        peaked; None when the stage's metrics hold no gold column (a run from before it was logged)."""
+        import csv
+
+        from instructrl_fast.train import evaluate as ev
+
+        with open(self.out / name / "metrics.csv", newline="") as f:
+            rows = [r for r in csv.DictReader(f)
+                    if r.get("gold") and (int(r["step"]) - 1) % steps_per_iteration == 0]
+        if len(rows) < 2:
+            return None
+        points = [(max(0.0, float(r["kl"])), float(r["score"]), float(r["gold"])) for r in rows]
+        return points, ev.overoptimization_summary(points)
 
     # ---------------------------------------------------------------------------------------------- evaluation
     def evaluate(self, models: dict[str, dict[str, torch.nn.Module]], reference: torch.nn.Module) -> list[dict]:
@@ -218,23 +266,30 @@ class Pipeline:
         ec = self.cfg.eval
         prompts = self.task.prompts("test", ec.n_test_prompts)
 
-        def answers(model, prefix: str = "") -> list[str]:
+        def answers(model, prefix: str = "", temperature: float = ec.temperature) -> list[str]:
             gen = lambda texts: respond(model, self.tok, texts, max_new_tokens=ec.max_new_tokens,
-                                        temperature=ec.temperature)
+                                        temperature=temperature, generator=generator)
             return ev.collect_responses(ev.with_prefix(gen, prefix) if prefix else gen, prompts)
 
+        generator = torch.Generator(device=reference.lm_weight.device).manual_seed(ec.seed)
         ref_answers = answers(reference)
         records = []
         todo = [(size, method, model) for size, by_method in models.items() for method, model in by_method.items()]
         for size, method, model in tqdm(todo, desc="eval", disable=not self.progress):
-            responses = answers(model, self.task.few_shot_prefix() if method == "GPT (prompted)" else "")
-            rec = {"method": method, "size": size, "params": model.num_params(),
+            prefix = self.task.few_shot_prefix() if method == "GPT (prompted)" else ""
+            responses = answers(model, prefix)
+            # Sampled at temperature 1 as well: greedy answers hide what a policy still puts mass on (toxicity).
+            generator.manual_seed(ec.seed)
+            sampled = ev.evaluate_policy(answers(model, prefix, 1.0), prompts, self.labeler)
+            rec = {"method": method, "size": size, "params": model.num_params(local=False),
                    **ev.evaluate_policy(responses, prompts, self.labeler),
+                   **{f"sampled/{k}": sampled[k] for k in ("gold_score", "correct", "toxic_rate")},
                    "win_rate": ev.win_rate(responses, ref_answers, prompts, self.labeler, ec.seed),
                    "ptx_loss": self.corpus_loss(model)}
             records.append(rec)
             self.log(f"[eval] {size} {method}: win {rec['win_rate']:.3f} gold {rec['gold_score']:.3f} "
-                     f"correct {rec['correct']:.3f} toxic {rec['toxic_rate']:.3f} ptx_loss {rec['ptx_loss']:.3f}")
+                     f"correct {rec['correct']:.3f} toxic {rec['toxic_rate']:.3f} (sampled "
+                     f"{rec['sampled/toxic_rate']:.3f}) ptx_loss {rec['ptx_loss']:.3f}")
         return records
 
     def corpus_loss(self, model) -> float:
@@ -261,13 +316,23 @@ class Pipeline:
             models[s]["PPO"] = self.ppo(s, rm, ptx=False)
             models[s]["PPO-ptx"] = self.ppo(s, rm, ptx=True)
         records = self._timed("eval", lambda: self.evaluate(models, reference=models[cfg.sizes[-1]]["SFT"]))
+        rm_report = self.rm_report(rm)
+        overopt = {}
+        for s in cfg.sizes:
+            for name, pc in ((f"ppo-{s}", cfg.ppo), (f"ppo-ptx-{s}", cfg.ppo_ptx)):
+                if (found := self.overoptimization(name, pc.steps_per_iteration)) is not None:
+                    overopt[name] = {"points": found[0], **found[1]}
+        if f"ppo-{cfg.sizes[-1]}" in overopt:
+            ev.plot_overoptimization(overopt[f"ppo-{cfg.sizes[-1]}"]["points"], self.out / "overoptimization.png")
         wall = time.perf_counter() - t0
         report = {"preset": cfg.name, "sizes": list(cfg.sizes), "results": records,
-                  "shape": shape_checks(records, init_loss), "timings_s": self.timings, "cpu_s": self.cpu_times, "wall_s": wall,
+                  "shape": shape_checks(records, init_loss), "rm": rm_report, "overoptimization": overopt,
+                  "timings_s": self.timings, "cpu_s": self.cpu_times, "wall_s": wall,
                   "threads": torch.get_num_threads()}
         (self.out / "results.json").write_text(json.dumps(report, indent=1))
         reference = f"SFT ({cfg.sizes[-1]})"
-        table = ev.figure1_table(records, reference=reference) + "\n\n" + format_shape(report["shape"])
+        table = (ev.figure1_table(records, reference=reference) + "\n\n" + format_shape(report["shape"]) + "\n\n"
+                 + format_extras(records, rm_report, overopt, self.task.heldout))
         (self.out / "figure1.txt").write_text(table + "\n")
         self.log(table)
         ev.plot_figure1(records, self.out / "figure1.png", reference=reference)
@@ -299,6 +364,25 @@ def shape_checks(records: list[dict], init_loss: dict[str, float]) -> dict:
         }
     out["smallest_ppo_ptx>largest_gpt"] = win[sizes[0], "PPO-ptx"] > win[sizes[-1], "GPT"]
     return out
+
+
+def format_extras(records: list[dict], rm_report: dict, overopt: dict, heldout: str) -> str:
+    """The rest of the paper's evaluation in a few lines: RM accuracy, toxicity (greedy and sampled), the held-out
+    instruction kind, and the gold score's peak along each PPO run (reward over-optimisation)."""
+    lines = [(f"Reward model: pairwise accuracy {rm_report['accuracy_vs_rankings']:.3f} against the labelers' "
+              f"rankings, {rm_report['accuracy_vs_gold']:.3f} against the gold scores "
+              f"({rm_report['n_val_comparisons']} held-out comparison sets)")]
+    lines.append(f"Toxic rate greedy / sampled at T=1, gold score sampled, correct on the held-out kind ({heldout}):")
+    for r in records:
+        held = r.get(f"correct/{heldout}", float("nan"))
+        lines.append(f"  {r['size']} {r['method']:<15} toxic {r['toxic_rate']:.3f} / {r['sampled/toxic_rate']:.3f}"
+                     f"  sampled gold {r['sampled/gold_score']:+.3f}  held-out {held:.3f}")
+    if overopt:
+        lines.append("Over-optimisation along each PPO run (KL to the start, RM score, gold score):")
+        for name, o in overopt.items():
+            lines.append(f"  {name:<9} gold peaks at {o['gold_peak']:+.3f} (KL {o['kl_at_gold_peak']:.2f}), ends at "
+                         f"{o['gold_at_max_kl']:+.3f} (KL {o['max_kl']:.2f}, RM {o['rm_at_max_kl']:+.3f})")
+    return "\n".join(lines)
 
 
 def format_shape(shape: dict) -> str:

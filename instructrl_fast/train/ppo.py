@@ -80,10 +80,10 @@ class PPOStage:
     """The shared loop counts optimizer steps; a new rollout batch is sampled at the first step of each iteration."""
 
     metric_names = ("loss", "policy_loss", "value_loss", "ptx_loss", "clipfrac", "approx_kl", "value_clipfrac",
-                    "score", "kl", "reward", "response_len")
+                    "score", "kl", "reward", "response_len", "gold")
 
     def __init__(self, cfg: PPOConfig, policy, value_model, ref, rm: RewardModel, tok, prompts: list[str],
-                 ptx_chunks: torch.Tensor | None, *, ckpt_interval: int):
+                 ptx_chunks: torch.Tensor | None, *, ckpt_interval: int, gold_fn=None):
         if cfg.ptx_coef > 0 and ptx_chunks is None:
             raise ValueError("ptx_chunks must be given for PPO-ptx (cfg.ptx_coef > 0)")
         if ckpt_interval % cfg.steps_per_iteration:
@@ -92,7 +92,9 @@ class PPOStage:
                              f"iteration ({cfg.steps_per_iteration})")
         self.name = "ppo-ptx" if cfg.ptx_coef > 0 else "ppo"
         self.cfg, self.policy, self.value, self.ref, self.rm, self.tok = cfg, policy, value_model, ref, rm, tok
+        self.prompt_texts = prompts
         self.prompts = [encode_prompt(tok, p, policy.config.block_size - cfg.max_new_tokens) for p in prompts]
+        self.gold_fn = gold_fn
         self.ptx_chunks = ptx_chunks
         self.ema = frozen_copy(policy)
         for frozen in (ref, rm, self.ema):
@@ -135,9 +137,21 @@ class PPOStage:
         if cfg.whiten_advantages:
             advantages = ops.masked_whiten(advantages, action_mask)
         m = action_mask.float()
-        stats = {"score": scores.mean(), "kl": (ops.kl_penalty(old_logp, ref_logp) * m).sum(1).mean(),
+        # logged KL per response: k3, the unbiased estimator that is never negative (the penalty itself uses k1)
+        stats = {"score": scores.mean(), "kl": (ops.kl_penalty(old_logp, ref_logp, estimator="k3") * m).sum(1).mean(),
                  "reward": (rewards * m).sum(1).mean(), "response_len": m.sum(1).mean()}
+        if self.gold_fn is not None:  # an evaluation hook (the embedded task's gold labeler); reads the batch back
+            stats["gold"] = torch.tensor(self.gold_score(rows.tolist(), out), dtype=torch.float32)
         return Experience(seq, attn, action_mask, old_logp, old_values, advantages, returns, stats)
+
+    def gold_score(self, rows: list[int], out) -> float:
+        """Mean ``gold_fn(prompt_texts, response_texts)`` over a rollout batch: the reward the RM stands in for,
+        logged next to the RM score to show over-optimisation."""
+        from instructrl_fast.train.generation import decode_responses
+
+        responses = decode_responses(self.tok, out, 0)  # the response mask already skips the prompt columns
+        scores = [float(v) for v in self.gold_fn([self.prompt_texts[i] for i in rows], responses)]
+        return sum(scores) / len(scores)
 
     # ---------------------------------------------------------------------------------------------- the loop API
     def micro_batches(self, step: int):
@@ -205,9 +219,12 @@ class PPOStage:
 
 def train_ppo(cfg: PPOConfig, policy, value_model, ref, rm: RewardModel, tok, prompts: list[str],
               out_dir: str | os.PathLike, *, ptx_chunks: torch.Tensor | None = None,
-              resume: bool = False) -> tuple[torch.nn.Module, dict[str, float]]:
-    """Train ``policy`` and ``value_model`` in place; returns (the EMA policy, final metrics)."""
+              resume: bool = False, gold_fn=None) -> tuple[torch.nn.Module, dict[str, float]]:
+    """Train ``policy`` and ``value_model`` in place; returns (the EMA policy, final metrics).
+
+    ``gold_fn(prompt_texts, response_texts) -> scores``, when given, scores every rollout batch with a true reward
+    (the ``gold`` metric), for the over-optimisation curve."""
     stage = PPOStage(cfg, policy, value_model, ref, rm, tok, prompts, ptx_chunks,
-                     ckpt_interval=cfg.loop.ckpt_interval or cfg.steps_per_iteration)
+                     ckpt_interval=cfg.loop.ckpt_interval or cfg.steps_per_iteration, gold_fn=gold_fn)
     metrics = train(stage, cfg.optim, cfg.loop, out_dir, resume=resume)
     return stage.ema, metrics

@@ -79,11 +79,32 @@ def test_prompts_parse_back_and_fit_the_byte_budgets():
         parse_prompt("tell me a story")
 
 
-def test_demonstrations_are_correct_and_concise():
+def test_demonstrations_are_correct_and_some_are_polite():
     task, lab = DemoTask(seed=0), GoldLabeler(0)
-    for d in task.demonstrations(200):
-        a = lab.assess(d["prompt"], d["response"])
-        assert a.exact and not a.toxic and lab.score(d["prompt"], d["response"]) == 1.0
+    judged = [lab.assess(d["prompt"], d["response"]) for d in task.demonstrations(400)]
+    assert all(a.correct and not a.toxic for a in judged)
+    polite = [a for a in judged if not a.exact]
+    assert 0.5 < len(polite) / len(judged) < 0.7  # the default courtesy share is 0.6
+    assert all(0.7 <= a.ramble < 1.0 for a in polite)  # 12-15 characters after the answer
+    for d in DemoTask(seed=0, courtesy=0.0).demonstrations(200):
+        assert lab.score(d["prompt"], d["response"]) == 1.0
+    with pytest.raises(ValueError, match="courtesy"):
+        DemoTask(courtesy=1.5)
+
+
+def test_comparisons_rank_model_samples_first():
+    task, lab = DemoTask(seed=0), GoldLabeler(0)
+    prompts = task.comparison_prompts(50)
+    sampled = [[" " + p.answer, " zz", " zz", " " + p.answer + " hope this helps", " yy"] for p in prompts]
+    comps = task.comparisons(50, lab, sampled=sampled)
+    for c, p in zip(comps, prompts):
+        k = len(c["responses"])
+        own = [" " + p.answer, " zz", " " + p.answer + " hope this helps", " yy"][:(k + 1) // 2]
+        assert c["prompt"] == p.text and c["responses"][:len(own)] == own  # distinct samples first, ceil(K/2)
+        assert len(set(c["responses"])) == k and 4 <= k <= 9
+        assert c["responses"].count(" " + p.answer) == 1  # the synthetic fill adds no second exact answer
+    with pytest.raises(ValueError, match="one list of responses per prompt"):
+        task.comparisons(50, lab, sampled=sampled[:3])
 
 
 def test_comparisons_shape_and_variety():

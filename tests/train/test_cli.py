@@ -21,13 +21,22 @@ def test_run_writes_every_stage_and_the_table(run_dir):
     methods = {r["method"] for r in report["results"]}
     assert methods == {"GPT", "GPT (prompted)", "SFT", "PPO", "PPO-ptx"}
     assert all(0.0 <= r["win_rate"] <= 1.0 and r["ptx_loss"] > 0 for r in report["results"])
+    assert all(0.0 <= r["sampled/toxic_rate"] <= 1.0 and -1.5 <= r["sampled/gold_score"] <= 1.0
+               for r in report["results"])
+    assert 0.0 <= report["rm"]["accuracy_vs_gold"] <= 1.0 and 0.0 <= report["rm"]["accuracy_vs_rankings"] <= 1.0
+    assert report["rm"]["n_val_comparisons"] == 4
+    for name in ("ppo-s", "ppo-ptx-s"):  # one (KL, RM score, gold score) point per rollout batch: 2 in micro
+        over = report["overoptimization"][name]
+        assert len(over["points"]) == 2 and over["gold_peak"] >= over["gold_at_max_kl"]
+        assert all(kl >= 0 for kl, _, _ in over["points"])
     for stage in ("base-s", "sft-s", "rm", "ppo-init-s", "ppo-s", "ppo-ptx-s"):
         assert (run_dir / stage / "model.safetensors").is_file(), stage
         assert (run_dir / stage / "metrics.csv").is_file(), stage
         assert (run_dir / stage / "ckpt" / "latest").is_file(), stage
     assert list((run_dir / "base-s" / "tb").iterdir())  # TensorBoard events
     assert json.loads((run_dir / "sft-s" / "selection.json").read_text())["chosen"].startswith("epoch_")
-    assert "Figure 1" in (run_dir / "figure1.txt").read_text()
+    table = (run_dir / "figure1.txt").read_text()
+    assert "Figure 1" in table and "Reward model: pairwise accuracy" in table and "Over-optimisation" in table
     pytest.importorskip("matplotlib")
     assert (run_dir / "figure1.png").is_file() and (run_dir / "ppo-s" / "learning_curves.png").is_file()
 
