@@ -1,8 +1,9 @@
 """The ``instructrl-fast`` command line.
 
   instructrl-fast run [--size s|m|l]      the whole recipe for one size on the embedded task, then the result table
-                                          (size s: ~6.5 min wall, ~3 min CPU, on a shared 2-core CPU)
-  instructrl-fast reproduce               every size and method: the Figure-1 table and plot (results.json)
+                                          (size s: ~3 min at one thread on a 2-core CPU)
+  instructrl-fast reproduce               every size and method: the Figure-1 table and plot (results.json;
+                                          ~24 min at one thread)
   instructrl-fast sft | rm | ppo | eval   one stage, on the embedded task or on your data (JSONL, a tokenizer.json,
                                           a GPT-2-family checkpoint folder)
 
