@@ -412,7 +412,7 @@ def overoptimization_summary(points: Sequence[tuple[float, float, float]]) -> di
 
 
 def plot_overoptimization(points: Sequence[tuple[float, float, float]], png_path: str | os.PathLike) -> str | None:
-    """RM reward and gold reward against KL(policy || SFT), marking the gold peak. Returns the PNG path, or None
+    """RM reward and gold reward against KL(policy || reference policy), marking the gold peak. Returns the PNG path, or None
     without matplotlib."""
     pts = _check_points(points)
     summary = overoptimization_summary(pts)
@@ -425,7 +425,7 @@ def plot_overoptimization(points: Sequence[tuple[float, float, float]], png_path
     ax.plot(kls, [p[1] for p in pts], marker="o", label="reward model")
     ax.plot(kls, [p[2] for p in pts], marker="s", label="gold labeler")
     ax.axvline(summary["kl_at_gold_peak"], color="grey", linestyle="--", linewidth=1, label="gold peak")
-    ax.set_xlabel("KL(policy || SFT) per response, nats")
+    ax.set_xlabel("KL(policy || reference policy) per response, nats")
     ax.set_ylabel("reward")
     ax.set_title("Reward over-optimisation")
     ax.legend()
