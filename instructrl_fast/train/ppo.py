@@ -86,6 +86,8 @@ class PPOStage:
                  ptx_chunks: torch.Tensor | None, *, ckpt_interval: int, gold_fn=None):
         if cfg.ptx_coef > 0 and ptx_chunks is None:
             raise ValueError("ptx_chunks must be given for PPO-ptx (cfg.ptx_coef > 0)")
+        if gold_fn is not None and not callable(gold_fn):
+            raise TypeError(f"gold_fn must be callable or None, got {type(gold_fn).__name__}")
         if ckpt_interval % cfg.steps_per_iteration:
             # a checkpoint must fall between iterations: the rollout batch itself is not saved
             raise ValueError(f"loop.ckpt_interval ({ckpt_interval}) must be a multiple of the optimizer steps per "

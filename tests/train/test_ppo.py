@@ -91,6 +91,28 @@ def test_checkpoint_interval_must_fall_between_iterations(tok, task):
         PPOStage(cfg, stage.policy, stage.value, stage.ref, stage.rm, tok, ["Q: add 1 2\nA:"], None, ckpt_interval=3)
 
 
+def test_gold_fn_is_logged_per_rollout_and_checked(tok, task):
+    cfg = _cfg()
+    stage = _stage(cfg, tok, task)
+    prompts = [p.text for p in task.prompts("train", 8)]
+    calls = []
+
+    def gold(texts, responses):
+        calls.append((texts, responses))
+        return [float(len(r)) for r in responses]
+
+    gold_stage = PPOStage(cfg, stage.policy, stage.value, stage.ref, stage.rm, tok, prompts, None,
+                          ckpt_interval=cfg.steps_per_iteration, gold_fn=gold)
+    exp = gold_stage.rollout(0)
+    (texts, responses), = calls
+    assert len(texts) == len(responses) == cfg.rollout_batch_size and set(texts) <= set(prompts)
+    # the logged gold is the mean of gold_fn over the batch; here the response length in characters
+    assert exp.stats["gold"].item() == pytest.approx(sum(len(r) for r in responses) / len(responses))
+    with pytest.raises(TypeError, match="gold_fn"):
+        PPOStage(cfg, stage.policy, stage.value, stage.ref, stage.rm, tok, prompts, None,
+                 ckpt_interval=cfg.steps_per_iteration, gold_fn="labeler")
+
+
 def test_ppo_ptx_runs_and_logs(tmp_path, tok, task):
     cfg = _cfg(ptx_coef=27.8)
     stage = _stage(cfg, tok, task)
