@@ -22,8 +22,8 @@ KL = E_p[x - y] - lse_x + lse_y with x, y the tempered logits, and d KL / d x_j 
 
 Backends: the shard-local passes run on ``triton`` (kernels/logprob.py, and kernels/actor_loss.py for the full KL),
 ``cpp`` (the C++ log-prob ops; the full-KL term in torch) or ``torch`` (the readable reference). Under ``tp_group``
-the vocab is sharded like ``linear_logprobs``: rank r owns ids [r*V, (r+1)*V), labels are global ids; three
-(four with the full KL) small all-reduces per chunk, and d(hidden) is all-reduced once at the end.
+the vocab is sharded like ``linear_logprobs``: rank r owns ids [r*V, (r+1)*V), labels are global ids; two small
+all-reduces of [n] vectors per chunk (five with the full KL), and d(hidden) is all-reduced once at the end.
 
 Not a torch custom op: the walk runs collectives between kernels, so torch.compile graph-breaks around it.
 """
@@ -164,9 +164,10 @@ def _chunk_terms(logp, entropy, old_logp, adv, ref_logp, kl_full, w, cfg: ActorL
 
 
 def _walk(hidden, weight, labels, old_logp, adv, w, ref_logp, ref_hidden, ref_weight, cfg: ActorLossConfig,
-          temperature, ignore_index, tp_group, backend):
+          temperature, ignore_index, tp_group, backend, with_grads):
     """hidden [N, D], weight [V, D] (shard), labels/old_logp/adv/w/ref_logp [N] -> per-token terms [N] (pg, kl,
-    is_clipped, total, logp, entropy) and the unscaled gradients (d hidden [N, D], d weight [V, D] fp32)."""
+    is_clipped, total, logp, entropy) and the unscaled gradients (d hidden [N, D], d weight [V, D] fp32), or None
+    without ``with_grads`` (a no_grad call for the value and stats costs 2 N D V FLOPs, not 6)."""
     N, D = hidden.shape
     V = weight.shape[0]
     vocab_start = _tp_rank_world(tp_group)[0] * V
@@ -177,8 +178,8 @@ def _walk(hidden, weight, labels, old_logp, adv, w, ref_logp, ref_hidden, ref_we
     pg, total, logp, entropy = (torch.empty(N, **f32) for _ in range(4))
     kl = torch.empty(N if with_kl else 0, **f32)
     is_clipped = torch.empty(N, dtype=torch.bool, device=hidden.device)
-    grad_hidden = torch.empty_like(hidden)
-    grad_weight = torch.zeros(weight.shape, **f32)
+    grad_hidden = torch.empty_like(hidden) if with_grads else None
+    grad_weight = torch.zeros(weight.shape, **f32) if with_grads else None
     rows = _linear_chunk_rows(N, D, V)
     for start in range(0, N, rows):
         sl = slice(start, start + rows)
@@ -199,6 +200,8 @@ def _walk(hidden, weight, labels, old_logp, adv, w, ref_logp, ref_hidden, ref_we
         if with_kl:
             kl[sl] = kl_c
         logp[sl], entropy[sl] = logp_c, ent_c
+        if not with_grads:
+            continue
         ent_args = (g_ent, ent_c) if need_entropy_grad else (lse.new_empty(0), lse.new_empty(0))
         dlogits = _shard_bwd(backend, g_lp.contiguous(), ent_args[0].contiguous(), logits, lab, lse, ent_args[1],
                              temperature, ignore_index, vocab_start)
@@ -208,9 +211,12 @@ def _walk(hidden, weight, labels, old_logp, adv, w, ref_logp, ref_hidden, ref_we
             del ref_logits
         del logits
         grad_weight = accumulate_linear_grads(dlogits, h, weight, grad_hidden[sl], grad_weight)
+    terms = (pg, kl, is_clipped, total, logp, entropy)
+    if not with_grads:
+        return terms, None
     # hidden is replicated over the TP group: its gradient sums every shard's (Megatron's copy-to-TP backward).
     _all_reduce_sum(grad_hidden, tp_group)
-    return (pg, kl, is_clipped, total, logp, entropy), (grad_hidden, grad_weight)
+    return terms, (grad_hidden, grad_weight)
 
 
 class PPOActorLossFunction(torch.autograd.Function):
@@ -222,13 +228,13 @@ class PPOActorLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_hidden, ref_weight, cfg,
-                temperature, ignore_index, tp_group, backend):
+                temperature, ignore_index, tp_group, backend, with_grads):
         B, T, D = hidden.shape
         w = _token_weights(mask, cfg.reduction).reshape(-1)
         terms, grads = _walk(hidden.reshape(B * T, D), weight, labels.reshape(-1), old_logp.reshape(-1),
                              adv.reshape(-1), w, None if ref_logp is None else ref_logp.reshape(-1),
                              None if ref_hidden is None else ref_hidden.reshape(B * T, -1), ref_weight, cfg,
-                             temperature, ignore_index, tp_group, backend)
+                             temperature, ignore_index, tp_group, backend, with_grads)
         pg, kl, is_clipped, total, logp, entropy = (t.reshape(B, T) if t.numel() else t for t in terms)
         loss = masked_reduce(total, mask, cfg.reduction)
         stats = torch.stack([
@@ -238,7 +244,7 @@ class PPOActorLossFunction(torch.autograd.Function):
             masked_reduce(kl, mask, "token_mean") if kl.numel() else loss.new_full((), float("nan")),
             masked_reduce(pg, mask, cfg.reduction),
         ])
-        ctx.save_for_backward(*grads)
+        ctx.save_for_backward(*(grads or ()))
         ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.hidden_shape = hidden.shape
         ctx.mark_non_differentiable(stats)
@@ -250,7 +256,7 @@ class PPOActorLossFunction(torch.autograd.Function):
         g = grad_loss.to(torch.float32)
         grad_hidden = (grad_hidden * g).to(ctx.dtypes[0]).reshape(ctx.hidden_shape)
         grad_weight = (grad_weight * g).to(ctx.dtypes[1])
-        return (grad_hidden, grad_weight) + (None,) * 12
+        return (grad_hidden, grad_weight) + (None,) * 13
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,7 +347,7 @@ def ppo_actor_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Ten
         hidden.contiguous(), weight.contiguous(), labels.contiguous(), old, adv, mask, ref,
         None if ref_hidden is None else ref_hidden.detach().contiguous(),
         None if ref_weight is None else ref_weight.detach().contiguous(), cfg, temperature, ignore_index, tp_group,
-        backend)
+        backend, torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad))
     names = ("clipfrac", "approx_kl", "entropy", "kl", "pg_loss")
     out = dict(zip(names, stats.unbind()))
     if ref_logp is None and ref_hidden is None:

@@ -209,6 +209,22 @@ def test_bf16_within_twice_the_composite_error(backend):
         assert ours_err <= 2 * comp_err + 1e-3, (float(ours_err), float(comp_err))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_call_gives_the_same_value_and_stats(backend):
+    hidden, weight, *rest, _, ref_hidden, ref_weight = _inputs(2, 5, 8, 65)
+    hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
+    kw = {"config": ActorLossConfig(kl_coef=0.1, kl_estimator="full", entropy_coef=0.1),
+          "ref_hidden": ref_hidden, "ref_weight": ref_weight, "ignore_index": IGNORE}
+    with use_backend(backend):
+        with torch.no_grad():
+            loss, stats = ppo_actor_loss(hidden, weight, *rest, **kw)
+        ref_loss, ref_stats = ppo_actor_loss(hidden, weight, *rest, **kw)
+    assert not loss.requires_grad and ref_loss.requires_grad
+    torch.testing.assert_close(loss, ref_loss.detach(), rtol=0, atol=0)
+    for name in ref_stats:
+        torch.testing.assert_close(stats[name], ref_stats[name], rtol=0, atol=0)
+
+
 def test_bad_arguments_raise():
     hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_hidden, ref_weight = _inputs(2, 3, 8, 33)
     args = (hidden, weight, labels, old_logp, adv, mask)
@@ -277,6 +293,7 @@ def _tp_worker(rank: int, init_file: str, backends: list[str]) -> None:
                     torch.testing.assert_close(stats[key], ref[1][key], rtol=1e-5, atol=1e-6, msg=f"{what}: {key}")
                 torch.testing.assert_close(gh, ref[2], **GRAD_TOL, msg=f"{what}: grad hidden (all-reduced)")
                 torch.testing.assert_close(gw, ref[3][shard], **GRAD_TOL, msg=f"{what}: grad weight shard")
+        dist.barrier()  # neither rank tears the group down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
