@@ -13,7 +13,7 @@ from instructrl_fast import backend as backend_mod
 from instructrl_fast.backend import use_backend
 from instructrl_fast.ops import ActorLossConfig, kl_penalty, linear_logprobs, ppo_actor_loss, ppo_policy_loss
 from instructrl_fast.ops.ppo_loss import masked_reduce
-from tests.conftest import backends_for
+from tests.conftest import DEVICE, backends_for
 from tests.reference import linear_logprobs_ref, ppo_actor_loss_ref
 
 BACKENDS = backends_for(("torch", "triton", "cpp"))
@@ -42,9 +42,10 @@ OPTIONS = [
 ]
 
 
-def _inputs(B, T, D, V, *, temperature=1.0, dtype=torch.float32, noncontiguous=True, seed=0):
+def _inputs(B, T, D, V, *, temperature=1.0, dtype=torch.float32, noncontiguous=True, seed=0, device=DEVICE):
     """hidden [B, T, D], weight [V, D] (non-contiguous views), labels with ignored positions, a mask with holes and
-    a fully masked row, and old_logp / ref_logp near the policy's own log-probs (so ratios straddle the clip)."""
+    a fully masked row, and old_logp / ref_logp near the policy's own log-probs (so ratios straddle the clip).
+    Drawn on the CPU from a seeded generator, then moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     if noncontiguous:
         hidden = torch.randn(B, D, T, generator=g).transpose(1, 2)
@@ -67,7 +68,8 @@ def _inputs(B, T, D, V, *, temperature=1.0, dtype=torch.float32, noncontiguous=T
     advantages = torch.randn(B, T, generator=g)
     ref_hidden = hidden.float() + 0.3 * torch.randn(B, T, D, generator=g)
     ref_weight = weight.float() + 0.3 * torch.randn(V, D, generator=g) / D**0.5
-    return hidden, weight, labels, old_logp, advantages, mask, ref_logp, ref_hidden.to(dtype), ref_weight.to(dtype)
+    out = (hidden, weight, labels, old_logp, advantages, mask, ref_logp, ref_hidden.to(dtype), ref_weight.to(dtype))
+    return tuple(x.to(device) for x in out)
 
 
 def _ref_kwargs(kind, ref_logp, ref_hidden, ref_weight):
@@ -84,7 +86,7 @@ def _ours(backend, hidden, weight, rest, cfg, temperature, ref_kw, upstream=UPST
     with use_backend(backend):
         loss, stats = ppo_actor_loss(h, w, *rest, config=cfg, temperature=temperature, ignore_index=IGNORE,
                                      tp_group=tp_group, **ref_kw)
-    loss.backward(torch.tensor(upstream))
+    loss.backward(torch.tensor(upstream, device=loss.device))
     return loss.detach(), stats, h.grad, w.grad
 
 
@@ -92,7 +94,7 @@ def _reference(hidden, weight, rest, fields, temperature, ref_kw):
     h = hidden.detach().double().requires_grad_()
     w = weight.detach().double().requires_grad_()
     loss, stats = ppo_actor_loss_ref(h, w, *rest, temperature=temperature, ignore_index=IGNORE, **fields, **ref_kw)
-    loss.backward(torch.tensor(UPSTREAM, dtype=torch.float64))
+    loss.backward(torch.tensor(UPSTREAM, dtype=torch.float64, device=loss.device))
     return loss.detach(), stats, h.grad, w.grad
 
 
@@ -156,7 +158,7 @@ def test_equals_unfused_composite(backend, reduction, estimator):
                                      reduction=reduction)
     kl = kl_penalty(logp, ref_logp, estimator=estimator)
     loss = pg + 0.05 * masked_reduce(kl, mask, reduction) - 0.01 * masked_reduce(entropy, mask, reduction)
-    loss.backward(torch.tensor(UPSTREAM))
+    loss.backward(torch.tensor(UPSTREAM, device=loss.device))
     torch.testing.assert_close(ours[0], loss.detach())
     for name in ("clipfrac", "approx_kl"):
         torch.testing.assert_close(ours[1][name], pstats[name], msg=name)
@@ -202,7 +204,7 @@ def test_bf16_within_twice_the_composite_error(backend):
     pg = torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2))
     m = mask.to(logp.dtype)
     comp = ((pg + 0.1 * kl - 0.01 * ent) * m).sum() / m.sum()
-    comp.backward(torch.tensor(UPSTREAM, dtype=comp.dtype))
+    comp.backward(torch.tensor(UPSTREAM, dtype=comp.dtype, device=comp.device))
     for ours_x, comp_x, ref_x in ((loss, comp, ref_loss), (gh, h.grad, ref_gh), (gw, w.grad, ref_gw)):
         ours_err = (ours_x.double() - ref_x).abs().max()
         comp_err = (comp_x.detach().double() - ref_x).abs().max()
@@ -226,7 +228,8 @@ def test_no_grad_call_gives_the_same_value_and_stats(backend):
 
 
 def test_bad_arguments_raise():
-    hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_hidden, ref_weight = _inputs(2, 3, 8, 33)
+    # CPU tensors: the labels' range is checked eagerly there (on a GPU it is a device-side assert).
+    hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_hidden, ref_weight = _inputs(2, 3, 8, 33, device="cpu")
     args = (hidden, weight, labels, old_logp, adv, mask)
     with pytest.raises(ValueError, match="kl_coef=0.1 > 0 needs a reference: ref_logp"):
         ppo_actor_loss(*args, config=ActorLossConfig(kl_coef=0.1))
@@ -272,7 +275,8 @@ def _tp_worker(rank: int, init_file: str, backends: list[str]) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         V = 501  # per rank: not a multiple of any block
-        hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_hidden, ref_weight = _inputs(3, 4, 8, WORLD * V)
+        hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_hidden, ref_weight = _inputs(3, 4, 8, WORLD * V,
+                                                                                                  device="cpu")
         labels[2, 0], labels[2, 1] = V - 1, V  # the last id of rank 0 and the first of rank 1
         mask[2, :2] = True
         shard = slice(rank * V, (rank + 1) * V)
