@@ -1,6 +1,14 @@
-"""Triton kernels of the exact full-vocabulary KL term of ``ops.ppo_actor_loss`` (kl_estimator="full").
+"""Triton kernels of ``ops.ppo_actor_loss`` that the log-prob kernels (kernels/logprob.py) do not already provide.
 
-The rest of the fused actor loss walks the vocab with the log-prob kernels (kernels/logprob.py). With x = logits / T
+``_actor_token_kernel``: the per-token loss of one token chunk and its gradient w.r.t. (logp, entropy), in one launch
+(the torch backend takes ~30 small kernels of autograd for it), from the shared per-token helpers of the unfused ops
+(``_policy_token`` of kernels/ppo_loss.py, ``_kl_token`` of kernels/kl.py):
+
+    l_t = surrogate(logp) + kl_coef * KL_t - entropy_coef * H_t
+    g_logp = w_t * (d surrogate / d logp + kl_coef * d KL / d logp)     (d KL / d logp = 0 for the full KL: its
+    g_H = -w_t * entropy_coef                                            gradient flows through the logits below)
+
+The exact full-vocabulary KL (kl_estimator="full"). With x = logits / T
 (policy) and y = ref_logits / T (reference), p = softmax(x) from the GLOBAL logsumexp lse_x, this rank's shard of
 the vocab gives
 
@@ -15,9 +23,65 @@ One program per row walks the vocab in BLOCK_V chunks; p_j == 0 (x_j = -inf, or 
 import torch
 import triton
 import triton.language as tl
+from instructrl_fast.kernels.kl import _kl_token
 from instructrl_fast.kernels.logprob import _launch_config
+from instructrl_fast.kernels.ppo_loss import _policy_token
 
 from instructrl_fast.backend import triton_interpreting
+
+KL_NONE = tl.constexpr(0)  # no KL term
+KL_ESTIMATED = tl.constexpr(1)  # k1 / k2 / k3 / abs of (logp, ref_logp)
+KL_FULL = tl.constexpr(2)  # the exact KL, computed by the vocab walk and passed in
+_TOKEN_BLOCK = 1024
+
+
+@triton.jit
+def _actor_token_kernel(
+    logp_ptr,  # [n] fp32 log p(label) (0 on ignored rows)
+    entropy_ptr,  # [n] fp32
+    old_logp_ptr,  # [n] fp32 (0 at masked positions)
+    adv_ptr,  # [n] fp32 (0 at masked positions)
+    kl_in_ptr,  # [n] fp32: ref_logp (KL_ESTIMATED) or the full KL (KL_FULL); unused with KL_NONE
+    w_ptr,  # [n] fp32: d reduction / d l_t (0 at masked positions)
+    pg_ptr,  # [n] fp32 out: the surrogate l_t
+    clipped_ptr,  # [n] int8 out: a clipped term is active
+    kl_ptr,  # [n] fp32 out: the per-token KL; untouched with KL_NONE
+    total_ptr,  # [n] fp32 out: surrogate + kl_coef * KL - entropy_coef * H
+    grad_logp_ptr,  # [n] fp32 out
+    grad_entropy_ptr,  # [n] fp32 out
+    n,
+    clip_low,
+    clip_high,
+    dual_clip,  # 0 disables the dual clip
+    kl_coef,
+    entropy_coef,
+    KL_MODE: tl.constexpr,
+    ESTIMATOR: tl.constexpr,  # instructrl_fast.ops.kl.ESTIMATORS code (KL_ESTIMATED only)
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    logp = tl.load(logp_ptr + offs, mask=inside, other=0.0)
+    entropy = tl.load(entropy_ptr + offs, mask=inside, other=0.0)
+    old_logp = tl.load(old_logp_ptr + offs, mask=inside, other=0.0)
+    adv = tl.load(adv_ptr + offs, mask=inside, other=0.0)
+    w = tl.load(w_ptr + offs, mask=inside, other=0.0)
+    pg, is_clipped, grad = _policy_token(logp, old_logp, adv, clip_low, clip_high, dual_clip)
+    total = pg - entropy_coef * entropy
+    if KL_MODE == KL_ESTIMATED:
+        kl, dkl = _kl_token(logp - tl.load(kl_in_ptr + offs, mask=inside, other=0.0), ESTIMATOR)
+        total += kl_coef * kl
+        grad += kl_coef * dkl
+        tl.store(kl_ptr + offs, kl, mask=inside)
+    elif KL_MODE == KL_FULL:
+        kl = tl.load(kl_in_ptr + offs, mask=inside, other=0.0)
+        total += kl_coef * kl
+        tl.store(kl_ptr + offs, kl, mask=inside)
+    tl.store(pg_ptr + offs, pg, mask=inside)
+    tl.store(clipped_ptr + offs, is_clipped.to(tl.int8), mask=inside)
+    tl.store(total_ptr + offs, total, mask=inside)
+    tl.store(grad_logp_ptr + offs, w * grad, mask=inside)
+    tl.store(grad_entropy_ptr + offs, -w * entropy_coef, mask=inside)
 
 
 @triton.jit
@@ -102,3 +166,21 @@ def full_kl_bwd_(grad_logits, g_kl, logits, ref_logits, lse, mean_diff, temperat
     _full_kl_bwd_kernel[(N,)](grad_logits, g_kl, logits, ref_logits, lse, mean_diff, logits.stride(0),
                               ref_logits.stride(0), V, 1.0 / temperature, BLOCK_V=block_v, num_warps=num_warps)
     return grad_logits
+
+
+def actor_token_terms(logp, entropy, old_logp, adv, kl_in, w, clip: tuple[float, float, float], kl_coef: float,
+                      entropy_coef: float, kl_mode: int, estimator: int):
+    """[n] fp32 contiguous inputs (kl_in: ref_logp, the full KL, or None) -> (pg, kl or None, is_clipped bool, total,
+    grad_logp, grad_entropy), [n] each."""
+    n = logp.shape[0]
+    f32 = {"dtype": torch.float32, "device": logp.device}
+    pg, total, grad_logp, grad_entropy = (torch.empty(n, **f32) for _ in range(4))
+    kl = torch.empty(n, **f32) if kl_mode else None
+    clipped = torch.empty(n, dtype=torch.int8, device=logp.device)
+    if n:
+        _actor_token_kernel[(triton.cdiv(n, _TOKEN_BLOCK),)](
+            logp, entropy, old_logp, adv, logp if kl_in is None else kl_in, w, pg, clipped,
+            pg if kl is None else kl, total, grad_logp, grad_entropy, n, *clip, kl_coef, entropy_coef,
+            KL_MODE=kl_mode, ESTIMATOR=estimator, BLOCK=_TOKEN_BLOCK,
+        )
+    return pg, kl, clipped.bool(), total, grad_logp, grad_entropy

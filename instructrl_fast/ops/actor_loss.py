@@ -145,11 +145,18 @@ def _token_weights(mask: Tensor, reduction: str) -> Tensor:
     return w
 
 
-def _chunk_terms(logp, entropy, old_logp, adv, ref_logp, kl_full, w, cfg: ActorLossConfig):
-    """Per-token loss terms of one chunk and d(sum_t w_t l_t) / d(logp, entropy), by autograd on [n] vectors.
+def _chunk_terms(backend, logp, entropy, old_logp, adv, ref_logp, kl_full, w, cfg: ActorLossConfig):
+    """Per-token loss terms of one chunk and d(sum_t w_t l_t) / d(logp, entropy): torch by autograd on the [n]
+    vectors through the unfused ops' own formulas; triton in one kernel built from their per-token helpers.
 
-    Returns (pg_loss_t, kl_t, is_clipped, total_t, grad_logp, grad_entropy).
+    Returns (pg_loss_t, kl_t or None, is_clipped, total_t, grad_logp, grad_entropy).
     """
+    if backend == "triton":
+        from instructrl_fast.kernels import actor_loss as kernels
+
+        kl_mode, kl_in = (1, ref_logp) if ref_logp is not None else ((2, kl_full) if kl_full is not None else (0, None))
+        return kernels.actor_token_terms(logp, entropy, old_logp, adv, kl_in, w, cfg.clip_params(), cfg.kl_coef,
+                                         cfg.entropy_coef, kl_mode, ESTIMATORS.get(cfg.kl_estimator, 0))
     with torch.enable_grad():
         lp = logp.detach().requires_grad_()
         ent = entropy.detach().requires_grad_()
@@ -196,7 +203,7 @@ def _walk(hidden, weight, labels, old_logp, adv, w, ref_logp, ref_hidden, ref_we
             mean_diff = _all_reduce_sum(_full_kl_fwd(backend, logits, ref_logits, lse, temperature), tp_group)
             kl_full = torch.where(keep, mean_diff - lse + ref_lse, 0.0)  # KL = E_p[x - y] - lse_x + lse_y
         pg[sl], kl_c, is_clipped[sl], total[sl], g_lp, g_ent = _chunk_terms(
-            logp_c, ent_c, old_logp[sl], adv[sl], None if ref_logp is None else ref_logp[sl], kl_full, w[sl], cfg)
+            backend, logp_c, ent_c, old_logp[sl], adv[sl], None if ref_logp is None else ref_logp[sl], kl_full, w[sl], cfg)
         if with_kl:
             kl[sl] = kl_c
         logp[sl], entropy[sl] = logp_c, ent_c
