@@ -251,18 +251,24 @@ class PPOActorLossFunction(torch.autograd.Function):
             masked_reduce(kl, mask, "token_mean") if kl.numel() else loss.new_full((), float("nan")),
             masked_reduce(pg, mask, cfg.reduction),
         ])
-        ctx.save_for_backward(*(grads or ()))
-        ctx.dtypes = (hidden.dtype, weight.dtype)
+        # Kept on ctx, not saved for backward: the backward scales them in place (no second copy of d weight at
+        # the peak), so they serve exactly one backward.
+        ctx.grads = grads
+        ctx.weight_dtype = weight.dtype
         ctx.hidden_shape = hidden.shape
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        grad_hidden, grad_weight = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("ppo_actor_loss computes its gradients in the forward and hands them to the first "
+                               "backward: backward through the same call twice (retain_graph) is not supported")
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
         g = grad_loss.to(torch.float32)
-        grad_hidden = (grad_hidden * g).to(ctx.dtypes[0]).reshape(ctx.hidden_shape)
-        grad_weight = (grad_weight * g).to(ctx.dtypes[1])
+        grad_hidden = grad_hidden.mul_(g).reshape(ctx.hidden_shape)
+        grad_weight = grad_weight.mul_(g).to(ctx.weight_dtype)
         return (grad_hidden, grad_weight) + (None,) * 13
 
 

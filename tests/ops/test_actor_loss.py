@@ -227,6 +227,14 @@ def test_no_grad_call_gives_the_same_value_and_stats(backend):
         torch.testing.assert_close(stats[name], ref_stats[name], rtol=0, atol=0)
 
 
+def test_second_backward_raises():
+    hidden, weight, *rest, _, _, _ = _inputs(2, 3, 8, 33)
+    loss, _ = ppo_actor_loss(hidden.requires_grad_(), weight, *rest, ignore_index=IGNORE)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward through the same call twice"):
+        loss.backward()
+
+
 def test_bad_arguments_raise():
     # CPU tensors: the labels' range is checked eagerly there (on a GPU it is a device-side assert).
     hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_hidden, ref_weight = _inputs(2, 3, 8, 33, device="cpu")
