@@ -146,7 +146,7 @@ def _full_kl_bwd_kernel(
 
 
 def full_kl_fwd(logits, ref_logits, lse, temperature: float):
-    """logits, ref_logits [N, V] (last dim contiguous), lse [N] fp32 global -> this shard's sum p * (x - y), fp32 [N]."""
+    """logits, ref_logits [N, V] (last dim contiguous), lse [N] fp32 global -> this shard's sum p (x - y), fp32 [N]."""
     N, V = logits.shape
     mean_diff = torch.empty(N, dtype=torch.float32, device=logits.device)
     if N == 0:

@@ -202,8 +202,9 @@ def _walk(hidden, weight, labels, old_logp, adv, w, ref_logp, ref_hidden, ref_we
             ref_lse = _combine(*ref_shard, keep, False, tp_group)[2]
             mean_diff = _all_reduce_sum(_full_kl_fwd(backend, logits, ref_logits, lse, temperature), tp_group)
             kl_full = torch.where(keep, mean_diff - lse + ref_lse, 0.0)  # KL = E_p[x - y] - lse_x + lse_y
+        ref_c = None if ref_logp is None else ref_logp[sl]
         pg[sl], kl_c, is_clipped[sl], total[sl], g_lp, g_ent = _chunk_terms(
-            backend, logp_c, ent_c, old_logp[sl], adv[sl], None if ref_logp is None else ref_logp[sl], kl_full, w[sl], cfg)
+            backend, logp_c, ent_c, old_logp[sl], adv[sl], ref_c, kl_full, w[sl], cfg)
         if with_kl:
             kl[sl] = kl_c
         logp[sl], entropy[sl] = logp_c, ent_c
