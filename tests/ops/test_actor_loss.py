@@ -227,6 +227,26 @@ def test_no_grad_call_gives_the_same_value_and_stats(backend):
         torch.testing.assert_close(stats[name], ref_stats[name], rtol=0, atol=0)
 
 
+def test_torch_compile_matches_eager():
+    """Not a custom op (TP collectives run between its kernels): torch.compile must still give the eager result,
+    graph-breaking around it rather than tracing it wrongly."""
+    hidden, weight, *rest, ref_logp, _, _ = _inputs(2, 4, 8, 37)
+    cfg = ActorLossConfig(kl_coef=0.1, entropy_coef=0.01)
+
+    def step(h, w):
+        loss, stats = ppo_actor_loss(h, w, *rest, config=cfg, ref_logp=ref_logp, ignore_index=IGNORE)
+        return 2 * loss, stats["clipfrac"]
+
+    results = []
+    for fn in (step, torch.compile(step)):
+        h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        loss, clipfrac = fn(h, w)
+        loss.backward()
+        results.append((loss.detach(), clipfrac, h.grad, w.grad))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager)
+
+
 def test_second_backward_raises():
     hidden, weight, *rest, _, _, _ = _inputs(2, 3, 8, 33)
     loss, _ = ppo_actor_loss(hidden.requires_grad_(), weight, *rest, ignore_index=IGNORE)
