@@ -247,6 +247,21 @@ def test_torch_compile_matches_eager():
         torch.testing.assert_close(compiled, eager)
 
 
+def test_meta_device_gives_shapes():
+    """The planner runs models on the meta device: the op must give every output's shape and dtype there."""
+    meta = torch.device("meta")
+    hidden = torch.empty(2, 4, 8, device=meta, requires_grad=True)
+    weight = torch.empty(37, 8, device=meta, requires_grad=True)
+    labels = torch.zeros(2, 4, dtype=torch.int64, device=meta)
+    old_logp, adv = torch.empty(2, 4, device=meta), torch.empty(2, 4, device=meta)
+    mask = torch.ones(2, 4, dtype=torch.bool, device=meta)
+    loss, stats = ppo_actor_loss(hidden, weight, labels, old_logp, adv, mask, config=ActorLossConfig(entropy_coef=0.1))
+    loss.backward()
+    assert loss.device == meta and loss.shape == () and loss.dtype == torch.float32
+    assert sorted(stats) == ["approx_kl", "clipfrac", "entropy", "pg_loss"]
+    assert hidden.grad.shape == hidden.shape and weight.grad.shape == weight.shape
+
+
 def test_second_backward_raises():
     hidden, weight, *rest, _, _, _ = _inputs(2, 3, 8, 33)
     loss, _ = ppo_actor_loss(hidden.requires_grad_(), weight, *rest, ignore_index=IGNORE)
