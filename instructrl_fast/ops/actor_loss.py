@@ -11,17 +11,20 @@ Per token chunk of N = B * T tokens (chunk * V about N * D elements, as ``linear
     d h = dlogits @ W;  d W += dlogits.T @ h              two GEMMs while the chunk is in memory
 
 Every reduction is linear in l_t with weights fixed by the mask (token_mean: m_t / sum m; seq_mean_token_mean:
-m_t / (B * sum_t m); seq_mean_token_sum: m_t / B), so each chunk's gradient is final when the chunk is done and the
-backward only scales the stored d(hidden), d(weight) by the upstream gradient: forward + backward execute 6 N D V
+m_t / (B * sum of row b's m); seq_mean_token_sum: m_t / B), so each chunk's gradient is final when the chunk is
+done and the backward only scales the stored d(hidden), d(weight) by the upstream gradient: forward + backward execute 6 N D V
 FLOPs where ``linear_logprobs`` followed by ``ppo_policy_loss`` execute 8 N D V (the backward recomputes the
 logits). The price is holding d(hidden) [N, D] and an fp32 d(weight) [V, D] from the forward to the backward.
 
 The exact KL (kl_estimator="full") is KL(pi || pi_ref) = sum_j p_j (log p_j - log q_j) over the whole vocabulary,
-with q = softmax(ref_hidden @ ref_weight.T / T); per chunk the reference logits are computed too and dropped:
-KL = E_p[x - y] - lse_x + lse_y with x, y the tempered logits, and d KL / d x_j = p_j ((x_j - y_j) - E_p[x - y]).
+with q = softmax(ref_hidden @ ref_weight.T / T); per chunk the reference logits are computed too and dropped (2 N D V
+more FLOPs, the reference's GEMM): KL = E_p[x - y] - lse_x + lse_y with x, y the tempered logits, and
+d KL / d x_j = p_j ((x_j - y_j) - E_p[x - y]) (exact; no gradient flows to the reference).
 
-Backends: the shard-local passes run on ``triton`` (kernels/logprob.py, and kernels/actor_loss.py for the full KL),
-``cpp`` (the C++ log-prob ops; the full-KL term in torch) or ``torch`` (the readable reference). Under ``tp_group``
+Backends: ``triton`` (the log-prob kernels of kernels/logprob.py; kernels/actor_loss.py for the per-token loss in
+one kernel and the full-KL passes), ``cpp`` (the C++ log-prob ops; the per-token loss and full-KL passes in torch; no
+C++ code of its own: the GEMMs are ~85 % of the time on CPU, see bench/bench_actor_loss.py) or ``torch`` (the
+readable reference). Under ``tp_group``
 the vocab is sharded like ``linear_logprobs``: rank r owns ids [r*V, (r+1)*V), labels are global ids; two small
 all-reduces of [n] vectors per chunk (five with the full KL), and d(hidden) is all-reduced once at the end.
 
