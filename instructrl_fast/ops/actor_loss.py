@@ -10,11 +10,11 @@ Per token chunk of N = B * T tokens (chunk * V about N * D elements, as ``linear
     dlogits = the log-prob kernels' backward(g_t)         (+ the exact full-KL term when kl_estimator="full")
     d h = dlogits @ W;  d W += dlogits.T @ h              two GEMMs while the chunk is in memory
 
-Every reduction is linear in l_t with weights fixed by the mask (token_mean: m_t / sum m; seq_mean_token_mean:
-m_t / (B * sum of row b's m); seq_mean_token_sum: m_t / B), so each chunk's gradient is final when the chunk is
-done and the backward only scales the stored d(hidden), d(weight) by the upstream gradient: forward + backward
-execute 6 N D V FLOPs where ``linear_logprobs`` followed by ``ppo_policy_loss`` execute 8 N D V (the backward
-recomputes the logits). The price is holding d(hidden) [N, D] and an fp32 d(weight) [V, D] from the forward to the backward.
+Every reduction is linear in l_t with weights fixed by the mask (token_mean: m_t / sum m; seq_mean_token_mean: m_t /
+(B * sum of row b's m); seq_mean_token_sum: m_t / B), so each chunk's gradient is final when the chunk is done and
+the backward only scales the stored d(hidden), d(weight) by the upstream gradient: forward + backward execute 6 N D
+V FLOPs where ``linear_logprobs`` followed by ``ppo_policy_loss`` execute 8 N D V (the backward recomputes the
+logits). The price is holding d(hidden) [N, D] and an fp32 d(weight) [V, D] from the forward to the backward.
 
 The exact KL (kl_estimator="full") is KL(pi || pi_ref) = sum_j p_j (log p_j - log q_j) over the whole vocabulary,
 with q = softmax(ref_hidden @ ref_weight.T / T); per chunk the reference logits are computed too and dropped (2 N D V
