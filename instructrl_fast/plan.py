@@ -378,9 +378,31 @@ def _advice(stage: str, spec: PlanSpec, shards: dict[str, ModelShards], st: Stag
     if fixes:
         return msg + " Fits with " + "; or with ".join(fixes) + "."
     fixed = sum(_stage_terms(stage, spec, shards, 0).values())
-    return msg + (f" The terms that do not depend on the micro-batch alone take {fixed / GiB:.1f} GiB: "
-                  "use more GPUs (a larger dp shards parameters, gradients, optimizer state, EMA and the frozen "
-                  "models further) or a larger --tp.")
+    msg += f" The terms that do not depend on the micro-batch alone take {fixed / GiB:.1f} GiB."
+    dp = _min_dp(stage, spec, shards, cap)
+    if dp is None:
+        return msg + " No dp fits at this --tp: raise --tp (or --gpu-memory)."
+    return msg + (f" Fits at micro-batch 1 with about --gpus {dp * spec.tp} (dp {dp}; estimated by sharding the "
+                  "FSDP terms further, re-plan to confirm).")
+
+
+def _min_dp(stage: str, spec: PlanSpec, shards: dict[str, ModelShards], cap: int) -> int | None:
+    """The smallest dp at which micro-batch 1 of ``stage`` fits, scaling each FSDP shard by dp / dp' (the
+    unsharded terms, the inference copy and the buffers, stay); None when even an unbounded dp does not."""
+    def fits(dp):
+        scaled = {r: dataclasses.replace(sh, per_gpu=math.ceil(sh.per_gpu * spec.dp / dp)) for r, sh in shards.items()}
+        return sum(_stage_terms(stage, spec, scaled, 1).values()) <= cap
+
+    hi = spec.dp
+    while not fits(hi):
+        if hi > 2**24:
+            return None
+        hi *= 2
+    lo = hi // 2  # not fits(lo) (or lo = spec.dp // 2, below the planned dp)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
 
 
 def _iteration_time(spec: PlanSpec, shards: dict[str, ModelShards]) -> dict[str, float]:

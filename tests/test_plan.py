@@ -54,8 +54,8 @@ print(json.dumps(out))
 """
 
 
-# Several plans in one subprocess (one torch import): each ``main(["plan", ...])`` sets up and tears down its own
-# fake process group.
+# Several `instructrl-fast plan` commands in one subprocess (one torch import): each ``main(["plan", ...])`` sets up
+# and tears down its own fake process group. Prints the list of their outputs.
 _PLANS = r"""
 import contextlib, io, json, sys
 from instructrl_fast.cli import main
@@ -64,8 +64,8 @@ out = []
 for args in json.loads(sys.argv[1]):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert main(["plan", *args, "--json"]) == 0
-    out.append(json.loads(buf.getvalue()))
+        assert main(["plan", *args]) == 0
+    out.append(buf.getvalue())
 print(json.dumps(out))
 """
 
@@ -82,8 +82,13 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, env=ENV, cwd=ROOT, timeout=300, check=False)
 
 
+def _plans(*commands: list[str]) -> list[dict]:
+    """The ``--json`` plans of several commands."""
+    return [json.loads(out) for out in _python(_PLANS, [[*c, "--json"] for c in commands])]
+
+
 def _plan_json(*args: str) -> dict:
-    return _python(_PLANS, [list(args)])[0]
+    return _plans(list(args))[0]
 
 
 def _gpt3_params(cfg: GPTConfig, head: str) -> int:
@@ -97,7 +102,7 @@ def _gpt3_params(cfg: GPTConfig, head: str) -> int:
 
 @pytest.fixture(scope="module")
 def plans():
-    outs = _python(_PLANS, [["--preset", preset, "--gpus", str(gpus), "--tp", str(tp)] for preset, gpus, tp in CASES])
+    outs = _plans(*(["--preset", preset, "--gpus", str(gpus), "--tp", str(tp)] for preset, gpus, tp in CASES))
     return dict(zip(CASES, outs))
 
 
@@ -155,9 +160,9 @@ def test_175b_ppo_ptx_verdict_and_advice(plans):
     ckpt = re.search(r"--activation-checkpointing and --ppo-micro-batch (\d+)", st["advice"])
     assert ckpt is not None
     base = ["--preset", "instructgpt-175b", "--gpus", "256", "--tp", "8"]
-    fits = [out["stages"]["ppo-ptx-train"]["fits"] for out in _python(_PLANS, [
+    fits = [out["stages"]["ppo-ptx-train"]["fits"] for out in _plans(
         [*base, "--ppo-micro-batch", str(b)], [*base, "--ppo-micro-batch", str(b + 1)],
-        [*base, "--activation-checkpointing", "--ppo-micro-batch", ckpt.group(1)]])]
+        [*base, "--activation-checkpointing", "--ppo-micro-batch", ckpt.group(1)])]
     assert fits == [True, False, True]
 
 
@@ -226,8 +231,19 @@ def test_readme_tables_are_the_commands_output():
     section = readme.split("## Planning a run", 1)[1].split("\n## ", 1)[0]
     commands = re.findall(r"^instructrl-fast plan (.+)$", section, flags=re.MULTILINE)
     assert len(commands) >= 3
-    for command in commands:
-        proc = _cli(*command.split())
-        assert proc.returncode == 0, proc.stderr
-        rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    for command, out in zip(commands, _python(_PLANS, [c.split() for c in commands])):
+        rows = [line for line in out.splitlines() if line.startswith("| ")]
         assert rows and all(row in section for row in rows), command
+
+
+def test_advice_when_only_more_gpus_help():
+    """175B PPO on 8 GPUs: its sharded states alone exceed 80 GiB; the advice gives the GPU count at which micro-batch
+    1 fits, and re-planning there confirms it (and one dp fewer does not)."""
+    out = _plan_json("--preset", "instructgpt-175b", "--gpus", "8", "--tp", "8")
+    st = out["stages"]["ppo-rollout"]
+    assert not st["fits"] and st["max_micro_batch"] == 0
+    gpus = int(re.search(r"--gpus (\d+)", st["advice"]).group(1))
+    base = ["--preset", "instructgpt-175b", "--tp", "8", "--rollout-micro-batch", "1"]
+    fits = [o["stages"]["ppo-rollout"]["fits"] for o in _plans([*base, "--gpus", str(gpus)],
+                                                               [*base, "--gpus", str(gpus - 8)])]
+    assert fits == [True, False]
