@@ -373,6 +373,8 @@ def _plan_parser(sub) -> None:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="dense peak per GPU (default: H100 SXM, 989 bf16 / 495 TF32)")
     p.add_argument("--hbm-tbps", type=float, default=None, help="HBM bandwidth per GPU, TB/s (default 3.35)")
+    p.add_argument("--interconnect-gbps", type=float, default=None,
+                   help="network bandwidth per GPU across dp, GB/s (default 50: one 400 Gb/s NIC per GPU)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -384,14 +386,17 @@ def cmd_plan(args) -> dict:
         role, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--config must be ROLE=NAME|JSON, got {item!r}")
-        configs[role] = planner.load_model_config(value)
+        try:
+            configs[role] = planner.load_model_config(value)
+        except TypeError as e:  # a JSON file with unknown or mistyped GPTConfig fields
+            raise ValueError(f"--config {item!r}: {e}") from e
     spec = planner.preset_spec(
         args.preset, configs=configs, gpus=args.gpus, tp=args.tp, gpu_memory_gib=args.gpu_memory,
         precision=args.precision, activation_checkpointing=args.activation_checkpointing,
         sft_micro_batch=args.sft_micro_batch, rm_micro_batch=args.rm_micro_batch, rm_responses=args.rm_responses,
         ppo_micro_batch=args.ppo_micro_batch, rollout_micro_batch=args.rollout_micro_batch, seq_len=args.seq_len,
         prompt_len=args.prompt_len, response_len=args.response_len, mfu=args.mfu, peak_tflops=args.peak_tflops,
-        hbm_tbps=args.hbm_tbps)
+        hbm_tbps=args.hbm_tbps, interconnect_gbps=args.interconnect_gbps)
     plan = planner.make_plan(spec)
     out = plan.to_json()
     print(json.dumps(out, indent=1) if args.json else plan.to_text())

@@ -43,8 +43,10 @@ Time per PPO iteration at a stated MFU and HBM bandwidth: training and the exper
 ``flops_per_token`` (6 N + 12 L s d, the project's MFU formula; 8 N + 16 L s d with recomputation, a forward is a
 third of the 6 N form) times tokens, over ``gpus * peak * mfu``. Decode is bandwidth-bound: each step of a dp replica
 reads the TP-local inference copy and the micro-batch's KV cache once, ``(W + b ctx n_layer 2 A / t e) / (BW * util)``
-summed over the steps (ctx grows by one per step); the prefill is compute-bound. Every response is taken to run to
-``response_len`` (the worst case), and TP all-reduce latency in decode is not modelled.
+summed over the steps (ctx grows by one per step); the prefill is compute-bound. Gathering the inference copy moves
+``e W (dp - 1) / dp`` bytes into each GPU at the stated network bandwidth. Every response is taken to run to
+``response_len`` (the worst case); TP all-reduce latency in decode and FSDP traffic in training (overlapped with
+compute by prefetching) are not modelled.
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ class PlanSpec:
     peak_tflops: float = 0.0  # per-GPU dense peak in the compute dtype; 0: an H100 SXM's (989 bf16 / 495 TF32)
     hbm_tbps: float = DEFAULT_HBM_TBPS  # per-GPU HBM bandwidth, TB/s (H100 SXM: 3.35)
     bandwidth_utilization: float = 0.8  # share of the HBM bandwidth a decode step reaches
+    interconnect_gbps: float = 50.0  # per-GPU dp network bandwidth, GB/s (one 400 Gb/s NIC per GPU, as a DGX H100)
 
     def __post_init__(self):
         if set(self.models) != set(ROLES):
@@ -116,7 +119,7 @@ class PlanSpec:
             raise ValueError(f"PlanSpec.tp ({self.tp}) must divide gpus ({self.gpus})")
         if self.precision not in PRECISIONS:
             raise ValueError(f"PlanSpec.precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
-        for name in ("gpu_memory_gib", "mfu", "hbm_tbps", "bandwidth_utilization"):
+        for name in ("gpu_memory_gib", "mfu", "hbm_tbps", "bandwidth_utilization", "interconnect_gbps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"PlanSpec.{name} must be > 0, got {getattr(self, name)!r}")
         if self.mfu > 1 or self.bandwidth_utilization > 1:
@@ -436,9 +439,11 @@ def _iteration_time(spec: PlanSpec, shards: dict[str, ModelShards]) -> dict[str,
     train = spec.ppo_epochs * episodes_tokens * (fpt("policy", s) + fpt("value", s)) / gpus_peak
     ptx_tokens = spec.ppo_epochs * spec.rollout_batch * spec.ptx_per_episode * spec.ptx_seq_len
     ptx = ptx_tokens * fpt("policy", spec.ptx_seq_len) / gpus_peak
-    out = {"rollout_prefill": prefill, "rollout_decode": decode, "experience": experience, "ppo_train": train,
-           "ptx": ptx}
-    out["total_ppo"] = prefill + decode + experience + train
+    # each GPU receives the other dp ranks' shards of its TP-local inference copy once per iteration
+    gather = e * shards["policy"].tp_local * (spec.dp - 1) / spec.dp / (spec.interconnect_gbps * 1e9)
+    out = {"inference_copy_gather": gather, "rollout_prefill": prefill, "rollout_decode": decode,
+           "experience": experience, "ppo_train": train, "ptx": ptx}
+    out["total_ppo"] = gather + prefill + decode + experience + train
     out["total_ppo_ptx"] = out["total_ppo"] + ptx
     return out
 
@@ -583,8 +588,9 @@ def _format_text(plan: Plan) -> str:
         if plan.stages[name].advice:
             lines.append(f"{name} does not fit: {plan.stages[name].advice}")
     t = plan.time_s
-    timing = (f"time per PPO iteration at {spec.mfu:.0%} MFU of {spec.peak_tflops:g} TFLOP/s and "
-              f"{spec.bandwidth_utilization:.0%} of {spec.hbm_tbps:g} TB/s HBM per GPU: "
+    timing = (f"time per PPO iteration at {spec.mfu:.0%} MFU of {spec.peak_tflops:g} TFLOP/s, "
+              f"{spec.bandwidth_utilization:.0%} of {spec.hbm_tbps:g} TB/s HBM and {spec.interconnect_gbps:g} GB/s "
+              f"network per GPU: inference-copy gather {t['inference_copy_gather']:.1f} s, "
               f"rollout prefill {t['rollout_prefill']:.1f} s + decode {t['rollout_decode']:.1f} s, "
               f"experience {t['experience']:.1f} s, PPO update {t['ppo_train']:.1f} s, ptx {t['ptx']:.1f} s; "
               f"PPO {t['total_ppo']:.1f} s, PPO-ptx {t['total_ppo_ptx']:.1f} s")

@@ -146,6 +146,8 @@ def test_json_schema_and_totals(plans):
     assert out["stages"]["ppo-rollout"]["terms_gib"]["gradients"] == 0  # freed before the rollout
     assert out["stages"]["ppo-train"]["terms_gib"]["KV cache"] == 0
     t = out["time_per_ppo_iteration_s"]
+    parts = ("inference_copy_gather", "rollout_prefill", "rollout_decode", "experience", "ppo_train")
+    assert t["total_ppo"] == pytest.approx(sum(t[k] for k in parts)) and all(t[k] > 0 for k in parts)
     assert t["total_ppo_ptx"] == pytest.approx(t["total_ppo"] + t["ptx"]) and t["ptx"] > 0
 
 
@@ -209,6 +211,13 @@ def test_bad_input():
         planner.preset_spec(None, configs={"policy": tiny}, gpus=1, **kw)
     proc = _cli("--config", "policy=no-such-model", "--gpus", "1")
     assert proc.returncode == 2 and "GPTConfig preset" in proc.stderr
+
+
+def test_bad_config_json_is_a_clear_error(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("[1, 2]")
+    proc = _cli("--config", f"policy={path}", "--config", "reward=gpt3-6.7b", "--gpus", "1")
+    assert proc.returncode == 2 and "expected a JSON object" in proc.stderr
 
 
 def test_config_json_and_roles(tmp_path):
