@@ -149,11 +149,11 @@ class ModelShards:
     root: int  # TP-local parameters of the root FSDP unit (embeddings, final LayerNorm, head)
 
 
-def simulate_shards(config: GPTConfig, head: str, *, dp: int, tp: int, rank: int = 0) -> ModelShards:
+def simulate_shards(config: GPTConfig, head: str, *, dp: int, tp: int) -> ModelShards:
     """Build ``GPT(config, head)`` on the meta device under a fake process group of ``dp * tp`` ranks (this process
-    being ``rank``), with the model's TP layers on the mesh's "tp" group and ``apply_fsdp`` over "dp", and count the
-    parameters this rank holds. Initialises and destroys the default process group: call it outside any
-    distributed job. About 1.5 s for GPT-3 175B at any world size."""
+    being rank 0, whose FSDP shards are the largest), with the model's TP layers on the mesh's "tp" group and
+    ``apply_fsdp`` over "dp", and count the parameters rank 0 holds. Initialises and destroys the default process
+    group: call it outside any distributed job. About 1.5 s for GPT-3 175B at any world size."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -164,9 +164,7 @@ def simulate_shards(config: GPTConfig, head: str, *, dp: int, tp: int, rank: int
     if dist.is_initialized():
         raise RuntimeError("simulate_shards needs its own (fake) default process group: call it outside a "
                            "distributed job")
-    if not 0 <= rank < dp * tp:
-        raise ValueError(f"rank must lie in [0, {dp * tp}), got {rank}")
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=dp * tp)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=dp * tp)
     try:
         mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
         with torch.device("meta"):
@@ -264,7 +262,7 @@ class Plan:
     spec: PlanSpec
     shards: dict[str, ModelShards]  # role -> counts on rank 0
     stages: dict[str, StagePlan]
-    time_s: dict[str, float]  # per PPO iteration: rollout (prefill, decode), experience, train, ptx, total
+    time_s: dict[str, float]  # seconds per PPO iteration: gather, prefill, decode, experience, train, ptx, totals
     assumptions: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
