@@ -25,12 +25,15 @@ transformer models", eq. 1 under tensor parallelism without sequence parallelism
 [T, T] scores are stored), for a micro-batch of b sequences of s tokens, d = d_model, A = n_head * d_head,
 F = d_ff, t = TP, e = bytes per activation element (2 under bf16, 4 under fp32), m = 1 with dropout (1-byte masks)::
 
-    b s (4 e d + 2 m d + e (4 A + 2 F) / t) + 4 b s n_head / t      (the last term: the fp32 softmax logsumexp)
+    b s (4 e d + 2 m d + e (4 A + 2 F) / t) + 4 b s n_head / t + 16 b s
 
-which is Korthikanti's ``s b h (10 + 24 / t)`` at A = d, F = 4 d, e = 2, m = 1. With full activation checkpointing
-(recompute each block in backward) a layer keeps only its input ``e b s d`` and one layer's full set is alive during
-its recomputation. The head adds its final hidden states ``e b s d`` and, for the LM head, two fp32 logit chunks of
-``ops.linear_logprobs`` (its forward and its backward's recomputation). A no-grad forward (rollout prefill, the
+which is Korthikanti's ``s b h (10 + 24 / t)`` at A = d, F = 4 d, e = 2, m = 1, plus what it leaves out: the fp32
+softmax logsumexp of flash attention (``4 b s n_head / t``) and the two LayerNorms' fp32 mean and rstd (``16 b s``).
+Checked against the tensors autograd saves in a real forward of ``GPT`` (tests/test_plan.py). With full activation
+checkpointing (recompute each block in backward) a layer keeps only its input ``e b s d`` and one layer's full set
+is alive during its recomputation. The head keeps the final LayerNorm's input, output and statistics
+(``2 e b s d + 8 b s``) and, for the LM head, ``ops.linear_logprobs`` holds two fp32 logit chunks at its peak (its
+forward and its backward's recomputation). A no-grad forward (rollout prefill, the
 experience pass) holds the residual stream and one block's intermediates: ``e b s (2 d + (4 A + 2 F) / t)``.
 
 KV cache of a rollout micro-batch: ``b (prompt + response) n_layer 2 A / t e`` bytes. Communication buffers: the
@@ -194,14 +197,15 @@ def _layer_activations(cfg: GPTConfig, b: int, s: int, tp: int, e: int, dropout:
     """Bytes one layer keeps for backward (Korthikanti et al. 2022, flash attention; see the module docstring)."""
     m = 1 if dropout else 0
     return b * s * (4 * e * cfg.d_model + 2 * m * cfg.d_model + e * (4 * cfg.d_attn + 2 * cfg.d_ff) // tp
-                    + 4 * cfg.n_head // tp)
+                    + 4 * cfg.n_head // tp + 16)
 
 
 def _head_activations(cfg: GPTConfig, head: str, b: int, s: int, tp: int, e: int) -> int:
-    """Final hidden states, plus two fp32 logit chunks of ``ops.linear_logprobs`` for the LM head."""
+    """The final LayerNorm's input, output and statistics, plus two fp32 logit chunks of ``ops.linear_logprobs``
+    for the LM head."""
     from instructrl_fast.ops.logprob import _linear_chunk_rows  # the op's own chunking, so the two cannot drift
 
-    out = e * b * s * cfg.d_model
+    out = 2 * e * b * s * cfg.d_model + 8 * b * s
     if head == "lm":
         v_local = cfg.padded_vocab_size // tp
         out += 2 * 4 * _linear_chunk_rows(b * s, cfg.d_model, v_local) * v_local

@@ -170,15 +170,39 @@ def test_175b_ppo_ptx_verdict_and_advice(plans):
 
 def test_activation_formula_is_korthikanti():
     """A = d, F = 4 d, bf16, dropout on: Korthikanti et al. 2022 eq. 1 (TP, no SP) without the s^2 terms that flash
-    attention does not store, s b h (10 + 24 / t), plus the fp32 softmax statistics 4 b s n_head / t."""
+    attention does not store, s b h (10 + 24 / t), plus the fp32 softmax statistics 4 b s n_head / t and the
+    LayerNorms' fp32 mean and rstd 16 b s."""
     cfg = GPTConfig(n_layer=3, n_head=8, d_model=64, vocab_size=512, block_size=128)
     b, s = 3, 40
+    head = 2 * 2 * b * s * cfg.d_model + 8 * b * s  # the final LayerNorm's input, output, statistics
     for t in (1, 2, 4):
-        layer = s * b * cfg.d_model * (10 + 24 // t) + 4 * b * s * cfg.n_head // t
+        layer = s * b * cfg.d_model * (10 + 24 // t) + 4 * b * s * cfg.n_head // t + 16 * b * s
         got = planner.train_activations(cfg, "scalar", b, s, tp=t, e=2, checkpointing=False, dropout=True)
-        assert got == cfg.n_layer * layer + 2 * b * s * cfg.d_model  # + the final hidden states
+        assert got == cfg.n_layer * layer + head
         ckpt = planner.train_activations(cfg, "scalar", b, s, tp=t, e=2, checkpointing=True, dropout=True)
-        assert ckpt == cfg.n_layer * 2 * s * b * cfg.d_model + layer + 2 * b * s * cfg.d_model
+        assert ckpt == cfg.n_layer * 2 * s * b * cfg.d_model + layer + head
+
+
+def test_activation_formula_equals_what_autograd_saves():
+    """fp32, TP 1, no dropout (on CPU dropout masks are saved as floats, on CUDA as bool; LayerNorm statistics of
+    bf16 inputs are bf16 on CPU, fp32 on CUDA): the planned bytes equal the floating tensors autograd saves in a
+    forward of the real GPT with a scalar head (an attention width other than d_model, the 1.3B preset's case).
+    The CPU attention saves Q, K, V and the logsumexp, as flash attention does on a GPU."""
+    cfg = GPTConfig(n_layer=2, n_head=4, d_head=24, d_model=64, vocab_size=256, block_size=64)
+    model = GPT(cfg, head="scalar")
+    b, s = 2, 64
+    saved = {}
+
+    def pack(t):
+        if t.is_floating_point():
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.score(model(torch.randint(0, 256, (b, s))))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    measured = sum(n for ptr, n in saved.items() if ptr not in params)
+    assert measured == planner.train_activations(cfg, "scalar", b, s, tp=1, e=4, checkpointing=False)
     assert planner.train_activations(cfg, "lm", 0, s, tp=1, e=2, checkpointing=False) == 0
 
 
