@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=Path, default=None,
                    help="JSONL of {prompt}: write responses.jsonl instead of the gold evaluation")
     p.add_argument("--tokenizer", type=Path, default=None)
+
+    _plan_parser(sub)
     return parser
 
 
@@ -344,13 +346,70 @@ def cmd_eval(args) -> dict:
     return results
 
 
+def _plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="memory per GPU and stage, and time per PPO iteration, of a run on a cluster",
+                       description="Plan a run: per GPU and per stage (sft, rm, ppo-rollout, ppo-train, "
+                                   "ppo-ptx-train) the memory of each term against --gpu-memory, the largest "
+                                   "micro-batches that fit and the time per PPO iteration. Parameter counts come "
+                                   "from the model built on the meta device under a fake process group of the "
+                                   "planned world (see instructrl_fast/plan.py for every formula).")
+    p.add_argument("--preset", default=None, help="instructgpt-1.3b, instructgpt-6.7b or instructgpt-175b")
+    p.add_argument("--config", action="append", default=[], metavar="ROLE=NAME|JSON",
+                   help="a model's shape (repeatable; ROLE: policy, reference, reward, value): a GPTConfig preset "
+                        "such as gpt3-6.7b or a JSON file of GPTConfig fields")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in the run (dp = gpus / tp)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    for name, what in (("sft", "SFT sequences"), ("rm", "RM prompts (each with --rm-responses sequences)"),
+                       ("ppo", "PPO episodes"), ("rollout", "episodes generated at once per dp replica")):
+        p.add_argument(f"--{name}-micro-batch", type=int, default=None, help=f"{what} per micro-batch")
+    p.add_argument("--rm-responses", type=int, default=None, help="K responses per ranked prompt (default 9)")
+    p.add_argument("--seq-len", type=int, default=None, help="SFT / RM sequence length (default: the context)")
+    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens per episode")
+    p.add_argument("--response-len", type=int, default=None, help="generated tokens per episode")
+    p.add_argument("--mfu", type=float, default=None, help="assumed model FLOPs utilisation (default 0.4)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="dense peak per GPU (default: H100 SXM, 989 bf16 / 495 TF32)")
+    p.add_argument("--hbm-tbps", type=float, default=None, help="HBM bandwidth per GPU, TB/s (default 3.35)")
+    p.add_argument("--interconnect-gbps", type=float, default=None,
+                   help="network bandwidth per GPU across dp, GB/s (default 50: one 400 Gb/s NIC per GPU)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def cmd_plan(args) -> dict:
+    from instructrl_fast import plan as planner
+
+    configs = {}
+    for item in args.config:
+        role, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--config must be ROLE=NAME|JSON, got {item!r}")
+        try:
+            configs[role] = planner.load_model_config(value)
+        except TypeError as e:  # a JSON file with unknown or mistyped GPTConfig fields
+            raise ValueError(f"--config {item!r}: {e}") from e
+    spec = planner.preset_spec(
+        args.preset, configs=configs, gpus=args.gpus, tp=args.tp, gpu_memory_gib=args.gpu_memory,
+        precision=args.precision, activation_checkpointing=args.activation_checkpointing,
+        sft_micro_batch=args.sft_micro_batch, rm_micro_batch=args.rm_micro_batch, rm_responses=args.rm_responses,
+        ppo_micro_batch=args.ppo_micro_batch, rollout_micro_batch=args.rollout_micro_batch, seq_len=args.seq_len,
+        prompt_len=args.prompt_len, response_len=args.response_len, mfu=args.mfu, peak_tflops=args.peak_tflops,
+        hbm_tbps=args.hbm_tbps, interconnect_gbps=args.interconnect_gbps)
+    plan = planner.make_plan(spec)
+    out = plan.to_json()
+    print(json.dumps(out, indent=1) if args.json else plan.to_text())
+    return out
+
+
 COMMANDS = {"run": cmd_run, "reproduce": lambda a: cmd_run(a, all_sizes=True), "sft": cmd_sft, "rm": cmd_rm,
-            "ppo": cmd_ppo, "eval": cmd_eval}
+            "ppo": cmd_ppo, "eval": cmd_eval, "plan": cmd_plan}
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.threads is not None and args.threads < 1:
+    if getattr(args, "threads", None) is not None and args.threads < 1:  # `plan` has no --threads
         raise SystemExit("--threads must be >= 1")
     try:
         COMMANDS[args.command](args)
