@@ -1,10 +1,18 @@
-"""Metrics to a CSV file (one row per logged step, the columns fixed by the first row) and to TensorBoard."""
+"""Metrics to a CSV file (one row per logged step, the columns fixed by the first row) and to TensorBoard; the
+final metrics of a stage read back from its CSV; progress bars that stay small in a log file."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import math
 import os
+import sys
 from pathlib import Path
+
+# Seconds between two progress-bar updates when stderr is not a terminal (a log file): sparse lines, not a
+# redraw per step (a demo run wrote a 561 KB log of carriage-return redraws).
+LOG_FILE_PROGRESS_INTERVAL_S = 30
 
 
 class MetricsLogger:
@@ -78,3 +86,51 @@ class MetricsLogger:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def last_values(csv_path: str | os.PathLike) -> dict[str, float]:
+    """The last finite value of every numeric column of a metrics CSV (``step``: the last logged step): a stage's
+    final training statistics, e.g. PPO's reward and KL, whose validation metrics are empty."""
+    out: dict[str, float] = {}
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            for key, text in row.items():
+                try:
+                    value = float(text)
+                except (TypeError, ValueError):  # an empty cell: the metric was not logged at this step
+                    continue
+                if math.isfinite(value):
+                    out[key] = value
+    if "step" in out:
+        out["step"] = int(out["step"])
+    return out
+
+
+class _LineStream:
+    """A text stream that turns tqdm's carriage-return redraws into plain lines (for a log file)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(text.replace("\r", "\n").replace("\n\n", "\n"))
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def progress_for_logs():
+    """While active, progress bars written to a stderr that is not a terminal come out as plain lines at most
+    every ``LOG_FILE_PROGRESS_INTERVAL_S`` seconds. Enter it before tqdm is first imported: tqdm reads its
+    ``TQDM_*`` defaults from the environment at import time."""
+    if sys.stderr.isatty():
+        yield
+        return
+    os.environ.setdefault("TQDM_MININTERVAL", str(LOG_FILE_PROGRESS_INTERVAL_S))
+    saved, sys.stderr = sys.stderr, _LineStream(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stderr = saved
