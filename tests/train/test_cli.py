@@ -112,3 +112,34 @@ def test_sft_from_a_gpt2_checkpoint_with_a_tokenizer_json(tmp_path, task):
                  str(tmp_path / "tokenizer.json"), "--data", str(tmp_path / "demos.jsonl"), "--epochs", "1",
                  "--preset", "micro", "--quiet", "--threads", "1"]) == 0
     assert (tmp_path / "sft" / "model.safetensors").is_file()
+
+
+def test_progress_bars_write_plain_lines_to_a_log_file(monkeypatch):
+    import io
+    import sys
+
+    from tqdm import tqdm
+
+    from instructrl_fast.train.logging import progress_for_logs
+
+    log = io.StringIO()  # not a terminal
+    monkeypatch.setattr(sys, "stderr", log)
+    with progress_for_logs():
+        bar = tqdm(total=3, desc="sft-s", mininterval=0)
+        for _ in range(3):
+            bar.update(1)
+        bar.close()
+    assert sys.stderr is log  # restored
+    text = log.getvalue()
+    assert "\r" not in text and "sft-s" in text and "3/3" in text
+    assert all(line.startswith("sft-s") for line in text.splitlines() if line)
+
+
+def test_last_values_reads_the_final_metrics(tmp_path):
+    from instructrl_fast.train.logging import MetricsLogger, last_values
+
+    with MetricsLogger(tmp_path, fields=["loss", "val_loss"], tensorboard=False) as logger:
+        logger.log(1, {"loss": 2.0})
+        logger.log(2, {"loss": 1.5})
+        logger.log(2, {"val_loss": 1.75})
+    assert last_values(tmp_path / "metrics.csv") == {"step": 2, "loss": 1.5, "val_loss": 1.75}
