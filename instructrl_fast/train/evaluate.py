@@ -322,15 +322,17 @@ def plot_figure1(results: Sequence[dict], path_png: str | os.PathLike, *,
         xs = [r["params"] * 10 ** offset if numeric else sizes.index(r["size"]) + offset for r in recs]
         errs = [_ci95(r) or 0.0 for r in recs]
         ax.errorbar(xs, [r["win_rate"] for r in recs], yerr=errs, marker="o", capsize=3, label=m)
-    if numeric:
+    params = {s: grid[next(k for k in grid if k[1] == s)].get("params") for s in sizes}
+    labels = [f"{s} ({params[s] / 1e6:.2g}M)" if params[s] else str(s) for s in sizes]
+    if numeric:  # ticks at the sizes' parameter counts (one size's methods share its count), named by size
         ax.set_xscale("log")
-        ax.set_xlabel("model parameters")
+        ax.set_xticks([params[s] for s in sizes], labels)
+        ax.minorticks_off()
+        ax.set_xlabel("model size (parameters, log scale)")
     else:
-        params = {s: grid[next(k for k in grid if k[1] == s)].get("params") for s in sizes}
-        ax.set_xticks(range(len(sizes)), [f"{s} ({params[s] / 1e6:.2g}M params)" if params[s] else str(s)
-                                          for s in sizes])
+        ax.set_xticks(range(len(sizes)), labels)
         ax.set_xlim(-0.5, len(sizes) - 0.5)
-        ax.set_xlabel("model size")
+        ax.set_xlabel("model size (parameters)")
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_ylim(0, 1)
     ax.set_ylabel(f"win rate against {reference}")

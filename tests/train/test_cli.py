@@ -45,7 +45,8 @@ def test_resume_reuses_finished_stages(run_dir, capsys):
     before = (run_dir / "ppo-s" / "model.safetensors").stat().st_mtime_ns
     assert main(["run", "--preset", "micro", "--out", str(run_dir), "--quiet", "--threads", "1", "--resume"]) == 0
     assert (run_dir / "ppo-s" / "model.safetensors").stat().st_mtime_ns == before
-    assert "Figure 1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Figure 1" in out and f"[ppo-s] finished earlier: loading {run_dir / 'ppo-s' / 'model.safetensors'}" in out
 
 
 def test_stages_on_user_data(tmp_path, run_dir, task, labeler):
