@@ -8,6 +8,7 @@ import csv
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 # Seconds between two progress-bar updates when stderr is not a terminal (a log file): sparse lines, not a
@@ -107,29 +108,44 @@ def last_values(csv_path: str | os.PathLike) -> dict[str, float]:
 
 
 class _LineStream:
-    """A text stream that turns tqdm's carriage-return redraws into plain lines (for a log file)."""
+    """A text stream for a log file: tqdm's carriage-return redraws become plain lines, at most one per
+    ``interval`` seconds per stream plus each bar's final state (the loop refreshes its bar on every step)."""
 
-    def __init__(self, stream):
-        self._stream = stream
+    def __init__(self, stream, interval: float):
+        self._stream, self._interval = stream, interval
+        self._last = -math.inf
+        self._pending: str | None = None  # the newest redraw not written yet
 
     def write(self, text: str) -> int:
-        self._stream.write(text.replace("\r", "\n").replace("\n\n", "\n"))
+        now = time.monotonic()
+        if text.startswith("\r"):  # a redraw of the current bar
+            self._pending = text[1:].rstrip()
+            if now - self._last >= self._interval:
+                self._emit(now)
+        elif text == "\n" and self._pending is not None:  # a bar closing: its final state
+            self._emit(now)
+        else:
+            self._stream.write(text)
         return len(text)
+
+    def _emit(self, now: float) -> None:
+        if self._pending:
+            self._stream.write(self._pending + "\n")
+            self._stream.flush()
+        self._pending, self._last = None, now
 
     def __getattr__(self, name):
         return getattr(self._stream, name)
 
 
 @contextlib.contextmanager
-def progress_for_logs():
-    """While active, progress bars written to a stderr that is not a terminal come out as plain lines at most
-    every ``LOG_FILE_PROGRESS_INTERVAL_S`` seconds. Enter it before tqdm is first imported: tqdm reads its
-    ``TQDM_*`` defaults from the environment at import time."""
+def progress_for_logs(interval: float = LOG_FILE_PROGRESS_INTERVAL_S):
+    """While active, progress bars written to a stderr that is not a terminal come out as plain lines, at most one
+    per ``interval`` seconds (and each bar's final line); on a terminal nothing changes."""
     if sys.stderr.isatty():
         yield
         return
-    os.environ.setdefault("TQDM_MININTERVAL", str(LOG_FILE_PROGRESS_INTERVAL_S))
-    saved, sys.stderr = sys.stderr, _LineStream(sys.stderr)
+    saved, sys.stderr = sys.stderr, _LineStream(sys.stderr, interval)
     try:
         yield
     finally:

@@ -125,15 +125,19 @@ def test_progress_bars_write_plain_lines_to_a_log_file(monkeypatch):
 
     log = io.StringIO()  # not a terminal
     monkeypatch.setattr(sys, "stderr", log)
-    with progress_for_logs():
+    with progress_for_logs(interval=3600):
         bar = tqdm(total=3, desc="sft-s", mininterval=0)
         for _ in range(3):
             bar.update(1)
+            bar.set_postfix({"loss": 1.0})  # the loop's per-step refresh
         bar.close()
+        print("a message", file=sys.stderr)
     assert sys.stderr is log  # restored
-    text = log.getvalue()
-    assert "\r" not in text and "sft-s" in text and "3/3" in text
-    assert all(line.startswith("sft-s") for line in text.splitlines() if line)
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue()
+    # the first draw, then nothing within the interval but the bar's final state, then other text as written
+    assert len(lines) == 3 and lines[0].startswith("sft-s") and "0/3" in lines[0], lines
+    assert lines[1].startswith("sft-s") and "3/3" in lines[1] and lines[2] == "a message"
 
 
 def test_last_values_reads_the_final_metrics(tmp_path):
