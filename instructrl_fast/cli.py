@@ -419,6 +419,7 @@ def cmd_ppo(args) -> dict:
 
     from instructrl_fast.data import DemoTask, load_prompts_jsonl
     from instructrl_fast.data.tokenizer import tokenizer_spec
+    from instructrl_fast.model import GPT
     from instructrl_fast.train.batching import chunk_corpus
     from instructrl_fast.train.checkpoint import save_weights
     from instructrl_fast.train.pipeline import init_from, resuming
@@ -452,8 +453,8 @@ def cmd_ppo(args) -> dict:
     if tokenizer_spec(rm_tok) != tokenizer_spec(tok):
         raise UserError(f"the reward model {args.rm} was trained with another tokenizer ({rm_tok.vocab_size} ids) "
                         f"than the policy ({tok.vocab_size} ids)")
-    value = init_from(type(rm.body)(rm.body.config, head="scalar", tp_group=state.tp_group).to(_device(args, state)),
-                      rm.body)
+    # the value model starts from the RM: its shape, whatever the policy's
+    value = init_from(GPT(rm.body.config, head="scalar", tp_group=state.tp_group).to(_device(args, state)), rm.body)
     ptx = None
     if args.ptx:
         docs = _read_corpus(args.corpus) if args.corpus else task.pretraining_corpus(cfg.pretrain[cfg.sizes[0]].n_docs)
