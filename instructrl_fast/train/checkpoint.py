@@ -151,7 +151,7 @@ def load_weights(path: str | os.PathLike, module: torch.nn.Module) -> torch.nn.M
     own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     missing, unexpected = sorted(set(own) - set(info.shapes)), sorted(set(info.shapes) - set(own))
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the module (a {info.kind} model in the file; missing "
+        raise ValueError(f"{path}: weights do not match the module (the file holds a {info.kind!r} model; missing "
                          f"{missing[:5]}, unexpected {unexpected[:5]})")
     wrong = [f"{k} {info.shapes[k]} (module {own[k]})" for k in own if info.shapes[k] != own[k]]
     if wrong:
