@@ -20,8 +20,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pickle
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -73,9 +73,11 @@ def resuming(out_dir: str | os.PathLike, resume: bool, log=print, label: str = "
         f"{label}nothing to resume in {ckpt_dir}: starting from the beginning")
     try:
         yield
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
-        # torch.load of a garbage state.pt: UnpicklingError; of a truncated one: PytorchStreamReader's RuntimeError
-        if ckpt is None or (isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e)):
+    except Exception as e:
+        # torch.load of a damaged state.pt raises whatever its unpickler meets (UnpicklingError, KeyError, EOFError,
+        # a PytorchStreamReader RuntimeError): recognised by where it was raised, not by its type
+        if ckpt is None or not any(f.f_code.co_filename.endswith(os.path.join("torch", "serialization.py"))
+                                   for f, _ in traceback.walk_tb(e.__traceback__)):
             raise
         first = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(f"the checkpoint {ckpt} cannot be read ({type(e).__name__}: {first}); delete it to resume "

@@ -137,8 +137,11 @@ def test_resume_says_what_it_resumes(tmp_path, capsys, files):
     code, printed, _ = cli(capsys, "sft", *argv, "--resume")
     assert code == 0 and "resuming from" in printed and "step_" in printed
     latest = out / "ckpt" / (out / "ckpt" / "latest").read_text().strip()
-    (latest / "state.pt").write_bytes(b"garbage, not a pickle")
-    assert_user_error(capsys, "sft", [*argv, "--resume"], str(latest), "cannot be read", "without --resume")
+    state = (latest / "state.pt").read_bytes()
+    # each damage reaches torch.load's unpickler differently (UnpicklingError, KeyError, a zip reader error)
+    for damaged in (b"garbage, not a pickle", b"junk\n", state[: len(state) // 2]):
+        (latest / "state.pt").write_bytes(damaged)
+        assert_user_error(capsys, "sft", [*argv, "--resume"], str(latest), "cannot be read", "without --resume")
 
 
 def test_the_console_script_exits_2_without_a_traceback(tmp_path):
