@@ -167,7 +167,7 @@ class Pipeline:
         set_dropout(model, pc.dropout)
         torch.manual_seed(pc.seed)
         self._train(name, lambda: pretrain(pc, model, self.chunks(pc.n_docs, pc.seq_len), self.val_chunks(),
-                                           self.out / name, resume=self.resume))
+                                           self.out / name, resume=self.resume, name=name))
         self._finish(name, set_dropout(model, 0.0))
         return model
 
@@ -213,7 +213,7 @@ class Pipeline:
         (self.out / "rm" / "val_comparisons.json").write_text(json.dumps(val_c))  # for rm_report
         metrics = self._train("rm", lambda: train_reward_model(rc, rm, self.tok, train_c, val_c,
                                                                self._demos(256), self.out / "rm",
-                                                               resume=self.resume))
+                                                               resume=self.resume, name="rm"))
         self.log(f"[rm] {metrics}")
         self._finish("rm", rm)
         return rm.eval()
@@ -272,7 +272,7 @@ class Pipeline:
         torch.manual_seed(pc.seed)
         ema, _ = self._train(name, lambda: train_ppo(pc, policy, value, ref, rm, self.tok, prompts, self.out / name,
                                                      ptx_chunks=ptx_chunks, resume=self.resume,
-                                                     gold_fn=self.gold_scores))
+                                                     gold_fn=self.gold_scores, name=name))
         self._finish(name, ema)
         return ema
 
