@@ -1,6 +1,6 @@
 """Triton GAE: one launch for the whole batch, one program per row, a reverse associative scan per chunk of T.
 
-GAE over a row's valid positions only (DESIGN.md) is two backward linear recurrences x_t = a_t + c_t * x_{t+1}:
+GAE over a row's valid positions only (docs/DESIGN.md) is two backward linear recurrences x_t = a_t + c_t * x_{t+1}:
 
 1. the value at the next valid position, y_t = V at the first valid position after t (0 after the last one):
    y_t = m_{t+1} * V_{t+1} + (1 - m_{t+1}) * y_{t+1}, i.e. (c, a) = (1 - m_{t+1}, m_{t+1} * V_{t+1});

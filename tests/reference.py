@@ -1,4 +1,4 @@
-"""Float64 plain-PyTorch references for every op, written from the formulas in DESIGN.md.
+"""Float64 plain-PyTorch references for every op, written from the formulas in docs/DESIGN.md.
 
 They are deliberately naive (Python loops where the formula has one) and are the ground truth for every backend.
 """

@@ -1,4 +1,4 @@
-"""The public fused-op API. Semantics are a contract: see DESIGN.md ("The public ops API").
+"""The public fused-op API. Semantics are a contract: see docs/DESIGN.md ("The public ops API").
 
 Every op accepts fp32/bf16/fp16 inputs, accumulates in fp32 and returns float32; the backend is picked from the
 input's device (see ``instructrl_fast.backend``).

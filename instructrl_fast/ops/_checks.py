@@ -1,7 +1,7 @@
 """Argument checks shared by the public ops. Each error names the argument and what was expected.
 
 Checks that need the data (labels in range) are made eagerly for CPU tensors only; on CUDA they are made on the
-device by the kernels (see DESIGN.md), or eagerly when ``INSTRUCTRL_FAST_CHECKS=1``.
+device by the kernels (see docs/DESIGN.md), or eagerly when ``INSTRUCTRL_FAST_CHECKS=1``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""KL penalty per token and KL-shaped rewards (DESIGN.md: ``kl_penalty``, ``shape_rewards``).
+"""KL penalty per token and KL-shaped rewards (docs/DESIGN.md: ``kl_penalty``, ``shape_rewards``).
 
 Estimators (Schulman, "Approximating KL divergence", 2020), with d = logp - ref_logp:
 ``k1`` = d, ``k2`` = d^2 / 2, ``k3`` = exp(-d) + d - 1 (= exp(ref - logp) - (ref - logp) - 1), ``abs`` = |d|.

@@ -1,6 +1,6 @@
 """Fused log-probs of the labels under softmax(logits / temperature), with entropy, for RLHF policy/reference passes.
 
-Public ops (see DESIGN.md, "The public ops API"):
+Public ops (see docs/DESIGN.md, "The public ops API"):
 
 * ``gather_logprobs(logits [..., V], labels [...])`` -> logp [...] (and entropy [...]), float32.
 * ``linear_logprobs(hidden [..., D], weight [V, D], labels [...])`` -> the same outputs for logits = hidden @ weight.T,

@@ -1,6 +1,6 @@
 """PPO losses: the clipped policy surrogate (with asymmetric and dual clip) and the clipped value loss.
 
-DESIGN.md ``ppo_policy_loss`` / ``ppo_value_loss``, with these decisions:
+docs/DESIGN.md ``ppo_policy_loss`` / ``ppo_value_loss``, with these decisions:
 
 * Reductions over valid tokens divide by max(count, 1), so a fully masked batch or row gives 0, never NaN:
   token_mean = sum(l*m) / max(sum(m), 1); seq_mean_token_mean = mean_b(sum_t l*m / max(sum_t m, 1));

@@ -1,4 +1,4 @@
-"""Masked whitening of advantages or rewards over the valid positions (DESIGN.md: ``masked_whiten``).
+"""Masked whitening of advantages or rewards over the valid positions (docs/DESIGN.md: ``masked_whiten``).
 
 Moments are kept in Chan et al.'s parallel form (count n, mean, M2 = sum of squared deviations), never as a raw
 sum of squares, which loses every digit when |mean| >> std. Partials (blocks of a tensor, ranks of a group) combine

@@ -88,7 +88,7 @@ def _ref_bwd(grad_logp, grad_entropy, logits, labels, lse, entropy, T, vocab_sta
 
 
 def _composite_fwd(logits, labels, T, vocab_start):
-    """The plain PyTorch composite in the logits' own dtype: the error budget for bf16/fp16 (DESIGN.md)."""
+    """The plain PyTorch composite in the logits' own dtype: the error budget for bf16/fp16 (docs/DESIGN.md)."""
     x = logits / T
     V = x.shape[1]
     p = torch.softmax(x, dim=-1)
