@@ -6,7 +6,8 @@
 // [B, T, V] with any strides but a contiguous last dim (row n = b * T + t):
 //   fwd: row_max = max_j x_j, log_sum = log sum_j exp(x_j - row_max) (lse = row_max + log_sum, kept apart),
 //        target = x[label - vocab_start] (0 outside the shard or for ignored rows),
-//        sum_px = sum_j softmax_j * x_j (shard-local softmax; entropy H = lse - sum_px once combined over shards).
+//        mean_xs = sum_j softmax_j * (x_j - row_max) = E_p[x] - row_max (shard-local softmax; accumulated from
+//        x - row_max, so the entropy H = log_sum - mean_xs, once combined over shards, carries no |x| * eps).
 //   bwd: with the GLOBAL row_max, log_sum and H, p_j = exp((x_j - row_max) - log_sum) (no rounded lse, whose error
 //        exp would carry into p_j relative to |x|), and for rows whose label != ignore_index
 //        grad_logits[n, j] = (g_lp * (1[j == label - vocab_start] - p_j) - g_ent * p_j * (x_j - (lse - H))) / T,
@@ -71,15 +72,16 @@ inline float exp_f32(float x) {
   return y * two_n * static_cast<float>(x >= kLo);
 }
 
-// Adds sum exp(x - m) to s and sum exp(x - m) * x to t over x[0, len), for a finite m. The per-call partial sums
-// (several vector lanes each) keep the fp32 summation error small for long rows.
+// Adds sum exp(x - m) to s and sum exp(x - m) * (x - m) to t over x[0, len), for a finite m. The per-call partial
+// sums (several vector lanes each) keep the fp32 summation error small for long rows.
 INSTRUCTRL_LOGPROB_CLONES void add_exp_sums(const float* x, int64_t len, float m, float& s, float& t) {
   float cs = 0.0f, ct = 0.0f;
 #pragma omp simd reduction(+ : cs, ct)
   for (int64_t k = 0; k < len; ++k) {
-    const float e = exp_f32(x[k] - m);
+    const float xs = x[k] - m;
+    const float e = exp_f32(xs);
     cs += e;
-    ct += e * (e > 0.0f ? x[k] : 0.0f);  // a -inf logit adds 0, not 0 * -inf = nan
+    ct += e * (e > 0.0f ? xs : 0.0f);  // a -inf logit adds 0, not 0 * -inf = nan
   }
   s += cs;
   t += ct;
@@ -116,9 +118,9 @@ float load_scaled(const scalar_t* row, int64_t len, float inv_temp, float* x) {
 }
 
 // One row of the forward: a single streaming pass with the online rescaling trick. The state is m = max x,
-// s = sum exp(x - m), t = sum exp(x - m) * x over the columns seen so far; a chunk with a larger max rescales
-// s and t by exp(m_old - m_new). Returns (row_max = m, log_sum = log(s), sum_px = t / s); an all -inf row gives
-// (-inf, -inf, nan).
+// s = sum exp(x - m), t = sum exp(x - m) * (x - m) over the columns seen so far; a chunk with a larger max moves t
+// to it (adds s * (m_old - m_new)) and rescales s and t by exp(m_old - m_new). Returns (row_max = m,
+// log_sum = log(s), mean_xs = t / s); an all -inf row gives (-inf, -inf, nan).
 template <typename scalar_t>
 std::tuple<float, float, float> fwd_row(const scalar_t* row, int64_t V, float inv_temp) {
   float x[kChunk];
@@ -128,8 +130,8 @@ std::tuple<float, float, float> fwd_row(const scalar_t* row, int64_t V, float in
     const float chunk_max = load_scaled(row + j0, len, inv_temp, x);
     if (chunk_max > m) {
       const float scale = exp_f32(m - chunk_max);  // exp(-inf) = 0 on the first chunk
+      t = (t + (s > 0.0f ? s * (m - chunk_max) : 0.0f)) * scale;  // s = 0: nothing to move (and m may be -inf)
       s *= scale;
-      t *= scale;
       m = chunk_max;
     }
     if (m > -std::numeric_limits<float>::infinity()) add_exp_sums(x, len, m, s, t);  // -inf so far: s = t = 0
@@ -158,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprob_fwd_cpu(const
                                                                            const at::Tensor& labels,
                                                                            double temperature, int64_t ignore_index,
                                                                            int64_t vocab_start, bool with_entropy) {
-  auto [row_max, log_sum, target, sum_px] = fwd_outputs(logits, labels, temperature, with_entropy);
+  auto [row_max, log_sum, target, mean_xs] = fwd_outputs(logits, labels, temperature, with_entropy);
   const at::Tensor labels_c = labels.contiguous();
   const RowLayout layout(logits);
   const int64_t N = layout.N, V = layout.V;
@@ -169,21 +171,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprob_fwd_cpu(const
     float* max_p = row_max.mutable_data_ptr<float>();
     float* log_sum_p = log_sum.mutable_data_ptr<float>();
     float* target_p = target.mutable_data_ptr<float>();
-    float* sum_px_p = with_entropy ? sum_px.mutable_data_ptr<float>() : nullptr;
+    float* mean_xs_p = with_entropy ? mean_xs.mutable_data_ptr<float>() : nullptr;
     at::parallel_for(0, N, std::max<int64_t>(1, kGrain / V), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         const scalar_t* row = x + layout.offset(n);  // int64 offsets: N * V passes 2^31 at real sizes
-        const auto [m, ls, row_sum_px] = fwd_row(row, V, inv_temp);
+        const auto [m, ls, row_mean_xs] = fwd_row(row, V, inv_temp);
         max_p[n] = m;
         log_sum_p[n] = ls;
-        if (sum_px_p != nullptr) sum_px_p[n] = row_sum_px;
+        if (mean_xs_p != nullptr) mean_xs_p[n] = row_mean_xs;
         const int64_t local = lab[n] - vocab_start;
         const bool in_shard = lab[n] != ignore_index && local >= 0 && local < V;
         target_p[n] = in_shard ? static_cast<float>(row[local]) * inv_temp : 0.0f;
       }
     });
   });
-  return {row_max, log_sum, target, sum_px};
+  return {row_max, log_sum, target, mean_xs};
 }
 
 at::Tensor logprob_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& logits,
@@ -226,7 +228,7 @@ at::Tensor logprob_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_e
 TORCH_LIBRARY_FRAGMENT(instructrl_fast, m) {
   m.def(
       "logprob_fwd(Tensor logits, Tensor labels, float temperature, int ignore_index, int vocab_start, "
-      "bool with_entropy) -> (Tensor row_max, Tensor log_sum, Tensor target, Tensor sum_px)");
+      "bool with_entropy) -> (Tensor row_max, Tensor log_sum, Tensor target, Tensor mean_xs)");
   m.def(
       "logprob_bwd(Tensor grad_logp, Tensor grad_entropy, Tensor logits, Tensor labels, Tensor row_max, "
       "Tensor log_sum, Tensor entropy, float temperature, int ignore_index, int vocab_start) -> Tensor");

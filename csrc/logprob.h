@@ -69,8 +69,8 @@ inline bool check_row_vector(const char* name, const at::Tensor& x, const at::Te
   return x.size(0) == N && N > 0;
 }
 
-// Checks the arguments of logprob_fwd and allocates its outputs (row_max, log_sum, target, sum_px), all float32
-// [N]; sum_px is (0,) without with_entropy.
+// Checks the arguments of logprob_fwd and allocates its outputs (row_max, log_sum, target, mean_xs), all float32
+// [N]; mean_xs is (0,) without with_entropy.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_outputs(const at::Tensor& logits,
                                                                               const at::Tensor& labels,
                                                                               double temperature, bool with_entropy) {

@@ -5,7 +5,7 @@ instructrl_fast/ops/logprob.py): with x_j = logits[n, j] / temperature in fp32,
 
     forward   row_max[n] = max_j x_j, log_sum[n] = log sum_j exp(x_j - row_max)   (online, over BLOCK_V chunks)
               target[n]  = x[label - vocab_start] if the label falls in this shard and is not ignored, else 0
-              sum_px[n]  = sum_j softmax_j * x_j                (shard-local softmax; only WITH_ENTROPY)
+              mean_xs[n] = sum_j softmax_j * (x_j - row_max)    (shard-local softmax; only WITH_ENTROPY)
     backward  dlogits[n, j] = (1/T) * (g_lp * (1[j == label - vocab_start] - p_j) - g_ent * p_j * (x_j - E_p[x]))
               with p_j = exp((x_j - row_max) - log_sum) from the GLOBAL row_max and log_sum (kept apart: a rounded
               lse = row_max + log_sum would put |x| * eps of relative error into every p_j), E_p[x] = lse - H;
@@ -56,16 +56,19 @@ def _edge_columns(head, body, V, VEC: tl.constexpr):
 
 @triton.jit
 def _online_add(m, s, t, x, WITH_ENTROPY: tl.constexpr):
-    """Online logsumexp (Milakov & Gimelshein 2018) state (m, s = sum exp(x - m), t = sum exp(x - m) x) plus x."""
+    """Online logsumexp (Milakov & Gimelshein 2018) state (m, s = sum exp(x - m), t = sum exp(x - m) (x - m)) plus
+    x. t is kept relative to the running max (moving the max by d adds s * d), so E_p[x] - max carries no |x| * eps."""
     m_new = tl.maximum(m, tl.max(x, axis=0))
     # A row that is -inf so far would give exp(-inf - -inf) = nan: shift by 0 instead.
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m - shift)
-    e = tl.exp(x - shift)
-    s = s * alpha + tl.sum(e, axis=0)
+    xs = x - shift
+    e = tl.exp(xs)
     if WITH_ENTROPY:
-        # e == 0 covers padding and -inf logits, where e * x would be 0 * -inf = nan.
-        t = t * alpha + tl.sum(e * tl.where(e > 0.0, x, 0.0), axis=0)
+        # s == 0 (nothing but -inf so far) has no moment to move (and m - shift may be -inf). e == 0 covers padding
+        # and -inf logits, where e * xs would be 0 * -inf = nan.
+        t = alpha * (t + s * (tl.where(s > 0.0, m, shift) - shift)) + tl.sum(e * tl.where(e > 0.0, xs, 0.0), axis=0)
+    s = s * alpha + tl.sum(e, axis=0)
     return m_new, s, t
 
 
@@ -73,7 +76,7 @@ def _online_add(m, s, t, x, WITH_ENTROPY: tl.constexpr):
 def _logprob_fwd_kernel(
     logits_ptr,  # [B, T, V] this rank's vocab shard, strides (stride_b, stride_t, 1); fp32/bf16/fp16
     labels_ptr,  # [N] int64 GLOBAL vocab ids (or ignore_index), N = B * T
-    parts_ptr,  # [3, N, SPLITS] fp32 out: each program's (m, s, t) over its columns
+    parts_ptr,  # [3, N, SPLITS] fp32 out: each program's (m, s, t) over its columns, t relative to m
     target_ptr,  # [N] fp32 out: x at the label when it lies in this shard, else 0
     N,
     T,  # rows per batch entry
@@ -219,7 +222,7 @@ def _launch_config(N: int, V: int, device: torch.device) -> tuple[int, int, int]
 
 def logprob_fwd(logits, labels, temperature: float, ignore_index: int, vocab_start: int, with_entropy: bool):
     """Shard-local forward: logits [B, T, V] or [N, V] (last dim contiguous, any other strides), labels [N] int64
-    -> (row_max, log_sum, target, sum_px), fp32 [N]; sum_px is (0,) unless ``with_entropy``."""
+    -> (row_max, log_sum, target, mean_xs), fp32 [N]; mean_xs is (0,) unless ``with_entropy``."""
     logits = _as_3d(logits)
     B, T, V, stride_b, stride_t, align = _layout(logits)
     N = B * T
@@ -239,13 +242,17 @@ def logprob_fwd(logits, labels, temperature: float, ignore_index: int, vocab_sta
     m, s, t = parts.unbind(0)
     if splits == 1:
         row_max, total = m[:, 0], s[:, 0]
-        sum_px = t[:, 0] / total if with_entropy else t.new_empty(0)
+        mean_xs = t[:, 0] / total if with_entropy else t.new_empty(0)
     else:  # the programs' states of a row combined as shards are (see the ops module)
         row_max = m.amax(dim=1)
-        scale = torch.exp(m - torch.where(row_max == float("-inf"), 0.0, row_max)[:, None])
+        shift = torch.where(row_max == float("-inf"), 0.0, row_max)[:, None]
+        scale = torch.exp(m - shift)
         total = (s * scale).sum(1)
-        sum_px = (t * scale).sum(1) / total if with_entropy else t.new_empty(0)
-    return row_max, torch.log(total), target, sum_px
+        mean_xs = t.new_empty(0)
+        if with_entropy:  # each program's t is relative to its own max: move it to the row's
+            moved = t + torch.where(s > 0, s * (m - shift), 0.0)
+            mean_xs = (moved * scale).sum(1) / total
+    return row_max, torch.log(total), target, mean_xs
 
 
 def logprob_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature: float,

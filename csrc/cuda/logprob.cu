@@ -54,9 +54,10 @@ __device__ __forceinline__ void for_each_column(int64_t V, int64_t head, int lan
   for (int64_t j = head + packs * kSize + lane; j < V; j += threads) on_scalar(j);
 }
 
-// Online softmax state of a set of x: m = max x, s = sum exp(x - m), t = sum exp(x - m) * x. The empty set is
-// (-inf, 0, 0). In fp32 throughout; __expf (ex2.approx) is accurate to a few ulp near 0, where the terms that
-// matter lie, as in the Triton kernels.
+// Online softmax state of a set of x: m = max x, s = sum exp(x - m), t = sum exp(x - m) * (x - m) (relative to m,
+// so E_p[x] - max carries no |x| * eps; moving m by d adds s * d to t). The empty set is (-inf, 0, 0). In fp32
+// throughout; __expf (ex2.approx) is accurate to a few ulp near 0, where the terms that matter lie, as in the Triton
+// kernels.
 struct Online {
   float m = -INFINITY, s = 0.0f, t = 0.0f;
 
@@ -68,16 +69,17 @@ struct Online {
     for (int k = 1; k < n; ++k) x_max = fmaxf(x_max, x[k]);
     if (x_max > m) {  // m = -inf on the first values: exp(-inf) = 0 and s = t = 0 anyway
       const float scale = __expf(m - x_max);
+      t = (t + (s > 0.0f ? s * (m - x_max) : 0.0f)) * scale;
       s *= scale;
-      t *= scale;
       m = x_max;
     }
     if (m == -INFINITY) return;  // only -inf so far: they add 0 (and x - m would be nan)
 #pragma unroll
     for (int k = 0; k < n; ++k) {
-      const float e = __expf(x[k] - m);
+      const float xs = x[k] - m;
+      const float e = __expf(xs);
       s += e;
-      t = fmaf(e, e > 0.0f ? x[k] : 0.0f, t);  // a -inf logit adds 0, not 0 * -inf = nan
+      t = fmaf(e, e > 0.0f ? xs : 0.0f, t);  // a -inf logit adds 0, not 0 * -inf = nan
     }
   }
 
@@ -86,8 +88,9 @@ struct Online {
     const float m_new = fmaxf(m, m2);
     if (m_new == -INFINITY) return;
     const float a = __expf(m - m_new), b = __expf(m2 - m_new);
+    // Each t moves to the common max first; an empty state (s = 0, m = -inf) has nothing to move.
+    t = (t + (s > 0.0f ? s * (m - m_new) : 0.0f)) * a + (t2 + (s2 > 0.0f ? s2 * (m2 - m_new) : 0.0f)) * b;
     s = s * a + s2 * b;
-    t = t * a + t2 * b;
     m = m_new;
   }
 
@@ -144,7 +147,7 @@ __global__ void __launch_bounds__(kBlockThreads)
                        float* __restrict__ row_max,          // [N] out: max_j x_j over the shard
                        float* __restrict__ log_sum,          // [N] out: log sum_j exp(x_j - row_max)
                        float* __restrict__ target,           // [N] out: x[label - vocab_start], else 0
-                       float* __restrict__ sum_px,           // [N] out: sum_j softmax_j x_j, or nullptr
+                       float* __restrict__ mean_xs,          // [N] out: sum_j softmax_j (x_j - max), or nullptr
                        RowLayout layout, float inv_temp, int64_t ignore_index, int64_t vocab_start) {
   using P = Pack<scalar_t>;
   const RowGroup<kRowWarps> g;
@@ -173,7 +176,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (g.lane == 0) {
     row_max[g.row] = state.m;
     log_sum[g.row] = logf(state.s);
-    if (sum_px != nullptr) sum_px[g.row] = state.t / state.s;
+    if (mean_xs != nullptr) mean_xs[g.row] = state.t / state.s;
     const int64_t label = labels[g.row];
     const int64_t local = label - vocab_start;
     const bool in_shard = label != ignore_index && local >= 0 && local < V;
@@ -264,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprob_fwd_cuda(cons
                                                                             const at::Tensor& labels,
                                                                             double temperature, int64_t ignore_index,
                                                                             int64_t vocab_start, bool with_entropy) {
-  auto [row_max, log_sum, target, sum_px] = fwd_outputs(logits, labels, temperature, with_entropy);
+  auto [row_max, log_sum, target, mean_xs] = fwd_outputs(logits, labels, temperature, with_entropy);
   const c10::cuda::OptionalCUDAGuard device_guard(logits.device());
   const at::Tensor labels_c = labels.contiguous();
   const RowLayout layout(logits);
@@ -276,10 +279,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprob_fwd_cuda(cons
       logprob_fwd_kernel<scalar_t, decltype(row_warps)::value><<<blocks, kBlockThreads, 0, stream>>>(
           logits.const_data_ptr<scalar_t>(), labels_c.const_data_ptr<int64_t>(), row_max.mutable_data_ptr<float>(),
           log_sum.mutable_data_ptr<float>(), target.mutable_data_ptr<float>(),
-          with_entropy ? sum_px.mutable_data_ptr<float>() : nullptr, layout, inv_temp, ignore_index, vocab_start);
+          with_entropy ? mean_xs.mutable_data_ptr<float>() : nullptr, layout, inv_temp, ignore_index, vocab_start);
     });
   });
-  return {row_max, log_sum, target, sum_px};
+  return {row_max, log_sum, target, mean_xs};
 }
 
 at::Tensor logprob_bwd_cuda(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& logits,

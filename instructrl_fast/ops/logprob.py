@@ -14,20 +14,22 @@ b * stride_b + t * stride_t), never as a copy; a copy is made only when the lead
 All reduce to one shard-local kernel pair, fixed by the schema that the C++/CUDA ops implement (csrc/logprob.cpp):
 
     logprob_fwd(logits [B, T, V] or [N, V], labels [N], T, ignore_index, vocab_start, with_entropy)
-        -> (row_max, log_sum, target, sum_px)
+        -> (row_max, log_sum, target, mean_xs)
     logprob_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, T, ignore_index, vocab_start)
         -> dlogits (logits' shape, contiguous)
 
 with x = logits / T in fp32: row_max = max(x) and log_sum = log sum exp(x - row_max) over the shard (so
 logsumexp(x) = row_max + log_sum, kept apart: the backward forms p = exp((x - row_max) - log_sum) without the rounding
 of a summed lse, which exp would turn into relative error |x| * eps), target = x[label - vocab_start] when the label
-lies in the shard (else 0), sum_px = sum softmax(x) * x (shard-local softmax). The backends are ``torch`` (below,
-the readable reference), ``triton`` (kernels/logprob.py), ``cpp`` and ``cuda`` (csrc/). Under vocab parallelism the
+lies in the shard (else 0), mean_xs = sum softmax(x) * (x - row_max) = E_p[x] - row_max (shard-local softmax;
+accumulated from x - row_max, so the entropy carries no |x| * eps rounding). The backends are ``torch`` (below, the
+readable reference), ``triton`` (kernels/logprob.py), ``cpp`` and ``cuda`` (csrc/). Under vocab parallelism the
 shard results are combined here, independently of the backend (M = max_r row_max_r, w_r = exp(row_max_r - M +
 log_sum_r)):
 
-    row_max = M     log_sum = log sum_r w_r     target = sum_r target_r     E_p[x] = sum_r w_r sum_px_r / sum_r w_r
-    logp = (target - row_max) - log_sum         entropy H = (row_max - E_p[x]) + log_sum
+    row_max = M     log_sum = log sum_r w_r     target = sum_r target_r
+    mean_xs = E_p[x] - M = sum_r w_r (mean_xs_r + row_max_r - M) / sum_r w_r
+    logp = (target - row_max) - log_sum         entropy H = log_sum - mean_xs
 
 Ignored labels (== ignore_index) give logp = 0 and no gradient. With one label per position the entropy of an
 ignored position is 0 too; with labels [..., K] ignore_index applies to each entry and the entropy is always computed.
@@ -139,20 +141,21 @@ def _gather_targets(logits: Tensor, labels: Tensor, temperature: float, ignore_i
 def _torch_fwd(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, vocab_start: int,
                with_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     B, T, V = logits.shape
-    row_max, log_sum, target, sum_px = _new_fwd_outputs(logits, labels, temperature, ignore_index, vocab_start,
-                                                        with_entropy)
+    row_max, log_sum, target, mean_xs = _new_fwd_outputs(logits, labels, temperature, ignore_index, vocab_start,
+                                                         with_entropy)
     for index, rows in _row_chunks(B, T, max(1, _TORCH_CHUNK_ELEMENTS // V)):
         x = logits[index].reshape(-1, V).to(row_max.dtype) * (1.0 / temperature)
-        # Shift by the exact row max (0 for an all -inf row), as the kernels do: E_p[x] = sum(e * x) / sum(e) is
-        # then free of the rounding of log_sum.
+        # Shift by the exact row max (0 for an all -inf row), as the kernels do; E_p[x - max] = sum(e * xs) / sum(e)
+        # is then free of the rounding of both log_sum and |x|.
         m = x.amax(dim=-1, keepdim=True)
-        e = (x - torch.where(m == float("-inf"), 0.0, m)).exp_()
+        xs = x - torch.where(m == float("-inf"), 0.0, m)
+        e = xs.exp()
         s = e.sum(-1)
         row_max[rows], log_sum[rows] = m.squeeze(-1), torch.log(s)
         if with_entropy:  # e == 0 (x = -inf) contributes 0, not 0 * -inf = nan
-            sum_px[rows] = (e * torch.where(e > 0, x, 0.0)).sum(-1) / s
+            mean_xs[rows] = (e * torch.where(e > 0, xs, 0.0)).sum(-1) / s
     target.copy_(_gather_targets(logits, labels[:, None], temperature, ignore_index, vocab_start)[:, 0])
-    return row_max, log_sum, target, sum_px
+    return row_max, log_sum, target, mean_xs
 
 
 def _torch_bwd(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor, row_max: Tensor,
@@ -188,7 +191,7 @@ def _torch_bwd(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: 
 
 def _new_fwd_outputs(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, vocab_start: int,
                      with_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Uninitialised (row_max, log_sum, target, sum_px) for the schema's forward; also its fake implementation."""
+    """Uninitialised (row_max, log_sum, target, mean_xs) for the schema's forward; also its fake implementation."""
     N, acc = labels.shape[0], {"dtype": _acc_dtype(logits)}
     return (logits.new_empty(N, **acc), logits.new_empty(N, **acc), logits.new_empty(N, **acc),
             logits.new_empty(N if with_entropy else 0, **acc))
@@ -252,14 +255,14 @@ def _no_label(labels: Tensor, ignore_index: int) -> Tensor:
 
 def _rows_fwd(backend: str, logits: Tensor, labels: Tensor, multi: bool, temperature: float, ignore_index: int,
               vocab_start: int, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """logits [B, T, V] shard, labels [N, K] -> (row_max, log_sum, target [N, K], sum_px), shard-local."""
+    """logits [B, T, V] shard, labels [N, K] -> (row_max, log_sum, target [N, K], mean_xs), shard-local."""
     if not multi:
-        row_max, log_sum, target, sum_px = _shard_fwd(backend, logits, labels[:, 0], temperature, ignore_index,
+        row_max, log_sum, target, mean_xs = _shard_fwd(backend, logits, labels[:, 0], temperature, ignore_index,
                                                       vocab_start, with_entropy)
-        return row_max, log_sum, target[:, None], sum_px
-    row_max, log_sum, _, sum_px = _shard_fwd(backend, logits, _no_label(labels, ignore_index), temperature,
+        return row_max, log_sum, target[:, None], mean_xs
+    row_max, log_sum, _, mean_xs = _shard_fwd(backend, logits, _no_label(labels, ignore_index), temperature,
                                              ignore_index, vocab_start, with_entropy)
-    return row_max, log_sum, _gather_targets(logits, labels, temperature, ignore_index, vocab_start), sum_px
+    return row_max, log_sum, _gather_targets(logits, labels, temperature, ignore_index, vocab_start), mean_xs
 
 
 def _rows_bwd(backend: str, grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor, multi: bool,
@@ -291,10 +294,10 @@ def linear_fwd_chunks(hidden: Tensor, weight: Tensor, labels: Tensor, temperatur
                       vocab_start: int, with_entropy: bool, multi: bool,
                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """hidden [B, T, D] (any leading strides), weight [V, D] shard, labels [N, K] -> shard-local
-    (row_max, log_sum, target [N, K], sum_px): the body of the custom op below, which hides it from dispatch modes."""
+    (row_max, log_sum, target [N, K], mean_xs): the body of the custom op below, which hides it from dispatch modes."""
     B, T, D = hidden.shape
     V = weight.shape[0]
-    row_max, log_sum, target, sum_px = _linear_fwd_fake(hidden, weight, labels, temperature, ignore_index,
+    row_max, log_sum, target, mean_xs = _linear_fwd_fake(hidden, weight, labels, temperature, ignore_index,
                                                         vocab_start, with_entropy, multi, backend)
     for index, rows in _row_chunks(B, T, _linear_chunk_rows(B * T, D, V), merge_b=False):
         logits = hidden[index].reshape(-1, D) @ weight.T  # [rows, V] in the input dtype, fp32 accumulation
@@ -302,8 +305,8 @@ def linear_fwd_chunks(hidden: Tensor, weight: Tensor, labels: Tensor, temperatur
                          with_entropy)
         row_max[rows], log_sum[rows], target[rows] = outs[:3]
         if with_entropy:
-            sum_px[rows] = outs[3]
-    return row_max, log_sum, target, sum_px
+            mean_xs[rows] = outs[3]
+    return row_max, log_sum, target, mean_xs
 
 
 _linear_fwd = torch.library.custom_op("instructrl_fast::linear_logprobs_fwd", linear_fwd_chunks, mutates_args=())
@@ -364,7 +367,7 @@ def _tp_rank_world(tp_group) -> tuple[int, int]:
     return dist.get_rank(tp_group), dist.get_world_size(tp_group)
 
 
-def _combine(row_max: Tensor, log_sum: Tensor, target: Tensor, sum_px: Tensor, labels: Tensor, multi: bool,
+def _combine(row_max: Tensor, log_sum: Tensor, target: Tensor, mean_xs: Tensor, labels: Tensor, multi: bool,
              ignore_index: int, with_entropy: bool, tp_group) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Shard results -> (logp [N, K], entropy [N] or (0,), global row_max, global log_sum).
 
@@ -374,16 +377,18 @@ def _combine(row_max: Tensor, log_sum: Tensor, target: Tensor, sum_px: Tensor, l
         m = row_max.clone()
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
         w = torch.exp((row_max - m) + log_sum)  # sum_j exp(x_j - M) of this shard: <= V, so the sum cannot overflow
-        parts = [w[:, None], target] + ([(w * sum_px)[:, None]] if with_entropy else [])
+        parts = [w[:, None], target]
+        if with_entropy:  # a shard of -inf only has w = 0 (and row_max - M = nan): it adds 0
+            parts.append(torch.where(w > 0, w * (mean_xs + (row_max - m)), 0.0)[:, None])
         parts = torch.cat(parts, dim=1)
         dist.all_reduce(parts, op=dist.ReduceOp.SUM, group=tp_group)
         row_max, log_sum, target = m, torch.log(parts[:, 0]), parts[:, 1:1 + target.shape[1]]
         if with_entropy:
-            sum_px = parts[:, -1] / parts[:, 0]  # E_p[x] = sum_r w_r * sum_px_r / sum_r w_r
+            mean_xs = parts[:, -1] / parts[:, 0]  # E_p[x] - M
     logp = torch.where(labels != ignore_index, (target - row_max[:, None]) - log_sum[:, None], 0.0)
     entropy = row_max.new_empty(0)
     if with_entropy:
-        entropy = (row_max - sum_px) + log_sum  # H = lse - E_p[x]
+        entropy = log_sum - mean_xs  # H = lse - E_p[x] = log_sum - (E_p[x] - row_max)
         if not multi:
             entropy = torch.where(labels[:, 0] != ignore_index, entropy, 0.0)
     return logp, entropy, row_max, log_sum
@@ -397,9 +402,9 @@ class GatherLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, multi, temperature, ignore_index, with_entropy, tp_group, backend):
         vocab_start = _tp_rank_world(tp_group)[0] * logits.shape[-1]
-        row_max, log_sum, target, sum_px = _rows_fwd(backend, logits, labels, multi, temperature, ignore_index,
+        row_max, log_sum, target, mean_xs = _rows_fwd(backend, logits, labels, multi, temperature, ignore_index,
                                                      vocab_start, with_entropy)
-        logp, entropy, row_max, log_sum = _combine(row_max, log_sum, target, sum_px, labels, multi, ignore_index,
+        logp, entropy, row_max, log_sum = _combine(row_max, log_sum, target, mean_xs, labels, multi, ignore_index,
                                                    with_entropy, tp_group)
         ctx.save_for_backward(logits, labels, row_max, log_sum, entropy)
         ctx.args = (temperature, ignore_index, vocab_start)
@@ -429,9 +434,9 @@ class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, multi, temperature, ignore_index, with_entropy, tp_group, backend):
         vocab_start = _tp_rank_world(tp_group)[0] * weight.shape[0]
-        row_max, log_sum, target, sum_px = torch.ops.instructrl_fast.linear_logprobs_fwd(
+        row_max, log_sum, target, mean_xs = torch.ops.instructrl_fast.linear_logprobs_fwd(
             hidden, weight, labels, temperature, ignore_index, vocab_start, with_entropy, multi, backend)
-        logp, entropy, row_max, log_sum = _combine(row_max, log_sum, target, sum_px, labels, multi, ignore_index,
+        logp, entropy, row_max, log_sum = _combine(row_max, log_sum, target, mean_xs, labels, multi, ignore_index,
                                                    with_entropy, tp_group)
         ctx.save_for_backward(hidden, weight, labels, row_max, log_sum, entropy)
         ctx.args = (temperature, ignore_index, vocab_start, multi, backend)

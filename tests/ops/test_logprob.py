@@ -506,18 +506,25 @@ def test_strided_inputs_are_read_in_place(backend, device, monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fp32_gradient_within_2x_composite_at_large_logits(backend, device):
-    """|logit / T| ~ 20: the gradient of logp within 2x of PyTorch's fp32 composite error against float64. A rounded
-    lse ~ 20 would put ~1e-6 relative error into every p; row_max and log_sum are kept apart. (The entropy's gradient
-    is not held to this yet: E_p[x] is accumulated from x, not x - row_max, and carries |x| * eps.)"""
+    """|logit / T| ~ 20: the gradient of logp, and of logp and the entropy, within 2x of PyTorch's fp32 composite error
+    against float64. A rounded lse ~ 20 would put ~1e-6 relative error into every p, and E_p[x] accumulated from x
+    into the entropy term: row_max and log_sum are kept apart and E_p[x] - row_max is accumulated from x - row_max."""
     shape, V, T = (4, 16), 4003, 0.9
     logits = torch.randn(*shape, V, device=device) * 2 + 18
     labels = torch.randint(0, V, shape, device=device)
     grads = _upstream(shape, device)
-    _, (grad,) = _fwd_bwd(_run(backend, gather_logprobs), [logits], labels, False, grads, temperature=T,
-                          ignore_index=IGNORE)
-    _, (comp,) = _fwd_bwd(lambda x, lab, with_entropy: _composite(x, lab, T)[0], [logits], labels, False, grads)
-    _, (ref,) = _reference(gather_logprobs_ref, [logits], labels, False, grads, temperature=T, ignore_index=IGNORE)
-    assert _err(grad, ref) <= 2 * _err(comp, ref), (_err(grad, ref), _err(comp, ref))
+
+    def composite(x, lab, with_entropy):
+        outs = _composite(x, lab, T)
+        return outs if with_entropy else outs[0]
+
+    for with_entropy in (False, True):
+        _, (grad,) = _fwd_bwd(_run(backend, gather_logprobs), [logits], labels, with_entropy, grads, temperature=T,
+                              ignore_index=IGNORE)
+        _, (comp,) = _fwd_bwd(composite, [logits], labels, with_entropy, grads)
+        _, (ref,) = _reference(gather_logprobs_ref, [logits], labels, with_entropy, grads, temperature=T,
+                               ignore_index=IGNORE)
+        assert _err(grad, ref) <= 2 * _err(comp, ref), (with_entropy, _err(grad, ref), _err(comp, ref))
 
 
 @pytest.mark.skipif("triton" not in [p.values[0] for p in BACKENDS if not p.marks], reason="triton unavailable")

@@ -2,13 +2,14 @@
 called directly and compared with float64 references written here from the schema's formulas:
 
     x = logits / T;  row_max = max(x);  log_sum = log sum exp(x - row_max);  target = x[label - vocab_start] in the
-    shard, else 0;  sum_px = sum softmax(x) * x;  with the GLOBAL row_max, log_sum (lse = row_max + log_sum) and H,
+    shard, else 0;  mean_xs = sum softmax(x) * (x - row_max);  with the GLOBAL row_max, log_sum (lse = row_max +
+    log_sum) and H,
     p = exp((x - row_max) - log_sum):
     grad_logits = (g_lp * (1[j == label - vocab_start] - p) - g_ent * p * (x - (lse - H))) / T, 0 on ignored rows.
 
 logits are [N, V] (any row stride) or [B, T, V] (any strides in B and T), last dim contiguous.
 
-A -inf logit contributes 0 (p = 0) to sum_px and to the entropy term, as in the torch and Triton backends.
+A -inf logit contributes 0 (p = 0) to mean_xs and to the entropy term, as in the torch and Triton backends.
 The public ops (gather_logprobs, ...) are tested in tests/ops/test_logprob.py.
 """
 
@@ -68,17 +69,17 @@ def _rows(logits):
 
 
 def _ref_fwd(logits, labels, T, vocab_start):
-    """float64 (row_max, log_sum, target, sum_px) of the shard."""
+    """float64 (row_max, log_sum, target, mean_xs) of the shard."""
     x = _rows(logits).double() / T
     V = x.shape[1]
     row_max = x.amax(-1)
     log_sum = torch.logsumexp(x - row_max[:, None], dim=-1)
     p = torch.softmax(x, dim=-1)
-    sum_px = (p * torch.where(p > 0, x, 0.0)).sum(-1)
+    mean_xs = (p * torch.where(p > 0, x - row_max[:, None], 0.0)).sum(-1)
     local = labels - vocab_start
     hit = (labels != IGNORE) & (local >= 0) & (local < V)
     target = torch.where(hit, x.gather(1, local.clamp(0, V - 1)[:, None]).squeeze(1), 0.0)
-    return row_max, log_sum, target, sum_px
+    return row_max, log_sum, target, mean_xs
 
 
 def _ref_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, T, vocab_start,
@@ -110,7 +111,8 @@ def _composite_fwd(logits, labels, T, vocab_start):
     hit = (labels != IGNORE) & (local >= 0) & (local < V)
     target = torch.where(hit, x.gather(1, local.clamp(0, V - 1)[:, None]).squeeze(1), 0.0)
     row_max = x.amax(-1)
-    return row_max, torch.logsumexp(x - row_max[:, None], dim=-1), target, (p * x).sum(-1)
+    xs = x - row_max[:, None]
+    return row_max, torch.logsumexp(xs, dim=-1), target, (p * xs).sum(-1)
 
 
 def _max_err(actual, expected):
@@ -130,15 +132,15 @@ def test_fwd_matches_reference(device, dtype, N, V, layout, with_entropy):
     vocab_start, T = (0, 1.0) if with_entropy else (37, 0.7)
     logits = _logits(N, V, dtype, layout, device)
     labels = _labels(N, V, vocab_start, device)
-    row_max, log_sum, target, sum_px = op.logprob_fwd(logits, labels, T, IGNORE, vocab_start, with_entropy)
+    row_max, log_sum, target, mean_xs = op.logprob_fwd(logits, labels, T, IGNORE, vocab_start, with_entropy)
 
-    for out in (row_max, log_sum, target, sum_px):
+    for out in (row_max, log_sum, target, mean_xs):
         assert out.dtype == torch.float32 and out.device == logits.device and out.is_contiguous()
     assert row_max.shape == log_sum.shape == target.shape == (N,)
-    assert sum_px.shape == ((N,) if with_entropy else (0,))
+    assert mean_xs.shape == ((N,) if with_entropy else (0,))
     ref = _ref_fwd(logits, labels, T, vocab_start)
-    names = ("row_max", "log_sum", "target", "sum_px")
-    ours = (row_max, log_sum, target, sum_px) if with_entropy else (row_max, log_sum, target)
+    names = ("row_max", "log_sum", "target", "mean_xs")
+    ours = (row_max, log_sum, target, mean_xs) if with_entropy else (row_max, log_sum, target)
     if dtype == torch.float32:
         for name, o, r in zip(names, ours, ref):
             torch.testing.assert_close(o, r.float(), msg=lambda m, name=name: f"{name}: {m}")
@@ -193,7 +195,7 @@ def test_vocab_shards_combine_to_the_full_softmax(device, shards):
     shard_lse = [o[0].double() + o[1].double() for o in outs]
     lse = torch.logsumexp(torch.stack(shard_lse), dim=0)
     target = sum(o[2].double() for o in outs)
-    mean_x = sum(torch.exp(s - lse) * o[3].double() for s, o in zip(shard_lse, outs))
+    mean_x = sum(torch.exp(s - lse) * (o[3].double() + o[0].double()) for s, o in zip(shard_lse, outs))
     keep = labels != IGNORE
     logp, entropy = torch.where(keep, target - lse, 0.0), torch.where(keep, lse - mean_x, 0.0)
 
@@ -235,7 +237,7 @@ def test_all_rows_ignored_and_empty_batch(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_minus_inf_logits(device):
-    """-inf logits (a masked vocabulary) have p = 0: they add nothing to sum_px nor to the entropy gradient."""
+    """-inf logits (a masked vocabulary) have p = 0: they add nothing to mean_xs nor to the entropy gradient."""
     V = 1500
     logits = torch.randn(3, V, device=device)
     logits[0, ::3] = float("-inf")
@@ -246,10 +248,10 @@ def test_minus_inf_logits(device):
     ref = _ref_fwd(logits[:2], labels[:2], 1.0, 0)
     for o, r in zip(outs, ref):
         torch.testing.assert_close(o[:2], r.float())
-    row_max, log_sum, _, sum_px = (o[:2] for o in outs)
+    row_max, log_sum, _, mean_xs = (o[:2] for o in outs)
     assert outs[0][2] + outs[1][2] == float("-inf")  # an all -inf row: sum exp = 0
 
-    entropy = (row_max + log_sum) - sum_px
+    entropy = log_sum - mean_xs
     g = torch.randn(2, device=device)
     grad = op.logprob_bwd(g, g, logits[:2], labels[:2], row_max, log_sum, entropy, 1.0, IGNORE, 0)
     assert torch.isfinite(grad).all()

@@ -9,7 +9,7 @@ from tests.conftest import DEVICE, backends_for
 from tests.reference import ppo_policy_loss_ref, ppo_value_loss_ref
 
 POLICY_BACKENDS = backends_for(("torch", "triton", "cpp", "cuda"))
-VALUE_BACKENDS = backends_for(("torch", "triton", "cpp"))
+VALUE_BACKENDS = backends_for(("torch", "triton", "cpp", "cuda"))  # "cuda": the CUDA value loss is reachable
 REDUCTIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 # name: (clip_eps, clip_eps_high, dual_clip)
 CLIPS = {"symmetric": (0.2, None, None), "asymmetric": (0.2, 0.28, None), "dual": (0.1, 0.3, 1.5)}
