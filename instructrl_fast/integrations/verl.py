@@ -126,7 +126,7 @@ def kl_penalty_forward(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_pena
 def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty) -> torch.Tensor:
     """verl's KL penalty: ``kl_penalty_forward``, or with a "+" suffix the named estimator's value carrying k2's
     gradient 0.5 * d(logp - ref)^2 (straight-through; "k2+" / "mse+" are plain k2)."""
-    base = kl_penalty[:-1] if kl_penalty.endswith("+") else kl_penalty
+    base = kl_penalty.removesuffix("+")
     value = kl_penalty_forward(logprob, ref_logprob, base)
     if not kl_penalty.endswith("+") or base in ("mse", "k2"):
         return value

@@ -60,7 +60,7 @@ def verl_kl_penalty_forward(logprob, ref_logprob, kl_penalty):
 
 
 def verl_kl_penalty(logprob, ref_logprob, kl_penalty):
-    base = kl_penalty[:-1] if kl_penalty.endswith("+") else kl_penalty
+    base = kl_penalty.removesuffix("+")
     value = verl_kl_penalty_forward(logprob, ref_logprob, base)
     if not kl_penalty.endswith("+") or kl_penalty in ("mse", "k2"):
         return value
