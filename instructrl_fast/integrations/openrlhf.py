@@ -27,11 +27,28 @@ def _no_packed(name: str, x) -> None:
                                   "[B, T] tensor")
 
 
-def compute_approx_kl(log_probs: torch.Tensor, log_probs_base: torch.Tensor, kl_estimator: str = "k1") -> torch.Tensor:
-    """OpenRLHF's per-token KL approximation (Schulman): "k1", "k2" or "k3", in float32 as OpenRLHF's."""
+def compute_approx_kl(log_probs: torch.Tensor, log_probs_base: torch.Tensor, kl_estimator: str = "k1",
+                      log_probs_old: torch.Tensor | None = None, unbiased_gradient: bool = False) -> torch.Tensor:
+    """OpenRLHF's per-token KL approximation (Schulman's "k1", "k2", "k3"), clamped to [-10, 10], in float32.
+
+    ``unbiased_gradient`` (OpenRLHF PR #1309) keeps the estimator's value and backpropagates the reverse-KL
+    gradient (log_probs - log_probs_base) instead (straight-through). Its off-policy importance weight
+    (``log_probs_old``, clipped at OpenRLHF's KL_IS_WEIGHT_CLIP) is not reproduced: NotImplementedError.
+    """
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
-    return ops.kl_penalty(log_probs, log_probs_base, estimator=kl_estimator).float()
+    if unbiased_gradient and log_probs_old is not None:
+        raise NotImplementedError("compute_approx_kl(log_probs_old=..., unbiased_gradient=True): the off-policy "
+                                  "importance weight is not reproduced by the drop-in")
+    # clamping the log-ratio at +-20 first changes no value once clamped to [-10, 10] (|d| >= 20 gives |k| > 10
+    # for every estimator) but keeps k3's exp finite, so the saturated gradient is 0, never 0 * inf
+    log_probs = log_probs.float()  # as OpenRLHF, which upcasts both before any arithmetic
+    base = log_probs + (log_probs_base.float() - log_probs).clamp(-20.0, 20.0)
+    kl = ops.kl_penalty(log_probs, base, estimator=kl_estimator).clamp(min=-10.0, max=10.0)
+    if not unbiased_gradient:
+        return kl
+    k2 = ops.kl_penalty(log_probs, log_probs_base.float(), estimator="k2")  # gradient: log_probs - log_probs_base
+    return k2 - k2.detach() + kl.detach()
 
 
 def compute_reward(r: torch.Tensor, kl_coef: float, kl: torch.Tensor, action_mask: torch.Tensor | None = None,

@@ -153,13 +153,23 @@ def verl_compute_value_loss(vpreds, returns, values, response_mask, cliprange_va
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def openrlhf_compute_approx_kl(log_probs, log_probs_base, kl_estimator="k1"):
-    log_ratio = log_probs.float() - log_probs_base.float()
+def openrlhf_compute_approx_kl(log_probs, log_probs_base, kl_estimator="k1", log_probs_old=None,
+                               unbiased_gradient=False):
+    """The clamped estimators and the straight-through reverse-KL gradient as OpenRLHF's
+    tests/test_kl_estimator_gradient.py (PR #1309) pins them down; on-policy only (no log_probs_old)."""
+    assert log_probs_old is None
+    log_ratio = log_probs - log_probs_base  # OpenRLHF upcasts to float32; the reference runs in the inputs' float64
     if kl_estimator == "k2":
-        return log_ratio**2 / 2.0
-    if kl_estimator == "k3":
-        return (-log_ratio).exp() - 1 + log_ratio
-    return log_ratio
+        kl = log_ratio**2 / 2.0
+    elif kl_estimator == "k3":
+        kl = (-log_ratio).exp() - 1 + log_ratio
+    else:
+        kl = log_ratio
+    kl = kl.clamp(min=-10, max=10)
+    if not unbiased_gradient:
+        return kl
+    surrogate = log_ratio**2 / 2.0
+    return surrogate - surrogate.detach() + kl.detach()
 
 
 def openrlhf_compute_reward(r, kl_coef, kl, action_mask=None, reward_clip_range=None):

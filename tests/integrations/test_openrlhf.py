@@ -30,15 +30,29 @@ def _close(ours, theirs, rtol=1e-5, atol=1e-6):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("estimator", openrlhf.KL_ESTIMATORS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compute_approx_kl(backend, estimator, dtype):
+@pytest.mark.parametrize("unbiased_gradient", [False, True])
+def test_compute_approx_kl(backend, estimator, dtype, unbiased_gradient):
     logp = (-torch.rand(4, 9, device=DEVICE) * 3).to(dtype)
     base = (logp.float() + 0.5 * torch.randn(4, 9, device=DEVICE)).to(dtype)
+    logp[0, :3] = torch.tensor([-100.0, -30.0, -11.0])  # past the clamps at +-10 (and k3's exp overflow)
+    base[0, :3] = 0.0
+    x = logp.clone().requires_grad_()
     with use_backend(backend):
-        kl = openrlhf.compute_approx_kl(logp, base, estimator)
+        kl = openrlhf.compute_approx_kl(x, base, estimator, unbiased_gradient=unbiased_gradient)
+    grad = torch.randn(4, 9, device=DEVICE)
+    kl.backward(grad)
+    x64 = logp.double().requires_grad_()
+    theirs = ref.openrlhf_compute_approx_kl(x64, base.double(), estimator, unbiased_gradient=unbiased_gradient)
+    theirs.backward(grad.double())
     assert kl.dtype == torch.float32  # OpenRLHF upcasts with .float()
-    _close(kl, ref.openrlhf_compute_approx_kl(logp.double(), base.double(), estimator))
+    _close(kl.detach(), theirs.detach())
+    assert torch.isfinite(x.grad).all()
+    # the gradient comes back in log_probs' dtype: bf16 rounds it (relative 2^-8)
+    _close(x.grad, x64.grad, **({"rtol": 8e-3, "atol": 1e-5} if dtype == torch.bfloat16 else {}))
     with pytest.raises(ValueError, match="kl_estimator"):
         openrlhf.compute_approx_kl(logp, base, "k4")
+    with pytest.raises(NotImplementedError, match="log_probs_old"):
+        openrlhf.compute_approx_kl(logp, base, estimator, log_probs_old=logp, unbiased_gradient=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
