@@ -88,7 +88,11 @@ class ChunkedLogProbFunction:
               logit_scale: float = 1.0, outputs: tuple[str, ...] = ("entropy", "log_sum_sq_probs", "mean_logits",
                                                                      "is_top1")):
         """hidden [N, D], weight [V, D], targets [N] -> float32 log-probs [N] (and entropy [N] when asked) of
-        softmax(hidden @ weight.T / temperature), without forming the [N, V] logits."""
+        softmax(hidden @ weight.T / temperature), without forming the [N, V] logits.
+
+        The logits are formed in hidden's dtype with fp32 accumulation, also under autocast (TRL forms them in
+        the autocast dtype, e.g. bf16 on a CPU run whose TrainingArguments say bf16): more accurate, not equal.
+        """
         unsupported = [name for name in outputs if name not in _LINEAR_OUTPUTS]
         if bias is not None or final_logit_softcapping is not None or logit_scale != 1.0 or unsupported:
             what = ("bias" if bias is not None else "final_logit_softcapping" if final_logit_softcapping is not None
