@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+INDEX_DTYPES = (torch.int64, torch.int32)
 _EAGER_DEVICE_CHECKS = os.environ.get("INSTRUCTRL_FAST_CHECKS", "0") == "1"
 
 
@@ -32,6 +33,11 @@ def check_tensor(name: str, x, *, dtypes: Sequence[torch.dtype] | None = None, n
 
 def check_float(name: str, x, **kw) -> None:
     check_tensor(name, x, dtypes=FLOAT_DTYPES, **kw)
+
+
+def compute_dtype(*xs: torch.Tensor) -> torch.dtype:
+    """The dtype an op computes and returns in: float32, or float64 when any input is float64."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:

@@ -193,7 +193,7 @@ def test_policy_bad_input():
     with pytest.raises(TypeError, match="logp"):
         ops.ppo_policy_loss(logp.tolist(), old, adv, mask)
     with pytest.raises(TypeError, match="logp"):
-        ops.ppo_policy_loss(logp.double(), old, adv, mask)
+        ops.ppo_policy_loss(logp.long(), old, adv, mask)
     with pytest.raises(ValueError, match="logp"):
         ops.ppo_policy_loss(logp[0], old, adv, mask)
     with pytest.raises(ValueError, match="old_logp"):
