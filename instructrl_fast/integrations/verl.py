@@ -159,9 +159,12 @@ def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str
 
 def _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high, clip_ratio_c, loss_agg_mode,
                  global_batch_info: dict):
-    """verl's dual-clip PPO loss on ``ops.ppo_policy_loss`` -> (pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)."""
-    if not clip_ratio_c > 1.0:
-        raise ValueError(f"clip_ratio_c (the dual clip) must be > 1.0, got {clip_ratio_c}")
+    """verl's dual-clip PPO loss on ``ops.ppo_policy_loss`` -> (pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower).
+
+    ``clip_ratio_c=None`` is standard PPO (no dual clip; pg_clipfrac_lower 0), as in current verl.
+    """
+    if clip_ratio_c is not None and not clip_ratio_c > 1.0:
+        raise ValueError(f"clip_ratio_c (the dual clip) must be > 1.0 or None, got {clip_ratio_c}")
     check_float("log_prob", log_prob, ndim=2)
     mask = checked_bool_mask("response_mask", response_mask, log_prob.shape, "log_prob")
     reduction, factor = _agg_scale(loss_agg_mode, mask, **{"dp_size": 1, "batch_num_tokens": None,
@@ -175,7 +178,8 @@ def _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low, cl
     with torch.no_grad():
         # where the dual clip binds (A < 0, ratio > c) the PPO clip cannot (that needs ratio < 1 - clip_low), so
         # verl's pg_clipfrac is our clipfrac (both kinds) minus this share
-        dual_binds = (advantages < 0) & (torch.exp(log_prob.float() - old.float()) > clip_ratio_c)
+        ratio_c = float("inf") if clip_ratio_c is None else clip_ratio_c
+        dual_binds = (advantages < 0) & (torch.exp(log_prob.float() - old.float()) > ratio_c)
         pg_clipfrac_lower = masked_reduce(dual_binds.float(), mask, "token_mean")
     loss = (loss * factor).to(out_dtype(old_log_prob, log_prob, advantages))
     return loss, stats["clipfrac"] - pg_clipfrac_lower, stats["approx_kl"], pg_clipfrac_lower
@@ -185,7 +189,7 @@ def compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, clipr
                         cliprange_high=None, clip_ratio_c=3.0, loss_agg_mode: str = "token-mean"):
     """verl's deprecated explicit-argument PPO loss -> (pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower), tensors.
 
-    Note the argument order (old_log_prob first). The dual clip is always on (clip_ratio_c > 1). pg_clipfrac: share
+    Note the argument order (old_log_prob first). clip_ratio_c > 1 is the dual clip; None turns it off. pg_clipfrac: share
     of valid tokens where the clipped surrogate is strictly larger; pg_clipfrac_lower: where the dual clip binds.
     """
     clip_low = cliprange if cliprange_low is None else cliprange_low
@@ -206,7 +210,7 @@ def compute_policy_loss_vanilla(old_log_prob: torch.Tensor, log_prob: torch.Tens
     """verl's registered "vanilla" policy loss -> (pg_loss, metrics).
 
     Clip ranges come from ``config`` (``clip_ratio``, ``clip_ratio_low`` / ``clip_ratio_high`` defaulting to it,
-    ``clip_ratio_c`` defaulting to 3.0) and the aggregation's global-batch arguments from
+    ``clip_ratio_c`` defaulting to 3.0, None for standard PPO) and the aggregation's global-batch arguments from
     ``config.global_batch_info``. metrics holds Python floats, as verl's: "actor/pg_clipfrac", "actor/ppo_kl",
     "actor/pg_clipfrac_lower" (so, as in verl, this call syncs with the device once).
     """

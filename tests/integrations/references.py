@@ -100,7 +100,8 @@ def verl_agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_token
 
 
 def _verl_dual_clip(old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high, clip_ratio_c):
-    assert clip_ratio_c > 1.0
+    """clip_ratio_c=None: standard PPO, as verl's tests/trainer/ppo/test_standard_ppo_on_cpu.py pins it down."""
+    assert clip_ratio_c is None or clip_ratio_c > 1.0
     neg_kl = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
     ratio = torch.exp(neg_kl)
     ppo_kl = verl_masked_mean(-neg_kl, response_mask)
@@ -108,6 +109,8 @@ def _verl_dual_clip(old_log_prob, log_prob, advantages, response_mask, clip_low,
     loss2 = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
     clipped1 = torch.maximum(loss1, loss2)
     pg_clipfrac = verl_masked_mean(torch.gt(loss2, loss1).float(), response_mask)
+    if clip_ratio_c is None:
+        return clipped1, pg_clipfrac, ppo_kl, torch.zeros_like(ppo_kl)
     loss3 = -advantages * clip_ratio_c
     pg_clipfrac_lower = verl_masked_mean(torch.gt(clipped1, loss3) * (advantages < 0).float(), response_mask)
     pg_losses = torch.where(advantages < 0, torch.min(loss3, clipped1), clipped1)
