@@ -15,8 +15,8 @@ defaults, return structure and dtype, and its results at every position, masked 
   global-batch normalisation. The log-ratio is clamped to [-20, 20] before ``exp`` as in verl.
 * ``compute_rewards``: token_level_scores - kl_ratio * k1.
 
-Deliberate differences raise ``NotImplementedError`` naming them: ``kl_penalty="full"`` (verl raises too) and
-``rollout_is_weights`` in ``compute_policy_loss_vanilla`` (the fused loss takes no per-token weights). verl's
+Deliberate differences raise ``NotImplementedError`` naming them: ``kl_penalty="full"`` (verl raises too).
+``rollout_is_weights`` must be >= 0 (importance weights; folded into the advantages). verl's
 per-sequence token mean divides by count + 1e-8, ours by the count (at most 1e-8 relative). The GRPO outcome
 advantage (group statistics keyed by a numpy index) has no fused op and is not replaced.
 """
@@ -27,7 +27,7 @@ import torch
 
 from instructrl_fast import ops
 from instructrl_fast.integrations._common import out_dtype, whiten_everywhere
-from instructrl_fast.ops._checks import FLOAT_DTYPES, check_float, check_tensor, checked_bool_mask
+from instructrl_fast.ops._checks import FLOAT_DTYPES, check_float, check_tensor, checked_bool_mask, eager_data_checks
 from instructrl_fast.ops.ppo_loss import masked_reduce
 
 # verl's loss_agg_mode -> the fused ops' reduction that verl's result is a rescaling of
@@ -158,10 +158,13 @@ def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str
 
 
 def _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high, clip_ratio_c, loss_agg_mode,
-                 global_batch_info: dict):
+                 global_batch_info: dict, weights: torch.Tensor | None = None):
     """verl's dual-clip PPO loss on ``ops.ppo_policy_loss`` -> (pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower).
 
-    ``clip_ratio_c=None`` is standard PPO (no dual clip; pg_clipfrac_lower 0), as in current verl.
+    ``clip_ratio_c=None`` is standard PPO (no dual clip; pg_clipfrac_lower 0), as in current verl. Per-token
+    ``weights`` >= 0 (verl's rollout importance weights) multiply the per-token loss; the clipped loss is positively
+    homogeneous in the advantage (w * l(A) = l(w * A) for w >= 0, the dual clip included), so they are folded into
+    the advantages. The clip fractions are counted on the unweighted terms, as verl's.
     """
     if clip_ratio_c is not None and not clip_ratio_c > 1.0:
         raise ValueError(f"clip_ratio_c (the dual clip) must be > 1.0 or None, got {clip_ratio_c}")
@@ -173,16 +176,23 @@ def _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low, cl
     # verl's clamp of the log-ratio, as a clamped log_prob: same value and, outside the range, the same zero gradient
     old = old_log_prob.detach()
     log_prob = old + (log_prob - old).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-    loss, stats = ops.ppo_policy_loss(log_prob, old, advantages, mask, clip_eps=clip_low, clip_eps_high=clip_high,
+    weighted = advantages
+    if weights is not None:
+        check_tensor("rollout_is_weights", weights, dtypes=FLOAT_DTYPES + (torch.float64,))
+        if eager_data_checks(weights) and bool((weights < 0).any()):
+            raise ValueError("rollout_is_weights must be >= 0 (importance weights)")
+        weighted = advantages * weights.detach()
+    loss, stats = ops.ppo_policy_loss(log_prob, old, weighted, mask, clip_eps=clip_low, clip_eps_high=clip_high,
                                       dual_clip=clip_ratio_c, reduction=reduction)
-    with torch.no_grad():
-        # where the dual clip binds (A < 0, ratio > c) the PPO clip cannot (that needs ratio < 1 - clip_low), so
-        # verl's pg_clipfrac is our clipfrac (both kinds) minus this share
-        ratio_c = float("inf") if clip_ratio_c is None else clip_ratio_c
-        dual_binds = (advantages < 0) & (torch.exp(log_prob.float() - old.float()) > ratio_c)
+    with torch.no_grad():  # verl's two clip fractions, from one elementwise pass over the unweighted terms
+        ratio = torch.exp(log_prob.float() - old.float())
+        neg = advantages < 0
+        ppo_clipped = torch.where(neg, ratio < 1 - clip_low, ratio > 1 + clip_high) & (advantages != 0)
+        dual_binds = neg & (ratio > (float("inf") if clip_ratio_c is None else clip_ratio_c))
+        pg_clipfrac = masked_reduce(ppo_clipped.float(), mask, "token_mean")
         pg_clipfrac_lower = masked_reduce(dual_binds.float(), mask, "token_mean")
     loss = (loss * factor).to(out_dtype(old_log_prob, log_prob, advantages))
-    return loss, stats["clipfrac"] - pg_clipfrac_lower, stats["approx_kl"], pg_clipfrac_lower
+    return loss, pg_clipfrac, stats["approx_kl"], pg_clipfrac_lower
 
 
 def compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, cliprange=None, cliprange_low=None,
@@ -216,15 +226,12 @@ def compute_policy_loss_vanilla(old_log_prob: torch.Tensor, log_prob: torch.Tens
     """
     if config is None:
         raise ValueError("config must be given (an actor config with clip_ratio, clip_ratio_low, clip_ratio_high)")
-    if rollout_is_weights is not None:
-        raise NotImplementedError("rollout_is_weights: the fused PPO loss takes no per-token weights; leave "
-                                  "verl's rollout correction off or unpatch compute_policy_loss_vanilla")
     clip = config.clip_ratio
     clip_low = config.clip_ratio_low if config.clip_ratio_low is not None else clip
     clip_high = config.clip_ratio_high if config.clip_ratio_high is not None else clip
     pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower = _policy_loss(
         old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high,
-        _config_get(config, "clip_ratio_c", 3.0), loss_agg_mode, dict(config.global_batch_info))
+        _config_get(config, "clip_ratio_c", 3.0), loss_agg_mode, dict(config.global_batch_info), rollout_is_weights)
     metrics = torch.stack([pg_clipfrac, ppo_kl, pg_clipfrac_lower]).tolist()  # one host sync for all three
     return pg_loss, dict(zip(("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"), metrics))
 

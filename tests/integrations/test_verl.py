@@ -133,11 +133,31 @@ def test_policy_loss_vanilla(backend, mode, clip_ratio_c):
     assert (ref_metrics["actor/pg_clipfrac_lower"] > 0) == (clip_ratio_c is not None)
 
 
-def test_policy_loss_vanilla_refuses_rollout_weights():
+@pytest.mark.parametrize("clip_ratio_c", [3.0, None])
+def test_policy_loss_vanilla_with_rollout_weights(clip_ratio_c):
     b = _batch()
-    config = ActorConfig(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=None, global_batch_info={})
-    with pytest.raises(NotImplementedError, match="rollout_is_weights"):
-        verl.compute_policy_loss_vanilla(b.old, b.logp, b.adv, b.mask, "token-mean", config, torch.ones_like(b.adv))
+    weights = torch.rand_like(b.adv) * 2
+    weights[0, :2] = 0.0  # a token whose clip still counts in verl's clip fractions
+    config = ActorConfig(clip_ratio=0.2, clip_ratio_low=0.1, clip_ratio_high=None, clip_ratio_c=clip_ratio_c,
+                         global_batch_info={"dp_size": 1})
+    logp = b.logp.clone().requires_grad_()
+    loss, metrics = verl.compute_policy_loss_vanilla(b.old, logp, b.adv, b.mask, "seq-mean-token-mean", config,
+                                                     weights)
+    loss.backward()
+    logp64 = b.logp.double().requires_grad_()
+    ref_loss, ref_metrics = ref.verl_compute_policy_loss_vanilla(b.old.double(), logp64, b.adv.double(),
+                                                                 b.mask.double(), "seq-mean-token-mean", config,
+                                                                 weights.double())
+    ref_loss.backward()
+    _close(loss.detach(), ref_loss.detach())
+    _close(logp.grad, logp64.grad)
+    assert metrics == pytest.approx(ref_metrics, rel=1e-5, abs=1e-6)
+    with pytest.raises(ValueError, match="rollout_is_weights"):
+        verl.compute_policy_loss_vanilla(b.old, b.logp, b.adv, b.mask, "token-mean", config, -weights)
+
+
+def test_unsupported_kl_names():
+    b = _batch()
     with pytest.raises(NotImplementedError, match="full"):
         verl.kl_penalty(b.logp, b.ref, "full")
     with pytest.raises(ValueError, match="kl_penalty"):
