@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from instructrl_fast.ops._checks import FLOAT_DTYPES, check_tensor, checked_bool_mask, eager_data_checks
+from instructrl_fast.ops._checks import check_float, checked_bool_mask, eager_data_checks
 
 
 def out_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -23,7 +23,7 @@ def whiten_everywhere(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool
     Like the originals, an all-masked ``mask`` is an error (checked eagerly on CPU tensors; on GPU the result is
     NaN, where the originals sync to raise) and a single valid position gives NaN (variance 0 * n / (n - 1)).
     """
-    check_tensor("values", values, dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_float("values", values)
     mask = checked_bool_mask("mask", mask, values.shape, "values")
     x = values.to(torch.promote_types(values.dtype, torch.float32))
     n = mask.sum(dtype=x.dtype)

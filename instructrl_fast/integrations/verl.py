@@ -27,7 +27,7 @@ import torch
 
 from instructrl_fast import ops
 from instructrl_fast.integrations._common import out_dtype, whiten_everywhere
-from instructrl_fast.ops._checks import FLOAT_DTYPES, check_float, check_tensor, checked_bool_mask, eager_data_checks
+from instructrl_fast.ops._checks import check_float, checked_bool_mask, eager_data_checks
 from instructrl_fast.ops.ppo_loss import masked_reduce
 
 # verl's loss_agg_mode -> the fused ops' reduction that verl's result is a rescaling of
@@ -150,7 +150,7 @@ def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str
     dp_size; seq-mean-token-sum-norm further divides by loss_scale_factor (default response_length).
     Differentiable; in loss_mat's dtype.
     """
-    check_tensor("loss_mat", loss_mat, dtypes=FLOAT_DTYPES + (torch.float64,), ndim=2)
+    check_float("loss_mat", loss_mat, ndim=2)
     mask = checked_bool_mask("loss_mask", loss_mask, loss_mat.shape, "loss_mat")
     reduction, factor = _agg_scale(loss_agg_mode, mask, dp_size, batch_num_tokens, global_batch_size,
                                    loss_scale_factor)
@@ -178,7 +178,7 @@ def _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low, cl
     log_prob = old + (log_prob - old).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     weighted = advantages
     if weights is not None:
-        check_tensor("rollout_is_weights", weights, dtypes=FLOAT_DTYPES + (torch.float64,))
+        check_float("rollout_is_weights", weights)
         if eager_data_checks(weights) and bool((weights < 0).any()):
             raise ValueError("rollout_is_weights must be >= 0 (importance weights)")
         weighted = advantages * weights.detach()

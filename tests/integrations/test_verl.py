@@ -198,3 +198,23 @@ def test_compute_rewards():
     ours = verl.compute_rewards(b.rewards, b.old, b.ref, 0.05)
     assert ours.dtype == torch.float32
     _close(ours, ref.verl_compute_rewards(b.rewards.double(), b.old.double(), b.ref.double(), 0.05))
+
+
+def test_float64_inputs_are_computed_and_returned_in_float64():
+    b = SimpleNamespace(**{k: v.double() for k, v in vars(_batch()).items()})
+    b.mask[3, 5] = 1
+    config = ActorConfig(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=None, global_batch_info={})
+    tight = {"rtol": 1e-10, "atol": 1e-12}
+    loss, _ = verl.compute_policy_loss_vanilla(b.old, b.logp, b.adv, b.mask, "token-mean", config)
+    ref_loss, _ = ref.verl_compute_policy_loss_vanilla(b.old, b.logp, b.adv, b.mask, "token-mean", config)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, ref_loss, **tight)
+    kl = verl.kl_penalty(b.logp, b.ref, "low_var_kl+")
+    assert kl.dtype == torch.float64
+    # exp(d) - d - 1 cancels at small |d| (verl's form, and the reference's): 1e-8 relative, far below fp32's 1e-7
+    torch.testing.assert_close(kl, ref.verl_kl_penalty(b.logp, b.ref, "low_var_kl+"), rtol=1e-8, atol=1e-14)
+    adv, ret = verl.compute_gae_advantage_return(b.rewards, b.values, b.mask, 0.99, 0.9)
+    ref_adv, ref_ret = ref.verl_gae(b.rewards, b.values, b.mask, 0.99, 0.9)
+    assert adv.dtype == ret.dtype == torch.float64
+    torch.testing.assert_close(adv, ref_adv, rtol=1e-8, atol=1e-8)  # verl's 1e-8 guards in its masked means
+    torch.testing.assert_close(ret, ref_ret, **tight)
