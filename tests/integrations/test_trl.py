@@ -1,6 +1,6 @@
 """TRL drop-ins against the installed TRL (1.16) itself where it can be imported, else against re-implementations of
-TRL's formulas written from its source (1.9's PPO masked_whiten, 1.16's inline GRPO / RLOO losses); and a real tiny
-GRPOTrainer run with and without patch_trl()."""
+TRL's formulas written from its source (1.9's PPO masked_whiten, 1.16's inline GRPO / RLOO losses); and real tiny
+GRPOTrainer / RLOOTrainer runs with and without patch_trl()."""
 
 import math
 import tempfile
@@ -258,13 +258,14 @@ def test_rloo_loss_matches_trl_formula():
         torch.testing.assert_close(metrics[key].double(), value.detach(), msg=key)
 
 
-def _tiny_grpo_run(tmp: str) -> list[dict]:
-    """A real TRL GRPOTrainer: a 2-layer Llama (hidden 64), a character tokenizer built here, an in-memory dataset,
-    CPU fp32, 3 steps with 2 iterations per generation (ratios != 1) and a KL term (a reference model)."""
+def _tiny_run(tmp: str, algorithm: str) -> list[dict]:
+    """A real TRL GRPOTrainer / RLOOTrainer: a 2-layer Llama (hidden 64), a character tokenizer built here, an
+    in-memory dataset, CPU fp32, 3 steps with 2 iterations per generation (ratios != 1) and a KL term (so a
+    reference model too)."""
     from datasets import Dataset
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz ")}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -280,21 +281,27 @@ def _tiny_grpo_run(tmp: str) -> list[dict]:
     def reward(completions, **_):
         return [c.count("a") - 0.1 * len(c) for c in completions]
 
-    args = GRPOConfig(output_dir=f"{tmp}/out", per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=8, max_steps=3, learning_rate=5e-3, logging_steps=1, report_to="none",
-                      use_cpu=True, bf16=False, num_iterations=2, beta=0.04, epsilon=0.1, loss_type="dapo",
-                      save_strategy="no", seed=0, disable_tqdm=True)
+    # bf16=False: TRL's own fused head forms bf16 logits under a bf16 autocast (ours stays fp32); compare in fp32
+    common = {"output_dir": f"{tmp}/out", "per_device_train_batch_size": 4, "num_generations": 4,
+              "max_completion_length": 8, "max_steps": 3, "learning_rate": 5e-3, "logging_steps": 1,
+              "report_to": "none", "use_cpu": True, "bf16": False, "num_iterations": 2, "beta": 0.04,
+              "save_strategy": "no", "seed": 0, "disable_tqdm": True}
+    if algorithm == "grpo":
+        trainer_cls, args = GRPOTrainer, GRPOConfig(**common, epsilon=0.1, loss_type="dapo")
+    else:
+        trainer_cls, args = RLOOTrainer, RLOOConfig(**common)
     dataset = Dataset.from_dict({"prompt": ["abc", "hello", "the cat", "zz top"] * 2})
-    trainer = GRPOTrainer(model=f"{tmp}/model", reward_funcs=reward, args=args, train_dataset=dataset,
+    trainer = trainer_cls(model=f"{tmp}/model", reward_funcs=reward, args=args, train_dataset=dataset,
                           processing_class=tokenizer)
     trainer.train()
     return trainer.state.log_history
 
 
-def test_grpo_trainer_with_patch_trl_logs_the_same_metrics(monkeypatch):
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_trainer_with_patch_trl_logs_the_same_metrics(monkeypatch, algorithm):
     pytest.importorskip("datasets")
     with tempfile.TemporaryDirectory() as tmp:
-        plain = _tiny_grpo_run(tmp)
+        plain = _tiny_run(tmp, algorithm)
     calls = []
     linear_logprobs = ops.linear_logprobs
     monkeypatch.setattr(ops, "linear_logprobs", lambda *a, **k: calls.append(1) or linear_logprobs(*a, **k))
@@ -302,7 +309,7 @@ def test_grpo_trainer_with_patch_trl_logs_the_same_metrics(monkeypatch):
     assert replaced["trl.trainer.utils._ChunkedLogProbFunction"] is TRL.chunked
     assert replaced["trl.trainer.utils.selective_log_softmax"] is TRL.selective
     with tempfile.TemporaryDirectory() as tmp:
-        patched = _tiny_grpo_run(tmp)
+        patched = _tiny_run(tmp, algorithm)
     assert calls  # the patched run scored its completions with ops.linear_logprobs
     timing = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
     compared = 0
