@@ -87,8 +87,9 @@ setup(
     extras_require={
         # the Triton kernels (instructrl_fast.kernels); without it the ops use the C++ / PyTorch backends
         "triton": ["triton>=3.0"],
-        # transformers: the GPT-2 interop tests and the rollout bench's baseline; tokenizers: tokenizer.json input.
-        "test": ["pytest", "triton>=3.0", "transformers", "tokenizers"],
+        # transformers: the GPT-2 interop tests and the rollout bench's baseline; tokenizers: tokenizer.json input;
+        # trl: the TRL drop-ins are tested against it (and a real GRPOTrainer run); tested with 1.16.0.
+        "test": ["pytest", "triton>=3.0", "transformers", "tokenizers", "trl>=1.16,<1.17"],
         "flash": ["flash-attn>=2.6"],
     },
     entry_points={"console_scripts": ["instructrl-fast=instructrl_fast.cli:main"]},
