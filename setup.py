@@ -6,12 +6,20 @@ Switches (environment variables):
   DEBUG=1                            -O0 -g instead of -O3
   MAX_JOBS                           parallel compile jobs (ninja)
 
-Install with `pip install --no-build-isolation -e .` so the extension is compiled against the installed torch.
+Install with `pip install --no-build-isolation -e .` (development) or build a wheel with
+`pip wheel --no-build-isolation --no-deps .` (see the README) so the extension is compiled against the installed
+torch. numpy must be installed first: torch warns "Failed to initialize NumPy" when it is imported without it.
 """
 
 import glob
 import os
+import sys
 
+try:
+    import numpy  # noqa: F401 - only checked: torch, imported next, needs it to build without a warning
+except ImportError:
+    sys.exit("instructrl_fast: install numpy and torch before building (pip install torch numpy), then build with "
+             "--no-build-isolation")
 import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
@@ -68,6 +76,8 @@ setup(
     version="0.1.0",
     description="Fused Triton/CUDA/C++ kernels for RLHF and a lean tensor-parallel InstructGPT trainer",
     python_requires=">=3.10",
+    # Every folder of the package needs an __init__.py to be found (train/ once lacked one and wheels shipped no
+    # trainer); the Triton kernels live in kernels/ and install as instructrl_fast.kernels.
     packages=find_packages(include=["instructrl_fast", "instructrl_fast.*"]) + ["instructrl_fast.kernels"],
     package_dir={"instructrl_fast.kernels": "kernels"},
     ext_modules=_extensions(),
@@ -75,9 +85,11 @@ setup(
     # matplotlib draws the learning-curve and Figure-1 PNGs of the main job.
     install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "tensorboard", "matplotlib"],
     extras_require={
+        # the Triton kernels (instructrl_fast.kernels); without it the ops use the C++ / PyTorch backends
         "triton": ["triton>=3.0"],
-        # transformers: the GPT-2 interop tests and the rollout bench's baseline; tokenizers: tokenizer.json input.
-        "test": ["pytest", "triton>=3.0", "transformers", "tokenizers"],
+        # transformers: the GPT-2 interop tests and the rollout bench's baseline; tokenizers: tokenizer.json input;
+        # trl: the TRL drop-ins are tested against it (and a real GRPOTrainer run); tested with 1.16.0.
+        "test": ["pytest", "triton>=3.0", "transformers", "tokenizers", "trl>=1.16,<1.17"],
         "flash": ["flash-attn>=2.6"],
     },
     entry_points={"console_scripts": ["instructrl-fast=instructrl_fast.cli:main"]},

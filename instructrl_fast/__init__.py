@@ -4,8 +4,19 @@ The public fused ops live in ``instructrl_fast.ops``; ``build_info()`` says whic
 ``use_backend(name)`` forces one.
 """
 
-from instructrl_fast._ext import build_info
-from instructrl_fast.backend import BackendError, use_backend
-
 __version__ = "0.1.0"
 __all__ = ["BackendError", "__version__", "build_info", "use_backend"]
+
+
+def __getattr__(name: str):
+    # Lazy (PEP 562): importing the package, as the command line does before parsing `--help`, must not pay for
+    # torch and the compiled extensions.
+    if name == "build_info":
+        from instructrl_fast._ext import build_info
+
+        return build_info
+    if name in ("BackendError", "use_backend"):
+        from instructrl_fast import backend
+
+        return getattr(backend, name)
+    raise AttributeError(f"module 'instructrl_fast' has no attribute {name!r}")

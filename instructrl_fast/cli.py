@@ -1,101 +1,155 @@
-"""The ``instructrl-fast`` command line.
+"""instructrl-fast: the InstructGPT recipe (SFT -> reward model -> PPO-ptx) on an embedded task or on your data.
 
-  instructrl-fast run [--size s|m|l]      the whole recipe for one size on the embedded task, then the result table
-                                          (size s: ~3 min at one thread on a 2-core CPU)
-  instructrl-fast reproduce               every size and method: the Figure-1 table and plot (results.json;
-                                          ~24 min at one thread)
-  instructrl-fast sft | rm | ppo | eval   one stage, on the embedded task or on your data (JSONL, a tokenizer.json,
-                                          a GPT-2-family checkpoint folder)
+Every command takes --out DIR (metrics.csv, TensorBoard events, checkpoints, model.safetensors, result.json),
+--preset (demo, micro, instructgpt-1.3b / -6.7b / -175b) and --resume (continue from the newest checkpoint;
+finished stages are loaded, not rerun). A model.safetensors carries its shape and tokenizer: a command that reads
+one needs no --size or --tokenizer. --init also takes a GPT-2-family Hugging Face folder (its tokenizer.json is
+used when present). Tensor parallelism: torchrun --nproc-per-node N instructrl-fast ... --tp N.
+`instructrl-fast COMMAND --help` lists a command's options.
 
-Every command takes ``--out DIR`` (metrics.csv, TensorBoard events, checkpoints, model.safetensors), ``--preset``
-(``demo``, ``micro``, ``instructgpt-1.3b`` / ``-6.7b`` / ``-175b``) and ``--resume`` (continue from the newest
-checkpoints; finished stages are loaded, not rerun). Tensor parallelism: launch with
-``torchrun --nproc-per-node N instructrl-fast ... --tp N``.
+Structure (for adding a command): ``build_parser()`` declares every command with a one-line help and its options
+(shared ones through ``add_common_options`` / ``add_model_options``); ``COMMANDS`` maps each to its ``cmd_*``
+handler; ``main`` turns user errors into ``instructrl-fast CMD: error: ...`` and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
-import torch
+# Only the standard library at module level: `--help` and argument errors must not wait for torch (~1 s to
+# import); every handler imports what it needs.
 
 DEFAULT_RUN_SIZE = "s"
+PROG = "instructrl-fast"
 
 
-def _common(p: argparse.ArgumentParser, *, out_required: bool = False) -> None:
+class UserError(ValueError):
+    """A problem with the user's input; main prints it after the ``instructrl-fast CMD: error:`` prefix."""
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# argument types and shared options
+# -------------------------------------------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (an explicit 0 is rejected, never read as "the default")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def add_common_options(p: argparse.ArgumentParser, *, out_required: bool = False) -> None:
+    """--out, --preset, --resume, --threads, --device, --tp, --quiet: every command has them."""
     p.add_argument("--out", type=Path, required=out_required, default=None if out_required else Path("runs/default"),
-                   help="output folder (metrics, checkpoints, weights)")
+                   help="output folder (metrics, checkpoints, weights)" + ("" if out_required else
+                                                                           "; default runs/default"))
     p.add_argument("--preset", default="demo", help="demo (default), micro, instructgpt-1.3b/-6.7b/-175b")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoints in --out")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch intra-op threads (default: 1 for the CPU presets demo / micro, whose models are too "
                         "small for intra-op parallelism, else the usable cores)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (launch with torchrun)")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size (launch with torchrun)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _stage_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size", default=DEFAULT_RUN_SIZE, help="model shape: a size of the preset (s, m, l)")
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--size, --init, --tokenizer: what a training stage starts from."""
+    p.add_argument("--size", default=None,
+                   help="shape of a new model: a size of the preset (s, m, l; default s). Weights given with --init "
+                        "carry their own shape")
     p.add_argument("--init", type=Path, default=None,
-                   help="starting weights: a .safetensors file written by a stage, or a GPT-2-family HF folder")
-    p.add_argument("--tokenizer", type=Path, default=None, help="a HF tokenizer.json (default: bytes)")
+                   help="starting weights: a model.safetensors written by a stage, or a GPT-2-family HF folder")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="a HF tokenizer.json (default: the one stored with --init's weights or in its HF folder, "
+                        "else bytes)")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """The top-level help: the description as written, then one line per command."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=20, width=118)
+        self._action_max_length = 18  # argparse measures the command names too short: "reproduce" wrapped its help
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="instructrl-fast", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.split("\n\nStructure")[0],
+        formatter_class=_Formatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
-    p = sub.add_parser("run", help="all stages for one size on the embedded task, then the result table")
-    _common(p)
+    p = sub.add_parser("run", help="the whole recipe for one size on the embedded task, then the result table "
+                                   "(demo: minutes)")
+    add_common_options(p)
     p.add_argument("--size", default=DEFAULT_RUN_SIZE, help="which base size (s, m, l); default s")
 
-    p = sub.add_parser("reproduce", help="all sizes and methods: the Figure-1 table and plot")
-    _common(p)
+    p = sub.add_parser("reproduce", help="every size and method: the Figure-1 table and plot (demo: ~8x `run`)")
+    add_common_options(p)
 
-    p = sub.add_parser("sft", help="supervised fine-tuning on demonstrations")
-    _common(p, out_required=True)
-    _stage_args(p)
+    p = sub.add_parser("sft", help="supervised fine-tuning on demonstrations (JSONL of {prompt, response})")
+    add_common_options(p, out_required=True)
+    add_model_options(p)
     p.add_argument("--data", type=Path, default=None, help="JSONL of {prompt, response} (default: the demo task)")
-    p.add_argument("--val-data", type=Path, default=None, help="JSONL of {prompt, response} for validation loss")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--val-data", type=Path, default=None,
+                   help="JSONL of {prompt, response} for the validation loss (default: 10%% of --data, at most 64)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="passes over the data (default: the preset's)")
+    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
 
-    p = sub.add_parser("rm", help="reward model on K-way rankings")
-    _common(p, out_required=True)
-    _stage_args(p)
+    p = sub.add_parser("rm", help="a reward model on K-way rankings (JSONL of {prompt, responses, ranking})")
+    add_common_options(p, out_required=True)
+    add_model_options(p)
     p.add_argument("--data", type=Path, default=None,
                    help="JSONL of {prompt, responses, ranking} (default: the demo task)")
     p.add_argument("--val-data", type=Path, default=None)
     p.add_argument("--demos", type=Path, default=None,
                    help="JSONL of {prompt, response}: the RM is shifted so these score 0 on average "
                         "(default: the best-ranked response of each comparison)")
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
 
-    p = sub.add_parser("ppo", help="PPO (or PPO-ptx with --ptx) against a reward model")
-    _common(p, out_required=True)
-    _stage_args(p)
+    p = sub.add_parser("ppo", help="PPO, or PPO-ptx with --ptx, against a reward model")
+    add_common_options(p, out_required=True)
+    add_model_options(p)
     p.add_argument("--rm", type=Path, required=True, help="the reward model's model.safetensors (from `rm`)")
-    p.add_argument("--rm-size", default=None, help="the RM's model shape (default: --size)")
+    p.add_argument("--rm-size", default=None,
+                   help="the RM's shape, only for weights saved without one (default: --size)")
     p.add_argument("--prompts", type=Path, default=None, help="JSONL of {prompt} (default: the demo task)")
     p.add_argument("--ptx", action="store_true", help="PPO-ptx: mix the pretraining log-likelihood in")
     p.add_argument("--corpus", type=Path, default=None,
                    help="pretraining text for --ptx, documents separated by blank lines (default: the demo corpus)")
-    p.add_argument("--episodes", type=int, default=None)
+    p.add_argument("--episodes", type=positive_int, default=None,
+                   help="total episodes, a multiple of the rollout batch (default: the preset's)")
 
     p = sub.add_parser("eval", help="evaluate policies with the gold labeler, or answer prompts from a JSONL")
-    _common(p, out_required=True)
+    add_common_options(p, out_required=True)
     p.add_argument("--policy", action="append", required=True, metavar="NAME=PATH[:SIZE]",
-                   help="a policy to evaluate (repeatable); the first one is the win-rate reference")
+                   help="a policy to evaluate (repeatable); the first one is the win-rate reference. SIZE only for "
+                        "weights saved without their shape")
     p.add_argument("--prompts", type=Path, default=None,
                    help="JSONL of {prompt}: write responses.jsonl instead of the gold evaluation")
-    p.add_argument("--tokenizer", type=Path, default=None)
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="a HF tokenizer.json, only for weights saved without their tokenizer")
+
+    _plan_parser(sub)
     return parser
 
 
@@ -105,10 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup(args):
-    """Threads, device, distributed state, the preset; returns (cfg, ParallelState)."""
+    """Threads, device, distributed state, the preset, the output folder; returns (cfg, ParallelState)."""
+    import os
+
+    import torch
+
     from instructrl_fast.parallel import init_distributed
     from instructrl_fast.train.config import preset
 
+    cfg = preset(args.preset)  # first: a bad --preset is reported before anything starts
     # Measured on the 2-core CI machine (demo-s, one pretraining step): 0.17 s at 1 thread, 0.74 s at 2 when a
     # second process is busy: OpenMP barriers dominate matmuls this small, so the CPU presets default to 1 thread.
     threads = args.threads or (1 if args.preset in ("demo", "micro") else len(os.sched_getaffinity(0)))
@@ -116,58 +175,119 @@ def _setup(args):
     state = init_distributed(args.tp)
     if state.tp_size > 1:  # every TP rank holds its own weight shards: one output folder per rank
         args.out = args.out / f"tp-rank{state.tp_rank}"
-    cfg = preset(args.preset)
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.quiet or not state.is_main:
-        _quiet(cfg)
+        for stage in (*cfg.pretrain.values(), cfg.sft, cfg.ppo_init, cfg.rm, cfg.ppo, cfg.ppo_ptx):
+            stage.loop.progress = False
     return cfg, state
 
 
-def _quiet(cfg) -> None:
-    for stage in (*cfg.pretrain.values(), cfg.sft, cfg.ppo_init, cfg.rm, cfg.ppo, cfg.ppo_ptx):
-        stage.loop.progress = False
+def _device(args, state):
+    import torch
+
+    return torch.device(args.device) if args.device else state.device
 
 
-def _device(args, state) -> torch.device:
-    if args.device:
-        return torch.device(args.device)
-    return state.device
+def _check_size(cfg, size: str, option: str = "--size") -> str:
+    if size not in cfg.pretrain:
+        raise UserError(f"{option} must be one of {tuple(cfg.pretrain)} for preset {cfg.name}, got {size!r}")
+    return size
 
 
-def _tokenizer(path):
-    from instructrl_fast.data import load_tokenizer
+def _same_shape(a, b) -> bool:
+    fields = ("n_layer", "n_head", "d_head", "d_model", "d_ff", "block_size")
+    return all(getattr(a, f) == getattr(b, f) for f in fields)
 
-    return load_tokenizer(path)
+
+def _shape(c) -> str:
+    return f"n_layer={c.n_layer}, n_head={c.n_head}, d_model={c.d_model}, block_size={c.block_size}"
 
 
-def _model(args, cfg, tok, size: str, head: str = "lm", *, state=None, init: Path | None = None):
-    """A GPT of ``size``'s shape (or an HF checkpoint's) with ``init``'s weights if given."""
+def _load_model(args, cfg, state, path: Path | None, *, want: str = "lm", size: str | None = None,
+                size_option: str = "--size", tokenizer: Path | None = None):
+    """(model, tokenizer) for ``path``: a weights file (its stored shape and tokenizer), a GPT-2-family HF folder
+    (config.json, tokenizer.json when present) or None (a new model of ``size``).
+
+    ``want``: "lm" (a policy), "scalar" (a scalar-head GPT, e.g. a new reward model's body initialised from an LM)
+    or "reward" (a trained ``RewardModel``). ``size`` / ``tokenizer`` are checked against what the file stores.
+    """
+    from instructrl_fast.data.tokenizer import load_tokenizer, tokenizer_from_spec, tokenizer_spec
     from instructrl_fast.model import GPT
-    from instructrl_fast.train.checkpoint import load_weights
+    from instructrl_fast.train.checkpoint import load_weights, weights_info
     from instructrl_fast.train.config import model_config
+    from instructrl_fast.train.pipeline import init_from
+    from instructrl_fast.train.reward import RewardModel
 
-    tp_group = state.tp_group if state is not None else None
-    if init is not None and init.is_dir():  # a GPT-2-family transformers checkpoint
+    tp_group, device = state.tp_group, _device(args, state)
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+    if path is not None and path.is_dir():  # a GPT-2-family transformers checkpoint
         from instructrl_fast.model import hf
 
-        return hf.load_gpt2(str(init), head=head, tp_group=tp_group, device=_device(args, state))
-    if size not in cfg.pretrain:
-        raise SystemExit(f"--size must be one of {tuple(cfg.pretrain)} for preset {cfg.name}, got {size!r}")
-    mcfg = model_config(cfg.pretrain[size].model, vocab_size=tok.vocab_size, block_size=cfg.block_size)
-    model = GPT(mcfg, head=head, tp_group=tp_group).to(_device(args, state))
-    if init is not None:
-        if head == "scalar":
-            from instructrl_fast.train.pipeline import init_from
+        if want == "reward":
+            raise UserError(f"{path} is a Hugging Face folder, not a reward model written by `rm`")
+        if tok is None:
+            found = path / "tokenizer.json"
+            tok = load_tokenizer(found if found.is_file() else None)
+            if not found.is_file():
+                print(f"{PROG}: note: {path} holds no tokenizer.json; using the byte tokenizer (give --tokenizer)",
+                      file=sys.stderr)
+        model = hf.load_gpt2(str(path), head="lm" if want == "lm" else "scalar", tp_group=tp_group, device=device)
+        if size is not None and not _same_shape(model.config, model_config(
+                cfg.pretrain[_check_size(cfg, size, size_option)].model, vocab_size=1, block_size=cfg.block_size)):
+            raise UserError(f"{size_option} {size} does not match {path} ({_shape(model.config)}); leave it out")
+        _check_vocab(tok, model.config, path)
+        return model, tok
 
-            return init_from(model, load_weights(init, GPT(mcfg, tp_group=tp_group)))
-        load_weights(init, model)
-    return model
+    info = weights_info(path) if path is not None else None
+    if info is not None and info.tokenizer is not None:
+        stored = tokenizer_from_spec(info.tokenizer, f"the tokenizer stored in {path}")
+        if tok is not None and tokenizer_spec(tok) != info.tokenizer:
+            raise UserError(f"--tokenizer {tokenizer} is not the tokenizer {path} was trained with "
+                            f"({tok.vocab_size} vs {stored.vocab_size} ids); leave --tokenizer out")
+        tok = stored
+    tok = tok if tok is not None else load_tokenizer(None)
+    if info is not None and info.config is not None:
+        mcfg = info.config
+        if size is not None:
+            asked = model_config(cfg.pretrain[_check_size(cfg, size, size_option)].model,
+                                 vocab_size=mcfg.vocab_size, block_size=cfg.block_size)
+            if not _same_shape(asked, mcfg):
+                raise UserError(f"{size_option} {size} ({_shape(asked)}) does not match the model stored in {path} "
+                                f"({_shape(mcfg)}); leave {size_option} out")
+    else:  # a new model, or weights written without their shape: the preset's size
+        size = _check_size(cfg, size or DEFAULT_RUN_SIZE, size_option)
+        mcfg = model_config(cfg.pretrain[size].model, vocab_size=tok.vocab_size, block_size=cfg.block_size)
+    _check_vocab(tok, mcfg, path)
+    if info is not None and info.kind == "reward" and want != "reward":
+        raise UserError(f"{path} is a reward model; a policy or a model to fine-tune is needed here")
+    if info is not None and info.kind != "reward" and want == "reward":
+        raise UserError(f"{path} is not a reward model (train one with `{PROG} rm`)")
+    model = GPT(mcfg, head="lm" if want == "lm" else "scalar", tp_group=tp_group).to(device)
+    if want == "reward":
+        model = RewardModel(model)
+    if path is not None:
+        if want == "scalar" and info.kind == "lm":
+            init_from(model, load_weights(path, GPT(mcfg, tp_group=tp_group).to(device)))
+        else:
+            load_weights(path, model)
+    return model, tok
+
+
+def _check_vocab(tok, mcfg, path) -> None:
+    if tok.vocab_size > mcfg.vocab_size:
+        where = f"the model in {path}" if path is not None else "the model"
+        raise UserError(f"the tokenizer has {tok.vocab_size} ids but {where} has a vocabulary of {mcfg.vocab_size}")
 
 
 def _pairs(records) -> list[tuple[str, str]]:
     return [(r["prompt"], r["response"]) for r in records]
 
 
-def _split_val(items: list, n_val: int) -> tuple[list, list]:
+def _split_val(items: list, n_val: int, path: Path) -> tuple[list, list]:
+    """(train, validation): 10% of ``items`` (at least 1, at most ``n_val``) held out for validation."""
+    if len(items) < 2:
+        raise UserError(f"{path} holds {len(items)} record(s): at least 2 are needed when one is held out for "
+                        "validation (or give --val-data)")
     n_val = min(n_val, max(1, len(items) // 10))
     return items[n_val:], items[:n_val]
 
@@ -177,8 +297,20 @@ def _write(out: Path, name: str, obj) -> None:
     (out / name).write_text(json.dumps(obj, indent=1, default=float) + "\n")
 
 
+def _finish(args, returned: dict) -> dict:
+    """The stage's final metrics (the last logged value of every metric, then its final validation metrics):
+    printed and written to ``<out>/result.json``."""
+    from instructrl_fast.train.logging import last_values
+
+    csv_path = args.out / "metrics.csv"
+    metrics = {**(last_values(csv_path) if csv_path.is_file() else {}), **returned}
+    _write(args.out, "result.json", metrics)
+    print(json.dumps(metrics))
+    return metrics
+
+
 # -------------------------------------------------------------------------------------------------------------------
-# commands
+# commands: one handler each
 # -------------------------------------------------------------------------------------------------------------------
 
 
@@ -187,124 +319,153 @@ def cmd_run(args, *, all_sizes: bool = False) -> dict:
 
     cfg, state = _setup(args)
     if not all_sizes:
-        cfg = cfg.only(args.size)
+        cfg = cfg.only(_check_size(cfg, args.size))
     log = print if state.is_main else (lambda *a, **k: None)
     pipe = Pipeline(cfg, args.out, resume=args.resume, device=_device(args, state), log=log,
                     tp_group=state.tp_group)
     return pipe.run()
 
 
+def cmd_reproduce(args) -> dict:
+    return cmd_run(args, all_sizes=True)
+
+
 def cmd_sft(args) -> dict:
+    import dataclasses
+
     from instructrl_fast.data import DemoTask, load_sft_jsonl
     from instructrl_fast.train.checkpoint import save_weights
-    from instructrl_fast.train.pipeline import set_dropout
+    from instructrl_fast.train.pipeline import resuming, set_dropout
     from instructrl_fast.train.sft import train_sft
 
     cfg, state = _setup(args)
-    tok = _tokenizer(args.tokenizer)
     sc = cfg.sft
     if args.data is not None:
         demos = _pairs(load_sft_jsonl(args.data))
         val = _pairs(load_sft_jsonl(args.val_data)) if args.val_data else None
         if val is None:
-            demos, val = _split_val(demos, 64)
+            demos, val = _split_val(demos, 64, args.data)
     else:
         task = DemoTask(cfg.data_seed)
         demos = _pairs(task.demonstrations(sc.n_demos))
         val = [(p.text, " " + p.answer) for p in task.prompts("val", 64)]
+    if not demos:
+        raise UserError(f"{args.data}: no demonstrations to train on")
     changes = {"n_demos": len(demos), "batch_size": min(sc.batch_size, len(demos))}
     changes["micro_batch_size"] = min(sc.micro_batch_size, changes["batch_size"])
-    if args.epochs:
+    if args.epochs is not None:
         changes["epochs"] = args.epochs
-    if args.lr:
+    if args.lr is not None:
         changes["optim"] = dataclasses.replace(sc.optim, lr=args.lr)
     sc = dataclasses.replace(sc, **changes)
-    model = set_dropout(_model(args, cfg, tok, args.size, state=state, init=args.init), sc.dropout)
-    metrics = train_sft(sc, model, tok, demos, val, args.out, resume=args.resume)
-    save_weights(args.out / "model.safetensors", set_dropout(model, 0.0))
-    _write(args.out, "result.json", metrics)
-    print(json.dumps(metrics))
-    return metrics
+    model, tok = _load_model(args, cfg, state, args.init, size=args.size, tokenizer=args.tokenizer)
+    set_dropout(model, sc.dropout)
+    with resuming(args.out, args.resume):
+        returned = train_sft(sc, model, tok, demos, val, args.out, resume=args.resume)
+    save_weights(args.out / "model.safetensors", set_dropout(model, 0.0), tokenizer=tok)
+    return _finish(args, returned)
 
 
 def cmd_rm(args) -> dict:
+    import dataclasses
+
     from instructrl_fast.data import DemoTask, GoldLabeler, load_comparisons_jsonl, load_sft_jsonl
     from instructrl_fast.train.checkpoint import save_weights
+    from instructrl_fast.train.pipeline import resuming
     from instructrl_fast.train.reward import RewardModel, train_reward_model
 
     cfg, state = _setup(args)
-    tok = _tokenizer(args.tokenizer)
     rc = cfg.rm
     if args.data is not None:
         comps = load_comparisons_jsonl(args.data)
         val = load_comparisons_jsonl(args.val_data) if args.val_data else None
         if val is None:
-            comps, val = _split_val(comps, rc.n_val_comparisons)
+            comps, val = _split_val(comps, rc.n_val_comparisons, args.data)
     else:
         task = DemoTask(cfg.data_seed)
         data = task.comparisons(rc.n_comparisons + rc.n_val_comparisons, GoldLabeler(cfg.data_seed))
         comps, val = data[:rc.n_comparisons], data[rc.n_comparisons:]
-    if args.demos is not None:
-        demos = _pairs(load_sft_jsonl(args.demos))
-    else:
-        demos = [(c["prompt"], c["responses"][c["ranking"][0]]) for c in comps]
+    if not comps:
+        raise UserError(f"{args.data}: no comparisons to train on")
+    demos = (_pairs(load_sft_jsonl(args.demos)) if args.demos is not None
+             else [(c["prompt"], c["responses"][c["ranking"][0]]) for c in comps])
     batch = min(rc.batch_size, len(comps))
     rc = dataclasses.replace(rc, n_comparisons=len(comps), batch_size=batch,
                              micro_batch_size=min(rc.micro_batch_size, batch),
-                             **({"optim": dataclasses.replace(rc.optim, lr=args.lr)} if args.lr else {}))
-    rm = RewardModel(_model(args, cfg, tok, args.size, "scalar", state=state, init=args.init))
-    metrics = train_reward_model(rc, rm, tok, comps, val, demos, args.out, resume=args.resume)
-    save_weights(args.out / "model.safetensors", rm)
-    _write(args.out, "result.json", metrics)
-    print(json.dumps(metrics))
-    return metrics
+                             **({"optim": dataclasses.replace(rc.optim, lr=args.lr)} if args.lr is not None else {}))
+    want = "reward" if args.init is not None and _kind(args.init) == "reward" else "scalar"
+    body, tok = _load_model(args, cfg, state, args.init, want=want, size=args.size, tokenizer=args.tokenizer)
+    rm = body if want == "reward" else RewardModel(body)
+    with resuming(args.out, args.resume):
+        returned = train_reward_model(rc, rm, tok, comps, val, demos, args.out, resume=args.resume)
+    save_weights(args.out / "model.safetensors", rm, tokenizer=tok)
+    return _finish(args, returned)
+
+
+def _kind(path: Path) -> str | None:
+    """"lm" / "scalar" / "reward" for a weights file, None for a folder."""
+    from instructrl_fast.train.checkpoint import weights_info
+
+    return None if path.is_dir() else weights_info(path).kind
 
 
 def _read_corpus(path: Path) -> list[str]:
     docs = [d.strip() for d in path.read_text().split("\n\n") if d.strip()]
     if not docs:
-        raise ValueError(f"{path}: no documents (separate documents with a blank line)")
+        raise UserError(f"{path}: no documents (separate documents with a blank line)")
     return docs
 
 
 def cmd_ppo(args) -> dict:
+    import dataclasses
+
     from instructrl_fast.data import DemoTask, load_prompts_jsonl
+    from instructrl_fast.data.tokenizer import tokenizer_spec
+    from instructrl_fast.model import GPT
     from instructrl_fast.train.batching import chunk_corpus
-    from instructrl_fast.train.checkpoint import load_weights, save_weights
-    from instructrl_fast.train.pipeline import init_from
+    from instructrl_fast.train.checkpoint import save_weights
+    from instructrl_fast.train.pipeline import init_from, resuming
     from instructrl_fast.train.ppo import train_ppo
-    from instructrl_fast.train.reward import RewardModel
 
     cfg, state = _setup(args)
-    tok = _tokenizer(args.tokenizer)
     pc = cfg.ppo_ptx if args.ptx else cfg.ppo
     task = DemoTask(cfg.data_seed)
     if args.prompts is not None:
         prompts = [p.text for p in load_prompts_jsonl(args.prompts)]
     else:
         prompts = [p.text for p in task.prompts("train", pc.n_prompts)]
+    if not prompts:
+        raise UserError(f"{args.prompts}: no prompts")
     rollout = min(pc.rollout_batch_size, len(prompts))
     minibatch = min(pc.minibatch_size, rollout)
-    episodes = args.episodes or pc.n_episodes
+    if args.episodes is None:  # the preset's episode count, rounded down to whole rollout batches of these prompts
+        episodes = max(rollout, pc.n_episodes // rollout * rollout)
+    elif args.episodes % rollout:
+        raise UserError(f"--episodes must be a multiple of the rollout batch size {rollout} (the preset's "
+                        f"{pc.rollout_batch_size}, at most the number of prompts), got {args.episodes}")
+    else:
+        episodes = args.episodes
     pc = dataclasses.replace(pc, n_prompts=len(prompts), rollout_batch_size=rollout, minibatch_size=minibatch,
-                             micro_batch_size=min(pc.micro_batch_size, minibatch),
-                             n_episodes=max(rollout, episodes // rollout * rollout))
+                             micro_batch_size=min(pc.micro_batch_size, minibatch), n_episodes=episodes)
+    policy, tok = _load_model(args, cfg, state, args.init, size=args.size, tokenizer=args.tokenizer)
+    ref, _ = _load_model(args, cfg, state, args.init, size=args.size, tokenizer=args.tokenizer)
+    # A legacy RM (saved without its shape) has the policy's size unless --rm-size names another.
+    rm, rm_tok = _load_model(args, cfg, state, args.rm, want="reward", size=args.rm_size or args.size,
+                             size_option="--rm-size" if args.rm_size else "--size", tokenizer=args.tokenizer)
+    if tokenizer_spec(rm_tok) != tokenizer_spec(tok):
+        raise UserError(f"the reward model {args.rm} was trained with another tokenizer ({rm_tok.vocab_size} ids) "
+                        f"than the policy ({tok.vocab_size} ids)")
+    # the value model starts from the RM: its shape, whatever the policy's
+    value = init_from(GPT(rm.body.config, head="scalar", tp_group=state.tp_group).to(_device(args, state)), rm.body)
     ptx = None
     if args.ptx:
-        docs = _read_corpus(args.corpus) if args.corpus else task.pretraining_corpus(cfg.pretrain["s"].n_docs)
+        docs = _read_corpus(args.corpus) if args.corpus else task.pretraining_corpus(cfg.pretrain[cfg.sizes[0]].n_docs)
         ptx = chunk_corpus(docs, tok, pc.ptx_seq_len)
-    policy = _model(args, cfg, tok, args.size, state=state, init=args.init)
-    ref = _model(args, cfg, tok, args.size, state=state, init=args.init)
-    # the RM has the policy's shape unless --rm-size names another (an HF-initialised policy: the HF shape)
-    rm_shape = args.init if args.init is not None and args.init.is_dir() and args.rm_size is None else None
-    rm_size = args.rm_size or args.size
-    rm = load_weights(args.rm, RewardModel(_model(args, cfg, tok, rm_size, "scalar", state=state, init=rm_shape)))
-    value = init_from(_model(args, cfg, tok, rm_size, "scalar", state=state, init=rm_shape), rm.body)
-    ema, metrics = train_ppo(pc, policy, value, ref, rm, tok, prompts, args.out, ptx_chunks=ptx, resume=args.resume)
-    save_weights(args.out / "model.safetensors", ema)
-    _write(args.out, "result.json", metrics)
-    print(json.dumps(metrics))
-    return metrics
+    with resuming(args.out, args.resume):
+        ema, returned = train_ppo(pc, policy, value, ref, rm, tok, prompts, args.out, ptx_chunks=ptx,
+                                  resume=args.resume)
+    save_weights(args.out / "model.safetensors", ema, tokenizer=tok)
+    return _finish(args, returned)
 
 
 def cmd_eval(args) -> dict:
@@ -313,19 +474,22 @@ def cmd_eval(args) -> dict:
     from instructrl_fast.train.generation import respond
 
     cfg, state = _setup(args)
-    tok = _tokenizer(args.tokenizer)
-    policies = {}
+    ec = cfg.eval
+    gen = {}
     for spec in args.policy:
         name, sep, rest = spec.partition("=")
-        if not sep:
-            raise SystemExit(f"--policy must be NAME=PATH[:SIZE], got {spec!r}")
+        if not sep or not name or not rest:
+            raise UserError(f"--policy must be NAME=PATH[:SIZE], got {spec!r}")
+        if name in gen:
+            raise UserError(f"--policy names {name!r} twice")
         path, _, size = rest.partition(":")
-        policies[name] = _model(args, cfg, tok, size or DEFAULT_RUN_SIZE, state=state, init=Path(path))
-    ec = cfg.eval
-    gen = {n: (lambda texts, m=m: respond(m, tok, texts, max_new_tokens=ec.max_new_tokens,
-                                          temperature=ec.temperature)) for n, m in policies.items()}
+        model, tok = _load_model(args, cfg, state, Path(path), size=size or None, tokenizer=args.tokenizer)
+        gen[name] = lambda texts, m=model, t=tok: respond(m, t, texts, max_new_tokens=ec.max_new_tokens,
+                                                          temperature=ec.temperature)
     if args.prompts is not None:
         prompts = load_prompts_jsonl(args.prompts)
+        if not prompts:
+            raise UserError(f"{args.prompts}: no prompts")
         rows = [{"prompt": p.text, **{n: r for n, r in zip(gen, resp)}}
                 for p, *resp in zip(prompts, *(ev.collect_responses(g, prompts) for g in gen.values()))]
         n = save_jsonl(args.out / "responses.jsonl", rows)
@@ -344,18 +508,83 @@ def cmd_eval(args) -> dict:
     return results
 
 
-COMMANDS = {"run": cmd_run, "reproduce": lambda a: cmd_run(a, all_sizes=True), "sft": cmd_sft, "rm": cmd_rm,
-            "ppo": cmd_ppo, "eval": cmd_eval}
+def _plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="memory per GPU and stage, and time per PPO iteration, of a run on a cluster",
+                       description="Plan a run: per GPU and per stage (sft, rm, ppo-rollout, ppo-train, "
+                                   "ppo-ptx-train) the memory of each term against --gpu-memory, the largest "
+                                   "micro-batches that fit and the time per PPO iteration. Parameter counts come "
+                                   "from the model built on the meta device under a fake process group of the "
+                                   "planned world (see instructrl_fast/plan.py for every formula).")
+    p.add_argument("--preset", default=None, help="instructgpt-1.3b, instructgpt-6.7b or instructgpt-175b")
+    p.add_argument("--config", action="append", default=[], metavar="ROLE=NAME|JSON",
+                   help="a model's shape (repeatable; ROLE: policy, reference, reward, value): a GPTConfig preset "
+                        "such as gpt3-6.7b or a JSON file of GPTConfig fields")
+    p.add_argument("--gpus", type=positive_int, required=True, help="GPUs in the run (dp = gpus / tp)")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size")
+    p.add_argument("--gpu-memory", type=positive_float, default=80.0, help="GiB per GPU (default 80)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    for name, what in (("sft", "SFT sequences"), ("rm", "RM prompts (each with --rm-responses sequences)"),
+                       ("ppo", "PPO episodes"), ("rollout", "episodes generated at once per dp replica")):
+        p.add_argument(f"--{name}-micro-batch", type=positive_int, default=None, help=f"{what} per micro-batch")
+    p.add_argument("--rm-responses", type=int, default=None, help="K responses per ranked prompt (default 9)")
+    p.add_argument("--seq-len", type=int, default=None, help="SFT / RM sequence length (default: the context)")
+    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens per episode")
+    p.add_argument("--response-len", type=int, default=None, help="generated tokens per episode")
+    p.add_argument("--mfu", type=float, default=None, help="assumed model FLOPs utilisation (default 0.4)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="dense peak per GPU (default: H100 SXM, 989 bf16 / 495 TF32)")
+    p.add_argument("--hbm-tbps", type=float, default=None, help="HBM bandwidth per GPU, TB/s (default 3.35)")
+    p.add_argument("--interconnect-gbps", type=float, default=None,
+                   help="network bandwidth per GPU across dp, GB/s (default 50: one 400 Gb/s NIC per GPU)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def cmd_plan(args) -> dict:
+    from instructrl_fast import plan as planner
+
+    configs = {}
+    for item in args.config:
+        role, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--config must be ROLE=NAME|JSON, got {item!r}")
+        try:
+            configs[role] = planner.load_model_config(value)
+        except TypeError as e:  # a JSON file with unknown or mistyped GPTConfig fields
+            raise ValueError(f"--config {item!r}: {e}") from e
+    spec = planner.preset_spec(
+        args.preset, configs=configs, gpus=args.gpus, tp=args.tp, gpu_memory_gib=args.gpu_memory,
+        precision=args.precision, activation_checkpointing=args.activation_checkpointing,
+        sft_micro_batch=args.sft_micro_batch, rm_micro_batch=args.rm_micro_batch, rm_responses=args.rm_responses,
+        ppo_micro_batch=args.ppo_micro_batch, rollout_micro_batch=args.rollout_micro_batch, seq_len=args.seq_len,
+        prompt_len=args.prompt_len, response_len=args.response_len, mfu=args.mfu, peak_tflops=args.peak_tflops,
+        hbm_tbps=args.hbm_tbps, interconnect_gbps=args.interconnect_gbps)
+    plan = planner.make_plan(spec)
+    out = plan.to_json()
+    print(json.dumps(out, indent=1) if args.json else plan.to_text())
+    return out
+
+
+COMMANDS = {"run": cmd_run, "reproduce": cmd_reproduce, "sft": cmd_sft, "rm": cmd_rm, "ppo": cmd_ppo,
+            "eval": cmd_eval, "plan": cmd_plan}
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        raise SystemExit("--threads must be >= 1")
+    """Parse ``argv`` and run its command. Returns the exit code: 0, or 2 for a user error (bad argument, file,
+    shape or value), reported as ``instructrl-fast CMD: error: ...`` without a traceback."""
     try:
-        COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"instructrl-fast {args.command}: error: {e}", file=sys.stderr)
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed usage and the error (2) or the help (0)
+        return e.code if isinstance(e.code, int) else 2
+    from instructrl_fast.train.logging import progress_for_logs
+
+    try:
+        with progress_for_logs():
+            COMMANDS[args.command](args)
+    except (ValueError, OSError, ImportError) as e:
+        # ValueError: the library's argument checks and UserError; OSError: files that are missing,
+        # unreadable or in the way; ImportError: an optional package (tokenizers, matplotlib) a given input needs.
+        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

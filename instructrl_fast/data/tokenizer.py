@@ -72,6 +72,17 @@ class ByteTokenizer:
         return "ByteTokenizer(vocab_size=264, pad=256, bos=257, eos=258)"
 
 
+def _tokenizers():
+    try:
+        import tokenizers
+    except ImportError as e:  # optional dependency: the byte tokenizer needs nothing
+        raise ImportError(
+            "a tokenizer.json needs the `tokenizers` package (pip install tokenizers); "
+            "use load_tokenizer(None) for the built-in byte tokenizer"
+        ) from e
+    return tokenizers
+
+
 class HFTokenizer:
     """A Hugging Face ``tokenizers`` tokenizer (a ``tokenizer.json``) behind the ByteTokenizer interface.
 
@@ -80,15 +91,20 @@ class HFTokenizer:
     """
 
     def __init__(self, path: str | os.PathLike):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError as e:  # optional dependency: the byte tokenizer needs nothing
-            raise ImportError(
-                "load_tokenizer(path) with a tokenizer.json needs the `tokenizers` package (pip install tokenizers); "
-                "use load_tokenizer(None) for the built-in byte tokenizer"
-            ) from e
         self.path = os.fspath(path)
-        self._tok = Tokenizer.from_file(self.path)
+        self._setup(_tokenizers().Tokenizer.from_file(self.path))
+
+    @classmethod
+    def from_str(cls, text: str, name: str = "<embedded tokenizer.json>") -> HFTokenizer:
+        """The tokenizer whose ``tokenizer.json`` content is ``text`` (as ``to_str`` returns it); ``name`` labels it
+        in messages."""
+        tok = cls.__new__(cls)
+        tok.path = name
+        tok._setup(_tokenizers().Tokenizer.from_str(_check_text(text)))
+        return tok
+
+    def _setup(self, tok) -> None:
+        self._tok = tok
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         found = {kind: self._find(names) for kind, names in _SPECIAL_NAMES.items()}
         if found["eos"] is None:
@@ -96,6 +112,10 @@ class HFTokenizer:
         self.eos_id = found["eos"]
         self.bos_id = self.eos_id if found["bos"] is None else found["bos"]
         self.pad_id = self.eos_id if found["pad"] is None else found["pad"]
+
+    def to_str(self) -> str:
+        """The ``tokenizer.json`` content (what ``from_str`` reads back)."""
+        return self._tok.to_str()
 
     def _find(self, names) -> int | None:
         for name in names:
@@ -129,3 +149,18 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> ByteTokenizer | HFT
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path {path!r}: no tokenizer.json there")
     return HFTokenizer(path)
+
+
+def tokenizer_spec(tok: ByteTokenizer | HFTokenizer) -> str:
+    """A string that rebuilds ``tok`` through ``tokenizer_from_spec``: ``"byte"`` or the whole ``tokenizer.json``
+    text (stored in a checkpoint's metadata so the weights carry the tokenizer they were trained with)."""
+    if isinstance(tok, ByteTokenizer):
+        return "byte"
+    if isinstance(tok, HFTokenizer):
+        return tok.to_str()
+    raise TypeError(f"tok must be a ByteTokenizer or HFTokenizer, got {type(tok).__name__}")
+
+
+def tokenizer_from_spec(spec: str, name: str = "<embedded tokenizer.json>") -> ByteTokenizer | HFTokenizer:
+    """The inverse of ``tokenizer_spec``."""
+    return ByteTokenizer() if spec == "byte" else HFTokenizer.from_str(spec, name)

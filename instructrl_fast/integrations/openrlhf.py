@@ -1,15 +1,14 @@
-"""OpenRLHF drop-ins (``openrlhf.models.utils`` and the experience maker's GAE) on instructrl_fast's fused ops.
+"""OpenRLHF drop-ins (``openrlhf.models.utils`` and the experience maker's GAE / returns) on instructrl_fast's ops.
 
-Use them by patching, e.g.::
+Install them with ``instructrl_fast.integrations.patch_openrlhf()``. Signatures, semantics (masked positions
+included) and output dtypes follow OpenRLHF's current main branch (``openrlhf/models/utils.py``,
+``openrlhf/trainer/ppo_utils/experience_maker.py``). Deliberate differences:
 
-    import openrlhf.models.utils as utils
-    from instructrl_fast.integrations import openrlhf as fast
-
-    utils.compute_approx_kl = fast.compute_approx_kl
-    utils.compute_reward = fast.compute_reward
-    NaiveExperienceMaker.get_advantages_and_returns = staticmethod(fast.get_advantages_and_returns)
-
-Packed samples (lists of tensors) are not supported: pass padded [B, T] tensors. Outputs are float32.
+* packed samples (a list of per-sample tensors for ``kl`` / ``values``) raise ``NotImplementedError``: pass padded
+  [B, T] tensors;
+* ``log_probs_from_logits`` does not divide the caller's ``logits`` in place by the temperature (OpenRLHF does, as
+  a side effect that its callers do not rely on);
+* an unknown ``kl_estimator`` raises ValueError (OpenRLHF fails with UnboundLocalError).
 """
 
 from __future__ import annotations
@@ -17,53 +16,102 @@ from __future__ import annotations
 import torch
 
 from instructrl_fast import ops
+from instructrl_fast.integrations._common import out_dtype
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
-def compute_approx_kl(log_probs: torch.Tensor, log_probs_base: torch.Tensor, kl_estimator: str = "k1", *,
-                      action_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """OpenRLHF's per-token KL approximation: "k1", "k2" or "k3" (Schulman), float32.
+def _no_packed(name: str, x) -> None:
+    if isinstance(x, (list, tuple)):
+        raise NotImplementedError(f"{name}: packed samples (a list of tensors) are not supported; pass a padded "
+                                  "[B, T] tensor")
 
-    ``action_mask`` (keyword) follows the older OpenRLHF signature: masked positions are set to 0. Difference: an
-    unknown estimator raises ValueError (OpenRLHF fails with UnboundLocalError); "abs" is accepted as well.
+
+def compute_approx_kl(log_probs: torch.Tensor, log_probs_base: torch.Tensor, kl_estimator: str = "k1",
+                      log_probs_old: torch.Tensor | None = None, unbiased_gradient: bool = False) -> torch.Tensor:
+    """OpenRLHF's per-token KL approximation (Schulman's "k1", "k2", "k3"), clamped to [-10, 10], in float32.
+
+    ``unbiased_gradient`` (OpenRLHF PR #1309) keeps the estimator's value and backpropagates the reverse-KL
+    gradient (log_probs - log_probs_base) instead (straight-through). Its off-policy importance weight
+    (``log_probs_old``, clipped at OpenRLHF's KL_IS_WEIGHT_CLIP) is not reproduced: NotImplementedError.
     """
-    kl = ops.kl_penalty(log_probs, log_probs_base, estimator=kl_estimator)
-    return kl if action_mask is None else kl * action_mask
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    if unbiased_gradient and log_probs_old is not None:
+        raise NotImplementedError("compute_approx_kl(log_probs_old=..., unbiased_gradient=True): the off-policy "
+                                  "importance weight is not reproduced by the drop-in")
+    # clamping the log-ratio at +-20 first changes no value once clamped to [-10, 10] (|d| >= 20 gives |k| > 10
+    # for every estimator) but keeps k3's exp finite, so the saturated gradient is 0, never 0 * inf
+    log_probs = log_probs.float()  # as OpenRLHF, which upcasts both before any arithmetic
+    base = log_probs + (log_probs_base.float() - log_probs).clamp(-20.0, 20.0)
+    kl = ops.kl_penalty(log_probs, base, estimator=kl_estimator).clamp(min=-10.0, max=10.0)
+    if not unbiased_gradient:
+        return kl
+    k2 = ops.kl_penalty(log_probs, log_probs_base.float(), estimator="k2")  # gradient: log_probs - log_probs_base
+    return k2 - k2.detach() + kl.detach()
 
 
 def compute_reward(r: torch.Tensor, kl_coef: float, kl: torch.Tensor, action_mask: torch.Tensor | None = None,
                    reward_clip_range: tuple[float, float] | None = None) -> torch.Tensor:
-    """OpenRLHF's token rewards: -kl_coef * kl, plus r[b] at the last position where action_mask is set.
+    """OpenRLHF's token rewards: -kl_coef * kl everywhere, plus r[b] at the last position of row b where
+    action_mask is set (the row's last position when none is), in kl's dtype.
 
-    As in OpenRLHF, kl_coef <= 0 turns the penalty off and ``reward_clip_range`` clamps r first. Differences:
-    action_mask is required (OpenRLHF also fails without it); the KL term is 0 at masked positions (OpenRLHF adds
-    -kl_coef * kl everywhere, which is the same when kl is already 0 there, as its callers make it); a fully masked
-    row gets no reward (OpenRLHF puts r at the row's last position); the output is float32 (OpenRLHF: kl's dtype).
+    As in OpenRLHF, kl_coef <= 0 turns the penalty off, ``reward_clip_range`` clamps r first, and action_mask is
+    required despite its default (OpenRLHF fails without it too).
     """
-    if isinstance(kl, (list, tuple)):
-        raise TypeError("kl must be a [B, T] tensor: packed samples (a list of tensors) are not supported")
-    if action_mask is None:
-        raise ValueError("action_mask is required: it says where each row's last action (the reward's place) is")
+    _no_packed("kl", kl)
     if not isinstance(r, torch.Tensor):
         raise TypeError(f"r must be a [B] tensor of sequence rewards, got {type(r).__name__}")
+    if action_mask is None:
+        raise ValueError("action_mask is required: it says where each row's last action (the reward's place) is")
+    kl_coef = max(float(kl_coef), 0.0)
     if reward_clip_range:
         r = r.clamp(min=reward_clip_range[0], max=reward_clip_range[1])
+    mask = action_mask.bool()
     # kl enters as logp with a zero reference: the k1 estimator of (kl, 0) is kl itself
-    return ops.shape_rewards(r, kl, torch.zeros_like(kl), action_mask, kl_coef=max(float(kl_coef), 0.0),
-                             estimator="k1")
+    shaped = ops.shape_rewards(r, kl, torch.zeros_like(kl), mask, kl_coef=kl_coef, estimator="k1")
+    rewards = torch.where(mask, shaped, -kl_coef * kl)  # OpenRLHF's penalty applies at masked positions too
+    # a row without any action gets r at its last position (OpenRLHF's argmax over an all-zero row picks it)
+    rewards[:, -1] += torch.where(mask.any(dim=-1), 0.0, r.to(rewards.dtype))
+    return rewards.to(kl.dtype)
+
+
+def log_probs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """OpenRLHF's log-probs of ``labels`` under softmax(logits / temperature), [...] in logits' dtype.
+
+    Differentiable w.r.t. logits; the [N, V] log-softmax is never formed. ``logits`` is not modified.
+    """
+    return ops.gather_logprobs(logits, labels, temperature=temperature).to(logits.dtype)
 
 
 def get_advantages_and_returns(values: torch.Tensor, rewards: torch.Tensor, action_mask: torch.Tensor | None,
                                gamma: float, lambd: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """OpenRLHF's GAE (the experience maker's method, without ``self``) -> (advantages, returns), [B, T].
+    """OpenRLHF's GAE (the experience maker's method; installed as a staticmethod) -> (advantages, returns).
 
-    Identical to OpenRLHF for right-padded masks (a row's valid positions form a prefix): the advantages at valid
-    positions, and 0 for both outputs after the last one. Difference: OpenRLHF zeroes values and rewards at masked
-    positions and still steps through them, so a hole inside a row acts as a step with r = V = 0 (discounted);
-    we skip holes (``ops.gae``: consecutive valid positions are consecutive steps) and return 0 at them.
-    ``action_mask=None`` means every position is valid.
+    As in OpenRLHF, values and rewards are zeroed at masked positions and the recurrence steps through every
+    position (a hole inside a row is a step with r = V = 0), so ``ops.gae`` runs on the masked inputs with every
+    position valid. returns = advantages + masked values. No gradient.
     """
-    if isinstance(values, (list, tuple)):
-        raise TypeError("values must be a [B, T] tensor: packed samples (a list of tensors) are not supported")
-    if action_mask is None:
-        action_mask = torch.ones(rewards.shape, dtype=torch.bool, device=rewards.device)
-    return ops.gae(rewards, values, action_mask, gamma=gamma, lam=lambd)
+    _no_packed("values", values)
+    with torch.no_grad():
+        if action_mask is not None:
+            values = action_mask * values
+            rewards = action_mask * rewards
+        every = torch.ones(rewards.shape, dtype=torch.bool, device=rewards.device)
+        advantages, returns = ops.gae(rewards, values, every, gamma=gamma, lam=lambd)
+        dtype = out_dtype(values, rewards)
+        return advantages.to(dtype), returns.to(dtype)
+
+
+def get_cumulative_returns(rewards: torch.Tensor, action_mask: torch.Tensor | None, gamma: float) -> torch.Tensor:
+    """OpenRLHF's REINFORCE returns: sum_{s >= t} gamma^(s - t) r_s over the masked rewards, in rewards' dtype.
+
+    GAE with lambda = 1 and zero values is exactly this discounted sum (``ops.gae`` over every position).
+    """
+    _no_packed("rewards", rewards)
+    with torch.no_grad():
+        if action_mask is not None:
+            rewards = action_mask * rewards
+        every = torch.ones(rewards.shape, dtype=torch.bool, device=rewards.device)
+        returns, _ = ops.gae(rewards, torch.zeros_like(rewards), every, gamma=gamma, lam=1.0)
+        return returns.to(rewards.dtype)

@@ -312,18 +312,27 @@ def plot_figure1(results: Sequence[dict], path_png: str | os.PathLike, *,
         return None
     fig, axes = made
     ax = axes[0, 0]
-    numeric = all("params" in r for r in results)
-    for m in methods:
+    # A log axis of parameter counts needs two sizes at least; one size is one column of points (a lone x value on a
+    # log axis lands at the edge of the default decade range). Methods are spread a little around their size so
+    # their error bars do not overlap.
+    numeric = all("params" in r for r in results) and len(sizes) > 1
+    for i, m in enumerate(methods):
         recs = [grid[(m, s)] for s in sizes if (m, s) in grid]
-        xs = [r["params"] if numeric else sizes.index(r["size"]) for r in recs]
+        offset = (i - (len(methods) - 1) / 2) * 0.04
+        xs = [r["params"] * 10 ** offset if numeric else sizes.index(r["size"]) + offset for r in recs]
         errs = [_ci95(r) or 0.0 for r in recs]
         ax.errorbar(xs, [r["win_rate"] for r in recs], yerr=errs, marker="o", capsize=3, label=m)
-    if numeric:
+    params = {s: grid[next(k for k in grid if k[1] == s)].get("params") for s in sizes}
+    labels = [f"{s} ({params[s] / 1e6:.2g}M)" if params[s] else str(s) for s in sizes]
+    if numeric:  # ticks at the sizes' parameter counts (one size's methods share its count), named by size
         ax.set_xscale("log")
-        ax.set_xlabel("model parameters")
+        ax.set_xticks([params[s] for s in sizes], labels)
+        ax.minorticks_off()
+        ax.set_xlabel("model size (parameters, log scale)")
     else:
-        ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
-        ax.set_xlabel("model size")
+        ax.set_xticks(range(len(sizes)), labels)
+        ax.set_xlim(-0.5, len(sizes) - 0.5)
+        ax.set_xlabel("model size (parameters)")
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_ylim(0, 1)
     ax.set_ylabel(f"win rate against {reference}")
@@ -361,25 +370,40 @@ def _read_csv_columns(csv_path) -> tuple[str, dict[str, list[tuple[float, float]
     return x_col, series
 
 
-def plot_learning_curves(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> str | None:
+def plot_learning_curves(csv_path: str | os.PathLike, png_path: str | os.PathLike, *,
+                         title: str | None = None) -> str | None:
     """One panel per numeric column of a metrics CSV (e.g. ``MetricsLogger``'s), against ``step`` (or the first
-    column). Cells may be empty. Returns the PNG path, or None without matplotlib."""
+    column). Cells may be empty. A validation column ``val_X`` is drawn as large markers in the panel of ``X`` when
+    the CSV has it (a validation metric logged once is then a point against the training curve, not a lone dot).
+    ``title`` defaults to the name of the CSV's folder (the stage). Returns the PNG path, or None without
+    matplotlib."""
     x_col, series = _read_csv_columns(csv_path)
     if not series:
         raise ValueError(f"csv_path {os.fspath(csv_path)!r} has no numeric column besides {x_col!r}")
-    ncols = min(3, len(series))
-    nrows = math.ceil(len(series) / ncols)
+    overlay = {n: n.removeprefix("val_") for n in series if n.startswith("val_") and n.removeprefix("val_") in series}
+    panels = [n for n in series if n not in overlay]
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
     made = _new_figure("plot_learning_curves", png_path, nrows, ncols, size=(4.0, 2.8))
     if made is None:
         return None
     fig, axes = made
-    for ax, (name, pts) in zip(axes.flat, series.items()):
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+    for ax, name in zip(axes.flat, panels):
+        pts = series[name]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None,
+                markersize=3 if len(pts) > 1 else 6, label="train" if name in overlay.values() else None)
+        for val, train_name in overlay.items():
+            if train_name == name:
+                ax.plot([p[0] for p in series[val]], [p[1] for p in series[val]], marker="D", markersize=7,
+                        linestyle="--", color="tab:red", label="validation")
+                ax.legend(fontsize="small")
         ax.set_title(name)
         ax.set_xlabel(x_col)
-    for ax in list(axes.flat)[len(series):]:
+    for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle(os.path.basename(os.fspath(csv_path)))
+    if title is None:
+        title = os.path.basename(os.path.dirname(os.path.abspath(os.fspath(csv_path)))) or "metrics"
+    fig.suptitle(title)
     return _save(fig, png_path)
 
 
@@ -411,22 +435,31 @@ def overoptimization_summary(points: Sequence[tuple[float, float, float]]) -> di
             "gold_at_max_kl": last[2], "rm_at_max_kl": last[1], "gold_drop": peak[2] - last[2]}
 
 
-def plot_overoptimization(points: Sequence[tuple[float, float, float]], png_path: str | os.PathLike) -> str | None:
-    """RM reward and gold reward against KL(policy || reference policy), marking the gold peak. Returns the PNG path, or None
-    without matplotlib."""
-    pts = _check_points(points)
-    summary = overoptimization_summary(pts)
+def plot_overoptimization(points: Sequence[tuple[float, float, float]] | dict[str, Sequence],
+                          png_path: str | os.PathLike) -> str | None:
+    """RM reward (solid) and gold reward (dashed) against KL(policy || reference policy), marking the gold peak.
+    ``points``: one run's ``(kl, rm_reward, gold_reward)`` points, or ``{run name: points}`` to draw several runs
+    (e.g. PPO and PPO-ptx), each in its own colour and named in the legend and title. Returns the PNG path, or
+    None without matplotlib."""
+    runs = ({str(k): _check_points(v) for k, v in points.items()} if isinstance(points, dict)
+            else {"": _check_points(points)})
+    if not runs:
+        raise ValueError("points must name at least one run")
     made = _new_figure("plot_overoptimization", png_path)
     if made is None:
         return None
     fig, axes = made
     ax = axes[0, 0]
-    kls = [p[0] for p in pts]
-    ax.plot(kls, [p[1] for p in pts], marker="o", label="reward model")
-    ax.plot(kls, [p[2] for p in pts], marker="s", label="gold labeler")
-    ax.axvline(summary["kl_at_gold_peak"], color="grey", linestyle="--", linewidth=1, label="gold peak")
+    for i, (name, pts) in enumerate(runs.items()):
+        color, prefix = f"C{i}", f"{name}: " if name else ""
+        kls = [p[0] for p in pts]
+        ax.plot(kls, [p[1] for p in pts], marker="o", color=color, label=f"{prefix}reward model")
+        ax.plot(kls, [p[2] for p in pts], marker="s", color=color, linestyle="--", label=f"{prefix}gold labeler")
+        ax.axvline(overoptimization_summary(pts)["kl_at_gold_peak"], color=color, linestyle=":", linewidth=1,
+                   label=f"{prefix}gold peak")
     ax.set_xlabel("KL(policy || reference policy) per response, nats")
     ax.set_ylabel("reward")
-    ax.set_title("Reward over-optimisation")
-    ax.legend()
+    named = [n for n in runs if n]
+    ax.set_title("Reward over-optimisation" + (f": {', '.join(named)}" if named else ""))
+    ax.legend(fontsize="small")
     return _save(fig, png_path)

@@ -1,10 +1,19 @@
-"""Metrics to a CSV file (one row per logged step, the columns fixed by the first row) and to TensorBoard."""
+"""Metrics to a CSV file (one row per logged step, the columns fixed by the first row) and to TensorBoard; the
+final metrics of a stage read back from its CSV; progress bars that stay small in a log file."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import math
 import os
+import sys
+import time
 from pathlib import Path
+
+# Seconds between two progress-bar updates when stderr is not a terminal (a log file): sparse lines, not a
+# redraw per step (a demo run wrote a 561 KB log of carriage-return redraws).
+LOG_FILE_PROGRESS_INTERVAL_S = 30
 
 
 class MetricsLogger:
@@ -78,3 +87,66 @@ class MetricsLogger:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def last_values(csv_path: str | os.PathLike) -> dict[str, float]:
+    """The last finite value of every numeric column of a metrics CSV (``step``: the last logged step): a stage's
+    final training statistics, e.g. PPO's reward and KL, whose validation metrics are empty."""
+    out: dict[str, float] = {}
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            for key, text in row.items():
+                try:
+                    value = float(text)
+                except (TypeError, ValueError):  # an empty cell: the metric was not logged at this step
+                    continue
+                if math.isfinite(value):
+                    out[key] = value
+    if "step" in out:
+        out["step"] = int(out["step"])
+    return out
+
+
+class _LineStream:
+    """A text stream for a log file: tqdm's carriage-return redraws become plain lines, at most one per
+    ``interval`` seconds per stream plus each bar's final state (the loop refreshes its bar on every step)."""
+
+    def __init__(self, stream, interval: float):
+        self._stream, self._interval = stream, interval
+        self._last = -math.inf
+        self._pending: str | None = None  # the newest redraw not written yet
+
+    def write(self, text: str) -> int:
+        now = time.monotonic()
+        if text.startswith("\r"):  # a redraw of the current bar
+            self._pending = text[1:].rstrip()
+            if now - self._last >= self._interval:
+                self._emit(now)
+        elif text == "\n" and self._pending is not None:  # a bar closing: its final state
+            self._emit(now)
+        else:
+            self._stream.write(text)
+        return len(text)
+
+    def _emit(self, now: float) -> None:
+        if self._pending:
+            self._stream.write(self._pending + "\n")
+            self._stream.flush()
+        self._pending, self._last = None, now
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def progress_for_logs(interval: float = LOG_FILE_PROGRESS_INTERVAL_S):
+    """While active, progress bars written to a stderr that is not a terminal come out as plain lines, at most one
+    per ``interval`` seconds (and each bar's final line); on a terminal nothing changes."""
+    if sys.stderr.isatty():
+        yield
+        return
+    saved, sys.stderr = sys.stderr, _LineStream(sys.stderr, interval)
+    try:
+        yield
+    finally:
+        sys.stderr = saved

@@ -17,9 +17,11 @@ continues from its newest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -27,7 +29,7 @@ from tqdm.auto import tqdm
 
 from instructrl_fast.data import ByteTokenizer, DemoTask, GoldLabeler
 from instructrl_fast.train.batching import chunk_corpus
-from instructrl_fast.train.checkpoint import load_weights, save_weights
+from instructrl_fast.train.checkpoint import latest_checkpoint, load_weights, save_weights
 from instructrl_fast.train.config import PipelineConfig, model_config
 from instructrl_fast.train.generation import respond
 from instructrl_fast.train.ppo import train_ppo
@@ -56,6 +58,30 @@ def init_from(dst: torch.nn.Module, src: torch.nn.Module) -> torch.nn.Module:
         if not key.startswith("score_head."):
             raise ValueError(f"init_from: {key} is not a head parameter; the two models differ in shape")
     return dst
+
+
+@contextlib.contextmanager
+def resuming(out_dir: str | os.PathLike, resume: bool, log=print, label: str = ""):
+    """Around a stage's training into ``out_dir``: when ``resume``, log the checkpoint it continues from (or that
+    there is none), and turn an unreadable checkpoint into a ValueError that names it and says what to do."""
+    if not resume:
+        yield
+        return
+    ckpt_dir = Path(out_dir) / "ckpt"
+    ckpt = latest_checkpoint(ckpt_dir)
+    log(f"{label}resuming from {ckpt}" if ckpt is not None else
+        f"{label}nothing to resume in {ckpt_dir}: starting from the beginning")
+    try:
+        yield
+    except Exception as e:
+        # torch.load of a damaged state.pt raises whatever its unpickler meets (UnpicklingError, KeyError, EOFError,
+        # a PytorchStreamReader RuntimeError): recognised by where it was raised, not by its type
+        if ckpt is None or not any(f.f_code.co_filename.endswith(os.path.join("torch", "serialization.py"))
+                                   for f, _ in traceback.walk_tb(e.__traceback__)):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"the checkpoint {ckpt} cannot be read ({type(e).__name__}: {first}); delete it to resume "
+                         "from an older one, or run without --resume") from e
 
 
 class Pipeline:
@@ -102,7 +128,10 @@ class Pipeline:
     def _result(self, name: str) -> Path | None:
         """The finished result of stage ``name`` when resuming, else None (the stage runs)."""
         path = self.out / name / RESULT
-        return path if self.resume and path.is_file() else None
+        if not (self.resume and path.is_file()):
+            return None
+        self.log(f"[{name}] finished earlier: loading {path}")
+        return path
 
     def _timed(self, name: str, fn):
         """Run ``fn``, recording its wall time and this process's CPU time (the latter is what a shared machine
@@ -114,8 +143,13 @@ class Pipeline:
         self.log(f"[{name}] {self.timings[name]:.0f}s (cpu {self.cpu_times[name]:.0f}s)")
         return out
 
+    def _train(self, name: str, fn):
+        """Run the training function ``fn`` of stage ``name`` (timed; resume reported)."""
+        with resuming(self.out / name, self.resume, self.log, f"[{name}] "):
+            return self._timed(name, fn)
+
     def _finish(self, name: str, module: torch.nn.Module) -> None:
-        save_weights(self.out / name / RESULT, module)
+        save_weights(self.out / name / RESULT, module, tokenizer=self.tok)
         try:
             from instructrl_fast.train.evaluate import plot_learning_curves
 
@@ -132,8 +166,8 @@ class Pipeline:
             return load_weights(done, model)
         set_dropout(model, pc.dropout)
         torch.manual_seed(pc.seed)
-        self._timed(name, lambda: pretrain(pc, model, self.chunks(pc.n_docs, pc.seq_len), self.val_chunks(),
-                                           self.out / name, resume=self.resume))
+        self._train(name, lambda: pretrain(pc, model, self.chunks(pc.n_docs, pc.seq_len), self.val_chunks(),
+                                           self.out / name, resume=self.resume, name=name))
         self._finish(name, set_dropout(model, 0.0))
         return model
 
@@ -150,14 +184,15 @@ class Pipeline:
         last = self.out / name / ("model.safetensors" if ppo_init else "last.safetensors")
         model = self.model(size)
         if self.resume and last.is_file():
+            self.log(f"[{name}] finished earlier: loading {last}")
             return load_weights(last, model)
         load_weights(self.out / f"base-{size}" / RESULT, model)
         set_dropout(model, sc.dropout)
         ptx = self.ptx_chunks(self.cfg.pretrain[size].seq_len) if sc.ptx_fraction > 0 else None
-        self._timed(name, lambda: train_sft(sc, model, self.tok, self._demos(sc.n_demos), self._val_demos(64),
-                                            self.out / name, ptx_chunks=ptx, resume=self.resume))
+        self._train(name, lambda: train_sft(sc, model, self.tok, self._demos(sc.n_demos), self._val_demos(64),
+                                            self.out / name, ptx_chunks=ptx, resume=self.resume, name=name))
         set_dropout(model, 0.0)
-        save_weights(last, model)
+        save_weights(last, model, tokenizer=self.tok)
         if ppo_init:
             self._finish(name, model)
         return model
@@ -176,9 +211,9 @@ class Pipeline:
         train_c, val_c = data[:rc.n_comparisons], data[rc.n_comparisons:]
         (self.out / "rm").mkdir(parents=True, exist_ok=True)
         (self.out / "rm" / "val_comparisons.json").write_text(json.dumps(val_c))  # for rm_report
-        metrics = self._timed("rm", lambda: train_reward_model(rc, rm, self.tok, train_c, val_c,
+        metrics = self._train("rm", lambda: train_reward_model(rc, rm, self.tok, train_c, val_c,
                                                                self._demos(256), self.out / "rm",
-                                                               resume=self.resume))
+                                                               resume=self.resume, name="rm"))
         self.log(f"[rm] {metrics}")
         self._finish("rm", rm)
         return rm.eval()
@@ -201,8 +236,11 @@ class Pipeline:
             return None
         texts = [p.text for p in prompts for _ in range(k)]
         gen = torch.Generator(device=model.lm_weight.device).manual_seed(seed)
-        out = respond(model, self.tok, texts, max_new_tokens=self.cfg.ppo.max_new_tokens, temperature=1.0,
-                      batch_size=256, generator=gen)
+        # respond() draws its batches of 256 from `gen` in order: calling it per batch gives the same samples
+        out = []
+        for i in tqdm(range(0, len(texts), 256), desc="rm-samples", disable=not self.progress):
+            out += respond(model, self.tok, texts[i:i + 256], max_new_tokens=self.cfg.ppo.max_new_tokens,
+                           temperature=1.0, batch_size=256, generator=gen)
         return [out[i * k:(i + 1) * k] for i in range(len(prompts))]
 
     def select_sft(self, size: str, rm: RewardModel):
@@ -232,9 +270,9 @@ class Pipeline:
         prompts = [p.text for p in self.task.prompts("train", pc.n_prompts)]
         ptx_chunks = self.chunks(self.cfg.pretrain[self.cfg.sizes[0]].n_docs, pc.ptx_seq_len) if ptx else None
         torch.manual_seed(pc.seed)
-        ema, _ = self._timed(name, lambda: train_ppo(pc, policy, value, ref, rm, self.tok, prompts, self.out / name,
+        ema, _ = self._train(name, lambda: train_ppo(pc, policy, value, ref, rm, self.tok, prompts, self.out / name,
                                                      ptx_chunks=ptx_chunks, resume=self.resume,
-                                                     gold_fn=self.gold_scores))
+                                                     gold_fn=self.gold_scores, name=name))
         self._finish(name, ema)
         return ema
 
@@ -322,8 +360,11 @@ class Pipeline:
             for name, pc in ((f"ppo-{s}", cfg.ppo), (f"ppo-ptx-{s}", cfg.ppo_ptx)):
                 if (found := self.overoptimization(name, pc.steps_per_iteration)) is not None:
                     overopt[name] = {"points": found[0], **found[1]}
-        if f"ppo-{cfg.sizes[-1]}" in overopt:
-            ev.plot_overoptimization(overopt[f"ppo-{cfg.sizes[-1]}"]["points"], self.out / "overoptimization.png")
+        largest = cfg.sizes[-1]  # the plot: both PPO runs of the largest size
+        runs = {f"{method} ({largest})": overopt[name]["points"]
+                for method, name in (("PPO", f"ppo-{largest}"), ("PPO-ptx", f"ppo-ptx-{largest}")) if name in overopt}
+        if runs:
+            ev.plot_overoptimization(runs, self.out / "overoptimization.png")
         wall = time.perf_counter() - t0
         report = {"preset": cfg.name, "sizes": list(cfg.sizes), "results": records,
                   "shape": shape_checks(records, init_loss), "rm": rm_report, "overoptimization": overopt,

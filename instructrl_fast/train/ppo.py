@@ -221,12 +221,14 @@ class PPOStage:
 
 def train_ppo(cfg: PPOConfig, policy, value_model, ref, rm: RewardModel, tok, prompts: list[str],
               out_dir: str | os.PathLike, *, ptx_chunks: torch.Tensor | None = None,
-              resume: bool = False, gold_fn=None) -> tuple[torch.nn.Module, dict[str, float]]:
+              resume: bool = False, gold_fn=None, name: str | None = None) -> tuple[torch.nn.Module, dict[str, float]]:
     """Train ``policy`` and ``value_model`` in place; returns (the EMA policy, final metrics).
 
     ``gold_fn(prompt_texts, response_texts) -> scores``, when given, scores every rollout batch with a true reward
-    (the ``gold`` metric), for the over-optimisation curve."""
+    (the ``gold`` metric), for the over-optimisation curve. ``name`` labels the progress bar (default: ppo or
+    ppo-ptx)."""
     stage = PPOStage(cfg, policy, value_model, ref, rm, tok, prompts, ptx_chunks,
                      ckpt_interval=cfg.loop.ckpt_interval or cfg.steps_per_iteration, gold_fn=gold_fn)
+    stage.name = name or stage.name
     metrics = train(stage, cfg.optim, cfg.loop, out_dir, resume=resume)
     return stage.ema, metrics

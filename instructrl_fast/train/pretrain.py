@@ -71,7 +71,9 @@ def corpus_loss(model, chunks: torch.Tensor, batch_size: int, n_batches: int) ->
 
 
 def pretrain(cfg: PretrainConfig, model, train_chunks: torch.Tensor, val_chunks: torch.Tensor,
-             out_dir: str | os.PathLike, *, resume: bool = False) -> dict[str, float]:
-    """Train ``model`` (initialised by the caller) in place; checkpoints and metrics under ``out_dir``."""
+             out_dir: str | os.PathLike, *, resume: bool = False, name: str = "pretrain") -> dict[str, float]:
+    """Train ``model`` (initialised by the caller) in place; checkpoints and metrics under ``out_dir``. ``name``
+    labels the progress bar."""
     stage = PretrainStage(cfg, model, train_chunks, val_chunks)
+    stage.name = name
     return train(stage, cfg.optim, cfg.loop, out_dir, resume=resume)

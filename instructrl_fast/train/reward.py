@@ -139,8 +139,11 @@ def normalize_to_demos(rm: RewardModel, tok, demos: list[tuple[str, str]], *, ba
 
 def train_reward_model(cfg: RMConfig, rm: RewardModel, tok, comparisons: list[dict], val_comparisons: list[dict],
                        demos: list[tuple[str, str]], out_dir: str | os.PathLike, *,
-                       resume: bool = False) -> dict[str, float]:
-    """Train ``rm`` in place, then centre it on ``demos``. Returns the final validation metrics (+ ``bias``)."""
-    metrics = train(RMStage(cfg, rm, tok, comparisons, val_comparisons), cfg.optim, cfg.loop, out_dir, resume=resume)
+                       resume: bool = False, name: str = "reward model") -> dict[str, float]:
+    """Train ``rm`` in place, then centre it on ``demos``. Returns the final validation metrics (+ ``bias``).
+    ``name`` labels the progress bar."""
+    stage = RMStage(cfg, rm, tok, comparisons, val_comparisons)
+    stage.name = name
+    metrics = train(stage, cfg.optim, cfg.loop, out_dir, resume=resume)
     metrics["bias"] = normalize_to_demos(rm, tok, demos, batch_size=cfg.micro_batch_size)
     return metrics

@@ -92,10 +92,12 @@ class SFTStage:
 
 def train_sft(cfg: SFTConfig, model, tok, demos: list[tuple[str, str]], val_demos: list[tuple[str, str]],
               out_dir: str | os.PathLike, *, ptx_chunks: torch.Tensor | None = None,
-              resume: bool = False) -> dict[str, float]:
-    """Fine-tune ``model`` in place; candidates under ``<out_dir>/candidates``. Returns final validation metrics."""
+              resume: bool = False, name: str = "sft") -> dict[str, float]:
+    """Fine-tune ``model`` in place; candidates under ``<out_dir>/candidates``. Returns final validation metrics.
+    ``name`` labels the progress bar (the PPO starting policy is an SFT run too)."""
     torch.manual_seed(cfg.seed)  # dropout stream of this stage (restored from the checkpoint on resume)
     stage = SFTStage(cfg, model, tok, demos, val_demos, ptx_chunks, Path(out_dir) / "candidates")
+    stage.name = name
     return train(stage, cfg.optim, cfg.loop, out_dir, resume=resume)
 
 

@@ -1,6 +1,6 @@
 """The C++ (CPU) and CUDA kernels of gae and the PPO losses, called directly as torch.ops.instructrl_fast.*.
 
-Every result is compared with a float64 reference written here plainly from the formulas of DESIGN.md (a Python
+Every result is compared with a float64 reference written here plainly from the formulas of docs/DESIGN.md (a Python
 loop for GAE). Low-precision inputs are compared with the reference evaluated on the same rounded values: the
 kernels read them exactly and accumulate in fp32, so the fp32 tolerance applies. CUDA cases run where a GPU and
 instructrl_fast._C_cuda exist (the project's GPU script), and are reported as skipped elsewhere.

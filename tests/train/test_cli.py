@@ -45,7 +45,8 @@ def test_resume_reuses_finished_stages(run_dir, capsys):
     before = (run_dir / "ppo-s" / "model.safetensors").stat().st_mtime_ns
     assert main(["run", "--preset", "micro", "--out", str(run_dir), "--quiet", "--threads", "1", "--resume"]) == 0
     assert (run_dir / "ppo-s" / "model.safetensors").stat().st_mtime_ns == before
-    assert "Figure 1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Figure 1" in out and f"[ppo-s] finished earlier: loading {run_dir / 'ppo-s' / 'model.safetensors'}" in out
 
 
 def test_stages_on_user_data(tmp_path, run_dir, task, labeler):
@@ -81,8 +82,7 @@ def test_malformed_jsonl_names_file_line_and_field(tmp_path, capsys):
 
 def test_bad_arguments_are_rejected(tmp_path, capsys):
     assert main(["run", "--preset", "micro", "--out", str(tmp_path), "--size", "xl", "--quiet"]) == 2
-    with pytest.raises(SystemExit):
-        main(["sft", "--preset", "micro", "--quiet"])  # --out is required
+    assert main(["sft", "--preset", "micro", "--quiet"]) == 2  # --out is required
     assert main(["run", "--preset", "nope", "--out", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "size must be one of" in err and "preset must be one of" in err
@@ -113,3 +113,38 @@ def test_sft_from_a_gpt2_checkpoint_with_a_tokenizer_json(tmp_path, task):
                  str(tmp_path / "tokenizer.json"), "--data", str(tmp_path / "demos.jsonl"), "--epochs", "1",
                  "--preset", "micro", "--quiet", "--threads", "1"]) == 0
     assert (tmp_path / "sft" / "model.safetensors").is_file()
+
+
+def test_progress_bars_write_plain_lines_to_a_log_file(monkeypatch):
+    import io
+    import sys
+
+    from tqdm import tqdm
+
+    from instructrl_fast.train.logging import progress_for_logs
+
+    log = io.StringIO()  # not a terminal
+    monkeypatch.setattr(sys, "stderr", log)
+    with progress_for_logs(interval=3600):
+        bar = tqdm(total=3, desc="sft-s", mininterval=0)
+        for _ in range(3):
+            bar.update(1)
+            bar.set_postfix({"loss": 1.0})  # the loop's per-step refresh
+        bar.close()
+        print("a message", file=sys.stderr)
+    assert sys.stderr is log  # restored
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue()
+    # the first draw, then nothing within the interval but the bar's final state, then other text as written
+    assert len(lines) == 3 and lines[0].startswith("sft-s") and "0/3" in lines[0], lines
+    assert lines[1].startswith("sft-s") and "3/3" in lines[1] and lines[2] == "a message"
+
+
+def test_last_values_reads_the_final_metrics(tmp_path):
+    from instructrl_fast.train.logging import MetricsLogger, last_values
+
+    with MetricsLogger(tmp_path, fields=["loss", "val_loss"], tensorboard=False) as logger:
+        logger.log(1, {"loss": 2.0})
+        logger.log(2, {"loss": 1.5})
+        logger.log(2, {"val_loss": 1.75})
+    assert last_values(tmp_path / "metrics.csv") == {"step": 2, "loss": 1.5, "val_loss": 1.75}

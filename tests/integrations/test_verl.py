@@ -1,0 +1,220 @@
+"""verl drop-ins against float64 re-implementations of verl 0.10.0.dev's core_algos (tests/integrations/references.py),
+with every argument of the current signatures, at every position (masked ones included)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from instructrl_fast import use_backend
+from instructrl_fast.integrations import verl
+from tests.conftest import DEVICE, backends_for
+from tests.integrations import references as ref
+
+AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+# (dp_size, batch_num_tokens, global_batch_size, loss_scale_factor): the defaults, then a 2-way DP split
+GLOBAL_BATCH = [(1, None, None, None), (2, 40, 9, 16)]
+
+
+class ActorConfig(SimpleNamespace):
+    """What verl's policy losses read from their config: attributes, ``get`` and ``global_batch_info``."""
+
+    def get(self, key, default=None):
+        return getattr(self, key, default)
+
+
+def _batch(B=5, T=8):
+    """fp32 [B, T] tensors; the mask has a padded tail, a hole, a masked prefix and a fully masked row."""
+    mask = torch.ones(B, T, device=DEVICE)
+    mask[0, 6:] = 0
+    mask[1, 2] = 0
+    mask[2, :3] = 0
+    mask[3] = 0
+    logp = -torch.rand(B, T, device=DEVICE) * 3
+    old = logp + 0.4 * torch.randn(B, T, device=DEVICE)
+    old[4, 1] = logp[4, 1] - 25.0  # a log-ratio past verl's clamp at 20
+    return SimpleNamespace(mask=mask, logp=logp, old=old, ref=logp + 0.3 * torch.randn(B, T, device=DEVICE),
+                           adv=torch.randn(B, T, device=DEVICE), rewards=torch.randn(B, T, device=DEVICE),
+                           values=torch.randn(B, T, device=DEVICE), returns=torch.randn(B, T, device=DEVICE))
+
+
+def _close(ours, theirs, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(ours.double(), theirs.double(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("backend", [pytest.param(None, id="auto")] + backends_for(("torch", "triton")))
+@pytest.mark.parametrize("gamma", [1.0, torch.tensor(0.9)])
+def test_gae_every_position(backend, gamma):
+    b = _batch()
+    b.mask[3, 5] = 1  # the whitening needs valid tokens; row 3 keeps one
+    with use_backend(backend):
+        adv, ret = verl.compute_gae_advantage_return(b.rewards, b.values, b.mask, gamma, 0.95)
+    ref_adv, ref_ret = ref.verl_gae(b.rewards.double(), b.values.double(), b.mask.double(), gamma, 0.95)
+    assert adv.dtype == ret.dtype == torch.float32
+    _close(adv, ref_adv, atol=1e-5)
+    _close(ret, ref_ret, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(verl.KL_PENALTIES) + ["k1+", "kl+", "abs+", "k3+", "low_var_kl+", "k2+"])
+def test_kl_penalty_value_and_straight_through_gradient(name):
+    b = _batch()
+    b.ref[0, 0] = b.logp[0, 0] + 30.0  # past both of k3's clamps
+    logp = b.logp.clone().requires_grad_()
+    kl = verl.kl_penalty(logp, b.ref, name)
+    grad = torch.randn_like(kl)
+    kl.backward(grad)
+    logp64 = b.logp.double().requires_grad_()
+    theirs = ref.verl_kl_penalty(logp64, b.ref.double(), name)
+    theirs.backward(grad.double())
+    assert kl.dtype == torch.float32
+    _close(kl.detach(), theirs.detach())
+    _close(logp.grad, logp64.grad)
+    if name.endswith("+"):  # straight-through: k2's gradient d * grad (the reference's), whatever the value
+        _close(logp.grad, (b.logp - b.ref) * grad)
+    torch.testing.assert_close(verl.kl_penalty_forward(b.logp, b.ref, name.rstrip("+")), kl.detach())
+
+
+def test_kl_penalty_keeps_half_precision_dtype():
+    b = _batch()
+    kl = verl.kl_penalty(b.logp.bfloat16(), b.ref.bfloat16(), "low_var_kl")
+    assert kl.dtype == torch.bfloat16
+    theirs = ref.verl_kl_penalty(b.logp.bfloat16().double(), b.ref.bfloat16().double(), "low_var_kl")
+    _close(kl, theirs, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("global_batch", GLOBAL_BATCH)
+def test_agg_loss(mode, global_batch):
+    b = _batch()
+    kwargs = dict(zip(("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor"), global_batch))
+    loss = b.adv.clone().requires_grad_()
+    out = verl.agg_loss(loss, b.mask, mode, **kwargs)
+    out.backward()
+    loss64 = b.adv.double().requires_grad_()
+    theirs = ref.verl_agg_loss(loss64, b.mask.double(), mode, **kwargs)
+    theirs.backward()
+    assert out.dtype == torch.float32 and out.dim() == 0
+    _close(out.detach(), theirs.detach())
+    _close(loss.grad, loss64.grad)
+
+
+def test_agg_loss_needs_the_global_batch_under_dp():
+    b = _batch()
+    with pytest.raises(ValueError, match="batch_num_tokens"):
+        verl.agg_loss(b.adv, b.mask, "token-mean", dp_size=2)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        verl.agg_loss(b.adv, b.mask, "seq-mean-token-mean", dp_size=2)
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        verl.agg_loss(b.adv, b.mask, "token-mean-unbiased")
+
+
+@pytest.mark.parametrize("backend", [pytest.param(None, id="auto")] + backends_for(("torch", "triton")))
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("clip_ratio_c", [2.0, None], ids=["dual-clip", "standard"])
+def test_policy_loss_vanilla(backend, mode, clip_ratio_c):
+    b = _batch()
+    info = {"dp_size": 2, "batch_num_tokens": 40, "global_batch_size": 9} if mode != "token-sum" else {}
+    config = ActorConfig(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=0.28, clip_ratio_c=clip_ratio_c,
+                         global_batch_info=info)
+    logp = b.logp.clone().requires_grad_()
+    with use_backend(backend):
+        loss, metrics = verl.compute_policy_loss_vanilla(b.old, logp, b.adv, b.mask, mode, config)
+    (loss * 0.7).backward()
+    logp64 = b.logp.double().requires_grad_()
+    ref_loss, ref_metrics = ref.verl_compute_policy_loss_vanilla(b.old.double(), logp64, b.adv.double(),
+                                                                 b.mask.double(), mode, config)
+    (ref_loss * 0.7).backward()
+    _close(loss.detach(), ref_loss.detach())
+    _close(logp.grad, logp64.grad)
+    assert metrics.keys() == ref_metrics.keys() and all(isinstance(v, float) for v in metrics.values())
+    for key in metrics:
+        assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5, abs=1e-6), key
+    assert ref_metrics["actor/pg_clipfrac"] > 0  # the clips bind in this batch
+    assert (ref_metrics["actor/pg_clipfrac_lower"] > 0) == (clip_ratio_c is not None)
+
+
+@pytest.mark.parametrize("clip_ratio_c", [3.0, None])
+def test_policy_loss_vanilla_with_rollout_weights(clip_ratio_c):
+    b = _batch()
+    weights = torch.rand_like(b.adv) * 2
+    weights[0, :2] = 0.0  # a token whose clip still counts in verl's clip fractions
+    config = ActorConfig(clip_ratio=0.2, clip_ratio_low=0.1, clip_ratio_high=None, clip_ratio_c=clip_ratio_c,
+                         global_batch_info={"dp_size": 1})
+    logp = b.logp.clone().requires_grad_()
+    loss, metrics = verl.compute_policy_loss_vanilla(b.old, logp, b.adv, b.mask, "seq-mean-token-mean", config,
+                                                     weights)
+    loss.backward()
+    logp64 = b.logp.double().requires_grad_()
+    ref_loss, ref_metrics = ref.verl_compute_policy_loss_vanilla(b.old.double(), logp64, b.adv.double(),
+                                                                 b.mask.double(), "seq-mean-token-mean", config,
+                                                                 weights.double())
+    ref_loss.backward()
+    _close(loss.detach(), ref_loss.detach())
+    _close(logp.grad, logp64.grad)
+    assert metrics == pytest.approx(ref_metrics, rel=1e-5, abs=1e-6)
+    with pytest.raises(ValueError, match="rollout_is_weights"):
+        verl.compute_policy_loss_vanilla(b.old, b.logp, b.adv, b.mask, "token-mean", config, -weights)
+
+
+def test_unsupported_kl_names():
+    b = _batch()
+    with pytest.raises(NotImplementedError, match="full"):
+        verl.kl_penalty(b.logp, b.ref, "full")
+    with pytest.raises(ValueError, match="kl_penalty"):
+        verl.kl_penalty(b.logp, b.ref, "k4")
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum-norm"])
+def test_deprecated_policy_loss(mode):
+    b = _batch()
+    args = (0.2, 0.1, None, 2.5, mode)
+    ours = verl.compute_policy_loss(b.old, b.logp, b.adv, b.mask, *args)
+    theirs = ref.verl_compute_policy_loss(b.old.double(), b.logp.double(), b.adv.double(), b.mask.double(), *args)
+    for o, t in zip(ours, theirs, strict=True):
+        _close(o, t)
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        verl.compute_policy_loss(b.old, b.logp, b.adv, b.mask, cliprange=0.2, clip_ratio_c=1.0)
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("global_batch", GLOBAL_BATCH)
+def test_value_loss(mode, global_batch):
+    b = _batch()
+    v = b.values.clone().requires_grad_()
+    old_values = b.values + 0.3 * torch.randn_like(b.values)
+    loss, clipfrac = verl.compute_value_loss(v, b.returns, old_values, b.mask, 0.1, mode, *global_batch)
+    loss.backward()
+    v64 = b.values.double().requires_grad_()
+    ref_loss, ref_clipfrac = ref.verl_compute_value_loss(v64, b.returns.double(), old_values.double(),
+                                                         b.mask.double(), 0.1, mode, *global_batch)
+    ref_loss.backward()
+    _close(loss.detach(), ref_loss.detach())
+    _close(clipfrac, ref_clipfrac)
+    _close(v.grad, v64.grad)
+
+
+def test_compute_rewards():
+    b = _batch()
+    ours = verl.compute_rewards(b.rewards, b.old, b.ref, 0.05)
+    assert ours.dtype == torch.float32
+    _close(ours, ref.verl_compute_rewards(b.rewards.double(), b.old.double(), b.ref.double(), 0.05))
+
+
+def test_float64_inputs_are_computed_and_returned_in_float64():
+    b = SimpleNamespace(**{k: v.double() for k, v in vars(_batch()).items()})
+    b.mask[3, 5] = 1
+    config = ActorConfig(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=None, global_batch_info={})
+    tight = {"rtol": 1e-10, "atol": 1e-12}
+    loss, _ = verl.compute_policy_loss_vanilla(b.old, b.logp, b.adv, b.mask, "token-mean", config)
+    ref_loss, _ = ref.verl_compute_policy_loss_vanilla(b.old, b.logp, b.adv, b.mask, "token-mean", config)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, ref_loss, **tight)
+    kl = verl.kl_penalty(b.logp, b.ref, "low_var_kl+")
+    assert kl.dtype == torch.float64
+    # exp(d) - d - 1 cancels at small |d| (verl's form, and the reference's): 1e-8 relative, far below fp32's 1e-7
+    torch.testing.assert_close(kl, ref.verl_kl_penalty(b.logp, b.ref, "low_var_kl+"), rtol=1e-8, atol=1e-14)
+    adv, ret = verl.compute_gae_advantage_return(b.rewards, b.values, b.mask, 0.99, 0.9)
+    ref_adv, ref_ret = ref.verl_gae(b.rewards, b.values, b.mask, 0.99, 0.9)
+    assert adv.dtype == ret.dtype == torch.float64
+    torch.testing.assert_close(adv, ref_adv, rtol=1e-8, atol=1e-8)  # verl's 1e-8 guards in its masked means
+    torch.testing.assert_close(ret, ref_ret, **tight)
