@@ -3,10 +3,10 @@
 # the Triton interpreter is off, and its first test asserts that the CUDA extension is loaded. Then it builds the
 # CUDA extension, runs the op tests on CUDA tensors, the GPU-sized checks of bench/gpu_tests.py (rows of 32768,
 # vocab 50257 and 128256, several blocks per row, N * V > 2^31 once, rows split across programs, strided slices
-# read in place, torch.compile(fullgraph=True) of a loss on CUDA, a CUDA-graph-captured decode step) and one quick
-# microbenchmark. Every step runs even when an earlier one failed; each pytest step writes a junit file. Sized for
-# under 8 minutes on one H100/H200, Triton's compile time included. Results go to $OUT when it is set (the device
-# tool's output folder), else to bench/results/gpu_check/.
+# read in place, torch.compile(fullgraph=True) of a loss on CUDA, a CUDA-graph-captured decode step) and two quick
+# microbenchmarks (log-probs, the fused actor loss). Every step runs even when an earlier one failed; each pytest
+# step writes a junit file. Sized for under 8 minutes on one H100/H200, Triton's compile time included. Results go
+# to $OUT when it is set (the device tool's output folder), else to bench/results/gpu_check/.
 #
 #   bash bench/gpu_check.sh            # everything
 #   SKIP_BUILD=1 bash bench/gpu_check.sh
@@ -59,5 +59,6 @@ step build_info 30 python -c "import json, instructrl_fast; print(json.dumps(ins
 step gpu_sized 170 python -m pytest -q -p no:cacheprovider bench/gpu_tests.py --junitxml="$OUTDIR/junit_gpu_sized.xml"
 step op_tests 120 python -m pytest -q -p no:cacheprovider tests/ops tests/test_build.py --junitxml="$OUTDIR/junit_ops.xml"
 step bench_logprobs 45 python bench/bench_logprobs.py --quick
+step bench_actor_loss 45 python bench/bench_actor_loss.py --quick
 echo "gpu_check: status=$status (0 = every step passed); failed steps: ${failed[*]:-none}; log in $LOG" | tee -a "$LOG"
 exit $status

@@ -5,6 +5,7 @@ returned in float64 (on the torch backend: gradcheck, drop-ins). The backend is 
 ``instructrl_fast.backend``).
 """
 
+from instructrl_fast.ops.actor_loss import ActorLossConfig, ppo_actor_loss
 from instructrl_fast.ops.decode_attention import decode_attention
 from instructrl_fast.ops.gae import gae
 from instructrl_fast.ops.kl import kl_penalty, shape_rewards
@@ -13,6 +14,7 @@ from instructrl_fast.ops.ppo_loss import ppo_policy_loss, ppo_value_loss
 from instructrl_fast.ops.whiten import masked_whiten
 
 __all__ = [
+    "ActorLossConfig",
     "decode_attention",
     "entropy",
     "gae",
@@ -20,6 +22,7 @@ __all__ = [
     "kl_penalty",
     "linear_logprobs",
     "masked_whiten",
+    "ppo_actor_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
     "shape_rewards",

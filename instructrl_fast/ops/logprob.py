@@ -47,6 +47,7 @@ from instructrl_fast.backend import resolve
 from instructrl_fast.ops._checks import (
     INDEX_DTYPES,
     check_float,
+    check_lm_head,
     check_positive,
     check_same_device,
     check_shape,
@@ -138,6 +139,11 @@ def _gather_targets(logits: Tensor, labels: Tensor, temperature: float, ignore_i
     return torch.where(hit, x, 0.0)
 
 
+def finite_shift(row_max: Tensor) -> Tensor:
+    """The row max as the shift of x - row_max: 0 for an all -inf row (the kernels shift the same way)."""
+    return torch.where(row_max == float("-inf"), 0.0, row_max)
+
+
 def _torch_fwd(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, vocab_start: int,
                with_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     B, T, V = logits.shape
@@ -148,7 +154,7 @@ def _torch_fwd(logits: Tensor, labels: Tensor, temperature: float, ignore_index:
         # Shift by the exact row max (0 for an all -inf row), as the kernels do; E_p[x - max] = sum(e * xs) / sum(e)
         # is then free of the rounding of both log_sum and |x|.
         m = x.amax(dim=-1, keepdim=True)
-        xs = x - torch.where(m == float("-inf"), 0.0, m)
+        xs = x - finite_shift(m)
         e = xs.exp()
         s = e.sum(-1)
         row_max[rows], log_sum[rows] = m.squeeze(-1), torch.log(s)
@@ -171,7 +177,7 @@ def _torch_bwd(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: 
         g_ent = torch.where(keep, grad_entropy * (1.0 / temperature), 0.0)
         # E_p[x] - row_max = log_sum - H: x - E_p[x] is formed from x - row_max, all terms small (no |x| rounding).
         mean_xs = log_sum - entropy
-    shift = torch.where(row_max == float("-inf"), 0.0, row_max)
+    shift = finite_shift(row_max)
     for index, rows in _row_chunks(B, T, max(1, _TORCH_CHUNK_ELEMENTS // V)):
         xs = logits[index].reshape(-1, V).to(row_max.dtype) * (1.0 / temperature) - shift[rows, None]
         p = (xs - log_sum[rows, None]).exp()
@@ -331,14 +337,21 @@ def _linear_bwd(grad_logp: Tensor, grad_entropy: Tensor, hidden: Tensor, weight:
                             entropy[rows] if with_entropy else entropy, temperature, ignore_index,
                             vocab_start).view(-1, V)
         del logits
-        torch.mm(dlogits, weight, out=grad_hidden.view(-1, D)[rows])
-        if dlogits.dtype == grad_weight.dtype:
-            grad_weight.addmm_(dlogits.T, h)
-        elif grad_weight.is_cuda:  # a bf16/fp16 GEMM accumulating into the fp32 buffer (cuBLAS: fp32 inside)
-            torch.addmm(grad_weight, dlogits.T, h, out_dtype=grad_weight.dtype, out=grad_weight)
-        else:  # CPU has no mixed-precision GEMM with an fp32 output: upcast this chunk
-            grad_weight.addmm_(dlogits.T.to(grad_weight.dtype), h.to(grad_weight.dtype))
+        accumulate_linear_grads(dlogits, h, weight, grad_hidden.view(-1, D)[rows], grad_weight)
     return grad_hidden, grad_weight.to(weight.dtype)
+
+
+def accumulate_linear_grads(dlogits: Tensor, h: Tensor, weight: Tensor, grad_hidden: Tensor,
+                            grad_weight: Tensor) -> None:
+    """One token chunk of the LM head's backward, in place: grad_hidden (a [n, D] view) = dlogits [n, V] @ weight
+    [V, D]; grad_weight [V, D] (fp32, or float64) += dlogits.T @ h [n, D]. Shared with ``ops.ppo_actor_loss``."""
+    torch.mm(dlogits, weight, out=grad_hidden)
+    if dlogits.dtype == grad_weight.dtype:
+        grad_weight.addmm_(dlogits.T, h)
+    elif grad_weight.is_cuda:  # a bf16/fp16 GEMM accumulating into the fp32 buffer (cuBLAS: fp32 inside)
+        torch.addmm(grad_weight, dlogits.T, h, out_dtype=grad_weight.dtype, out=grad_weight)
+    else:  # CPU has no mixed-precision GEMM with an fp32 output: upcast this chunk
+        grad_weight.addmm_(dlogits.T.to(grad_weight.dtype), h.to(grad_weight.dtype))
 
 
 @_linear_fwd.register_fake
@@ -598,14 +611,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, temperatu
         logp (the shape of labels), or (logp, entropy [...]); float32 (float64 for float64 inputs). Differentiable
         w.r.t. hidden and weight (dW accumulated in fp32).
     """
-    check_float("hidden", hidden, min_ndim=1)
-    check_float("weight", weight, ndim=2)
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
-    check_same_device(hidden=hidden, weight=weight)
-    if weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
-        raise ValueError(f"weight must have shape [V > 0, D = {hidden.shape[-1]}] (D of hidden), "
-                         f"got {tuple(weight.shape)}")
+    check_lm_head("hidden", hidden, "weight", weight, min_ndim=1)
     temperature = _check_options(temperature, ignore_index, with_entropy)
     labels2d, multi = _flat_labels(labels, "hidden", hidden)
     _, world = _tp_rank_world(tp_group)
