@@ -9,8 +9,8 @@
 
 Every command takes ``--out DIR`` (metrics.csv, TensorBoard events, checkpoints, model.safetensors), ``--preset``
 (``demo``, ``micro``, ``instructgpt-1.3b`` / ``-6.7b`` / ``-175b``) and ``--resume`` (continue from the newest
-checkpoints; finished stages are loaded, not rerun). Tensor parallelism: launch with
-``torchrun --nproc-per-node N instructrl-fast ... --tp N``.
+checkpoints; finished stages are loaded, not rerun). Scale out with torchrun: ``torchrun --nproc-per-node N
+instructrl-fast ... --tp T`` runs T-way tensor parallelism and N / T data-parallel replicas (FSDP2).
 """
 
 from __future__ import annotations
@@ -36,7 +36,12 @@ def _common(p: argparse.ArgumentParser, *, out_required: bool = False) -> None:
                    help="torch intra-op threads (default: 1 for the CPU presets demo / micro, whose models are too "
                         "small for intra-op parallelism, else the usable cores)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (launch with torchrun)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel size; under torchrun the other world / tp processes are data parallel")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
+                   help="bf16 compute with fp32 master weights, or fp32 (default: bf16 on a GPU, fp32 on CPU)")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each transformer block in backward (default: on for the instructgpt presets)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -113,10 +118,12 @@ def _setup(args):
     # second process is busy: OpenMP barriers dominate matmuls this small, so the CPU presets default to 1 thread.
     threads = args.threads or (1 if args.preset in ("demo", "micro") else len(os.sched_getaffinity(0)))
     torch.set_num_threads(threads)
-    state = init_distributed(args.tp)
-    if state.tp_size > 1:  # every TP rank holds its own weight shards: one output folder per rank
-        args.out = args.out / f"tp-rank{state.tp_rank}"
+    state = init_distributed(args.tp)  # world = dp x tp; one output folder, each file written by the first rank
     cfg = preset(args.preset)
+    if args.precision is not None:
+        cfg = dataclasses.replace(cfg, precision=args.precision)
+    if args.activation_checkpointing is not None:
+        cfg = dataclasses.replace(cfg, activation_checkpointing=args.activation_checkpointing)
     if args.quiet or not state.is_main:
         _quiet(cfg)
     return cfg, state
@@ -139,13 +146,15 @@ def _tokenizer(path):
     return load_tokenizer(path)
 
 
-def _model(args, cfg, tok, size: str, head: str = "lm", *, state=None, init: Path | None = None):
-    """A GPT of ``size``'s shape (or an HF checkpoint's) with ``init``'s weights if given."""
-    from instructrl_fast.model import GPT
+def _model(args, cfg, tok, size: str, head: str = "lm", *, state=None, init: Path | None = None,
+           frozen: bool = False):
+    """A GPT of ``size``'s shape (or an HF checkpoint's) on the mesh, with ``init``'s weights if given."""
+    from instructrl_fast.parallel import build_gpt, parallel_state
     from instructrl_fast.train.checkpoint import load_weights
     from instructrl_fast.train.config import model_config
 
-    tp_group = state.tp_group if state is not None else None
+    state = dataclasses.replace(state or parallel_state(), device=_device(args, state or parallel_state()))
+    tp_group = state.tp_group
     if init is not None and init.is_dir():  # a GPT-2-family transformers checkpoint
         from instructrl_fast.model import hf
 
@@ -153,12 +162,15 @@ def _model(args, cfg, tok, size: str, head: str = "lm", *, state=None, init: Pat
     if size not in cfg.pretrain:
         raise SystemExit(f"--size must be one of {tuple(cfg.pretrain)} for preset {cfg.name}, got {size!r}")
     mcfg = model_config(cfg.pretrain[size].model, vocab_size=tok.vocab_size, block_size=cfg.block_size)
-    model = GPT(mcfg, head=head, tp_group=tp_group).to(_device(args, state))
+    precision = cfg.precision or ("bf16" if state.device.type == "cuda" else "fp32")
+    build = lambda h: build_gpt(mcfg, h, state=state, precision=precision, frozen=frozen,
+                                activation_checkpointing=cfg.activation_checkpointing)
+    model = build(head)
     if init is not None:
         if head == "scalar":
             from instructrl_fast.train.pipeline import init_from
 
-            return init_from(model, load_weights(init, GPT(mcfg, tp_group=tp_group)))
+            return init_from(model, load_weights(init, build("lm")))
         load_weights(init, model)
     return model
 
@@ -173,6 +185,10 @@ def _split_val(items: list, n_val: int) -> tuple[list, list]:
 
 
 def _write(out: Path, name: str, obj) -> None:
+    from instructrl_fast.parallel import parallel_state
+
+    if not parallel_state().is_main:  # one writer per file
+        return
     out.mkdir(parents=True, exist_ok=True)
     (out / name).write_text(json.dumps(obj, indent=1, default=float) + "\n")
 
@@ -189,8 +205,7 @@ def cmd_run(args, *, all_sizes: bool = False) -> dict:
     if not all_sizes:
         cfg = cfg.only(args.size)
     log = print if state.is_main else (lambda *a, **k: None)
-    pipe = Pipeline(cfg, args.out, resume=args.resume, device=_device(args, state), log=log,
-                    tp_group=state.tp_group)
+    pipe = Pipeline(cfg, args.out, resume=args.resume, device=_device(args, state), log=log)
     return pipe.run()
 
 
@@ -294,7 +309,7 @@ def cmd_ppo(args) -> dict:
         docs = _read_corpus(args.corpus) if args.corpus else task.pretraining_corpus(cfg.pretrain["s"].n_docs)
         ptx = chunk_corpus(docs, tok, pc.ptx_seq_len)
     policy = _model(args, cfg, tok, args.size, state=state, init=args.init)
-    ref = _model(args, cfg, tok, args.size, state=state, init=args.init)
+    ref = _model(args, cfg, tok, args.size, state=state, init=args.init, frozen=True)
     # the RM has the policy's shape unless --rm-size names another (an HF-initialised policy: the HF shape)
     rm_shape = args.init if args.init is not None and args.init.is_dir() and args.rm_size is None else None
     rm_size = args.rm_size or args.size

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from instructrl_fast.model.attention import AttentionMeta, CausalSelfAttention
@@ -90,6 +91,12 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         # Replicated on every TP rank: its input (the final hidden state) is replicated too.
         self.score_head = nn.Linear(config.d_model, 1) if head == "scalar" else None
+        # Recompute each block in backward instead of keeping its activations (torch.utils.checkpoint, non-reentrant;
+        # training forwards only): memory O(L B T D) -> O(B T D) per block for one more forward.
+        self.activation_checkpointing = False
+        # The activations' dtype (None: the parameters'). bf16 runs the matmuls under autocast, on fp32 master
+        # weights or on FSDP2's bf16 gathered copies alike; LayerNorm, softmax and the log-prob ops stay fp32.
+        self.compute_dtype: torch.dtype | None = None
         if self.wpe.weight.device.type != "meta":
             self.init_weights(0)
 
@@ -149,12 +156,20 @@ class GPT(nn.Module):
                 full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
             local.copy_(full)
 
+    def _sharded(self) -> None:
+        """Under FSDP2, register the sharded (DTensor) parameters again: the root unit keeps its unsharded ones
+        after a forward (see parallel.fsdp), and those are only views of a gather buffer."""
+        for m in self.modules():
+            if hasattr(m, "reshard"):
+                m.reshard()
+
     @torch.no_grad()
     def load_full_state_dict(self, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
         """Copy a full (TP = 1) state dict into this model, each rank keeping its slice of the sharded tensors.
 
         ``strict``: every parameter must be present (else missing ones keep their values). Shapes are checked.
         """
+        self._sharded()
         sharding, p, r = self.tp_shard_specs(), tp_world_size(self.tp_group), tp_rank(self.tp_group)
         for name, param in self.named_parameters():
             if name not in state:
@@ -166,15 +181,24 @@ class GPT(nn.Module):
             if value.shape != param.shape:
                 raise ValueError(f"state[{name!r}] has shape {tuple(full.shape)}, which does not fit "
                                  f"{tuple(param.shape)} at TP {p}")
+            if hasattr(param, "to_local"):  # FSDP2: keep this dp rank's shard only, without communication
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements,
+                                          src_data_rank=None)
             param.copy_(value)
 
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full (TP = 1) parameters, gathered from the TP ranks: a collective, every TP rank must call it."""
+        """The full (TP = 1) parameters, gathered from the dp shards (FSDP2) and the TP ranks: a collective, every
+        rank must call it."""
+        self._sharded()
         sharding, p = self.tp_shard_specs(), tp_world_size(self.tp_group)
         out = {}
         for name, param in self.named_parameters():
             t = param.detach()
+            if hasattr(t, "full_tensor"):
+                t = t.full_tensor()
             if name in sharding and p > 1:
                 parts = [torch.empty_like(t) for _ in range(p)]
                 dist.all_gather(parts, t.contiguous(), group=self.tp_group)
@@ -218,10 +242,15 @@ class GPT(nn.Module):
         else:
             meta, pos = self._cache_meta(idx, attention_mask, kv_cache, input_pos)
 
-        x = self.drop(self.wte(idx) + self.wpe(pos))
-        for i, block in enumerate(self.blocks):
-            x = block(x, meta, None if kv_cache is None else kv_cache[i])
-        return self.ln_f(x)
+        recompute = self.activation_checkpointing and kv_cache is None and self.training and torch.is_grad_enabled()
+        with torch.autocast(idx.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype is not None):
+            x = self.drop(self.wte(idx) + self.wpe(pos))
+            for i, block in enumerate(self.blocks):
+                if recompute:  # dropout masks are replayed: checkpoint restores the RNG state for the recompute
+                    x = torch.utils.checkpoint.checkpoint(block, x, meta, use_reentrant=False)
+                else:
+                    x = block(x, meta, None if kv_cache is None else kv_cache[i])
+            return self.ln_f(x)
 
     def _cache_meta(self, idx, attention_mask, kv_cache, input_pos) -> tuple[AttentionMeta, torch.Tensor]:
         """Attention metadata and positions for a cached call (prefill or decode step); no host syncs."""
@@ -250,14 +279,15 @@ class GPT(nn.Module):
 
     def setup_kv_cache(self, batch: int, max_seq_len: int, *, dtype: torch.dtype | None = None,
                        device: torch.device | str | None = None) -> list[KVCache]:
-        """One preallocated ``KVCache`` [batch, n_head / p, max_seq_len, d_head] per layer (parameters' dtype and
-        device by default)."""
+        """One preallocated ``KVCache`` [batch, n_head / p, max_seq_len, d_head] per layer (in ``compute_dtype``, bf16
+        under --precision bf16, else the parameters' dtype; on the parameters' device by default)."""
         if max_seq_len > self.config.block_size:
             raise ValueError(f"max_seq_len ({max_seq_len}) must be <= block_size ({self.config.block_size})")
         ref = self.wpe.weight
         attn = self.blocks[0].attn
-        return [KVCache(batch, attn.n_head_local, max_seq_len, attn.d_head, dtype=dtype or ref.dtype,
-                        device=device or ref.device) for _ in range(self.config.n_layer)]
+        dtype = dtype or self.compute_dtype or ref.dtype
+        return [KVCache(batch, attn.n_head_local, max_seq_len, attn.d_head, dtype=dtype, device=device or ref.device)
+                for _ in range(self.config.n_layer)]
 
     # ----------------------------------------------------------------------------------------------------------
     # heads

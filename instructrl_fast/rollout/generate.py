@@ -11,7 +11,8 @@ so rollout and training log-probs of the same sequence agree to fp32 rounding. T
 full distribution at the sampling temperature (temperature 1 for greedy decoding), before top-k / top-p truncation
 (what the trainer recomputes), over the whole padded vocabulary (see ``GPTConfig.padded_vocab_size``).
 Under TP every rank must pass the same prompts and an identically seeded ``generator``: each rank gathers the same
-full logits and draws the same sample, so no broadcast is needed.
+full logits and draws the same sample, so no broadcast is needed. Data-parallel replicas may pass other prompts:
+the early stop is agreed over the dp group (``_all_ended``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from instructrl_fast.model.gpt import GPT
 from instructrl_fast.ops import gather_logprobs
 from instructrl_fast.ops._checks import check_mask, check_positive, check_tensor
+from instructrl_fast.parallel.dist import parallel_state
 from instructrl_fast.parallel.mappings import gather_from_tp
 from instructrl_fast.rollout.sampling import sample
 
@@ -85,6 +87,16 @@ def _check_args(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos
         raise ValueError(f"stop_check_every must be a positive int, got {stop_check_every!r}")
 
 
+def _all_ended(ended: torch.Tensor) -> bool:
+    """Whether every row has ended on every dp rank. Agreed over the dp group: the replicas hold other prompts,
+    and under FSDP2 each forward is a collective, so all of them must run the same number of decode steps."""
+    mesh = parallel_state()
+    running = (~ended).any().int()
+    if mesh.dp_size > 1:
+        torch.distributed.all_reduce(running, op=torch.distributed.ReduceOp.MAX, group=mesh.dp_group)
+    return not bool(running)
+
+
 @torch.no_grad()
 def generate(model: GPT, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -133,7 +145,7 @@ def generate(model: GPT, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
             logprobs[:, n] = torch.where(ended, 0.0, logp)
             if eos_token_id is not None:
                 ended |= token == eos_token_id
-                if (n + 1) % stop_check_every == 0 and n + 1 < N and bool(ended.all()):  # host sync every k steps
+                if (n + 1) % stop_check_every == 0 and n + 1 < N and _all_ended(ended):  # host sync every k steps
                     alive[:, n + 1:] = False
                     break
         response = torch.cat([torch.zeros(B, P, dtype=torch.long, device=dev), alive.long()], dim=1)

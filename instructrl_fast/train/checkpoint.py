@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
 STATE = "state.pt"
@@ -69,26 +69,74 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _gpts(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The GPT submodules of ``module`` by name prefix ("" for ``module`` itself)."""
+    from instructrl_fast.model.gpt import GPT
+
+    return {name: m for name, m in module.named_modules() if isinstance(m, GPT)}
+
+
+def full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full (TP = 1, unsharded) state dict of ``module``: a collective under TP / FSDP2 (every rank calls it).
+
+    Interim (until sharded DCP checkpoints): every rank gathers the whole state."""
+    out = {}
+    gpts = _gpts(module)
+    for prefix, gpt in gpts.items():
+        out.update({(f"{prefix}." if prefix else "") + k: v for k, v in gpt.full_state_dict().items()})
+    for k, v in module.state_dict().items():
+        if not any(k.startswith(f"{p}.") or not p for p in gpts):
+            out[k] = v.detach()
+    return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def _is_writer() -> bool:
+    from instructrl_fast.parallel.dist import parallel_state
+
+    return parallel_state().is_main
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def save_weights(path: str | os.PathLike, module: torch.nn.Module) -> None:
-    """Write one module's weights to ``path`` (safetensors) atomically."""
+    """Write one module's full weights to ``path`` (safetensors) atomically, from the first rank only (the same
+    file whatever the mesh). A collective under TP / FSDP2: every rank calls it, and returns once it is written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{os.getpid()}")
-    save_model(module, str(tmp))
-    _fsync_path(tmp)
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
+    full = full_weights(module)
+    if _is_writer():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{os.getpid()}")
+        save_file(full, str(tmp))
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+        _fsync_path(path.parent)
+    _barrier()
 
 
+@torch.no_grad()
 def load_weights(path: str | os.PathLike, module: torch.nn.Module) -> torch.nn.Module:
-    """Load safetensors weights written by ``save_weights`` (or ``save_checkpoint``) into ``module``."""
+    """Load full weights written by ``save_weights`` (or ``save_checkpoint``) into ``module``, each rank keeping
+    its TP / FSDP2 shard."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no weights file at {path}")
-    missing, unexpected = load_model(module, str(path), strict=False)
+    state = load_file(str(path))
+    gpts = _gpts(module)
+    own = [k for k in module.state_dict() if not any(k.startswith(f"{p}.") or not p for p in gpts)]
+    expected = set(own) | {(f"{p}." if p else "") + n for p, g in gpts.items() for n, _ in g.named_parameters()}
+    missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the module (missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]})")
+    for prefix, gpt in gpts.items():
+        n = len(prefix) + 1 if prefix else 0
+        gpt.load_full_state_dict({k[n:]: v for k, v in state.items() if not prefix or k.startswith(f"{prefix}.")})
+    targets = module.state_dict()
+    for k in own:
+        targets[k].copy_(state[k])
     return module
 
 
@@ -101,14 +149,18 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, modules: dict[str, t
     if not modules:
         raise ValueError("modules must name at least one module to save")
     ckpt_dir = Path(ckpt_dir)
+    weights = {key: full_weights(module) for key, module in modules.items()}  # a collective: every rank
+    if not _is_writer():  # interim, until sharded DCP checkpoints: the first rank writes (its optimizer state)
+        _barrier()
+        return ckpt_dir / f"step_{step:08d}"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     for stale in ckpt_dir.glob(f"{_TMP_PREFIX}*"):  # left behind by a crash during an earlier write
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     name = f"step_{step:08d}"
     tmp = ckpt_dir / f"{_TMP_PREFIX}{name}-{os.getpid()}"
     tmp.mkdir()
-    for key, module in modules.items():
-        save_model(module, str(tmp / f"{key}.safetensors"))
+    for key, full in weights.items():
+        save_file(full, str(tmp / f"{key}.safetensors"))
     torch.save({**state, "step": step, "rng": rng_state()}, tmp / STATE)
     for f in tmp.iterdir():
         _fsync_path(f)
@@ -125,6 +177,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, modules: dict[str, t
     _atomic_write_text(ckpt_dir / LATEST, name)
     for old in sorted(ckpt_dir.glob("step_*"))[:-keep]:
         shutil.rmtree(old)
+    _barrier()
     return final
 
 

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from instructrl_fast.parallel.dist import parallel_state
 from instructrl_fast.train.batching import IGNORE_INDEX, lm_batch, step_indices
 from instructrl_fast.train.config import PretrainConfig
 from instructrl_fast.train.loop import flops_per_token, make_optimizer, train
@@ -19,6 +20,21 @@ def lm_loss(model, idx: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) 
     """
     logp = model.token_logprobs(idx, labels, attention_mask=mask)  # [B, T] fp32, 0 where labels == IGNORE_INDEX
     return -logp.sum() / (labels != IGNORE_INDEX).sum().clamp_min(1)
+
+
+def label_count(labels: torch.Tensor) -> torch.Tensor:
+    """0-dim float64: the labelled positions of host-side ``labels`` (the token normaliser of ``lm_loss``)."""
+    return (labels != IGNORE_INDEX).sum().double()
+
+
+def dp_micro_batches(batch_size: int, micro_batch_size: int) -> int:
+    """Micro-batches per optimizer step on each dp rank: ``batch_size`` is cut into dp equal shares of whole
+    micro-batches (FSDP2 needs every rank to run the same number of forwards)."""
+    dp = parallel_state().dp_size
+    if batch_size % (dp * micro_batch_size):
+        raise ValueError(f"batch_size ({batch_size}) must be a multiple of dp ({dp}) x micro_batch_size "
+                         f"({micro_batch_size})")
+    return batch_size // (dp * micro_batch_size)
 
 
 def model_flops_per_token(model, seq_len: int) -> float:
@@ -38,17 +54,20 @@ class PretrainStage:
         self.modules = {"model": model}
         self.optimizer = make_optimizer([(list(model.parameters()), cfg.optim.lr)], cfg.optim)
         self.max_steps = cfg.max_steps
-        self.grad_accum = cfg.batch_size // cfg.micro_batch_size
+        self.grad_accum = dp_micro_batches(cfg.batch_size, cfg.micro_batch_size)
         self.flops_per_token = model_flops_per_token(model, train_chunks.shape[1] - 1)
 
     def micro_batches(self, step: int):
         rows = step_indices(step, n=len(self.train_chunks), batch_size=self.cfg.batch_size, seed=self.cfg.seed)
-        for part in rows.split(self.cfg.micro_batch_size):
+        for part in parallel_state().dp_share(rows, "batch_size").split(self.cfg.micro_batch_size):
             yield lm_batch(self.train_chunks[part])
 
-    def loss(self, batch):
+    def loss_counts(self, batch) -> torch.Tensor:
+        return label_count(batch[1])[None]
+
+    def loss(self, batch, weight):
         loss = lm_loss(self.model, *batch)
-        return loss, {"loss": loss.detach()}, batch[0].numel()
+        return loss * weight[0], {"loss": loss.detach()}, batch[0].numel()
 
     def after_step(self, step: int) -> None:
         pass

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
+from instructrl_fast.parallel.dist import parallel_state
 from instructrl_fast.train.batching import lm_batch, sft_batch, step_indices
 from instructrl_fast.train.checkpoint import load_weights, save_weights
 from instructrl_fast.train.config import SFTConfig
 from instructrl_fast.train.generation import respond
 from instructrl_fast.train.loop import make_optimizer, train
-from instructrl_fast.train.pretrain import lm_loss, model_flops_per_token
+from instructrl_fast.train.pretrain import dp_micro_batches, label_count, lm_loss, model_flops_per_token
 from instructrl_fast.train.reward import score_texts
 
 
@@ -41,7 +42,7 @@ class SFTStage:
         self.optimizer = make_optimizer([(list(model.parameters()), cfg.optim.lr)], cfg.optim)
         self.steps_per_epoch = len(demos) // cfg.batch_size
         self.max_steps = cfg.epochs * self.steps_per_epoch
-        self.grad_accum = cfg.batch_size // cfg.micro_batch_size
+        self.grad_accum = dp_micro_batches(cfg.batch_size, cfg.micro_batch_size)
         # f of the examples are pretraining windows: n_ptx / (n_ptx + n_demo) = f per micro-batch
         f = cfg.ptx_fraction
         self.n_ptx = round(cfg.micro_batch_size * f / (1 - f)) if f > 0 else 0
@@ -49,24 +50,31 @@ class SFTStage:
 
     def micro_batches(self, step: int):
         rows = step_indices(step, n=len(self.demos), batch_size=self.cfg.batch_size, seed=self.cfg.seed)
-        for m, part in enumerate(rows.split(self.cfg.micro_batch_size)):
+        state = parallel_state()
+        first = state.dp_rank * self.grad_accum  # the global index of this rank's first micro-batch
+        for m, part in enumerate(state.dp_share(rows, "batch_size").split(self.cfg.micro_batch_size), first):
             demo = sft_batch([self.demos[i] for i in part.tolist()], self.tok, self.max_len)
             ptx = None
-            if self.n_ptx:
-                ptx_rows = step_indices(step * self.grad_accum + m, n=len(self.ptx_chunks), batch_size=self.n_ptx,
-                                        seed=self.cfg.seed + 1)
+            if self.n_ptx:  # keyed to the global micro-batch index: the same windows whatever dp
+                ptx_rows = step_indices(step * self.grad_accum * state.dp_size + m, n=len(self.ptx_chunks),
+                                        batch_size=self.n_ptx, seed=self.cfg.seed + 1)
                 ptx = lm_batch(self.ptx_chunks[ptx_rows])
             yield demo, ptx
 
-    def loss(self, batch):
+    def loss_counts(self, batch) -> torch.Tensor:
+        demo, ptx = batch
+        return torch.stack([label_count(demo[1]), label_count(ptx[1]) if ptx is not None else torch.zeros((),
+                                                                                      dtype=torch.float64)])
+
+    def loss(self, batch, weight):
         demo, ptx = batch
         demo_loss = lm_loss(self.model, *demo)
         metrics = {"demo_loss": demo_loss.detach()}
-        loss, tokens = demo_loss, demo[0].numel()
+        loss, tokens = demo_loss * weight[0], demo[0].numel()
         if ptx is not None:
             ptx_loss = lm_loss(self.model, *ptx)
             f = self.cfg.ptx_fraction
-            loss = (1 - f) * demo_loss + f * ptx_loss
+            loss = (1 - f) * loss + f * ptx_loss * weight[1]
             metrics["ptx_loss"] = ptx_loss.detach()
             tokens += ptx[0].numel()
         metrics["loss"] = loss.detach()
