@@ -7,6 +7,7 @@ its shard and the LM head's logits stay vocab-sharded: they go straight into the
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections.abc import Sequence
 
@@ -44,20 +45,57 @@ class MLP(nn.Module):
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 
+_MASK = {s: (1 << (64 - s)) - 1 for s in (29, 31, 32, 40)}  # logical right shifts of int64 (torch's >> is arithmetic)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplications wrap modulo 2^64): a counter -> 64 random bits."""
+    x = x ^ ((x >> 31) & _MASK[31])
+    x = x * 0x5851F42D4C957F2D
+    x = x ^ ((x >> 29) & _MASK[29])
+    x = x * 0x14057B7EF767814F
+    return x ^ ((x >> 32) & _MASK[32])
+
+
+def sample_keys(seed: int, draw: int, rows: torch.Tensor) -> torch.Tensor:
+    """[B] int64 dropout keys of the samples ``rows`` (dataset indices) at ``draw`` (e.g. the optimizer step):
+    the same sample gets the same masks whatever the batch, micro-batch or dp rank it lands in."""
+    return _mix64(_mix64(torch.full_like(rows, seed) * 1_000_003 + draw) + rows.long())
+
+
+class KeyedDropout(nn.Dropout):
+    """Dropout whose mask at (row b, position t, feature d) is a hash of (key[b], t, d, site): the draws belong to
+    the sample and its token position, not to the process, the batch layout or the global RNG, so a run matches
+    itself at any dp / micro-batch size (the role of Megatron's RNG tracker, without per-rank state). Every TP rank
+    draws the same mask of a replicated activation. Without keys it is plain ``nn.Dropout`` (global RNG)."""
+
+    def forward(self, x: torch.Tensor, keys: torch.Tensor | None = None, pos: torch.Tensor | None = None,
+                site: int = 0) -> torch.Tensor:
+        """x [B, T, D]; keys [B] int64; pos [B, T] int64 (each token's position in its sample)."""
+        if keys is None or not self.training or self.p == 0:
+            return super().forward(x)
+        D = x.shape[-1]
+        counter = (_mix64(keys[:, None] * 4099 + site) + pos)[..., None] * D + torch.arange(D, device=x.device)
+        u = ((_mix64(counter) >> 40) & _MASK[40]).to(torch.float32) * 2.0**-24  # 24 random bits -> [0, 1)
+        return x * (u >= self.p).to(x.dtype) / (1.0 - self.p)
+
+
 class Block(nn.Module):
     """x + drop(attn(ln_1(x))), then x + drop(mlp(ln_2(x))) (pre-LN, GPT-2/3)."""
 
-    def __init__(self, config: GPTConfig, *, tp_group=None):
+    def __init__(self, config: GPTConfig, *, tp_group=None, index: int = 0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.attn = CausalSelfAttention(config.d_model, config.n_head, config.d_head, tp_group=tp_group)
         self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.mlp = MLP(config.d_model, config.d_ff, tp_group=tp_group)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = KeyedDropout(config.dropout)
+        self.index = index  # the dropout sites of this block: 2 index + 1, 2 index + 2 (0 is the embedding's)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMeta, kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x), meta, kv_cache))
-        return x + self.drop(self.mlp(self.ln_2(x)))
+    def forward(self, x: torch.Tensor, meta: AttentionMeta, kv_cache: KVCache | None = None,
+                keys: torch.Tensor | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x), meta, kv_cache), keys, pos, 2 * self.index + 1)
+        return x + self.drop(self.mlp(self.ln_2(x)), keys, pos, 2 * self.index + 2)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -86,8 +124,8 @@ class GPT(nn.Module):
         self.config, self.head, self.tp_group = config, head, tp_group
         self.wte = VocabParallelEmbedding(config.padded_vocab_size, config.d_model, tp_group=tp_group)
         self.wpe = nn.Embedding(config.block_size, config.d_model)
-        self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, tp_group=tp_group) for _ in range(config.n_layer))
+        self.drop = KeyedDropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, tp_group=tp_group, index=i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         # Replicated on every TP rank: its input (the final hidden state) is replicated too.
         self.score_head = nn.Linear(config.d_model, 1) if head == "scalar" else None
@@ -97,6 +135,7 @@ class GPT(nn.Module):
         # The activations' dtype (None: the parameters'). bf16 runs the matmuls under autocast, on fp32 master
         # weights or on FSDP2's bf16 gathered copies alike; LayerNorm, softmax and the log-prob ops stay fp32.
         self.compute_dtype: torch.dtype | None = None
+        self.dropout_keys: torch.Tensor | None = None  # [B] int64 of the next forward's rows (see keyed_dropout)
         if self.wpe.weight.device.type != "meta":
             self.init_weights(0)
 
@@ -243,14 +282,30 @@ class GPT(nn.Module):
             meta, pos = self._cache_meta(idx, attention_mask, kv_cache, input_pos)
 
         recompute = self.activation_checkpointing and kv_cache is None and self.training and torch.is_grad_enabled()
+        keys = self.dropout_keys if kv_cache is None else None
+        if keys is not None and keys.shape != (B,):
+            raise ValueError(f"dropout_keys must be [B={B}], got {tuple(keys.shape)}")
+        keys = None if keys is None else keys.to(idx.device)
+        pos = pos.expand(B, T)
         with torch.autocast(idx.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype is not None):
-            x = self.drop(self.wte(idx) + self.wpe(pos))
+            x = self.drop(self.wte(idx) + self.wpe(pos), keys, pos, 0)
             for i, block in enumerate(self.blocks):
-                if recompute:  # dropout masks are replayed: checkpoint restores the RNG state for the recompute
-                    x = torch.utils.checkpoint.checkpoint(block, x, meta, use_reentrant=False)
+                if recompute:  # the same dropout masks: keyed ones are a function of the inputs, plain ones are
+                    # replayed (checkpoint restores the RNG state for the recompute)
+                    x = torch.utils.checkpoint.checkpoint(block, x, meta, None, keys, pos, use_reentrant=False)
                 else:
-                    x = block(x, meta, None if kv_cache is None else kv_cache[i])
+                    x = block(x, meta, None if kv_cache is None else kv_cache[i], keys, pos)
             return self.ln_f(x)
+
+    @contextlib.contextmanager
+    def keyed_dropout(self, keys: torch.Tensor | None):
+        """Within the block, forwards draw their dropout masks from ``keys`` [B] (``sample_keys``) and the tokens'
+        positions (``KeyedDropout``); None: the global RNG."""
+        self.dropout_keys = keys
+        try:
+            yield self
+        finally:
+            self.dropout_keys = None
 
     def _cache_meta(self, idx, attention_mask, kv_cache, input_pos) -> tuple[AttentionMeta, torch.Tensor]:
         """Attention metadata and positions for a cached call (prefill or decode step); no host syncs."""

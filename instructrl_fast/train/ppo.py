@@ -218,15 +218,16 @@ class PPOStage:
 
     def loss(self, batch, weight):
         exp, ptx = batch
-        loss, metrics = self.ppo_loss(exp)  # token means: weight[0] makes them the step's global token mean
-        loss, tokens = loss * weight[0], exp.sequences.numel()
+        ppo, metrics = self.ppo_loss(exp)  # token means: weight[0] makes them the step's global token mean
+        loss, tokens = ppo * weight[0], exp.sequences.numel()
+        metrics["loss"] = ppo.detach()  # the micro-batch's own means
         if ptx is not None:
             # One backward of the sum: the PPO and the pretraining gradients accumulate into the same buffers.
             ptx_loss = self.ptx_loss(ptx)
             loss = loss + self.cfg.ptx_coef * ptx_loss * weight[1]
             metrics["ptx_loss"] = ptx_loss.detach()
+            metrics["loss"] = (ppo + self.cfg.ptx_coef * ptx_loss).detach()
             tokens += ptx[0].numel()
-        metrics["loss"] = loss.detach()
         return loss, metrics, tokens
 
     def after_step(self, step: int) -> None:

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from instructrl_fast.model.gpt import sample_keys
 from instructrl_fast.parallel.dist import parallel_state
 from instructrl_fast.train.batching import IGNORE_INDEX, lm_batch, step_indices
 from instructrl_fast.train.config import PretrainConfig
@@ -60,14 +61,16 @@ class PretrainStage:
     def micro_batches(self, step: int):
         rows = step_indices(step, n=len(self.train_chunks), batch_size=self.cfg.batch_size, seed=self.cfg.seed)
         for part in parallel_state().dp_share(rows, "batch_size").split(self.cfg.micro_batch_size):
-            yield lm_batch(self.train_chunks[part])
+            yield lm_batch(self.train_chunks[part]), sample_keys(self.cfg.seed, step, part)
 
     def loss_counts(self, batch) -> torch.Tensor:
-        return label_count(batch[1])[None]
+        return label_count(batch[0][1])[None]
 
     def loss(self, batch, weight):
-        loss = lm_loss(self.model, *batch)
-        return loss * weight[0], {"loss": loss.detach()}, batch[0].numel()
+        (idx, labels, mask), keys = batch
+        with self.model.keyed_dropout(keys):
+            loss = lm_loss(self.model, idx, labels, mask)
+        return loss * weight[0], {"loss": loss.detach()}, idx.numel()
 
     def after_step(self, step: int) -> None:
         pass

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from instructrl_fast.model.gpt import sample_keys
 from instructrl_fast.parallel.dist import parallel_state
 from instructrl_fast.train.batching import lm_batch, sft_batch, step_indices
 from instructrl_fast.train.checkpoint import load_weights, save_weights
@@ -53,31 +54,35 @@ class SFTStage:
         state = parallel_state()
         first = state.dp_rank * self.grad_accum  # the global index of this rank's first micro-batch
         for m, part in enumerate(state.dp_share(rows, "batch_size").split(self.cfg.micro_batch_size), first):
+            # dropout keyed to (seed, step, demonstration): the same masks whatever dp and micro-batch size
             demo = sft_batch([self.demos[i] for i in part.tolist()], self.tok, self.max_len)
-            ptx = None
+            demo_keys = sample_keys(self.cfg.seed, step, part)
+            ptx = ptx_keys = None
             if self.n_ptx:  # keyed to the global micro-batch index: the same windows whatever dp
-                ptx_rows = step_indices(step * self.grad_accum * state.dp_size + m, n=len(self.ptx_chunks),
-                                        batch_size=self.n_ptx, seed=self.cfg.seed + 1)
-                ptx = lm_batch(self.ptx_chunks[ptx_rows])
-            yield demo, ptx
+                draw = step * self.grad_accum * state.dp_size + m
+                ptx_rows = step_indices(draw, n=len(self.ptx_chunks), batch_size=self.n_ptx, seed=self.cfg.seed + 1)
+                ptx, ptx_keys = lm_batch(self.ptx_chunks[ptx_rows]), sample_keys(self.cfg.seed + 1, draw, ptx_rows)
+            yield (demo, demo_keys), (ptx, ptx_keys)
 
     def loss_counts(self, batch) -> torch.Tensor:
-        demo, ptx = batch
-        return torch.stack([label_count(demo[1]), label_count(ptx[1]) if ptx is not None else torch.zeros((),
-                                                                                      dtype=torch.float64)])
+        (demo, _), (ptx, _) = batch
+        no_ptx = torch.zeros((), dtype=torch.float64)
+        return torch.stack([label_count(demo[1]), label_count(ptx[1]) if ptx is not None else no_ptx])
 
     def loss(self, batch, weight):
-        demo, ptx = batch
-        demo_loss = lm_loss(self.model, *demo)
-        metrics = {"demo_loss": demo_loss.detach()}
+        (demo, demo_keys), (ptx, ptx_keys) = batch
+        with self.model.keyed_dropout(demo_keys):
+            demo_loss = lm_loss(self.model, *demo)
+        metrics = {"demo_loss": demo_loss.detach(), "loss": demo_loss.detach()}  # the micro-batch's own means
         loss, tokens = demo_loss * weight[0], demo[0].numel()
         if ptx is not None:
-            ptx_loss = lm_loss(self.model, *ptx)
+            with self.model.keyed_dropout(ptx_keys):
+                ptx_loss = lm_loss(self.model, *ptx)
             f = self.cfg.ptx_fraction
             loss = (1 - f) * loss + f * ptx_loss * weight[1]
             metrics["ptx_loss"] = ptx_loss.detach()
+            metrics["loss"] = ((1 - f) * demo_loss + f * ptx_loss).detach()
             tokens += ptx[0].numel()
-        metrics["loss"] = loss.detach()
         return loss, metrics, tokens
 
     def after_step(self, step: int) -> None:
