@@ -63,6 +63,13 @@ def sample_keys(seed: int, draw: int, rows: torch.Tensor) -> torch.Tensor:
     return _mix64(_mix64(torch.full_like(rows, seed) * 1_000_003 + draw) + rows.long())
 
 
+def keyed_uniform(keys: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """keys [B] int64, counter [B, ...] int64 -> [B, ...] fp32 uniforms in (0, 1) (24 random bits each): a pure
+    function of (key, counter), the same on every device and rank, with no generator state."""
+    bits = _mix64(_mix64(keys.view(-1, *(1,) * (counter.dim() - 1)) * 4099) + counter) >> 40
+    return ((bits & _MASK[40]).to(torch.float32) + 0.5) * 2.0**-24
+
+
 class KeyedDropout(nn.Dropout):
     """Dropout whose mask at (row b, position t, feature d) is a hash of (key[b], t, d, site): the draws belong to
     the sample and its token position, not to the process, the batch layout or the global RNG, so a run matches
@@ -75,9 +82,8 @@ class KeyedDropout(nn.Dropout):
         if keys is None or not self.training or self.p == 0:
             return super().forward(x)
         D = x.shape[-1]
-        counter = (_mix64(keys[:, None] * 4099 + site) + pos)[..., None] * D + torch.arange(D, device=x.device)
-        u = ((_mix64(counter) >> 40) & _MASK[40]).to(torch.float32) * 2.0**-24  # 24 random bits -> [0, 1)
-        return x * (u >= self.p).to(x.dtype) / (1.0 - self.p)
+        counter = (_mix64(pos + site * 1_000_003) * D)[..., None] + torch.arange(D, device=x.device)  # [B, T, D]
+        return x * (keyed_uniform(keys, counter) >= self.p).to(x.dtype) / (1.0 - self.p)
 
 
 class Block(nn.Module):

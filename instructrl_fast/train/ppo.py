@@ -2,7 +2,9 @@
 
 Each prompt and sampled response is a bandit episode. Per PPO iteration:
 
-1. rollout: ``rollout_batch_size`` prompts -> responses sampled at temperature 1 (``rollout.generate``);
+1. rollout: ``rollout_batch_size`` prompts -> responses sampled at temperature 1 (``rollout.generate``), each dp
+   replica generating its share, every draw keyed to (seed, iteration, prompt, token) so that the episodes do
+   not depend on the mesh;
 2. experience, without gradients: log-probs of the policy (``old_logp``) and of the frozen SFT reference
    (``ref_logp``), values, and the RM score of each full sequence;
    rewards = ``ops.shape_rewards``: score at the last response token minus beta * (logp - ref_logp) per token;
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from instructrl_fast import ops
+from instructrl_fast.model.gpt import sample_keys
 from instructrl_fast.parallel.dist import local_tensor, parallel_state
 from instructrl_fast.train.batching import encode_prompt, epoch_permutation, left_pad, lm_batch, step_indices
 from instructrl_fast.train.config import PPOConfig
@@ -116,9 +119,6 @@ class PPOStage:
         self.flops_per_token = 2 * model_flops_per_token(policy, policy.config.block_size)  # policy + value
         self.mesh = parallel_state()
         self.mesh.dp_share(torch.arange(cfg.rollout_batch_size), "rollout_batch_size")  # fail early, naming it
-        # each dp replica samples its own share of the prompts: its own stream (the same on the ranks of a TP group)
-        self.generator = torch.Generator(device=local_tensor(policy.lm_weight).device)
-        self.generator.manual_seed(cfg.seed + 1_000_003 * self.mesh.dp_rank)
         self.experience: Experience | None = None
         self.n_prompts = min(cfg.n_prompts, len(self.prompts))
 
@@ -137,7 +137,7 @@ class PPOStage:
         self.policy.eval()
         out = generate(self.policy, ids.to(device), mask.to(device), max_new_tokens=cfg.max_new_tokens,
                        temperature=cfg.temperature, eos_token_id=self.tok.eos_id, pad_token_id=self.tok.pad_id,
-                       generator=self.generator)
+                       sample_keys=sample_keys(cfg.seed, iteration, rows))
         self.policy.train()
         seq, attn = out.sequences, out.attention_mask.bool()
         action_mask = out.response_mask[:, 1:].bool()
@@ -237,10 +237,9 @@ class PPOStage:
         return {}  # the rollout statistics (score, kl) are logged every step; the gold evaluation is the pipeline's
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "ema": self.ema}
+        return {"ema": self.ema}  # the rollout draws are keyed to (seed, iteration, prompt): no generator state
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
         with torch.no_grad():
             for n, e in self.ema.items():
                 e.copy_(state["ema"][n])

@@ -5,10 +5,11 @@ global batches) serve every test. Each launch runs with ``_audit/sitecustomize.p
 files every rank writes.
 
 * The folder layout is the one-process run's, and every file has exactly one writer (rank 0).
-* The stages without sampling (pretraining, SFT with its keyed dropout, the PPO starting policy with its pretraining
-  mix, the RM) end at the one-process weights; so do the logged loss and gradient norm. Not the sampled stages
-  at dp > 1 (PPO, PPO-ptx): each dp replica samples its share of the prompts from its own generator, so the
-  rollouts differ from the one-process run's (sampling draws are not keyed to the sample yet).
+* Every stage (pretraining, SFT with its keyed dropout, the PPO starting policy with its pretraining mix, the RM,
+  PPO and PPO-ptx with their keyed rollouts split over dp) ends at the one-process weights; so do the logged loss
+  and gradient norm.
+* ``--precision bf16`` on a dp2 x tp1 mesh (FSDP2's MixedPrecisionPolicy) logs losses within bf16 tolerance of the
+  one-process fp32 run.
 """
 
 import csv
@@ -27,15 +28,18 @@ from instructrl_fast.cli import main
 pytestmark = pytest.mark.dist
 MESHES = {"dp2xtp2": (4, 2), "dp2xtp1": (2, 1), "dp1xtp2": (2, 2)}  # name: (world, tp)
 AUDIT = Path(__file__).parent / "_audit"
-# Stages without sampling: the mesh must reproduce one process up to float rounding (the all-reduces and the dp
-# reduce-scatter sum in another order). sft-s/model.safetensors is the candidate the RM picks from generated
-# responses, a discrete choice that a near-tie could flip, so the last SFT epoch is compared.
-# Max |mesh - 1 process| measured on a 2-core CPU: base-s 5.9e-8, sft-s 1.3e-6, ppo-init-s 5.5e-7, rm 3e-6 (dp2 x tp1).
-DETERMINISTIC = {"base-s": "model.safetensors", "sft-s": "last.safetensors", "ppo-init-s": "model.safetensors",
-                 "rm": "model.safetensors"}
+# The mesh must reproduce one process up to float rounding (the all-reduces and the dp reduce-scatter sum in another
+# order). sft-s/model.safetensors is the candidate the RM picks from generated responses, a discrete choice that a
+# near-tie could flip, so the last SFT epoch is compared. Max |mesh - 1 process| measured at dp2 x tp1 on a 2-core
+# CPU: base-s 5.9e-8, sft-s 1.0e-6, ppo-init-s 5.5e-7, rm 1.2e-6, ppo-s 5.4e-7, ppo-ptx-s 5.5e-7.
+STAGES = {"base-s": "model.safetensors", "sft-s": "last.safetensors", "ppo-init-s": "model.safetensors",
+          "rm": "model.safetensors", "ppo-s": "model.safetensors", "ppo-ptx-s": "model.safetensors"}
 # The RM's pairwise loss is blind to a constant shift of every score, so these have a zero true gradient: Adam turns
-# their rounding noise into +-lr steps (measured 4e-5 to 7e-5 apart); `bias` is the centring shift computed from them.
+# their rounding noise into +-lr steps (measured 4e-5 to 7e-4 apart); `bias` is the centring shift computed from them.
 SHIFT_INVARIANT = {"bias", "body.ln_f.bias", "body.score_head.bias"}
+# The PPO value model starts from the RM, shift-invariant parameters included: its value-loss gradient carries their
+# difference, measured at up to 5.3e-5 relative on PPO's logged gradient norm (weights still within 1e-5).
+METRIC_RTOL = {"ppo-s": 2e-4, "ppo-ptx-s": 2e-4}
 TIMING_COLUMNS = {"tokens_per_s", "mfu"}  # wall-clock measurements
 
 
@@ -57,26 +61,30 @@ def single(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module", params=list(MESHES))
-def mesh_run(request, tmp_path_factory) -> tuple[str, Path, dict[Path, set[int]]]:
-    """(mesh name, output folder, {path written: ranks that wrote it})."""
+def _launch(tmp_path_factory, name: str, world: int, tp: int, *extra: str) -> tuple[Path, dict[Path, set[int]]]:
+    """torchrun ``run --preset micro`` on ``world`` processes; returns (output folder, {path: ranks that wrote it})."""
     if (reason := _gloo_missing()) is not None:
         pytest.skip(reason)
-    world, tp = MESHES[request.param]
-    out, logs = tmp_path_factory.mktemp(request.param), tmp_path_factory.mktemp(f"{request.param}-audit")
+    out, logs = tmp_path_factory.mktemp(name), tmp_path_factory.mktemp(f"{name}-audit")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "AUDIT_OUT": str(out), "AUDIT_LOG": str(logs / "writes"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(AUDIT), os.environ.get("PYTHONPATH")]))}
     # --standalone: a local rendezvous on a free port
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                           str(world), "-m", "instructrl_fast.cli", *COMMON, "--tp", str(tp), "--out", str(out)],
-                          check=False, capture_output=True, text=True, timeout=600, env=env)
+                           str(world), "-m", "instructrl_fast.cli", *COMMON, "--tp", str(tp), "--out", str(out),
+                           *extra], check=False, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, f"torchrun exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     writers: dict[Path, set[int]] = {}
     for log in logs.glob("writes.*"):
         rank = int(log.suffix[1:])
         for line in log.read_text().splitlines():
             writers.setdefault(Path(line), set()).add(rank)
-    return request.param, out, writers
+    return out, writers
+
+
+@pytest.fixture(scope="module", params=list(MESHES))
+def mesh_run(request, tmp_path_factory) -> tuple[str, Path, dict[Path, set[int]]]:
+    """(mesh name, output folder, {path written: ranks that wrote it})."""
+    return request.param, *_launch(tmp_path_factory, request.param, *MESHES[request.param])
 
 
 def _layout(root: Path) -> set[str]:
@@ -100,10 +108,10 @@ def test_same_layout_and_one_writer_per_file(mesh_run, single):
         assert ranks == {0}, f"{name}: {path.relative_to(out)} written by ranks {sorted(ranks)}"
 
 
-@pytest.mark.parametrize("stage", DETERMINISTIC)
-def test_deterministic_stages_match_one_process(mesh_run, single, stage):
+@pytest.mark.parametrize("stage", STAGES)
+def test_stages_match_one_process(mesh_run, single, stage):
     name, out, _ = mesh_run
-    got, want = load_file(out / stage / DETERMINISTIC[stage]), load_file(single / stage / DETERMINISTIC[stage])
+    got, want = load_file(out / stage / STAGES[stage]), load_file(single / stage / STAGES[stage])
     assert got.keys() == want.keys()
     for k in want.keys() - SHIFT_INVARIANT:  # full (TP = 1) tensors: one layout whatever the mesh
         torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4,
@@ -113,15 +121,15 @@ def test_deterministic_stages_match_one_process(mesh_run, single, stage):
     for got_row, want_row in rows:
         for col in ("grad_norm", "loss"):
             if want_row[col]:
-                assert float(got_row[col]) == pytest.approx(float(want_row[col]), rel=1e-5), (name, stage, col)
+                rel = METRIC_RTOL.get(stage, 1e-5)
+                assert float(got_row[col]) == pytest.approx(float(want_row[col]), rel=rel), (name, stage, col)
 
 
-def test_sampled_stages_at_dp1_match_one_process(mesh_run, single):
-    """At dp = 1 the TP ranks sample from the same gathered logits with the same stream as one process does."""
-    name, out, _ = mesh_run
-    if name != "dp1xtp2":
-        pytest.skip("dp > 1: each replica samples its own prompts from its own stream (see the module docstring)")
-    for stage in ("ppo-s", "ppo-ptx-s"):
-        got, want = load_file(out / stage / "model.safetensors"), load_file(single / stage / "model.safetensors")
-        for k in want:
-            torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k, s=stage: f"{s} {k}: {m}")
+def test_bf16_losses_are_within_bf16_tolerance_of_fp32(tmp_path_factory, single):
+    out, _ = _launch(tmp_path_factory, "dp2xtp1-bf16", 2, 1, "--precision", "bf16")
+    for stage in ("base-s", "sft-s", "ppo-init-s"):  # trained from the same start: the bf16 error alone
+        got, want = _metrics(out / stage / "metrics.csv"), _metrics(single / stage / "metrics.csv")
+        losses = [(float(g["loss"]), float(w["loss"])) for g, w in zip(got, want, strict=True) if w["loss"]]
+        # bf16 keeps 8 mantissa bits (relative rounding 2^-9); over a few steps 2% bounds the loss error
+        assert [g for g, _ in losses] == pytest.approx([w for _, w in losses], rel=2e-2), stage
+        assert any(g != w for g, w in losses), f"{stage}: bf16 gave the fp32 losses bit for bit"
