@@ -160,8 +160,7 @@ def train(stage: Stage, optim: OptimConfig, loop: LoopConfig, out_dir: str | os.
     ckpt_dir = out_dir / "ckpt"
     start = 0
     if resume and (path := latest_checkpoint(ckpt_dir)) is not None:
-        state = load_checkpoint(path, stage.modules)
-        stage.optimizer.load_state_dict(state["optimizer"])
+        state = load_checkpoint(path, stage.modules, optimizer=stage.optimizer)
         stage.load_state_dict(state["stage"])
         start = state["step"]
     fields = ["lr", "grad_norm", "tokens_per_s", "mfu", *stage.metric_names]
@@ -172,10 +171,11 @@ def train(stage: Stage, optim: OptimConfig, loop: LoopConfig, out_dir: str | os.
     def checkpoint(step: int) -> None:
         # The LR schedule and the data order are pure functions of the step: the step is the scheduler state and
         # the data position (recorded explicitly for readers of the checkpoint).
-        state = {"optimizer": stage.optimizer.state_dict(), "stage": stage.state_dict(),
+        # The optimizer goes in as an object: its moments are saved sharded like their parameters (DCP).
+        state = {"stage": stage.state_dict(),
                  "scheduler": {"schedule": optim.schedule, "lr_factor": lr_factor(step, stage.max_steps, optim)},
                  "data_position": {"optimizer_steps": step, "micro_batches": step * stage.grad_accum}}
-        save_checkpoint(ckpt_dir, step, stage.modules, state, keep=loop.keep_checkpoints)
+        save_checkpoint(ckpt_dir, step, stage.modules, state, keep=loop.keep_checkpoints, optimizer=stage.optimizer)
 
     for m in stage.modules.values():
         m.train()

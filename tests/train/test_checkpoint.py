@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from instructrl_fast.train import checkpoint as ckpt
 from instructrl_fast.train.config import LoopConfig, OptimConfig, SFTConfig
@@ -99,12 +100,12 @@ def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypa
         for p in model.parameters():
             p.add_(1.0)
 
-    def torn_save(obj, path, *a, **k):  # the state file is half written when the process dies
-        Path(path).write_bytes(b"\x80\x02partial")
-        raise KeyboardInterrupt("killed mid-write")
+    def torn_save(obj, f, *a, **k):  # the first file DCP writes is half written when the process dies
+        f.write(b"\x80\x02partial") if hasattr(f, "write") else Path(f).write_bytes(b"\x80\x02partial")
+        raise OSError("killed mid-write")
 
     monkeypatch.setattr(ckpt.torch, "save", torn_save)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(CheckpointException, match="killed mid-write"):  # DCP reports each rank's exception
         ckpt.save_checkpoint(tmp_path, 2, {"model": model}, {"data": 2})
     monkeypatch.undo()
 
