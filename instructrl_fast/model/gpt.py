@@ -155,8 +155,9 @@ class GPT(nn.Module):
 
         ``strict``: every parameter must be present (else missing ones keep their values). Shapes are checked.
         """
-        from instructrl_fast.parallel.shards import full_slices, local_chunks, tp_specs
+        from instructrl_fast.parallel.shards import full_slices, local_chunks, reshard, tp_specs
 
+        reshard(self)
         specs = tp_specs(self)
         for name, param in self.named_parameters():
             if name not in state:
@@ -174,8 +175,9 @@ class GPT(nn.Module):
         """The full (TP = 1) parameters on global rank 0 (an empty dict on the other ranks), gathered one tensor at a
         time: a collective, every rank must call it. Prefer ``save_gpt2`` / ``checkpoint.save_weights``, which
         stream to disk without ever holding the whole model."""
-        from instructrl_fast.parallel.shards import gather_full, tp_specs
+        from instructrl_fast.parallel.shards import gather_full, reshard, tp_specs
 
+        reshard(self)
         specs = tp_specs(self)
         gathered = ((name, gather_full(p, specs.get(name))) for name, p in self.named_parameters())
         return {name: t for name, t in gathered if t is not None}

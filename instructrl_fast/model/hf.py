@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from instructrl_fast.model.config import GPTConfig
 from instructrl_fast.model.gpt import GPT
-from instructrl_fast.parallel.shards import full_slices, gather_full, local_chunks, tp_specs
+from instructrl_fast.parallel.shards import full_slices, gather_full, local_chunks, reshard, tp_specs
 
 _CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 _BLOCK_NAMES = {"ln_1": "ln_1", "ln_2": "ln_2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
@@ -178,6 +178,7 @@ def save_gpt2(model: GPT, path: str) -> None:
     if not isinstance(model, GPT):
         raise TypeError(f"model must be a GPT, got {type(model).__name__}")
     config_to_hf(model.config)  # fail before any collective if the model is not expressible as GPT-2
+    reshard(model)
     params, specs = dict(model.named_parameters()), tp_specs(model)
     tensors = [(name, local_chunks(p, specs.get(name))[0], p.dtype) for name, p in params.items()]
     write_gpt2(path, model.config, tensors, lambda name: gather_full(params[name], specs.get(name)))

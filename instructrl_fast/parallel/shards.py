@@ -46,6 +46,17 @@ def tp_specs(module: nn.Module) -> dict[str, TPSpec]:
     return out
 
 
+def reshard(module: nn.Module) -> None:
+    """Put FSDP2's sharded DTensors back in place. FSDP2 keeps the root unit's parameters unsharded after a forward
+    (plain tensors viewing its all-gather buffer, see ``fsdp.py``): reading them is right but writing them is lost
+    at the next all-gather, so every reader and writer of parameters by place calls this first."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def is_sharded(t: torch.Tensor, spec: TPSpec | None) -> bool:
     """Whether ``t`` holds only part of its full tensor (TP-sharded, or an FSDP2 DTensor)."""
     return spec is not None or _is_dtensor(t)

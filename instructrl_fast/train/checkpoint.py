@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from instructrl_fast.parallel.shards import Chunk, full_slices, gather_full, is_sharded, local_chunks, tp_specs
+from instructrl_fast.parallel.shards import Chunk, full_slices, gather_full, is_sharded, local_chunks, reshard, tp_specs
 
 LATEST = "latest"
 STATE = "state.pt"
@@ -166,6 +166,7 @@ def save_weights(path: str | os.PathLike, module: torch.nn.Module) -> None:
     Under tensor parallelism or FSDP2 this is a collective: every rank calls it, each tensor is gathered in turn
     and global rank 0 writes the one file (the same file a one-process run writes).
     """
+    reshard(module)
     specs = tp_specs(module)
     state = module.state_dict()
     entries = [(name, local_chunks(t, specs.get(name))[0], t.dtype) for name, t in state.items()]
@@ -183,6 +184,7 @@ def load_weights(path: str | os.PathLike, module: torch.nn.Module) -> torch.nn.M
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no weights file at {path}")
+    reshard(module)
     specs, state = tp_specs(module), module.state_dict()
     with safe_open(path, framework="pt", device="cpu") as f:
         names = set(f.keys())
@@ -232,6 +234,7 @@ def _dcp_tensor(t: torch.Tensor, spec) -> torch.Tensor:
 def _module_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
     out = {}
     for key, module in modules.items():
+        reshard(module)
         specs = tp_specs(module)
         for name, t in module.state_dict().items():
             out[f"{key}.{name}"] = _dcp_tensor(t, specs.get(name))

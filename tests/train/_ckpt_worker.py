@@ -46,12 +46,16 @@ def main(mode: str, tp: int, out: Path) -> None:
     if mode == "save":
         model, opt = build(state, fsdp=True, seed=0)
         train(model, opt, state, range(2))
+        with torch.no_grad():  # an eval forward leaves FSDP2's root parameters unsharded (a checkpoint follows)
+            model(torch.zeros(1, 4, dtype=torch.long))
         save_checkpoint(out / "ckpt", 2, {"model": model}, {"note": "dp2 x tp2"}, optimizer=opt)
         save_weights(out / "w2.safetensors", model)
         train(model, opt, state, range(2, 4))
         save_weights(out / "w4.safetensors", model)
     elif mode == "resume":
         model, opt = build(state, fsdp=True, seed=5)
+        with torch.no_grad():  # loading after a forward must not write into FSDP2's transient unsharded root
+            model(torch.zeros(1, 4, dtype=torch.long))
         saved = load_checkpoint(latest_checkpoint(out / "ckpt"), {"model": model}, optimizer=opt)
         assert saved["step"] == 2 and saved["note"] == "dp2 x tp2", saved
         save_checkpoint(out / "ckpt_resaved", 2, {"model": model}, {}, optimizer=opt)
