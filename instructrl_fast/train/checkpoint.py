@@ -221,8 +221,9 @@ def _dcp_tensor(t: torch.Tensor, spec) -> torch.Tensor:
     from torch.distributed.tensor._shards_wrapper import LocalShardsWrapper
 
     shape, chunks = local_chunks(t, spec)
-    if not chunks:  # an uneven FSDP2 split left this rank nothing: an empty piece at the origin
-        chunks = [Chunk(t.to_local().new_empty((0,) * len(shape)), (0,) * len(shape))]
+    if not chunks:  # an uneven FSDP2 split (score_head.bias [1] over dp 2) left this rank nothing: an empty piece
+        # just past the end of dim 0, so that DCP's de-duplication by (name, offsets) cannot confuse it with data
+        chunks = [Chunk(t.to_local().new_empty((0, *shape[1:])), (shape[0],) + (0,) * (len(shape) - 1))]
     key = t.device.type
     if key not in _MESHES:  # DCP reads only the chunks; the mesh and placement just make a valid DTensor
         _MESHES[key] = DeviceMesh.from_group(dist.group.WORLD, key)

@@ -2,9 +2,10 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node W tests/train/_ckpt_worker.py MODE TP OUT
 
-MODE ``save`` (FSDP2 over dp x our TP): 2 AdamW steps, checkpoint, full weights ``w2``, 2 more steps, ``w4``.
+A policy and a value model, one AdamW. MODE ``save`` (FSDP2 over dp x our TP): 2 steps, checkpoint, the policy's
+full weights ``w2``, 2 more steps, ``w4`` (and the value model's ``v4``).
 MODE ``resume`` (same mesh): load the checkpoint into a differently initialised model and optimizer, re-save it as
-``ckpt_resaved``, 2 more steps, ``w4_resumed``. MODE ``load`` (TP = world, no FSDP; one process without torchrun):
+``ckpt_resaved``, 2 more steps, ``w4_resumed`` / ``v4_resumed``. MODE ``load`` (TP = world, no FSDP; one process without torchrun):
 load the checkpoint, write ``w2_tp{TP}`` and re-save it as ``ckpt_tp{TP}``.
 """
 
@@ -22,20 +23,28 @@ CFG = GPTConfig(n_layer=2, n_head=4, d_model=32, vocab_size=101, vocab_multiple=
 
 
 def build(state, *, fsdp: bool, seed: int):
-    with torch.device("meta"):
-        model = GPT(CFG, tp_group=state.tp_group)
-    if fsdp:
-        apply_fsdp(model, state.mesh)
-    model.to_empty(device="cpu")
-    model.init_weights(seed)
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    """A policy and a value model (scalar head: FSDP2 leaves dp rank 1 no rows of score_head's [1, D] and [1])."""
+    models = []
+    for head in ("lm", "scalar"):
+        with torch.device("meta"):
+            model = GPT(CFG, head, tp_group=state.tp_group)
+        if fsdp:
+            apply_fsdp(model, state.mesh)
+        model.to_empty(device="cpu")
+        model.init_weights(seed)
+        models.append(model)
+    params = [p for m in models for p in m.parameters()]
+    return {"model": models[0], "value": models[1]}, torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1,
+                                                                      foreach=False)
 
 
-def train(model, opt, state, steps):
+def train(modules, opt, state, steps):
     for i in steps:  # each dp rank its own batch, keyed to (step, dp rank)
         g = torch.Generator().manual_seed(100 * i + state.dp_rank)
         idx = torch.randint(0, CFG.vocab_size, (2, 12), generator=g)
-        (-model.token_logprobs(idx[:, :-1], idx[:, 1:]).mean()).backward()
+        value = modules["value"]
+        loss = -modules["model"].token_logprobs(idx[:, :-1], idx[:, 1:]).mean() + value.score(value(idx)).square().mean()
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -44,28 +53,30 @@ def main(mode: str, tp: int, out: Path) -> None:
     torch.set_num_threads(1)
     state = init_distributed(tp, backend="gloo")
     if mode == "save":
-        model, opt = build(state, fsdp=True, seed=0)
-        train(model, opt, state, range(2))
+        modules, opt = build(state, fsdp=True, seed=0)
+        train(modules, opt, state, range(2))
         with torch.no_grad():  # an eval forward leaves FSDP2's root parameters unsharded (a checkpoint follows)
-            model(torch.zeros(1, 4, dtype=torch.long))
-        save_checkpoint(out / "ckpt", 2, {"model": model}, {"note": "dp2 x tp2"}, optimizer=opt)
-        save_weights(out / "w2.safetensors", model)
-        train(model, opt, state, range(2, 4))
-        save_weights(out / "w4.safetensors", model)
+            modules["model"](torch.zeros(1, 4, dtype=torch.long))
+        save_checkpoint(out / "ckpt", 2, modules, {"note": "dp2 x tp2"}, optimizer=opt)
+        save_weights(out / "w2.safetensors", modules["model"])
+        train(modules, opt, state, range(2, 4))
+        save_weights(out / "w4.safetensors", modules["model"])
+        save_weights(out / "v4.safetensors", modules["value"])
     elif mode == "resume":
-        model, opt = build(state, fsdp=True, seed=5)
+        modules, opt = build(state, fsdp=True, seed=5)
         with torch.no_grad():  # loading after a forward must not write into FSDP2's transient unsharded root
-            model(torch.zeros(1, 4, dtype=torch.long))
-        saved = load_checkpoint(latest_checkpoint(out / "ckpt"), {"model": model}, optimizer=opt)
+            modules["model"](torch.zeros(1, 4, dtype=torch.long))
+        saved = load_checkpoint(latest_checkpoint(out / "ckpt"), modules, optimizer=opt)
         assert saved["step"] == 2 and saved["note"] == "dp2 x tp2", saved
-        save_checkpoint(out / "ckpt_resaved", 2, {"model": model}, {}, optimizer=opt)
-        train(model, opt, state, range(2, 4))
-        save_weights(out / "w4_resumed.safetensors", model)
+        save_checkpoint(out / "ckpt_resaved", 2, modules, {}, optimizer=opt)
+        train(modules, opt, state, range(2, 4))
+        save_weights(out / "w4_resumed.safetensors", modules["model"])
+        save_weights(out / "v4_resumed.safetensors", modules["value"])
     elif mode == "load":
-        model, opt = build(state, fsdp=False, seed=5)
-        load_checkpoint(latest_checkpoint(out / "ckpt"), {"model": model}, optimizer=opt)
-        save_weights(out / f"w2_tp{tp}.safetensors", model)
-        save_checkpoint(out / f"ckpt_tp{tp}", 2, {"model": model}, {}, optimizer=opt)
+        modules, opt = build(state, fsdp=False, seed=5)
+        load_checkpoint(latest_checkpoint(out / "ckpt"), modules, optimizer=opt)
+        save_weights(out / f"w2_tp{tp}.safetensors", modules["model"])
+        save_checkpoint(out / f"ckpt_tp{tp}", 2, modules, {}, optimizer=opt)
     else:
         raise ValueError(f"mode must be save, resume or load, got {mode!r}")
     destroy_distributed()
