@@ -232,20 +232,37 @@ def _dcp_tensor(t: torch.Tensor, spec) -> torch.Tensor:
     return DTensor.from_local(wrapper, _MESHES[key], [Replicate()], run_check=False, shape=shape, stride=stride)
 
 
-def _module_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+class ParameterState:
+    """Tensors shaped like ``module``'s parameters and keyed by their names (an EMA of the weights: fp32 and, under
+    FSDP2, DTensors sharded like the parameters), checkpointed like a module: each tensor in its parameter's layout,
+    so it reshards. Put one in ``modules`` (e.g. ``{"policy": policy, "ema": ParameterState(policy, ema)}``)."""
+
+    def __init__(self, module: torch.nn.Module, tensors: dict[str, torch.Tensor]):
+        shapes = {n: p.shape for n, p in module.named_parameters()}
+        wrong = [n for n, t in tensors.items() if shapes.get(n) != t.shape]
+        if wrong:
+            raise ValueError(f"tensors must be shaped like module's parameters of the same names; {wrong[:3]} are not")
+        self.module, self.tensors, self.config = module, tensors, getattr(module, "config", None)
+
+
+def _module_state(modules: dict[str, torch.nn.Module | ParameterState]) -> dict[str, torch.Tensor]:
     out = {}
     for key, module in modules.items():
-        reshard(module)
-        specs = tp_specs(module)
-        for name, t in module.state_dict().items():
+        owner = module.module if isinstance(module, ParameterState) else module
+        reshard(owner)
+        specs = tp_specs(owner)
+        state = module.tensors if isinstance(module, ParameterState) else module.state_dict()
+        for name, t in state.items():
             out[f"{key}.{name}"] = _dcp_tensor(t, specs.get(name))
     return out
 
 
-def _param_names(modules: dict[str, torch.nn.Module]) -> dict[int, tuple[str, object]]:
+def _param_names(modules: dict[str, torch.nn.Module | ParameterState]) -> dict[int, tuple[str, object]]:
     """id(parameter) -> (``<module>.<name>``, its TP spec), the first name of a parameter shared by two modules."""
     out = {}
     for key, module in modules.items():
+        if isinstance(module, ParameterState):
+            continue
         specs = tp_specs(module)
         for name, p in module.named_parameters():
             out.setdefault(id(p), (f"{key}.{name}", specs.get(name)))
@@ -278,9 +295,9 @@ def _state_file(path: Path, rank: int) -> Path:
     return path / (STATE if rank == 0 else f"state.rank{rank}.pt")
 
 
-def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, modules: dict[str, torch.nn.Module], state: dict,
-                    *, keep: int = 2, optimizer: torch.optim.Optimizer | None = None) -> Path:
-    """Write a checkpoint of ``modules`` (weights), ``optimizer`` (its state, sharded like the parameters) and
+def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, modules: dict[str, torch.nn.Module | ParameterState],
+                    state: dict, *, keep: int = 2, optimizer: torch.optim.Optimizer | None = None) -> Path:
+    """Write a checkpoint of ``modules`` (weights, or a ``ParameterState`` such as an EMA), ``optimizer`` (its state, sharded like the parameters) and
     ``state`` (stage state, data position, ...) at ``step``; a collective under torch.distributed.
 
     The RNG states are added to ``state`` here. Keeps the ``keep`` newest step folders. Returns the folder.
@@ -379,7 +396,7 @@ def _load_optimizer(path: Path, optimizer: torch.optim.Optimizer, modules: dict,
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def load_checkpoint(path: str | os.PathLike, modules: dict[str, torch.nn.Module], *,
+def load_checkpoint(path: str | os.PathLike, modules: dict[str, torch.nn.Module | ParameterState], *,
                     optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True) -> dict:
     """Load the weights of ``modules`` (and ``optimizer``'s state) from checkpoint folder ``path``, at any mesh
     that divides the model (a collective under torch.distributed); return the stage state (RNGs restored).

@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node W tests/train/_ckpt_worker.py MODE TP OUT
 
-A policy and a value model, one AdamW. MODE ``save`` (FSDP2 over dp x our TP): 2 steps, checkpoint, the policy's
+A policy, a value model, an EMA of the policy, one AdamW. MODE ``save`` (FSDP2 over dp x our TP): 2 steps, checkpoint, the policy's
 full weights ``w2``, 2 more steps, ``w4`` (and the value model's ``v4``).
 MODE ``resume`` (same mesh): load the checkpoint into a differently initialised model and optimizer, re-save it as
 ``ckpt_resaved``, 2 more steps, ``w4_resumed`` / ``v4_resumed``. MODE ``load`` (TP = world, no FSDP; one process without torchrun):
@@ -16,14 +16,21 @@ import torch
 
 from instructrl_fast.model import GPT, GPTConfig
 from instructrl_fast.parallel import apply_fsdp, destroy_distributed, init_distributed
-from instructrl_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from instructrl_fast.train.checkpoint import (
+    ParameterState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_weights,
+)
 
 # qkv's TP slice at TP = 2 has 3 x 16 rows; FSDP2's two row halves (24 each) straddle the Q / K / V blocks.
 CFG = GPTConfig(n_layer=2, n_head=4, d_model=32, vocab_size=101, vocab_multiple=8, block_size=32)
 
 
 def build(state, *, fsdp: bool, seed: int):
-    """A policy and a value model (scalar head: FSDP2 leaves dp rank 1 no rows of score_head's [1, D] and [1])."""
+    """A policy, a value model (scalar head: FSDP2 leaves dp rank 1 no rows of score_head's [1, D] and [1]) and an
+    EMA of the policy (a ParameterState)."""
     models = []
     for head in ("lm", "scalar"):
         with torch.device("meta"):
@@ -34,8 +41,9 @@ def build(state, *, fsdp: bool, seed: int):
         model.init_weights(seed)
         models.append(model)
     params = [p for m in models for p in m.parameters()]
-    return {"model": models[0], "value": models[1]}, torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1,
-                                                                      foreach=False)
+    ema = {n: p.detach().clone() for n, p in models[0].named_parameters()}  # DTensors under FSDP2, like the params
+    modules = {"model": models[0], "value": models[1], "ema": ParameterState(models[0], ema)}
+    return modules, torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, foreach=False)
 
 
 def train(modules, opt, state, steps):
@@ -47,6 +55,8 @@ def train(modules, opt, state, steps):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        for n, p in modules["model"].named_parameters():
+            modules["ema"].tensors[n].lerp_(p.detach(), 0.5)
 
 
 def main(mode: str, tp: int, out: Path) -> None:

@@ -65,7 +65,7 @@ def test_resume_at_the_same_mesh_is_bitwise_exact(runs, tmp_path):
         _assert_equal(load_file(runs / f"{name}.safetensors"), load_file(runs / f"{name}_resumed.safetensors"), name)
     saved = _full(latest_checkpoint(runs / "ckpt"), tmp_path)
     assert {"model.blocks.0.attn.qkv.weight", "optim.model.blocks.0.attn.qkv.weight.exp_avg_sq",
-            "value.score_head.bias", "optim.value.score_head.weight.exp_avg"} <= set(saved)
+            "value.score_head.bias", "optim.value.score_head.weight.exp_avg", "ema.wte.weight"} <= set(saved)
     _assert_equal(saved, _full(latest_checkpoint(runs / "ckpt_resaved"), tmp_path), "re-saved checkpoint")
 
 
@@ -85,7 +85,7 @@ def test_export_is_the_same_from_every_mesh_and_transformers_reads_it(runs, tmp_
     sys.path.insert(0, str(WORKER.parent))
     from _ckpt_worker import CFG
 
-    exports = {name: export_gpt2(src, tmp_path / name) for name, src in
+    exports = {name: export_gpt2(src, tmp_path / name, module="model") for name, src in  # not the default, the EMA
                (("dcp_dp2_tp2", runs / "ckpt"), ("dcp_tp4", latest_checkpoint(runs / "ckpt_tp4")),
                 ("weights", runs / "w2.safetensors"))}
     first = load_file(exports["dcp_dp2_tp2"] / "model.safetensors")

@@ -1,6 +1,7 @@
 """``instructrl-fast export``: a stage folder, a weights file or a checkpoint -> a GPT-2 folder transformers reads.
 (The same export from checkpoints written at other meshes is in test_checkpoint_dist.py.)"""
 
+import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
@@ -28,3 +29,15 @@ def test_export_of_a_stage_folder_and_of_its_checkpoint(tmp_path, capsys):
     assert main(["export", str(tmp_path / "ppo" / "ckpt"), str(tmp_path / "x"), "--module", "critic"]) == 2
     assert "module must name one of the checkpoint's models ['policy', 'value']" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "y")]) == 2
+
+
+def test_a_checkpoint_exports_its_ema_by_default(tmp_path):
+    policy = micro_gpt(seed=1)
+    ema = {n: p.detach() + 1.0 for n, p in policy.named_parameters()}
+    ckpt.save_checkpoint(tmp_path / "ckpt", 1, {"policy": policy, "ema": ckpt.ParameterState(policy, ema)}, {})
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 0
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(out["transformer.wte.weight"], ema["wte.weight"])
+    assert torch.equal(out["transformer.h.0.mlp.c_fc.weight"], ema["blocks.0.mlp.fc.weight"].t())
+    with pytest.raises(ValueError, match="shaped like module's parameters"):
+        ckpt.ParameterState(policy, {"wte.weight": torch.zeros(3)})
