@@ -206,9 +206,6 @@ def load_weights(path: str | os.PathLike, module: torch.nn.Module) -> torch.nn.M
 # ------------------------------------------------------------------------------------------------------------------
 # DCP state dicts whose tensors know their place in the full tensor
 # ------------------------------------------------------------------------------------------------------------------
-_MESHES: dict = {}
-
-
 def _dcp_tensor(t: torch.Tensor, spec) -> torch.Tensor:
     """``t`` as DCP should see it: a plain tensor when every rank holds all of it (DCP keeps one copy); otherwise a
     DTensor of the full shape whose local tensor lists this rank's chunks with their offsets (the ``_Checkpointable``
@@ -224,12 +221,11 @@ def _dcp_tensor(t: torch.Tensor, spec) -> torch.Tensor:
     if not chunks:  # an uneven FSDP2 split (score_head.bias [1] over dp 2) left this rank nothing: an empty piece
         # just past the end of dim 0, so that DCP's de-duplication by (name, offsets) cannot confuse it with data
         chunks = [Chunk(t.to_local().new_empty((0, *shape[1:])), (shape[0],) + (0,) * (len(shape) - 1))]
-    key = t.device.type
-    if key not in _MESHES:  # DCP reads only the chunks; the mesh and placement just make a valid DTensor
-        _MESHES[key] = DeviceMesh.from_group(dist.group.WORLD, key)
+    mesh = DeviceMesh.from_group(dist.group.WORLD, t.device.type)  # no communication; DCP reads only the chunks,
+    # the mesh and placement just make a valid DTensor around them
     stride = torch.empty(shape, device="meta").stride()
     wrapper = LocalShardsWrapper([c.local for c in chunks], [c.offsets for c in chunks])
-    return DTensor.from_local(wrapper, _MESHES[key], [Replicate()], run_check=False, shape=shape, stride=stride)
+    return DTensor.from_local(wrapper, mesh, [Replicate()], run_check=False, shape=shape, stride=stride)
 
 
 class ParameterState:
@@ -276,7 +272,8 @@ def _optimizer_groups(optimizer: torch.optim.Optimizer, names: dict) -> list[dic
         missing = [p for p in g["params"] if id(p) not in names]
         if missing:
             raise ValueError("the optimizer holds parameters of no module in modules")
-        groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)][0] for p in g["params"]]})
+        hyper = {k: v for k, v in g.items() if k != "params"}
+        groups.append({**hyper, "params": [names[id(p)][0] for p in g["params"]]})
     return groups
 
 
@@ -297,8 +294,9 @@ def _state_file(path: Path, rank: int) -> Path:
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, modules: dict[str, torch.nn.Module | ParameterState],
                     state: dict, *, keep: int = 2, optimizer: torch.optim.Optimizer | None = None) -> Path:
-    """Write a checkpoint of ``modules`` (weights, or a ``ParameterState`` such as an EMA), ``optimizer`` (its state, sharded like the parameters) and
-    ``state`` (stage state, data position, ...) at ``step``; a collective under torch.distributed.
+    """Write a checkpoint of ``modules`` (weights, or a ``ParameterState`` such as an EMA), ``optimizer`` (its
+    state, sharded like the parameters) and ``state`` (stage state, data position, ...) at ``step``; a collective
+    under torch.distributed.
 
     The RNG states are added to ``state`` here. Keeps the ``keep`` newest step folders. Returns the folder.
     """

@@ -2,11 +2,14 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node W tests/train/_ckpt_worker.py MODE TP OUT
 
-A policy, a value model, an EMA of the policy, one AdamW. MODE ``save`` (FSDP2 over dp x our TP): 2 steps, checkpoint, the policy's
-full weights ``w2``, 2 more steps, ``w4`` (and the value model's ``v4``).
-MODE ``resume`` (same mesh): load the checkpoint into a differently initialised model and optimizer, re-save it as
-``ckpt_resaved``, 2 more steps, ``w4_resumed`` / ``v4_resumed``. MODE ``load`` (TP = world, no FSDP; one process without torchrun):
-load the checkpoint, write ``w2_tp{TP}`` and re-save it as ``ckpt_tp{TP}``.
+A policy, a value model, an EMA of the policy, one AdamW.
+
+- ``save`` (FSDP2 over dp x our TP): 2 steps, checkpoint, the policy's full weights ``w2``, 2 more steps, ``w4``
+  (and the value model's ``v4``).
+- ``resume`` (the same mesh): load the checkpoint into differently initialised models and optimizer, re-save it as
+  ``ckpt_resaved``, 2 more steps, ``w4_resumed`` / ``v4_resumed``.
+- ``load`` (TP = world, no FSDP; one process without torchrun): load the checkpoint, write ``w2_tp{TP}`` and re-save
+  it as ``ckpt_tp{TP}``.
 """
 
 import sys
@@ -51,7 +54,8 @@ def train(modules, opt, state, steps):
         g = torch.Generator().manual_seed(100 * i + state.dp_rank)
         idx = torch.randint(0, CFG.vocab_size, (2, 12), generator=g)
         value = modules["value"]
-        loss = -modules["model"].token_logprobs(idx[:, :-1], idx[:, 1:]).mean() + value.score(value(idx)).square().mean()
+        logp = modules["model"].token_logprobs(idx[:, :-1], idx[:, 1:])
+        loss = -logp.mean() + value.score(value(idx)).square().mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
