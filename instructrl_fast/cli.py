@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=Path, default=None,
                    help="JSONL of {prompt}: write responses.jsonl instead of the gold evaluation")
     p.add_argument("--tokenizer", type=Path, default=None)
+
+    p = sub.add_parser("export", help="a stage's weights (any mesh) as a GPT-2 folder transformers loads")
+    p.add_argument("path", type=Path, help="a stage output folder, a .safetensors file, a ckpt folder or a checkpoint")
+    p.add_argument("out", type=Path, help="the GPT-2 folder to write (config.json + model.safetensors)")
+    p.add_argument("--module", default=None, help="which model of a checkpoint (default: ema, policy or model)")
+    p.set_defaults(threads=None)
     return parser
 
 
@@ -158,6 +164,10 @@ def _model(args, cfg, tok, size: str, head: str = "lm", *, state=None, init: Pat
     if init is not None and init.is_dir():  # a GPT-2-family transformers checkpoint
         from instructrl_fast.model import hf
 
+        if state.dp_size > 1:  # load_gpt2 builds a TP-only model; FSDP2 wraps before loading (parallel.build_gpt)
+            raise ValueError(f"--init {init}: a transformers checkpoint loads at dp = 1 only (here dp = "
+                             f"{state.dp_size}: world {state.world_size} / --tp {state.tp_size}); launch with --tp equal "
+                             f"to the world size")
         return hf.load_gpt2(str(init), head=head, tp_group=tp_group, device=_device(args, state))
     if size not in cfg.pretrain:
         raise SystemExit(f"--size must be one of {tuple(cfg.pretrain)} for preset {cfg.name}, got {size!r}")
@@ -359,8 +369,16 @@ def cmd_eval(args) -> dict:
     return results
 
 
+def cmd_export(args) -> dict:
+    from instructrl_fast.train.export import export_gpt2
+
+    out = export_gpt2(args.path, args.out, module=args.module)
+    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")
+    return {"out": str(out)}
+
+
 COMMANDS = {"run": cmd_run, "reproduce": lambda a: cmd_run(a, all_sizes=True), "sft": cmd_sft, "rm": cmd_rm,
-            "ppo": cmd_ppo, "eval": cmd_eval}
+            "ppo": cmd_ppo, "eval": cmd_eval, "export": cmd_export}
 
 
 def main(argv=None) -> int:
