@@ -248,7 +248,8 @@ def cmd_sft(args) -> dict:
     metrics = train_sft(sc, model, tok, demos, val, args.out, resume=args.resume)
     save_weights(args.out / "model.safetensors", set_dropout(model, 0.0))
     _write(args.out, "result.json", metrics)
-    print(json.dumps(metrics))
+    if state.is_main:
+        print(json.dumps(metrics))
     return metrics
 
 
@@ -281,7 +282,8 @@ def cmd_rm(args) -> dict:
     metrics = train_reward_model(rc, rm, tok, comps, val, demos, args.out, resume=args.resume)
     save_weights(args.out / "model.safetensors", rm)
     _write(args.out, "result.json", metrics)
-    print(json.dumps(metrics))
+    if state.is_main:
+        print(json.dumps(metrics))
     return metrics
 
 
@@ -323,12 +325,14 @@ def cmd_ppo(args) -> dict:
     # the RM has the policy's shape unless --rm-size names another (an HF-initialised policy: the HF shape)
     rm_shape = args.init if args.init is not None and args.init.is_dir() and args.rm_size is None else None
     rm_size = args.rm_size or args.size
-    rm = load_weights(args.rm, RewardModel(_model(args, cfg, tok, rm_size, "scalar", state=state, init=rm_shape)))
+    rm = load_weights(args.rm, RewardModel(_model(args, cfg, tok, rm_size, "scalar", state=state, init=rm_shape,
+                                                   frozen=True)))
     value = init_from(_model(args, cfg, tok, rm_size, "scalar", state=state, init=rm_shape), rm.body)
     ema, metrics = train_ppo(pc, policy, value, ref, rm, tok, prompts, args.out, ptx_chunks=ptx, resume=args.resume)
     save_weights(args.out / "model.safetensors", ema)
     _write(args.out, "result.json", metrics)
-    print(json.dumps(metrics))
+    if state.is_main:
+        print(json.dumps(metrics))
     return metrics
 
 
@@ -353,9 +357,10 @@ def cmd_eval(args) -> dict:
         prompts = load_prompts_jsonl(args.prompts)
         rows = [{"prompt": p.text, **{n: r for n, r in zip(gen, resp)}}
                 for p, *resp in zip(prompts, *(ev.collect_responses(g, prompts) for g in gen.values()))]
-        n = save_jsonl(args.out / "responses.jsonl", rows)
-        print(f"wrote {n} rows to {args.out / 'responses.jsonl'}")
-        return {"rows": n}
+        if state.is_main:  # every rank generated the same responses; one writes them
+            save_jsonl(args.out / "responses.jsonl", rows)
+            print(f"wrote {len(rows)} rows to {args.out / 'responses.jsonl'}")
+        return {"rows": len(rows)}
     task, labeler = DemoTask(cfg.data_seed), GoldLabeler(cfg.data_seed)
     prompts = task.prompts("test", ec.n_test_prompts)
     answers = {n: ev.collect_responses(g, prompts) for n, g in gen.items()}
@@ -365,7 +370,8 @@ def cmd_eval(args) -> dict:
                for n, a in answers.items()}
     _write(args.out, "eval.json", results)
     for n, r in results.items():
-        print(f"{n}: " + ", ".join(f"{k}={v:.3f}" for k, v in r.items()))
+        if state.is_main:
+            print(f"{n}: " + ", ".join(f"{k}={v:.3f}" for k, v in r.items()))
     return results
 
 
