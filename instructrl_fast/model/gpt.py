@@ -116,8 +116,9 @@ class GPT(nn.Module):
     ``to_empty(device=...)`` call ``init_weights(seed)``. Built on a real device, the weights are initialised with
     seed 0. Parameter names are the same at every TP size; ``init_weights`` gives each rank the slice of the
     full (TP = 1) initialisation, so a model initialised with one seed is the same function at any TP size.
-    With dropout under TP, seed torch's RNG identically on the ranks of a TP group: the dropped residual
-    activations are replicated tensors and must be dropped alike on every rank (as Megatron does).
+    Dropout draws its masks from per-sample keys (``keyed_dropout`` / ``KeyedDropout``), the same on every rank and
+    in any batch layout. Without keys it uses torch's global RNG: under TP seed it identically on the ranks of a TP
+    group, since the dropped residual activations are replicated tensors and must be dropped alike on every rank.
     """
 
     def __init__(self, config: GPTConfig, head: str = "lm", tp_group: dist.ProcessGroup | None = None):

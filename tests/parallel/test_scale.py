@@ -4,6 +4,7 @@ The multi-process equivalence (dp x tp meshes against one process) is tests/trai
 """
 
 import csv
+import dataclasses
 
 import pytest
 import torch
@@ -98,3 +99,18 @@ def test_mesh_errors_name_the_numbers(monkeypatch):
     assert dp_micro_batches(12, 2) == 2
     with pytest.raises(ValueError, match=r"rollout_batch_size \(8\) must be divisible by the data-parallel size \(3\)"):
         dist.parallel_state().dp_share(torch.arange(8), "rollout_batch_size")
+
+
+def test_presets_choose_precision_and_checkpointing():
+    from instructrl_fast.train.config import preset
+
+    for name in ("instructgpt-1.3b", "instructgpt-6.7b", "instructgpt-175b"):
+        cfg = preset(name)
+        assert cfg.activation_checkpointing and cfg.precision is None, name  # None: bf16 on a GPU, fp32 on CPU
+        # a batch splits over 8 dp replicas in whole micro-batches
+        for stage in (cfg.sft, cfg.rm):
+            assert stage.batch_size % (8 * stage.micro_batch_size) == 0, (name, stage)
+        assert cfg.ppo.minibatch_size % (8 * cfg.ppo.micro_batch_size) == 0, name
+    assert not preset("micro").activation_checkpointing and not preset("demo").activation_checkpointing
+    with pytest.raises(ValueError, match="precision"):
+        dataclasses.replace(preset("micro"), precision="fp16")
