@@ -114,3 +114,27 @@ def test_presets_choose_precision_and_checkpointing():
     assert not preset("micro").activation_checkpointing and not preset("demo").activation_checkpointing
     with pytest.raises(ValueError, match="precision"):
         dataclasses.replace(preset("micro"), precision="fp16")
+
+
+def test_sft_result_does_not_depend_on_the_micro_batch_size(tmp_path):
+    """Demonstrations of different lengths, dropout 0.2: the step is the global token mean with keyed masks, so one
+    micro-batch of 8 and four of 2 give the same weights (a mean of micro-batch means would not, nor would dropout
+    drawn from the global RNG)."""
+    from instructrl_fast.data import ByteTokenizer, DemoTask
+    from instructrl_fast.train.config import SFTConfig
+    from instructrl_fast.train.sft import train_sft
+    from tests.train.conftest import micro_gpt
+
+    tok, task = ByteTokenizer(), DemoTask(0)
+    demos = [(d["prompt"], d["response"]) for d in task.demonstrations(16)]
+    assert len({len(p) + len(r) for p, r in demos}) > 1
+    weights = []
+    for micro in (8, 2):
+        model = micro_gpt(seed=1, dropout=0.2)
+        cfg = SFTConfig(epochs=1, batch_size=8, micro_batch_size=micro, n_demos=16, select_every=1,
+                        optim=OptimConfig(lr=1e-3), loop=LoopConfig(progress=False))
+        train_sft(cfg, model, tok, demos, demos[:4], tmp_path / f"micro{micro}")
+        weights.append(model.state_dict())
+    for k, v in weights[0].items():
+        torch.testing.assert_close(weights[1][k], v, atol=2e-6, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    assert not torch.equal(weights[0]["wte.weight"], micro_gpt(seed=1).state_dict()["wte.weight"])  # it trained
