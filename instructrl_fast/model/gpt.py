@@ -350,7 +350,8 @@ class GPT(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[B, T, D] -> [B, T, V_local] this rank's logit shard (never gathered). Columns of padded ids
         (>= vocab_size, see GPTConfig.padded_vocab_size) are real model outputs, not masked here."""
-        return F.linear(copy_to_tp(h, self.tp_group), self.lm_weight)
+        w = self.lm_weight
+        return F.linear(copy_to_tp(h.to(w.dtype), self.tp_group), w)
 
     def token_logprobs(self, idx: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        temperature: float = 1.0, with_entropy: bool = False):
@@ -364,7 +365,9 @@ class GPT(nn.Module):
         if self.head != "lm":
             raise ValueError(f"token_logprobs needs the 'lm' head, this model has head={self.head!r}")
         check_positive("temperature", temperature)
-        h = self(idx, attention_mask)
+        # the heads run outside forward's autocast: the hidden state takes the weights' dtype (bf16 on FSDP2's
+        # gathered copies or a frozen bf16 model, whatever LayerNorm returned under autocast)
+        h = self(idx, attention_mask).to(self.lm_weight.dtype)
         # No copy_to_tp here: linear_logprobs all-reduces the hidden gradient over tp_group itself.
         return linear_logprobs(h, self.lm_weight, labels, temperature=temperature, with_entropy=with_entropy,
                                tp_group=self.tp_group)
@@ -373,7 +376,7 @@ class GPT(nn.Module):
         """Scalar head: [B, T, D] hidden -> [B, T] fp32 per-position scalar (reward or value)."""
         if self.score_head is None:
             raise ValueError(f"score needs the 'scalar' head, this model has head={self.head!r}")
-        return self.score_head(h).squeeze(-1).float()
+        return self.score_head(h.to(self.score_head.weight.dtype)).squeeze(-1).float()
 
     def num_params(self, *, local: bool = True) -> int:
         """Parameters of this rank (``local=True``) or of the whole model at TP = 1 (sharded ones times p)."""
