@@ -9,15 +9,16 @@ A policy, a value model, an EMA of the policy, one AdamW.
 - ``resume`` (the same mesh): load the checkpoint into differently initialised models and optimizer, re-save it as
   ``ckpt_resaved``, 2 more steps, ``w4_resumed`` / ``v4_resumed``.
 - ``load`` (TP = world, no FSDP; one process without torchrun): load the checkpoint, write ``w2_tp{TP}`` and re-save
-  it as ``ckpt_tp{TP}``.
+  it as ``ckpt_tp{TP}``; at TP > 1, also check that ``load_gpt2`` of its export reads only each rank's slices.
 """
 
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from instructrl_fast.model import GPT, GPTConfig
+from instructrl_fast.model import GPT, GPTConfig, load_gpt2
 from instructrl_fast.parallel import apply_fsdp, destroy_distributed, init_distributed
 from instructrl_fast.train.checkpoint import (
     ParameterState,
@@ -26,6 +27,7 @@ from instructrl_fast.train.checkpoint import (
     save_checkpoint,
     save_weights,
 )
+from instructrl_fast.train.export import export_gpt2
 
 # qkv's TP slice at TP = 2 has 3 x 16 rows; FSDP2's two row halves (24 each) straddle the Q / K / V blocks.
 CFG = GPTConfig(n_layer=2, n_head=4, d_model=32, vocab_size=101, vocab_multiple=8, block_size=32)
@@ -63,6 +65,62 @@ def train(modules, opt, state, steps):
             modules["ema"].tensors[n].lerp_(p.detach(), 0.5)
 
 
+def check_load_gpt2_reads_slices(state, out: Path, reference: GPT) -> None:
+    """``load_gpt2`` of the exported checkpoint reads only this rank's slices (never a whole tensor, unless the
+    tensor is replicated) and gives ``reference``'s weights (GPT-2 drops our padding rows: those load as zeros)."""
+    import safetensors
+
+    if state.rank == 0:
+        export_gpt2(out / "ckpt", out / "hf", module="model")
+    dist.barrier()
+    reads, real_open = [], safetensors.safe_open
+
+    class Recorder:  # safe_open, recording the element count of every read and refusing whole-tensor reads
+        def __init__(self, *args, **kwargs):
+            self.f = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_tensor(self, name):
+            raise AssertionError(f"load_gpt2 read the whole of {name}")
+
+        def get_slice(self, name):
+            src = self.f.get_slice(name)
+            shape = src.get_shape()
+
+            class Slice:
+                def get_shape(self):
+                    return shape
+
+                def __getitem__(self, index):
+                    t = src[index]
+                    reads.append((name, t.numel(), torch.Size(shape).numel()))
+                    return t
+
+            return Slice()
+
+    safetensors.safe_open = Recorder
+    try:
+        loaded = load_gpt2(str(out / "hf"), tp_group=state.tp_group, vocab_multiple=CFG.vocab_multiple)
+    finally:
+        safetensors.safe_open = real_open
+    sharded = {n for n, _, _ in reads if "attn.qkv" in n or "c_attn" in n or "mlp.c_fc" in n or "wte" in n}
+    assert sharded and all(numel < full for n, numel, full in reads if n in sharded), reads
+    for name, p in loaded.named_parameters():
+        expect = dict(reference.named_parameters())[name].detach().clone()
+        if name == "wte.weight":  # rows of ids >= vocab_size (padding) on this rank
+            expect[max(0, CFG.vocab_size - reference.vocab_start):] = 0
+        assert torch.equal(p.detach(), expect), name
+
+
 def main(mode: str, tp: int, out: Path) -> None:
     torch.set_num_threads(1)
     state = init_distributed(tp, backend="gloo")
@@ -91,6 +149,8 @@ def main(mode: str, tp: int, out: Path) -> None:
         load_checkpoint(latest_checkpoint(out / "ckpt"), modules, optimizer=opt)
         save_weights(out / f"w2_tp{tp}.safetensors", modules["model"])
         save_checkpoint(out / f"ckpt_tp{tp}", 2, modules, {}, optimizer=opt)
+        if tp > 1:
+            check_load_gpt2_reads_slices(state, out, modules["model"])
     else:
         raise ValueError(f"mode must be save, resume or load, got {mode!r}")
     destroy_distributed()

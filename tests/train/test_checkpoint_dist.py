@@ -1,6 +1,7 @@
 """Checkpoints that reshard: saved under FSDP2 (dp = 2) x our TP (tp = 2) in 4 gloo processes, resumed at the same
 mesh bitwise, loaded at TP = 1 (one process) and TP = 4 (4 processes) to the same full weights and optimizer state,
-exported to the same GPT-2 folder from every mesh, and that folder loads in transformers with our logits.
+exported to the same GPT-2 folder from every mesh, and that folder loads in transformers with our logits (and, at
+TP = 4, in ``load_gpt2``, each rank reading only its slices: checked inside the worker).
 
 Three torchrun launches and one plain process (``_ckpt_worker.py``) serve every test. The full weights each run
 writes (``save_weights``: gathered by ``unshard_tensor`` at the writer's mesh) are compared bitwise, and so is every
