@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -30,16 +31,17 @@ _MODULE_PREFERENCE = ("ema", "policy", "model")  # the weights a stage hands on 
 _GPT_PREFIXES = ("wte.", "wpe.", "blocks.", "ln_f.", "score_head.")
 
 
-class _Source:
+class _Source(Protocol):
     """Full tensors by our parameter name, read one at a time."""
 
-    config: GPTConfig
-    tensors: list[tuple[str, torch.Size, torch.dtype]]
+    config: GPTConfig  # the model's shape
+    tensors: list[tuple[str, torch.Size, torch.dtype]]  # (name, full shape, dtype) of every tensor
 
-    def read(self, name: str) -> torch.Tensor: ...
+    def read(self, name: str) -> torch.Tensor:
+        """The full tensor ``name``."""
 
 
-class _SafetensorsSource(_Source):
+class _SafetensorsSource:
     def __init__(self, path: Path):
         from safetensors import safe_open
 
@@ -62,7 +64,7 @@ class _SafetensorsSource(_Source):
             return f.get_tensor(name)
 
 
-class _DCPSource(_Source):
+class _DCPSource:
     def __init__(self, path: Path, module: str | None):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata

@@ -7,9 +7,11 @@ A policy, a value model, an EMA of the policy, one AdamW.
 - ``save`` (FSDP2 over dp x our TP): 2 steps, checkpoint, the policy's full weights ``w2``, 2 more steps, ``w4``
   (and the value model's ``v4``).
 - ``resume`` (the same mesh): load the checkpoint into differently initialised models and optimizer, re-save it as
-  ``ckpt_resaved``, 2 more steps, ``w4_resumed`` / ``v4_resumed``.
+  ``ckpt_resaved``, 2 more steps, ``w4_resumed`` / ``v4_resumed``; ``w2`` loaded into fresh models and re-saved as
+  ``w2_reloaded``.
 - ``load`` (TP = world, no FSDP; one process without torchrun): load the checkpoint, write ``w2_tp{TP}`` and re-save
-  it as ``ckpt_tp{TP}``; at TP > 1, also check that ``load_gpt2`` of its export reads only each rank's slices.
+  it as ``ckpt_tp{TP}``; at TP > 1, also check that ``load_gpt2`` of its export reads only each rank's slices and
+  that ``load_weights`` of ``w2`` gives the same parameters.
 """
 
 import sys
@@ -24,6 +26,7 @@ from instructrl_fast.train.checkpoint import (
     ParameterState,
     latest_checkpoint,
     load_checkpoint,
+    load_weights,
     save_checkpoint,
     save_weights,
 )
@@ -144,6 +147,8 @@ def main(mode: str, tp: int, out: Path) -> None:
         train(modules, opt, state, range(2, 4))
         save_weights(out / "w4_resumed.safetensors", modules["model"])
         save_weights(out / "v4_resumed.safetensors", modules["value"])
+        fresh, _ = build(state, fsdp=True, seed=7)  # full weights load into FSDP2 x TP shards, slice by slice
+        save_weights(out / "w2_reloaded.safetensors", load_weights(out / "w2.safetensors", fresh["model"]))
     elif mode == "load":
         modules, opt = build(state, fsdp=False, seed=5)
         load_checkpoint(latest_checkpoint(out / "ckpt"), modules, optimizer=opt)
@@ -151,6 +156,10 @@ def main(mode: str, tp: int, out: Path) -> None:
         save_checkpoint(out / f"ckpt_tp{tp}", 2, modules, {}, optimizer=opt)
         if tp > 1:
             check_load_gpt2_reads_slices(state, out, modules["model"])
+            fresh, _ = build(state, fsdp=False, seed=7)
+            load_weights(out / "w2.safetensors", fresh["model"])
+            for (name, a), b in zip(fresh["model"].named_parameters(), modules["model"].parameters()):
+                assert torch.equal(a, b), name
     else:
         raise ValueError(f"mode must be save, resume or load, got {mode!r}")
     destroy_distributed()

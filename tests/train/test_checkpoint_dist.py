@@ -64,6 +64,7 @@ def _assert_equal(a: dict, b: dict, what: str) -> None:
 def test_resume_at_the_same_mesh_is_bitwise_exact(runs, tmp_path):
     for name in ("w4", "v4"):
         _assert_equal(load_file(runs / f"{name}.safetensors"), load_file(runs / f"{name}_resumed.safetensors"), name)
+    _assert_equal(load_file(runs / "w2.safetensors"), load_file(runs / "w2_reloaded.safetensors"), "load_weights")
     saved = _full(latest_checkpoint(runs / "ckpt"), tmp_path)
     assert {"model.blocks.0.attn.qkv.weight", "optim.model.blocks.0.attn.qkv.weight.exp_avg_sq",
             "value.score_head.bias", "optim.value.score_head.weight.exp_avg", "ema.wte.weight"} <= set(saved)
