@@ -10,9 +10,11 @@ Layout of a stage's checkpoint folder::
         state.rank<r>.pt        the same for rank r > 0 (their RNG streams may differ)
       latest                    text file naming the newest complete checkpoint folder
 
-DCP names a tensor ``<module>.<parameter>`` (weights) and ``optim.<module>.<parameter>.<key>`` (Adam moments, step)
-and knows each chunk's place in the full tensor (``parallel.shards.local_chunks``), so a checkpoint written at one
-(dp, tp) mesh loads at any other that divides the model. A checkpoint is written into a temporary folder in the same
+DCP names a tensor ``<module>.<parameter>`` (weights, or the tensors of a ``ParameterState`` such as an EMA) and
+``optim.<module>.<parameter>.<key>`` (Adam moments, step) and knows each chunk's place in the full tensor
+(``parallel.shards.local_chunks``), so a checkpoint written at one (dp, tp) mesh loads at any other that divides the
+model. ``state.pt`` also records each model's GPTConfig (for ``export``) and the optimizer's hyperparameters, its
+parameters named rather than numbered. A checkpoint is written into a temporary folder in the same
 directory (every rank's files fsynced by DCP and here), rank 0 renames the folder into place with ``os.replace``
 (atomic on POSIX) and only then rewrites ``latest``, itself through a temporary file + fsync + ``os.replace``. A
 crash of any rank at any point therefore leaves ``latest`` naming a complete checkpoint.
@@ -365,10 +367,10 @@ def _load_optimizer(path: Path, optimizer: torch.optim.Optimizer, modules: dict,
     names = _param_names(modules)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     index = {names[id(p)][0]: i for i, p in enumerate(params)}
-    saved = [n for g in saved_groups for n in g["params"]]
-    if sorted(saved) != sorted(index):
-        raise ValueError(f"{path}: the optimizer's parameters differ from the checkpoint's "
-                         f"({sorted(set(saved) ^ set(index))[:5]})")
+    current = [[names[id(p)][0] for p in g["params"]] for g in optimizer.param_groups]
+    if len(current) != len(saved_groups) or any(set(a) != set(b["params"]) for a, b in zip(current, saved_groups)):
+        raise ValueError(f"{path}: the optimizer's parameter groups differ from the checkpoint's "
+                         f"({[len(g) for g in current]} vs {[len(g['params']) for g in saved_groups]} parameters)")
     targets, views = {}, {}
     for i, p in enumerate(params):
         name, spec = names[id(p)]
@@ -390,7 +392,9 @@ def _load_optimizer(path: Path, optimizer: torch.optim.Optimizer, modules: dict,
     state: dict[int, dict] = {}
     for key, (i, tensor) in views.items():
         state.setdefault(i, {})[key.rsplit(".", 1)[1]] = tensor if tensor is not None else targets[key]
-    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in saved_groups]
+    # Numbered in this optimizer's order (load_state_dict pairs saved and current parameters by position), with the
+    # saved hyperparameters of each group.
+    groups = [{**g, "params": [index[n] for n in names_now]} for g, names_now in zip(saved_groups, current)]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

@@ -272,3 +272,23 @@ def test_load_checkpoint_names_what_does_not_fit(tmp_path):
         ckpt.load_checkpoint(path, {"policy": micro_gpt()})
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         ckpt.load_checkpoint(tmp_path, {"model": model})
+
+
+def test_optimizer_state_follows_parameter_names_not_positions(tmp_path):
+    model = micro_gpt(seed=1)
+    opt = torch.optim.AdamW(model.parameters(), foreach=False)
+    idx = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    (-model.token_logprobs(idx[:, :-1], idx[:, 1:]).mean()).backward()
+    opt.step()
+    first = next(iter(model.parameters()))
+    opt.state[first]["visits"] = 5  # a non-tensor entry: DCP stores it as bytes
+    path = ckpt.save_checkpoint(tmp_path, 1, {"model": model}, {}, optimizer=opt)
+
+    fresh = micro_gpt(seed=3)
+    reordered = torch.optim.AdamW(list(fresh.parameters())[::-1], foreach=False)
+    ckpt.load_checkpoint(path, {"model": fresh}, optimizer=reordered)
+    for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(opt.state[a]["exp_avg"], reordered.state[b]["exp_avg"]), name
+    assert reordered.state[next(iter(fresh.parameters()))]["visits"] == 5
+    with pytest.raises(ValueError, match="parameter groups differ"):
+        ckpt.load_checkpoint(path, {"model": fresh}, optimizer=torch.optim.AdamW(list(fresh.parameters())[1:]))
