@@ -290,6 +290,15 @@ def _optimizer_state(optimizer: torch.optim.Optimizer, names: dict) -> dict[str,
     return out
 
 
+def _sharded_leaves(obj, prefix: str = "state") -> list[str]:
+    """Where ``obj`` (nested dicts / lists) holds DTensors."""
+    if isinstance(obj, dict):
+        return [k for key, v in obj.items() for k in _sharded_leaves(v, f"{prefix}[{key!r}]")]
+    if isinstance(obj, (list, tuple)):
+        return [k for i, v in enumerate(obj) for k in _sharded_leaves(v, f"{prefix}[{i}]")]
+    return [prefix] if isinstance(obj, torch.Tensor) and is_sharded(obj, None) else []
+
+
 def _state_file(path: Path, rank: int) -> Path:
     return path / (STATE if rank == 0 else f"state.rank{rank}.pt")
 
@@ -306,6 +315,9 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, modules: dict[str, t
 
     if not modules:
         raise ValueError("modules must name at least one module to save")
+    if sharded := _sharded_leaves(state):
+        raise TypeError(f"state holds sharded tensors ({sharded[:3]}), which a per-rank state file cannot reshard: "
+                        "pass them in modules, as a ParameterState if they are shaped like a module's parameters")
     ckpt_dir = Path(ckpt_dir)
     name = f"step_{step:08d}"
     tmp, final = ckpt_dir / f"{_TMP_PREFIX}{name}", ckpt_dir / name

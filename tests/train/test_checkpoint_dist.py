@@ -101,3 +101,22 @@ def test_export_is_the_same_from_every_mesh_and_transformers_reads_it(runs, tmp_
     with torch.no_grad():
         expected = ours.logits(ours(idx))[..., : CFG.vocab_size]
         torch.testing.assert_close(hf(input_ids=idx).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_tensors_in_the_stage_state_are_refused(tmp_path):
+    """A DTensor (an FSDP2 EMA shard) in the per-rank state file could not reshard: save_checkpoint says where it
+    is and what to do (a one-rank DTensor on a one-process gloo group)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from instructrl_fast.train import checkpoint as ckpt
+    from tests.train.conftest import micro_gpt
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        shard = distribute_tensor(torch.zeros(4, 2), init_device_mesh("cpu", (1,)), [Shard(0)])
+        with pytest.raises(TypeError, match=r"state\['stage'\]\['ema'\]\['w'\].*ParameterState"):
+            ckpt.save_checkpoint(tmp_path / "ckpt", 1, {"model": micro_gpt()}, {"stage": {"ema": {"w": shard}}})
+    finally:
+        dist.destroy_process_group()
