@@ -5,10 +5,9 @@
 A policy, a value model, an EMA of the policy, one AdamW.
 
 - ``save`` (FSDP2 over dp x our TP): 2 steps, checkpoint, the policy's full weights ``w2``, 2 more steps, ``w4``
-  (and the value model's ``v4``).
-- ``resume`` (the same mesh): load the checkpoint into differently initialised models and optimizer, re-save it as
-  ``ckpt_resaved``, 2 more steps, ``w4_resumed`` / ``v4_resumed``; ``w2`` loaded into fresh models and re-saved as
-  ``w2_reloaded``.
+  (and the value model's ``v4``). Then resume at the same mesh: load the checkpoint into differently initialised
+  models and optimizer, re-save it as ``ckpt_resaved``, 2 more steps, ``w4_resumed`` / ``v4_resumed``; ``w2``
+  loaded into fresh models and re-saved as ``w2_reloaded``.
 - ``load`` (TP = world, no FSDP; one process without torchrun): load the checkpoint, write ``w2_tp{TP}`` and re-save
   it as ``ckpt_tp{TP}``; at TP > 1, also check that ``load_gpt2`` of its export reads only each rank's slices and
   that ``load_weights`` of ``w2`` gives the same parameters.
@@ -137,7 +136,7 @@ def main(mode: str, tp: int, out: Path) -> None:
         train(modules, opt, state, range(2, 4))
         save_weights(out / "w4.safetensors", modules["model"])
         save_weights(out / "v4.safetensors", modules["value"])
-    elif mode == "resume":
+        # resume at the same mesh, in the same processes (a restart is the SIGKILL test's): fresh models and optimizer
         modules, opt = build(state, fsdp=True, seed=5)
         with torch.no_grad():  # loading after a forward must not write into FSDP2's transient unsharded root
             modules["model"](torch.zeros(1, 4, dtype=torch.long))
@@ -161,7 +160,7 @@ def main(mode: str, tp: int, out: Path) -> None:
             for (name, a), b in zip(fresh["model"].named_parameters(), modules["model"].parameters()):
                 assert torch.equal(a, b), name
     else:
-        raise ValueError(f"mode must be save, resume or load, got {mode!r}")
+        raise ValueError(f"mode must be save or load, got {mode!r}")
     destroy_distributed()
 
 

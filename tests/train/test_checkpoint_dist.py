@@ -3,7 +3,7 @@ mesh bitwise, loaded at TP = 1 (one process) and TP = 4 (4 processes) to the sam
 exported to the same GPT-2 folder from every mesh, and that folder loads in transformers with our logits (and, at
 TP = 4, in ``load_gpt2``, each rank reading only its slices: checked inside the worker).
 
-Three torchrun launches and one plain process (``_ckpt_worker.py``) serve every test. The full weights each run
+Two torchrun launches and one plain process (``_ckpt_worker.py``) serve every test. The full weights each run
 writes (``save_weights``: gathered by ``unshard_tensor`` at the writer's mesh) are compared bitwise, and so is every
 tensor of the checkpoints the runs re-save (weights, Adam moments and steps, read whole with DCP's own
 ``dcp_to_torch_save``): a checkpoint whose chunks were misplaced loads to different tensors at another mesh.
@@ -40,8 +40,7 @@ def _launch(mode: str, tp: int, world: int, out: Path) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("reshard")
-    _launch("save", 2, 4, out)  # dp 2 x tp 2, FSDP2
-    _launch("resume", 2, 4, out)
+    _launch("save", 2, 4, out)  # dp 2 x tp 2, FSDP2; resumes there too
     _launch("load", 4, 4, out)  # dp 1 x tp 4
     _launch("load", 1, 1, out)  # one process
     return out
@@ -89,7 +88,7 @@ def test_export_is_the_same_from_every_mesh_and_transformers_reads_it(runs, tmp_
 
     exports = {name: export_gpt2(src, tmp_path / name, module="model") for name, src in  # not the default, the EMA
                (("dcp_dp2_tp2", runs / "ckpt"), ("dcp_tp4", latest_checkpoint(runs / "ckpt_tp4")),
-                ("weights", runs / "w2.safetensors"))}
+                ("dcp_tp1", runs / "ckpt_tp1"), ("weights", runs / "w2.safetensors"))}
     first = load_file(exports["dcp_dp2_tp2"] / "model.safetensors")
     assert first["transformer.wte.weight"].shape == (CFG.vocab_size, CFG.d_model)  # padding rows dropped
     for name, path in exports.items():
