@@ -230,17 +230,20 @@ def _dcp_tensor(t: torch.Tensor, spec) -> torch.Tensor:
     return DTensor.from_local(wrapper, mesh, [Replicate()], run_check=False, shape=shape, stride=stride)
 
 
-class ParameterState:
+class ParameterState(torch.nn.Module):
     """Tensors shaped like ``module``'s parameters and keyed by their names (an EMA of the weights: fp32 and, under
     FSDP2, DTensors sharded like the parameters), checkpointed like a module: each tensor in its parameter's layout,
-    so it reshards. Put one in ``modules`` (e.g. ``{"policy": policy, "ema": ParameterState(policy, ema)}``)."""
+    so it reshards. Put one in ``modules`` (e.g. ``{"policy": policy, "ema": ParameterState(policy, ema)}``); it is
+    an ``nn.Module`` with no parameters or submodules of its own, so a stage may list it in ``Stage.modules``."""
 
     def __init__(self, module: torch.nn.Module, tensors: dict[str, torch.Tensor]):
+        super().__init__()
         shapes = {n: p.shape for n, p in module.named_parameters()}
         wrong = [n for n, t in tensors.items() if shapes.get(n) != t.shape]
         if wrong:
             raise ValueError(f"tensors must be shaped like module's parameters of the same names; {wrong[:3]} are not")
-        self.module, self.tensors, self.config = module, tensors, getattr(module, "config", None)
+        object.__setattr__(self, "module", module)  # a reference, not a submodule: its weights are not this state's
+        self.tensors, self.config = tensors, getattr(module, "config", None)
 
 
 def _module_state(modules: dict[str, torch.nn.Module | ParameterState]) -> dict[str, torch.Tensor]:

@@ -292,3 +292,18 @@ def test_optimizer_state_follows_parameter_names_not_positions(tmp_path):
     assert reordered.state[next(iter(fresh.parameters()))]["visits"] == 5
     with pytest.raises(ValueError, match="parameter groups differ"):
         ckpt.load_checkpoint(path, {"model": fresh}, optimizer=torch.optim.AdamW(list(fresh.parameters())[1:]))
+
+
+def test_parameter_state_is_a_module_without_weights_of_its_own(tmp_path):
+    policy = micro_gpt(seed=1)
+    ema = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    state = ckpt.ParameterState(policy, ema)
+    assert not list(state.parameters()) and not state.state_dict() and list(state.modules()) == [state]
+    state.eval().train()  # the loop switches every module of a stage
+    path = ckpt.save_checkpoint(tmp_path, 1, {"policy": policy, "ema": state}, {})
+    with torch.no_grad():
+        for t in ema.values():
+            t.zero_()
+    ckpt.load_checkpoint(path, {"ema": state})
+    for n, p in policy.named_parameters():
+        assert torch.equal(ema[n], p.detach()), n
