@@ -5,7 +5,8 @@
 A policy, a value model, an EMA of the policy, one AdamW.
 
 - ``save`` (FSDP2 over dp x our TP): 2 steps, checkpoint, the policy's full weights ``w2``, 2 more steps, ``w4``
-  (and the value model's ``v4``). Then resume at the same mesh: load the checkpoint into differently initialised
+  (and the value model's ``v4``); the checkpoint's GPT-2 export ``hf`` loaded into fresh models by
+  ``load_gpt2_weights`` and re-saved as ``w2_from_hf``. Then resume at the same mesh: load the checkpoint into differently initialised
   models and optimizer, re-save it as ``ckpt_resaved``, 2 more steps, ``w4_resumed`` / ``v4_resumed``; ``w2``
   loaded into fresh models and re-saved as ``w2_reloaded``.
 - ``load`` (TP = world, no FSDP; one process without torchrun): load the checkpoint, write ``w2_tp{TP}`` and re-save
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from instructrl_fast.model import GPT, GPTConfig, load_gpt2
+from instructrl_fast.model.hf import load_gpt2_weights
 from instructrl_fast.parallel import apply_fsdp, destroy_distributed, init_distributed
 from instructrl_fast.train.checkpoint import (
     ParameterState,
@@ -68,13 +70,10 @@ def train(modules, opt, state, steps):
 
 
 def check_load_gpt2_reads_slices(state, out: Path, reference: GPT) -> None:
-    """``load_gpt2`` of the exported checkpoint reads only this rank's slices (never a whole tensor, unless the
+    """``load_gpt2`` of the checkpoint's export reads only this rank's slices (never a whole tensor, unless the
     tensor is replicated) and gives ``reference``'s weights (GPT-2 drops our padding rows: those load as zeros)."""
     import safetensors
 
-    if state.rank == 0:
-        export_gpt2(out / "ckpt", out / "hf", module="model")
-    dist.barrier()
     reads, real_open = [], safetensors.safe_open
 
     class Recorder:  # safe_open, recording the element count of every read and refusing whole-tensor reads
@@ -133,6 +132,11 @@ def main(mode: str, tp: int, out: Path) -> None:
             modules["model"](torch.zeros(1, 4, dtype=torch.long))
         save_checkpoint(out / "ckpt", 2, modules, {"note": "dp2 x tp2"}, optimizer=opt)
         save_weights(out / "w2.safetensors", modules["model"])
+        if state.rank == 0:
+            export_gpt2(out / "ckpt", out / "hf", module="model")
+        dist.barrier()
+        fresh, _ = build(state, fsdp=True, seed=7)  # a GPT-2 folder loads into FSDP2 x TP shards, slice by slice
+        save_weights(out / "w2_from_hf.safetensors", load_gpt2_weights(str(out / "hf"), fresh["model"]))
         train(modules, opt, state, range(2, 4))
         save_weights(out / "w4.safetensors", modules["model"])
         save_weights(out / "v4.safetensors", modules["value"])
