@@ -48,6 +48,7 @@ DCP_METADATA = ".metadata"
 CONFIG_KEY = "instructrl_fast.gpt_config"  # safetensors metadata: the GPTConfig (JSON) of the weights, for export
 _TMP_PREFIX = ".tmp-"
 _OPTIM = "optim"
+HANDED_ON = ("ema", "policy", "model")  # the model a stage hands on, by preference (PPO: the EMA of the policy)
 
 
 def _rank() -> int:
@@ -448,3 +449,29 @@ def load_checkpoint(path: str | os.PathLike, modules: dict[str, torch.nn.Module 
     if restore_rng:
         set_rng_state(state["rng"])
     return state
+
+
+def checkpoint_model(path: str | os.PathLike, name: str | None = None) -> tuple[Path, str, dict]:
+    """(checkpoint folder, model name, its GPTConfig as a dict) for ``path``: a stage's ``ckpt`` folder (its newest
+    checkpoint) or one checkpoint folder. ``name`` None picks the model the stage hands on (``HANDED_ON``), else its
+    only model."""
+    path = Path(path)
+    if (path / LATEST).is_file():
+        path = latest_checkpoint(path)
+    if not (path / DCP_METADATA).is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder (no {DCP_METADATA}) nor a ckpt folder "
+                                f"(no {LATEST})")
+    configs = torch.load(path / STATE, weights_only=True).get("model_configs", {})
+    if name is None:
+        name = next((m for m in HANDED_ON if m in configs), next(iter(configs)) if len(configs) == 1 else None)
+    if name not in configs:
+        raise ValueError(f"module must name one of the checkpoint's models {sorted(configs)}, got {name!r}")
+    return path, name, configs[name]
+
+
+def load_model_weights(path: str | os.PathLike, module: torch.nn.Module, *, name: str | None = None):
+    """Load one model of a checkpoint (``checkpoint_model``'s choice) into ``module``, at any mesh: ``--init`` from
+    a checkpoint. A collective under torch.distributed. Returns ``module``."""
+    folder, name, _ = checkpoint_model(path, name)
+    load_checkpoint(folder, {name: module}, restore_rng=False)
+    return module

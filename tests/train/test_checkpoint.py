@@ -307,3 +307,19 @@ def test_parameter_state_is_a_module_without_weights_of_its_own(tmp_path):
     ckpt.load_checkpoint(path, {"ema": state})
     for n, p in policy.named_parameters():
         assert torch.equal(ema[n], p.detach()), n
+
+
+def test_init_from_a_checkpoint_loads_the_model_the_stage_hands_on(tmp_path):
+    policy, value = micro_gpt(seed=1), micro_gpt("scalar", seed=2)
+    ema = {n: p.detach() + 1.0 for n, p in policy.named_parameters()}
+    modules = {"policy": policy, "value": value, "ema": ckpt.ParameterState(policy, ema)}
+    ckpt.save_checkpoint(tmp_path / "ckpt", 4, modules, {})
+    fresh = ckpt.load_model_weights(tmp_path / "ckpt", micro_gpt(seed=9))  # the ema, by preference
+    for n, p in fresh.named_parameters():
+        assert torch.equal(p.detach(), ema[n]), n
+    critic = ckpt.load_model_weights(tmp_path / "ckpt" / "step_00000004", micro_gpt("scalar", seed=9), name="value")
+    assert_same_weights(critic, value)
+    with pytest.raises(ValueError, match="checkpoint's models \\['ema', 'policy', 'value'\\], got 'rm'"):
+        ckpt.load_model_weights(tmp_path / "ckpt", micro_gpt(), name="rm")
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        ckpt.load_model_weights(tmp_path, micro_gpt())
