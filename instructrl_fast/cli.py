@@ -205,6 +205,11 @@ def _device(args, state):
     return torch.device(args.device) if args.device else state.device
 
 
+def _log(state):
+    """print on the first rank, nothing on the others (every rank runs the same stage)."""
+    return print if state.is_main else (lambda *a, **k: None)
+
+
 def _check_size(cfg, size: str, option: str = "--size") -> str:
     if size not in cfg.pretrain:
         raise UserError(f"{option} must be one of {tuple(cfg.pretrain)} for preset {cfg.name}, got {size!r}")
@@ -377,8 +382,7 @@ def cmd_run(args, *, all_sizes: bool = False) -> dict:
     cfg, state = _setup(args)
     if not all_sizes:
         cfg = cfg.only(_check_size(cfg, args.size))
-    log = print if state.is_main else (lambda *a, **k: None)
-    pipe = Pipeline(cfg, args.out, resume=args.resume, device=_device(args, state), log=log)
+    pipe = Pipeline(cfg, args.out, resume=args.resume, device=_device(args, state), log=_log(state))
     return pipe.run()
 
 
@@ -416,7 +420,7 @@ def cmd_sft(args) -> dict:
     sc = dataclasses.replace(sc, **changes)
     model, tok = _load_model(args, cfg, state, args.init, size=args.size, tokenizer=args.tokenizer)
     set_dropout(model, sc.dropout)
-    with resuming(args.out, args.resume):
+    with resuming(args.out, args.resume, _log(state)):
         returned = train_sft(sc, model, tok, demos, val, args.out, resume=args.resume)
     save_weights(args.out / "model.safetensors", set_dropout(model, 0.0), tokenizer=tok)
     return _finish(args, returned)
@@ -452,7 +456,7 @@ def cmd_rm(args) -> dict:
     want = "reward" if args.init is not None and _kind(args.init) == "reward" else "scalar"
     body, tok = _load_model(args, cfg, state, args.init, want=want, size=args.size, tokenizer=args.tokenizer)
     rm = body if want == "reward" else RewardModel(body)
-    with resuming(args.out, args.resume):
+    with resuming(args.out, args.resume, _log(state)):
         returned = train_reward_model(rc, rm, tok, comps, val, demos, args.out, resume=args.resume)
     save_weights(args.out / "model.safetensors", rm, tokenizer=tok)
     return _finish(args, returned)
@@ -520,7 +524,7 @@ def cmd_ppo(args) -> dict:
     if args.ptx:
         docs = _read_corpus(args.corpus) if args.corpus else task.pretraining_corpus(cfg.pretrain[cfg.sizes[0]].n_docs)
         ptx = chunk_corpus(docs, tok, pc.ptx_seq_len)
-    with resuming(args.out, args.resume):
+    with resuming(args.out, args.resume, _log(state)):
         ema, returned = train_ppo(pc, policy, value, ref, rm, tok, prompts, args.out, ptx_chunks=ptx,
                                   resume=args.resume)
     save_weights(args.out / "model.safetensors", ema, tokenizer=tok)
