@@ -4,7 +4,9 @@ Every command takes --out DIR (metrics.csv, TensorBoard events, checkpoints, mod
 --preset (demo, micro, instructgpt-1.3b / -6.7b / -175b) and --resume (continue from the newest checkpoint;
 finished stages are loaded, not rerun). A model.safetensors carries its shape and tokenizer: a command that reads
 one needs no --size or --tokenizer. --init also takes a GPT-2-family Hugging Face folder (its tokenizer.json is
-used when present). Tensor parallelism: torchrun --nproc-per-node N instructrl-fast ... --tp N.
+used when present) or a stage's checkpoint (a ckpt folder or one ckpt/step_* folder). Scale out with torchrun:
+torchrun --nproc-per-node N instructrl-fast ... --tp T runs T-way tensor parallelism and N / T data-parallel
+replicas (FSDP2).
 `instructrl-fast COMMAND --help` lists a command's options.
 
 Structure (for adding a command): ``build_parser()`` declares every command with a one-line help and its options
@@ -58,7 +60,8 @@ def positive_float(text: str) -> float:
 
 
 def add_common_options(p: argparse.ArgumentParser, *, out_required: bool = False) -> None:
-    """--out, --preset, --resume, --threads, --device, --tp, --quiet: every command has them."""
+    """--out, --preset, --resume, --threads, --device, --tp, --precision, --activation-checkpointing, --quiet: every
+    training command has them."""
     p.add_argument("--out", type=Path, required=out_required, default=None if out_required else Path("runs/default"),
                    help="output folder (metrics, checkpoints, weights)" + ("" if out_required else
                                                                            "; default runs/default"))
@@ -68,7 +71,12 @@ def add_common_options(p: argparse.ArgumentParser, *, out_required: bool = False
                    help="torch intra-op threads (default: 1 for the CPU presets demo / micro, whose models are too "
                         "small for intra-op parallelism, else the usable cores)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size (launch with torchrun)")
+    p.add_argument("--tp", type=positive_int, default=1,
+                   help="tensor-parallel size; under torchrun the other world / tp processes are data parallel")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
+                   help="bf16 compute with fp32 master weights, or fp32 (default: bf16 on a GPU, fp32 on CPU)")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each transformer block in backward (default: on for the instructgpt presets)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -78,7 +86,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="shape of a new model: a size of the preset (s, m, l; default s). Weights given with --init "
                         "carry their own shape")
     p.add_argument("--init", type=Path, default=None,
-                   help="starting weights: a model.safetensors written by a stage, or a GPT-2-family HF folder")
+                   help="starting weights: a model.safetensors written by a stage, a GPT-2-family HF folder, a "
+                        "stage's ckpt folder or one of its checkpoints")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="a HF tokenizer.json (default: the one stored with --init's weights or in its HF folder, "
                         "else bytes)")
@@ -150,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a HF tokenizer.json, only for weights saved without their tokenizer")
 
     _plan_parser(sub)
+
+    p = sub.add_parser("export", help="a stage's weights (written at any mesh) as a GPT-2 folder transformers loads")
+    p.add_argument("path", type=Path, help="a stage output folder, a .safetensors file, a ckpt folder or a checkpoint")
+    p.add_argument("out", type=Path, help="the GPT-2 folder to write (config.json + model.safetensors)")
+    p.add_argument("--module", default=None, help="which model of a checkpoint (default: ema, policy or model)")
     return parser
 
 
@@ -160,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _setup(args):
     """Threads, device, distributed state, the preset, the output folder; returns (cfg, ParallelState)."""
+    import dataclasses
     import os
 
     import torch
@@ -172,9 +187,11 @@ def _setup(args):
     # second process is busy: OpenMP barriers dominate matmuls this small, so the CPU presets default to 1 thread.
     threads = args.threads or (1 if args.preset in ("demo", "micro") else len(os.sched_getaffinity(0)))
     torch.set_num_threads(threads)
-    state = init_distributed(args.tp)
-    if state.tp_size > 1:  # every TP rank holds its own weight shards: one output folder per rank
-        args.out = args.out / f"tp-rank{state.tp_rank}"
+    if args.precision is not None:
+        cfg = dataclasses.replace(cfg, precision=args.precision)
+    if args.activation_checkpointing is not None:
+        cfg = dataclasses.replace(cfg, activation_checkpointing=args.activation_checkpointing)
+    state = init_distributed(args.tp)  # world = dp x tp; one output folder, each file written by the first rank
     args.out.mkdir(parents=True, exist_ok=True)
     if args.quiet or not state.is_main:
         for stage in (*cfg.pretrain.values(), cfg.sft, cfg.ppo_init, cfg.rm, cfg.ppo, cfg.ppo_ptx):
@@ -186,6 +203,11 @@ def _device(args, state):
     import torch
 
     return torch.device(args.device) if args.device else state.device
+
+
+def _log(state):
+    """print on the first rank, nothing on the others (every rank runs the same stage)."""
+    return print if state.is_main else (lambda *a, **k: None)
 
 
 def _check_size(cfg, size: str, option: str = "--size") -> str:
@@ -204,23 +226,38 @@ def _shape(c) -> str:
 
 
 def _load_model(args, cfg, state, path: Path | None, *, want: str = "lm", size: str | None = None,
-                size_option: str = "--size", tokenizer: Path | None = None):
+                size_option: str = "--size", tokenizer: Path | None = None, frozen: bool = False):
     """(model, tokenizer) for ``path``: a weights file (its stored shape and tokenizer), a GPT-2-family HF folder
-    (config.json, tokenizer.json when present) or None (a new model of ``size``).
+    (config.json, tokenizer.json when present), a stage's checkpoint (a ``ckpt`` folder or one ``ckpt/step_*``
+    folder: its stored shape; the tokenizer from ``tokenizer``, else bytes) or None (a new model of ``size``).
 
-    ``want``: "lm" (a policy), "scalar" (a scalar-head GPT, e.g. a new reward model's body initialised from an LM)
-    or "reward" (a trained ``RewardModel``). ``size`` / ``tokenizer`` are checked against what the file stores.
+    The model is built on the mesh (``parallel.build_gpt``: TP layers, FSDP2 over dp, ``--precision``,
+    ``--activation-checkpointing``; ``frozen`` for the reference / reward models) and each rank reads only its own
+    slices. ``want``: "lm" (a policy), "scalar" (a scalar-head GPT, e.g. a new reward model's body initialised from
+    an LM) or "reward" (a trained ``RewardModel``). ``size`` / ``tokenizer`` are checked against what ``path``
+    stores.
     """
+    import dataclasses
+
     from instructrl_fast.data.tokenizer import load_tokenizer, tokenizer_from_spec, tokenizer_spec
-    from instructrl_fast.model import GPT
-    from instructrl_fast.train.checkpoint import load_weights, weights_info
+    from instructrl_fast.model.config import GPTConfig
+    from instructrl_fast.parallel import build_gpt
+    from instructrl_fast.train.checkpoint import checkpoint_model, load_model_weights, load_weights, weights_info
     from instructrl_fast.train.config import model_config
     from instructrl_fast.train.pipeline import init_from
     from instructrl_fast.train.reward import RewardModel
 
-    tp_group, device = state.tp_group, _device(args, state)
+    mesh = dataclasses.replace(state, device=_device(args, state))
+    precision = cfg.precision or ("bf16" if mesh.device.type == "cuda" else "fp32")
+
+    def build(mcfg, head: str):
+        return build_gpt(mcfg, head, state=mesh, precision=precision, frozen=frozen,
+                         activation_checkpointing=cfg.activation_checkpointing)
+
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
-    if path is not None and path.is_dir():  # a GPT-2-family transformers checkpoint
+    hf_dir = path is not None and (path / "config.json").is_file()  # a GPT-2-family transformers checkpoint
+    ckpt = None if path is None or hf_dir or not path.is_dir() else checkpoint_model(path)
+    if hf_dir:
         from instructrl_fast.model import hf
 
         if want == "reward":
@@ -231,23 +268,30 @@ def _load_model(args, cfg, state, path: Path | None, *, want: str = "lm", size: 
             if not found.is_file():
                 print(f"{PROG}: note: {path} holds no tokenizer.json; using the byte tokenizer (give --tokenizer)",
                       file=sys.stderr)
-        model = hf.load_gpt2(str(path), head="lm" if want == "lm" else "scalar", tp_group=tp_group, device=device)
-        if size is not None and not _same_shape(model.config, model_config(
+        mcfg = hf.config_from_hf(json.loads((path / "config.json").read_text()))
+        if size is not None and not _same_shape(mcfg, model_config(
                 cfg.pretrain[_check_size(cfg, size, size_option)].model, vocab_size=1, block_size=cfg.block_size)):
-            raise UserError(f"{size_option} {size} does not match {path} ({_shape(model.config)}); leave it out")
-        _check_vocab(tok, model.config, path)
-        return model, tok
+            raise UserError(f"{size_option} {size} does not match {path} ({_shape(mcfg)}); leave it out")
+        _check_vocab(tok, mcfg, path)
+        # built on the mesh (FSDP2 too), then each rank reads its slices
+        return hf.load_gpt2_weights(str(path), build(mcfg, "lm" if want == "lm" else "scalar")), tok
 
-    info = weights_info(path) if path is not None else None
+    if ckpt is not None:
+        folder, name, stored_config = ckpt
+        info = None
+        stored, kind = GPTConfig(**stored_config), _checkpoint_kind(folder, name)
+    else:
+        info = weights_info(path) if path is not None else None
+        stored, kind = (info.config, info.kind) if info is not None else (None, None)
     if info is not None and info.tokenizer is not None:
-        stored = tokenizer_from_spec(info.tokenizer, f"the tokenizer stored in {path}")
+        from_file = tokenizer_from_spec(info.tokenizer, f"the tokenizer stored in {path}")
         if tok is not None and tokenizer_spec(tok) != info.tokenizer:
             raise UserError(f"--tokenizer {tokenizer} is not the tokenizer {path} was trained with "
-                            f"({tok.vocab_size} vs {stored.vocab_size} ids); leave --tokenizer out")
-        tok = stored
+                            f"({tok.vocab_size} vs {from_file.vocab_size} ids); leave --tokenizer out")
+        tok = from_file
     tok = tok if tok is not None else load_tokenizer(None)
-    if info is not None and info.config is not None:
-        mcfg = info.config
+    if stored is not None:
+        mcfg = stored
         if size is not None:
             asked = model_config(cfg.pretrain[_check_size(cfg, size, size_option)].model,
                                  vocab_size=mcfg.vocab_size, block_size=cfg.block_size)
@@ -258,19 +302,30 @@ def _load_model(args, cfg, state, path: Path | None, *, want: str = "lm", size: 
         size = _check_size(cfg, size or DEFAULT_RUN_SIZE, size_option)
         mcfg = model_config(cfg.pretrain[size].model, vocab_size=tok.vocab_size, block_size=cfg.block_size)
     _check_vocab(tok, mcfg, path)
-    if info is not None and info.kind == "reward" and want != "reward":
+    if kind == "reward" and want != "reward":
         raise UserError(f"{path} is a reward model; a policy or a model to fine-tune is needed here")
-    if info is not None and info.kind != "reward" and want == "reward":
+    if kind is not None and kind != "reward" and want == "reward":
         raise UserError(f"{path} is not a reward model (train one with `{PROG} rm`)")
-    model = GPT(mcfg, head="lm" if want == "lm" else "scalar", tp_group=tp_group).to(device)
+    model = build(mcfg, "lm" if want == "lm" else "scalar")
     if want == "reward":
         model = RewardModel(model)
     if path is not None:
-        if want == "scalar" and info.kind == "lm":
-            init_from(model, load_weights(path, GPT(mcfg, tp_group=tp_group).to(device)))
+        load = ((lambda m: load_model_weights(folder, m, name=name)) if ckpt is not None
+                else (lambda m: load_weights(path, m)))
+        if want == "scalar" and kind == "lm":
+            init_from(model, load(build(mcfg, "lm")))
         else:
-            load_weights(path, model)
+            load(model)
     return model, tok
+
+
+def _checkpoint_kind(folder: Path, name: str) -> str:
+    """"lm" / "scalar" / "reward" for model ``name`` of checkpoint ``folder``, read from its DCP metadata's tensor
+    names (no tensor data is read)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    return ("reward" if f"{name}.bias" in keys else "scalar" if f"{name}.score_head.weight" in keys else "lm")
 
 
 def _check_vocab(tok, mcfg, path) -> None:
@@ -293,6 +348,10 @@ def _split_val(items: list, n_val: int, path: Path) -> tuple[list, list]:
 
 
 def _write(out: Path, name: str, obj) -> None:
+    from instructrl_fast.parallel import parallel_state
+
+    if not parallel_state().is_main:  # one writer per file
+        return
     out.mkdir(parents=True, exist_ok=True)
     (out / name).write_text(json.dumps(obj, indent=1, default=float) + "\n")
 
@@ -300,8 +359,11 @@ def _write(out: Path, name: str, obj) -> None:
 def _finish(args, returned: dict) -> dict:
     """The stage's final metrics (the last logged value of every metric, then its final validation metrics):
     printed and written to ``<out>/result.json``."""
+    from instructrl_fast.parallel import parallel_state
     from instructrl_fast.train.logging import last_values
 
+    if not parallel_state().is_main:  # the first rank logged the metrics and reports them
+        return returned
     csv_path = args.out / "metrics.csv"
     metrics = {**(last_values(csv_path) if csv_path.is_file() else {}), **returned}
     _write(args.out, "result.json", metrics)
@@ -320,9 +382,7 @@ def cmd_run(args, *, all_sizes: bool = False) -> dict:
     cfg, state = _setup(args)
     if not all_sizes:
         cfg = cfg.only(_check_size(cfg, args.size))
-    log = print if state.is_main else (lambda *a, **k: None)
-    pipe = Pipeline(cfg, args.out, resume=args.resume, device=_device(args, state), log=log,
-                    tp_group=state.tp_group)
+    pipe = Pipeline(cfg, args.out, resume=args.resume, device=_device(args, state), log=_log(state))
     return pipe.run()
 
 
@@ -360,7 +420,7 @@ def cmd_sft(args) -> dict:
     sc = dataclasses.replace(sc, **changes)
     model, tok = _load_model(args, cfg, state, args.init, size=args.size, tokenizer=args.tokenizer)
     set_dropout(model, sc.dropout)
-    with resuming(args.out, args.resume):
+    with resuming(args.out, args.resume, _log(state)):
         returned = train_sft(sc, model, tok, demos, val, args.out, resume=args.resume)
     save_weights(args.out / "model.safetensors", set_dropout(model, 0.0), tokenizer=tok)
     return _finish(args, returned)
@@ -396,7 +456,7 @@ def cmd_rm(args) -> dict:
     want = "reward" if args.init is not None and _kind(args.init) == "reward" else "scalar"
     body, tok = _load_model(args, cfg, state, args.init, want=want, size=args.size, tokenizer=args.tokenizer)
     rm = body if want == "reward" else RewardModel(body)
-    with resuming(args.out, args.resume):
+    with resuming(args.out, args.resume, _log(state)):
         returned = train_reward_model(rc, rm, tok, comps, val, demos, args.out, resume=args.resume)
     save_weights(args.out / "model.safetensors", rm, tokenizer=tok)
     return _finish(args, returned)
@@ -421,7 +481,7 @@ def cmd_ppo(args) -> dict:
 
     from instructrl_fast.data import DemoTask, load_prompts_jsonl
     from instructrl_fast.data.tokenizer import tokenizer_spec
-    from instructrl_fast.model import GPT
+    from instructrl_fast.parallel import build_gpt
     from instructrl_fast.train.batching import chunk_corpus
     from instructrl_fast.train.checkpoint import save_weights
     from instructrl_fast.train.pipeline import init_from, resuming
@@ -448,20 +508,23 @@ def cmd_ppo(args) -> dict:
     pc = dataclasses.replace(pc, n_prompts=len(prompts), rollout_batch_size=rollout, minibatch_size=minibatch,
                              micro_batch_size=min(pc.micro_batch_size, minibatch), n_episodes=episodes)
     policy, tok = _load_model(args, cfg, state, args.init, size=args.size, tokenizer=args.tokenizer)
-    ref, _ = _load_model(args, cfg, state, args.init, size=args.size, tokenizer=args.tokenizer)
+    ref, _ = _load_model(args, cfg, state, args.init, size=args.size, tokenizer=args.tokenizer, frozen=True)
     # A legacy RM (saved without its shape) has the policy's size unless --rm-size names another.
     rm, rm_tok = _load_model(args, cfg, state, args.rm, want="reward", size=args.rm_size or args.size,
-                             size_option="--rm-size" if args.rm_size else "--size", tokenizer=args.tokenizer)
+                             size_option="--rm-size" if args.rm_size else "--size", tokenizer=args.tokenizer,
+                             frozen=True)
     if tokenizer_spec(rm_tok) != tokenizer_spec(tok):
         raise UserError(f"the reward model {args.rm} was trained with another tokenizer ({rm_tok.vocab_size} ids) "
                         f"than the policy ({tok.vocab_size} ids)")
     # the value model starts from the RM: its shape, whatever the policy's
-    value = init_from(GPT(rm.body.config, head="scalar", tp_group=state.tp_group).to(_device(args, state)), rm.body)
+    precision = cfg.precision or ("bf16" if _device(args, state).type == "cuda" else "fp32")
+    value = init_from(build_gpt(rm.body.config, "scalar", state=dataclasses.replace(state, device=_device(args, state)),
+                                precision=precision, activation_checkpointing=cfg.activation_checkpointing), rm.body)
     ptx = None
     if args.ptx:
         docs = _read_corpus(args.corpus) if args.corpus else task.pretraining_corpus(cfg.pretrain[cfg.sizes[0]].n_docs)
         ptx = chunk_corpus(docs, tok, pc.ptx_seq_len)
-    with resuming(args.out, args.resume):
+    with resuming(args.out, args.resume, _log(state)):
         ema, returned = train_ppo(pc, policy, value, ref, rm, tok, prompts, args.out, ptx_chunks=ptx,
                                   resume=args.resume)
     save_weights(args.out / "model.safetensors", ema, tokenizer=tok)
@@ -492,9 +555,10 @@ def cmd_eval(args) -> dict:
             raise UserError(f"{args.prompts}: no prompts")
         rows = [{"prompt": p.text, **{n: r for n, r in zip(gen, resp)}}
                 for p, *resp in zip(prompts, *(ev.collect_responses(g, prompts) for g in gen.values()))]
-        n = save_jsonl(args.out / "responses.jsonl", rows)
-        print(f"wrote {n} rows to {args.out / 'responses.jsonl'}")
-        return {"rows": n}
+        if state.is_main:  # every rank generated the same responses; one writes them
+            save_jsonl(args.out / "responses.jsonl", rows)
+            print(f"wrote {len(rows)} rows to {args.out / 'responses.jsonl'}")
+        return {"rows": len(rows)}
     task, labeler = DemoTask(cfg.data_seed), GoldLabeler(cfg.data_seed)
     prompts = task.prompts("test", ec.n_test_prompts)
     answers = {n: ev.collect_responses(g, prompts) for n, g in gen.items()}
@@ -504,7 +568,8 @@ def cmd_eval(args) -> dict:
                for n, a in answers.items()}
     _write(args.out, "eval.json", results)
     for n, r in results.items():
-        print(f"{n}: " + ", ".join(f"{k}={v:.3f}" for k, v in r.items()))
+        if state.is_main:
+            print(f"{n}: " + ", ".join(f"{k}={v:.3f}" for k, v in r.items()))
     return results
 
 
@@ -565,8 +630,16 @@ def cmd_plan(args) -> dict:
     return out
 
 
+def cmd_export(args) -> dict:
+    from instructrl_fast.train.export import export_gpt2
+
+    out = export_gpt2(args.path, args.out, module=args.module)
+    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")
+    return {"out": str(out)}
+
+
 COMMANDS = {"run": cmd_run, "reproduce": cmd_reproduce, "sft": cmd_sft, "rm": cmd_rm, "ppo": cmd_ppo,
-            "eval": cmd_eval, "plan": cmd_plan}
+            "eval": cmd_eval, "plan": cmd_plan, "export": cmd_export}
 
 
 def main(argv=None) -> int:

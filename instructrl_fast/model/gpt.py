@@ -7,12 +7,14 @@ its shard and the LM head's logits stay vocab-sharded: they go straight into the
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from instructrl_fast.model.attention import AttentionMeta, CausalSelfAttention
@@ -24,7 +26,6 @@ from instructrl_fast.parallel.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     shard_tensor,
-    unshard_tensor,
 )
 from instructrl_fast.parallel.mappings import copy_to_tp, tp_rank, tp_world_size
 
@@ -43,20 +44,63 @@ class MLP(nn.Module):
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 
+_MASK = {s: (1 << (64 - s)) - 1 for s in (29, 31, 32, 40)}  # logical right shifts of int64 (torch's >> is arithmetic)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplications wrap modulo 2^64): a counter -> 64 random bits."""
+    x = x ^ ((x >> 31) & _MASK[31])
+    x = x * 0x5851F42D4C957F2D
+    x = x ^ ((x >> 29) & _MASK[29])
+    x = x * 0x14057B7EF767814F
+    return x ^ ((x >> 32) & _MASK[32])
+
+
+def sample_keys(seed: int, draw: int, rows: torch.Tensor) -> torch.Tensor:
+    """[B] int64 dropout keys of the samples ``rows`` (dataset indices) at ``draw`` (e.g. the optimizer step):
+    the same sample gets the same masks whatever the batch, micro-batch or dp rank it lands in."""
+    return _mix64(_mix64(torch.full_like(rows, seed) * 1_000_003 + draw) + rows.long())
+
+
+def keyed_uniform(keys: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """keys [B] int64, counter [B, ...] int64 -> [B, ...] fp32 uniforms in (0, 1) (24 random bits each): a pure
+    function of (key, counter), the same on every device and rank, with no generator state."""
+    bits = _mix64(_mix64(keys.view(-1, *(1,) * (counter.dim() - 1)) * 4099) + counter) >> 40
+    return ((bits & _MASK[40]).to(torch.float32) + 0.5) * 2.0**-24
+
+
+class KeyedDropout(nn.Dropout):
+    """Dropout whose mask at (row b, position t, feature d) is a hash of (key[b], t, d, site): the draws belong to
+    the sample and its token position, not to the process, the batch layout or the global RNG, so a run matches
+    itself at any dp / micro-batch size (the role of Megatron's RNG tracker, without per-rank state). Every TP rank
+    draws the same mask of a replicated activation. Without keys it is plain ``nn.Dropout`` (global RNG)."""
+
+    def forward(self, x: torch.Tensor, keys: torch.Tensor | None = None, pos: torch.Tensor | None = None,
+                site: int = 0) -> torch.Tensor:
+        """x [B, T, D]; keys [B] int64; pos [B, T] int64 (each token's position in its sample)."""
+        if keys is None or not self.training or self.p == 0:
+            return super().forward(x)
+        D = x.shape[-1]
+        counter = (_mix64(pos + site * 1_000_003) * D)[..., None] + torch.arange(D, device=x.device)  # [B, T, D]
+        return x * (keyed_uniform(keys, counter) >= self.p).to(x.dtype) / (1.0 - self.p)
+
+
 class Block(nn.Module):
     """x + drop(attn(ln_1(x))), then x + drop(mlp(ln_2(x))) (pre-LN, GPT-2/3)."""
 
-    def __init__(self, config: GPTConfig, *, tp_group=None):
+    def __init__(self, config: GPTConfig, *, tp_group=None, index: int = 0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.attn = CausalSelfAttention(config.d_model, config.n_head, config.d_head, tp_group=tp_group)
         self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.mlp = MLP(config.d_model, config.d_ff, tp_group=tp_group)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = KeyedDropout(config.dropout)
+        self.index = index  # the dropout sites of this block: 2 index + 1, 2 index + 2 (0 is the embedding's)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMeta, kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x), meta, kv_cache))
-        return x + self.drop(self.mlp(self.ln_2(x)))
+    def forward(self, x: torch.Tensor, meta: AttentionMeta, kv_cache: KVCache | None = None,
+                keys: torch.Tensor | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x), meta, kv_cache), keys, pos, 2 * self.index + 1)
+        return x + self.drop(self.mlp(self.ln_2(x)), keys, pos, 2 * self.index + 2)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -72,8 +116,9 @@ class GPT(nn.Module):
     ``to_empty(device=...)`` call ``init_weights(seed)``. Built on a real device, the weights are initialised with
     seed 0. Parameter names are the same at every TP size; ``init_weights`` gives each rank the slice of the
     full (TP = 1) initialisation, so a model initialised with one seed is the same function at any TP size.
-    With dropout under TP, seed torch's RNG identically on the ranks of a TP group: the dropped residual
-    activations are replicated tensors and must be dropped alike on every rank (as Megatron does).
+    Dropout draws its masks from per-sample keys (``keyed_dropout`` / ``KeyedDropout``), the same on every rank and
+    in any batch layout. Without keys it uses torch's global RNG: under TP seed it identically on the ranks of a TP
+    group, since the dropped residual activations are replicated tensors and must be dropped alike on every rank.
     """
 
     def __init__(self, config: GPTConfig, head: str = "lm", tp_group: dist.ProcessGroup | None = None):
@@ -85,11 +130,18 @@ class GPT(nn.Module):
         self.config, self.head, self.tp_group = config, head, tp_group
         self.wte = VocabParallelEmbedding(config.padded_vocab_size, config.d_model, tp_group=tp_group)
         self.wpe = nn.Embedding(config.block_size, config.d_model)
-        self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, tp_group=tp_group) for _ in range(config.n_layer))
+        self.drop = KeyedDropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, tp_group=tp_group, index=i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         # Replicated on every TP rank: its input (the final hidden state) is replicated too.
         self.score_head = nn.Linear(config.d_model, 1) if head == "scalar" else None
+        # Recompute each block in backward instead of keeping its activations (torch.utils.checkpoint, non-reentrant;
+        # training forwards only): memory O(L B T D) -> O(B T D) per block for one more forward.
+        self.activation_checkpointing = False
+        # The activations' dtype (None: the parameters'). bf16 runs the matmuls under autocast, on fp32 master
+        # weights or on FSDP2's bf16 gathered copies alike; LayerNorm, softmax and the log-prob ops stay fp32.
+        self.compute_dtype: torch.dtype | None = None
+        self.dropout_keys: torch.Tensor | None = None  # [B] int64 of the next forward's rows (see keyed_dropout)
         if self.wpe.weight.device.type != "meta":
             self.init_weights(0)
 
@@ -151,36 +203,37 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def load_full_state_dict(self, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
-        """Copy a full (TP = 1) state dict into this model, each rank keeping its slice of the sharded tensors.
+        """Copy a full (TP = 1) state dict into this model, each rank keeping its slices of the sharded tensors (TP,
+        and FSDP2 when wrapped).
 
         ``strict``: every parameter must be present (else missing ones keep their values). Shapes are checked.
         """
-        sharding, p, r = self.tp_shard_specs(), tp_world_size(self.tp_group), tp_rank(self.tp_group)
+        from instructrl_fast.parallel.shards import full_slices, local_chunks, reshard, tp_specs
+
+        reshard(self)
+        specs = tp_specs(self)
         for name, param in self.named_parameters():
             if name not in state:
                 if strict:
                     raise ValueError(f"state is missing parameter {name!r}")
                 continue
-            full = state[name]
-            value = shard_tensor(full, *sharding[name], r, p) if name in sharding else full
-            if value.shape != param.shape:
-                raise ValueError(f"state[{name!r}] has shape {tuple(full.shape)}, which does not fit "
-                                 f"{tuple(param.shape)} at TP {p}")
-            param.copy_(value)
+            shape, chunks = local_chunks(param, specs.get(name))
+            if state[name].shape != shape:
+                raise ValueError(f"state[{name!r}] has shape {tuple(state[name].shape)}, the model's is {tuple(shape)}")
+            for c in chunks:
+                c.local.copy_(state[name][full_slices(c)])
 
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full (TP = 1) parameters, gathered from the TP ranks: a collective, every TP rank must call it."""
-        sharding, p = self.tp_shard_specs(), tp_world_size(self.tp_group)
-        out = {}
-        for name, param in self.named_parameters():
-            t = param.detach()
-            if name in sharding and p > 1:
-                parts = [torch.empty_like(t) for _ in range(p)]
-                dist.all_gather(parts, t.contiguous(), group=self.tp_group)
-                t = unshard_tensor(parts, *sharding[name])
-            out[name] = t
-        return out
+        """The full (TP = 1) parameters on global rank 0 (an empty dict on the other ranks), gathered one tensor at a
+        time: a collective, every rank must call it. Prefer ``save_gpt2`` / ``checkpoint.save_weights``, which
+        stream to disk without ever holding the whole model."""
+        from instructrl_fast.parallel.shards import gather_full, reshard, tp_specs
+
+        reshard(self)
+        specs = tp_specs(self)
+        gathered = ((name, gather_full(p, specs.get(name))) for name, p in self.named_parameters())
+        return {name: t for name, t in gathered if t is not None}
 
     # ----------------------------------------------------------------------------------------------------------
     # forward
@@ -218,10 +271,31 @@ class GPT(nn.Module):
         else:
             meta, pos = self._cache_meta(idx, attention_mask, kv_cache, input_pos)
 
-        x = self.drop(self.wte(idx) + self.wpe(pos))
-        for i, block in enumerate(self.blocks):
-            x = block(x, meta, None if kv_cache is None else kv_cache[i])
-        return self.ln_f(x)
+        recompute = self.activation_checkpointing and kv_cache is None and self.training and torch.is_grad_enabled()
+        keys = self.dropout_keys if kv_cache is None else None
+        if keys is not None and keys.shape != (B,):
+            raise ValueError(f"dropout_keys must be [B={B}], got {tuple(keys.shape)}")
+        keys = None if keys is None else keys.to(idx.device)
+        pos = pos.expand(B, T)
+        with torch.autocast(idx.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype is not None):
+            x = self.drop(self.wte(idx) + self.wpe(pos), keys, pos, 0)
+            for i, block in enumerate(self.blocks):
+                if recompute:  # the same dropout masks: keyed ones are a function of the inputs, plain ones are
+                    # replayed (checkpoint restores the RNG state for the recompute)
+                    x = torch.utils.checkpoint.checkpoint(block, x, meta, None, keys, pos, use_reentrant=False)
+                else:
+                    x = block(x, meta, None if kv_cache is None else kv_cache[i], keys, pos)
+            return self.ln_f(x)
+
+    @contextlib.contextmanager
+    def keyed_dropout(self, keys: torch.Tensor | None):
+        """Within the block, forwards draw their dropout masks from ``keys`` [B] (``sample_keys``) and the tokens'
+        positions (``KeyedDropout``); None: the global RNG."""
+        self.dropout_keys = keys
+        try:
+            yield self
+        finally:
+            self.dropout_keys = None
 
     def _cache_meta(self, idx, attention_mask, kv_cache, input_pos) -> tuple[AttentionMeta, torch.Tensor]:
         """Attention metadata and positions for a cached call (prefill or decode step); no host syncs."""
@@ -250,14 +324,15 @@ class GPT(nn.Module):
 
     def setup_kv_cache(self, batch: int, max_seq_len: int, *, dtype: torch.dtype | None = None,
                        device: torch.device | str | None = None) -> list[KVCache]:
-        """One preallocated ``KVCache`` [batch, n_head / p, max_seq_len, d_head] per layer (parameters' dtype and
-        device by default)."""
+        """One preallocated ``KVCache`` [batch, n_head / p, max_seq_len, d_head] per layer (in ``compute_dtype``, bf16
+        under --precision bf16, else the parameters' dtype; on the parameters' device by default)."""
         if max_seq_len > self.config.block_size:
             raise ValueError(f"max_seq_len ({max_seq_len}) must be <= block_size ({self.config.block_size})")
         ref = self.wpe.weight
         attn = self.blocks[0].attn
-        return [KVCache(batch, attn.n_head_local, max_seq_len, attn.d_head, dtype=dtype or ref.dtype,
-                        device=device or ref.device) for _ in range(self.config.n_layer)]
+        dtype = dtype or self.compute_dtype or ref.dtype
+        return [KVCache(batch, attn.n_head_local, max_seq_len, attn.d_head, dtype=dtype, device=device or ref.device)
+                for _ in range(self.config.n_layer)]
 
     # ----------------------------------------------------------------------------------------------------------
     # heads
@@ -275,7 +350,8 @@ class GPT(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[B, T, D] -> [B, T, V_local] this rank's logit shard (never gathered). Columns of padded ids
         (>= vocab_size, see GPTConfig.padded_vocab_size) are real model outputs, not masked here."""
-        return F.linear(copy_to_tp(h, self.tp_group), self.lm_weight)
+        w = self.lm_weight
+        return F.linear(copy_to_tp(h.to(w.dtype), self.tp_group), w)
 
     def token_logprobs(self, idx: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        temperature: float = 1.0, with_entropy: bool = False):
@@ -289,7 +365,9 @@ class GPT(nn.Module):
         if self.head != "lm":
             raise ValueError(f"token_logprobs needs the 'lm' head, this model has head={self.head!r}")
         check_positive("temperature", temperature)
-        h = self(idx, attention_mask)
+        # the heads run outside forward's autocast: the hidden state takes the weights' dtype (bf16 on FSDP2's
+        # gathered copies or a frozen bf16 model, whatever LayerNorm returned under autocast)
+        h = self(idx, attention_mask).to(self.lm_weight.dtype)
         # No copy_to_tp here: linear_logprobs all-reduces the hidden gradient over tp_group itself.
         return linear_logprobs(h, self.lm_weight, labels, temperature=temperature, with_entropy=with_entropy,
                                tp_group=self.tp_group)
@@ -298,7 +376,7 @@ class GPT(nn.Module):
         """Scalar head: [B, T, D] hidden -> [B, T] fp32 per-position scalar (reward or value)."""
         if self.score_head is None:
             raise ValueError(f"score needs the 'scalar' head, this model has head={self.head!r}")
-        return self.score_head(h).squeeze(-1).float()
+        return self.score_head(h.to(self.score_head.weight.dtype)).squeeze(-1).float()
 
     def num_params(self, *, local: bool = True) -> int:
         """Parameters of this rank (``local=True``) or of the whole model at TP = 1 (sharded ones times p)."""

@@ -41,6 +41,53 @@ class ParallelState:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def dp_share(self, rows: torch.Tensor, what: str) -> torch.Tensor:
+        """This dp rank's contiguous share of a step's global ``rows`` [N] (N must be a multiple of dp_size)."""
+        if rows.shape[0] % self.dp_size:
+            raise ValueError(f"{what} ({rows.shape[0]}) must be divisible by the data-parallel size ({self.dp_size})")
+        return rows.chunk(self.dp_size)[self.dp_rank]
+
+    def dp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the dp ranks, in place (``t`` itself at dp = 1)."""
+        if self.dp_size > 1:
+            dist.all_reduce(t, group=self.dp_group)
+        return t
+
+    def dp_mean(self, fn, n: int) -> torch.Tensor:
+        """The mean of ``fn(i)`` (a [K] tensor, e.g. one evaluation batch's metrics) over i < n, each dp rank
+        computing a contiguous ceil(n / dp) of them. A rank past the end repeats item 0 with weight 0: under FSDP2
+        every rank must run the same number of forwards. A collective over dp."""
+        per = -(-n // self.dp_size)
+        total = None
+        for i in range(self.dp_rank * per, (self.dp_rank + 1) * per):
+            v = fn(i if i < n else 0) * (1.0 if i < n else 0.0)
+            total = v if total is None else total + v
+        return self.dp_sum(total) / n
+
+    def dp_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """The dp ranks' ``t`` [B_r, ...] (equal shapes) concatenated along dim 0 in dp-rank order."""
+        if self.dp_size == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.dp_size)]
+        dist.all_gather(parts, t.contiguous(), group=self.dp_group)
+        return torch.cat(parts)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (an FSDP2 parameter or gradient); a plain tensor as is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+_STATE: ParallelState | None = None  # set by init_distributed / make_state; read through parallel_state()
+
+
+def parallel_state() -> ParallelState:
+    """The process's ``ParallelState``: the one place every stage reads its dp / tp rank and size from (a
+    one-process CPU state before ``init_distributed``)."""
+    if _STATE is None:
+        return ParallelState(rank=0, world_size=1, local_rank=0, tp_size=1, dp_size=1, device=torch.device("cpu"))
+    return _STATE
+
 
 def init_distributed(tp_size: int = 1, *, backend: str | None = None, timeout_s: float = 1800.0) -> ParallelState:
     """Initialise torch.distributed from the torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
@@ -52,16 +99,18 @@ def init_distributed(tp_size: int = 1, *, backend: str | None = None, timeout_s:
         raise ValueError(f"tp_size must be a positive int, got {tp_size!r}")
     if backend is not None and backend not in ("nccl", "gloo"):
         raise ValueError(f"backend must be 'nccl', 'gloo' or None, got {backend!r}")
+    global _STATE
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world % tp_size != 0:
-        raise ValueError(f"tp_size ({tp_size}) must divide the world size ({world})")
+        raise ValueError(f"--tp ({tp_size}) must divide the world size ({world} processes): dp = world / tp")
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     if world == 1 and not dist.is_initialized():
-        return ParallelState(rank=0, world_size=1, local_rank=0, tp_size=1, dp_size=1, device=device)
+        _STATE = ParallelState(rank=0, world_size=1, local_rank=0, tp_size=1, dp_size=1, device=device)
+        return _STATE
     if not dist.is_initialized():
         dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"),
                                 timeout=datetime.timedelta(seconds=timeout_s))
@@ -72,16 +121,20 @@ def make_state(tp_size: int, *, device: torch.device) -> ParallelState:
     """The ``ParallelState`` of an already initialised default group (used by tests that spawn workers)."""
     from torch.distributed.device_mesh import init_device_mesh
 
+    global _STATE
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % tp_size != 0:
         raise ValueError(f"tp_size ({tp_size}) must divide the world size ({world})")
     mesh = init_device_mesh(device.type, (world // tp_size, tp_size), mesh_dim_names=("dp", "tp"))
-    return ParallelState(rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", rank)),
-                         tp_size=tp_size, dp_size=world // tp_size, device=device, mesh=mesh,
-                         tp_group=mesh.get_group("tp"), dp_group=mesh.get_group("dp"))
+    _STATE = ParallelState(rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", rank)),
+                           tp_size=tp_size, dp_size=world // tp_size, device=device, mesh=mesh,
+                           tp_group=mesh.get_group("tp"), dp_group=mesh.get_group("dp"))
+    return _STATE
 
 
 def destroy_distributed() -> None:
     """Tear down the default process group if one exists."""
+    global _STATE
+    _STATE = None
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -11,7 +11,8 @@ so rollout and training log-probs of the same sequence agree to fp32 rounding. T
 full distribution at the sampling temperature (temperature 1 for greedy decoding), before top-k / top-p truncation
 (what the trainer recomputes), over the whole padded vocabulary (see ``GPTConfig.padded_vocab_size``).
 Under TP every rank must pass the same prompts and an identically seeded ``generator``: each rank gathers the same
-full logits and draws the same sample, so no broadcast is needed.
+full logits and draws the same sample, so no broadcast is needed. Data-parallel replicas may pass other prompts:
+the early stop is agreed over the dp group (``_all_ended``).
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-from instructrl_fast.model.gpt import GPT
+from instructrl_fast.model.gpt import GPT, keyed_uniform
 from instructrl_fast.ops import gather_logprobs
 from instructrl_fast.ops._checks import check_mask, check_positive, check_tensor
+from instructrl_fast.parallel.dist import parallel_state
 from instructrl_fast.parallel.mappings import gather_from_tp
-from instructrl_fast.rollout.sampling import sample
+from instructrl_fast.rollout.sampling import filter_logits, sample
 
 
 @dataclass
@@ -44,11 +46,28 @@ class RolloutBatch:
         return torch.cat([self.logprobs.new_zeros(B, self.sequences.shape[1] - N), self.logprobs], dim=1)
 
 
-def _next_token(model: GPT, h_last: torch.Tensor, temperature: float, top_k, top_p, generator):
+def _keyed_sample(logits: torch.Tensor, keys: torch.Tensor, n: int, *, temperature: float, top_k, top_p,
+                  vocab_size: int) -> torch.Tensor:
+    """``sample``'s exponential race with its Exp(1) draws hashed from (row key, step n, token id): a row's sample
+    is a function of the row, not of the batch it is in nor of the rank (``keyed_uniform``)."""
+    x = filter_logits(logits, vocab_size=vocab_size, top_k=top_k, top_p=top_p)
+    if temperature == 0.0:
+        return torch.argmax(x, dim=-1)
+    V = x.shape[-1]
+    u = keyed_uniform(keys, (n * V + torch.arange(V, device=x.device)).expand(x.shape[0], V))
+    return torch.argmax(torch.softmax(x / temperature, dim=-1) / -torch.log(u), dim=-1)
+
+
+def _next_token(model: GPT, h_last: torch.Tensor, n: int, temperature: float, top_k, top_p, generator, keys):
     """h_last [B, D] -> (token [B] int64, logp [B] fp32) from this rank's logit shard (gathered to sample)."""
     shard = model.logits(h_last[:, None])[:, 0]  # [B, V_local]
-    token = sample(gather_from_tp(shard, model.tp_group), temperature=temperature, top_k=top_k, top_p=top_p,
-                   vocab_size=model.config.vocab_size, generator=generator)
+    full = gather_from_tp(shard, model.tp_group)
+    if keys is not None:
+        token = _keyed_sample(full, keys, n, temperature=temperature, top_k=top_k, top_p=top_p,
+                              vocab_size=model.config.vocab_size)
+    else:
+        token = sample(full, temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=model.config.vocab_size,
+                       generator=generator)
     logp = gather_logprobs(shard, token, temperature=temperature or 1.0, tp_group=model.tp_group)
     return token, logp
 
@@ -85,11 +104,22 @@ def _check_args(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos
         raise ValueError(f"stop_check_every must be a positive int, got {stop_check_every!r}")
 
 
+def _all_ended(ended: torch.Tensor) -> bool:
+    """Whether every row has ended on every dp rank. Agreed over the dp group: the replicas hold other prompts,
+    and under FSDP2 each forward is a collective, so all of them must run the same number of decode steps."""
+    mesh = parallel_state()
+    running = (~ended).any().int()
+    if mesh.dp_size > 1:
+        torch.distributed.all_reduce(running, op=torch.distributed.ReduceOp.MAX, group=mesh.dp_group)
+    return not bool(running)
+
+
 @torch.no_grad()
 def generate(model: GPT, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | None = None, pad_token_id: int = 0, generator: torch.Generator | None = None,
-             stop_check_every: int = 16, cuda_graph: bool = False) -> RolloutBatch:
+             stop_check_every: int = 16, cuda_graph: bool = False,
+             sample_keys: torch.Tensor | None = None) -> RolloutBatch:
     """Sample up to ``max_new_tokens`` tokens after left-padded prompts.
 
     Args:
@@ -100,6 +130,8 @@ def generate(model: GPT, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
         pad_token_id: written after a row's EOS. generator: the sampling RNG (same seed on every TP rank).
         stop_check_every: the host checks "all rows ended" every this many steps (one sync each).
         cuda_graph: run the decode step through torch.compile(mode="reduce-overhead") (CUDA graphs; GPU only).
+        sample_keys: [B] int64 (``model.gpt.sample_keys``), instead of ``generator``: each row's draws are hashed
+            from its key, so its sample does not depend on the batch or the dp rank it is generated on.
 
     Returns:
         ``RolloutBatch`` (sequences, attention_mask, response_mask, logprobs; see its fields).
@@ -108,6 +140,11 @@ def generate(model: GPT, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
                 stop_check_every)
     B, P = prompt_ids.shape
     N, dev = max_new_tokens, prompt_ids.device
+    if sample_keys is not None:
+        check_tensor("sample_keys", sample_keys, dtypes=(torch.int64,), ndim=1)
+        if sample_keys.shape[0] != B:
+            raise ValueError(f"sample_keys must be [B={B}] (one key per prompt), got {tuple(sample_keys.shape)}")
+        sample_keys = sample_keys.to(dev)
     was_training = model.training
     model.eval()
     try:
@@ -127,13 +164,13 @@ def generate(model: GPT, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
             if n > 0:
                 h = step(model, kv_cache, tokens[:, n - 1], mask, input_pos)
                 input_pos += 1
-            token, logp = _next_token(model, h, temperature, top_k, top_p, generator)
+            token, logp = _next_token(model, h, n, temperature, top_k, top_p, generator, sample_keys)
             alive[:, n] = ~ended
             tokens[:, n] = torch.where(ended, pad_token_id, token)
             logprobs[:, n] = torch.where(ended, 0.0, logp)
             if eos_token_id is not None:
                 ended |= token == eos_token_id
-                if (n + 1) % stop_check_every == 0 and n + 1 < N and bool(ended.all()):  # host sync every k steps
+                if (n + 1) % stop_check_every == 0 and n + 1 < N and _all_ended(ended):  # host sync every k steps
                     alive[:, n + 1:] = False
                     break
         response = torch.cat([torch.zeros(B, P, dtype=torch.long, device=dev), alive.long()], dim=1)

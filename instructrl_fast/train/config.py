@@ -298,8 +298,14 @@ class PipelineConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)  # the final evaluation
     block_size: int = 136  # model context: few-shot prefix (64) + prompt (40) + response (24) + bos/eos, rounded up
     data_seed: int = 0  # DemoTask / GoldLabeler seed
+    precision: str | None = None  # "bf16" or "fp32" (see parallel.build_gpt); None: bf16 on a GPU, fp32 on CPU
+    activation_checkpointing: bool = False  # recompute each block in backward (on in the GPT-3-shape presets)
 
     def __post_init__(self):
+        _check_choice(self, "precision", (None, "bf16", "fp32"))
+        if not isinstance(self.activation_checkpointing, bool):
+            raise TypeError(f"PipelineConfig.activation_checkpointing must be a bool, got "
+                            f"{type(self.activation_checkpointing).__name__}")
         if not self.sizes or any(s not in self.pretrain for s in self.sizes):
             raise ValueError(f"PipelineConfig.sizes must be non-empty keys of pretrain {tuple(self.pretrain)}, "
                              f"got {self.sizes!r}")
@@ -332,7 +338,8 @@ class PipelineConfig:
 def _paper(size: str) -> PipelineConfig:
     """The paper's recipe on GPT-3 shapes (size in 1.3b / 6.7b / 175b); the RM is always the 6B one."""
     big = size == "175b"
-    sft = SFTConfig(batch_size=8 if big else 32, micro_batch_size=8 if big else 32,
+    # micro-batches small enough that a batch splits over up to 8 dp replicas (32 / 8 / 4; 175B: 8 / 8 / 1)
+    sft = SFTConfig(batch_size=8 if big else 32, micro_batch_size=1 if big else 4,
                     optim=OptimConfig(lr=5.03e-6 if big else 9.65e-6))
     ppo = PPOConfig(value_lr=5e-6 if big else 9e-6, micro_batch_size=8,
                     optim=OptimConfig(lr=sft.optim.lr, schedule="constant", warmup_steps=10, warmup_from=0.1))
@@ -347,6 +354,7 @@ def _paper(size: str) -> PipelineConfig:
         ppo=ppo,
         ppo_ptx=dataclasses.replace(ppo, ptx_coef=27.8),
         block_size=2048,
+        activation_checkpointing=True,
     )
 
 

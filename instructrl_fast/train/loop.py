@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from instructrl_fast.parallel.dist import local_tensor, parallel_state
 from instructrl_fast.parallel.mappings import tp_world_size
 from instructrl_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from instructrl_fast.train.config import LoopConfig, OptimConfig
@@ -31,7 +32,7 @@ class Stage(Protocol):
     """What a training stage hands the shared loop."""
 
     name: str  # progress-bar label
-    modules: dict[str, torch.nn.Module]  # everything whose weights a checkpoint holds (trained, EMA, ...)
+    modules: dict[str, torch.nn.Module]  # everything a checkpoint holds (trained models, a ParameterState EMA, ...)
     optimizer: torch.optim.Optimizer  # param groups carry "peak_lr" (see make_optimizer)
     max_steps: int  # optimizer steps of the whole stage
     grad_accum: int  # micro-batches per optimizer step
@@ -39,10 +40,19 @@ class Stage(Protocol):
     metric_names: tuple[str, ...]  # every key `loss` and `evaluate` may return (the CSV columns)
 
     def micro_batches(self, step: int) -> Iterable[Any]:
-        """The ``grad_accum`` micro-batches of optimizer step ``step`` (a pure function of the step and state)."""
+        """This dp rank's ``grad_accum`` micro-batches of optimizer step ``step`` (a pure function of the step and
+        state): the step's global batch is cut into dp equal shares (``ParallelState.dp_share``)."""
 
-    def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-        """(scalar loss of the micro-batch, detached 0-dim metrics, tokens processed); the loop calls backward."""
+    def loss_counts(self, batch: Any) -> torch.Tensor:
+        """[K] float64: the normaliser each of the K loss terms has in ``batch`` (its labelled tokens or its
+        sequences), counted from the host data or on the device: summing them over the step costs no host sync."""
+
+    def loss(self, batch: Any, weight: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """(scalar loss, detached 0-dim metrics, tokens processed) of one micro-batch; the loop calls backward.
+
+        ``weight`` [K]: the micro-batch's share of each term's global count (``loss_counts`` over every dp rank and
+        micro-batch of the step); the loss is sum_k weight[k] * (term k's mean over the micro-batch), so the step's
+        gradient is that of the global token (or sequence) mean, whatever dp and the micro-batch size."""
 
     def after_step(self, step: int) -> None:
         """Work after each optimizer step (EMA update)."""
@@ -111,30 +121,39 @@ def _tp_shards(modules: Iterable[torch.nn.Module]) -> tuple[set[int], dist.Proce
     return ids, group
 
 
+def _norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The 2-norm of ``grads`` over this TP rank's parameters. Under FSDP2 the gradients are DTensors sharded over
+    dp: get_total_norm returns a partial DTensor and full_tensor() sums the dp shards' squares (a collective)."""
+    from torch.nn.utils import get_total_norm
+
+    n = get_total_norm(grads, foreach=False)
+    return (n.full_tensor() if hasattr(n, "full_tensor") else n).to(device)
+
+
 def _clip(optimizer: torch.optim.Optimizer, max_norm: float,
           tp_shards: tuple[set[int], dist.ProcessGroup | None]) -> torch.Tensor:
     """Clip each parameter group on its own (policy and value have separate norms); return the largest norm.
 
-    Under TP the norm is the full (TP = 1) gradient's: ||g||^2 = sum of the replicated parameters' ||g_i||^2 (once)
-    + the shards' ||g_i||^2 summed over the TP group (Megatron's clip_grad_norm). A rank-local norm would scale the
-    ranks' gradients by different factors, and the replicated parameters would drift apart across the TP ranks.
+    The norm is the full model's over both mesh dims: ||g||^2 = the replicated parameters' ||g_i||^2 (once) + the
+    TP shards' ||g_i||^2 summed over the TP group (Megatron's clip_grad_norm), each of them summed over the dp
+    shards first when FSDP2 shards the gradients (``_norm``). A rank-local norm would scale the ranks' gradients by
+    different factors, and the replicated parameters would drift apart across the ranks.
     """
-    from torch.nn.utils import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
-
     max_norm = max_norm if max_norm > 0 else float("inf")
     ids, group = tp_shards
-    if group is None:
-        return torch.stack([clip_grad_norm_(g["params"], max_norm, foreach=False)
-                            for g in optimizer.param_groups]).max()
     norms = []
     for g in optimizer.param_groups:
         params = [p for p in g["params"] if p.grad is not None]
-        device = params[0].device if params else torch.device("cpu")
-        shard_sq = get_total_norm([p.grad for p in params if id(p) in ids], foreach=False).to(device) ** 2
-        dist.all_reduce(shard_sq, group=group)  # once per param group on every rank: the groups match across ranks
-        replicated = get_total_norm([p.grad for p in params if id(p) not in ids], foreach=False).to(device)
+        device = local_tensor(params[0]).device if params else torch.device("cpu")
+        shard_sq = _norm([p.grad for p in params if id(p) in ids], device) ** 2
+        if group is not None:  # once per param group on every rank: the groups match across ranks
+            dist.all_reduce(shard_sq, group=group)
+        replicated = _norm([p.grad for p in params if id(p) not in ids], device)
         norms.append((replicated**2 + shard_sq).sqrt())
-        clip_grads_with_norm_(params, max_norm, norms[-1], foreach=False)
+        # the clip_grads_with_norm_ formula, on the local shards (a DTensor will not multiply by a plain tensor)
+        coef = (max_norm / (norms[-1] + 1e-6)).clamp(max=1.0)
+        for p in params:
+            local_tensor(p.grad).mul_(coef)
     return torch.stack(norms).max()
 
 
@@ -160,26 +179,30 @@ def train(stage: Stage, optim: OptimConfig, loop: LoopConfig, out_dir: str | os.
     ckpt_dir = out_dir / "ckpt"
     start = 0
     if resume and (path := latest_checkpoint(ckpt_dir)) is not None:
-        state = load_checkpoint(path, stage.modules)
-        stage.optimizer.load_state_dict(state["optimizer"])
+        state = load_checkpoint(path, stage.modules, optimizer=stage.optimizer)
         stage.load_state_dict(state["stage"])
         start = state["step"]
     fields = ["lr", "grad_norm", "tokens_per_s", "mfu", *stage.metric_names]
-    logger = MetricsLogger(out_dir, fields=fields, resume_step=start if start else None)
+    mesh = parallel_state()
+    # one writer per file: the first rank logs; every rank computes (evaluation runs collectives under FSDP)
+    logger = MetricsLogger(out_dir, fields=fields, resume_step=start if start else None) if mesh.is_main else None
+    log = logger.log if logger is not None else (lambda step, row: None)
     peak = peak_flops(_device_of(stage))
     tp_shards = _tp_shards(stage.modules.values())
 
     def checkpoint(step: int) -> None:
         # The LR schedule and the data order are pure functions of the step: the step is the scheduler state and
         # the data position (recorded explicitly for readers of the checkpoint).
-        state = {"optimizer": stage.optimizer.state_dict(), "stage": stage.state_dict(),
+        # The optimizer goes in as an object: its moments are saved sharded like their parameters (DCP).
+        state = {"stage": stage.state_dict(),
                  "scheduler": {"schedule": optim.schedule, "lr_factor": lr_factor(step, stage.max_steps, optim)},
                  "data_position": {"optimizer_steps": step, "micro_batches": step * stage.grad_accum}}
-        save_checkpoint(ckpt_dir, step, stage.modules, state, keep=loop.keep_checkpoints)
+        save_checkpoint(ckpt_dir, step, stage.modules, state, keep=loop.keep_checkpoints, optimizer=stage.optimizer)
 
     for m in stage.modules.values():
         m.train()
-    bar = tqdm(total=stage.max_steps, initial=start, desc=stage.name, disable=not loop.progress, dynamic_ncols=True)
+    bar = tqdm(total=stage.max_steps, initial=start, desc=stage.name, disable=not (loop.progress and mesh.is_main),
+               dynamic_ncols=True)
     t_last, tokens = time.perf_counter(), 0
     for step in range(start, stage.max_steps):
         # schedule: the LR is a pure function of the step, so nothing about it needs checkpointing
@@ -188,18 +211,27 @@ def train(stage: Stage, optim: OptimConfig, loop: LoopConfig, out_dir: str | os.
 
         # eval / checkpoint (a checkpoint at step s holds the state after s optimizer steps)
         if loop.eval_interval and step % loop.eval_interval == 0 and step > start:
-            logger.log(step, _evaluate(stage))
+            log(step, _evaluate(stage))
         if loop.ckpt_interval and step % loop.ckpt_interval == 0 and step > start:
             checkpoint(step)
 
-        # micro-steps: gradients of every micro-batch accumulate into the same .grad buffers
+        # micro-steps: this dp rank's share of the step; gradients accumulate into the same .grad buffers (FSDP2
+        # reduce-scatters them over dp). Each loss term is weighted by the micro-batch's share of the term's global
+        # count, summed over the dp ranks once per step from host-side counts.
+        batches = list(stage.micro_batches(step))
+        device = _device_of(stage)
+        counts = torch.stack([stage.loss_counts(b).to(device) for b in batches])  # [M, K] float64
+        total = mesh.dp_sum(counts.sum(0))
+        # x dp: FSDP2 averages the dp ranks' gradients, and the step's gradient is their sum
+        weights = (counts / total.clamp_min(1) * mesh.dp_size).float()
         sums: dict[str, torch.Tensor] = {}
-        for batch in stage.micro_batches(step):
-            loss, metrics, n_tok = stage.loss(batch)
-            (loss / stage.grad_accum).backward()
-            tokens += n_tok
+        n_global = len(batches) * mesh.dp_size
+        for batch, weight in zip(batches, weights):
+            loss, metrics, n_tok = stage.loss(batch, weight)
+            loss.backward()
+            tokens += n_tok * mesh.dp_size
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v.detach() / stage.grad_accum
+                sums[k] = sums.get(k, 0.0) + v.detach() / n_global
 
         # clip -> step
         grad_norm = _clip(stage.optimizer, optim.grad_clip, tp_shards)
@@ -210,22 +242,26 @@ def train(stage: Stage, optim: OptimConfig, loop: LoopConfig, out_dir: str | os.
 
         # log: the one place per log row where the CPU waits for the device (.item() on the accumulated metrics)
         if (step + 1) % loop.log_interval == 0 or step + 1 == stage.max_steps:
-            row = {k: float(v) for k, v in sums.items()}
+            # the micro-batch means of every dp rank, averaged (one all-reduce per log row)
+            keys = sorted(sums)
+            reduced = mesh.dp_sum(torch.stack([torch.as_tensor(sums[k], device=device) for k in keys])) if keys else ()
+            row = {k: float(v) for k, v in zip(keys, reduced)}
             dt = time.perf_counter() - t_last
             row.update(lr=lr * stage.optimizer.param_groups[0]["peak_lr"], grad_norm=float(grad_norm),
                        tokens_per_s=tokens / dt, mfu=stage.flops_per_token * tokens / dt / peak)
-            logger.log(step + 1, row)
+            log(step + 1, row)
             bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in ("loss", "reward", "tokens_per_s")})
             t_last, tokens = time.perf_counter(), 0
     bar.close()
 
     final = _evaluate(stage)
-    logger.log(stage.max_steps, final)
+    log(stage.max_steps, final)
     if start < stage.max_steps:
         checkpoint(stage.max_steps)
-    logger.close()
+    if logger is not None:
+        logger.close()
     return final
 
 
 def _device_of(stage: Stage) -> torch.device:
-    return next(next(iter(stage.modules.values())).parameters()).device
+    return local_tensor(next(next(iter(stage.modules.values())).parameters())).device

@@ -18,6 +18,7 @@ continues from its newest checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -28,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from instructrl_fast.data import ByteTokenizer, DemoTask, GoldLabeler
+from instructrl_fast.parallel import build_gpt, parallel_state
 from instructrl_fast.train.batching import chunk_corpus
 from instructrl_fast.train.checkpoint import latest_checkpoint, load_weights, save_weights
 from instructrl_fast.train.config import PipelineConfig, model_config
@@ -88,9 +90,10 @@ class Pipeline:
     """Runs the stages of ``cfg`` into ``out_dir``; each stage method returns its trained model."""
 
     def __init__(self, cfg: PipelineConfig, out_dir: str | os.PathLike, *, resume: bool = False,
-                 device: str | torch.device = "cpu", log=print, tp_group=None):
-        self.cfg, self.out, self.resume, self.tp_group = cfg, Path(out_dir), resume, tp_group
+                 device: str | torch.device = "cpu", log=print):
+        self.cfg, self.out, self.resume = cfg, Path(out_dir), resume
         self.device, self.log = torch.device(device), log
+        self.mesh = parallel_state()  # every rank runs every stage; the first one writes the files
         self.tok = ByteTokenizer()
         self.task = DemoTask(cfg.data_seed)
         self.labeler = GoldLabeler(cfg.data_seed)
@@ -116,14 +119,14 @@ class Pipeline:
         return self.chunks(pc.micro_batch_size * max(pc.eval_batches, self.cfg.eval.n_ptx_batches) * 2, pc.seq_len,
                            "val")
 
-    def model(self, size: str, head: str = "lm", *, seed: int = 0) -> torch.nn.Module:
-        from instructrl_fast.model import GPT
-
+    def model(self, size: str, head: str = "lm", *, seed: int = 0, frozen: bool = False) -> torch.nn.Module:
+        """A GPT of ``size`` on the mesh (TP layers, FSDP2 over dp), initialised shard by shard from ``seed``."""
         cfg = model_config(self.cfg.pretrain[size].model, vocab_size=self.tok.vocab_size,
                            block_size=self.cfg.block_size)
-        model = GPT(cfg, head=head, tp_group=self.tp_group).to(self.device)
-        model.init_weights(seed)
-        return model
+        precision = self.cfg.precision or ("bf16" if self.device.type == "cuda" else "fp32")
+        state = dataclasses.replace(self.mesh, device=self.device)
+        return build_gpt(cfg, head, seed=seed, state=state, precision=precision, frozen=frozen,
+                         activation_checkpointing=self.cfg.activation_checkpointing)
 
     def _result(self, name: str) -> Path | None:
         """The finished result of stage ``name`` when resuming, else None (the stage runs)."""
@@ -150,6 +153,8 @@ class Pipeline:
 
     def _finish(self, name: str, module: torch.nn.Module) -> None:
         save_weights(self.out / name / RESULT, module, tokenizer=self.tok)
+        if not self.mesh.is_main:
+            return
         try:
             from instructrl_fast.train.evaluate import plot_learning_curves
 
@@ -209,8 +214,9 @@ class Pipeline:
                                                                            rc.model_samples, seed=rc.seed))
         data = self.task.comparisons(n, self.labeler, sampled=sampled)
         train_c, val_c = data[:rc.n_comparisons], data[rc.n_comparisons:]
-        (self.out / "rm").mkdir(parents=True, exist_ok=True)
-        (self.out / "rm" / "val_comparisons.json").write_text(json.dumps(val_c))  # for rm_report
+        if self.mesh.is_main:
+            (self.out / "rm").mkdir(parents=True, exist_ok=True)
+            (self.out / "rm" / "val_comparisons.json").write_text(json.dumps(val_c))  # for rm_report
         metrics = self._train("rm", lambda: train_reward_model(rc, rm, self.tok, train_c, val_c,
                                                                self._demos(256), self.out / "rm",
                                                                resume=self.resume, name="rm"))
@@ -253,7 +259,8 @@ class Pipeline:
         best, scores = select_by_reward(candidates(self.out / name), model, rm, self.tok, prompts,
                                         max_new_tokens=sc.max_new_tokens)
         self.log(f"[{name}] RM score per candidate {scores}; chose {best.stem}")
-        (self.out / name / "selection.json").write_text(json.dumps({"scores": scores, "chosen": best.stem}))
+        if self.mesh.is_main:
+            (self.out / name / "selection.json").write_text(json.dumps({"scores": scores, "chosen": best.stem}))
         self._finish(name, model)
         return model
 
@@ -265,13 +272,16 @@ class Pipeline:
         if (done := self._result(name)) is not None:
             return load_weights(done, self.model(size))
         init = self.out / f"ppo-init-{size}" / RESULT
-        policy, ref = load_weights(init, self.model(size)), load_weights(init, self.model(size))
+        policy, ref = load_weights(init, self.model(size)), load_weights(init, self.model(size, frozen=True))
         value = init_from(self.model(self.cfg.rm_size, "scalar"), rm.body)  # the RM's shape, whatever the policy's
+        # the frozen RM held in the frozen models' precision (bf16 under --precision bf16), read back from its file
+        frozen_rm = RewardModel(self.model(self.cfg.rm_size, "scalar", frozen=True))
+        load_weights(self.out / "rm" / RESULT, frozen_rm)
         prompts = [p.text for p in self.task.prompts("train", pc.n_prompts)]
         ptx_chunks = self.chunks(self.cfg.pretrain[self.cfg.sizes[0]].n_docs, pc.ptx_seq_len) if ptx else None
         torch.manual_seed(pc.seed)
-        ema, _ = self._train(name, lambda: train_ppo(pc, policy, value, ref, rm, self.tok, prompts, self.out / name,
-                                                     ptx_chunks=ptx_chunks, resume=self.resume,
+        ema, _ = self._train(name, lambda: train_ppo(pc, policy, value, ref, frozen_rm, self.tok, prompts,
+                                                     self.out / name, ptx_chunks=ptx_chunks, resume=self.resume,
                                                      gold_fn=self.gold_scores, name=name))
         self._finish(name, ema)
         return ema
@@ -360,6 +370,8 @@ class Pipeline:
             for name, pc in ((f"ppo-{s}", cfg.ppo), (f"ppo-ptx-{s}", cfg.ppo_ptx)):
                 if (found := self.overoptimization(name, pc.steps_per_iteration)) is not None:
                     overopt[name] = {"points": found[0], **found[1]}
+        if not self.mesh.is_main:  # every rank computed the same report; the first one writes it
+            return {"preset": cfg.name, "sizes": list(cfg.sizes), "results": records}
         largest = cfg.sizes[-1]  # the plot: both PPO runs of the largest size
         runs = {f"{method} ({largest})": overopt[name]["points"]
                 for method, name in (("PPO", f"ppo-{largest}"), ("PPO-ptx", f"ppo-ptx-{largest}")) if name in overopt}

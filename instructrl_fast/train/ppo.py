@@ -2,7 +2,9 @@
 
 Each prompt and sampled response is a bandit episode. Per PPO iteration:
 
-1. rollout: ``rollout_batch_size`` prompts -> responses sampled at temperature 1 (``rollout.generate``);
+1. rollout: ``rollout_batch_size`` prompts -> responses sampled at temperature 1 (``rollout.generate``), each dp
+   replica generating its share, every draw keyed to (seed, iteration, prompt, token) so that the episodes do
+   not depend on the mesh;
 2. experience, without gradients: log-probs of the policy (``old_logp``) and of the frozen SFT reference
    (``ref_logp``), values, and the RM score of each full sequence;
    rewards = ``ops.shape_rewards``: score at the last response token minus beta * (logp - ref_logp) per token;
@@ -18,17 +20,19 @@ Token tensors are aligned on actions: column t of logp / values / rewards [B, L-
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 
 import torch
 
 from instructrl_fast import ops
+from instructrl_fast.model.gpt import sample_keys
+from instructrl_fast.parallel.dist import local_tensor, parallel_state
 from instructrl_fast.train.batching import encode_prompt, epoch_permutation, left_pad, lm_batch, step_indices
+from instructrl_fast.train.checkpoint import ParameterState
 from instructrl_fast.train.config import PPOConfig
 from instructrl_fast.train.loop import make_optimizer, train
-from instructrl_fast.train.pretrain import lm_loss, model_flops_per_token
+from instructrl_fast.train.pretrain import dp_micro_batches, label_count, lm_loss, model_flops_per_token
 from instructrl_fast.train.reward import RewardModel
 
 
@@ -61,19 +65,26 @@ def logprobs_of(policy, sequences: torch.Tensor, attention_mask: torch.Tensor) -
     return policy.token_logprobs(sequences[:, :-1], sequences[:, 1:], attention_mask=attention_mask[:, :-1])
 
 
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy without gradients that shares (does not copy) the model's tensor-parallel process groups."""
-    groups = {id(g): g for m in model.modules() if (g := getattr(m, "tp_group", None)) is not None}
-    return copy.deepcopy(model, memo=groups).requires_grad_(False)
+@torch.no_grad()
+def ema_init(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """fp32 copies of ``model``'s parameters, by name: under FSDP2 each is a DTensor holding this rank's shard
+    only (an FSDP-wrapped module cannot be deep-copied, and a full copy per rank is what sharding avoids)."""
+    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
 
 
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameters and floating buffers alike."""
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p, 1.0 - decay)
-        for e, b in zip(ema.buffers(), model.buffers()):
-            e.copy_(b)
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (shard by shard under FSDP2)."""
+    for n, p in model.named_parameters():
+        ema[n].lerp_(p.detach().float(), 1.0 - decay)
+
+
+@torch.no_grad()
+def load_ema(model: torch.nn.Module, ema: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Copy the EMA weights into ``model`` (in its own dtype); returns it."""
+    for n, p in model.named_parameters():
+        p.copy_(ema[n])
+    return model
 
 
 class PPOStage:
@@ -98,16 +109,17 @@ class PPOStage:
         self.prompts = [encode_prompt(tok, p, policy.config.block_size - cfg.max_new_tokens) for p in prompts]
         self.gold_fn = gold_fn
         self.ptx_chunks = ptx_chunks
-        self.ema = frozen_copy(policy)
-        for frozen in (ref, rm, self.ema):
+        self.ema = ema_init(policy)
+        for frozen in (ref, rm):
             frozen.eval().requires_grad_(False)
-        self.modules = {"policy": policy, "value": value_model, "ema": self.ema}
+        self.modules = {"policy": policy, "value": value_model, "ema": ParameterState(policy, self.ema)}
         self.optimizer = make_optimizer([(list(policy.parameters()), cfg.optim.lr),
                                          (list(value_model.parameters()), cfg.value_lr)], cfg.optim)
         self.max_steps = cfg.max_steps
-        self.grad_accum = cfg.minibatch_size // cfg.micro_batch_size
+        self.grad_accum = dp_micro_batches(cfg.minibatch_size, cfg.micro_batch_size)
         self.flops_per_token = 2 * model_flops_per_token(policy, policy.config.block_size)  # policy + value
-        self.generator = torch.Generator(device=policy.lm_weight.device).manual_seed(cfg.seed)
+        self.mesh = parallel_state()
+        self.mesh.dp_share(torch.arange(cfg.rollout_batch_size), "rollout_batch_size")  # fail early, naming it
         self.experience: Experience | None = None
         self.n_prompts = min(cfg.n_prompts, len(self.prompts))
 
@@ -117,13 +129,16 @@ class PPOStage:
         from instructrl_fast.rollout import generate
 
         cfg = self.cfg
-        rows = step_indices(iteration, n=self.n_prompts, batch_size=cfg.rollout_batch_size, seed=cfg.seed)
-        ids, mask = left_pad([self.prompts[i] for i in rows.tolist()], self.tok.pad_id)
-        device = self.policy.lm_weight.device
+        all_rows = step_indices(iteration, n=self.n_prompts, batch_size=cfg.rollout_batch_size, seed=cfg.seed)
+        rows = self.mesh.dp_share(all_rows, "rollout_batch_size")
+        # one prompt width for the whole batch, so the dp ranks' experience tensors can be gathered
+        width = max(len(self.prompts[i]) for i in all_rows.tolist())
+        ids, mask = left_pad([self.prompts[i] for i in rows.tolist()], self.tok.pad_id, length=width)
+        device = local_tensor(self.policy.lm_weight).device
         self.policy.eval()
         out = generate(self.policy, ids.to(device), mask.to(device), max_new_tokens=cfg.max_new_tokens,
                        temperature=cfg.temperature, eos_token_id=self.tok.eos_id, pad_token_id=self.tok.pad_id,
-                       generator=self.generator)
+                       sample_keys=sample_keys(cfg.seed, iteration, rows))
         self.policy.train()
         seq, attn = out.sequences, out.attention_mask.bool()
         action_mask = out.response_mask[:, 1:].bool()
@@ -134,6 +149,9 @@ class PPOStage:
             parts["old_values"].append(values_of(self.value, s, a))
             parts["scores"].append(self.rm(s, a))
         old_logp, ref_logp, old_values, scores = (torch.cat(parts[k]) for k in parts)
+        # every dp rank holds the whole rollout batch from here on: a minibatch is then the same episodes at any dp
+        seq, attn, action_mask, old_logp, ref_logp, old_values, scores = (
+            self.mesh.dp_gather(t) for t in (seq, attn, action_mask, old_logp, ref_logp, old_values, scores))
         rewards = ops.shape_rewards(scores, old_logp, ref_logp, action_mask, kl_coef=cfg.kl_coef)
         advantages, returns = ops.gae(rewards, old_values, action_mask, gamma=cfg.gamma, lam=cfg.lam)
         if cfg.whiten_advantages:
@@ -164,14 +182,21 @@ class PPOStage:
         per_epoch = cfg.rollout_batch_size // cfg.minibatch_size
         epoch, mb = divmod(j, per_epoch)
         order = epoch_permutation(cfg.rollout_batch_size, iteration * cfg.ppo_epochs + epoch, cfg.seed + 1)
-        rows = order[mb * cfg.minibatch_size:(mb + 1) * cfg.minibatch_size]
-        for m, part in enumerate(rows.split(cfg.micro_batch_size)):
+        rows = self.mesh.dp_share(order[mb * cfg.minibatch_size:(mb + 1) * cfg.minibatch_size], "minibatch_size")
+        first = self.mesh.dp_rank * self.grad_accum  # the global index of this rank's first micro-batch
+        for m, part in enumerate(rows.split(cfg.micro_batch_size), first):
             ptx = None
-            if cfg.ptx_per_micro_batch:
-                ptx_rows = step_indices(step * self.grad_accum + m, n=len(self.ptx_chunks),
+            if cfg.ptx_per_micro_batch:  # keyed to the global micro-batch index: the same windows whatever dp
+                ptx_rows = step_indices(step * self.grad_accum * self.mesh.dp_size + m, n=len(self.ptx_chunks),
                                         batch_size=cfg.ptx_per_micro_batch, seed=cfg.seed + 2)
                 ptx = lm_batch(self.ptx_chunks[ptx_rows])
-            yield self.experience.index(part), ptx
+            yield self.experience.index(part.to(self.experience.sequences.device)), ptx
+
+    def loss_counts(self, batch) -> torch.Tensor:
+        exp, ptx = batch
+        ptx_count = label_count(ptx[1]) if ptx is not None else torch.zeros((), dtype=torch.float64)
+        # the action count is on the device (the rollout made the mask there): no host sync to count it
+        return torch.stack([exp.action_mask.sum().double(), ptx_count.to(exp.action_mask.device)])
 
     def ppo_loss(self, exp: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Clipped policy loss + vf_coef * clipped value loss of one micro-batch of episodes."""
@@ -192,17 +217,18 @@ class PPOStage:
         """The pretraining NLL on the policy (PPO-ptx's gamma * log-likelihood term, with the sign of a loss)."""
         return lm_loss(self.policy, *ptx)
 
-    def loss(self, batch):
+    def loss(self, batch, weight):
         exp, ptx = batch
-        loss, metrics = self.ppo_loss(exp)
-        tokens = exp.sequences.numel()
+        ppo, metrics = self.ppo_loss(exp)  # token means: weight[0] makes them the step's global token mean
+        loss, tokens = ppo * weight[0], exp.sequences.numel()
+        metrics["loss"] = ppo.detach()  # the micro-batch's own means
         if ptx is not None:
             # One backward of the sum: the PPO and the pretraining gradients accumulate into the same buffers.
             ptx_loss = self.ptx_loss(ptx)
-            loss = loss + self.cfg.ptx_coef * ptx_loss
+            loss = loss + self.cfg.ptx_coef * ptx_loss * weight[1]
             metrics["ptx_loss"] = ptx_loss.detach()
+            metrics["loss"] = (ppo + self.cfg.ptx_coef * ptx_loss).detach()
             tokens += ptx[0].numel()
-        metrics["loss"] = loss.detach()
         return loss, metrics, tokens
 
     def after_step(self, step: int) -> None:
@@ -212,17 +238,17 @@ class PPOStage:
         return {}  # the rollout statistics (score, kl) are logged every step; the gold evaluation is the pipeline's
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        return {}  # the EMA is a module of the checkpoint; the rollout draws are keyed: no generator state
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
         self.experience = None
 
 
 def train_ppo(cfg: PPOConfig, policy, value_model, ref, rm: RewardModel, tok, prompts: list[str],
               out_dir: str | os.PathLike, *, ptx_chunks: torch.Tensor | None = None,
               resume: bool = False, gold_fn=None, name: str | None = None) -> tuple[torch.nn.Module, dict[str, float]]:
-    """Train ``policy`` and ``value_model`` in place; returns (the EMA policy, final metrics).
+    """Train ``policy`` and ``value_model`` in place; returns (the EMA policy, final metrics): ``policy`` itself,
+    holding the EMA weights once training ends.
 
     ``gold_fn(prompt_texts, response_texts) -> scores``, when given, scores every rollout batch with a true reward
     (the ``gold`` metric), for the over-optimisation curve. ``name`` labels the progress bar (default: ppo or
@@ -231,4 +257,5 @@ def train_ppo(cfg: PPOConfig, policy, value_model, ref, rm: RewardModel, tok, pr
                      ckpt_interval=cfg.loop.ckpt_interval or cfg.steps_per_iteration, gold_fn=gold_fn)
     stage.name = name or stage.name
     metrics = train(stage, cfg.optim, cfg.loop, out_dir, resume=resume)
-    return stage.ema, metrics
+    return load_ema(policy, stage.ema), metrics
+

@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from instructrl_fast.model.gpt import sample_keys
+from instructrl_fast.parallel.dist import parallel_state
 from instructrl_fast.train.batching import IGNORE_INDEX, lm_batch, step_indices
 from instructrl_fast.train.config import PretrainConfig
 from instructrl_fast.train.loop import flops_per_token, make_optimizer, train
@@ -19,6 +21,21 @@ def lm_loss(model, idx: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) 
     """
     logp = model.token_logprobs(idx, labels, attention_mask=mask)  # [B, T] fp32, 0 where labels == IGNORE_INDEX
     return -logp.sum() / (labels != IGNORE_INDEX).sum().clamp_min(1)
+
+
+def label_count(labels: torch.Tensor) -> torch.Tensor:
+    """0-dim float64: the labelled positions of host-side ``labels`` (the token normaliser of ``lm_loss``)."""
+    return (labels != IGNORE_INDEX).sum().double()
+
+
+def dp_micro_batches(batch_size: int, micro_batch_size: int) -> int:
+    """Micro-batches per optimizer step on each dp rank: ``batch_size`` is cut into dp equal shares of whole
+    micro-batches (FSDP2 needs every rank to run the same number of forwards)."""
+    dp = parallel_state().dp_size
+    if batch_size % (dp * micro_batch_size):
+        raise ValueError(f"batch_size ({batch_size}) must be a multiple of dp ({dp}) x micro_batch_size "
+                         f"({micro_batch_size})")
+    return batch_size // (dp * micro_batch_size)
 
 
 def model_flops_per_token(model, seq_len: int) -> float:
@@ -38,17 +55,22 @@ class PretrainStage:
         self.modules = {"model": model}
         self.optimizer = make_optimizer([(list(model.parameters()), cfg.optim.lr)], cfg.optim)
         self.max_steps = cfg.max_steps
-        self.grad_accum = cfg.batch_size // cfg.micro_batch_size
+        self.grad_accum = dp_micro_batches(cfg.batch_size, cfg.micro_batch_size)
         self.flops_per_token = model_flops_per_token(model, train_chunks.shape[1] - 1)
 
     def micro_batches(self, step: int):
         rows = step_indices(step, n=len(self.train_chunks), batch_size=self.cfg.batch_size, seed=self.cfg.seed)
-        for part in rows.split(self.cfg.micro_batch_size):
-            yield lm_batch(self.train_chunks[part])
+        for part in parallel_state().dp_share(rows, "batch_size").split(self.cfg.micro_batch_size):
+            yield lm_batch(self.train_chunks[part]), sample_keys(self.cfg.seed, step, part)
 
-    def loss(self, batch):
-        loss = lm_loss(self.model, *batch)
-        return loss, {"loss": loss.detach()}, batch[0].numel()
+    def loss_counts(self, batch) -> torch.Tensor:
+        return label_count(batch[0][1])[None]
+
+    def loss(self, batch, weight):
+        (idx, labels, mask), keys = batch
+        with self.model.keyed_dropout(keys):
+            loss = lm_loss(self.model, idx, labels, mask)
+        return loss * weight[0], {"loss": loss.detach()}, idx.numel()
 
     def after_step(self, step: int) -> None:
         pass
@@ -65,9 +87,11 @@ class PretrainStage:
 
 @torch.no_grad()
 def corpus_loss(model, chunks: torch.Tensor, batch_size: int, n_batches: int) -> float:
-    """Mean token NLL of ``model`` on the first ``n_batches`` batches of windows (the alignment-tax measure)."""
-    losses = [lm_loss(model, *lm_batch(part)) for part in chunks[: batch_size * n_batches].split(batch_size)]
-    return float(torch.stack(losses).mean())  # every window has the same number of labels
+    """Mean token NLL of ``model`` on the first ``n_batches`` batches of windows (the alignment-tax measure), the
+    batches split over the dp ranks (a collective)."""
+    parts = chunks[: batch_size * n_batches].split(batch_size)
+    # the mean of batch means: every window has the same number of labels
+    return float(parallel_state().dp_mean(lambda i: lm_loss(model, *lm_batch(parts[i]))[None], len(parts))[0])
 
 
 def pretrain(cfg: PretrainConfig, model, train_chunks: torch.Tensor, val_chunks: torch.Tensor,

@@ -13,10 +13,11 @@ import os
 import torch
 import torch.nn.functional as F
 
+from instructrl_fast.parallel.dist import parallel_state
 from instructrl_fast.train.batching import left_pad, ranking_batch, step_indices
 from instructrl_fast.train.config import RMConfig
 from instructrl_fast.train.loop import make_optimizer, train
-from instructrl_fast.train.pretrain import model_flops_per_token
+from instructrl_fast.train.pretrain import dp_micro_batches, model_flops_per_token
 
 
 def last_index(mask: torch.Tensor) -> torch.Tensor:
@@ -76,18 +77,22 @@ class RMStage:
         self.modules = {"rm": rm}
         self.optimizer = make_optimizer([(list(rm.parameters()), cfg.optim.lr)], cfg.optim)
         self.max_steps = cfg.epochs * (len(comparisons) // cfg.batch_size)
-        self.grad_accum = cfg.batch_size // cfg.micro_batch_size
+        self.grad_accum = dp_micro_batches(cfg.batch_size, cfg.micro_batch_size)
         self.flops_per_token = model_flops_per_token(rm.body, self.max_len)
 
     def micro_batches(self, step: int):
         rows = step_indices(step, n=len(self.comparisons), batch_size=self.cfg.batch_size, seed=self.cfg.seed)
-        for part in rows.split(self.cfg.micro_batch_size):
-            yield ranking_batch([self.comparisons[i] for i in part.tolist()], self.tok, self.max_len)
+        for part in parallel_state().dp_share(rows, "batch_size").split(self.cfg.micro_batch_size):
+            yield len(part), ranking_batch([self.comparisons[i] for i in part.tolist()], self.tok, self.max_len)
 
-    def loss(self, batch):
-        ids, mask, winners, losers, weights = batch
-        loss, accuracy = ranking_loss(self.rm(ids, mask), winners, losers, weights)
-        return loss, {"loss": loss.detach(), "accuracy": accuracy}, ids.numel()
+    def loss_counts(self, batch) -> torch.Tensor:
+        return torch.tensor([batch[0]], dtype=torch.float64)  # prompts: the loss is a mean over prompts
+
+    def loss(self, batch, weight):
+        ids, mask, winners, losers, weights = batch[1]
+        device = self.rm.bias.device
+        loss, accuracy = ranking_loss(self.rm(ids.to(device), mask.to(device)), winners, losers, weights.to(device))
+        return loss * weight[0], {"loss": loss.detach(), "accuracy": accuracy}, ids.numel()
 
     def after_step(self, step: int) -> None:
         pass
@@ -105,14 +110,16 @@ class RMStage:
 
 @torch.no_grad()
 def rm_eval(rm: RewardModel, tok, comparisons: list[dict], batch_size: int) -> tuple[float, float]:
-    """Mean ranking loss and pairwise accuracy (against the recorded rankings) over ``comparisons``."""
-    losses, accs = [], []
-    for i in range(0, len(comparisons), batch_size):
-        ids, mask, w, lo, wt = ranking_batch(comparisons[i:i + batch_size], tok, rm.config.block_size)
-        loss, acc = ranking_loss(rm(ids, mask), w, lo, wt)
-        losses.append(loss)
-        accs.append(acc)
-    return float(torch.stack(losses).mean()), float(torch.stack(accs).mean())
+    """Mean ranking loss and pairwise accuracy (against the recorded rankings) over ``comparisons``, batches split
+    over the dp ranks (a collective)."""
+    def metrics(i: int) -> torch.Tensor:
+        part = comparisons[i * batch_size:(i + 1) * batch_size]
+        ids, mask, w, lo, wt = ranking_batch(part, tok, rm.config.block_size)
+        device = rm.bias.device
+        return torch.stack(ranking_loss(rm(ids.to(device), mask.to(device)), w, lo, wt.to(device)))
+
+    loss, acc = parallel_state().dp_mean(metrics, -(-len(comparisons) // batch_size)).tolist()
+    return loss, acc
 
 
 @torch.no_grad()

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import torch
 
+from instructrl_fast.model.gpt import sample_keys
+from instructrl_fast.parallel.dist import parallel_state
 from instructrl_fast.train.batching import lm_batch, sft_batch, step_indices
 from instructrl_fast.train.checkpoint import load_weights, save_weights
 from instructrl_fast.train.config import SFTConfig
 from instructrl_fast.train.generation import respond
 from instructrl_fast.train.loop import make_optimizer, train
-from instructrl_fast.train.pretrain import lm_loss, model_flops_per_token
+from instructrl_fast.train.pretrain import dp_micro_batches, label_count, lm_loss, model_flops_per_token
 from instructrl_fast.train.reward import score_texts
 
 
@@ -41,7 +43,7 @@ class SFTStage:
         self.optimizer = make_optimizer([(list(model.parameters()), cfg.optim.lr)], cfg.optim)
         self.steps_per_epoch = len(demos) // cfg.batch_size
         self.max_steps = cfg.epochs * self.steps_per_epoch
-        self.grad_accum = cfg.batch_size // cfg.micro_batch_size
+        self.grad_accum = dp_micro_batches(cfg.batch_size, cfg.micro_batch_size)
         # f of the examples are pretraining windows: n_ptx / (n_ptx + n_demo) = f per micro-batch
         f = cfg.ptx_fraction
         self.n_ptx = round(cfg.micro_batch_size * f / (1 - f)) if f > 0 else 0
@@ -49,27 +51,38 @@ class SFTStage:
 
     def micro_batches(self, step: int):
         rows = step_indices(step, n=len(self.demos), batch_size=self.cfg.batch_size, seed=self.cfg.seed)
-        for m, part in enumerate(rows.split(self.cfg.micro_batch_size)):
+        state = parallel_state()
+        first = state.dp_rank * self.grad_accum  # the global index of this rank's first micro-batch
+        for m, part in enumerate(state.dp_share(rows, "batch_size").split(self.cfg.micro_batch_size), first):
+            # dropout keyed to (seed, step, demonstration): the same masks whatever dp and micro-batch size
             demo = sft_batch([self.demos[i] for i in part.tolist()], self.tok, self.max_len)
-            ptx = None
-            if self.n_ptx:
-                ptx_rows = step_indices(step * self.grad_accum + m, n=len(self.ptx_chunks), batch_size=self.n_ptx,
-                                        seed=self.cfg.seed + 1)
-                ptx = lm_batch(self.ptx_chunks[ptx_rows])
-            yield demo, ptx
+            demo_keys = sample_keys(self.cfg.seed, step, part)
+            ptx = ptx_keys = None
+            if self.n_ptx:  # keyed to the global micro-batch index: the same windows whatever dp
+                draw = step * self.grad_accum * state.dp_size + m
+                ptx_rows = step_indices(draw, n=len(self.ptx_chunks), batch_size=self.n_ptx, seed=self.cfg.seed + 1)
+                ptx, ptx_keys = lm_batch(self.ptx_chunks[ptx_rows]), sample_keys(self.cfg.seed + 1, draw, ptx_rows)
+            yield (demo, demo_keys), (ptx, ptx_keys)
 
-    def loss(self, batch):
-        demo, ptx = batch
-        demo_loss = lm_loss(self.model, *demo)
-        metrics = {"demo_loss": demo_loss.detach()}
-        loss, tokens = demo_loss, demo[0].numel()
+    def loss_counts(self, batch) -> torch.Tensor:
+        (demo, _), (ptx, _) = batch
+        no_ptx = torch.zeros((), dtype=torch.float64)
+        return torch.stack([label_count(demo[1]), label_count(ptx[1]) if ptx is not None else no_ptx])
+
+    def loss(self, batch, weight):
+        (demo, demo_keys), (ptx, ptx_keys) = batch
+        with self.model.keyed_dropout(demo_keys):
+            demo_loss = lm_loss(self.model, *demo)
+        metrics = {"demo_loss": demo_loss.detach(), "loss": demo_loss.detach()}  # the micro-batch's own means
+        loss, tokens = demo_loss * weight[0], demo[0].numel()
         if ptx is not None:
-            ptx_loss = lm_loss(self.model, *ptx)
+            with self.model.keyed_dropout(ptx_keys):
+                ptx_loss = lm_loss(self.model, *ptx)
             f = self.cfg.ptx_fraction
-            loss = (1 - f) * demo_loss + f * ptx_loss
+            loss = (1 - f) * loss + f * ptx_loss * weight[1]
             metrics["ptx_loss"] = ptx_loss.detach()
+            metrics["loss"] = ((1 - f) * demo_loss + f * ptx_loss).detach()
             tokens += ptx[0].numel()
-        metrics["loss"] = loss.detach()
         return loss, metrics, tokens
 
     def after_step(self, step: int) -> None:
@@ -78,10 +91,10 @@ class SFTStage:
             save_weights(self.candidates_dir / f"epoch_{done // self.steps_per_epoch:03d}.safetensors", self.model)
 
     def evaluate(self) -> dict[str, float]:
-        losses = [lm_loss(self.model, *sft_batch(self.val_demos[i:i + self.cfg.micro_batch_size], self.tok,
-                                                 self.max_len))
-                  for i in range(0, len(self.val_demos), self.cfg.micro_batch_size)]
-        return {"val_loss": float(torch.stack(losses).mean())}
+        mb = self.cfg.micro_batch_size
+        batch = lambda i: sft_batch(self.val_demos[i * mb:(i + 1) * mb], self.tok, self.max_len)
+        n = -(-len(self.val_demos) // mb)
+        return {"val_loss": float(parallel_state().dp_mean(lambda i: lm_loss(self.model, *batch(i))[None], n)[0])}
 
     def state_dict(self) -> dict:
         return {}
@@ -95,7 +108,7 @@ def train_sft(cfg: SFTConfig, model, tok, demos: list[tuple[str, str]], val_demo
               resume: bool = False, name: str = "sft") -> dict[str, float]:
     """Fine-tune ``model`` in place; candidates under ``<out_dir>/candidates``. Returns final validation metrics.
     ``name`` labels the progress bar (the PPO starting policy is an SFT run too)."""
-    torch.manual_seed(cfg.seed)  # dropout stream of this stage (restored from the checkpoint on resume)
+    torch.manual_seed(cfg.seed)  # the global stream (keyed dropout does not draw from it; a caller's own forwards may)
     stage = SFTStage(cfg, model, tok, demos, val_demos, ptx_chunks, Path(out_dir) / "candidates")
     stage.name = name
     return train(stage, cfg.optim, cfg.loop, out_dir, resume=resume)

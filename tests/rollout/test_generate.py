@@ -6,7 +6,9 @@ import torch
 
 from instructrl_fast.backend import triton_interpreting, use_backend
 from instructrl_fast.model import GPT, GPTConfig, use_attention_backend
+from instructrl_fast.model.gpt import sample_keys
 from instructrl_fast.rollout import generate
+from instructrl_fast.rollout.generate import _keyed_sample
 
 CFG = GPTConfig(n_layer=2, n_head=4, d_model=32, vocab_size=101, vocab_multiple=8, block_size=40)
 P, N = 7, 9
@@ -137,3 +139,24 @@ def test_generate_rejects_bad_tensors(model):
         generate(model, ids, mask[:, 1:], max_new_tokens=2)
     with pytest.raises(TypeError, match="model"):
         generate(GPT(CFG, head="scalar"), ids, mask, max_new_tokens=2)
+
+
+def test_keyed_sampling_belongs_to_the_row(model):
+    """With sample_keys each row's draws are hashed from its key: the same row sampled alone, or after other rows,
+    gets the same tokens (what makes PPO's rollouts independent of the dp split), and the draws follow softmax."""
+    ids, mask = _prompts()
+    keys = sample_keys(0, 1, torch.tensor([5, 6, 7]))
+    both = generate(model, ids, mask, max_new_tokens=N, temperature=1.0, sample_keys=keys)
+    alone = generate(model, ids[1:], mask[1:], max_new_tokens=N, temperature=1.0, sample_keys=keys[1:])
+    assert torch.equal(both.sequences[1:], alone.sequences)
+    torch.testing.assert_close(both.logprobs[1:], alone.logprobs)
+    other = generate(model, ids, mask, max_new_tokens=N, temperature=1.0, sample_keys=keys + 1)
+    assert not torch.equal(both.sequences, other.sequences)
+    # the exponential race with hashed uniforms samples softmax: token frequencies over many keys at one step
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(20000, 4)
+    drawn = _keyed_sample(logits, sample_keys(3, 0, torch.arange(20000)), 0, temperature=1.0, top_k=None, top_p=None,
+                          vocab_size=4)
+    freq = torch.bincount(drawn, minlength=4).double() / 20000
+    torch.testing.assert_close(freq, torch.softmax(logits[0].double(), 0), atol=0.015, rtol=0)  # 5 sd at p=0.64
+    with pytest.raises(ValueError, match="sample_keys"):
+        generate(model, ids, mask, max_new_tokens=N, sample_keys=keys[:2])

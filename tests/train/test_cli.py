@@ -4,6 +4,7 @@ stages on user JSONL data, and errors that name the file, line and field."""
 import json
 
 import pytest
+import torch
 
 from instructrl_fast.cli import main
 from instructrl_fast.data import save_jsonl
@@ -70,6 +71,33 @@ def test_stages_on_user_data(tmp_path, run_dir, task, labeler):
     assert main(["eval", "--out", str(tmp_path / "eval"), "--policy", f"sft={sft}", "--prompts", str(prompts),
                  *common]) == 0
     assert len((tmp_path / "eval" / "responses.jsonl").read_text().splitlines()) == 8
+
+
+def test_init_from_a_checkpoint(tmp_path, run_dir, task, capsys):
+    """--init takes a stage's ckpt folder or one ckpt/step_* folder: the model it hands on, in its stored shape, is
+    the starting point (the same run as from the stage's model.safetensors, whose weights the last checkpoint
+    holds); a reward model's checkpoint is refused where a policy is needed."""
+    from safetensors.torch import load_file
+
+    from instructrl_fast.train.checkpoint import latest_checkpoint
+
+    demos = tmp_path / "demos.jsonl"
+    save_jsonl(demos, task.demonstrations(12))
+    common = ["--data", str(demos), "--epochs", "1", "--preset", "micro", "--quiet", "--threads", "1"]
+    base = run_dir / "base-s"
+    step = latest_checkpoint(base / "ckpt")
+    for name, init in (("file", base / "model.safetensors"), ("ckpt", base / "ckpt"), ("step", step)):
+        assert main(["sft", "--out", str(tmp_path / name), "--init", str(init), *common]) == 0, name
+    ref = load_file(tmp_path / "file" / "model.safetensors")
+    for name in ("ckpt", "step"):
+        got = load_file(tmp_path / name / "model.safetensors")
+        assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref), name
+    capsys.readouterr()
+    assert main(["sft", "--out", str(tmp_path / "bad"), "--init", str(run_dir / "rm" / "ckpt"), *common]) == 2
+    err = capsys.readouterr().err
+    assert "instructrl-fast sft: error:" in err and "is a reward model" in err
+    assert main(["sft", "--out", str(tmp_path / "bad"), "--init", str(tmp_path), *common]) == 2
+    assert "not a checkpoint folder" in capsys.readouterr().err
 
 
 def test_malformed_jsonl_names_file_line_and_field(tmp_path, capsys):

@@ -8,7 +8,7 @@ import torch
 
 from instructrl_fast.train.config import LoopConfig, OptimConfig, PPOConfig
 from instructrl_fast.train.pipeline import init_from
-from instructrl_fast.train.ppo import PPOStage, ema_update, train_ppo
+from instructrl_fast.train.ppo import PPOStage, ema_init, ema_update, load_ema, train_ppo
 from instructrl_fast.train.reward import RewardModel
 from tests.train.conftest import micro_gpt
 
@@ -42,7 +42,7 @@ def test_ptx_gradient_is_the_sum_of_both_gradients(tok, task):
     assert ptx is not None and ptx[0].shape[0] == cfg.ptx_per_micro_batch
     params = list(stage.policy.parameters())
 
-    loss, metrics, _ = stage.loss((exp, ptx))
+    loss, metrics, _ = stage.loss((exp, ptx), torch.ones(2))
     loss.backward()
     combined = _grads(params)
     stage.optimizer.zero_grad(set_to_none=True)
@@ -78,9 +78,15 @@ def test_experience_is_aligned_and_rewards_are_shaped(tok, task):
 
 def test_ema_update():
     a, b = micro_gpt(seed=1), micro_gpt(seed=2)
+    ema = ema_init(a)
+    assert all(e.dtype == torch.float32 and e.data_ptr() != p.data_ptr()
+               for e, p in zip(ema.values(), a.parameters()))  # a copy, not the model's storage
     expected = {k: 0.9 * v + 0.1 * b.state_dict()[k] for k, v in a.state_dict().items()}
-    ema_update(a, b, 0.9)
-    for k, v in a.state_dict().items():
+    ema_update(ema, b, 0.9)
+    for k, v in ema.items():
+        torch.testing.assert_close(v, expected[k])
+    load_ema(b, ema)
+    for k, v in b.state_dict().items():
         torch.testing.assert_close(v, expected[k])
 
 
@@ -119,9 +125,9 @@ def test_ppo_ptx_runs_and_logs(tmp_path, tok, task):
     before = [p.detach().clone() for p in stage.policy.parameters()]
     ema, _ = train_ppo(cfg, stage.policy, stage.value, stage.ref, stage.rm, tok,
                              [p.text for p in task.prompts("train", 8)], tmp_path, ptx_chunks=stage.ptx_chunks)
-    moved = [not torch.equal(a, b) for a, b in zip(before, stage.policy.parameters())]
-    assert any(moved)
-    assert any(not torch.equal(e, p) for e, p in zip(ema.parameters(), stage.policy.parameters()))
+    # the returned EMA policy moved from the start, by less than decay^0 would: it is the average, not the last step
+    assert ema is stage.policy
+    assert any(not torch.equal(a, b) for a, b in zip(before, ema.parameters()))
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     train_rows = [r for r in rows if r["loss"]]
