@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=Path, default=None,
                    help="JSONL of {prompt}: write responses.jsonl instead of the gold evaluation")
     p.add_argument("--tokenizer", type=Path, default=None)
+
+    p = sub.add_parser("export", help="a stage's weights (any mesh) as a GPT-2 folder transformers loads")
+    p.add_argument("path", type=Path, help="a stage output folder, a .safetensors file, a ckpt folder or a checkpoint")
+    p.add_argument("out", type=Path, help="the GPT-2 folder to write (config.json + model.safetensors)")
+    p.add_argument("--module", default=None, help="which model of a checkpoint (default: ema, policy or model)")
+    p.set_defaults(threads=None)
     return parser
 
 
@@ -158,6 +164,10 @@ def _model(args, cfg, tok, size: str, head: str = "lm", *, state=None, init: Pat
     if init is not None and init.is_dir():  # a GPT-2-family transformers checkpoint
         from instructrl_fast.model import hf
 
+        if state.dp_size > 1:  # load_gpt2 builds a TP-only model; FSDP2 wraps before loading (parallel.build_gpt)
+            raise ValueError(f"--init {init}: a transformers checkpoint loads at dp = 1 only (here dp = "
+                             f"{state.dp_size}: world {state.world_size} / --tp {state.tp_size}); launch with --tp equal "
+                             f"to the world size")
         return hf.load_gpt2(str(init), head=head, tp_group=tp_group, device=_device(args, state))
     if size not in cfg.pretrain:
         raise SystemExit(f"--size must be one of {tuple(cfg.pretrain)} for preset {cfg.name}, got {size!r}")
@@ -238,7 +248,8 @@ def cmd_sft(args) -> dict:
     metrics = train_sft(sc, model, tok, demos, val, args.out, resume=args.resume)
     save_weights(args.out / "model.safetensors", set_dropout(model, 0.0))
     _write(args.out, "result.json", metrics)
-    print(json.dumps(metrics))
+    if state.is_main:
+        print(json.dumps(metrics))
     return metrics
 
 
@@ -271,7 +282,8 @@ def cmd_rm(args) -> dict:
     metrics = train_reward_model(rc, rm, tok, comps, val, demos, args.out, resume=args.resume)
     save_weights(args.out / "model.safetensors", rm)
     _write(args.out, "result.json", metrics)
-    print(json.dumps(metrics))
+    if state.is_main:
+        print(json.dumps(metrics))
     return metrics
 
 
@@ -313,12 +325,14 @@ def cmd_ppo(args) -> dict:
     # the RM has the policy's shape unless --rm-size names another (an HF-initialised policy: the HF shape)
     rm_shape = args.init if args.init is not None and args.init.is_dir() and args.rm_size is None else None
     rm_size = args.rm_size or args.size
-    rm = load_weights(args.rm, RewardModel(_model(args, cfg, tok, rm_size, "scalar", state=state, init=rm_shape)))
+    rm = load_weights(args.rm, RewardModel(_model(args, cfg, tok, rm_size, "scalar", state=state, init=rm_shape,
+                                                   frozen=True)))
     value = init_from(_model(args, cfg, tok, rm_size, "scalar", state=state, init=rm_shape), rm.body)
     ema, metrics = train_ppo(pc, policy, value, ref, rm, tok, prompts, args.out, ptx_chunks=ptx, resume=args.resume)
     save_weights(args.out / "model.safetensors", ema)
     _write(args.out, "result.json", metrics)
-    print(json.dumps(metrics))
+    if state.is_main:
+        print(json.dumps(metrics))
     return metrics
 
 
@@ -343,9 +357,10 @@ def cmd_eval(args) -> dict:
         prompts = load_prompts_jsonl(args.prompts)
         rows = [{"prompt": p.text, **{n: r for n, r in zip(gen, resp)}}
                 for p, *resp in zip(prompts, *(ev.collect_responses(g, prompts) for g in gen.values()))]
-        n = save_jsonl(args.out / "responses.jsonl", rows)
-        print(f"wrote {n} rows to {args.out / 'responses.jsonl'}")
-        return {"rows": n}
+        if state.is_main:  # every rank generated the same responses; one writes them
+            save_jsonl(args.out / "responses.jsonl", rows)
+            print(f"wrote {len(rows)} rows to {args.out / 'responses.jsonl'}")
+        return {"rows": len(rows)}
     task, labeler = DemoTask(cfg.data_seed), GoldLabeler(cfg.data_seed)
     prompts = task.prompts("test", ec.n_test_prompts)
     answers = {n: ev.collect_responses(g, prompts) for n, g in gen.items()}
@@ -355,12 +370,21 @@ def cmd_eval(args) -> dict:
                for n, a in answers.items()}
     _write(args.out, "eval.json", results)
     for n, r in results.items():
-        print(f"{n}: " + ", ".join(f"{k}={v:.3f}" for k, v in r.items()))
+        if state.is_main:
+            print(f"{n}: " + ", ".join(f"{k}={v:.3f}" for k, v in r.items()))
     return results
 
 
+def cmd_export(args) -> dict:
+    from instructrl_fast.train.export import export_gpt2
+
+    out = export_gpt2(args.path, args.out, module=args.module)
+    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")
+    return {"out": str(out)}
+
+
 COMMANDS = {"run": cmd_run, "reproduce": lambda a: cmd_run(a, all_sizes=True), "sft": cmd_sft, "rm": cmd_rm,
-            "ppo": cmd_ppo, "eval": cmd_eval}
+            "ppo": cmd_ppo, "eval": cmd_eval, "export": cmd_export}
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,6 @@ from instructrl_fast.parallel.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     shard_tensor,
-    unshard_tensor,
 )
 from instructrl_fast.parallel.mappings import copy_to_tp, tp_rank, tp_world_size
 
@@ -117,8 +116,9 @@ class GPT(nn.Module):
     ``to_empty(device=...)`` call ``init_weights(seed)``. Built on a real device, the weights are initialised with
     seed 0. Parameter names are the same at every TP size; ``init_weights`` gives each rank the slice of the
     full (TP = 1) initialisation, so a model initialised with one seed is the same function at any TP size.
-    With dropout under TP, seed torch's RNG identically on the ranks of a TP group: the dropped residual
-    activations are replicated tensors and must be dropped alike on every rank (as Megatron does).
+    Dropout draws its masks from per-sample keys (``keyed_dropout`` / ``KeyedDropout``), the same on every rank and
+    in any batch layout. Without keys it uses torch's global RNG: under TP seed it identically on the ranks of a TP
+    group, since the dropped residual activations are replicated tensors and must be dropped alike on every rank.
     """
 
     def __init__(self, config: GPTConfig, head: str = "lm", tp_group: dist.ProcessGroup | None = None):
@@ -201,55 +201,39 @@ class GPT(nn.Module):
                 full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
             local.copy_(full)
 
-    def _sharded(self) -> None:
-        """Under FSDP2, register the sharded (DTensor) parameters again: the root unit keeps its unsharded ones
-        after a forward (see parallel.fsdp), and those are only views of a gather buffer."""
-        for m in self.modules():
-            if hasattr(m, "reshard"):
-                m.reshard()
-
     @torch.no_grad()
     def load_full_state_dict(self, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
-        """Copy a full (TP = 1) state dict into this model, each rank keeping its slice of the sharded tensors.
+        """Copy a full (TP = 1) state dict into this model, each rank keeping its slices of the sharded tensors (TP,
+        and FSDP2 when wrapped).
 
         ``strict``: every parameter must be present (else missing ones keep their values). Shapes are checked.
         """
-        self._sharded()
-        sharding, p, r = self.tp_shard_specs(), tp_world_size(self.tp_group), tp_rank(self.tp_group)
+        from instructrl_fast.parallel.shards import full_slices, local_chunks, reshard, tp_specs
+
+        reshard(self)
+        specs = tp_specs(self)
         for name, param in self.named_parameters():
             if name not in state:
                 if strict:
                     raise ValueError(f"state is missing parameter {name!r}")
                 continue
-            full = state[name]
-            value = shard_tensor(full, *sharding[name], r, p) if name in sharding else full
-            if value.shape != param.shape:
-                raise ValueError(f"state[{name!r}] has shape {tuple(full.shape)}, which does not fit "
-                                 f"{tuple(param.shape)} at TP {p}")
-            if hasattr(param, "to_local"):  # FSDP2: keep this dp rank's shard only, without communication
-                from torch.distributed.tensor import distribute_tensor
-
-                value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements,
-                                          src_data_rank=None)
-            param.copy_(value)
+            shape, chunks = local_chunks(param, specs.get(name))
+            if state[name].shape != shape:
+                raise ValueError(f"state[{name!r}] has shape {tuple(state[name].shape)}, the model's is {tuple(shape)}")
+            for c in chunks:
+                c.local.copy_(state[name][full_slices(c)])
 
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full (TP = 1) parameters, gathered from the dp shards (FSDP2) and the TP ranks: a collective, every
-        rank must call it."""
-        self._sharded()
-        sharding, p = self.tp_shard_specs(), tp_world_size(self.tp_group)
-        out = {}
-        for name, param in self.named_parameters():
-            t = param.detach()
-            if hasattr(t, "full_tensor"):
-                t = t.full_tensor()
-            if name in sharding and p > 1:
-                parts = [torch.empty_like(t) for _ in range(p)]
-                dist.all_gather(parts, t.contiguous(), group=self.tp_group)
-                t = unshard_tensor(parts, *sharding[name])
-            out[name] = t
-        return out
+        """The full (TP = 1) parameters on global rank 0 (an empty dict on the other ranks), gathered one tensor at a
+        time: a collective, every rank must call it. Prefer ``save_gpt2`` / ``checkpoint.save_weights``, which
+        stream to disk without ever holding the whole model."""
+        from instructrl_fast.parallel.shards import gather_full, reshard, tp_specs
+
+        reshard(self)
+        specs = tp_specs(self)
+        gathered = ((name, gather_full(p, specs.get(name))) for name, p in self.named_parameters())
+        return {name: t for name, t in gathered if t is not None}
 
     # ----------------------------------------------------------------------------------------------------------
     # forward
@@ -368,7 +352,8 @@ class GPT(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[B, T, D] -> [B, T, V_local] this rank's logit shard (never gathered). Columns of padded ids
         (>= vocab_size, see GPTConfig.padded_vocab_size) are real model outputs, not masked here."""
-        return F.linear(copy_to_tp(h, self.tp_group), self.lm_weight)
+        w = self.lm_weight
+        return F.linear(copy_to_tp(h.to(w.dtype), self.tp_group), w)
 
     def token_logprobs(self, idx: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        temperature: float = 1.0, with_entropy: bool = False):
@@ -382,7 +367,9 @@ class GPT(nn.Module):
         if self.head != "lm":
             raise ValueError(f"token_logprobs needs the 'lm' head, this model has head={self.head!r}")
         check_positive("temperature", temperature)
-        h = self(idx, attention_mask)
+        # the heads run outside forward's autocast: the hidden state takes the weights' dtype (bf16 on FSDP2's
+        # gathered copies or a frozen bf16 model, whatever LayerNorm returned under autocast)
+        h = self(idx, attention_mask).to(self.lm_weight.dtype)
         # No copy_to_tp here: linear_logprobs all-reduces the hidden gradient over tp_group itself.
         return linear_logprobs(h, self.lm_weight, labels, temperature=temperature, with_entropy=with_entropy,
                                tp_group=self.tp_group)
@@ -391,7 +378,7 @@ class GPT(nn.Module):
         """Scalar head: [B, T, D] hidden -> [B, T] fp32 per-position scalar (reward or value)."""
         if self.score_head is None:
             raise ValueError(f"score needs the 'scalar' head, this model has head={self.head!r}")
-        return self.score_head(h).squeeze(-1).float()
+        return self.score_head(h.to(self.score_head.weight.dtype)).squeeze(-1).float()
 
     def num_params(self, *, local: bool = True) -> int:
         """Parameters of this rank (``local=True``) or of the whole model at TP = 1 (sharded ones times p)."""

@@ -4,8 +4,8 @@ Name and layout map (ours <- HF, prefix ``transformer.``): wte, wpe, ln_f as is;
 ``h.i.ln_1/ln_2``; ``blocks.i.attn.qkv`` <- ``h.i.attn.c_attn``; ``blocks.i.attn.proj`` <- ``h.i.attn.c_proj``;
 ``blocks.i.mlp.fc`` <- ``h.i.mlp.c_fc``; ``blocks.i.mlp.proj`` <- ``h.i.mlp.c_proj``. HF stores those four linears as
 ``Conv1D`` (y = x W + b, W [in, out]): their weights are transposed on the way in and out. The LM head is tied to wte
-(HF's ``lm_head.weight`` is not stored). Loading reads one tensor at a time and keeps this rank's TP slice; saving
-gathers the slices (a collective over the TP group) and global rank 0 writes.
+(HF's ``lm_head.weight`` is not stored). Loading reads only this rank's slices (TP, and FSDP2 if the model is
+wrapped); saving gathers one tensor at a time (a collective) and global rank 0 streams it to disk.
 
 Vocabulary padding: GPT-2's 50257 ids cannot be split over TP ranks. ``vocab_multiple`` pads the table with zero
 rows; a zero row has logit 0, which is NOT negligible next to GPT-2's strongly negative logits, so the padded model
@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from instructrl_fast.model.config import GPTConfig
 from instructrl_fast.model.gpt import GPT
+from instructrl_fast.parallel.shards import full_slices, gather_full, local_chunks, reshard, tp_specs
 
 _CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 _BLOCK_NAMES = {"ln_1": "ln_1", "ln_2": "ln_2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
@@ -85,12 +86,15 @@ def _is_conv1d_weight(hf_name: str) -> bool:
     return hf_name.endswith(".weight") and any(f".{m}." in hf_name for m in _CONV1D)
 
 
+@torch.no_grad()
 def load_gpt2(path: str, *, head: str = "lm", tp_group: dist.ProcessGroup | None = None,
               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", vocab_multiple: int = 1,
               dropout: float | None = None) -> GPT:
     """Build a ``GPT`` from a GPT-2 checkpoint directory, sharded for ``tp_group`` (None: the whole model).
 
-    Parameters the checkpoint lacks (the scalar head) keep the model's seed-0 initialisation.
+    Each rank reads only its own slice of each tensor (``safe_open(...).get_slice``; the fused qkv as one slice per
+    Q / K / V block): no rank ever holds the full checkpoint. Parameters the checkpoint lacks (the scalar head) keep
+    the model's seed-0 initialisation.
     """
     from safetensors import safe_open
 
@@ -104,48 +108,77 @@ def load_gpt2(path: str, *, head: str = "lm", tp_group: dist.ProcessGroup | None
         model = GPT(config, head, tp_group)
     model.to_empty(device=device)
     model.init_weights(0)
-    state = {}
+    params, specs = dict(model.named_parameters()), tp_specs(model)
     with safe_open(st_path, framework="pt", device="cpu") as f:
-        for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-            ours = hf_name_to_ours(key)
-            if ours is None:
-                continue
-            t = f.get_tensor(key)
+        stored = {ours: key for key in f.keys() if (ours := hf_name_to_ours(key)) is not None}  # noqa: SIM118
+        missing = set(params) - set(stored) - {"score_head.weight", "score_head.bias"}
+        if missing:
+            raise ValueError(f"the checkpoint at {path} lacks {sorted(missing)}")
+        for ours, key in stored.items():
+            shape, chunks = local_chunks(params[ours], specs.get(ours))
+            src = f.get_slice(key)
+            hf_shape = tuple(src.get_shape())
             if _is_conv1d_weight(key):
-                t = t.t()
-            if ours == "wte.weight" and config.padded_vocab_size > t.shape[0]:
-                t = torch.cat([t, t.new_zeros(config.padded_vocab_size - t.shape[0], t.shape[1])])
-            state[ours] = t
-    missing = {n for n, _ in model.named_parameters()} - set(state)
-    if missing - {"score_head.weight", "score_head.bias"}:
-        raise ValueError(f"the checkpoint at {path} lacks {sorted(missing)}")
-    model.load_full_state_dict(state, strict=False)
+                hf_shape = hf_shape[::-1]
+            rows = hf_shape[0]  # wte: GPT-2's vocabulary, without our padding rows (they load as zeros)
+            if hf_shape[1:] != tuple(shape[1:]) or rows > shape[0] or (rows < shape[0] and ours != "wte.weight"):
+                raise ValueError(f"{key} has shape {hf_shape} in {st_path}, the model's is {tuple(shape)}")
+            for c in chunks:
+                index = full_slices(c)
+                stop = min(index[0].stop, rows)
+                c.local.zero_()
+                if index[0].start < stop:
+                    part = (slice(index[0].start, stop), *index[1:])
+                    if _is_conv1d_weight(key):  # stored transposed: read the transposed slice
+                        t = src[part[::-1]].t()
+                    else:
+                        t = src[part]
+                    c.local.narrow(0, 0, stop - index[0].start).copy_(t)
     return model.to(dtype)
+
+
+def write_gpt2(path: str, config: GPTConfig, tensors: list[tuple[str, torch.Size, torch.dtype]], fetch) -> None:
+    """Write a GPT-2 checkpoint folder (config.json + model.safetensors, HF names and layout, padding rows and the
+    scalar head dropped) from our full tensors, streamed: ``tensors`` lists (our name, full shape, dtype),
+    ``fetch(name)`` returns the full tensor on global rank 0 (None elsewhere; it may be a collective)."""
+    from instructrl_fast.train.checkpoint import write_safetensors
+
+    hf_config = config_to_hf(config)
+    entries, names = [], {}
+    for name, shape, dtype in tensors:
+        if name.startswith("score_head."):
+            continue  # GPT-2 has no place for the scalar head
+        hf_name = _ours_to_hf_name(name)
+        shape = list(shape)
+        if name == "wte.weight":
+            shape[0] = config.vocab_size
+        entries.append((hf_name, torch.Size(shape[::-1] if _is_conv1d_weight(hf_name) else shape), dtype))
+        names[hf_name] = name
+
+    def fetch_hf(hf_name: str) -> torch.Tensor | None:
+        t = fetch(names[hf_name])
+        if t is None:
+            return None
+        if names[hf_name] == "wte.weight":
+            t = t[: config.vocab_size]
+        return t.t() if _is_conv1d_weight(hf_name) else t
+
+    write_safetensors(os.path.join(path, "model.safetensors"), entries, fetch_hf)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
 
 
 def save_gpt2(model: GPT, path: str) -> None:
     """Write ``model`` as a GPT-2 checkpoint (config.json + model.safetensors, HF layout, padding rows dropped).
 
-    A collective over the model's TP group (the slices are gathered); only global rank 0 writes. The scalar head,
-    which GPT-2 has no place for, is not saved.
+    A collective under TP / FSDP2: the tensors are gathered one at a time to global rank 0, which writes. The scalar
+    head, which GPT-2 has no place for, is not saved.
     """
-    from safetensors.torch import save_file
-
     if not isinstance(model, GPT):
         raise TypeError(f"model must be a GPT, got {type(model).__name__}")
-    hf_config = config_to_hf(model.config)
-    state = model.full_state_dict()
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
-    out = {}
-    for name, t in state.items():
-        if name.startswith("score_head."):
-            continue
-        hf_name = _ours_to_hf_name(name)
-        if name == "wte.weight":
-            t = t[: model.config.vocab_size]
-        out[hf_name] = (t.t() if _is_conv1d_weight(hf_name) else t).contiguous().cpu()
-    os.makedirs(path, exist_ok=True)
-    save_file(out, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
+    config_to_hf(model.config)  # fail before any collective if the model is not expressible as GPT-2
+    reshard(model)
+    params, specs = dict(model.named_parameters()), tp_specs(model)
+    tensors = [(name, local_chunks(p, specs.get(name))[0], p.dtype) for name, p in params.items()]
+    write_gpt2(path, model.config, tensors, lambda name: gather_full(params[name], specs.get(name)))

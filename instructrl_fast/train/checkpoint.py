@@ -1,32 +1,72 @@
-"""Atomic, exactly resumable checkpoints.
+"""Atomic, exactly resumable, resharding checkpoints (torch.distributed.checkpoint) and single-file final weights.
 
 Layout of a stage's checkpoint folder::
 
     ckpt/
       step_00000040/            one checkpoint: a folder that appears whole or not at all
-        <name>.safetensors      the weights of each module (policy, value, ema, ...), tied tensors stored once
-        state.pt                optimizer, step, data position, RNG states (torch, numpy, python, generators)
+        .metadata               DCP: where every chunk of every tensor lies (written by rank 0)
+        __<rank>_0.distcp       DCP: this rank's chunks of the weights of each module and of the optimizer state
+        state.pt                rank 0's stage state, step, optimizer hyperparameters, RNG states
+        state.rank<r>.pt        the same for rank r > 0 (their RNG streams may differ)
       latest                    text file naming the newest complete checkpoint folder
 
-A checkpoint is written into a temporary folder in the same directory, every file is fsynced, the folder is renamed
-into place with ``os.replace`` (atomic on POSIX) and only then is ``latest`` rewritten, itself through a temporary
-file + fsync + ``os.replace``. A crash at any point therefore leaves ``latest`` naming a complete checkpoint.
+DCP names a tensor ``<module>.<parameter>`` (weights) and ``optim.<module>.<parameter>.<key>`` (Adam moments, step)
+and knows each chunk's place in the full tensor (``parallel.shards.local_chunks``), so a checkpoint written at one
+(dp, tp) mesh loads at any other that divides the model. A checkpoint is written into a temporary folder in the same
+directory (every rank's files fsynced by DCP and here), rank 0 renames the folder into place with ``os.replace``
+(atomic on POSIX) and only then rewrites ``latest``, itself through a temporary file + fsync + ``os.replace``. A
+crash of any rank at any point therefore leaves ``latest`` naming a complete checkpoint.
+
+Final weights (``save_weights``) are one safetensors file of full tensors, whatever the mesh: the format every
+reader here and outside (``safe_open``, transformers via ``export``) takes, readable slice by slice by ``load_weights``
+at any mesh. Rank 0 writes it streaming, one gathered tensor at a time, so no rank ever holds a full model.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import random
 import shutil
+import warnings
+from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+
+from instructrl_fast.parallel.shards import Chunk, full_slices, gather_full, is_sharded, local_chunks, reshard, tp_specs
 
 LATEST = "latest"
 STATE = "state.pt"
+DCP_METADATA = ".metadata"
+CONFIG_KEY = "instructrl_fast.gpt_config"  # safetensors metadata: the GPTConfig (JSON) of the weights, for export
 _TMP_PREFIX = ".tmp-"
+_OPTIM = "optim"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextmanager
+def _dcp_quiet():
+    """DCP warns on every call without a process group that it assumes one process: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is .*single process")
+        yield
 
 
 def _fsync_path(path: Path) -> None:
@@ -69,114 +109,237 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _gpts(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The GPT submodules of ``module`` by name prefix ("" for ``module`` itself)."""
-    from instructrl_fast.model.gpt import GPT
-
-    return {name: m for name, m in module.named_modules() if isinstance(m, GPT)}
-
-
-def full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full (TP = 1, unsharded) state dict of ``module``: a collective under TP / FSDP2 (every rank calls it).
-
-    Interim (until sharded DCP checkpoints): every rank gathers the whole state."""
-    out = {}
-    gpts = _gpts(module)
-    for prefix, gpt in gpts.items():
-        out.update({(f"{prefix}." if prefix else "") + k: v for k, v in gpt.full_state_dict().items()})
-    for k, v in module.state_dict().items():
-        if not any(k.startswith(f"{p}.") or not p for p in gpts):
-            out[k] = v.detach()
-    return {k: v.contiguous().clone() for k, v in out.items()}
+# ------------------------------------------------------------------------------------------------------------------
+# final weights: one safetensors file of full tensors
+# ------------------------------------------------------------------------------------------------------------------
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
 
 
-def _is_writer() -> bool:
-    from instructrl_fast.parallel.dist import parallel_state
-
-    return parallel_state().is_main
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def save_weights(path: str | os.PathLike, module: torch.nn.Module) -> None:
-    """Write one module's full weights to ``path`` (safetensors) atomically, from the first rank only (the same
-    file whatever the mesh). A collective under TP / FSDP2: every rank calls it, and returns once it is written."""
+def write_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, torch.Size, torch.dtype]], fetch,
+                      *, metadata: dict[str, str] | None = None) -> None:
+    """Stream a safetensors file to ``path`` atomically: ``tensors`` lists (name, full shape, dtype) in file order;
+    ``fetch(name)`` returns that full tensor on global rank 0 (None elsewhere) and is called on every rank in the
+    same order (it may be a collective). Only rank 0 writes; it holds one full tensor at a time."""
+    tensors = list(tensors)
     path = Path(path)
-    full = full_weights(module)
-    if _is_writer():
+    writer = _rank() == 0
+    if writer:
+        header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
+        for name, shape, dtype in tensors:
+            if dtype not in _ST_DTYPES:
+                raise TypeError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
+            nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned (safetensors' own padding)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{os.getpid()}")
-        save_file(full, str(tmp))
+        f = open(tmp, "wb")  # noqa: SIM115 - closed below, after every rank's collectives
+        f.write(len(blob).to_bytes(8, "little") + blob)
+    try:
+        for name, shape, dtype in tensors:
+            t = fetch(name)
+            if writer:
+                if t is None or t.shape != shape or t.dtype != dtype:
+                    raise ValueError(f"fetch({name!r}) must return a {dtype} tensor of shape {tuple(shape)} on rank 0")
+                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    finally:
+        if writer:
+            f.close()
+    if writer:
         _fsync_path(tmp)
         os.replace(tmp, path)
         _fsync_path(path.parent)
-    _barrier()
+
+
+def _config_metadata(module: torch.nn.Module) -> dict[str, str]:
+    config = getattr(module, "config", None)
+    return {CONFIG_KEY: json.dumps(dataclasses.asdict(config))} if dataclasses.is_dataclass(config) else {}
+
+
+def save_weights(path: str | os.PathLike, module: torch.nn.Module) -> None:
+    """Write one module's full weights (``module.state_dict()`` names) to ``path`` (safetensors) atomically.
+
+    Under tensor parallelism or FSDP2 this is a collective: every rank calls it, each tensor is gathered in turn
+    and global rank 0 writes the one file (the same file a one-process run writes).
+    """
+    reshard(module)
+    specs = tp_specs(module)
+    state = module.state_dict()
+    entries = [(name, local_chunks(t, specs.get(name))[0], t.dtype) for name, t in state.items()]
+    write_safetensors(path, entries, lambda name: gather_full(state[name], specs.get(name)),
+                      metadata=_config_metadata(module))
+    _barrier()  # the file exists for every rank once this returns
 
 
 @torch.no_grad()
 def load_weights(path: str | os.PathLike, module: torch.nn.Module) -> torch.nn.Module:
-    """Load full weights written by ``save_weights`` (or ``save_checkpoint``) into ``module``, each rank keeping
-    its TP / FSDP2 shard."""
+    """Load full weights written by ``save_weights`` into ``module`` at any mesh: each rank reads only its own
+    slices of each tensor (safetensors ``get_slice``)."""
+    from safetensors import safe_open
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no weights file at {path}")
-    state = load_file(str(path))
-    gpts = _gpts(module)
-    own = [k for k in module.state_dict() if not any(k.startswith(f"{p}.") or not p for p in gpts)]
-    expected = set(own) | {(f"{p}." if p else "") + n for p, g in gpts.items() for n, _ in g.named_parameters()}
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the module (missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]})")
-    for prefix, gpt in gpts.items():
-        n = len(prefix) + 1 if prefix else 0
-        gpt.load_full_state_dict({k[n:]: v for k, v in state.items() if not prefix or k.startswith(f"{prefix}.")})
-    targets = module.state_dict()
-    for k in own:
-        targets[k].copy_(state[k])
+    reshard(module)
+    specs, state = tp_specs(module), module.state_dict()
+    with safe_open(path, framework="pt", device="cpu") as f:
+        names = set(f.keys())
+        missing, unexpected = set(state) - names, names - set(state)
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not match the module (missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]})")
+        for name, t in state.items():
+            shape, chunks = local_chunks(t, specs.get(name))
+            stored = f.get_slice(name)
+            if tuple(stored.get_shape()) != tuple(shape):
+                raise ValueError(f"{path}: {name} has shape {tuple(stored.get_shape())}, the module's is "
+                                 f"{tuple(shape)}")
+            for c in chunks:  # a 0-dim tensor (a scalar buffer) cannot be sliced
+                c.local.copy_(stored[full_slices(c)] if c.local.dim() else f.get_tensor(name))
     return module
 
 
-def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, modules: dict[str, torch.nn.Module], state: dict,
-                    *, keep: int = 2) -> Path:
-    """Write a checkpoint of ``modules`` (weights) and ``state`` (optimizer, data position, ...) at ``step``.
+# ------------------------------------------------------------------------------------------------------------------
+# DCP state dicts whose tensors know their place in the full tensor
+# ------------------------------------------------------------------------------------------------------------------
+def _dcp_tensor(t: torch.Tensor, spec) -> torch.Tensor:
+    """``t`` as DCP should see it: a plain tensor when every rank holds all of it (DCP keeps one copy); otherwise a
+    DTensor of the full shape whose local tensor lists this rank's chunks with their offsets (the ``_Checkpointable``
+    protocol of torch's LocalShardsWrapper, the way torchrec describes shards no placement can). The chunks are
+    views of ``t``: DCP loads in place."""
+    if not is_sharded(t, spec):
+        return t.detach()
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor._shards_wrapper import LocalShardsWrapper
+
+    shape, chunks = local_chunks(t, spec)
+    if not chunks:  # an uneven FSDP2 split (score_head.bias [1] over dp 2) left this rank nothing: an empty piece
+        # just past the end of dim 0, so that DCP's de-duplication by (name, offsets) cannot confuse it with data
+        chunks = [Chunk(t.to_local().new_empty((0, *shape[1:])), (shape[0],) + (0,) * (len(shape) - 1))]
+    mesh = DeviceMesh.from_group(dist.group.WORLD, t.device.type)  # no communication; DCP reads only the chunks,
+    # the mesh and placement just make a valid DTensor around them
+    stride = torch.empty(shape, device="meta").stride()
+    wrapper = LocalShardsWrapper([c.local for c in chunks], [c.offsets for c in chunks])
+    return DTensor.from_local(wrapper, mesh, [Replicate()], run_check=False, shape=shape, stride=stride)
+
+
+class ParameterState:
+    """Tensors shaped like ``module``'s parameters and keyed by their names (an EMA of the weights: fp32 and, under
+    FSDP2, DTensors sharded like the parameters), checkpointed like a module: each tensor in its parameter's layout,
+    so it reshards. Put one in ``modules`` (e.g. ``{"policy": policy, "ema": ParameterState(policy, ema)}``)."""
+
+    def __init__(self, module: torch.nn.Module, tensors: dict[str, torch.Tensor]):
+        shapes = {n: p.shape for n, p in module.named_parameters()}
+        wrong = [n for n, t in tensors.items() if shapes.get(n) != t.shape]
+        if wrong:
+            raise ValueError(f"tensors must be shaped like module's parameters of the same names; {wrong[:3]} are not")
+        self.module, self.tensors, self.config = module, tensors, getattr(module, "config", None)
+
+
+def _module_state(modules: dict[str, torch.nn.Module | ParameterState]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, module in modules.items():
+        owner = module.module if isinstance(module, ParameterState) else module
+        reshard(owner)
+        specs = tp_specs(owner)
+        state = module.tensors if isinstance(module, ParameterState) else module.state_dict()
+        for name, t in state.items():
+            out[f"{key}.{name}"] = _dcp_tensor(t, specs.get(name))
+    return out
+
+
+def _param_names(modules: dict[str, torch.nn.Module | ParameterState]) -> dict[int, tuple[str, object]]:
+    """id(parameter) -> (``<module>.<name>``, its TP spec), the first name of a parameter shared by two modules."""
+    out = {}
+    for key, module in modules.items():
+        if isinstance(module, ParameterState):
+            continue
+        specs = tp_specs(module)
+        for name, p in module.named_parameters():
+            out.setdefault(id(p), (f"{key}.{name}", specs.get(name)))
+    return out
+
+
+def _optimizer_groups(optimizer: torch.optim.Optimizer, names: dict) -> list[dict]:
+    """The optimizer's hyperparameters, parameters named (not numbered) so the groups survive a rebuilt model."""
+    groups = []
+    for g in optimizer.param_groups:
+        missing = [p for p in g["params"] if id(p) not in names]
+        if missing:
+            raise ValueError("the optimizer holds parameters of no module in modules")
+        hyper = {k: v for k, v in g.items() if k != "params"}
+        groups.append({**hyper, "params": [names[id(p)][0] for p in g["params"]]})
+    return groups
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer, names: dict) -> dict[str, torch.Tensor]:
+    """Per-parameter state (Adam moments, step): a tensor shaped like its parameter follows its layout."""
+    out = {}
+    for p, st in optimizer.state.items():
+        name, spec = names[id(p)]
+        for k, v in st.items():
+            same_layout = isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() > 0
+            out[f"{_OPTIM}.{name}.{k}"] = _dcp_tensor(v, spec) if same_layout else v
+    return out
+
+
+def _state_file(path: Path, rank: int) -> Path:
+    return path / (STATE if rank == 0 else f"state.rank{rank}.pt")
+
+
+def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, modules: dict[str, torch.nn.Module | ParameterState],
+                    state: dict, *, keep: int = 2, optimizer: torch.optim.Optimizer | None = None) -> Path:
+    """Write a checkpoint of ``modules`` (weights, or a ``ParameterState`` such as an EMA), ``optimizer`` (its
+    state, sharded like the parameters) and ``state`` (stage state, data position, ...) at ``step``; a collective
+    under torch.distributed.
 
     The RNG states are added to ``state`` here. Keeps the ``keep`` newest step folders. Returns the folder.
     """
+    import torch.distributed.checkpoint as dcp
+
     if not modules:
         raise ValueError("modules must name at least one module to save")
     ckpt_dir = Path(ckpt_dir)
-    weights = {key: full_weights(module) for key, module in modules.items()}  # a collective: every rank
-    if not _is_writer():  # interim, until sharded DCP checkpoints: the first rank writes (its optimizer state)
-        _barrier()
-        return ckpt_dir / f"step_{step:08d}"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ckpt_dir.glob(f"{_TMP_PREFIX}*"):  # left behind by a crash during an earlier write
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     name = f"step_{step:08d}"
-    tmp = ckpt_dir / f"{_TMP_PREFIX}{name}-{os.getpid()}"
-    tmp.mkdir()
-    for key, full in weights.items():
-        save_file(full, str(tmp / f"{key}.safetensors"))
-    torch.save({**state, "step": step, "rng": rng_state()}, tmp / STATE)
-    for f in tmp.iterdir():
-        _fsync_path(f)
-    _fsync_path(tmp)
-    final = ckpt_dir / name
-    if final.exists():  # a complete folder of the same step that `latest` never pointed to (crash after rename)
-        trash = ckpt_dir / f"{_TMP_PREFIX}old-{name}"
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash)
-    else:
-        os.replace(tmp, final)
-    _fsync_path(ckpt_dir)
-    _atomic_write_text(ckpt_dir / LATEST, name)
-    for old in sorted(ckpt_dir.glob("step_*"))[:-keep]:
-        shutil.rmtree(old)
+    tmp, final = ckpt_dir / f"{_TMP_PREFIX}{name}", ckpt_dir / name
+    rank = _rank()
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_dir.glob(f"{_TMP_PREFIX}*"):  # left behind by a crash during an earlier write
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        tmp.mkdir()
+    _barrier()
+    tensors = _module_state(modules)
+    extra = {"step": step, "rng": rng_state(), "world_size": _world(),
+             "model_configs": {k: dataclasses.asdict(m.config) for k, m in modules.items()
+                               if dataclasses.is_dataclass(getattr(m, "config", None))}}
+    if optimizer is not None:
+        names = _param_names(modules)
+        tensors.update(_optimizer_state(optimizer, names))
+        extra["optimizer"] = {"param_groups": _optimizer_groups(optimizer, names)}
+    with _dcp_quiet():
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
+    torch.save({**state, **extra}, _state_file(tmp, rank))
+    _fsync_path(_state_file(tmp, rank))
+    _barrier()  # every rank's files are on disk before the folder is published
+    if rank == 0:
+        _fsync_path(tmp)
+        if final.exists():  # a complete folder of the same step that `latest` never pointed to (crash after rename)
+            trash = ckpt_dir / f"{_TMP_PREFIX}old-{name}"
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash)
+        else:
+            os.replace(tmp, final)
+        _fsync_path(ckpt_dir)
+        _atomic_write_text(ckpt_dir / LATEST, name)
+        for old in sorted(ckpt_dir.glob("step_*"))[:-keep]:
+            shutil.rmtree(old)
     _barrier()
     return final
 
@@ -187,18 +350,82 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
     if not pointer.is_file():
         return None
     path = Path(ckpt_dir) / pointer.read_text().strip()
-    if not (path / STATE).is_file():
+    if not (path / STATE).is_file() or not (path / DCP_METADATA).is_file():
         raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint")
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, modules: dict[str, torch.nn.Module], *,
-                    restore_rng: bool = True) -> dict:
-    """Load the weights of ``modules`` from checkpoint folder ``path``; return its state (RNGs restored)."""
+def _load_optimizer(path: Path, optimizer: torch.optim.Optimizer, modules: dict, saved_groups: list[dict],
+                    metadata) -> None:
+    """Rebuild the optimizer's state from the checkpoint: targets shaped like each parameter (same layout), DCP
+    fills them in place, then ``optimizer.load_state_dict`` with the parameters numbered in this optimizer's order."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    names = _param_names(modules)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    index = {names[id(p)][0]: i for i, p in enumerate(params)}
+    saved = [n for g in saved_groups for n in g["params"]]
+    if sorted(saved) != sorted(index):
+        raise ValueError(f"{path}: the optimizer's parameters differ from the checkpoint's "
+                         f"({sorted(set(saved) ^ set(index))[:5]})")
+    targets, views = {}, {}
+    for i, p in enumerate(params):
+        name, spec = names[id(p)]
+        prefix = f"{_OPTIM}.{name}."
+        for key, md in metadata.state_dict_metadata.items():
+            if not key.startswith(prefix):
+                continue
+            if isinstance(md, TensorStorageMetadata) and p.dim() > 0 and md.size == local_chunks(p, spec)[0]:
+                views[key] = (i, torch.zeros_like(p))
+                targets[key] = _dcp_tensor(views[key][1], spec)
+            elif isinstance(md, TensorStorageMetadata):
+                views[key] = (i, torch.empty(md.size, dtype=md.properties.dtype))
+                targets[key] = views[key][1]
+            else:
+                targets[key] = None
+                views[key] = (i, None)
+    with _dcp_quiet():
+        dcp.load(targets, storage_reader=dcp.FileSystemReader(path))
+    state: dict[int, dict] = {}
+    for key, (i, tensor) in views.items():
+        state.setdefault(i, {})[key.rsplit(".", 1)[1]] = tensor if tensor is not None else targets[key]
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in saved_groups]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def load_checkpoint(path: str | os.PathLike, modules: dict[str, torch.nn.Module | ParameterState], *,
+                    optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True) -> dict:
+    """Load the weights of ``modules`` (and ``optimizer``'s state) from checkpoint folder ``path``, at any mesh
+    that divides the model (a collective under torch.distributed); return the stage state (RNGs restored).
+
+    Each rank reads its own state file when the world size is the one that wrote the checkpoint, else rank 0's.
+    """
+    import torch.distributed.checkpoint as dcp
+
     path = Path(path)
-    for key, module in modules.items():
-        load_weights(path / f"{key}.safetensors", module)
-    state = torch.load(path / STATE, weights_only=True)
+    if not (path / DCP_METADATA).is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder (no {DCP_METADATA})")
+    reader = dcp.FileSystemReader(path)
+    metadata = reader.read_metadata()
+    tensors = _module_state(modules)
+    missing = set(tensors) - set(metadata.state_dict_metadata)
+    if missing:
+        raise ValueError(f"{path}: the checkpoint lacks {sorted(missing)[:5]} (modules {sorted(modules)})")
+    for key, t in tensors.items():
+        stored = metadata.state_dict_metadata[key].size
+        if tuple(stored) != tuple(t.shape):
+            raise ValueError(f"{path}: {key} has shape {tuple(stored)} in the checkpoint, the model's is "
+                             f"{tuple(t.shape)}")
+    with _dcp_quiet():
+        dcp.load(tensors, storage_reader=reader)
+    state = torch.load(_state_file(path, 0), weights_only=True)
+    if state.get("world_size") == _world() and _rank() > 0:
+        state = torch.load(_state_file(path, _rank()), weights_only=True)
+    if optimizer is not None:
+        if "optimizer" not in state:
+            raise ValueError(f"{path} holds no optimizer state")
+        _load_optimizer(path, optimizer, modules, state["optimizer"]["param_groups"], metadata)
     if restore_rng:
         set_rng_state(state["rng"])
     return state

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from instructrl_fast.parallel.dist import local_tensor, parallel_state
 from instructrl_fast.parallel.mappings import tp_world_size
-from instructrl_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from instructrl_fast.train.checkpoint import ParameterState, latest_checkpoint, load_checkpoint, save_checkpoint
 from instructrl_fast.train.config import LoopConfig, OptimConfig
 from instructrl_fast.train.logging import MetricsLogger
 from instructrl_fast.train.schedule import lr_factor, set_lr
@@ -32,7 +32,7 @@ class Stage(Protocol):
     """What a training stage hands the shared loop."""
 
     name: str  # progress-bar label
-    modules: dict[str, torch.nn.Module]  # everything whose weights a checkpoint holds (trained, EMA, ...)
+    modules: dict[str, torch.nn.Module | ParameterState]  # everything whose weights a checkpoint holds (trained, EMA)
     optimizer: torch.optim.Optimizer  # param groups carry "peak_lr" (see make_optimizer)
     max_steps: int  # optimizer steps of the whole stage
     grad_accum: int  # micro-batches per optimizer step
@@ -159,12 +159,12 @@ def _clip(optimizer: torch.optim.Optimizer, max_norm: float,
 
 def _evaluate(stage: Stage) -> dict[str, float]:
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        for m in stage.modules.values():
+        for m in _nn_modules(stage):
             m.eval()
         try:
             return stage.evaluate()
         finally:
-            for m in stage.modules.values():
+            for m in _nn_modules(stage):
                 m.train()
 
 
@@ -179,8 +179,7 @@ def train(stage: Stage, optim: OptimConfig, loop: LoopConfig, out_dir: str | os.
     ckpt_dir = out_dir / "ckpt"
     start = 0
     if resume and (path := latest_checkpoint(ckpt_dir)) is not None:
-        state = load_checkpoint(path, stage.modules)
-        stage.optimizer.load_state_dict(state["optimizer"])
+        state = load_checkpoint(path, stage.modules, optimizer=stage.optimizer)
         stage.load_state_dict(state["stage"])
         start = state["step"]
     fields = ["lr", "grad_norm", "tokens_per_s", "mfu", *stage.metric_names]
@@ -189,17 +188,18 @@ def train(stage: Stage, optim: OptimConfig, loop: LoopConfig, out_dir: str | os.
     logger = MetricsLogger(out_dir, fields=fields, resume_step=start if start else None) if mesh.is_main else None
     log = logger.log if logger is not None else (lambda step, row: None)
     peak = peak_flops(_device_of(stage))
-    tp_shards = _tp_shards(stage.modules.values())
+    tp_shards = _tp_shards(_nn_modules(stage))
 
     def checkpoint(step: int) -> None:
         # The LR schedule and the data order are pure functions of the step: the step is the scheduler state and
         # the data position (recorded explicitly for readers of the checkpoint).
-        state = {"optimizer": stage.optimizer.state_dict(), "stage": stage.state_dict(),
+        # The optimizer goes in as an object: its moments are saved sharded like their parameters (DCP).
+        state = {"stage": stage.state_dict(),
                  "scheduler": {"schedule": optim.schedule, "lr_factor": lr_factor(step, stage.max_steps, optim)},
                  "data_position": {"optimizer_steps": step, "micro_batches": step * stage.grad_accum}}
-        save_checkpoint(ckpt_dir, step, stage.modules, state, keep=loop.keep_checkpoints)
+        save_checkpoint(ckpt_dir, step, stage.modules, state, keep=loop.keep_checkpoints, optimizer=stage.optimizer)
 
-    for m in stage.modules.values():
+    for m in _nn_modules(stage):
         m.train()
     bar = tqdm(total=stage.max_steps, initial=start, desc=stage.name, disable=not (loop.progress and mesh.is_main),
                dynamic_ncols=True)
@@ -263,5 +263,10 @@ def train(stage: Stage, optim: OptimConfig, loop: LoopConfig, out_dir: str | os.
     return final
 
 
+def _nn_modules(stage: Stage) -> list[torch.nn.Module]:
+    """The stage's modules proper (``modules`` may also hold a checkpoint.ParameterState, e.g. PPO's EMA)."""
+    return [m for m in stage.modules.values() if isinstance(m, torch.nn.Module)]
+
+
 def _device_of(stage: Stage) -> torch.device:
-    return local_tensor(next(next(iter(stage.modules.values())).parameters())).device
+    return local_tensor(next(_nn_modules(stage)[0].parameters())).device

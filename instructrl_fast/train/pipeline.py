@@ -236,10 +236,13 @@ class Pipeline:
         init = self.out / f"ppo-init-{size}" / RESULT
         policy, ref = load_weights(init, self.model(size)), load_weights(init, self.model(size, frozen=True))
         value = init_from(self.model(self.cfg.rm_size, "scalar"), rm.body)  # the RM's shape, whatever the policy's
+        # the frozen RM held in the frozen models' precision (bf16 under --precision bf16), read back from its file
+        frozen_rm = RewardModel(self.model(self.cfg.rm_size, "scalar", frozen=True))
+        load_weights(self.out / "rm" / RESULT, frozen_rm)
         prompts = [p.text for p in self.task.prompts("train", pc.n_prompts)]
         ptx_chunks = self.chunks(self.cfg.pretrain[self.cfg.sizes[0]].n_docs, pc.ptx_seq_len) if ptx else None
         torch.manual_seed(pc.seed)
-        ema, _ = self._timed(name, lambda: train_ppo(pc, policy, value, ref, rm, self.tok, prompts, self.out / name,
+        ema, _ = self._timed(name, lambda: train_ppo(pc, policy, value, ref, frozen_rm, self.tok, prompts, self.out / name,
                                                      ptx_chunks=ptx_chunks, resume=self.resume,
                                                      gold_fn=self.gold_scores))
         self._finish(name, ema)

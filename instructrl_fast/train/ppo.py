@@ -29,6 +29,7 @@ from instructrl_fast import ops
 from instructrl_fast.model.gpt import sample_keys
 from instructrl_fast.parallel.dist import local_tensor, parallel_state
 from instructrl_fast.train.batching import encode_prompt, epoch_permutation, left_pad, lm_batch, step_indices
+from instructrl_fast.train.checkpoint import ParameterState
 from instructrl_fast.train.config import PPOConfig
 from instructrl_fast.train.loop import make_optimizer, train
 from instructrl_fast.train.pretrain import dp_micro_batches, label_count, lm_loss, model_flops_per_token
@@ -111,7 +112,7 @@ class PPOStage:
         self.ema = ema_init(policy)
         for frozen in (ref, rm):
             frozen.eval().requires_grad_(False)
-        self.modules = {"policy": policy, "value": value_model}
+        self.modules = {"policy": policy, "value": value_model, "ema": ParameterState(policy, self.ema)}
         self.optimizer = make_optimizer([(list(policy.parameters()), cfg.optim.lr),
                                          (list(value_model.parameters()), cfg.value_lr)], cfg.optim)
         self.max_steps = cfg.max_steps
@@ -237,12 +238,9 @@ class PPOStage:
         return {}  # the rollout statistics (score, kl) are logged every step; the gold evaluation is the pipeline's
 
     def state_dict(self) -> dict:
-        return {"ema": self.ema}  # the rollout draws are keyed to (seed, iteration, prompt): no generator state
+        return {}  # the EMA is a module of the checkpoint; the rollout draws are keyed: no generator state
 
     def load_state_dict(self, state: dict) -> None:
-        with torch.no_grad():
-            for n, e in self.ema.items():
-                e.copy_(state["ema"][n])
         self.experience = None
 
 

@@ -107,7 +107,7 @@ def train_sft(cfg: SFTConfig, model, tok, demos: list[tuple[str, str]], val_demo
               out_dir: str | os.PathLike, *, ptx_chunks: torch.Tensor | None = None,
               resume: bool = False) -> dict[str, float]:
     """Fine-tune ``model`` in place; candidates under ``<out_dir>/candidates``. Returns final validation metrics."""
-    torch.manual_seed(cfg.seed)  # dropout stream of this stage (restored from the checkpoint on resume)
+    torch.manual_seed(cfg.seed)  # the global stream (keyed dropout does not draw from it; a caller's own forwards may)
     stage = SFTStage(cfg, model, tok, demos, val_demos, ptx_chunks, Path(out_dir) / "candidates")
     return train(stage, cfg.optim, cfg.loop, out_dir, resume=resume)
 

@@ -4,6 +4,7 @@ The multi-process equivalence (dp x tp meshes against one process) is tests/trai
 """
 
 import csv
+import dataclasses
 
 import pytest
 import torch
@@ -98,3 +99,42 @@ def test_mesh_errors_name_the_numbers(monkeypatch):
     assert dp_micro_batches(12, 2) == 2
     with pytest.raises(ValueError, match=r"rollout_batch_size \(8\) must be divisible by the data-parallel size \(3\)"):
         dist.parallel_state().dp_share(torch.arange(8), "rollout_batch_size")
+
+
+def test_presets_choose_precision_and_checkpointing():
+    from instructrl_fast.train.config import preset
+
+    for name in ("instructgpt-1.3b", "instructgpt-6.7b", "instructgpt-175b"):
+        cfg = preset(name)
+        assert cfg.activation_checkpointing and cfg.precision is None, name  # None: bf16 on a GPU, fp32 on CPU
+        # a batch splits over 8 dp replicas in whole micro-batches
+        for stage in (cfg.sft, cfg.rm):
+            assert stage.batch_size % (8 * stage.micro_batch_size) == 0, (name, stage)
+        assert cfg.ppo.minibatch_size % (8 * cfg.ppo.micro_batch_size) == 0, name
+    assert not preset("micro").activation_checkpointing and not preset("demo").activation_checkpointing
+    with pytest.raises(ValueError, match="precision"):
+        dataclasses.replace(preset("micro"), precision="fp16")
+
+
+def test_sft_result_does_not_depend_on_the_micro_batch_size(tmp_path):
+    """Demonstrations of different lengths, dropout 0.2: the step is the global token mean with keyed masks, so one
+    micro-batch of 8 and four of 2 give the same weights (a mean of micro-batch means would not, nor would dropout
+    drawn from the global RNG)."""
+    from instructrl_fast.data import ByteTokenizer, DemoTask
+    from instructrl_fast.train.config import SFTConfig
+    from instructrl_fast.train.sft import train_sft
+    from tests.train.conftest import micro_gpt
+
+    tok, task = ByteTokenizer(), DemoTask(0)
+    demos = [(d["prompt"], d["response"]) for d in task.demonstrations(16)]
+    assert len({len(p) + len(r) for p, r in demos}) > 1
+    weights = []
+    for micro in (8, 2):
+        model = micro_gpt(seed=1, dropout=0.2)
+        cfg = SFTConfig(epochs=1, batch_size=8, micro_batch_size=micro, n_demos=16, select_every=1,
+                        optim=OptimConfig(lr=1e-3), loop=LoopConfig(progress=False))
+        train_sft(cfg, model, tok, demos, demos[:4], tmp_path / f"micro{micro}")
+        weights.append(model.state_dict())
+    for k, v in weights[0].items():
+        torch.testing.assert_close(weights[1][k], v, atol=2e-6, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    assert not torch.equal(weights[0]["wte.weight"], micro_gpt(seed=1).state_dict()["wte.weight"])  # it trained

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from instructrl_fast.train import checkpoint as ckpt
 from instructrl_fast.train.config import LoopConfig, OptimConfig, SFTConfig
@@ -101,12 +102,12 @@ def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypa
         for p in model.parameters():
             p.add_(1.0)
 
-    def torn_save(obj, path, *a, **k):  # the state file is half written when the process dies
-        Path(path).write_bytes(b"\x80\x02partial")
-        raise KeyboardInterrupt("killed mid-write")
+    def torn_save(obj, f, *a, **k):  # the first file DCP writes is half written when the process dies
+        f.write(b"\x80\x02partial") if hasattr(f, "write") else Path(f).write_bytes(b"\x80\x02partial")
+        raise OSError("killed mid-write")
 
     monkeypatch.setattr(ckpt.torch, "save", torn_save)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(CheckpointException, match="killed mid-write"):  # DCP reports each rank's exception
         ckpt.save_checkpoint(tmp_path, 2, {"model": model}, {"data": 2})
     monkeypatch.undo()
 
@@ -193,3 +194,83 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, monkeypatch):
     differ = {k: float((a[k] - b[k]).abs().max()) for k in a if not torch.equal(a[k], b[k])}
     resumed_from = (killed / "ckpt" / "latest").read_text()
     assert not differ, f"resumed run (newest checkpoint now {resumed_from}) differs: {differ}"
+
+
+_KILLED_DURING_SAVE = textwrap.dedent("""
+    import sys, time, torch
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+    torch.set_num_threads(1)
+    from instructrl_fast.train import checkpoint as ckpt
+    from tests.train.conftest import micro_gpt
+
+    ckpt_dir, ref, marker = sys.argv[1:4]
+    model = micro_gpt(seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    idx = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        (-model.token_logprobs(idx[:, :-1], idx[:, 1:]).mean()).backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()
+    ckpt.save_checkpoint(ckpt_dir, 1, {"model": model}, {"data": 1}, optimizer=opt)
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, ref)
+    step()
+    write_item = dcp_fs._write_item
+
+    def stall_after_first_chunk(*args, **kwargs):  # one chunk is on disk; the others and .metadata are not
+        result = write_item(*args, **kwargs)
+        open(marker, "w").close()
+        time.sleep(600)
+        return result
+
+    dcp_fs._write_item = stall_after_first_chunk
+    ckpt.save_checkpoint(ckpt_dir, 2, {"model": model}, {"data": 2}, optimizer=opt)
+""")
+
+
+def test_sigkill_during_a_dcp_save_keeps_the_previous_checkpoint(tmp_path):
+    ckpt_dir, ref, marker = tmp_path / "ckpt", tmp_path / "ref.pt", tmp_path / "writing"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_DURING_SAVE, str(ckpt_dir), str(ref), str(marker)],
+                            cwd=ROOT, env=env)
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the save ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    torn = ckpt_dir / ".tmp-step_00000002"
+    assert any(f.suffix == ".distcp" for f in torn.iterdir()) and not (torn / ckpt.DCP_METADATA).exists()
+
+    path = ckpt.latest_checkpoint(ckpt_dir)
+    assert path.name == "step_00000001"
+    model = micro_gpt(seed=7)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    state = ckpt.load_checkpoint(path, {"model": model}, optimizer=opt)
+    assert state["step"] == 1 and state["data"] == 1
+    reference = torch.load(ref)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+    assert {float(s["step"]) for s in opt.state.values()} == {1.0} and len(opt.state) == len(list(model.parameters()))
+    ckpt.save_checkpoint(ckpt_dir, 2, {"model": model}, {"data": 2}, optimizer=opt)  # cleans the torn folder
+    assert ckpt.latest_checkpoint(ckpt_dir).name == "step_00000002" and not torn.exists()
+
+
+def test_load_checkpoint_names_what_does_not_fit(tmp_path):
+    import dataclasses
+
+    from instructrl_fast.model import GPT
+
+    model = micro_gpt()
+    opt = torch.optim.AdamW(model.parameters(), foreach=False)
+    path = ckpt.save_checkpoint(tmp_path, 1, {"model": model}, {}, optimizer=opt)
+    wider = GPT(dataclasses.replace(model.config, d_model=64))
+    v = model.config.padded_vocab_size
+    with pytest.raises(ValueError, match=rf"model\.wte\.weight has shape \({v}, 32\) in the checkpoint.*\({v}, 64\)"):
+        ckpt.load_checkpoint(path, {"model": wider})
+    with pytest.raises(ValueError, match="lacks"):
+        ckpt.load_checkpoint(path, {"policy": micro_gpt()})
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        ckpt.load_checkpoint(tmp_path, {"model": model})

@@ -1,8 +1,9 @@
 """Loaded by every process of the mesh tests (PYTHONPATH): records which rank writes which file under AUDIT_OUT.
 
 Python-level writes (``open`` / ``io.open`` in a write mode, ``os.replace`` / ``os.rename`` onto a path) go through
-these hooks: every file the trainer writes is either opened for writing (CSV, JSON, torch.save, TensorBoard, PNG) or
-moved into place by ``os.replace`` (a file safetensors wrote under a temporary name, or a checkpoint folder).
+these hooks, and ``torch.save``: every file the trainer writes is either opened for writing (CSV, JSON, TensorBoard,
+PNG, DCP shards), saved by ``torch.save``, or moved into place by ``os.replace`` (a file safetensors wrote under a
+temporary name, or a checkpoint folder).
 """
 
 import builtins
@@ -41,3 +42,14 @@ if _OUT and _LOG:
 
     builtins.open = io.open = _audited_open  # pathlib calls io.open
     os.replace, os.rename = _audited_replace, _audited_rename
+
+    import torch  # torch.save writes through its own C++ file writer
+
+    _save = torch.save
+
+    def _audited_save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, bytes, os.PathLike)):
+            _record(f)
+        return _save(obj, f, *args, **kwargs)
+
+    torch.save = _audited_save

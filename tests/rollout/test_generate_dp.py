@@ -1,0 +1,70 @@
+"""generate() on two data-parallel replicas (FSDP2 over dp = 2, gloo): the replicas hold other prompts, one of them
+ends every row at the first step, and both still run the same number of forwards (the early stop is agreed over the
+dp group). Without the agreement the replica that stopped would leave the other one blocked in an FSDP all-gather
+(the process group's 60 s timeout turns that into a failure)."""
+
+import datetime
+import os
+import tempfile
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from instructrl_fast.model import GPTConfig
+from instructrl_fast.parallel import build_gpt, destroy_distributed, make_state
+from instructrl_fast.rollout import generate
+
+pytestmark = pytest.mark.dist
+CFG = GPTConfig(n_layer=2, n_head=4, d_model=32, vocab_size=101, vocab_multiple=8, block_size=32)
+N = 8
+
+
+def _worker(rank: int, init_file: str, result_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        state = make_state(1, device=torch.device("cpu"))  # dp = 2, tp = 1
+        model = build_gpt(CFG, seed=0, state=state)
+        forwards = []
+        model.register_forward_hook(lambda *_: forwards.append(1))
+        g = torch.Generator().manual_seed(rank)
+        ids = torch.randint(1, CFG.vocab_size, (2, 5), generator=g)
+        mask = torch.ones_like(ids)
+        # the EOS: what replica 0's prompts decode to first, so all its rows end at step 0
+        first = generate(model, ids, mask, max_new_tokens=1, temperature=0.0).sequences[:, -1]
+        eos = first[0].clone()
+        dist.broadcast(eos, src=0)
+        if rank == 0:
+            ids = ids[:1].expand(2, 5).contiguous()  # both rows the prompt whose first token is eos
+        forwards.clear()
+        out = generate(model, ids, mask, max_new_tokens=N, temperature=0.0, eos_token_id=int(eos),
+                       stop_check_every=1)
+        counts = [torch.zeros((), dtype=torch.long) for _ in range(2)]
+        dist.all_gather(counts, torch.tensor(len(forwards)))
+        lengths = out.response_mask.sum(1)
+        assert counts[0] == counts[1], f"forwards per replica {[int(c) for c in counts]}"
+        if rank == 0:
+            assert lengths.tolist() == [1, 1], lengths  # ended at the first token
+        else:
+            assert int(lengths.max()) > 1, "replica 1 ended at once too: the check would not discriminate"
+        result = "ok"
+    except Exception:  # noqa: BLE001 - reported with its traceback by the test
+        result = traceback.format_exc()
+    finally:
+        destroy_distributed()
+    with open(os.path.join(result_dir, f"rank{rank}"), "w") as f:
+        f.write(result)
+
+
+def test_early_stop_is_agreed_over_dp():
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("gloo is not available in this torch build")
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        results = {r: Path(tmp, f"rank{r}").read_text() for r in range(2)}
+    assert results == {0: "ok", 1: "ok"}, "\n".join(f"rank {r}:\n{t}" for r, t in results.items())
