@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from instructrl_fast.model.gpt import GPT
-from instructrl_fast.ops._checks import check_mask, check_tensor
+from instructrl_fast.ops._checks import check_mask, check_tensor, eager_data_checks
 from instructrl_fast.parallel.dist import local_tensor
 from instructrl_fast.rollout.generate import RolloutBatch, _check_args, _compiled_decode_step, _decode_step, _next_token
 
@@ -139,10 +139,11 @@ class RolloutEngine:
         return h
 
     @torch.no_grad()
-    def stream(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-               sample_keys: torch.Tensor) -> Iterator[tuple[torch.Tensor, RolloutBatch]]:
+    def stream(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sample_keys: torch.Tensor,
+               max_new_tokens: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, RolloutBatch]]:
         """Generate responses to ``prompt_ids`` / ``prompt_mask`` [B, W] (left padded, >= 1 real token per row),
-        row b's draws keyed by ``sample_keys[b]`` (``model.gpt.sample_keys``).
+        row b's draws keyed by ``sample_keys[b]`` (``model.gpt.sample_keys``), and ended at EOS or after
+        ``max_new_tokens[b]`` tokens ([B] int64 in [1, N]; default N for every row).
 
         Yields ``(rows, batch)`` for every ``slots`` finished rows (the last group may be smaller), in the order
         they finish: ``rows`` [M] int64 prompt indices, ``batch`` the ``RolloutBatch`` of those prompts (the
@@ -160,7 +161,15 @@ class RolloutEngine:
         B = prompt_ids.shape[0]
         if B == 0:
             raise ValueError("prompt_ids must hold at least one prompt")
+        if max_new_tokens is None:
+            max_new_tokens = torch.full((B,), N, dtype=torch.long)
+        check_tensor("max_new_tokens", max_new_tokens, dtypes=(torch.int64,), ndim=1)
+        if max_new_tokens.shape[0] != B:
+            raise ValueError(f"max_new_tokens must be [B={B}], got {tuple(max_new_tokens.shape)}")
+        if eager_data_checks(max_new_tokens) and not bool(((max_new_tokens >= 1) & (max_new_tokens <= N)).all()):
+            raise ValueError(f"max_new_tokens must lie in [1, {N}] (the sampling's max_new_tokens)")
         ids, pmask, keys_in = prompt_ids.to(dev), prompt_mask.to(dev).long(), sample_keys.to(dev)
+        limits_in = max_new_tokens.to(dev)
         # Per prompt (row B: a sink that idle slots write to, so no step has to skip them on the host)
         tokens = torch.full((B + 1, N), sp.pad_token_id, dtype=torch.long, device=dev)
         logprobs = torch.zeros(B + 1, N, dtype=torch.float32, device=dev)
@@ -171,6 +180,7 @@ class RolloutEngine:
         active = torch.zeros(S, dtype=torch.bool, device=dev)
         fresh = torch.zeros(S, dtype=torch.bool, device=dev)  # prefilled since the last decode step
         keys = torch.zeros(S, dtype=torch.long, device=dev)
+        limit = torch.full((S,), N, dtype=torch.long, device=dev)
         # Every column a row will write is marked real from its admission: causality hides the ones not written
         # yet, and a reused slot's stale keys/values beyond its column are never read.
         mask = torch.ones(S, W + N, dtype=torch.long, device=dev)
@@ -192,7 +202,7 @@ class RolloutEngine:
             if h is None:
                 h = hp.new_zeros(S, hp.shape[-1])
             h[slot_ids] = hp
-            row[slot_ids], n[slot_ids], keys[slot_ids] = new, 0, keys_in[new]
+            row[slot_ids], n[slot_ids], keys[slot_ids], limit[slot_ids] = new, 0, keys_in[new], limits_in[new]
             active[slot_ids], fresh[slot_ids] = True, True
             mask[slot_ids, :W] = pmask[new]
             return take
@@ -208,7 +218,7 @@ class RolloutEngine:
             logprobs.index_put_(at, torch.where(active, logp, logprobs[at]))
             n += active
             lengths.index_put_((row,), torch.where(active, n, lengths[row]))
-            ended = n >= N
+            ended = n >= limit
             if sp.eos_token_id is not None:
                 ended |= token == sp.eos_token_id
             active &= ~ended
@@ -255,12 +265,12 @@ class RolloutEngine:
 def rollout_with_experience(engine: RolloutEngine, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                             sample_keys: torch.Tensor,
                             experience_fn: Callable[[RolloutBatch], dict[str, torch.Tensor]] | None = None,
-                            ) -> tuple[RolloutBatch, dict[str, torch.Tensor]]:
+                            max_new_tokens: torch.Tensor | None = None) -> tuple[RolloutBatch, dict[str, torch.Tensor]]:
     """Run ``engine.stream`` and ``experience_fn`` on each finished micro-batch as it comes (its tensors [M, ...]);
     returns the rollout and the experience of all B prompts, both in prompt order."""
     B = prompt_ids.shape[0]
     parts: list[tuple[torch.Tensor, RolloutBatch, dict[str, torch.Tensor]]] = []
-    for rows, batch in engine.stream(prompt_ids, prompt_mask, sample_keys):
+    for rows, batch in engine.stream(prompt_ids, prompt_mask, sample_keys, max_new_tokens):
         parts.append((rows, batch, experience_fn(batch) if experience_fn is not None else {}))
     order = torch.cat([rows for rows, _, _ in parts])
     inverse = torch.empty_like(order)

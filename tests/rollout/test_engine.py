@@ -148,8 +148,23 @@ def test_engine_rejects_bad_arguments():
         next(engine.stream(ids[:, 1:], mask[:, 1:], keys))
     with pytest.raises(ValueError, match="sample_keys"):
         next(engine.stream(ids, mask, keys[:3]))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        next(engine.stream(ids, mask, keys, torch.full((B,), N + 1)))
     with pytest.raises(TypeError, match="model"):
         inference_copy(torch.nn.Linear(2, 2))
+
+
+def test_per_prompt_length_limits():
+    model = _model()
+    ids, mask, keys = _prompts()
+    limits = torch.arange(B) % 5 + 1
+    engine = RolloutEngine(model, slots=3, prompt_len=W, sampling=Sampling(max_new_tokens=N, pad_token_id=0))
+    out, _ = rollout_with_experience(engine, ids, mask, keys, max_new_tokens=limits)
+    assert torch.equal(out.response_mask.sum(1), limits)
+    full, _ = rollout_with_experience(engine, ids, mask, keys)
+    for b in range(B):  # a limit cuts the row's own rollout short, nothing else
+        assert torch.equal(out.sequences[b, :W + limits[b]], full.sequences[b, :W + limits[b]])
+    assert engine.decode_steps == _schedule_steps(limits.tolist(), 3, True) + _schedule_steps([N] * B, 3, True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
