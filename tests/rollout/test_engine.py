@@ -151,6 +151,8 @@ def test_engine_rejects_bad_arguments():
         next(engine.stream(ids, mask, keys[:3]))
     with pytest.raises(ValueError, match="max_new_tokens"):
         next(engine.stream(ids, mask, keys, torch.full((B,), N + 1)))
+    with pytest.raises(ValueError, match="input_pos"):  # per-row slots must be [B, T]
+        model(ids[:2, :1], None, engine.cache, torch.zeros(3, 1, dtype=torch.long))
     with pytest.raises(TypeError, match="model"):
         inference_copy(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="dtype"):
