@@ -235,7 +235,7 @@ class RolloutEngine:
                     yield self._group(finished[:S], ids, pmask, tokens, logprobs, lengths)
                     del finished[:S]
                 free = [s for s in range(S) if occupant[s] is None]
-                admitted = admit(free) if free and (self.continuous or len(free) == S) else []
+                admitted = set(admit(free) if free and (self.continuous or len(free) == S) else [])
                 if all(occupant[s] is None or s in admitted for s in range(S)):
                     if not admitted:
                         break
