@@ -126,13 +126,14 @@ class AttentionMeta:
 
 
 def _sdpa_mask(key_mask: torch.Tensor | None, q_slots: torch.Tensor, S: int) -> torch.Tensor:
-    """[B or 1, 1, T, S] bool: key slot <= query slot, key is real, or key is the query itself."""
+    """q_slots [T] or [B, T] (per row) -> [B or 1, 1, T, S] bool: key slot <= query slot, key is real, or key is
+    the query itself."""
     k_slots = torch.arange(S, device=q_slots.device)
-    causal = k_slots[None, :] <= q_slots[:, None]  # [T, S]
+    q = q_slots.view(-1 if q_slots.dim() == 2 else 1, q_slots.shape[-1], 1)  # [B or 1, T, 1]
+    causal = k_slots <= q  # [B or 1, T, S]
     if key_mask is None:
-        return causal[None, None]
-    self_key = k_slots[None, :] == q_slots[:, None]
-    return ((causal[None] & key_mask[:, None, :].bool()) | self_key[None])[:, None]
+        return causal[:, None]
+    return ((causal & key_mask[:, None, :].bool()) | (k_slots == q))[:, None]
 
 
 def _flash_dense(q, k, v, meta: AttentionMeta, sm_scale):

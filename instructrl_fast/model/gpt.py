@@ -249,7 +249,8 @@ class GPT(nn.Module):
                 Positions count the real tokens of each row (the first real token has position 0).
             kv_cache: one ``KVCache`` per layer (``setup_kv_cache``); the new keys/values are written into it.
             input_pos: [T] int64, the cache slots of the T tokens (required with ``kv_cache``; the same for every
-                row: with left padding, slot == column of the left-padded sequence).
+                row: with left padding, slot == column of the left-padded sequence), or [B, T]: each row's own
+                slots (continuous batching, where every cache row holds a sequence at its own step).
 
         Returns:
             [B, T, D] hidden states in the parameters' dtype.
@@ -303,23 +304,24 @@ class GPT(nn.Module):
         if len(kv_cache) != self.config.n_layer:
             raise ValueError(f"kv_cache must hold one KVCache per layer ({self.config.n_layer}), got {len(kv_cache)}")
         S = kv_cache[0].max_seq_len
-        check_tensor("input_pos", input_pos, dtypes=(torch.int64,), ndim=1)
-        if input_pos.shape[0] != T:
-            raise ValueError(f"input_pos must have T={T} entries (one per token of idx), got {input_pos.shape[0]}")
+        check_tensor("input_pos", input_pos, dtypes=(torch.int64,), min_ndim=1)
+        if input_pos.shape not in ((T,), (B, T)):
+            raise ValueError(f"input_pos must be [T={T}] or [B={B}, T={T}], got {tuple(input_pos.shape)}")
+        slots = input_pos.expand(B, T)
         if S > self.config.block_size:
             raise ValueError(f"the KV cache has {S} slots, more than block_size ({self.config.block_size})")
         if attention_mask is None:
             key_mask = None
-            pos = input_pos[None].expand(B, T)
+            pos = slots
             kv_start = torch.zeros(B, dtype=torch.int32, device=idx.device)
         else:
             check_tensor("attention_mask", attention_mask, ndim=2)
             if attention_mask.shape[0] != B or attention_mask.shape[1] > S:
                 raise ValueError(f"attention_mask must be [B={B}, <= S_max={S}], got {tuple(attention_mask.shape)}")
             key_mask = F.pad(attention_mask.bool(), (0, S - attention_mask.shape[1]))
-            pos = positions_from_mask(key_mask).gather(1, input_pos[None].expand(B, T))
+            pos = positions_from_mask(key_mask).gather(1, slots)
             kv_start = key_mask.int().argmax(-1).int()  # first real slot (the mask is 0 before it: left padding)
-        kv_len = (input_pos[-1] + 1).to(torch.int32).expand(B).contiguous()  # a real [B] tensor: kernels index rows
+        kv_len = (slots[:, -1] + 1).to(torch.int32).contiguous()  # a real [B] tensor: kernels index rows
         return AttentionMeta(key_mask=key_mask, input_pos=input_pos, kv_start=kv_start, kv_len=kv_len), pos
 
     def setup_kv_cache(self, batch: int, max_seq_len: int, *, dtype: torch.dtype | None = None,

@@ -25,7 +25,13 @@ class KVCache(nn.Module):
         return self.k_cache.shape[2]
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``k``, ``v`` [B, H_local, T, Dh] into slots ``input_pos`` [T] (int64); return the whole caches."""
+        """Write ``k``, ``v`` [B, H_local, T, Dh] into slots ``input_pos`` [T] or [B, T] (int64, per row);
+        return the whole caches."""
+        if input_pos.dim() == 2:  # each row at its own slots (continuous batching)
+            index = input_pos[:, None, :, None].expand_as(k)
+            self.k_cache.scatter_(2, index, k.to(self.k_cache.dtype))
+            self.v_cache.scatter_(2, index, v.to(self.v_cache.dtype))
+            return self.k_cache, self.v_cache
         self.k_cache.index_copy_(2, input_pos, k.to(self.k_cache.dtype))
         self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype))
         return self.k_cache, self.v_cache
