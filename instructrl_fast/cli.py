@@ -588,7 +588,8 @@ def _plan_parser(sub) -> None:
     p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size")
     p.add_argument("--gpu-memory", type=positive_float, default=80.0, help="GiB per GPU (default 80)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each block in backward (default: the preset's setting, else off)")
     for name, what in (("sft", "SFT sequences"), ("rm", "RM prompts (each with --rm-responses sequences)"),
                        ("ppo", "PPO episodes"), ("rollout", "episodes generated at once per dp replica")):
         p.add_argument(f"--{name}-micro-batch", type=positive_int, default=None, help=f"{what} per micro-batch")

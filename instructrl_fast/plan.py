@@ -533,7 +533,7 @@ def preset_spec(preset: str | None, *, configs: dict[str, GPTConfig], gpus: int,
                   "ppo_micro_batch": ppo.micro_batch_size, "rollout_batch": ppo.rollout_batch_size,
                   "ppo_epochs": ppo.ppo_epochs, "response_len": ppo.max_new_tokens,
                   "prompt_len": cfg.block_size - ppo.max_new_tokens, "ptx_per_episode": ppo.ptx_per_episode,
-                  "ptx_seq_len": ppo.ptx_seq_len}
+                  "ptx_seq_len": ppo.ptx_seq_len, "activation_checkpointing": cfg.activation_checkpointing}
         # the rollout engine's micro-batch, once PPOConfig has one
         if getattr(ppo, "rollout_micro_batch_size", None):
             fields["rollout_micro_batch"] = ppo.rollout_micro_batch_size

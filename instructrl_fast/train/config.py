@@ -347,7 +347,10 @@ def _paper(size: str) -> PipelineConfig:
     # micro-batches small enough that a batch splits over up to 8 dp replicas (32 / 8 / 4; 175B: 8 / 8 / 1)
     sft = SFTConfig(batch_size=8 if big else 32, micro_batch_size=1 if big else 4,
                     optim=OptimConfig(lr=5.03e-6 if big else 9.65e-6))
-    ppo = PPOConfig(value_lr=5e-6 if big else 9e-6, micro_batch_size=8,
+    # 175B on 256 GPUs at TP 8 is dp 32: a minibatch of 64 is 2 episodes per replica, a rollout batch of 512 is 16,
+    # and 16 rows of a 2048-token bf16 KV cache are what fits next to the inference copy (`instructrl-fast plan`)
+    ppo = PPOConfig(value_lr=5e-6 if big else 9e-6, micro_batch_size=2 if big else 8,
+                    rollout_micro_batch_size=16 if big else 64,
                     optim=OptimConfig(lr=sft.optim.lr, schedule="constant", warmup_steps=10, warmup_from=0.1))
     return PipelineConfig(
         name=f"instructgpt-{size}",
