@@ -547,21 +547,23 @@ def cmd_eval(args) -> dict:
             raise UserError(f"--policy names {name!r} twice")
         path, _, size = rest.partition(":")
         model, tok = _load_model(args, cfg, state, Path(path), size=size or None, tokenizer=args.tokenizer)
+        # respond() keys prompt i's draws to (ec.seed, i): one call over all prompts, not collect_responses' chunks
         gen[name] = lambda texts, m=model, t=tok: respond(m, t, texts, max_new_tokens=ec.max_new_tokens,
-                                                          temperature=ec.temperature)
+                                                          temperature=ec.temperature, seed=ec.seed)
     if args.prompts is not None:
         prompts = load_prompts_jsonl(args.prompts)
         if not prompts:
             raise UserError(f"{args.prompts}: no prompts")
         rows = [{"prompt": p.text, **{n: r for n, r in zip(gen, resp)}}
-                for p, *resp in zip(prompts, *(ev.collect_responses(g, prompts) for g in gen.values()))]
-        if state.is_main:  # every rank generated the same responses; one writes them
+                for p, *resp in zip(prompts, *(ev.collect_responses(g([p.text for p in prompts]), prompts)
+                                              for g in gen.values()))]
+        if state.is_main:  # respond() gathered every rank's responses; one rank writes them
             save_jsonl(args.out / "responses.jsonl", rows)
             print(f"wrote {len(rows)} rows to {args.out / 'responses.jsonl'}")
         return {"rows": len(rows)}
     task, labeler = DemoTask(cfg.data_seed), GoldLabeler(cfg.data_seed)
     prompts = task.prompts("test", ec.n_test_prompts)
-    answers = {n: ev.collect_responses(g, prompts) for n, g in gen.items()}
+    answers = {n: ev.collect_responses(g([p.text for p in prompts]), prompts) for n, g in gen.items()}
     reference = next(iter(answers))
     results = {n: {**ev.evaluate_policy(a, prompts, labeler),
                    "win_rate": ev.win_rate(a, answers[reference], prompts, labeler, ec.seed)}

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
+from instructrl_fast.model.gpt import sample_keys
+from instructrl_fast.parallel.dist import parallel_state
 from instructrl_fast.train.batching import encode_prompt, left_pad
 
 
 @torch.no_grad()
 def generate_batch(model, tok, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0,
-                   generator: torch.Generator | None = None):
-    """Left-pad ``prompts`` (bos + text, cut to fit the context) and sample.
+                   keys: torch.Tensor | None = None):
+    """Left-pad ``prompts`` (bos + text, cut to fit the context) and sample, row b with ``keys[b]`` ([B] int64,
+    ``sample_keys``).
 
     Returns (rollout.generate's output, P): the sequences hold the P prompt columns, then the generated ones.
     """
@@ -20,7 +24,7 @@ def generate_batch(model, tok, prompts: list[str], *, max_new_tokens: int, tempe
     ids, mask = left_pad([encode_prompt(tok, p, max_prompt) for p in prompts], tok.pad_id)
     device = model.lm_weight.device
     out = generate(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, temperature=temperature,
-                   eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=generator)
+                   eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, sample_keys=keys)
     return out, ids.shape[1]
 
 
@@ -33,15 +37,32 @@ def decode_responses(tok, out, prompt_len: int) -> list[str]:
 
 
 def respond(model, tok, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0, batch_size: int = 64,
-            generator: torch.Generator | None = None) -> list[str]:
-    """Responses of ``model`` to ``prompts`` as text, in batches (greedy when temperature == 0)."""
-    texts: list[str] = []
+            seed: int = 0, draw: int = 0) -> list[str]:
+    """Responses of ``model`` to ``prompts`` as text (greedy when temperature == 0), the same on every rank.
+
+    Each dp rank generates a contiguous ceil(N / dp) of the prompts, ``batch_size`` at a time, prompt i sampling
+    with the keys ``sample_keys(seed, draw, i)``, and the texts are gathered over dp: they depend neither on dp nor
+    on ``batch_size``. A rank past the end repeats prompt 0 (under FSDP2 every rank must run the same forwards).
+    A collective over the dp group.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    ps = parallel_state()
+    n = len(prompts)
+    per = -(-n // ps.dp_size)
+    rows = torch.arange(ps.dp_rank * per, (ps.dp_rank + 1) * per)
+    rows = torch.where(rows < n, rows, 0)
+    mine: list[str] = []
     was_training = model.training
     model.eval()
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        out, prompt_len = generate_batch(model, tok, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
-                                         generator=generator)
-        texts += decode_responses(tok, out, prompt_len)
+    for part in rows.split(batch_size):
+        out, prompt_len = generate_batch(model, tok, [prompts[i] for i in part.tolist()],
+                                         max_new_tokens=max_new_tokens, temperature=temperature,
+                                         keys=sample_keys(seed, draw, part))
+        mine += decode_responses(tok, out, prompt_len)
     model.train(was_training)
-    return texts
+    if ps.dp_size == 1:
+        return mine[:n]
+    parts: list[list[str] | None] = [None] * ps.dp_size
+    dist.all_gather_object(parts, mine, group=ps.dp_group)
+    return [text for part in parts for text in part][:n]  # the repeats of prompt 0 are the last rank's tail

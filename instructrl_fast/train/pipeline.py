@@ -241,12 +241,10 @@ class Pipeline:
         if k == 0:
             return None
         texts = [p.text for p in prompts for _ in range(k)]
-        gen = torch.Generator(device=model.lm_weight.device).manual_seed(seed)
-        # respond() draws its batches of 256 from `gen` in order: calling it per batch gives the same samples
-        out = []
+        out = []  # per 256 texts for the progress bar; each such call is its own draw, so the keys never repeat
         for i in tqdm(range(0, len(texts), 256), desc="rm-samples", disable=not self.progress):
             out += respond(model, self.tok, texts[i:i + 256], max_new_tokens=self.cfg.ppo.max_new_tokens,
-                           temperature=1.0, batch_size=256, generator=gen)
+                           temperature=1.0, batch_size=256, seed=seed, draw=i // 256)
         return [out[i * k:(i + 1) * k] for i in range(len(prompts))]
 
     def select_sft(self, size: str, rm: RewardModel):
@@ -315,11 +313,12 @@ class Pipeline:
         prompts = self.task.prompts("test", ec.n_test_prompts)
 
         def answers(model, prefix: str = "", temperature: float = ec.temperature) -> list[str]:
-            gen = lambda texts: respond(model, self.tok, texts, max_new_tokens=ec.max_new_tokens,
-                                        temperature=temperature, generator=generator)
-            return ev.collect_responses(ev.with_prefix(gen, prefix) if prefix else gen, prompts)
+            # one call over every prompt: prompt i samples with the keys (ec.seed, i) whatever the model, the same
+            # random numbers for every policy compared
+            texts = [prefix + p.text for p in prompts]
+            return ev.collect_responses(respond(model, self.tok, texts, max_new_tokens=ec.max_new_tokens,
+                                                temperature=temperature, seed=ec.seed), prompts)
 
-        generator = torch.Generator(device=reference.lm_weight.device).manual_seed(ec.seed)
         ref_answers = answers(reference)
         records = []
         todo = [(size, method, model) for size, by_method in models.items() for method, model in by_method.items()]
@@ -327,7 +326,6 @@ class Pipeline:
             prefix = self.task.few_shot_prefix() if method == "GPT (prompted)" else ""
             responses = answers(model, prefix)
             # Sampled at temperature 1 as well: greedy answers hide what a policy still puts mass on (toxicity).
-            generator.manual_seed(ec.seed)
             sampled = ev.evaluate_policy(answers(model, prefix, 1.0), prompts, self.labeler)
             rec = {"method": method, "size": size, "params": model.num_params(local=False),
                    **ev.evaluate_policy(responses, prompts, self.labeler),

@@ -19,6 +19,13 @@ from instructrl_fast.train.config import RMConfig
 from instructrl_fast.train.loop import make_optimizer, train
 from instructrl_fast.train.pretrain import dp_micro_batches, model_flops_per_token
 
+# The pairwise loss sees only score differences, so a parameter that moves every score by one constant has a zero
+# gradient by construction: the scalar head's bias, and ln_f's bias, which reaches the score only as head.w . ln_f.bias
+# (the RM's ``bias`` buffer is such a shift too, set after training). Trained, their gradient is rounding noise that
+# Adam's normalisation turns into +-lr steps, different for every mesh; RMStage freezes them. The value model, which
+# starts from the RM but regresses returns (a loss that does see the shift), trains them.
+SHIFT_INVARIANT = ("body.ln_f.bias", "body.score_head.bias")
+
 
 def last_index(mask: torch.Tensor) -> torch.Tensor:
     """[B, T] attention mask -> [B] int64 column of each row's last real token (left or right padding)."""
@@ -65,7 +72,10 @@ def ranking_loss(rewards: torch.Tensor, winners: torch.Tensor, losers: torch.Ten
 
 
 class RMStage:
-    """One epoch over ranked prompts; a micro-batch is a list of prompts, each with all its K responses."""
+    """One epoch over ranked prompts; a micro-batch is a list of prompts, each with all its K responses.
+
+    Freezes ``rm``'s ``SHIFT_INVARIANT`` parameters (they keep their initial values: 0 for the fresh head's bias).
+    """
 
     name = "reward model"
     metric_names = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -75,6 +85,9 @@ class RMStage:
         self.comparisons, self.val_comparisons = comparisons, val_comparisons
         self.max_len = rm.config.block_size
         self.modules = {"rm": rm}
+        params = dict(rm.named_parameters())
+        for name in SHIFT_INVARIANT:
+            params[name].requires_grad_(False)  # see SHIFT_INVARIANT; left out of the optimizer and the clip
         self.optimizer = make_optimizer([(list(rm.parameters()), cfg.optim.lr)], cfg.optim)
         self.max_steps = cfg.epochs * (len(comparisons) // cfg.batch_size)
         self.grad_accum = dp_micro_batches(cfg.batch_size, cfg.micro_batch_size)
