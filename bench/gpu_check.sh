@@ -35,7 +35,7 @@ if [ "${SKIP_BUILD:-0}" != "1" ]; then
 fi
 step build_info 60 python -c "import json, instructrl_fast; print(json.dumps(instructrl_fast.build_info()))"
 step tests 150 python -m pytest -q -x tests/ops tests/test_build.py
-for b in bench_logprobs bench_gae bench_ppo_loss bench_kl bench_decode_attention; do
+for b in bench_logprobs bench_gae bench_ppo_loss bench_kl bench_decode_attention bench_actor_loss; do
   [ -f "bench/$b.py" ] && step "$b" 90 python "bench/$b.py" --quick
 done
 [ -f bench/bench_rollout.py ] && step bench_rollout 150 python bench/bench_rollout.py --gpu-preset

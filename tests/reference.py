@@ -167,3 +167,45 @@ def decode_attention_ref(q, k_cache, v_cache, kv_start, kv_len, sm_scale=None):
         scores = torch.einsum("hd,hld->hl", q[b].double().cpu(), k.cpu()) * scale
         out[b] = torch.einsum("hl,hld->hd", torch.softmax(scores, dim=-1), v.cpu())
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fused PPO actor loss (ppo_actor_loss), exact full-vocabulary KL
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def full_kl_ref(hidden, weight, ref_hidden, ref_weight, labels, temperature=1.0, ignore_index=-100):
+    """KL(pi || pi_ref) = sum_j p_j (log p_j - log q_j) per token from the float64 logits of both models; 0 where
+    the label is ignored. Differentiable w.r.t. the policy side (hidden, weight)."""
+    logp = torch.log_softmax((hidden.double() @ weight.double().T) / temperature, dim=-1)
+    logq = torch.log_softmax((ref_hidden.double() @ ref_weight.double().T) / temperature, dim=-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    return torch.where(labels != ignore_index, kl, torch.zeros((), dtype=torch.float64))
+
+
+def ppo_actor_loss_ref(hidden, weight, labels, old_logp, advantages, mask, *, clip_eps=0.2, clip_eps_high=None,
+                       dual_clip=None, ref_logp=None, ref_hidden=None, ref_weight=None, kl_coef=0.0,
+                       kl_estimator="k3", entropy_coef=0.0, temperature=1.0, ignore_index=-100,
+                       reduction="token_mean"):
+    """float64 PPO actor loss from the LM head's input: linear_logprobs_ref, then ppo_policy_loss_ref
+    + kl_coef * reduce(KL) - entropy_coef * reduce(H), each term reduced over ``mask`` by ``reduction``.
+
+    KL is kl_penalty_ref(logp, ref_logp, kl_estimator), or full_kl_ref with kl_estimator="full".
+    Returns (loss, stats) with stats clipfrac, approx_kl, entropy, pg_loss and kl (when a reference is given).
+    """
+    logp, entropy = linear_logprobs_ref(hidden, weight, labels, temperature, ignore_index)
+    m = mask.bool()
+    pg, clipfrac, approx_kl = ppo_policy_loss_ref(logp, old_logp.double(), advantages.double(), m, clip_eps,
+                                                  clip_eps_high, dual_clip, reduction)
+    loss = pg - entropy_coef * reduce_ref(entropy, m, reduction)
+    stats = {"clipfrac": clipfrac, "approx_kl": approx_kl, "entropy": reduce_ref(entropy.detach(), m, "token_mean"),
+             "pg_loss": pg.detach()}
+    kl = None
+    if kl_estimator == "full" and ref_hidden is not None:
+        kl = full_kl_ref(hidden, weight, ref_hidden, ref_weight, labels, temperature, ignore_index)
+    elif ref_logp is not None:
+        kl = kl_penalty_ref(logp, ref_logp.double(), kl_estimator)
+    if kl is not None:
+        loss = loss + kl_coef * reduce_ref(kl, m, reduction)
+        stats["kl"] = reduce_ref(kl.detach(), m, "token_mean")
+    return loss, stats

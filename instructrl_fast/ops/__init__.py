@@ -4,6 +4,7 @@ Every op accepts fp32/bf16/fp16 inputs, accumulates in fp32 and returns float32;
 input's device (see ``instructrl_fast.backend``).
 """
 
+from instructrl_fast.ops.actor_loss import ActorLossConfig, ppo_actor_loss
 from instructrl_fast.ops.decode_attention import decode_attention
 from instructrl_fast.ops.gae import gae
 from instructrl_fast.ops.kl import kl_penalty, shape_rewards
@@ -12,12 +13,14 @@ from instructrl_fast.ops.ppo_loss import ppo_policy_loss, ppo_value_loss
 from instructrl_fast.ops.whiten import masked_whiten
 
 __all__ = [
+    "ActorLossConfig",
     "decode_attention",
     "gae",
     "gather_logprobs",
     "kl_penalty",
     "linear_logprobs",
     "masked_whiten",
+    "ppo_actor_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
     "shape_rewards",

@@ -47,6 +47,19 @@ def check_shape(name: str, x: torch.Tensor, shape: Sequence[int], like: str) -> 
         raise ValueError(f"{name} must have the shape of {like} {tuple(shape)}, got {tuple(x.shape)}")
 
 
+def check_lm_head(hidden_name: str, hidden, weight_name: str, weight, **hidden_kw) -> None:
+    """An LM head's input ``hidden`` [..., D] (``hidden_kw`` as in ``check_float``) and its weight [V > 0, D] of the
+    same float dtype and device."""
+    check_float(hidden_name, hidden, **hidden_kw)
+    check_float(weight_name, weight, ndim=2)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{weight_name} must have the dtype of {hidden_name} ({hidden.dtype}), got {weight.dtype}")
+    check_same_device(**{hidden_name: hidden, weight_name: weight})
+    if weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"{weight_name} must have shape [V > 0, D = {hidden.shape[-1]}] (D of {hidden_name}), "
+                         f"got {tuple(weight.shape)}")
+
+
 def check_mask(name: str, mask, shape: Sequence[int], like: str) -> None:
     """A mask is bool, or 0/1 in an integer or float dtype, with the given shape."""
     if not isinstance(mask, torch.Tensor):

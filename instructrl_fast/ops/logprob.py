@@ -33,6 +33,7 @@ from instructrl_fast import _ext
 from instructrl_fast.backend import resolve
 from instructrl_fast.ops._checks import (
     check_float,
+    check_lm_head,
     check_positive,
     check_same_device,
     check_shape,
@@ -229,14 +230,22 @@ def _linear_bwd(grad_logp: Tensor, grad_entropy: Tensor, hidden: Tensor, weight:
                              labels[sl], lse[sl], entropy[sl] if with_entropy else entropy, temperature, ignore_index,
                              vocab_start)
         del logits
-        torch.mm(dlogits, weight, out=grad_hidden[sl])
-        if dlogits.dtype == grad_weight.dtype:
-            grad_weight.addmm_(dlogits.T, h)
-        elif grad_weight.is_cuda:  # a bf16/fp16 GEMM with an fp32 output (cuBLAS accumulates in fp32 anyway)
-            grad_weight = torch.addmm(grad_weight, dlogits.T, h, out_dtype=grad_weight.dtype)
-        else:  # CPU has no mixed-precision GEMM with an fp32 output: upcast this chunk
-            grad_weight.addmm_(dlogits.T.to(grad_weight.dtype), h.to(grad_weight.dtype))
+        grad_weight = accumulate_linear_grads(dlogits, h, weight, grad_hidden[sl], grad_weight)
     return grad_hidden, grad_weight.to(weight.dtype)
+
+
+def accumulate_linear_grads(dlogits: Tensor, h: Tensor, weight: Tensor, grad_hidden: Tensor,
+                            grad_weight: Tensor) -> Tensor:
+    """One token chunk of the LM head's backward: grad_hidden (a [n, D] view) = dlogits [n, V] @ weight [V, D],
+    grad_weight [V, D] (fp32) += dlogits.T @ h [n, D]. Returns grad_weight (a new tensor on the cuBLAS path)."""
+    torch.mm(dlogits, weight, out=grad_hidden)
+    if dlogits.dtype == grad_weight.dtype:
+        grad_weight.addmm_(dlogits.T, h)
+    elif grad_weight.is_cuda:  # a bf16/fp16 GEMM with an fp32 output (cuBLAS accumulates in fp32 anyway)
+        grad_weight = torch.addmm(grad_weight, dlogits.T, h, out_dtype=grad_weight.dtype)
+    else:  # CPU has no mixed-precision GEMM with an fp32 output: upcast this chunk
+        grad_weight.addmm_(dlogits.T.to(grad_weight.dtype), h.to(grad_weight.dtype))
+    return grad_weight
 
 
 @_linear_fwd.register_fake
@@ -433,14 +442,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, temperatu
     Returns:
         logp [...] float32, or (logp, entropy). Differentiable w.r.t. hidden and weight (dW accumulated in fp32).
     """
-    check_float("hidden", hidden, min_ndim=1)
-    check_float("weight", weight, ndim=2)
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
-    check_same_device(hidden=hidden, weight=weight)
-    if weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
-        raise ValueError(f"weight must have shape [V > 0, D = {hidden.shape[-1]}] (D of hidden), "
-                         f"got {tuple(weight.shape)}")
+    check_lm_head("hidden", hidden, "weight", weight, min_ndim=1)
     temperature = _check_common(labels, "hidden", hidden, temperature, ignore_index, with_entropy)
     _, world = _tp_rank_world(tp_group)
     _check_labels(labels, weight.shape[0] * world, ignore_index)

@@ -63,8 +63,11 @@ def _valid_upcast(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x.to(torch.promote_types(x.dtype, torch.float32)), 0.0)
 
 
-def _policy_loss_torch(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, reduction):
-    logp, old_logp, adv = (_valid_upcast(x, mask) for x in (logp, old_logp.detach(), advantages.detach()))
+def policy_surrogate(logp, old_logp, adv, clip_low, clip_high, dual_clip) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped surrogate l_t (differentiable w.r.t. ``logp``) and whether a clipped term is active.
+
+    Shared with ``ops.ppo_actor_loss``, which applies it to each token chunk of the fused LM-head walk.
+    """
     ratio = torch.exp(logp - old_logp)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
@@ -75,6 +78,12 @@ def _policy_loss_torch(logp, old_logp, advantages, mask, clip_low, clip_high, du
         binds = (adv < 0) & (dual < loss)
         loss = torch.where(binds, dual, loss)
         is_clipped = is_clipped | binds
+    return loss, is_clipped
+
+
+def _policy_loss_torch(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, reduction):
+    logp, old_logp, adv = (_valid_upcast(x, mask) for x in (logp, old_logp.detach(), advantages.detach()))
+    loss, is_clipped = policy_surrogate(logp, old_logp, adv, clip_low, clip_high, dual_clip)
     with torch.no_grad():
         clipfrac = masked_reduce(is_clipped.to(loss.dtype), mask, "token_mean")
         approx_kl = masked_reduce(old_logp - logp, mask, "token_mean")

@@ -1,0 +1,186 @@
+"""Triton kernels of ``ops.ppo_actor_loss`` that the log-prob kernels (kernels/logprob.py) do not already provide.
+
+``_actor_token_kernel``: the per-token loss of one token chunk and its gradient w.r.t. (logp, entropy), in one launch
+(the torch backend takes ~30 small kernels of autograd for it), from the shared per-token helpers of the unfused ops
+(``_policy_token`` of kernels/ppo_loss.py, ``_kl_token`` of kernels/kl.py):
+
+    l_t = surrogate(logp) + kl_coef * KL_t - entropy_coef * H_t
+    g_logp = w_t * (d surrogate / d logp + kl_coef * d KL / d logp)     (d KL / d logp = 0 for the full KL: its
+    g_H = -w_t * entropy_coef                                            gradient flows through the logits below)
+
+The exact full-vocabulary KL (kl_estimator="full"). With x = logits / T
+(policy) and y = ref_logits / T (reference), p = softmax(x) from the GLOBAL logsumexp lse_x, this rank's shard of
+the vocab gives
+
+    forward   mean_diff[n] = sum_j p_j * (x_j - y_j)               (summed over the TP group by the caller:
+                                                                     E_p[x - y]; KL = E_p[x - y] - lse_x + lse_y)
+    backward  dlogits[n, j] += (g_kl[n] / T) * p_j * ((x_j - y_j) - E_p[x - y])      (d KL / d x_j, exact)
+
+One program per row walks the vocab in BLOCK_V chunks; p_j == 0 (x_j = -inf, or padding) contributes 0, never
+0 * inf = nan. Row offsets are int64 (rows x vocab passes 2^31 at real sizes).
+"""
+
+import torch
+import triton
+import triton.language as tl
+from instructrl_fast.kernels.kl import _kl_token
+from instructrl_fast.kernels.logprob import _launch_config
+from instructrl_fast.kernels.ppo_loss import _policy_token
+
+from instructrl_fast.backend import triton_interpreting
+
+KL_NONE = tl.constexpr(0)  # no KL term
+KL_ESTIMATED = tl.constexpr(1)  # k1 / k2 / k3 / abs of (logp, ref_logp)
+KL_FULL = tl.constexpr(2)  # the exact KL, computed by the vocab walk and passed in
+_TOKEN_BLOCK = 1024
+
+
+@triton.jit
+def _actor_token_kernel(
+    logp_ptr,  # [n] fp32 log p(label) (0 on ignored rows)
+    entropy_ptr,  # [n] fp32
+    old_logp_ptr,  # [n] fp32 (0 at masked positions)
+    adv_ptr,  # [n] fp32 (0 at masked positions)
+    kl_in_ptr,  # [n] fp32: ref_logp (KL_ESTIMATED) or the full KL (KL_FULL); unused with KL_NONE
+    w_ptr,  # [n] fp32: d reduction / d l_t (0 at masked positions)
+    pg_ptr,  # [n] fp32 out: the surrogate l_t
+    clipped_ptr,  # [n] int8 out: a clipped term is active
+    kl_ptr,  # [n] fp32 out: the per-token KL; untouched with KL_NONE
+    total_ptr,  # [n] fp32 out: surrogate + kl_coef * KL - entropy_coef * H
+    grad_logp_ptr,  # [n] fp32 out
+    grad_entropy_ptr,  # [n] fp32 out
+    n,
+    clip_low,
+    clip_high,
+    dual_clip,  # 0 disables the dual clip
+    kl_coef,
+    entropy_coef,
+    KL_MODE: tl.constexpr,
+    ESTIMATOR: tl.constexpr,  # instructrl_fast.ops.kl.ESTIMATORS code (KL_ESTIMATED only)
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    logp = tl.load(logp_ptr + offs, mask=inside, other=0.0)
+    entropy = tl.load(entropy_ptr + offs, mask=inside, other=0.0)
+    old_logp = tl.load(old_logp_ptr + offs, mask=inside, other=0.0)
+    adv = tl.load(adv_ptr + offs, mask=inside, other=0.0)
+    w = tl.load(w_ptr + offs, mask=inside, other=0.0)
+    pg, is_clipped, grad = _policy_token(logp, old_logp, adv, clip_low, clip_high, dual_clip)
+    total = pg - entropy_coef * entropy
+    if KL_MODE == KL_ESTIMATED:
+        kl, dkl = _kl_token(logp - tl.load(kl_in_ptr + offs, mask=inside, other=0.0), ESTIMATOR)
+        total += kl_coef * kl
+        grad += kl_coef * dkl
+        tl.store(kl_ptr + offs, kl, mask=inside)
+    elif KL_MODE == KL_FULL:
+        kl = tl.load(kl_in_ptr + offs, mask=inside, other=0.0)
+        total += kl_coef * kl
+        tl.store(kl_ptr + offs, kl, mask=inside)
+    tl.store(pg_ptr + offs, pg, mask=inside)
+    tl.store(clipped_ptr + offs, is_clipped.to(tl.int8), mask=inside)
+    tl.store(total_ptr + offs, total, mask=inside)
+    tl.store(grad_logp_ptr + offs, w * grad, mask=inside)
+    tl.store(grad_entropy_ptr + offs, -w * entropy_coef, mask=inside)
+
+
+@triton.jit
+def _p_and_diff(x_row_ptr, y_row_ptr, cols, V, lse, inv_temperature):
+    """p_j = softmax(x)_j from the global lse, and x_j - y_j where p_j > 0 (else 0: x_j = -inf or padding)."""
+    mask = cols < V
+    x = tl.load(x_row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+    y = tl.load(y_row_ptr + cols, mask=mask, other=0.0).to(tl.float32) * inv_temperature
+    p = tl.exp(x - lse)
+    return p, tl.where(p > 0.0, x - y, 0.0)
+
+
+@triton.jit
+def _full_kl_fwd_kernel(
+    logits_ptr,  # [N, V] policy logits shard, last dim contiguous, row stride stride_x; fp32/bf16/fp16
+    ref_logits_ptr,  # [N, V] reference logits shard, last dim contiguous, row stride stride_y
+    lse_ptr,  # [N] fp32 GLOBAL logsumexp of x
+    mean_diff_ptr,  # [N] fp32 out: this shard's sum_j p_j * (x_j - y_j)
+    stride_x,
+    stride_y,
+    V,  # shard vocab size
+    inv_temperature,  # fp32: 1 / temperature
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    lse = tl.load(lse_ptr + row)
+    acc = tl.zeros((), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        p, diff = _p_and_diff(logits_ptr + row * stride_x, ref_logits_ptr + row * stride_y, cols, V, lse,
+                              inv_temperature)
+        acc += tl.sum(p * diff, axis=0)
+    tl.store(mean_diff_ptr + row, acc)
+
+
+@triton.jit
+def _full_kl_bwd_kernel(
+    grad_logits_ptr,  # [N, V] in/out, contiguous: d(loss)/d(logits) from the log-prob backward, KL term added
+    g_kl_ptr,  # [N] fp32 upstream gradient of the per-token KL (0 on ignored rows)
+    logits_ptr,  # [N, V] policy logits shard, row stride stride_x
+    ref_logits_ptr,  # [N, V] reference logits shard, row stride stride_y
+    lse_ptr,  # [N] fp32 GLOBAL logsumexp of x
+    mean_diff_ptr,  # [N] fp32 GLOBAL E_p[x - y]
+    stride_x,
+    stride_y,
+    V,
+    inv_temperature,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.load(g_kl_ptr + row) * inv_temperature
+    lse = tl.load(lse_ptr + row)
+    mean_diff = tl.load(mean_diff_ptr + row)
+    out_ptr = grad_logits_ptr + row * V
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        p, diff = _p_and_diff(logits_ptr + row * stride_x, ref_logits_ptr + row * stride_y, cols, V, lse,
+                              inv_temperature)
+        d = p * tl.where(p > 0.0, diff - mean_diff, 0.0)
+        old = tl.load(out_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
+        tl.store(out_ptr + cols, (old + g * d).to(grad_logits_ptr.dtype.element_ty), mask=cols < V)
+
+
+def full_kl_fwd(logits, ref_logits, lse, temperature: float):
+    """logits, ref_logits [N, V] (last dim contiguous), lse [N] fp32 global -> this shard's sum p (x - y), fp32 [N]."""
+    N, V = logits.shape
+    mean_diff = torch.empty(N, dtype=torch.float32, device=logits.device)
+    if N == 0:
+        return mean_diff
+    block_v, num_warps = _launch_config(V, triton_interpreting())
+    _full_kl_fwd_kernel[(N,)](logits, ref_logits, lse, mean_diff, logits.stride(0), ref_logits.stride(0), V,
+                              1.0 / temperature, BLOCK_V=block_v, num_warps=num_warps)
+    return mean_diff
+
+
+def full_kl_bwd_(grad_logits, g_kl, logits, ref_logits, lse, mean_diff, temperature: float):
+    """Adds the exact d KL / d logits (times g_kl [N] fp32) into grad_logits [N, V] (contiguous) in place."""
+    N, V = logits.shape
+    if N == 0:
+        return grad_logits
+    block_v, num_warps = _launch_config(V, triton_interpreting())
+    _full_kl_bwd_kernel[(N,)](grad_logits, g_kl, logits, ref_logits, lse, mean_diff, logits.stride(0),
+                              ref_logits.stride(0), V, 1.0 / temperature, BLOCK_V=block_v, num_warps=num_warps)
+    return grad_logits
+
+
+def actor_token_terms(logp, entropy, old_logp, adv, kl_in, w, clip: tuple[float, float, float], kl_coef: float,
+                      entropy_coef: float, kl_mode: int, estimator: int):
+    """[n] fp32 contiguous inputs (kl_in: ref_logp, the full KL, or None) -> (pg, kl or None, is_clipped bool, total,
+    grad_logp, grad_entropy), [n] each."""
+    n = logp.shape[0]
+    f32 = {"dtype": torch.float32, "device": logp.device}
+    pg, total, grad_logp, grad_entropy = (torch.empty(n, **f32) for _ in range(4))
+    kl = torch.empty(n, **f32) if kl_mode else None
+    clipped = torch.empty(n, dtype=torch.int8, device=logp.device)
+    if n:
+        _actor_token_kernel[(triton.cdiv(n, _TOKEN_BLOCK),)](
+            logp, entropy, old_logp, adv, logp if kl_in is None else kl_in, w, pg, clipped,
+            pg if kl is None else kl, total, grad_logp, grad_entropy, n, *clip, kl_coef, entropy_coef,
+            KL_MODE=kl_mode, ESTIMATOR=estimator, BLOCK=_TOKEN_BLOCK,
+        )
+    return pg, kl, clipped.bool(), total, grad_logp, grad_entropy

@@ -1,0 +1,355 @@
+"""ppo_actor_loss against the float64 reference (forward, d hidden, d weight, stats) on every backend, against the
+unfused linear_logprobs + ppo_policy_loss (+ kl_penalty, entropy) composite, and vocab-parallel on 2 gloo processes."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from instructrl_fast import backend as backend_mod
+from instructrl_fast.backend import use_backend
+from instructrl_fast.ops import ActorLossConfig, kl_penalty, linear_logprobs, ppo_actor_loss, ppo_policy_loss
+from instructrl_fast.ops.ppo_loss import masked_reduce
+from tests.conftest import DEVICE, backends_for
+from tests.reference import linear_logprobs_ref, ppo_actor_loss_ref
+
+BACKENDS = backends_for(("torch", "triton", "cpp"))
+IGNORE = -100
+GRAD_TOL = {"rtol": 1e-4, "atol": 1e-5}  # as tests/ops/test_logprob.py: fp32 logits of |x| ~ 10 through exp
+UPSTREAM = 1.7  # a non-unit upstream gradient of the scalar loss: the stored gradients must be scaled by it
+
+# Each case: (ActorLossConfig fields, temperature, reference kind: None | "logp" | "full").
+OPTIONS = [
+    pytest.param({}, 1.0, None, id="default"),
+    pytest.param({"clip_eps_high": 0.28}, 1.0, None, id="clip-high"),
+    pytest.param({"dual_clip": 1.5}, 1.0, None, id="dual-clip"),
+    pytest.param({"kl_coef": 0.1, "kl_estimator": "k1"}, 1.0, "logp", id="k1"),
+    pytest.param({"kl_coef": 0.1, "kl_estimator": "k2"}, 1.0, "logp", id="k2"),
+    pytest.param({"kl_coef": 0.1, "kl_estimator": "k3"}, 1.0, "logp", id="k3"),
+    pytest.param({"kl_coef": 0.1, "kl_estimator": "abs"}, 1.0, "logp", id="abs"),
+    pytest.param({"kl_coef": 0.3, "kl_estimator": "full"}, 1.0, "full", id="full-kl"),
+    pytest.param({"kl_coef": 0.0, "kl_estimator": "full"}, 1.0, "full", id="full-kl-stats-only"),
+    pytest.param({"entropy_coef": 0.05}, 1.0, None, id="entropy"),
+    pytest.param({"kl_coef": 0.2, "kl_estimator": "full", "entropy_coef": 0.05, "dual_clip": 2.0,
+                  "clip_eps_high": 0.3}, 0.7, "full", id="all-T0.7"),
+    pytest.param({"reduction": "seq_mean_token_mean", "kl_coef": 0.1, "entropy_coef": 0.05}, 1.0, "logp",
+                 id="seq_mean_token_mean"),
+    pytest.param({"reduction": "seq_mean_token_sum", "kl_coef": 0.1, "kl_estimator": "full", "entropy_coef": 0.05},
+                 1.3, "full", id="seq_mean_token_sum"),
+]
+
+
+def _inputs(B, T, D, V, *, temperature=1.0, dtype=torch.float32, noncontiguous=True, seed=0, device=DEVICE):
+    """hidden [B, T, D], weight [V, D] (non-contiguous views), labels with ignored positions, a mask with holes and
+    a fully masked row, and old_logp / ref_logp near the policy's own log-probs (so ratios straddle the clip).
+    Drawn on the CPU from a seeded generator, then moved to ``device``."""
+    g = torch.Generator().manual_seed(seed)
+    if noncontiguous:
+        hidden = torch.randn(B, D, T, generator=g).transpose(1, 2)
+        weight = (torch.randn(D, V, generator=g) * 2 / D**0.5).T
+    else:
+        hidden = torch.randn(B, T, D, generator=g)
+        weight = torch.randn(V, D, generator=g) * 2 / D**0.5
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[torch.rand(B, T, generator=g) < 0.15] = IGNORE
+    labels[0, 0] = IGNORE  # an ignored label inside the mask: logp = 0 there, exactly as linear_logprobs gives
+    mask = torch.rand(B, T, generator=g) > 0.25
+    mask[labels == IGNORE] = False
+    mask[0, 0] = True
+    if B > 1:
+        mask[1] = False  # a fully masked row
+    logp = linear_logprobs_ref(hidden, weight, labels, temperature, IGNORE)[0].float()
+    old_logp = (logp + 0.5 * torch.randn(B, T, generator=g)).T.contiguous().T  # non-contiguous
+    ref_logp = logp + 0.2 * torch.randn(B, T, generator=g)
+    advantages = torch.randn(B, T, generator=g)
+    ref_hidden = hidden.float() + 0.3 * torch.randn(B, T, D, generator=g)
+    ref_weight = weight.float() + 0.3 * torch.randn(V, D, generator=g) / D**0.5
+    out = (hidden, weight, labels, old_logp, advantages, mask, ref_logp, ref_hidden.to(dtype), ref_weight.to(dtype))
+    return tuple(x.to(device) for x in out)
+
+
+def _ref_kwargs(kind, ref_logp, ref_hidden, ref_weight):
+    if kind == "logp":
+        return {"ref_logp": ref_logp}
+    if kind == "full":
+        return {"ref_hidden": ref_hidden, "ref_weight": ref_weight}
+    return {}
+
+
+def _ours(backend, hidden, weight, rest, cfg, temperature, ref_kw, upstream=UPSTREAM, tp_group=None):
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    with use_backend(backend):
+        loss, stats = ppo_actor_loss(h, w, *rest, config=cfg, temperature=temperature, ignore_index=IGNORE,
+                                     tp_group=tp_group, **ref_kw)
+    loss.backward(torch.tensor(upstream, device=loss.device))
+    return loss.detach(), stats, h.grad, w.grad
+
+
+def _reference(hidden, weight, rest, fields, temperature, ref_kw):
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    loss, stats = ppo_actor_loss_ref(h, w, *rest, temperature=temperature, ignore_index=IGNORE, **fields, **ref_kw)
+    loss.backward(torch.tensor(UPSTREAM, dtype=torch.float64, device=loss.device))
+    return loss.detach(), stats, h.grad, w.grad
+
+
+def _assert_matches(ours, ref, *, loss_tol=None, grad_tol=None):
+    loss, stats, gh, gw = ours
+    ref_loss, ref_stats, ref_gh, ref_gw = ref
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss.double(), ref_loss, **(loss_tol or {"rtol": 1e-5, "atol": 1e-5}))
+    assert set(stats) == set(ref_stats)
+    for name, value in stats.items():
+        assert value.dtype == torch.float32 and value.dim() == 0 and not value.requires_grad
+        torch.testing.assert_close(value.double(), ref_stats[name], rtol=1e-5, atol=1e-5, msg=name)
+    torch.testing.assert_close(gh.double(), ref_gh, **(grad_tol or GRAD_TOL))
+    torch.testing.assert_close(gw.double(), ref_gw, **(grad_tol or GRAD_TOL))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fields,temperature,ref_kind", OPTIONS)
+def test_fp32_matches_reference(backend, fields, temperature, ref_kind):
+    hidden, weight, *rest, ref_logp, ref_hidden, ref_weight = _inputs(3, 7, 16, 1003, temperature=temperature)
+    ref_kw = _ref_kwargs(ref_kind, ref_logp, ref_hidden, ref_weight)
+    ours = _ours(backend, hidden, weight, rest, ActorLossConfig(**fields), temperature, ref_kw)
+    ref = _reference(hidden, weight, rest, fields, temperature, ref_kw)
+    _assert_matches(ours, ref)
+    if fields.get("dual_clip") or fields.get("clip_eps_high"):  # the options are exercised, not vacuous
+        assert 0 < float(ours[1]["clipfrac"]) < 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_odd_shapes_and_many_chunks(backend, monkeypatch):
+    """T = 1 and V > 65536 (several blocks even under the interpreter), and a chunk of 2 rows so that the walk
+    crosses chunk boundaries (the stored gradients accumulate over chunks)."""
+    from instructrl_fast.ops import actor_loss
+
+    monkeypatch.setattr(actor_loss, "_linear_chunk_rows", lambda N, D, V: 2)
+    fields = {"kl_coef": 0.1, "kl_estimator": "full", "entropy_coef": 0.01}
+    for B, T, V in ((3, 1, 70001), (2, 4, 5)):
+        hidden, weight, *rest, ref_logp, ref_hidden, ref_weight = _inputs(B, T, 8, V)
+        rest[-1][0, 0] = True
+        ref_kw = _ref_kwargs("full", ref_logp, ref_hidden, ref_weight)
+        ours = _ours(backend, hidden, weight, rest, ActorLossConfig(**fields), 1.0, ref_kw)
+        _assert_matches(ours, _reference(hidden, weight, rest, fields, 1.0, ref_kw))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"])
+@pytest.mark.parametrize("estimator", ["k3", "k1"])
+def test_equals_unfused_composite(backend, reduction, estimator):
+    """The fused loss, stats and gradients equal linear_logprobs + ppo_policy_loss + kl_penalty - entropy on the
+    same inputs and backend (what the trainer computes today without the fused op)."""
+    hidden, weight, labels, old_logp, adv, mask, ref_logp, _, _ = _inputs(4, 6, 16, 517, temperature=0.9)
+    cfg = ActorLossConfig(clip_eps=0.2, clip_eps_high=0.25, dual_clip=3.0, kl_coef=0.05, kl_estimator=estimator,
+                          entropy_coef=0.01, reduction=reduction)
+    ours = _ours(backend, hidden, weight, (labels, old_logp, adv, mask), cfg, 0.9, {"ref_logp": ref_logp})
+
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    with use_backend(backend):
+        logp, entropy = linear_logprobs(h, w, labels, temperature=0.9, ignore_index=IGNORE, with_entropy=True)
+        pg, pstats = ppo_policy_loss(logp, old_logp, adv, mask, clip_eps=0.2, clip_eps_high=0.25, dual_clip=3.0,
+                                     reduction=reduction)
+    kl = kl_penalty(logp, ref_logp, estimator=estimator)
+    loss = pg + 0.05 * masked_reduce(kl, mask, reduction) - 0.01 * masked_reduce(entropy, mask, reduction)
+    loss.backward(torch.tensor(UPSTREAM, device=loss.device))
+    torch.testing.assert_close(ours[0], loss.detach())
+    for name in ("clipfrac", "approx_kl"):
+        torch.testing.assert_close(ours[1][name], pstats[name], msg=name)
+    torch.testing.assert_close(ours[1]["entropy"], masked_reduce(entropy.detach(), mask, "token_mean"))
+    torch.testing.assert_close(ours[1]["kl"], masked_reduce(kl.detach(), mask, "token_mean"))
+    torch.testing.assert_close(ours[1]["pg_loss"], pg.detach())
+    torch.testing.assert_close(ours[2], h.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[3], w.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_masked_batch_gives_zero(backend):
+    hidden, weight, labels, old_logp, adv, mask, *_ = _inputs(2, 3, 8, 33)
+    old_logp = old_logp.clone()
+    old_logp[0, 1] = float("nan")  # garbage at a masked position must not leak in
+    loss, stats, gh, gw = _ours(backend, hidden, weight, (labels, old_logp, adv, torch.zeros_like(mask)),
+                                ActorLossConfig(entropy_coef=0.1), 1.0, {})
+    assert float(loss) == 0.0 and float(stats["clipfrac"]) == 0.0
+    assert torch.count_nonzero(gh) == 0 and torch.count_nonzero(gw) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_within_twice_the_composite_error(backend):
+    """bf16 inputs: our error against float64 is at most 2x that of the plain-PyTorch composite in bf16."""
+    fields = {"kl_coef": 0.1, "kl_estimator": "full", "entropy_coef": 0.01}
+    hidden, weight, *rest, ref_logp, ref_hidden, ref_weight = _inputs(3, 8, 32, 777, dtype=torch.bfloat16)
+    ref_kw = _ref_kwargs("full", ref_logp, ref_hidden, ref_weight)
+    loss, _, gh, gw = _ours(backend, hidden, weight, rest, ActorLossConfig(**fields), 1.0, ref_kw)
+    ref_loss, _, ref_gh, ref_gw = _reference(hidden, weight, rest, fields, 1.0, ref_kw)
+
+    # The composite in bf16: logits and log_softmax in bf16, the loss formulas in bf16.
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    labels, old_logp, adv, mask = rest
+    logq = torch.log_softmax(h @ w.T, -1)
+    ref_logq = torch.log_softmax(ref_hidden @ ref_weight.T, -1)
+    keep = labels != IGNORE
+    logp = torch.where(keep, logq.gather(-1, torch.where(keep, labels, 0)[..., None])[..., 0], 0)
+    ent = torch.where(keep, -(logq.exp() * logq).sum(-1), 0)
+    kl = torch.where(keep, (logq.exp() * (logq - ref_logq)).sum(-1), 0)
+    ratio = torch.exp(logp - old_logp.to(logp.dtype))
+    a = adv.to(logp.dtype)
+    pg = torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2))
+    m = mask.to(logp.dtype)
+    comp = ((pg + 0.1 * kl - 0.01 * ent) * m).sum() / m.sum()
+    comp.backward(torch.tensor(UPSTREAM, dtype=comp.dtype, device=comp.device))
+    for ours_x, comp_x, ref_x in ((loss, comp, ref_loss), (gh, h.grad, ref_gh), (gw, w.grad, ref_gw)):
+        ours_err = (ours_x.double() - ref_x).abs().max()
+        comp_err = (comp_x.detach().double() - ref_x).abs().max()
+        assert ours_err <= 2 * comp_err + 1e-3, (float(ours_err), float(comp_err))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_call_gives_the_same_value_and_stats(backend):
+    hidden, weight, *rest, _, ref_hidden, ref_weight = _inputs(2, 5, 8, 65)
+    hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
+    kw = {"config": ActorLossConfig(kl_coef=0.1, kl_estimator="full", entropy_coef=0.1),
+          "ref_hidden": ref_hidden, "ref_weight": ref_weight, "ignore_index": IGNORE}
+    with use_backend(backend):
+        with torch.no_grad():
+            loss, stats = ppo_actor_loss(hidden, weight, *rest, **kw)
+        ref_loss, ref_stats = ppo_actor_loss(hidden, weight, *rest, **kw)
+    assert not loss.requires_grad and ref_loss.requires_grad
+    torch.testing.assert_close(loss, ref_loss.detach(), rtol=0, atol=0)
+    for name in ref_stats:
+        torch.testing.assert_close(stats[name], ref_stats[name], rtol=0, atol=0)
+
+
+def test_torch_compile_matches_eager():
+    """Not a custom op (TP collectives run between its kernels): torch.compile must still give the eager result,
+    graph-breaking around it rather than tracing it wrongly."""
+    hidden, weight, *rest, ref_logp, _, _ = _inputs(2, 4, 8, 37)
+    cfg = ActorLossConfig(kl_coef=0.1, entropy_coef=0.01)
+
+    def step(h, w):
+        loss, stats = ppo_actor_loss(h, w, *rest, config=cfg, ref_logp=ref_logp, ignore_index=IGNORE)
+        return 2 * loss, stats["clipfrac"]
+
+    results = []
+    for fn in (step, torch.compile(step)):
+        h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        loss, clipfrac = fn(h, w)
+        loss.backward()
+        results.append((loss.detach(), clipfrac, h.grad, w.grad))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager)
+
+
+def test_meta_device_gives_shapes():
+    """The planner runs models on the meta device: the op must give every output's shape and dtype there."""
+    meta = torch.device("meta")
+    hidden = torch.empty(2, 4, 8, device=meta, requires_grad=True)
+    weight = torch.empty(37, 8, device=meta, requires_grad=True)
+    labels = torch.zeros(2, 4, dtype=torch.int64, device=meta)
+    old_logp, adv = torch.empty(2, 4, device=meta), torch.empty(2, 4, device=meta)
+    mask = torch.ones(2, 4, dtype=torch.bool, device=meta)
+    loss, stats = ppo_actor_loss(hidden, weight, labels, old_logp, adv, mask, config=ActorLossConfig(entropy_coef=0.1))
+    loss.backward()
+    assert loss.device == meta and loss.shape == () and loss.dtype == torch.float32
+    assert sorted(stats) == ["approx_kl", "clipfrac", "entropy", "pg_loss"]
+    assert hidden.grad.shape == hidden.shape and weight.grad.shape == weight.shape
+
+
+def test_second_backward_raises():
+    hidden, weight, *rest, _, _, _ = _inputs(2, 3, 8, 33)
+    loss, _ = ppo_actor_loss(hidden.requires_grad_(), weight, *rest, ignore_index=IGNORE)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward through the same call twice"):
+        loss.backward()
+
+
+def test_bad_arguments_raise():
+    # CPU tensors: the labels' range is checked eagerly there (on a GPU it is a device-side assert).
+    hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_hidden, ref_weight = _inputs(2, 3, 8, 33, device="cpu")
+    args = (hidden, weight, labels, old_logp, adv, mask)
+    with pytest.raises(ValueError, match="kl_coef=0.1 > 0 needs a reference: ref_logp"):
+        ppo_actor_loss(*args, config=ActorLossConfig(kl_coef=0.1))
+    with pytest.raises(ValueError, match="ref_logp must be None"):
+        ppo_actor_loss(*args, config=ActorLossConfig(kl_estimator="full"), ref_logp=ref_logp)
+    with pytest.raises(ValueError, match="needs both ref_hidden and ref_weight"):
+        ppo_actor_loss(*args, config=ActorLossConfig(kl_estimator="full"), ref_hidden=ref_hidden)
+    with pytest.raises(ValueError, match="only for kl_estimator=\"full\""):
+        ppo_actor_loss(*args, ref_hidden=ref_hidden, ref_weight=ref_weight)
+    with pytest.raises(ValueError, match="ref_weight must have the shape of weight's vocab dimension"):
+        ppo_actor_loss(*args, config=ActorLossConfig(kl_estimator="full"), ref_hidden=ref_hidden,
+                       ref_weight=ref_weight[:-1])
+    with pytest.raises(ValueError, match="kl_estimator must be one of"):
+        ActorLossConfig(kl_estimator="k4")
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):
+        ActorLossConfig(dual_clip=1.0)
+    with pytest.raises(ValueError, match="entropy_coef must be >= 0"):
+        ActorLossConfig(entropy_coef=-0.1)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        ActorLossConfig(reduction="mean")
+    with pytest.raises(TypeError, match="config must be an ActorLossConfig"):
+        ppo_actor_loss(*args, config={"clip_eps": 0.2})
+    with pytest.raises(TypeError, match="weight must have the dtype of hidden"):
+        ppo_actor_loss(hidden, weight.half(), *args[2:])
+    with pytest.raises(ValueError, match="hidden must have 3 dimensions"):
+        ppo_actor_loss(hidden[0], weight, *args[2:])
+    with pytest.raises(ValueError, match="labels must lie in"):
+        ppo_actor_loss(hidden, weight, torch.full_like(labels, 33), *args[3:])
+    with pytest.raises(ValueError, match="old_logp must have the shape of hidden"):
+        ppo_actor_loss(hidden, weight, labels, old_logp[:, :2], adv[:, :2], mask[:, :2])
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        ppo_actor_loss(*args, temperature=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Vocab parallel: 2 gloo processes, each holding half of the vocab, equal the unsharded result.
+# ---------------------------------------------------------------------------------------------------------------
+
+WORLD = 2
+
+
+def _tp_worker(rank: int, init_file: str, backends: list[str]) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        V = 501  # per rank: not a multiple of any block
+        hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_hidden, ref_weight = _inputs(3, 4, 8, WORLD * V,
+                                                                                                  device="cpu")
+        labels[2, 0], labels[2, 1] = V - 1, V  # the last id of rank 0 and the first of rank 1
+        mask[2, :2] = True
+        shard = slice(rank * V, (rank + 1) * V)
+        rest = (labels, old_logp, adv, mask)
+        cases = [({"kl_coef": 0.2, "kl_estimator": "full", "entropy_coef": 0.05, "dual_clip": 2.0}, "full"),
+                 ({"kl_coef": 0.1, "kl_estimator": "k3", "reduction": "seq_mean_token_mean"}, "logp")]
+        for name in backends:
+            for fields, kind in cases:
+                cfg = ActorLossConfig(**fields)
+                full_kw = _ref_kwargs(kind, ref_logp, ref_hidden, ref_weight)
+                ref = _ours(name, hidden, weight, rest, cfg, 0.8, full_kw)
+                shard_kw = dict(full_kw, ref_weight=ref_weight[shard]) if kind == "full" else full_kw
+                loss, stats, gh, gw = _ours(name, hidden, weight[shard], rest, cfg, 0.8, shard_kw,
+                                            tp_group=dist.group.WORLD)
+                what = f"rank {rank}, backend {name}, {kind}"
+                torch.testing.assert_close(loss, ref[0], rtol=1e-5, atol=1e-6, msg=f"{what}: loss")
+                for key in ref[1]:
+                    torch.testing.assert_close(stats[key], ref[1][key], rtol=1e-5, atol=1e-6, msg=f"{what}: {key}")
+                torch.testing.assert_close(gh, ref[2], **GRAD_TOL, msg=f"{what}: grad hidden (all-reduced)")
+                torch.testing.assert_close(gw, ref[3][shard], **GRAD_TOL, msg=f"{what}: grad weight shard")
+        dist.barrier()  # neither rank tears the group down while the other still talks to it
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_vocab_parallel_equals_unsharded():
+    device = torch.device("cpu")
+    backends = [b for b in ("torch", "cpp", "triton") if backend_mod.available(b, device)]
+    assert "torch" in backends
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # the children inherit it
+        mp.spawn(_tp_worker, args=(os.path.join(tmp, "init"), backends), nprocs=WORLD, join=True)
