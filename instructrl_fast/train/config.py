@@ -217,6 +217,9 @@ class PPOConfig:
     ptx_seq_len: int = 128  # tokens per pretraining sequence in the ptx term
     value_lr: float = 9e-6  # value-model learning rate (paper: 9e-6 for 1.3B/6B, 5e-6 for 175B)
     seed: int = 0  # prompt order and sampling
+    # the actor loss inside the LM-head walk (ops.ppo_actor_loss: one logits recomputation less, no [N, V] logits);
+    # False: token_logprobs then ops.ppo_policy_loss (the same metrics within fp32 rounding)
+    fused_actor_loss: bool = True
     # Policy LR: constant after 10 warmup iterations from 0.1x (paper). The paper's policy LR is not in MISSION.md;
     # the SFT LR is used for the GPT-3 presets.
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(

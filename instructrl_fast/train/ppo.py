@@ -65,6 +65,14 @@ def logprobs_of(policy, sequences: torch.Tensor, attention_mask: torch.Tensor) -
     return policy.token_logprobs(sequences[:, :-1], sequences[:, 1:], attention_mask=attention_mask[:, :-1])
 
 
+def actor_loss_of(policy, exp: Experience, config: ops.ActorLossConfig) -> tuple[torch.Tensor, dict]:
+    """``ops.ppo_actor_loss`` of the policy on one micro-batch: the final hidden states and the tied LM-head weight
+    go straight into the fused loss (the same as ``logprobs_of`` then ``ops.ppo_policy_loss``, within rounding)."""
+    h = policy(exp.sequences[:, :-1], attention_mask=exp.attention_mask[:, :-1]).to(policy.lm_weight.dtype)
+    return ops.ppo_actor_loss(h, policy.lm_weight, exp.sequences[:, 1:], exp.old_logp, exp.advantages,
+                              exp.action_mask, config=config, tp_group=policy.tp_group)
+
+
 @torch.no_grad()
 def ema_init(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """fp32 copies of ``model``'s parameters, by name: under FSDP2 each is a DTensor holding this rank's shard
@@ -122,6 +130,7 @@ class PPOStage:
         self.mesh.dp_share(torch.arange(cfg.rollout_batch_size), "rollout_batch_size")  # fail early, naming it
         self.experience: Experience | None = None
         self.n_prompts = min(cfg.n_prompts, len(self.prompts))
+        self.actor_loss_config = ops.ActorLossConfig(clip_eps=cfg.clip_eps)
 
     # ---------------------------------------------------------------------------------------------- rollout
     @torch.no_grad()
@@ -201,9 +210,12 @@ class PPOStage:
     def ppo_loss(self, exp: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Clipped policy loss + vf_coef * clipped value loss of one micro-batch of episodes."""
         cfg = self.cfg
-        logp = logprobs_of(self.policy, exp.sequences, exp.attention_mask)
-        policy_loss, pstats = ops.ppo_policy_loss(logp, exp.old_logp, exp.advantages, exp.action_mask,
-                                                  clip_eps=cfg.clip_eps)
+        if cfg.fused_actor_loss:  # the surrogate inside the LM-head walk: the [N, V] logits never exist
+            policy_loss, pstats = actor_loss_of(self.policy, exp, self.actor_loss_config)
+        else:
+            logp = logprobs_of(self.policy, exp.sequences, exp.attention_mask)
+            policy_loss, pstats = ops.ppo_policy_loss(logp, exp.old_logp, exp.advantages, exp.action_mask,
+                                                      clip_eps=cfg.clip_eps)
         values = values_of(self.value, exp.sequences, exp.attention_mask)
         value_loss, vstats = ops.ppo_value_loss(values, exp.old_values, exp.returns, exp.action_mask,
                                                 clip_eps=cfg.value_clip_eps)
