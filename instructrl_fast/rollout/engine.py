@@ -63,6 +63,7 @@ def inference_copy(model: GPT, *, dtype: torch.dtype | None = None) -> GPT:
                     setattr(mod, name, torch.nn.Parameter(p.to(dtype)))
     copy = copy.to_empty(device=device).eval().requires_grad_(False)
     copy.compute_dtype = None if dtype == torch.float32 else dtype
+    copy.batch_invariant = model.batch_invariant
     # (copy unit, source unit, parameter names of the unit): the root's own parameters exclude the blocks'
     units = [(c, s, [n for n, _ in s.named_parameters()]) for c, s in zip(copy.blocks, model.blocks, strict=True)]
     units.append((copy, model, [n for n, _ in model.named_parameters() if not n.startswith("blocks.")]))

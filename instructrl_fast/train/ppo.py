@@ -5,7 +5,8 @@ Each prompt and sampled response is a bandit episode. Per PPO iteration:
 1. rollout: ``rollout_batch_size`` prompts -> responses sampled at temperature 1 (``rollout.generate``), each dp
    replica generating its share, every draw keyed to (seed, iteration, prompt, token) so that the episodes do
    not depend on the mesh;
-2. experience, without gradients: log-probs of the policy (``old_logp``) and of the frozen SFT reference
+2. experience, without gradients: log-probs of the policy (``old_logp``: with a batch-invariant policy
+   (``GPT.batch_invariant``) and temperature 1, the sampler's own, bitwise the training forward's) and of the frozen SFT reference
    (``ref_logp``), values, and the RM score of each full sequence;
    rewards = ``ops.shape_rewards``: score at the last response token minus beta * (logp - ref_logp) per token;
    advantages, returns = ``ops.gae`` (gamma 1, lambda 0.95), advantages ``ops.masked_whiten``-ed;
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from instructrl_fast import ops
+from instructrl_fast import batch_invariant, ops
 from instructrl_fast.model.gpt import sample_keys
 from instructrl_fast.parallel.dist import local_tensor, parallel_state
 from instructrl_fast.train.batching import encode_prompt, epoch_permutation, left_pad, lm_batch, step_indices
@@ -69,8 +70,9 @@ def actor_loss_of(policy, exp: Experience, config: ops.ActorLossConfig) -> tuple
     """``ops.ppo_actor_loss`` of the policy on one micro-batch: the final hidden states and the tied LM-head weight
     go straight into the fused loss (the same as ``logprobs_of`` then ``ops.ppo_policy_loss``, within rounding)."""
     h = policy(exp.sequences[:, :-1], attention_mask=exp.attention_mask[:, :-1]).to(policy.lm_weight.dtype)
-    return ops.ppo_actor_loss(h, policy.lm_weight, exp.sequences[:, 1:], exp.old_logp, exp.advantages,
-                              exp.action_mask, config=config, tp_group=policy.tp_group)
+    with batch_invariant.enabled(policy.invariant):
+        return ops.ppo_actor_loss(h, policy.lm_weight, exp.sequences[:, 1:], exp.old_logp, exp.advantages,
+                                  exp.action_mask, config=config, tp_group=policy.tp_group)
 
 
 @torch.no_grad()
@@ -152,8 +154,13 @@ class PPOStage:
         seq, attn = out.sequences, out.attention_mask.bool()
         action_mask = out.response_mask[:, 1:].bool()
         parts = {"old_logp": [], "ref_logp": [], "old_values": [], "scores": []}
+        # batch-invariant policy: the sampler's log-probs are the training forward's, bitwise; no recompute
+        sampled_logp = self.policy.invariant and cfg.temperature == 1.0
+        if sampled_logp:
+            parts["old_logp"].append(out.response_logprobs_aligned[:, 1:])
         for s, a in zip(seq.split(cfg.micro_batch_size), attn.split(cfg.micro_batch_size)):
-            parts["old_logp"].append(logprobs_of(self.policy, s, a))
+            if not sampled_logp:
+                parts["old_logp"].append(logprobs_of(self.policy, s, a))
             parts["ref_logp"].append(logprobs_of(self.ref, s, a))
             parts["old_values"].append(values_of(self.value, s, a))
             parts["scores"].append(self.rm(s, a))

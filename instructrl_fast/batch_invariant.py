@@ -1,0 +1,217 @@
+"""Batch-invariant kernels: each row's result depends only on that row's data (bitwise), whatever the batch size,
+the row's place in the batch, the padding and the number of tokens processed at once.
+
+Rollout (one token per row against a KV cache) and training (whole sequences in micro-batches) then compute the
+same log-probs to the last bit, so PPO's first-minibatch ratio is exactly 1. ``GPT.batch_invariant = True`` turns
+the mode on for a model's forward passes (``generate`` and the rollout engine follow the model); elsewhere the
+context manager ``enabled(True)`` does. What each kernel does in the mode, and why it is invariant:
+
+* linears (``linear``, ``matmul_t``): the rows are cut into tiles of ``TILE_ROWS`` rows, the last one padded with
+  zeros, and every tile is one ``torch.mm`` of the same [TILE_ROWS, K] x [K, N] shape: a decode step of B rows and a
+  training micro-batch of B x T rows run the very same GEMM call, whose reduction over K cannot depend on M. The
+  bias is added after the GEMM (an exact elementwise add), not fused into addmm.
+* attention (``attend``): computed in *position* space, not in slot space, so left / right padding and the cache
+  layout do not move a key: keys and values are scattered to their token positions (0 = the row's first real
+  token), scores are dot products over the head dimension (an elementwise product and one fixed-size inner
+  reduction), the softmax max is exact (a max does not round), and the sums over keys run block by block over
+  ``KEY_BLOCK`` positions in increasing order: within a block one fixed-size reduction, across blocks a sequential
+  add. Blocks past a query's causal limit contribute exact zeros, so a decode step over S_max slots and a training
+  forward over T columns add the same numbers in the same order. One function serves training, prefill and the
+  KV-cached decode step.
+* LM head and log-probs: the same tiled GEMM, then the log-prob ops' per-row kernels (``_shard_fwd``) and their
+  TP combine; the fused actor loss (``ops.ppo_actor_loss``) walks the same tiles.
+* LayerNorm (a per-row kernel on CPU), GELU, residual adds and the embedding are row-local already; the tests
+  check them rather than assume it. Elementwise transcendental kernels (exp, tanh) on CPU run vectorised with a
+  scalar tail at the end of the tensor, which can differ in the last bit: every tensor they see in the mode has
+  a multiple of 32 elements per row-tile (TILE_ROWS, KEY_BLOCK and the presets' widths are multiples of 32).
+* under TP, the row-parallel outputs are summed in rank order (``reduce_fixed_order``: all-gather, then
+  r0 + r1 + ... left to right). TP = 1 and TP = 2 do *not* agree bitwise: a different partition of K rounds
+  differently. What holds, and is tested: at a fixed TP size, every row's result is batch invariant.
+
+Limits: bitwise claims hold at a fixed thread count (the CPU tests run one intra-op thread: a parallel elementwise
+kernel may cut its range where the vectorised loop leaves a scalar tail); the backward pass is not batch invariant
+(only the forward values are compared by PPO); on a GPU the mode is untested (no GPU was lent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["KEY_BLOCK", "TILE_ROWS", "attend", "enabled", "is_enabled", "linear", "linear_logprobs", "matmul_t",
+           "reduce_fixed_order"]
+
+TILE_ROWS = 32  # rows of every GEMM tile (decode pads its B rows up to it)
+KEY_BLOCK = 32  # key positions per block of the attention's reductions
+
+_state = threading.local()
+
+
+def is_enabled() -> bool:
+    """Whether the batch-invariant kernels are on in this thread."""
+    return getattr(_state, "on", False)
+
+
+@contextlib.contextmanager
+def enabled(on: bool = True) -> Iterator[None]:
+    """Turn the batch-invariant kernels on (or off) inside the block, in this thread."""
+    if not isinstance(on, bool):
+        raise TypeError(f"on must be a bool, got {type(on).__name__}")
+    previous, _state.on = is_enabled(), on
+    try:
+        yield
+    finally:
+        _state.on = previous
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GEMM
+# ---------------------------------------------------------------------------------------------------------------
+def matmul_t(x: Tensor, weight: Tensor) -> Tensor:
+    """x [M, K] @ weight[N, K].T -> [M, N] as ceil(M / TILE_ROWS) GEMMs of one [TILE_ROWS, K] x [K, N] shape."""
+    M = x.shape[0]
+    pad = -M % TILE_ROWS
+    xp = F.pad(x, (0, 0, 0, pad)) if pad else x
+    wt = weight.t()
+    return torch.cat([torch.mm(tile, wt) for tile in xp.split(TILE_ROWS)])[:M]
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear`` through ``matmul_t``: x [..., K], weight [N, K], bias [N] -> [..., N]."""
+    y = matmul_t(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TP reduction
+# ---------------------------------------------------------------------------------------------------------------
+class _ReduceFixedOrder(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        out = parts[0]
+        for p in parts[1:]:
+            out = out + p
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None  # as reduce_from_tp: the replicated output's gradient is every rank's input gradient
+
+
+def reduce_fixed_order(x: Tensor, group) -> Tensor:
+    """The sum over the TP group of x, added in rank order (r0 + r1 + ...) on every rank; identity backward."""
+    return _ReduceFixedOrder.apply(x, group)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------------------------
+def _to_positions(x: Tensor, pos: Tensor, usable: Tensor, P: int) -> Tensor:
+    """x [B, H, S, Dh] by slot -> [B, H, P, Dh] by position (zeros where no usable key has that position)."""
+    B, H, S, Dh = x.shape
+    index = torch.where(usable, pos, P)  # unusable slots go to a dump row P, dropped below
+    out = x.new_zeros(B, H, P + 1, Dh)
+    out.scatter_(2, index[:, None, :, None].expand(B, H, S, Dh), torch.where(usable[:, None, :, None], x, 0))
+    return out[:, :, :P]
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, k_usable: Tensor,
+           sm_scale: float) -> Tensor:
+    """Causal attention in position space with a fixed reduction order (module docstring).
+
+    Args:
+        q: [B, H, T, Dh] queries; q_pos [B, T] int64 their token positions.
+        k, v: [B, H, S, Dh] keys / values by slot; k_pos [B, S] int64 their positions; k_usable [B, S] bool: a real
+            key that some query of the row may see (real token at or before the row's last query slot).
+    Returns:
+        [B, H, T, Dh]: query t attends the usable keys of positions <= q_pos[t].
+    """
+    B, H, T, Dh = q.shape
+    P = (int(k.shape[2]) + KEY_BLOCK - 1) // KEY_BLOCK * KEY_BLOCK
+    kp, vp = _to_positions(k, k_pos, k_usable, P), _to_positions(v, k_pos, k_usable, P)
+    present = torch.zeros(B, P + 1, dtype=torch.bool, device=q.device)
+    present.scatter_(1, torch.where(k_usable, k_pos, P), True)
+    present = present[:, :P]
+    kpos = torch.arange(P, device=q.device)
+    visible = present[:, None, None, :] & (kpos <= q_pos[:, None, :, None])  # [B, 1, T, P]
+    blocks = range(0, P, KEY_BLOCK)
+    scores = torch.cat([(q[:, :, :, None, :] * kp[:, :, None, b:b + KEY_BLOCK, :]).sum(-1) for b in blocks], -1)
+    scores = torch.where(visible, scores * sm_scale, float("-inf"))  # [B, H, T, P]
+    m = scores.amax(-1, keepdim=True)
+    m = torch.where(m == float("-inf"), 0.0, m)  # a row with no visible key: all weights 0, output 0
+    e = torch.exp(scores - m)
+    vt = vp.transpose(2, 3)  # [B, H, Dh, P]: the key dimension innermost, reduced in fixed-size blocks
+    denom = torch.zeros_like(m)
+    acc = q.new_zeros(B, H, T, Dh)
+    for b in blocks:
+        eb = e[..., b:b + KEY_BLOCK]
+        denom = denom + eb.sum(-1, keepdim=True)
+        acc = acc + (eb[:, :, :, None, :] * vt[:, :, None, :, b:b + KEY_BLOCK]).sum(-1)
+    return acc / torch.where(denom == 0, 1.0, denom)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LM head log-probs
+# ---------------------------------------------------------------------------------------------------------------
+class _LinearLogprobs(torch.autograd.Function):
+    """hidden [N, D], weight [V, D] (vocab shard), labels [N] -> logp [N] fp32: per TILE_ROWS tile, the tiled GEMM
+    then the log-prob ops' per-row kernel and TP combine. The backward is ``linear_logprobs``'s (recomputing)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, ignore_index, tp_group, backend):
+        from instructrl_fast.ops.logprob import _combine, _shard_fwd, _tp_rank_world
+
+        vocab_start = _tp_rank_world(tp_group)[0] * weight.shape[0]
+        keep = labels != ignore_index
+        logp, lse = [], []
+        for start in range(0, hidden.shape[0], TILE_ROWS):
+            sl = slice(start, start + TILE_ROWS)
+            shard = _shard_fwd(backend, matmul_t(hidden[sl], weight), labels[sl], temperature, ignore_index,
+                               vocab_start, False)
+            lp, _, ls = _combine(*shard, keep[sl], False, tp_group)
+            logp.append(lp)
+            lse.append(ls)
+        lse = torch.cat(lse)
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.args = (temperature, ignore_index, vocab_start, backend, tp_group)
+        return torch.cat(logp)
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        from instructrl_fast.ops.logprob import _linear_bwd
+
+        hidden, weight, labels, lse = ctx.saved_tensors
+        temperature, ignore_index, vocab_start, backend, tp_group = ctx.args
+        empty = lse.new_empty(0)
+        grad_hidden, grad_weight = _linear_bwd(grad_logp.contiguous(), empty, hidden, weight, labels, lse, empty,
+                                               temperature, ignore_index, vocab_start, backend)
+        if tp_group is not None and dist.get_world_size(tp_group) > 1:
+            dist.all_reduce(grad_hidden, group=tp_group)  # hidden is replicated: its gradient sums the shards'
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, temperature: float = 1.0,
+                    ignore_index: int = -100, tp_group=None) -> Tensor:
+    """``ops.linear_logprobs`` (without entropy) in the batch-invariant mode: hidden [..., D], weight [V, D]
+    (vocab shard under ``tp_group``), labels [...] global ids -> logp [...] fp32, bitwise the same for a row
+    whatever else is in the batch, and the same bits as ``ops.gather_logprobs`` on ``linear``'s logits."""
+    from instructrl_fast.backend import resolve
+    from instructrl_fast.ops._checks import check_lm_head
+    from instructrl_fast.ops.logprob import _IMPLEMENTED, _check_common, _check_labels, _tp_rank_world
+
+    check_lm_head("hidden", hidden, "weight", weight, min_ndim=1)
+    temperature = _check_common(labels, "hidden", hidden, temperature, ignore_index, False)
+    _check_labels(labels, weight.shape[0] * _tp_rank_world(tp_group)[1], ignore_index)
+    backend = resolve("linear_logprobs", hidden.device, _IMPLEMENTED)
+    D = hidden.shape[-1]
+    logp = _LinearLogprobs.apply(hidden.reshape(-1, D).contiguous(), weight.contiguous(), labels.reshape(-1),
+                                 temperature, ignore_index, tp_group, backend)
+    return logp.view(labels.shape)
