@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="all stages for one size on the embedded task, then the result table")
     _common(p)
     p.add_argument("--size", default=DEFAULT_RUN_SIZE, help="which base size (s, m, l); default s")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="PPO with batch-invariant kernels: rollout log-probs == training log-probs, bitwise")
 
     p = sub.add_parser("reproduce", help="all sizes and methods: the Figure-1 table and plot")
     _common(p)
@@ -93,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", type=Path, default=None,
                    help="pretraining text for --ptx, documents separated by blank lines (default: the demo corpus)")
     p.add_argument("--episodes", type=int, default=None)
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="PPO with batch-invariant kernels: rollout log-probs == training log-probs, bitwise")
 
     p = sub.add_parser("eval", help="evaluate policies with the gold labeler, or answer prompts from a JSONL")
     _common(p, out_required=True)
@@ -130,6 +134,9 @@ def _setup(args):
         cfg = dataclasses.replace(cfg, precision=args.precision)
     if args.activation_checkpointing is not None:
         cfg = dataclasses.replace(cfg, activation_checkpointing=args.activation_checkpointing)
+    if getattr(args, "batch_invariant", False):
+        cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, batch_invariant=True),
+                                  ppo_ptx=dataclasses.replace(cfg.ppo_ptx, batch_invariant=True))
     if args.quiet or not state.is_main:
         _quiet(cfg)
     return cfg, state

@@ -5,12 +5,13 @@ Each prompt and sampled response is a bandit episode. Per PPO iteration:
 1. rollout: ``rollout_batch_size`` prompts -> responses sampled at temperature 1 (``rollout.generate``), each dp
    replica generating its share, every draw keyed to (seed, iteration, prompt, token) so that the episodes do
    not depend on the mesh;
-2. experience, without gradients: log-probs of the policy (``old_logp``: with a batch-invariant policy
-   (``GPT.batch_invariant``) and temperature 1, the sampler's own, bitwise the training forward's) and of the frozen SFT reference
+2. experience, without gradients: log-probs of the policy (``old_logp``; with ``batch_invariant`` at temperature 1
+   the sampler's own, bitwise the training forward's) and of the frozen SFT reference
    (``ref_logp``), values, and the RM score of each full sequence;
    rewards = ``ops.shape_rewards``: score at the last response token minus beta * (logp - ref_logp) per token;
    advantages, returns = ``ops.gae`` (gamma 1, lambda 0.95), advantages ``ops.masked_whiten``-ed;
-3. ``ppo_epochs`` passes in minibatches: ``ops.ppo_policy_loss`` (clip 0.2) + ``ops.ppo_value_loss`` and, for
+3. ``ppo_epochs`` passes in minibatches: the clipped surrogate (clip 0.2; ``ops.ppo_actor_loss`` inside the LM
+   head, or ``ops.ppo_policy_loss`` with ``fused_actor_loss=False``) + ``ops.ppo_value_loss`` and, for
    PPO-ptx, ptx_coef * (pretraining NLL) on ``ptx_per_episode`` pretraining windows per episode, whose gradient
    lands in the same .grad buffers as the PPO gradient before the one optimizer step;
 4. after every optimizer step, the EMA of the policy weights (decay 0.992) is updated; the EMA model is the result.
@@ -133,6 +134,8 @@ class PPOStage:
         self.experience: Experience | None = None
         self.n_prompts = min(cfg.n_prompts, len(self.prompts))
         self.actor_loss_config = ops.ActorLossConfig(clip_eps=cfg.clip_eps)
+        if cfg.batch_invariant:
+            policy.batch_invariant = True
 
     # ---------------------------------------------------------------------------------------------- rollout
     @torch.no_grad()
