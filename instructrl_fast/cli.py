@@ -167,21 +167,20 @@ def _model(args, cfg, tok, size: str, head: str = "lm", *, state=None, init: Pat
     from instructrl_fast.train.config import model_config
 
     state = dataclasses.replace(state or parallel_state(), device=_device(args, state or parallel_state()))
-    tp_group = state.tp_group
-    if init is not None and init.is_dir():  # a GPT-2-family transformers checkpoint
+    hf_dir = init is not None and init.is_dir()  # a GPT-2-family transformers checkpoint
+    if hf_dir:
         from instructrl_fast.model import hf
 
-        if state.dp_size > 1:  # load_gpt2 builds a TP-only model; FSDP2 wraps before loading (parallel.build_gpt)
-            raise ValueError(f"--init {init}: a transformers checkpoint loads at dp = 1 only (here dp = "
-                             f"{state.dp_size}: world {state.world_size} / --tp {state.tp_size}); launch with --tp equal "
-                             f"to the world size")
-        return hf.load_gpt2(str(init), head=head, tp_group=tp_group, device=_device(args, state))
-    if size not in cfg.pretrain:
+        mcfg = hf.config_from_hf(json.loads((init / "config.json").read_text()))
+    elif size not in cfg.pretrain:
         raise SystemExit(f"--size must be one of {tuple(cfg.pretrain)} for preset {cfg.name}, got {size!r}")
-    mcfg = model_config(cfg.pretrain[size].model, vocab_size=tok.vocab_size, block_size=cfg.block_size)
+    else:
+        mcfg = model_config(cfg.pretrain[size].model, vocab_size=tok.vocab_size, block_size=cfg.block_size)
     precision = cfg.precision or ("bf16" if state.device.type == "cuda" else "fp32")
     build = lambda h: build_gpt(mcfg, h, state=state, precision=precision, frozen=frozen,
                                 activation_checkpointing=cfg.activation_checkpointing)
+    if hf_dir:  # built on the mesh (FSDP2 too), then each rank reads its slices
+        return hf.load_gpt2_weights(str(init), build(head))
     model = build(head)
     if init is not None:
         if head == "scalar":

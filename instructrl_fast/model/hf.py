@@ -86,28 +86,45 @@ def _is_conv1d_weight(hf_name: str) -> bool:
     return hf_name.endswith(".weight") and any(f".{m}." in hf_name for m in _CONV1D)
 
 
-@torch.no_grad()
+def _paths(path: str) -> tuple[str, str]:
+    cfg_path, st_path = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
+    for p in (cfg_path, st_path):
+        if not os.path.isfile(p):
+            raise ValueError(f"path must be a checkpoint directory holding {os.path.basename(p)}: {p} is missing")
+    return cfg_path, st_path
+
+
 def load_gpt2(path: str, *, head: str = "lm", tp_group: dist.ProcessGroup | None = None,
               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", vocab_multiple: int = 1,
               dropout: float | None = None) -> GPT:
     """Build a ``GPT`` from a GPT-2 checkpoint directory, sharded for ``tp_group`` (None: the whole model).
 
-    Each rank reads only its own slice of each tensor (``safe_open(...).get_slice``; the fused qkv as one slice per
-    Q / K / V block): no rank ever holds the full checkpoint. Parameters the checkpoint lacks (the scalar head) keep
-    the model's seed-0 initialisation.
+    Each rank reads only its own slice of each tensor (``load_gpt2_weights``). Parameters the checkpoint lacks (the
+    scalar head) keep the model's seed-0 initialisation.
     """
-    from safetensors import safe_open
-
-    cfg_path, st_path = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
-    for p in (cfg_path, st_path):
-        if not os.path.isfile(p):
-            raise ValueError(f"path must be a checkpoint directory holding {os.path.basename(p)}: {p} is missing")
+    cfg_path, _ = _paths(path)
     with open(cfg_path) as f:
         config = config_from_hf(json.load(f), vocab_multiple=vocab_multiple, dropout=dropout)
     with torch.device("meta"):
         model = GPT(config, head, tp_group)
     model.to_empty(device=device)
     model.init_weights(0)
+    return load_gpt2_weights(path, model).to(dtype)
+
+
+@torch.no_grad()
+def load_gpt2_weights(path: str, model: GPT) -> GPT:
+    """Fill ``model`` (any TP size; FSDP2-wrapped or not, e.g. built on the meta device, wrapped, materialised) from
+    the GPT-2 checkpoint directory ``path``; returns it.
+
+    Each rank reads only its own slices of each tensor (``safe_open(...).get_slice``; the fused qkv as one slice per
+    Q / K / V block, and FSDP2's row range within them): no rank ever holds a full tensor. Parameters the checkpoint
+    lacks (the scalar head) keep their values; our padding rows of wte (ids >= GPT-2's vocabulary) become zeros.
+    """
+    from safetensors import safe_open
+
+    _, st_path = _paths(path)
+    reshard(model)
     params, specs = dict(model.named_parameters()), tp_specs(model)
     with safe_open(st_path, framework="pt", device="cpu") as f:
         stored = {ours: key for key in f.keys() if (ours := hf_name_to_ours(key)) is not None}  # noqa: SIM118
@@ -134,7 +151,7 @@ def load_gpt2(path: str, *, head: str = "lm", tp_group: dist.ProcessGroup | None
                     else:
                         t = src[part]
                     c.local.narrow(0, 0, stop - index[0].start).copy_(t)
-    return model.to(dtype)
+    return model
 
 
 def write_gpt2(path: str, config: GPTConfig, tensors: list[tuple[str, torch.Size, torch.dtype]], fetch) -> None:

@@ -53,6 +53,17 @@ class ParallelState:
             dist.all_reduce(t, group=self.dp_group)
         return t
 
+    def dp_mean(self, fn, n: int) -> torch.Tensor:
+        """The mean of ``fn(i)`` (a [K] tensor, e.g. one evaluation batch's metrics) over i < n, each dp rank
+        computing a contiguous ceil(n / dp) of them. A rank past the end repeats item 0 with weight 0: under FSDP2
+        every rank must run the same number of forwards. A collective over dp."""
+        per = -(-n // self.dp_size)
+        total = None
+        for i in range(self.dp_rank * per, (self.dp_rank + 1) * per):
+            v = fn(i if i < n else 0) * (1.0 if i < n else 0.0)
+            total = v if total is None else total + v
+        return self.dp_sum(total) / n
+
     def dp_gather(self, t: torch.Tensor) -> torch.Tensor:
         """The dp ranks' ``t`` [B_r, ...] (equal shapes) concatenated along dim 0 in dp-rank order."""
         if self.dp_size == 1:

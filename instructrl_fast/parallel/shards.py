@@ -6,8 +6,9 @@ the "dp" mesh dimension (a DTensor whose "global" shape is only the TP slice). N
 local data sits in the full tensor, so checkpoints and loaders go through ``local_chunks``: the list of rectangular
 pieces this rank holds, each a view of its storage plus its offsets in the full tensor. A fused parameter (qkv,
 ``n_fused`` = 3) gives one piece per Q / K / V block on its TP dimension, and an FSDP2 row range that straddles two
-blocks gives a piece in each. DCP (``dcp_state``), the streaming safetensors writer and the sliced readers all use it:
-one description of the layout, whatever the mesh.
+blocks gives a piece in each. DCP checkpoints (``train/checkpoint.py``: the pieces with their offsets), the streaming
+safetensors writer (``gather_full``) and the sliced readers (``load_weights``, ``load_gpt2``) all use it: one
+description of the layout, whatever the mesh.
 """
 
 from __future__ import annotations

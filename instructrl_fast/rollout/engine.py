@@ -3,11 +3,12 @@ pass streamed behind the generation.
 
 Per PPO iteration:
 
-1. ``inference_copy(policy)`` gathers the policy once into a plain GPT (no FSDP), sharded by TP only, bf16 on a GPU
-   and fp32 on CPU: one all-gather per FSDP unit (each block, then the root) through FSDP2's own ``unshard``, each
-   unit copied and resharded at once, so at most one gathered unit is held on top of the copy. Decode steps then
-   read local weights only (under FSDP every step would all-gather every block again). The caller drops the copy
-   after the rollout.
+1. ``inference_copy(policy)`` gathers the policy once into a plain GPT (no FSDP), sharded by TP only, its weights in
+   the dtypes the training forward computes with (bf16 under ``--precision bf16``, fp32 on CPU): one all-gather per
+   FSDP unit (each block, then the root) through FSDP2's own ``unshard``, each unit copied and resharded at once,
+   so at most one gathered unit is held on top of the copy. Decode steps then read local weights only (under FSDP
+   every step would all-gather every block again), and the copy's log-probs are the training forward's. The caller
+   drops the copy after the rollout.
 2. ``RolloutEngine`` generates this dp rank's prompts through ``slots`` preallocated KV-cache rows. When a row ends
    (EOS or ``max_new_tokens``) its slot is prefilled with the next prompt of the queue (continuous batching), and
    each slot decodes at its own cache column (``GPT.forward``'s per-row ``input_pos``). Sampling is keyed
@@ -33,51 +34,49 @@ import torch
 
 from instructrl_fast.model.gpt import GPT
 from instructrl_fast.ops._checks import check_mask, check_tensor, eager_data_checks
-from instructrl_fast.parallel.dist import local_tensor
 from instructrl_fast.rollout.generate import RolloutBatch, _check_args, _compiled_decode_step, _decode_step, _next_token
 
 
 @torch.no_grad()
 def inference_copy(model: GPT, *, dtype: torch.dtype | None = None) -> GPT:
-    """A plain (no FSDP) eval-mode copy of ``model``'s weights, TP-sharded like it, in ``dtype`` (default bf16 on
-    a GPU, fp32 on CPU). A collective over dp when ``model`` is FSDP2-wrapped: every dp rank must call it.
+    """A plain (no FSDP) eval-mode copy of ``model``'s weights, TP-sharded like it: a collective over dp when
+    ``model`` is FSDP2-wrapped (every dp rank must call it).
 
-    The blocks' weight matrices are stored in ``dtype``, the rest (vectors, embeddings, head) in fp32. A bf16
-    copy computes under autocast (``compute_dtype``), as the bf16 training forward does: matmuls in bf16, the
-    residual stream, LayerNorm and the log-prob ops in fp32.
+    By default each weight is held in the dtype the training forward computes with, so the copy's log-probs are
+    the training forward's: under FSDP2 the gathered (``MixedPrecisionPolicy.param_dtype``) weights; without FSDP
+    the blocks' matrices in ``compute_dtype`` (what autocast casts them to) and the rest (LayerNorms, biases,
+    embeddings, the tied head) as stored. ``dtype`` (e.g. bf16 for an fp32-trained model) sets the blocks'
+    matrices' dtype instead, the bulk of the bytes a decode step reads.
     """
     if not isinstance(model, GPT):
         raise TypeError(f"model must be a GPT, got {type(model).__name__}")
-    device = local_tensor(model.wpe.weight).device
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     with torch.device("meta"):
         copy = GPT(model.config, head=model.head, tp_group=model.tp_group)
-        # The blocks' matrices (all but ~1% of a large model's bytes) in dtype. LayerNorms, biases, embeddings and
-        # the tied LM head stay fp32, as under the training forward's autocast: an fp32 residual stream, and the
-        # head's log-probs from ops.linear_logprobs on fp32 weights, as in GPT.token_logprobs.
-        for mod in copy.blocks.modules():
-            for name, p in list(mod.named_parameters(recurse=False)):
-                if p.dim() == 2:
-                    setattr(mod, name, torch.nn.Parameter(p.to(dtype)))
-    copy = copy.to_empty(device=device).eval().requires_grad_(False)
-    copy.compute_dtype = None if dtype == torch.float32 else dtype
-    copy.batch_invariant = model.batch_invariant
-    # (copy unit, source unit, parameter names of the unit): the root's own parameters exclude the blocks'
-    units = [(c, s, [n for n, _ in s.named_parameters()]) for c, s in zip(copy.blocks, model.blocks, strict=True)]
-    units.append((copy, model, [n for n, _ in model.named_parameters() if not n.startswith("blocks.")]))
-    for dst, src, names in units:
+    low = dtype or model.compute_dtype
+    # (source unit, its parameter names): each block, then the root's own parameters (the blocks' excluded)
+    units = [(block, [f"blocks.{i}.{n}" for n, _ in block.named_parameters()]) for i, block in enumerate(model.blocks)]
+    units.append((model, [n for n, _ in model.named_parameters() if not n.startswith("blocks.")]))
+    for src, names in units:
         fsdp = hasattr(src, "unshard")
         if fsdp:
-            src.unshard()  # one all-gather of the unit's shards (in FSDP's param dtype); params become full tensors
+            src.unshard()  # one all-gather of the unit's shards, in FSDP's param dtype; params become full tensors
         try:
             for name in names:
-                dst.get_parameter(name).copy_(src.get_parameter(name))
+                value = model.get_parameter(name).detach()
+                matrix = name.startswith("blocks.") and value.dim() == 2
+                target = low if matrix and (dtype is not None or not fsdp) and low is not None else value.dtype
+                owner, _, leaf = name.rpartition(".")
+                # a copy, never a view: FSDP's unsharded parameters live in a gather buffer that reshard frees
+                setattr(copy.get_submodule(owner), leaf, torch.nn.Parameter(value.to(target, copy=True),
+                                                                             requires_grad=False))
         finally:
             if fsdp:
                 src.reshard()
-    return copy
+    copy.compute_dtype = model.compute_dtype if dtype is None else (None if dtype == torch.float32 else dtype)
+    copy.batch_invariant = model.batch_invariant
+    return copy.eval()
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -237,7 +236,7 @@ class RolloutEngine:
                     yield self._group(finished[:S], ids, pmask, tokens, logprobs, lengths)
                     del finished[:S]
                 free = [s for s in range(S) if occupant[s] is None]
-                admitted = admit(free) if free and (self.continuous or len(free) == S) else []
+                admitted = set(admit(free) if free and (self.continuous or len(free) == S) else [])
                 if all(occupant[s] is None or s in admitted for s in range(S)):
                     if not admitted:
                         break

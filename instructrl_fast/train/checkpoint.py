@@ -10,9 +10,11 @@ Layout of a stage's checkpoint folder::
         state.rank<r>.pt        the same for rank r > 0 (their RNG streams may differ)
       latest                    text file naming the newest complete checkpoint folder
 
-DCP names a tensor ``<module>.<parameter>`` (weights) and ``optim.<module>.<parameter>.<key>`` (Adam moments, step)
-and knows each chunk's place in the full tensor (``parallel.shards.local_chunks``), so a checkpoint written at one
-(dp, tp) mesh loads at any other that divides the model. A checkpoint is written into a temporary folder in the same
+DCP names a tensor ``<module>.<parameter>`` (weights, or the tensors of a ``ParameterState`` such as an EMA) and
+``optim.<module>.<parameter>.<key>`` (Adam moments, step) and knows each chunk's place in the full tensor
+(``parallel.shards.local_chunks``), so a checkpoint written at one (dp, tp) mesh loads at any other that divides the
+model. ``state.pt`` also records each model's GPTConfig (for ``export``) and the optimizer's hyperparameters, its
+parameters named rather than numbered. A checkpoint is written into a temporary folder in the same
 directory (every rank's files fsynced by DCP and here), rank 0 renames the folder into place with ``os.replace``
 (atomic on POSIX) and only then rewrites ``latest``, itself through a temporary file + fsync + ``os.replace``. A
 crash of any rank at any point therefore leaves ``latest`` naming a complete checkpoint.
@@ -46,6 +48,7 @@ DCP_METADATA = ".metadata"
 CONFIG_KEY = "instructrl_fast.gpt_config"  # safetensors metadata: the GPTConfig (JSON) of the weights, for export
 _TMP_PREFIX = ".tmp-"
 _OPTIM = "optim"
+HANDED_ON = ("ema", "policy", "model")  # the model a stage hands on, by preference (PPO: the EMA of the policy)
 
 
 def _rank() -> int:
@@ -228,17 +231,20 @@ def _dcp_tensor(t: torch.Tensor, spec) -> torch.Tensor:
     return DTensor.from_local(wrapper, mesh, [Replicate()], run_check=False, shape=shape, stride=stride)
 
 
-class ParameterState:
+class ParameterState(torch.nn.Module):
     """Tensors shaped like ``module``'s parameters and keyed by their names (an EMA of the weights: fp32 and, under
     FSDP2, DTensors sharded like the parameters), checkpointed like a module: each tensor in its parameter's layout,
-    so it reshards. Put one in ``modules`` (e.g. ``{"policy": policy, "ema": ParameterState(policy, ema)}``)."""
+    so it reshards. Put one in ``modules`` (e.g. ``{"policy": policy, "ema": ParameterState(policy, ema)}``); it is
+    an ``nn.Module`` with no parameters or submodules of its own, so a stage may list it in ``Stage.modules``."""
 
     def __init__(self, module: torch.nn.Module, tensors: dict[str, torch.Tensor]):
+        super().__init__()
         shapes = {n: p.shape for n, p in module.named_parameters()}
         wrong = [n for n, t in tensors.items() if shapes.get(n) != t.shape]
         if wrong:
             raise ValueError(f"tensors must be shaped like module's parameters of the same names; {wrong[:3]} are not")
-        self.module, self.tensors, self.config = module, tensors, getattr(module, "config", None)
+        object.__setattr__(self, "module", module)  # a reference, not a submodule: its weights are not this state's
+        self.tensors, self.config = tensors, getattr(module, "config", None)
 
 
 def _module_state(modules: dict[str, torch.nn.Module | ParameterState]) -> dict[str, torch.Tensor]:
@@ -288,6 +294,15 @@ def _optimizer_state(optimizer: torch.optim.Optimizer, names: dict) -> dict[str,
     return out
 
 
+def _sharded_leaves(obj, prefix: str = "state") -> list[str]:
+    """Where ``obj`` (nested dicts / lists) holds DTensors."""
+    if isinstance(obj, dict):
+        return [k for key, v in obj.items() for k in _sharded_leaves(v, f"{prefix}[{key!r}]")]
+    if isinstance(obj, (list, tuple)):
+        return [k for i, v in enumerate(obj) for k in _sharded_leaves(v, f"{prefix}[{i}]")]
+    return [prefix] if isinstance(obj, torch.Tensor) and is_sharded(obj, None) else []
+
+
 def _state_file(path: Path, rank: int) -> Path:
     return path / (STATE if rank == 0 else f"state.rank{rank}.pt")
 
@@ -304,6 +319,9 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, modules: dict[str, t
 
     if not modules:
         raise ValueError("modules must name at least one module to save")
+    if sharded := _sharded_leaves(state):
+        raise TypeError(f"state holds sharded tensors ({sharded[:3]}), which a per-rank state file cannot reshard: "
+                        "pass them in modules, as a ParameterState if they are shaped like a module's parameters")
     ckpt_dir = Path(ckpt_dir)
     name = f"step_{step:08d}"
     tmp, final = ckpt_dir / f"{_TMP_PREFIX}{name}", ckpt_dir / name
@@ -365,10 +383,10 @@ def _load_optimizer(path: Path, optimizer: torch.optim.Optimizer, modules: dict,
     names = _param_names(modules)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     index = {names[id(p)][0]: i for i, p in enumerate(params)}
-    saved = [n for g in saved_groups for n in g["params"]]
-    if sorted(saved) != sorted(index):
-        raise ValueError(f"{path}: the optimizer's parameters differ from the checkpoint's "
-                         f"({sorted(set(saved) ^ set(index))[:5]})")
+    current = [[names[id(p)][0] for p in g["params"]] for g in optimizer.param_groups]
+    if len(current) != len(saved_groups) or any(set(a) != set(b["params"]) for a, b in zip(current, saved_groups)):
+        raise ValueError(f"{path}: the optimizer's parameter groups differ from the checkpoint's "
+                         f"({[len(g) for g in current]} vs {[len(g['params']) for g in saved_groups]} parameters)")
     targets, views = {}, {}
     for i, p in enumerate(params):
         name, spec = names[id(p)]
@@ -390,7 +408,9 @@ def _load_optimizer(path: Path, optimizer: torch.optim.Optimizer, modules: dict,
     state: dict[int, dict] = {}
     for key, (i, tensor) in views.items():
         state.setdefault(i, {})[key.rsplit(".", 1)[1]] = tensor if tensor is not None else targets[key]
-    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in saved_groups]
+    # Numbered in this optimizer's order (load_state_dict pairs saved and current parameters by position), with the
+    # saved hyperparameters of each group.
+    groups = [{**g, "params": [index[n] for n in names_now]} for g, names_now in zip(saved_groups, current)]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -429,3 +449,29 @@ def load_checkpoint(path: str | os.PathLike, modules: dict[str, torch.nn.Module 
     if restore_rng:
         set_rng_state(state["rng"])
     return state
+
+
+def checkpoint_model(path: str | os.PathLike, name: str | None = None) -> tuple[Path, str, dict]:
+    """(checkpoint folder, model name, its GPTConfig as a dict) for ``path``: a stage's ``ckpt`` folder (its newest
+    checkpoint) or one checkpoint folder. ``name`` None picks the model the stage hands on (``HANDED_ON``), else its
+    only model."""
+    path = Path(path)
+    if (path / LATEST).is_file():
+        path = latest_checkpoint(path)
+    if not (path / DCP_METADATA).is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder (no {DCP_METADATA}) nor a ckpt folder "
+                                f"(no {LATEST})")
+    configs = torch.load(path / STATE, weights_only=True).get("model_configs", {})
+    if name is None:
+        name = next((m for m in HANDED_ON if m in configs), next(iter(configs)) if len(configs) == 1 else None)
+    if name not in configs:
+        raise ValueError(f"module must name one of the checkpoint's models {sorted(configs)}, got {name!r}")
+    return path, name, configs[name]
+
+
+def load_model_weights(path: str | os.PathLike, module: torch.nn.Module, *, name: str | None = None):
+    """Load one model of a checkpoint (``checkpoint_model``'s choice) into ``module``, at any mesh: ``--init`` from
+    a checkpoint. A collective under torch.distributed. Returns ``module``."""
+    folder, name, _ = checkpoint_model(path, name)
+    load_checkpoint(folder, {name: module}, restore_rng=False)
+    return module

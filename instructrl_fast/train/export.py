@@ -12,34 +12,28 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from instructrl_fast.model.config import GPTConfig
-from instructrl_fast.train.checkpoint import (
-    CONFIG_KEY,
-    DCP_METADATA,
-    LATEST,
-    STATE,
-    _dcp_quiet,
-    latest_checkpoint,
-)
+from instructrl_fast.train.checkpoint import CONFIG_KEY, DCP_METADATA, LATEST, _dcp_quiet, checkpoint_model
 
 WEIGHTS = "model.safetensors"
-_MODULE_PREFERENCE = ("ema", "policy", "model")  # the weights a stage hands on (PPO: the EMA policy)
 _GPT_PREFIXES = ("wte.", "wpe.", "blocks.", "ln_f.", "score_head.")
 
 
-class _Source:
+class _Source(Protocol):
     """Full tensors by our parameter name, read one at a time."""
 
-    config: GPTConfig
-    tensors: list[tuple[str, torch.Size, torch.dtype]]
+    config: GPTConfig  # the model's shape
+    tensors: list[tuple[str, torch.Size, torch.dtype]]  # (name, full shape, dtype) of every tensor
 
-    def read(self, name: str) -> torch.Tensor: ...
+    def read(self, name: str) -> torch.Tensor:
+        """The full tensor ``name``."""
 
 
-class _SafetensorsSource(_Source):
+class _SafetensorsSource:
     def __init__(self, path: Path):
         from safetensors import safe_open
 
@@ -62,22 +56,14 @@ class _SafetensorsSource(_Source):
             return f.get_tensor(name)
 
 
-class _DCPSource(_Source):
+class _DCPSource:
     def __init__(self, path: Path, module: str | None):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        self.path = path
-        state = torch.load(path / STATE, weights_only=True)
-        configs = state.get("model_configs", {})
-        if module is None:
-            module = next((m for m in _MODULE_PREFERENCE if m in configs), None)
-            if module is None and len(configs) == 1:
-                module = next(iter(configs))
-        if module not in configs:
-            raise ValueError(f"module must name one of the checkpoint's models {sorted(configs)}, got {module!r}")
-        self.config = GPTConfig(**configs[module])
-        md = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        self.path, module, config = checkpoint_model(path, module)
+        self.config = GPTConfig(**config)
+        md = dcp.FileSystemReader(self.path).read_metadata().state_dict_metadata
         prefix = f"{module}."
         self.keys = {k.removeprefix(prefix): k for k, v in md.items()
                      if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}
@@ -101,9 +87,7 @@ def open_weights(path: str | os.PathLike, *, module: str | None = None) -> _Sour
     """The weights at ``path`` (see the module docstring for what it may be); ``module`` picks a checkpoint's
     model (default: ema, else policy, else model, else its only one)."""
     path = Path(path)
-    if path.is_dir() and (path / LATEST).is_file():
-        path = latest_checkpoint(path)
-    if path.is_dir() and (path / DCP_METADATA).is_file():
+    if path.is_dir() and ((path / LATEST).is_file() or (path / DCP_METADATA).is_file()):
         return _DCPSource(path, module)
     if path.is_dir() and (path / WEIGHTS).is_file():
         path = path / WEIGHTS

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from instructrl_fast.parallel.dist import local_tensor, parallel_state
 from instructrl_fast.parallel.mappings import tp_world_size
-from instructrl_fast.train.checkpoint import ParameterState, latest_checkpoint, load_checkpoint, save_checkpoint
+from instructrl_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from instructrl_fast.train.config import LoopConfig, OptimConfig
 from instructrl_fast.train.logging import MetricsLogger
 from instructrl_fast.train.schedule import lr_factor, set_lr
@@ -32,7 +32,7 @@ class Stage(Protocol):
     """What a training stage hands the shared loop."""
 
     name: str  # progress-bar label
-    modules: dict[str, torch.nn.Module | ParameterState]  # everything whose weights a checkpoint holds (trained, EMA)
+    modules: dict[str, torch.nn.Module]  # everything a checkpoint holds (trained models, a ParameterState EMA, ...)
     optimizer: torch.optim.Optimizer  # param groups carry "peak_lr" (see make_optimizer)
     max_steps: int  # optimizer steps of the whole stage
     grad_accum: int  # micro-batches per optimizer step
@@ -159,12 +159,12 @@ def _clip(optimizer: torch.optim.Optimizer, max_norm: float,
 
 def _evaluate(stage: Stage) -> dict[str, float]:
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        for m in _nn_modules(stage):
+        for m in stage.modules.values():
             m.eval()
         try:
             return stage.evaluate()
         finally:
-            for m in _nn_modules(stage):
+            for m in stage.modules.values():
                 m.train()
 
 
@@ -188,7 +188,7 @@ def train(stage: Stage, optim: OptimConfig, loop: LoopConfig, out_dir: str | os.
     logger = MetricsLogger(out_dir, fields=fields, resume_step=start if start else None) if mesh.is_main else None
     log = logger.log if logger is not None else (lambda step, row: None)
     peak = peak_flops(_device_of(stage))
-    tp_shards = _tp_shards(_nn_modules(stage))
+    tp_shards = _tp_shards(stage.modules.values())
 
     def checkpoint(step: int) -> None:
         # The LR schedule and the data order are pure functions of the step: the step is the scheduler state and
@@ -199,7 +199,7 @@ def train(stage: Stage, optim: OptimConfig, loop: LoopConfig, out_dir: str | os.
                  "data_position": {"optimizer_steps": step, "micro_batches": step * stage.grad_accum}}
         save_checkpoint(ckpt_dir, step, stage.modules, state, keep=loop.keep_checkpoints, optimizer=stage.optimizer)
 
-    for m in _nn_modules(stage):
+    for m in stage.modules.values():
         m.train()
     bar = tqdm(total=stage.max_steps, initial=start, desc=stage.name, disable=not (loop.progress and mesh.is_main),
                dynamic_ncols=True)
@@ -263,10 +263,5 @@ def train(stage: Stage, optim: OptimConfig, loop: LoopConfig, out_dir: str | os.
     return final
 
 
-def _nn_modules(stage: Stage) -> list[torch.nn.Module]:
-    """The stage's modules proper (``modules`` may also hold a checkpoint.ParameterState, e.g. PPO's EMA)."""
-    return [m for m in stage.modules.values() if isinstance(m, torch.nn.Module)]
-
-
 def _device_of(stage: Stage) -> torch.device:
-    return local_tensor(next(_nn_modules(stage)[0].parameters())).device
+    return local_tensor(next(next(iter(stage.modules.values())).parameters())).device

@@ -87,9 +87,11 @@ class PretrainStage:
 
 @torch.no_grad()
 def corpus_loss(model, chunks: torch.Tensor, batch_size: int, n_batches: int) -> float:
-    """Mean token NLL of ``model`` on the first ``n_batches`` batches of windows (the alignment-tax measure)."""
-    losses = [lm_loss(model, *lm_batch(part)) for part in chunks[: batch_size * n_batches].split(batch_size)]
-    return float(torch.stack(losses).mean())  # every window has the same number of labels
+    """Mean token NLL of ``model`` on the first ``n_batches`` batches of windows (the alignment-tax measure), the
+    batches split over the dp ranks (a collective)."""
+    parts = chunks[: batch_size * n_batches].split(batch_size)
+    # the mean of batch means: every window has the same number of labels
+    return float(parallel_state().dp_mean(lambda i: lm_loss(model, *lm_batch(parts[i]))[None], len(parts))[0])
 
 
 def pretrain(cfg: PretrainConfig, model, train_chunks: torch.Tensor, val_chunks: torch.Tensor,

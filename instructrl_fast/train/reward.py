@@ -110,14 +110,16 @@ class RMStage:
 
 @torch.no_grad()
 def rm_eval(rm: RewardModel, tok, comparisons: list[dict], batch_size: int) -> tuple[float, float]:
-    """Mean ranking loss and pairwise accuracy (against the recorded rankings) over ``comparisons``."""
-    losses, accs = [], []
-    for i in range(0, len(comparisons), batch_size):
-        ids, mask, w, lo, wt = ranking_batch(comparisons[i:i + batch_size], tok, rm.config.block_size)
-        loss, acc = ranking_loss(rm(ids, mask), w, lo, wt)
-        losses.append(loss)
-        accs.append(acc)
-    return float(torch.stack(losses).mean()), float(torch.stack(accs).mean())
+    """Mean ranking loss and pairwise accuracy (against the recorded rankings) over ``comparisons``, batches split
+    over the dp ranks (a collective)."""
+    def metrics(i: int) -> torch.Tensor:
+        part = comparisons[i * batch_size:(i + 1) * batch_size]
+        ids, mask, w, lo, wt = ranking_batch(part, tok, rm.config.block_size)
+        device = rm.bias.device
+        return torch.stack(ranking_loss(rm(ids.to(device), mask.to(device)), w, lo, wt.to(device)))
+
+    loss, acc = parallel_state().dp_mean(metrics, -(-len(comparisons) // batch_size)).tolist()
+    return loss, acc
 
 
 @torch.no_grad()

@@ -91,10 +91,10 @@ class SFTStage:
             save_weights(self.candidates_dir / f"epoch_{done // self.steps_per_epoch:03d}.safetensors", self.model)
 
     def evaluate(self) -> dict[str, float]:
-        losses = [lm_loss(self.model, *sft_batch(self.val_demos[i:i + self.cfg.micro_batch_size], self.tok,
-                                                 self.max_len))
-                  for i in range(0, len(self.val_demos), self.cfg.micro_batch_size)]
-        return {"val_loss": float(torch.stack(losses).mean())}
+        mb = self.cfg.micro_batch_size
+        batch = lambda i: sft_batch(self.val_demos[i * mb:(i + 1) * mb], self.tok, self.max_len)
+        n = -(-len(self.val_demos) // mb)
+        return {"val_loss": float(parallel_state().dp_mean(lambda i: lm_loss(self.model, *batch(i))[None], n)[0])}
 
     def state_dict(self) -> dict:
         return {}

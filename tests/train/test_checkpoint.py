@@ -274,3 +274,54 @@ def test_load_checkpoint_names_what_does_not_fit(tmp_path):
         ckpt.load_checkpoint(path, {"policy": micro_gpt()})
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         ckpt.load_checkpoint(tmp_path, {"model": model})
+
+
+def test_optimizer_state_follows_parameter_names_not_positions(tmp_path):
+    model = micro_gpt(seed=1)
+    opt = torch.optim.AdamW(model.parameters(), foreach=False)
+    idx = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    (-model.token_logprobs(idx[:, :-1], idx[:, 1:]).mean()).backward()
+    opt.step()
+    first = next(iter(model.parameters()))
+    opt.state[first]["visits"] = 5  # a non-tensor entry: DCP stores it as bytes
+    path = ckpt.save_checkpoint(tmp_path, 1, {"model": model}, {}, optimizer=opt)
+
+    fresh = micro_gpt(seed=3)
+    reordered = torch.optim.AdamW(list(fresh.parameters())[::-1], foreach=False)
+    ckpt.load_checkpoint(path, {"model": fresh}, optimizer=reordered)
+    for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(opt.state[a]["exp_avg"], reordered.state[b]["exp_avg"]), name
+    assert reordered.state[next(iter(fresh.parameters()))]["visits"] == 5
+    with pytest.raises(ValueError, match="parameter groups differ"):
+        ckpt.load_checkpoint(path, {"model": fresh}, optimizer=torch.optim.AdamW(list(fresh.parameters())[1:]))
+
+
+def test_parameter_state_is_a_module_without_weights_of_its_own(tmp_path):
+    policy = micro_gpt(seed=1)
+    ema = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    state = ckpt.ParameterState(policy, ema)
+    assert not list(state.parameters()) and not state.state_dict() and list(state.modules()) == [state]
+    state.eval().train()  # the loop switches every module of a stage
+    path = ckpt.save_checkpoint(tmp_path, 1, {"policy": policy, "ema": state}, {})
+    with torch.no_grad():
+        for t in ema.values():
+            t.zero_()
+    ckpt.load_checkpoint(path, {"ema": state})
+    for n, p in policy.named_parameters():
+        assert torch.equal(ema[n], p.detach()), n
+
+
+def test_init_from_a_checkpoint_loads_the_model_the_stage_hands_on(tmp_path):
+    policy, value = micro_gpt(seed=1), micro_gpt("scalar", seed=2)
+    ema = {n: p.detach() + 1.0 for n, p in policy.named_parameters()}
+    modules = {"policy": policy, "value": value, "ema": ckpt.ParameterState(policy, ema)}
+    ckpt.save_checkpoint(tmp_path / "ckpt", 4, modules, {})
+    fresh = ckpt.load_model_weights(tmp_path / "ckpt", micro_gpt(seed=9))  # the ema, by preference
+    for n, p in fresh.named_parameters():
+        assert torch.equal(p.detach(), ema[n]), n
+    critic = ckpt.load_model_weights(tmp_path / "ckpt" / "step_00000004", micro_gpt("scalar", seed=9), name="value")
+    assert_same_weights(critic, value)
+    with pytest.raises(ValueError, match="checkpoint's models \\['ema', 'policy', 'value'\\], got 'rm'"):
+        ckpt.load_model_weights(tmp_path / "ckpt", micro_gpt(), name="rm")
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        ckpt.load_model_weights(tmp_path, micro_gpt())
