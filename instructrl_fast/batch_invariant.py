@@ -162,56 +162,57 @@ def attend(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, k_usab
 # LM head log-probs
 # ---------------------------------------------------------------------------------------------------------------
 class _LinearLogprobs(torch.autograd.Function):
-    """hidden [N, D], weight [V, D] (vocab shard), labels [N] -> logp [N] fp32: per TILE_ROWS tile, the tiled GEMM
-    then the log-prob ops' per-row kernel and TP combine. The backward is ``linear_logprobs``'s (recomputing)."""
+    """hidden [N, D], weight [V, D] (vocab shard), labels [N] -> (logp [N], entropy [N] or (0,)) fp32: per
+    TILE_ROWS tile, the tiled GEMM then the log-prob ops' per-row kernel and TP combine. The backward is
+    ``linear_logprobs``'s (recomputing each chunk; not batch invariant, nothing compares gradients bitwise)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, ignore_index, tp_group, backend):
+    def forward(ctx, hidden, weight, labels, temperature, ignore_index, with_entropy, tp_group, backend):
         from instructrl_fast.ops.logprob import _combine, _shard_fwd, _tp_rank_world
 
         vocab_start = _tp_rank_world(tp_group)[0] * weight.shape[0]
         keep = labels != ignore_index
-        logp, lse = [], []
+        parts = []
         for start in range(0, hidden.shape[0], TILE_ROWS):
             sl = slice(start, start + TILE_ROWS)
             shard = _shard_fwd(backend, matmul_t(hidden[sl], weight), labels[sl], temperature, ignore_index,
-                               vocab_start, False)
-            lp, _, ls = _combine(*shard, keep[sl], False, tp_group)
-            logp.append(lp)
-            lse.append(ls)
-        lse = torch.cat(lse)
-        ctx.save_for_backward(hidden, weight, labels, lse)
+                               vocab_start, with_entropy)
+            parts.append(_combine(*shard, keep[sl], with_entropy, tp_group))
+        logp, entropy, lse = (torch.cat(p) for p in zip(*parts))
+        ctx.save_for_backward(hidden, weight, labels, lse, entropy)
         ctx.args = (temperature, ignore_index, vocab_start, backend, tp_group)
-        return torch.cat(logp)
+        return logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_logp):
+    def backward(ctx, grad_logp, grad_entropy):
         from instructrl_fast.ops.logprob import _linear_bwd
 
-        hidden, weight, labels, lse = ctx.saved_tensors
+        hidden, weight, labels, lse, entropy = ctx.saved_tensors
         temperature, ignore_index, vocab_start, backend, tp_group = ctx.args
-        empty = lse.new_empty(0)
-        grad_hidden, grad_weight = _linear_bwd(grad_logp.contiguous(), empty, hidden, weight, labels, lse, empty,
-                                               temperature, ignore_index, vocab_start, backend)
+        if grad_entropy is None or entropy.numel() == 0:
+            grad_entropy = entropy = lse.new_empty(0)
+        grad_hidden, grad_weight = _linear_bwd(grad_logp.contiguous(), grad_entropy.contiguous(), hidden, weight,
+                                               labels, lse, entropy, temperature, ignore_index, vocab_start, backend)
         if tp_group is not None and dist.get_world_size(tp_group) > 1:
             dist.all_reduce(grad_hidden, group=tp_group)  # hidden is replicated: its gradient sums the shards'
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, temperature: float = 1.0,
-                    ignore_index: int = -100, tp_group=None) -> Tensor:
-    """``ops.linear_logprobs`` (without entropy) in the batch-invariant mode: hidden [..., D], weight [V, D]
-    (vocab shard under ``tp_group``), labels [...] global ids -> logp [...] fp32, bitwise the same for a row
-    whatever else is in the batch, and the same bits as ``ops.gather_logprobs`` on ``linear``'s logits."""
+                    ignore_index: int = -100, with_entropy: bool = False, tp_group=None):
+    """``ops.linear_logprobs`` in the batch-invariant mode: hidden [..., D], weight [V, D] (vocab shard under
+    ``tp_group``), labels [...] global ids -> logp [...] fp32 (and the entropy [...] with ``with_entropy``), bitwise
+    the same for a row whatever else is in the batch, and the same bits as ``ops.gather_logprobs`` on ``linear``'s
+    logits (the sampler's log-probs)."""
     from instructrl_fast.backend import resolve
     from instructrl_fast.ops._checks import check_lm_head
     from instructrl_fast.ops.logprob import _IMPLEMENTED, _check_common, _check_labels, _tp_rank_world
 
     check_lm_head("hidden", hidden, "weight", weight, min_ndim=1)
-    temperature = _check_common(labels, "hidden", hidden, temperature, ignore_index, False)
+    temperature = _check_common(labels, "hidden", hidden, temperature, ignore_index, with_entropy)
     _check_labels(labels, weight.shape[0] * _tp_rank_world(tp_group)[1], ignore_index)
     backend = resolve("linear_logprobs", hidden.device, _IMPLEMENTED)
     D = hidden.shape[-1]
-    logp = _LinearLogprobs.apply(hidden.reshape(-1, D).contiguous(), weight.contiguous(), labels.reshape(-1),
-                                 temperature, ignore_index, tp_group, backend)
-    return logp.view(labels.shape)
+    logp, entropy = _LinearLogprobs.apply(hidden.reshape(-1, D).contiguous(), weight.contiguous(), labels.reshape(-1),
+                                          temperature, ignore_index, with_entropy, tp_group, backend)
+    return (logp.view(labels.shape), entropy.view(labels.shape)) if with_entropy else logp.view(labels.shape)

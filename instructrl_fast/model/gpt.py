@@ -380,9 +380,9 @@ class GPT(nn.Module):
         # the heads run outside forward's autocast: the hidden state takes the weights' dtype (bf16 on FSDP2's
         # gathered copies or a frozen bf16 model, whatever LayerNorm returned under autocast)
         h = self(idx, attention_mask).to(self.lm_weight.dtype)
-        if self.invariant and not with_entropy:
+        if self.invariant:
             return batch_invariant.linear_logprobs(h, self.lm_weight, labels, temperature=temperature,
-                                                   tp_group=self.tp_group)
+                                                   with_entropy=with_entropy, tp_group=self.tp_group)
         # No copy_to_tp here: linear_logprobs all-reduces the hidden gradient over tp_group itself.
         return linear_logprobs(h, self.lm_weight, labels, temperature=temperature, with_entropy=with_entropy,
                                tp_group=self.tp_group)

@@ -143,3 +143,23 @@ def test_rollout_engine_logprobs_equal_training_logprobs():
     with torch.no_grad():
         train = model.token_logprobs(seq[:, :-1], seq[:, 1:], attn[:, :-1])[:, W - 1:]
     assert torch.equal(torch.where(resp, train, 0.0), torch.where(resp, out.logprobs, 0.0))
+
+
+def test_logprobs_entropy_and_gradients_match_default_kernels():
+    seqs = _sequences()
+    ids = torch.stack([s[:12] for s in seqs if len(s) >= 12])
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    out = {}
+    for mode in (True, False):
+        model = _model()
+        model.batch_invariant = mode
+        labels = ids[:, 1:].masked_fill(mask[:, :-1] == 0, -100)  # no label at a padding query
+        logp, ent = model.token_logprobs(ids[:, :-1], labels, mask[:, :-1], with_entropy=True)
+        (logp.sum() + 0.5 * ent.sum()).backward()
+        out[mode] = logp.detach(), ent.detach(), [p.grad for p in model.parameters()]
+    (lp, en, gr), (lp0, en0, gr0) = out[True], out[False]
+    torch.testing.assert_close(lp, lp0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(en, en0, rtol=0, atol=1e-5)
+    for a, b in zip(gr, gr0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
