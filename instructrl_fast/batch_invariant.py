@@ -73,13 +73,34 @@ def enabled(on: bool = True) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------------------------
 # GEMM
 # ---------------------------------------------------------------------------------------------------------------
-def matmul_t(x: Tensor, weight: Tensor) -> Tensor:
-    """x [M, K] @ weight[N, K].T -> [M, N] as ceil(M / TILE_ROWS) GEMMs of one [TILE_ROWS, K] x [K, N] shape."""
+def _tiled_mm(x: Tensor, weight: Tensor) -> Tensor:
     M = x.shape[0]
     pad = -M % TILE_ROWS
     xp = F.pad(x, (0, 0, 0, pad)) if pad else x
     wt = weight.t()
     return torch.cat([torch.mm(tile, wt) for tile in xp.split(TILE_ROWS)])[:M]
+
+
+class _MatmulT(torch.autograd.Function):
+    """The tiled GEMM forward; the backward is two plain GEMMs over all rows (only the forward must be invariant)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return _tiled_mm(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        return (grad @ weight if ctx.needs_input_grad[0] else None,
+                grad.t() @ x if ctx.needs_input_grad[1] else None)
+
+
+def matmul_t(x: Tensor, weight: Tensor) -> Tensor:
+    """x [M, K] @ weight[N, K].T -> [M, N] as ceil(M / TILE_ROWS) GEMMs of one [TILE_ROWS, K] x [K, N] shape."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _MatmulT.apply(x, weight)
+    return _tiled_mm(x, weight)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -123,17 +144,9 @@ def _to_positions(x: Tensor, pos: Tensor, usable: Tensor, P: int) -> Tensor:
     return out[:, :, :P]
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, k_usable: Tensor,
-           sm_scale: float) -> Tensor:
-    """Causal attention in position space with a fixed reduction order (module docstring).
-
-    Args:
-        q: [B, H, T, Dh] queries; q_pos [B, T] int64 their token positions.
-        k, v: [B, H, S, Dh] keys / values by slot; k_pos [B, S] int64 their positions; k_usable [B, S] bool: a real
-            key that some query of the row may see (real token at or before the row's last query slot).
-    Returns:
-        [B, H, T, Dh]: query t attends the usable keys of positions <= q_pos[t].
-    """
+def _attend(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, k_usable: Tensor,
+            sm_scale: float) -> Tensor:
+    """``attend``'s forward (no autograd needed: see ``_Attend``)."""
     B, H, T, Dh = q.shape
     P = (int(k.shape[2]) + KEY_BLOCK - 1) // KEY_BLOCK * KEY_BLOCK
     kp, vp = _to_positions(k, k_pos, k_usable, P), _to_positions(v, k_pos, k_usable, P)
@@ -156,6 +169,44 @@ def attend(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, k_usab
         denom = denom + eb.sum(-1, keepdim=True)
         acc = acc + (eb[:, :, :, None, :] * vt[:, :, None, :, b:b + KEY_BLOCK]).sum(-1)
     return acc / torch.where(denom == 0, 1.0, denom)
+
+
+class _Attend(torch.autograd.Function):
+    """The forward's values from ``_attend``; the backward is SDPA's on the same visibility mask (recomputed): only
+    the forward values must be batch invariant, and autograd through the elementwise products costs ~5x SDPA's."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_pos, k_pos, k_usable, sm_scale):
+        ctx.save_for_backward(q, k, v, q_pos, k_pos, k_usable)
+        ctx.sm_scale = sm_scale
+        return _attend(q, k, v, q_pos, k_pos, k_usable, sm_scale)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, q_pos, k_pos, k_usable = ctx.saved_tensors
+        visible = k_usable[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, T, S]
+        visible = visible | ~visible.any(-1, keepdim=True)  # a query with no key: finite (its output is unused)
+        with torch.enable_grad():
+            q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], scale=ctx.sm_scale)
+            grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        return *grads, None, None, None, None
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, k_usable: Tensor,
+           sm_scale: float) -> Tensor:
+    """Causal attention in position space with a fixed reduction order (module docstring).
+
+    Args:
+        q: [B, H, T, Dh] queries; q_pos [B, T] int64 their token positions.
+        k, v: [B, H, S, Dh] keys / values by slot; k_pos [B, S] int64 their positions; k_usable [B, S] bool: a real
+            key that some query of the row may see (real token at or before the row's last query slot).
+    Returns:
+        [B, H, T, Dh]: query t attends the usable keys of positions <= q_pos[t]. Differentiable (SDPA's backward).
+    """
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return _Attend.apply(q, k, v, q_pos, k_pos, k_usable, sm_scale)
+    return _attend(q, k, v, q_pos, k_pos, k_usable, sm_scale)
 
 
 # ---------------------------------------------------------------------------------------------------------------
