@@ -11,6 +11,7 @@ from instructrl_fast import batch_invariant
 from instructrl_fast.backend import use_backend
 from instructrl_fast.model import GPT, GPTConfig
 from instructrl_fast.model.gpt import sample_keys
+from instructrl_fast.ops import gather_logprobs
 from instructrl_fast.rollout import generate
 from instructrl_fast.rollout.engine import RolloutEngine, Sampling, inference_copy, rollout_with_experience
 
@@ -163,3 +164,22 @@ def test_logprobs_entropy_and_gradients_match_default_kernels():
     torch.testing.assert_close(en, en0, rtol=0, atol=1e-5)
     for a, b in zip(gr, gr0):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_row_local_kernels_are_batch_invariant():
+    """LayerNorm, GELU and the log-prob kernel are used as they are in the mode: check, not assume, that a row's
+    bits do not depend on the rows around it (shapes as the mode feeds them: widths that are multiples of 32)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(70, 256, generator=g)
+    ln = torch.nn.LayerNorm(256)
+    labels = torch.randint(0, 256, (70,), generator=g)
+    full_ln, full_gelu = ln(x), F.gelu(x, approximate="tanh")
+    with torch.no_grad():
+        for backend in BACKENDS:
+            with use_backend(backend):
+                full_lp = gather_logprobs(x, labels)
+                for rows in (slice(0, 1), slice(5, 6), slice(3, 35), slice(40, 70)):
+                    assert torch.equal(gather_logprobs(x[rows], labels[rows]), full_lp[rows]), (backend, rows)
+        for rows in (slice(0, 1), slice(5, 6), slice(3, 35), slice(40, 70)):
+            assert torch.equal(ln(x[rows]), full_ln[rows])
+            assert torch.equal(F.gelu(x[rows], approximate="tanh"), full_gelu[rows])
