@@ -30,9 +30,9 @@ context manager ``enabled(True)`` does. What each kernel does in the mode, and w
 
 Limits: bitwise claims hold at a fixed thread count (the CPU tests run one intra-op thread: a parallel elementwise
 kernel may cut its range where the vectorised loop leaves a scalar tail); the backward pass is not batch invariant
-(only the forward values are compared by PPO; the tiled GEMM and the attention take the plain backward); on a GPU
-the mode is untested, in bf16 too (no GPU was lent): it replaces flash-attn and the split-KV Triton decode kernel by
-the torch attention above, correct but not fast.
+(only the forward values are compared by PPO; the tiled GEMM and the attention take the plain backward). Tested on
+CPU in fp32 and under bf16 autocast; untested on a GPU (no GPU was lent), where it replaces flash-attn and the
+split-KV Triton decode kernel by the torch attention above: correct by construction, not fast.
 """
 
 from __future__ import annotations

@@ -183,3 +183,23 @@ def test_row_local_kernels_are_batch_invariant():
         for rows in (slice(0, 1), slice(5, 6), slice(3, 35), slice(40, 70)):
             assert torch.equal(ln(x[rows]), full_ln[rows])
             assert torch.equal(F.gelu(x[rows], approximate="tanh"), full_gelu[rows])
+
+
+def test_bf16_autocast_scores_and_generate_are_invariant():
+    """--precision bf16 on CPU (autocast: the tile GEMMs and the attention's products in bf16, LayerNorm and the
+    log-probs in fp32): the same bitwise properties."""
+    model, seqs = _model(), _sequences()
+    model.compute_dtype = torch.bfloat16
+    alone = {i: _score(model, seqs, [i], True, 0)[i] for i in range(len(seqs))}
+    got = _score(model, seqs, list(range(8)), False, 5)
+    assert all(torch.equal(got[i], alone[i]) for i in range(8))
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, CFG.vocab_size, (4, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    out = generate(model, ids * mask, mask, max_new_tokens=30, sample_keys=sample_keys(0, 0, torch.arange(4)))
+    with torch.no_grad():
+        train = model.token_logprobs(out.sequences[:, :-1], out.sequences[:, 1:], out.attention_mask[:, :-1])
+    assert torch.equal(train[:, 9:], out.logprobs)
+    model.compute_dtype = None
+    assert (_score(model, seqs, [2], True, 0)[2] - alone[2]).abs().max() > 1e-4  # bf16 really ran
