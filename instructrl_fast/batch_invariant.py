@@ -215,40 +215,37 @@ def attend(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, k_usab
 # LM head log-probs
 # ---------------------------------------------------------------------------------------------------------------
 class _LinearLogprobs(torch.autograd.Function):
-    """hidden [N, D], weight [V, D] (vocab shard), labels [N] -> (logp [N], entropy [N] or (0,)) fp32: per
-    TILE_ROWS tile, the tiled GEMM then the log-prob ops' per-row kernel and TP combine. The backward is
-    ``linear_logprobs``'s (recomputing each chunk; not batch invariant, nothing compares gradients bitwise)."""
+    """hidden [N, D], weight [V, D] (vocab shard), labels [N] -> (logp [N], entropy [N] or (0,)) fp32. Forward: per
+    TILE_ROWS tile, the tiled GEMM then ``ops.gather_logprobs`` (the op ``generate`` applies to its logits, whose
+    per-row kernels are batch invariant). Backward: ``ops.linear_logprobs``'s, recomputed (the gradient need not be
+    invariant; the [N, V] logits never exist)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, ignore_index, with_entropy, tp_group, backend):
-        from instructrl_fast.ops.logprob import _combine, _shard_fwd, _tp_rank_world
+    def forward(ctx, hidden, weight, labels, temperature, ignore_index, with_entropy, tp_group):
+        from instructrl_fast.ops import gather_logprobs
 
-        vocab_start = _tp_rank_world(tp_group)[0] * weight.shape[0]
-        keep = labels != ignore_index
-        parts = []
-        for start in range(0, hidden.shape[0], TILE_ROWS):
-            sl = slice(start, start + TILE_ROWS)
-            shard = _shard_fwd(backend, matmul_t(hidden[sl], weight), labels[sl], temperature, ignore_index,
-                               vocab_start, with_entropy)
-            parts.append(_combine(*shard, keep[sl], with_entropy, tp_group))
-        logp, entropy, lse = (torch.cat(p) for p in zip(*parts))
-        ctx.save_for_backward(hidden, weight, labels, lse, entropy)
-        ctx.args = (temperature, ignore_index, vocab_start, backend, tp_group)
-        return logp, entropy
+        ctx.kw = {"temperature": temperature, "ignore_index": ignore_index, "with_entropy": with_entropy,
+                  "tp_group": tp_group}
+        parts = [gather_logprobs(matmul_t(hidden[sl], weight), labels[sl], **ctx.kw)
+                 for sl in (slice(s, s + TILE_ROWS) for s in range(0, hidden.shape[0], TILE_ROWS))]
+        ctx.save_for_backward(hidden, weight, labels)
+        if with_entropy:
+            return tuple(torch.cat(p) for p in zip(*parts))
+        return torch.cat(parts), hidden.new_empty(0, dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        from instructrl_fast.ops.logprob import _linear_bwd
+        from instructrl_fast.ops import linear_logprobs
 
-        hidden, weight, labels, lse, entropy = ctx.saved_tensors
-        temperature, ignore_index, vocab_start, backend, tp_group = ctx.args
-        if grad_entropy is None or entropy.numel() == 0:
-            grad_entropy = entropy = lse.new_empty(0)
-        grad_hidden, grad_weight = _linear_bwd(grad_logp.contiguous(), grad_entropy.contiguous(), hidden, weight,
-                                               labels, lse, entropy, temperature, ignore_index, vocab_start, backend)
-        if tp_group is not None and dist.get_world_size(tp_group) > 1:
-            dist.all_reduce(grad_hidden, group=tp_group)  # hidden is replicated: its gradient sums the shards'
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        hidden, weight, labels = ctx.saved_tensors
+        with torch.enable_grad():
+            h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+            out = linear_logprobs(h, w, labels, **ctx.kw)
+            outs, grads = ((out[0], out[1]), (grad_logp, grad_entropy)) if ctx.kw["with_entropy"] else \
+                ((out,), (grad_logp,))
+            used = [(o, g) for o, g in zip(outs, grads) if g is not None]
+            grad_hidden, grad_weight = torch.autograd.grad([o for o, _ in used], (h, w), [g for _, g in used])
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, temperature: float = 1.0,
@@ -256,16 +253,11 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, temperatu
     """``ops.linear_logprobs`` in the batch-invariant mode: hidden [..., D], weight [V, D] (vocab shard under
     ``tp_group``), labels [...] global ids -> logp [...] fp32 (and the entropy [...] with ``with_entropy``), bitwise
     the same for a row whatever else is in the batch, and the same bits as ``ops.gather_logprobs`` on ``linear``'s
-    logits (the sampler's log-probs)."""
-    from instructrl_fast.backend import resolve
-    from instructrl_fast.ops._checks import check_lm_head
-    from instructrl_fast.ops.logprob import _IMPLEMENTED, _check_common, _check_labels, _tp_rank_world
-
-    check_lm_head("hidden", hidden, "weight", weight, min_ndim=1)
-    temperature = _check_common(labels, "hidden", hidden, temperature, ignore_index, with_entropy)
-    _check_labels(labels, weight.shape[0] * _tp_rank_world(tp_group)[1], ignore_index)
-    backend = resolve("linear_logprobs", hidden.device, _IMPLEMENTED)
+    logits (the sampler's log-probs). Arguments are checked by ``ops.gather_logprobs``."""
+    if not isinstance(hidden, Tensor) or not isinstance(labels, Tensor) or hidden.shape[:-1] != labels.shape:
+        raise ValueError("hidden [..., D] and labels [...] must be tensors with the same leading shape, got "
+                         f"{getattr(hidden, 'shape', hidden)} and {getattr(labels, 'shape', labels)}")
     D = hidden.shape[-1]
     logp, entropy = _LinearLogprobs.apply(hidden.reshape(-1, D).contiguous(), weight.contiguous(), labels.reshape(-1),
-                                          temperature, ignore_index, with_entropy, tp_group, backend)
+                                          temperature, ignore_index, with_entropy, tp_group)
     return (logp.view(labels.shape), entropy.view(labels.shape)) if with_entropy else logp.view(labels.shape)
