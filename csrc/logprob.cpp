@@ -2,10 +2,14 @@
 // (instructrl_fast/ops/logprob.py registers their fake impls and autograd, and combines shards under tensor
 // parallelism). Schemas and CPU kernels here; CUDA kernels in csrc/cuda/logprob.cu.
 //
-// With x_j = logits[n, j] / temperature over this rank's vocab shard [vocab_start, vocab_start + V):
-//   fwd: lse = logsumexp_j x_j, target = x[label - vocab_start] (0 outside the shard or for ignored rows),
-//        sum_px = sum_j softmax_j * x_j (shard-local softmax; entropy H = lse - sum_px once combined over shards).
-//   bwd: with the GLOBAL lse and H, p_j = exp(x_j - lse), and for rows whose label != ignore_index
+// With x_j = logits[n, j] / temperature over this rank's vocab shard [vocab_start, vocab_start + V), logits [N, V] or
+// [B, T, V] with any strides but a contiguous last dim (row n = b * T + t):
+//   fwd: row_max = max_j x_j, log_sum = log sum_j exp(x_j - row_max) (lse = row_max + log_sum, kept apart),
+//        target = x[label - vocab_start] (0 outside the shard or for ignored rows),
+//        mean_xs = sum_j softmax_j * (x_j - row_max) = E_p[x] - row_max (shard-local softmax; accumulated from
+//        x - row_max, so the entropy H = log_sum - mean_xs, once combined over shards, carries no |x| * eps).
+//   bwd: with the GLOBAL row_max, log_sum and H, p_j = exp((x_j - row_max) - log_sum) (no rounded lse, whose error
+//        exp would carry into p_j relative to |x|), and for rows whose label != ignore_index
 //        grad_logits[n, j] = (g_lp * (1[j == label - vocab_start] - p_j) - g_ent * p_j * (x_j - (lse - H))) / T,
 //        since d logp / dx_j = 1[j == label] - p_j and dH / dx_j = -p_j * (x_j - E_p[x]) with E_p[x] = lse - H.
 // Neither direction materialises an [N, V] fp32 temporary: the forward streams each row once through a small
@@ -16,7 +20,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
-#include <utility>
+#include <tuple>
 
 #include "logprob.h"
 
@@ -68,27 +72,31 @@ inline float exp_f32(float x) {
   return y * two_n * static_cast<float>(x >= kLo);
 }
 
-// Adds sum exp(x - m) to s and sum exp(x - m) * x to t over x[0, len), for a finite m. The per-call partial sums
-// (several vector lanes each) keep the fp32 summation error small for long rows.
+// Adds sum exp(x - m) to s and sum exp(x - m) * (x - m) to t over x[0, len), for a finite m. The per-call partial
+// sums (several vector lanes each) keep the fp32 summation error small for long rows.
 INSTRUCTRL_LOGPROB_CLONES void add_exp_sums(const float* x, int64_t len, float m, float& s, float& t) {
   float cs = 0.0f, ct = 0.0f;
 #pragma omp simd reduction(+ : cs, ct)
   for (int64_t k = 0; k < len; ++k) {
-    const float e = exp_f32(x[k] - m);
+    const float xs = x[k] - m;
+    const float e = exp_f32(xs);
     cs += e;
-    ct += e * (e > 0.0f ? x[k] : 0.0f);  // a -inf logit adds 0, not 0 * -inf = nan
+    ct += e * (e > 0.0f ? xs : 0.0f);  // a -inf logit adds 0, not 0 * -inf = nan
   }
   s += cs;
   t += ct;
 }
 
-// In place x -> grad_x = g * (0 - p) - g_ent * p * (x - mean_x) with p = exp(x - lse), over x[0, len): the
-// backward's formula without its one-hot term. g and g_ent arrive already divided by the temperature.
-INSTRUCTRL_LOGPROB_CLONES void softmax_grad(float* x, int64_t len, float g, float g_ent, float lse, float mean_x) {
+// In place x -> grad_x = g * (0 - p) - g_ent * p * (xs - mean_xs) with xs = x - shift, p = exp(xs - log_sum) and
+// mean_xs = E_p[x] - shift, over x[0, len): the backward's formula without its one-hot term, every term formed from
+// x - shift (not from |x| ~ 20, whose rounding would enter every p). g and g_ent arrive divided by the temperature.
+INSTRUCTRL_LOGPROB_CLONES void softmax_grad(float* x, int64_t len, float g, float g_ent, float shift, float log_sum,
+                                            float mean_xs) {
 #pragma omp simd
   for (int64_t k = 0; k < len; ++k) {
-    const float p = exp_f32(x[k] - lse);
-    x[k] = -g * p - g_ent * p * (p > 0.0f ? x[k] - mean_x : 0.0f);  // p = 0 (x = -inf) gives 0, not nan
+    const float xs = x[k] - shift;
+    const float p = exp_f32(xs - log_sum);
+    x[k] = -g * p - g_ent * p * (p > 0.0f ? xs - mean_xs : 0.0f);  // p = 0 (x = -inf) gives 0, not nan
   }
 }
 
@@ -110,10 +118,11 @@ float load_scaled(const scalar_t* row, int64_t len, float inv_temp, float* x) {
 }
 
 // One row of the forward: a single streaming pass with the online rescaling trick. The state is m = max x,
-// s = sum exp(x - m), t = sum exp(x - m) * x over the columns seen so far; a chunk with a larger max rescales
-// s and t by exp(m_old - m_new). Returns lse = m + log(s) and sum_px = t / s (an all -inf row: lse = -inf).
+// s = sum exp(x - m), t = sum exp(x - m) * (x - m) over the columns seen so far; a chunk with a larger max moves t
+// to it (adds s * (m_old - m_new)) and rescales s and t by exp(m_old - m_new). Returns (row_max = m,
+// log_sum = log(s), mean_xs = t / s); an all -inf row gives (-inf, -inf, nan).
 template <typename scalar_t>
-std::pair<float, float> fwd_row(const scalar_t* row, int64_t V, float inv_temp) {
+std::tuple<float, float, float> fwd_row(const scalar_t* row, int64_t V, float inv_temp) {
   float x[kChunk];
   float m = -std::numeric_limits<float>::infinity(), s = 0.0f, t = 0.0f;
   for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
@@ -121,64 +130,70 @@ std::pair<float, float> fwd_row(const scalar_t* row, int64_t V, float inv_temp) 
     const float chunk_max = load_scaled(row + j0, len, inv_temp, x);
     if (chunk_max > m) {
       const float scale = exp_f32(m - chunk_max);  // exp(-inf) = 0 on the first chunk
+      t = (t + (s > 0.0f ? s * (m - chunk_max) : 0.0f)) * scale;  // s = 0: nothing to move (and m may be -inf)
       s *= scale;
-      t *= scale;
       m = chunk_max;
     }
     if (m > -std::numeric_limits<float>::infinity()) add_exp_sums(x, len, m, s, t);  // -inf so far: s = t = 0
   }
-  return {m + std::log(s), t / s};
+  return {m, std::log(s), t / s};
 }
 
 // One row of the backward, for a row whose label is not ignore_index. `local` = label - vocab_start may lie outside
 // [0, V): the row then has no one-hot term. g and g_ent arrive already divided by the temperature.
 template <typename scalar_t>
 void bwd_row(const scalar_t* row, scalar_t* out, int64_t V, int64_t local, float inv_temp, float g, float g_ent,
-             float lse, float mean_x) {
+             float row_max, float log_sum, float mean_xs) {
   float x[kChunk];
+  const float shift = row_max == -std::numeric_limits<float>::infinity() ? 0.0f : row_max;
   for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
     const int64_t len = std::min(kChunk, V - j0);
     load_scaled(row + j0, len, inv_temp, x);
-    softmax_grad(x, len, g, g_ent, lse, mean_x);
+    softmax_grad(x, len, g, g_ent, shift, log_sum, mean_xs);
     // The one-hot term is added in fp32, before the single rounding to the output dtype.
     if (local >= j0 && local < j0 + len) x[local - j0] += g;
     std::copy(x, x + len, out + j0);  // converts to scalar_t
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels,
-                                                               double temperature, int64_t ignore_index,
-                                                               int64_t vocab_start, bool with_entropy) {
-  auto [lse, target, sum_px] = fwd_outputs(logits, labels, temperature, with_entropy);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprob_fwd_cpu(const at::Tensor& logits,
+                                                                           const at::Tensor& labels,
+                                                                           double temperature, int64_t ignore_index,
+                                                                           int64_t vocab_start, bool with_entropy) {
+  auto [row_max, log_sum, target, mean_xs] = fwd_outputs(logits, labels, temperature, with_entropy);
   const at::Tensor labels_c = labels.contiguous();
-  const int64_t N = logits.size(0), V = logits.size(1), stride = logits.stride(0);
+  const RowLayout layout(logits);
+  const int64_t N = layout.N, V = layout.V;
   const float inv_temp = static_cast<float>(1.0 / temperature);
   INSTRUCTRL_LOGPROB_DISPATCH(logits.scalar_type(), "logprob_fwd_cpu", [&] {
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     const int64_t* lab = labels_c.const_data_ptr<int64_t>();
-    float* lse_p = lse.mutable_data_ptr<float>();
+    float* max_p = row_max.mutable_data_ptr<float>();
+    float* log_sum_p = log_sum.mutable_data_ptr<float>();
     float* target_p = target.mutable_data_ptr<float>();
-    float* sum_px_p = with_entropy ? sum_px.mutable_data_ptr<float>() : nullptr;
+    float* mean_xs_p = with_entropy ? mean_xs.mutable_data_ptr<float>() : nullptr;
     at::parallel_for(0, N, std::max<int64_t>(1, kGrain / V), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
-        const scalar_t* row = x + n * stride;  // int64 offsets: N * V passes 2^31 at real sizes
-        const auto [row_lse, row_sum_px] = fwd_row(row, V, inv_temp);
-        lse_p[n] = row_lse;
-        if (sum_px_p != nullptr) sum_px_p[n] = row_sum_px;
+        const scalar_t* row = x + layout.offset(n);  // int64 offsets: N * V passes 2^31 at real sizes
+        const auto [m, ls, row_mean_xs] = fwd_row(row, V, inv_temp);
+        max_p[n] = m;
+        log_sum_p[n] = ls;
+        if (mean_xs_p != nullptr) mean_xs_p[n] = row_mean_xs;
         const int64_t local = lab[n] - vocab_start;
         const bool in_shard = lab[n] != ignore_index && local >= 0 && local < V;
         target_p[n] = in_shard ? static_cast<float>(row[local]) * inv_temp : 0.0f;
       }
     });
   });
-  return {lse, target, sum_px};
+  return {row_max, log_sum, target, mean_xs};
 }
 
 at::Tensor logprob_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& logits,
-                           const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& entropy,
-                           double temperature, int64_t ignore_index, int64_t vocab_start) {
-  const BwdArgs a = bwd_args(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature);
-  const int64_t N = logits.size(0), V = logits.size(1), stride = logits.stride(0);
+                           const at::Tensor& labels, const at::Tensor& row_max, const at::Tensor& log_sum,
+                           const at::Tensor& entropy, double temperature, int64_t ignore_index, int64_t vocab_start) {
+  const BwdArgs a = bwd_args(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature);
+  const RowLayout layout(logits);
+  const int64_t N = layout.N, V = layout.V;
   const float inv_temp = static_cast<float>(1.0 / temperature);
   INSTRUCTRL_LOGPROB_DISPATCH(logits.scalar_type(), "logprob_bwd_cpu", [&] {
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
@@ -186,7 +201,8 @@ at::Tensor logprob_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_e
     const int64_t* lab = a.labels.const_data_ptr<int64_t>();
     const float* g_lp = a.grad_logp.const_data_ptr<float>();
     const float* g_ent = a.with_entropy ? a.grad_entropy.const_data_ptr<float>() : nullptr;
-    const float* lse_p = a.lse.const_data_ptr<float>();
+    const float* max_p = a.row_max.const_data_ptr<float>();
+    const float* log_sum_p = a.log_sum.const_data_ptr<float>();
     const float* ent_p = a.with_entropy ? a.entropy.const_data_ptr<float>() : nullptr;
     at::parallel_for(0, N, std::max<int64_t>(1, kGrain / V), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
@@ -196,9 +212,10 @@ at::Tensor logprob_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_e
           continue;
         }
         const float g_ent_n = g_ent != nullptr ? g_ent[n] * inv_temp : 0.0f;
-        const float mean_x = g_ent != nullptr ? lse_p[n] - ent_p[n] : 0.0f;  // E_p[x] = lse - H
-        bwd_row(x + n * stride, out_row, V, lab[n] - vocab_start, inv_temp, g_lp[n] * inv_temp, g_ent_n, lse_p[n],
-                mean_x);
+        // E_p[x] - row_max = log_sum - H (E_p[x] = lse - H)
+        const float mean_xs = g_ent != nullptr ? log_sum_p[n] - ent_p[n] : 0.0f;
+        bwd_row(x + layout.offset(n), out_row, V, lab[n] - vocab_start, inv_temp, g_lp[n] * inv_temp, g_ent_n,
+                max_p[n], log_sum_p[n], mean_xs);
       }
     });
   });
@@ -211,10 +228,10 @@ at::Tensor logprob_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_e
 TORCH_LIBRARY_FRAGMENT(instructrl_fast, m) {
   m.def(
       "logprob_fwd(Tensor logits, Tensor labels, float temperature, int ignore_index, int vocab_start, "
-      "bool with_entropy) -> (Tensor lse, Tensor target, Tensor sum_px)");
+      "bool with_entropy) -> (Tensor row_max, Tensor log_sum, Tensor target, Tensor mean_xs)");
   m.def(
-      "logprob_bwd(Tensor grad_logp, Tensor grad_entropy, Tensor logits, Tensor labels, Tensor lse, "
-      "Tensor entropy, float temperature, int ignore_index, int vocab_start) -> Tensor");
+      "logprob_bwd(Tensor grad_logp, Tensor grad_entropy, Tensor logits, Tensor labels, Tensor row_max, "
+      "Tensor log_sum, Tensor entropy, float temperature, int ignore_index, int vocab_start) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(instructrl_fast, CPU, m) {

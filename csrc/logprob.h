@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 
@@ -15,20 +16,41 @@
                      AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
+#if defined(__CUDACC__)
+#define INSTRUCTRL_HOST_DEVICE __host__ __device__
+#else
+#define INSTRUCTRL_HOST_DEVICE
+#endif
+
 namespace instructrl_fast::logprob {
 
-// logits [N, V] fp32/bf16/fp16 with a contiguous last dim (any row stride); labels [N] int64 on the same device.
+// Where the rows of logits lie: [N, V] (any row stride) or [B, T, V] (any strides in B and T), last dim
+// contiguous; row n = b * T + t starts at element b * stride_b + t * stride_t. int64 offsets: N * V passes 2^31.
+struct RowLayout {
+  int64_t N, V, T, stride_b, stride_t;
+  explicit RowLayout(const at::Tensor& logits)
+      : N(logits.dim() == 3 ? logits.size(0) * logits.size(1) : logits.size(0)),
+        V(logits.size(-1)),
+        T(logits.dim() == 3 ? std::max<int64_t>(logits.size(1), 1) : std::max<int64_t>(logits.size(0), 1)),
+        stride_b(logits.dim() == 3 ? logits.stride(0) : 0),
+        stride_t(logits.stride(-2)) {}
+  INSTRUCTRL_HOST_DEVICE int64_t offset(int64_t n) const { return (n / T) * stride_b + (n % T) * stride_t; }
+};
+
+// logits [N, V] or [B, T, V] fp32/bf16/fp16 with a contiguous last dim; labels [N] int64 on the same device.
 inline void check_logits_labels(const at::Tensor& logits, const at::Tensor& labels, double temperature) {
   const auto dtype = logits.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
                    "logits must be float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK_VALUE(logits.dim() == 2, "logits must be 2-D [N, V], got shape ", logits.sizes());
-  TORCH_CHECK_VALUE(logits.size(1) > 0, "logits must have a non-empty vocab dim V, got shape ", logits.sizes());
-  TORCH_CHECK_VALUE(logits.size(1) == 1 || logits.stride(1) == 1,
+  TORCH_CHECK_VALUE(logits.dim() == 2 || logits.dim() == 3, "logits must be [N, V] or [B, T, V], got shape ",
+                    logits.sizes());
+  TORCH_CHECK_VALUE(logits.size(-1) > 0, "logits must have a non-empty vocab dim V, got shape ", logits.sizes());
+  TORCH_CHECK_VALUE(logits.size(-1) == 1 || logits.stride(-1) == 1,
                     "logits must be contiguous in its last dim, got strides ", logits.strides());
+  const int64_t N = RowLayout(logits).N;
   TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
-  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == logits.size(0), "labels must have shape [N] = [",
-                    logits.size(0), "] like logits' rows, got ", labels.sizes());
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == N, "labels must have shape [N] = [", N,
+                    "] like logits' rows, got ", labels.sizes());
   TORCH_CHECK_VALUE(labels.device() == logits.device(), "labels is on ", labels.device(), " but logits is on ",
                     logits.device(), "; they must match");
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature must be > 0 and finite, got ",
@@ -38,7 +60,7 @@ inline void check_logits_labels(const at::Tensor& logits, const at::Tensor& labe
 // A float32 per-row vector of shape [N] on logits' device, or (when `optional`) of shape (0,) meaning "absent".
 // Returns whether it is present.
 inline bool check_row_vector(const char* name, const at::Tensor& x, const at::Tensor& logits, bool optional) {
-  const int64_t N = logits.size(0);
+  const int64_t N = RowLayout(logits).N;
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, name, " must be float32, got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() == 1 && (x.size(0) == N || (optional && x.size(0) == 0)), name, " must have shape [N] = [",
                     N, "]", optional ? " or (0,)" : "", ", got ", x.sizes());
@@ -47,38 +69,41 @@ inline bool check_row_vector(const char* name, const at::Tensor& x, const at::Te
   return x.size(0) == N && N > 0;
 }
 
-// Checks the arguments of logprob_fwd and allocates its outputs (lse, target, sum_px), all float32 [N]; sum_px is
-// (0,) without with_entropy.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_outputs(const at::Tensor& logits, const at::Tensor& labels,
-                                                                  double temperature, bool with_entropy) {
+// Checks the arguments of logprob_fwd and allocates its outputs (row_max, log_sum, target, mean_xs), all float32
+// [N]; mean_xs is (0,) without with_entropy.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_outputs(const at::Tensor& logits,
+                                                                              const at::Tensor& labels,
+                                                                              double temperature, bool with_entropy) {
   check_logits_labels(logits, labels, temperature);
   const auto opts = logits.options().dtype(at::kFloat);
-  const int64_t N = logits.size(0);
-  return {at::empty({N}, opts), at::empty({N}, opts), at::empty({with_entropy ? N : 0}, opts)};
+  const int64_t N = RowLayout(logits).N;
+  return {at::empty({N}, opts), at::empty({N}, opts), at::empty({N}, opts), at::empty({with_entropy ? N : 0}, opts)};
 }
 
 // The arguments of logprob_bwd once checked: the per-row vectors made contiguous (an upstream gradient is often an
-// expanded, stride-0 tensor), and the output grad_logits ([N, V] contiguous, logits' dtype) allocated.
+// expanded, stride-0 tensor), and the output grad_logits (logits' shape, contiguous, logits' dtype) allocated.
 struct BwdArgs {
-  at::Tensor grad_logp, grad_entropy, labels, lse, entropy;  // [N] each; grad_entropy/entropy (0,) when absent
-  bool with_entropy;                                         // grad_entropy (and so entropy) has shape [N]
-  at::Tensor grad_logits;                                    // [N, V]
+  at::Tensor grad_logp, grad_entropy, labels, row_max, log_sum, entropy;  // [N]; grad_entropy/entropy (0,) if absent
+  bool with_entropy;       // grad_entropy (and so entropy) has shape [N]
+  at::Tensor grad_logits;  // logits' shape, contiguous: row n at n * V
 };
 
 inline BwdArgs bwd_args(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& logits,
-                        const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& entropy,
-                        double temperature) {
+                        const at::Tensor& labels, const at::Tensor& row_max, const at::Tensor& log_sum,
+                        const at::Tensor& entropy, double temperature) {
   check_logits_labels(logits, labels, temperature);
   check_row_vector("grad_logp", grad_logp, logits, /*optional=*/false);
-  check_row_vector("lse", lse, logits, /*optional=*/false);
+  check_row_vector("row_max", row_max, logits, /*optional=*/false);
+  check_row_vector("log_sum", log_sum, logits, /*optional=*/false);
   const bool with_entropy = check_row_vector("grad_entropy", grad_entropy, logits, /*optional=*/true);
   const bool has_entropy = check_row_vector("entropy", entropy, logits, /*optional=*/true);
-  TORCH_CHECK_VALUE(!with_entropy || has_entropy, "entropy must have shape [N] = [", logits.size(0),
+  TORCH_CHECK_VALUE(!with_entropy || has_entropy, "entropy must have shape [N] = [", RowLayout(logits).N,
                     "] when grad_entropy is given, got ", entropy.sizes());
   return {grad_logp.contiguous(),
           grad_entropy.contiguous(),
           labels.contiguous(),
-          lse.contiguous(),
+          row_max.contiguous(),
+          log_sum.contiguous(),
           entropy.contiguous(),
           with_entropy,
           at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous))};

@@ -93,11 +93,13 @@ def available(name: str, device: torch.device) -> bool:
     return _unavailable_reason(name, device) is None
 
 
-def resolve(op: str, device: torch.device, implemented: Sequence[str]) -> str:
+def resolve(op: str, device: torch.device, implemented: Sequence[str], dtype: torch.dtype | None = None) -> str:
     """Pick the backend for one call of ``op`` on tensors living on ``device``.
 
     ``implemented`` lists the op's compiled backends in order of preference on a GPU; ``torch`` is always
-    implemented and need not be listed.
+    implemented and need not be listed. ``dtype`` is the op's compute dtype: float64 always runs on ``torch`` (the
+    kernels are written for fp32 accumulation; float64 serves gradcheck and drop-ins), once a forced backend has been
+    checked to exist, so that a misconfiguration still fails loudly.
     """
     if _forced is not None:
         if _forced not in implemented and _forced != "torch":
@@ -105,7 +107,9 @@ def resolve(op: str, device: torch.device, implemented: Sequence[str]) -> str:
         reason = _unavailable_reason(_forced, device)
         if reason is not None:
             raise BackendError(f"{op}: backend {_forced!r} is forced but unavailable: {reason}")
-        return _forced
+        return "torch" if dtype == torch.float64 else _forced
+    if dtype == torch.float64:
+        return "torch"
     if device.type == "cuda":
         for name in implemented:
             if name in ("triton", "cuda") and available(name, device):

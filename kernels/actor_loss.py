@@ -9,12 +9,14 @@
     g_H = -w_t * entropy_coef                                            gradient flows through the logits below)
 
 The exact full-vocabulary KL (kl_estimator="full"). With x = logits / T
-(policy) and y = ref_logits / T (reference), p = softmax(x) from the GLOBAL logsumexp lse_x, this rank's shard of
-the vocab gives
+(policy) and y = ref_logits / T (reference), both shifted by their GLOBAL row max (xs = x - M_x, ys = y - M_y, the
+log-prob schema's row_max; 0 for an all -inf row) and p = exp(xs - log_sum_x) (the schema's split, never a summed
+lse), this rank's shard of the vocab gives
 
-    forward   mean_diff[n] = sum_j p_j * (x_j - y_j)               (summed over the TP group by the caller:
-                                                                     E_p[x - y]; KL = E_p[x - y] - lse_x + lse_y)
-    backward  dlogits[n, j] += (g_kl[n] / T) * p_j * ((x_j - y_j) - E_p[x - y])      (d KL / d x_j, exact)
+    forward   mean_diff[n] = sum_j p_j * (xs_j - ys_j)             (summed over the TP group by the caller:
+                                                                     E_p[xs - ys]; KL = E_p[xs - ys] - log_sum_x
+                                                                     + log_sum_y, every term free of |x| rounding)
+    backward  dlogits[n, j] += (g_kl[n] / T) * p_j * ((xs_j - ys_j) - E_p[xs - ys])  (d KL / d x_j, exact)
 
 One program per row walks the vocab in BLOCK_V chunks; p_j == 0 (x_j = -inf, or padding) contributes 0, never
 0 * inf = nan. Row offsets are int64 (rows x vocab passes 2^31 at real sizes).
@@ -23,11 +25,10 @@ One program per row walks the vocab in BLOCK_V chunks; p_j == 0 (x_j = -inf, or 
 import torch
 import triton
 import triton.language as tl
+from instructrl_fast.kernels import on_device
 from instructrl_fast.kernels.kl import _kl_token
 from instructrl_fast.kernels.logprob import _launch_config
 from instructrl_fast.kernels.ppo_loss import _policy_token
-
-from instructrl_fast.backend import triton_interpreting
 
 KL_NONE = tl.constexpr(0)  # no KL term
 KL_ESTIMATED = tl.constexpr(1)  # k1 / k2 / k3 / abs of (logp, ref_logp)
@@ -85,21 +86,24 @@ def _actor_token_kernel(
 
 
 @triton.jit
-def _p_and_diff(x_row_ptr, y_row_ptr, cols, V, lse, inv_temperature):
-    """p_j = softmax(x)_j from the global lse, and x_j - y_j where p_j > 0 (else 0: x_j = -inf or padding)."""
+def _p_and_diff(x_row_ptr, y_row_ptr, cols, V, shift_x, log_sum_x, shift_y, inv_temperature):
+    """p_j = softmax(x)_j from the global (row max, log_sum) split, and xs_j - ys_j where p_j > 0 (else 0: x_j =
+    -inf or padding)."""
     mask = cols < V
-    x = tl.load(x_row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-    y = tl.load(y_row_ptr + cols, mask=mask, other=0.0).to(tl.float32) * inv_temperature
-    p = tl.exp(x - lse)
-    return p, tl.where(p > 0.0, x - y, 0.0)
+    xs = tl.load(x_row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature - shift_x
+    ys = tl.load(y_row_ptr + cols, mask=mask, other=0.0).to(tl.float32) * inv_temperature - shift_y
+    p = tl.exp(xs - log_sum_x)
+    return p, tl.where(p > 0.0, xs - ys, 0.0)
 
 
 @triton.jit
 def _full_kl_fwd_kernel(
     logits_ptr,  # [N, V] policy logits shard, last dim contiguous, row stride stride_x; fp32/bf16/fp16
     ref_logits_ptr,  # [N, V] reference logits shard, last dim contiguous, row stride stride_y
-    lse_ptr,  # [N] fp32 GLOBAL logsumexp of x
-    mean_diff_ptr,  # [N] fp32 out: this shard's sum_j p_j * (x_j - y_j)
+    shift_x_ptr,  # [N] fp32 GLOBAL row max of x (0 for an all -inf row)
+    log_sum_x_ptr,  # [N] fp32 GLOBAL log sum exp(x - shift_x)
+    shift_y_ptr,  # [N] fp32 GLOBAL row max of y (0 for an all -inf row)
+    mean_diff_ptr,  # [N] fp32 out: this shard's sum_j p_j * (xs_j - ys_j)
     stride_x,
     stride_y,
     V,  # shard vocab size
@@ -107,12 +111,12 @@ def _full_kl_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    lse = tl.load(lse_ptr + row)
+    shift_x, log_sum_x, shift_y = tl.load(shift_x_ptr + row), tl.load(log_sum_x_ptr + row), tl.load(shift_y_ptr + row)
     acc = tl.zeros((), tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        p, diff = _p_and_diff(logits_ptr + row * stride_x, ref_logits_ptr + row * stride_y, cols, V, lse,
-                              inv_temperature)
+        p, diff = _p_and_diff(logits_ptr + row * stride_x, ref_logits_ptr + row * stride_y, cols, V, shift_x,
+                              log_sum_x, shift_y, inv_temperature)
         acc += tl.sum(p * diff, axis=0)
     tl.store(mean_diff_ptr + row, acc)
 
@@ -123,8 +127,10 @@ def _full_kl_bwd_kernel(
     g_kl_ptr,  # [N] fp32 upstream gradient of the per-token KL (0 on ignored rows)
     logits_ptr,  # [N, V] policy logits shard, row stride stride_x
     ref_logits_ptr,  # [N, V] reference logits shard, row stride stride_y
-    lse_ptr,  # [N] fp32 GLOBAL logsumexp of x
-    mean_diff_ptr,  # [N] fp32 GLOBAL E_p[x - y]
+    shift_x_ptr,  # [N] fp32 GLOBAL row max of x (0 for an all -inf row)
+    log_sum_x_ptr,  # [N] fp32 GLOBAL log sum exp(x - shift_x)
+    shift_y_ptr,  # [N] fp32 GLOBAL row max of y (0 for an all -inf row)
+    mean_diff_ptr,  # [N] fp32 GLOBAL E_p[xs - ys]
     stride_x,
     stride_y,
     V,
@@ -133,38 +139,42 @@ def _full_kl_bwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     g = tl.load(g_kl_ptr + row) * inv_temperature
-    lse = tl.load(lse_ptr + row)
+    shift_x, log_sum_x, shift_y = tl.load(shift_x_ptr + row), tl.load(log_sum_x_ptr + row), tl.load(shift_y_ptr + row)
     mean_diff = tl.load(mean_diff_ptr + row)
     out_ptr = grad_logits_ptr + row * V
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        p, diff = _p_and_diff(logits_ptr + row * stride_x, ref_logits_ptr + row * stride_y, cols, V, lse,
-                              inv_temperature)
+        p, diff = _p_and_diff(logits_ptr + row * stride_x, ref_logits_ptr + row * stride_y, cols, V, shift_x,
+                              log_sum_x, shift_y, inv_temperature)
         d = p * tl.where(p > 0.0, diff - mean_diff, 0.0)
         old = tl.load(out_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
         tl.store(out_ptr + cols, (old + g * d).to(grad_logits_ptr.dtype.element_ty), mask=cols < V)
 
 
-def full_kl_fwd(logits, ref_logits, lse, temperature: float):
-    """logits, ref_logits [N, V] (last dim contiguous), lse [N] fp32 global -> this shard's sum p (x - y), fp32 [N]."""
+def full_kl_fwd(logits, ref_logits, shift_x, log_sum_x, shift_y, temperature: float):
+    """logits, ref_logits [N, V] (last dim contiguous), shift_x, log_sum_x, shift_y [N] fp32 global -> this shard's
+    sum p (xs - ys), fp32 [N]."""
     N, V = logits.shape
     mean_diff = torch.empty(N, dtype=torch.float32, device=logits.device)
     if N == 0:
         return mean_diff
-    block_v, num_warps = _launch_config(V, triton_interpreting())
-    _full_kl_fwd_kernel[(N,)](logits, ref_logits, lse, mean_diff, logits.stride(0), ref_logits.stride(0), V,
-                              1.0 / temperature, BLOCK_V=block_v, num_warps=num_warps)
+    block_v, _, num_warps = _launch_config(N, V, logits.device)  # one program per row: no split
+    with on_device(logits):
+        _full_kl_fwd_kernel[(N,)](logits, ref_logits, shift_x, log_sum_x, shift_y, mean_diff, logits.stride(0),
+                                  ref_logits.stride(0), V, 1.0 / temperature, BLOCK_V=block_v, num_warps=num_warps)
     return mean_diff
 
 
-def full_kl_bwd_(grad_logits, g_kl, logits, ref_logits, lse, mean_diff, temperature: float):
+def full_kl_bwd_(grad_logits, g_kl, logits, ref_logits, shift_x, log_sum_x, shift_y, mean_diff, temperature: float):
     """Adds the exact d KL / d logits (times g_kl [N] fp32) into grad_logits [N, V] (contiguous) in place."""
     N, V = logits.shape
     if N == 0:
         return grad_logits
-    block_v, num_warps = _launch_config(V, triton_interpreting())
-    _full_kl_bwd_kernel[(N,)](grad_logits, g_kl, logits, ref_logits, lse, mean_diff, logits.stride(0),
-                              ref_logits.stride(0), V, 1.0 / temperature, BLOCK_V=block_v, num_warps=num_warps)
+    block_v, _, num_warps = _launch_config(N, V, logits.device)
+    with on_device(logits):
+        _full_kl_bwd_kernel[(N,)](grad_logits, g_kl, logits, ref_logits, shift_x, log_sum_x, shift_y, mean_diff,
+                                  logits.stride(0), ref_logits.stride(0), V, 1.0 / temperature, BLOCK_V=block_v,
+                                  num_warps=num_warps)
     return grad_logits
 
 
@@ -178,9 +188,10 @@ def actor_token_terms(logp, entropy, old_logp, adv, kl_in, w, clip: tuple[float,
     kl = torch.empty(n, **f32) if kl_mode else None
     clipped = torch.empty(n, dtype=torch.int8, device=logp.device)
     if n:
-        _actor_token_kernel[(triton.cdiv(n, _TOKEN_BLOCK),)](
-            logp, entropy, old_logp, adv, logp if kl_in is None else kl_in, w, pg, clipped,
-            pg if kl is None else kl, total, grad_logp, grad_entropy, n, *clip, kl_coef, entropy_coef,
-            KL_MODE=kl_mode, ESTIMATOR=estimator, BLOCK=_TOKEN_BLOCK,
-        )
+        with on_device(logp):
+            _actor_token_kernel[(triton.cdiv(n, _TOKEN_BLOCK),)](
+                logp, entropy, old_logp, adv, logp if kl_in is None else kl_in, w, pg, clipped,
+                pg if kl is None else kl, total, grad_logp, grad_entropy, n, *clip, kl_coef, entropy_coef,
+                KL_MODE=kl_mode, ESTIMATOR=estimator, BLOCK=_TOKEN_BLOCK,
+            )
     return pg, kl, clipped.bool(), total, grad_logp, grad_entropy

@@ -16,11 +16,10 @@ gain, and it sidesteps the interpreter's wrong bf16 ``tl.dot``.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+from instructrl_fast.kernels import on_device, sm_count
 
 _LOG2E = 1.4426950408889634
 
@@ -130,11 +129,6 @@ def _decode_attention_combine_kernel(
     tl.store(out_ptr + pid_bh * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _num_splits(device: torch.device, rows: int, S: int, block_n: int) -> int:
     """How many programs share each (b, h) row: from the shapes only, so the grid is fixed for a given cache.
 
@@ -145,8 +139,7 @@ def _num_splits(device: torch.device, rows: int, S: int, block_n: int) -> int:
     max_splits = triton.cdiv(S, block_n)
     if device.type != "cuda":
         return min(2, max_splits)
-    wanted = triton.cdiv(4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()),
-                         rows)
+    wanted = triton.cdiv(4 * sm_count(device), rows)
     return max(1, min(wanted, max_splits, 64))
 
 
@@ -176,17 +169,18 @@ def decode_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     m = torch.empty((B * H, num_splits), dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty((B * H, num_splits, Dh), dtype=torch.float32, device=q.device)
-    _decode_attention_split_kernel[(B * H, num_splits)](
-        q, k_cache, v_cache, kv_start, kv_len, m, l, acc,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        H, S, sm_scale * _LOG2E,
-        HEAD_DIM=Dh, NUM_SPLITS=num_splits, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
-    )
-    _decode_attention_combine_kernel[(B * H,)](
-        m, l, acc, out,
-        HEAD_DIM=Dh, NUM_SPLITS=num_splits, BLOCK_SPLITS=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
-        num_warps=num_warps,
-    )
+    with on_device(q):
+        _decode_attention_split_kernel[(B * H, num_splits)](
+            q, k_cache, v_cache, kv_start, kv_len, m, l, acc,
+            q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            H, S, sm_scale * _LOG2E,
+            HEAD_DIM=Dh, NUM_SPLITS=num_splits, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+        )
+        _decode_attention_combine_kernel[(B * H,)](
+            m, l, acc, out,
+            HEAD_DIM=Dh, NUM_SPLITS=num_splits, BLOCK_SPLITS=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
     return out

@@ -17,6 +17,7 @@ registers. All arithmetic is fp32.
 import torch
 import triton
 import triton.language as tl
+from instructrl_fast.kernels import on_device
 
 
 @triton.jit
@@ -78,8 +79,9 @@ def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gam
     if adv.numel() == 0:
         return adv, ret
     BLOCK_T = min(triton.next_power_of_2(T), 1024 if rewards.is_cuda else 8192)
-    _gae_fwd_kernel[(B,)](
-        rewards, values, mask.view(torch.uint8), adv, ret, T, gamma, gamma * lam,
-        BLOCK_T=BLOCK_T, num_warps=4 if BLOCK_T <= 1024 else 8,
-    )
+    with on_device(rewards):
+        _gae_fwd_kernel[(B,)](
+            rewards, values, mask.view(torch.uint8), adv, ret, T, gamma, gamma * lam,
+            BLOCK_T=BLOCK_T, num_warps=4 if BLOCK_T <= 1024 else 8,
+        )
     return adv, ret

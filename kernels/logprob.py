@@ -1,22 +1,29 @@
-"""Triton kernels for the shard-local log-prob op (gather_logprobs / linear_logprobs).
+"""Triton kernels for the shard-local log-prob op (gather_logprobs / linear_logprobs / entropy).
 
 Same per-shard semantics as the C++/CUDA schema ``instructrl_fast::logprob_fwd`` / ``logprob_bwd`` (see
 instructrl_fast/ops/logprob.py): with x_j = logits[n, j] / temperature in fp32,
 
-    forward   lse[n]    = logsumexp_j x_j                      (online, over BLOCK_V chunks of this vocab shard)
-              target[n] = x[label - vocab_start] if the label falls in this shard and is not ignored, else 0
-              sum_px[n] = sum_j softmax_j * x_j                (shard-local softmax; only WITH_ENTROPY)
+    forward   row_max[n] = max_j x_j, log_sum[n] = log sum_j exp(x_j - row_max)   (online, over BLOCK_V chunks)
+              target[n]  = x[label - vocab_start] if the label falls in this shard and is not ignored, else 0
+              mean_xs[n] = sum_j softmax_j * (x_j - row_max)    (shard-local softmax; only WITH_ENTROPY)
     backward  dlogits[n, j] = (1/T) * (g_lp * (1[j == label - vocab_start] - p_j) - g_ent * p_j * (x_j - E_p[x]))
-              with p_j = exp(x_j - lse) and E_p[x] = lse - H from the GLOBAL lse and entropy H; 0 on ignored rows.
+              with p_j = exp((x_j - row_max) - log_sum) from the GLOBAL row_max and log_sum (kept apart: a rounded
+              lse = row_max + log_sum would put |x| * eps of relative error into every p_j), E_p[x] = lse - H;
+              0 on ignored rows.
 
-One program per row walks the vocab in BLOCK_V chunks, so a row of any length costs registers for one chunk only;
-the forward never writes a [N, V] tensor and the backward writes d(logits) in one pass. Row offsets are int64:
-N * V passes 2^31 at real sizes (4096 tokens x 50257 vocab already does).
+Layout: logits [B, T, V] with any strides in B and T and a contiguous last dim (row n = b * T + t), so a slice such
+as ``logits[:, :-1][:, -k:]`` is read in place. Each row is split across SPLITS programs (grid (N, SPLITS)): the
+forward writes one online-softmax state (m, s, t) per program, combined here in a few [N, SPLITS] operations, so a
+call with few rows (rollout time: 8-64) still fills the GPU. Within a row, the columns before the first 16-byte
+boundary (the head: V = 50257 leaves every row misaligned) and the tail after the last full 16-byte pack are read by
+one small edge block; the body between them is aligned, its bound is a multiple of the pack, and the compiler is told
+so, which keeps 128-bit vector loads. Row offsets are int64: N * V passes 2^31 at real sizes.
 """
 
 import torch
 import triton
 import triton.language as tl
+from instructrl_fast.kernels import on_device, sm_count
 
 from instructrl_fast.backend import triton_interpreting
 
@@ -26,51 +33,103 @@ _MAX_BLOCK_V_INTERPRETER = 32768
 
 
 @triton.jit
+def _row_layout(row, T, stride_b, stride_t, V, align, VEC: tl.constexpr, HINT: tl.constexpr):
+    """(offset of row n, head, body): columns [0, head) lie before the row's first 16-byte boundary, [head,
+    head + body) are whole 16-byte packs (body a multiple of VEC), [head + body, V) the tail."""
+    row_off = (row // T) * stride_b + (row % T) * stride_t
+    head = tl.minimum((VEC - (align + row_off) % VEC) % VEC, V)
+    body = (V - head) // VEC * VEC
+    start = row_off + head
+    if HINT:  # the element offset of the body is then a multiple of VEC (the base pointer is 16-byte aligned)
+        start = tl.multiple_of(start, VEC)
+    body = tl.multiple_of(body, VEC)
+    return row_off, head, body, start
+
+
+@triton.jit
+def _edge_columns(head, body, V, VEC: tl.constexpr):
+    """The head and tail columns of a row as one block of 2 * VEC lanes, with their validity."""
+    i = tl.arange(0, 2 * VEC)
+    cols = tl.where(i < VEC, i, head + body + i - VEC)
+    return cols, tl.where(i < VEC, i < head, cols < V)
+
+
+@triton.jit
+def _online_add(m, s, t, x, WITH_ENTROPY: tl.constexpr):
+    """Online logsumexp (Milakov & Gimelshein 2018) state (m, s = sum exp(x - m), t = sum exp(x - m) (x - m)) plus
+    x. t is kept relative to the running max (moving the max by d adds s * d), so E_p[x] - max carries no |x| * eps."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    # A row that is -inf so far would give exp(-inf - -inf) = nan: shift by 0 instead.
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - shift)
+    xs = x - shift
+    e = tl.exp(xs)
+    if WITH_ENTROPY:
+        # s == 0 (nothing but -inf so far) has no moment to move (and m - shift may be -inf). e == 0 covers padding
+        # and -inf logits, where e * xs would be 0 * -inf = nan.
+        t = alpha * (t + s * (tl.where(s > 0.0, m, shift) - shift)) + tl.sum(e * tl.where(e > 0.0, xs, 0.0), axis=0)
+    s = s * alpha + tl.sum(e, axis=0)
+    return m_new, s, t
+
+
+@triton.jit
 def _logprob_fwd_kernel(
-    logits_ptr,  # [N, V] this rank's vocab shard, last dim contiguous, row stride stride_n; fp32/bf16/fp16
-    labels_ptr,  # [N] int64 GLOBAL vocab ids (or ignore_index)
-    lse_ptr,  # [N] fp32 out: shard-local logsumexp of x
+    logits_ptr,  # [B, T, V] this rank's vocab shard, strides (stride_b, stride_t, 1); fp32/bf16/fp16
+    labels_ptr,  # [N] int64 GLOBAL vocab ids (or ignore_index), N = B * T
+    parts_ptr,  # [3, N, SPLITS] fp32 out: each program's (m, s, t) over its columns, t relative to m
     target_ptr,  # [N] fp32 out: x at the label when it lies in this shard, else 0
-    sum_px_ptr,  # [N] fp32 out: sum_j softmax_j * x_j (shard-local softmax); untouched unless WITH_ENTROPY
-    stride_n,  # row stride of logits, in elements
+    N,
+    T,  # rows per batch entry
+    stride_b,  # strides of logits, in elements
+    stride_t,
     V,  # shard vocab size
+    align,  # (logits.data_ptr() % 16) / element size
     inv_temperature,  # fp32 scalar: 1 / temperature (a multiply, like the C++/CUDA kernels)
     ignore_index,  # int
     vocab_start,  # int: global id of this shard's column 0
     WITH_ENTROPY: tl.constexpr,
+    SPLITS: tl.constexpr,  # programs per row
+    VEC: tl.constexpr,  # elements per 16 bytes
+    HINT: tl.constexpr,  # align == 0: the body's offsets may be declared multiples of VEC
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_n
-    label = tl.load(labels_ptr + row)
+    split = tl.program_id(1)
+    row_off, head, body, start = _row_layout(row, T, stride_b, stride_t, V, align, VEC, HINT)
 
-    # Online logsumexp (Milakov & Gimelshein 2018): running max m, s = sum exp(x - m), sx = sum exp(x - m) * x.
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
-    sx = tl.zeros((), tl.float32)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temperature
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # A row that is -inf so far would give exp(-inf - -inf) = nan: shift by 0 instead.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - shift)
-        e = tl.exp(x - shift)
-        s = s * alpha + tl.sum(e, axis=0)
-        if WITH_ENTROPY:
-            # e == 0 covers padding and -inf logits, where e * x would be 0 * -inf = nan.
-            sx = sx * alpha + tl.sum(e * tl.where(e > 0.0, x, 0.0), axis=0)
-        m = m_new
-    lse = m + tl.log(s)
-    tl.store(lse_ptr + row, lse)
-    if WITH_ENTROPY:
-        tl.store(sum_px_ptr + row, sx / s)
+    t = tl.zeros((), tl.float32)
+    for blk in range(split, tl.cdiv(body, BLOCK_V), SPLITS):
+        rel = blk * BLOCK_V + tl.arange(0, BLOCK_V)
+        x = tl.load(logits_ptr + start + rel, mask=rel < body, other=float("-inf")).to(tl.float32) * inv_temperature
+        m, s, t = _online_add(m, s, t, x, WITH_ENTROPY)
+    if split == 0:
+        cols, valid = _edge_columns(head, body, V, VEC)
+        x = tl.load(logits_ptr + row_off + cols, mask=valid, other=float("-inf")).to(tl.float32) * inv_temperature
+        m, s, t = _online_add(m, s, t, x, WITH_ENTROPY)
+        label = tl.load(labels_ptr + row)
+        local = label - vocab_start
+        hit = (local >= 0) & (local < V) & (label != ignore_index)
+        x_label = tl.load(logits_ptr + row_off + tl.where(hit, local, 0)).to(tl.float32) * inv_temperature
+        tl.store(target_ptr + row, tl.where(hit, x_label, 0.0))
+    part = row * SPLITS + split
+    tl.store(parts_ptr + part, m)
+    tl.store(parts_ptr + N * SPLITS + part, s)
+    tl.store(parts_ptr + 2 * N * SPLITS + part, t)
 
-    local = label - vocab_start
-    hit = (local >= 0) & (local < V) & (label != ignore_index)
-    safe = tl.where(hit, local, 0)
-    x_label = tl.load(row_ptr + safe).to(tl.float32) * inv_temperature
-    tl.store(target_ptr + row, tl.where(hit, x_label, 0.0))
+
+@triton.jit
+def _grad_terms(x, cols, local, g_lp, g_ent, shift, log_sum, mean_xs, WITH_ENTROPY: tl.constexpr):
+    """d/dx_j of g_lp * logp + g_ent * H (before the 1/T factor) over one block of columns; mean_xs = E_p[x] - shift.
+    Every term is formed from x - shift, never from x itself: |x| ~ 20 would cost its rounding in every p_j."""
+    xs = x - shift
+    p = tl.exp(xs - log_sum)
+    g = g_lp * (tl.where(cols == local, 1.0, 0.0) - p)  # d logp / d x_j = 1[j == label] - p_j
+    if WITH_ENTROPY:
+        # d H / d x_j = -p_j * (x_j - E_p[x]); p_j == 0 (e.g. x_j = -inf) contributes 0, not 0 * inf = nan.
+        g -= g_ent * p * tl.where(p > 0.0, xs - mean_xs, 0.0)
+    return g
 
 
 @triton.jit
@@ -78,85 +137,148 @@ def _logprob_bwd_kernel(
     grad_logits_ptr,  # [N, V] out, contiguous, dtype of logits
     grad_logp_ptr,  # [N] fp32 upstream gradient of logp
     grad_entropy_ptr,  # [N] fp32 upstream gradient of the entropy; unused unless WITH_ENTROPY
-    logits_ptr,  # [N, V] last dim contiguous, row stride stride_n; fp32/bf16/fp16
+    logits_ptr,  # [B, T, V] strides (stride_b, stride_t, 1); fp32/bf16/fp16
     labels_ptr,  # [N] int64 GLOBAL ids (or ignore_index)
-    lse_ptr,  # [N] fp32 GLOBAL logsumexp of x
+    row_max_ptr,  # [N] fp32 GLOBAL max of x
+    log_sum_ptr,  # [N] fp32 GLOBAL log sum exp(x - row_max)
     entropy_ptr,  # [N] fp32 GLOBAL entropy; unused unless WITH_ENTROPY
-    stride_n,  # row stride of logits, in elements
-    V,  # shard vocab size
+    T,
+    stride_b,
+    stride_t,
+    V,
+    align,  # (logits.data_ptr() % 16) / element size
     inv_temperature,  # fp32 scalar: 1 / temperature
     ignore_index,  # int
     vocab_start,  # int
     WITH_ENTROPY: tl.constexpr,
+    SPLITS: tl.constexpr,
+    VEC: tl.constexpr,
+    HINT: tl.constexpr,  # align == 0
+    HINT_OUT: tl.constexpr,  # the output rows share the input rows' alignment, so the body's stores are aligned too
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_n
-    out_ptr = grad_logits_ptr + row * V
+    split = tl.program_id(1)
+    row_off, head, body, start = _row_layout(row, T, stride_b, stride_t, V, align, VEC, HINT)
+    out_row = row * V
+    out_start = out_row + head
+    if HINT_OUT:
+        out_start = tl.multiple_of(out_start, VEC)
     label = tl.load(labels_ptr + row)
     ignored = label == ignore_index
     # Ignored rows get no gradient: zeroing the upstream gradients makes every term 0 in the same single pass.
     g_lp = tl.where(ignored, 0.0, tl.load(grad_logp_ptr + row))
-    lse = tl.load(lse_ptr + row)
+    m = tl.load(row_max_ptr + row)
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    log_sum = tl.load(log_sum_ptr + row)
+    g_ent = 0.0
+    mean_xs = 0.0
     if WITH_ENTROPY:
         g_ent = tl.where(ignored, 0.0, tl.load(grad_entropy_ptr + row))
-        mean_x = lse - tl.load(entropy_ptr + row)  # E_p[x] = lse - H
+        mean_xs = log_sum - tl.load(entropy_ptr + row)  # E_p[x] - row_max = log_sum - H
     local = label - vocab_start
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < V
-        x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-        p = tl.exp(x - lse)
-        # d logp / d x_j = 1[j == label] - p_j
-        g = g_lp * (tl.where(cols == local, 1.0, 0.0) - p)
-        if WITH_ENTROPY:
-            # d H / d x_j = -p_j * (x_j - E_p[x]); p_j == 0 (e.g. x_j = -inf) contributes 0, not 0 * inf = nan.
-            g -= g_ent * p * tl.where(p > 0.0, x - mean_x, 0.0)
-        tl.store(out_ptr + cols, (g * inv_temperature).to(grad_logits_ptr.dtype.element_ty), mask=mask)
+    out_ty = grad_logits_ptr.dtype.element_ty
+    for blk in range(split, tl.cdiv(body, BLOCK_V), SPLITS):
+        rel = blk * BLOCK_V + tl.arange(0, BLOCK_V)
+        inside = rel < body
+        x = tl.load(logits_ptr + start + rel, mask=inside, other=float("-inf")).to(tl.float32) * inv_temperature
+        g = _grad_terms(x, head + rel, local, g_lp, g_ent, shift, log_sum, mean_xs, WITH_ENTROPY)
+        tl.store(grad_logits_ptr + out_start + rel, (g * inv_temperature).to(out_ty), mask=inside)
+    if split == 0:
+        cols, valid = _edge_columns(head, body, V, VEC)
+        x = tl.load(logits_ptr + row_off + cols, mask=valid, other=float("-inf")).to(tl.float32) * inv_temperature
+        g = _grad_terms(x, cols, local, g_lp, g_ent, shift, log_sum, mean_xs, WITH_ENTROPY)
+        tl.store(grad_logits_ptr + out_row + cols, (g * inv_temperature).to(out_ty), mask=valid)
 
 
-def _launch_config(V: int, interpreting: bool) -> tuple[int, int]:
-    max_block = _MAX_BLOCK_V_INTERPRETER if interpreting else _MAX_BLOCK_V_GPU
-    block_v = min(triton.next_power_of_2(max(V, 1)), max_block)
-    num_warps = 8 if block_v >= 2048 else 4
-    return block_v, num_warps
+def _as_3d(logits: torch.Tensor) -> torch.Tensor:
+    return logits if logits.dim() == 3 else logits.unsqueeze(0)
+
+
+def _layout(logits: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    """(B, T, V, stride_b, stride_t, align) of a [B, T, V] (or [N, V]) tensor with a contiguous last dim."""
+    B, T, V = logits.shape
+    return B, T, V, logits.stride(0), logits.stride(1), (logits.data_ptr() % 16) // logits.element_size()
+
+
+def _num_splits(device: torch.device, N: int, blocks: int) -> int:
+    """Programs per row: on a GPU enough for about 4 programs per SM (at least one body block each); 1 under the
+    interpreter (tests patch this to exercise the partial-state combine)."""
+    if device.type != "cuda" or N == 0:
+        return 1
+    return max(1, min(triton.cdiv(4 * sm_count(device), N), blocks))
+
+
+def _launch_config(N: int, V: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_V, SPLITS, num_warps)."""
+    if triton_interpreting():
+        block_v = min(triton.next_power_of_2(max(V, 1)), _MAX_BLOCK_V_INTERPRETER)
+    else:
+        # Few rows: smaller blocks, so that a row splits across more programs.
+        block_v = min(triton.next_power_of_2(max(V, 1)), _MAX_BLOCK_V_GPU if N >= 4 * sm_count(device) else 1024)
+    splits = _num_splits(device, N, triton.cdiv(V, block_v))
+    return block_v, splits, 8 if block_v >= 2048 else 4
 
 
 def logprob_fwd(logits, labels, temperature: float, ignore_index: int, vocab_start: int, with_entropy: bool):
-    """Shard-local forward: logits [N, V] (last dim contiguous), labels [N] int64 -> (lse, target, sum_px), fp32 [N].
-
-    sum_px is an empty fp32 tensor of shape (0,) unless ``with_entropy``.
-    """
-    N, V = logits.shape
-    lse = torch.empty(N, dtype=torch.float32, device=logits.device)
+    """Shard-local forward: logits [B, T, V] or [N, V] (last dim contiguous, any other strides), labels [N] int64
+    -> (row_max, log_sum, target, mean_xs), fp32 [N]; mean_xs is (0,) unless ``with_entropy``."""
+    logits = _as_3d(logits)
+    B, T, V, stride_b, stride_t, align = _layout(logits)
+    N = B * T
     target = torch.empty(N, dtype=torch.float32, device=logits.device)
-    sum_px = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=logits.device)
     if N == 0:
-        return lse, target, sum_px
-    block_v, num_warps = _launch_config(V, triton_interpreting())
-    _logprob_fwd_kernel[(N,)](
-        logits, labels, lse, target, sum_px if with_entropy else lse,
-        logits.stride(0), V, 1.0 / temperature, ignore_index, vocab_start,
-        WITH_ENTROPY=with_entropy, BLOCK_V=block_v, num_warps=num_warps,
-    )
-    return lse, target, sum_px
+        empty = torch.empty(0, dtype=torch.float32, device=logits.device)
+        return empty, torch.empty_like(empty), target, torch.empty_like(empty)
+    block_v, splits, num_warps = _launch_config(N, V, logits.device)
+    parts = torch.empty((3, N, splits), dtype=torch.float32, device=logits.device)
+    vec = 16 // logits.element_size()
+    with on_device(logits):
+        _logprob_fwd_kernel[(N, splits)](
+            logits, labels, parts, target, N, T, stride_b, stride_t, V, align, 1.0 / temperature, ignore_index,
+            vocab_start, WITH_ENTROPY=with_entropy, SPLITS=splits, VEC=vec, HINT=align == 0, BLOCK_V=block_v,
+            num_warps=num_warps,
+        )
+    m, s, t = parts.unbind(0)
+    if splits == 1:
+        row_max, total = m[:, 0], s[:, 0]
+        mean_xs = t[:, 0] / total if with_entropy else t.new_empty(0)
+    else:  # the programs' states of a row combined as shards are (see the ops module)
+        row_max = m.amax(dim=1)
+        shift = torch.where(row_max == float("-inf"), 0.0, row_max)[:, None]
+        scale = torch.exp(m - shift)
+        total = (s * scale).sum(1)
+        mean_xs = t.new_empty(0)
+        if with_entropy:  # each program's t is relative to its own max: move it to the row's
+            moved = t + torch.where(s > 0, s * (m - shift), 0.0)
+            mean_xs = (moved * scale).sum(1) / total
+    return row_max, torch.log(total), target, mean_xs
 
 
-def logprob_bwd(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature: float, ignore_index: int,
-                vocab_start: int):
-    """Shard-local backward: -> d(logits) [N, V], contiguous, in logits' dtype.
+def logprob_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature: float,
+                ignore_index: int, vocab_start: int):
+    """Shard-local backward: -> d(logits), contiguous, of logits' shape and dtype.
 
     grad_entropy and entropy are fp32 [N], or both of shape (0,) when there is no entropy output.
     """
-    N, V = logits.shape
-    grad_logits = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
+    grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    logits = _as_3d(logits)
+    B, T, V, stride_b, stride_t, align = _layout(logits)
+    N = B * T
     if N == 0:
         return grad_logits
     with_entropy = grad_entropy.numel() > 0
-    block_v, num_warps = _launch_config(V, triton_interpreting())
-    _logprob_bwd_kernel[(N,)](
-        grad_logits, grad_logp, grad_entropy if with_entropy else grad_logp, logits, labels, lse,
-        entropy if with_entropy else lse, logits.stride(0), V, 1.0 / temperature, ignore_index, vocab_start,
-        WITH_ENTROPY=with_entropy, BLOCK_V=block_v, num_warps=num_warps,
-    )
+    block_v, splits, num_warps = _launch_config(N, V, logits.device)
+    vec = 16 // logits.element_size()
+    # Output row n starts at n * V: it shares the input row's alignment when both bases are aligned alike and the
+    # strides agree with n * V modulo the pack.
+    out_align = (grad_logits.data_ptr() % 16) // grad_logits.element_size()
+    same = align == out_align and (stride_t - V) % vec == 0 and (B == 1 or (stride_b - T * V) % vec == 0)
+    with on_device(logits):
+        _logprob_bwd_kernel[(N, splits)](
+            grad_logits, grad_logp, grad_entropy if with_entropy else grad_logp, logits, labels, row_max, log_sum,
+            entropy if with_entropy else row_max, T, stride_b, stride_t, V, align, 1.0 / temperature, ignore_index,
+            vocab_start, WITH_ENTROPY=with_entropy, SPLITS=splits, VEC=vec, HINT=align == 0,
+            HINT_OUT=bool(align == 0 and same), BLOCK_V=block_v, num_warps=num_warps,
+        )
     return grad_logits

@@ -10,6 +10,7 @@ reduces again. The backward recomputes the per-token branch (cheap, elementwise)
 import torch
 import triton
 import triton.language as tl
+from instructrl_fast.kernels import on_device
 
 POLICY = tl.constexpr(0)
 VALUE = tl.constexpr(1)
@@ -157,10 +158,11 @@ def ppo_loss_fwd(kind: str, x, x_old, y, mask, params: tuple[float, float, float
     C = triton.cdiv(T, BLOCK_T)
     partials = torch.zeros((_N_PARTIALS[kind], B, max(C, 1)), dtype=torch.float32, device=x.device)
     if x.numel():
-        _ppo_loss_fwd_kernel[(B, C)](
-            x, x_old, y, mask.view(torch.uint8), partials, B, T, C, *params,
-            KIND=_KINDS[kind], BLOCK_T=BLOCK_T, num_warps=4 if BLOCK_T <= 1024 else 8,
-        )
+        with on_device(x):
+            _ppo_loss_fwd_kernel[(B, C)](
+                x, x_old, y, mask.view(torch.uint8), partials, B, T, C, *params,
+                KIND=_KINDS[kind], BLOCK_T=BLOCK_T, num_warps=4 if BLOCK_T <= 1024 else 8,
+            )
     return _finish(partials, reduction)
 
 
@@ -170,8 +172,9 @@ def ppo_loss_bwd(kind: str, grad_loss, row_scale, x, x_old, y, mask, params: tup
     grad_x = torch.empty((B, T), dtype=torch.float32, device=x.device)
     if x.numel():
         BLOCK_T = _block_t(T, x.device)
-        _ppo_loss_bwd_kernel[(B, triton.cdiv(T, BLOCK_T))](
-            grad_loss.float().contiguous(), row_scale, x, x_old, y, mask.view(torch.uint8), grad_x, T, *params,
-            KIND=_KINDS[kind], BLOCK_T=BLOCK_T, num_warps=4 if BLOCK_T <= 1024 else 8,
-        )
+        with on_device(x):
+            _ppo_loss_bwd_kernel[(B, triton.cdiv(T, BLOCK_T))](
+                grad_loss.float().contiguous(), row_scale, x, x_old, y, mask.view(torch.uint8), grad_x, T, *params,
+                KIND=_KINDS[kind], BLOCK_T=BLOCK_T, num_warps=4 if BLOCK_T <= 1024 else 8,
+            )
     return grad_x

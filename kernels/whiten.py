@@ -8,6 +8,7 @@ ranks of a process group) with the same formula, then ``whiten_apply`` normalise
 import torch
 import triton
 import triton.language as tl
+from instructrl_fast.kernels import on_device
 
 
 @triton.jit
@@ -64,7 +65,8 @@ def whiten_moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     P = triton.cdiv(N, BLOCK)
     partials = torch.zeros((3, max(P, 1)), dtype=torch.float32, device=x.device)
     if N:
-        _whiten_moments_kernel[(P,)](x, mask.view(torch.uint8), partials, N, P, BLOCK=BLOCK)
+        with on_device(x):
+            _whiten_moments_kernel[(P,)](x, mask.view(torch.uint8), partials, N, P, BLOCK=BLOCK)
     return partials
 
 
@@ -74,7 +76,8 @@ def whiten_apply(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, shift
     N = x.numel()
     if N:
         BLOCK = _block(N, x.device)
-        _whiten_apply_kernel[(triton.cdiv(N, BLOCK),)](
-            x, mask.view(torch.uint8), stats, out, N, SHIFT_MEAN=shift_mean, BLOCK=BLOCK
-        )
+        with on_device(x):
+            _whiten_apply_kernel[(triton.cdiv(N, BLOCK),)](
+                x, mask.view(torch.uint8), stats, out, N, SHIFT_MEAN=shift_mean, BLOCK=BLOCK
+            )
     return out

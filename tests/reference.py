@@ -10,18 +10,29 @@ import torch
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def gather_logprobs_ref(logits, labels, temperature=1.0, ignore_index=-100):
-    """(logp, entropy) of softmax(logits / temperature) at labels, in float64; ignored positions give 0 and 0.
+def entropy_ref(logits, temperature=1.0):
+    """H = -sum p log p of softmax(logits / temperature) in float64, over the last dim."""
+    logq = torch.log_softmax(logits.double() / temperature, dim=-1)
+    return -(logq.exp() * logq).sum(-1)
 
-    Differentiable w.r.t. ``logits`` (pass a float64 tensor that requires grad to get reference gradients).
+
+def gather_logprobs_ref(logits, labels, temperature=1.0, ignore_index=-100):
+    """(logp, entropy) of softmax(logits / temperature) at labels, in float64.
+
+    labels [...]: ignored positions give 0 and 0. labels [..., K] (as many dims as logits): one log-prob per entry,
+    ignored entries give 0, the entropy [...] is always computed. Differentiable w.r.t. ``logits`` (pass a float64
+    tensor that requires grad to get reference gradients).
     """
-    x = logits.double() / temperature
-    logq = torch.log_softmax(x, dim=-1)
-    keep = labels != ignore_index
-    logp = logq.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)
-    entropy = -(logq.exp() * logq).sum(-1)  # H = -sum p log p
+    logq = torch.log_softmax(logits.double() / temperature, dim=-1)
+    multi = labels.dim() == logits.dim()
+    index = labels.long() if multi else labels.long().unsqueeze(-1)
+    keep = index != ignore_index
     zero = torch.zeros((), dtype=torch.float64)
-    return torch.where(keep, logp, zero), torch.where(keep, entropy, zero)
+    logp = torch.where(keep, logq.gather(-1, torch.where(keep, index, 0)), zero)
+    entropy = entropy_ref(logits, temperature)
+    if multi:
+        return logp, entropy
+    return logp.squeeze(-1), torch.where(keep.squeeze(-1), entropy, zero)
 
 
 def linear_logprobs_ref(hidden, weight, labels, temperature=1.0, ignore_index=-100):

@@ -4,7 +4,8 @@
 // Layout: a "row group" of kRowWarps warps handles one row of logits: 8 warps (the whole block) for long rows, one
 // warp for short rows (V <= kShortRow), so that a block then covers 8 rows and stays busy. Each thread strides over
 // the row in 16-byte packs (4 fp32 or 8 bf16/fp16 values per load), after a scalar head that brings the row to a
-// 16-byte boundary (rows of any stride). The forward keeps an online softmax state per thread, combined by warp
+// 16-byte boundary (rows of any stride; logits [N, V] or [B, T, V] with any strides in B and T, see RowLayout).
+// The forward keeps an online softmax state per thread, combined by warp
 // shuffles and then through shared memory; the backward reads each element once and writes its gradient once.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -53,9 +54,10 @@ __device__ __forceinline__ void for_each_column(int64_t V, int64_t head, int lan
   for (int64_t j = head + packs * kSize + lane; j < V; j += threads) on_scalar(j);
 }
 
-// Online softmax state of a set of x: m = max x, s = sum exp(x - m), t = sum exp(x - m) * x. The empty set is
-// (-inf, 0, 0). In fp32 throughout; __expf (ex2.approx) is accurate to a few ulp near 0, where the terms that
-// matter lie, as in the Triton kernels.
+// Online softmax state of a set of x: m = max x, s = sum exp(x - m), t = sum exp(x - m) * (x - m) (relative to m,
+// so E_p[x] - max carries no |x| * eps; moving m by d adds s * d to t). The empty set is (-inf, 0, 0). In fp32
+// throughout; __expf (ex2.approx) is accurate to a few ulp near 0, where the terms that matter lie, as in the Triton
+// kernels.
 struct Online {
   float m = -INFINITY, s = 0.0f, t = 0.0f;
 
@@ -67,16 +69,17 @@ struct Online {
     for (int k = 1; k < n; ++k) x_max = fmaxf(x_max, x[k]);
     if (x_max > m) {  // m = -inf on the first values: exp(-inf) = 0 and s = t = 0 anyway
       const float scale = __expf(m - x_max);
+      t = (t + (s > 0.0f ? s * (m - x_max) : 0.0f)) * scale;
       s *= scale;
-      t *= scale;
       m = x_max;
     }
     if (m == -INFINITY) return;  // only -inf so far: they add 0 (and x - m would be nan)
 #pragma unroll
     for (int k = 0; k < n; ++k) {
-      const float e = __expf(x[k] - m);
+      const float xs = x[k] - m;
+      const float e = __expf(xs);
       s += e;
-      t = fmaf(e, e > 0.0f ? x[k] : 0.0f, t);  // a -inf logit adds 0, not 0 * -inf = nan
+      t = fmaf(e, e > 0.0f ? xs : 0.0f, t);  // a -inf logit adds 0, not 0 * -inf = nan
     }
   }
 
@@ -85,8 +88,9 @@ struct Online {
     const float m_new = fmaxf(m, m2);
     if (m_new == -INFINITY) return;
     const float a = __expf(m - m_new), b = __expf(m2 - m_new);
+    // Each t moves to the common max first; an empty state (s = 0, m = -inf) has nothing to move.
+    t = (t + (s > 0.0f ? s * (m - m_new) : 0.0f)) * a + (t2 + (s2 > 0.0f ? s2 * (m2 - m_new) : 0.0f)) * b;
     s = s * a + s2 * b;
-    t = t * a + t2 * b;
     m = m_new;
   }
 
@@ -138,19 +142,20 @@ struct RowGroup {
 
 template <typename scalar_t, int kRowWarps>
 __global__ void __launch_bounds__(kBlockThreads)
-    logprob_fwd_kernel(const scalar_t* __restrict__ logits,  // [N, V], row stride `stride`, last dim contiguous
+    logprob_fwd_kernel(const scalar_t* __restrict__ logits,  // [N, V] or [B, T, V] (`layout`), last dim contiguous
                        const int64_t* __restrict__ labels,   // [N] global vocab ids
-                       float* __restrict__ lse,              // [N] out: logsumexp_j x_j over the shard
+                       float* __restrict__ row_max,          // [N] out: max_j x_j over the shard
+                       float* __restrict__ log_sum,          // [N] out: log sum_j exp(x_j - row_max)
                        float* __restrict__ target,           // [N] out: x[label - vocab_start], else 0
-                       float* __restrict__ sum_px,           // [N] out: sum_j softmax_j x_j, or nullptr
-                       int64_t N, int64_t V, int64_t stride, float inv_temp, int64_t ignore_index,
-                       int64_t vocab_start) {
+                       float* __restrict__ mean_xs,          // [N] out: sum_j softmax_j (x_j - max), or nullptr
+                       RowLayout layout, float inv_temp, int64_t ignore_index, int64_t vocab_start) {
   using P = Pack<scalar_t>;
   const RowGroup<kRowWarps> g;
   // Whole warps (one-warp groups) or the whole block (multi-warp groups: row < N always) leave together, so the
   // shuffles and the __syncthreads below see every thread they wait for.
+  const int64_t N = layout.N, V = layout.V;
   if (g.row >= N) return;
-  const scalar_t* row = logits + g.row * stride;  // int64 offsets: N * V passes 2^31 at real sizes
+  const scalar_t* row = logits + layout.offset(g.row);  // int64 offsets: N * V passes 2^31 at real sizes
 
   Online state;
   for_each_column<P::kSize>(
@@ -169,8 +174,9 @@ __global__ void __launch_bounds__(kBlockThreads)
   state.reduce_row<kRowWarps>();
 
   if (g.lane == 0) {
-    lse[g.row] = state.m + logf(state.s);
-    if (sum_px != nullptr) sum_px[g.row] = state.t / state.s;
+    row_max[g.row] = state.m;
+    log_sum[g.row] = logf(state.s);
+    if (mean_xs != nullptr) mean_xs[g.row] = state.t / state.s;
     const int64_t label = labels[g.row];
     const int64_t local = label - vocab_start;
     const bool in_shard = label != ignore_index && local >= 0 && local < V;
@@ -182,15 +188,16 @@ template <typename scalar_t, int kRowWarps>
 __global__ void __launch_bounds__(kBlockThreads)
     logprob_bwd_kernel(const float* __restrict__ grad_logp,     // [N]
                        const float* __restrict__ grad_entropy,  // [N], or nullptr: no entropy term
-                       const scalar_t* __restrict__ logits,     // [N, V], row stride `stride`, last dim contiguous
+                       const scalar_t* __restrict__ logits,     // [N, V] or [B, T, V] (`layout`), last dim contiguous
                        const int64_t* __restrict__ labels,      // [N] global vocab ids
-                       const float* __restrict__ lse,           // [N] GLOBAL logsumexp
+                       const float* __restrict__ row_max,       // [N] GLOBAL max of x
+                       const float* __restrict__ log_sum,       // [N] GLOBAL log sum exp(x - row_max)
                        const float* __restrict__ entropy,       // [N] GLOBAL entropy (read when grad_entropy is)
                        scalar_t* __restrict__ grad_logits,      // [N, V] out, contiguous
-                       int64_t N, int64_t V, int64_t stride, float inv_temp, int64_t ignore_index,
-                       int64_t vocab_start) {
+                       RowLayout layout, float inv_temp, int64_t ignore_index, int64_t vocab_start) {
   using P = Pack<scalar_t>;
   const RowGroup<kRowWarps> g;
+  const int64_t N = layout.N, V = layout.V;
   if (g.row >= N) return;  // no block-level synchronisation follows
   scalar_t* out = grad_logits + g.row * V;
   const int64_t label = labels[g.row];
@@ -207,16 +214,19 @@ __global__ void __launch_bounds__(kBlockThreads)
     return;
   }
 
-  const scalar_t* row = logits + g.row * stride;
+  const scalar_t* row = logits + layout.offset(g.row);
   const int64_t local = label - vocab_start;  // the one-hot column; outside [0, V) when the label is elsewhere
   const float g_lp = grad_logp[g.row] * inv_temp;
   const float g_ent = grad_entropy != nullptr ? grad_entropy[g.row] * inv_temp : 0.0f;
-  const float row_lse = lse[g.row];
-  const float mean_x = grad_entropy != nullptr ? row_lse - entropy[g.row] : 0.0f;  // E_p[x] = lse - H
-  // d/dx_j of g_lp * logp + g_ent * H, divided by T (folded into g_lp and g_ent).
+  const float m = row_max[g.row], shift = m == -INFINITY ? 0.0f : m, row_log_sum = log_sum[g.row];
+  // E_p[x] - row_max = log_sum - H (E_p[x] = lse - H)
+  const float mean_xs = grad_entropy != nullptr ? row_log_sum - entropy[g.row] : 0.0f;
+  // d/dx_j of g_lp * logp + g_ent * H, divided by T (folded into g_lp and g_ent). Every term is formed from
+  // x - row_max with row_max and log_sum kept apart: a rounded lse would carry |x| * eps into every p.
   const auto grad = [&](float x, int64_t j) {
-    const float p = __expf(x - row_lse);
-    return g_lp * ((j == local ? 1.0f : 0.0f) - p) - g_ent * p * (p > 0.0f ? x - mean_x : 0.0f);  // 0, not nan
+    const float xs = x - shift;
+    const float p = __expf(xs - row_log_sum);
+    return g_lp * ((j == local ? 1.0f : 0.0f) - p) - g_ent * p * (p > 0.0f ? xs - mean_xs : 0.0f);  // 0, not nan
   };
 
   // Packs only when input and output rows share their alignment (the same head brings both to 16 bytes); a
@@ -253,32 +263,36 @@ void launch_rows(int64_t N, int64_t V, Launch launch) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_fwd_cuda(const at::Tensor& logits, const at::Tensor& labels,
-                                                                double temperature, int64_t ignore_index,
-                                                                int64_t vocab_start, bool with_entropy) {
-  auto [lse, target, sum_px] = fwd_outputs(logits, labels, temperature, with_entropy);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprob_fwd_cuda(const at::Tensor& logits,
+                                                                            const at::Tensor& labels,
+                                                                            double temperature, int64_t ignore_index,
+                                                                            int64_t vocab_start, bool with_entropy) {
+  auto [row_max, log_sum, target, mean_xs] = fwd_outputs(logits, labels, temperature, with_entropy);
   const c10::cuda::OptionalCUDAGuard device_guard(logits.device());
   const at::Tensor labels_c = labels.contiguous();
-  const int64_t N = logits.size(0), V = logits.size(1), stride = logits.stride(0);
+  const RowLayout layout(logits);
+  const int64_t N = layout.N, V = layout.V;
   const float inv_temp = static_cast<float>(1.0 / temperature);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   INSTRUCTRL_LOGPROB_DISPATCH(logits.scalar_type(), "logprob_fwd_cuda", [&] {
     launch_rows(N, V, [&](auto row_warps, unsigned blocks) {
       logprob_fwd_kernel<scalar_t, decltype(row_warps)::value><<<blocks, kBlockThreads, 0, stream>>>(
-          logits.const_data_ptr<scalar_t>(), labels_c.const_data_ptr<int64_t>(), lse.mutable_data_ptr<float>(),
-          target.mutable_data_ptr<float>(), with_entropy ? sum_px.mutable_data_ptr<float>() : nullptr, N, V, stride,
-          inv_temp, ignore_index, vocab_start);
+          logits.const_data_ptr<scalar_t>(), labels_c.const_data_ptr<int64_t>(), row_max.mutable_data_ptr<float>(),
+          log_sum.mutable_data_ptr<float>(), target.mutable_data_ptr<float>(),
+          with_entropy ? mean_xs.mutable_data_ptr<float>() : nullptr, layout, inv_temp, ignore_index, vocab_start);
     });
   });
-  return {lse, target, sum_px};
+  return {row_max, log_sum, target, mean_xs};
 }
 
 at::Tensor logprob_bwd_cuda(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& logits,
-                            const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& entropy,
-                            double temperature, int64_t ignore_index, int64_t vocab_start) {
-  const BwdArgs a = bwd_args(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature);
+                            const at::Tensor& labels, const at::Tensor& row_max, const at::Tensor& log_sum,
+                            const at::Tensor& entropy, double temperature, int64_t ignore_index,
+                            int64_t vocab_start) {
+  const BwdArgs a = bwd_args(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature);
   const c10::cuda::OptionalCUDAGuard device_guard(logits.device());
-  const int64_t N = logits.size(0), V = logits.size(1), stride = logits.stride(0);
+  const RowLayout layout(logits);
+  const int64_t N = layout.N, V = layout.V;
   const float inv_temp = static_cast<float>(1.0 / temperature);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   INSTRUCTRL_LOGPROB_DISPATCH(logits.scalar_type(), "logprob_bwd_cuda", [&] {
@@ -286,9 +300,9 @@ at::Tensor logprob_bwd_cuda(const at::Tensor& grad_logp, const at::Tensor& grad_
       logprob_bwd_kernel<scalar_t, decltype(row_warps)::value><<<blocks, kBlockThreads, 0, stream>>>(
           a.grad_logp.const_data_ptr<float>(),
           a.with_entropy ? a.grad_entropy.const_data_ptr<float>() : nullptr, logits.const_data_ptr<scalar_t>(),
-          a.labels.const_data_ptr<int64_t>(), a.lse.const_data_ptr<float>(),
+          a.labels.const_data_ptr<int64_t>(), a.row_max.const_data_ptr<float>(), a.log_sum.const_data_ptr<float>(),
           a.with_entropy ? a.entropy.const_data_ptr<float>() : nullptr, a.grad_logits.mutable_data_ptr<scalar_t>(),
-          N, V, stride, inv_temp, ignore_index, vocab_start);
+          layout, inv_temp, ignore_index, vocab_start);
     });
   });
   return a.grad_logits;

@@ -106,12 +106,23 @@ class AttentionMeta:
     kv_start: torch.Tensor | None = None
     kv_len: torch.Tensor | None = None
     sdpa_mask: torch.Tensor | None = None  # [B, 1, T, S] bool, built by the first layer that needs it, then reused
+    # (idx [n_real] int64, cu_seqlens [B + 1] int32) for flash-attn's varlen call, likewise built once per forward.
+    varlen: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def mask_for_sdpa(self, T: int, S: int, device: torch.device) -> torch.Tensor:
         if self.sdpa_mask is None:
             q_slots = torch.arange(T, device=device) if self.input_pos is None else self.input_pos
             self.sdpa_mask = _sdpa_mask(self.key_mask, q_slots, S)
         return self.sdpa_mask
+
+    def varlen_for_flash(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The real tokens' flat indices and cumulative lengths of ``key_mask`` [B, T]: one host sync (nonzero) per
+        forward, shared by every layer, instead of one per layer."""
+        if self.varlen is None:
+            idx = self.key_mask.reshape(-1).bool().nonzero().squeeze(-1)  # host sync: training / prefill only
+            lens = self.key_mask.sum(-1, dtype=torch.int32)
+            self.varlen = idx, F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+        return self.varlen
 
 
 def _sdpa_mask(key_mask: torch.Tensor | None, q_slots: torch.Tensor, S: int) -> torch.Tensor:
@@ -125,18 +136,15 @@ def _sdpa_mask(key_mask: torch.Tensor | None, q_slots: torch.Tensor, S: int) -> 
     return ((causal & key_mask[:, None, :].bool()) | (k_slots == q))[:, None]
 
 
-def _flash_dense(q, k, v, key_mask, sm_scale):
+def _flash_dense(q, k, v, meta: AttentionMeta, sm_scale):
     """flash-attn over [B, H, T, Dh]: padding removed and rows packed (varlen), causal within each row."""
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
     B, H, T, Dh = q.shape
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, T, H, Dh]
-    if key_mask is None:
+    if meta.key_mask is None:
         return flash_attn_func(q, k, v, softmax_scale=sm_scale, causal=True).transpose(1, 2)
-    flat = key_mask.reshape(-1).bool()
-    idx = flat.nonzero().squeeze(-1)  # host sync (nonzero): training / prefill only, never in the decode loop
-    lens = key_mask.sum(-1, dtype=torch.int32)
-    cu = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+    idx, cu = meta.varlen_for_flash()
     out_packed = flash_attn_varlen_func(
         *(x.reshape(B * T, H, Dh)[idx] for x in (q, k, v)), cu, cu, T, T, softmax_scale=sm_scale, causal=True)
     out = torch.zeros(B * T, H, Dh, dtype=q.dtype, device=q.device).index_copy_(0, idx, out_packed)
@@ -154,7 +162,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMet
     name = choose_backend(q.device, q.dtype, decode=decode)
     if kv_cache is None:
         if name == "flash":
-            return _flash_dense(q, k, v, meta.key_mask, sm_scale)
+            return _flash_dense(q, k, v, meta, sm_scale)
         if meta.key_mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sm_scale)
         mask = meta.mask_for_sdpa(T, T, q.device)

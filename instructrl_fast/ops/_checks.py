@@ -1,7 +1,7 @@
 """Argument checks shared by the public ops. Each error names the argument and what was expected.
 
 Checks that need the data (labels in range) are made eagerly for CPU tensors only; on CUDA they are made on the
-device by the kernels (see DESIGN.md), or eagerly when ``INSTRUCTRL_FAST_CHECKS=1``.
+device by the kernels (see docs/DESIGN.md), or eagerly when ``INSTRUCTRL_FAST_CHECKS=1``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+INDEX_DTYPES = (torch.int64, torch.int32)
 _EAGER_DEVICE_CHECKS = os.environ.get("INSTRUCTRL_FAST_CHECKS", "0") == "1"
 
 
@@ -32,6 +33,11 @@ def check_tensor(name: str, x, *, dtypes: Sequence[torch.dtype] | None = None, n
 
 def check_float(name: str, x, **kw) -> None:
     check_tensor(name, x, dtypes=FLOAT_DTYPES, **kw)
+
+
+def compute_dtype(*xs: torch.Tensor) -> torch.dtype:
+    """The dtype an op computes and returns in: float32, or float64 when any input is float64."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:

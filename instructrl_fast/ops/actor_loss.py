@@ -3,7 +3,7 @@
 Per token chunk of N = B * T tokens (chunk * V about N * D elements, as ``linear_logprobs`` sizes it):
 
     logits = h @ W.T                                      one GEMM, 2 n D V FLOPs
-    lse, log p(label), entropy H                          the log-prob kernels' shard-local pass + the TP combine
+    row_max, log_sum, log p(label), entropy H             the log-prob kernels' shard-local pass + the TP combine
     l_t = clipped / dual-clipped surrogate(log p)         ``ppo_loss.policy_surrogate``, the unfused op's formula
         + kl_coef * KL_t - entropy_coef * H_t             KL_t: k1/k2/k3/abs of (log p, ref_logp), or "full"
     g_t = w_t * d l_t / d(log p, H)                       w_t = d reduction / d l_t: a function of the mask only
@@ -18,8 +18,11 @@ logits). The price is holding d(hidden) [N, D] and an fp32 d(weight) [V, D] from
 
 The exact KL (kl_estimator="full") is KL(pi || pi_ref) = sum_j p_j (log p_j - log q_j) over the whole vocabulary,
 with q = softmax(ref_hidden @ ref_weight.T / T); per chunk the reference logits are computed too and dropped (2 N D V
-more FLOPs, the reference's GEMM): KL = E_p[x - y] - lse_x + lse_y with x, y the tempered logits, and
+more FLOPs, the reference's GEMM): with x, y the tempered logits shifted by their row max (the log-prob schema's
+row_max / log_sum split, so no term carries |x| * eps rounding), KL = E_p[x - y] - log_sum_x + log_sum_y and
 d KL / d x_j = p_j ((x_j - y_j) - E_p[x - y]) (exact; no gradient flows to the reference).
+
+float64 inputs run on the torch backend and return float64, as every op does.
 
 Backends: ``triton`` (the log-prob kernels of kernels/logprob.py; kernels/actor_loss.py for the per-token loss in
 one kernel and the full-KL passes), ``cpp`` (the C++ log-prob ops; the per-token loss and full-KL passes in torch; no
@@ -49,17 +52,21 @@ from instructrl_fast.ops._checks import (
     check_real,
     check_same_device,
     check_shape,
+    compute_dtype,
 )
 from instructrl_fast.ops.kl import ESTIMATORS, _kl_torch
 from instructrl_fast.ops.logprob import (
-    _check_common,
+    _acc_dtype,
     _check_labels,
+    _check_options,
     _combine,
+    _flat_labels,
     _linear_chunk_rows,
+    _rows_fwd,
     _shard_bwd,
-    _shard_fwd,
     _tp_rank_world,
     accumulate_linear_grads,
+    finite_shift,
 )
 from instructrl_fast.ops.ppo_loss import REDUCTIONS, _check_triple, _valid_upcast, masked_reduce, policy_surrogate
 
@@ -104,28 +111,38 @@ class ActorLossConfig:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _full_kl_fwd(backend: str, logits: Tensor, ref_logits: Tensor, lse: Tensor, temperature: float) -> Tensor:
-    """This shard's sum_j p_j (x_j - y_j) [n] fp32, p from the global lse of x."""
+def _p_and_diff(logits: Tensor, ref_logits: Tensor, shift_x: Tensor, log_sum_x: Tensor, shift_y: Tensor,
+                temperature: float) -> tuple[Tensor, Tensor]:
+    """torch twin of the kernels' ``_p_and_diff``: p = softmax(x) [n, V], and (x - shift_x) - (y - shift_y) where
+    p > 0 (else 0)."""
+    xs = logits.to(log_sum_x.dtype) * (1.0 / temperature) - shift_x[:, None]
+    ys = ref_logits.to(log_sum_x.dtype) * (1.0 / temperature) - shift_y[:, None]
+    p = (xs - log_sum_x[:, None]).exp_()
+    return p, torch.where(p > 0, xs - ys, 0.0)
+
+
+def _full_kl_fwd(backend: str, logits: Tensor, ref_logits: Tensor, shift_x: Tensor, log_sum_x: Tensor,
+                 shift_y: Tensor, temperature: float) -> Tensor:
+    """This shard's sum_j p_j (xs_j - ys_j) [n] (x, y shifted by their global row max; p from the global split)."""
     if backend == "triton":
         from instructrl_fast.kernels import actor_loss as kernels  # lazy: TRITON_INTERPRET is read at definition
 
-        return kernels.full_kl_fwd(logits, ref_logits, lse, temperature)
-    x = logits.to(lse.dtype) * (1.0 / temperature)
-    p = (x - lse[:, None]).exp_()
-    return (p * torch.where(p > 0, x - ref_logits.to(lse.dtype) * (1.0 / temperature), 0.0)).sum(-1)
+        return kernels.full_kl_fwd(logits, ref_logits, shift_x, log_sum_x, shift_y, temperature)
+    p, diff = _p_and_diff(logits, ref_logits, shift_x, log_sum_x, shift_y, temperature)
+    return (p * diff).sum(-1)
 
 
-def _full_kl_bwd_(backend: str, grad_logits: Tensor, g_kl: Tensor, logits: Tensor, ref_logits: Tensor, lse: Tensor,
-                  mean_diff: Tensor, temperature: float) -> None:
-    """grad_logits [n, V] += (g_kl / T) * p_j ((x_j - y_j) - E_p[x - y]), in place."""
+def _full_kl_bwd_(backend: str, grad_logits: Tensor, g_kl: Tensor, logits: Tensor, ref_logits: Tensor,
+                  shift_x: Tensor, log_sum_x: Tensor, shift_y: Tensor, mean_diff: Tensor, temperature: float) -> None:
+    """grad_logits [n, V] += (g_kl / T) * p_j ((xs_j - ys_j) - E_p[xs - ys]), in place."""
     if backend == "triton":
         from instructrl_fast.kernels import actor_loss as kernels
 
-        kernels.full_kl_bwd_(grad_logits, g_kl, logits, ref_logits, lse, mean_diff, temperature)
+        kernels.full_kl_bwd_(grad_logits, g_kl, logits, ref_logits, shift_x, log_sum_x, shift_y, mean_diff,
+                             temperature)
         return
-    x = logits.to(lse.dtype) * (1.0 / temperature)
-    p = (x - lse[:, None]).exp_()
-    d = torch.where(p > 0, x - ref_logits.to(lse.dtype) * (1.0 / temperature) - mean_diff[:, None], 0.0)
+    p, diff = _p_and_diff(logits, ref_logits, shift_x, log_sum_x, shift_y, temperature)
+    d = torch.where(p > 0, diff - mean_diff[:, None], 0.0)
     grad_logits += ((g_kl * (1.0 / temperature))[:, None] * p * d).to(grad_logits.dtype)
 
 
@@ -140,11 +157,11 @@ def _all_reduce_sum(x: Tensor, tp_group) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _token_weights(mask: Tensor, reduction: str) -> Tensor:
+def _token_weights(mask: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
     """w_t = d masked_reduce(l, mask, reduction) / d l_t: the reduction is linear in l, so its gradient at any point
     is its weights (taken from the unfused op's own reduction, so both agree by construction)."""
     with torch.enable_grad():
-        z = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device, requires_grad=True)
+        z = torch.zeros(mask.shape, dtype=dtype, device=mask.device, requires_grad=True)
         (w,) = torch.autograd.grad(masked_reduce(z, mask, reduction), z)
     return w
 
@@ -176,21 +193,22 @@ def _chunk_terms(backend, logp, entropy, old_logp, adv, ref_logp, kl_full, w, cf
 
 def _walk(hidden, weight, labels, old_logp, adv, w, ref_logp, ref_hidden, ref_weight, cfg: ActorLossConfig,
           temperature, ignore_index, tp_group, backend, with_grads):
-    """hidden [N, D], weight [V, D] (shard), labels/old_logp/adv/w/ref_logp [N] -> per-token terms [N] (pg, kl,
-    is_clipped, total, logp, entropy) and the unscaled gradients (d hidden [N, D], d weight [V, D] fp32), or None
-    without ``with_grads`` (a no_grad call for the value and stats costs 2 N D V FLOPs, not 6)."""
+    """hidden [N, D], weight [V, D] (shard), labels [N] int64, old_logp/adv/w/ref_logp [N] -> per-token terms [N]
+    (pg, kl, is_clipped, total, logp, entropy; fp32, float64 for float64 hidden) and the unscaled gradients
+    (d hidden [N, D], d weight [V, D] fp32), or None without ``with_grads`` (a no_grad call for the value and stats
+    costs 2 N D V FLOPs, not 6)."""
     N, D = hidden.shape
     V = weight.shape[0]
     vocab_start = _tp_rank_world(tp_group)[0] * V
     full = ref_hidden is not None
     with_kl = full or ref_logp is not None
     need_entropy_grad = cfg.entropy_coef != 0.0
-    f32 = {"dtype": torch.float32, "device": hidden.device}
-    pg, total, logp, entropy = (torch.empty(N, **f32) for _ in range(4))
-    kl = torch.empty(N if with_kl else 0, **f32)
+    acc = {"dtype": _acc_dtype(hidden), "device": hidden.device}
+    pg, total, logp, entropy = (torch.empty(N, **acc) for _ in range(4))
+    kl = torch.empty(N if with_kl else 0, **acc)
     is_clipped = torch.empty(N, dtype=torch.bool, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if with_grads else None
-    grad_weight = torch.zeros(weight.shape, **f32) if with_grads else None
+    grad_weight = torch.zeros(weight.shape, **acc) if with_grads else None
     # the batch-invariant mode walks batch_invariant's GEMM tiles: logp has the bits of GPT.token_logprobs's
     invariant = batch_invariant.is_enabled()
     rows = batch_invariant.TILE_ROWS if invariant else _linear_chunk_rows(N, D, V)
@@ -200,15 +218,19 @@ def _walk(hidden, weight, labels, old_logp, adv, w, ref_logp, ref_hidden, ref_we
         keep = lab != ignore_index
         # [n, V] in the input dtype, fp32 accumulation inside the GEMM
         logits = batch_invariant.matmul_t(h, weight) if invariant else h @ weight.T
-        shard = _shard_fwd(backend, logits, lab, temperature, ignore_index, vocab_start, True)
-        logp_c, ent_c, lse = _combine(*shard, keep, True, tp_group)
+        shard = _rows_fwd(backend, logits[None], lab[:, None], False, temperature, ignore_index, vocab_start, True)
+        logp_c, ent_c, row_max, log_sum = _combine(*shard, lab[:, None], False, ignore_index, True, tp_group)
+        logp_c = logp_c[:, 0]
         kl_full = None
         if full:
             ref_logits = ref_hidden[sl] @ ref_weight.T
-            ref_shard = _shard_fwd(backend, ref_logits, lab, temperature, ignore_index, vocab_start, False)
-            ref_lse = _combine(*ref_shard, keep, False, tp_group)[2]
-            mean_diff = _all_reduce_sum(_full_kl_fwd(backend, logits, ref_logits, lse, temperature), tp_group)
-            kl_full = torch.where(keep, mean_diff - lse + ref_lse, 0.0)  # KL = E_p[x - y] - lse_x + lse_y
+            ref_shard = _rows_fwd(backend, ref_logits[None], lab[:, None], False, temperature, ignore_index,
+                                  vocab_start, False)
+            ref_max, ref_log_sum = _combine(*ref_shard, lab[:, None], False, ignore_index, False, tp_group)[2:]
+            shifts = (finite_shift(row_max), log_sum, finite_shift(ref_max))
+            mean_diff = _all_reduce_sum(_full_kl_fwd(backend, logits, ref_logits, *shifts, temperature), tp_group)
+            # KL = E_p[x - y] - lse_x + lse_y, the row maxes cancelling inside E_p (mean_diff is of the shifted x, y)
+            kl_full = torch.where(keep, mean_diff - log_sum + ref_log_sum, 0.0)
         ref_c = None if ref_logp is None else ref_logp[sl]
         pg[sl], kl_c, is_clipped[sl], total[sl], g_lp, g_ent = _chunk_terms(
             backend, logp_c, ent_c, old_logp[sl], adv[sl], ref_c, kl_full, w[sl], cfg)
@@ -217,15 +239,15 @@ def _walk(hidden, weight, labels, old_logp, adv, w, ref_logp, ref_hidden, ref_we
         logp[sl], entropy[sl] = logp_c, ent_c
         if not with_grads:
             continue
-        ent_args = (g_ent, ent_c) if need_entropy_grad else (lse.new_empty(0), lse.new_empty(0))
-        dlogits = _shard_bwd(backend, g_lp.contiguous(), ent_args[0].contiguous(), logits, lab, lse, ent_args[1],
-                             temperature, ignore_index, vocab_start)
+        ent_args = (g_ent, ent_c) if need_entropy_grad else (log_sum.new_empty(0), log_sum.new_empty(0))
+        dlogits = _shard_bwd(backend, g_lp.contiguous(), ent_args[0].contiguous(), logits[None], lab, row_max,
+                             log_sum, ent_args[1], temperature, ignore_index, vocab_start).view(-1, V)
         if full:
             g_kl = torch.where(keep, w[sl] * cfg.kl_coef, 0.0)
-            _full_kl_bwd_(backend, dlogits, g_kl, logits, ref_logits, lse, mean_diff, temperature)
+            _full_kl_bwd_(backend, dlogits, g_kl, logits, ref_logits, *shifts, mean_diff, temperature)
             del ref_logits
         del logits
-        grad_weight = accumulate_linear_grads(dlogits, h, weight, grad_hidden[sl], grad_weight)
+        accumulate_linear_grads(dlogits, h, weight, grad_hidden[sl], grad_weight)
     terms = (pg, kl, is_clipped, total, logp, entropy)
     if not with_grads:
         return terms, None
@@ -235,7 +257,8 @@ def _walk(hidden, weight, labels, old_logp, adv, w, ref_logp, ref_hidden, ref_we
 
 
 class PPOActorLossFunction(torch.autograd.Function):
-    """hidden [B, T, D], weight [V, D] (vocab shard), labels [B, T] ... -> (loss 0-dim fp32, stats [5] fp32).
+    """hidden [B, T, D], weight [V, D] (vocab shard), labels [B, T] int64 ... -> (loss 0-dim, stats [5]), fp32
+    (float64 for float64 hidden).
 
     stats = (clipfrac, approx_kl, entropy, kl (nan without a reference), pg_loss); only the loss is differentiable.
     The forward computes the gradients; the backward scales them by the upstream gradient of the loss.
@@ -245,7 +268,7 @@ class PPOActorLossFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_hidden, ref_weight, cfg,
                 temperature, ignore_index, tp_group, backend, with_grads):
         B, T, D = hidden.shape
-        w = _token_weights(mask, cfg.reduction).reshape(-1)
+        w = _token_weights(mask, cfg.reduction, _acc_dtype(hidden)).reshape(-1)
         terms, grads = _walk(hidden.reshape(B * T, D), weight, labels.reshape(-1), old_logp.reshape(-1),
                              adv.reshape(-1), w, None if ref_logp is None else ref_logp.reshape(-1),
                              None if ref_hidden is None else ref_hidden.reshape(B * T, -1), ref_weight, cfg,
@@ -253,7 +276,7 @@ class PPOActorLossFunction(torch.autograd.Function):
         pg, kl, is_clipped, total, logp, entropy = (t.reshape(B, T) if t.numel() else t for t in terms)
         loss = masked_reduce(total, mask, cfg.reduction)
         stats = torch.stack([
-            masked_reduce(is_clipped.float(), mask, "token_mean"),
+            masked_reduce(is_clipped.to(total.dtype), mask, "token_mean"),
             masked_reduce(old_logp - logp, mask, "token_mean"),
             masked_reduce(entropy, mask, "token_mean"),
             masked_reduce(kl, mask, "token_mean") if kl.numel() else loss.new_full((), float("nan")),
@@ -274,7 +297,7 @@ class PPOActorLossFunction(torch.autograd.Function):
                                "backward: backward through the same call twice (retain_graph) is not supported")
         grad_hidden, grad_weight = ctx.grads
         ctx.grads = None
-        g = grad_loss.to(torch.float32)
+        g = grad_loss.to(grad_weight.dtype)
         grad_hidden = grad_hidden.mul_(g).reshape(ctx.hidden_shape)
         grad_weight = grad_weight.mul_(g).to(ctx.weight_dtype)
         return (grad_hidden, grad_weight) + (None,) * 13
@@ -329,10 +352,10 @@ def ppo_actor_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Ten
     from its own config, and the options mean exactly what they mean in ``ppo_policy_loss`` / ``kl_penalty``.
 
     Args:
-        hidden: [B, T, D] fp32/bf16/fp16, the LM head's input (replicated over ``tp_group``; its gradient is
+        hidden: [B, T, D] fp32/bf16/fp16/fp64, the LM head's input (replicated over ``tp_group``; its gradient is
             all-reduced here, so do not also pass it through copy_to_tp).
         weight: [V, D] same dtype and device; under ``tp_group`` this rank's contiguous vocab shard.
-        labels: [B, T] int64 global ids in [0, V * tp_world) or ``ignore_index`` (logp = 0, H = 0, no gradient
+        labels: [B, T] int64/int32 global ids in [0, V * tp_world) or ``ignore_index`` (logp = 0, H = 0, no gradient
             there, as in ``linear_logprobs``; mask such positions out).
         old_logp, advantages: [B, T] float, the rollout's log-probs and the advantages (no gradient).
         mask: [B, T] bool or 0/1, the valid tokens.
@@ -345,8 +368,9 @@ def ppo_actor_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Ten
         tp_group: vocab-parallel process group, or None.
 
     Returns:
-        (loss, stats): loss a 0-dim float32 tensor, differentiable w.r.t. hidden and weight (d weight accumulated in
-        fp32). stats: 0-dim float32 tensors without gradient, no host sync: "clipfrac" and "approx_kl" (as in
+        (loss, stats): loss a 0-dim float32 tensor (float64 for float64 hidden, computed on the torch backend),
+        differentiable w.r.t. hidden and weight (d weight accumulated in fp32). stats: 0-dim tensors of the loss's
+        dtype without gradient, no host sync: "clipfrac" and "approx_kl" (as in
         ``ppo_policy_loss``), "entropy" (token_mean of H), "pg_loss" (the surrogate term alone, reduced), and "kl"
         (token_mean of the per-token KL) when a reference is given.
     """
@@ -354,18 +378,25 @@ def ppo_actor_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Ten
     if not isinstance(cfg, ActorLossConfig):
         raise TypeError(f"config must be an ActorLossConfig or None, got {type(cfg).__name__}")
     check_lm_head("hidden", hidden, "weight", weight, ndim=3)
-    temperature = _check_common(labels, "hidden", hidden, temperature, ignore_index, False)
+    temperature = _check_options(temperature, ignore_index, False)
+    labels2d, multi = _flat_labels(labels, "hidden", hidden)
+    if multi:
+        raise ValueError(f"labels must have shape [B, T] (one action per token), got {tuple(labels.shape)}")
     mask = _check_triple(("old_logp", "advantages"), (old_logp, advantages), mask, cfg.reduction)
     check_shape("old_logp", old_logp, hidden.shape[:2], "hidden without its last dimension")
     check_same_device(hidden=hidden, old_logp=old_logp)
     _check_reference(ref_logp, ref_hidden, ref_weight, cfg, hidden, weight)
-    _check_labels(labels, weight.shape[0] * _tp_rank_world(tp_group)[1], ignore_index)
-    backend = resolve("ppo_actor_loss", hidden.device, _IMPLEMENTED)
-    # Masked positions are set to 0 (not multiplied by it), so padding garbage (inf, NaN) cannot leak in.
-    old, adv = (_valid_upcast(x.detach(), mask) for x in (old_logp, advantages))
-    ref = None if ref_logp is None else _valid_upcast(ref_logp.detach(), mask)
+    _check_labels(labels2d, weight.shape[0] * _tp_rank_world(tp_group)[1], ignore_index)
+    # float64 anywhere on the LM-head side runs on torch (the kernels accumulate in fp32), as in every op.
+    lm_dtype = compute_dtype(hidden, *(() if ref_hidden is None else (ref_hidden,)))
+    backend = resolve("ppo_actor_loss", hidden.device, _IMPLEMENTED, lm_dtype)
+    # Masked positions are set to 0 (not multiplied by it), so padding garbage (inf, NaN) cannot leak in; the
+    # per-token terms are computed in the log-probs' dtype (fp32, float64 for float64 hidden).
+    acc = _acc_dtype(hidden)
+    old, adv = (_valid_upcast(x.detach(), mask, acc) for x in (old_logp, advantages))
+    ref = None if ref_logp is None else _valid_upcast(ref_logp.detach(), mask, acc)
     loss, stats = PPOActorLossFunction.apply(
-        hidden.contiguous(), weight.contiguous(), labels.contiguous(), old, adv, mask, ref,
+        hidden.contiguous(), weight.contiguous(), labels2d.view(labels.shape), old, adv, mask, ref,
         None if ref_hidden is None else ref_hidden.detach().contiguous(),
         None if ref_weight is None else ref_weight.detach().contiguous(), cfg, temperature, ignore_index, tp_group,
         backend, torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad))

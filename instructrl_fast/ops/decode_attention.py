@@ -25,15 +25,16 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 
 def _decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_start: torch.Tensor,
                             kv_len: torch.Tensor, sm_scale: float) -> torch.Tensor:
-    """Masked softmax over all S cache slots in fp32. Shapes as in ``decode_attention``."""
+    """Masked softmax over all S cache slots in fp32 (float64 for float64 inputs). Shapes as in ``decode_attention``."""
+    acc = torch.promote_types(q.dtype, torch.float32)
     S = k_cache.shape[2]
     pos = torch.arange(S, device=q.device)
     valid = (pos >= kv_start[:, None]) & (pos < kv_len[:, None])  # [B, S]
-    scores = torch.einsum("bhd,bhsd->bhs", q.float(), k_cache.float()) * sm_scale
+    scores = torch.einsum("bhd,bhsd->bhs", q.to(acc), k_cache.to(acc)) * sm_scale
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     # A row with no valid slot is all -inf and softmax gives NaN there; zeroing the invalid slots makes it return 0.
     probs = torch.softmax(scores, dim=-1).masked_fill(~valid[:, None, :], 0.0)
-    return torch.einsum("bhs,bhsd->bhd", probs, v_cache.float()).to(q.dtype)
+    return torch.einsum("bhs,bhsd->bhd", probs, v_cache.to(acc)).to(q.dtype)
 
 
 @torch.library.custom_op("instructrl_fast::decode_attention_triton", mutates_args=())
@@ -82,7 +83,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """softmax(q · k / sqrt(Dh)) · v for one query token per row over the cache slots ``[kv_start[b], kv_len[b])``.
 
     Args:
-        q: [B, H, Dh] fp32/bf16/fp16, the new token's queries; last dim contiguous.
+        q: [B, H, Dh] fp32/bf16/fp16 (float64 runs on the torch backend), the new token's queries; last dim
+            contiguous.
         k_cache, v_cache: [B, H, S, Dh] in q's dtype (gpt-fast layout), any strides with the last dim contiguous.
         kv_start: [B] int32 (or int64) on q's device, the first valid slot of each row (left padding lies before it).
         kv_len: [B] int32 (or int64), one past the last valid slot. A row with ``kv_len <= kv_start`` returns 0.
@@ -96,7 +98,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """
     _check_inputs(q, k_cache, v_cache, kv_start, kv_len)
     scale = q.shape[-1] ** -0.5 if sm_scale is None else check_positive("sm_scale", sm_scale)
-    name = backend.resolve("decode_attention", q.device, _IMPLEMENTED)
+    name = backend.resolve("decode_attention", q.device, _IMPLEMENTED, q.dtype)
     if name == "triton":
         return _decode_attention_triton(q, k_cache, v_cache, kv_start, kv_len, scale)
     return _decode_attention_torch(q, k_cache, v_cache, kv_start, kv_len, scale)

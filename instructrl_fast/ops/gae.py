@@ -17,6 +17,7 @@ from instructrl_fast.ops._checks import (
     check_shape,
     check_unit_interval,
     checked_bool_mask,
+    compute_dtype,
 )
 
 _IMPLEMENTED = ("triton", "cuda", "cpp", "torch")
@@ -24,10 +25,11 @@ _IMPLEMENTED = ("triton", "cuda", "cpp", "torch")
 
 def _gae_torch(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """The recurrence backwards over time, all rows at once; holes leave the carried state untouched."""
-    r, v = rewards.float(), values.float()
+    acc = compute_dtype(rewards, values)
+    r, v = rewards.to(acc), values.to(acc)
     B, T = r.shape
-    advantages = torch.zeros((B, T), dtype=torch.float32, device=r.device)
-    next_value = torch.zeros(B, dtype=torch.float32, device=r.device)  # V at the next valid position (0 at the end)
+    advantages = torch.zeros((B, T), dtype=acc, device=r.device)
+    next_value = torch.zeros(B, dtype=acc, device=r.device)  # V at the next valid position (0 at the end)
     next_adv = torch.zeros_like(next_value)  # A at the next valid position
     for t in reversed(range(T)):
         valid = mask[:, t]
@@ -65,14 +67,15 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     last valid position V = 0 and A = 0 (the episode ends there: no bootstrap). returns = A + V.
 
     Args:
-        rewards: [B, T] per-token rewards (e.g. from ``shape_rewards``), fp32/bf16/fp16.
-        values: [B, T] value estimates V_t, fp32/bf16/fp16 (the dtypes may differ).
+        rewards: [B, T] per-token rewards (e.g. from ``shape_rewards``), fp32/bf16/fp16/fp64.
+        values: [B, T] value estimates V_t, fp32/bf16/fp16/fp64 (the dtypes may differ).
         mask: [B, T] bool or 0/1: the valid (response) positions.
         gamma: discount in [0, 1].
         lam: GAE lambda in [0, 1].
 
     Returns:
-        (advantages, returns), both [B, T] float32, exactly 0 at masked positions (a fully masked row is all 0).
+        (advantages, returns), both [B, T] float32 (float64, on the torch backend, when an input is), exactly 0 at
+        masked positions (a fully masked row is all 0).
         Not differentiable: the inputs are treated as constants (detached), as in every PPO trainer.
     """
     check_float("rewards", rewards, ndim=2)
@@ -83,7 +86,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     gamma = check_unit_interval("gamma", gamma)
     lam = check_unit_interval("lam", lam)
     rewards, values = rewards.detach().contiguous(), values.detach().contiguous()
-    name = backend.resolve("gae", rewards.device, _IMPLEMENTED)
+    name = backend.resolve("gae", rewards.device, _IMPLEMENTED, compute_dtype(rewards, values))
     if name == "torch":
         return _gae_torch(rewards, values, mask, gamma, lam)
     if name == "triton":

@@ -5,7 +5,8 @@ Estimators (Schulman, "Approximating KL divergence", 2020), with d = logp - ref_
 k3 is evaluated by its Taylor series below |d| = 0.1, where the closed form cancels catastrophically.
 
 Backends: ``torch`` (the readable reference) and ``triton`` (``kernels/kl.py``, as torch custom ops with fake
-implementations, so both run under ``torch.compile(fullgraph=True)``). Outputs are float32.
+implementations, so both run under ``torch.compile(fullgraph=True)``). Outputs are float32; float64 inputs are
+computed and returned in float64 on the torch backend.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from instructrl_fast.ops._checks import (
     check_same_device,
     check_shape,
     checked_bool_mask,
+    compute_dtype,
 )
 
 ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}  # the int codes are the kernels' constexpr ESTIMATOR
@@ -27,8 +29,8 @@ _IMPLEMENTED = ("triton", "torch")
 
 
 def _kl_torch(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL in fp32 (float64 stays float64, for gradcheck), differentiable w.r.t. both inputs."""
-    dtype = torch.promote_types(logp.dtype, torch.float32)
+    """Per-token KL in fp32 (float64 when an input is), differentiable w.r.t. both inputs."""
+    dtype = compute_dtype(logp, ref_logp)
     d = logp.to(dtype) - ref_logp.to(dtype)
     if estimator == "k1":
         return d
@@ -59,11 +61,11 @@ class _K3(torch.autograd.Function):
 
 
 def _shape_rewards_torch(scores, logp, ref_logp, mask, kl_coef: float, estimator: str) -> torch.Tensor:
-    """[B, T] fp32 rewards; T >= 1."""
+    """[B, T] fp32 (float64 when an input is) rewards; T >= 1."""
     rewards = torch.where(mask, -kl_coef * _kl_torch(logp, ref_logp, estimator), 0.0)
     positions = torch.arange(logp.shape[1], device=logp.device)
     last = torch.where(mask, positions, -1).amax(dim=1, keepdim=True)  # [B, 1]; -1 for a fully masked row
-    return rewards + torch.where(positions == last, scores.float()[:, None], 0.0)
+    return rewards + torch.where(positions == last, scores.to(rewards.dtype)[:, None], 0.0)
 
 
 @torch.library.custom_op("instructrl_fast::kl_penalty_triton", mutates_args=())
@@ -132,17 +134,17 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "
     """Per-token KL estimate between the policy and the reference model.
 
     Args:
-        logp: [...] log-probs of the sampled tokens under the policy, fp32/bf16/fp16.
-        ref_logp: [...] (same shape) log-probs under the reference model, fp32/bf16/fp16.
+        logp: [...] log-probs of the sampled tokens under the policy, fp32/bf16/fp16/fp64.
+        ref_logp: [...] (same shape) log-probs under the reference model, fp32/bf16/fp16/fp64.
         estimator: "k1" (logp - ref), "k2" ((logp - ref)^2 / 2), "k3" (exp(ref - logp) - (ref - logp) - 1),
             "abs" (|logp - ref|).
 
     Returns:
-        [...] float32 KL estimates. Differentiable w.r.t. both inputs (gradients in the inputs' dtypes), so it also
-        serves as a KL loss term.
+        [...] float32 KL estimates (float64, computed on the torch backend, when an input is float64).
+        Differentiable w.r.t. both inputs (gradients in the inputs' dtypes), so it also serves as a KL loss term.
     """
     _check_logps(logp, ref_logp, estimator)
-    name = backend.resolve("kl_penalty", logp.device, _IMPLEMENTED)
+    name = backend.resolve("kl_penalty", logp.device, _IMPLEMENTED, compute_dtype(logp, ref_logp))
     if name == "torch":
         return _kl_torch(logp, ref_logp, estimator)
     return _kl_penalty_triton(logp.contiguous(), ref_logp.contiguous(), ESTIMATORS[estimator])
@@ -164,7 +166,8 @@ def shape_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tens
         estimator: see ``kl_penalty``.
 
     Returns:
-        [B, T] float32 rewards. Not differentiable: the inputs are treated as constants (detached).
+        [B, T] float32 rewards (float64 when an input is). Not differentiable: the inputs are treated as
+        constants (detached).
     """
     check_float("logp", logp, ndim=2)
     _check_logps(logp, ref_logp, estimator)
@@ -175,9 +178,10 @@ def shape_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tens
     check_same_device(logp=logp, scores=scores, mask=mask)
     kl_coef = check_real("kl_coef", kl_coef)
     scores, logp, ref_logp = scores.detach(), logp.detach(), ref_logp.detach()
+    acc = compute_dtype(scores, logp, ref_logp)
     if logp.numel() == 0:
-        return torch.zeros((B, T), dtype=torch.float32, device=logp.device)
-    name = backend.resolve("shape_rewards", logp.device, _IMPLEMENTED)
+        return torch.zeros((B, T), dtype=acc, device=logp.device)
+    name = backend.resolve("shape_rewards", logp.device, _IMPLEMENTED, acc)
     if name == "torch":
         return _shape_rewards_torch(scores, logp, ref_logp, mask, kl_coef, estimator)
     return _shape_rewards_triton(scores.contiguous(), logp.contiguous(), ref_logp.contiguous(), mask, kl_coef,

@@ -1,25 +1,38 @@
 """Fused log-probs of the labels under softmax(logits / temperature), with entropy, for RLHF policy/reference passes.
 
-Public ops (see DESIGN.md, "The public ops API"):
+Public ops (see docs/DESIGN.md, "The public ops API"):
 
-* ``gather_logprobs(logits [..., V], labels [...])`` -> logp [...] (and entropy [...]), float32.
-* ``linear_logprobs(hidden [..., D], weight [V, D], labels [...])`` -> the same outputs for logits = hidden @ weight.T,
+* ``gather_logprobs(logits [..., V], labels [...] or [..., K])`` -> logp [...] or [..., K] (and entropy [...]).
+* ``linear_logprobs(hidden [..., D], weight [V, D], labels)`` -> the same outputs for logits = hidden @ weight.T,
   without ever holding the [N, V] logits.
+* ``entropy(logits [..., V])`` -> entropy [...] alone.
 
-Both reduce to one shard-local kernel pair, fixed by the schema that the C++/CUDA ops implement (csrc/logprob.cpp):
+Outputs are float32 (float64 for float64 inputs, computed on the torch backend). Inputs may have any strides in their
+leading dims as long as the last dim is contiguous: they reach the kernels as a [B, T, V] view (row n = b * T + t at
+b * stride_b + t * stride_t), never as a copy; a copy is made only when the leading dims cannot be merged into two.
 
-    logprob_fwd(logits [N, V], labels [N], T, ignore_index, vocab_start, with_entropy) -> (lse, target, sum_px)
-    logprob_bwd(grad_logp, grad_entropy, logits, labels, lse, entropy, T, ignore_index, vocab_start) -> dlogits
+All reduce to one shard-local kernel pair, fixed by the schema that the C++/CUDA ops implement (csrc/logprob.cpp):
 
-with x = logits / T in fp32: lse = logsumexp(x) over the shard, target = x[label - vocab_start] when the label lies in
-the shard (else 0), sum_px = sum softmax(x) * x (shard-local softmax). The backends are ``torch`` (below, the readable
-reference), ``triton`` (kernels/logprob.py), ``cpp`` and ``cuda`` (csrc/). Under vocab parallelism the shard results
-are combined here, independently of the backend:
+    logprob_fwd(logits [B, T, V] or [N, V], labels [N], T, ignore_index, vocab_start, with_entropy)
+        -> (row_max, log_sum, target, mean_xs)
+    logprob_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, T, ignore_index, vocab_start)
+        -> dlogits (logits' shape, contiguous)
 
-    lse = log sum_r exp(lse_r)      target = sum_r target_r      E_p[x] = sum_r exp(lse_r - lse) * sum_px_r
-    logp = target - lse             entropy H = lse - E_p[x]
+with x = logits / T in fp32: row_max = max(x) and log_sum = log sum exp(x - row_max) over the shard (so
+logsumexp(x) = row_max + log_sum, kept apart: the backward forms p = exp((x - row_max) - log_sum) without the rounding
+of a summed lse, which exp would turn into relative error |x| * eps), target = x[label - vocab_start] when the label
+lies in the shard (else 0), mean_xs = sum softmax(x) * (x - row_max) = E_p[x] - row_max (shard-local softmax;
+accumulated from x - row_max, so the entropy carries no |x| * eps rounding). The backends are ``torch`` (below, the
+readable reference), ``triton`` (kernels/logprob.py), ``cpp`` and ``cuda`` (csrc/). Under vocab parallelism the
+shard results are combined here, independently of the backend (M = max_r row_max_r, w_r = exp(row_max_r - M +
+log_sum_r)):
 
-Ignored rows (label == ignore_index) give logp = 0 and entropy = 0 and no gradient.
+    row_max = M     log_sum = log sum_r w_r     target = sum_r target_r
+    mean_xs = E_p[x] - M = sum_r w_r (mean_xs_r + row_max_r - M) / sum_r w_r
+    logp = (target - row_max) - log_sum         entropy H = log_sum - mean_xs
+
+Ignored labels (== ignore_index) give logp = 0 and no gradient. With one label per position the entropy of an
+ignored position is 0 too; with labels [..., K] ignore_index applies to each entry and the entropy is always computed.
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ from torch._subclasses.fake_tensor import is_fake
 from instructrl_fast import _ext
 from instructrl_fast.backend import resolve
 from instructrl_fast.ops._checks import (
+    INDEX_DTYPES,
     check_float,
     check_lm_head,
     check_positive,
@@ -41,7 +55,7 @@ from instructrl_fast.ops._checks import (
     eager_data_checks,
 )
 
-__all__ = ["GatherLogprobsFunction", "LinearLogprobsFunction", "gather_logprobs", "linear_logprobs"]
+__all__ = ["GatherLogprobsFunction", "LinearLogprobsFunction", "entropy", "gather_logprobs", "linear_logprobs"]
 
 # Backends in order of preference on a GPU; "torch" is listed so that it can be forced.
 _IMPLEMENTED = ("triton", "cuda", "cpp", "torch")
@@ -57,8 +71,51 @@ _LINEAR_MAX_CHUNK_ELEMENTS = 1 << 26
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
-    """float32 for every dtype the public ops accept; float64 stays float64 (the torch backend under gradcheck)."""
+    """float32 for the low-precision dtypes and float32; float64 stays float64 (computed on the torch backend)."""
     return torch.promote_types(x.dtype, torch.float32)
+
+
+def as_rows(x: Tensor) -> Tensor:
+    """[..., C] with a contiguous last dim -> a [B, T, C] VIEW (no copy) whose rows are x's rows in order.
+
+    The leading dims are merged where their strides allow it (a dim of size 1 merges with anything); when they
+    form at most two groups the result is a view with row n = b * T + t at b * stride(0) + t * stride(1). Slices
+    such as ``logits[:, :-1][:, -k:]`` fall in this case. Otherwise (three or more unmergeable groups, or a strided
+    last dim) the rows are copied.
+    """
+    C = x.shape[-1]
+    if x.dim() == 1:
+        return x.view(1, 1, C)
+    if C > 1 and x.stride(-1) != 1:
+        x = x.contiguous()
+    groups: list[list[int]] = []  # [size, stride] of each mergeable run of leading dims, outermost first
+    for size, stride in zip(x.shape[:-1], x.stride()[:-1]):
+        if size == 1:
+            continue
+        if groups and groups[-1][1] == stride * size:
+            groups[-1] = [groups[-1][0] * size, stride]
+        else:
+            groups.append([size, stride])
+    if len(groups) > 2 or x.numel() == 0:
+        return x.reshape(1, -1, C) if C else x.new_empty((1, x.shape[:-1].numel(), 0))
+    sizes = [g[0] for g in groups]
+    return x.view(*([1] * (2 - len(sizes))), *sizes, C)
+
+
+def _row_chunks(B: int, T: int, rows: int, *, merge_b: bool = True):
+    """Chunks of about ``rows`` rows of a [B, T, ...] tensor: yields (index into it, slice of the flattened rows).
+
+    A chunk is a range of t within one b, or (``merge_b``) whole b's; either way ``x[index].reshape(-1, C)`` holds its
+    rows, and without ``merge_b`` it is always a view (a strided [rows, C] matrix that a GEMM reads in place).
+    """
+    if merge_b and rows >= T:
+        per = rows // max(T, 1)
+        for b in range(0, B, per):
+            yield (slice(b, b + per),), slice(b * T, min(B, b + per) * T)
+    else:
+        for b in range(B):
+            for t in range(0, T, rows):
+                yield (b, slice(t, t + rows)), slice(b * T + t, b * T + min(T, t + rows))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -73,31 +130,44 @@ def _label_columns(labels: Tensor, V: int, ignore_index: int, vocab_start: int) 
     return local.clamp(0, V - 1), hit
 
 
-def _torch_fwd(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, vocab_start: int,
-               with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
-    N, V = logits.shape
-    lse, target, sum_px = _new_fwd_outputs(logits, labels, temperature, ignore_index, vocab_start, with_entropy)
-    rows = max(1, _TORCH_CHUNK_ELEMENTS // V)
-    for start in range(0, N, rows):
-        x = logits[start:start + rows].to(_acc_dtype(logits)) * (1.0 / temperature)
-        # Shift by the exact row max (0 for an all -inf row), as the kernels do: E_p[x] = sum(e * x) / sum(e) is
-        # then free of the rounding of lse, which exp(x - lse) would multiply by |x|.
-        m = x.amax(dim=-1, keepdim=True)
-        e = (x - torch.where(m == float("-inf"), 0.0, m)).exp_()
-        s = e.sum(-1)
-        lse[start:start + rows] = m.squeeze(-1) + torch.log(s)
-        if with_entropy:  # e == 0 (x = -inf) contributes 0, not 0 * -inf = nan
-            sum_px[start:start + rows] = (e * torch.where(e > 0, x, 0.0)).sum(-1) / s
+def _gather_targets(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int,
+                    vocab_start: int) -> Tensor:
+    """x at each label: logits [B, T, V], labels [N, K] -> [N, K] in the accumulation dtype, 0 off the shard."""
+    B, T, V = logits.shape
     col, hit = _label_columns(labels, V, ignore_index, vocab_start)
-    x_label = logits.gather(1, col[:, None]).squeeze(1).to(lse.dtype) * (1.0 / temperature)
-    target.copy_(torch.where(hit, x_label, 0.0))
-    return lse, target, sum_px
+    x = logits.gather(2, col.view(B, T, -1)).reshape(col.shape).to(_acc_dtype(logits)) * (1.0 / temperature)
+    return torch.where(hit, x, 0.0)
 
 
-def _torch_bwd(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor,
-               temperature: float, ignore_index: int, vocab_start: int) -> Tensor:
-    N, V = logits.shape
-    grad_logits = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
+def finite_shift(row_max: Tensor) -> Tensor:
+    """The row max as the shift of x - row_max: 0 for an all -inf row (the kernels shift the same way)."""
+    return torch.where(row_max == float("-inf"), 0.0, row_max)
+
+
+def _torch_fwd(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, vocab_start: int,
+               with_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    B, T, V = logits.shape
+    row_max, log_sum, target, mean_xs = _new_fwd_outputs(logits, labels, temperature, ignore_index, vocab_start,
+                                                         with_entropy)
+    for index, rows in _row_chunks(B, T, max(1, _TORCH_CHUNK_ELEMENTS // V)):
+        x = logits[index].reshape(-1, V).to(row_max.dtype) * (1.0 / temperature)
+        # Shift by the exact row max (0 for an all -inf row), as the kernels do; E_p[x - max] = sum(e * xs) / sum(e)
+        # is then free of the rounding of both log_sum and |x|.
+        m = x.amax(dim=-1, keepdim=True)
+        xs = x - finite_shift(m)
+        e = xs.exp()
+        s = e.sum(-1)
+        row_max[rows], log_sum[rows] = m.squeeze(-1), torch.log(s)
+        if with_entropy:  # e == 0 (x = -inf) contributes 0, not 0 * -inf = nan
+            mean_xs[rows] = (e * torch.where(e > 0, xs, 0.0)).sum(-1) / s
+    target.copy_(_gather_targets(logits, labels[:, None], temperature, ignore_index, vocab_start)[:, 0])
+    return row_max, log_sum, target, mean_xs
+
+
+def _torch_bwd(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor, row_max: Tensor,
+               log_sum: Tensor, entropy: Tensor, temperature: float, ignore_index: int, vocab_start: int) -> Tensor:
+    B, T, V = logits.shape
+    grad_logits = torch.empty((B, T, V), dtype=logits.dtype, device=logits.device)
     col, hit = _label_columns(labels, V, ignore_index, vocab_start)
     # Ignored rows get no gradient; d x / d logits = 1 / T is folded into the per-row upstream gradients.
     keep = labels != ignore_index
@@ -105,17 +175,17 @@ def _torch_bwd(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: 
     with_entropy = grad_entropy.numel() > 0
     if with_entropy:
         g_ent = torch.where(keep, grad_entropy * (1.0 / temperature), 0.0)
-        mean_x = lse - entropy  # E_p[x] = lse - H
-    rows = max(1, _TORCH_CHUNK_ELEMENTS // V)
-    for start in range(0, N, rows):
-        sl = slice(start, start + rows)
-        x = logits[sl].to(lse.dtype) * (1.0 / temperature)
-        p = (x - lse[sl, None]).exp_()
-        g = p * -g_lp[sl, None]  # d logp / d x_j = 1[j == label] - p_j
+        # E_p[x] - row_max = log_sum - H: x - E_p[x] is formed from x - row_max, all terms small (no |x| rounding).
+        mean_xs = log_sum - entropy
+    shift = finite_shift(row_max)
+    for index, rows in _row_chunks(B, T, max(1, _TORCH_CHUNK_ELEMENTS // V)):
+        xs = logits[index].reshape(-1, V).to(row_max.dtype) * (1.0 / temperature) - shift[rows, None]
+        p = (xs - log_sum[rows, None]).exp()
+        g = p * -g_lp[rows, None]  # d logp / d x_j = 1[j == label] - p_j
         if with_entropy:  # d H / d x_j = -p_j (x_j - E_p[x])
-            g -= g_ent[sl, None] * p * torch.where(p > 0, x - mean_x[sl, None], 0.0)
-        g.scatter_add_(1, col[sl, None], torch.where(hit[sl], g_lp[sl], 0.0)[:, None])
-        grad_logits[sl] = g
+            g -= g_ent[rows, None] * p * torch.where(p > 0, xs - mean_xs[rows, None], 0.0)
+        g.scatter_add_(1, col[rows, None], torch.where(hit[rows], g_lp[rows], 0.0)[:, None])
+        grad_logits.view(-1, V)[rows] = g
     return grad_logits
 
 
@@ -126,32 +196,33 @@ def _torch_bwd(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: 
 
 
 def _new_fwd_outputs(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, vocab_start: int,
-                     with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Uninitialised (lse, target, sum_px) for the schema's forward; also its fake implementation."""
-    N, acc = logits.shape[0], {"dtype": _acc_dtype(logits)}
-    return logits.new_empty(N, **acc), logits.new_empty(N, **acc), logits.new_empty(N if with_entropy else 0, **acc)
+                     with_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Uninitialised (row_max, log_sum, target, mean_xs) for the schema's forward; also its fake implementation."""
+    N, acc = labels.shape[0], {"dtype": _acc_dtype(logits)}
+    return (logits.new_empty(N, **acc), logits.new_empty(N, **acc), logits.new_empty(N, **acc),
+            logits.new_empty(N if with_entropy else 0, **acc))
 
 
-def _bwd_fake(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor,
-              temperature: float, ignore_index: int, vocab_start: int) -> Tensor:
+def _bwd_fake(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor, row_max: Tensor,
+              log_sum: Tensor, entropy: Tensor, temperature: float, ignore_index: int, vocab_start: int) -> Tensor:
     return logits.new_empty(logits.shape)
 
 
 @torch.library.custom_op("instructrl_fast::logprob_fwd_triton", mutates_args=())
 def _triton_fwd(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, vocab_start: int,
-                with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+                with_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from instructrl_fast.kernels import logprob as kernels  # lazy: TRITON_INTERPRET is read at kernel definition
 
     return kernels.logprob_fwd(logits, labels, temperature, ignore_index, vocab_start, with_entropy)
 
 
 @torch.library.custom_op("instructrl_fast::logprob_bwd_triton", mutates_args=())
-def _triton_bwd(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor,
-                temperature: float, ignore_index: int, vocab_start: int) -> Tensor:
+def _triton_bwd(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor, row_max: Tensor,
+                log_sum: Tensor, entropy: Tensor, temperature: float, ignore_index: int, vocab_start: int) -> Tensor:
     from instructrl_fast.kernels import logprob as kernels
 
-    return kernels.logprob_bwd(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index,
-                               vocab_start)
+    return kernels.logprob_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature,
+                               ignore_index, vocab_start)
 
 
 _triton_fwd.register_fake(_new_fwd_outputs)
@@ -163,7 +234,7 @@ if _ext.HAS_CPP and hasattr(torch.ops.instructrl_fast, "logprob_fwd"):
     torch.library.register_fake("instructrl_fast::logprob_bwd")(_bwd_fake)
 
 
-def _shard_fwd(backend: str, *args) -> tuple[Tensor, Tensor, Tensor]:
+def _shard_fwd(backend: str, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The shard-local forward (schema above) on ``backend``; cpp and cuda share one op, the dispatch key decides."""
     if backend == "torch":
         return _torch_fwd(*args)
@@ -181,6 +252,40 @@ def _shard_bwd(backend: str, *args) -> Tensor:
     return torch.ops.instructrl_fast.logprob_bwd(*args)
 
 
+# One label per row (labels [N, 1]) goes through the kernels' own label; several (labels [N, K], ``multi``) are
+# gathered and scattered here around a kernel call whose row label lies in no shard: the kernels then compute the
+# softmax statistics and -g * p, and the one-hot terms are K per row. Negative, so outside every shard.
+def _no_label(labels: Tensor, ignore_index: int) -> Tensor:
+    return labels.new_full(labels.shape[:1], -1 if ignore_index != -1 else -2)
+
+
+def _rows_fwd(backend: str, logits: Tensor, labels: Tensor, multi: bool, temperature: float, ignore_index: int,
+              vocab_start: int, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """logits [B, T, V] shard, labels [N, K] -> (row_max, log_sum, target [N, K], mean_xs), shard-local."""
+    if not multi:
+        row_max, log_sum, target, mean_xs = _shard_fwd(backend, logits, labels[:, 0], temperature, ignore_index,
+                                                      vocab_start, with_entropy)
+        return row_max, log_sum, target[:, None], mean_xs
+    row_max, log_sum, _, mean_xs = _shard_fwd(backend, logits, _no_label(labels, ignore_index), temperature,
+                                             ignore_index, vocab_start, with_entropy)
+    return row_max, log_sum, _gather_targets(logits, labels, temperature, ignore_index, vocab_start), mean_xs
+
+
+def _rows_bwd(backend: str, grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor, multi: bool,
+              row_max: Tensor, log_sum: Tensor, entropy: Tensor, temperature: float, ignore_index: int,
+              vocab_start: int) -> Tensor:
+    """d(logits) [B, T, V] of sum(grad_logp [N, K] * logp) + sum(grad_entropy * entropy) on this shard."""
+    if not multi:
+        return _shard_bwd(backend, grad_logp[:, 0].contiguous(), grad_entropy, logits, labels[:, 0], row_max,
+                          log_sum, entropy, temperature, ignore_index, vocab_start)
+    g = torch.where(labels != ignore_index, grad_logp, 0.0)
+    grad = _shard_bwd(backend, g.sum(1), grad_entropy, logits, _no_label(labels, ignore_index), row_max, log_sum,
+                      entropy, temperature, ignore_index, vocab_start)
+    col, hit = _label_columns(labels, logits.shape[-1], ignore_index, vocab_start)
+    one_hot = torch.where(hit, g * (1.0 / temperature), 0.0).to(grad.dtype)
+    return grad.view(-1, logits.shape[-1]).scatter_add_(1, col, one_hot).view(grad.shape)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # linear_logprobs as two opaque custom ops: token chunks of logits = hidden @ weight.T, never all of [N, V].
 # ---------------------------------------------------------------------------------------------------------------
@@ -191,72 +296,75 @@ def _linear_chunk_rows(N: int, D: int, V: int) -> int:
     return max(1, min(N, budget // V))
 
 
-@torch.library.custom_op("instructrl_fast::linear_logprobs_fwd", mutates_args=())
-def _linear_fwd(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float, ignore_index: int,
-                vocab_start: int, with_entropy: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """hidden [N, D] contiguous, weight [V, D] (this rank's vocab shard) -> shard-local (lse, target, sum_px)."""
-    N, D = hidden.shape
+def linear_fwd_chunks(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float, ignore_index: int,
+                      vocab_start: int, with_entropy: bool, multi: bool,
+                      backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """hidden [B, T, D] (any leading strides), weight [V, D] shard, labels [N, K] -> shard-local
+    (row_max, log_sum, target [N, K], mean_xs): the body of the custom op below, which hides it from dispatch modes."""
+    B, T, D = hidden.shape
     V = weight.shape[0]
-    lse, target, sum_px = _new_fwd_outputs(hidden, labels, temperature, ignore_index, vocab_start, with_entropy)
-    rows = _linear_chunk_rows(N, D, V)
-    for start in range(0, N, rows):
-        sl = slice(start, start + rows)
-        logits = hidden[sl] @ weight.T  # [rows, V] in the input dtype, fp32 accumulation inside the GEMM
-        lse_c, target_c, sum_px_c = _shard_fwd(backend, logits, labels[sl], temperature, ignore_index, vocab_start,
-                                               with_entropy)
-        lse[sl], target[sl] = lse_c, target_c
+    row_max, log_sum, target, mean_xs = _linear_fwd_fake(hidden, weight, labels, temperature, ignore_index,
+                                                        vocab_start, with_entropy, multi, backend)
+    for index, rows in _row_chunks(B, T, _linear_chunk_rows(B * T, D, V), merge_b=False):
+        logits = hidden[index].reshape(-1, D) @ weight.T  # [rows, V] in the input dtype, fp32 accumulation
+        outs = _rows_fwd(backend, logits[None], labels[rows], multi, temperature, ignore_index, vocab_start,
+                         with_entropy)
+        row_max[rows], log_sum[rows], target[rows] = outs[:3]
         if with_entropy:
-            sum_px[sl] = sum_px_c
-    return lse, target, sum_px
+            mean_xs[rows] = outs[3]
+    return row_max, log_sum, target, mean_xs
+
+
+_linear_fwd = torch.library.custom_op("instructrl_fast::linear_logprobs_fwd", linear_fwd_chunks, mutates_args=())
 
 
 @torch.library.custom_op("instructrl_fast::linear_logprobs_bwd", mutates_args=())
-def _linear_bwd(grad_logp: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor,
-                entropy: Tensor, temperature: float, ignore_index: int, vocab_start: int,
-                backend: str) -> tuple[Tensor, Tensor]:
-    """-> (grad_hidden [N, D], grad_weight [V, D]) of this shard, recomputing each chunk's logits."""
-    N, D = hidden.shape
+def _linear_bwd(grad_logp: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor,
+                row_max: Tensor, log_sum: Tensor, entropy: Tensor, temperature: float, ignore_index: int,
+                vocab_start: int, multi: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """-> (grad_hidden [B, T, D] contiguous, grad_weight [V, D]) of this shard, recomputing each chunk's logits."""
+    B, T, D = hidden.shape
     V = weight.shape[0]
     with_entropy = grad_entropy.numel() > 0
-    grad_hidden = torch.empty_like(hidden)
-    # dW sums over all N tokens: accumulate in fp32 whatever the weight dtype.
+    grad_hidden = hidden.new_empty((B, T, D))
+    # dW sums over all N tokens: accumulate in fp32 whatever the weight dtype, in place in one buffer.
     grad_weight = torch.zeros(weight.shape, dtype=_acc_dtype(weight), device=weight.device)
-    rows = _linear_chunk_rows(N, D, V)
-    for start in range(0, N, rows):
-        sl = slice(start, start + rows)
-        h = hidden[sl]
+    for index, rows in _row_chunks(B, T, _linear_chunk_rows(B * T, D, V), merge_b=False):
+        h = hidden[index].reshape(-1, D)
         logits = h @ weight.T
-        dlogits = _shard_bwd(backend, grad_logp[sl], grad_entropy[sl] if with_entropy else grad_entropy, logits,
-                             labels[sl], lse[sl], entropy[sl] if with_entropy else entropy, temperature, ignore_index,
-                             vocab_start)
+        dlogits = _rows_bwd(backend, grad_logp[rows], grad_entropy[rows] if with_entropy else grad_entropy,
+                            logits[None], labels[rows], multi, row_max[rows], log_sum[rows],
+                            entropy[rows] if with_entropy else entropy, temperature, ignore_index,
+                            vocab_start).view(-1, V)
         del logits
-        grad_weight = accumulate_linear_grads(dlogits, h, weight, grad_hidden[sl], grad_weight)
+        accumulate_linear_grads(dlogits, h, weight, grad_hidden.view(-1, D)[rows], grad_weight)
     return grad_hidden, grad_weight.to(weight.dtype)
 
 
 def accumulate_linear_grads(dlogits: Tensor, h: Tensor, weight: Tensor, grad_hidden: Tensor,
-                            grad_weight: Tensor) -> Tensor:
-    """One token chunk of the LM head's backward: grad_hidden (a [n, D] view) = dlogits [n, V] @ weight [V, D],
-    grad_weight [V, D] (fp32) += dlogits.T @ h [n, D]. Returns grad_weight (a new tensor on the cuBLAS path)."""
+                            grad_weight: Tensor) -> None:
+    """One token chunk of the LM head's backward, in place: grad_hidden (a [n, D] view) = dlogits [n, V] @ weight
+    [V, D]; grad_weight [V, D] (fp32, or float64) += dlogits.T @ h [n, D]. Shared with ``ops.ppo_actor_loss``."""
     torch.mm(dlogits, weight, out=grad_hidden)
     if dlogits.dtype == grad_weight.dtype:
         grad_weight.addmm_(dlogits.T, h)
-    elif grad_weight.is_cuda:  # a bf16/fp16 GEMM with an fp32 output (cuBLAS accumulates in fp32 anyway)
-        grad_weight = torch.addmm(grad_weight, dlogits.T, h, out_dtype=grad_weight.dtype)
+    elif grad_weight.is_cuda:  # a bf16/fp16 GEMM accumulating into the fp32 buffer (cuBLAS: fp32 inside)
+        torch.addmm(grad_weight, dlogits.T, h, out_dtype=grad_weight.dtype, out=grad_weight)
     else:  # CPU has no mixed-precision GEMM with an fp32 output: upcast this chunk
         grad_weight.addmm_(dlogits.T.to(grad_weight.dtype), h.to(grad_weight.dtype))
-    return grad_weight
 
 
 @_linear_fwd.register_fake
-def _linear_fwd_fake(hidden, weight, labels, temperature, ignore_index, vocab_start, with_entropy, backend):
-    return _new_fwd_outputs(hidden, labels, temperature, ignore_index, vocab_start, with_entropy)
+def _linear_fwd_fake(hidden, weight, labels, temperature, ignore_index, vocab_start, with_entropy, multi, backend):
+    N, acc = labels.shape[0], {"dtype": _acc_dtype(hidden)}
+    return (hidden.new_empty(N, **acc), hidden.new_empty(N, **acc), hidden.new_empty(labels.shape, **acc),
+            hidden.new_empty(N if with_entropy else 0, **acc))
 
 
 @_linear_bwd.register_fake
-def _linear_bwd_fake(grad_logp, grad_entropy, hidden, weight, labels, lse, entropy, temperature, ignore_index,
-                     vocab_start, backend):
-    return torch.empty_like(hidden), torch.empty_like(weight)
+def _linear_bwd_fake(grad_logp, grad_entropy, hidden, weight, labels, row_max, log_sum, entropy, temperature,
+                     ignore_index, vocab_start, multi, backend):
+    return hidden.new_empty(hidden.shape), torch.empty_like(weight)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -272,35 +380,48 @@ def _tp_rank_world(tp_group) -> tuple[int, int]:
     return dist.get_rank(tp_group), dist.get_world_size(tp_group)
 
 
-def _combine(lse: Tensor, target: Tensor, sum_px: Tensor, keep: Tensor, with_entropy: bool,
-             tp_group) -> tuple[Tensor, Tensor, Tensor]:
-    """Shard results -> (logp, entropy or (0,), global lse); two collectives under TP, none at world size 1."""
+def _combine(row_max: Tensor, log_sum: Tensor, target: Tensor, mean_xs: Tensor, labels: Tensor, multi: bool,
+             ignore_index: int, with_entropy: bool, tp_group) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Shard results -> (logp [N, K], entropy [N] or (0,), global row_max, global log_sum).
+
+    Two collectives under TP, none at world size 1.
+    """
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        m = lse.clone()
+        m = row_max.clone()
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
-        w = torch.exp(lse - m)  # exp(lse_r - max): <= 1, so the sum cannot overflow
-        parts = torch.stack([w, target, w * sum_px] if with_entropy else [w, target])
+        w = torch.exp((row_max - m) + log_sum)  # sum_j exp(x_j - M) of this shard: <= V, so the sum cannot overflow
+        parts = [w[:, None], target]
+        if with_entropy:  # a shard of -inf only has w = 0 (and row_max - M = nan): it adds 0
+            parts.append(torch.where(w > 0, w * (mean_xs + (row_max - m)), 0.0)[:, None])
+        parts = torch.cat(parts, dim=1)
         dist.all_reduce(parts, op=dist.ReduceOp.SUM, group=tp_group)
-        lse = m + torch.log(parts[0])
-        target = parts[1]
+        row_max, log_sum, target = m, torch.log(parts[:, 0]), parts[:, 1:1 + target.shape[1]]
         if with_entropy:
-            sum_px = parts[2] / parts[0]  # E_p[x] = sum_r exp(lse_r - lse) * sum_px_r
-    logp = torch.where(keep, target - lse, 0.0)
-    entropy = torch.where(keep, lse - sum_px, 0.0) if with_entropy else lse.new_empty(0)
-    return logp, entropy, lse
+            mean_xs = parts[:, -1] / parts[:, 0]  # E_p[x] - M
+    logp = torch.where(labels != ignore_index, (target - row_max[:, None]) - log_sum[:, None], 0.0)
+    entropy = row_max.new_empty(0)
+    if with_entropy:
+        entropy = log_sum - mean_xs  # H = lse - E_p[x] = log_sum - (E_p[x] - row_max)
+        if not multi:
+            entropy = torch.where(labels[:, 0] != ignore_index, entropy, 0.0)
+    return logp, entropy, row_max, log_sum
 
 
 class GatherLogprobsFunction(torch.autograd.Function):
-    """logits [N, V] (vocab shard, last dim contiguous), labels [N] int64 -> (logp [N], entropy [N] or (0,)), fp32."""
+    """logits [B, T, V] (vocab shard, any leading strides, last dim contiguous), labels [N, K] int64 ->
+    (logp [N, K], entropy [N] or (0,)), fp32 (float64 for float64 logits). ``multi``: K labels per row (else K = 1
+    and the entropy of an ignored row is 0)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, temperature, ignore_index, with_entropy, tp_group, backend):
-        vocab_start = _tp_rank_world(tp_group)[0] * logits.shape[1]
-        lse, target, sum_px = _shard_fwd(backend, logits, labels, temperature, ignore_index, vocab_start,
-                                         with_entropy)
-        logp, entropy, lse = _combine(lse, target, sum_px, labels != ignore_index, with_entropy, tp_group)
-        ctx.save_for_backward(logits, labels, lse, entropy)
-        ctx.args = (temperature, ignore_index, vocab_start, backend)
+    def forward(ctx, logits, labels, multi, temperature, ignore_index, with_entropy, tp_group, backend):
+        vocab_start = _tp_rank_world(tp_group)[0] * logits.shape[-1]
+        row_max, log_sum, target, mean_xs = _rows_fwd(backend, logits, labels, multi, temperature, ignore_index,
+                                                     vocab_start, with_entropy)
+        logp, entropy, row_max, log_sum = _combine(row_max, log_sum, target, mean_xs, labels, multi, ignore_index,
+                                                   with_entropy, tp_group)
+        ctx.save_for_backward(logits, labels, row_max, log_sum, entropy)
+        ctx.args = (temperature, ignore_index, vocab_start)
+        ctx.multi, ctx.backend = multi, backend
         ctx.set_materialize_grads(False)
         if not with_entropy:
             ctx.mark_non_differentiable(entropy)
@@ -308,27 +429,30 @@ class GatherLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        logits, labels, lse, entropy = ctx.saved_tensors
-        grad_logp, grad_entropy, entropy = _grads_or_empty(grad_logp, grad_entropy, lse, entropy)
-        grad_logits = _shard_bwd(ctx.args[3], grad_logp, grad_entropy, logits, labels, lse, entropy, *ctx.args[:3])
-        return grad_logits, None, None, None, None, None, None
+        logits, labels, row_max, log_sum, entropy = ctx.saved_tensors
+        grad_logp, grad_entropy, entropy = _grads_or_empty(grad_logp, grad_entropy, labels, row_max, entropy)
+        grad_logits = _rows_bwd(ctx.backend, grad_logp, grad_entropy, logits, labels, ctx.multi, row_max, log_sum,
+                                entropy, *ctx.args)
+        return grad_logits, None, None, None, None, None, None, None
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
-    """hidden [N, D], weight [V, D] (vocab shard), labels [N] -> (logp [N], entropy [N] or (0,)), fp32.
+    """hidden [B, T, D] (any leading strides), weight [V, D] (vocab shard), labels [N, K] -> (logp [N, K], entropy
+    [N] or (0,)), as GatherLogprobsFunction.
 
     Under TP, hidden is replicated over the group and its gradient is all-reduced here (the backward twin of
     Megatron's copy-to-TP region is built in), so do NOT also pass hidden through copy_to_tp.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, ignore_index, with_entropy, tp_group, backend):
+    def forward(ctx, hidden, weight, labels, multi, temperature, ignore_index, with_entropy, tp_group, backend):
         vocab_start = _tp_rank_world(tp_group)[0] * weight.shape[0]
-        lse, target, sum_px = torch.ops.instructrl_fast.linear_logprobs_fwd(
-            hidden, weight, labels, temperature, ignore_index, vocab_start, with_entropy, backend)
-        logp, entropy, lse = _combine(lse, target, sum_px, labels != ignore_index, with_entropy, tp_group)
-        ctx.save_for_backward(hidden, weight, labels, lse, entropy)
-        ctx.args = (temperature, ignore_index, vocab_start, backend)
+        row_max, log_sum, target, mean_xs = torch.ops.instructrl_fast.linear_logprobs_fwd(
+            hidden, weight, labels, temperature, ignore_index, vocab_start, with_entropy, multi, backend)
+        logp, entropy, row_max, log_sum = _combine(row_max, log_sum, target, mean_xs, labels, multi, ignore_index,
+                                                   with_entropy, tp_group)
+        ctx.save_for_backward(hidden, weight, labels, row_max, log_sum, entropy)
+        ctx.args = (temperature, ignore_index, vocab_start, multi, backend)
         ctx.tp_group = tp_group
         ctx.set_materialize_grads(False)
         if not with_entropy:
@@ -337,21 +461,26 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, labels, lse, entropy = ctx.saved_tensors
-        grad_logp, grad_entropy, entropy = _grads_or_empty(grad_logp, grad_entropy, lse, entropy)
+        hidden, weight, labels, row_max, log_sum, entropy = ctx.saved_tensors
+        grad_logp, grad_entropy, entropy = _grads_or_empty(grad_logp, grad_entropy, labels, row_max, entropy)
         grad_hidden, grad_weight = torch.ops.instructrl_fast.linear_logprobs_bwd(
-            grad_logp, grad_entropy, hidden, weight, labels, lse, entropy, *ctx.args)
+            grad_logp, grad_entropy, hidden, weight, labels, row_max, log_sum, entropy, *ctx.args)
         if ctx.tp_group is not None and dist.get_world_size(ctx.tp_group) > 1:
             dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.tp_group)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
-def _grads_or_empty(grad_logp, grad_entropy, lse, entropy) -> tuple[Tensor, Tensor, Tensor]:
-    """Upstream grads as the schema wants them: fp32 contiguous; (0,) for grad_entropy and entropy when unused."""
-    grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
+def _grads_or_empty(grad_logp, grad_entropy, labels, row_max, entropy) -> tuple[Tensor, Tensor, Tensor]:
+    """Upstream grads as the schema wants them: contiguous in the accumulation dtype, grad_logp [N, K]; (0,) for
+    grad_entropy and entropy when unused."""
+    acc = row_max.dtype
+    if grad_logp is None:
+        grad_logp = row_max.new_zeros(labels.shape)
+    else:
+        grad_logp = grad_logp.to(acc).contiguous()
     if grad_entropy is None or entropy.numel() == 0:
-        return grad_logp, lse.new_empty(0), lse.new_empty(0)
-    return grad_logp, grad_entropy.to(lse.dtype).contiguous(), entropy
+        return grad_logp, row_max.new_empty(0), row_max.new_empty(0)
+    return grad_logp, grad_entropy.to(acc).contiguous(), entropy
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -359,16 +488,26 @@ def _grads_or_empty(grad_logp, grad_entropy, lse, entropy) -> tuple[Tensor, Tens
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _check_common(labels, like_name: str, like: Tensor, temperature, ignore_index, with_entropy) -> float:
-    """Checks shared by both ops: labels [like.shape[:-1]] int64 on like's device; scalar options. -> temperature."""
-    check_tensor("labels", labels, dtypes=(torch.int64,))
-    check_shape("labels", labels, like.shape[:-1], f"{like_name} without its last dimension")
-    check_same_device(**{like_name: like, "labels": labels})
+def _check_options(temperature, ignore_index, with_entropy) -> float:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not isinstance(with_entropy, bool):
         raise TypeError(f"with_entropy must be a bool, got {type(with_entropy).__name__}")
     return check_positive("temperature", temperature)
+
+
+def _flat_labels(labels, like_name: str, like: Tensor) -> tuple[Tensor, bool]:
+    """labels [...] or [..., K] (int64 or int32) on like's device -> (int64 [N, K] contiguous, whether K-mode)."""
+    check_tensor("labels", labels, dtypes=INDEX_DTYPES)
+    multi = labels.dim() == like.dim()
+    if multi:
+        check_shape("labels", labels[..., :1], (*like.shape[:-1], 1) if like.dim() else (1,),
+                    f"[..., K] with the leading dims of {like_name}")
+    else:
+        check_shape("labels", labels, like.shape[:-1], f"{like_name} without its last dimension (or [..., K])")
+    check_same_device(**{like_name: like, "labels": labels})
+    K = labels.shape[-1] if multi else 1
+    return labels.reshape(-1, K).to(torch.int64).contiguous(), multi
 
 
 def _check_labels(labels: Tensor, vocab_size: int, ignore_index: int) -> None:
@@ -386,9 +525,11 @@ def _check_labels(labels: Tensor, vocab_size: int, ignore_index: int) -> None:
         torch._assert_async(ok, "labels out of range: they must lie in [0, vocab size) or equal ignore_index")
 
 
-def _outputs(logp: Tensor, entropy: Tensor, batch_shape, with_entropy: bool):
-    logp = logp.reshape(batch_shape)
-    return (logp, entropy.reshape(batch_shape)) if with_entropy else logp
+def _outputs(logp: Tensor, entropy: Tensor, labels_shape, multi: bool, with_entropy: bool):
+    logp = logp.reshape(labels_shape)
+    if not with_entropy:
+        return logp
+    return logp, entropy.reshape(labels_shape[:-1] if multi else labels_shape)
 
 
 def gather_logprobs(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
@@ -396,34 +537,59 @@ def gather_logprobs(logits: Tensor, labels: Tensor, *, temperature: float = 1.0,
     """Log-probability of ``labels`` under softmax(logits / temperature), and optionally the entropy.
 
     Args:
-        logits: [..., V] fp32/bf16/fp16; under ``tp_group`` this rank's contiguous vocab shard (rank r owns the
-            global ids [r*V, (r+1)*V)). Any strides; a copy is made only when the batch dims cannot be flattened
-            into one row stride or the last dim is not contiguous.
-        labels: [...] int64 global ids in [0, V * tp_world) or ``ignore_index``.
+        logits: [..., V] fp32/bf16/fp16/fp64; under ``tp_group`` this rank's contiguous vocab shard (rank r owns the
+            global ids [r*V, (r+1)*V)). Any strides in the leading dims with the last dim contiguous: no copy is
+            made (e.g. ``logits[:, :-1][:, -k:]``), unless the leading dims form three or more unmergeable groups.
+        labels: [...] int64/int32 global ids in [0, V * tp_world) or ``ignore_index``; or [..., K]: K labels per
+            position, one log-prob each.
         temperature: > 0; the distribution is softmax(logits / temperature).
-        ignore_index: label value whose positions give logp = 0, entropy = 0 and no gradient.
+        ignore_index: label value whose entries give logp = 0 and no gradient (with labels [...], the position's
+            entropy is 0 too; with labels [..., K], the entropy is always computed).
         with_entropy: also return the entropy H = logsumexp(x) - E_p[x] of every position.
         tp_group: vocab-parallel process group, or None. The result equals the unsharded one on every rank.
 
     Returns:
-        logp [...] float32, or (logp, entropy) when ``with_entropy``. Differentiable w.r.t. logits through both.
-        Never materialises a [N, V] fp32 tensor in the forward; the backward allocates only d(logits).
+        logp (the shape of labels), or (logp, entropy [...]) when ``with_entropy``; float32 (float64 for float64
+        logits). Differentiable w.r.t. logits through both. Never materialises a [N, V] fp32 tensor in the forward;
+        the backward allocates only d(logits).
     """
     check_float("logits", logits, min_ndim=1)
-    temperature = _check_common(labels, "logits", logits, temperature, ignore_index, with_entropy)
+    temperature = _check_options(temperature, ignore_index, with_entropy)
     V = logits.shape[-1]
     if V == 0:
         raise ValueError("logits must have a non-empty last (vocab) dimension")
+    labels2d, multi = _flat_labels(labels, "logits", logits)
     _, world = _tp_rank_world(tp_group)
-    _check_labels(labels, V * world, ignore_index)
-    backend = resolve("gather_logprobs", logits.device, _IMPLEMENTED)
-    logits2d = logits.reshape(-1, V)  # a view unless the batch dims cannot share one row stride
-    if logits2d.stride(1) != 1:
-        logits2d = logits2d.contiguous()
-    labels1d = labels.reshape(-1).contiguous()
-    logp, entropy = GatherLogprobsFunction.apply(logits2d, labels1d, temperature, ignore_index, with_entropy, tp_group,
-                                                 backend)
-    return _outputs(logp, entropy, labels.shape, with_entropy)
+    _check_labels(labels2d, V * world, ignore_index)
+    backend = resolve("gather_logprobs", logits.device, _IMPLEMENTED, logits.dtype)
+    logp, ent = GatherLogprobsFunction.apply(as_rows(logits), labels2d, multi, temperature, ignore_index,
+                                             with_entropy, tp_group, backend)
+    return _outputs(logp, ent, labels.shape, multi, with_entropy)
+
+
+def entropy(logits: Tensor, *, temperature: float = 1.0, tp_group: dist.ProcessGroup | None = None) -> Tensor:
+    """Entropy of softmax(logits / temperature) at every position, without any label.
+
+    Args:
+        logits: [..., V] fp32/bf16/fp16/fp64, any leading strides with the last dim contiguous (as in
+            ``gather_logprobs``); under ``tp_group`` this rank's contiguous vocab shard.
+        temperature: > 0.
+        tp_group: vocab-parallel process group, or None.
+
+    Returns:
+        [...] float32 (float64 for float64 logits), differentiable w.r.t. logits. Never materialises a [N, V] fp32
+        tensor in the forward.
+    """
+    check_float("logits", logits, min_ndim=1)
+    temperature = _check_options(temperature, -100, True)
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have a non-empty last (vocab) dimension")
+    _tp_rank_world(tp_group)
+    rows = as_rows(logits)
+    no_labels = torch.empty((rows.shape[0] * rows.shape[1], 0), dtype=torch.int64, device=logits.device)
+    backend = resolve("entropy", logits.device, _IMPLEMENTED, logits.dtype)
+    _, ent = GatherLogprobsFunction.apply(rows, no_labels, True, temperature, -100, True, tp_group, backend)
+    return ent.reshape(logits.shape[:-1])
 
 
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, temperature: float = 1.0,
@@ -435,20 +601,22 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, temperatu
     chunk * V about N * D (clamped to [2^22, 2^26] elements).
 
     Args:
-        hidden: [..., D] fp32/bf16/fp16; replicated over ``tp_group``, whose gradient it all-reduces.
+        hidden: [..., D] fp32/bf16/fp16/fp64, any leading strides with the last dim contiguous (no copy);
+            replicated over ``tp_group``, whose gradient it all-reduces.
         weight: [V, D] same dtype and device as hidden; under ``tp_group`` this rank's contiguous vocab shard.
-        labels, temperature, ignore_index, with_entropy, tp_group: as in ``gather_logprobs``.
+        labels: [...] or [..., K] int64/int32, as in ``gather_logprobs``.
+        temperature, ignore_index, with_entropy, tp_group: as in ``gather_logprobs``.
 
     Returns:
-        logp [...] float32, or (logp, entropy). Differentiable w.r.t. hidden and weight (dW accumulated in fp32).
+        logp (the shape of labels), or (logp, entropy [...]); float32 (float64 for float64 inputs). Differentiable
+        w.r.t. hidden and weight (dW accumulated in fp32).
     """
     check_lm_head("hidden", hidden, "weight", weight, min_ndim=1)
-    temperature = _check_common(labels, "hidden", hidden, temperature, ignore_index, with_entropy)
+    temperature = _check_options(temperature, ignore_index, with_entropy)
+    labels2d, multi = _flat_labels(labels, "hidden", hidden)
     _, world = _tp_rank_world(tp_group)
-    _check_labels(labels, weight.shape[0] * world, ignore_index)
-    backend = resolve("linear_logprobs", hidden.device, _IMPLEMENTED)
-    hidden2d = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-    labels1d = labels.reshape(-1).contiguous()
-    logp, entropy = LinearLogprobsFunction.apply(hidden2d, weight, labels1d, temperature, ignore_index, with_entropy,
-                                                 tp_group, backend)
-    return _outputs(logp, entropy, labels.shape, with_entropy)
+    _check_labels(labels2d, weight.shape[0] * world, ignore_index)
+    backend = resolve("linear_logprobs", hidden.device, _IMPLEMENTED, hidden.dtype)
+    logp, ent = LinearLogprobsFunction.apply(as_rows(hidden), weight, labels2d, multi, temperature, ignore_index,
+                                             with_entropy, tp_group, backend)
+    return _outputs(logp, ent, labels.shape, multi, with_entropy)

@@ -1,6 +1,6 @@
 """PPO losses: the clipped policy surrogate (with asymmetric and dual clip) and the clipped value loss.
 
-DESIGN.md ``ppo_policy_loss`` / ``ppo_value_loss``, with these decisions:
+docs/DESIGN.md ``ppo_policy_loss`` / ``ppo_value_loss``, with these decisions:
 
 * Reductions over valid tokens divide by max(count, 1), so a fully masked batch or row gives 0, never NaN:
   token_mean = sum(l*m) / max(sum(m), 1); seq_mean_token_mean = mean_b(sum_t l*m / max(sum_t m, 1));
@@ -30,11 +30,12 @@ from instructrl_fast.ops._checks import (
     check_same_device,
     check_shape,
     checked_bool_mask,
+    compute_dtype,
 )
 
 REDUCTIONS = {"token_mean": 0, "seq_mean_token_mean": 1, "seq_mean_token_sum": 2}  # the kernels' int codes
 _POLICY_IMPLEMENTED = ("triton", "cuda", "cpp", "torch")
-_VALUE_IMPLEMENTED = ("triton", "cpp", "torch")
+_VALUE_IMPLEMENTED = ("triton", "cuda", "cpp", "torch")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -57,10 +58,10 @@ def masked_reduce(loss: torch.Tensor, mask: torch.Tensor, reduction: str) -> tor
     return rows.sum() / max(rows.numel(), 1)
 
 
-def _valid_upcast(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """x in fp32 (float64 stays float64: the torch backend is gradchecked in it) with masked positions set to 0,
-    so that padding garbage (inf, NaN) cannot turn a zero gradient into NaN (0 * NaN) further down."""
-    return torch.where(mask, x.to(torch.promote_types(x.dtype, torch.float32)), 0.0)
+def _valid_upcast(x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in ``dtype`` (fp32, or float64 when an input is) with masked positions set to 0, so that padding garbage
+    (inf, NaN) cannot turn a zero gradient into NaN (0 * NaN) further down."""
+    return torch.where(mask, x.to(dtype), 0.0)
 
 
 def policy_surrogate(logp, old_logp, adv, clip_low, clip_high, dual_clip) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +83,8 @@ def policy_surrogate(logp, old_logp, adv, clip_low, clip_high, dual_clip) -> tup
 
 
 def _policy_loss_torch(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, reduction):
-    logp, old_logp, adv = (_valid_upcast(x, mask) for x in (logp, old_logp.detach(), advantages.detach()))
+    acc = compute_dtype(logp, old_logp, advantages)
+    logp, old_logp, adv = (_valid_upcast(x, mask, acc) for x in (logp, old_logp.detach(), advantages.detach()))
     loss, is_clipped = policy_surrogate(logp, old_logp, adv, clip_low, clip_high, dual_clip)
     with torch.no_grad():
         clipfrac = masked_reduce(is_clipped.to(loss.dtype), mask, "token_mean")
@@ -91,7 +93,9 @@ def _policy_loss_torch(logp, old_logp, advantages, mask, clip_low, clip_high, du
 
 
 def _value_loss_torch(values, old_values, returns, mask, clip_eps, reduction):
-    values, old_values, returns = (_valid_upcast(x, mask) for x in (values, old_values.detach(), returns.detach()))
+    acc = compute_dtype(values, old_values, returns)
+    values, old_values, returns = (_valid_upcast(x, mask, acc)
+                                   for x in (values, old_values.detach(), returns.detach()))
     # old + clip(v - old, -eps, eps) as a clamp of v: equal, and exactly v inside the range (no false clips)
     v_clipped = torch.minimum(torch.maximum(values, old_values - clip_eps), old_values + clip_eps)
     unclipped = (values - returns) ** 2
@@ -264,7 +268,7 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
 
     Args:
         logp: [B, T] log-probs of the taken actions under the current policy (receives the gradient).
-        old_logp: [B, T] log-probs under the rollout policy. advantages: [B, T]. (fp32/bf16/fp16, may differ.)
+        old_logp: [B, T] log-probs under the rollout policy. advantages: [B, T]. (fp32/bf16/fp16/fp64, may differ.)
         mask: [B, T] bool or 0/1: the valid tokens.
         clip_eps: lower clip range (> 0); clip_eps_high: upper clip range (> 0), defaults to clip_eps.
         dual_clip: c > 1 to enable the dual clip, None to disable it.
@@ -284,7 +288,7 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
             raise ValueError(f"dual_clip must be > 1 (or None to disable it), got {dual_clip}")
     code = REDUCTIONS[reduction]
     inputs = (logp.contiguous(), old_logp.detach().contiguous(), advantages.detach().contiguous(), mask)
-    name = backend.resolve("ppo_policy_loss", logp.device, _POLICY_IMPLEMENTED)
+    name = backend.resolve("ppo_policy_loss", logp.device, _POLICY_IMPLEMENTED, compute_dtype(*inputs[:3]))
     if name == "torch":
         loss, clipfrac, approx_kl = _policy_loss_torch(*inputs, clip_low, clip_high, dual, reduction)
     elif name == "triton":
@@ -301,7 +305,7 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
 
     Args:
         values: [B, T] current value predictions (receives the gradient). old_values: [B, T] the rollout's values.
-        returns: [B, T] targets (e.g. from ``gae``). (fp32/bf16/fp16, may differ.)
+        returns: [B, T] targets (e.g. from ``gae``). (fp32/bf16/fp16/fp64, may differ.)
         mask: [B, T] bool or 0/1: the valid tokens.
         clip_eps: the clip range (> 0).
         reduction: "token_mean", "seq_mean_token_mean" or "seq_mean_token_sum".
@@ -314,7 +318,7 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     clip_eps = check_positive("clip_eps", clip_eps)
     code = REDUCTIONS[reduction]
     inputs = (values.contiguous(), old_values.detach().contiguous(), returns.detach().contiguous(), mask)
-    name = backend.resolve("ppo_value_loss", values.device, _VALUE_IMPLEMENTED)
+    name = backend.resolve("ppo_value_loss", values.device, _VALUE_IMPLEMENTED, compute_dtype(*inputs[:3]))
     if name == "torch":
         loss, clipfrac = _value_loss_torch(*inputs, clip_eps, reduction)
     elif name == "triton":

@@ -14,7 +14,13 @@ import torch
 import torch.distributed as dist
 
 from instructrl_fast import backend
-from instructrl_fast.ops._checks import check_float, check_positive, check_same_device, checked_bool_mask
+from instructrl_fast.ops._checks import (
+    check_float,
+    check_positive,
+    check_same_device,
+    checked_bool_mask,
+    compute_dtype,
+)
 
 _IMPLEMENTED = ("triton", "torch")
 
@@ -35,7 +41,7 @@ def _group_moments(moments: torch.Tensor, group) -> torch.Tensor:
 
 def _local_moments_torch(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[3] (n, mean, M2) of the valid positions; masked ones are selected away (padding garbage cannot leak)."""
-    n = mask.sum(dtype=torch.float32)
+    n = mask.sum(dtype=x.dtype)
     mean = torch.where(mask, x, 0.0).sum() / n.clamp(min=1.0)
     return torch.stack((n, mean, (torch.where(mask, x - mean, 0.0) ** 2).sum()))
 
@@ -73,7 +79,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     becomes 0, or itself when shift_mean=False); with n = 0 the output is all 0.
 
     Args:
-        x: [B, T] values (advantages or rewards), fp32/bf16/fp16.
+        x: [B, T] values (advantages or rewards), fp32/bf16/fp16/fp64.
         mask: [B, T] bool or 0/1: the valid positions.
         shift_mean: False adds the mean back after scaling (rescale only).
         eps: added to the variance (> 0).
@@ -81,7 +87,8 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
             of the group must call it), or None for local moments.
 
     Returns:
-        [B, T] float32. Not differentiable: the inputs are treated as constants (detached).
+        [B, T] float32 (float64 for float64 x, on the torch backend). Not differentiable: the inputs are treated
+        as constants (detached).
     """
     check_float("x", x, ndim=2)
     mask = checked_bool_mask("mask", mask, x.shape, "x")
@@ -92,8 +99,9 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
     x = x.detach().contiguous()
-    name = backend.resolve("masked_whiten", x.device, _IMPLEMENTED)
-    moments = _whiten_moments_triton(x, mask) if name == "triton" else _local_moments_torch(x.float(), mask)
+    acc = compute_dtype(x)
+    name = backend.resolve("masked_whiten", x.device, _IMPLEMENTED, acc)
+    moments = _whiten_moments_triton(x, mask) if name == "triton" else _local_moments_torch(x.to(acc), mask)
     if group is not None:
         moments = _group_moments(moments, group)
     n, mean, m2 = moments.unbind()
@@ -101,5 +109,5 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     stats = torch.stack((mean, torch.rsqrt(var + eps)))
     if name == "triton":
         return _whiten_apply_triton(x, mask, stats, shift_mean)
-    out = (x.float() - mean) * stats[1]
+    out = (x.to(acc) - mean) * stats[1]
     return torch.where(mask, out if shift_mean else out + mean, 0.0)

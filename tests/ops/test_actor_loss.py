@@ -124,6 +124,48 @@ def test_fp32_matches_reference(backend, fields, temperature, ref_kind):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ref_kind", ["logp", "full"])
+def test_float64_int32_labels_gradcheck(backend, ref_kind):
+    """float64 inputs (with int32 labels) run on torch whatever the backend, return float64, equal the float64
+    reference to float64 rounding, and their gradient matches central differences (every option at once)."""
+    hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_hidden, ref_weight = (
+        x.double() if x.is_floating_point() else x for x in _inputs(2, 3, 4, 11, device="cpu"))
+    labels = labels.to(torch.int32)
+    fields = {"kl_coef": 0.3, "kl_estimator": "full" if ref_kind == "full" else "k3", "entropy_coef": 0.05,
+              "dual_clip": 2.0, "clip_eps_high": 0.3}
+    ref_kw = _ref_kwargs(ref_kind, ref_logp, ref_hidden, ref_weight)
+    rest = (labels, old_logp, adv, mask)
+
+    def loss_of(h, w):
+        with use_backend(backend):
+            return ppo_actor_loss(h, w, *rest, config=ActorLossConfig(**fields), temperature=0.7,
+                                  ignore_index=IGNORE, **ref_kw)
+
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, stats = loss_of(h, w)
+    assert loss.dtype == torch.float64 and all(v.dtype == torch.float64 for v in stats.values())
+    loss.backward()
+    ref_loss, ref_stats, ref_gh, ref_gw = _reference(hidden, weight, (labels.long(), *rest[1:]), fields, 0.7, ref_kw)
+    tight = {"rtol": 1e-10, "atol": 1e-12}
+    torch.testing.assert_close(loss, ref_loss, **tight)
+    torch.testing.assert_close(stats["kl"], ref_stats["kl"], **tight)
+    torch.testing.assert_close(h.grad * UPSTREAM, ref_gh, **tight)
+    torch.testing.assert_close(w.grad * UPSTREAM, ref_gw, **tight)
+    # gradcheck by hand (torch.autograd.gradcheck backpropagates twice through one call, which this op refuses):
+    # central differences along random directions against the analytic directional derivative.
+    g = torch.Generator().manual_seed(1)
+    eps = 1e-6
+    for _ in range(3):
+        vh, vw = torch.randn(hidden.shape, generator=g, dtype=torch.float64), torch.randn(weight.shape, generator=g,
+                                                                                       dtype=torch.float64)
+        with torch.no_grad():
+            numeric = (loss_of(hidden + eps * vh, weight + eps * vw)[0]
+                       - loss_of(hidden - eps * vh, weight - eps * vw)[0]) / (2 * eps)
+        analytic = (h.grad * vh).sum() + (w.grad * vw).sum()
+        torch.testing.assert_close(numeric, analytic, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_odd_shapes_and_many_chunks(backend, monkeypatch):
     """T = 1 and V > 65536 (several blocks even under the interpreter), and a chunk of 2 rows so that the walk
     crosses chunk boundaries (the stored gradients accumulate over chunks)."""
@@ -181,10 +223,21 @@ def test_fully_masked_batch_gives_zero(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_within_twice_the_composite_error(backend):
-    """bf16 inputs: our error against float64 is at most 2x that of the plain-PyTorch composite in bf16."""
+@pytest.mark.parametrize("dtype,offset,slack", [(torch.bfloat16, 0.0, 1e-3), (torch.float32, 18.0, 0.0)],
+                         ids=["bf16", "fp32-large-logits"])
+def test_within_twice_the_composite_error(backend, dtype, offset, slack):
+    """Our error against float64 is at most 2x that of the plain-PyTorch composite in the input dtype: bf16, and fp32
+    with logits |x| ~ 18 (feature 0 is a constant 1 whose weights are ~offset), where a summed lse would put |x| * eps
+    relative error into every p and the full KL's E_p[x - y] - lse_x + lse_y would cancel ~18-sized terms: the
+    walk keeps the log-prob schema's row_max / log_sum split instead."""
     fields = {"kl_coef": 0.1, "kl_estimator": "full", "entropy_coef": 0.01}
-    hidden, weight, *rest, ref_logp, ref_hidden, ref_weight = _inputs(3, 8, 32, 777, dtype=torch.bfloat16)
+    hidden, weight, *rest, ref_logp, ref_hidden, ref_weight = _inputs(3, 8, 32, 777, dtype=dtype)
+    if offset:
+        hidden, ref_hidden = (x.clone().index_fill_(-1, torch.tensor([0], device=x.device), 1.0)
+                              for x in (hidden, ref_hidden))
+        weight, ref_weight = (x.clone().index_fill_(-1, torch.tensor([0], device=x.device), offset)
+                              for x in (weight, ref_weight))
+        weight[:, 0] += torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(3)).to(weight.device)
     ref_kw = _ref_kwargs("full", ref_logp, ref_hidden, ref_weight)
     loss, _, gh, gw = _ours(backend, hidden, weight, rest, ActorLossConfig(**fields), 1.0, ref_kw)
     ref_loss, _, ref_gh, ref_gw = _reference(hidden, weight, rest, fields, 1.0, ref_kw)
@@ -208,7 +261,7 @@ def test_bf16_within_twice_the_composite_error(backend):
     for ours_x, comp_x, ref_x in ((loss, comp, ref_loss), (gh, h.grad, ref_gh), (gw, w.grad, ref_gw)):
         ours_err = (ours_x.double() - ref_x).abs().max()
         comp_err = (comp_x.detach().double() - ref_x).abs().max()
-        assert ours_err <= 2 * comp_err + 1e-3, (float(ours_err), float(comp_err))
+        assert ours_err <= 2 * comp_err + slack, (float(ours_err), float(comp_err))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

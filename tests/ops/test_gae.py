@@ -102,7 +102,7 @@ def test_gae_bad_input():
     with pytest.raises(ValueError, match="rewards"):
         ops.gae(r[0], v, m)
     with pytest.raises(TypeError, match="values"):
-        ops.gae(r, v.double(), m)
+        ops.gae(r, v.long(), m)
     with pytest.raises(ValueError, match="values"):
         ops.gae(r, v[:, :4], m)
     with pytest.raises(ValueError, match="values"):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from instructrl_fast.backend import use_backend
-from instructrl_fast.ops import gather_logprobs, linear_logprobs
+from instructrl_fast.ops import entropy, gather_logprobs, linear_logprobs
 from instructrl_fast.ops import logprob as logprob_mod
 from tests.conftest import backends_for
 from tests.reference import gather_logprobs_ref, linear_logprobs_ref
@@ -152,18 +152,28 @@ def test_gather_one_output_used(backend, device):
         torch.testing.assert_close(x.grad.double(), xr.grad, **GRAD_TOL)
 
 
-def test_gradcheck_float64_torch_backend():
-    """gradcheck of the autograd.Functions on the torch backend (the only one that runs in float64)."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64_public_ops(backend):
+    """torch.autograd.gradcheck on the public ops in float64 (computed in float64 on the torch backend whatever the
+    forced backend): one label per position, K labels (int32, one ignored entry), entropy only, linear_logprobs."""
     V = 11
-    logits = torch.randn(3, V, dtype=torch.float64, requires_grad=True)
-    labels = torch.tensor([2, IGNORE, 10])
-    fn = logprob_mod.GatherLogprobsFunction.apply
-    assert torch.autograd.gradcheck(lambda x: fn(x, labels, 0.9, IGNORE, True, None, "torch"), (logits,))
-    hidden = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(2, 3, V, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[2, IGNORE, 10], [0, 4, 4]])
+    labels_k = torch.randint(0, V, (2, 3, 4), dtype=torch.int32)
+    labels_k[1, 2, 0] = IGNORE
+    hidden = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(V, 4, dtype=torch.float64, requires_grad=True)
-    lin = logprob_mod.LinearLogprobsFunction.apply
-    assert torch.autograd.gradcheck(lambda h, w: lin(h, w, labels, 1.2, IGNORE, True, None, "torch"),
-                                    (hidden, weight))
+    with use_backend(backend):
+        out = gather_logprobs(logits, labels, with_entropy=True)
+        assert all(o.dtype == torch.float64 for o in out)
+        assert torch.autograd.gradcheck(lambda x: gather_logprobs(x, labels, temperature=0.9, with_entropy=True),
+                                        (logits,))
+        assert torch.autograd.gradcheck(lambda x: gather_logprobs(x[:, 1:], labels_k[:, 1:], with_entropy=True),
+                                        (logits,))
+        assert torch.autograd.gradcheck(lambda x: entropy(x, temperature=1.7), (logits,))
+        assert torch.autograd.gradcheck(
+            lambda h, w: linear_logprobs(h, w, labels, temperature=1.2, with_entropy=True), (hidden, weight))
+        assert torch.autograd.gradcheck(lambda h, w: linear_logprobs(h, w, labels_k), (hidden, weight))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -223,15 +233,17 @@ def test_linear_bf16_within_2x_composite(backend, device):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _schema_args(device, dtype=torch.float32, N=5, V=300, with_entropy=True):
-    logits = torch.randn(N, V, device=device, dtype=dtype)
+def _schema_args(device, dtype=torch.float32, N=6, V=300, with_entropy=True):
+    logits = torch.randn(2, N // 2 + 1, V + 3, device=device, dtype=dtype)[:, 1:, :V]  # [B, T, V], strided
     labels = torch.randint(0, V, (N,), device=device)
     labels[1] = IGNORE
     fwd = (logits, labels, 0.8, IGNORE, 0, with_entropy)
-    lse = torch.logsumexp(logits.float() / 0.8, -1)
+    x = logits.float().reshape(N, V) / 0.8
+    row_max = x.amax(-1)
+    log_sum = torch.logsumexp(x - row_max[:, None], -1)
     ent = torch.rand(N, device=device) if with_entropy else torch.empty(0, device=device)
     g_ent = torch.randn(N, device=device) if with_entropy else torch.empty(0, device=device)
-    bwd = (torch.randn(N, device=device), g_ent, logits, labels, lse, ent, 0.8, IGNORE, 0)
+    bwd = (torch.randn(N, device=device), g_ent, logits, labels, row_max, log_sum, ent, 0.8, IGNORE, 0)
     return fwd, bwd
 
 
@@ -248,12 +260,13 @@ def test_opcheck_triton_and_linear_ops(device):
     fwd, bwd = _schema_args(device, V=200)
     torch.library.opcheck(torch.ops.instructrl_fast.logprob_fwd_triton.default, fwd)
     torch.library.opcheck(torch.ops.instructrl_fast.logprob_bwd_triton.default, bwd)
-    hidden, weight = torch.randn(5, 8, device=device), torch.randn(200, 8, device=device)
-    labels, lse = fwd[1], bwd[4]
-    torch.library.opcheck(torch.ops.instructrl_fast.linear_logprobs_fwd.default,
-                          (hidden, weight, labels, 0.8, IGNORE, 0, True, "torch"))
-    torch.library.opcheck(torch.ops.instructrl_fast.linear_logprobs_bwd.default,
-                          (bwd[0], bwd[1], hidden, weight, labels, lse, bwd[5], 0.8, IGNORE, 0, "torch"))
+    hidden, weight = torch.randn(2, 4, 8, device=device)[:, 1:], torch.randn(200, 8, device=device)
+    for labels, multi in ((fwd[1][:, None], False), (torch.randint(0, 200, (6, 3), device=device), True)):
+        torch.library.opcheck(torch.ops.instructrl_fast.linear_logprobs_fwd.default,
+                              (hidden, weight, labels, 0.8, IGNORE, 0, True, multi, "torch"))
+        grad_logp = torch.randn(labels.shape, device=device)
+        torch.library.opcheck(torch.ops.instructrl_fast.linear_logprobs_bwd.default,
+                              (grad_logp, bwd[1], hidden, weight, labels, *bwd[4:7], 0.8, IGNORE, 0, multi, "torch"))
 
 
 def test_meta_and_fake_tensors():
@@ -307,12 +320,16 @@ def test_gather_bad_input():
     logits, labels = torch.randn(2, 3, 10), torch.randint(0, 10, (2, 3))
     cases = [
         (TypeError, "logits", {"logits": logits.numpy()}),
-        (TypeError, "logits", {"logits": logits.double()}),
+        (TypeError, "logits", {"logits": logits.long()}),
         (ValueError, "logits", {"logits": torch.randn(())}),
         (ValueError, "vocab", {"logits": torch.randn(2, 3, 0)}),
-        (TypeError, "labels", {"labels": labels.int()}),
+        (TypeError, "labels", {"labels": labels.short()}),
+        (TypeError, "labels", {"labels": labels.float()}),
         (TypeError, "labels", {"labels": [1, 2]}),
         (ValueError, "labels", {"labels": labels[:, :2]}),
+        (ValueError, r"labels must have the shape of \[\.\.\., K\]",
+         {"labels": torch.zeros(2, 4, 5, dtype=torch.long)}),
+        (ValueError, "labels must lie", {"labels": torch.full((2, 3, 2), 10)}),
         (ValueError, "labels must lie", {"labels": torch.full((2, 3), 10)}),
         (ValueError, "labels must lie", {"labels": torch.full((2, 3), -1)}),
         (ValueError, "temperature", {"temperature": 0.0}),
@@ -355,3 +372,179 @@ def test_linear_bad_input():
 def test_device_mix_is_an_error():
     with pytest.raises(ValueError, match="labels is on meta"):
         gather_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long, device="meta"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# K labels per position, entropy alone, int32 labels, strided inputs without copies, fp32 gradient accuracy,
+# rows split across Triton programs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gather_k_labels_and_int32(backend, device):
+    """labels [..., K] (int32, ignored entries, a repeated id): one log-prob per entry, entropy [...] at every
+    position; gradients through both against the float64 reference. int32 single labels equal int64 ones."""
+    V, K = 1037, 3
+    base = torch.randn(3, 8, V, device=device) * 3
+    labels = torch.randint(0, V, (3, 5, K), device=device, dtype=torch.int32)
+    labels[0, 1, 2] = IGNORE
+    labels[2, :, :] = IGNORE  # a fully ignored row of positions still has its entropy
+    labels[1, 3, 1] = labels[1, 3, 0]
+    g_lp, g_ent = torch.randn(3, 5, K, device=device), torch.rand(3, 5, device=device) + 0.5
+    outs, grads = [], []
+    for leaf, fn in ((base.clone(), _run(backend, gather_logprobs)), (base.double(), gather_logprobs_ref)):
+        leaf.requires_grad_()
+        view = leaf[:, :-1][:, -5:]  # TRL's slice: not flattenable to [N, V]
+        kw = {"temperature": 0.8, "ignore_index": IGNORE}
+        lp, ent = fn(view, labels, with_entropy=True, **kw) if fn is not gather_logprobs_ref else fn(view, labels, **kw)
+        ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+        outs.append((lp.detach(), ent.detach()))
+        grads.append(leaf.grad)
+    (lp, ent), (ref_lp, ref_ent) = outs
+    assert lp.shape == (3, 5, K) and ent.shape == (3, 5) and lp.dtype == ent.dtype == torch.float32
+    torch.testing.assert_close(lp.double(), ref_lp, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(grads[0].double(), grads[1], **GRAD_TOL)
+    assert (lp[labels == IGNORE] == 0).all() and (ent[2] > 0).all()
+
+    single = labels[..., 0].contiguous()
+    with use_backend(backend):
+        as32 = gather_logprobs(base[:, :5], single, with_entropy=True, ignore_index=IGNORE)
+        as64 = gather_logprobs(base[:, :5], single.long(), with_entropy=True, ignore_index=IGNORE)
+    for a, b in zip(as32, as64):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_only(backend, device):
+    """ops.entropy against the float64 reference, forward and backward, on a strided input; V = 1 gives 0."""
+    from tests.reference import entropy_ref
+
+    base = torch.randn(4, 7, 2001, device=device) * 2
+    grad = torch.rand(4, 3, device=device) + 0.5
+    leaf, ref_leaf = base.clone().requires_grad_(), base.double().requires_grad_()
+    with use_backend(backend):
+        out = entropy(leaf[:, 2:5], temperature=1.3)
+    (out * grad).sum().backward()
+    ref = entropy_ref(ref_leaf[:, 2:5], 1.3)
+    (ref * grad).sum().backward()
+    assert out.shape == (4, 3) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, **GRAD_TOL)
+    with use_backend(backend):
+        assert torch.equal(entropy(torch.randn(5, 1, device=device)), torch.zeros(5, device=device))
+    with pytest.raises(ValueError, match="temperature"):
+        entropy(base, temperature=0.0)
+    with pytest.raises(TypeError, match="logits"):
+        entropy(base.long())
+
+
+class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every dispatched op with the storages of its tensor arguments and the sizes of the outputs it
+    allocated (views of an input, which share its storage, are not allocations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat_in = torch.utils._pytree.tree_leaves((args, kwargs))
+        flat_out = torch.utils._pytree.tree_leaves(out)
+        storages = {t.untyped_storage().data_ptr() for t in flat_in if isinstance(t, torch.Tensor)}
+        sizes = [t.numel() for t in flat_out
+                 if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in storages]
+        self.calls.append((str(func), storages, sizes))
+        return out
+
+
+_SHARD_OPS = ("instructrl_fast.logprob_fwd", "instructrl_fast.logprob_bwd")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs_are_read_in_place(backend, device, monkeypatch):
+    """TRL's logits[:, :-1][:, -k:] and a strided hidden reach the kernels without a [N, V] / [N, D] copy: no op
+    of the forward outputs a tensor that large, and every shard-kernel call (forward and backward) reads the
+    caller's own storage."""
+    monkeypatch.setattr(logprob_mod, "_TORCH_CHUNK_ELEMENTS", 2 * 3001)  # the torch backend's chunks stay small
+    base = torch.randn(2, 9, 3001, device=device, requires_grad=True)
+    logits = base[:, :-1][:, -5:]
+    N, V = 10, 3001
+    labels = torch.randint(0, V, (2, 5), device=device)
+    with use_backend(backend), _OpRecorder() as fwd:
+        lp, ent = gather_logprobs(logits, labels, with_entropy=True)
+    with _OpRecorder() as bwd:
+        (lp.sum() + ent.sum()).backward()
+    ptr = base.untyped_storage().data_ptr()
+    assert all(max(sizes, default=0) < N * V for _, _, sizes in fwd.calls), fwd.calls
+    shard_calls = [c for c in fwd.calls + bwd.calls if c[0].startswith(_SHARD_OPS)]
+    assert len(shard_calls) == (0 if backend == "torch" else 2)
+    assert all(ptr in storages for _, storages, _ in shard_calls)
+
+    hidden_base = torch.randn(2, 9, 64, device=device, requires_grad=True)
+    hidden = hidden_base[:, 1:-3]  # [2, 5, 64]: strides (576, 64) cannot be merged
+    weight = torch.randn(50, 64, device=device, requires_grad=True)
+    hidden_ptr = hidden_base.untyped_storage().data_ptr()
+    with use_backend(backend), _OpRecorder() as fwd:
+        lp = linear_logprobs(hidden, weight, labels % 50)
+    lp.sum().backward()
+    assert all(max(sizes, default=0) < 10 * 64 for _, _, sizes in fwd.calls), fwd.calls
+    linear = [c for c in fwd.calls if c[0].startswith("instructrl_fast.linear_logprobs_fwd")]
+    assert len(linear) == 1 and hidden_ptr in linear[0][1]
+    # Inside the op (a custom op hides its body from dispatch modes): GEMMs on views of the caller's hidden.
+    with use_backend(backend), _OpRecorder() as body:
+        logprob_mod.linear_fwd_chunks(logprob_mod.as_rows(hidden.detach()), weight.detach(),
+                                      (labels % 50).view(-1, 1), 1.0, IGNORE, 0, False, False, backend)
+    gemms = [c for c in body.calls if c[0].startswith("aten.mm")]
+    assert len(gemms) == 2 and all(hidden_ptr in storages for _, storages, _ in gemms)
+    assert all(max(sizes, default=0) < 10 * 64 for _, _, sizes in body.calls)
+    ref_h, ref_w = hidden_base.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    linear_logprobs_ref(ref_h[:, 1:-3], ref_w, labels % 50)[0].sum().backward()
+    torch.testing.assert_close(hidden_base.grad, ref_h.grad.float(), **GRAD_TOL)
+    torch.testing.assert_close(weight.grad, ref_w.grad.float(), **GRAD_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_gradient_within_2x_composite_at_large_logits(backend, device):
+    """|logit / T| ~ 20: the gradient of logp, and of logp and the entropy, within 2x of PyTorch's fp32 composite error
+    against float64. A rounded lse ~ 20 would put ~1e-6 relative error into every p, and E_p[x] accumulated from x
+    into the entropy term: row_max and log_sum are kept apart and E_p[x] - row_max is accumulated from x - row_max."""
+    shape, V, T = (4, 16), 4003, 0.9
+    logits = torch.randn(*shape, V, device=device) * 2 + 18
+    labels = torch.randint(0, V, shape, device=device)
+    grads = _upstream(shape, device)
+
+    def composite(x, lab, with_entropy):
+        outs = _composite(x, lab, T)
+        return outs if with_entropy else outs[0]
+
+    for with_entropy in (False, True):
+        _, (grad,) = _fwd_bwd(_run(backend, gather_logprobs), [logits], labels, with_entropy, grads, temperature=T,
+                              ignore_index=IGNORE)
+        _, (comp,) = _fwd_bwd(composite, [logits], labels, with_entropy, grads)
+        _, (ref,) = _reference(gather_logprobs_ref, [logits], labels, with_entropy, grads, temperature=T,
+                               ignore_index=IGNORE)
+        assert _err(grad, ref) <= 2 * _err(comp, ref), (with_entropy, _err(grad, ref), _err(comp, ref))
+
+
+@pytest.mark.skipif("triton" not in [p.values[0] for p in BACKENDS if not p.marks], reason="triton unavailable")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_rows_split_across_programs(dtype, device, monkeypatch):
+    """Each row split over 3 programs (the partial online-softmax states combined), several body blocks per row,
+    a head and a tail around the 16-byte-aligned body (V = 70001, rows misaligned), a fully ignored row."""
+    from instructrl_fast.kernels import logprob as kernels
+
+    monkeypatch.setattr(kernels, "_num_splits", lambda device, N, blocks: 3)
+    V = 70001
+    base = (torch.randn(2, 4, V + 3, device=device) * 3).to(dtype)
+    logits = base[:, 1:3, 1:1 + V]
+    labels = torch.randint(0, V, (2, 2), device=device)
+    labels[1] = IGNORE
+    grads = _upstream((2, 2), device)
+    outs, (grad,) = _fwd_bwd(_run("triton", gather_logprobs), [logits], labels, True, grads, ignore_index=IGNORE)
+    ref_outs, (ref_grad,) = _reference(gather_logprobs_ref, [logits], labels, True, grads, ignore_index=IGNORE)
+    tol = {"rtol": 1e-5, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    for out, ref in zip(outs, ref_outs):
+        torch.testing.assert_close(out.double(), ref, **tol)
+    torch.testing.assert_close(grad.double(), ref_grad, **(GRAD_TOL if dtype == torch.float32 else tol))
+    assert (grad[1] == 0).all()

@@ -1,11 +1,15 @@
 """The shard-local C++ / CUDA ops instructrl_fast::logprob_fwd / logprob_bwd (csrc/logprob.cpp, csrc/cuda/logprob.cu),
 called directly and compared with float64 references written here from the schema's formulas:
 
-    x = logits / T;  lse = logsumexp(x);  target = x[label - vocab_start] in the shard, else 0;
-    sum_px = sum softmax(x) * x;  with the GLOBAL lse and H, p = exp(x - lse):
+    x = logits / T;  row_max = max(x);  log_sum = log sum exp(x - row_max);  target = x[label - vocab_start] in the
+    shard, else 0;  mean_xs = sum softmax(x) * (x - row_max);  with the GLOBAL row_max, log_sum (lse = row_max +
+    log_sum) and H,
+    p = exp((x - row_max) - log_sum):
     grad_logits = (g_lp * (1[j == label - vocab_start] - p) - g_ent * p * (x - (lse - H))) / T, 0 on ignored rows.
 
-A -inf logit contributes 0 (p = 0) to sum_px and to the entropy term, as in the torch and Triton backends.
+logits are [N, V] (any row stride) or [B, T, V] (any strides in B and T), last dim contiguous.
+
+A -inf logit contributes 0 (p = 0) to mean_xs and to the entropy term, as in the torch and Triton backends.
 The public ops (gather_logprobs, ...) are tested in tests/ops/test_logprob.py.
 """
 
@@ -21,9 +25,10 @@ IGNORE = -100
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (N, V, layout): N = 1 and V = 1; V not a multiple of 8/16; short rows (one warp per row on CUDA) with N not a
 # multiple of the 8 rows of a block; long rows; V > 65536. "sliced" rows have an odd row stride and start off a
-# 16-byte boundary; "expanded" rows all alias one row (stride 0).
+# 16-byte boundary; "expanded" rows all alias one row (stride 0); "3d" is a [2, N / 2, V] slice whose batch and
+# time strides cannot be merged into one row stride.
 CASES = [(1, 1, "contiguous"), (3, 7, "sliced"), (9, 1000, "contiguous"), (5, 1000, "sliced"), (4, 1031, "expanded"),
-         (6, 4096, "sliced"), (2, 70003, "contiguous")]
+         (6, 4096, "sliced"), (2, 70003, "contiguous"), (6, 1001, "3d")]
 
 
 def _device_params():
@@ -45,6 +50,8 @@ def _logits(N, V, dtype, layout, device, scale=3.0):
         return (torch.randn(N, V, device=device) * scale).to(dtype)
     if layout == "sliced":
         return (torch.randn(N, V + 5, device=device) * scale).to(dtype)[:, 3:3 + V]
+    if layout == "3d":
+        return (torch.randn(2, N // 2 + 2, V + 5, device=device) * scale).to(dtype)[:, 1:-1, 2:2 + V]
     assert layout == "expanded"
     return (torch.randn(1, V, device=device) * scale).to(dtype).expand(N, V)
 
@@ -57,24 +64,32 @@ def _labels(N, V, vocab_start, device):
     return labels
 
 
+def _rows(logits):
+    return logits.reshape(-1, logits.shape[-1])
+
+
 def _ref_fwd(logits, labels, T, vocab_start):
-    """float64 (lse, target, sum_px) of the shard."""
-    x = logits.double() / T
+    """float64 (row_max, log_sum, target, mean_xs) of the shard."""
+    x = _rows(logits).double() / T
     V = x.shape[1]
-    lse = torch.logsumexp(x, dim=-1)
+    row_max = x.amax(-1)
+    log_sum = torch.logsumexp(x - row_max[:, None], dim=-1)
     p = torch.softmax(x, dim=-1)
-    sum_px = (p * torch.where(p > 0, x, 0.0)).sum(-1)
+    mean_xs = (p * torch.where(p > 0, x - row_max[:, None], 0.0)).sum(-1)
     local = labels - vocab_start
     hit = (labels != IGNORE) & (local >= 0) & (local < V)
     target = torch.where(hit, x.gather(1, local.clamp(0, V - 1)[:, None]).squeeze(1), 0.0)
-    return lse, target, sum_px
+    return row_max, log_sum, target, mean_xs
 
 
-def _ref_bwd(grad_logp, grad_entropy, logits, labels, lse, entropy, T, vocab_start, dtype=torch.float64):
-    """grad_logits by the schema's formula, in `dtype` (float64: the reference; the logits' dtype: the composite)."""
-    x = logits.to(dtype) / T
+def _ref_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, T, vocab_start,
+             dtype=torch.float64):
+    """grad_logits [N, V] by the schema's formula, in `dtype` (float64: the reference; the logits' dtype: the
+    composite)."""
+    x = _rows(logits).to(dtype) / T
     V = x.shape[1]
-    p = torch.exp(x - lse.to(dtype)[:, None])
+    lse = row_max.double() + log_sum.double()
+    p = torch.exp((x - row_max.to(dtype)[:, None]) - log_sum.to(dtype)[:, None])
     local = labels - vocab_start
     one_hot = torch.zeros_like(x)
     hit = (local >= 0) & (local < V)
@@ -89,13 +104,15 @@ def _ref_bwd(grad_logp, grad_entropy, logits, labels, lse, entropy, T, vocab_sta
 
 def _composite_fwd(logits, labels, T, vocab_start):
     """The plain PyTorch composite in the logits' own dtype: the error budget for bf16/fp16 (DESIGN.md)."""
-    x = logits / T
+    x = _rows(logits) / T
     V = x.shape[1]
     p = torch.softmax(x, dim=-1)
     local = labels - vocab_start
     hit = (labels != IGNORE) & (local >= 0) & (local < V)
     target = torch.where(hit, x.gather(1, local.clamp(0, V - 1)[:, None]).squeeze(1), 0.0)
-    return torch.logsumexp(x, dim=-1), target, (p * x).sum(-1)
+    row_max = x.amax(-1)
+    xs = x - row_max[:, None]
+    return row_max, torch.logsumexp(xs, dim=-1), target, (p * xs).sum(-1)
 
 
 def _max_err(actual, expected):
@@ -115,20 +132,21 @@ def test_fwd_matches_reference(device, dtype, N, V, layout, with_entropy):
     vocab_start, T = (0, 1.0) if with_entropy else (37, 0.7)
     logits = _logits(N, V, dtype, layout, device)
     labels = _labels(N, V, vocab_start, device)
-    lse, target, sum_px = op.logprob_fwd(logits, labels, T, IGNORE, vocab_start, with_entropy)
+    row_max, log_sum, target, mean_xs = op.logprob_fwd(logits, labels, T, IGNORE, vocab_start, with_entropy)
 
-    for out in (lse, target, sum_px):
+    for out in (row_max, log_sum, target, mean_xs):
         assert out.dtype == torch.float32 and out.device == logits.device and out.is_contiguous()
-    assert lse.shape == target.shape == (N,)
-    assert sum_px.shape == ((N,) if with_entropy else (0,))
+    assert row_max.shape == log_sum.shape == target.shape == (N,)
+    assert mean_xs.shape == ((N,) if with_entropy else (0,))
     ref = _ref_fwd(logits, labels, T, vocab_start)
-    ours = (lse, target, sum_px) if with_entropy else (lse, target)
+    names = ("row_max", "log_sum", "target", "mean_xs")
+    ours = (row_max, log_sum, target, mean_xs) if with_entropy else (row_max, log_sum, target)
     if dtype == torch.float32:
-        for name, o, r in zip(("lse", "target", "sum_px"), ours, ref):
+        for name, o, r in zip(names, ours, ref):
             torch.testing.assert_close(o, r.float(), msg=lambda m, name=name: f"{name}: {m}")
     else:
         composite = _composite_fwd(logits, labels, T, vocab_start)
-        for name, o, c, r in zip(("lse", "target", "sum_px"), ours, composite, ref):
+        for name, o, c, r in zip(names, ours, composite, ref):
             _assert_within_budget(name, o, c, r, atol=1e-5)
     assert torch.all(target[labels == IGNORE] == 0)
 
@@ -141,20 +159,24 @@ def test_bwd_matches_reference(device, dtype, N, V, layout, with_entropy):
     vocab_start, T = (37, 1.0) if with_entropy else (0, 0.7)
     logits = _logits(N, V, dtype, layout, device)
     labels = _labels(N, V, vocab_start, device)
-    # GLOBAL lse and entropy: as if other shards held more of the vocab (any values fit the formula).
-    lse = (_ref_fwd(logits, labels, T, vocab_start)[0] + 0.4).float()
+    # GLOBAL row_max, log_sum and entropy: as if other shards held more of the vocab (any values fit the formula).
+    ref_max, ref_log_sum = _ref_fwd(logits, labels, T, vocab_start)[:2]
+    row_max, log_sum = (ref_max + 0.3).float(), (ref_log_sum + 0.1).float()
     entropy = torch.rand(N, device=device) * 3 if with_entropy else torch.empty(0, device=device)
     grad_logp = torch.randn(N, device=device)  # non-unit upstream gradients
     grad_entropy = torch.randn(N, device=device) if with_entropy else torch.empty(0, device=device)
 
-    grad = op.logprob_bwd(grad_logp, grad_entropy, logits, labels, lse, entropy, T, IGNORE, vocab_start)
+    grad = op.logprob_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, T, IGNORE,
+                          vocab_start)
 
-    assert grad.shape == (N, V) and grad.dtype == dtype and grad.is_contiguous()
-    ref = _ref_bwd(grad_logp, grad_entropy, logits, labels, lse, entropy, T, vocab_start)
+    assert grad.shape == logits.shape and grad.dtype == dtype and grad.is_contiguous()
+    grad = _rows(grad)
+    ref = _ref_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, T, vocab_start)
     if dtype == torch.float32:
         torch.testing.assert_close(grad, ref.float())
     else:
-        composite = _ref_bwd(grad_logp, grad_entropy, logits, labels, lse, entropy, T, vocab_start, dtype=dtype)
+        composite = _ref_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, T, vocab_start,
+                             dtype=dtype)
         _assert_within_budget("grad_logits", grad, composite, ref, atol=1e-5)
     assert torch.all(grad[labels == IGNORE] == 0)
 
@@ -170,9 +192,10 @@ def test_vocab_shards_combine_to_the_full_softmax(device, shards):
     bounds = [round(i * V / shards) for i in range(shards + 1)]
     parts = [(start, logits[:, start:stop].float()) for start, stop in itertools.pairwise(bounds)]
     outs = [op.logprob_fwd(x, labels, T, IGNORE, start, True) for start, x in parts]
-    lse = torch.logsumexp(torch.stack([o[0] for o in outs]).double(), dim=0)
-    target = sum(o[1].double() for o in outs)
-    mean_x = sum(torch.exp(o[0].double() - lse) * o[2].double() for o in outs)
+    shard_lse = [o[0].double() + o[1].double() for o in outs]
+    lse = torch.logsumexp(torch.stack(shard_lse), dim=0)
+    target = sum(o[2].double() for o in outs)
+    mean_x = sum(torch.exp(s - lse) * (o[3].double() + o[0].double()) for s, o in zip(shard_lse, outs))
     keep = labels != IGNORE
     logp, entropy = torch.where(keep, target - lse, 0.0), torch.where(keep, lse - mean_x, 0.0)
 
@@ -185,9 +208,10 @@ def test_vocab_shards_combine_to_the_full_softmax(device, shards):
 
     g_lp, g_ent = torch.randn(N, device=device), torch.randn(N, device=device)
     (ref_grad,) = torch.autograd.grad((ref_logp * g_lp).sum() + (ref_entropy * g_ent).sum(), x)
-    grads = [op.logprob_bwd(g_lp, g_ent, x_s, labels, lse.float(), entropy.float(), T, IGNORE, start)
+    row_max = torch.stack([o[0] for o in outs]).amax(0)
+    log_sum = (lse - row_max.double()).float()
+    grads = [op.logprob_bwd(g_lp, g_ent, x_s, labels, row_max, log_sum, entropy.float(), T, IGNORE, start)
              for start, x_s in parts]
-    # fp32 tolerances: lse ~ 20 passed in fp32 alone carries a rounding of ~1e-6 into every p and x - E_p[x].
     torch.testing.assert_close(torch.cat(grads, dim=1), (ref_grad / T).float())
 
 
@@ -195,42 +219,44 @@ def test_vocab_shards_combine_to_the_full_softmax(device, shards):
 def test_all_rows_ignored_and_empty_batch(device):
     logits = torch.randn(4, 300, device=device)
     labels = torch.full((4,), IGNORE, device=device)
-    lse, target, _ = op.logprob_fwd(logits, labels, 1.0, IGNORE, 0, False)
+    row_max, log_sum, target, _ = op.logprob_fwd(logits, labels, 1.0, IGNORE, 0, False)
     assert torch.all(target == 0)
-    torch.testing.assert_close(lse, torch.logsumexp(logits, -1))
-    grad = op.logprob_bwd(torch.ones(4, device=device), torch.ones(4, device=device), logits, labels, lse,
-                          torch.ones(4, device=device), 1.0, IGNORE, 0)
+    torch.testing.assert_close(row_max + log_sum, torch.logsumexp(logits, -1))
+    grad = op.logprob_bwd(torch.ones(4, device=device), torch.ones(4, device=device), logits, labels, row_max,
+                          log_sum, torch.ones(4, device=device), 1.0, IGNORE, 0)
     assert torch.all(grad == 0)
 
     empty = torch.empty(0, 300, device=device, dtype=torch.bfloat16)
     no_labels = torch.empty(0, dtype=torch.long, device=device)
-    lse, target, sum_px = op.logprob_fwd(empty, no_labels, 1.0, IGNORE, 0, True)
-    assert lse.shape == target.shape == sum_px.shape == (0,)
+    outs = op.logprob_fwd(empty, no_labels, 1.0, IGNORE, 0, True)
+    assert all(o.shape == (0,) for o in outs)
     nothing = torch.empty(0, device=device)
-    grad = op.logprob_bwd(nothing, nothing, empty, no_labels, nothing, nothing, 1.0, IGNORE, 0)
+    grad = op.logprob_bwd(nothing, nothing, empty, no_labels, nothing, nothing, nothing, 1.0, IGNORE, 0)
     assert grad.shape == (0, 300) and grad.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_minus_inf_logits(device):
-    """-inf logits (a masked vocabulary) have p = 0: they add nothing to sum_px nor to the entropy gradient."""
+    """-inf logits (a masked vocabulary) have p = 0: they add nothing to mean_xs nor to the entropy gradient."""
     V = 1500
     logits = torch.randn(3, V, device=device)
     logits[0, ::3] = float("-inf")
     logits[1, 700:] = float("-inf")  # whole packs and whole chunks of -inf
     logits[2, :] = float("-inf")
     labels = torch.tensor([1, 5, 7], device=device)
-    lse, target, sum_px = op.logprob_fwd(logits, labels, 1.0, IGNORE, 0, True)
+    outs = op.logprob_fwd(logits, labels, 1.0, IGNORE, 0, True)
     ref = _ref_fwd(logits[:2], labels[:2], 1.0, 0)
-    for o, r in zip((lse, target, sum_px), ref):
+    for o, r in zip(outs, ref):
         torch.testing.assert_close(o[:2], r.float())
-    assert lse[2] == float("-inf")  # an all -inf row: sum exp = 0
+    row_max, log_sum, _, mean_xs = (o[:2] for o in outs)
+    assert outs[0][2] + outs[1][2] == float("-inf")  # an all -inf row: sum exp = 0
 
-    entropy = (lse - sum_px)[:2]
+    entropy = log_sum - mean_xs
     g = torch.randn(2, device=device)
-    grad = op.logprob_bwd(g, g, logits[:2], labels[:2], lse[:2], entropy, 1.0, IGNORE, 0)
+    grad = op.logprob_bwd(g, g, logits[:2], labels[:2], row_max, log_sum, entropy, 1.0, IGNORE, 0)
     assert torch.isfinite(grad).all()
-    torch.testing.assert_close(grad, _ref_bwd(g, g, logits[:2], labels[:2], lse[:2], entropy, 1.0, 0).float())
+    ref_grad = _ref_bwd(g, g, logits[:2], labels[:2], row_max, log_sum, entropy, 1.0, 0)
+    torch.testing.assert_close(grad, ref_grad.float())
 
 
 def test_cpu_result_does_not_depend_on_thread_count():
@@ -252,7 +278,9 @@ def test_cpu_result_does_not_depend_on_thread_count():
     [
         ({"logits": torch.randn(4, 10, dtype=torch.float64)}, TypeError, "logits must be float32"),
         ({"logits": torch.randint(0, 5, (4, 10))}, TypeError, "logits must be float32"),
-        ({"logits": torch.randn(40)}, ValueError, "logits must be 2-D"),
+        ({"logits": torch.randn(40)}, ValueError, r"logits must be \[N, V\] or \[B, T, V\]"),
+        ({"logits": torch.randn(2, 2, 2, 10)}, ValueError, r"logits must be \[N, V\] or \[B, T, V\]"),
+        ({"logits": torch.randn(2, 3, 10)}, ValueError, r"labels must have shape \[N\] = \[6\]"),
         ({"logits": torch.randn(4, 0)}, ValueError, "non-empty vocab"),
         ({"logits": torch.randn(10, 4).t()}, ValueError, "contiguous in its last dim"),
         ({"labels": torch.zeros(4, dtype=torch.int32)}, TypeError, "labels must be int64"),
@@ -275,7 +303,8 @@ def test_fwd_rejects_bad_arguments(change, error, match):
         ({"grad_logp": torch.ones(4, dtype=torch.float64)}, TypeError, "grad_logp must be float32"),
         ({"grad_logp": torch.ones(3)}, ValueError, "grad_logp must have shape"),
         ({"grad_logp": torch.ones(0)}, ValueError, "grad_logp must have shape"),
-        ({"lse": torch.ones(4, 1)}, ValueError, "lse must have shape"),
+        ({"row_max": torch.ones(4, 1)}, ValueError, "row_max must have shape"),
+        ({"log_sum": torch.ones(3)}, ValueError, "log_sum must have shape"),
         ({"grad_entropy": torch.ones(4, dtype=torch.bfloat16)}, TypeError, "grad_entropy must be float32"),
         ({"grad_entropy": torch.ones(2)}, ValueError, "grad_entropy must have shape"),
         ({"entropy": torch.ones(0)}, ValueError, "entropy must have shape"),
@@ -285,7 +314,8 @@ def test_fwd_rejects_bad_arguments(change, error, match):
 )
 def test_bwd_rejects_bad_arguments(change, error, match):
     args = {"grad_logp": torch.ones(4), "grad_entropy": torch.ones(4), "logits": torch.randn(4, 10),
-            "labels": torch.zeros(4, dtype=torch.long), "lse": torch.ones(4), "entropy": torch.ones(4)}
+            "labels": torch.zeros(4, dtype=torch.long), "row_max": torch.ones(4), "log_sum": torch.ones(4),
+            "entropy": torch.ones(4)}
     args.update(change)
     with pytest.raises(error, match=match):
         op.logprob_bwd(*args.values(), 1.0, IGNORE, 0)
@@ -311,20 +341,27 @@ def test_opcheck(device):
     labels[0] = IGNORE
     for with_entropy in (False, True):
         torch.library.opcheck(op.logprob_fwd.default, (logits, labels, 0.9, IGNORE, 0, with_entropy))
-    lse, entropy = torch.randn(N, device=device), torch.rand(N, device=device)
+    row_max, log_sum, entropy = (torch.randn(N, device=device), torch.rand(N, device=device),
+                                 torch.rand(N, device=device))
     g = torch.randn(N, device=device)
-    torch.library.opcheck(op.logprob_bwd.default, (g, g, logits, labels, lse, entropy, 0.9, IGNORE, 0))
+    torch.library.opcheck(op.logprob_bwd.default, (g, g, logits, labels, row_max, log_sum, entropy, 0.9, IGNORE, 0))
     nothing = torch.empty(0, device=device)
-    torch.library.opcheck(op.logprob_bwd.default, (g, nothing, logits, labels, lse, nothing, 0.9, IGNORE, 0))
+    torch.library.opcheck(op.logprob_bwd.default, (g, nothing, logits, labels, row_max, log_sum, nothing, 0.9, IGNORE,
+                                                   0))
+    batched = torch.randn(2, 5, V + 3, device=device)[:, 1:4, :V]  # [B, T, V] with unmergeable strides
+    labels6 = torch.randint(0, V, (6,), device=device)
+    torch.library.opcheck(op.logprob_fwd.default, (batched, labels6, 0.9, IGNORE, 0, True))
+    g6 = torch.randn(6, device=device)
+    torch.library.opcheck(op.logprob_bwd.default, (g6, g6, batched, labels6, g6, g6.abs(), g6.abs(), 0.9, IGNORE, 0))
 
 
 def test_cpu_exp_is_accurate_across_the_range():
-    """The CPU kernels' vectorisable exp, seen directly through the backward: with lse = 0, no entropy term, a label
-    outside the shard and g_lp = -1, grad_logits = p = exp(x). Relative error within Cephes' bound on [-87.3, 80];
-    below -87.34 it returns exactly 0 (the true value is under 1.2e-38)."""
+    """The CPU kernels' vectorisable exp, seen directly through the backward: with row_max = log_sum = 0, no entropy
+    term, a label outside the shard and g_lp = -1, grad_logits = p = exp(x). Relative error within Cephes' bound on
+    [-87.3, 80]; below -87.34 it returns exactly 0 (the true value is under 1.2e-38)."""
     x = torch.cat([torch.linspace(-87.3, 80.0, 20001), torch.tensor([-87.5, -100.0, -1e4, float("-inf")])])
     N = len(x)
     p = op.logprob_bwd(-torch.ones(N), torch.empty(0), x[:, None], torch.full((N,), 5), torch.zeros(N),
-                       torch.empty(0), 1.0, IGNORE, 0)[:, 0]
+                       torch.zeros(N), torch.empty(0), 1.0, IGNORE, 0)[:, 0]
     torch.testing.assert_close(p.double(), torch.exp(x.double()), rtol=5e-7, atol=1e-37)
     assert torch.all(p[-4:] == 0)

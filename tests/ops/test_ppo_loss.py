@@ -9,7 +9,7 @@ from tests.conftest import DEVICE, backends_for
 from tests.reference import ppo_policy_loss_ref, ppo_value_loss_ref
 
 POLICY_BACKENDS = backends_for(("torch", "triton", "cpp", "cuda"))
-VALUE_BACKENDS = backends_for(("torch", "triton", "cpp"))
+VALUE_BACKENDS = backends_for(("torch", "triton", "cpp", "cuda"))  # "cuda": the CUDA value loss is reachable
 REDUCTIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 # name: (clip_eps, clip_eps_high, dual_clip)
 CLIPS = {"symmetric": (0.2, None, None), "asymmetric": (0.2, 0.28, None), "dual": (0.1, 0.3, 1.5)}
@@ -193,7 +193,7 @@ def test_policy_bad_input():
     with pytest.raises(TypeError, match="logp"):
         ops.ppo_policy_loss(logp.tolist(), old, adv, mask)
     with pytest.raises(TypeError, match="logp"):
-        ops.ppo_policy_loss(logp.double(), old, adv, mask)
+        ops.ppo_policy_loss(logp.long(), old, adv, mask)
     with pytest.raises(ValueError, match="logp"):
         ops.ppo_policy_loss(logp[0], old, adv, mask)
     with pytest.raises(ValueError, match="old_logp"):

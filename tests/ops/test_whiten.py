@@ -69,7 +69,7 @@ def test_masked_whiten_bad_input():
     with pytest.raises(TypeError, match="x"):
         ops.masked_whiten(x.tolist(), mask)
     with pytest.raises(TypeError, match="x"):
-        ops.masked_whiten(x.double(), mask)
+        ops.masked_whiten(x.long(), mask)
     with pytest.raises(ValueError, match="x"):
         ops.masked_whiten(x[0], mask[0])
     with pytest.raises(ValueError, match="mask"):

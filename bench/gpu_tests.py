@@ -1,0 +1,217 @@
+"""GPU-sized checks run by bench/gpu_check.sh on a real GPU (not collected by the CPU test suite: tests/ is).
+
+Every check compares against float64 references (on a random subset of rows where the full reference would not fit)
+and cannot pass without CUDA: the first test asserts the device, the Triton interpreter being off and the CUDA
+extension being loaded, and every other one runs on ``cuda`` tensors.
+
+    python -m pytest -q bench/gpu_tests.py --junitxml=junit.xml
+"""
+
+import os
+
+import pytest
+import torch
+
+from instructrl_fast import _ext, ops
+from instructrl_fast.backend import use_backend
+from tests.reference import entropy_ref, gather_logprobs_ref, linear_logprobs_ref
+
+IGNORE = -100
+CUDA = torch.device("cuda")
+LOGPROB_BACKENDS = ["triton", "cuda"]
+
+
+def test_environment():
+    assert torch.cuda.is_available(), "no CUDA device: this check needs a GPU"
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1", "TRITON_INTERPRET=1: the Triton kernels would not compile"
+    assert _ext.HAS_CUDA_EXT, f"the CUDA extension instructrl_fast._C_cuda is not loaded: {_ext.CUDA_EXT_ERROR}"
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _subset_check(logits, labels, lp, ent, grad, g_lp, g_ent, rows, tol):
+    """Rows are independent: the float64 reference of a row subset checks the outputs and gradients of those rows."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    x = flat[rows].double().requires_grad_()
+    ref_lp, ref_ent = gather_logprobs_ref(x, labels.reshape(-1)[rows], ignore_index=IGNORE)
+    ((ref_lp * g_lp.reshape(-1)[rows]).sum() + (ref_ent * g_ent.reshape(-1)[rows]).sum()).backward()
+    assert _err(lp.reshape(-1)[rows], ref_lp) < tol
+    assert _err(ent.reshape(-1)[rows], ref_ent) < tol
+    assert _err(grad.reshape(-1, logits.shape[-1])[rows], x.grad) < tol
+
+
+@pytest.mark.parametrize("backend", LOGPROB_BACKENDS)
+@pytest.mark.parametrize("V", [50257, 128256])
+def test_gather_logprobs_32k_rows(backend, V):
+    """32768 rows of GPT-2's and Llama-3's vocab in bf16 (several blocks per row; 32768 x 128256 > 2^31 elements)."""
+    torch.manual_seed(0)
+    N = 32768
+    logits = (torch.randn(N, V, device=CUDA) * 3).bfloat16().requires_grad_()
+    labels = torch.randint(0, V, (N,), device=CUDA)
+    labels[::7] = IGNORE
+    g_lp, g_ent = torch.randn(N, device=CUDA), torch.rand(N, device=CUDA)
+    with use_backend(backend):
+        lp, ent = ops.gather_logprobs(logits, labels, ignore_index=IGNORE, with_entropy=True)
+    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    rows = torch.cat([torch.randint(0, N, (48,), device=CUDA), torch.tensor([0, 7, N - 1], device=CUDA)])
+    # bf16 inputs, fp32 outputs: the quantised logits are the input, so fp32-level agreement on the outputs; the
+    # gradient is rounded to bf16 once (relative 2^-8 of values <= 1).
+    _subset_check(logits.detach(), labels, lp, ent, logits.grad, g_lp, g_ent, rows, tol=1e-2)
+    assert _err(lp.reshape(-1)[rows], gather_logprobs_ref(logits.detach()[rows].double(), labels[rows],
+                                                          ignore_index=IGNORE)[0]) < 1e-4
+    del logits
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("backend", LOGPROB_BACKENDS)
+def test_few_rows_and_strided_slices(backend):
+    """Rollout-time calls (8 rows: the Triton kernels split rows across programs) and TRL's logits[:, :-1][:, -k:]
+    on a [4, 1025, 50257] tensor, read in place."""
+    torch.manual_seed(1)
+    few = torch.randn(8, 128256, device=CUDA, requires_grad=True)
+    labels = torch.randint(0, 128256, (8,), device=CUDA)
+    g = torch.randn(8, device=CUDA)
+    with use_backend(backend):
+        lp, ent = ops.gather_logprobs(few, labels, temperature=0.7, with_entropy=True)
+    ((lp + ent) * g).sum().backward()
+    x = few.detach().double().requires_grad_()
+    ref_lp, ref_ent = gather_logprobs_ref(x, labels, 0.7)
+    ((ref_lp + ref_ent) * g).sum().backward()
+    torch.testing.assert_close(lp.double(), ref_lp, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(few.grad.double(), x.grad, rtol=1e-4, atol=1e-6)
+
+    base = (torch.randn(4, 1025, 50257, device=CUDA) * 2).bfloat16().requires_grad_()
+    view = base[:, :-1][:, -512:]
+    labels = torch.randint(0, 50257, (4, 512), device=CUDA)
+    g_lp, g_ent = torch.randn(4, 512, device=CUDA), torch.rand(4, 512, device=CUDA)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with use_backend(backend):
+        lp, ent = ops.gather_logprobs(view, labels, with_entropy=True)
+    extra = torch.cuda.memory_allocated() - before
+    assert extra < 4 * 512 * 64, f"the forward allocated {extra} bytes: a copy of the logits?"
+    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    rows = torch.randint(0, 4 * 512, (32,), device=CUDA)
+    _subset_check(view.detach(), labels, lp, ent, base.grad[:, :-1][:, -512:], g_lp, g_ent, rows, tol=1e-2)
+
+
+def test_k_labels_entropy_and_linear_on_cuda():
+    torch.manual_seed(2)
+    logits = torch.randn(64, 50257, device=CUDA, requires_grad=True)
+    labels = torch.randint(0, 50257, (64, 5), device=CUDA, dtype=torch.int32)
+    lp, ent = ops.gather_logprobs(logits, labels, with_entropy=True)
+    (lp.sum() + ent.sum() + ops.entropy(logits).sum()).backward()
+    x = logits.detach().double().requires_grad_()
+    ref_lp, ref_ent = gather_logprobs_ref(x, labels)
+    (ref_lp.sum() + 2 * ref_ent.sum()).backward()
+    torch.testing.assert_close(lp.double(), ref_lp, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(ent.double(), entropy_ref(logits.detach()), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(logits.grad.double(), x.grad, rtol=1e-4, atol=1e-6)
+
+    # linear_logprobs in bf16 (dW accumulated in place in fp32): within 2x of the bf16 composite's error.
+    hidden = (torch.randn(4096, 1024, device=CUDA) / 4).bfloat16().requires_grad_()
+    weight = (torch.randn(50257, 1024, device=CUDA) / 32).bfloat16().requires_grad_()
+    labels = torch.randint(0, 50257, (4096,), device=CUDA)
+    ops.linear_logprobs(hidden, weight, labels).sum().backward()
+    h, w = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    linear_logprobs_ref(h, w, labels)[0].sum().backward()
+    hc, wc = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    torch.log_softmax(hc @ wc.T, -1).gather(-1, labels[:, None]).sum().backward()
+    assert _err(weight.grad, w.grad) <= 2 * _err(wc.grad, w.grad) + 1e-5
+    assert _err(hidden.grad, h.grad) <= 2 * _err(hc.grad, h.grad) + 1e-5
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="one GPU: the cross-device launch needs two")
+def test_launch_on_the_tensors_device():
+    """A tensor on cuda:1 while cuda:0 is current: every kernel must launch on cuda:1."""
+    logits = torch.randn(16, 50257, device="cuda:1", requires_grad=True)
+    labels = torch.randint(0, 50257, (16,), device="cuda:1")
+    with torch.cuda.device(0), use_backend("triton"):
+        lp = ops.gather_logprobs(logits, labels)
+        lp.sum().backward()
+        kl = ops.kl_penalty(lp.detach(), lp.detach() * 0.9, estimator="k3")
+    ref = gather_logprobs_ref(logits.detach().double(), labels)[0]
+    torch.testing.assert_close(lp.double(), ref, rtol=1e-5, atol=2e-5)
+    assert kl.device == logits.device
+
+
+def test_torch_compile_fullgraph_loss_on_cuda():
+    """The PPO policy loss on fused log-probs, compiled with inductor (fullgraph), equals eager, forward and grad."""
+    torch.manual_seed(3)
+    logits = (torch.randn(4, 64, 50257, device=CUDA) * 2).bfloat16()
+    labels = torch.randint(0, 50257, (4, 64), device=CUDA)
+    old = torch.randn(4, 64, device=CUDA) * 0.1 - 3
+    adv, mask = torch.randn(4, 64, device=CUDA), torch.rand(4, 64, device=CUDA) > 0.2
+
+    def loss_fn(x):
+        lp, ent = ops.gather_logprobs(x, labels, with_entropy=True)
+        loss, _ = ops.ppo_policy_loss(lp, old, adv, mask)
+        return loss - 0.01 * ent.mean()
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    results = []
+    for fn in (loss_fn, compiled):
+        x = logits.clone().requires_grad_()
+        value = fn(x)
+        value.backward()
+        results.append((value.detach(), x.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-2, atol=1e-5)
+
+
+@torch.no_grad()
+def test_cuda_graph_captured_decode():
+    """A model decode step (Triton decode attention, KV-cache writes, fused log-probs of the next token) captured in
+    a CUDA graph and replayed for 6 steps equals the same steps run eagerly on a second cache."""
+    from instructrl_fast.model import GPT, GPTConfig
+
+    torch.manual_seed(4)
+    model = GPT(GPTConfig.from_name("test-small")).to(CUDA).eval()
+    B, P, N = 4, 16, 6
+    prompt = torch.randint(0, 512, (B, P), device=CUDA)
+    mask = torch.ones(B, P + N, dtype=torch.long, device=CUDA)
+    mask[0, :3] = 0  # left padding
+
+    def run(capture: bool):
+        cache = model.setup_kv_cache(B, P + N)
+        h = model(prompt, mask[:, :P], cache, torch.arange(P, device=CUDA))[:, -1]
+        token = model.logits(h[:, None])[:, 0].argmax(-1)
+        pos = torch.full((1,), P, dtype=torch.long, device=CUDA)
+
+        def step():
+            h = model(token[:, None], mask, cache, pos)[:, -1]
+            shard = model.logits(h[:, None])[:, 0]
+            return shard.argmax(-1), ops.gather_logprobs(shard, shard.argmax(-1))
+
+        if capture:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up (Triton compiles) outside the graph, on the cache's copy
+                saved = [(c.k_cache.clone(), c.v_cache.clone()) for c in cache]
+                step()
+                for c, (k, v) in zip(cache, saved):
+                    c.k_cache.copy_(k)
+                    c.v_cache.copy_(v)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                next_token, logp = step()
+        outs = []
+        for _ in range(N):
+            if capture:
+                graph.replay()
+                nt, lp = next_token.clone(), logp.clone()
+            else:
+                nt, lp = step()
+            outs.append((nt, lp))
+            token.copy_(nt)
+            pos += 1
+        return outs
+
+    eager, graphed = run(False), run(True)
+    for (t_e, lp_e), (t_g, lp_g) in zip(eager, graphed):
+        assert torch.equal(t_e, t_g)
+        torch.testing.assert_close(lp_g, lp_e, rtol=1e-5, atol=1e-5)
