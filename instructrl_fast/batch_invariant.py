@@ -77,6 +77,8 @@ def enabled(on: bool = True) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------------------------
 def _tiled_mm(x: Tensor, weight: Tensor) -> Tensor:
     M = x.shape[0]
+    if M == 0:
+        return x.new_empty(0, weight.shape[0])
     pad = -M % TILE_ROWS
     xp = F.pad(x, (0, 0, 0, pad)) if pad else x
     wt = weight.t()

@@ -80,6 +80,7 @@ def test_linear_rows_are_invariant_and_correct():
     for rows in (slice(0, 1), slice(3, 4), slice(5, 40), slice(31, 70)):
         assert torch.equal(batch_invariant.linear(x[rows], w, b), full[rows])
     assert torch.equal(batch_invariant.linear(x.view(7, 10, 48), w, b), full.view(7, 10, 40))
+    assert batch_invariant.linear(x[:0], w, b).shape == (0, 40)
 
 
 def test_attention_matches_sdpa_and_is_causal():
