@@ -18,8 +18,9 @@ context manager ``enabled(True)`` does. What each kernel does in the mode, and w
   add. Blocks past a query's causal limit contribute exact zeros, so a decode step over S_max slots and a training
   forward over T columns add the same numbers in the same order. One function serves training, prefill and the
   KV-cached decode step.
-* LM head and log-probs: the same tiled GEMM, then the log-prob ops' per-row kernels (``_shard_fwd``) and their
-  TP combine; the fused actor loss (``ops.ppo_actor_loss``) walks the same tiles.
+* LM head and log-probs: the same tiled GEMM, then ``ops.gather_logprobs`` tile by tile (the op ``generate``
+  applies to its logits; its per-row kernels and TP combine are row-local); the fused actor loss
+  (``ops.ppo_actor_loss``) walks the same tiles with the same kernels.
 * LayerNorm (a per-row kernel on CPU), GELU, residual adds and the embedding are row-local already; the tests
   check them rather than assume it. Elementwise transcendental kernels (exp, tanh) on CPU run vectorised with a
   scalar tail at the end of the tensor, which can differ in the last bit: every tensor they see in the mode has
