@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import append_rows, print_table, sync
+from instructrl_fast import batch_invariant
 from instructrl_fast.model import GPT, GPTConfig
 from instructrl_fast.model.gpt import sample_keys
 from instructrl_fast.rollout import generate
@@ -50,7 +51,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="test-tiny, 2 rounds")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tile-rows", type=int, default=batch_invariant.TILE_ROWS,
+                    help="rows of the GEMM tiles (decode pads up to it; training runs more, smaller GEMMs)")
     args = ap.parse_args()
+    batch_invariant.TILE_ROWS = args.tile_rows
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = "test-tiny" if args.quick else "test-small"
@@ -97,8 +101,8 @@ def main() -> None:
             rows.append({"model": name, "dtype": "float32", "B": B, "T": T if step == "train" else P + N,
                          "step": step, "mode": "batch_invariant" if mode else "default",
                          "ms": ms, "cost": ms / base, "bitwise": diff == 0.0, "max_diff": diff,
-                         "threads": args.threads, "rounds": rounds})
-    print_table(rows, ("model", "step", "mode", "B", "T", "ms", "cost", "bitwise", "max_diff"))
+                         "tile_rows": args.tile_rows, "threads": args.threads, "rounds": rounds})
+    print_table(rows, ("model", "step", "mode", "B", "T", "tile_rows", "ms", "cost", "bitwise", "max_diff"))
     print("appended to", append_rows("batch_invariant", rows, device))
 
 
