@@ -96,9 +96,11 @@ class _MatmulT(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # under autocast the forward's GEMM ran in grad's dtype (bf16): so do these, then each gradient takes its
+        # input's dtype, as autocast's casts do in F.linear's backward
         x, weight = ctx.saved_tensors
-        return (grad @ weight if ctx.needs_input_grad[0] else None,
-                grad.t() @ x if ctx.needs_input_grad[1] else None)
+        return ((grad @ weight.to(grad.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None,
+                (grad.t() @ x.to(grad.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None)
 
 
 def matmul_t(x: Tensor, weight: Tensor) -> Tensor:
