@@ -47,8 +47,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["KEY_BLOCK", "TILE_ROWS", "attend", "enabled", "is_enabled", "linear", "linear_logprobs", "matmul_t",
-           "reduce_fixed_order"]
+__all__ = ["KEY_BLOCK", "TILE_ROWS", "attend", "checkpoint_contexts", "enabled", "is_enabled", "linear",
+           "linear_logprobs", "matmul_t", "reduce_fixed_order"]
 
 TILE_ROWS = 32  # rows of every GEMM tile (decode pads its B rows up to it)
 KEY_BLOCK = 32  # key positions per block of the attention's reductions
@@ -71,6 +71,13 @@ def enabled(on: bool = True) -> Iterator[None]:
         yield
     finally:
         _state.on = previous
+
+
+def checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``torch.utils.checkpoint``'s ``context_fn``: the recompute in backward runs in the mode the forward ran in
+    (the checkpoint checks that both save the same tensors, and the two modes' kernels save different ones)."""
+    on = is_enabled()
+    return enabled(on), enabled(on)
 
 
 # ---------------------------------------------------------------------------------------------------------------

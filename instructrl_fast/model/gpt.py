@@ -288,7 +288,8 @@ class GPT(nn.Module):
             for i, block in enumerate(self.blocks):
                 if recompute:  # the same dropout masks: keyed ones are a function of the inputs, plain ones are
                     # replayed (checkpoint restores the RNG state for the recompute)
-                    x = torch.utils.checkpoint.checkpoint(block, x, meta, None, keys, pos, use_reentrant=False)
+                    x = torch.utils.checkpoint.checkpoint(block, x, meta, None, keys, pos, use_reentrant=False,
+                                                          context_fn=batch_invariant.checkpoint_contexts)
                 else:
                     x = block(x, meta, None if kv_cache is None else kv_cache[i], keys, pos)
             return self.ln_f(x)

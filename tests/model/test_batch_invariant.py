@@ -222,3 +222,20 @@ def test_bf16_autocast_training_step_is_as_accurate_as_the_default():
         assert bi.dtype == torch.float32
         scale = ref.abs().max()
         assert (bi - ref).abs().max() / scale <= 2 * (default - ref).abs().max() / scale + 1e-6
+
+
+def test_activation_checkpointing_recomputes_in_the_mode():
+    """The recompute of a checkpointed block runs the mode's kernels too (else torch.utils.checkpoint raises: the
+    two modes save different tensors): the same values and gradients as without checkpointing."""
+    seqs = _sequences()
+    ids = torch.stack([s[:12] for s in seqs if len(s) >= 12])
+    out = {}
+    for ckpt in (True, False):
+        model = _model()
+        model.train().activation_checkpointing = ckpt
+        logp = model.token_logprobs(ids[:, :-1], ids[:, 1:])
+        logp.sum().backward()
+        out[ckpt] = logp.detach(), [p.grad for p in model.parameters()]
+    assert torch.equal(out[True][0], out[False][0])
+    for a, b in zip(out[True][1], out[False][1]):
+        assert torch.equal(a, b)
