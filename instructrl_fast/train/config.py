@@ -201,6 +201,10 @@ class PPOConfig:
     rollout_batch_size: int = 512  # episodes per PPO iteration (paper: 512)
     minibatch_size: int = 64  # episodes per optimizer step (paper: 64)
     micro_batch_size: int = 64  # episodes per forward/backward
+    # prompts a dp rank generates at once: the rollout engine's KV-cache slots, each refilled with the next prompt
+    # when its row ends (continuous batching); also the size of each experience micro-batch streamed behind them
+    rollout_micro_batch_size: int = 64
+    cuda_graph: bool = True  # the rollout's decode step in CUDA graphs on a GPU (CPU decodes eagerly)
     ppo_epochs: int = 1  # passes over each rollout batch (paper: 1)
     max_new_tokens: int = 1024  # response cap (paper: 1k tokens)
     temperature: float = 1.0  # sampling temperature of the rollouts (paper: 1)
@@ -231,8 +235,10 @@ class PPOConfig:
 
     def __post_init__(self):
         for name in ("n_episodes", "n_prompts", "rollout_batch_size", "minibatch_size", "micro_batch_size",
-                     "ppo_epochs", "max_new_tokens", "ptx_seq_len"):
+                     "rollout_micro_batch_size", "ppo_epochs", "max_new_tokens", "ptx_seq_len"):
             _check_int(self, name)
+        if not isinstance(self.cuda_graph, bool):
+            raise TypeError(f"PPOConfig.cuda_graph must be a bool, got {type(self.cuda_graph).__name__}")
         _check_int(self, "seed", minimum=0)
         _check_divides(self, "minibatch_size", "rollout_batch_size")
         _check_divides(self, "micro_batch_size", "minibatch_size")

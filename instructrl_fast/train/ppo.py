@@ -2,10 +2,12 @@
 
 Each prompt and sampled response is a bandit episode. Per PPO iteration:
 
-1. rollout: ``rollout_batch_size`` prompts -> responses sampled at temperature 1 (``rollout.generate``), each dp
-   replica generating its share, every draw keyed to (seed, iteration, prompt, token) so that the episodes do
-   not depend on the mesh;
-2. experience, without gradients: log-probs of the policy (``old_logp``; with ``batch_invariant`` at temperature 1
+1. rollout: ``rollout_batch_size`` prompts -> responses sampled at temperature 1 by the rollout engine
+   (``rollout.engine``: a TP-only inference copy of the policy, ``rollout_micro_batch_size`` continuously refilled
+   KV-cache slots), each dp replica generating its share, every draw keyed to (seed, iteration, prompt, token) so
+   that the episodes depend neither on the mesh nor on the slots they are generated in;
+2. experience, without gradients, on each finished rollout micro-batch as it comes: log-probs of the policy
+   (``old_logp``, on the inference copy, equal to the training forward's; with ``batch_invariant`` at temperature 1
    the sampler's own, bitwise the training forward's) and of the frozen SFT reference
    (``ref_logp``), values, and the RM score of each full sequence;
    rewards = ``ops.shape_rewards``: score at the last response token minus beta * (logp - ref_logp) per token;
@@ -22,6 +24,7 @@ Token tensors are aligned on actions: column t of logp / values / rewards [B, L-
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -29,7 +32,7 @@ import torch
 
 from instructrl_fast import batch_invariant, ops
 from instructrl_fast.model.gpt import sample_keys
-from instructrl_fast.parallel.dist import local_tensor, parallel_state
+from instructrl_fast.parallel.dist import parallel_state
 from instructrl_fast.train.batching import encode_prompt, epoch_permutation, left_pad, lm_batch, step_indices
 from instructrl_fast.train.checkpoint import ParameterState
 from instructrl_fast.train.config import PPOConfig
@@ -140,7 +143,7 @@ class PPOStage:
     # ---------------------------------------------------------------------------------------------- rollout
     @torch.no_grad()
     def rollout(self, iteration: int) -> Experience:
-        from instructrl_fast.rollout import generate
+        from instructrl_fast.rollout.engine import RolloutEngine, Sampling, inference_copy, rollout_with_experience
 
         cfg = self.cfg
         all_rows = step_indices(iteration, n=self.n_prompts, batch_size=cfg.rollout_batch_size, seed=cfg.seed)
@@ -148,26 +151,21 @@ class PPOStage:
         # one prompt width for the whole batch, so the dp ranks' experience tensors can be gathered
         width = max(len(self.prompts[i]) for i in all_rows.tolist())
         ids, mask = left_pad([self.prompts[i] for i in rows.tolist()], self.tok.pad_id, length=width)
-        device = local_tensor(self.policy.lm_weight).device
-        self.policy.eval()
-        out = generate(self.policy, ids.to(device), mask.to(device), max_new_tokens=cfg.max_new_tokens,
-                       temperature=cfg.temperature, eos_token_id=self.tok.eos_id, pad_token_id=self.tok.pad_id,
-                       sample_keys=sample_keys(cfg.seed, iteration, rows))
-        self.policy.train()
+        # The policy gathered once into a TP-only inference copy (no FSDP: decode steps read local weights; the
+        # weights in the training forward's dtypes, so its log-probs are the training forward's). The engine runs
+        # rollout_micro_batch_size KV-cache slots, refilled as rows end; the experience pass runs on each finished
+        # micro-batch behind the generation. The copy and the cache are dropped on return.
+        copy = inference_copy(self.policy)
+        sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                            eos_token_id=self.tok.eos_id, pad_token_id=self.tok.pad_id)
+        engine = RolloutEngine(copy, slots=min(cfg.rollout_micro_batch_size, len(rows)), prompt_len=width,
+                               sampling=sampling, cuda_graph=cfg.cuda_graph)
+        out, exp = rollout_with_experience(engine, ids, mask, sample_keys(cfg.seed, iteration, rows),
+                                           functools.partial(self.experience_of, policy_copy=copy))
+        del engine, copy
         seq, attn = out.sequences, out.attention_mask.bool()
         action_mask = out.response_mask[:, 1:].bool()
-        parts = {"old_logp": [], "ref_logp": [], "old_values": [], "scores": []}
-        # batch-invariant policy: the sampler's log-probs are the training forward's, bitwise; no recompute
-        sampled_logp = self.policy.invariant and cfg.temperature == 1.0
-        if sampled_logp:
-            parts["old_logp"].append(out.response_logprobs_aligned[:, 1:])
-        for s, a in zip(seq.split(cfg.micro_batch_size), attn.split(cfg.micro_batch_size)):
-            if not sampled_logp:
-                parts["old_logp"].append(logprobs_of(self.policy, s, a))
-            parts["ref_logp"].append(logprobs_of(self.ref, s, a))
-            parts["old_values"].append(values_of(self.value, s, a))
-            parts["scores"].append(self.rm(s, a))
-        old_logp, ref_logp, old_values, scores = (torch.cat(parts[k]) for k in parts)
+        old_logp, ref_logp, old_values, scores = (exp[k] for k in ("old_logp", "ref_logp", "old_values", "scores"))
         # every dp rank holds the whole rollout batch from here on: a minibatch is then the same episodes at any dp
         seq, attn, action_mask, old_logp, ref_logp, old_values, scores = (
             self.mesh.dp_gather(t) for t in (seq, attn, action_mask, old_logp, ref_logp, old_values, scores))
@@ -182,6 +180,24 @@ class PPOStage:
         if self.gold_fn is not None:  # an evaluation hook (the embedded task's gold labeler); reads the batch back
             stats["gold"] = torch.tensor(self.gold_score(rows.tolist(), out), dtype=torch.float32)
         return Experience(seq, attn, action_mask, old_logp, old_values, advantages, returns, stats)
+
+    def experience_of(self, batch, policy_copy) -> dict[str, torch.Tensor]:
+        """Policy (on its inference copy) and reference log-probs, values and RM scores of one finished rollout
+        micro-batch (``RolloutBatch`` [M, L]), ``micro_batch_size`` sequences per forward (the FSDP models' forwards
+        are collectives over dp: every rank runs as many)."""
+        # batch-invariant policy: the sampler's log-probs are the training forward's, bitwise; no recomputation
+        sampled = policy_copy.invariant and self.cfg.temperature == 1.0
+        parts = {"ref_logp": [], "old_values": [], "scores": []} if sampled else \
+            {"old_logp": [], "ref_logp": [], "old_values": [], "scores": []}
+        seq, attn = batch.sequences, batch.attention_mask.bool()
+        for s, a in zip(seq.split(self.cfg.micro_batch_size), attn.split(self.cfg.micro_batch_size)):
+            if not sampled:
+                parts["old_logp"].append(logprobs_of(policy_copy, s, a))
+            parts["ref_logp"].append(logprobs_of(self.ref, s, a))
+            parts["old_values"].append(values_of(self.value, s, a))
+            parts["scores"].append(self.rm(s, a))
+        out = {k: torch.cat(v) for k, v in parts.items()}
+        return {"old_logp": batch.response_logprobs_aligned[:, 1:], **out} if sampled else out
 
     def gold_score(self, rows: list[int], out) -> float:
         """Mean ``gold_fn(prompt_texts, response_texts)`` over a rollout batch: the reward the RM stands in for,
