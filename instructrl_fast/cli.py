@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(demo: minutes)")
     add_common_options(p)
     p.add_argument("--size", default=DEFAULT_RUN_SIZE, help="which base size (s, m, l); default s")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="PPO with batch-invariant kernels: rollout log-probs == training log-probs, bitwise")
 
     p = sub.add_parser("reproduce", help="every size and method: the Figure-1 table and plot (demo: ~8x `run`)")
     add_common_options(p)
@@ -147,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pretraining text for --ptx, documents separated by blank lines (default: the demo corpus)")
     p.add_argument("--episodes", type=positive_int, default=None,
                    help="total episodes, a multiple of the rollout batch (default: the preset's)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="PPO with batch-invariant kernels: rollout log-probs == training log-probs, bitwise")
 
     p = sub.add_parser("eval", help="evaluate policies with the gold labeler, or answer prompts from a JSONL")
     add_common_options(p, out_required=True)
@@ -193,6 +197,9 @@ def _setup(args):
         cfg = dataclasses.replace(cfg, activation_checkpointing=args.activation_checkpointing)
     state = init_distributed(args.tp)  # world = dp x tp; one output folder, each file written by the first rank
     args.out.mkdir(parents=True, exist_ok=True)
+    if getattr(args, "batch_invariant", False):
+        cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, batch_invariant=True),
+                                  ppo_ptx=dataclasses.replace(cfg.ppo_ptx, batch_invariant=True))
     if args.quiet or not state.is_main:
         for stage in (*cfg.pretrain.values(), cfg.sft, cfg.ppo_init, cfg.rm, cfg.ppo, cfg.ppo_ptx):
             stage.loop.progress = False

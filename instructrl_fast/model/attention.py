@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from instructrl_fast import _ext
+from instructrl_fast import _ext, batch_invariant
 from instructrl_fast.backend import BackendError, triton_interpreting
 from instructrl_fast.model.kv_cache import KVCache
 from instructrl_fast.parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -156,6 +156,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMet
     """Attention for q, k, v [B, H_local, T, Dh] (k, v are the new tokens' keys/values); returns [B, H_local, T, Dh]."""
     sm_scale = q.shape[-1] ** -0.5
     T = q.shape[2]
+    if batch_invariant.is_enabled():
+        return _attend_batch_invariant(q, k, v, meta, kv_cache, sm_scale)
     decode = kv_cache is not None and T == 1
     name = choose_backend(q.device, q.dtype, decode=decode)
     if kv_cache is None:
@@ -181,6 +183,22 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMet
         return out.transpose(1, 2)
     mask = meta.mask_for_sdpa(T, k_all.shape[2], q.device)
     return F.scaled_dot_product_attention(q, k_all.to(q.dtype), v_all.to(q.dtype), attn_mask=mask, scale=sm_scale)
+
+
+def _attend_batch_invariant(q, k, v, meta: AttentionMeta, kv_cache: KVCache | None, sm_scale: float) -> torch.Tensor:
+    """``batch_invariant.attend`` on this call's keys: a key is usable if it is real and at or before the row's
+    last query slot (later cache slots are not written yet); positions count each row's real tokens."""
+    from instructrl_fast.model.gpt import positions_from_mask
+
+    B, _, T, _ = q.shape
+    if kv_cache is not None:
+        k, v = kv_cache.update(meta.input_pos, k, v)
+    S = k.shape[2]
+    q_slots = (torch.arange(T, device=q.device) if meta.input_pos is None else meta.input_pos).expand(B, T)
+    key_mask = torch.ones(B, S, dtype=torch.bool, device=q.device) if meta.key_mask is None else meta.key_mask.bool()
+    k_pos = positions_from_mask(key_mask)
+    usable = key_mask & (torch.arange(S, device=q.device) <= q_slots[:, -1:])
+    return batch_invariant.attend(q, k.to(q.dtype), v.to(q.dtype), k_pos.gather(1, q_slots), k_pos, usable, sm_scale)
 
 
 class CausalSelfAttention(nn.Module):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from instructrl_fast import batch_invariant
 from instructrl_fast.model.attention import AttentionMeta, CausalSelfAttention
 from instructrl_fast.model.config import GPTConfig
 from instructrl_fast.model.kv_cache import KVCache
@@ -142,6 +143,9 @@ class GPT(nn.Module):
         # weights or on FSDP2's bf16 gathered copies alike; LayerNorm, softmax and the log-prob ops stay fp32.
         self.compute_dtype: torch.dtype | None = None
         self.dropout_keys: torch.Tensor | None = None  # [B] int64 of the next forward's rows (see keyed_dropout)
+        # Every kernel of the forward and the LM head gives each row the same bits whatever the batch, padding and
+        # tokens per call (``instructrl_fast.batch_invariant``): rollout log-probs == training log-probs, bitwise.
+        self.batch_invariant = False
         if self.wpe.weight.device.type != "meta":
             self.init_weights(0)
 
@@ -278,12 +282,14 @@ class GPT(nn.Module):
             raise ValueError(f"dropout_keys must be [B={B}], got {tuple(keys.shape)}")
         keys = None if keys is None else keys.to(idx.device)
         pos = pos.expand(B, T)
-        with torch.autocast(idx.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype is not None):
+        with (torch.autocast(idx.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype is not None),
+              batch_invariant.enabled(self.invariant)):
             x = self.drop(self.wte(idx) + self.wpe(pos), keys, pos, 0)
             for i, block in enumerate(self.blocks):
                 if recompute:  # the same dropout masks: keyed ones are a function of the inputs, plain ones are
                     # replayed (checkpoint restores the RNG state for the recompute)
-                    x = torch.utils.checkpoint.checkpoint(block, x, meta, None, keys, pos, use_reentrant=False)
+                    x = torch.utils.checkpoint.checkpoint(block, x, meta, None, keys, pos, use_reentrant=False,
+                                                          context_fn=batch_invariant.checkpoint_contexts)
                 else:
                     x = block(x, meta, None if kv_cache is None else kv_cache[i], keys, pos)
             return self.ln_f(x)
@@ -349,11 +355,16 @@ class GPT(nn.Module):
         """The first vocabulary id of this rank's shard."""
         return self.wte.vocab_start
 
+    @property
+    def invariant(self) -> bool:
+        """Whether this model's calls run the batch-invariant kernels (its own flag or an enclosing mode)."""
+        return self.batch_invariant or batch_invariant.is_enabled()
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[B, T, D] -> [B, T, V_local] this rank's logit shard (never gathered). Columns of padded ids
         (>= vocab_size, see GPTConfig.padded_vocab_size) are real model outputs, not masked here."""
         w = self.lm_weight
-        return F.linear(copy_to_tp(h.to(w.dtype), self.tp_group), w)
+        return (batch_invariant.linear if self.invariant else F.linear)(copy_to_tp(h.to(w.dtype), self.tp_group), w)
 
     def token_logprobs(self, idx: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        temperature: float = 1.0, with_entropy: bool = False):
@@ -370,6 +381,9 @@ class GPT(nn.Module):
         # the heads run outside forward's autocast: the hidden state takes the weights' dtype (bf16 on FSDP2's
         # gathered copies or a frozen bf16 model, whatever LayerNorm returned under autocast)
         h = self(idx, attention_mask).to(self.lm_weight.dtype)
+        if self.invariant:
+            return batch_invariant.linear_logprobs(h, self.lm_weight, labels, temperature=temperature,
+                                                   with_entropy=with_entropy, tp_group=self.tp_group)
         # No copy_to_tp here: linear_logprobs all-reduces the hidden gradient over tp_group itself.
         return linear_logprobs(h, self.lm_weight, labels, temperature=temperature, with_entropy=with_entropy,
                                tp_group=self.tp_group)

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from instructrl_fast import batch_invariant
 from instructrl_fast.backend import resolve
 from instructrl_fast.ops._checks import (
     check_choice,
@@ -208,12 +209,15 @@ def _walk(hidden, weight, labels, old_logp, adv, w, ref_logp, ref_hidden, ref_we
     is_clipped = torch.empty(N, dtype=torch.bool, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if with_grads else None
     grad_weight = torch.zeros(weight.shape, **acc) if with_grads else None
-    rows = _linear_chunk_rows(N, D, V)
+    # the batch-invariant mode walks batch_invariant's GEMM tiles: logp has the bits of GPT.token_logprobs's
+    invariant = batch_invariant.is_enabled()
+    rows = batch_invariant.TILE_ROWS if invariant else _linear_chunk_rows(N, D, V)
     for start in range(0, N, rows):
         sl = slice(start, start + rows)
         h, lab = hidden[sl], labels[sl]
         keep = lab != ignore_index
-        logits = h @ weight.T  # [n, V] in the input dtype, fp32 accumulation inside the GEMM
+        # [n, V] in the input dtype, fp32 accumulation inside the GEMM
+        logits = batch_invariant.matmul_t(h, weight) if invariant else h @ weight.T
         shard = _rows_fwd(backend, logits[None], lab[:, None], False, temperature, ignore_index, vocab_start, True)
         logp_c, ent_c, row_max, log_sum = _combine(*shard, lab[:, None], False, ignore_index, True, tp_group)
         logp_c = logp_c[:, 0]

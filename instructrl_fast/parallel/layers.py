@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from instructrl_fast import batch_invariant
 from instructrl_fast.parallel.mappings import copy_to_tp, reduce_from_tp, tp_rank, tp_world_size
 
 
@@ -21,6 +22,11 @@ def _divide(n: int, p: int, what: str) -> int:
     if n % p != 0:
         raise ValueError(f"{what} ({n}) must be divisible by the tensor-parallel size ({p})")
     return n // p
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, or its fixed-tile GEMM in the batch-invariant mode (``instructrl_fast.batch_invariant``)."""
+    return (batch_invariant.linear if batch_invariant.is_enabled() else F.linear)(x, weight, bias)
 
 
 def shard_tensor(full: torch.Tensor, dim: int, n_fused: int, rank: int, world: int) -> torch.Tensor:
@@ -52,7 +58,7 @@ class ColumnParallelLinear(nn.Module):
         self.tp_sharding = {"weight": (0, n_fused), "bias": (0, n_fused)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tp(x, self.tp_group), self.weight, self.bias)
+        return _linear(copy_to_tp(x, self.tp_group), self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -73,8 +79,10 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tp_world_size(self.tp_group) == 1:
-            return F.linear(x, self.weight, self.bias)  # one fused addmm
-        y = reduce_from_tp(F.linear(x, self.weight), self.tp_group)
+            return _linear(x, self.weight, self.bias)  # one fused addmm (outside the batch-invariant mode)
+        # the batch-invariant mode sums the ranks' partial outputs in rank order, whatever the all-reduce algorithm
+        reduce = batch_invariant.reduce_fixed_order if batch_invariant.is_enabled() else reduce_from_tp
+        y = reduce(_linear(x, self.weight), self.tp_group)
         return y if self.bias is None else y + self.bias
 
 

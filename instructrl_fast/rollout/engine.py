@@ -75,6 +75,7 @@ def inference_copy(model: GPT, *, dtype: torch.dtype | None = None) -> GPT:
             if fsdp:
                 src.reshard()
     copy.compute_dtype = model.compute_dtype if dtype is None else (None if dtype == torch.float32 else dtype)
+    copy.batch_invariant = model.batch_invariant
     return copy.eval()
 
 

@@ -221,6 +221,12 @@ class PPOConfig:
     ptx_seq_len: int = 128  # tokens per pretraining sequence in the ptx term
     value_lr: float = 9e-6  # value-model learning rate (paper: 9e-6 for 1.3B/6B, 5e-6 for 175B)
     seed: int = 0  # prompt order and sampling
+    # the actor loss inside the LM-head walk (ops.ppo_actor_loss: one logits recomputation less, no [N, V] logits);
+    # False: token_logprobs then ops.ppo_policy_loss (the same metrics within fp32 rounding)
+    fused_actor_loss: bool = True
+    # the policy's batch-invariant kernels (GPT.batch_invariant, instructrl_fast.batch_invariant): the sampler's
+    # log-probs are the training forward's bit for bit, so they serve as old_logp and the first ratio is exactly 1
+    batch_invariant: bool = False
     # Policy LR: constant after 10 warmup iterations from 0.1x (paper). The paper's policy LR is not in MISSION.md;
     # the SFT LR is used for the GPT-3 presets.
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
@@ -248,6 +254,9 @@ class PPOConfig:
         _check_float(self, "ptx_coef")
         _check_float(self, "ptx_per_episode")
         _check_float(self, "value_lr", low_open=True)
+        for name in ("fused_actor_loss", "batch_invariant"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"PPOConfig.{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if self.ptx_coef > 0 and self.ptx_per_episode <= 0:
             raise ValueError("PPOConfig.ptx_per_episode must be > 0 when ptx_coef > 0 (PPO-ptx)")
 

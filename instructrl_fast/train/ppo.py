@@ -7,11 +7,13 @@ Each prompt and sampled response is a bandit episode. Per PPO iteration:
    KV-cache slots), each dp replica generating its share, every draw keyed to (seed, iteration, prompt, token) so
    that the episodes depend neither on the mesh nor on the slots they are generated in;
 2. experience, without gradients, on each finished rollout micro-batch as it comes: log-probs of the policy
-   (``old_logp``, on the inference copy, equal to the training forward's) and of the frozen SFT reference
+   (``old_logp``, on the inference copy, equal to the training forward's; with ``batch_invariant`` at temperature 1
+   the sampler's own, bitwise the training forward's) and of the frozen SFT reference
    (``ref_logp``), values, and the RM score of each full sequence;
    rewards = ``ops.shape_rewards``: score at the last response token minus beta * (logp - ref_logp) per token;
    advantages, returns = ``ops.gae`` (gamma 1, lambda 0.95), advantages ``ops.masked_whiten``-ed;
-3. ``ppo_epochs`` passes in minibatches: ``ops.ppo_policy_loss`` (clip 0.2) + ``ops.ppo_value_loss`` and, for
+3. ``ppo_epochs`` passes in minibatches: the clipped surrogate (clip 0.2; ``ops.ppo_actor_loss`` inside the LM
+   head, or ``ops.ppo_policy_loss`` with ``fused_actor_loss=False``) + ``ops.ppo_value_loss`` and, for
    PPO-ptx, ptx_coef * (pretraining NLL) on ``ptx_per_episode`` pretraining windows per episode, whose gradient
    lands in the same .grad buffers as the PPO gradient before the one optimizer step;
 4. after every optimizer step, the EMA of the policy weights (decay 0.992) is updated; the EMA model is the result.
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from instructrl_fast import ops
+from instructrl_fast import batch_invariant, ops
 from instructrl_fast.model.gpt import sample_keys
 from instructrl_fast.parallel.dist import parallel_state
 from instructrl_fast.train.batching import encode_prompt, epoch_permutation, left_pad, lm_batch, step_indices
@@ -66,6 +68,15 @@ def values_of(value_model, sequences: torch.Tensor, attention_mask: torch.Tensor
 def logprobs_of(policy, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """log pi(sequences[:, t+1] | sequences[:, :t+1]) [B, L-1] fp32, through ops.linear_logprobs."""
     return policy.token_logprobs(sequences[:, :-1], sequences[:, 1:], attention_mask=attention_mask[:, :-1])
+
+
+def actor_loss_of(policy, exp: Experience, config: ops.ActorLossConfig) -> tuple[torch.Tensor, dict]:
+    """``ops.ppo_actor_loss`` of the policy on one micro-batch: the final hidden states and the tied LM-head weight
+    go straight into the fused loss (the same as ``logprobs_of`` then ``ops.ppo_policy_loss``, within rounding)."""
+    h = policy(exp.sequences[:, :-1], attention_mask=exp.attention_mask[:, :-1]).to(policy.lm_weight.dtype)
+    with batch_invariant.enabled(policy.invariant):
+        return ops.ppo_actor_loss(h, policy.lm_weight, exp.sequences[:, 1:], exp.old_logp, exp.advantages,
+                                  exp.action_mask, config=config, tp_group=policy.tp_group)
 
 
 @torch.no_grad()
@@ -125,6 +136,9 @@ class PPOStage:
         self.mesh.dp_share(torch.arange(cfg.rollout_batch_size), "rollout_batch_size")  # fail early, naming it
         self.experience: Experience | None = None
         self.n_prompts = min(cfg.n_prompts, len(self.prompts))
+        self.actor_loss_config = ops.ActorLossConfig(clip_eps=cfg.clip_eps)
+        if cfg.batch_invariant:
+            policy.batch_invariant = True
 
     # ---------------------------------------------------------------------------------------------- rollout
     @torch.no_grad()
@@ -171,14 +185,19 @@ class PPOStage:
         """Policy (on its inference copy) and reference log-probs, values and RM scores of one finished rollout
         micro-batch (``RolloutBatch`` [M, L]), ``micro_batch_size`` sequences per forward (the FSDP models' forwards
         are collectives over dp: every rank runs as many)."""
-        parts = {"old_logp": [], "ref_logp": [], "old_values": [], "scores": []}
+        # batch-invariant policy: the sampler's log-probs are the training forward's, bitwise; no recomputation
+        sampled = policy_copy.invariant and self.cfg.temperature == 1.0
+        parts = {"ref_logp": [], "old_values": [], "scores": []} if sampled else \
+            {"old_logp": [], "ref_logp": [], "old_values": [], "scores": []}
         seq, attn = batch.sequences, batch.attention_mask.bool()
         for s, a in zip(seq.split(self.cfg.micro_batch_size), attn.split(self.cfg.micro_batch_size)):
-            parts["old_logp"].append(logprobs_of(policy_copy, s, a))
+            if not sampled:
+                parts["old_logp"].append(logprobs_of(policy_copy, s, a))
             parts["ref_logp"].append(logprobs_of(self.ref, s, a))
             parts["old_values"].append(values_of(self.value, s, a))
             parts["scores"].append(self.rm(s, a))
-        return {k: torch.cat(v) for k, v in parts.items()}
+        out = {k: torch.cat(v) for k, v in parts.items()}
+        return {"old_logp": batch.response_logprobs_aligned[:, 1:], **out} if sampled else out
 
     def gold_score(self, rows: list[int], out) -> float:
         """Mean ``gold_fn(prompt_texts, response_texts)`` over a rollout batch: the reward the RM stands in for,
@@ -217,9 +236,12 @@ class PPOStage:
     def ppo_loss(self, exp: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Clipped policy loss + vf_coef * clipped value loss of one micro-batch of episodes."""
         cfg = self.cfg
-        logp = logprobs_of(self.policy, exp.sequences, exp.attention_mask)
-        policy_loss, pstats = ops.ppo_policy_loss(logp, exp.old_logp, exp.advantages, exp.action_mask,
-                                                  clip_eps=cfg.clip_eps)
+        if cfg.fused_actor_loss:  # the surrogate inside the LM-head walk: the [N, V] logits never exist
+            policy_loss, pstats = actor_loss_of(self.policy, exp, self.actor_loss_config)
+        else:
+            logp = logprobs_of(self.policy, exp.sequences, exp.attention_mask)
+            policy_loss, pstats = ops.ppo_policy_loss(logp, exp.old_logp, exp.advantages, exp.action_mask,
+                                                      clip_eps=cfg.clip_eps)
         values = values_of(self.value, exp.sequences, exp.attention_mask)
         value_loss, vstats = ops.ppo_value_loss(values, exp.old_values, exp.returns, exp.action_mask,
                                                 clip_eps=cfg.value_clip_eps)
