@@ -63,6 +63,7 @@ def _worker(rank: int, init_file: str, backends: list[str]) -> None:
                         _close(ent.detach(), ref[1], "linear entropy", rank, name)
                         _close(h.grad, ref[2], "linear grad hidden (all-reduced)", rank, name)
                         _close(w.grad, ref[3], "linear grad weight shard", rank, name)
+        dist.barrier()  # neither rank tears the group down while the other still talks to it (gloo aborts)
     finally:
         dist.destroy_process_group()
 

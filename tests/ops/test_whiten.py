@@ -146,6 +146,7 @@ def _worker(rank: int, init_file: str, backends: list[str], out_dir: str) -> Non
                                        msg=lambda m, name=name: f"rank {rank}, backend {name}: {m}")
         with open(os.path.join(out_dir, f"ok{rank}"), "w") as f:
             f.write("ok")
+        dist.barrier()  # neither rank tears the group down while the other still talks to it (gloo aborts)
     finally:
         dist.destroy_process_group()
 

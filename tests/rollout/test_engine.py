@@ -224,6 +224,7 @@ def _mesh_worker(rank: int, init_file: str, out_dir: str) -> None:
         result["bf16_copy"] = c16.blocks[0].mlp.fc.weight.dtype == c16.lm_weight.dtype == torch.bfloat16
         if state.is_main:
             torch.save(result, os.path.join(out_dir, "result.pt"))
+        dist.barrier()  # neither rank tears the group down while the other still talks to it (gloo aborts)
     finally:
         dist.destroy_process_group()
 

@@ -64,6 +64,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         exp = _stage(slots=2).rollout(0)
         if state.is_main:
             torch.save({**{f: getattr(exp, f) for f in FIELDS}, **exp.stats}, os.path.join(out_dir, "exp.pt"))
+        dist.barrier()  # neither rank tears the group down while the other still talks to it (gloo aborts)
     finally:
         dist.destroy_process_group()
 

@@ -43,6 +43,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
         generation.generate_batch = recording_batch
         torch.save((_responses(batch_size=2), seen), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank tears the group down while the other still talks to it (gloo aborts)
     finally:
         dist.destroy_process_group()
 
