@@ -664,6 +664,10 @@ def main(argv=None) -> int:
     try:
         with progress_for_logs():
             COMMANDS[args.command](args)
+        if "torch.distributed" in sys.modules:  # under torchrun: tear the groups down before the interpreter exits
+            from instructrl_fast.parallel import destroy_distributed
+
+            destroy_distributed()
     except (ValueError, OSError, ImportError) as e:
         # ValueError: the library's argument checks and UserError; OSError: files that are missing,
         # unreadable or in the way; ImportError: an optional package (tokenizers, matplotlib) a given input needs.

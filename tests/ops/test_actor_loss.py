@@ -13,6 +13,7 @@ from instructrl_fast import backend as backend_mod
 from instructrl_fast.backend import use_backend
 from instructrl_fast.ops import ActorLossConfig, kl_penalty, linear_logprobs, ppo_actor_loss, ppo_policy_loss
 from instructrl_fast.ops.ppo_loss import masked_reduce
+from tests._dist import leave_worker
 from tests.conftest import DEVICE, backends_for
 from tests.reference import linear_logprobs_ref, ppo_actor_loss_ref
 
@@ -396,6 +397,7 @@ def _tp_worker(rank: int, init_file: str, backends: list[str]) -> None:
         dist.barrier()  # neither rank tears the group down while the other still talks to it
     finally:
         dist.destroy_process_group()
+    leave_worker()
 
 
 @pytest.mark.dist

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from instructrl_fast import backend as backend_mod
 from instructrl_fast.backend import use_backend
 from instructrl_fast.ops import gather_logprobs, linear_logprobs
+from tests._dist import leave_worker
 
 WORLD = 2
 IGNORE = -100
@@ -66,6 +67,7 @@ def _worker(rank: int, init_file: str, backends: list[str]) -> None:
         dist.barrier()  # neither rank tears the group down while the other still talks to it (gloo aborts)
     finally:
         dist.destroy_process_group()
+    leave_worker()
 
 
 @pytest.mark.dist

@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 
 from instructrl_fast import backend as backend_mod
 from instructrl_fast import ops, use_backend
+from tests._dist import leave_worker
 from tests.conftest import DEVICE, backends_for
 from tests.reference import masked_whiten_ref
 
@@ -149,6 +150,7 @@ def _worker(rank: int, init_file: str, backends: list[str], out_dir: str) -> Non
         dist.barrier()  # neither rank tears the group down while the other still talks to it (gloo aborts)
     finally:
         dist.destroy_process_group()
+    leave_worker()
 
 
 @pytest.mark.dist

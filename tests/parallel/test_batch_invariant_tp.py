@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from instructrl_fast.model import GPT, GPTConfig
 from instructrl_fast.model.gpt import sample_keys
 from instructrl_fast.rollout import generate
+from tests._dist import leave_worker
 
 pytestmark = pytest.mark.dist
 WORLD = 2
@@ -75,6 +76,7 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     with open(os.path.join(out, str(rank)), "w") as f:
         f.write(result)
     dist.destroy_process_group()
+    leave_worker()
 
 
 def test_batch_invariant_tp2():

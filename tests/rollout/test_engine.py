@@ -15,6 +15,7 @@ from instructrl_fast.model import GPT, GPTConfig, use_attention_backend
 from instructrl_fast.model.gpt import sample_keys
 from instructrl_fast.rollout import generate
 from instructrl_fast.rollout.engine import RolloutEngine, Sampling, inference_copy, rollout_with_experience
+from tests._dist import leave_worker
 
 # A 12-token vocabulary: EOS (id 3) comes often, so response lengths spread over 1..N
 CFG = GPTConfig(n_layer=2, n_head=4, d_model=32, vocab_size=12, vocab_multiple=8, block_size=48)
@@ -227,6 +228,7 @@ def _mesh_worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.barrier()  # neither rank tears the group down while the other still talks to it (gloo aborts)
     finally:
         dist.destroy_process_group()
+    leave_worker()
 
 
 @pytest.mark.dist

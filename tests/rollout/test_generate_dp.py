@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from instructrl_fast.model import GPTConfig
 from instructrl_fast.parallel import build_gpt, destroy_distributed, make_state
 from instructrl_fast.rollout import generate
+from tests._dist import leave_worker
 
 pytestmark = pytest.mark.dist
 CFG = GPTConfig(n_layer=2, n_head=4, d_model=32, vocab_size=101, vocab_multiple=8, block_size=32)
@@ -60,6 +61,7 @@ def _worker(rank: int, init_file: str, result_dir: str) -> None:
         destroy_distributed()
     with open(os.path.join(result_dir, f"rank{rank}"), "w") as f:
         f.write(result)
+    leave_worker()
 
 
 def test_early_stop_is_agreed_over_dp():

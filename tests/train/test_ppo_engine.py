@@ -18,6 +18,7 @@ from instructrl_fast.train.batching import step_indices
 from instructrl_fast.train.config import LoopConfig, PPOConfig
 from instructrl_fast.train.ppo import PPOStage
 from instructrl_fast.train.reward import RewardModel
+from tests._dist import leave_worker
 from tests.rollout.test_engine import _schedule_steps
 
 WORLD = 2
@@ -67,6 +68,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.barrier()  # neither rank tears the group down while the other still talks to it (gloo aborts)
     finally:
         dist.destroy_process_group()
+    leave_worker()
 
 
 @pytest.mark.dist

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from instructrl_fast.data import ByteTokenizer, DemoTask
 from instructrl_fast.model import GPTConfig
 from instructrl_fast.train.generation import respond
+from tests._dist import leave_worker
 
 WORLD = 2
 TOK = ByteTokenizer()
@@ -46,6 +47,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.barrier()  # neither rank tears the group down while the other still talks to it (gloo aborts)
     finally:
         dist.destroy_process_group()
+    leave_worker()
 
 
 @pytest.mark.dist
