@@ -77,7 +77,12 @@ setup(
     description="Fused Triton/CUDA/C++ kernels for RLHF and a lean tensor-parallel InstructGPT trainer",
     python_requires=">=3.10",
     # Every folder of the package needs an __init__.py to be found (train/ once lacked one and wheels shipped no
-    # trainer); the Triton kernels live in kernels/ and install as instructrl_fast.kernels.
+    # trainer). The Triton kernels live in the top-level kernels/ folder and install as instructrl_fast.kernels
+    # through package_dir. kernels/ deliberately has no __init__.py: a regular package named `kernels` on sys.path
+    # (the checkout's root under pytest, or the cwd of a plain `python`) would shadow the registry's `kernels`
+    # package that transformers imports. Without one it is only a namespace portion, which any installed `kernels`
+    # wins over. In a source checkout, instructrl_fast/kernels is a symlink to ../kernels, so the editable install
+    # and `python` run from the root find instructrl_fast.kernels too.
     packages=find_packages(include=["instructrl_fast", "instructrl_fast.*"]) + ["instructrl_fast.kernels"],
     package_dir={"instructrl_fast.kernels": "kernels"},
     ext_modules=_extensions(),
@@ -86,10 +91,11 @@ setup(
     install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "tensorboard", "matplotlib"],
     extras_require={
         # the Triton kernels (instructrl_fast.kernels); without it the ops use the C++ / PyTorch backends
-        "triton": ["triton>=3.0"],
+        "triton": ["triton>=3.9,<3.10"],
         # transformers: the GPT-2 interop tests and the rollout bench's baseline; tokenizers: tokenizer.json input;
-        # trl: the TRL drop-ins are tested against it (and a real GRPOTrainer run); tested with 1.16.0.
-        "test": ["pytest", "triton>=3.0", "transformers", "tokenizers", "trl>=1.16,<1.17"],
+        # trl: the TRL drop-ins are tested against it (and a real GRPOTrainer run). constraints.txt pins the exact
+        # versions that the tests ran with.
+        "test": ["pytest", "triton>=3.9,<3.10", "transformers", "tokenizers", "trl>=1.16,<1.17"],
         "flash": ["flash-attn>=2.6"],
     },
     entry_points={"console_scripts": ["instructrl-fast=instructrl_fast.cli:main"]},

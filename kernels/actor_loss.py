@@ -25,7 +25,7 @@ One program per row walks the vocab in BLOCK_V chunks; p_j == 0 (x_j = -inf, or 
 import torch
 import triton
 import triton.language as tl
-from instructrl_fast.kernels import on_device
+from instructrl_fast.kernels._launch import on_device
 from instructrl_fast.kernels.kl import _kl_token
 from instructrl_fast.kernels.logprob import _launch_config
 from instructrl_fast.kernels.ppo_loss import _policy_token

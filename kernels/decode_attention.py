@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from instructrl_fast.kernels import on_device, sm_count
+from instructrl_fast.kernels._launch import on_device, sm_count
 
 _LOG2E = 1.4426950408889634
 

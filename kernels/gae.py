@@ -17,7 +17,7 @@ registers. All arithmetic is fp32.
 import torch
 import triton
 import triton.language as tl
-from instructrl_fast.kernels import on_device
+from instructrl_fast.kernels._launch import on_device
 
 
 @triton.jit

@@ -23,7 +23,7 @@ so, which keeps 128-bit vector loads. Row offsets are int64: N * V passes 2^31 a
 import torch
 import triton
 import triton.language as tl
-from instructrl_fast.kernels import on_device, sm_count
+from instructrl_fast.kernels._launch import on_device, sm_count
 
 from instructrl_fast.backend import triton_interpreting
 
