@@ -4,9 +4,10 @@ Every command takes --out DIR (metrics.csv, TensorBoard events, checkpoints, mod
 --preset (demo, micro, instructgpt-1.3b / -6.7b / -175b) and --resume (continue from the newest checkpoint;
 finished stages are loaded, not rerun). A model.safetensors carries its shape and tokenizer: a command that reads
 one needs no --size or --tokenizer. --init also takes a GPT-2-family Hugging Face folder (its tokenizer.json is
-used when present) or a stage's checkpoint (a ckpt folder or one ckpt/step_* folder). Scale out with torchrun:
-torchrun --nproc-per-node N instructrl-fast ... --tp T runs T-way tensor parallelism and N / T data-parallel
-replicas (FSDP2).
+used when present) or a stage's checkpoint (a ckpt folder or one ckpt/step_* folder). Stages checkpoint as they
+go (--ckpt-every); SIGTERM or Ctrl-C writes a checkpoint and stops, and --resume continues bit for bit. Scale out with
+torchrun: torchrun --nproc-per-node N -m instructrl_fast.cli ... --tp T runs T-way tensor parallelism and N / T
+data-parallel replicas (FSDP2).
 `instructrl-fast COMMAND --help` lists a command's options.
 
 Structure (for adding a command): ``build_parser()`` declares every command with a one-line help and its options
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from pathlib import Path
 
 DEFAULT_RUN_SIZE = "s"
 PROG = "instructrl-fast"
+RESULT = "model.safetensors"  # a stage's result in its output folder
 
 
 class UserError(ValueError):
@@ -59,18 +62,53 @@ def positive_float(text: str) -> float:
     return value
 
 
+def device_name(text: str) -> str:
+    """argparse type: cpu, cuda or cuda:N (checked against the installed torch when the command starts)."""
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def ckpt_every(text: str) -> tuple[int, float]:
+    """argparse type: the checkpoint cadence as (optimizer steps, minutes), from STEPS, MINUTESm or STEPS,MINUTESm
+    (e.g. 500, 10m, 500,10m: whichever comes first); 0 alone: only at the end of each stage and on a signal."""
+    steps, minutes = 0, 0.0
+    for part in text.split(","):
+        try:
+            if part.endswith("m"):
+                minutes = float(part[:-1])
+                ok = 0.0 < minutes < float("inf")
+            else:
+                steps = int(part)
+                ok = steps > 0 or text == "0"
+        except ValueError:
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected STEPS, MINUTESm or STEPS,MINUTESm with positive numbers "
+                                             f"(e.g. 500,10m), or 0, got {text!r}")
+    return steps, minutes
+
+
 def add_common_options(p: argparse.ArgumentParser, *, out_required: bool = False) -> None:
-    """--out, --preset, --resume, --threads, --device, --tp, --precision, --activation-checkpointing, --quiet: every
-    training command has them."""
+    """--out, --preset, --resume, --overwrite, --ckpt-every, --threads, --device, --tp, --precision,
+    --activation-checkpointing, --quiet: every training command has them."""
     p.add_argument("--out", type=Path, required=out_required, default=None if out_required else Path("runs/default"),
                    help="output folder (metrics, checkpoints, weights)" + ("" if out_required else
                                                                            "; default runs/default"))
     p.add_argument("--preset", default="demo", help="demo (default), micro, instructgpt-1.3b/-6.7b/-175b")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoints in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest checkpoints (the same command and options)")
+    p.add_argument("--overwrite", action="store_true", help="delete the files of an earlier run in --out first")
+    p.add_argument("--ckpt-every", type=ckpt_every, default=None, metavar="STEPS,MINUTESm",
+                   help="checkpoint each stage every STEPS optimizer steps and every MINUTES of wall time, "
+                        "whichever comes first (e.g. 500,10m or 10m; 0: only at the end; default: the preset's, "
+                        "demo 250,1m, instructgpt 30m)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch intra-op threads (default: 1 for the CPU presets demo / micro, whose models are too "
                         "small for intra-op parallelism, else the usable cores)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=device_name, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--tp", type=positive_int, default=1,
                    help="tensor-parallel size; under torchrun the other world / tp processes are data parallel")
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
@@ -86,8 +124,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="shape of a new model: a size of the preset (s, m, l; default s). Weights given with --init "
                         "carry their own shape")
     p.add_argument("--init", type=Path, default=None,
-                   help="starting weights: a model.safetensors written by a stage, a GPT-2-family HF folder, a "
-                        "stage's ckpt folder or one of its checkpoints")
+                   help="starting weights: a stage's output folder or its model.safetensors, a GPT-2-family HF "
+                        "folder, a stage's ckpt folder or one of its checkpoints")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="a HF tokenizer.json (default: the one stored with --init's weights or in its HF folder, "
                         "else bytes)")
@@ -140,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ppo", help="PPO, or PPO-ptx with --ptx, against a reward model")
     add_common_options(p, out_required=True)
     add_model_options(p)
-    p.add_argument("--rm", type=Path, required=True, help="the reward model's model.safetensors (from `rm`)")
+    p.add_argument("--rm", type=Path, required=True,
+                   help="the reward model: the output folder of `rm` or its model.safetensors")
     p.add_argument("--rm-size", default=None,
                    help="the RM's shape, only for weights saved without one (default: --size)")
     p.add_argument("--prompts", type=Path, default=None, help="JSONL of {prompt} (default: the demo task)")
@@ -155,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate policies with the gold labeler, or answer prompts from a JSONL")
     add_common_options(p, out_required=True)
     p.add_argument("--policy", action="append", required=True, metavar="NAME=PATH[:SIZE]",
-                   help="a policy to evaluate (repeatable); the first one is the win-rate reference. SIZE only for "
-                        "weights saved without their shape")
+                   help="a policy to evaluate (repeatable): a stage's output folder, a weights file, a HF folder or "
+                        "a checkpoint; the first one is the win-rate reference. SIZE only for weights saved without "
+                        "their shape")
     p.add_argument("--prompts", type=Path, default=None,
                    help="JSONL of {prompt}: write responses.jsonl instead of the gold evaluation")
     p.add_argument("--tokenizer", type=Path, default=None,
@@ -164,10 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     _plan_parser(sub)
 
-    p = sub.add_parser("export", help="a stage's weights (written at any mesh) as a GPT-2 folder transformers loads")
+    p = sub.add_parser("export", help="a stage's weights (written at any mesh) as a folder transformers loads: "
+                                      "a policy, a reward model or a value model, with its tokenizer")
     p.add_argument("path", type=Path, help="a stage output folder, a .safetensors file, a ckpt folder or a checkpoint")
-    p.add_argument("out", type=Path, help="the GPT-2 folder to write (config.json + model.safetensors)")
-    p.add_argument("--module", default=None, help="which model of a checkpoint (default: ema, policy or model)")
+    p.add_argument("out", type=Path, help="the folder to write (config.json, model.safetensors, tokenizer files)")
+    p.add_argument("--module", default=None,
+                   help="which model of a checkpoint (default: ema, policy or model; value for PPO's value model)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="a HF tokenizer.json, only for weights saved without their tokenizer (a checkpoint)")
     return parser
 
 
@@ -177,13 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup(args):
-    """Threads, device, distributed state, the preset, the output folder; returns (cfg, ParallelState)."""
+    """Threads, device, distributed state, the preset, the checkpoint cadence, the output folder (``outdir``);
+    returns (cfg, ParallelState)."""
     import dataclasses
     import os
 
     import torch
 
     from instructrl_fast.parallel import init_distributed
+    from instructrl_fast.train import outdir
     from instructrl_fast.train.config import preset
 
     cfg = preset(args.preset)  # first: a bad --preset is reported before anything starts
@@ -195,15 +241,35 @@ def _setup(args):
         cfg = dataclasses.replace(cfg, precision=args.precision)
     if args.activation_checkpointing is not None:
         cfg = dataclasses.replace(cfg, activation_checkpointing=args.activation_checkpointing)
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: " + (f"this torch ({torch.__version__}) is built without CUDA"
+                                                       if torch.version.cuda is None else "no GPU is visible"))
+    if args.ckpt_every is not None:
+        steps, minutes = args.ckpt_every
+        cfg = cfg.with_checkpoints(every_steps=steps, every_minutes=minutes)
     state = init_distributed(args.tp)  # world = dp x tp; one output folder, each file written by the first rank
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.command == "eval":
+        args.out.mkdir(parents=True, exist_ok=True)
+    else:
+        outdir.prepare(args.out, _identity(args), resume=args.resume, overwrite=args.overwrite)
     if getattr(args, "batch_invariant", False):
         cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, batch_invariant=True),
                                   ppo_ptx=dataclasses.replace(cfg.ppo_ptx, batch_invariant=True))
     if args.quiet or not state.is_main:
-        for stage in (*cfg.pretrain.values(), cfg.sft, cfg.ppo_init, cfg.rm, cfg.ppo, cfg.ppo_ptx):
-            stage.loop.progress = False
+        for loop in cfg.loops():
+            loop.progress = False
     return cfg, state
+
+
+# Options that do not change a run's result: --resume may differ in them.
+_NOT_IDENTITY = ("command", "out", "resume", "overwrite", "ckpt_every", "threads", "device", "quiet")
+
+
+def _identity(args) -> dict:
+    """What ``outdir.prepare`` records of a command: its name and the options that decide its result."""
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())
+               if k not in _NOT_IDENTITY}
+    return {"command": args.command, "options": options}
 
 
 def _device(args, state):
@@ -234,7 +300,8 @@ def _shape(c) -> str:
 
 def _load_model(args, cfg, state, path: Path | None, *, want: str = "lm", size: str | None = None,
                 size_option: str = "--size", tokenizer: Path | None = None, frozen: bool = False):
-    """(model, tokenizer) for ``path``: a weights file (its stored shape and tokenizer), a GPT-2-family HF folder
+    """(model, tokenizer) for ``path``: a weights file (its stored shape and tokenizer) or a stage's output folder
+    holding one (its ``model.safetensors``), a GPT-2-family HF folder
     (config.json, tokenizer.json when present), a stage's checkpoint (a ``ckpt`` folder or one ``ckpt/step_*``
     folder: its stored shape; the tokenizer from ``tokenizer``, else bytes) or None (a new model of ``size``).
 
@@ -262,6 +329,8 @@ def _load_model(args, cfg, state, path: Path | None, *, want: str = "lm", size: 
                          activation_checkpointing=cfg.activation_checkpointing)
 
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+    if path is not None and path.is_dir() and (path / RESULT).is_file():  # a stage's folder: the stage's result
+        path = path / RESULT
     hf_dir = path is not None and (path / "config.json").is_file()  # a GPT-2-family transformers checkpoint
     ckpt = None if path is None or hf_dir or not path.is_dir() else checkpoint_model(path)
     if hf_dir:
@@ -339,6 +408,18 @@ def _check_vocab(tok, mcfg, path) -> None:
     if tok.vocab_size > mcfg.vocab_size:
         where = f"the model in {path}" if path is not None else "the model"
         raise UserError(f"the tokenizer has {tok.vocab_size} ids but {where} has a vocabulary of {mcfg.vocab_size}")
+
+
+def _warn_truncated(path: Path | None, pairs: list[tuple[str, str]], tok, length: int, what: str) -> None:
+    """One warning per file whose examples do not fit the model's context (``batching.fit`` cuts them)."""
+    from instructrl_fast.parallel import parallel_state
+    from instructrl_fast.train.batching import n_truncated
+
+    if path is None or not parallel_state().is_main or not (n := n_truncated(pairs, tok, length)):
+        return
+    print(f"{PROG}: warning: {path}: {n} of {len(pairs)} {what} exceed the model's {length} tokens (block_size "
+          f"plus the one shifted out, with bos and eos); their prompts are cut from the left, and a response that "
+          f"alone is too long loses its end but keeps its eos", file=sys.stderr)
 
 
 def _pairs(records) -> list[tuple[str, str]]:
@@ -426,10 +507,12 @@ def cmd_sft(args) -> dict:
         changes["optim"] = dataclasses.replace(sc.optim, lr=args.lr)
     sc = dataclasses.replace(sc, **changes)
     model, tok = _load_model(args, cfg, state, args.init, size=args.size, tokenizer=args.tokenizer)
+    for path, pairs in ((args.data, demos), (args.val_data, val)):
+        _warn_truncated(path, pairs, tok, model.config.block_size + 1, "demonstrations")
     set_dropout(model, sc.dropout)
     with resuming(args.out, args.resume, _log(state)):
         returned = train_sft(sc, model, tok, demos, val, args.out, resume=args.resume)
-    save_weights(args.out / "model.safetensors", set_dropout(model, 0.0), tokenizer=tok)
+    save_weights(args.out / RESULT, set_dropout(model, 0.0), tokenizer=tok)
     return _finish(args, returned)
 
 
@@ -463,9 +546,13 @@ def cmd_rm(args) -> dict:
     want = "reward" if args.init is not None and _kind(args.init) == "reward" else "scalar"
     body, tok = _load_model(args, cfg, state, args.init, want=want, size=args.size, tokenizer=args.tokenizer)
     rm = body if want == "reward" else RewardModel(body)
+    for path, items in ((args.data, comps), (args.val_data, val)):
+        pairs = [(c["prompt"], r) for c in items for r in c["responses"]]
+        _warn_truncated(path, pairs, tok, rm.config.block_size, "ranked responses")
+    _warn_truncated(args.demos, demos, tok, rm.config.block_size, "demonstrations")
     with resuming(args.out, args.resume, _log(state)):
         returned = train_reward_model(rc, rm, tok, comps, val, demos, args.out, resume=args.resume)
-    save_weights(args.out / "model.safetensors", rm, tokenizer=tok)
+    save_weights(args.out / RESULT, rm, tokenizer=tok)
     return _finish(args, returned)
 
 
@@ -516,6 +603,11 @@ def cmd_ppo(args) -> dict:
                              micro_batch_size=min(pc.micro_batch_size, minibatch), n_episodes=episodes)
     policy, tok = _load_model(args, cfg, state, args.init, size=args.size, tokenizer=args.tokenizer)
     ref, _ = _load_model(args, cfg, state, args.init, size=args.size, tokenizer=args.tokenizer, frozen=True)
+    limit = policy.config.block_size - pc.max_new_tokens  # PPOStage keeps the last `limit` tokens of bos + prompt
+    if args.prompts is not None and state.is_main and (n := sum(len(tok.encode(p, bos=True)) > limit for p in prompts)):
+        print(f"{PROG}: warning: {args.prompts}: {n} of {len(prompts)} prompts exceed {limit} tokens (block_size "
+              f"{policy.config.block_size} less {pc.max_new_tokens} for the response, with bos); they are cut from "
+              "the left", file=sys.stderr)
     # A legacy RM (saved without its shape) has the policy's size unless --rm-size names another.
     rm, rm_tok = _load_model(args, cfg, state, args.rm, want="reward", size=args.rm_size or args.size,
                              size_option="--rm-size" if args.rm_size else "--size", tokenizer=args.tokenizer,
@@ -534,7 +626,7 @@ def cmd_ppo(args) -> dict:
     with resuming(args.out, args.resume, _log(state)):
         ema, returned = train_ppo(pc, policy, value, ref, rm, tok, prompts, args.out, ptx_chunks=ptx,
                                   resume=args.resume)
-    save_weights(args.out / "model.safetensors", ema, tokenizer=tok)
+    save_weights(args.out / RESULT, ema, tokenizer=tok)
     return _finish(args, returned)
 
 
@@ -589,7 +681,8 @@ def _plan_parser(sub) -> None:
                                    "micro-batches that fit and the time per PPO iteration. Parameter counts come "
                                    "from the model built on the meta device under a fake process group of the "
                                    "planned world (see instructrl_fast/plan.py for every formula).")
-    p.add_argument("--preset", default=None, help="instructgpt-1.3b, instructgpt-6.7b or instructgpt-175b")
+    p.add_argument("--preset", default=None, help="instructgpt-1.3b, instructgpt-6.7b or instructgpt-175b "
+                                                  "(the trainer presets of GPT-3 shapes)")
     p.add_argument("--config", action="append", default=[], metavar="ROLE=NAME|JSON",
                    help="a model's shape (repeatable; ROLE: policy, reference, reward, value): a GPTConfig preset "
                         "such as gpt3-6.7b or a JSON file of GPTConfig fields")
@@ -627,25 +720,50 @@ def cmd_plan(args) -> dict:
             configs[role] = planner.load_model_config(value)
         except TypeError as e:  # a JSON file with unknown or mistyped GPTConfig fields
             raise ValueError(f"--config {item!r}: {e}") from e
-    spec = planner.preset_spec(
-        args.preset, configs=configs, gpus=args.gpus, tp=args.tp, gpu_memory_gib=args.gpu_memory,
-        precision=args.precision, activation_checkpointing=args.activation_checkpointing,
-        sft_micro_batch=args.sft_micro_batch, rm_micro_batch=args.rm_micro_batch, rm_responses=args.rm_responses,
-        ppo_micro_batch=args.ppo_micro_batch, rollout_micro_batch=args.rollout_micro_batch, seq_len=args.seq_len,
-        prompt_len=args.prompt_len, response_len=args.response_len, mfu=args.mfu, peak_tflops=args.peak_tflops,
-        hbm_tbps=args.hbm_tbps, interconnect_gbps=args.interconnect_gbps)
+    try:
+        spec = _plan_spec(args, configs)
+    except ValueError as e:  # PlanSpec names its fields; the user knows them as options
+        raise UserError(re.sub(r"(?:PlanSpec\.)?\b(" + "|".join(_PLAN_OPTIONS) + r")\b",
+                               lambda m: _PLAN_OPTIONS[m.group(1)], str(e))) from e
     plan = planner.make_plan(spec)
     out = plan.to_json()
     print(json.dumps(out, indent=1) if args.json else plan.to_text())
     return out
 
 
+# PlanSpec's fields as the options that set them, for error messages
+_PLAN_OPTIONS = {"gpus": "--gpus", "tp": "--tp", "gpu_memory_gib": "--gpu-memory", "precision": "--precision",
+                 "sft_micro_batch": "--sft-micro-batch", "rm_micro_batch": "--rm-micro-batch",
+                 "ppo_micro_batch": "--ppo-micro-batch", "rollout_micro_batch": "--rollout-micro-batch",
+                 "rm_responses": "--rm-responses", "seq_len": "--seq-len", "prompt_len": "--prompt-len",
+                 "response_len": "--response-len", "mfu": "--mfu", "peak_tflops": "--peak-tflops",
+                 "hbm_tbps": "--hbm-tbps", "interconnect_gbps": "--interconnect-gbps", "preset": "--preset"}
+
+
+def _plan_spec(args, configs):
+    from instructrl_fast import plan as planner
+
+    return planner.preset_spec(
+        args.preset, configs=configs, gpus=args.gpus, tp=args.tp, gpu_memory_gib=args.gpu_memory,
+        precision=args.precision, activation_checkpointing=args.activation_checkpointing,
+        sft_micro_batch=args.sft_micro_batch, rm_micro_batch=args.rm_micro_batch, rm_responses=args.rm_responses,
+        ppo_micro_batch=args.ppo_micro_batch, rollout_micro_batch=args.rollout_micro_batch, seq_len=args.seq_len,
+        prompt_len=args.prompt_len, response_len=args.response_len, mfu=args.mfu, peak_tflops=args.peak_tflops,
+        hbm_tbps=args.hbm_tbps, interconnect_gbps=args.interconnect_gbps)
+
+
 def cmd_export(args) -> dict:
+    from instructrl_fast.data.tokenizer import load_tokenizer
     from instructrl_fast.train.export import export_gpt2
 
-    out = export_gpt2(args.path, args.out, module=args.module)
-    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")
-    return {"out": str(out)}
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer is not None else None
+    out, architecture = export_gpt2(args.path, args.out, module=args.module, tokenizer=tok)
+    files = sorted(p.name for p in out.iterdir())
+    print(f"wrote a {architecture} to {out} ({', '.join(files)})")
+    if "tokenizer.json" not in files:
+        print(f"{PROG}: note: no tokenizer was stored with {args.path}: give --tokenizer to write one",
+              file=sys.stderr)
+    return {"out": str(out), "architecture": architecture}
 
 
 COMMANDS = {"run": cmd_run, "reproduce": cmd_reproduce, "sft": cmd_sft, "rm": cmd_rm, "ppo": cmd_ppo,
@@ -659,10 +777,11 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse has printed usage and the error (2) or the help (0)
         return e.code if isinstance(e.code, int) else 2
-    from instructrl_fast.train.logging import progress_for_logs
-
     try:
-        with progress_for_logs():
+        from instructrl_fast.train.logging import progress_for_logs
+        from instructrl_fast.train.preempt import Interrupted, Preempted, handling_signals
+
+        with handling_signals(), progress_for_logs():
             COMMANDS[args.command](args)
         if "torch.distributed" in sys.modules:  # under torchrun: tear the groups down before the interpreter exits
             from instructrl_fast.parallel import destroy_distributed
@@ -673,7 +792,40 @@ def main(argv=None) -> int:
         # unreadable or in the way; ImportError: an optional package (tokenizers, matplotlib) a given input needs.
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the handlers were installed (while torch was being imported)
+        print(f"{PROG} {args.command}: stopped by SIGINT", file=sys.stderr)
+        return 130
+    except Preempted as e:
+        _say(_stopped(args.command, e, argv))
+        return e.exit_code
+    except Interrupted as e:
+        _say(f"{PROG} {args.command}: {e}" + ("" if args.command in ("plan", "export", "eval")
+                                                else f"; {_resume_hint(argv)}"))
+        return e.exit_code
     return 0
+
+
+def _say(line: str) -> None:
+    """Print ``line`` to stderr on the first rank only (every rank stops at the same step)."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
+
+
+def _resume_hint(argv) -> str:
+    """How to continue: the same command line with --resume (and without --overwrite, which would delete it)."""
+    import shlex
+
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--overwrite", "--resume")]
+    return f"continue with: {shlex.join([PROG, *args, '--resume'])}"
+
+
+def _stopped(command: str, e, argv) -> str:
+    """The one line a preempted command prints: which stage stopped where, its checkpoint and how to resume."""
+    where = f"{e.stage} at step {e.step} of {e.max_steps}"
+    saved = f"checkpoint {e.checkpoint}" if e.checkpoint is not None else "no checkpoint yet"
+    return f"{PROG} {command}: {e} ({where}; {saved}); {_resume_hint(argv)}"
 
 
 if __name__ == "__main__":

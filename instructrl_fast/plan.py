@@ -505,6 +505,9 @@ def load_model_config(value: str) -> GPTConfig:
     return GPTConfig(**fields)
 
 
+PLAN_PRESETS = ("instructgpt-1.3b", "instructgpt-6.7b", "instructgpt-175b")  # the trainer presets of GPT-3 shapes
+
+
 def _gpt_presets():
     from instructrl_fast.model.config import PRESETS
 
@@ -521,8 +524,8 @@ def preset_spec(preset: str | None, *, configs: dict[str, GPTConfig], gpus: int,
     if preset is not None:
         from instructrl_fast.train.config import preset as trainer_preset
 
-        if not preset.startswith("instructgpt-"):
-            raise ValueError(f"preset must be instructgpt-1.3b, -6.7b or -175b (GPT-3 shapes), got {preset!r}")
+        if preset not in PLAN_PRESETS:
+            raise ValueError(f"preset must be one of {PLAN_PRESETS} (GPT-3 shapes), got {preset!r}")
         cfg = trainer_preset(preset)
         policy = GPTConfig.from_name(cfg.pretrain[cfg.sizes[0]].model, block_size=cfg.block_size)
         reward = GPTConfig.from_name(cfg.pretrain[cfg.rm_size].model, block_size=cfg.block_size)
@@ -560,7 +563,7 @@ def _count(n: int) -> str:
 def _format_text(plan: Plan) -> str:
     spec = plan.spec
     ckpt = "on" if spec.activation_checkpointing else "off"
-    head = (f"Plan: {spec.gpus} GPUs (dp {spec.dp} x tp {spec.tp}), {spec.precision}, activation checkpointing {ckpt}, "
+    head = (f"Plan: {spec.gpus} GPU{'s' if spec.gpus > 1 else ''} (dp {spec.dp} x tp {spec.tp}), {spec.precision}, activation checkpointing {ckpt}, "
             f"{spec.gpu_memory_gib:g} GiB per GPU")
     shape = (f"prompt {spec.prompt_len} + response {spec.response_len} tokens, SFT/RM sequences of {spec.seq_len}, "
              f"{spec.rollout_batch} episodes per PPO iteration, ptx {spec.ptx_per_episode:g} x {spec.ptx_seq_len} "

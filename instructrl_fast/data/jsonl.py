@@ -28,7 +28,8 @@ def _records(path) -> Iterator[tuple[str, int, dict]]:
                 continue
             where = f"{path}:{lineno}"
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))  # with the newline, an error at the end of the line
+                # is reported at column 1 of the line after it
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):

@@ -164,3 +164,53 @@ def tokenizer_spec(tok: ByteTokenizer | HFTokenizer) -> str:
 def tokenizer_from_spec(spec: str, name: str = "<embedded tokenizer.json>") -> ByteTokenizer | HFTokenizer:
     """The inverse of ``tokenizer_spec``."""
     return ByteTokenizer() if spec == "byte" else HFTokenizer.from_str(spec, name)
+
+
+# Names the exported tokenizer gives the byte tokenizer's special ids (ones ``HFTokenizer`` recognises).
+_BYTE_SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
+
+
+def _byte_tokenizer_json() -> str:
+    """The byte tokenizer as a ``tokenizers`` tokenizer.json: GPT-2's byte-level pre-tokenizer and decoder (each
+    byte shown as one printable character) over a vocabulary without merges that maps byte b to id b, then
+    <pad> = 256, <s> = 257, </s> = 258. It encodes every string to the byte tokenizer's ids."""
+    tokenizers = _tokenizers()
+    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()  # the 256 characters standing for the bytes
+    # GPT-2's bytes_to_unicode: printable bytes stand for themselves, the others for 256 + their rank among them
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+    if set(chars.values()) != set(alphabet):
+        raise RuntimeError("the tokenizers package's byte-level alphabet is not GPT-2's")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={c: b for b, c in chars.items()}, merges=[]))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.add_special_tokens([tokenizers.AddedToken(_BYTE_SPECIAL_TOKENS[k], special=True, normalized=False)
+                            for k in ("pad", "bos", "eos")])
+    return tok.to_str()
+
+
+def save_hf_tokenizer(tok: ByteTokenizer | HFTokenizer, folder: str | os.PathLike, *,
+                      model_max_length: int) -> dict[str, int]:
+    """Write ``tok`` into ``folder`` as transformers reads it (tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json: ``AutoTokenizer.from_pretrained(folder)`` gives the same ids as ``tok.encode``).
+    Returns the special ids {"bos_token_id", "eos_token_id", "pad_token_id"} for the model's config.json."""
+    import json
+
+    if isinstance(tok, ByteTokenizer):
+        text, names = _byte_tokenizer_json(), dict(_BYTE_SPECIAL_TOKENS)
+    elif isinstance(tok, HFTokenizer):
+        text = tok.to_str()
+        names = {k: tok._tok.id_to_token(getattr(tok, f"{k}_id")) for k in ("pad", "bos", "eos")}
+    else:
+        raise TypeError(f"tok must be a ByteTokenizer or HFTokenizer, got {type(tok).__name__}")
+    special = {f"{k}_token": v for k, v in names.items()}
+    files = {"tokenizer.json": text,
+             "tokenizer_config.json": json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **special,
+                                                  "model_max_length": model_max_length,
+                                                  "clean_up_tokenization_spaces": False}, indent=1),
+             "special_tokens_map.json": json.dumps(special, indent=1)}
+    for name, content in files.items():
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(content + "\n")
+    return {f"{k}_token_id": getattr(tok, f"{k}_id") for k in ("bos", "eos", "pad")}

@@ -154,18 +154,38 @@ def load_gpt2_weights(path: str, model: GPT) -> GPT:
     return model
 
 
-def write_gpt2(path: str, config: GPTConfig, tensors: list[tuple[str, torch.Size, torch.dtype]], fetch) -> None:
-    """Write a GPT-2 checkpoint folder (config.json + model.safetensors, HF names and layout, padding rows and the
-    scalar head dropped) from our full tensors, streamed: ``tensors`` lists (our name, full shape, dtype),
-    ``fetch(name)`` returns the full tensor on global rank 0 (None elsewhere; it may be a collective)."""
+# The transformers class of each head an export can carry, and where our scalar head's tensors go in it.
+HEADS = {"lm": ("GPT2LMHeadModel", {}),
+         "sequence": ("GPT2ForSequenceClassification", {"score_head.weight": "score.weight"}),
+         "token": ("GPT2ForTokenClassification", {"score_head.weight": "classifier.weight",
+                                                  "score_head.bias": "classifier.bias"})}
+
+
+def write_gpt2(path: str, config: GPTConfig, tensors: list[tuple[str, torch.Size, torch.dtype]], fetch, *,
+               head: str = "lm", special_ids: dict[str, int] | None = None) -> None:
+    """Write a GPT-2 checkpoint folder (config.json + model.safetensors, HF names and layout, padding rows dropped)
+    from our full tensors, streamed: ``tensors`` lists (our name, full shape, dtype), ``fetch(name)`` returns the
+    full tensor on global rank 0 (None elsewhere; it may be a collective).
+
+    ``head`` (a key of ``HEADS``): "lm" drops the scalar head; "sequence" (a reward model: the score of the last
+    non-pad token; the class has no bias, so ``tensors`` must not hold ``score_head.bias``) and "token" (a value
+    model: a score per token) keep it as a 1-label head. ``special_ids``: bos / eos / pad token ids for config.json.
+    """
     from instructrl_fast.train.checkpoint import write_safetensors
 
-    hf_config = config_to_hf(config)
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {tuple(HEADS)}, got {head!r}")
+    architecture, head_names = HEADS[head]
+    hf_config = {**config_to_hf(config), "architectures": [architecture], **(special_ids or {})}
+    if head != "lm":
+        hf_config.update(num_labels=1, id2label={"0": "score"}, label2id={"score": 0}, problem_type="regression")
     entries, names = [], {}
     for name, shape, dtype in tensors:
-        if name.startswith("score_head."):
-            continue  # GPT-2 has no place for the scalar head
-        hf_name = _ours_to_hf_name(name)
+        if name.startswith("score_head.") and name not in head_names:
+            if head == "sequence":
+                raise ValueError(f"{architecture} has no place for {name}: fold it into the weights first")
+            continue  # GPT-2's LM head has no place for the scalar head
+        hf_name = head_names.get(name) or _ours_to_hf_name(name)
         shape = list(shape)
         if name == "wte.weight":
             shape[0] = config.vocab_size

@@ -71,15 +71,28 @@ def encode_prompt(tok, prompt: str, max_tokens: int) -> list[int]:
     return ids[-max_tokens:]
 
 
+def fit(prompt: list[int], response: list[int], length: int) -> tuple[list[int], list[int]]:
+    """(prompt, response) token lists cut to ``length`` tokens together: the prompt loses tokens from its left first
+    (keeping at least its last, which the first response token is predicted from); a response that alone does not
+    fit then loses tokens before its last one, so that it keeps its eos."""
+    if len(response) > length - 1:
+        response = response[:max(length - 2, 0)] + response[-1:]
+    return prompt[len(prompt) + len(response) - length:] if len(prompt) + len(response) > length else prompt, response
+
+
+def n_truncated(pairs: list[tuple[str, str]], tok, length: int) -> int:
+    """How many (prompt, response) pairs ``fit`` cuts: bos + prompt + response + eos longer than ``length``."""
+    return sum(len(tok.encode(p, bos=True)) + len(tok.encode(r, eos=True)) > length for p, r in pairs)
+
+
 def sft_batch(pairs: list[tuple[str, str]], tok, max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(prompt, response) pairs -> (idx, labels, mask) [B, T]: labels are the response + eos, IGNORE elsewhere.
 
-    The sequence bos + prompt + response + eos is truncated from the left of the prompt to ``max_len + 1`` tokens.
+    The sequence bos + prompt + response + eos is cut to ``max_len + 1`` tokens by ``fit``.
     """
     seqs, n_prompt = [], []
     for prompt, response in pairs:
-        resp = tok.encode(response, eos=True)[:max_len]
-        head = encode_prompt(tok, prompt, max(1, max_len + 1 - len(resp)))
+        head, resp = fit(tok.encode(prompt, bos=True), tok.encode(response, eos=True), max_len + 1)
         seqs.append(head + resp)
         n_prompt.append(len(head))
     ids, mask = left_pad(seqs, tok.pad_id)
@@ -104,8 +117,8 @@ def ranking_batch(items: list[dict], tok, max_len: int) -> tuple[torch.Tensor, t
     for item in items:
         base, k = len(seqs), len(item["responses"])
         for response in item["responses"]:
-            resp = tok.encode(response, eos=True)[:max_len - 1]
-            seqs.append(encode_prompt(tok, item["prompt"], max_len - len(resp)) + resp)
+            head, resp = fit(tok.encode(item["prompt"], bos=True), tok.encode(response, eos=True), max_len)
+            seqs.append(head + resp)
         ranking = item["ranking"]
         n_pairs = k * (k - 1) // 2
         for a in range(k):

@@ -128,7 +128,8 @@ class WeightsInfo:
     shapes: dict[str, tuple[int, ...]]
 
 
-def _open_error(path: Path, e: Exception) -> ValueError:
+def unreadable(path: Path, e: Exception) -> ValueError:
+    """The error for a weights file safetensors cannot read (``e``: what safetensors raised)."""
     return ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); it is truncated, "
                       "corrupt or another format")
 
@@ -145,7 +146,7 @@ def weights_info(path: str | os.PathLike) -> WeightsInfo:
             meta = f.metadata() or {}
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
     except (SafetensorError, OSError) as e:
-        raise _open_error(path, e) from e
+        raise unreadable(path, e) from e
     config = None
     if CONFIG_KEY in meta:
         try:
@@ -260,7 +261,7 @@ def load_weights(path: str | os.PathLike, module: torch.nn.Module) -> torch.nn.M
                 for c in local_chunks(t, specs.get(name))[1]:  # a 0-dim tensor (a scalar buffer) cannot be sliced
                     c.local.copy_(stored[full_slices(c)] if c.local.dim() else f.get_tensor(name))
     except (SafetensorError, OSError) as e:  # a header that parses but truncated tensor data
-        raise _open_error(path, e) from e
+        raise unreadable(path, e) from e
     return module
 
 

@@ -101,7 +101,10 @@ class LoopConfig:
     """How often the shared loop (``loop.train``) evaluates, checkpoints and logs."""
 
     eval_interval: int = 0  # optimizer steps between evaluations; 0: only at the end
-    ckpt_interval: int = 0  # optimizer steps between checkpoints; 0: only at the end
+    # Checkpoints inside the stage, whichever of the two comes first (and always one at the end, and one when a
+    # SIGTERM / SIGINT stops the run): they bound the work a crash loses.
+    ckpt_interval: int = 0  # every this many optimizer steps; 0: no step cadence
+    ckpt_minutes: float = 10.0  # after this many minutes of wall time since the last checkpoint; 0: no time cadence
     log_interval: int = 1  # optimizer steps between log rows
     keep_checkpoints: int = 2  # how many step checkpoints to keep on disk (the newest ones)
     progress: bool = True  # tqdm progress bar
@@ -109,6 +112,7 @@ class LoopConfig:
     def __post_init__(self):
         _check_int(self, "eval_interval", minimum=0)
         _check_int(self, "ckpt_interval", minimum=0)
+        _check_float(self, "ckpt_minutes")
         _check_int(self, "log_interval")
         _check_int(self, "keep_checkpoints")
 
@@ -338,6 +342,20 @@ class PipelineConfig:
                 raise ValueError(f"PipelineConfig.pretrain[{size!r}].seq_len ({self.pretrain[size].seq_len}) must be "
                                  f"<= block_size ({self.block_size})")
 
+    def loops(self) -> list[LoopConfig]:
+        """The loop settings of every stage (distinct objects, so that changing one changes one stage)."""
+        stages = (*self.pretrain.values(), self.sft, self.ppo_init, self.rm, self.ppo, self.ppo_ptx)
+        return list({id(s.loop): s.loop for s in stages}.values())
+
+    def with_checkpoints(self, *, every_steps: int, every_minutes: float) -> PipelineConfig:
+        """The same recipe with every stage checkpointing every ``every_steps`` optimizer steps and every
+        ``every_minutes`` of wall time, whichever comes first (0 turns one cadence off)."""
+        loop = lambda c: dataclasses.replace(c, loop=dataclasses.replace(c.loop, ckpt_interval=every_steps,
+                                                                          ckpt_minutes=every_minutes))
+        return dataclasses.replace(self, pretrain={k: loop(v) for k, v in self.pretrain.items()}, sft=loop(self.sft),
+                                   ppo_init=loop(self.ppo_init), rm=loop(self.rm), ppo=loop(self.ppo),
+                                   ppo_ptx=loop(self.ppo_ptx))
+
     def only(self, size: str) -> PipelineConfig:
         """The same recipe for one size, whose SFT model then also initialises the RM (``instructrl-fast run``)."""
         if size not in self.pretrain:
@@ -373,7 +391,7 @@ def _paper(size: str) -> PipelineConfig:
         ppo_ptx=dataclasses.replace(ppo, ptx_coef=27.8),
         block_size=2048,
         activation_checkpointing=True,
-    )
+    ).with_checkpoints(every_steps=0, every_minutes=30.0)  # a PPO iteration is about a minute at 175B (plan)
 
 
 def _demo() -> PipelineConfig:
@@ -406,7 +424,7 @@ def _demo() -> PipelineConfig:
         # over the run (PPO's: +0.25), so it takes a larger policy LR, which was measured to beat SFT at every size.
         ppo_ptx=dataclasses.replace(ppo, ptx_coef=27.8, optim=dataclasses.replace(ppo.optim, lr=1e-4)),
         eval=EvalConfig(n_test_prompts=256),
-    )
+    ).with_checkpoints(every_steps=250, every_minutes=1.0)  # a step takes milliseconds to a second on a CPU
 
 
 def _micro() -> PipelineConfig:
@@ -432,7 +450,7 @@ def _micro() -> PipelineConfig:
         ppo_ptx=dataclasses.replace(ppo, ptx_coef=27.8),
         eval=EvalConfig(n_test_prompts=8, max_new_tokens=4, n_ptx_batches=1),
         block_size=64,
-    )
+    ).with_checkpoints(every_steps=2, every_minutes=0.0)  # each stage's half-way point (the resume tests need one)
 
 
 PRESETS = {

@@ -5,7 +5,9 @@ accumulated in place) -> clip -> step -> log (loss, LR, tokens/s, MFU). A stage 
 its optimizer, the micro-batches of a step and the loss of one micro-batch (``Stage`` below). The loop owns resume:
 weights, optimizer, stage state (data position, generators) and every global RNG are restored from the newest
 checkpoint, and data order is a pure function of the step, so a resumed run is bitwise identical to an
-uninterrupted one.
+uninterrupted one. Checkpoints are written every ``LoopConfig.ckpt_interval`` steps and every
+``LoopConfig.ckpt_minutes`` of wall time, whichever comes first, and at once when SIGTERM / SIGINT arrives
+(``preempt``): the loop then stops with ``preempt.Preempted``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tqdm.auto import tqdm
 
 from instructrl_fast.parallel.dist import local_tensor, parallel_state
 from instructrl_fast.parallel.mappings import tp_world_size
+from instructrl_fast.train import preempt
 from instructrl_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from instructrl_fast.train.config import LoopConfig, OptimConfig
 from instructrl_fast.train.logging import MetricsLogger
@@ -168,12 +171,38 @@ def _evaluate(stage: Stage) -> dict[str, float]:
                 m.train()
 
 
+class _Cadence:
+    """When to checkpoint: every ``ckpt_interval`` steps (multiples of it, so the same steps whatever the resume
+    point), after ``ckpt_minutes`` of wall time since the last checkpoint, and when a signal asks to stop. The wall
+    clock and the signals differ between ranks: every rank takes the maximum of every rank's flags (one tiny
+    all-reduce per step under torch.distributed), so all of them checkpoint, a collective, at the same step."""
+
+    def __init__(self, loop: LoopConfig, device: torch.device):
+        self.loop, self.device = loop, device
+        self.last = time.monotonic()
+
+    def check(self, step: int) -> tuple[bool, int]:
+        """(checkpoint now, the signal that asks to stop or 0) at the boundary before optimizer step ``step``."""
+        on_step = bool(self.loop.ckpt_interval) and step % self.loop.ckpt_interval == 0
+        on_time = bool(self.loop.ckpt_minutes) and time.monotonic() - self.last >= 60 * self.loop.ckpt_minutes
+        flags = [int(on_time), preempt.pending()]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor(flags, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flags = t.tolist()  # the CPU waits for the device here, once per step
+        return on_step or bool(flags[0]) or bool(flags[1]), flags[1]
+
+    def written(self) -> None:
+        self.last = time.monotonic()
+
+
 def train(stage: Stage, optim: OptimConfig, loop: LoopConfig, out_dir: str | os.PathLike, *,
           resume: bool = False) -> dict[str, float]:
     """Run ``stage`` to ``stage.max_steps`` (or on from its newest checkpoint when ``resume``).
 
     Writes ``<out_dir>/metrics.csv``, TensorBoard events under ``<out_dir>/tb`` and checkpoints under
-    ``<out_dir>/ckpt``. Returns the final validation metrics.
+    ``<out_dir>/ckpt``. Returns the final validation metrics. Raises ``preempt.Preempted`` once a checkpoint is
+    written after SIGTERM / SIGINT.
     """
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "ckpt"
@@ -186,18 +215,47 @@ def train(stage: Stage, optim: OptimConfig, loop: LoopConfig, out_dir: str | os.
     mesh = parallel_state()
     # one writer per file: the first rank logs; every rank computes (evaluation runs collectives under FSDP)
     logger = MetricsLogger(out_dir, fields=fields, resume_step=start if start else None) if mesh.is_main else None
-    log = logger.log if logger is not None else (lambda step, row: None)
-    peak = peak_flops(_device_of(stage))
-    tp_shards = _tp_shards(stage.modules.values())
+    try:
+        with preempt.listening():
+            return _run(stage, optim, loop, ckpt_dir, start, logger)
+    finally:
+        if logger is not None:
+            logger.close()
 
-    def checkpoint(step: int) -> None:
+
+def _run(stage: Stage, optim: OptimConfig, loop: LoopConfig, ckpt_dir: Path, start: int,
+         logger: MetricsLogger | None) -> dict[str, float]:
+    """The loop of ``train`` from optimizer step ``start``."""
+    mesh = parallel_state()
+    log = logger.log if logger is not None else (lambda step, row: None)
+    device = _device_of(stage)
+    peak = peak_flops(device)
+    tp_shards = _tp_shards(stage.modules.values())
+    cadence = _Cadence(loop, device)
+
+    def checkpoint(step: int) -> Path:
         # The LR schedule and the data order are pure functions of the step: the step is the scheduler state and
         # the data position (recorded explicitly for readers of the checkpoint).
         # The optimizer goes in as an object: its moments are saved sharded like their parameters (DCP).
         state = {"stage": stage.state_dict(),
                  "scheduler": {"schedule": optim.schedule, "lr_factor": lr_factor(step, stage.max_steps, optim)},
                  "data_position": {"optimizer_steps": step, "micro_batches": step * stage.grad_accum}}
-        save_checkpoint(ckpt_dir, step, stage.modules, state, keep=loop.keep_checkpoints, optimizer=stage.optimizer)
+        path = save_checkpoint(ckpt_dir, step, stage.modules, state, keep=loop.keep_checkpoints,
+                               optimizer=stage.optimizer)
+        cadence.written()
+        return path
+
+    def boundary(step: int) -> None:
+        """Between optimizer steps: the periodic checkpoint, or the checkpoint a signal asked for, then stop."""
+        due, signum = cadence.check(step)
+        if due and step > start:
+            path = checkpoint(step)
+            if signum:
+                raise preempt.Preempted(signum, stage=stage.name, step=step, max_steps=stage.max_steps,
+                                        checkpoint=path)
+        elif signum:  # nothing trained since the checkpoint this run started from
+            raise preempt.Preempted(signum, stage=stage.name, step=step, max_steps=stage.max_steps,
+                                    checkpoint=latest_checkpoint(ckpt_dir))
 
     for m in stage.modules.values():
         m.train()
@@ -212,14 +270,12 @@ def train(stage: Stage, optim: OptimConfig, loop: LoopConfig, out_dir: str | os.
         # eval / checkpoint (a checkpoint at step s holds the state after s optimizer steps)
         if loop.eval_interval and step % loop.eval_interval == 0 and step > start:
             log(step, _evaluate(stage))
-        if loop.ckpt_interval and step % loop.ckpt_interval == 0 and step > start:
-            checkpoint(step)
+        boundary(step)
 
         # micro-steps: this dp rank's share of the step; gradients accumulate into the same .grad buffers (FSDP2
         # reduce-scatters them over dp). Each loss term is weighted by the micro-batch's share of the term's global
         # count, summed over the dp ranks once per step from host-side counts.
         batches = list(stage.micro_batches(step))
-        device = _device_of(stage)
         counts = torch.stack([stage.loss_counts(b).to(device) for b in batches])  # [M, K] float64
         total = mesh.dp_sum(counts.sum(0))
         # x dp: FSDP2 averages the dp ranks' gradients, and the step's gradient is their sum
@@ -253,13 +309,14 @@ def train(stage: Stage, optim: OptimConfig, loop: LoopConfig, out_dir: str | os.
             bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in ("loss", "reward", "tokens_per_s")})
             t_last, tokens = time.perf_counter(), 0
     bar.close()
-
+    if start < stage.max_steps:
+        # the stage's last checkpoint comes before the final evaluation: a signal during it loses nothing
+        checkpoint(stage.max_steps)
+    if signum := cadence.check(stage.max_steps)[1]:
+        raise preempt.Preempted(signum, stage=stage.name, step=stage.max_steps, max_steps=stage.max_steps,
+                                checkpoint=latest_checkpoint(ckpt_dir))
     final = _evaluate(stage)
     log(stage.max_steps, final)
-    if start < stage.max_steps:
-        checkpoint(stage.max_steps)
-    if logger is not None:
-        logger.close()
     return final
 
 

@@ -108,15 +108,11 @@ class PPOStage:
                     "score", "kl", "reward", "response_len", "gold")
 
     def __init__(self, cfg: PPOConfig, policy, value_model, ref, rm: RewardModel, tok, prompts: list[str],
-                 ptx_chunks: torch.Tensor | None, *, ckpt_interval: int, gold_fn=None):
+                 ptx_chunks: torch.Tensor | None, *, gold_fn=None):
         if cfg.ptx_coef > 0 and ptx_chunks is None:
             raise ValueError("ptx_chunks must be given for PPO-ptx (cfg.ptx_coef > 0)")
         if gold_fn is not None and not callable(gold_fn):
             raise TypeError(f"gold_fn must be callable or None, got {type(gold_fn).__name__}")
-        if ckpt_interval % cfg.steps_per_iteration:
-            # a checkpoint must fall between iterations: the rollout batch itself is not saved
-            raise ValueError(f"loop.ckpt_interval ({ckpt_interval}) must be a multiple of the optimizer steps per "
-                             f"iteration ({cfg.steps_per_iteration})")
         self.name = "ppo-ptx" if cfg.ptx_coef > 0 else "ppo"
         self.cfg, self.policy, self.value, self.ref, self.rm, self.tok = cfg, policy, value_model, ref, rm, tok
         self.prompt_texts = prompts
@@ -271,15 +267,26 @@ class PPOStage:
 
     def after_step(self, step: int) -> None:
         ema_update(self.ema, self.policy, self.cfg.ema_decay)
+        if (step + 1) % self.cfg.steps_per_iteration == 0:  # the batch is spent: neither kept nor checkpointed
+            self.experience = None
 
     def evaluate(self) -> dict[str, float]:
         return {}  # the rollout statistics (score, kl) are logged every step; the gold evaluation is the pipeline's
 
     def state_dict(self) -> dict:
-        return {}  # the EMA is a module of the checkpoint; the rollout draws are keyed: no generator state
+        """The current rollout batch when a checkpoint falls inside an iteration (every rank holds all of it), so
+        that a resumed run trains on the same episodes. The EMA is a module of the checkpoint; the rollout draws
+        are keyed: no generator state."""
+        exp = self.experience
+        return {"experience": None if exp is None else {k: v.cpu() if isinstance(v, torch.Tensor) else
+                                                        {n: t.cpu() for n, t in v.items()}
+                                                        for k, v in vars(exp).items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.experience = None
+        exp, device = state.get("experience"), self.policy.lm_weight.device
+        self.experience = None if exp is None else Experience(
+            **{k: v.to(device) for k, v in exp.items() if k != "stats"},
+            stats={n: t.to(device) for n, t in exp["stats"].items()})
 
 
 def train_ppo(cfg: PPOConfig, policy, value_model, ref, rm: RewardModel, tok, prompts: list[str],
@@ -291,8 +298,7 @@ def train_ppo(cfg: PPOConfig, policy, value_model, ref, rm: RewardModel, tok, pr
     ``gold_fn(prompt_texts, response_texts) -> scores``, when given, scores every rollout batch with a true reward
     (the ``gold`` metric), for the over-optimisation curve. ``name`` labels the progress bar (default: ppo or
     ppo-ptx)."""
-    stage = PPOStage(cfg, policy, value_model, ref, rm, tok, prompts, ptx_chunks,
-                     ckpt_interval=cfg.loop.ckpt_interval or cfg.steps_per_iteration, gold_fn=gold_fn)
+    stage = PPOStage(cfg, policy, value_model, ref, rm, tok, prompts, ptx_chunks, gold_fn=gold_fn)
     stage.name = name or stage.name
     metrics = train(stage, cfg.optim, cfg.loop, out_dir, resume=resume)
     return load_ema(policy, stage.ema), metrics

@@ -76,15 +76,20 @@ def test_sft_resume_is_bitwise_exact(tmp_path, tok, task):
     assert losses[0] == losses[1]  # the resumed CSV drops the rows written after the checkpoint
 
 
-def test_ppo_resume_is_bitwise_exact(tmp_path, tok, task):
+@pytest.mark.parametrize("interval", [2, 3])  # at an iteration boundary, and inside an iteration (2 steps each)
+def test_ppo_resume_is_bitwise_exact(tmp_path, tok, task, interval):
     cfg = ppo_cfg(n_episodes=12, rollout_batch_size=4, minibatch_size=2, ptx_coef=1.0,
-                  loop=LoopConfig(ckpt_interval=2, progress=False))
+                  loop=LoopConfig(ckpt_interval=interval, progress=False))
     full = ppo_stage(cfg, tok, task)
     train(full, cfg.optim, cfg.loop, tmp_path / "a")
 
     first = ppo_stage(cfg, tok, task)
     with pytest.raises(Interrupted):
-        train(_interrupt_at(first, 3), cfg.optim, cfg.loop, tmp_path / "b")
+        train(_interrupt_at(first, 4), cfg.optim, cfg.loop, tmp_path / "b")
+    saved = torch.load(ckpt.latest_checkpoint(tmp_path / "b" / "ckpt") / ckpt.STATE, weights_only=True)
+    assert saved["step"] == (4 if interval == 2 else 3)
+    # inside an iteration the rollout batch being trained on is part of the checkpoint (it is not redrawn)
+    assert (saved["stage"]["experience"] is None) == (interval == 2)
     resumed = ppo_stage(cfg, tok, task)
     assert isinstance(resumed, PPOStage)
     train(resumed, cfg.optim, cfg.loop, tmp_path / "b", resume=True)

@@ -28,7 +28,7 @@ def _stage(cfg, tok, task, corpus=True):
     prompts = [p.text for p in task.prompts("train", cfg.n_prompts)]
     g = torch.Generator().manual_seed(0)
     chunks = torch.randint(0, 256, (32, cfg.ptx_seq_len + 1), generator=g) if corpus else None
-    return PPOStage(cfg, policy, value, ref, rm, tok, prompts, chunks, ckpt_interval=0)
+    return PPOStage(cfg, policy, value, ref, rm, tok, prompts, chunks)
 
 
 def _grads(params):
@@ -90,13 +90,6 @@ def test_ema_update():
         torch.testing.assert_close(v, expected[k])
 
 
-def test_checkpoint_interval_must_fall_between_iterations(tok, task):
-    cfg = _cfg()
-    with pytest.raises(ValueError, match="ckpt_interval"):
-        stage = _stage(cfg, tok, task)
-        PPOStage(cfg, stage.policy, stage.value, stage.ref, stage.rm, tok, ["Q: add 1 2\nA:"], None, ckpt_interval=3)
-
-
 def test_gold_fn_is_logged_per_rollout_and_checked(tok, task):
     cfg = _cfg()
     stage = _stage(cfg, tok, task)
@@ -107,16 +100,14 @@ def test_gold_fn_is_logged_per_rollout_and_checked(tok, task):
         calls.append((texts, responses))
         return [float(len(r)) for r in responses]
 
-    gold_stage = PPOStage(cfg, stage.policy, stage.value, stage.ref, stage.rm, tok, prompts, None,
-                          ckpt_interval=cfg.steps_per_iteration, gold_fn=gold)
+    gold_stage = PPOStage(cfg, stage.policy, stage.value, stage.ref, stage.rm, tok, prompts, None, gold_fn=gold)
     exp = gold_stage.rollout(0)
     (texts, responses), = calls
     assert len(texts) == len(responses) == cfg.rollout_batch_size and set(texts) <= set(prompts)
     # the logged gold is the mean of gold_fn over the batch; here the response length in characters
     assert exp.stats["gold"].item() == pytest.approx(sum(len(r) for r in responses) / len(responses))
     with pytest.raises(TypeError, match="gold_fn"):
-        PPOStage(cfg, stage.policy, stage.value, stage.ref, stage.rm, tok, prompts, None,
-                 ckpt_interval=cfg.steps_per_iteration, gold_fn="labeler")
+        PPOStage(cfg, stage.policy, stage.value, stage.ref, stage.rm, tok, prompts, None, gold_fn="labeler")
 
 
 def test_ppo_ptx_runs_and_logs(tmp_path, tok, task):

@@ -52,7 +52,7 @@ def _stage(slots: int) -> PPOStage:
         m.load_full_state_dict(_eos_prone_policy_state())
     value, rm = build_gpt(MCFG, "scalar", seed=9), RewardModel(build_gpt(MCFG, "scalar", seed=5))
     prompts = [p.text for p in DemoTask(0).prompts("train", cfg.n_prompts)]
-    return PPOStage(cfg, policy, value, ref, rm, TOK, prompts, None, ckpt_interval=0)
+    return PPOStage(cfg, policy, value, ref, rm, TOK, prompts, None)
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
