@@ -329,8 +329,8 @@ def _load_model(args, cfg, state, path: Path | None, *, want: str = "lm", size: 
                          activation_checkpointing=cfg.activation_checkpointing)
 
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
-    if path is not None and path.is_dir() and (path / RESULT).is_file():  # a stage's folder: the stage's result
-        path = path / RESULT
+    if path is not None and (path / RESULT).is_file() and not (path / "config.json").is_file():
+        path = path / RESULT  # a stage's output folder: the stage's result
     hf_dir = path is not None and (path / "config.json").is_file()  # a GPT-2-family transformers checkpoint
     ckpt = None if path is None or hf_dir or not path.is_dir() else checkpoint_model(path)
     if hf_dir:

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch.distributed as dist
 
 MANIFEST = "run.json"
-# What the commands write into an output folder (a stage's files, or `run`'s stage folders holding them).
-_FILES = (MANIFEST, "metrics.csv", "tb", "ckpt", "candidates", "model.safetensors", "last.safetensors", "result.json",
+# What the commands write into an output folder besides run.json (a stage's files, or `run`'s stage folders
+# holding them).
+_FILES = ("metrics.csv", "tb", "ckpt", "candidates", "model.safetensors", "last.safetensors", "result.json",
           "results.json", "figure1.txt", "figure1.png", "overoptimization.png", "learning_curves.png",
           "selection.json", "val_comparisons.json")
 _STAGE_FOLDERS = ("base-", "sft-", "ppo-init-", "ppo-", "ppo-ptx-", "rm")
@@ -29,7 +30,8 @@ class OutputFolderError(ValueError):
 
 
 def run_files(out: str | os.PathLike) -> list[Path]:
-    """The entries of ``out`` that a command wrote (stage folders count when they hold such files)."""
+    """The entries of ``out`` that a command wrote, ``run.json`` aside (stage folders count when they hold such
+    files). A folder holding only ``run.json`` holds no result: the command that wrote it stopped before training."""
     out = Path(out)
     if not out.is_dir():
         return []
@@ -66,7 +68,7 @@ def prepare(out: str | os.PathLike, identity: dict, *, resume: bool, overwrite: 
     if found and not (resume or overwrite):
         names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
         raise OutputFolderError(f"--out {out} already holds a run ({names}): {choices}")
-    if resume and manifest.is_file():
+    if resume and found and manifest.is_file():
         recorded = json.loads(manifest.read_text())
         if diff := _differences(recorded, identity):
             raise OutputFolderError(f"--out {out} holds another run than this command's ({'; '.join(diff[:4])}): "
@@ -75,7 +77,7 @@ def prepare(out: str | os.PathLike, identity: dict, *, resume: bool, overwrite: 
     _barrier()  # every rank has looked before the first one changes anything
     if _rank() == 0:
         if overwrite:
-            for entry in found:
+            for entry in found:  # run.json is replaced below
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / f".{MANIFEST}.tmp"

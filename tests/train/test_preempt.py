@@ -135,7 +135,7 @@ def test_run_into_a_folder_of_a_run_with_another_preset(tmp_path, capsys):
     (out / "run.json").write_text(json.dumps({"command": "run", "options": {"preset": "demo"}}))
     assert main(["run", "--preset", "micro", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert f"run: error: --out {out} already holds a run (run.json, sft-s)" in err
+    assert f"run: error: --out {out} already holds a run (sft-s)" in err
     assert main(["run", "--preset", "micro", "--out", str(out), "--resume"]) == 2
     assert "preset: 'demo' then, 'micro' now" in capsys.readouterr().err
     assert main(["run", "--preset", "micro", "--out", str(out), "--resume", "--overwrite"]) == 2
@@ -147,11 +147,14 @@ def test_unrelated_files_in_the_folder_are_left_alone(tmp_path):
     from instructrl_fast.train import outdir
 
     (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "run.json").write_text("{}")  # a command that stopped before training: no result in the way
+    outdir.prepare(tmp_path, {"command": "sft", "options": {"epochs": 2}}, resume=True, overwrite=False)
     (tmp_path / "metrics.csv").write_text("step\n")
     assert [p.name for p in outdir.run_files(tmp_path)] == ["metrics.csv"]
     outdir.prepare(tmp_path, {"command": "sft", "options": {}}, resume=False, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "run.json"]
-    with pytest.raises(outdir.OutputFolderError):
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(outdir.OutputFolderError, match="already holds a run"):
         outdir.prepare(tmp_path, {"command": "sft", "options": {}}, resume=False, overwrite=False)
 
 
