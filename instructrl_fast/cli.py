@@ -670,7 +670,7 @@ def cmd_eval(args) -> dict:
     _write(args.out, "eval.json", results)
     for n, r in results.items():
         if state.is_main:
-            print(f"{n}: " + ", ".join(f"{k}={v:.3f}" for k, v in r.items()))
+            print(f"{n}: " + ", ".join(f"{k}={v:.0f}" if k == "n" else f"{k}={v:.3f}" for k, v in r.items()))
     return results
 
 

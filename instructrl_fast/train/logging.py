@@ -115,23 +115,30 @@ class _LineStream:
         self._stream, self._interval = stream, interval
         self._last = -math.inf
         self._pending: str | None = None  # the newest redraw not written yet
+        self._open = False  # a bar is being drawn (its closing newline ends it, written or not)
+        # the progress of the last line written (desc, percentage, n/total): a closing bar redraws its final state
+        # once more, with only its timings changed
+        self._written: str | None = None
 
     def write(self, text: str) -> int:
         now = time.monotonic()
         if text.startswith("\r"):  # a redraw of the current bar
-            self._pending = text[1:].rstrip()
+            self._pending, self._open = text[1:].rstrip(), True
             if now - self._last >= self._interval:
                 self._emit(now)
-        elif text == "\n" and self._pending is not None:  # a bar closing: its final state
+        elif text == "\n" and self._open:  # a bar closing: its final state
             self._emit(now)
+            self._open = False
         else:
             self._stream.write(text)
         return len(text)
 
     def _emit(self, now: float) -> None:
-        if self._pending:
+        progress = self._pending.split(" [", 1)[0] if self._pending else None
+        if progress and progress != self._written:
             self._stream.write(self._pending + "\n")
             self._stream.flush()
+            self._written = progress
         self._pending, self._last = None, now
 
     def __getattr__(self, name):

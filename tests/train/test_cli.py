@@ -167,6 +167,17 @@ def test_progress_bars_write_plain_lines_to_a_log_file(monkeypatch):
     assert len(lines) == 3 and lines[0].startswith("sft-s") and "0/3" in lines[0], lines
     assert lines[1].startswith("sft-s") and "3/3" in lines[1] and lines[2] == "a message"
 
+    log.seek(0)
+    log.truncate()
+    with progress_for_logs(interval=0):  # every redraw is due: the final one comes out once, not again at close
+        bar = tqdm(total=2, desc="ppo-init-s", mininterval=0)
+        for _ in range(2):
+            bar.update(1)
+        bar.close()
+    lines = log.getvalue().splitlines()
+    assert [line.split(" [")[0].split("|")[0] for line in lines] == ["ppo-init-s:   0%", "ppo-init-s:  50%",
+                                                                      "ppo-init-s: 100%"], lines
+
 
 def test_last_values_reads_the_final_metrics(tmp_path):
     from instructrl_fast.train.logging import MetricsLogger, last_values
