@@ -396,13 +396,18 @@ def _paper(size: str) -> PipelineConfig:
 
 def _demo() -> PipelineConfig:
     """The embedded default (tuned for a 2-core CPU; see the module docstring for what is scaled)."""
+    # validation every 50 / 64 / 16 steps (pretraining / SFT / RM): a validation curve, not one point at the end,
+    # for a few seconds per stage; evaluation forks the RNGs, so training draws the same numbers either way
     pretrain = {
-        "s": PretrainConfig(model="demo-s", max_steps=500, optim=OptimConfig(lr=3e-3, warmup_steps=30, weight_decay=0.1)),
-        "m": PretrainConfig(model="demo-m", max_steps=600, optim=OptimConfig(lr=2e-3, warmup_steps=30, weight_decay=0.1)),
-        "l": PretrainConfig(model="demo-l", max_steps=700, optim=OptimConfig(lr=1.5e-3, warmup_steps=30, weight_decay=0.1)),
+        "s": PretrainConfig(model="demo-s", max_steps=500, optim=OptimConfig(lr=3e-3, warmup_steps=30, weight_decay=0.1),
+                            loop=LoopConfig(eval_interval=50)),
+        "m": PretrainConfig(model="demo-m", max_steps=600, optim=OptimConfig(lr=2e-3, warmup_steps=30, weight_decay=0.1),
+                            loop=LoopConfig(eval_interval=50)),
+        "l": PretrainConfig(model="demo-l", max_steps=700, optim=OptimConfig(lr=1.5e-3, warmup_steps=30, weight_decay=0.1),
+                            loop=LoopConfig(eval_interval=50)),
     }
     sft = SFTConfig(epochs=16, batch_size=32, micro_batch_size=32, n_demos=2048, dropout=0.2, select_every=8,
-                    n_val_prompts=64, optim=OptimConfig(lr=1e-3))
+                    n_val_prompts=64, optim=OptimConfig(lr=1e-3), loop=LoopConfig(eval_interval=64))
     # 16 iterations of 256 episodes, minibatch 32 (the paper's 512 / 64 ratio); the EMA horizon 1 / (1 - decay)
     # is kept at the paper's share of the run (125 of ~4000 steps, 3%) rather than its absolute 0.992.
     ppo = PPOConfig(n_episodes=4096, n_prompts=2048, rollout_batch_size=256, minibatch_size=32, micro_batch_size=32,
@@ -418,7 +423,8 @@ def _demo() -> PipelineConfig:
         # Measured with everything else as committed: from a 2-epoch init, PPO's win rates are 0.199 / 0.281 / 0.324
         # and PPO-ptx's 0.199 / 0.219 / 0.246 at s / m / l, below SFT's 0.324 / 0.438 / 0.531.
         ppo_init=dataclasses.replace(sft, epochs=16, ptx_fraction=0.1),
-        rm=RMConfig(batch_size=16, micro_batch_size=16, n_comparisons=1024, model_samples=4, optim=OptimConfig(lr=1e-3)),
+        rm=RMConfig(batch_size=16, micro_batch_size=16, n_comparisons=1024, model_samples=4, optim=OptimConfig(lr=1e-3),
+                    loop=LoopConfig(eval_interval=16)),
         ppo=ppo,
         # PPO-ptx's Adam step is dominated by the 27.8x pretraining gradient: at PPO's 3e-5 its RM score rose +0.03
         # over the run (PPO's: +0.25), so it takes a larger policy LR, which was measured to beat SFT at every size.

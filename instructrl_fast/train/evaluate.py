@@ -399,6 +399,7 @@ def plot_learning_curves(csv_path: str | os.PathLike, png_path: str | os.PathLik
                 ax.legend(fontsize="small")
         ax.set_title(name)
         ax.set_xlabel(x_col)
+        ax.set_ylabel(name)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     if title is None:
