@@ -815,9 +815,12 @@ def _say(line: str) -> None:
 
 def _resume_hint(argv) -> str:
     """How to continue: the same command line with --resume (and without --overwrite, which would delete it)."""
+    import os
     import shlex
 
     args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--overwrite", "--resume")]
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # launched by torchrun: the same launch line, resuming
+        return f"continue with the same torchrun line ending in: -m instructrl_fast.cli {shlex.join(args)} --resume"
     return f"continue with: {shlex.join([PROG, *args, '--resume'])}"
 
 
