@@ -90,6 +90,17 @@ def ckpt_every(text: str) -> tuple[int, float]:
     return steps, minutes
 
 
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
 def add_common_options(p: argparse.ArgumentParser, *, out_required: bool = False) -> None:
     """--out, --preset, --resume, --overwrite, --ckpt-every, --threads, --device, --tp, --precision,
     --activation-checkpointing, --quiet: every training command has them."""
@@ -184,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the RM's shape, only for weights saved without one (default: --size)")
     p.add_argument("--prompts", type=Path, default=None, help="JSONL of {prompt} (default: the demo task)")
     p.add_argument("--ptx", action="store_true", help="PPO-ptx: mix the pretraining log-likelihood in")
+    p.add_argument("--kl-coef", type=nonnegative_float, default=None,
+                   help="beta, the per-token KL penalty against the starting policy (default: the preset's, 0.02)")
+    p.add_argument("--ptx-coef", type=positive_float, default=None,
+                   help="gamma of PPO-ptx, the weight of the pretraining log-likelihood (with --ptx; default: the "
+                        "preset's, 27.8)")
     p.add_argument("--corpus", type=Path, default=None,
                    help="pretraining text for --ptx, documents separated by blank lines (default: the demo corpus)")
     p.add_argument("--episodes", type=positive_int, default=None,
@@ -599,8 +615,11 @@ def cmd_ppo(args) -> dict:
                         f"{pc.rollout_batch_size}, at most the number of prompts), got {args.episodes}")
     else:
         episodes = args.episodes
+    if args.ptx_coef is not None and not args.ptx:
+        raise UserError("--ptx-coef weighs PPO-ptx's pretraining term: give --ptx with it")
+    coefs = {k: v for k, v in (("kl_coef", args.kl_coef), ("ptx_coef", args.ptx_coef)) if v is not None}
     pc = dataclasses.replace(pc, n_prompts=len(prompts), rollout_batch_size=rollout, minibatch_size=minibatch,
-                             micro_batch_size=min(pc.micro_batch_size, minibatch), n_episodes=episodes)
+                             micro_batch_size=min(pc.micro_batch_size, minibatch), n_episodes=episodes, **coefs)
     policy, tok = _load_model(args, cfg, state, args.init, size=args.size, tokenizer=args.tokenizer)
     ref, _ = _load_model(args, cfg, state, args.init, size=args.size, tokenizer=args.tokenizer, frozen=True)
     limit = policy.config.block_size - pc.max_new_tokens  # PPOStage keeps the last `limit` tokens of bos + prompt

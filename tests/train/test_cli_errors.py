@@ -2,6 +2,7 @@
 naming the file, argument or numbers involved, never a traceback; explicit values are used or rejected, never
 replaced by the preset's."""
 
+import json
 import subprocess
 import sys
 
@@ -76,6 +77,26 @@ def test_ppo_episodes_are_used_or_rejected(tmp_path, capsys, files, episodes, fr
     assert_user_error(capsys, "ppo", ["--out", tmp_path, "--init", files / "lm-s.safetensors", "--rm",
                                       files / "rm-s.safetensors", "--episodes", episodes, *COMMON],
                       "--episodes", fragment)
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [
+    (["--kl-coef", "-0.1"], "argument --kl-coef: expected a finite number >= 0, got -0.1"),
+    (["--kl-coef", "inf"], "argument --kl-coef: expected a finite number >= 0, got inf"),
+    (["--ptx", "--ptx-coef", "0"], "argument --ptx-coef: expected a finite number > 0, got 0"),
+    (["--ptx-coef", "3"], "--ptx-coef weighs PPO-ptx's pretraining term: give --ptx with it"),
+])
+def test_ppo_coefficients_are_checked(tmp_path, capsys, files, argv, fragment):
+    assert_user_error(capsys, "ppo", ["--out", tmp_path, "--init", files / "lm-s.safetensors", "--rm",
+                                      files / "rm-s.safetensors", *argv, *COMMON], fragment)
+
+
+def test_ppo_kl_coef_is_used(tmp_path, capsys, files):
+    """At beta 0 the shaped reward of a response is its RM score: no KL penalty is taken off (the second
+    rollout batch, sampled after the policy moved away from the reference)."""
+    code, _, _ = cli(capsys, "ppo", "--out", tmp_path, "--init", files / "lm-s.safetensors", "--rm",
+                     files / "rm-s.safetensors", "--episodes", "16", "--kl-coef", "0", *COMMON)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert code == 0 and result["kl"] > 0 and result["reward"] == pytest.approx(result["score"], abs=1e-6)
 
 
 @pytest.mark.parametrize("name", ["truncated", "garbage"])
