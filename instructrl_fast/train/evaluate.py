@@ -422,25 +422,28 @@ def _check_points(points) -> list[tuple[float, float, float]]:
         if not (kl >= 0 and math.isfinite(kl) and math.isfinite(rm) and math.isfinite(gold)):
             raise ValueError(f"points[{i}] must hold finite numbers with kl >= 0, got {pt!r}")
         out.append((kl, rm, gold))
-    return sorted(out)
+    return out
 
 
 def overoptimization_summary(points: Sequence[tuple[float, float, float]]) -> dict[str, float]:
-    """Where the gold reward peaks along a run (or a KL-coefficient sweep) of ``(kl, rm_reward, gold_reward)``
-    points: ``kl_at_gold_peak``, ``gold_peak``, ``gold_at_max_kl``, ``rm_at_max_kl``, ``rm_at_gold_peak`` and
-    ``gold_drop`` = gold_peak - gold_at_max_kl (> 0: the policy over-optimised the RM, Goodhart's law)."""
+    """Three places along a run of ``(kl, rm_reward, gold_reward)`` points in time order (one per PPO iteration):
+    the gold peak (``kl_at_gold_peak``, ``gold_peak``, ``rm_at_gold_peak``), the last iteration (``final_kl``,
+    ``final_gold``, ``final_rm``) and the largest KL, which KL's ups and downs may put before the end (``max_kl``,
+    ``gold_at_max_kl``, ``rm_at_max_kl``); and ``gold_drop`` = gold_peak - final_gold (> 0: the policy over-optimised
+    the RM by the end, Goodhart's law)."""
     pts = _check_points(points)
-    peak = max(pts, key=lambda p: p[2])
-    last = pts[-1]
-    return {"kl_at_gold_peak": peak[0], "gold_peak": peak[2], "rm_at_gold_peak": peak[1], "max_kl": last[0],
-            "gold_at_max_kl": last[2], "rm_at_max_kl": last[1], "gold_drop": peak[2] - last[2]}
+    peak, last, far = max(pts, key=lambda p: p[2]), pts[-1], max(pts, key=lambda p: p[0])
+    return {"kl_at_gold_peak": peak[0], "gold_peak": peak[2], "rm_at_gold_peak": peak[1],
+            "final_kl": last[0], "final_gold": last[2], "final_rm": last[1],
+            "max_kl": far[0], "gold_at_max_kl": far[2], "rm_at_max_kl": far[1], "gold_drop": peak[2] - last[2]}
 
 
 def plot_overoptimization(points: Sequence[tuple[float, float, float]] | dict[str, Sequence],
                           png_path: str | os.PathLike) -> str | None:
     """RM reward (solid) and gold reward (dashed) against KL(policy || reference policy), marking the gold peak.
     ``points``: one run's ``(kl, rm_reward, gold_reward)`` points, or ``{run name: points}`` to draw several runs
-    (e.g. PPO and PPO-ptx), each in its own colour and named in the legend and title. Returns the PNG path, or
+    (e.g. PPO and PPO-ptx), each in its own colour and named in the legend and title. Each line joins its points in
+    KL order (a run's KL goes up and down: joined in time order, the lines would zig-zag). Returns the PNG path, or
     None without matplotlib."""
     runs = ({str(k): _check_points(v) for k, v in points.items()} if isinstance(points, dict)
             else {"": _check_points(points)})
@@ -451,8 +454,8 @@ def plot_overoptimization(points: Sequence[tuple[float, float, float]] | dict[st
         return None
     fig, axes = made
     ax = axes[0, 0]
-    for i, (name, pts) in enumerate(runs.items()):
-        color, prefix = f"C{i}", f"{name}: " if name else ""
+    for i, (name, in_time) in enumerate(runs.items()):
+        color, prefix, pts = f"C{i}", f"{name}: " if name else "", sorted(in_time)
         kls = [p[0] for p in pts]
         ax.plot(kls, [p[1] for p in pts], marker="o", color=color, label=f"{prefix}reward model")
         ax.plot(kls, [p[2] for p in pts], marker="s", color=color, linestyle="--", label=f"{prefix}gold labeler")

@@ -431,8 +431,9 @@ def format_extras(records: list[dict], rm_report: dict, overopt: dict, heldout: 
     if overopt:
         lines.append("Over-optimisation along each PPO run (KL to the start, RM score, gold score):")
         for name, o in overopt.items():
-            lines.append(f"  {name:<9} gold peaks at {o['gold_peak']:+.3f} (KL {o['kl_at_gold_peak']:.2f}), ends at "
-                         f"{o['gold_at_max_kl']:+.3f} (KL {o['max_kl']:.2f}, RM {o['rm_at_max_kl']:+.3f})")
+            lines.append(f"  {name:<9} gold peak {o['gold_peak']:+.3f} (KL {o['kl_at_gold_peak']:.2f}); last iteration "
+                         f"gold {o['final_gold']:+.3f} (KL {o['final_kl']:.2f}, RM {o['final_rm']:+.3f}); largest KL "
+                         f"{o['max_kl']:.2f} (gold {o['gold_at_max_kl']:+.3f})")
     return "\n".join(lines)
 
 

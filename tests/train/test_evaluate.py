@@ -133,10 +133,12 @@ def test_figure1_table():
 
 
 def test_overoptimization_summary():
-    pts = [(0.0, 0.0, 0.1), (2.0, 0.5, 0.6), (8.0, 1.5, 0.2), (4.0, 1.0, 0.7)]  # unsorted input
+    pts = [(0.0, 0.0, 0.1), (2.0, 0.5, 0.6), (8.0, 1.5, 0.2), (4.0, 1.0, 0.7), (5.0, 1.2, 0.4)]  # time order
     s = overoptimization_summary(pts)
-    assert s["kl_at_gold_peak"] == 4.0 and s["gold_peak"] == 0.7 and s["max_kl"] == 8.0
-    assert s["gold_drop"] == pytest.approx(0.5) and s["rm_at_max_kl"] == 1.5
+    assert s["kl_at_gold_peak"] == 4.0 and s["gold_peak"] == 0.7 and s["rm_at_gold_peak"] == 1.0
+    assert (s["final_kl"], s["final_gold"], s["final_rm"]) == (5.0, 0.4, 1.2)  # the last iteration, not the largest KL
+    assert (s["max_kl"], s["gold_at_max_kl"], s["rm_at_max_kl"]) == (8.0, 0.2, 1.5)
+    assert s["gold_drop"] == pytest.approx(0.3)
     with pytest.raises(ValueError, match="points"):
         overoptimization_summary([(0.0, 1.0)])
     with pytest.raises(ValueError, match="points"):
