@@ -243,6 +243,23 @@ def test_bad_input():
     assert proc.returncode == 2 and "GPTConfig preset" in proc.stderr
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--preset", "instructgpt-1.3b", "--gpus", "6", "--tp", "4"], "error: --tp (4) must divide --gpus (6)"),
+    (["--preset", "instructgpt-1.3b", "--gpus", "1", "--seq-len", "4096"],
+     "error: --prompt-len + --response-len and --seq-len must be <= the policy's block_size (2048)"),
+    (["--preset", "demo", "--gpus", "1"],  # a trainer preset plan rejects is not listed among the choices
+     ("error: --preset must be one of ('instructgpt-1.3b', 'instructgpt-6.7b', 'instructgpt-175b') (GPT-3 shapes), "
+      "got 'demo'")),
+])
+def test_cli_errors_name_the_options(argv, message):
+    proc = _cli(*argv)
+    assert proc.returncode == 2 and message in proc.stderr and "PlanSpec" not in proc.stderr, proc.stderr
+
+
+def test_one_gpu_is_singular():
+    assert "Plan: 1 GPU (dp 1 x tp 1)" in _cli("--preset", "instructgpt-1.3b", "--gpus", "1").stdout
+
+
 def test_bad_config_json_is_a_clear_error(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text("[1, 2]")

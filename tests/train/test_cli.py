@@ -106,6 +106,9 @@ def test_malformed_jsonl_names_file_line_and_field(tmp_path, capsys):
     assert main(["sft", "--out", str(tmp_path / "o"), "--data", str(bad), "--preset", "micro", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl" in err and "2" in err and "response" in err
+    bad.write_text('{"prompt": "Q: add 1 2\\nA:", "response": " 3"\n')  # the closing brace is missing at the end
+    assert main(["sft", "--out", str(tmp_path / "o"), "--data", str(bad), "--preset", "micro", "--quiet"]) == 2
+    assert f"{bad}:1: invalid JSON (Expecting ',' delimiter at column 46)" in capsys.readouterr().err
 
 
 def test_bad_arguments_are_rejected(tmp_path, capsys):

@@ -180,3 +180,12 @@ def test_help_lists_every_command_without_importing_torch():
              "print(all(f'    {c} ' in h for c in COMMANDS))")
     proc = subprocess.run([sys.executable, "-c", probe], check=False, capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["False", "True"], proc.stderr
+
+
+def test_help_shows_a_torchrun_line_that_works():
+    """torchrun runs a module or a script file: the console script is neither, `-m instructrl_fast.cli` is."""
+    from instructrl_fast.cli import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "torchrun --nproc-per-node N -m instructrl_fast.cli ... --tp T" in text
+    assert "torchrun --nproc-per-node N instructrl-fast" not in text
