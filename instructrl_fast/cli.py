@@ -332,10 +332,11 @@ def _load_model(args, cfg, state, path: Path | None, *, want: str = "lm", size: 
     from instructrl_fast.data.tokenizer import load_tokenizer, tokenizer_from_spec, tokenizer_spec
     from instructrl_fast.model.config import GPTConfig
     from instructrl_fast.parallel import build_gpt
-    from instructrl_fast.train.checkpoint import checkpoint_model, load_model_weights, load_weights, weights_info
+    from instructrl_fast.train.checkpoint import checkpoint_kind, checkpoint_model, load_model_weights
     from instructrl_fast.train.config import model_config
     from instructrl_fast.train.pipeline import init_from
     from instructrl_fast.train.reward import RewardModel
+    from instructrl_fast.weights import load_weights, weights_info
 
     mesh = dataclasses.replace(state, device=_device(args, state))
     precision = cfg.precision or ("bf16" if mesh.device.type == "cuda" else "fp32")
@@ -371,10 +372,10 @@ def _load_model(args, cfg, state, path: Path | None, *, want: str = "lm", size: 
     if ckpt is not None:
         folder, name, stored_config = ckpt
         info = None
-        stored, kind = GPTConfig(**stored_config), _checkpoint_kind(folder, name)
+        stored, kind = GPTConfig(**stored_config), checkpoint_kind(folder, name)
     else:
         info = weights_info(path) if path is not None else None
-        stored, kind = (info.config, info.kind) if info is not None else (None, None)
+        stored, kind = (_stored_config(info, path), info.kind) if info is not None else (None, None)
     if info is not None and info.tokenizer is not None:
         from_file = tokenizer_from_spec(info.tokenizer, f"the tokenizer stored in {path}")
         if tok is not None and tokenizer_spec(tok) != info.tokenizer:
@@ -411,13 +412,16 @@ def _load_model(args, cfg, state, path: Path | None, *, want: str = "lm", size: 
     return model, tok
 
 
-def _checkpoint_kind(folder: Path, name: str) -> str:
-    """"lm" / "scalar" / "reward" for model ``name`` of checkpoint ``folder``, read from its DCP metadata's tensor
-    names (no tensor data is read)."""
-    from torch.distributed.checkpoint import FileSystemReader
+def _stored_config(info, path: Path):
+    """The GPTConfig a weights file records, or None for a file written without one."""
+    from instructrl_fast.model.config import GPTConfig
 
-    keys = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
-    return ("reward" if f"{name}.bias" in keys else "scalar" if f"{name}.score_head.weight" in keys else "lm")
+    if info.config is None:
+        return None
+    try:
+        return GPTConfig(**info.config)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: the model configuration in its metadata is invalid ({e})") from e
 
 
 def _check_vocab(tok, mcfg, path) -> None:
@@ -498,9 +502,9 @@ def cmd_sft(args) -> dict:
     import dataclasses
 
     from instructrl_fast.data import DemoTask, load_sft_jsonl
-    from instructrl_fast.train.checkpoint import save_weights
     from instructrl_fast.train.pipeline import resuming, set_dropout
     from instructrl_fast.train.sft import train_sft
+    from instructrl_fast.weights import save_weights
 
     cfg, state = _setup(args)
     sc = cfg.sft
@@ -536,9 +540,9 @@ def cmd_rm(args) -> dict:
     import dataclasses
 
     from instructrl_fast.data import DemoTask, GoldLabeler, load_comparisons_jsonl, load_sft_jsonl
-    from instructrl_fast.train.checkpoint import save_weights
     from instructrl_fast.train.pipeline import resuming
     from instructrl_fast.train.reward import RewardModel, train_reward_model
+    from instructrl_fast.weights import save_weights
 
     cfg, state = _setup(args)
     rc = cfg.rm
@@ -574,7 +578,7 @@ def cmd_rm(args) -> dict:
 
 def _kind(path: Path) -> str | None:
     """"lm" / "scalar" / "reward" for a weights file, None for a folder."""
-    from instructrl_fast.train.checkpoint import weights_info
+    from instructrl_fast.weights import weights_info
 
     return None if path.is_dir() else weights_info(path).kind
 
@@ -593,9 +597,9 @@ def cmd_ppo(args) -> dict:
     from instructrl_fast.data.tokenizer import tokenizer_spec
     from instructrl_fast.parallel import build_gpt
     from instructrl_fast.train.batching import chunk_corpus
-    from instructrl_fast.train.checkpoint import save_weights
     from instructrl_fast.train.pipeline import init_from, resuming
     from instructrl_fast.train.ppo import train_ppo
+    from instructrl_fast.weights import save_weights
 
     cfg, state = _setup(args)
     pc = cfg.ppo_ptx if args.ptx else cfg.ppo

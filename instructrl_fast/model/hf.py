@@ -171,7 +171,7 @@ def write_gpt2(path: str, config: GPTConfig, tensors: list[tuple[str, torch.Size
     non-pad token; the class has no bias, so ``tensors`` must not hold ``score_head.bias``) and "token" (a value
     model: a score per token) keep it as a 1-label head. ``special_ids``: bos / eos / pad token ids for config.json.
     """
-    from instructrl_fast.train.checkpoint import write_safetensors
+    from instructrl_fast.weights import write_safetensors
 
     if head not in HEADS:
         raise ValueError(f"head must be one of {tuple(HEADS)}, got {head!r}")

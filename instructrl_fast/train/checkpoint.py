@@ -1,4 +1,4 @@
-"""Atomic, exactly resumable, resharding checkpoints (torch.distributed.checkpoint) and single-file final weights.
+"""Atomic, exactly resumable, resharding training checkpoints (torch.distributed.checkpoint, DCP).
 
 Layout of a stage's checkpoint folder::
 
@@ -19,20 +19,16 @@ directory (every rank's files fsynced by DCP and here), rank 0 renames the folde
 (atomic on POSIX) and only then rewrites ``latest``, itself through a temporary file + fsync + ``os.replace``. A
 crash of any rank at any point therefore leaves ``latest`` naming a complete checkpoint.
 
-Final weights (``save_weights``) are one safetensors file of full tensors, whatever the mesh: the format every
-reader here and outside (``safe_open``, transformers via ``export``) takes, readable slice by slice by ``load_weights``
-at any mesh. Rank 0 writes it streaming, one gathered tensor at a time, so no rank ever holds a full model.
+A stage's final weights are one safetensors file instead (``instructrl_fast.weights``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 import shutil
 import warnings
-from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,17 +36,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from instructrl_fast.model.config import GPTConfig
-from instructrl_fast.parallel.shards import Chunk, full_slices, gather_full, is_sharded, local_chunks, reshard, tp_specs
+from instructrl_fast.parallel.shards import Chunk, is_sharded, local_chunks, reshard, tp_specs
+from instructrl_fast.weights import TMP_PREFIX, fsync_path, model_kind
 
 LATEST = "latest"
 STATE = "state.pt"
 DCP_METADATA = ".metadata"
-# safetensors metadata of a weights file: what rebuilds the model (its GPTConfig as JSON, also read by export) and its
-# tokenizer ("byte" or the tokenizer.json text), so a file is usable on its own
-CONFIG_KEY = "instructrl_fast.gpt_config"
-TOKENIZER_KEY = "instructrl_fast.tokenizer"
-_TMP_PREFIX = ".tmp-"
 _OPTIM = "optim"
 HANDED_ON = ("ema", "policy", "model")  # the model a stage hands on, by preference (PPO: the EMA of the policy)
 
@@ -69,29 +60,21 @@ def _barrier() -> None:
 
 
 @contextmanager
-def _dcp_quiet():
-    """DCP warns on every call without a process group that it assumes one process: that is the intent here."""
+def dcp_quiet():
+    """Around a DCP call in one process: DCP warns on every call without a process group that it assumes one process: that is the intent here."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch\.distributed is .*single process")
         yield
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{os.getpid()}")
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
 
 
 def rng_state() -> dict:
@@ -114,160 +97,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightsInfo:
-    """What a weights file says about itself: ``config`` (None for a file written without it), ``tokenizer`` (a
-    ``tokenizer_spec`` string or None) and ``kind``: "lm", "scalar" (a scalar-head GPT) or "reward" (a
-    ``RewardModel``: a scalar-head body and its bias), read from the tensor names."""
-
-    config: GPTConfig | None
-    tokenizer: str | None
-    kind: str
-    shapes: dict[str, tuple[int, ...]]
-
-
-def unreadable(path: Path, e: Exception) -> ValueError:
-    """The error for a weights file safetensors cannot read (``e``: what safetensors raised)."""
-    return ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); it is truncated, "
-                      "corrupt or another format")
-
-
-def weights_info(path: str | os.PathLike) -> WeightsInfo:
-    """Read the header of a weights file written by ``save_weights`` (no tensor data is read)."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no weights file at {path}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
-    except (SafetensorError, OSError) as e:
-        raise unreadable(path, e) from e
-    config = None
-    if CONFIG_KEY in meta:
-        try:
-            config = GPTConfig(**json.loads(meta[CONFIG_KEY]))
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{path}: the model configuration in its metadata is invalid ({e})") from e
-    kind = "reward" if "bias" in shapes else "scalar" if "score_head.weight" in shapes else "lm"
-    return WeightsInfo(config, meta.get(TOKENIZER_KEY), kind, shapes)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# final weights: one safetensors file of full tensors
-# ------------------------------------------------------------------------------------------------------------------
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-
-
-def write_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, torch.Size, torch.dtype]], fetch,
-                      *, metadata: dict[str, str] | None = None) -> None:
-    """Stream a safetensors file to ``path`` atomically: ``tensors`` lists (name, full shape, dtype) in file order;
-    ``fetch(name)`` returns that full tensor on global rank 0 (None elsewhere) and is called on every rank in the
-    same order (it may be a collective). Only rank 0 writes; it holds one full tensor at a time."""
-    tensors = list(tensors)
-    path = Path(path)
-    writer = _rank() == 0
-    if writer:
-        header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
-        for name, shape, dtype in tensors:
-            if dtype not in _ST_DTYPES:
-                raise TypeError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
-            nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned (safetensors' own padding)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{os.getpid()}")
-        f = open(tmp, "wb")  # noqa: SIM115 - closed below, after every rank's collectives
-        f.write(len(blob).to_bytes(8, "little") + blob)
-    try:
-        for name, shape, dtype in tensors:
-            t = fetch(name)
-            if writer:
-                if t is None or t.shape != shape or t.dtype != dtype:
-                    raise ValueError(f"fetch({name!r}) must return a {dtype} tensor of shape {tuple(shape)} on rank 0")
-                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    finally:
-        if writer:
-            f.close()
-    if writer:
-        _fsync_path(tmp)
-        os.replace(tmp, path)
-        _fsync_path(path.parent)
-
-
-def _config_metadata(module: torch.nn.Module, tokenizer=None) -> dict[str, str]:
-    from instructrl_fast.data.tokenizer import tokenizer_spec
-
-    meta = {}
-    if isinstance(config := getattr(module, "config", None), GPTConfig):
-        meta[CONFIG_KEY] = json.dumps(dataclasses.asdict(config))
-    if tokenizer is not None:
-        meta[TOKENIZER_KEY] = tokenizer_spec(tokenizer)
-    return meta
-
-
-def save_weights(path: str | os.PathLike, module: torch.nn.Module, *, tokenizer=None) -> None:
-    """Write one module's full weights (``module.state_dict()`` names) to ``path`` (safetensors) atomically, with
-    the module's ``GPTConfig`` (``module.config``) and ``tokenizer`` (a ByteTokenizer / HFTokenizer, when given) in
-    the file's metadata (``weights_info`` reads them back).
-
-    Under tensor parallelism or FSDP2 this is a collective: every rank calls it, each tensor is gathered in turn
-    and global rank 0 writes the one file (the same file a one-process run writes).
-    """
-    reshard(module)
-    specs = tp_specs(module)
-    state = module.state_dict()
-    entries = [(name, local_chunks(t, specs.get(name))[0], t.dtype) for name, t in state.items()]
-    write_safetensors(path, entries, lambda name: gather_full(state[name], specs.get(name)),
-                      metadata=_config_metadata(module, tokenizer))
-    _barrier()  # the file exists for every rank once this returns
-
-
-@torch.no_grad()
-def load_weights(path: str | os.PathLike, module: torch.nn.Module) -> torch.nn.Module:
-    """Load full weights written by ``save_weights`` into ``module`` at any mesh: each rank reads only its own
-    slices of each tensor (safetensors ``get_slice``).
-
-    Raises FileNotFoundError for a missing file and ValueError (naming the file, tensors and shapes) for an
-    unreadable file or weights of another shape or kind than ``module``.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    info = weights_info(path)
-    reshard(module)
-    specs, state = tp_specs(module), module.state_dict()
-    own = {name: tuple(local_chunks(t, specs.get(name))[0]) for name, t in state.items()}  # full shapes
-    missing, unexpected = sorted(set(own) - set(info.shapes)), sorted(set(info.shapes) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the module (the file holds a {info.kind!r} model; missing "
-                         f"{missing[:5]}, unexpected {unexpected[:5]})")
-    wrong = [f"{k} {info.shapes[k]} (module {own[k]})" for k in own if info.shapes[k] != own[k]]
-    if wrong:
-        shape = f" ({_describe(info.config)})" if info.config is not None else ""
-        raise ValueError(f"{path}: weights of another shape{shape}: {'; '.join(wrong[:3])}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name, t in state.items():
-                stored = f.get_slice(name)
-                for c in local_chunks(t, specs.get(name))[1]:  # a 0-dim tensor (a scalar buffer) cannot be sliced
-                    c.local.copy_(stored[full_slices(c)] if c.local.dim() else f.get_tensor(name))
-    except (SafetensorError, OSError) as e:  # a header that parses but truncated tensor data
-        raise unreadable(path, e) from e
-    return module
-
-
-def _describe(config: GPTConfig) -> str:
-    return (f"n_layer={config.n_layer}, n_head={config.n_head}, d_model={config.d_model}, "
-            f"vocab_size={config.vocab_size}, block_size={config.block_size}")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -388,11 +217,11 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, modules: dict[str, t
                         "pass them in modules, as a ParameterState if they are shaped like a module's parameters")
     ckpt_dir = Path(ckpt_dir)
     name = f"step_{step:08d}"
-    tmp, final = ckpt_dir / f"{_TMP_PREFIX}{name}", ckpt_dir / name
+    tmp, final = ckpt_dir / f"{TMP_PREFIX}{name}", ckpt_dir / name
     rank = _rank()
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ckpt_dir.glob(f"{_TMP_PREFIX}*"):  # left behind by a crash during an earlier write
+        for stale in ckpt_dir.glob(f"{TMP_PREFIX}*"):  # left behind by a crash during an earlier write
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         tmp.mkdir()
     _barrier()
@@ -404,21 +233,21 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, modules: dict[str, t
         names = _param_names(modules)
         tensors.update(_optimizer_state(optimizer, names))
         extra["optimizer"] = {"param_groups": _optimizer_groups(optimizer, names)}
-    with _dcp_quiet():
+    with dcp_quiet():
         dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
     torch.save({**state, **extra}, _state_file(tmp, rank))
-    _fsync_path(_state_file(tmp, rank))
+    fsync_path(_state_file(tmp, rank))
     _barrier()  # every rank's files are on disk before the folder is published
     if rank == 0:
-        _fsync_path(tmp)
+        fsync_path(tmp)
         if final.exists():  # a complete folder of the same step that `latest` never pointed to (crash after rename)
-            trash = ckpt_dir / f"{_TMP_PREFIX}old-{name}"
+            trash = ckpt_dir / f"{TMP_PREFIX}old-{name}"
             os.replace(final, trash)
             os.replace(tmp, final)
             shutil.rmtree(trash)
         else:
             os.replace(tmp, final)
-        _fsync_path(ckpt_dir)
+        fsync_path(ckpt_dir)
         _atomic_write_text(ckpt_dir / LATEST, name)
         for old in sorted(ckpt_dir.glob("step_*"))[:-keep]:
             shutil.rmtree(old)
@@ -467,7 +296,7 @@ def _load_optimizer(path: Path, optimizer: torch.optim.Optimizer, modules: dict,
             else:
                 targets[key] = None
                 views[key] = (i, None)
-    with _dcp_quiet():
+    with dcp_quiet():
         dcp.load(targets, storage_reader=dcp.FileSystemReader(path))
     state: dict[int, dict] = {}
     for key, (i, tensor) in views.items():
@@ -501,7 +330,7 @@ def load_checkpoint(path: str | os.PathLike, modules: dict[str, torch.nn.Module 
         if tuple(stored) != tuple(t.shape):
             raise ValueError(f"{path}: {key} has shape {tuple(stored)} in the checkpoint, the model's is "
                              f"{tuple(t.shape)}")
-    with _dcp_quiet():
+    with dcp_quiet():
         dcp.load(tensors, storage_reader=reader)
     state = torch.load(_state_file(path, 0), weights_only=True)
     if state.get("world_size") == _world() and _rank() > 0:
@@ -531,6 +360,15 @@ def checkpoint_model(path: str | os.PathLike, name: str | None = None) -> tuple[
     if name not in configs:
         raise ValueError(f"module must name one of the checkpoint's models {sorted(configs)}, got {name!r}")
     return path, name, configs[name]
+
+
+def checkpoint_kind(folder: str | os.PathLike, name: str) -> str:
+    """``weights.model_kind`` of model ``name`` of checkpoint ``folder``, read from its DCP metadata's tensor names
+    (no tensor data is read)."""
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    return model_kind(k.removeprefix(f"{name}.") for k in keys if k.startswith(f"{name}."))
 
 
 def load_model_weights(path: str | os.PathLike, module: torch.nn.Module, *, name: str | None = None):

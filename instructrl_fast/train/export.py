@@ -30,15 +30,8 @@ from typing import Protocol
 import torch
 
 from instructrl_fast.model.config import GPTConfig
-from instructrl_fast.train.checkpoint import (
-    CONFIG_KEY,
-    DCP_METADATA,
-    LATEST,
-    _dcp_quiet,
-    checkpoint_model,
-    unreadable,
-    weights_info,
-)
+from instructrl_fast.train.checkpoint import DCP_METADATA, LATEST, checkpoint_model, dcp_quiet
+from instructrl_fast.weights import CONFIG_KEY, model_kind, unreadable, weights_info
 
 WEIGHTS = "model.safetensors"
 _GPT_PREFIXES = ("wte.", "wpe.", "blocks.", "ln_f.", "score_head.")
@@ -65,7 +58,7 @@ class _SafetensorsSource:
             self.tensors = [(n, torch.Size(f.get_slice(n).get_shape()), _dtype(f.get_slice(n).get_dtype()))
                             for n in f.keys()]  # noqa: SIM118 - safe_open is not a dict
         if info.config is not None:
-            self.config = info.config
+            self.config = GPTConfig(**info.config)
         elif (path.parent / "config.json").is_file():  # our GPTConfig saved next to the weights
             self.config = GPTConfig(**json.loads((path.parent / "config.json").read_text()))
         else:
@@ -99,7 +92,7 @@ class _DCPSource:
 
         shape, dtype = next((s, d) for n, s, d in self.tensors if n == name)
         out = {self.keys[name]: torch.empty(shape, dtype=dtype)}
-        with _dcp_quiet():  # one process reads every rank's chunks of this one tensor
+        with dcp_quiet():  # one process reads every rank's chunks of this one tensor
             dcp.load(out, storage_reader=dcp.FileSystemReader(self.path), no_dist=True)
         return out[self.keys[name]]
 
@@ -120,12 +113,6 @@ def open_weights(path: str | os.PathLike, *, module: str | None = None) -> _Sour
         return _SafetensorsSource(path)
     raise ValueError(f"path must be a stage folder holding {WEIGHTS}, a .safetensors file, a ckpt folder or a "
                      f"checkpoint folder (with {DCP_METADATA}); got {path}")
-
-
-def _kind(names: set[str]) -> str:
-    """"reward" (a RewardModel: body.* and its centring bias), "scalar" (a value model) or "lm"."""
-    return "reward" if "bias" in names and any(n.startswith("body.") for n in names) else \
-        "scalar" if "score_head.weight" in names else "lm"
 
 
 def _reward_source(src: _Source) -> _Source:
@@ -160,7 +147,7 @@ def export_gpt2(path: str | os.PathLike, out: str | os.PathLike, *, module: str 
     from instructrl_fast.model.hf import HEADS, write_gpt2
 
     src = open_weights(path, module=module)
-    kind = _kind({n for n, _, _ in src.tensors})
+    kind = model_kind(n for n, _, _ in src.tensors)
     if kind == "reward":
         src = _reward_source(src)
     foreign = [n for n, _, _ in src.tensors if not n.startswith(_GPT_PREFIXES)]

@@ -31,13 +31,14 @@ from tqdm.auto import tqdm
 from instructrl_fast.data import ByteTokenizer, DemoTask, GoldLabeler
 from instructrl_fast.parallel import build_gpt, parallel_state
 from instructrl_fast.train.batching import chunk_corpus
-from instructrl_fast.train.checkpoint import latest_checkpoint, load_weights, save_weights
+from instructrl_fast.train.checkpoint import latest_checkpoint
 from instructrl_fast.train.config import PipelineConfig, model_config
 from instructrl_fast.train.generation import respond
 from instructrl_fast.train.ppo import train_ppo
 from instructrl_fast.train.pretrain import corpus_loss, pretrain
 from instructrl_fast.train.reward import RewardModel, train_reward_model
 from instructrl_fast.train.sft import candidates, select_by_reward, train_sft
+from instructrl_fast.weights import load_weights, save_weights
 
 RESULT = "model.safetensors"  # each stage folder's final weights
 

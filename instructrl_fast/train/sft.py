@@ -17,12 +17,12 @@ import torch
 from instructrl_fast.model.gpt import sample_keys
 from instructrl_fast.parallel.dist import parallel_state
 from instructrl_fast.train.batching import lm_batch, sft_batch, step_indices
-from instructrl_fast.train.checkpoint import load_weights, save_weights
 from instructrl_fast.train.config import SFTConfig
 from instructrl_fast.train.generation import respond
 from instructrl_fast.train.loop import make_optimizer, train
 from instructrl_fast.train.pretrain import dp_micro_batches, label_count, lm_loss, model_flops_per_token
 from instructrl_fast.train.reward import score_texts
+from instructrl_fast.weights import load_weights, save_weights
 
 
 class SFTStage:

@@ -23,15 +23,9 @@ import torch.distributed as dist
 from instructrl_fast.model import GPT, GPTConfig, load_gpt2
 from instructrl_fast.model.hf import load_gpt2_weights
 from instructrl_fast.parallel import apply_fsdp, destroy_distributed, init_distributed
-from instructrl_fast.train.checkpoint import (
-    ParameterState,
-    latest_checkpoint,
-    load_checkpoint,
-    load_weights,
-    save_checkpoint,
-    save_weights,
-)
+from instructrl_fast.train.checkpoint import ParameterState, latest_checkpoint, load_checkpoint, save_checkpoint
 from instructrl_fast.train.export import export_gpt2
+from instructrl_fast.weights import load_weights, save_weights
 
 # qkv's TP slice at TP = 2 has 3 x 16 rows; FSDP2's two row halves (24 each) straddle the Q / K / V blocks.
 CFG = GPTConfig(n_layer=2, n_head=4, d_model=32, vocab_size=101, vocab_multiple=8, block_size=32)

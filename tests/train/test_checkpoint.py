@@ -18,6 +18,7 @@ from instructrl_fast.train.config import LoopConfig, OptimConfig, SFTConfig
 from instructrl_fast.train.loop import train
 from instructrl_fast.train.ppo import PPOStage
 from instructrl_fast.train.sft import SFTStage
+from instructrl_fast.weights import load_weights, save_weights
 from tests.train.conftest import assert_same_weights, micro_gpt
 from tests.train.test_ppo import _cfg as ppo_cfg
 from tests.train.test_ppo import _stage as ppo_stage
@@ -142,11 +143,11 @@ def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypa
 
 
 def test_load_rejects_mismatched_weights(tmp_path):
-    ckpt.save_weights(tmp_path / "w.safetensors", micro_gpt())
+    save_weights(tmp_path / "w.safetensors", micro_gpt())
     with pytest.raises(ValueError, match="do not match"):
-        ckpt.load_weights(tmp_path / "w.safetensors", micro_gpt("scalar"))
+        load_weights(tmp_path / "w.safetensors", micro_gpt("scalar"))
     with pytest.raises(FileNotFoundError):
-        ckpt.load_weights(tmp_path / "missing.safetensors", micro_gpt())
+        load_weights(tmp_path / "missing.safetensors", micro_gpt())
 
 
 _SCRIPT = textwrap.dedent("""

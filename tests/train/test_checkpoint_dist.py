@@ -85,9 +85,9 @@ def test_export_is_the_same_from_every_mesh_and_transformers_reads_it(runs, tmp_
     import transformers
 
     from instructrl_fast.model import GPT
-    from instructrl_fast.train.checkpoint import load_weights
+    from instructrl_fast.weights import load_weights
 
-    exports = {name: export_gpt2(src, tmp_path / name, module="model") for name, src in  # not the default, the EMA
+    exports = {name: export_gpt2(src, tmp_path / name, module="model")[0] for name, src in  # not the default, the EMA
                (("dcp_dp2_tp2", runs / "ckpt"), ("dcp_tp4", latest_checkpoint(runs / "ckpt_tp4")),
                 ("dcp_tp1", runs / "ckpt_tp1"), ("weights", runs / "w2.safetensors"))}
     first = load_file(exports["dcp_dp2_tp2"] / "model.safetensors")

@@ -11,9 +11,9 @@ import pytest
 from instructrl_fast.cli import main
 from instructrl_fast.data import ByteTokenizer, save_jsonl
 from instructrl_fast.model import GPT
-from instructrl_fast.train.checkpoint import save_weights
 from instructrl_fast.train.config import model_config, preset
 from instructrl_fast.train.reward import RewardModel
+from instructrl_fast.weights import save_weights
 
 COMMON = ["--preset", "micro", "--quiet", "--threads", "1"]
 

@@ -7,7 +7,7 @@ import pytest
 
 from instructrl_fast.cli import main
 from instructrl_fast.data import save_jsonl
-from instructrl_fast.train.checkpoint import weights_info
+from instructrl_fast.weights import weights_info
 
 COMMON = ["--preset", "micro", "--quiet", "--threads", "1"]
 
@@ -47,7 +47,7 @@ def test_finetune_a_gpt2_folder_then_rm_ppo_eval_without_size_flags(tmp_path, ta
                  str(tmp_path / "demos.jsonl"), "--epochs", "1", *COMMON]) == 0
     sft = tmp_path / "sft" / "model.safetensors"
     info = weights_info(sft)
-    assert info.kind == "lm" and info.config.d_model == 32 and info.config.vocab_size == tok.get_vocab_size()
+    assert info.kind == "lm" and info.config["d_model"] == 32 and info.config["vocab_size"] == tok.get_vocab_size()
     assert info.tokenizer is not None and json.loads(info.tokenizer)["model"] == json.loads(stored)["model"]
 
     assert main(["rm", "--out", str(tmp_path / "rm"), "--init", str(sft), "--data", str(tmp_path / "comps.jsonl"),

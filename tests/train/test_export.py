@@ -8,12 +8,13 @@ from safetensors.torch import load_file
 
 from instructrl_fast.cli import main
 from instructrl_fast.train import checkpoint as ckpt
+from instructrl_fast.weights import save_weights
 from tests.train.conftest import micro_gpt
 
 
 def test_export_of_a_stage_folder_and_of_its_checkpoint(tmp_path, capsys):
     policy, value = micro_gpt(seed=1), micro_gpt("scalar", seed=2)
-    ckpt.save_weights(tmp_path / "ppo" / "model.safetensors", policy)
+    save_weights(tmp_path / "ppo" / "model.safetensors", policy)
     ckpt.save_checkpoint(tmp_path / "ppo" / "ckpt", 3, {"policy": policy, "value": value}, {})
     assert main(["export", str(tmp_path / "ppo"), str(tmp_path / "from_weights")]) == 0
     assert main(["export", str(tmp_path / "ppo" / "ckpt"), str(tmp_path / "from_ckpt")]) == 0  # picks the policy
@@ -55,7 +56,7 @@ def _tokenizer_json():
 
 def test_the_exported_policy_stands_alone_with_the_byte_tokenizer(tmp_path, tok, capsys):
     policy = micro_gpt(seed=1)
-    ckpt.save_weights(tmp_path / "sft" / "model.safetensors", policy, tokenizer=tok)
+    save_weights(tmp_path / "sft" / "model.safetensors", policy, tokenizer=tok)
     assert main(["export", str(tmp_path / "sft"), str(tmp_path / "hf")]) == 0
     assert "wrote a GPT2LMHeadModel" in capsys.readouterr().out
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -77,7 +78,7 @@ def test_a_users_hf_tokenizer_goes_with_the_export(tmp_path):
     path = tmp_path / "tokenizer.json"
     _tokenizer_json().save(str(path))
     user_tok = HFTokenizer(path)
-    ckpt.save_weights(tmp_path / "model.safetensors", micro_gpt(seed=1), tokenizer=user_tok)
+    save_weights(tmp_path / "model.safetensors", micro_gpt(seed=1), tokenizer=user_tok)
     assert main(["export", str(tmp_path / "model.safetensors"), str(tmp_path / "hf")]) == 0
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert hf_tok("the cat sat on a mat", add_special_tokens=False).input_ids == \
@@ -93,7 +94,7 @@ def test_the_reward_model_exports_as_sequence_classification_with_its_bias(tmp_p
         rm.body.score_head.bias.fill_(0.7)
         rm.body.ln_f.bias.normal_(0.0, 0.1)
         rm.bias.fill_(-2.5)  # the centring bias: a score shift transformers has no place for but ln_f's bias
-    ckpt.save_weights(tmp_path / "rm" / "model.safetensors", rm, tokenizer=tok)
+    save_weights(tmp_path / "rm" / "model.safetensors", rm, tokenizer=tok)
     assert main(["export", str(tmp_path / "rm"), str(tmp_path / "hf")]) == 0
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
     assert type(hf).__name__ == "GPT2ForSequenceClassification" and hf.config.num_labels == 1
@@ -122,7 +123,7 @@ def test_the_value_model_exports_as_token_classification(tmp_path):
 
 
 def test_a_truncated_weights_file_is_an_error_line(tmp_path, capsys):
-    ckpt.save_weights(tmp_path / "model.safetensors", micro_gpt(seed=1))
+    save_weights(tmp_path / "model.safetensors", micro_gpt(seed=1))
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[:len(data) // 2])
     assert main(["export", str(tmp_path / "model.safetensors"), str(tmp_path / "hf")]) == 2

@@ -4,8 +4,9 @@ unusable file is a ValueError naming it (and the shapes involved), never a safet
 import pytest
 
 from instructrl_fast.data.tokenizer import ByteTokenizer, HFTokenizer, tokenizer_from_spec, tokenizer_spec
-from instructrl_fast.train.checkpoint import load_weights, save_weights, weights_info
+from instructrl_fast.model import GPTConfig
 from instructrl_fast.train.reward import RewardModel
+from instructrl_fast.weights import load_weights, save_weights, weights_info
 from tests.train.conftest import assert_same_weights, micro_gpt
 
 
@@ -13,12 +14,12 @@ def test_config_and_byte_tokenizer_round_trip(tmp_path):
     model = micro_gpt(seed=3)
     save_weights(tmp_path / "w.safetensors", model, tokenizer=ByteTokenizer())
     info = weights_info(tmp_path / "w.safetensors")
-    assert info.config == model.config and info.kind == "lm" and info.tokenizer == "byte"
+    assert GPTConfig(**info.config) == model.config and info.kind == "lm" and info.tokenizer == "byte"
     assert isinstance(tokenizer_from_spec(info.tokenizer), ByteTokenizer)
     assert_same_weights(load_weights(tmp_path / "w.safetensors", micro_gpt(seed=0)), model)
     save_weights(tmp_path / "rm.safetensors", RewardModel(micro_gpt("scalar")))
     info = weights_info(tmp_path / "rm.safetensors")
-    assert info.kind == "reward" and info.tokenizer is None and info.config == model.config
+    assert info.kind == "reward" and info.tokenizer is None and GPTConfig(**info.config) == model.config
 
 
 def test_hf_tokenizer_round_trips_through_the_metadata(tmp_path, task):
