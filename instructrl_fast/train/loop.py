@@ -272,22 +272,9 @@ def _run(stage: Stage, optim: OptimConfig, loop: LoopConfig, ckpt_dir: Path, sta
             log(step, _evaluate(stage))
         boundary(step)
 
-        # micro-steps: this dp rank's share of the step; gradients accumulate into the same .grad buffers (FSDP2
-        # reduce-scatters them over dp). Each loss term is weighted by the micro-batch's share of the term's global
-        # count, summed over the dp ranks once per step from host-side counts.
-        batches = list(stage.micro_batches(step))
-        counts = torch.stack([stage.loss_counts(b).to(device) for b in batches])  # [M, K] float64
-        total = mesh.dp_sum(counts.sum(0))
-        # x dp: FSDP2 averages the dp ranks' gradients, and the step's gradient is their sum
-        weights = (counts / total.clamp_min(1) * mesh.dp_size).float()
-        sums: dict[str, torch.Tensor] = {}
-        n_global = len(batches) * mesh.dp_size
-        for batch, weight in zip(batches, weights):
-            loss, metrics, n_tok = stage.loss(batch, weight)
-            loss.backward()
-            tokens += n_tok * mesh.dp_size
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v.detach() / n_global
+        # micro-steps: this dp rank's share of the step
+        sums, n_tokens = _micro_steps(stage, step, device)
+        tokens += n_tokens
 
         # clip -> step
         grad_norm = _clip(stage.optimizer, optim.grad_clip, tp_shards)
@@ -318,6 +305,30 @@ def _run(stage: Stage, optim: OptimConfig, loop: LoopConfig, ckpt_dir: Path, sta
     final = _evaluate(stage)
     log(stage.max_steps, final)
     return final
+
+
+def _micro_steps(stage: Stage, step: int, device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
+    """Forward and backward of this dp rank's share of optimizer step ``step``; returns (each metric's mean over
+    the step's micro-batches on this rank, divided by dp for the later all-reduce, tokens processed on every rank).
+
+    Gradients accumulate into the same .grad buffers (FSDP2 reduce-scatters them over dp). Each loss term is weighted
+    by the micro-batch's share of the term's global count, summed over the dp ranks once per step from host-side
+    counts."""
+    mesh = parallel_state()
+    batches = list(stage.micro_batches(step))
+    counts = torch.stack([stage.loss_counts(b).to(device) for b in batches])  # [M, K] float64
+    total = mesh.dp_sum(counts.sum(0))
+    # x dp: FSDP2 averages the dp ranks' gradients, and the step's gradient is their sum
+    weights = (counts / total.clamp_min(1) * mesh.dp_size).float()
+    sums: dict[str, torch.Tensor] = {}
+    n_global, tokens = len(batches) * mesh.dp_size, 0
+    for batch, weight in zip(batches, weights):
+        loss, metrics, n_tok = stage.loss(batch, weight)
+        loss.backward()
+        tokens += n_tok * mesh.dp_size
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v.detach() / n_global
+    return sums, tokens
 
 
 def _device_of(stage: Stage) -> torch.device:
