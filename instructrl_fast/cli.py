@@ -28,7 +28,6 @@ from pathlib import Path
 
 DEFAULT_RUN_SIZE = "s"
 PROG = "instructrl-fast"
-RESULT = "model.safetensors"  # a stage's result in its output folder
 
 
 class UserError(ValueError):
@@ -305,129 +304,28 @@ def _check_size(cfg, size: str, option: str = "--size") -> str:
     return size
 
 
-def _same_shape(a, b) -> bool:
-    fields = ("n_layer", "n_head", "d_head", "d_model", "d_ff", "block_size")
-    return all(getattr(a, f) == getattr(b, f) for f in fields)
+def _shape(cfg, size: str | None, option: str = "--size"):
+    """The ``assembly.Shape`` of ``size`` (a size of the preset; None: the default, which nothing is checked
+    against)."""
+    from instructrl_fast.train.assembly import Shape
+    from instructrl_fast.train.config import model_config
+
+    name = _check_size(cfg, size or DEFAULT_RUN_SIZE, option)
+    return Shape(config=lambda vocab: model_config(cfg.pretrain[name].model, vocab_size=vocab,
+                                                   block_size=cfg.block_size),
+                 option=f"{option} {size}" if size else None)
 
 
-def _shape(c) -> str:
-    return f"n_layer={c.n_layer}, n_head={c.n_head}, d_model={c.d_model}, block_size={c.block_size}"
-
-
-def _load_model(args, cfg, state, path: Path | None, *, want: str = "lm", size: str | None = None,
-                size_option: str = "--size", tokenizer: Path | None = None, frozen: bool = False):
-    """(model, tokenizer) for ``path``: a weights file (its stored shape and tokenizer) or a stage's output folder
-    holding one (its ``model.safetensors``), a GPT-2-family HF folder
-    (config.json, tokenizer.json when present), a stage's checkpoint (a ``ckpt`` folder or one ``ckpt/step_*``
-    folder: its stored shape; the tokenizer from ``tokenizer``, else bytes) or None (a new model of ``size``).
-
-    The model is built on the mesh (``parallel.build_gpt``: TP layers, FSDP2 over dp, ``--precision``,
-    ``--activation-checkpointing``; ``frozen`` for the reference / reward models) and each rank reads only its own
-    slices. ``want``: "lm" (a policy), "scalar" (a scalar-head GPT, e.g. a new reward model's body initialised from
-    an LM) or "reward" (a trained ``RewardModel``). ``size`` / ``tokenizer`` are checked against what ``path``
-    stores.
-    """
+def _builder(args, cfg, state):
+    """How this command builds models: on the mesh and ``--device``, in ``--precision`` (default bf16 on a GPU)."""
     import dataclasses
 
-    from instructrl_fast.data.tokenizer import load_tokenizer, tokenizer_from_spec, tokenizer_spec
-    from instructrl_fast.model.config import GPTConfig
-    from instructrl_fast.parallel import build_gpt
-    from instructrl_fast.train.checkpoint import checkpoint_kind, checkpoint_model, load_model_weights
-    from instructrl_fast.train.config import model_config
-    from instructrl_fast.train.pipeline import init_from
-    from instructrl_fast.train.reward import RewardModel
-    from instructrl_fast.weights import load_weights, weights_info
+    from instructrl_fast.train.assembly import Builder
 
-    mesh = dataclasses.replace(state, device=_device(args, state))
-    precision = cfg.precision or ("bf16" if mesh.device.type == "cuda" else "fp32")
-
-    def build(mcfg, head: str):
-        return build_gpt(mcfg, head, state=mesh, precision=precision, frozen=frozen,
-                         activation_checkpointing=cfg.activation_checkpointing)
-
-    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
-    if path is not None and (path / RESULT).is_file() and not (path / "config.json").is_file():
-        path = path / RESULT  # a stage's output folder: the stage's result
-    hf_dir = path is not None and (path / "config.json").is_file()  # a GPT-2-family transformers checkpoint
-    ckpt = None if path is None or hf_dir or not path.is_dir() else checkpoint_model(path)
-    if hf_dir:
-        from instructrl_fast.model import hf
-
-        if want == "reward":
-            raise UserError(f"{path} is a Hugging Face folder, not a reward model written by `rm`")
-        if tok is None:
-            found = path / "tokenizer.json"
-            tok = load_tokenizer(found if found.is_file() else None)
-            if not found.is_file():
-                print(f"{PROG}: note: {path} holds no tokenizer.json; using the byte tokenizer (give --tokenizer)",
-                      file=sys.stderr)
-        mcfg = hf.config_from_hf(json.loads((path / "config.json").read_text()))
-        if size is not None and not _same_shape(mcfg, model_config(
-                cfg.pretrain[_check_size(cfg, size, size_option)].model, vocab_size=1, block_size=cfg.block_size)):
-            raise UserError(f"{size_option} {size} does not match {path} ({_shape(mcfg)}); leave it out")
-        _check_vocab(tok, mcfg, path)
-        # built on the mesh (FSDP2 too), then each rank reads its slices
-        return hf.load_gpt2_weights(str(path), build(mcfg, "lm" if want == "lm" else "scalar")), tok
-
-    if ckpt is not None:
-        folder, name, stored_config = ckpt
-        info = None
-        stored, kind = GPTConfig(**stored_config), checkpoint_kind(folder, name)
-    else:
-        info = weights_info(path) if path is not None else None
-        stored, kind = (_stored_config(info, path), info.kind) if info is not None else (None, None)
-    if info is not None and info.tokenizer is not None:
-        from_file = tokenizer_from_spec(info.tokenizer, f"the tokenizer stored in {path}")
-        if tok is not None and tokenizer_spec(tok) != info.tokenizer:
-            raise UserError(f"--tokenizer {tokenizer} is not the tokenizer {path} was trained with "
-                            f"({tok.vocab_size} vs {from_file.vocab_size} ids); leave --tokenizer out")
-        tok = from_file
-    tok = tok if tok is not None else load_tokenizer(None)
-    if stored is not None:
-        mcfg = stored
-        if size is not None:
-            asked = model_config(cfg.pretrain[_check_size(cfg, size, size_option)].model,
-                                 vocab_size=mcfg.vocab_size, block_size=cfg.block_size)
-            if not _same_shape(asked, mcfg):
-                raise UserError(f"{size_option} {size} ({_shape(asked)}) does not match the model stored in {path} "
-                                f"({_shape(mcfg)}); leave {size_option} out")
-    else:  # a new model, or weights written without their shape: the preset's size
-        size = _check_size(cfg, size or DEFAULT_RUN_SIZE, size_option)
-        mcfg = model_config(cfg.pretrain[size].model, vocab_size=tok.vocab_size, block_size=cfg.block_size)
-    _check_vocab(tok, mcfg, path)
-    if kind == "reward" and want != "reward":
-        raise UserError(f"{path} is a reward model; a policy or a model to fine-tune is needed here")
-    if kind is not None and kind != "reward" and want == "reward":
-        raise UserError(f"{path} is not a reward model (train one with `{PROG} rm`)")
-    model = build(mcfg, "lm" if want == "lm" else "scalar")
-    if want == "reward":
-        model = RewardModel(model)
-    if path is not None:
-        load = ((lambda m: load_model_weights(folder, m, name=name)) if ckpt is not None
-                else (lambda m: load_weights(path, m)))
-        if want == "scalar" and kind == "lm":
-            init_from(model, load(build(mcfg, "lm")))
-        else:
-            load(model)
-    return model, tok
-
-
-def _stored_config(info, path: Path):
-    """The GPTConfig a weights file records, or None for a file written without one."""
-    from instructrl_fast.model.config import GPTConfig
-
-    if info.config is None:
-        return None
-    try:
-        return GPTConfig(**info.config)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{path}: the model configuration in its metadata is invalid ({e})") from e
-
-
-def _check_vocab(tok, mcfg, path) -> None:
-    if tok.vocab_size > mcfg.vocab_size:
-        where = f"the model in {path}" if path is not None else "the model"
-        raise UserError(f"the tokenizer has {tok.vocab_size} ids but {where} has a vocabulary of {mcfg.vocab_size}")
+    device = _device(args, state)
+    return Builder(state=dataclasses.replace(state, device=device),
+                   precision=cfg.precision or ("bf16" if device.type == "cuda" else "fp32"),
+                   activation_checkpointing=cfg.activation_checkpointing)
 
 
 def _warn_truncated(path: Path | None, pairs: list[tuple[str, str]], tok, length: int, what: str) -> None:
@@ -502,6 +400,7 @@ def cmd_sft(args) -> dict:
     import dataclasses
 
     from instructrl_fast.data import DemoTask, load_sft_jsonl
+    from instructrl_fast.train.assembly import load_model
     from instructrl_fast.train.pipeline import resuming, set_dropout
     from instructrl_fast.train.sft import train_sft
     from instructrl_fast.weights import save_weights
@@ -526,13 +425,14 @@ def cmd_sft(args) -> dict:
     if args.lr is not None:
         changes["optim"] = dataclasses.replace(sc.optim, lr=args.lr)
     sc = dataclasses.replace(sc, **changes)
-    model, tok = _load_model(args, cfg, state, args.init, size=args.size, tokenizer=args.tokenizer)
+    model, tok = load_model(_builder(args, cfg, state), args.init, shape=_shape(cfg, args.size),
+                            tokenizer=args.tokenizer)
     for path, pairs in ((args.data, demos), (args.val_data, val)):
         _warn_truncated(path, pairs, tok, model.config.block_size + 1, "demonstrations")
     set_dropout(model, sc.dropout)
     with resuming(args.out, args.resume, _log(state)):
         returned = train_sft(sc, model, tok, demos, val, args.out, resume=args.resume)
-    save_weights(args.out / RESULT, set_dropout(model, 0.0), tokenizer=tok)
+    save_weights(args.out / "model.safetensors", set_dropout(model, 0.0), tokenizer=tok)
     return _finish(args, returned)
 
 
@@ -540,6 +440,7 @@ def cmd_rm(args) -> dict:
     import dataclasses
 
     from instructrl_fast.data import DemoTask, GoldLabeler, load_comparisons_jsonl, load_sft_jsonl
+    from instructrl_fast.train.assembly import load_model
     from instructrl_fast.train.pipeline import resuming
     from instructrl_fast.train.reward import RewardModel, train_reward_model
     from instructrl_fast.weights import save_weights
@@ -564,7 +465,8 @@ def cmd_rm(args) -> dict:
                              micro_batch_size=min(rc.micro_batch_size, batch),
                              **({"optim": dataclasses.replace(rc.optim, lr=args.lr)} if args.lr is not None else {}))
     want = "reward" if args.init is not None and _kind(args.init) == "reward" else "scalar"
-    body, tok = _load_model(args, cfg, state, args.init, want=want, size=args.size, tokenizer=args.tokenizer)
+    body, tok = load_model(_builder(args, cfg, state), args.init, shape=_shape(cfg, args.size), want=want,
+                           tokenizer=args.tokenizer)
     rm = body if want == "reward" else RewardModel(body)
     for path, items in ((args.data, comps), (args.val_data, val)):
         pairs = [(c["prompt"], r) for c in items for r in c["responses"]]
@@ -572,7 +474,7 @@ def cmd_rm(args) -> dict:
     _warn_truncated(args.demos, demos, tok, rm.config.block_size, "demonstrations")
     with resuming(args.out, args.resume, _log(state)):
         returned = train_reward_model(rc, rm, tok, comps, val, demos, args.out, resume=args.resume)
-    save_weights(args.out / RESULT, rm, tokenizer=tok)
+    save_weights(args.out / "model.safetensors", rm, tokenizer=tok)
     return _finish(args, returned)
 
 
@@ -590,27 +492,11 @@ def _read_corpus(path: Path) -> list[str]:
     return docs
 
 
-def cmd_ppo(args) -> dict:
+def _ppo_config(args, pc, n_prompts: int):
+    """The PPO config of ``ppo``'s options: batch sizes fitted to ``n_prompts``, episodes and coefficients."""
     import dataclasses
 
-    from instructrl_fast.data import DemoTask, load_prompts_jsonl
-    from instructrl_fast.data.tokenizer import tokenizer_spec
-    from instructrl_fast.parallel import build_gpt
-    from instructrl_fast.train.batching import chunk_corpus
-    from instructrl_fast.train.pipeline import init_from, resuming
-    from instructrl_fast.train.ppo import train_ppo
-    from instructrl_fast.weights import save_weights
-
-    cfg, state = _setup(args)
-    pc = cfg.ppo_ptx if args.ptx else cfg.ppo
-    task = DemoTask(cfg.data_seed)
-    if args.prompts is not None:
-        prompts = [p.text for p in load_prompts_jsonl(args.prompts)]
-    else:
-        prompts = [p.text for p in task.prompts("train", pc.n_prompts)]
-    if not prompts:
-        raise UserError(f"{args.prompts}: no prompts")
-    rollout = min(pc.rollout_batch_size, len(prompts))
+    rollout = min(pc.rollout_batch_size, n_prompts)
     minibatch = min(pc.minibatch_size, rollout)
     if args.episodes is None:  # the preset's episode count, rounded down to whole rollout batches of these prompts
         episodes = max(rollout, pc.n_episodes // rollout * rollout)
@@ -622,26 +508,38 @@ def cmd_ppo(args) -> dict:
     if args.ptx_coef is not None and not args.ptx:
         raise UserError("--ptx-coef weighs PPO-ptx's pretraining term: give --ptx with it")
     coefs = {k: v for k, v in (("kl_coef", args.kl_coef), ("ptx_coef", args.ptx_coef)) if v is not None}
-    pc = dataclasses.replace(pc, n_prompts=len(prompts), rollout_batch_size=rollout, minibatch_size=minibatch,
-                             micro_batch_size=min(pc.micro_batch_size, minibatch), n_episodes=episodes, **coefs)
-    policy, tok = _load_model(args, cfg, state, args.init, size=args.size, tokenizer=args.tokenizer)
-    ref, _ = _load_model(args, cfg, state, args.init, size=args.size, tokenizer=args.tokenizer, frozen=True)
+    return dataclasses.replace(pc, n_prompts=n_prompts, rollout_batch_size=rollout, minibatch_size=minibatch,
+                               micro_batch_size=min(pc.micro_batch_size, minibatch), n_episodes=episodes, **coefs)
+
+
+def cmd_ppo(args) -> dict:
+    from instructrl_fast.data import DemoTask, load_prompts_jsonl
+    from instructrl_fast.train.assembly import ppo_models
+    from instructrl_fast.train.batching import chunk_corpus
+    from instructrl_fast.train.pipeline import resuming
+    from instructrl_fast.train.ppo import train_ppo
+    from instructrl_fast.weights import save_weights
+
+    cfg, state = _setup(args)
+    task = DemoTask(cfg.data_seed)
+    pc = cfg.ppo_ptx if args.ptx else cfg.ppo
+    if args.prompts is not None:
+        prompts = [p.text for p in load_prompts_jsonl(args.prompts)]
+    else:
+        prompts = [p.text for p in task.prompts("train", pc.n_prompts)]
+    if not prompts:
+        raise UserError(f"{args.prompts}: no prompts")
+    pc = _ppo_config(args, pc, len(prompts))
+    # A legacy RM (saved without its shape) has the policy's size unless --rm-size names another.
+    rm_shape = _shape(cfg, args.rm_size or args.size, "--rm-size" if args.rm_size else "--size")
+    policy, ref, value, rm, tok = ppo_models(_builder(args, cfg, state), args.init, args.rm,
+                                             shape=_shape(cfg, args.size), rm_shape=rm_shape,
+                                             tokenizer=args.tokenizer)
     limit = policy.config.block_size - pc.max_new_tokens  # PPOStage keeps the last `limit` tokens of bos + prompt
     if args.prompts is not None and state.is_main and (n := sum(len(tok.encode(p, bos=True)) > limit for p in prompts)):
         print(f"{PROG}: warning: {args.prompts}: {n} of {len(prompts)} prompts exceed {limit} tokens (block_size "
               f"{policy.config.block_size} less {pc.max_new_tokens} for the response, with bos); they are cut from "
               "the left", file=sys.stderr)
-    # A legacy RM (saved without its shape) has the policy's size unless --rm-size names another.
-    rm, rm_tok = _load_model(args, cfg, state, args.rm, want="reward", size=args.rm_size or args.size,
-                             size_option="--rm-size" if args.rm_size else "--size", tokenizer=args.tokenizer,
-                             frozen=True)
-    if tokenizer_spec(rm_tok) != tokenizer_spec(tok):
-        raise UserError(f"the reward model {args.rm} was trained with another tokenizer ({rm_tok.vocab_size} ids) "
-                        f"than the policy ({tok.vocab_size} ids)")
-    # the value model starts from the RM: its shape, whatever the policy's
-    precision = cfg.precision or ("bf16" if _device(args, state).type == "cuda" else "fp32")
-    value = init_from(build_gpt(rm.body.config, "scalar", state=dataclasses.replace(state, device=_device(args, state)),
-                                precision=precision, activation_checkpointing=cfg.activation_checkpointing), rm.body)
     ptx = None
     if args.ptx:
         docs = _read_corpus(args.corpus) if args.corpus else task.pretraining_corpus(cfg.pretrain[cfg.sizes[0]].n_docs)
@@ -649,16 +547,18 @@ def cmd_ppo(args) -> dict:
     with resuming(args.out, args.resume, _log(state)):
         ema, returned = train_ppo(pc, policy, value, ref, rm, tok, prompts, args.out, ptx_chunks=ptx,
                                   resume=args.resume)
-    save_weights(args.out / RESULT, ema, tokenizer=tok)
+    save_weights(args.out / "model.safetensors", ema, tokenizer=tok)
     return _finish(args, returned)
 
 
 def cmd_eval(args) -> dict:
     from instructrl_fast.data import DemoTask, GoldLabeler, load_prompts_jsonl, save_jsonl
     from instructrl_fast.train import evaluate as ev
+    from instructrl_fast.train.assembly import load_model
     from instructrl_fast.train.generation import respond
 
     cfg, state = _setup(args)
+    builder = _builder(args, cfg, state)
     ec = cfg.eval
     gen = {}
     for spec in args.policy:
@@ -668,7 +568,7 @@ def cmd_eval(args) -> dict:
         if name in gen:
             raise UserError(f"--policy names {name!r} twice")
         path, _, size = rest.partition(":")
-        model, tok = _load_model(args, cfg, state, Path(path), size=size or None, tokenizer=args.tokenizer)
+        model, tok = load_model(builder, Path(path), shape=_shape(cfg, size or None), tokenizer=args.tokenizer)
         # respond() keys prompt i's draws to (ec.seed, i): one call over all prompts, not collect_responses' chunks
         gen[name] = lambda texts, m=model, t=tok: respond(m, t, texts, max_new_tokens=ec.max_new_tokens,
                                                           temperature=ec.temperature, seed=ec.seed)

@@ -29,18 +29,18 @@ import torch
 from tqdm.auto import tqdm
 
 from instructrl_fast.data import ByteTokenizer, DemoTask, GoldLabeler
-from instructrl_fast.parallel import build_gpt, parallel_state
+from instructrl_fast.parallel import parallel_state
+from instructrl_fast.train.assembly import RESULT, Builder, Shape, init_from, ppo_models
 from instructrl_fast.train.batching import chunk_corpus
 from instructrl_fast.train.checkpoint import latest_checkpoint
 from instructrl_fast.train.config import PipelineConfig, model_config
 from instructrl_fast.train.generation import respond
 from instructrl_fast.train.ppo import train_ppo
 from instructrl_fast.train.pretrain import corpus_loss, pretrain
+from instructrl_fast.train.report import format_extras, format_shape, shape_checks
 from instructrl_fast.train.reward import RewardModel, train_reward_model
 from instructrl_fast.train.sft import candidates, select_by_reward, train_sft
 from instructrl_fast.weights import load_weights, save_weights
-
-RESULT = "model.safetensors"  # each stage folder's final weights
 
 
 def set_dropout(model: torch.nn.Module, p: float) -> torch.nn.Module:
@@ -49,18 +49,6 @@ def set_dropout(model: torch.nn.Module, p: float) -> torch.nn.Module:
         if isinstance(m, torch.nn.Dropout):
             m.p = p
     return model
-
-
-def init_from(dst: torch.nn.Module, src: torch.nn.Module) -> torch.nn.Module:
-    """Copy ``src``'s transformer weights into ``dst`` (an LM model into a scalar-head one, or the reverse).
-
-    Only the heads may differ: the scalar head of a new RM / value model keeps its own init.
-    """
-    missing, unexpected = dst.load_state_dict(src.state_dict(), strict=False)
-    for key in (*missing, *unexpected):
-        if not key.startswith("score_head."):
-            raise ValueError(f"init_from: {key} is not a head parameter; the two models differ in shape")
-    return dst
 
 
 @contextlib.contextmanager
@@ -102,6 +90,9 @@ class Pipeline:
         self.timings: dict[str, float] = {}
         self.cpu_times: dict[str, float] = {}
         self.progress = cfg.sft.loop.progress
+        precision = cfg.precision or ("bf16" if self.device.type == "cuda" else "fp32")
+        self.builder = Builder(state=dataclasses.replace(self.mesh, device=self.device), precision=precision,
+                               activation_checkpointing=cfg.activation_checkpointing)
 
     # ---------------------------------------------------------------------------------------------- helpers
     def chunks(self, n_docs: int, seq_len: int, split: str = "train") -> torch.Tensor:
@@ -120,14 +111,14 @@ class Pipeline:
         return self.chunks(pc.micro_batch_size * max(pc.eval_batches, self.cfg.eval.n_ptx_batches) * 2, pc.seq_len,
                            "val")
 
+    def shape(self, size: str) -> Shape:
+        """The model shape of ``size`` (nothing is checked against it: the stages' files store their shapes)."""
+        return Shape(config=lambda vocab: model_config(self.cfg.pretrain[size].model, vocab_size=vocab,
+                                                       block_size=self.cfg.block_size))
+
     def model(self, size: str, head: str = "lm", *, seed: int = 0, frozen: bool = False) -> torch.nn.Module:
         """A GPT of ``size`` on the mesh (TP layers, FSDP2 over dp), initialised shard by shard from ``seed``."""
-        cfg = model_config(self.cfg.pretrain[size].model, vocab_size=self.tok.vocab_size,
-                           block_size=self.cfg.block_size)
-        precision = self.cfg.precision or ("bf16" if self.device.type == "cuda" else "fp32")
-        state = dataclasses.replace(self.mesh, device=self.device)
-        return build_gpt(cfg, head, seed=seed, state=state, precision=precision, frozen=frozen,
-                         activation_checkpointing=self.cfg.activation_checkpointing)
+        return self.builder.build(self.shape(size).config(self.tok.vocab_size), head, frozen=frozen, seed=seed)
 
     def _result(self, name: str) -> Path | None:
         """The finished result of stage ``name`` when resuming, else None (the stage runs)."""
@@ -263,19 +254,16 @@ class Pipeline:
         self._finish(name, model)
         return model
 
-    def ppo(self, size: str, rm: RewardModel, *, ptx: bool):
-        """PPO (or PPO-ptx) from the PPO starting policy; the value model starts from the RM (so it has the RM's
-        size, as in the paper where the 6B RM initialises the value function of every policy). Returns the EMA."""
+    def ppo(self, size: str, *, ptx: bool):
+        """PPO (or PPO-ptx) from the PPO starting policy against the RM in ``rm/`` (``assembly.ppo_models``: the
+        value model starts from the RM). Returns the EMA."""
         pc = self.cfg.ppo_ptx if ptx else self.cfg.ppo
         name = f"{'ppo-ptx' if ptx else 'ppo'}-{size}"
         if (done := self._result(name)) is not None:
             return load_weights(done, self.model(size))
-        init = self.out / f"ppo-init-{size}" / RESULT
-        policy, ref = load_weights(init, self.model(size)), load_weights(init, self.model(size, frozen=True))
-        value = init_from(self.model(self.cfg.rm_size, "scalar"), rm.body)  # the RM's shape, whatever the policy's
-        # the frozen RM held in the frozen models' precision (bf16 under --precision bf16), read back from its file
-        frozen_rm = RewardModel(self.model(self.cfg.rm_size, "scalar", frozen=True))
-        load_weights(self.out / "rm" / RESULT, frozen_rm)
+        policy, ref, value, frozen_rm, _ = ppo_models(self.builder, self.out / f"ppo-init-{size}" / RESULT,
+                                                      self.out / "rm" / RESULT, shape=self.shape(size),
+                                                      rm_shape=self.shape(self.cfg.rm_size))
         prompts = [p.text for p in self.task.prompts("train", pc.n_prompts)]
         ptx_chunks = self.chunks(self.cfg.pretrain[self.cfg.sizes[0]].n_docs, pc.ptx_seq_len) if ptx else None
         torch.manual_seed(pc.seed)
@@ -360,8 +348,8 @@ class Pipeline:
         for s in cfg.sizes:
             models[s] = {"GPT": bases[s], "GPT (prompted)": bases[s], "SFT": self.select_sft(s, rm)}
             init_loss[s] = self.corpus_loss(self.sft(s, ppo_init=True))
-            models[s]["PPO"] = self.ppo(s, rm, ptx=False)
-            models[s]["PPO-ptx"] = self.ppo(s, rm, ptx=True)
+            models[s]["PPO"] = self.ppo(s, ptx=False)
+            models[s]["PPO-ptx"] = self.ppo(s, ptx=True)
         records = self._timed("eval", lambda: self.evaluate(models, reference=models[cfg.sizes[-1]]["SFT"]))
         rm_report = self.rm_report(rm)
         overopt = {}
@@ -390,62 +378,3 @@ class Pipeline:
         ev.plot_figure1(records, self.out / "figure1.png", reference=reference)
         self.log(f"total {wall:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in self.timings.items())})")
         return report
-
-
-def shape_checks(records: list[dict], init_loss: dict[str, float]) -> dict:
-    """The paper's headline orderings, checked on the evaluation records (win rates and corpus losses).
-
-    Per size: PPO-ptx > SFT, PPO > SFT, SFT > GPT (prompted) > GPT (win rate); PPO raises the corpus loss above the
-    PPO starting policy's and PPO-ptx recovers at least half of that rise. Across sizes: the smallest PPO-ptx beats
-    the largest GPT.
-    """
-    win = {(r["size"], r["method"]): r["win_rate"] for r in records}
-    loss = {(r["size"], r["method"]): r["ptx_loss"] for r in records}
-    sizes = list(dict.fromkeys(r["size"] for r in records))
-    out = {}
-    for s in sizes:
-        tax = loss[s, "PPO"] - init_loss[s]
-        out[s] = {
-            "ppo_ptx>sft": win[s, "PPO-ptx"] > win[s, "SFT"],
-            "ppo>sft": win[s, "PPO"] > win[s, "SFT"],
-            "sft>prompted": win[s, "SFT"] > win[s, "GPT (prompted)"],
-            "prompted>gpt": win[s, "GPT (prompted)"] > win[s, "GPT"],
-            "ppo_raises_ptx_loss": tax > 0,
-            "ptx_recovers_half": tax > 0 and (loss[s, "PPO"] - loss[s, "PPO-ptx"]) >= 0.5 * tax,
-            "ptx_loss": {"ppo_init": init_loss[s], "ppo": loss[s, "PPO"], "ppo_ptx": loss[s, "PPO-ptx"]},
-        }
-    out["smallest_ppo_ptx>largest_gpt"] = win[sizes[0], "PPO-ptx"] > win[sizes[-1], "GPT"]
-    return out
-
-
-def format_extras(records: list[dict], rm_report: dict, overopt: dict, heldout: str) -> str:
-    """The rest of the paper's evaluation in a few lines: RM accuracy, toxicity (greedy and sampled), the held-out
-    instruction kind, and the gold score's peak along each PPO run (reward over-optimisation)."""
-    lines = [(f"Reward model: pairwise accuracy {rm_report['accuracy_vs_rankings']:.3f} against the labelers' "
-              f"rankings, {rm_report['accuracy_vs_gold']:.3f} against the gold scores "
-              f"({rm_report['n_val_comparisons']} held-out comparison sets)")]
-    lines.append(f"Toxic rate greedy / sampled at T=1, gold score sampled, correct on the held-out kind ({heldout}):")
-    for r in records:
-        held = r.get(f"correct/{heldout}", float("nan"))
-        lines.append(f"  {r['size']} {r['method']:<15} toxic {r['toxic_rate']:.3f} / {r['sampled/toxic_rate']:.3f}"
-                     f"  sampled gold {r['sampled/gold_score']:+.3f}  held-out {held:.3f}")
-    if overopt:
-        lines.append("Over-optimisation along each PPO run (KL to the start, RM score, gold score):")
-        for name, o in overopt.items():
-            lines.append(f"  {name:<9} gold peak {o['gold_peak']:+.3f} (KL {o['kl_at_gold_peak']:.2f}); last iteration "
-                         f"gold {o['final_gold']:+.3f} (KL {o['final_kl']:.2f}, RM {o['final_rm']:+.3f}); largest KL "
-                         f"{o['max_kl']:.2f} (gold {o['gold_at_max_kl']:+.3f})")
-    return "\n".join(lines)
-
-
-def format_shape(shape: dict) -> str:
-    lines = ["Paper-shape checks:"]
-    for size, checks in shape.items():
-        if isinstance(checks, dict):
-            flags = ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in checks.items() if isinstance(v, bool))
-            tax = checks["ptx_loss"]
-            lines.append(f"  {size}: {flags}; corpus NLL init {tax['ppo_init']:.3f} -> PPO {tax['ppo']:.3f}, "
-                         f"PPO-ptx {tax['ppo_ptx']:.3f}")
-        else:
-            lines.append(f"  {size}: {'yes' if checks else 'NO'}")
-    return "\n".join(lines)

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from instructrl_fast.train.pipeline import init_from, set_dropout, shape_checks
+from instructrl_fast.train.assembly import init_from
+from instructrl_fast.train.pipeline import set_dropout
+from instructrl_fast.train.report import shape_checks
 from tests.train.conftest import micro_gpt
 
 METHODS = ("GPT", "GPT (prompted)", "SFT", "PPO", "PPO-ptx")

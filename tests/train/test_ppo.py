@@ -6,8 +6,8 @@ import csv
 import pytest
 import torch
 
+from instructrl_fast.train.assembly import init_from
 from instructrl_fast.train.config import LoopConfig, OptimConfig, PPOConfig
-from instructrl_fast.train.pipeline import init_from
 from instructrl_fast.train.ppo import PPOStage, ema_init, ema_update, load_ema, train_ppo
 from instructrl_fast.train.reward import RewardModel
 from tests.train.conftest import micro_gpt
