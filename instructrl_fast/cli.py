@@ -3,8 +3,8 @@
 Every command takes --out DIR (metrics.csv, TensorBoard events, checkpoints, model.safetensors, result.json),
 --preset (demo, micro, instructgpt-1.3b / -6.7b / -175b) and --resume (continue from the newest checkpoint;
 finished stages are loaded, not rerun). A model.safetensors carries its shape and tokenizer: a command that reads
-one needs no --size or --tokenizer. --init also takes a GPT-2-family Hugging Face folder (its tokenizer.json is
-used when present) or a stage's checkpoint (a ckpt folder or one ckpt/step_* folder). Stages checkpoint as they
+one needs no --size or --tokenizer. --init also takes a stage's output folder, a GPT-2-family Hugging Face folder
+(its tokenizer.json is used when present) or a stage's checkpoint (a ckpt folder or one ckpt/step_* folder). Stages checkpoint as they
 go (--ckpt-every); SIGTERM or Ctrl-C writes a checkpoint and stops, and --resume continues bit for bit. Scale out with
 torchrun: torchrun --nproc-per-node N -m instructrl_fast.cli ... --tp T runs T-way tensor parallelism and N / T
 data-parallel replicas (FSDP2).
@@ -276,8 +276,10 @@ def _setup(args):
     return cfg, state
 
 
-# Options that do not change a run's result: --resume may differ in them.
-_NOT_IDENTITY = ("command", "out", "resume", "overwrite", "ckpt_every", "threads", "device", "quiet")
+# Options that do not change what a run computes: --resume may differ in them (checkpoints reshard to another --tp,
+# activation checkpointing recomputes the same activations).
+_NOT_IDENTITY = ("command", "out", "resume", "overwrite", "ckpt_every", "threads", "device", "quiet", "tp",
+                 "activation_checkpointing")
 
 
 def _identity(args) -> dict:
