@@ -1,13 +1,13 @@
 """instructrl-fast: the InstructGPT recipe (SFT -> reward model -> PPO-ptx) on an embedded task or on your data.
 
 Every command takes --out DIR (metrics.csv, TensorBoard events, checkpoints, model.safetensors, result.json),
---preset (demo, micro, instructgpt-1.3b / -6.7b / -175b) and --resume (continue from the newest checkpoint;
-finished stages are loaded, not rerun). A model.safetensors carries its shape and tokenizer: a command that reads
-one needs no --size or --tokenizer. --init also takes a stage's output folder, a GPT-2-family Hugging Face folder
-(its tokenizer.json is used when present) or a stage's checkpoint (a ckpt folder or one ckpt/step_* folder). Stages checkpoint as they
-go (--ckpt-every); SIGTERM or Ctrl-C writes a checkpoint and stops, and --resume continues bit for bit. Scale out with
-torchrun: torchrun --nproc-per-node N -m instructrl_fast.cli ... --tp T runs T-way tensor parallelism and N / T
-data-parallel replicas (FSDP2).
+--preset (demo, micro, instructgpt-1.3b / -6.7b / -175b) and --resume (continue from the newest checkpoint; finished
+stages are loaded, not rerun). A model.safetensors carries its shape and tokenizer: a command that reads one needs
+no --size or --tokenizer. --init also takes a stage's output folder, a GPT-2-family Hugging Face folder (its
+tokenizer.json is used when present) or a stage's checkpoint (a ckpt folder or one ckpt/step_* folder). Stages
+checkpoint as they go (--ckpt-every); SIGTERM or Ctrl-C writes a checkpoint and stops, and --resume continues bit
+for bit. Scale out with torchrun: torchrun --nproc-per-node N -m instructrl_fast.cli ... --tp T runs T-way tensor
+parallelism and N / T data-parallel replicas (FSDP2).
 `instructrl-fast COMMAND --help` lists a command's options.
 
 Structure (for adding a command): ``build_parser()`` declares every command with a one-line help and its options
