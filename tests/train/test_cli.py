@@ -62,10 +62,11 @@ def test_stages_on_user_data(tmp_path, run_dir, task, labeler):
     sft = str(tmp_path / "sft" / "model.safetensors")
     assert main(["rm", "--out", str(tmp_path / "rm"), "--data", str(comps), "--demos", str(demos),
                  "--init", sft, *common]) == 0
+    # a stage's output folder stands for its model.safetensors (--rm, --policy)
     assert main(["ppo", "--out", str(tmp_path / "ppo"), "--prompts", str(prompts), "--init", sft, "--rm",
-                 str(tmp_path / "rm" / "model.safetensors"), "--ptx", "--episodes", "8", *common]) == 0
+                 str(tmp_path / "rm"), "--ptx", "--episodes", "8", *common]) == 0
     assert main(["eval", "--out", str(tmp_path / "eval"), "--policy", f"sft={sft}",
-                 "--policy", f"ppo={tmp_path / 'ppo' / 'model.safetensors'}", *common]) == 0
+                 "--policy", f"ppo={tmp_path / 'ppo'}", *common]) == 0
     results = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert set(results) == {"sft", "ppo"} and results["sft"]["win_rate"] >= 0
     assert main(["eval", "--out", str(tmp_path / "eval"), "--policy", f"sft={sft}", "--prompts", str(prompts),
