@@ -442,7 +442,7 @@ def cmd_rm(args) -> dict:
     import dataclasses
 
     from instructrl_fast.data import DemoTask, GoldLabeler, load_comparisons_jsonl, load_sft_jsonl
-    from instructrl_fast.train.assembly import load_model
+    from instructrl_fast.train.assembly import load_model, stored_kind
     from instructrl_fast.train.pipeline import resuming
     from instructrl_fast.train.reward import RewardModel, train_reward_model
     from instructrl_fast.weights import save_weights
@@ -466,7 +466,7 @@ def cmd_rm(args) -> dict:
     rc = dataclasses.replace(rc, n_comparisons=len(comps), batch_size=batch,
                              micro_batch_size=min(rc.micro_batch_size, batch),
                              **({"optim": dataclasses.replace(rc.optim, lr=args.lr)} if args.lr is not None else {}))
-    want = "reward" if args.init is not None and _kind(args.init) == "reward" else "scalar"
+    want = "reward" if stored_kind(args.init) == "reward" else "scalar"  # continue training a reward model
     body, tok = load_model(_builder(args, cfg, state), args.init, shape=_shape(cfg, args.size), want=want,
                            tokenizer=args.tokenizer)
     rm = body if want == "reward" else RewardModel(body)
@@ -478,13 +478,6 @@ def cmd_rm(args) -> dict:
         returned = train_reward_model(rc, rm, tok, comps, val, demos, args.out, resume=args.resume)
     save_weights(args.out / "model.safetensors", rm, tokenizer=tok)
     return _finish(args, returned)
-
-
-def _kind(path: Path) -> str | None:
-    """"lm" / "scalar" / "reward" for a weights file, None for a folder."""
-    from instructrl_fast.weights import weights_info
-
-    return None if path.is_dir() else weights_info(path).kind
 
 
 def _read_corpus(path: Path) -> list[str]:

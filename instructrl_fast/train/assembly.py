@@ -128,6 +128,25 @@ def _stored(path: Path, tok, tokenizer_path: Path | None):
     return stored, info.kind, tok, lambda m: load_weights(path, m)
 
 
+def _resolve(path: Path | None) -> Path | None:
+    """A stage's output folder stands for its result (a Hugging Face folder, which has a config.json, for itself)."""
+    if path is not None and (path / RESULT).is_file() and not (path / "config.json").is_file():
+        return path / RESULT
+    return path
+
+
+def stored_kind(path: Path | None) -> str | None:
+    """``weights.model_kind`` of what ``path`` holds (a weights file, a stage's output folder or a checkpoint); None
+    for no path or a Hugging Face folder (a policy's weights, with no scalar head)."""
+    path = _resolve(path)
+    if path is None or (path / "config.json").is_file():
+        return None
+    if path.is_dir():
+        folder, name, _ = checkpoint_model(path)
+        return checkpoint_kind(folder, name)
+    return weights_info(path).kind
+
+
 def load_model(builder: Builder, path: Path | None, *, shape: Shape, want: str = "lm",
                tokenizer: Path | None = None, frozen: bool = False):
     """(model, tokenizer) for ``path`` (see the module docstring; None: a new model of ``shape``).
@@ -137,8 +156,7 @@ def load_model(builder: Builder, path: Path | None, *, shape: Shape, want: str =
     ``path`` stores; ``frozen`` builds a frozen model (the reference, the reward model in PPO).
     """
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
-    if path is not None and (path / RESULT).is_file() and not (path / "config.json").is_file():
-        path = path / RESULT  # a stage's output folder: the stage's result
+    path = _resolve(path)
     if path is not None and (path / "config.json").is_file():
         return _load_hf(builder, path, want=want, tok=tok, shape=shape, frozen=frozen)
     stored, kind, tok, load = _stored(path, tok, tokenizer) if path is not None else (None, None, tok, None)

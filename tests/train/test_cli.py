@@ -191,3 +191,11 @@ def test_last_values_reads_the_final_metrics(tmp_path):
         logger.log(2, {"loss": 1.5})
         logger.log(2, {"val_loss": 1.75})
     assert last_values(tmp_path / "metrics.csv") == {"step": 2, "loss": 1.5, "val_loss": 1.75}
+
+
+def test_rm_continues_a_reward_model_from_its_stage_folder(tmp_path, run_dir):
+    from instructrl_fast.weights import weights_info
+
+    common = ["--preset", "micro", "--quiet", "--threads", "1"]
+    assert main(["rm", "--out", str(tmp_path / "rm"), "--init", str(run_dir / "rm"), *common]) == 0
+    assert weights_info(tmp_path / "rm" / "model.safetensors").kind == "reward"
