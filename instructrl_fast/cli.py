@@ -701,10 +701,7 @@ def main(argv=None) -> int:
 
         with handling_signals(), progress_for_logs():
             COMMANDS[args.command](args)
-        if "torch.distributed" in sys.modules:  # under torchrun: tear the groups down before the interpreter exits
-            from instructrl_fast.parallel import destroy_distributed
-
-            destroy_distributed()
+        _teardown()
     except (ValueError, OSError, ImportError) as e:
         # ValueError: the library's argument checks and UserError; OSError: files that are missing,
         # unreadable or in the way; ImportError: an optional package (tokenizers, matplotlib) a given input needs.
@@ -714,6 +711,7 @@ def main(argv=None) -> int:
         print(f"{PROG} {args.command}: stopped by SIGINT", file=sys.stderr)
         return 130
     except Preempted as e:
+        _teardown()  # every rank stopped at the same step boundary
         _say(_stopped(args.command, e, argv))
         return e.exit_code
     except Interrupted as e:
@@ -721,6 +719,14 @@ def main(argv=None) -> int:
                                                 else f"; {_resume_hint(argv)}"))
         return e.exit_code
     return 0
+
+
+def _teardown() -> None:
+    """Under torchrun: tear the process groups down before the interpreter exits."""
+    if "torch.distributed" in sys.modules:
+        from instructrl_fast.parallel import destroy_distributed
+
+        destroy_distributed()
 
 
 def _say(line: str) -> None:
