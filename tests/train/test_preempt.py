@@ -1,6 +1,7 @@
 """Runs that survive: a stage stopped by SIGTERM / SIGINT / SIGKILL resumes to the bits of an uninterrupted run,
 and a command into a folder holding another run stops with a clear error (or starts clean with --overwrite)."""
 
+import datetime
 import json
 import os
 import signal
@@ -10,12 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from instructrl_fast.cli import main
 from instructrl_fast.train import checkpoint as ckpt
 from instructrl_fast.train import preempt
 from instructrl_fast.train.config import LoopConfig
 from instructrl_fast.train.loop import train
+from tests._dist import leave_worker
 from tests.train.test_checkpoint import _sft_stage
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -185,3 +189,40 @@ def test_ckpt_every_sets_every_stage(tmp_path):
     cfg = preset("demo").with_checkpoints(every_steps=7, every_minutes=0.5)
     assert {(loop.ckpt_interval, loop.ckpt_minutes) for loop in cfg.loops()} == {(7, 0.5)}
     assert len(cfg.loops()) == 8  # 3 base models, SFT, PPO init, RM, PPO, PPO-ptx: one loop each
+
+
+def _signal_one_rank_worker(rank: int, init_file: str, out: str) -> None:
+    from instructrl_fast.data import ByteTokenizer, DemoTask
+    from instructrl_fast.parallel import make_state
+
+    torch.set_num_threads(1)
+    # a short timeout: ranks that disagree on where to stop fail the test in a minute instead of hanging in a collective
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        make_state(1, device=torch.device("cpu"))
+        cfg, stage = _sft_stage(ByteTokenizer(), DemoTask(0), Path(out))
+        original = stage.micro_batches
+
+        def micro_batches(step):
+            if step == 3 and rank == 1:  # only one rank receives the signal
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original(step)
+
+        stage.micro_batches = micro_batches
+        with pytest.raises(preempt.Preempted) as stopped:
+            train(stage, cfg.optim, cfg.loop, out)
+        Path(out, f"rank{rank}").write_text(f"{stopped.value.step} {stopped.value.signum}")
+        dist.barrier()  # neither rank tears the group down while the other still talks to it (gloo aborts)
+    finally:
+        dist.destroy_process_group()
+    leave_worker()
+
+
+@pytest.mark.dist
+def test_every_rank_stops_at_the_step_one_rank_was_signalled_at(tmp_path):
+    """The ranks all-reduce the signal: the one that got it and the one that did not checkpoint (a collective) and
+    stop at the same step boundary."""
+    mp.spawn(_signal_one_rank_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == [f"4 {int(signal.SIGTERM)}"] * 2
+    assert ckpt.latest_checkpoint(tmp_path / "ckpt").name == "step_00000004"
