@@ -220,3 +220,46 @@ def ppo_actor_loss_ref(hidden, weight, labels, old_logp, advantages, mask, *, cl
         loss = loss + kl_coef * reduce_ref(kl, m, reduction)
         stats["kl"] = reduce_ref(kl.detach(), m, "token_mean")
     return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# group-normalised outcome advantages (group_advantages)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def group_advantages_ref(scores, group, mask, estimator="grpo", eps=1e-6):
+    """float64 [B, T] outcome advantages, one Python pass per group (the estimators' formulas, see
+    instructrl_fast/ops/group_advantages.py); each sequence's value at its valid tokens, 0 elsewhere."""
+    s, g, m = _rl_f64(scores).tolist(), [int(x) for x in group], mask.bool()
+    lengths = m.sum(-1).double().tolist()
+    B = len(s)
+    adv = [0.0] * B
+    for k in set(g):
+        rows = [i for i in range(B) if g[i] == k]
+        vals = [s[i] for i in rows]
+        n = len(vals)
+        mean = sum(vals) / n
+        std = (sum((v - mean) ** 2 for v in vals) / (n - 1)) ** 0.5 if n > 1 else 1.0
+        for i in rows:
+            if estimator == "grpo":
+                adv[i] = (s[i] - mean) / (std + eps) if n > 1 else s[i] / (1.0 + eps)
+            elif estimator in ("dr_grpo", "gpg", "reinforce_pp_baseline"):
+                adv[i] = s[i] - mean if n > 1 else s[i]
+            elif estimator == "rloo":  # the mean of the other n - 1 scores as the baseline
+                adv[i] = s[i] - (sum(vals) - s[i]) / (n - 1) if n > 1 else s[i]
+            elif estimator == "rloo_vectorized":
+                adv[i] = s[i] - (sum(vals) - s[i]) / (n - 1) if n > 1 else 0.0
+            elif estimator == "opo":
+                w = [lengths[j] for j in rows]
+                adv[i] = s[i] - sum(a * b for a, b in zip(w, vals)) / sum(w) if n > 1 else s[i]
+        if estimator in ("passk", "passk_unnormalized"):
+            order = sorted(range(n), key=lambda j: (-vals[j], j))  # best first, ties by batch order
+            gap = vals[order[0]] - vals[order[1]]
+            adv[rows[order[0]]] = gap / (std + eps) if estimator == "passk" else gap
+    if estimator == "gpg":
+        nonzero = sum(1 for v in s if v != 0)
+        adv = [a * B / max(nonzero, 1) for a in adv]
+    out = torch.where(m, torch.tensor(adv, dtype=torch.float64).unsqueeze(-1), torch.zeros((), dtype=torch.float64))
+    if estimator == "reinforce_pp_baseline":
+        out = masked_whiten_ref(out, m)
+    return out

@@ -8,6 +8,7 @@ returned in float64 (on the torch backend: gradcheck, drop-ins). The backend is 
 from instructrl_fast.ops.actor_loss import ActorLossConfig, ppo_actor_loss
 from instructrl_fast.ops.decode_attention import decode_attention
 from instructrl_fast.ops.gae import gae
+from instructrl_fast.ops.group_advantages import group_advantages
 from instructrl_fast.ops.kl import kl_penalty, shape_rewards
 from instructrl_fast.ops.logprob import entropy, gather_logprobs, linear_logprobs
 from instructrl_fast.ops.ppo_loss import ppo_policy_loss, ppo_value_loss
@@ -19,6 +20,7 @@ __all__ = [
     "entropy",
     "gae",
     "gather_logprobs",
+    "group_advantages",
     "kl_penalty",
     "linear_logprobs",
     "masked_whiten",
