@@ -11,6 +11,7 @@ depend on the launch, and nothing is shared between programs. Modes are the cons
 import torch
 import triton
 import triton.language as tl
+
 from instructrl_fast.kernels._launch import FP_FUSION, on_device
 
 GRPO = tl.constexpr(0)

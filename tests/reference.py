@@ -263,3 +263,121 @@ def group_advantages_ref(scores, group, mask, estimator="grpo", eps=1e-6):
     if estimator == "reinforce_pp_baseline":
         out = masked_whiten_ref(out, m)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# policy loss types and rollout correction (policy_loss)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _rows_mean(x, m):
+    return (x * m).sum(-1) / m.sum(-1).clamp(min=1)
+
+
+def rollout_correction_ref(base, rollout, mask, is_level=None, is_threshold=2.0, is_threshold_lower=None,
+                           is_batch_normalize=False, rs=(), rs_thresholds=()):
+    """(weights or None, kept mask) of truncated / IcePop importance sampling and divergence-based rejection, per
+    row in float64 (Yao et al. 2025; verl's rollout_corr_helper)."""
+    m = mask.bool()
+    B = m.shape[0]
+    rho = torch.where(m, base.double() - rollout.double(), torch.zeros((), dtype=torch.float64))
+    safe = rho.clamp(-20, 20)
+    weights = None
+    if is_level is not None:
+        raw = safe.exp() if is_level == "token" else rho.sum(-1, keepdim=True).clamp(-20, 20).exp().expand_as(rho)
+        raw = raw * m
+        if is_threshold_lower is None:
+            weights = raw.clamp(max=is_threshold)
+        else:
+            weights = raw * ((raw >= is_threshold_lower) & (raw <= is_threshold))
+        if is_batch_normalize:
+            if is_level == "token":
+                mean = weights[m].mean()
+            else:
+                valid = [b for b in range(B) if m[b].any()]
+                mean = torch.stack([weights[b][m[b]].mean() for b in valid]).mean()
+            if mean > 1e-8:
+                weights = weights / mean
+    keep = m.clone()
+    for option, (lower, upper) in zip(rs, rs_thresholds):
+        k = {"k1": -safe, "k2": 0.5 * safe**2, "k3": safe.exp() - 1 - safe}[option[-2:]]
+        for b in range(B):
+            vals = k[b][m[b]]
+            if option.startswith("token"):
+                stats = k[b]
+            elif option.startswith("seq_sum"):
+                stats = vals.sum().expand(k.shape[1])
+            elif option.startswith("seq_mean"):
+                stats = (vals.mean() if len(vals) else torch.zeros((), dtype=torch.float64)).expand(k.shape[1])
+            else:
+                stats = (vals.max() if len(vals) else torch.zeros((), dtype=torch.float64)).expand(k.shape[1])
+            if option.endswith("k1"):
+                lo = 1 / upper if lower is None else lower
+                ok = (stats >= torch.log(torch.tensor(lo, dtype=torch.float64))) & (
+                    stats <= torch.log(torch.tensor(upper, dtype=torch.float64)))
+            else:
+                ok = stats <= upper
+            keep[b] &= ok
+    return weights, keep
+
+
+def policy_loss_ref(logp, old_logp, advantages, mask, loss_type="vanilla", reduction="token_mean", clip_eps=0.2,
+                    clip_eps_high=None, dual_clip=None, tau_pos=1.0, tau_neg=1.05, kl_cov_ratio=2e-4, kl_cov_coef=1.0,
+                    dro_beta=1.0, trunc_ratio=20.0, weights=None, norm_length=None):
+    """float64 policy loss of each type from its paper's formula (see instructrl_fast/ops/policy_loss.py);
+    differentiable w.r.t. ``logp`` (pass a float64 leaf). clip_cov's random pick is not modelled here."""
+    m = mask.bool().double()
+    x = torch.where(mask.bool(), logp, torch.zeros((), dtype=logp.dtype))
+    old = torch.where(mask.bool(), old_logp.double(), torch.zeros((), dtype=torch.float64))
+    a = torch.where(mask.bool(), advantages.double(), torch.zeros((), dtype=torch.float64))
+    low = clip_eps
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    d = x - old
+    if loss_type in ("vanilla", "sapo", "cispo", "dppo_tv", "dppo_kl"):
+        d = d.clamp(-20, 20)
+    r = d.exp()
+    if loss_type in ("vanilla", "gspo"):
+        if loss_type == "gspo":
+            seq = _rows_mean(d, m).detach()[:, None]
+            r = (x - x.detach() + seq).clamp(max=10).exp()
+        per_tok = torch.max(-a * r, -a * r.clamp(1 - low, 1 + high))
+        if dual_clip is not None:
+            per_tok = torch.where(a < 0, torch.min(per_tok, -a * dual_clip), per_tok)
+    elif loss_type == "sapo":
+        tau = torch.where(a > 0, tau_pos, tau_neg)
+        per_tok = -a * torch.sigmoid(tau * (r - 1)) * 4 / tau
+    elif loss_type in ("gpg", "reinforce"):
+        per_tok = -a * x
+    elif loss_type == "kl_cov":
+        valid = mask.bool()
+        cov = (a - a[valid].mean()) * (x.detach() - x.detach()[valid].mean())
+        k = max(1, int(valid.sum() * kl_cov_ratio))
+        idx = torch.topk(torch.where(valid, cov, float("-inf")).flatten(), k).indices
+        pick = torch.zeros(x.numel(), dtype=torch.bool)
+        pick[idx] = True
+        per_tok = -a * r + torch.where(pick.view(x.shape), kl_cov_coef * d.abs(), torch.zeros((), dtype=d.dtype))
+    elif loss_type == "geo_mean":
+        s = torch.sign(a)
+        dmin = s * torch.min(s * d, s * d.clamp(-low, high))
+        per_seq = -_rows_mean(a, m) * _rows_mean(dmin, m).exp()
+        if weights is not None:
+            per_seq = per_seq * _rows_mean(torch.log(weights.double() + 1e-10), m).exp()
+        return per_seq.mean()
+    elif loss_type == "dro":
+        per_tok = -(x * a - 0.5 * dro_beta * d**2)
+    elif loss_type == "cispo":
+        per_tok = -r.clamp(1 - low, 1 + high).detach() * a * x
+    else:
+        p, p_old = x.detach().exp(), old.exp()
+        if loss_type == "dppo_tv":
+            inside = torch.where(a > 0, p - p_old <= high, p - p_old >= -low)
+        else:
+            bkl = p_old * (old - x.detach()) + (1 - p_old) * torch.log((1 - p_old + 1e-8) / (1 - p + 1e-8))
+            inside = torch.where(a > 0, (bkl <= high) | (p <= p_old), (bkl <= low) | (p >= p_old))
+        per_tok = -a * r.detach().clamp(max=trunc_ratio) * x * inside
+    if weights is not None:
+        per_tok = per_tok * weights.double()
+    if reduction == "seq_mean_token_sum_norm":
+        return reduce_ref(per_tok, mask, "seq_mean_token_sum") / (mask.shape[-1] if norm_length is None
+                                                                   else norm_length)
+    return reduce_ref(per_tok, mask, reduction)

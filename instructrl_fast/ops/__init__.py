@@ -11,11 +11,14 @@ from instructrl_fast.ops.gae import gae
 from instructrl_fast.ops.group_advantages import group_advantages
 from instructrl_fast.ops.kl import kl_penalty, shape_rewards
 from instructrl_fast.ops.logprob import entropy, gather_logprobs, linear_logprobs
+from instructrl_fast.ops.policy_loss import PolicyLossConfig, RolloutCorrection, policy_loss
 from instructrl_fast.ops.ppo_loss import ppo_policy_loss, ppo_value_loss
 from instructrl_fast.ops.whiten import masked_whiten
 
 __all__ = [
     "ActorLossConfig",
+    "PolicyLossConfig",
+    "RolloutCorrection",
     "decode_attention",
     "entropy",
     "gae",
@@ -24,6 +27,7 @@ __all__ = [
     "kl_penalty",
     "linear_logprobs",
     "masked_whiten",
+    "policy_loss",
     "ppo_actor_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
