@@ -29,7 +29,7 @@ __all__ = ["openrlhf", "patch_openrlhf", "patch_trl", "patch_verl", "trl", "unpa
 # (trainer module, attribute, our replacement); a missing attribute is skipped (another version of the trainer)
 _VERL = [("verl.trainer.ppo.core_algos", name, getattr(verl, name)) for name in (
     "compute_gae_advantage_return", "kl_penalty", "kl_penalty_forward", "agg_loss", "compute_policy_loss",
-    "compute_policy_loss_vanilla", "compute_value_loss", "compute_rewards")]
+    "compute_policy_loss_vanilla", "compute_value_loss", "compute_rewards") + verl.REGISTRY_DROP_INS]
 _OPENRLHF = [("openrlhf.models.utils", name, getattr(openrlhf, name)) for name in (
     "compute_approx_kl", "compute_reward", "log_probs_from_logits")] + [
     ("openrlhf.trainer.ppo_utils.experience_maker", name, getattr(openrlhf, name)) for name in (

@@ -23,6 +23,7 @@ advantage (group statistics keyed by a numpy index) has no fused op and is not r
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from instructrl_fast import ops
@@ -251,3 +252,348 @@ def compute_value_loss(vpreds: torch.Tensor, returns: torch.Tensor, values: torc
                                    loss_scale_factor)
     vf_loss, stats = ops.ppo_value_loss(vpreds, values, returns, mask, clip_eps=cliprange_value, reduction=reduction)
     return (vf_loss * factor).to(out_dtype(vpreds, returns, values)), stats["clipfrac"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# outcome advantage estimators (verl's ADV_ESTIMATOR_REGISTRY) on ops.group_advantages
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _group_ids(index, device: torch.device) -> torch.Tensor:
+    """verl's group labels (a numpy array of uid strings or numbers, or a sequence) -> ids in [0, B) on ``device``.
+
+    Relabelled on the host with numpy, where verl's labels live (no device sync). A torch tensor of labels is
+    relabelled with torch.unique, whose output size the host must read (one sync; verl keys its dicts by them).
+    """
+    if isinstance(index, torch.Tensor):
+        return torch.unique(index.reshape(-1), return_inverse=True)[1].to(device)
+    labels = np.asarray(index).reshape(-1)
+    if labels.dtype == object:
+        labels = labels.astype(str)
+    return torch.from_numpy(np.unique(labels, return_inverse=True)[1].reshape(-1).astype(np.int64)).to(device)
+
+
+def _outcome(token_level_rewards, response_mask, index, estimator: str, epsilon: float = 1e-6):
+    """verl's outcome advantages of ``estimator`` -> (advantages, advantages), [bs, response_length]."""
+    with torch.no_grad():
+        check_float("token_level_rewards", token_level_rewards, ndim=2)
+        mask = checked_bool_mask("response_mask", response_mask, token_level_rewards.shape, "token_level_rewards")
+        scores = token_level_rewards.sum(dim=-1)  # every position, as verl sums them
+        adv = ops.group_advantages(scores, _group_ids(index, scores.device), mask, estimator=estimator, eps=epsilon)
+        adv = adv.to(out_dtype(token_level_rewards, response_mask))
+        return adv, adv
+
+
+def compute_grpo_outcome_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index,
+                                   epsilon: float = 1e-6, norm_adv_by_std_in_grpo: bool = True, config=None):
+    """verl's GRPO outcome advantage: (s - mean_g) / (std_g + epsilon), or s - mean_g (Dr. GRPO) without the std;
+    a singleton group has mean 0 and std 1. Returns (advantages, advantages)."""
+    return _outcome(token_level_rewards, response_mask, index, "grpo" if norm_adv_by_std_in_grpo else "dr_grpo",
+                    epsilon)
+
+
+def compute_grpo_vectorized_outcome_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index,
+                                              epsilon: float = 1e-6, norm_adv_by_std_in_grpo: bool = True,
+                                              config=None):
+    """verl's vectorised GRPO: the same values as ``compute_grpo_outcome_advantage``."""
+    return compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, epsilon,
+                                          norm_adv_by_std_in_grpo, config)
+
+
+def compute_grpo_passk_outcome_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index,
+                                         epsilon: float = 1e-6, norm_adv_by_std_in_grpo: bool = True, config=None,
+                                         **kwargs):
+    """verl's Pass@k advantage: the best response of each group gets r_max - r_second (over std + epsilon when
+    ``config.norm_adv_by_std_in_grpo``, default True: verl reads the config, not the argument), the rest 0."""
+    if config is None:
+        raise ValueError("config must be given (verl reads norm_adv_by_std_in_grpo from it)")
+    estimator = "passk" if _config_get(config, "norm_adv_by_std_in_grpo", True) else "passk_unnormalized"
+    return _outcome(token_level_rewards, response_mask, index, estimator, epsilon)
+
+
+def compute_reinforce_plus_plus_baseline_outcome_advantage(token_level_rewards: torch.Tensor,
+                                                           response_mask: torch.Tensor, index, epsilon: float = 1e-6,
+                                                           config=None, **kwargs):
+    """verl's REINFORCE++-baseline: s - mean_g broadcast over the response, whitened over its valid tokens."""
+    return _outcome(token_level_rewards, response_mask, index, "reinforce_pp_baseline", epsilon)
+
+
+def compute_rloo_outcome_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index,
+                                   epsilon: float = 1e-6, config=None, **kwargs):
+    """verl's RLOO: s minus the mean of the group's other scores; a singleton keeps its score."""
+    return _outcome(token_level_rewards, response_mask, index, "rloo", epsilon)
+
+
+def compute_rloo_vectorized_outcome_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index,
+                                              epsilon: float = 1e-6, config=None, **kwargs):
+    """verl's vectorised RLOO: as ``compute_rloo_outcome_advantage`` except that a singleton gets 0."""
+    return _outcome(token_level_rewards, response_mask, index, "rloo_vectorized", epsilon)
+
+
+def compute_opo_outcome_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index,
+                                  epsilon: float = 1e-6, config=None, **kwargs):
+    """verl's OPO: s minus the response-length-weighted mean score of its group (singleton: baseline 0)."""
+    return _outcome(token_level_rewards, response_mask, index, "opo", epsilon)
+
+
+def compute_gpg_outcome_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index,
+                                  epsilon: float = 1e-6, f_norm: float = 1.0, alpha: float = 1.0, config=None,
+                                  **kwargs):
+    """verl's GPG: B / #(nonzero scores) * (s - mean_g) / f_norm (the ``alpha`` argument is ignored, as in verl)."""
+    adv, _ = _outcome(token_level_rewards, response_mask, index, "gpg", epsilon)
+    adv = adv / f_norm
+    return adv, adv
+
+
+def compute_reinforce_plus_plus_outcome_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor,
+                                                  config=None, **kwargs):
+    """verl's REINFORCE++: returns = the discounted sum of the rewards at the valid positions from t on (masked
+    positions are skipped and hold 0) = ``ops.gae`` with values 0 and lambda 1; advantages = returns whitened over
+    the valid tokens, 0 elsewhere. gamma is ``config.gamma``."""
+    if config is None:
+        raise ValueError("config must be given (an algorithm config with gamma)")
+    with torch.no_grad():
+        returns, _ = ops.gae(token_level_rewards, torch.zeros_like(token_level_rewards), response_mask,
+                             gamma=_scalar("gamma", config.gamma), lam=1.0)
+        dtype = out_dtype(token_level_rewards, response_mask)
+        returns = returns.to(dtype)
+        mask = response_mask.bool()
+        return torch.where(mask, whiten_everywhere(returns, mask), 0.0).to(dtype), returns
+
+
+def compute_remax_outcome_advantage(token_level_rewards: torch.Tensor, reward_baselines: torch.Tensor,
+                                    response_mask: torch.Tensor, config=None, **kwargs):
+    """verl's ReMax: returns = reverse cumulative sum of the masked rewards (at every position), advantages =
+    returns - the greedy baseline at the valid tokens. No group statistic: plain torch."""
+    with torch.no_grad():
+        m = response_mask.to(token_level_rewards.dtype)
+        returns = torch.where(response_mask.bool(), token_level_rewards, 0.0).flip(-1).cumsum(-1).flip(-1)
+        return returns - reward_baselines.unsqueeze(-1) * m, returns
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# policy losses (verl's POLICY_LOSS_REGISTRY) on ops.policy_loss
+# ------------------------------------------------------------------------------------------------------------------
+
+def _clip_ranges(config) -> tuple[float, float]:
+    clip = config.clip_ratio
+    low = config.clip_ratio_low if config.clip_ratio_low is not None else clip
+    high = config.clip_ratio_high if config.clip_ratio_high is not None else clip
+    return low, high
+
+
+def _policy_loss_config(config, name: str):
+    """verl's ``config.policy_loss`` sub-config (or its ``name`` entry), checked to exist."""
+    sub = _config_get(config, "policy_loss")
+    if sub is None:
+        raise ValueError(f"config.policy_loss must be given for the {name!r} policy loss")
+    return sub
+
+
+def _registry_loss(loss_type: str, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                   rollout_is_weights, metrics: tuple[str, ...], **params):
+    """One verl registry loss on ops.policy_loss -> (pg_loss, metrics as Python floats, one host sync as verl)."""
+    if config is None:
+        raise ValueError("config must be given (an actor config with clip_ratio and global_batch_info)")
+    check_float("log_prob", log_prob, ndim=2)
+    mask = checked_bool_mask("response_mask", response_mask, log_prob.shape, "log_prob")
+    reduction, factor = "token_mean", 1.0
+    if loss_type != "geo_mean":  # GMPO averages its per-sequence losses over the rows, whatever the mode
+        reduction, factor = _agg_scale(loss_agg_mode, mask, **{"dp_size": 1, "batch_num_tokens": None,
+                                                                "global_batch_size": None,
+                                                                "loss_scale_factor": None,
+                                                                **dict(config.global_batch_info)})
+    cfg = ops.PolicyLossConfig(loss_type=loss_type, reduction=reduction, **params)
+    loss, stats = ops.policy_loss(log_prob, old_log_prob, advantages, mask, config=cfg, weights=rollout_is_weights)
+    loss = (loss * factor).to(out_dtype(old_log_prob, log_prob, advantages))
+    names = {"actor/pg_clipfrac": "clipfrac", "actor/ppo_kl": "approx_kl", "actor/pg_clipfrac_lower": "clipfrac_lower"}
+    values = torch.stack([stats[names[k]] for k in metrics]).tolist() if metrics else []
+    return loss, dict(zip(metrics, values))
+
+
+_ALL_METRICS = ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower")
+
+
+def compute_policy_loss_gspo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="seq-mean-token-mean",
+                             config=None, rollout_is_weights=None):
+    """verl's GSPO: the clipped surrogate of the sequence-level ratio, always aggregated as seq-mean-token-mean (verl
+    ignores ``loss_agg_mode`` here). pg_clipfrac_lower is 0."""
+    low, high = _clip_ranges(config) if config is not None else (0.2, 0.2)
+    return _registry_loss("gspo", old_log_prob, log_prob, advantages, response_mask, "seq-mean-token-mean", config,
+                          rollout_is_weights, _ALL_METRICS, clip_eps=low, clip_eps_high=high)
+
+
+def compute_policy_loss_sapo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="seq-mean-token-mean",
+                             config=None, rollout_is_weights=None):
+    """verl's SAPO: the soft gate 4 / tau * sigmoid(tau (r - 1)) times -A (tau_pos / tau_neg from ``config``),
+    aggregated as seq-mean-token-mean whatever ``loss_agg_mode``; its clip fractions are 0."""
+    if config is None:
+        raise ValueError("config must be given (an actor config with tau_pos and tau_neg)")
+    return _registry_loss("sapo", old_log_prob, log_prob, advantages, response_mask, "seq-mean-token-mean", config,
+                          rollout_is_weights, _ALL_METRICS, tau_pos=config.tau_pos, tau_neg=config.tau_neg)
+
+
+def compute_policy_loss_gpg(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                            config=None, rollout_is_weights=None):
+    """verl's GPG: -A * log_prob aggregated by ``loss_agg_mode``; no metrics."""
+    return _registry_loss("gpg", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                          rollout_is_weights, ())
+
+
+def compute_policy_loss_kl_cov(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                               config=None, rollout_is_weights=None):
+    """verl's KL-Cov: -A r plus ppo_kl_coef * |log r| on the max(1, int(kl_cov_ratio * #valid)) valid tokens of
+    largest centred covariance of A and log_prob (chosen by a sort on the device, where verl copies them to the host
+    for torch.topk: exactly equal covariances may be broken differently). actor/ppo_kl is the mean |log r|."""
+    sub = _policy_loss_config(config, "kl_cov")
+    ratio = _config_get(sub, "kl_cov_ratio")
+    coef = _config_get(sub, "ppo_kl_coef")
+    return _registry_loss("kl_cov", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                          rollout_is_weights, ("actor/ppo_kl",), cov_ratio=2e-4 if ratio is None else ratio,
+                          kl_cov_coef=1.0 if coef is None else coef)
+
+
+def compute_policy_loss_geo_mean(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                                 config=None, rollout_is_weights=None):
+    """verl's GMPO: per sequence -mean(A) * exp(mean of the sign-aware clipped log-ratios), the mean over all rows
+    (``loss_agg_mode`` and the global batch are not used, as in verl); weights enter as per-sequence geometric
+    means."""
+    low, high = _clip_ranges(config) if config is not None else (0.2, 0.2)
+    return _registry_loss("geo_mean", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                          rollout_is_weights, _ALL_METRICS, clip_eps=low, clip_eps_high=high)
+
+
+def compute_policy_loss_dro(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                            config=None, rollout_is_weights=None):
+    """verl's DRO: -(A log_prob - beta / 2 (log r)^2) with beta = config.policy_loss.dro_beta > 0."""
+    beta = _config_get(_policy_loss_config(config, "dro"), "dro_beta")
+    if beta is None or beta <= 0:
+        raise ValueError("policy_loss.dro_beta must be a positive value when using DRO")
+    return _registry_loss("dro", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                          rollout_is_weights, ("actor/ppo_kl",), dro_beta=beta)
+
+
+def compute_policy_loss_cispo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                              config=None, rollout_is_weights=None):
+    """verl's CISPO: -sg(clip(r, 1 - low, 1 + high)) A log_prob; pg_clipfrac counts r outside the window."""
+    low, high = _clip_ranges(config) if config is not None else (0.2, 0.2)
+    return _registry_loss("cispo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                          rollout_is_weights, _ALL_METRICS, clip_eps=low, clip_eps_high=high)
+
+
+def _dppo(loss_type, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights):
+    low, high = _clip_ranges(config) if config is not None else (0.2, 0.2)
+    trunc = _config_get(config, "clip_ratio_c", 20.0) if config is not None else 20.0
+    return _registry_loss(loss_type, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                          rollout_is_weights, _ALL_METRICS, clip_eps=low, clip_eps_high=high, trunc_ratio=trunc)
+
+
+def compute_policy_loss_dppo_tv(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                                config=None, rollout_is_weights=None):
+    """verl's DPPO-Binary-TV: -A sg(min(r, clip_ratio_c = 20)) log_prob inside the binary-TV trust region."""
+    return _dppo("dppo_tv", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                 rollout_is_weights)
+
+
+def compute_policy_loss_dppo_kl(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                                config=None, rollout_is_weights=None):
+    """verl's DPPO-Binary-KL: -A sg(min(r, clip_ratio_c = 20)) log_prob inside the binary-KL trust region."""
+    return _dppo("dppo_kl", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                 rollout_is_weights)
+
+
+def _threshold_pair(spec) -> tuple[float | None, float]:
+    """verl's "lower_upper" string or a single number -> (lower or None, upper)."""
+    if isinstance(spec, str) and "_" in spec:
+        lower, upper = spec.split("_", 1)
+        return float(lower), float(upper)
+    return None, float(spec)
+
+
+def rollout_correction_from_verl(rollout_is=None, rollout_is_threshold=2.0, rollout_is_batch_normalize=False,
+                                 rollout_rs=None, rollout_rs_threshold=None,
+                                 reference: str = "old") -> ops.RolloutCorrection:
+    """verl's rollout-correction settings (``rollout_corr_helper``'s arguments) as an ``ops.RolloutCorrection``.
+
+    rollout_is: "token" / "sequence" / None; rollout_is_threshold: a number (TIS) or "lower_upper" (IcePop);
+    rollout_rs: comma-separated options; rollout_rs_threshold: one spec shared by all options or one per option
+    (k1 options take "lower_upper", the lower defaulting to 1 / upper).
+    """
+    lower, upper = _threshold_pair(rollout_is_threshold if rollout_is_threshold is not None else 2.0)
+    options = tuple(dict.fromkeys(o.strip() for o in (rollout_rs or "").split(",") if o.strip()))
+    thresholds: tuple = ()
+    if options:
+        if rollout_rs_threshold is None:
+            raise ValueError("rollout_rs_threshold must be provided for rejection sampling")
+        specs = [p.strip() for p in str(rollout_rs_threshold).split(",") if p.strip()]
+        if len(specs) not in (1, len(options)):
+            raise ValueError(f"rollout_rs_threshold needs one threshold or one per option ({len(options)})")
+        thresholds = tuple(_threshold_pair(s) for s in (specs * len(options) if len(specs) == 1 else specs))
+    return ops.RolloutCorrection(is_level=rollout_is if rollout_is_threshold is not None else None,
+                                 is_threshold=upper, is_threshold_lower=lower,
+                                 is_batch_normalize=bool(rollout_is_batch_normalize), rs=options,
+                                 rs_thresholds=thresholds, reference=reference)
+
+
+def compute_policy_loss_bypass_mode(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                                    config=None, rollout_is_weights=None):
+    """verl's bypass mode (old_log_prob ARE the rollout's): importance weights and rejection against the current
+    log_prob (detached), then "reinforce" (-w A log_prob over the surviving tokens) or "ppo_clip" (vanilla PPO with
+    verl's dual clip over the surviving tokens, no weights) per ``config.policy_loss.rollout_correction.loss_type``.
+
+    The loss and its gradient are verl's. The metrics are a subset of verl's: actor/ppo_kl (and PPO's clip
+    fractions), rollout_corr/kl, rollout_corr/k3_kl, rollout_corr/rollout_is_mean, rollout_is_ratio_fraction_high /
+    _low, rollout_rs_masked_fraction, rollout_rs_seq_masked_fraction; verl's per-option, ESS, PPL and chi^2
+    diagnostics are not computed (verl's helper gives them from the same inputs).
+    """
+    corr = _config_get(_policy_loss_config(config, "bypass_mode"), "rollout_correction")
+    if corr is None:
+        raise ValueError("rollout_correction config not found in policy_loss (needed by loss_mode='bypass_mode')")
+    loss_type = _config_get(corr, "loss_type", "ppo_clip")
+    if loss_type not in ("ppo_clip", "reinforce"):
+        raise ValueError(f"Invalid loss_type: {loss_type}. Must be 'reinforce' or 'ppo_clip'.")
+    correction = rollout_correction_from_verl(
+        _config_get(corr, "rollout_is") if loss_type == "reinforce" else None,
+        _config_get(corr, "rollout_is_threshold", 2.0), _config_get(corr, "rollout_is_batch_normalize", False),
+        _config_get(corr, "rollout_rs"), _config_get(corr, "rollout_rs_threshold"), reference="current")
+    check_float("log_prob", log_prob, ndim=2)
+    mask = checked_bool_mask("response_mask", response_mask, log_prob.shape, "log_prob")
+    info = {"dp_size": 1, "batch_num_tokens": None, "global_batch_size": None, "loss_scale_factor": None,
+            **dict(config.global_batch_info)}
+    # verl aggregates over the mask AFTER rejection: its token / row counts set the default normalisation
+    weights, kept, corr_stats = ops.rollout_correction(log_prob.detach(), old_log_prob, mask, correction)
+    reduction, factor = _agg_scale(loss_agg_mode, kept, **info)
+    if loss_type == "reinforce":
+        cfg = ops.PolicyLossConfig(loss_type="reinforce", reduction=reduction)
+    else:
+        low, high = _clip_ranges(config)
+        cfg = ops.PolicyLossConfig(loss_type="vanilla", reduction=reduction, clip_eps=low, clip_eps_high=high,
+                                   dual_clip=_config_get(config, "clip_ratio_c", 3.0))
+    loss, stats = ops.policy_loss(log_prob, old_log_prob, advantages, kept, config=cfg, weights=weights)
+    stats.update(corr_stats)
+    loss = (loss * factor).to(out_dtype(old_log_prob, log_prob, advantages))
+    keys = {"actor/ppo_kl": "approx_kl", "rollout_corr/kl": "rollout_kl", "rollout_corr/k3_kl": "rollout_k3_kl",
+            "rollout_corr/rollout_is_mean": "rollout_is_mean",
+            "rollout_corr/rollout_is_ratio_fraction_high": "rollout_is_fraction_high",
+            "rollout_corr/rollout_is_ratio_fraction_low": "rollout_is_fraction_low",
+            "rollout_corr/rollout_rs_masked_fraction": "rollout_rs_masked_fraction",
+            "rollout_corr/rollout_rs_seq_masked_fraction": "rollout_rs_seq_masked_fraction"}
+    if loss_type == "ppo_clip":
+        keys.update({"actor/pg_clipfrac": "clipfrac", "actor/pg_clipfrac_lower": "clipfrac_lower"})
+    keys = {k: v for k, v in keys.items() if v in stats}
+    values = torch.stack([stats[v] for v in keys.values()]).tolist()  # one host sync, as verl's .item() calls
+    return loss, dict(zip(keys, values))
+
+
+# the registry entries replaced by patch_verl() besides vanilla and gae (clip_cov draws at random, gdpo needs the
+# trainer's per-dimension rewards, the optimal-token baselines need per-token sums of squared gradients: verl's own
+# functions stay for those)
+REGISTRY_DROP_INS = (
+    "compute_grpo_outcome_advantage", "compute_grpo_vectorized_outcome_advantage",
+    "compute_grpo_passk_outcome_advantage", "compute_reinforce_plus_plus_baseline_outcome_advantage",
+    "compute_rloo_outcome_advantage", "compute_rloo_vectorized_outcome_advantage", "compute_opo_outcome_advantage",
+    "compute_gpg_outcome_advantage", "compute_reinforce_plus_plus_outcome_advantage",
+    "compute_remax_outcome_advantage", "compute_policy_loss_gspo", "compute_policy_loss_sapo",
+    "compute_policy_loss_gpg", "compute_policy_loss_kl_cov", "compute_policy_loss_geo_mean",
+    "compute_policy_loss_dro", "compute_policy_loss_cispo", "compute_policy_loss_dppo_tv",
+    "compute_policy_loss_dppo_kl", "compute_policy_loss_bypass_mode")

@@ -11,7 +11,7 @@ from instructrl_fast.ops.gae import gae
 from instructrl_fast.ops.group_advantages import group_advantages
 from instructrl_fast.ops.kl import kl_penalty, shape_rewards
 from instructrl_fast.ops.logprob import entropy, gather_logprobs, linear_logprobs
-from instructrl_fast.ops.policy_loss import PolicyLossConfig, RolloutCorrection, policy_loss
+from instructrl_fast.ops.policy_loss import PolicyLossConfig, RolloutCorrection, policy_loss, rollout_correction
 from instructrl_fast.ops.ppo_loss import ppo_policy_loss, ppo_value_loss
 from instructrl_fast.ops.whiten import masked_whiten
 
@@ -31,5 +31,6 @@ __all__ = [
     "ppo_actor_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "rollout_correction",
     "shape_rewards",
 ]

@@ -163,7 +163,8 @@ def _select_ranked(key: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -
 
 
 def _rollout_correction(base: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor, corr: RolloutCorrection):
-    """(weights [B, T] or None, surviving mask [B, T], stats) from the training-side and rollout log-probs."""
+    """(weights [B, T] or None, surviving mask [B, T], stats) from the training-side and rollout log-probs (both
+    upcast, 0 at masked positions)."""
     m = mask.to(base.dtype)
     raw = torch.where(mask, base - rollout, 0.0)
     rho = raw.clamp(-_SAFETY_BOUND, _SAFETY_BOUND)
@@ -180,8 +181,14 @@ def _rollout_correction(base: torch.Tensor, rollout: torch.Tensor, mask: torch.T
             weights = raw_w.clamp(max=corr.is_threshold)
         else:  # IcePop: weights outside the window are dropped, not truncated
             weights = torch.where((raw_w >= low) & (raw_w <= corr.is_threshold), raw_w, 0.0)
-        stats["rollout_is_fraction_high"] = masked_reduce((raw_w > corr.is_threshold).to(m.dtype), mask, "token_mean")
-        stats["rollout_is_fraction_low"] = masked_reduce((raw_w < low).to(m.dtype), mask, "token_mean")
+        if corr.is_level == "token":  # shares of valid tokens whose raw weight leaves the window
+            stats["rollout_is_fraction_high"] = masked_reduce((raw_w > corr.is_threshold).to(m.dtype), mask,
+                                                              "token_mean")
+            stats["rollout_is_fraction_low"] = masked_reduce((raw_w < low).to(m.dtype), mask, "token_mean")
+        else:  # shares of all B sequences, compared in log space (the raw product may overflow)
+            seq_log = raw.sum(-1)
+            stats["rollout_is_fraction_high"] = (seq_log > math.log(corr.is_threshold)).to(m.dtype).mean()
+            stats["rollout_is_fraction_low"] = (seq_log < math.log(low)).to(m.dtype).mean()
         stats["rollout_is_mean"] = masked_reduce(weights, mask, "token_mean")
         if corr.is_batch_normalize:
             if corr.is_level == "token":
@@ -286,6 +293,31 @@ def _token_loss(cfg: PolicyLossConfig, logp, old, adv, mask, m):
     stats["clipfrac"] = masked_reduce((~inside).to(m.dtype), mask, "token_mean")
     stats["clipfrac_lower"] = masked_reduce(((ratio > cfg.trunc_ratio) & inside).to(m.dtype), mask, "token_mean")
     return torch.where(inside, -adv * trunc * logp, 0.0), stats
+
+
+def rollout_correction(train_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
+                       correction: RolloutCorrection) -> tuple[torch.Tensor | None, torch.Tensor, dict]:
+    """The rollout correction on its own, as a trainer applies it once per batch before the loss.
+
+    ``correction.reference`` is ignored here: ``train_logp`` [B, T] is the training side of the ratio (old_logp,
+    or the current log-probs for bypass mode), ``rollout_logp`` [B, T] the rollout engine's, mask [B, T].
+
+    Returns:
+        (weights [B, T] float32 / float64 or None when ``is_level`` is None, surviving bool mask [B, T], stats of
+        0-dim tensors as listed in ``policy_loss``). No gradient, no host sync.
+    """
+    if not isinstance(correction, RolloutCorrection):
+        raise TypeError(f"correction must be a RolloutCorrection, got {type(correction).__name__}")
+    for name, x in (("train_logp", train_logp), ("rollout_logp", rollout_logp)):
+        check_float(name, x, ndim=2)
+        check_shape(name, x, train_logp.shape, "train_logp")
+    mask = checked_bool_mask("mask", mask, train_logp.shape, "train_logp")
+    check_same_device(train_logp=train_logp, rollout_logp=rollout_logp, mask=mask)
+    acc = compute_dtype(train_logp, rollout_logp)
+    with torch.no_grad():
+        weights, kept, stats = _rollout_correction(_valid_upcast(train_logp, mask, acc),
+                                                   _valid_upcast(rollout_logp, mask, acc), mask, correction)
+    return weights, kept, stats
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
