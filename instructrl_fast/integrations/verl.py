@@ -15,10 +15,19 @@ defaults, return structure and dtype, and its results at every position, masked 
   global-batch normalisation. The log-ratio is clamped to [-20, 20] before ``exp`` as in verl.
 * ``compute_rewards``: token_level_scores - kl_ratio * k1.
 
+* The registry's outcome estimators (grpo, grpo_vectorized, grpo_passk, rloo, rloo_vectorized, opo, gpg,
+  reinforce_plus_plus_baseline) on ``ops.group_advantages`` (verl's uid labels relabelled on the host), and
+  reinforce_plus_plus (``ops.gae`` with values 0, lambda 1) and remax; its policy losses gspo, sapo, gpg, kl_cov,
+  geo_mean, dro, cispo, dppo_tv, dppo_kl and bypass_mode on ``ops.policy_loss`` / ``ops.rollout_correction``.
+
 Deliberate differences raise ``NotImplementedError`` naming them: ``kl_penalty="full"`` (verl raises too).
 ``rollout_is_weights`` must be >= 0 (importance weights; folded into the advantages). verl's
-per-sequence token mean divides by count + 1e-8, ours by the count (at most 1e-8 relative). The GRPO outcome
-advantage (group statistics keyed by a numpy index) has no fused op and is not replaced.
+per-sequence token mean divides by count + 1e-8, ours by the count (at most 1e-8 relative). Not replaced (verl's
+own functions stay): clip_cov (it drops tokens drawn by ``torch.randperm``: no other code can reproduce the draw),
+gdpo (it reads per-dimension rewards from the trainer's non-tensor batch), optimal_token_baseline and
+tir_optimal_token_baseline (they need per-token sums of squared policy gradients). bypass_mode returns a subset of
+verl's rollout-correction metrics (see its docstring). tests/integrations/verl_differential.py checks every
+replaced entry against verl's own source.
 """
 
 from __future__ import annotations

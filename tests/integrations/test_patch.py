@@ -126,3 +126,26 @@ def test_patch_without_the_trainer_raises_import_error(monkeypatch, patch, train
     monkeypatch.setitem(sys.modules, trainer, None)  # as if not installed
     with pytest.raises(ImportError, match=f"patch_{trainer}\\(\\) needs {trainer} installed"):
         patch()
+
+
+def test_patch_verl_fills_the_registries_with_the_new_entries(monkeypatch):
+    """Every registry entry with a drop-in is replaced, under its registry key and module name; unpatch restores."""
+    originals = {name: types.FunctionType((lambda *a, **k: None).__code__, {}, name) for name in
+                 verl.REGISTRY_DROP_INS}
+    losses = {n.removeprefix("compute_policy_loss_"): f for n, f in originals.items() if "policy_loss" in n}
+    estimators = {n.removeprefix("compute_").removesuffix("_outcome_advantage"): f for n, f in originals.items()
+                  if "advantage" in n}
+    clip_cov = types.FunctionType((lambda *a, **k: None).__code__, {}, "compute_policy_loss_clip_cov")
+    m = _install(monkeypatch, {"verl.trainer.ppo.core_algos": {
+        **originals, "compute_policy_loss_clip_cov": clip_cov,
+        "POLICY_LOSS_REGISTRY": {**losses, "clip_cov": clip_cov}, "ADV_ESTIMATOR_REGISTRY": dict(estimators)}})
+    patch_verl()
+    for key, original in losses.items():
+        assert m.core_algos.POLICY_LOSS_REGISTRY[key] is getattr(verl, original.__name__), key
+    for key, original in estimators.items():
+        assert m.core_algos.ADV_ESTIMATOR_REGISTRY[key] is getattr(verl, original.__name__), key
+    assert m.core_algos.POLICY_LOSS_REGISTRY["clip_cov"] is clip_cov  # verl's own stays (a random draw)
+    assert len(losses) == 10 and len(estimators) == 10
+    unpatch()
+    assert m.core_algos.POLICY_LOSS_REGISTRY == {**losses, "clip_cov": clip_cov}
+    assert m.core_algos.ADV_ESTIMATOR_REGISTRY == estimators

@@ -3,11 +3,13 @@ with every argument of the current signatures, at every position (masked ones in
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from instructrl_fast import use_backend
 from instructrl_fast.integrations import verl
+from tests import reference as tref
 from tests.conftest import DEVICE, backends_for
 from tests.integrations import references as ref
 
@@ -218,3 +220,95 @@ def test_float64_inputs_are_computed_and_returned_in_float64():
     assert adv.dtype == ret.dtype == torch.float64
     torch.testing.assert_close(adv, ref_adv, rtol=1e-8, atol=1e-8)  # verl's 1e-8 guards in its masked means
     torch.testing.assert_close(ret, ref_ret, **tight)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the registry's outcome estimators and policy losses (checked against verl's own source, outside CI, by
+# tests/integrations/verl_differential.py; here against the float64 references of the ops they call)
+# ---------------------------------------------------------------------------------------------------------------
+
+ESTIMATOR_DROP_INS = {"compute_grpo_outcome_advantage": "grpo", "compute_grpo_vectorized_outcome_advantage": "grpo",
+                      "compute_rloo_outcome_advantage": "rloo",
+                      "compute_rloo_vectorized_outcome_advantage": "rloo_vectorized",
+                      "compute_opo_outcome_advantage": "opo", "compute_gpg_outcome_advantage": "gpg",
+                      "compute_reinforce_plus_plus_baseline_outcome_advantage": "reinforce_pp_baseline"}
+
+
+@pytest.mark.parametrize("backend", [pytest.param(None, id="auto")] + backends_for(("torch", "triton", "cpp")))
+@pytest.mark.parametrize("name", ESTIMATOR_DROP_INS)
+def test_outcome_estimators(backend, name):
+    b = _batch(B=7)
+    b.mask[3, 0] = 1  # whitening needs every row's share defined; row 3 keeps one token
+    index = np.array(["u2", "u0", "u2", "u1", "u0", "u2", "u9"], dtype=object)  # verl's uid strings; a singleton
+    with use_backend(backend):
+        adv, ret = getattr(verl, name)(b.rewards, b.mask, index)
+    group = torch.tensor([2, 0, 2, 1, 0, 2, 3], device=DEVICE)
+    expect = tref.group_advantages_ref(b.rewards.sum(-1), group, b.mask, ESTIMATOR_DROP_INS[name])
+    assert adv is ret and adv.dtype == torch.float32
+    _close(adv, expect)
+
+
+def test_passk_reinforce_pp_and_remax():
+    b = _batch(B=6)
+    index = np.array([4, 1, 4, 1, 1, 4])
+    adv, _ = verl.compute_grpo_passk_outcome_advantage(b.rewards, b.mask, index, config={})
+    group = torch.tensor([1, 0, 1, 0, 0, 1], device=DEVICE)
+    _close(adv, tref.group_advantages_ref(b.rewards.sum(-1), group, b.mask, "passk"))
+    adv, ret = verl.compute_reinforce_plus_plus_outcome_advantage(b.rewards, b.mask, config=ActorConfig(gamma=0.9))
+    expect_ret, _ = tref.gae_ref(b.rewards, torch.zeros_like(b.rewards), b.mask, gamma=0.9, lam=1.0)
+    _close(ret, expect_ret)
+    whitened = ref.verl_masked_whiten(expect_ret, b.mask.double()) * b.mask.double()
+    _close(adv, whitened, atol=1e-5)
+    baselines = torch.randn(6, device=DEVICE)
+    adv, ret = verl.compute_remax_outcome_advantage(b.rewards, baselines, b.mask)
+    expect_ret = (b.rewards.double() * b.mask).flip(-1).cumsum(-1).flip(-1)
+    _close(ret, expect_ret)
+    _close(adv, expect_ret - baselines.double()[:, None] * b.mask)
+
+
+LOSS_DROP_INS = ("gspo", "sapo", "gpg", "kl_cov", "geo_mean", "dro", "cispo", "dppo_tv", "dppo_kl")
+
+
+@pytest.mark.parametrize("name", LOSS_DROP_INS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "is-weights"])
+def test_registry_policy_losses(name, weighted):
+    b = _batch()
+    weights = torch.rand_like(b.adv) * 2 if weighted else None
+    config = ActorConfig(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=0.28, tau_pos=1.0, tau_neg=1.05,
+                         policy_loss=ActorConfig(kl_cov_ratio=0.1, ppo_kl_coef=1.0, dro_beta=0.3),
+                         global_batch_info={})
+    logp = b.logp.clone().requires_grad_()
+    loss, metrics = getattr(verl, f"compute_policy_loss_{name}")(b.old, logp, b.adv, b.mask, "token-mean", config,
+                                                                weights)
+    (loss * 1.3).backward()
+    assert all(isinstance(v, float) for v in metrics.values())
+    logp64 = b.logp.double().requires_grad_()
+    reduction = "seq_mean_token_mean" if name in ("gspo", "sapo") else "token_mean"
+    expect = tref.policy_loss_ref(logp64, b.old, b.adv, b.mask, name, reduction,
+                                  clip_eps_high=0.28, kl_cov_ratio=0.1, dro_beta=0.3, weights=weights)
+    if reduction == "seq_mean_token_mean":  # verl averages over the rows with a valid token
+        expect = expect * b.mask.shape[0] / b.mask.any(-1).sum()
+    (expect * 1.3).backward()
+    _close(loss.detach(), expect.detach())
+    _close(logp.grad, logp64.grad)
+
+
+def test_bypass_mode_reinforce_with_token_is_and_rejection():
+    b = _batch()
+    corr = ActorConfig(loss_type="reinforce", rollout_is="token", rollout_is_threshold=1.5, rollout_rs="token_k2",
+                       rollout_rs_threshold=0.05)
+    config = ActorConfig(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=None, global_batch_info={},
+                         policy_loss=ActorConfig(rollout_correction=corr))
+    logp = b.logp.clone().requires_grad_()
+    loss, metrics = verl.compute_policy_loss_bypass_mode(b.old, logp, b.adv, b.mask, "token-mean", config)
+    loss.backward()
+    weights, keep = tref.rollout_correction_ref(b.logp, b.old, b.mask, "token", 1.5, rs=("token_k2",),
+                                                rs_thresholds=((None, 0.05),))
+    assert 0 < int(keep.sum()) < int(b.mask.sum())
+    logp64 = b.logp.double().requires_grad_()
+    expect = tref.policy_loss_ref(logp64, b.old, b.adv, keep, "reinforce", weights=weights)
+    expect.backward()
+    _close(loss.detach(), expect.detach())
+    _close(logp.grad, logp64.grad)
+    assert metrics["rollout_corr/rollout_rs_masked_fraction"] == pytest.approx(
+        1 - float(keep.sum() / b.mask.sum()), abs=1e-6)
