@@ -6,6 +6,7 @@ import torch
 from instructrl_fast import ops, use_backend
 from instructrl_fast.ops.group_advantages import ESTIMATORS
 from tests.conftest import DEVICE, backends_for
+from tests.ops._sync import NoHostSync, as_on_device
 from tests.reference import group_advantages_ref
 
 BACKENDS = backends_for(("torch", "triton", "cpp"))
@@ -105,3 +106,11 @@ def test_bad_input():
         ops.group_advantages(scores[:, None], group, mask)
     with pytest.raises(ValueError, match="eps"):
         ops.group_advantages(scores, group, mask, eps=0.0)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "gpg", "reinforce_pp_baseline", "opo", "passk"])
+def test_group_advantages_no_host_sync(estimator, monkeypatch):
+    as_on_device(monkeypatch)
+    B = 8
+    with NoHostSync():
+        ops.group_advantages(torch.randn(B), torch.arange(B) // 2, torch.rand(B, 5) < 0.8, estimator=estimator)

@@ -6,6 +6,7 @@ import torch
 from instructrl_fast import BackendError, ops, use_backend
 from instructrl_fast.ops.policy_loss import LOSS_TYPES, REDUCTIONS, RS_OPTIONS, PolicyLossConfig, RolloutCorrection
 from tests.conftest import DEVICE
+from tests.ops._sync import NoHostSync, as_on_device
 from tests.reference import policy_loss_ref, reduce_ref, rollout_correction_ref
 
 GRAD_OUT = 1.7  # a non-unit upstream gradient
@@ -183,3 +184,18 @@ def test_bad_input():
         ops.policy_loss(logp, old, adv, mask, weights=old[:, :3])
     with use_backend("triton"), pytest.raises(BackendError, match="policy_loss"):
         ops.policy_loss(logp, old, adv, mask)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_no_host_sync(loss_type, monkeypatch):
+    as_on_device(monkeypatch)
+    logp, old, adv, mask = _inputs()
+    correction = RolloutCorrection(is_level="sequence", is_batch_normalize=True, rs=tuple(RS_OPTIONS),
+                                   rs_thresholds=tuple((None, 10.0) for _ in RS_OPTIONS))
+    x = logp.clone().requires_grad_()
+    with NoHostSync():
+        loss, _ = ops.policy_loss(x, old, adv, mask.float(), config=PolicyLossConfig(loss_type=loss_type),
+                                  rollout_logp=old + 0.1, correction=correction)
+        loss.backward()
+    with pytest.raises(AssertionError, match="reads device data"), NoHostSync():
+        loss.item()  # the check can fail
