@@ -41,8 +41,10 @@ rejection: tokens or whole sequences whose divergence statistic (k1 = -rho withi
 <= upper; per token, or the per-sequence sum / mean / max) fails are dropped from the mask. The loss is computed
 with the weights multiplied in (before the type's own weighting) over the surviving mask.
 
-Backends: torch (autograd on the formulas: the loss types are elementwise plus per-sequence sums, cheap next to the
-LM head that produces logp). The fused kernels take these types with the LM-head walk (``ppo_actor_loss``).
+Backends: ``torch`` (autograd on the formulas) for every type; ``triton`` (``kernels/policy_loss.py``: one forward
+and one backward kernel, torch custom ops) for the token-local ``TRITON_TYPES`` -- clip_cov, kl_cov (a batch-wide
+sort) and geo_mean (a per-row exponent) run on torch under it. The rollout correction is a few masked passes in
+torch before the loss. No cpp / cuda kernels yet.
 """
 
 from __future__ import annotations
@@ -74,7 +76,10 @@ RS_OPTIONS = {"token_k1": 0, "token_k2": 1, "token_k3": 2, "seq_sum_k1": 3, "seq
 _CLAMPED_LOG_RATIO = ("vanilla", "sapo", "cispo", "dppo_tv", "dppo_kl")  # types whose d is clamped to +-20
 _SAFETY_BOUND = 20.0  # |log-ratio| bound before exp (exp(20) ~ 4.9e8), verl's
 _GSPO_LOG_RATIO_MAX = 10.0
-_IMPLEMENTED = ("torch",)
+_IMPLEMENTED = ("triton", "torch")
+# the types whose term is local to a token (gspo's row mean passed in): the others (a batch-wide sort for
+# clip_cov / kl_cov, geo_mean's per-row exponent) run on torch whatever the backend
+TRITON_TYPES = ("vanilla", "gspo", "sapo", "gpg", "reinforce", "dro", "cispo", "dppo_tv", "dppo_kl")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -295,6 +300,72 @@ def _token_loss(cfg: PolicyLossConfig, logp, old, adv, mask, m):
     return torch.where(inside, -adv * trunc * logp, 0.0), stats
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# triton backend: forward and backward custom ops (kernels/policy_loss.py)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("instructrl_fast::policy_loss_triton", mutates_args=())
+def _policy_loss_triton(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                        weights: torch.Tensor | None, shift: torch.Tensor, loss_type: int, params: list[float],
+                        reduction: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor]:
+    from instructrl_fast.kernels.policy_loss import policy_loss_fwd
+
+    return policy_loss_fwd(logp, old_logp, advantages, mask, weights, shift, loss_type, params, reduction)
+
+
+@_policy_loss_triton.register_fake
+def _(logp, old_logp, advantages, mask, weights, shift, loss_type, params, reduction):
+    scalar = logp.new_empty((), dtype=torch.float32)
+    return (scalar, *(torch.empty_like(scalar) for _ in range(3)),
+            logp.new_empty(logp.shape[:1], dtype=torch.float32))
+
+
+@torch.library.custom_op("instructrl_fast::policy_loss_triton_backward", mutates_args=())
+def _policy_loss_triton_backward(grad_loss: torch.Tensor, row_scale: torch.Tensor, logp: torch.Tensor,
+                                 old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                                 weights: torch.Tensor | None, shift: torch.Tensor, loss_type: int,
+                                 params: list[float]) -> torch.Tensor:
+    from instructrl_fast.kernels.policy_loss import policy_loss_bwd
+
+    return policy_loss_bwd(grad_loss, row_scale, logp, old_logp, advantages, mask, weights, shift, loss_type, params)
+
+
+@_policy_loss_triton_backward.register_fake
+def _(grad_loss, row_scale, logp, *args):
+    return torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
+
+
+def _triton_setup_context(ctx, inputs, output):
+    logp, old_logp, advantages, mask, weights, shift, loss_type, params, _ = inputs
+    ctx.save_for_backward(output[-1], logp, old_logp, advantages, mask, weights, shift)
+    ctx.loss_type, ctx.params = loss_type, params
+
+
+def _triton_backward(ctx, grad_loss, *_):
+    row_scale, logp, *rest = ctx.saved_tensors
+    grad = _policy_loss_triton_backward(grad_loss, row_scale, logp, *rest, ctx.loss_type, ctx.params)
+    return grad.to(logp.dtype), None, None, None, None, None, None, None, None
+
+
+_policy_loss_triton.register_autograd(_triton_backward, setup_context=_triton_setup_context)
+
+
+def _policy_loss_on_triton(cfg: PolicyLossConfig, logp, old, adv, mask, weights):
+    """(loss by the kernels' reduction, stats) of a TRITON_TYPES loss; weights fp32 [B, T] or None."""
+    shift = torch.zeros(logp.shape[:1], dtype=torch.float32, device=logp.device)
+    if cfg.loss_type == "gspo":  # the per-row mean log-ratio, a [B] reduction done once here
+        shift = _seq_mean(torch.where(mask, logp.detach().float() - old.float(), 0.0), mask.float())
+    params = [cfg.clip_eps, cfg.clip_high, float(cfg.dual_clip or 0.0), cfg.tau_pos, cfg.tau_neg, cfg.dro_beta,
+              cfg.trunc_ratio]
+    code = 2 if cfg.reduction == "seq_mean_token_sum_norm" else REDUCTIONS[cfg.reduction]
+    loss, clipfrac, approx_kl, lower, _ = _policy_loss_triton(
+        logp.contiguous(), old.contiguous(), adv.contiguous(), mask,
+        None if weights is None else weights.float().contiguous(), shift, LOSS_TYPES[cfg.loss_type], params, code)
+    return loss, {"approx_kl": approx_kl, "clipfrac": clipfrac, "clipfrac_lower": lower}
+
+
 def rollout_correction(train_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
                        correction: RolloutCorrection) -> tuple[torch.Tensor | None, torch.Tensor, dict]:
     """The rollout correction on its own, as a trainer applies it once per batch before the loss.
@@ -361,15 +432,22 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     mask = checked_bool_mask("mask", mask, logp.shape, "logp")
     check_same_device(**named, mask=mask)
     acc = compute_dtype(*named.values())
-    backend.resolve("policy_loss", logp.device, _IMPLEMENTED, acc)  # a forced kernel backend fails loudly here
-    x, old, adv = (_valid_upcast(t, mask, acc) for t in (logp, old_logp.detach(), advantages.detach()))
+    name = backend.resolve("policy_loss", logp.device, _IMPLEMENTED, acc)  # a forced missing backend fails here
     stats = {}
     if correction is not None:
-        base = x.detach() if correction.reference == "current" else old
-        is_w, mask, stats = _rollout_correction(base, _valid_upcast(rollout_logp.detach(), mask, acc), mask,
-                                                correction)
+        base = logp if correction.reference == "current" else old_logp
+        is_w, mask, stats = _rollout_correction(_valid_upcast(base.detach(), mask, acc),
+                                                _valid_upcast(rollout_logp.detach(), mask, acc), mask, correction)
         if is_w is not None:
             weights = is_w if weights is None else weights.detach().to(acc) * is_w
+    if name == "triton" and config.loss_type in TRITON_TYPES:
+        total, type_stats = _policy_loss_on_triton(config, logp, old_logp.detach(), advantages.detach(), mask,
+                                                   None if weights is None else weights.detach())
+        if config.reduction == "seq_mean_token_sum_norm":
+            total = total / (logp.shape[-1] if config.norm_length is None else config.norm_length)
+        stats.update(type_stats)
+        return total, {k: v.detach() for k, v in stats.items()}
+    x, old, adv = (_valid_upcast(t, mask, acc) for t in (logp, old_logp.detach(), advantages.detach()))
     m = mask.to(acc)
     loss, type_stats = _token_loss(config, x, old, adv, mask, m)
     w = None if weights is None else _valid_upcast(weights.detach(), mask, acc)

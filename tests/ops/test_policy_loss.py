@@ -5,7 +5,7 @@ import torch
 
 from instructrl_fast import BackendError, ops, use_backend
 from instructrl_fast.ops.policy_loss import LOSS_TYPES, REDUCTIONS, RS_OPTIONS, PolicyLossConfig, RolloutCorrection
-from tests.conftest import DEVICE
+from tests.conftest import DEVICE, backends_for
 from tests.ops._sync import NoHostSync, as_on_device
 from tests.reference import policy_loss_ref, reduce_ref, rollout_correction_ref
 
@@ -33,9 +33,10 @@ def _config(loss_type, reduction):
                             dro_beta=PARAMS["dro_beta"])
 
 
-def _ours(loss_type, reduction, logp, old, adv, mask, **kw):
+def _ours(loss_type, reduction, logp, old, adv, mask, backend=None, **kw):
     x = logp.detach().clone().requires_grad_()
-    loss, stats = ops.policy_loss(x, old, adv, mask, config=_config(loss_type, reduction), **kw)
+    with use_backend(backend):
+        loss, stats = ops.policy_loss(x, old, adv, mask, config=_config(loss_type, reduction), **kw)
     (loss * GRAD_OUT).backward()
     return loss, stats, x.grad
 
@@ -48,13 +49,14 @@ def _ref(loss_type, reduction, logp, old, adv, mask, weights=None):
     return loss, x.grad
 
 
+@pytest.mark.parametrize("backend", backends_for(("torch", "triton")))
 @pytest.mark.parametrize("loss_type", DETERMINISTIC)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "is-weights"])
-def test_matches_reference(loss_type, reduction, weighted):
+def test_matches_reference(backend, loss_type, reduction, weighted):
     logp, old, adv, mask = _inputs()
     weights = torch.rand_like(logp) * 2 if weighted else None
-    loss, stats, grad = _ours(loss_type, reduction, logp, old, adv, mask, weights=weights)
+    loss, stats, grad = _ours(loss_type, reduction, logp, old, adv, mask, backend, weights=weights)
     ref_loss, ref_grad = _ref(loss_type, reduction, logp, old, adv, mask, weights)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert all(v.dim() == 0 and v.dtype == torch.float32 and not v.requires_grad for v in stats.values())
@@ -121,13 +123,14 @@ CORRECTIONS = {
 }
 
 
+@pytest.mark.parametrize("backend", backends_for(("torch", "triton")))
 @pytest.mark.parametrize("case", CORRECTIONS.values(), ids=CORRECTIONS.keys())
 @pytest.mark.parametrize("reference", ["old", "current"])
-def test_rollout_correction(case, reference):
+def test_rollout_correction(backend, case, reference):
     logp, old, adv, mask = _inputs()
     rollout = old + 0.3 * torch.randn_like(old)
     correction = RolloutCorrection(reference=reference, **case)
-    loss, stats, grad = _ours("vanilla", "seq_mean_token_mean", logp, old, adv, mask, rollout_logp=rollout,
+    loss, stats, grad = _ours("vanilla", "seq_mean_token_mean", logp, old, adv, mask, backend, rollout_logp=rollout,
                               correction=correction)
     base = logp if reference == "current" else old
     weights, keep = rollout_correction_ref(base, rollout, mask, **case)
@@ -160,6 +163,18 @@ def test_gradcheck_float64(loss_type):
                              (logp.clone().requires_grad_(),))
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_triton_opcheck(weighted):
+    if backends_for(("triton",))[0].marks:
+        pytest.skip("triton cannot run here")
+    logp, old, adv, mask = _inputs(3, 17)
+    weights = torch.rand_like(logp) if weighted else None
+    shift = torch.zeros(3, device=DEVICE)
+    params = [0.2, 0.28, 1.5, 1.0, 1.05, 0.3, 20.0]
+    torch.library.opcheck(torch.ops.instructrl_fast.policy_loss_triton.default,
+                          (logp.requires_grad_(), old, adv, mask, weights, shift, 0, params, 1))
+
+
 def test_bad_input():
     logp, old, adv, mask = _inputs(2, 5)
     with pytest.raises(ValueError, match="loss_type"):
@@ -182,7 +197,7 @@ def test_bad_input():
         ops.policy_loss(logp, old, adv, mask, correction=RolloutCorrection())
     with pytest.raises(ValueError, match="weights"):
         ops.policy_loss(logp, old, adv, mask, weights=old[:, :3])
-    with use_backend("triton"), pytest.raises(BackendError, match="policy_loss"):
+    with use_backend("cpp"), pytest.raises(BackendError, match="policy_loss"):
         ops.policy_loss(logp, old, adv, mask)
 
 
