@@ -109,8 +109,9 @@ if _ext.HAS_CPP and hasattr(torch.ops.instructrl_fast, "group_advantages"):
 
 
 def _check_groups(group: torch.Tensor, B: int, estimator: str) -> None:
-    """Group ids in [0, B) (and >= 2 sequences per group for pass@k), read eagerly only where that is free."""
-    if not eager_data_checks(group) or not B:
+    """Group ids in [0, B) (and >= 2 sequences per group for pass@k), read eagerly only where that is free (and
+    not while torch.compile traces: reading the values would break the graph)."""
+    if not eager_data_checks(group) or not B or torch.compiler.is_compiling():
         return
     if bool((group < 0).any()) or bool((group >= B).any()):
         raise ValueError(f"group must hold ids in [0, B) = [0, {B}) (relabel with torch.unique(return_inverse=True))")

@@ -114,3 +114,16 @@ def test_group_advantages_no_host_sync(estimator, monkeypatch):
     B = 8
     with NoHostSync():
         ops.group_advantages(torch.randn(B), torch.arange(B) // 2, torch.rand(B, 5) < 0.8, estimator=estimator)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    scores, group, mask = _inputs()
+
+    def advantages(scores, group, mask):
+        return ops.group_advantages(scores, group, mask, estimator="gpg") * 2
+
+    with use_backend(backend):
+        compiled = torch.compile(advantages, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(scores, group, mask), advantages(scores, group, mask))

@@ -214,3 +214,27 @@ def test_no_host_sync(loss_type, monkeypatch):
         loss.backward()
     with pytest.raises(AssertionError, match="reads device data"), NoHostSync():
         loss.item()  # the check can fail
+
+
+@pytest.mark.parametrize("backend", backends_for(("torch", "triton")))
+@pytest.mark.parametrize("loss_type", ["gspo", "dppo_kl", "kl_cov"])
+def test_torch_compile_fullgraph(backend, loss_type):
+    torch._dynamo.reset()
+    logp, old, adv, mask = _inputs(3, 12)
+    rollout = old + 0.1
+    config = _config(loss_type, "seq_mean_token_sum_norm")
+    correction = RolloutCorrection(is_level="token", rs=("seq_max_k2",), rs_thresholds=((None, 1.0),))
+
+    def loss_and_clipfrac(x):
+        loss, stats = ops.policy_loss(x, old, adv, mask, config=config, rollout_logp=rollout, correction=correction)
+        return loss, stats["clipfrac"]
+
+    results = []
+    with use_backend(backend):
+        for fn in (torch.compile(loss_and_clipfrac, fullgraph=True, backend="aot_eager"), loss_and_clipfrac):
+            x = logp.clone().requires_grad_()
+            loss, clipfrac = fn(x)
+            loss.backward()
+            results.append((loss, clipfrac, x.grad))
+    for ours, eager in zip(*results, strict=True):
+        torch.testing.assert_close(ours, eager)
