@@ -1,4 +1,4 @@
-// Shared pieces of the RL-math ops (gae, ppo_policy_loss, ppo_value_loss) for their CPU kernels (csrc/*.cpp) and
+// Shared pieces of the RL-math ops (gae, ppo_policy_loss, ppo_value_loss, policy_loss) for their CPU kernels (csrc/*.cpp) and
 // CUDA kernels (csrc/cuda/*.cu): argument checks, the dtype dispatch, and the per-token loss terms and reduction
 // weights. The per-token maths is written once here (C10_HOST_DEVICE) so that the CPU and CUDA kernels, forward and
 // backward, cannot drift apart. Semantics: DESIGN.md, "The public ops API".
@@ -195,6 +195,86 @@ struct ValueTerm {
     const bool clip_active = err_clip * err_clip > err * err;
     const float loss = 0.5f * (clip_active ? err_clip * err_clip : err * err);
     return {loss, clip_active ? 0.0f : err, 0.0f, clip_active};
+  }
+};
+
+// The token-local policy losses of ops.policy_loss (instructrl_fast/ops/policy_loss.py: LOSS_TYPES, whose codes these
+// are; formulas and papers in its docstring; kernels/policy_loss.py is the Triton twin). `shift` is GSPO's per-row
+// mean log-ratio. The log-ratio is clamped to +-20 before exp for vanilla, sapo, cispo and dppo (verl's bound), and
+// the clamp's gradient (0 outside) is applied; kl is -log-ratio as the type uses it (approx_kl's term).
+enum PolicyLossType : int64_t {
+  kVanilla = 0, kGspo = 1, kSapo = 2, kGpg = 3, kReinforce = 4, kDro = 8, kCispo = 9, kDppoTv = 10, kDppoKl = 11
+};
+
+struct TypedTerm {
+  TokenTerm term;  // loss, d loss / d logp, -log-ratio, clipped
+  bool lower;      // the lower / second clip fraction's event (vanilla: dual clip binds; dppo: ratio truncated)
+};
+
+struct PolicyTypeTerm {
+  int64_t type;
+  float clip_low, clip_high, dual_clip, tau_pos, tau_neg, beta, trunc;
+
+  C10_HOST_DEVICE TypedTerm operator()(float logp, float old_logp, float adv, float shift) const {
+    constexpr float kBound = 20.0f, kGspoMax = 10.0f;
+    const float raw = logp - old_logp;
+    const bool clamps = type == kVanilla || type == kSapo || type == kCispo || type == kDppoTv || type == kDppoKl;
+    float d = clamps ? ::fminf(::fmaxf(raw, -kBound), kBound) : raw;
+    bool flows = !clamps || (raw >= -kBound && raw <= kBound);
+    const float kl = -d;
+    switch (type) {
+      case kVanilla:
+      case kGspo: {
+        if (type == kGspo) {  // the row's mean log-ratio with the token's own gradient path (GSPO eq. 10)
+          d = ::fminf(shift, kGspoMax);
+          flows = shift <= kGspoMax;
+        }
+        const float ratio = ::expf(d);
+        const float unclipped = -adv * ratio;
+        const float clipped = -adv * ::fminf(::fmaxf(ratio, 1.0f - clip_low), 1.0f + clip_high);
+        const bool active = clipped > unclipped;
+        float loss = active ? clipped : unclipped;
+        float grad = active || !flows ? 0.0f : unclipped;
+        bool lower = false;
+        if (type == kVanilla && dual_clip > 0.0f && adv < 0.0f && loss > -adv * dual_clip) {
+          loss = -adv * dual_clip;  // dual clip (Ye et al. 2020)
+          grad = 0.0f;
+          lower = true;
+        }
+        return {{loss, grad, kl, active}, lower};
+      }
+      case kSapo: {  // soft gate 4 / tau * sigmoid(tau (r - 1)); its derivative in r is 4 s (1 - s)
+        const float ratio = ::expf(d);
+        const float tau = adv > 0.0f ? tau_pos : tau_neg;
+        const float gate = 1.0f / (1.0f + ::expf(-tau * (ratio - 1.0f)));
+        const float grad = flows ? -adv * 4.0f * gate * (1.0f - gate) * ratio : 0.0f;
+        return {{-adv * gate * (4.0f / tau), grad, kl, false}, false};
+      }
+      case kDro:  // a quadratic log-ratio penalty instead of a clip
+        return {{-(logp * adv - 0.5f * beta * d * d), -adv + beta * d, kl, false}, false};
+      case kCispo: {  // the clipped ratio as a constant weight on the REINFORCE term
+        const float ratio = ::expf(d);
+        const float w = ::fminf(::fmaxf(ratio, 1.0f - clip_low), 1.0f + clip_high);
+        return {{-w * adv * logp, -w * adv, kl, ratio != w}, false};
+      }
+      case kDppoTv:
+      case kDppoKl: {  // a truncated-ratio REINFORCE term inside the binary TV / KL trust region, 0 outside
+        const float ratio = ::expf(d);
+        const float p = ::expf(logp), p_old = ::expf(old_logp);
+        bool inside;
+        if (type == kDppoTv) {
+          inside = adv > 0.0f ? p - p_old <= clip_high : p - p_old >= -clip_low;
+        } else {
+          const float bkl = p_old * (old_logp - logp) + (1.0f - p_old) * ::logf((1.0f - p_old + 1e-8f) /
+                                                                                 (1.0f - p + 1e-8f));
+          inside = adv > 0.0f ? (bkl <= clip_high || p <= p_old) : (bkl <= clip_low || p >= p_old);
+        }
+        const float w = ::fminf(ratio, trunc);
+        return {{inside ? -adv * w * logp : 0.0f, inside ? -adv * w : 0.0f, kl, !inside}, ratio > trunc && inside};
+      }
+      default:  // gpg, reinforce: REINFORCE with the advantage
+        return {{-adv * logp, -adv, kl, false}, false};
+    }
   }
 };
 

@@ -42,9 +42,10 @@ rejection: tokens or whole sequences whose divergence statistic (k1 = -rho withi
 with the weights multiplied in (before the type's own weighting) over the surviving mask.
 
 Backends: ``torch`` (autograd on the formulas) for every type; ``triton`` (``kernels/policy_loss.py``: one forward
-and one backward kernel, torch custom ops) for the token-local ``TRITON_TYPES`` -- clip_cov, kl_cov (a batch-wide
-sort) and geo_mean (a per-row exponent) run on torch under it. The rollout correction is a few masked passes in
-torch before the loss. No cpp / cuda kernels yet.
+and one backward kernel, torch custom ops) and ``cpp`` (the C++ ops ``instructrl_fast::policy_loss(_backward)``,
+csrc/policy_loss.cpp) for the token-local ``KERNEL_TYPES`` -- clip_cov, kl_cov (a batch-wide sort) and geo_mean (a
+per-row exponent) run on torch under them. The rollout correction is a few masked passes in torch before the loss.
+No cuda kernel yet (CUDA tensors take triton).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from dataclasses import dataclass
 
 import torch
 
-from instructrl_fast import backend
+from instructrl_fast import _ext, backend
 from instructrl_fast.ops._checks import (
     check_choice,
     check_float,
@@ -76,10 +77,10 @@ RS_OPTIONS = {"token_k1": 0, "token_k2": 1, "token_k3": 2, "seq_sum_k1": 3, "seq
 _CLAMPED_LOG_RATIO = ("vanilla", "sapo", "cispo", "dppo_tv", "dppo_kl")  # types whose d is clamped to +-20
 _SAFETY_BOUND = 20.0  # |log-ratio| bound before exp (exp(20) ~ 4.9e8), verl's
 _GSPO_LOG_RATIO_MAX = 10.0
-_IMPLEMENTED = ("triton", "torch")
-# the types whose term is local to a token (gspo's row mean passed in): the others (a batch-wide sort for
-# clip_cov / kl_cov, geo_mean's per-row exponent) run on torch whatever the backend
-TRITON_TYPES = ("vanilla", "gspo", "sapo", "gpg", "reinforce", "dro", "cispo", "dppo_tv", "dppo_kl")
+_IMPLEMENTED = ("triton", "cpp", "torch")
+# the types whose term is local to a token (gspo's row mean passed in), on the triton and cpp kernels: the others (a
+# batch-wide sort for clip_cov / kl_cov, geo_mean's per-row exponent) run on torch whatever the backend
+KERNEL_TYPES = ("vanilla", "gspo", "sapo", "gpg", "reinforce", "dro", "cispo", "dppo_tv", "dppo_kl")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -352,17 +353,47 @@ def _triton_backward(ctx, grad_loss, *_):
 _policy_loss_triton.register_autograd(_triton_backward, setup_context=_triton_setup_context)
 
 
-def _policy_loss_on_triton(cfg: PolicyLossConfig, logp, old, adv, mask, weights):
-    """(loss by the kernels' reduction, stats) of a TRITON_TYPES loss; weights fp32 [B, T] or None."""
+# ------------------------------------------------------------------------------------------------------------------
+# cpp backend: the C++ ops instructrl_fast::policy_loss(_backward) (csrc/policy_loss.cpp)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _cpp_setup_context(ctx, inputs, output):
+    logp, old_logp, advantages, mask, weights, shift, loss_type, params, reduction = inputs
+    ctx.save_for_backward(logp, old_logp, advantages, mask, weights, shift)
+    ctx.args = (loss_type, params, reduction)
+
+
+def _cpp_backward(ctx, grad_loss, *_):
+    logp, *rest = ctx.saved_tensors
+    grad = torch.ops.instructrl_fast.policy_loss_backward(grad_loss.float(), logp, *rest, *ctx.args)
+    return grad.to(logp.dtype), None, None, None, None, None, None, None, None
+
+
+if _ext.HAS_CPP and hasattr(torch.ops.instructrl_fast, "policy_loss"):
+    torch.library.register_fake("instructrl_fast::policy_loss",
+                                lambda logp, *args: tuple(logp.new_empty((), dtype=torch.float32) for _ in range(4)))
+    torch.library.register_fake("instructrl_fast::policy_loss_backward",
+                                lambda grad_loss, logp, *args: torch.empty(logp.shape, dtype=torch.float32,
+                                                                           device=logp.device))
+    torch.library.register_autograd("instructrl_fast::policy_loss", _cpp_backward, setup_context=_cpp_setup_context)
+
+
+def _policy_loss_on_kernels(name: str, cfg: PolicyLossConfig, logp, old, adv, mask, weights):
+    """(loss by the kernels' reduction, stats) of a KERNEL_TYPES loss on backend ``name`` ("triton" / "cpp");
+    weights [B, T] or None."""
     shift = torch.zeros(logp.shape[:1], dtype=torch.float32, device=logp.device)
     if cfg.loss_type == "gspo":  # the per-row mean log-ratio, a [B] reduction done once here
         shift = _seq_mean(torch.where(mask, logp.detach().float() - old.float(), 0.0), mask.float())
     params = [cfg.clip_eps, cfg.clip_high, float(cfg.dual_clip or 0.0), cfg.tau_pos, cfg.tau_neg, cfg.dro_beta,
               cfg.trunc_ratio]
     code = 2 if cfg.reduction == "seq_mean_token_sum_norm" else REDUCTIONS[cfg.reduction]
-    loss, clipfrac, approx_kl, lower, _ = _policy_loss_triton(
-        logp.contiguous(), old.contiguous(), adv.contiguous(), mask,
-        None if weights is None else weights.float().contiguous(), shift, LOSS_TYPES[cfg.loss_type], params, code)
+    args = (logp.contiguous(), old.contiguous(), adv.contiguous(), mask,
+            None if weights is None else weights.float().contiguous(), shift, LOSS_TYPES[cfg.loss_type], params, code)
+    if name == "triton":
+        loss, clipfrac, approx_kl, lower, _ = _policy_loss_triton(*args)
+    else:
+        loss, clipfrac, approx_kl, lower = torch.ops.instructrl_fast.policy_loss(*args)
     return loss, {"approx_kl": approx_kl, "clipfrac": clipfrac, "clipfrac_lower": lower}
 
 
@@ -440,8 +471,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
                                                 _valid_upcast(rollout_logp.detach(), mask, acc), mask, correction)
         if is_w is not None:
             weights = is_w if weights is None else weights.detach().to(acc) * is_w
-    if name == "triton" and config.loss_type in TRITON_TYPES:
-        total, type_stats = _policy_loss_on_triton(config, logp, old_logp.detach(), advantages.detach(), mask,
+    if name != "torch" and config.loss_type in KERNEL_TYPES:
+        total, type_stats = _policy_loss_on_kernels(name, config, logp, old_logp.detach(), advantages.detach(), mask,
                                                    None if weights is None else weights.detach())
         if config.reduction == "seq_mean_token_sum_norm":
             total = total / (logp.shape[-1] if config.norm_length is None else config.norm_length)

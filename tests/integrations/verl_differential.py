@@ -136,7 +136,9 @@ def _batch(B=12, T=9, dtype=torch.float32, seed=0):
 def check_policy_losses(core, report: Report):
     actor_config = core.ActorConfigForTests
     policy_loss = _Config(kl_cov_ratio=0.05, ppo_kl_coef=0.7, dro_beta=0.3)
-    for dtype in (torch.float64, torch.float32):
+    runs = [(torch.float64, None)] + [(torch.float32, b) for b in ("torch", "triton", "cpp")
+                                      if b != "cpp" or _ext.HAS_CPP]
+    for dtype, backend in runs:
         logp, old, adv, mask, weights = _batch(dtype=dtype)
         for name in ("vanilla", "gspo", "sapo", "gpg", "kl_cov", "geo_mean", "dro", "cispo", "dppo_tv", "dppo_kl"):
             for mode in AGG_MODES:
@@ -150,10 +152,12 @@ def check_policy_losses(core, report: Report):
                         results = []
                         for fn in (core.POLICY_LOSS_REGISTRY[name], getattr(verl, f"compute_policy_loss_{name}")):
                             x = logp.clone().requires_grad_()
-                            loss, metrics = fn(old, x, adv, mask, mode, config, w)
+                            with use_backend(backend):
+                                loss, metrics = fn(old, x, adv, mask, mode, config, w)
                             (loss * 1.3).backward()
                             results.append((loss.detach(), x.grad, metrics))
-                        what = f"{name} {dtype} {mode} weights={w is not None} dp={info.get('dp_size', 1)}"
+                        what = (f"{name} {dtype} [{backend}] {mode} weights={w is not None} "
+                                f"dp={info.get('dp_size', 1)}")
                         report.close(f"{what} loss", results[1][0], results[0][0])
                         report.close(f"{what} grad", results[1][1], results[0][1])
                         report.close(f"{what} metrics", results[1][2], results[0][2])

@@ -49,7 +49,7 @@ def _ref(loss_type, reduction, logp, old, adv, mask, weights=None):
     return loss, x.grad
 
 
-@pytest.mark.parametrize("backend", backends_for(("torch", "triton")))
+@pytest.mark.parametrize("backend", backends_for(("torch", "triton", "cpp")))
 @pytest.mark.parametrize("loss_type", DETERMINISTIC)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "is-weights"])
@@ -123,7 +123,7 @@ CORRECTIONS = {
 }
 
 
-@pytest.mark.parametrize("backend", backends_for(("torch", "triton")))
+@pytest.mark.parametrize("backend", backends_for(("torch", "triton", "cpp")))
 @pytest.mark.parametrize("case", CORRECTIONS.values(), ids=CORRECTIONS.keys())
 @pytest.mark.parametrize("reference", ["old", "current"])
 def test_rollout_correction(backend, case, reference):
@@ -163,15 +163,15 @@ def test_gradcheck_float64(loss_type):
                              (logp.clone().requires_grad_(),))
 
 
+@pytest.mark.parametrize("backend", [p for p in backends_for(("triton", "cpp"))])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_triton_opcheck(weighted):
-    if backends_for(("triton",))[0].marks:
-        pytest.skip("triton cannot run here")
+def test_opcheck(backend, weighted):
     logp, old, adv, mask = _inputs(3, 17)
     weights = torch.rand_like(logp) if weighted else None
     shift = torch.zeros(3, device=DEVICE)
     params = [0.2, 0.28, 1.5, 1.0, 1.05, 0.3, 20.0]
-    torch.library.opcheck(torch.ops.instructrl_fast.policy_loss_triton.default,
+    op = {"triton": "policy_loss_triton", "cpp": "policy_loss"}[backend]
+    torch.library.opcheck(getattr(torch.ops.instructrl_fast, op).default,
                           (logp.requires_grad_(), old, adv, mask, weights, shift, 0, params, 1))
 
 
@@ -197,7 +197,7 @@ def test_bad_input():
         ops.policy_loss(logp, old, adv, mask, correction=RolloutCorrection())
     with pytest.raises(ValueError, match="weights"):
         ops.policy_loss(logp, old, adv, mask, weights=old[:, :3])
-    with use_backend("cpp"), pytest.raises(BackendError, match="policy_loss"):
+    with use_backend("cuda"), pytest.raises(BackendError, match="policy_loss"):
         ops.policy_loss(logp, old, adv, mask)
 
 
@@ -216,7 +216,7 @@ def test_no_host_sync(loss_type, monkeypatch):
         loss.item()  # the check can fail
 
 
-@pytest.mark.parametrize("backend", backends_for(("torch", "triton")))
+@pytest.mark.parametrize("backend", backends_for(("torch", "triton", "cpp")))
 @pytest.mark.parametrize("loss_type", ["gspo", "dppo_kl", "kl_cov"])
 def test_torch_compile_fullgraph(backend, loss_type):
     torch._dynamo.reset()
