@@ -144,7 +144,9 @@ def main(argv=None) -> None:
     for case in LOSS_CASES:
         for B, T in LOSS_SHAPES:
             ref_loss, ref_grad = make_loss_run(case, "composite", B, T, device)()
-            for provider in ("composite", "ours-torch"):
+            kernels = [f"ours-{b}" for b in ("cpp", "triton") if backend_mod.available(b, device)
+                       and not (b == "triton" and device.type == "cpu") and case != "geo_mean"]
+            for provider in ["composite", "ours-torch"] + kernels:
                 run = make_loss_run(case, provider, B, T, device)
                 loss, grad = run()
                 err = max(float((loss - ref_loss).abs()), float((grad - ref_grad).abs().max()))
