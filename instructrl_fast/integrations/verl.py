@@ -15,7 +15,7 @@ defaults, return structure and dtype, and its results at every position, masked 
   global-batch normalisation. The log-ratio is clamped to [-20, 20] before ``exp`` as in verl.
 * ``compute_rewards``: token_level_scores - kl_ratio * k1.
 
-* The registry's outcome estimators (grpo, grpo_vectorized, grpo_passk, rloo, rloo_vectorized, opo, gpg,
+* The registry's outcome estimators (grpo, grpo_vectorized, gdpo, grpo_passk, rloo, rloo_vectorized, opo, gpg,
   reinforce_plus_plus_baseline) on ``ops.group_advantages`` (verl's uid labels relabelled on the host), and
   reinforce_plus_plus (``ops.gae`` with values 0, lambda 1) and remax; its policy losses gspo, sapo, gpg, kl_cov,
   geo_mean, dro, cispo, dppo_tv, dppo_kl and bypass_mode on ``ops.policy_loss`` / ``ops.rollout_correction``.
@@ -24,8 +24,7 @@ Deliberate differences raise ``NotImplementedError`` naming them: ``kl_penalty="
 ``rollout_is_weights`` must be >= 0 (importance weights; folded into the advantages). verl's
 per-sequence token mean divides by count + 1e-8, ours by the count (at most 1e-8 relative). Not replaced (verl's
 own functions stay): clip_cov (it drops tokens drawn by ``torch.randperm``: no other code can reproduce the draw),
-gdpo (it reads per-dimension rewards from the trainer's non-tensor batch), optimal_token_baseline and
-tir_optimal_token_baseline (they need per-token sums of squared policy gradients). bypass_mode returns a subset of
+optimal_token_baseline and tir_optimal_token_baseline (they need per-token sums of squared policy gradients). bypass_mode returns a subset of
 verl's rollout-correction metrics (see its docstring). tests/integrations/verl_differential.py checks every
 replaced entry against verl's own source.
 """
@@ -307,6 +306,41 @@ def compute_grpo_vectorized_outcome_advantage(token_level_rewards: torch.Tensor,
     """verl's vectorised GRPO: the same values as ``compute_grpo_outcome_advantage``."""
     return compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, epsilon,
                                           norm_adv_by_std_in_grpo, config)
+
+
+def compute_gdpo_outcome_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index,
+                                   epsilon: float = 1e-6, norm_adv_by_std_in_grpo: bool = True, config=None,
+                                   non_tensor_batch: dict | None = None, batch=None, **kwargs):
+    """verl's GDPO (reward-decoupled GRPO): each reward component normalised within its group as GRPO does, the
+    components summed with ``config.gdpo_reward_weights`` (default 1), the sum whitened over the valid tokens.
+
+    With ``config``, ``non_tensor_batch`` and ``batch`` all given, the components are
+    ``non_tensor_batch[key]`` for each key of ``config.gdpo_reward_keys`` (one score per response: verl places it at
+    the response's last token, so it is the row sum GRPO takes); otherwise the one component is the row sum of
+    ``token_level_rewards``. Returns (advantages, advantages).
+    """
+    with torch.no_grad():
+        check_float("token_level_rewards", token_level_rewards, ndim=2)
+        mask = checked_bool_mask("response_mask", response_mask, token_level_rewards.shape, "token_level_rewards")
+        device = token_level_rewards.device
+        components, weights = [token_level_rewards.sum(dim=-1)], [1.0]
+        if config is not None and non_tensor_batch is not None and batch is not None:
+            keys = _config_get(config, "gdpo_reward_keys")
+            if not keys:
+                raise ValueError("GDPO requires config.gdpo_reward_keys, the reward component keys of compute_score")
+            missing = [k for k in keys if k not in non_tensor_batch]
+            if missing:
+                raise ValueError(f"GDPO reward keys {missing} not in non_tensor_batch ({list(non_tensor_batch)})")
+            components = [torch.as_tensor(np.asarray(non_tensor_batch[k], dtype=np.float32), device=device)
+                          for k in keys]
+            weights = list(_config_get(config, "gdpo_reward_weights") or [1.0] * len(keys))
+        group = _group_ids(index, device)
+        estimator = "grpo" if norm_adv_by_std_in_grpo else "dr_grpo"
+        total = sum(float(w) * ops.group_advantages(c, group, mask, estimator=estimator, eps=epsilon)
+                    for w, c in zip(weights, components, strict=True))
+        adv = torch.where(mask, whiten_everywhere(total, mask), 0.0)
+        adv = adv.to(torch.promote_types(out_dtype(token_level_rewards, response_mask), torch.float32))
+        return adv, adv
 
 
 def compute_grpo_passk_outcome_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index,
@@ -594,11 +628,10 @@ def compute_policy_loss_bypass_mode(old_log_prob, log_prob, advantages, response
     return loss, dict(zip(keys, values))
 
 
-# the registry entries replaced by patch_verl() besides vanilla and gae (clip_cov draws at random, gdpo needs the
-# trainer's per-dimension rewards, the optimal-token baselines need per-token sums of squared gradients: verl's own
-# functions stay for those)
+# the registry entries replaced by patch_verl() besides vanilla and gae (clip_cov draws at random and the
+# optimal-token baselines need per-token sums of squared gradients: verl's own functions stay for those)
 REGISTRY_DROP_INS = (
-    "compute_grpo_outcome_advantage", "compute_grpo_vectorized_outcome_advantage",
+    "compute_grpo_outcome_advantage", "compute_grpo_vectorized_outcome_advantage", "compute_gdpo_outcome_advantage",
     "compute_grpo_passk_outcome_advantage", "compute_reinforce_plus_plus_baseline_outcome_advantage",
     "compute_rloo_outcome_advantage", "compute_rloo_vectorized_outcome_advantage", "compute_opo_outcome_advantage",
     "compute_gpg_outcome_advantage", "compute_reinforce_plus_plus_outcome_advantage",

@@ -312,3 +312,19 @@ def test_bypass_mode_reinforce_with_token_is_and_rejection():
     _close(logp.grad, logp64.grad)
     assert metrics["rollout_corr/rollout_rs_masked_fraction"] == pytest.approx(
         1 - float(keep.sum() / b.mask.sum()), abs=1e-6)
+
+
+def test_gdpo_whitens_the_weighted_components():
+    b = _batch(B=6)
+    index = np.array(["a", "b", "a", "b", "a", "b"], dtype=object)
+    group = torch.tensor([0, 1, 0, 1, 0, 1], device=DEVICE)
+    acc, fmt = np.array([1.0, 0.0, 0.0, 1.0, 1.0, 1.0]), np.array([0.5, 0.5, 0.0, 0.0, 0.5, 0.0])
+    config = ActorConfig(gdpo_reward_keys=["acc", "fmt"], gdpo_reward_weights=[1.0, 2.0])
+    adv, _ = verl.compute_gdpo_outcome_advantage(b.rewards, b.mask, index, config=config,
+                                                 non_tensor_batch={"acc": acc, "fmt": fmt}, batch={})
+    total = sum(w * tref.group_advantages_ref(torch.tensor(c), group, b.mask, "grpo")
+                for w, c in ((1.0, acc), (2.0, fmt)))
+    _close(adv, ref.verl_masked_whiten(total, b.mask.double()) * b.mask.double(), atol=1e-5)
+    with pytest.raises(ValueError, match="gdpo_reward_keys"):
+        verl.compute_gdpo_outcome_advantage(b.rewards, b.mask, index, config=ActorConfig(), non_tensor_batch={},
+                                            batch={})
