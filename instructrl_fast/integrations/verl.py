@@ -17,14 +17,14 @@ defaults, return structure and dtype, and its results at every position, masked 
 
 * The registry's outcome estimators (grpo, grpo_vectorized, gdpo, grpo_passk, rloo, rloo_vectorized, opo, gpg,
   reinforce_plus_plus_baseline) on ``ops.group_advantages`` (verl's uid labels relabelled on the host), and
-  reinforce_plus_plus (``ops.gae`` with values 0, lambda 1) and remax; its policy losses gspo, sapo, gpg, kl_cov,
+  reinforce_plus_plus (``ops.gae`` with values 0, lambda 1), remax and optimal_token_baseline (segment sums); its policy losses gspo, sapo, gpg, kl_cov,
   geo_mean, dro, cispo, dppo_tv, dppo_kl and bypass_mode on ``ops.policy_loss`` / ``ops.rollout_correction``.
 
 Deliberate differences raise ``NotImplementedError`` naming them: ``kl_penalty="full"`` (verl raises too).
 ``rollout_is_weights`` must be >= 0 (importance weights; folded into the advantages). verl's
 per-sequence token mean divides by count + 1e-8, ours by the count (at most 1e-8 relative). Not replaced (verl's
 own functions stay): clip_cov (it drops tokens drawn by ``torch.randperm``: no other code can reproduce the draw),
-optimal_token_baseline and tir_optimal_token_baseline (they need per-token sums of squared policy gradients). bypass_mode returns a subset of
+tir_optimal_token_baseline (its multi-turn variant, not yet written here). bypass_mode returns a subset of
 verl's rollout-correction metrics (see its docstring). tests/integrations/verl_differential.py checks every
 replaced entry against verl's own source.
 """
@@ -410,8 +410,54 @@ def compute_remax_outcome_advantage(token_level_rewards: torch.Tensor, reward_ba
     returns - the greedy baseline at the valid tokens. No group statistic: plain torch."""
     with torch.no_grad():
         m = response_mask.to(token_level_rewards.dtype)
-        returns = torch.where(response_mask.bool(), token_level_rewards, 0.0).flip(-1).cumsum(-1).flip(-1)
+        returns = _reward_to_go(token_level_rewards, response_mask)
         return returns - reward_baselines.unsqueeze(-1) * m, returns
+
+
+def _reward_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum_{t' >= t} r_t' m_t' at every position t (masked ones included), as verl's ReMax and OTB take returns."""
+    return torch.where(mask.bool(), rewards, 0.0).flip(-1).cumsum(-1).flip(-1)
+
+
+def compute_optimal_token_baseline_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index,
+                                             old_log_probs: torch.Tensor, sum_pi_squared: torch.Tensor,
+                                             rollout_is_weights: torch.Tensor | None = None,
+                                             handle_zero_tail: bool = True, epsilon: float = 1e-8, **kwargs):
+    """verl's optimal token baseline (OTB): per group and position t, B_t = sum_i G_it W_it / (sum_i W_it + eps)
+    over the group's valid tokens at t, with G the reward-to-go and W_t = sum_{j <= t} (1 - 2 pi_j + sum pi^2)
+    (times the squared IS weight) the cumulative path-variance proxy; a singleton group has no baseline; with
+    ``handle_zero_tail`` the tail of a group's single longest response past the second longest gets none either.
+    Returns (advantages = (G - B) at valid tokens, G). Segment sums over the group ids: no loop over groups.
+    """
+    with torch.no_grad():
+        check_float("token_level_rewards", token_level_rewards, ndim=2)
+        mask = checked_bool_mask("response_mask", response_mask, token_level_rewards.shape, "token_level_rewards")
+        m = mask.to(token_level_rewards.dtype)
+        B, T = m.shape
+        returns = _reward_to_go(token_level_rewards, mask)
+        w = 1 - 2 * torch.exp(old_log_probs) + sum_pi_squared
+        if rollout_is_weights is not None:
+            w = w * rollout_is_weights**2
+        w_cum = (w * m).cumsum(dim=-1)
+        group = _group_ids(index, token_level_rewards.device)
+
+        def per_row(x, reduce="sum"):  # the group's reduction over its rows, read back at each row
+            init = torch.zeros((B, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            idx = group.view(-1, *([1] * (x.dim() - 1))).expand_as(x)
+            return init.scatter_reduce(0, idx, x, reduce, include_self=reduce == "sum")[group]
+
+        baseline = per_row(returns * w_cum * m) / (per_row(w_cum * m) + epsilon)
+        baseline = torch.where(per_row(torch.ones_like(m[:, 0])).unsqueeze(-1) > 1, baseline, 0.0)
+        if handle_zero_tail:
+            lengths = m.sum(dim=-1)
+            longest = per_row(lengths, "amax")
+            is_longest = lengths == longest
+            second = torch.where(per_row(is_longest.to(m.dtype)) > 1, longest,
+                                 per_row(torch.where(is_longest, 0.0, lengths), "amax"))
+            tail = is_longest.unsqueeze(-1) & (longest > second).unsqueeze(-1) & (
+                torch.arange(T, device=m.device) >= second.unsqueeze(-1))
+            baseline = torch.where(tail, 0.0, baseline)
+        return (returns - baseline) * m, returns
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -628,14 +674,14 @@ def compute_policy_loss_bypass_mode(old_log_prob, log_prob, advantages, response
     return loss, dict(zip(keys, values))
 
 
-# the registry entries replaced by patch_verl() besides vanilla and gae (clip_cov draws at random and the
-# optimal-token baselines need per-token sums of squared gradients: verl's own functions stay for those)
+# the registry entries replaced by patch_verl() besides vanilla and gae (verl's own functions stay for clip_cov,
+# whose tokens are drawn at random, and tir_optimal_token_baseline)
 REGISTRY_DROP_INS = (
     "compute_grpo_outcome_advantage", "compute_grpo_vectorized_outcome_advantage", "compute_gdpo_outcome_advantage",
     "compute_grpo_passk_outcome_advantage", "compute_reinforce_plus_plus_baseline_outcome_advantage",
     "compute_rloo_outcome_advantage", "compute_rloo_vectorized_outcome_advantage", "compute_opo_outcome_advantage",
     "compute_gpg_outcome_advantage", "compute_reinforce_plus_plus_outcome_advantage",
-    "compute_remax_outcome_advantage", "compute_policy_loss_gspo", "compute_policy_loss_sapo",
-    "compute_policy_loss_gpg", "compute_policy_loss_kl_cov", "compute_policy_loss_geo_mean",
-    "compute_policy_loss_dro", "compute_policy_loss_cispo", "compute_policy_loss_dppo_tv",
-    "compute_policy_loss_dppo_kl", "compute_policy_loss_bypass_mode")
+    "compute_remax_outcome_advantage", "compute_optimal_token_baseline_advantage",
+    "compute_policy_loss_gspo", "compute_policy_loss_sapo", "compute_policy_loss_gpg", "compute_policy_loss_kl_cov",
+    "compute_policy_loss_geo_mean", "compute_policy_loss_dro", "compute_policy_loss_cispo",
+    "compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl", "compute_policy_loss_bypass_mode")

@@ -328,3 +328,31 @@ def test_gdpo_whitens_the_weighted_components():
     with pytest.raises(ValueError, match="gdpo_reward_keys"):
         verl.compute_gdpo_outcome_advantage(b.rewards, b.mask, index, config=ActorConfig(), non_tensor_batch={},
                                             batch={})
+
+
+@pytest.mark.parametrize("zero_tail", [True, False])
+def test_optimal_token_baseline(zero_tail):
+    b = _batch(B=7)
+    b.mask[0] = 1  # row 0 the single longest of its group: its tail past the second longest loses the baseline
+    index = np.array([0, 1, 0, 1, 0, 2, 1])
+    sum_pi2 = torch.rand_like(b.logp) * 0.5
+    weights = torch.rand_like(b.logp) * 2
+    adv, ret = verl.compute_optimal_token_baseline_advantage(b.rewards, b.mask, index, b.logp, sum_pi2, weights,
+                                                             zero_tail)
+    m, r = b.mask.double(), b.rewards.double()
+    expect_ret = torch.stack([(r[i] * m[i]).flip(0).cumsum(0).flip(0) for i in range(7)])
+    w_cum = ((1 - 2 * b.logp.double().exp() + sum_pi2.double()) * weights.double() ** 2 * m).cumsum(-1)
+    baseline = torch.zeros_like(expect_ret)
+    for g in set(index.tolist()):
+        rows = [i for i in range(7) if index[i] == g]
+        if len(rows) < 2:
+            continue
+        num = sum(expect_ret[i] * w_cum[i] * m[i] for i in rows)
+        den = sum(w_cum[i] * m[i] for i in rows) + 1e-8
+        lengths = sorted(int(m[i].sum()) for i in rows)
+        for i in rows:
+            baseline[i] = num / den
+            if zero_tail and int(m[i].sum()) == lengths[-1] > lengths[-2]:
+                baseline[i, lengths[-2]:] = 0.0
+    _close(ret, expect_ret)
+    _close(adv, (expect_ret - baseline) * m, atol=1e-5)

@@ -225,6 +225,12 @@ def check_advantages(core, report: Report):
         "gpg": {"index": index, "f_norm": 2.0},
         "reinforce_plus_plus": {"config": algo},
         "remax": {"reward_baselines": torch.randn(B, generator=g)},
+        "optimal_token_baseline": {"index": index, "old_log_probs": -torch.rand(B, T, generator=g) * 2,
+                                   "sum_pi_squared": torch.rand(B, T, generator=g) * 0.5},
+        "optimal_token_baseline-is": {"index": index, "old_log_probs": -torch.rand(B, T, generator=g) * 2,
+                                      "sum_pi_squared": torch.rand(B, T, generator=g) * 0.5,
+                                      "rollout_is_weights": torch.rand(B, T, generator=g) * 2,
+                                      "handle_zero_tail": False},
     }
     names = {"grpo": "compute_grpo_outcome_advantage", "grpo_vectorized": "compute_grpo_vectorized_outcome_advantage",
              "gdpo": "compute_gdpo_outcome_advantage",
@@ -233,7 +239,8 @@ def check_advantages(core, report: Report):
              "rloo": "compute_rloo_outcome_advantage", "rloo_vectorized": "compute_rloo_vectorized_outcome_advantage",
              "opo": "compute_opo_outcome_advantage", "gpg": "compute_gpg_outcome_advantage",
              "reinforce_plus_plus": "compute_reinforce_plus_plus_outcome_advantage",
-             "remax": "compute_remax_outcome_advantage"}
+             "remax": "compute_remax_outcome_advantage",
+             "optimal_token_baseline": "compute_optimal_token_baseline_advantage"}
     for case, kwargs in cases.items():
         key = case.split("-")[0]
         theirs = core.ADV_ESTIMATOR_REGISTRY[key](token_level_rewards=rewards.clone(), response_mask=mask, **kwargs)
