@@ -17,14 +17,14 @@ defaults, return structure and dtype, and its results at every position, masked 
 
 * The registry's outcome estimators (grpo, grpo_vectorized, gdpo, grpo_passk, rloo, rloo_vectorized, opo, gpg,
   reinforce_plus_plus_baseline) on ``ops.group_advantages`` (verl's uid labels relabelled on the host), and
-  reinforce_plus_plus (``ops.gae`` with values 0, lambda 1), remax and optimal_token_baseline (segment sums); its policy losses gspo, sapo, gpg, kl_cov,
+  reinforce_plus_plus (``ops.gae`` with values 0, lambda 1), remax and optimal_token_baseline /
+  tir_optimal_token_baseline (segment sums over the group ids); its policy losses gspo, sapo, gpg, kl_cov,
   geo_mean, dro, cispo, dppo_tv, dppo_kl and bypass_mode on ``ops.policy_loss`` / ``ops.rollout_correction``.
 
 Deliberate differences raise ``NotImplementedError`` naming them: ``kl_penalty="full"`` (verl raises too).
 ``rollout_is_weights`` must be >= 0 (importance weights; folded into the advantages). verl's
 per-sequence token mean divides by count + 1e-8, ours by the count (at most 1e-8 relative). Not replaced (verl's
-own functions stay): clip_cov (it drops tokens drawn by ``torch.randperm``: no other code can reproduce the draw),
-tir_optimal_token_baseline (its multi-turn variant, not yet written here). bypass_mode returns a subset of
+own function stays): clip_cov (it drops tokens drawn by ``torch.randperm``: no other code can reproduce the draw). bypass_mode returns a subset of
 verl's rollout-correction metrics (see its docstring). tests/integrations/verl_differential.py checks every
 replaced entry against verl's own source.
 """
@@ -419,6 +419,42 @@ def _reward_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), rewards, 0.0).flip(-1).cumsum(-1).flip(-1)
 
 
+def _token_baselines(returns, w_cum, m, group, handle_zero_tail: bool, epsilon: float) -> torch.Tensor:
+    """OTB's per-group, per-position baseline [B, T] for the layout given (ids in [0, 2B)): sum_i G W m / (sum_i
+    W m + eps) over the group's rows, 0 for a singleton, and with ``handle_zero_tail`` 0 on the tail of a group's
+    single longest row past its second longest. Segment reductions over the ids: no loop over groups, no sync."""
+    B, T = m.shape
+
+    def per_row(x, reduce="sum"):  # the group's reduction over its rows, read back at each row
+        init = torch.zeros((2 * B, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        idx = group.view(-1, *([1] * (x.dim() - 1))).expand_as(x)
+        return init.scatter_reduce(0, idx, x, reduce, include_self=reduce == "sum")[group]
+
+    baseline = per_row(returns * w_cum * m) / (per_row(w_cum * m) + epsilon)
+    baseline = torch.where(per_row(torch.ones_like(m[:, 0])).unsqueeze(-1) > 1, baseline, 0.0)
+    if handle_zero_tail:
+        lengths = m.sum(dim=-1)
+        longest = per_row(lengths, "amax")
+        is_longest = lengths == longest
+        second = torch.where(per_row(is_longest.to(m.dtype)) > 1, longest,
+                             per_row(torch.where(is_longest, 0.0, lengths), "amax"))
+        tail = (is_longest & (longest > second)).unsqueeze(-1) & (
+            torch.arange(T, device=m.device) >= second.unsqueeze(-1))
+        baseline = torch.where(tail, 0.0, baseline)
+    return baseline
+
+
+def _otb_inputs(token_level_rewards, response_mask, old_log_probs, sum_pi_squared, rollout_is_weights):
+    """(mask, m, reward-to-go G, cumulative path variance W) of both optimal-token-baseline estimators."""
+    check_float("token_level_rewards", token_level_rewards, ndim=2)
+    mask = checked_bool_mask("response_mask", response_mask, token_level_rewards.shape, "token_level_rewards")
+    m = mask.to(token_level_rewards.dtype)
+    w = 1 - 2 * torch.exp(old_log_probs) + sum_pi_squared  # ||s_t||^2 of the score function, OTB's variance proxy
+    if rollout_is_weights is not None:
+        w = w * rollout_is_weights**2
+    return mask, m, _reward_to_go(token_level_rewards, mask), (w * m).cumsum(dim=-1)
+
+
 def compute_optimal_token_baseline_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index,
                                              old_log_probs: torch.Tensor, sum_pi_squared: torch.Tensor,
                                              rollout_is_weights: torch.Tensor | None = None,
@@ -427,37 +463,40 @@ def compute_optimal_token_baseline_advantage(token_level_rewards: torch.Tensor, 
     over the group's valid tokens at t, with G the reward-to-go and W_t = sum_{j <= t} (1 - 2 pi_j + sum pi^2)
     (times the squared IS weight) the cumulative path-variance proxy; a singleton group has no baseline; with
     ``handle_zero_tail`` the tail of a group's single longest response past the second longest gets none either.
-    Returns (advantages = (G - B) at valid tokens, G). Segment sums over the group ids: no loop over groups.
+    Returns (advantages = (G - B) at valid tokens, G).
     """
     with torch.no_grad():
-        check_float("token_level_rewards", token_level_rewards, ndim=2)
-        mask = checked_bool_mask("response_mask", response_mask, token_level_rewards.shape, "token_level_rewards")
-        m = mask.to(token_level_rewards.dtype)
+        mask, m, returns, w_cum = _otb_inputs(token_level_rewards, response_mask, old_log_probs, sum_pi_squared,
+                                              rollout_is_weights)
+        group = _group_ids(index, mask.device)
+        return (returns - _token_baselines(returns, w_cum, m, group, handle_zero_tail, epsilon)) * m, returns
+
+
+def compute_multi_turn_optimal_token_baseline_advantage(token_level_rewards: torch.Tensor,
+                                                        response_mask: torch.Tensor, index,
+                                                        old_log_probs: torch.Tensor, sum_pi_squared: torch.Tensor,
+                                                        rollout_is_weights: torch.Tensor | None = None,
+                                                        handle_zero_tail: bool = True, epsilon: float = 1e-8,
+                                                        **kwargs):
+    """verl's multi-turn OTB (tir_optimal_token_baseline): OTB with positions counted over each response's valid
+    tokens only (the k-th model token of every response shares a baseline, whatever tool output lies between),
+    and responses without a valid token left out of their group. Returns (advantages, reward-to-go)."""
+    with torch.no_grad():
+        mask, m, returns, w_cum = _otb_inputs(token_level_rewards, response_mask, old_log_probs, sum_pi_squared,
+                                              rollout_is_weights)
         B, T = m.shape
-        returns = _reward_to_go(token_level_rewards, mask)
-        w = 1 - 2 * torch.exp(old_log_probs) + sum_pi_squared
-        if rollout_is_weights is not None:
-            w = w * rollout_is_weights**2
-        w_cum = (w * m).cumsum(dim=-1)
-        group = _group_ids(index, token_level_rewards.device)
+        rank = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # the valid-token index of each valid position
+        slot = torch.where(mask, rank, T)  # masked positions go to a spare column, dropped below
 
-        def per_row(x, reduce="sum"):  # the group's reduction over its rows, read back at each row
-            init = torch.zeros((B, *x.shape[1:]), dtype=x.dtype, device=x.device)
-            idx = group.view(-1, *([1] * (x.dim() - 1))).expand_as(x)
-            return init.scatter_reduce(0, idx, x, reduce, include_self=reduce == "sum")[group]
+        def compact(x):
+            return x.new_zeros(B, T + 1).scatter(1, slot, torch.where(mask, x, 0.0))[:, :T]
 
-        baseline = per_row(returns * w_cum * m) / (per_row(w_cum * m) + epsilon)
-        baseline = torch.where(per_row(torch.ones_like(m[:, 0])).unsqueeze(-1) > 1, baseline, 0.0)
-        if handle_zero_tail:
-            lengths = m.sum(dim=-1)
-            longest = per_row(lengths, "amax")
-            is_longest = lengths == longest
-            second = torch.where(per_row(is_longest.to(m.dtype)) > 1, longest,
-                                 per_row(torch.where(is_longest, 0.0, lengths), "amax"))
-            tail = is_longest.unsqueeze(-1) & (longest > second).unsqueeze(-1) & (
-                torch.arange(T, device=m.device) >= second.unsqueeze(-1))
-            baseline = torch.where(tail, 0.0, baseline)
-        return (returns - baseline) * m, returns
+        m_c = compact(m)
+        lengths = m.sum(dim=-1)
+        rows = torch.arange(B, device=mask.device)
+        group = torch.where(lengths > 0, _group_ids(index, mask.device), B + rows)  # empty rows: groups of their own
+        baseline = _token_baselines(compact(returns), compact(w_cum), m_c, group, handle_zero_tail, epsilon)
+        return (returns - baseline.gather(1, rank)) * m, returns
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -674,14 +713,15 @@ def compute_policy_loss_bypass_mode(old_log_prob, log_prob, advantages, response
     return loss, dict(zip(keys, values))
 
 
-# the registry entries replaced by patch_verl() besides vanilla and gae (verl's own functions stay for clip_cov,
-# whose tokens are drawn at random, and tir_optimal_token_baseline)
+# the registry entries replaced by patch_verl() besides vanilla and gae (verl's own function stays for clip_cov,
+# whose tokens are drawn at random)
 REGISTRY_DROP_INS = (
     "compute_grpo_outcome_advantage", "compute_grpo_vectorized_outcome_advantage", "compute_gdpo_outcome_advantage",
     "compute_grpo_passk_outcome_advantage", "compute_reinforce_plus_plus_baseline_outcome_advantage",
     "compute_rloo_outcome_advantage", "compute_rloo_vectorized_outcome_advantage", "compute_opo_outcome_advantage",
     "compute_gpg_outcome_advantage", "compute_reinforce_plus_plus_outcome_advantage",
     "compute_remax_outcome_advantage", "compute_optimal_token_baseline_advantage",
+    "compute_multi_turn_optimal_token_baseline_advantage",
     "compute_policy_loss_gspo", "compute_policy_loss_sapo", "compute_policy_loss_gpg", "compute_policy_loss_kl_cov",
     "compute_policy_loss_geo_mean", "compute_policy_loss_dro", "compute_policy_loss_cispo",
     "compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl", "compute_policy_loss_bypass_mode")

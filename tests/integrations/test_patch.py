@@ -145,7 +145,7 @@ def test_patch_verl_fills_the_registries_with_the_new_entries(monkeypatch):
     for key, original in estimators.items():
         assert m.core_algos.ADV_ESTIMATOR_REGISTRY[key] is getattr(verl, original.__name__), key
     assert m.core_algos.POLICY_LOSS_REGISTRY["clip_cov"] is clip_cov  # verl's own stays (a random draw)
-    assert len(losses) == 10 and len(estimators) == 12
+    assert len(losses) == 10 and len(estimators) == 13
     unpatch()
     assert m.core_algos.POLICY_LOSS_REGISTRY == {**losses, "clip_cov": clip_cov}
     assert m.core_algos.ADV_ESTIMATOR_REGISTRY == estimators

@@ -356,3 +356,30 @@ def test_optimal_token_baseline(zero_tail):
                 baseline[i, lengths[-2]:] = 0.0
     _close(ret, expect_ret)
     _close(adv, (expect_ret - baseline) * m, atol=1e-5)
+
+
+def test_multi_turn_optimal_token_baseline_counts_valid_tokens_only():
+    b = _batch(B=6)
+    b.mask[4] = 0  # an empty response, left out of group 0 (row 3, also empty, leaves group 1 a singleton)
+    b.mask[0, 2] = 0  # a tool-output span: positions shift in the compacted layout
+    index = np.array([0, 1, 0, 1, 0, 0])
+    sum_pi2 = torch.rand_like(b.logp) * 0.5
+    adv, ret = verl.compute_multi_turn_optimal_token_baseline_advantage(b.rewards, b.mask, index, b.logp, sum_pi2)
+    m, r = b.mask.double(), b.rewards.double()
+    g = torch.stack([(r[i] * m[i]).flip(0).cumsum(0).flip(0) for i in range(6)])
+    w_cum = ((1 - 2 * b.logp.double().exp() + sum_pi2.double()) * m).cumsum(-1)
+    valid = [m[i].bool() for i in range(6)]
+    expect = torch.zeros_like(g)
+    for grp in (0, 1):
+        rows = [i for i in range(6) if index[i] == grp and valid[i].any()]
+        lengths = {i: int(valid[i].sum()) for i in rows}
+        for i in rows:
+            for k, t in enumerate(valid[i].nonzero().flatten().tolist()):  # the k-th valid token of row i
+                others = [j for j in rows if lengths[j] > k]
+                num = sum(g[j][valid[j]][k] * w_cum[j][valid[j]][k] for j in others)
+                den = sum(w_cum[j][valid[j]][k] for j in others) + 1e-8
+                top = sorted(lengths.values())
+                single_or_tail = len(rows) < 2 or (lengths[i] == top[-1] > top[-2] and k >= top[-2])
+                expect[i, t] = g[i, t] - (0.0 if single_or_tail else num / den)
+    _close(ret, g)
+    _close(adv, expect, atol=1e-5)

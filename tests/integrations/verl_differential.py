@@ -206,6 +206,9 @@ def check_advantages(core, report: Report):
     passk_index = index.copy()
     passk_index[7] = "p4"  # pass@k needs >= 2 responses per group
     algo = _Config(gamma=0.9, norm_adv_by_std_in_grpo=True)
+    tir_mask = mask.clone()
+    tir_mask[4] = 0  # an empty response: left out of its group (p1) by the multi-turn OTB
+    tir_mask[2, 1:3] = 0  # a tool-output span between two turns
     cases = {
         "grpo": {"index": index},
         "grpo-dr": {"index": index, "norm_adv_by_std_in_grpo": False},
@@ -231,6 +234,12 @@ def check_advantages(core, report: Report):
                                       "sum_pi_squared": torch.rand(B, T, generator=g) * 0.5,
                                       "rollout_is_weights": torch.rand(B, T, generator=g) * 2,
                                       "handle_zero_tail": False},
+        "tir_optimal_token_baseline": {"index": index, "old_log_probs": -torch.rand(B, T, generator=g) * 2,
+                                       "sum_pi_squared": torch.rand(B, T, generator=g) * 0.5},
+        "tir_optimal_token_baseline-is-empty": {"index": index, "old_log_probs": -torch.rand(B, T, generator=g) * 2,
+                                                "sum_pi_squared": torch.rand(B, T, generator=g) * 0.5,
+                                                "rollout_is_weights": torch.rand(B, T, generator=g) * 2,
+                                                "response_mask": tir_mask},
     }
     names = {"grpo": "compute_grpo_outcome_advantage", "grpo_vectorized": "compute_grpo_vectorized_outcome_advantage",
              "gdpo": "compute_gdpo_outcome_advantage",
@@ -240,13 +249,15 @@ def check_advantages(core, report: Report):
              "opo": "compute_opo_outcome_advantage", "gpg": "compute_gpg_outcome_advantage",
              "reinforce_plus_plus": "compute_reinforce_plus_plus_outcome_advantage",
              "remax": "compute_remax_outcome_advantage",
-             "optimal_token_baseline": "compute_optimal_token_baseline_advantage"}
+             "optimal_token_baseline": "compute_optimal_token_baseline_advantage",
+             "tir_optimal_token_baseline": "compute_multi_turn_optimal_token_baseline_advantage"}
     for case, kwargs in cases.items():
         key = case.split("-")[0]
-        theirs = core.ADV_ESTIMATOR_REGISTRY[key](token_level_rewards=rewards.clone(), response_mask=mask, **kwargs)
+        kwargs = {"response_mask": mask, **kwargs}
+        theirs = core.ADV_ESTIMATOR_REGISTRY[key](token_level_rewards=rewards.clone(), **kwargs)
         for name in backends:
             with use_backend(name):
-                ours = getattr(verl, names[key])(token_level_rewards=rewards.clone(), response_mask=mask, **kwargs)
+                ours = getattr(verl, names[key])(token_level_rewards=rewards.clone(), **kwargs)
             report.close(f"adv {case} [{name}] advantages", ours[0], theirs[0])
             report.close(f"adv {case} [{name}] returns", ours[1], theirs[1])
 
