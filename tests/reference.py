@@ -324,12 +324,14 @@ def rollout_correction_ref(base, rollout, mask, is_level=None, is_threshold=2.0,
 def policy_loss_ref(logp, old_logp, advantages, mask, loss_type="vanilla", reduction="token_mean", clip_eps=0.2,
                     clip_eps_high=None, dual_clip=None, tau_pos=1.0, tau_neg=1.05, kl_cov_ratio=2e-4, kl_cov_coef=1.0,
                     dro_beta=1.0, trunc_ratio=20.0, weights=None, norm_length=None):
-    """float64 policy loss of each type from its paper's formula (see instructrl_fast/ops/policy_loss.py);
-    differentiable w.r.t. ``logp`` (pass a float64 leaf). clip_cov's random pick is not modelled here."""
-    m = mask.bool().double()
-    x = torch.where(mask.bool(), logp, torch.zeros((), dtype=logp.dtype))
-    old = torch.where(mask.bool(), old_logp.double(), torch.zeros((), dtype=torch.float64))
-    a = torch.where(mask.bool(), advantages.double(), torch.zeros((), dtype=torch.float64))
+    """Policy loss of each type from its paper's formula (see instructrl_fast/ops/policy_loss.py) in ``logp``'s
+    dtype: float64 for the reference, a low precision for the plain composite of the low-precision rule;
+    differentiable w.r.t. ``logp`` (pass a leaf). clip_cov's random pick is not modelled here."""
+    dt = logp.dtype
+    m = mask.bool().to(dt)
+    x = torch.where(mask.bool(), logp, torch.zeros((), dtype=dt))
+    old = torch.where(mask.bool(), old_logp.to(dt), torch.zeros((), dtype=dt))
+    a = torch.where(mask.bool(), advantages.to(dt), torch.zeros((), dtype=dt))
     low = clip_eps
     high = clip_eps if clip_eps_high is None else clip_eps_high
     d = x - old
@@ -361,7 +363,7 @@ def policy_loss_ref(logp, old_logp, advantages, mask, loss_type="vanilla", reduc
         dmin = s * torch.min(s * d, s * d.clamp(-low, high))
         per_seq = -_rows_mean(a, m) * _rows_mean(dmin, m).exp()
         if weights is not None:
-            per_seq = per_seq * _rows_mean(torch.log(weights.double() + 1e-10), m).exp()
+            per_seq = per_seq * _rows_mean(torch.log(weights.to(dt) + 1e-10), m).exp()
         return per_seq.mean()
     elif loss_type == "dro":
         per_tok = -(x * a - 0.5 * dro_beta * d**2)
@@ -376,7 +378,7 @@ def policy_loss_ref(logp, old_logp, advantages, mask, loss_type="vanilla", reduc
             inside = torch.where(a > 0, (bkl <= high) | (p <= p_old), (bkl <= low) | (p >= p_old))
         per_tok = -a * r.detach().clamp(max=trunc_ratio) * x * inside
     if weights is not None:
-        per_tok = per_tok * weights.double()
+        per_tok = per_tok * weights.to(dt)
     if reduction == "seq_mean_token_sum_norm":
         return reduce_ref(per_tok, mask, "seq_mean_token_sum") / (mask.shape[-1] if norm_length is None
                                                                    else norm_length)

@@ -65,6 +65,23 @@ def test_matches_reference(backend, loss_type, reduction, weighted):
     assert bool((grad[~mask] == 0).all())
 
 
+@pytest.mark.parametrize("backend", backends_for(("torch", "triton", "cpp")))
+@pytest.mark.parametrize("loss_type", DETERMINISTIC)
+def test_low_precision_within_2x_composite(backend, loss_type):
+    """bf16 inputs: loss and gradient (returned in bf16) within 2x the error of the composite run in bf16."""
+    logp, old, adv, mask = (x.bfloat16() if x.is_floating_point() else x for x in _inputs(4, 200))
+    loss, _, grad = _ours(loss_type, "seq_mean_token_mean", logp, old, adv, mask, backend)
+    ref_loss, ref_grad = _ref(loss_type, "seq_mean_token_mean", logp, old, adv, mask)
+    x = logp.detach().clone().requires_grad_()
+    composite = policy_loss_ref(x, old, adv, mask, loss_type, "seq_mean_token_mean",
+                                dual_clip=1.5 if loss_type == "vanilla" else None, **PARAMS)
+    (composite * GRAD_OUT).backward()
+    assert grad.dtype == torch.bfloat16
+    for ours, theirs, ref in ((loss, composite.detach(), ref_loss.detach()), (grad, x.grad, ref_grad)):
+        err, composite_err = ((t.double().cpu() - ref).abs().max() for t in (ours, theirs))
+        assert err <= 2 * composite_err + 1e-6, (err, composite_err)
+
+
 def test_every_type_differs_and_clips_bind():
     """The inputs tell the types apart and hit the clipped branches (a test of vanilla cannot pass for gspo)."""
     logp, old, adv, mask = _inputs()
