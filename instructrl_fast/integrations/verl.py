@@ -504,6 +504,9 @@ def compute_multi_turn_optimal_token_baseline_advantage(token_level_rewards: tor
 # ------------------------------------------------------------------------------------------------------------------
 
 def _clip_ranges(config) -> tuple[float, float]:
+    """(low, high) clip ranges of an actor config: clip_ratio_low / _high, each defaulting to clip_ratio."""
+    if config is None:
+        raise ValueError("config must be given (an actor config with clip_ratio and global_batch_info)")
     clip = config.clip_ratio
     low = config.clip_ratio_low if config.clip_ratio_low is not None else clip
     high = config.clip_ratio_high if config.clip_ratio_high is not None else clip
@@ -546,7 +549,7 @@ def compute_policy_loss_gspo(old_log_prob, log_prob, advantages, response_mask, 
                              config=None, rollout_is_weights=None):
     """verl's GSPO: the clipped surrogate of the sequence-level ratio, always aggregated as seq-mean-token-mean (verl
     ignores ``loss_agg_mode`` here). pg_clipfrac_lower is 0."""
-    low, high = _clip_ranges(config) if config is not None else (0.2, 0.2)
+    low, high = _clip_ranges(config)
     return _registry_loss("gspo", old_log_prob, log_prob, advantages, response_mask, "seq-mean-token-mean", config,
                           rollout_is_weights, _ALL_METRICS, clip_eps=low, clip_eps_high=high)
 
@@ -586,7 +589,7 @@ def compute_policy_loss_geo_mean(old_log_prob, log_prob, advantages, response_ma
     """verl's GMPO: per sequence -mean(A) * exp(mean of the sign-aware clipped log-ratios), the mean over all rows
     (``loss_agg_mode`` and the global batch are not used, as in verl); weights enter as per-sequence geometric
     means."""
-    low, high = _clip_ranges(config) if config is not None else (0.2, 0.2)
+    low, high = _clip_ranges(config)
     return _registry_loss("geo_mean", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
                           rollout_is_weights, _ALL_METRICS, clip_eps=low, clip_eps_high=high)
 
@@ -604,14 +607,14 @@ def compute_policy_loss_dro(old_log_prob, log_prob, advantages, response_mask, l
 def compute_policy_loss_cispo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
                               config=None, rollout_is_weights=None):
     """verl's CISPO: -sg(clip(r, 1 - low, 1 + high)) A log_prob; pg_clipfrac counts r outside the window."""
-    low, high = _clip_ranges(config) if config is not None else (0.2, 0.2)
+    low, high = _clip_ranges(config)
     return _registry_loss("cispo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
                           rollout_is_weights, _ALL_METRICS, clip_eps=low, clip_eps_high=high)
 
 
 def _dppo(loss_type, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights):
-    low, high = _clip_ranges(config) if config is not None else (0.2, 0.2)
-    trunc = _config_get(config, "clip_ratio_c", 20.0) if config is not None else 20.0
+    low, high = _clip_ranges(config)
+    trunc = _config_get(config, "clip_ratio_c", 20.0)
     return _registry_loss(loss_type, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
                           rollout_is_weights, _ALL_METRICS, clip_eps=low, clip_eps_high=high, trunc_ratio=trunc)
 
