@@ -514,7 +514,7 @@ def _clip_ranges(config) -> tuple[float, float]:
 
 
 def _policy_loss_config(config, name: str):
-    """verl's ``config.policy_loss`` sub-config (or its ``name`` entry), checked to exist."""
+    """verl's ``config.policy_loss`` sub-config, which the ``name`` loss reads; an error when it is missing."""
     sub = _config_get(config, "policy_loss")
     if sub is None:
         raise ValueError(f"config.policy_loss must be given for the {name!r} policy loss")
