@@ -10,6 +10,7 @@ reduces again. The backward recomputes the per-token branch (cheap, elementwise)
 import torch
 import triton
 import triton.language as tl
+
 from instructrl_fast.kernels._launch import on_device
 
 POLICY = tl.constexpr(0)
