@@ -284,7 +284,13 @@ def rollout_correction_ref(base, rollout, mask, is_level=None, is_threshold=2.0,
     safe = rho.clamp(-20, 20)
     weights = None
     if is_level is not None:
-        raw = safe.exp() if is_level == "token" else rho.sum(-1, keepdim=True).clamp(-20, 20).exp().expand_as(rho)
+        if is_level == "token":
+            raw = safe.exp()
+        elif is_level == "sequence":
+            raw = rho.sum(-1, keepdim=True).clamp(-20, 20).exp().expand_as(rho)
+        else:  # the geometric mean of the sequence's token ratios
+            raw = torch.stack([rho[b][m[b]].mean() if m[b].any() else torch.zeros((), dtype=torch.float64)
+                               for b in range(B)]).clamp(-20, 20).exp()[:, None].expand_as(rho)
         raw = raw * m
         if is_threshold_lower is None:
             weights = raw.clamp(max=is_threshold)

@@ -35,7 +35,8 @@ rows) and ``seq_mean_token_sum_norm`` (seq_mean_token_sum / norm_length, T by de
 Rollout correction (``correction``, with the rollout engine's ``rollout_logp``; Yao et al. 2025 "Your efficient RL
 framework secretly brings you off-policy RL training", verl's ``rollout_corr_helper``): with rho = log-ratio of the
 training policy (``old_logp``, or the current ``logp`` detached for bypass mode) to the rollout policy, clamped to
-+-20, importance weights w = exp(rho) per token or exp(sum_t rho) per sequence, truncated at ``is_threshold``
++-20, importance weights w = exp(rho) per token, exp(sum_t rho) per sequence or exp(mean_t rho) (the geometric
+mean of the sequence's ratios), truncated at ``is_threshold``
 (TIS) or zeroed outside [is_threshold_lower, is_threshold] (IcePop), optionally divided by their batch mean; and
 rejection: tokens or whole sequences whose divergence statistic (k1 = -rho within [log lower, log upper]; k2, k3
 <= upper; per token, or the per-sequence sum / mean / max) fails are dropped from the mask. The loss is computed
@@ -71,7 +72,7 @@ from instructrl_fast.ops.ppo_loss import _valid_upcast, masked_reduce
 LOSS_TYPES = {"vanilla": 0, "gspo": 1, "sapo": 2, "gpg": 3, "reinforce": 4, "clip_cov": 5, "kl_cov": 6,
               "geo_mean": 7, "dro": 8, "cispo": 9, "dppo_tv": 10, "dppo_kl": 11}
 REDUCTIONS = {"token_mean": 0, "seq_mean_token_mean": 1, "seq_mean_token_sum": 2, "seq_mean_token_sum_norm": 3}
-IS_LEVELS = {"token": 0, "sequence": 1}
+IS_LEVELS = {"token": 0, "sequence": 1, "geometric": 2}
 RS_OPTIONS = {"token_k1": 0, "token_k2": 1, "token_k3": 2, "seq_sum_k1": 3, "seq_sum_k2": 4, "seq_sum_k3": 5,
               "seq_mean_k1": 6, "seq_mean_k2": 7, "seq_mean_k3": 8, "seq_max_k2": 9, "seq_max_k3": 10}
 _CLAMPED_LOG_RATIO = ("vanilla", "sapo", "cispo", "dppo_tv", "dppo_kl")  # types whose d is clamped to +-20
@@ -127,7 +128,8 @@ class PolicyLossConfig:
 class RolloutCorrection:
     """Importance weights and rejection against the rollout engine's log-probs (see the module docstring)."""
 
-    is_level: str | None = "token"  # "token", "sequence" (product of the token ratios) or None: no weights
+    is_level: str | None = "token"  # "token", "sequence" (product of the token ratios), "geometric" (their
+    # geometric mean over the sequence's valid tokens) or None: no weights
     is_threshold: float = 2.0  # upper bound of the weights: truncation (TIS) or, with a lower bound, IcePop's window
     is_threshold_lower: float | None = None  # IcePop: weights outside [lower, upper] become 0; None: truncate
     is_batch_normalize: bool = False  # divide the weights by their mean (over valid tokens / valid sequences)
@@ -180,8 +182,9 @@ def _rollout_correction(base: torch.Tensor, rollout: torch.Tensor, mask: torch.T
     if corr.is_level is not None:
         if corr.is_level == "token":
             raw_w = torch.where(mask, rho.exp(), 0.0)
-        else:
-            raw_w = torch.where(mask, raw.sum(-1, keepdim=True).clamp(-_SAFETY_BOUND, _SAFETY_BOUND).exp(), 0.0)
+        else:  # the sequence's ratio, or its geometric mean over the valid tokens (a length-free scale)
+            seq_log = raw.sum(-1) if corr.is_level == "sequence" else _seq_mean(raw, m)
+            raw_w = torch.where(mask, seq_log.unsqueeze(-1).clamp(-_SAFETY_BOUND, _SAFETY_BOUND).exp(), 0.0)
         low = 1.0 / corr.is_threshold if corr.is_threshold_lower is None else corr.is_threshold_lower
         if corr.is_threshold_lower is None:  # truncated IS (Ionides 2008; TIS)
             weights = raw_w.clamp(max=corr.is_threshold)
@@ -192,7 +195,6 @@ def _rollout_correction(base: torch.Tensor, rollout: torch.Tensor, mask: torch.T
                                                               "token_mean")
             stats["rollout_is_fraction_low"] = masked_reduce((raw_w < low).to(m.dtype), mask, "token_mean")
         else:  # shares of all B sequences, compared in log space (the raw product may overflow)
-            seq_log = raw.sum(-1)
             stats["rollout_is_fraction_high"] = (seq_log > math.log(corr.is_threshold)).to(m.dtype).mean()
             stats["rollout_is_fraction_low"] = (seq_log < math.log(low)).to(m.dtype).mean()
         stats["rollout_is_mean"] = masked_reduce(weights, mask, "token_mean")

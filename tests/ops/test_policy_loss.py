@@ -130,6 +130,7 @@ CORRECTIONS = {
     "tis-token": {"is_level": "token", "is_threshold": 1.5},
     "tis-seq-normalized": {"is_level": "sequence", "is_threshold": 3.0, "is_batch_normalize": True},
     "icepop": {"is_level": "token", "is_threshold": 1.5, "is_threshold_lower": 0.6},
+    "geometric-normalized": {"is_level": "geometric", "is_threshold": 1.02, "is_batch_normalize": True},
     "rs-token-k1": {"is_level": None, "rs": ("token_k1",), "rs_thresholds": ((None, 1.5),)},
     "rs-chained": {"is_level": "token", "is_batch_normalize": True, "rs": ("seq_mean_k3", "seq_max_k2", "seq_sum_k1"),
                        "rs_thresholds": ((None, 0.048), (None, 1.0), (0.01, 30.0))},
