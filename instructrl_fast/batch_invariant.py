@@ -18,9 +18,11 @@ context manager ``enabled(True)`` does. What each kernel does in the mode, and w
   add. Blocks past a query's causal limit contribute exact zeros, so a decode step over S_max slots and a training
   forward over T columns add the same numbers in the same order. One function serves training, prefill and the
   KV-cached decode step.
-* LM head and log-probs: the same tiled GEMM, then ``ops.gather_logprobs`` tile by tile (the op ``generate``
-  applies to its logits; its per-row kernels and TP combine are row-local); the fused actor loss
-  (``ops.ppo_actor_loss``) walks the same tiles with the same kernels.
+* LM head and log-probs: the same tiled GEMM, then the log-prob kernels of ``ops.gather_logprobs`` (the op
+  ``generate`` applies to its logits; its per-row kernels and TP combine are row-local) on token chunks of a
+  multiple of TILE_ROWS rows; the fused actor loss (``ops.ppo_actor_loss``) walks the same chunks with the same
+  kernels. Only the forward values need the tiles: the backward shares one dW update among all the tiles of a chunk
+  (``ops.linear_logprobs``: one per vocab tile).
 * LayerNorm (a per-row kernel on CPU), GELU, residual adds and the embedding are row-local already; the tests
   check them rather than assume it. Elementwise transcendental kernels (exp, tanh) on CPU run vectorised with a
   scalar tail at the end of the tensor, which can differ in the last bit: every tensor they see in the mode has
@@ -226,50 +228,15 @@ def attend(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, k_usab
 # ---------------------------------------------------------------------------------------------------------------
 # LM head log-probs
 # ---------------------------------------------------------------------------------------------------------------
-class _LinearLogprobs(torch.autograd.Function):
-    """hidden [N, D], weight [V, D] (vocab shard), labels [N] -> (logp [N], entropy [N] or (0,)) fp32. Forward: per
-    TILE_ROWS tile, the tiled GEMM then ``ops.gather_logprobs`` (the op ``generate`` applies to its logits, whose
-    per-row kernels are batch invariant). Backward: ``ops.linear_logprobs``'s, recomputed (the gradient need not be
-    invariant; the [N, V] logits never exist)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, ignore_index, with_entropy, tp_group):
-        from instructrl_fast.ops import gather_logprobs
-
-        ctx.kw = {"temperature": temperature, "ignore_index": ignore_index, "with_entropy": with_entropy,
-                  "tp_group": tp_group}
-        parts = [gather_logprobs(matmul_t(hidden[sl], weight), labels[sl], **ctx.kw)
-                 for sl in (slice(s, s + TILE_ROWS) for s in range(0, hidden.shape[0], TILE_ROWS))]
-        ctx.save_for_backward(hidden, weight, labels)
-        if with_entropy:
-            return tuple(torch.cat(p) for p in zip(*parts))
-        return torch.cat(parts), hidden.new_empty(0, dtype=torch.float32)
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
-        from instructrl_fast.ops import linear_logprobs
-
-        hidden, weight, labels = ctx.saved_tensors
-        with torch.enable_grad():
-            h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
-            out = linear_logprobs(h, w, labels, **ctx.kw)
-            outs, grads = ((out[0], out[1]), (grad_logp, grad_entropy)) if ctx.kw["with_entropy"] else \
-                ((out,), (grad_logp,))
-            used = [(o, g) for o, g in zip(outs, grads) if g is not None]
-            grad_hidden, grad_weight = torch.autograd.grad([o for o, _ in used], (h, w), [g for _, g in used])
-        return grad_hidden, grad_weight, None, None, None, None, None
-
-
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, temperature: float = 1.0,
                     ignore_index: int = -100, with_entropy: bool = False, tp_group=None):
     """``ops.linear_logprobs`` in the batch-invariant mode: hidden [..., D], weight [V, D] (vocab shard under
     ``tp_group``), labels [...] global ids -> logp [...] fp32 (and the entropy [...] with ``with_entropy``), bitwise
     the same for a row whatever else is in the batch, and the same bits as ``ops.gather_logprobs`` on ``linear``'s
-    logits (the sampler's log-probs). Arguments are checked by ``ops.gather_logprobs``."""
-    if not isinstance(hidden, Tensor) or not isinstance(labels, Tensor) or hidden.shape[:-1] != labels.shape:
-        raise ValueError("hidden [..., D] and labels [...] must be tensors with the same leading shape, got "
-                         f"{getattr(hidden, 'shape', hidden)} and {getattr(labels, 'shape', labels)}")
-    D = hidden.shape[-1]
-    logp, entropy = _LinearLogprobs.apply(hidden.reshape(-1, D).contiguous(), weight.contiguous(), labels.reshape(-1),
-                                          temperature, ignore_index, with_entropy, tp_group)
-    return (logp.view(labels.shape), entropy.view(labels.shape)) if with_entropy else logp.view(labels.shape)
+    logits (the sampler's log-probs): the op's forward takes token chunks of a multiple of TILE_ROWS rows through
+    ``matmul_t`` and the row-local log-prob kernels. Its backward (not invariant: only the forward values must be)
+    is the op's own, whose dW rows are each written once. Arguments are checked as ``ops.linear_logprobs`` does."""
+    from instructrl_fast.ops.logprob import linear_logprobs_in_mode
+
+    return linear_logprobs_in_mode(hidden, weight, labels, temperature=temperature, ignore_index=ignore_index,
+                                   with_entropy=with_entropy, tp_group=tp_group, invariant=True)

@@ -61,11 +61,11 @@ from instructrl_fast.ops.logprob import (
     _check_options,
     _combine,
     _flat_labels,
-    _linear_chunk_rows,
+    _head_schedule,
     _rows_fwd,
     _shard_bwd,
     _tp_rank_world,
-    accumulate_linear_grads,
+    accumulate_mm,
     finite_shift,
 )
 from instructrl_fast.ops.ppo_loss import REDUCTIONS, _check_triple, _valid_upcast, masked_reduce, policy_surrogate
@@ -205,19 +205,19 @@ def _walk(hidden, weight, labels, old_logp, adv, w, ref_logp, ref_hidden, ref_we
     need_entropy_grad = cfg.entropy_coef != 0.0
     acc = {"dtype": _acc_dtype(hidden), "device": hidden.device}
     pg, total, logp, entropy = (torch.empty(N, **acc) for _ in range(4))
-    kl = torch.empty(N if with_kl else 0, **acc)
+    kl = torch.zeros(N, **acc)  # stays 0 without a reference (not reported then)
     is_clipped = torch.empty(N, dtype=torch.bool, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if with_grads else None
-    grad_weight = torch.zeros(weight.shape, **acc) if with_grads else None
-    # the batch-invariant mode walks batch_invariant's GEMM tiles: logp has the bits of GPT.token_logprobs's
-    invariant = batch_invariant.is_enabled()
-    rows = batch_invariant.TILE_ROWS if invariant else _linear_chunk_rows(N, D, V)
+    # every chunk adds into dW (the first one overwrites it); zeros only when there is no chunk
+    grad_weight = (torch.empty if N else torch.zeros)(weight.shape, **acc) if with_grads else None
+    # the batch-invariant mode's GEMM and chunks of whole tiles: logp has the bits of GPT.token_logprobs's
+    rows, gemm = _head_schedule(N, D, V, batch_invariant.is_enabled())
     for start in range(0, N, rows):
         sl = slice(start, start + rows)
         h, lab = hidden[sl], labels[sl]
         keep = lab != ignore_index
         # [n, V] in the input dtype, fp32 accumulation inside the GEMM
-        logits = batch_invariant.matmul_t(h, weight) if invariant else h @ weight.T
+        logits = gemm(h, weight)
         shard = _rows_fwd(backend, logits[None], lab[:, None], False, temperature, ignore_index, vocab_start, True)
         logp_c, ent_c, row_max, log_sum = _combine(*shard, lab[:, None], False, ignore_index, True, tp_group)
         logp_c = logp_c[:, 0]
@@ -247,7 +247,8 @@ def _walk(hidden, weight, labels, old_logp, adv, w, ref_logp, ref_hidden, ref_we
             _full_kl_bwd_(backend, dlogits, g_kl, logits, ref_logits, *shifts, mean_diff, temperature)
             del ref_logits
         del logits
-        accumulate_linear_grads(dlogits, h, weight, grad_hidden[sl], grad_weight)
+        accumulate_mm(grad_hidden[sl], dlogits, weight, first=True)
+        accumulate_mm(grad_weight, dlogits.T, h, first=start == 0)
     terms = (pg, kl, is_clipped, total, logp, entropy)
     if not with_grads:
         return terms, None
@@ -271,15 +272,16 @@ class PPOActorLossFunction(torch.autograd.Function):
         w = _token_weights(mask, cfg.reduction, _acc_dtype(hidden)).reshape(-1)
         terms, grads = _walk(hidden.reshape(B * T, D), weight, labels.reshape(-1), old_logp.reshape(-1),
                              adv.reshape(-1), w, None if ref_logp is None else ref_logp.reshape(-1),
-                             None if ref_hidden is None else ref_hidden.reshape(B * T, -1), ref_weight, cfg,
+                             None if ref_hidden is None else ref_hidden.reshape(B * T, ref_hidden.shape[-1]), ref_weight, cfg,
                              temperature, ignore_index, tp_group, backend, with_grads)
-        pg, kl, is_clipped, total, logp, entropy = (t.reshape(B, T) if t.numel() else t for t in terms)
+        with_kl = ref_logp is not None or ref_hidden is not None
+        pg, kl, is_clipped, total, logp, entropy = (t.reshape(B, T) for t in terms)
         loss = masked_reduce(total, mask, cfg.reduction)
         stats = torch.stack([
             masked_reduce(is_clipped.to(total.dtype), mask, "token_mean"),
             masked_reduce(old_logp - logp, mask, "token_mean"),
             masked_reduce(entropy, mask, "token_mean"),
-            masked_reduce(kl, mask, "token_mean") if kl.numel() else loss.new_full((), float("nan")),
+            masked_reduce(kl, mask, "token_mean") if with_kl else loss.new_full((), float("nan")),
             masked_reduce(pg, mask, cfg.reduction),
         ])
         # Kept on ctx, not saved for backward: the backward scales them in place (no second copy of d weight at

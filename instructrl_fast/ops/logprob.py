@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from instructrl_fast import _ext
+from instructrl_fast import _ext, batch_invariant
 from instructrl_fast.backend import resolve
 from instructrl_fast.ops._checks import (
     INDEX_DTYPES,
@@ -68,6 +68,7 @@ _TORCH_CHUNK_ELEMENTS = 1 << 20
 # near peak, and at most 2^26 (256 MiB in fp32).
 _LINEAR_MIN_CHUNK_ELEMENTS = 1 << 22
 _LINEAR_MAX_CHUNK_ELEMENTS = 1 << 26
+_LINEAR_MIN_CHUNK_ROWS = 2048
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -135,7 +136,7 @@ def _gather_targets(logits: Tensor, labels: Tensor, temperature: float, ignore_i
     """x at each label: logits [B, T, V], labels [N, K] -> [N, K] in the accumulation dtype, 0 off the shard."""
     B, T, V = logits.shape
     col, hit = _label_columns(labels, V, ignore_index, vocab_start)
-    x = logits.gather(2, col.view(B, T, -1)).reshape(col.shape).to(_acc_dtype(logits)) * (1.0 / temperature)
+    x = logits.gather(2, col.view(B, T, col.shape[1])).reshape(col.shape).to(_acc_dtype(logits)) * (1.0 / temperature)
     return torch.where(hit, x, 0.0)
 
 
@@ -292,21 +293,48 @@ def _rows_bwd(backend: str, grad_logp: Tensor, grad_entropy: Tensor, logits: Ten
 
 
 def _linear_chunk_rows(N: int, D: int, V: int) -> int:
-    budget = min(max(N * D, _LINEAR_MIN_CHUNK_ELEMENTS), _LINEAR_MAX_CHUNK_ELEMENTS)
-    return max(1, min(N, budget // V))
+    """Rows r of a token chunk of logits [r, V] (the forward of ``linear_logprobs``, the walk of
+    ``ppo_actor_loss``; the backward of ``linear_logprobs`` holds [N, r V / N] vocab tiles of the same size).
+
+    About N * D / V rows (a chunk never dominates the memory the caller holds; 2^22 to 2^26 elements), but at least
+    min(2 D, 2048): each chunk re-reads W [V, D] and read-modify-writes the fp32 dW, 4 V D elements against the
+    chunk's 6 r V of logits traffic, so at r >= 2 D the weight side adds at most a third; and a dW update over
+    r = 2048 tokens does 512 FLOP per byte of fp32 dW, above a GPU's balance point (~300 on an H100).
+    """
+    budget = min(max(N * D, _LINEAR_MIN_CHUNK_ELEMENTS), _LINEAR_MAX_CHUNK_ELEMENTS) // max(V, 1)
+    return max(1, min(N, max(budget, min(2 * D, _LINEAR_MIN_CHUNK_ROWS))))
+
+
+def _head_schedule(N: int, D: int, V: int, invariant: bool):
+    """(rows per token chunk, the chunk's GEMM h [r, D], weight [V, D] -> h @ weight.T [r, V] in the input dtype with
+    fp32 accumulation). In the batch-invariant mode the chunk is a whole number of TILE_ROWS tiles and the GEMM is
+    ``batch_invariant.matmul_t`` (every tile one GEMM of one shape), so each row's logits do not depend on the
+    chunking; else one GEMM per chunk."""
+    rows = _linear_chunk_rows(N, D, V)
+    if invariant:
+        tile = batch_invariant.TILE_ROWS
+        return -(-rows // tile) * tile, batch_invariant.matmul_t
+    return rows, lambda h, weight: h @ weight.T
 
 
 def linear_fwd_chunks(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float, ignore_index: int,
-                      vocab_start: int, with_entropy: bool, multi: bool,
-                      backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                      vocab_start: int, with_entropy: bool, multi: bool, backend: str,
+                      invariant: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """hidden [B, T, D] (any leading strides), weight [V, D] shard, labels [N, K] -> shard-local
-    (row_max, log_sum, target [N, K], mean_xs): the body of the custom op below, which hides it from dispatch modes."""
+    (row_max, log_sum, target [N, K], mean_xs): the body of the custom op below, which hides it from dispatch modes.
+
+    Token chunks of r = ``_linear_chunk_rows`` rows (a multiple of TILE_ROWS in the batch-invariant mode, whose
+    GEMM ``_head_schedule`` picks; the kernels are row-local, so each row's values do not depend on the chunking).
+    Bytes (e = element size): the N V logits written and read once, W read N / r times, h read once:
+    2 N V e + (N / r) V D e + N D e.
+    """
     B, T, D = hidden.shape
     V = weight.shape[0]
     row_max, log_sum, target, mean_xs = _linear_fwd_fake(hidden, weight, labels, temperature, ignore_index,
-                                                        vocab_start, with_entropy, multi, backend)
-    for index, rows in _row_chunks(B, T, _linear_chunk_rows(B * T, D, V), merge_b=False):
-        logits = hidden[index].reshape(-1, D) @ weight.T  # [rows, V] in the input dtype, fp32 accumulation
+                                                        vocab_start, with_entropy, multi, backend, invariant)
+    chunk, gemm = _head_schedule(B * T, D, V, invariant)
+    for index, rows in _row_chunks(B, T, chunk, merge_b=False):
+        logits = gemm(hidden[index].reshape(-1, D), weight)  # [rows, V] in the input dtype, fp32 accumulation
         outs = _rows_fwd(backend, logits[None], labels[rows], multi, temperature, ignore_index, vocab_start,
                          with_entropy)
         row_max[rows], log_sum[rows], target[rows] = outs[:3]
@@ -322,40 +350,52 @@ _linear_fwd = torch.library.custom_op("instructrl_fast::linear_logprobs_fwd", li
 def _linear_bwd(grad_logp: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor,
                 row_max: Tensor, log_sum: Tensor, entropy: Tensor, temperature: float, ignore_index: int,
                 vocab_start: int, multi: bool, backend: str) -> tuple[Tensor, Tensor]:
-    """-> (grad_hidden [B, T, D] contiguous, grad_weight [V, D]) of this shard, recomputing each chunk's logits."""
+    """-> (grad_hidden [B, T, D] contiguous, grad_weight [V, D]) of this shard.
+
+    The vocab is walked in tiles of c columns (an [N, c] tile holds as many elements as a forward chunk): each
+    tile's logits are recomputed from all N rows of h, its d(logits) formed by the shard-local backward (the tile is
+    a shard starting at vocab_start + its first column; row_max, log_sum and the entropy are the global ones), its
+    dW rows written once by one GEMM that reduces over all N tokens inside (fp32 accumulation, no fp32 dW buffer),
+    and dh += d(logits) @ W_tile accumulated in the accumulation dtype. Bytes (e = element size, a = 4 for the fp32
+    dh of low-precision inputs): 5 N V e of logits (written, read, d(logits) written, read by two GEMMs), W read
+    twice and dW written once (3 V D e), h read twice per tile and dh read and written per tile
+    (2 (V / c) N D (e + a)).
+    """
     B, T, D = hidden.shape
-    V = weight.shape[0]
-    with_entropy = grad_entropy.numel() > 0
-    grad_hidden = hidden.new_empty((B, T, D))
-    # dW sums over all N tokens: accumulate in fp32 whatever the weight dtype, in place in one buffer.
-    grad_weight = torch.zeros(weight.shape, dtype=_acc_dtype(weight), device=weight.device)
-    for index, rows in _row_chunks(B, T, _linear_chunk_rows(B * T, D, V), merge_b=False):
-        h = hidden[index].reshape(-1, D)
-        logits = h @ weight.T
-        dlogits = _rows_bwd(backend, grad_logp[rows], grad_entropy[rows] if with_entropy else grad_entropy,
-                            logits[None], labels[rows], multi, row_max[rows], log_sum[rows],
-                            entropy[rows] if with_entropy else entropy, temperature, ignore_index,
-                            vocab_start).view(-1, V)
+    V, N = weight.shape[0], B * T
+    h = hidden.reshape(N, D)
+    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    if N == 0:
+        return hidden.new_zeros((B, T, D)), grad_weight.zero_()
+    grad_hidden = h.new_empty((N, D), dtype=_acc_dtype(hidden))
+    cols = max(1, min(V, _linear_chunk_rows(N, D, V) * V // N))
+    for v0 in range(0, V, cols):
+        w_tile = weight[v0:v0 + cols]
+        logits = h @ w_tile.T  # [N, c] in the input dtype, fp32 accumulation
+        dlogits = _rows_bwd(backend, grad_logp, grad_entropy, logits[None], labels, multi, row_max, log_sum,
+                            entropy, temperature, ignore_index, vocab_start + v0).view(N, -1)
         del logits
-        accumulate_linear_grads(dlogits, h, weight, grad_hidden.view(-1, D)[rows], grad_weight)
-    return grad_hidden, grad_weight.to(weight.dtype)
+        torch.mm(dlogits.T, h, out=grad_weight[v0:v0 + cols])
+        accumulate_mm(grad_hidden, dlogits, w_tile, first=v0 == 0)
+    return grad_hidden.view(B, T, D).to(hidden.dtype), grad_weight
 
 
-def accumulate_linear_grads(dlogits: Tensor, h: Tensor, weight: Tensor, grad_hidden: Tensor,
-                            grad_weight: Tensor) -> None:
-    """One token chunk of the LM head's backward, in place: grad_hidden (a [n, D] view) = dlogits [n, V] @ weight
-    [V, D]; grad_weight [V, D] (fp32, or float64) += dlogits.T @ h [n, D]. Shared with ``ops.ppo_actor_loss``."""
-    torch.mm(dlogits, weight, out=grad_hidden)
-    if dlogits.dtype == grad_weight.dtype:
-        grad_weight.addmm_(dlogits.T, h)
-    elif grad_weight.is_cuda:  # a bf16/fp16 GEMM accumulating into the fp32 buffer (cuBLAS: fp32 inside)
-        torch.addmm(grad_weight, dlogits.T, h, out_dtype=grad_weight.dtype, out=grad_weight)
-    else:  # CPU has no mixed-precision GEMM with an fp32 output: upcast this chunk
-        grad_weight.addmm_(dlogits.T.to(grad_weight.dtype), h.to(grad_weight.dtype))
+def accumulate_mm(out: Tensor, a: Tensor, b: Tensor, *, first: bool) -> None:
+    """out = a @ b (``first``) or out += a @ b, in place: out in the accumulation dtype (fp32, or float64), a and b
+    in the inputs' dtype (a low-precision GEMM accumulates in fp32 inside; CPU has no GEMM with a wider output, so
+    there the operands are upcast)."""
+    beta = 0.0 if first else 1.0
+    if a.dtype == out.dtype:
+        torch.addmm(out, a, b, beta=beta, out=out)
+    elif out.is_cuda:
+        torch.addmm(out, a, b, beta=beta, out_dtype=out.dtype, out=out)
+    else:
+        torch.addmm(out, a.to(out.dtype), b.to(out.dtype), beta=beta, out=out)
 
 
 @_linear_fwd.register_fake
-def _linear_fwd_fake(hidden, weight, labels, temperature, ignore_index, vocab_start, with_entropy, multi, backend):
+def _linear_fwd_fake(hidden, weight, labels, temperature, ignore_index, vocab_start, with_entropy, multi, backend,
+                     invariant):
     N, acc = labels.shape[0], {"dtype": _acc_dtype(hidden)}
     return (hidden.new_empty(N, **acc), hidden.new_empty(N, **acc), hidden.new_empty(labels.shape, **acc),
             hidden.new_empty(N if with_entropy else 0, **acc))
@@ -441,14 +481,16 @@ class LinearLogprobsFunction(torch.autograd.Function):
     [N] or (0,)), as GatherLogprobsFunction.
 
     Under TP, hidden is replicated over the group and its gradient is all-reduced here (the backward twin of
-    Megatron's copy-to-TP region is built in), so do NOT also pass hidden through copy_to_tp.
+    Megatron's copy-to-TP region is built in), so do NOT also pass hidden through copy_to_tp. ``invariant``: the
+    forward values are batch invariant (``linear_fwd_chunks``); the backward is the same in both modes.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, multi, temperature, ignore_index, with_entropy, tp_group, backend):
+    def forward(ctx, hidden, weight, labels, multi, temperature, ignore_index, with_entropy, tp_group, backend,
+                invariant):
         vocab_start = _tp_rank_world(tp_group)[0] * weight.shape[0]
         row_max, log_sum, target, mean_xs = torch.ops.instructrl_fast.linear_logprobs_fwd(
-            hidden, weight, labels, temperature, ignore_index, vocab_start, with_entropy, multi, backend)
+            hidden, weight, labels, temperature, ignore_index, vocab_start, with_entropy, multi, backend, invariant)
         logp, entropy, row_max, log_sum = _combine(row_max, log_sum, target, mean_xs, labels, multi, ignore_index,
                                                    with_entropy, tp_group)
         ctx.save_for_backward(hidden, weight, labels, row_max, log_sum, entropy)
@@ -467,7 +509,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
             grad_logp, grad_entropy, hidden, weight, labels, row_max, log_sum, entropy, *ctx.args)
         if ctx.tp_group is not None and dist.get_world_size(ctx.tp_group) > 1:
             dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.tp_group)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 def _grads_or_empty(grad_logp, grad_entropy, labels, row_max, entropy) -> tuple[Tensor, Tensor, Tensor]:
@@ -596,13 +638,18 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, temperatu
                     ignore_index: int = -100, with_entropy: bool = False, tp_group: dist.ProcessGroup | None = None):
     """``gather_logprobs(hidden @ weight.T, labels, ...)`` without ever holding the [N, V] logits.
 
-    Token chunks of logits are computed (GEMM in the input dtype, fp32 accumulation), reduced by the shard-local
-    kernel and dropped; the backward recomputes each chunk, so the peak extra memory is O(chunk * V + N * D) with
-    chunk * V about N * D (clamped to [2^22, 2^26] elements).
+    Schedule (e = element size; r = ``_linear_chunk_rows``: about N D / V rows, at least min(2 D, 2048)): the
+    forward computes logits in token chunks [r, V] (GEMM in the input dtype, fp32 accumulation), reduces each with
+    the shard-local kernel and drops it; the backward walks the vocab in tiles [N, r V / N], recomputing each tile's
+    logits from all of h, so each dW row is written once and W is read twice. Forward + backward move
+    7 N V e of logits, W read N / r + 2 times, dW written once, h and dh about 4 V / c times (c the tile width): at
+    N = 8192, D = 1024, V = 50304 fp32 about 1.4x the chunked ideal 6 N V e + 4 (N D + V D) e
+    (tests/ops/test_head_traffic.py counts it). Peak extra memory O(r V + N D): one chunk of logits and its
+    gradient.
 
     Args:
-        hidden: [..., D] fp32/bf16/fp16/fp64, any leading strides with the last dim contiguous (no copy);
-            replicated over ``tp_group``, whose gradient it all-reduces.
+        hidden: [..., D] fp32/bf16/fp16/fp64, any leading strides with the last dim contiguous (no copy in the
+            forward); replicated over ``tp_group``, whose gradient it all-reduces.
         weight: [V, D] same dtype and device as hidden; under ``tp_group`` this rank's contiguous vocab shard.
         labels: [...] or [..., K] int64/int32, as in ``gather_logprobs``.
         temperature, ignore_index, with_entropy, tp_group: as in ``gather_logprobs``.
@@ -611,6 +658,15 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, temperatu
         logp (the shape of labels), or (logp, entropy [...]); float32 (float64 for float64 inputs). Differentiable
         w.r.t. hidden and weight (dW accumulated in fp32).
     """
+    return linear_logprobs_in_mode(hidden, weight, labels, temperature=temperature, ignore_index=ignore_index,
+                                   with_entropy=with_entropy, tp_group=tp_group, invariant=False)
+
+
+def linear_logprobs_in_mode(hidden: Tensor, weight: Tensor, labels: Tensor, *, temperature: float,
+                            ignore_index: int, with_entropy: bool, tp_group: dist.ProcessGroup | None,
+                            invariant: bool):
+    """``linear_logprobs``, its forward values batch invariant with ``invariant`` (``batch_invariant``'s tiled GEMM,
+    so a row's log-prob has the bits of ``gather_logprobs`` on ``batch_invariant.linear``'s logits)."""
     check_lm_head("hidden", hidden, "weight", weight, min_ndim=1)
     temperature = _check_options(temperature, ignore_index, with_entropy)
     labels2d, multi = _flat_labels(labels, "hidden", hidden)
@@ -618,5 +674,5 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, temperatu
     _check_labels(labels2d, weight.shape[0] * world, ignore_index)
     backend = resolve("linear_logprobs", hidden.device, _IMPLEMENTED, hidden.dtype)
     logp, ent = LinearLogprobsFunction.apply(as_rows(hidden), weight, labels2d, multi, temperature, ignore_index,
-                                             with_entropy, tp_group, backend)
+                                             with_entropy, tp_group, backend, invariant)
     return _outputs(logp, ent, labels.shape, multi, with_entropy)

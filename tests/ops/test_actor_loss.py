@@ -170,9 +170,9 @@ def test_float64_int32_labels_gradcheck(backend, ref_kind):
 def test_odd_shapes_and_many_chunks(backend, monkeypatch):
     """T = 1 and V > 65536 (several blocks even under the interpreter), and a chunk of 2 rows so that the walk
     crosses chunk boundaries (the stored gradients accumulate over chunks)."""
-    from instructrl_fast.ops import actor_loss
+    from instructrl_fast.ops import logprob
 
-    monkeypatch.setattr(actor_loss, "_linear_chunk_rows", lambda N, D, V: 2)
+    monkeypatch.setattr(logprob, "_linear_chunk_rows", lambda N, D, V: 2)
     fields = {"kl_coef": 0.1, "kl_estimator": "full", "entropy_coef": 0.01}
     for B, T, V in ((3, 1, 70001), (2, 4, 5)):
         hidden, weight, *rest, ref_logp, ref_hidden, ref_weight = _inputs(B, T, 8, V)

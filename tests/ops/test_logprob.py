@@ -180,8 +180,9 @@ def test_gradcheck_float64_public_ops(backend):
 @pytest.mark.parametrize("chunk_rows", [None, 3], ids=["one-chunk", "chunks-of-3"])
 def test_linear_fp32_matches_reference(backend, chunk_rows, device, monkeypatch):
     shape, D, V, T = (2, 7), 24, 1003, 0.9
-    if chunk_rows is not None:  # force several token chunks, the last one partial (14 = 3 * 4 + 2)
-        monkeypatch.setattr(logprob_mod, "_LINEAR_MIN_CHUNK_ELEMENTS", chunk_rows * V)
+    if chunk_rows is not None:  # several token chunks, the last one partial (14 = 3 * 4 + 2), and in the backward
+        # several vocab tiles of 3 * 1003 // 14 = 214 columns, the last one partial
+        monkeypatch.setattr(logprob_mod, "_linear_chunk_rows", lambda N, D, V: chunk_rows)
     hidden = torch.randn(*shape, D, device=device)
     weight = torch.randn(V, D, device=device) / D**0.5
     labels = _labels(shape, V, device)
@@ -199,11 +200,14 @@ def test_linear_fp32_matches_reference(backend, chunk_rows, device, monkeypatch)
 
 
 def test_linear_chunk_rows_bound_memory():
-    """A chunk of logits holds about N * D elements, clamped to [2^22, 2^26]."""
-    assert logprob_mod._linear_chunk_rows(4096, 256, 50257) == (1 << 22) // 50257
-    assert logprob_mod._linear_chunk_rows(16384, 4096, 50257) * 50257 <= 1 << 26
+    """A chunk of logits holds about N * D elements, clamped to [2^22, 2^26], but has at least min(2 D, 2048) rows
+    (so that the W and dW traffic per chunk stays a fraction of the chunk's logits traffic)."""
+    assert logprob_mod._linear_chunk_rows(131072, 256, 50257) == 131072 * 256 // 50257
+    assert logprob_mod._linear_chunk_rows(4096, 256, 50257) == 512
+    assert logprob_mod._linear_chunk_rows(32768, 4096, 50257) == 2048
+    assert logprob_mod._linear_chunk_rows(32768, 4096, 262144) == 2048
     assert logprob_mod._linear_chunk_rows(5, 8, 10) == 5
-    assert logprob_mod._linear_chunk_rows(10, 8, 1 << 23) == 1
+    assert logprob_mod._linear_chunk_rows(100, 8, 1 << 23) == 16
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -262,8 +266,9 @@ def test_opcheck_triton_and_linear_ops(device):
     torch.library.opcheck(torch.ops.instructrl_fast.logprob_bwd_triton.default, bwd)
     hidden, weight = torch.randn(2, 4, 8, device=device)[:, 1:], torch.randn(200, 8, device=device)
     for labels, multi in ((fwd[1][:, None], False), (torch.randint(0, 200, (6, 3), device=device), True)):
-        torch.library.opcheck(torch.ops.instructrl_fast.linear_logprobs_fwd.default,
-                              (hidden, weight, labels, 0.8, IGNORE, 0, True, multi, "torch"))
+        for invariant in (False, True):
+            torch.library.opcheck(torch.ops.instructrl_fast.linear_logprobs_fwd.default,
+                                  (hidden, weight, labels, 0.8, IGNORE, 0, True, multi, "torch", invariant))
         grad_logp = torch.randn(labels.shape, device=device)
         torch.library.opcheck(torch.ops.instructrl_fast.linear_logprobs_bwd.default,
                               (grad_logp, bwd[1], hidden, weight, labels, *bwd[4:7], 0.8, IGNORE, 0, multi, "torch"))
@@ -494,7 +499,7 @@ def test_strided_inputs_are_read_in_place(backend, device, monkeypatch):
     # Inside the op (a custom op hides its body from dispatch modes): GEMMs on views of the caller's hidden.
     with use_backend(backend), _OpRecorder() as body:
         logprob_mod.linear_fwd_chunks(logprob_mod.as_rows(hidden.detach()), weight.detach(),
-                                      (labels % 50).view(-1, 1), 1.0, IGNORE, 0, False, False, backend)
+                                      (labels % 50).view(-1, 1), 1.0, IGNORE, 0, False, False, backend, False)
     gemms = [c for c in body.calls if c[0].startswith("aten.mm")]
     assert len(gemms) == 2 and all(hidden_ptr in storages for _, storages, _ in gemms)
     assert all(max(sizes, default=0) < 10 * 64 for _, _, sizes in body.calls)
