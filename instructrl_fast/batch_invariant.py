@@ -92,7 +92,12 @@ def _tiled_mm(x: Tensor, weight: Tensor) -> Tensor:
     pad = -M % TILE_ROWS
     xp = F.pad(x, (0, 0, 0, pad)) if pad else x
     wt = weight.t()
-    return torch.cat([torch.mm(tile, wt) for tile in xp.split(TILE_ROWS)])[:M]
+    if x.device.type != "cpu":  # a GPU's batched GEMM may pick its algorithm by the batch count
+        return torch.cat([torch.mm(tile, wt) for tile in xp.split(TILE_ROWS)])[:M]
+    # one batched call whose every item is the same [TILE_ROWS, K] x [K, N] GEMM call a torch.mm per tile makes
+    # (the weight broadcast, not copied; the same bits), one output and no concatenation
+    tiles = xp.view(-1, TILE_ROWS, x.shape[1])
+    return torch.bmm(tiles, wt.expand(tiles.shape[0], *wt.shape)).view(-1, weight.shape[0])[:M]
 
 
 class _MatmulT(torch.autograd.Function):
