@@ -13,12 +13,17 @@
   itself (``_init_fn``) under the mode, so the ops inside are counted instead of the opaque call. Custom ops with a
   C++ body (the log-prob kernels) count their arguments and results, as any kernel.
 
+* ``triton=True``: every Triton launch (the triton backend; under TRITON_INTERPRET=1 on CPU tensors) is counted
+  instead of run: the bytes of every tensor it is passed (each one read or written once, as the kernels stream their
+  rows), under ``triton:<kernel>``.
+
 Run it on fake tensors (``torch._subclasses.fake_tensor.FakeTensorMode``) or the meta device: the counting needs
 shapes, not data, so GPU shapes count in seconds on a CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -99,10 +104,33 @@ class _Mode(TorchDispatchMode):
         return out
 
 
-def count(fn: Callable[[], object]) -> Traffic:
-    """Bytes and GEMM FLOPs of every ATen op ``fn()`` dispatches (module docstring)."""
+@contextlib.contextmanager
+def _counted_triton_launches(traffic: Traffic):
+    """Triton launches counted by the tensors each one is passed, instead of run (module docstring)."""
+    from triton.runtime import interpreter, jit
+
+    def run(self, *args, grid, warmup, **kwargs):
+        moved = sum(tensor_bytes(a) for a in args if isinstance(a, torch.Tensor))
+        traffic.bytes += moved
+        name = getattr(getattr(self, "fn", None), "__name__", type(self).__name__)
+        traffic.by_op[f"triton:{name}"] += moved
+
+    classes = (jit.JITFunction, interpreter.InterpretedFunction)
+    saved = [cls.run for cls in classes]
+    try:
+        for cls in classes:
+            cls.run = run
+        yield
+    finally:
+        for cls, original in zip(classes, saved):
+            cls.run = original
+
+
+def count(fn: Callable[[], object], *, triton: bool = False) -> Traffic:
+    """Bytes and GEMM FLOPs of every ATen op ``fn()`` dispatches, and with ``triton`` of every Triton launch (module
+    docstring)."""
     traffic = Traffic()
-    with _Mode(traffic):
+    with _counted_triton_launches(traffic) if triton else contextlib.nullcontext(), _Mode(traffic):
         fn()
     return traffic
 

@@ -12,6 +12,9 @@
 //        exp would carry into p_j relative to |x|), and for rows whose label != ignore_index
 //        grad_logits[n, j] = (g_lp * (1[j == label - vocab_start] - p_j) - g_ent * p_j * (x_j - (lse - H))) / T,
 //        since d logp / dx_j = 1[j == label] - p_j and dH / dx_j = -p_j * (x_j - E_p[x]) with E_p[x] = lse - H.
+//   kl_bwd: bwd plus g_kl / T * p_j ((x_j - y_j) - E_p[x - y]) (d KL(p || q) / d x_j, q = softmax(ref_logits / T)),
+//        formed from the shifted x - row_max and y - ref_shift, mean_diff = E_p[(x - row_max) - (y - ref_shift)]:
+//        ppo_actor_loss's exact KL folded into the same pass over the row.
 // Neither direction materialises an [N, V] fp32 temporary: the forward streams each row once through a small
 // fp32 buffer, the backward reads each row once and writes its gradient once.
 #include <ATen/Parallel.h>
@@ -100,6 +103,21 @@ INSTRUCTRL_LOGPROB_CLONES void softmax_grad(float* x, int64_t len, float g, floa
   }
 }
 
+// softmax_grad plus the exact full-KL term g_kl * p * ((xs - ys) - mean_diff), ys = y - shift_y the reference's
+// shifted logits over y[0, len) (d KL(p || q) / d x_j = p_j ((x_j - y_j) - E_p[x - y]); g_kl arrives divided by the
+// temperature, mean_diff = E_p[xs - ys]).
+INSTRUCTRL_LOGPROB_CLONES void softmax_kl_grad(float* x, const float* y, int64_t len, float g, float g_ent, float g_kl,
+                                               float shift, float log_sum, float mean_xs, float shift_y,
+                                               float mean_diff) {
+#pragma omp simd
+  for (int64_t k = 0; k < len; ++k) {
+    const float xs = x[k] - shift;
+    const float p = exp_f32(xs - log_sum);
+    const bool live = p > 0.0f;  // p = 0 (x = -inf) gives 0, not nan
+    x[k] = -g * p - g_ent * p * (live ? xs - mean_xs : 0.0f) + g_kl * p * (live ? (xs - (y[k] - shift_y)) - mean_diff : 0.0f);
+  }
+}
+
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #endif
@@ -139,17 +157,32 @@ std::tuple<float, float, float> fwd_row(const scalar_t* row, int64_t V, float in
   return {m, std::log(s), t / s};
 }
 
+// The full-KL term of one row (ppo_actor_loss's kl_estimator="full"): the reference's logits row, the upstream
+// gradient g_kl (divided by the temperature), its row max shift_y and mean_diff = E_p[xs - ys].
+template <typename scalar_t>
+struct KlRow {
+  const scalar_t* ref_row;
+  float g_kl, shift_y, mean_diff;
+};
+
 // One row of the backward, for a row whose label is not ignore_index. `local` = label - vocab_start may lie outside
-// [0, V): the row then has no one-hot term. g and g_ent arrive already divided by the temperature.
+// [0, V): the row then has no one-hot term. g and g_ent arrive already divided by the temperature; `kl` (or nullptr)
+// adds the full-KL term in the same pass over the row.
 template <typename scalar_t>
 void bwd_row(const scalar_t* row, scalar_t* out, int64_t V, int64_t local, float inv_temp, float g, float g_ent,
-             float row_max, float log_sum, float mean_xs) {
+             float row_max, float log_sum, float mean_xs, const KlRow<scalar_t>* kl) {
   float x[kChunk];
+  float y[kChunk];
   const float shift = row_max == -std::numeric_limits<float>::infinity() ? 0.0f : row_max;
   for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
     const int64_t len = std::min(kChunk, V - j0);
     load_scaled(row + j0, len, inv_temp, x);
-    softmax_grad(x, len, g, g_ent, shift, log_sum, mean_xs);
+    if (kl != nullptr) {
+      load_scaled(kl->ref_row + j0, len, inv_temp, y);
+      softmax_kl_grad(x, y, len, g, g_ent, kl->g_kl, shift, log_sum, mean_xs, kl->shift_y, kl->mean_diff);
+    } else {
+      softmax_grad(x, len, g, g_ent, shift, log_sum, mean_xs);
+    }
     // The one-hot term is added in fp32, before the single rounding to the output dtype.
     if (local >= j0 && local < j0 + len) x[local - j0] += g;
     std::copy(x, x + len, out + j0);  // converts to scalar_t
@@ -188,10 +221,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprob_fwd_cpu(const
   return {row_max, log_sum, target, mean_xs};
 }
 
-at::Tensor logprob_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& logits,
-                           const at::Tensor& labels, const at::Tensor& row_max, const at::Tensor& log_sum,
-                           const at::Tensor& entropy, double temperature, int64_t ignore_index, int64_t vocab_start) {
+// The backward with an optional full-KL term (ref_logits undefined: none).
+at::Tensor bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& logits,
+                   const at::Tensor& labels, const at::Tensor& row_max, const at::Tensor& log_sum,
+                   const at::Tensor& entropy, const at::Tensor& g_kl, const at::Tensor& ref_logits,
+                   const at::Tensor& ref_shift, const at::Tensor& mean_diff, double temperature, int64_t ignore_index,
+                   int64_t vocab_start) {
   const BwdArgs a = bwd_args(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature);
+  const bool with_kl = ref_logits.defined();
+  at::Tensor g_kl_c, ref_shift_c, mean_diff_c;
+  if (with_kl) {
+    check_row_vector("g_kl", g_kl, logits, /*optional=*/false);
+    check_row_vector("ref_shift", ref_shift, logits, /*optional=*/false);
+    check_row_vector("mean_diff", mean_diff, logits, /*optional=*/false);
+    TORCH_CHECK_VALUE(ref_logits.sizes() == logits.sizes() && ref_logits.scalar_type() == logits.scalar_type() &&
+                          ref_logits.device() == logits.device() && ref_logits.stride(-1) == 1,
+                      "ref_logits must have logits' shape, dtype and device and a contiguous last dim, got ",
+                      ref_logits.sizes(), " ", ref_logits.scalar_type());
+    g_kl_c = g_kl.contiguous();
+    ref_shift_c = ref_shift.contiguous();
+    mean_diff_c = mean_diff.contiguous();
+  }
   const RowLayout layout(logits);
   const int64_t N = layout.N, V = layout.V;
   const float inv_temp = static_cast<float>(1.0 / temperature);
@@ -204,6 +254,8 @@ at::Tensor logprob_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_e
     const float* max_p = a.row_max.const_data_ptr<float>();
     const float* log_sum_p = a.log_sum.const_data_ptr<float>();
     const float* ent_p = a.with_entropy ? a.entropy.const_data_ptr<float>() : nullptr;
+    const RowLayout ref_layout = with_kl ? RowLayout(ref_logits) : layout;
+    const scalar_t* y = with_kl ? ref_logits.const_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, N, std::max<int64_t>(1, kGrain / V), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         scalar_t* out_row = out + n * V;
@@ -214,12 +266,34 @@ at::Tensor logprob_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_e
         const float g_ent_n = g_ent != nullptr ? g_ent[n] * inv_temp : 0.0f;
         // E_p[x] - row_max = log_sum - H (E_p[x] = lse - H)
         const float mean_xs = g_ent != nullptr ? log_sum_p[n] - ent_p[n] : 0.0f;
+        KlRow<scalar_t> kl_row{};
+        if (with_kl) {
+          kl_row = {y + ref_layout.offset(n), g_kl_c.const_data_ptr<float>()[n] * inv_temp,
+                    ref_shift_c.const_data_ptr<float>()[n], mean_diff_c.const_data_ptr<float>()[n]};
+        }
         bwd_row(x + layout.offset(n), out_row, V, lab[n] - vocab_start, inv_temp, g_lp[n] * inv_temp, g_ent_n,
-                max_p[n], log_sum_p[n], mean_xs);
+                max_p[n], log_sum_p[n], mean_xs, with_kl ? &kl_row : nullptr);
       }
     });
   });
   return a.grad_logits;
+}
+
+at::Tensor logprob_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& logits,
+                           const at::Tensor& labels, const at::Tensor& row_max, const at::Tensor& log_sum,
+                           const at::Tensor& entropy, double temperature, int64_t ignore_index, int64_t vocab_start) {
+  const at::Tensor none;
+  return bwd_cpu(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, none, none, none, none,
+                 temperature, ignore_index, vocab_start);
+}
+
+at::Tensor logprob_kl_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& logits,
+                              const at::Tensor& labels, const at::Tensor& row_max, const at::Tensor& log_sum,
+                              const at::Tensor& entropy, const at::Tensor& g_kl, const at::Tensor& ref_logits,
+                              const at::Tensor& ref_shift, const at::Tensor& mean_diff, double temperature,
+                              int64_t ignore_index, int64_t vocab_start) {
+  return bwd_cpu(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, g_kl, ref_logits, ref_shift,
+                 mean_diff, temperature, ignore_index, vocab_start);
 }
 
 }  // namespace
@@ -232,9 +306,14 @@ TORCH_LIBRARY_FRAGMENT(instructrl_fast, m) {
   m.def(
       "logprob_bwd(Tensor grad_logp, Tensor grad_entropy, Tensor logits, Tensor labels, Tensor row_max, "
       "Tensor log_sum, Tensor entropy, float temperature, int ignore_index, int vocab_start) -> Tensor");
+  m.def(
+      "logprob_kl_bwd(Tensor grad_logp, Tensor grad_entropy, Tensor logits, Tensor labels, Tensor row_max, "
+      "Tensor log_sum, Tensor entropy, Tensor g_kl, Tensor ref_logits, Tensor ref_shift, Tensor mean_diff, "
+      "float temperature, int ignore_index, int vocab_start) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(instructrl_fast, CPU, m) {
   m.impl("logprob_fwd", &instructrl_fast::logprob::logprob_fwd_cpu);
   m.impl("logprob_bwd", &instructrl_fast::logprob::logprob_bwd_cpu);
+  m.impl("logprob_kl_bwd", &instructrl_fast::logprob::logprob_kl_bwd_cpu);
 }

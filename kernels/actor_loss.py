@@ -16,7 +16,9 @@ lse), this rank's shard of the vocab gives
     forward   mean_diff[n] = sum_j p_j * (xs_j - ys_j)             (summed over the TP group by the caller:
                                                                      E_p[xs - ys]; KL = E_p[xs - ys] - log_sum_x
                                                                      + log_sum_y, every term free of |x| rounding)
-    backward  dlogits[n, j] += (g_kl[n] / T) * p_j * ((xs_j - ys_j) - E_p[xs - ys])  (d KL / d x_j, exact)
+
+and its gradient (g_kl[n] / T) * p_j * ((xs_j - ys_j) - E_p[xs - ys]) (d KL / d x_j, exact) is added by the log-prob
+backward kernel itself (kernels/logprob.py, FULL_KL) in its one pass over the row.
 
 One program per row walks the vocab in BLOCK_V chunks; p_j == 0 (x_j = -inf, or padding) contributes 0, never
 0 * inf = nan. Row offsets are int64 (rows x vocab passes 2^31 at real sizes).
@@ -25,7 +27,7 @@ One program per row walks the vocab in BLOCK_V chunks; p_j == 0 (x_j = -inf, or 
 import torch
 import triton
 import triton.language as tl
-from instructrl_fast.kernels._launch import on_device
+from instructrl_fast.kernels._launch import FP_FUSION, on_device
 from instructrl_fast.kernels.kl import _kl_token
 from instructrl_fast.kernels.logprob import _launch_config
 from instructrl_fast.kernels.ppo_loss import _policy_token
@@ -121,36 +123,6 @@ def _full_kl_fwd_kernel(
     tl.store(mean_diff_ptr + row, acc)
 
 
-@triton.jit
-def _full_kl_bwd_kernel(
-    grad_logits_ptr,  # [N, V] in/out, contiguous: d(loss)/d(logits) from the log-prob backward, KL term added
-    g_kl_ptr,  # [N] fp32 upstream gradient of the per-token KL (0 on ignored rows)
-    logits_ptr,  # [N, V] policy logits shard, row stride stride_x
-    ref_logits_ptr,  # [N, V] reference logits shard, row stride stride_y
-    shift_x_ptr,  # [N] fp32 GLOBAL row max of x (0 for an all -inf row)
-    log_sum_x_ptr,  # [N] fp32 GLOBAL log sum exp(x - shift_x)
-    shift_y_ptr,  # [N] fp32 GLOBAL row max of y (0 for an all -inf row)
-    mean_diff_ptr,  # [N] fp32 GLOBAL E_p[xs - ys]
-    stride_x,
-    stride_y,
-    V,
-    inv_temperature,
-    BLOCK_V: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    g = tl.load(g_kl_ptr + row) * inv_temperature
-    shift_x, log_sum_x, shift_y = tl.load(shift_x_ptr + row), tl.load(log_sum_x_ptr + row), tl.load(shift_y_ptr + row)
-    mean_diff = tl.load(mean_diff_ptr + row)
-    out_ptr = grad_logits_ptr + row * V
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        p, diff = _p_and_diff(logits_ptr + row * stride_x, ref_logits_ptr + row * stride_y, cols, V, shift_x,
-                              log_sum_x, shift_y, inv_temperature)
-        d = p * tl.where(p > 0.0, diff - mean_diff, 0.0)
-        old = tl.load(out_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
-        tl.store(out_ptr + cols, (old + g * d).to(grad_logits_ptr.dtype.element_ty), mask=cols < V)
-
-
 def full_kl_fwd(logits, ref_logits, shift_x, log_sum_x, shift_y, temperature: float):
     """logits, ref_logits [N, V] (last dim contiguous), shift_x, log_sum_x, shift_y [N] fp32 global -> this shard's
     sum p (xs - ys), fp32 [N]."""
@@ -161,21 +133,9 @@ def full_kl_fwd(logits, ref_logits, shift_x, log_sum_x, shift_y, temperature: fl
     block_v, _, num_warps = _launch_config(N, V, logits.device)  # one program per row: no split
     with on_device(logits):
         _full_kl_fwd_kernel[(N,)](logits, ref_logits, shift_x, log_sum_x, shift_y, mean_diff, logits.stride(0),
-                                  ref_logits.stride(0), V, 1.0 / temperature, BLOCK_V=block_v, num_warps=num_warps)
+                                  ref_logits.stride(0), V, 1.0 / temperature, BLOCK_V=block_v, num_warps=num_warps,
+                                  enable_fp_fusion=FP_FUSION)
     return mean_diff
-
-
-def full_kl_bwd_(grad_logits, g_kl, logits, ref_logits, shift_x, log_sum_x, shift_y, mean_diff, temperature: float):
-    """Adds the exact d KL / d logits (times g_kl [N] fp32) into grad_logits [N, V] (contiguous) in place."""
-    N, V = logits.shape
-    if N == 0:
-        return grad_logits
-    block_v, _, num_warps = _launch_config(N, V, logits.device)
-    with on_device(logits):
-        _full_kl_bwd_kernel[(N,)](grad_logits, g_kl, logits, ref_logits, shift_x, log_sum_x, shift_y, mean_diff,
-                                  logits.stride(0), ref_logits.stride(0), V, 1.0 / temperature, BLOCK_V=block_v,
-                                  num_warps=num_warps)
-    return grad_logits
 
 
 def actor_token_terms(logp, entropy, old_logp, adv, kl_in, w, clip: tuple[float, float, float], kl_coef: float,
@@ -192,6 +152,6 @@ def actor_token_terms(logp, entropy, old_logp, adv, kl_in, w, clip: tuple[float,
             _actor_token_kernel[(triton.cdiv(n, _TOKEN_BLOCK),)](
                 logp, entropy, old_logp, adv, logp if kl_in is None else kl_in, w, pg, clipped,
                 pg if kl is None else kl, total, grad_logp, grad_entropy, n, *clip, kl_coef, entropy_coef,
-                KL_MODE=kl_mode, ESTIMATOR=estimator, BLOCK=_TOKEN_BLOCK,
+                KL_MODE=kl_mode, ESTIMATOR=estimator, BLOCK=_TOKEN_BLOCK, enable_fp_fusion=FP_FUSION,
             )
     return pg, kl, clipped.bool(), total, grad_logp, grad_entropy

@@ -9,7 +9,7 @@ below |d| = 0.1 it is evaluated by its Taylor series, accurate to fp32 rounding.
 import torch
 import triton
 import triton.language as tl
-from instructrl_fast.kernels._launch import on_device
+from instructrl_fast.kernels._launch import FP_FUSION, on_device
 
 K1 = tl.constexpr(0)
 K2 = tl.constexpr(1)
@@ -124,7 +124,8 @@ def kl_fwd(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: int) -> torch.
     if N:
         BLOCK = _block(N, logp.device, 2048)
         with on_device(logp):
-            _kl_fwd_kernel[(triton.cdiv(N, BLOCK),)](logp, ref_logp, kl, N, ESTIMATOR=estimator, BLOCK=BLOCK)
+            _kl_fwd_kernel[(triton.cdiv(N, BLOCK),)](logp, ref_logp, kl, N, ESTIMATOR=estimator, BLOCK=BLOCK,
+                                                     enable_fp_fusion=FP_FUSION)
     return kl
 
 
@@ -138,7 +139,7 @@ def kl_bwd(grad_kl: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, es
         with on_device(logp):
             _kl_bwd_kernel[(triton.cdiv(N, BLOCK),)](
                 grad_kl.float().contiguous(), logp, ref_logp, grad_logp, grad_ref_logp, N, ESTIMATOR=estimator,
-                BLOCK=BLOCK,
+                BLOCK=BLOCK, enable_fp_fusion=FP_FUSION,
             )
     return grad_logp, grad_ref_logp
 
@@ -152,6 +153,6 @@ def shape_rewards_fwd(scores, logp, ref_logp, mask, kl_coef: float, estimator: i
         with on_device(logp):
             _shape_rewards_kernel[(B,)](
                 scores, logp, ref_logp, mask.view(torch.uint8), rewards, T, kl_coef, ESTIMATOR=estimator,
-                BLOCK_T=BLOCK_T,
+                BLOCK_T=BLOCK_T, enable_fp_fusion=FP_FUSION,
             )
     return rewards

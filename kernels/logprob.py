@@ -23,7 +23,7 @@ so, which keeps 128-bit vector loads. Row offsets are int64: N * V passes 2^31 a
 import torch
 import triton
 import triton.language as tl
-from instructrl_fast.kernels._launch import on_device, sm_count
+from instructrl_fast.kernels._launch import FP_FUSION, on_device, sm_count
 
 from instructrl_fast.backend import triton_interpreting
 
@@ -120,15 +120,21 @@ def _logprob_fwd_kernel(
 
 
 @triton.jit
-def _grad_terms(x, cols, local, g_lp, g_ent, shift, log_sum, mean_xs, WITH_ENTROPY: tl.constexpr):
-    """d/dx_j of g_lp * logp + g_ent * H (before the 1/T factor) over one block of columns; mean_xs = E_p[x] - shift.
-    Every term is formed from x - shift, never from x itself: |x| ~ 20 would cost its rounding in every p_j."""
+def _grad_terms(x, y, cols, local, g_lp, g_ent, g_kl, shift, log_sum, mean_xs, shift_y, mean_diff,
+                WITH_ENTROPY: tl.constexpr, FULL_KL: tl.constexpr):
+    """d/dx_j of g_lp * logp + g_ent * H + g_kl * KL(p || q) (before the 1/T factor) over one block of columns;
+    mean_xs = E_p[x] - shift, y the reference's tempered logits (FULL_KL), mean_diff = E_p[(x - shift) - (y -
+    shift_y)]. Every term is formed from x - shift (and y - shift_y), never from x itself: |x| ~ 20 would cost its
+    rounding in every p_j."""
     xs = x - shift
     p = tl.exp(xs - log_sum)
     g = g_lp * (tl.where(cols == local, 1.0, 0.0) - p)  # d logp / d x_j = 1[j == label] - p_j
     if WITH_ENTROPY:
         # d H / d x_j = -p_j * (x_j - E_p[x]); p_j == 0 (e.g. x_j = -inf) contributes 0, not 0 * inf = nan.
         g -= g_ent * p * tl.where(p > 0.0, xs - mean_xs, 0.0)
+    if FULL_KL:
+        # d KL / d x_j = p_j ((x_j - y_j) - E_p[x - y]) (exact; the reference gets no gradient)
+        g += g_kl * p * tl.where(p > 0.0, (xs - (y - shift_y)) - mean_diff, 0.0)
     return g
 
 
@@ -142,6 +148,10 @@ def _logprob_bwd_kernel(
     row_max_ptr,  # [N] fp32 GLOBAL max of x
     log_sum_ptr,  # [N] fp32 GLOBAL log sum exp(x - row_max)
     entropy_ptr,  # [N] fp32 GLOBAL entropy; unused unless WITH_ENTROPY
+    ref_logits_ptr,  # [B, T, V] reference logits, logits' strides and alignment; unused unless FULL_KL
+    g_kl_ptr,  # [N] fp32 upstream gradient of the full KL; unused unless FULL_KL
+    ref_shift_ptr,  # [N] fp32 GLOBAL row max of the reference's y = ref_logits / T (0 for an all -inf row)
+    mean_diff_ptr,  # [N] fp32 GLOBAL E_p[(x - row_max) - (y - ref_shift)]
     T,
     stride_b,
     stride_t,
@@ -151,6 +161,7 @@ def _logprob_bwd_kernel(
     ignore_index,  # int
     vocab_start,  # int
     WITH_ENTROPY: tl.constexpr,
+    FULL_KL: tl.constexpr,  # add g_kl * d KL(p || q) / d logits, q = softmax(ref_logits / T)
     SPLITS: tl.constexpr,
     VEC: tl.constexpr,
     HINT: tl.constexpr,  # align == 0
@@ -176,18 +187,33 @@ def _logprob_bwd_kernel(
     if WITH_ENTROPY:
         g_ent = tl.where(ignored, 0.0, tl.load(grad_entropy_ptr + row))
         mean_xs = log_sum - tl.load(entropy_ptr + row)  # E_p[x] - row_max = log_sum - H
+    g_kl = 0.0
+    shift_y = 0.0
+    mean_diff = 0.0
+    if FULL_KL:
+        g_kl = tl.where(ignored, 0.0, tl.load(g_kl_ptr + row))
+        shift_y = tl.load(ref_shift_ptr + row)
+        mean_diff = tl.load(mean_diff_ptr + row)
     local = label - vocab_start
     out_ty = grad_logits_ptr.dtype.element_ty
     for blk in range(split, tl.cdiv(body, BLOCK_V), SPLITS):
         rel = blk * BLOCK_V + tl.arange(0, BLOCK_V)
         inside = rel < body
         x = tl.load(logits_ptr + start + rel, mask=inside, other=float("-inf")).to(tl.float32) * inv_temperature
-        g = _grad_terms(x, head + rel, local, g_lp, g_ent, shift, log_sum, mean_xs, WITH_ENTROPY)
+        y = 0.0
+        if FULL_KL:
+            y = tl.load(ref_logits_ptr + start + rel, mask=inside, other=0.0).to(tl.float32) * inv_temperature
+        g = _grad_terms(x, y, head + rel, local, g_lp, g_ent, g_kl, shift, log_sum, mean_xs, shift_y, mean_diff,
+                        WITH_ENTROPY, FULL_KL)
         tl.store(grad_logits_ptr + out_start + rel, (g * inv_temperature).to(out_ty), mask=inside)
     if split == 0:
         cols, valid = _edge_columns(head, body, V, VEC)
         x = tl.load(logits_ptr + row_off + cols, mask=valid, other=float("-inf")).to(tl.float32) * inv_temperature
-        g = _grad_terms(x, cols, local, g_lp, g_ent, shift, log_sum, mean_xs, WITH_ENTROPY)
+        y = 0.0
+        if FULL_KL:
+            y = tl.load(ref_logits_ptr + row_off + cols, mask=valid, other=0.0).to(tl.float32) * inv_temperature
+        g = _grad_terms(x, y, cols, local, g_lp, g_ent, g_kl, shift, log_sum, mean_xs, shift_y, mean_diff,
+                        WITH_ENTROPY, FULL_KL)
         tl.store(grad_logits_ptr + out_row + cols, (g * inv_temperature).to(out_ty), mask=valid)
 
 
@@ -237,7 +263,7 @@ def logprob_fwd(logits, labels, temperature: float, ignore_index: int, vocab_sta
         _logprob_fwd_kernel[(N, splits)](
             logits, labels, parts, target, N, T, stride_b, stride_t, V, align, 1.0 / temperature, ignore_index,
             vocab_start, WITH_ENTROPY=with_entropy, SPLITS=splits, VEC=vec, HINT=align == 0, BLOCK_V=block_v,
-            num_warps=num_warps,
+            num_warps=num_warps, enable_fp_fusion=FP_FUSION,
         )
     m, s, t = parts.unbind(0)
     if splits == 1:
@@ -256,10 +282,12 @@ def logprob_fwd(logits, labels, temperature: float, ignore_index: int, vocab_sta
 
 
 def logprob_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature: float,
-                ignore_index: int, vocab_start: int):
+                ignore_index: int, vocab_start: int, full_kl=None):
     """Shard-local backward: -> d(logits), contiguous, of logits' shape and dtype.
 
-    grad_entropy and entropy are fp32 [N], or both of shape (0,) when there is no entropy output.
+    grad_entropy and entropy are fp32 [N], or both of shape (0,) when there is no entropy output. ``full_kl``:
+    (g_kl [N], ref_logits (logits' shape and strides), ref_shift [N], mean_diff [N]) adds g_kl * d KL(p || q) /
+    d logits in the same pass (ops.ppo_actor_loss's kl_estimator="full").
     """
     grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     logits = _as_3d(logits)
@@ -268,6 +296,13 @@ def logprob_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entro
     if N == 0:
         return grad_logits
     with_entropy = grad_entropy.numel() > 0
+    if full_kl is not None:
+        g_kl, ref_logits, ref_shift, mean_diff = full_kl
+        ref_logits = _as_3d(ref_logits)
+        if ref_logits.stride() != logits.stride() or _layout(ref_logits)[-1] != align:
+            raise ValueError("ref_logits must have the strides and 16-byte alignment of logits")
+    else:
+        g_kl = ref_logits = ref_shift = mean_diff = row_max
     block_v, splits, num_warps = _launch_config(N, V, logits.device)
     vec = 16 // logits.element_size()
     # Output row n starts at n * V: it shares the input row's alignment when both bases are aligned alike and the
@@ -277,8 +312,9 @@ def logprob_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entro
     with on_device(logits):
         _logprob_bwd_kernel[(N, splits)](
             grad_logits, grad_logp, grad_entropy if with_entropy else grad_logp, logits, labels, row_max, log_sum,
-            entropy if with_entropy else row_max, T, stride_b, stride_t, V, align, 1.0 / temperature, ignore_index,
-            vocab_start, WITH_ENTROPY=with_entropy, SPLITS=splits, VEC=vec, HINT=align == 0,
-            HINT_OUT=bool(align == 0 and same), BLOCK_V=block_v, num_warps=num_warps,
+            entropy if with_entropy else row_max, ref_logits, g_kl, ref_shift, mean_diff, T, stride_b, stride_t, V,
+            align, 1.0 / temperature, ignore_index, vocab_start, WITH_ENTROPY=with_entropy,
+            FULL_KL=full_kl is not None, SPLITS=splits, VEC=vec, HINT=align == 0, HINT_OUT=bool(align == 0 and same),
+            BLOCK_V=block_v, num_warps=num_warps, enable_fp_fusion=FP_FUSION,
         )
     return grad_logits

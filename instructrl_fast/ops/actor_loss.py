@@ -111,16 +111,6 @@ class ActorLossConfig:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _p_and_diff(logits: Tensor, ref_logits: Tensor, shift_x: Tensor, log_sum_x: Tensor, shift_y: Tensor,
-                temperature: float) -> tuple[Tensor, Tensor]:
-    """torch twin of the kernels' ``_p_and_diff``: p = softmax(x) [n, V], and (x - shift_x) - (y - shift_y) where
-    p > 0 (else 0)."""
-    xs = logits.to(log_sum_x.dtype) * (1.0 / temperature) - shift_x[:, None]
-    ys = ref_logits.to(log_sum_x.dtype) * (1.0 / temperature) - shift_y[:, None]
-    p = (xs - log_sum_x[:, None]).exp_()
-    return p, torch.where(p > 0, xs - ys, 0.0)
-
-
 def _full_kl_fwd(backend: str, logits: Tensor, ref_logits: Tensor, shift_x: Tensor, log_sum_x: Tensor,
                  shift_y: Tensor, temperature: float) -> Tensor:
     """This shard's sum_j p_j (xs_j - ys_j) [n] (x, y shifted by their global row max; p from the global split)."""
@@ -128,22 +118,10 @@ def _full_kl_fwd(backend: str, logits: Tensor, ref_logits: Tensor, shift_x: Tens
         from instructrl_fast.kernels import actor_loss as kernels  # lazy: TRITON_INTERPRET is read at definition
 
         return kernels.full_kl_fwd(logits, ref_logits, shift_x, log_sum_x, shift_y, temperature)
-    p, diff = _p_and_diff(logits, ref_logits, shift_x, log_sum_x, shift_y, temperature)
-    return (p * diff).sum(-1)
-
-
-def _full_kl_bwd_(backend: str, grad_logits: Tensor, g_kl: Tensor, logits: Tensor, ref_logits: Tensor,
-                  shift_x: Tensor, log_sum_x: Tensor, shift_y: Tensor, mean_diff: Tensor, temperature: float) -> None:
-    """grad_logits [n, V] += (g_kl / T) * p_j ((xs_j - ys_j) - E_p[xs - ys]), in place."""
-    if backend == "triton":
-        from instructrl_fast.kernels import actor_loss as kernels
-
-        kernels.full_kl_bwd_(grad_logits, g_kl, logits, ref_logits, shift_x, log_sum_x, shift_y, mean_diff,
-                             temperature)
-        return
-    p, diff = _p_and_diff(logits, ref_logits, shift_x, log_sum_x, shift_y, temperature)
-    d = torch.where(p > 0, diff - mean_diff[:, None], 0.0)
-    grad_logits += ((g_kl * (1.0 / temperature))[:, None] * p * d).to(grad_logits.dtype)
+    xs = logits.to(log_sum_x.dtype) * (1.0 / temperature) - shift_x[:, None]
+    ys = ref_logits.to(log_sum_x.dtype) * (1.0 / temperature) - shift_y[:, None]
+    p = (xs - log_sum_x[:, None]).exp_()
+    return (p * torch.where(p > 0, xs - ys, 0.0)).sum(-1)  # p = 0 (x = -inf) adds 0, not 0 * inf
 
 
 def _all_reduce_sum(x: Tensor, tp_group) -> Tensor:
@@ -240,12 +218,14 @@ def _walk(hidden, weight, labels, old_logp, adv, w, ref_logp, ref_hidden, ref_we
         if not with_grads:
             continue
         ent_args = (g_ent, ent_c) if need_entropy_grad else (log_sum.new_empty(0), log_sum.new_empty(0))
+        # the exact KL's gradient in the same pass (d KL / d x_j = p_j ((x_j - y_j) - E_p[x - y]))
+        full_kl = (torch.where(keep, w[sl] * cfg.kl_coef, 0.0), ref_logits[None], shifts[2], mean_diff) if full \
+            else None
         dlogits = _shard_bwd(backend, g_lp.contiguous(), ent_args[0].contiguous(), logits[None], lab, row_max,
-                             log_sum, ent_args[1], temperature, ignore_index, vocab_start).view(-1, V)
+                             log_sum, ent_args[1], temperature, ignore_index, vocab_start,
+                             full_kl=full_kl).view(-1, V)
         if full:
-            g_kl = torch.where(keep, w[sl] * cfg.kl_coef, 0.0)
-            _full_kl_bwd_(backend, dlogits, g_kl, logits, ref_logits, *shifts, mean_diff, temperature)
-            del ref_logits
+            del ref_logits, full_kl
         del logits
         accumulate_mm(grad_hidden[sl], dlogits, weight, first=True)
         accumulate_mm(grad_weight, dlogits.T, h, first=start == 0)

@@ -140,6 +140,14 @@ def _gather_targets(logits: Tensor, labels: Tensor, temperature: float, ignore_i
     return torch.where(hit, x, 0.0)
 
 
+def _torch_chunk_rows(V: int) -> int:
+    """Rows per chunk of the torch backend: about _TORCH_CHUNK_ELEMENTS elements, a whole number of the
+    batch-invariant mode's GEMM tiles, so that its elementwise kernels see the rows of a tile in the same vector
+    lanes whatever the chunk holds (a vectorised exp may differ from its scalar tail in the last bit)."""
+    tile = batch_invariant.TILE_ROWS
+    return tile * max(1, _TORCH_CHUNK_ELEMENTS // (tile * V))
+
+
 def finite_shift(row_max: Tensor) -> Tensor:
     """The row max as the shift of x - row_max: 0 for an all -inf row (the kernels shift the same way)."""
     return torch.where(row_max == float("-inf"), 0.0, row_max)
@@ -150,7 +158,7 @@ def _torch_fwd(logits: Tensor, labels: Tensor, temperature: float, ignore_index:
     B, T, V = logits.shape
     row_max, log_sum, target, mean_xs = _new_fwd_outputs(logits, labels, temperature, ignore_index, vocab_start,
                                                          with_entropy)
-    for index, rows in _row_chunks(B, T, max(1, _TORCH_CHUNK_ELEMENTS // V)):
+    for index, rows in _row_chunks(B, T, _torch_chunk_rows(V)):
         x = logits[index].reshape(-1, V).to(row_max.dtype) * (1.0 / temperature)
         # Shift by the exact row max (0 for an all -inf row), as the kernels do; E_p[x - max] = sum(e * xs) / sum(e)
         # is then free of the rounding of both log_sum and |x|.
@@ -166,7 +174,8 @@ def _torch_fwd(logits: Tensor, labels: Tensor, temperature: float, ignore_index:
 
 
 def _torch_bwd(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor, row_max: Tensor,
-               log_sum: Tensor, entropy: Tensor, temperature: float, ignore_index: int, vocab_start: int) -> Tensor:
+               log_sum: Tensor, entropy: Tensor, temperature: float, ignore_index: int, vocab_start: int,
+               full_kl: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> Tensor:
     B, T, V = logits.shape
     grad_logits = torch.empty((B, T, V), dtype=logits.dtype, device=logits.device)
     col, hit = _label_columns(labels, V, ignore_index, vocab_start)
@@ -178,13 +187,19 @@ def _torch_bwd(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: 
         g_ent = torch.where(keep, grad_entropy * (1.0 / temperature), 0.0)
         # E_p[x] - row_max = log_sum - H: x - E_p[x] is formed from x - row_max, all terms small (no |x| rounding).
         mean_xs = log_sum - entropy
+    if full_kl is not None:
+        g_kl, ref_logits, ref_shift, mean_diff = full_kl
+        g_kl = torch.where(keep, g_kl * (1.0 / temperature), 0.0)
     shift = finite_shift(row_max)
-    for index, rows in _row_chunks(B, T, max(1, _TORCH_CHUNK_ELEMENTS // V)):
+    for index, rows in _row_chunks(B, T, _torch_chunk_rows(V)):
         xs = logits[index].reshape(-1, V).to(row_max.dtype) * (1.0 / temperature) - shift[rows, None]
         p = (xs - log_sum[rows, None]).exp()
         g = p * -g_lp[rows, None]  # d logp / d x_j = 1[j == label] - p_j
         if with_entropy:  # d H / d x_j = -p_j (x_j - E_p[x])
             g -= g_ent[rows, None] * p * torch.where(p > 0, xs - mean_xs[rows, None], 0.0)
+        if full_kl is not None:  # d KL(p || q) / d x_j = p_j ((x_j - y_j) - E_p[x - y]), y = ref_logits / T
+            ys = ref_logits[index].reshape(-1, V).to(row_max.dtype) * (1.0 / temperature) - ref_shift[rows, None]
+            g += g_kl[rows, None] * p * torch.where(p > 0, (xs - ys) - mean_diff[rows, None], 0.0)
         g.scatter_add_(1, col[rows, None], torch.where(hit[rows], g_lp[rows], 0.0)[:, None])
         grad_logits.view(-1, V)[rows] = g
     return grad_logits
@@ -233,6 +248,9 @@ _triton_bwd.register_fake(_bwd_fake)
 if _ext.HAS_CPP and hasattr(torch.ops.instructrl_fast, "logprob_fwd"):
     torch.library.register_fake("instructrl_fast::logprob_fwd")(_new_fwd_outputs)
     torch.library.register_fake("instructrl_fast::logprob_bwd")(_bwd_fake)
+if _ext.HAS_CPP and hasattr(torch.ops.instructrl_fast, "logprob_kl_bwd"):
+    torch.library.register_fake("instructrl_fast::logprob_kl_bwd")(
+        lambda grad_logp, grad_entropy, logits, *rest: logits.new_empty(logits.shape))
 
 
 def _shard_fwd(backend: str, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -244,10 +262,17 @@ def _shard_fwd(backend: str, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return torch.ops.instructrl_fast.logprob_fwd(*args)
 
 
-def _shard_bwd(backend: str, *args) -> Tensor:
-    """The shard-local backward (schema above) on ``backend``."""
+def _shard_bwd(backend: str, *args, full_kl: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """The shard-local backward (schema above) on ``backend``. ``full_kl`` = (g_kl [N], ref_logits (logits' shape),
+    ref_shift [N], mean_diff [N]) adds g_kl * d KL(p || q) / d logits in the same pass (see ops/actor_loss.py)."""
     if backend == "torch":
-        return _torch_bwd(*args)
+        return _torch_bwd(*args, full_kl=full_kl)
+    if full_kl is not None:
+        if backend == "triton":
+            from instructrl_fast.kernels import logprob as kernels
+
+            return kernels.logprob_bwd(*args, full_kl=full_kl)
+        return torch.ops.instructrl_fast.logprob_kl_bwd(*args[:7], *full_kl, *args[7:])
     if backend == "triton":
         return torch.ops.instructrl_fast.logprob_bwd_triton(*args)
     return torch.ops.instructrl_fast.logprob_bwd(*args)

@@ -471,7 +471,7 @@ def test_strided_inputs_are_read_in_place(backend, device, monkeypatch):
     """TRL's logits[:, :-1][:, -k:] and a strided hidden reach the kernels without a [N, V] / [N, D] copy: no op
     of the forward outputs a tensor that large, and every shard-kernel call (forward and backward) reads the
     caller's own storage."""
-    monkeypatch.setattr(logprob_mod, "_TORCH_CHUNK_ELEMENTS", 2 * 3001)  # the torch backend's chunks stay small
+    monkeypatch.setattr(logprob_mod, "_torch_chunk_rows", lambda V: 2)  # the torch backend's chunks stay small
     base = torch.randn(2, 9, 3001, device=device, requires_grad=True)
     logits = base[:, :-1][:, -5:]
     N, V = 10, 3001
