@@ -24,7 +24,7 @@ Providers: ``ours-<backend>`` (every backend that runs here; triton only on a GP
 (linear_logprobs + ppo_policy_loss + kl_penalty on the same backend), ``eager``, ``compile`` (torch.compile of
 eager; skipped by --quick), and ``liger`` when liger_kernel is installed.
 
-Usage:  python bench/bench_actor_loss.py [--quick] [--threads N]
+Usage:  python bench/bench_actor_loss.py [--quick] [--threads N] [--rounds R] [--providers ours-cpp,compile,...]
 Rows are appended to bench/results/actor_loss.jsonl ($OUT/actor_loss.jsonl when $OUT is set).
 """
 
@@ -243,6 +243,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one shape, fewer rounds, no torch.compile")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per provider (default 7; 3 quick)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--providers", default=None, help="comma-separated subset of the providers (default: all)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)  # rows carry the thread count in their device name
@@ -250,6 +251,11 @@ def main() -> None:
     cases = CPU_CASES if device.type == "cpu" else (GPU_QUICK if args.quick else GPU_CASES)
     rounds = args.rounds or (3 if args.quick else 7)
     names = providers(device, args.quick)
+    if args.providers:
+        unknown = set(args.providers.split(",")) - set(names)
+        if unknown:
+            parser.error(f"--providers: {sorted(unknown)} not among {names}")
+        names = args.providers.split(",")
     rows = []
     for B, T, V, D, dtype_name in cases:
         peak = matmul_peak_tflops(DTYPES[dtype_name], device)

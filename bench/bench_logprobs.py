@@ -22,7 +22,8 @@ Providers: ``eager`` (log_softmax in fp32 + gather; linear: the matmul first), `
 ``ours-<backend>`` for every backend of ours that runs here (triton only on a GPU: the interpreter is too slow to
 time), and ``liger`` / ``flash_attn`` cross entropy (reduction="none", logp = -loss) when installed (GPU only).
 
-Usage:  python bench/bench_logprobs.py [--quick] [--op gather|linear|all]
+Usage:  python bench/bench_logprobs.py [--quick] [--op gather|linear|all] [--shape N,V,D,dtype] [--providers ...]
+        (e.g. OMP_NUM_THREADS=1 ... --op linear --shape 1024,50257,1024,fp32 --providers eager,ours-cpp)
 Rows are appended to bench/results/logprobs.jsonl ($OUT/logprobs.jsonl when $OUT is set).
 """
 
@@ -228,16 +229,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and reps, no torch.compile (GPU check)")
     parser.add_argument("--op", choices=("gather", "linear", "all"), default="all")
+    parser.add_argument("--shape", default=None, help="N,V,D,dtype instead of the default cases (with --op)")
+    parser.add_argument("--providers", default=None, help="comma-separated subset of the providers (default: all)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cases = CPU_CASES if device.type == "cpu" else (GPU_QUICK if args.quick else GPU_CASES)
+    if args.shape:
+        if args.op == "all":
+            parser.error("--shape needs --op gather or --op linear")
+        N, V, D, dtype_name = args.shape.split(",")
+        cases = [(args.op, int(N), int(V), int(D), dtype_name)]
     cases = [c for c in cases if args.op in ("all", c[0])]
     copy_gbs = copy_bandwidth_gbs(device)
     print(f"device {device}: copy bandwidth {copy_gbs:.1f} GB/s")
     rows = []
     for op, N, V, D, dtype_name in cases:
-        case_rows = bench_case(op, N, V, D, dtype_name, device, providers(op, device, args.quick), copy_gbs,
-                               args.quick)
+        names = providers(op, device, args.quick)
+        if args.providers:
+            names = [n for n in args.providers.split(",") if n in names]
+        case_rows = bench_case(op, N, V, D, dtype_name, device, names, copy_gbs, args.quick)
         rate = ["fwd_gbs", "fwd_bwd_gbs", "copy_gbs"] if op == "gather" else ["fwd_tflops", "fwd_bwd_tflops"]
         print(f"\n{op}_logprobs N={N} V={V}" + (f" D={D}" if D else "") + f" {dtype_name}")
         print_table(case_rows, ["provider", "fwd_ms", "fwd_bwd_ms", *rate, "peak_extra_mib",

@@ -408,3 +408,24 @@ def test_vocab_parallel_equals_unsharded():
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the children inherit it
         mp.spawn(_tp_worker, args=(os.path.join(tmp, "init"), backends), nprocs=WORLD, join=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0)], ids=["B=0", "T=0"])
+@pytest.mark.parametrize("estimator", ["k3", "full"])
+def test_empty_inputs_give_zero_gradients(backend, dtype, shape, estimator):
+    """No tokens: a finite loss of 0 (every reduction of an empty mask is 0), empty-free stats, zero gradients."""
+    V, D = 11, 4
+    hidden = torch.randn(*shape, D, dtype=dtype, requires_grad=True)
+    weight = torch.randn(V, D, dtype=dtype, requires_grad=True)
+    labels = torch.zeros(shape, dtype=torch.int64)
+    zeros, mask = torch.zeros(shape), torch.ones(shape, dtype=torch.bool)
+    ref = {"ref_hidden": hidden.detach(), "ref_weight": weight.detach()} if estimator == "full" else {"ref_logp": zeros}
+    cfg = ActorLossConfig(kl_coef=0.1, kl_estimator=estimator, entropy_coef=0.01)
+    with use_backend(backend):
+        loss, stats = ppo_actor_loss(hidden, weight, labels, zeros, zeros, mask, config=cfg, **ref)
+        loss.backward()
+    assert loss.shape == () and loss.item() == 0.0 and set(stats) >= {"clipfrac", "kl"}
+    for leaf in (hidden, weight):
+        assert leaf.grad.shape == leaf.shape and leaf.grad.dtype == dtype and not leaf.grad.any()

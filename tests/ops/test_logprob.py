@@ -553,3 +553,27 @@ def test_triton_rows_split_across_programs(dtype, device, monkeypatch):
         torch.testing.assert_close(out.double(), ref, **tol)
     torch.testing.assert_close(grad.double(), ref_grad, **(GRAD_TOL if dtype == torch.float32 else tol))
     assert (grad[1] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0), (0,)], ids=["B=0", "T=0", "N=0"])
+def test_empty_inputs_give_empty_outputs_and_zero_gradients(backend, dtype, shape, device):
+    """No rows at all (B = 0, T = 0, N = 0): empty outputs of the labels' shape, gradients of zeros, no error."""
+    V, D = 11, 4
+    logits = torch.randn(*shape, V, device=device, dtype=dtype, requires_grad=True)
+    hidden = torch.randn(*shape, D, device=device, dtype=dtype, requires_grad=True)
+    weight = torch.randn(V, D, device=device, dtype=dtype, requires_grad=True)
+    labels = torch.zeros(shape, dtype=torch.int64, device=device)
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    with use_backend(backend):
+        ent = entropy(logits)
+        logp, ent_g = gather_logprobs(logits, labels, with_entropy=True)
+        logp_k = gather_logprobs(logits, labels[..., None].expand(*shape, 3))
+        logp_l, ent_l = linear_logprobs(hidden, weight, labels, with_entropy=True)
+        for out, want in ((ent, shape), (logp, shape), (ent_g, shape), (logp_k, (*shape, 3)), (logp_l, shape),
+                          (ent_l, shape)):
+            assert out.shape == want and out.dtype == out_dtype
+        (ent.sum() + logp.sum() + ent_g.sum() + logp_k.sum() + logp_l.sum() + ent_l.sum()).backward()
+    for leaf in (logits, hidden, weight):
+        assert leaf.grad.shape == leaf.shape and leaf.grad.dtype == dtype and not leaf.grad.any()
