@@ -20,7 +20,8 @@ lse), this rank's shard of the vocab gives
 and its gradient (g_kl[n] / T) * p_j * ((xs_j - ys_j) - E_p[xs - ys]) (d KL / d x_j, exact) is added by the log-prob
 backward kernel itself (kernels/logprob.py, FULL_KL) in its one pass over the row.
 
-One program per row walks the vocab in BLOCK_V chunks; p_j == 0 (x_j = -inf, or padding) contributes 0, never
+One program per row walks the vocab in BLOCK_V chunks, split as the log-prob kernels split a row (an aligned base
+pointer plus an element offset; 16-byte packs in the body); p_j == 0 (x_j = -inf, or padding) contributes 0, never
 0 * inf = nan. Row offsets are int64 (rows x vocab passes 2^31 at real sizes).
 """
 
@@ -29,7 +30,7 @@ import triton
 import triton.language as tl
 from instructrl_fast.kernels._launch import FP_FUSION, on_device
 from instructrl_fast.kernels.kl import _kl_token
-from instructrl_fast.kernels.logprob import _launch_config
+from instructrl_fast.kernels.logprob import _aligned_base, _edge_columns, _launch_config, _row_layout
 from instructrl_fast.kernels.ppo_loss import _policy_token
 
 KL_NONE = tl.constexpr(0)  # no KL term
@@ -88,53 +89,63 @@ def _actor_token_kernel(
 
 
 @triton.jit
-def _p_and_diff(x_row_ptr, y_row_ptr, cols, V, shift_x, log_sum_x, shift_y, inv_temperature):
-    """p_j = softmax(x)_j from the global (row max, log_sum) split, and xs_j - ys_j where p_j > 0 (else 0: x_j =
-    -inf or padding)."""
-    mask = cols < V
-    xs = tl.load(x_row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature - shift_x
-    ys = tl.load(y_row_ptr + cols, mask=mask, other=0.0).to(tl.float32) * inv_temperature - shift_y
+def _kl_block(x_ptr, y_ptr, offs, valid, shift_x, log_sum_x, shift_y, inv_temperature):
+    """sum_j p_j (xs_j - ys_j) over one block of columns: p_j = softmax(x)_j from the global (row max, log_sum) split;
+    p_j = 0 (x_j = -inf, or a masked lane) adds 0, never 0 * inf."""
+    xs = tl.load(x_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_temperature - shift_x
+    ys = tl.load(y_ptr + offs, mask=valid, other=0.0).to(tl.float32) * inv_temperature - shift_y
     p = tl.exp(xs - log_sum_x)
-    return p, tl.where(p > 0.0, xs - ys, 0.0)
+    return tl.sum(p * tl.where(p > 0.0, xs - ys, 0.0), axis=0)
 
 
 @triton.jit
 def _full_kl_fwd_kernel(
-    logits_ptr,  # [N, V] policy logits shard, last dim contiguous, row stride stride_x; fp32/bf16/fp16
-    ref_logits_ptr,  # [N, V] reference logits shard, last dim contiguous, row stride stride_y
+    logits_ptr,  # [N, V] policy logits shard, last dim contiguous, row stride stride; fp32/bf16/fp16
+    ref_logits_ptr,  # [N, V] reference logits shard, logits' strides and alignment
     shift_x_ptr,  # [N] fp32 GLOBAL row max of x (0 for an all -inf row)
     log_sum_x_ptr,  # [N] fp32 GLOBAL log sum exp(x - shift_x)
     shift_y_ptr,  # [N] fp32 GLOBAL row max of y (0 for an all -inf row)
     mean_diff_ptr,  # [N] fp32 out: this shard's sum_j p_j * (xs_j - ys_j)
-    stride_x,
-    stride_y,
+    stride,  # row stride of both, in elements
     V,  # shard vocab size
+    offset,  # element offset of row 0 from the base pointers (kernels/logprob.py's _aligned_base)
+    align,  # the base pointers' misalignment in elements (0: HINT)
     inv_temperature,  # fp32: 1 / temperature
+    VEC: tl.constexpr,  # elements per 16 bytes
+    HINT: tl.constexpr,  # align == 0
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     shift_x, log_sum_x, shift_y = tl.load(shift_x_ptr + row), tl.load(log_sum_x_ptr + row), tl.load(shift_y_ptr + row)
+    # the log-prob kernels' row split: 16-byte packs in the body (128-bit loads), head and tail in one edge block
+    row_off, head, body, start = _row_layout(row, 1, stride, 0, V, offset, align, VEC, HINT)
     acc = tl.zeros((), tl.float32)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        p, diff = _p_and_diff(logits_ptr + row * stride_x, ref_logits_ptr + row * stride_y, cols, V, shift_x,
-                              log_sum_x, shift_y, inv_temperature)
-        acc += tl.sum(p * diff, axis=0)
+    for blk in range(tl.cdiv(body, BLOCK_V)):
+        rel = blk * BLOCK_V + tl.arange(0, BLOCK_V)
+        acc += _kl_block(logits_ptr + start, ref_logits_ptr + start, rel, rel < body, shift_x, log_sum_x, shift_y,
+                         inv_temperature)
+    cols, valid = _edge_columns(head, body, V, VEC)
+    acc += _kl_block(logits_ptr + row_off, ref_logits_ptr + row_off, cols, valid, shift_x, log_sum_x, shift_y,
+                     inv_temperature)
     tl.store(mean_diff_ptr + row, acc)
 
 
 def full_kl_fwd(logits, ref_logits, shift_x, log_sum_x, shift_y, temperature: float):
-    """logits, ref_logits [N, V] (last dim contiguous), shift_x, log_sum_x, shift_y [N] fp32 global -> this shard's
-    sum p (xs - ys), fp32 [N]."""
+    """logits, ref_logits [N, V] (last dim contiguous, the same strides), shift_x, log_sum_x, shift_y [N] fp32 global
+    -> this shard's sum p (xs - ys), fp32 [N]."""
     N, V = logits.shape
     mean_diff = torch.empty(N, dtype=torch.float32, device=logits.device)
     if N == 0:
         return mean_diff
+    base, offset, align = _aligned_base(logits)
+    ref_base, ref_offset, ref_align = _aligned_base(ref_logits)
+    if ref_logits.stride() != logits.stride() or (ref_offset, ref_align) != (offset, align):
+        raise ValueError("ref_logits must have the strides and 16-byte alignment of logits")
     block_v, _, num_warps = _launch_config(N, V, logits.device)  # one program per row: no split
     with on_device(logits):
-        _full_kl_fwd_kernel[(N,)](logits, ref_logits, shift_x, log_sum_x, shift_y, mean_diff, logits.stride(0),
-                                  ref_logits.stride(0), V, 1.0 / temperature, BLOCK_V=block_v, num_warps=num_warps,
-                                  enable_fp_fusion=FP_FUSION)
+        _full_kl_fwd_kernel[(N,)](base, ref_base, shift_x, log_sum_x, shift_y, mean_diff, logits.stride(0), V, offset,
+                                  align, 1.0 / temperature, VEC=16 // logits.element_size(), HINT=align == 0,
+                                  BLOCK_V=block_v, num_warps=num_warps, enable_fp_fusion=FP_FUSION)
     return mean_diff
 
 

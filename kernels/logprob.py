@@ -12,7 +12,9 @@ instructrl_fast/ops/logprob.py): with x_j = logits[n, j] / temperature in fp32,
               0 on ignored rows.
 
 Layout: logits [B, T, V] with any strides in B and T and a contiguous last dim (row n = b * T + t), so a slice such
-as ``logits[:, :-1][:, -k:]`` is read in place. Each row is split across SPLITS programs (grid (N, SPLITS)): the
+as ``logits[:, :-1][:, -k:]`` is read in place, from a base pointer on the 16-byte boundary at or before its first
+element plus an element offset (``_aligned_base``), so that a view starting mid-pack (``logits[:, 1:]``) keeps the
+alignment hints. Each row is split across SPLITS programs (grid (N, SPLITS)): the
 forward writes one online-softmax state (m, s, t) per program, combined here in a few [N, SPLITS] operations, so a
 call with few rows (rollout time: 8-64) still fills the GPU. Within a row, the columns before the first 16-byte
 boundary (the head: V = 50257 leaves every row misaligned) and the tail after the last full 16-byte pack are read by
@@ -33,10 +35,12 @@ _MAX_BLOCK_V_INTERPRETER = 32768
 
 
 @triton.jit
-def _row_layout(row, T, stride_b, stride_t, V, align, VEC: tl.constexpr, HINT: tl.constexpr):
-    """(offset of row n, head, body): columns [0, head) lie before the row's first 16-byte boundary, [head,
-    head + body) are whole 16-byte packs (body a multiple of VEC), [head + body, V) the tail."""
-    row_off = (row // T) * stride_b + (row % T) * stride_t
+def _row_layout(row, T, stride_b, stride_t, V, offset, align, VEC: tl.constexpr, HINT: tl.constexpr):
+    """(offset of row n from the base pointer, head, body): columns [0, head) lie before the row's first 16-byte
+    boundary, [head, head + body) are whole 16-byte packs (body a multiple of VEC), [head + body, V) the tail.
+    ``offset``: the element offset of element (0, 0) from the base pointer, whose own misalignment is ``align``
+    elements (0 when the launcher found the 16-byte boundary on the same storage: then HINT)."""
+    row_off = offset + (row // T) * stride_b + (row % T) * stride_t
     head = tl.minimum((VEC - (align + row_off) % VEC) % VEC, V)
     body = (V - head) // VEC * VEC
     start = row_off + head
@@ -83,7 +87,8 @@ def _logprob_fwd_kernel(
     stride_b,  # strides of logits, in elements
     stride_t,
     V,  # shard vocab size
-    align,  # (logits.data_ptr() % 16) / element size
+    offset,  # element offset of logits[0, 0] from logits_ptr (see _aligned_base)
+    align,  # (logits_ptr % 16) / element size: 0 unless the storage itself is misaligned
     inv_temperature,  # fp32 scalar: 1 / temperature (a multiply, like the C++/CUDA kernels)
     ignore_index,  # int
     vocab_start,  # int: global id of this shard's column 0
@@ -95,7 +100,7 @@ def _logprob_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    row_off, head, body, start = _row_layout(row, T, stride_b, stride_t, V, align, VEC, HINT)
+    row_off, head, body, start = _row_layout(row, T, stride_b, stride_t, V, offset, align, VEC, HINT)
 
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
@@ -156,7 +161,8 @@ def _logprob_bwd_kernel(
     stride_b,
     stride_t,
     V,
-    align,  # (logits.data_ptr() % 16) / element size
+    offset,  # element offset of logits[0, 0] (and ref_logits[0, 0]) from logits_ptr (ref_logits_ptr)
+    align,  # (logits_ptr % 16) / element size: 0 unless the storage itself is misaligned
     inv_temperature,  # fp32 scalar: 1 / temperature
     ignore_index,  # int
     vocab_start,  # int
@@ -170,7 +176,7 @@ def _logprob_bwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    row_off, head, body, start = _row_layout(row, T, stride_b, stride_t, V, align, VEC, HINT)
+    row_off, head, body, start = _row_layout(row, T, stride_b, stride_t, V, offset, align, VEC, HINT)
     out_row = row * V
     out_start = out_row + head
     if HINT_OUT:
@@ -221,10 +227,22 @@ def _as_3d(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dim() == 3 else logits.unsqueeze(0)
 
 
-def _layout(logits: torch.Tensor) -> tuple[int, int, int, int, int, int]:
-    """(B, T, V, stride_b, stride_t, align) of a [B, T, V] (or [N, V]) tensor with a contiguous last dim."""
+def _aligned_base(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(base, offset, align): a view of x's storage starting at the 16-byte boundary at or before x's first element
+    (its pointer is what the kernel gets: Triton then specialises it as 16-byte aligned), x's element offset from it,
+    and the base's own misalignment in elements (0, unless the storage does not start on a boundary: then x itself).
+    A view such as logits[:, 1:] keeps 128-bit loads this way; its rows' own misalignment is the kernels' head."""
+    size = x.element_size()
+    shift = (x.data_ptr() % 16) // size
+    if shift == 0 or x.data_ptr() % size or x.storage_offset() < shift:
+        return x, 0, shift
+    return x.as_strided((1,), (1,), x.storage_offset() - shift), shift, 0
+
+
+def _layout(logits: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(B, T, V, stride_b, stride_t) of a [B, T, V] tensor with a contiguous last dim."""
     B, T, V = logits.shape
-    return B, T, V, logits.stride(0), logits.stride(1), (logits.data_ptr() % 16) // logits.element_size()
+    return B, T, V, logits.stride(0), logits.stride(1)
 
 
 def _num_splits(device: torch.device, N: int, blocks: int) -> int:
@@ -250,7 +268,7 @@ def logprob_fwd(logits, labels, temperature: float, ignore_index: int, vocab_sta
     """Shard-local forward: logits [B, T, V] or [N, V] (last dim contiguous, any other strides), labels [N] int64
     -> (row_max, log_sum, target, mean_xs), fp32 [N]; mean_xs is (0,) unless ``with_entropy``."""
     logits = _as_3d(logits)
-    B, T, V, stride_b, stride_t, align = _layout(logits)
+    B, T, V, stride_b, stride_t = _layout(logits)
     N = B * T
     target = torch.empty(N, dtype=torch.float32, device=logits.device)
     if N == 0:
@@ -259,9 +277,10 @@ def logprob_fwd(logits, labels, temperature: float, ignore_index: int, vocab_sta
     block_v, splits, num_warps = _launch_config(N, V, logits.device)
     parts = torch.empty((3, N, splits), dtype=torch.float32, device=logits.device)
     vec = 16 // logits.element_size()
+    base, offset, align = _aligned_base(logits)
     with on_device(logits):
         _logprob_fwd_kernel[(N, splits)](
-            logits, labels, parts, target, N, T, stride_b, stride_t, V, align, 1.0 / temperature, ignore_index,
+            base, labels, parts, target, N, T, stride_b, stride_t, V, offset, align, 1.0 / temperature, ignore_index,
             vocab_start, WITH_ENTROPY=with_entropy, SPLITS=splits, VEC=vec, HINT=align == 0, BLOCK_V=block_v,
             num_warps=num_warps, enable_fp_fusion=FP_FUSION,
         )
@@ -291,30 +310,33 @@ def logprob_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entro
     """
     grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     logits = _as_3d(logits)
-    B, T, V, stride_b, stride_t, align = _layout(logits)
+    B, T, V, stride_b, stride_t = _layout(logits)
     N = B * T
     if N == 0:
         return grad_logits
     with_entropy = grad_entropy.numel() > 0
+    base, offset, align = _aligned_base(logits)
     if full_kl is not None:
         g_kl, ref_logits, ref_shift, mean_diff = full_kl
         ref_logits = _as_3d(ref_logits)
-        if ref_logits.stride() != logits.stride() or _layout(ref_logits)[-1] != align:
+        ref_base, ref_offset, ref_align = _aligned_base(ref_logits)
+        if ref_logits.stride() != logits.stride() or (ref_offset, ref_align) != (offset, align):
             raise ValueError("ref_logits must have the strides and 16-byte alignment of logits")
     else:
-        g_kl = ref_logits = ref_shift = mean_diff = row_max
+        g_kl = ref_base = ref_shift = mean_diff = row_max
     block_v, splits, num_warps = _launch_config(N, V, logits.device)
     vec = 16 // logits.element_size()
-    # Output row n starts at n * V: it shares the input row's alignment when both bases are aligned alike and the
-    # strides agree with n * V modulo the pack.
-    out_align = (grad_logits.data_ptr() % 16) // grad_logits.element_size()
-    same = align == out_align and (stride_t - V) % vec == 0 and (B == 1 or (stride_b - T * V) % vec == 0)
+    # Output row n starts at n * V of a fresh (aligned) buffer: it shares the input row's alignment when the input
+    # rows start at offset + b * stride_b + t * stride_t = (b * T + t) * V modulo the pack.
+    out_aligned = grad_logits.data_ptr() % 16 == 0
+    same = offset % vec == 0 and (stride_t - V) % vec == 0 and (B == 1 or (stride_b - T * V) % vec == 0)
     with on_device(logits):
         _logprob_bwd_kernel[(N, splits)](
-            grad_logits, grad_logp, grad_entropy if with_entropy else grad_logp, logits, labels, row_max, log_sum,
-            entropy if with_entropy else row_max, ref_logits, g_kl, ref_shift, mean_diff, T, stride_b, stride_t, V,
-            align, 1.0 / temperature, ignore_index, vocab_start, WITH_ENTROPY=with_entropy,
-            FULL_KL=full_kl is not None, SPLITS=splits, VEC=vec, HINT=align == 0, HINT_OUT=bool(align == 0 and same),
+            grad_logits, grad_logp, grad_entropy if with_entropy else grad_logp, base, labels, row_max, log_sum,
+            entropy if with_entropy else row_max, ref_base, g_kl, ref_shift, mean_diff, T, stride_b, stride_t, V,
+            offset, align, 1.0 / temperature, ignore_index, vocab_start, WITH_ENTROPY=with_entropy,
+            FULL_KL=full_kl is not None, SPLITS=splits, VEC=vec, HINT=align == 0,
+            HINT_OUT=bool(align == 0 and same and out_aligned),
             BLOCK_V=block_v, num_warps=num_warps, enable_fp_fusion=FP_FUSION,
         )
     return grad_logits

@@ -577,3 +577,40 @@ def test_empty_inputs_give_empty_outputs_and_zero_gradients(backend, dtype, shap
         (ent.sum() + logp.sum() + ent_g.sum() + logp_k.sum() + logp_l.sum() + ent_l.sum()).backward()
     for leaf in (logits, hidden, weight):
         assert leaf.grad.shape == leaf.shape and leaf.grad.dtype == dtype and not leaf.grad.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_misaligned_views_keep_aligned_base_and_results(dtype, device):
+    """A view whose first element and rows start mid 16-byte pack (logits[:, 1:] with V = 2003): the launchers hand
+    the kernels the 16-byte boundary before it plus an element offset (so Triton's divisibility hints hold), and
+    forward and backward equal those of a contiguous copy."""
+    from instructrl_fast.kernels import actor_loss as actor_kernels
+    from instructrl_fast.kernels import logprob as kernels
+
+    if "triton" not in [p.values[0] for p in BACKENDS if not p.marks]:
+        pytest.skip("triton does not run here")
+    V = 2003
+    base = torch.randn(2, 6, V, device=device).to(dtype) * 3
+    view = base[:, 1:]  # starts V elements in: misaligned, as every row after it
+    aligned, offset, align = kernels._aligned_base(view)
+    assert view.data_ptr() % 16 and aligned.data_ptr() % 16 == 0 and align == 0
+    assert aligned.data_ptr() + offset * view.element_size() == view.data_ptr()
+    labels = torch.randint(0, V, (2, 5), device=device)
+    grads = _upstream((2, 5), device)
+    results = []
+    for x in (view, view.contiguous()):
+        leaf = x.detach().requires_grad_()
+        with use_backend("triton"):
+            logp, ent = gather_logprobs(leaf, labels, temperature=0.8, with_entropy=True)
+        torch.autograd.backward((logp, ent), grads)
+        results.append((logp, ent, leaf.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # the full-KL forward pass of ppo_actor_loss reads its two logits tensors the same way
+    x, y = (torch.randn(11, V, device=device).to(dtype)[1:] for _ in range(2))  # [10, V], misaligned rows
+    stats = [torch.randn(10, device=device) for _ in range(3)]
+    kl = [actor_kernels.full_kl_fwd(a, b, *stats, 0.8) for a, b in ((x, y), (x.contiguous(), y.contiguous()))]
+    xs, ys = x.double() / 0.8 - stats[0][:, None].double(), y.double() / 0.8 - stats[2][:, None].double()
+    want = ((xs - stats[1][:, None].double()).exp() * (xs - ys)).sum(-1)
+    for got in kl:
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
