@@ -32,7 +32,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 # Every block >= 64 KiB is mmapped, so a freed tensor leaves the RSS (read by glibc at start: the CPU memory
@@ -48,7 +50,6 @@ from bench.common import (
     copy_bandwidth_gbs,
     cpu_peak_bytes,
     cuda_peak_bytes,
-    median_ms,
     print_table,
 )
 from instructrl_fast import backend as backend_mod
@@ -196,33 +197,54 @@ def peak_extra_bytes(op, provider, N, V, D, dtype_name, device) -> int:
     return cuda_peak_bytes(run) - owed
 
 
+def _time_once(run, device) -> float:
+    """Milliseconds of one call (CUDA events on a GPU, perf_counter on CPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()  # the CPU waits for the GPU here, once per provider and round
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    run()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def bench_case(op, N, V, D, dtype_name, device, provider_names, copy_gbs, quick):
+    """Every provider's forward and forward + backward, timed in interleaved rounds (one call of each per round,
+    medians reported), so the load of a shared machine hits every provider alike."""
     dtype = DTYPES[dtype_name]
     itemsize = dtype.itemsize
-    reps = {"warmup": 1, "reps": 3, "max_seconds": 10} if device.type == "cpu" or quick else {"warmup": 3, "reps": 10}
-    rows = []
+    rounds = 3 if device.type == "cpu" or quick else 10
+    rows, runs = {}, {}
     for provider in provider_names:
-        row = {"op": op, "provider": provider, "N": N, "V": V, "D": D or None, "dtype": dtype_name}
+        rows[provider] = {"op": op, "provider": provider, "N": N, "V": V, "D": D or None, "dtype": dtype_name}
         try:
             leaves, labels, grad, _ = make_inputs(op, N, V, D, dtype, device)
             fn = make_fn(op, provider)
-            fwd_ms = median_ms(step_fn(fn, leaves, labels, grad, False), device=device, **reps)
-            fwd_bwd_ms = median_ms(step_fn(fn, leaves, labels, grad, True), device=device, **reps)
-            del leaves
-            extra = peak_extra_bytes(op, provider, N, V, D, dtype_name, device)
+            pair = (step_fn(fn, leaves, labels, grad, False), step_fn(fn, leaves, labels, grad, True))
+            for run in pair:  # warm-up: compilation, lazy imports
+                run()
+            runs[provider] = (pair, [], [])
         except (RuntimeError, ImportError, AttributeError, ValueError) as e:  # reported, not fatal for the others
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            rows.append(row)
-            continue
-        row.update(fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, peak_extra_mib=extra / 2**20,
+            rows[provider]["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    for _ in range(rounds):
+        for (fwd, fwd_bwd), fwd_ms, fwd_bwd_ms in runs.values():
+            fwd_ms.append(_time_once(fwd, device))
+            fwd_bwd_ms.append(_time_once(fwd_bwd, device))
+    for provider, (_, fwd_times, fwd_bwd_times) in runs.items():
+        fwd_ms, fwd_bwd_ms = statistics.median(fwd_times), statistics.median(fwd_bwd_times)
+        extra = peak_extra_bytes(op, provider, N, V, D, dtype_name, device)
+        row = rows[provider]
+        row.update(fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, rounds=rounds, peak_extra_mib=extra / 2**20,
                    peak_extra_pct_of_NV_fp32=100 * extra / (N * V * 4))
         if op == "gather":
             row.update(fwd_gbs=N * V * itemsize / fwd_ms / 1e6, fwd_bwd_gbs=3 * N * V * itemsize / fwd_bwd_ms / 1e6,
                        copy_gbs=copy_gbs)
         else:
             row.update(fwd_tflops=2 * N * V * D / fwd_ms / 1e9, fwd_bwd_tflops=6 * N * V * D / fwd_bwd_ms / 1e9)
-        rows.append(row)
-    return rows
+    return list(rows.values())
 
 
 def main() -> None:

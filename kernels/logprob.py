@@ -9,14 +9,15 @@ instructrl_fast/ops/logprob.py): with x_j = logits[n, j] / temperature in fp32,
     backward  dlogits[n, j] = (1/T) * (g_lp * (1[j == label - vocab_start] - p_j) - g_ent * p_j * (x_j - E_p[x]))
               with p_j = exp((x_j - row_max) - log_sum) from the GLOBAL row_max and log_sum (kept apart: a rounded
               lse = row_max + log_sum would put |x| * eps of relative error into every p_j), E_p[x] = lse - H;
-              0 on ignored rows.
+              0 on ignored rows. FULL_KL (ppo_actor_loss's exact KL) adds g_kl * p_j ((x_j - y_j) - E_p[x - y]) with
+              y = ref_logits / T, in the same pass over the row.
 
 Layout: logits [B, T, V] with any strides in B and T and a contiguous last dim (row n = b * T + t), so a slice such
 as ``logits[:, :-1][:, -k:]`` is read in place, from a base pointer on the 16-byte boundary at or before its first
 element plus an element offset (``_aligned_base``), so that a view starting mid-pack (``logits[:, 1:]``) keeps the
-alignment hints. Each row is split across SPLITS programs (grid (N, SPLITS)): the
-forward writes one online-softmax state (m, s, t) per program, combined here in a few [N, SPLITS] operations, so a
-call with few rows (rollout time: 8-64) still fills the GPU. Within a row, the columns before the first 16-byte
+alignment hints. Each row is split across SPLITS programs (grid (N, SPLITS)): the forward writes one online-softmax
+state (m, s, t) per program, combined here in a few [N, SPLITS] operations, so a call with few rows (rollout time:
+8-64) still fills the GPU. Within a row, the columns before the first 16-byte
 boundary (the head: V = 50257 leaves every row misaligned) and the tail after the last full 16-byte pack are read by
 one small edge block; the body between them is aligned, its bound is a multiple of the pack, and the compiler is told
 so, which keeps 128-bit vector loads. Row offsets are int64: N * V passes 2^31 at real sizes.

@@ -1,13 +1,14 @@
 """The PPO / GRPO actor loss fused into the LM-head walk: ``ppo_actor_loss`` never holds the [N, V] logits.
 
-Per token chunk of N = B * T tokens (chunk * V about N * D elements, as ``linear_logprobs`` sizes it):
+Per token chunk of r of the N = B * T tokens (``logprob._linear_chunk_rows``: about N D / V rows, at least
+min(2 D, 2048); whole 32-row tiles through ``batch_invariant.matmul_t`` in the batch-invariant mode):
 
     logits = h @ W.T                                      one GEMM, 2 n D V FLOPs
     row_max, log_sum, log p(label), entropy H             the log-prob kernels' shard-local pass + the TP combine
     l_t = clipped / dual-clipped surrogate(log p)         ``ppo_loss.policy_surrogate``, the unfused op's formula
         + kl_coef * KL_t - entropy_coef * H_t             KL_t: k1/k2/k3/abs of (log p, ref_logp), or "full"
     g_t = w_t * d l_t / d(log p, H)                       w_t = d reduction / d l_t: a function of the mask only
-    dlogits = the log-prob kernels' backward(g_t)         (+ the exact full-KL term when kl_estimator="full")
+    dlogits = the log-prob kernels' backward(g_t)         (the exact full-KL term added in the same pass)
     d h = dlogits @ W;  d W += dlogits.T @ h              two GEMMs while the chunk is in memory
 
 Every reduction is linear in l_t with weights fixed by the mask (token_mean: m_t / sum m; seq_mean_token_mean: m_t /
@@ -15,6 +16,13 @@ Every reduction is linear in l_t with weights fixed by the mask (token_mean: m_t
 the backward only scales the stored d(hidden), d(weight) by the upstream gradient: forward + backward execute 6 N D
 V FLOPs where ``linear_logprobs`` followed by ``ppo_policy_loss`` execute 8 N D V (the backward recomputes the
 logits). The price is holding d(hidden) [N, D] and an fp32 d(weight) [V, D] from the forward to the backward.
+
+Bytes moved (e = element size, N / r chunks): the logits written by the GEMM, read by the forward kernel, read by the
+backward kernel, d(logits) written and read by the two GEMMs (6 N V e); per chunk W read twice and the fp32 dW read and
+written (N / r (2 e + 8) V D); h read twice, dh written (3 N D e). At N = 8192, D = 1024, V = 50304 fp32 that is
+1.27x the chunked ideal 6 N V e + 4 (N D + V D) e (tests/ops/test_head_traffic.py counts it). The full KL adds the
+reference's GEMM, its logits written and read by its forward kernel, the full-KL forward pass and the backward
+(4 N V e), and the full-KL forward pass's read of the policy's logits (N V e).
 
 The exact KL (kl_estimator="full") is KL(pi || pi_ref) = sum_j p_j (log p_j - log q_j) over the whole vocabulary,
 with q = softmax(ref_hidden @ ref_weight.T / T); per chunk the reference logits are computed too and dropped (2 N D V
@@ -24,10 +32,10 @@ d KL / d x_j = p_j ((x_j - y_j) - E_p[x - y]) (exact; no gradient flows to the r
 
 float64 inputs run on the torch backend and return float64, as every op does.
 
-Backends: ``triton`` (the log-prob kernels of kernels/logprob.py; kernels/actor_loss.py for the per-token loss in
-one kernel and the full-KL passes), ``cpp`` (the C++ log-prob ops; the per-token loss and full-KL passes in torch; no
-C++ code of its own: the GEMMs are ~85 % of the time on CPU, see bench/bench_actor_loss.py) or ``torch`` (the
-readable reference). Under ``tp_group``
+Backends: ``triton`` (the log-prob kernels of kernels/logprob.py, whose backward adds the full-KL term;
+kernels/actor_loss.py for the per-token loss in one kernel and the full-KL forward pass), ``cpp`` (the C++ log-prob
+ops, ``logprob_kl_bwd`` with the full-KL term; the per-token loss and the full-KL forward pass in torch: the GEMMs are
+~85 % of the time on CPU, see bench/bench_actor_loss.py) or ``torch`` (the readable reference). Under ``tp_group``
 the vocab is sharded like ``linear_logprobs``: rank r owns ids [r*V, (r+1)*V), labels are global ids; two small
 all-reduces of [n] vectors per chunk (five with the full KL), and d(hidden) is all-reduced once at the end.
 
