@@ -63,9 +63,10 @@ _IMPLEMENTED = ("triton", "cuda", "cpp", "torch")
 # torch backend: fp32 elements of one row chunk (4 MiB), so it never holds a [N, V] fp32 tensor.
 _TORCH_CHUNK_ELEMENTS = 1 << 20
 
-# linear_logprobs: a chunk of logits holds about as many elements as the hidden states (so it never dominates memory
-# the caller already holds: peak extra O(chunk * V + N * D)), but at least 2^22 so the GEMMs stay large enough to run
-# near peak, and at most 2^26 (256 MiB in fp32).
+# The LM head (_linear_chunk_rows): a chunk of logits holds about as many elements as the hidden states (so it never
+# dominates memory the caller already holds: peak extra O(chunk * V + N * D)), at least 2^22 so the GEMMs stay large
+# enough to run near peak, at most 2^26 (256 MiB in fp32); but never fewer than min(2 D, 2048) rows, so that W and the
+# fp32 dW are touched a bounded number of times per call.
 _LINEAR_MIN_CHUNK_ELEMENTS = 1 << 22
 _LINEAR_MAX_CHUNK_ELEMENTS = 1 << 26
 _LINEAR_MIN_CHUNK_ROWS = 2048
@@ -668,7 +669,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, temperatu
     the shard-local kernel and drops it; the backward walks the vocab in tiles [N, r V / N], recomputing each tile's
     logits from all of h, so each dW row is written once and W is read twice. Forward + backward move
     7 N V e of logits, W read N / r + 2 times, dW written once, h and dh about 4 V / c times (c the tile width): at
-    N = 8192, D = 1024, V = 50304 fp32 about 1.4x the chunked ideal 6 N V e + 4 (N D + V D) e
+    N = 8192, D = 1024, V = 50304 fp32 1.25x the chunked ideal 6 N V e + 4 (N D + V D) e
     (tests/ops/test_head_traffic.py counts it). Peak extra memory O(r V + N D): one chunk of logits and its
     gradient.
 
