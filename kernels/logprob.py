@@ -146,7 +146,7 @@ def _grad_terms(x, y, cols, local, g_lp, g_ent, g_kl, shift, log_sum, mean_xs, s
 
 @triton.jit
 def _logprob_bwd_kernel(
-    grad_logits_ptr,  # [N, V] out, contiguous, dtype of logits
+    grad_logits_ptr,  # [B, T, V] out, dtype of logits, strides (out_stride_b, out_stride_t, 1) from out_offset
     grad_logp_ptr,  # [N] fp32 upstream gradient of logp
     grad_entropy_ptr,  # [N] fp32 upstream gradient of the entropy; unused unless WITH_ENTROPY
     logits_ptr,  # [B, T, V] strides (stride_b, stride_t, 1); fp32/bf16/fp16
@@ -161,6 +161,9 @@ def _logprob_bwd_kernel(
     T,
     stride_b,
     stride_t,
+    out_stride_b,
+    out_stride_t,
+    out_offset,  # element offset of grad_logits[0, 0] from grad_logits_ptr (16-byte aligned)
     V,
     offset,  # element offset of logits[0, 0] (and ref_logits[0, 0]) from logits_ptr (ref_logits_ptr)
     align,  # (logits_ptr % 16) / element size: 0 unless the storage itself is misaligned
@@ -178,7 +181,7 @@ def _logprob_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     row_off, head, body, start = _row_layout(row, T, stride_b, stride_t, V, offset, align, VEC, HINT)
-    out_row = row * V
+    out_row = out_offset + (row // T) * out_stride_b + (row % T) * out_stride_t
     out_start = out_row + head
     if HINT_OUT:
         out_start = tl.multiple_of(out_start, VEC)
@@ -301,22 +304,44 @@ def logprob_fwd(logits, labels, temperature: float, ignore_index: int, vocab_sta
     return row_max, torch.log(total), target, mean_xs
 
 
+def new_grad(logits: torch.Tensor) -> torch.Tensor:
+    """Uninitialised d(logits) for logits [..., V] (last dim contiguous), laid out so that each gradient row starts at
+    its input row's 16-byte phase and the backward's stores stay 128-bit whatever V is: logits' own strides when its
+    elements span at most 1/8 more memory than they fill (``logits[:, :-1]``), else contiguous (a short slice of a
+    long buffer, ``logits[:, -k:]``, would waste the rest); first element at logits' phase (its storage offset modulo
+    the pack: storages start 16-byte aligned). Shapes and offsets only: the fake implementation allocates the same."""
+    span = 1 + sum((n - 1) * st for n, st in zip(logits.shape, logits.stride()) if n > 1)
+    if logits.numel() and span <= logits.numel() + logits.numel() // 8:
+        strides = tuple(logits.stride())
+    else:
+        strides, size = [], 1
+        for n in reversed(logits.shape):
+            strides.append(size)
+            size *= max(n, 1)
+        strides, span = tuple(reversed(strides)), logits.numel()
+    phase = logits.storage_offset() % (16 // logits.element_size())
+    return logits.new_empty(span + phase).as_strided(logits.shape, strides, phase)
+
+
 def logprob_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature: float,
                 ignore_index: int, vocab_start: int, full_kl=None):
-    """Shard-local backward: -> d(logits), contiguous, of logits' shape and dtype.
+    """Shard-local backward: -> d(logits) of logits' shape and dtype, laid out by ``new_grad``.
 
     grad_entropy and entropy are fp32 [N], or both of shape (0,) when there is no entropy output. ``full_kl``:
     (g_kl [N], ref_logits (logits' shape and strides), ref_shift [N], mean_diff [N]) adds g_kl * d KL(p || q) /
     d logits in the same pass (ops.ppo_actor_loss's kl_estimator="full").
     """
-    grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    logits = _as_3d(logits)
+    base, offset, align = _aligned_base(logits)
+    grad_logits = new_grad(logits)
+    logits, out = _as_3d(logits), _as_3d(grad_logits)
     B, T, V, stride_b, stride_t = _layout(logits)
     N = B * T
     if N == 0:
         return grad_logits
+    vec = 16 // logits.element_size()
+    phase = grad_logits.storage_offset()
+    buffer = grad_logits.as_strided((1,), (1,), 0)  # the allocation's first element: 16-byte aligned
     with_entropy = grad_entropy.numel() > 0
-    base, offset, align = _aligned_base(logits)
     if full_kl is not None:
         g_kl, ref_logits, ref_shift, mean_diff = full_kl
         ref_logits = _as_3d(ref_logits)
@@ -326,18 +351,19 @@ def logprob_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entro
     else:
         g_kl = ref_base = ref_shift = mean_diff = row_max
     block_v, splits, num_warps = _launch_config(N, V, logits.device)
-    vec = 16 // logits.element_size()
-    # Output row n starts at n * V of a fresh (aligned) buffer: it shares the input row's alignment when the input
-    # rows start at offset + b * stride_b + t * stride_t = (b * T + t) * V modulo the pack.
-    out_aligned = grad_logits.data_ptr() % 16 == 0
-    same = offset % vec == 0 and (stride_t - V) % vec == 0 and (B == 1 or (stride_b - T * V) % vec == 0)
+    # Output row n starts at phase + b * out_stride_b + t * out_stride_t of an aligned buffer: it shares the input
+    # row's 16-byte phase when the strides agree modulo the pack (always, when new_grad kept logits' own).
+    out_stride_b, out_stride_t = out.stride(0), out.stride(1)
+    same = (buffer.data_ptr() % 16 == 0 and phase == offset % vec and (stride_t - out_stride_t) % vec == 0
+            and (B == 1 or (stride_b - out_stride_b) % vec == 0))
     with on_device(logits):
         _logprob_bwd_kernel[(N, splits)](
-            grad_logits, grad_logp, grad_entropy if with_entropy else grad_logp, base, labels, row_max, log_sum,
-            entropy if with_entropy else row_max, ref_base, g_kl, ref_shift, mean_diff, T, stride_b, stride_t, V,
-            offset, align, 1.0 / temperature, ignore_index, vocab_start, WITH_ENTROPY=with_entropy,
+            buffer, grad_logp, grad_entropy if with_entropy else grad_logp, base, labels, row_max, log_sum,
+            entropy if with_entropy else row_max, ref_base, g_kl, ref_shift, mean_diff, T, stride_b, stride_t,
+            out_stride_b, out_stride_t, phase, V, offset, align, 1.0 / temperature, ignore_index, vocab_start,
+            WITH_ENTROPY=with_entropy,
             FULL_KL=full_kl is not None, SPLITS=splits, VEC=vec, HINT=align == 0,
-            HINT_OUT=bool(align == 0 and same and out_aligned),
+            HINT_OUT=bool(align == 0 and same),
             BLOCK_V=block_v, num_warps=num_warps, enable_fp_fusion=FP_FUSION,
         )
     return grad_logits

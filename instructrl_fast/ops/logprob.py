@@ -16,7 +16,7 @@ All reduce to one shard-local kernel pair, fixed by the schema that the C++/CUDA
     logprob_fwd(logits [B, T, V] or [N, V], labels [N], T, ignore_index, vocab_start, with_entropy)
         -> (row_max, log_sum, target, mean_xs)
     logprob_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, T, ignore_index, vocab_start)
-        -> dlogits (logits' shape, contiguous)
+        -> dlogits (logits' shape; contiguous, or strided as logits on the triton backend: kernels/logprob.py)
 
 with x = logits / T in fp32: row_max = max(x) and log_sum = log sum exp(x - row_max) over the shard (so
 logsumexp(x) = row_max + log_sum, kept apart: the backward forms p = exp((x - row_max) - log_sum) without the rounding
@@ -242,8 +242,16 @@ def _triton_bwd(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels:
                                ignore_index, vocab_start)
 
 
+@_triton_bwd.register_fake
+def _triton_bwd_fake(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor, row_max: Tensor,
+                     log_sum: Tensor, entropy: Tensor, temperature: float, ignore_index: int,
+                     vocab_start: int) -> Tensor:
+    from instructrl_fast.kernels import logprob as kernels
+
+    return kernels.new_grad(logits)
+
+
 _triton_fwd.register_fake(_new_fwd_outputs)
-_triton_bwd.register_fake(_bwd_fake)
 # The C++ library defines the schema; the guard keeps this module importable from a build that predates the op
 # (the cpp backend then fails loudly when called, and the opcheck tests fail).
 if _ext.HAS_CPP and hasattr(torch.ops.instructrl_fast, "logprob_fwd"):
@@ -308,9 +316,11 @@ def _rows_bwd(backend: str, grad_logp: Tensor, grad_entropy: Tensor, logits: Ten
     g = torch.where(labels != ignore_index, grad_logp, 0.0)
     grad = _shard_bwd(backend, g.sum(1), grad_entropy, logits, _no_label(labels, ignore_index), row_max, log_sum,
                       entropy, temperature, ignore_index, vocab_start)
-    col, hit = _label_columns(labels, logits.shape[-1], ignore_index, vocab_start)
+    B, T, V = logits.shape
+    col, hit = _label_columns(labels, V, ignore_index, vocab_start)
     one_hot = torch.where(hit, g * (1.0 / temperature), 0.0).to(grad.dtype)
-    return grad.view(-1, logits.shape[-1]).scatter_add_(1, col, one_hot).view(grad.shape)
+    # grad may be strided as logits (the triton backend's layout): scatter into its [B, T, V] view
+    return grad.scatter_add_(2, col.view(B, T, col.shape[1]), one_hot.view(B, T, col.shape[1]))
 
 
 # ---------------------------------------------------------------------------------------------------------------

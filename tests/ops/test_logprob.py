@@ -606,6 +606,17 @@ def test_triton_misaligned_views_keep_aligned_base_and_results(dtype, device):
         results.append((logp, ent, leaf.grad))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # d(logits) of logits[:, :-1] (rows a pack-phase apart when V is odd) is allocated with logits' strides, so that
+    # its rows share the input rows' 16-byte phase; a short slice of a long buffer gets a contiguous one
+    rows = (base[:, :-1], base[:, -2:])
+    ones = torch.ones(10, device=device), torch.ones(4, device=device)
+    for x, g, contiguous in zip(rows, ones, (False, True)):
+        lab = torch.randint(0, V, (x.shape[0] * x.shape[1],), device=device)
+        stats = x.float().reshape(-1, V).amax(-1), torch.zeros(g.shape, device=device)
+        grad = kernels.logprob_bwd(g, g[:0], x, lab, *stats, g[:0], 1.0, -100, 0)
+        assert grad.stride() == (x.stride() if not contiguous else x.contiguous().stride())
+        torch.testing.assert_close(grad, kernels.logprob_bwd(g, g[:0], x.contiguous(), lab, *stats, g[:0], 1.0, -100,
+                                                             0), rtol=0, atol=0)
     # the full-KL forward pass of ppo_actor_loss reads its two logits tensors the same way
     x, y = (torch.randn(11, V, device=device).to(dtype)[1:] for _ in range(2))  # [10, V], misaligned rows
     stats = [torch.randn(10, device=device) for _ in range(3)]
