@@ -260,6 +260,15 @@ def test_opcheck_cpp_ops(with_entropy, dtype):
     torch.library.opcheck(torch.ops.instructrl_fast.logprob_bwd.default, bwd)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_cpp_kl_bwd(dtype):
+    """The C++ backward with ppo_actor_loss's full-KL term (schema, fake implementation, autograd registration)."""
+    _, bwd = _schema_args("cpu", dtype)
+    logits, N = bwd[2], bwd[0].shape[0]
+    full_kl = (torch.randn(N), torch.randn(logits.shape).to(dtype), torch.randn(N), torch.randn(N))
+    torch.library.opcheck(torch.ops.instructrl_fast.logprob_kl_bwd.default, (*bwd[:7], *full_kl, *bwd[7:]))
+
+
 def test_opcheck_triton_and_linear_ops(device):
     fwd, bwd = _schema_args(device, V=200)
     torch.library.opcheck(torch.ops.instructrl_fast.logprob_fwd_triton.default, fwd)
