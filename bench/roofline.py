@@ -7,12 +7,13 @@ TRITON_INTERPRET=1 (a CPU torch cannot run autograd on fake CUDA tensors): no GP
 count in seconds. Two GPU branches are modelled where the CPU's differ: the bf16 GEMMs that accumulate into an fp32
 dh / dW run as one GEMM with an fp32 output (``accumulate_mm``'s CUDA branch; a CPU upcasts the operands first), and
 the batch-invariant mode's tiles run as one batched GEMM (the CPU's ``batch_invariant._tiled_mm``; on a GPU a
-persistent kernel over the tiles, each reading the weight through L2). The predicted time is max(bytes / 3.35 TB/s, FLOPs / 989 TFLOP/s) (H100 SXM HBM3
-bandwidth, dense bf16 tensor-core peak); ``bound`` says which wins. ``min_bytes`` is the least the op must move:
+persistent kernel over the tiles, each reading the weight through L2). The predicted time is max(bytes / 3.35 TB/s,
+FLOPs / 989 TFLOP/s) (H100 SXM HBM3 bandwidth, dense bf16 tensor-core peak); ``bound`` says which wins. ``min_bytes`` is the least the op must move:
 
     gather_logprobs      logits read (forward), logits read and d(logits) written (backward): 3 N V e
     LM head ops          the chunked ideal 6 N V e + 4 (N D + V D) e (every logit chunk written and read a constant
-                         number of times, h, W, dh, dW once); a kernel that never writes logits would need 4 (N D + V D) e
+                         number of times, h, W, dh, dW once); a kernel that never wrote logits would move
+                         4 (N D + V D) e
     per-token ops        every input read and every output written once
 
 FLOPs count the GEMMs only (2 M N K each); the softmax work (~10 N V) is left out, so ops without a GEMM show 0 and are

@@ -114,7 +114,8 @@ INSTRUCTRL_LOGPROB_CLONES void softmax_kl_grad(float* x, const float* y, int64_t
     const float xs = x[k] - shift;
     const float p = exp_f32(xs - log_sum);
     const bool live = p > 0.0f;  // p = 0 (x = -inf) gives 0, not nan
-    x[k] = -g * p - g_ent * p * (live ? xs - mean_xs : 0.0f) + g_kl * p * (live ? (xs - (y[k] - shift_y)) - mean_diff : 0.0f);
+    const float kl_term = live ? (xs - (y[k] - shift_y)) - mean_diff : 0.0f;
+    x[k] = -g * p - g_ent * p * (live ? xs - mean_xs : 0.0f) + g_kl * p * kl_term;
   }
 }
 

@@ -260,8 +260,8 @@ class PPOActorLossFunction(torch.autograd.Function):
         w = _token_weights(mask, cfg.reduction, _acc_dtype(hidden)).reshape(-1)
         terms, grads = _walk(hidden.reshape(B * T, D), weight, labels.reshape(-1), old_logp.reshape(-1),
                              adv.reshape(-1), w, None if ref_logp is None else ref_logp.reshape(-1),
-                             None if ref_hidden is None else ref_hidden.reshape(B * T, ref_hidden.shape[-1]), ref_weight, cfg,
-                             temperature, ignore_index, tp_group, backend, with_grads)
+                             None if ref_hidden is None else ref_hidden.reshape(B * T, ref_hidden.shape[-1]),
+                             ref_weight, cfg, temperature, ignore_index, tp_group, backend, with_grads)
         with_kl = ref_logp is not None or ref_hidden is not None
         pg, kl, is_clipped, total, logp, entropy = (t.reshape(B, T) for t in terms)
         loss = masked_reduce(total, mask, cfg.reduction)

@@ -49,7 +49,7 @@ def _head_bytes(op: str, invariant: bool) -> tuple[int, int]:
 def test_head_moves_at_most_1_5x_the_chunked_ideal(op, invariant):
     moved, flops = _head_bytes(op, invariant)
     ideal = ideal_head_bytes(N, D, V, 4)
-    assert moved <= 1.5 * ideal, f"{op}: {moved / 1e9:.2f} GB moved, {moved / ideal:.2f}x the ideal {ideal / 1e9:.2f} GB"
+    assert moved <= 1.5 * ideal, f"{op}: {moved / 1e9:.2f} GB, {moved / ideal:.2f}x the ideal {ideal / 1e9:.2f} GB"
     # and no GEMM work is spent on it: linear_logprobs recomputes the logits (8 N D V), the fused loss does not (6)
     assert flops == (8 if op == "linear_logprobs" else 6) * N * D * V
 
