@@ -231,16 +231,22 @@ def _as_3d(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dim() == 3 else logits.unsqueeze(0)
 
 
+def _span(x: torch.Tensor) -> int:
+    """Elements from x's first element to its last (0 for an empty x)."""
+    return 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride()) if n > 1) if x.numel() else 0
+
+
 def _aligned_base(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """(base, offset, align): a view of x's storage starting at the 16-byte boundary at or before x's first element
-    (its pointer is what the kernel gets: Triton then specialises it as 16-byte aligned), x's element offset from it,
-    and the base's own misalignment in elements (0, unless the storage does not start on a boundary: then x itself).
-    A view such as logits[:, 1:] keeps 128-bit loads this way; its rows' own misalignment is the kernels' head."""
+    """(base, offset, align): a 1-D view of x's storage from the 16-byte boundary at or before x's first element to
+    its last (its pointer is what the kernel gets: Triton then specialises it as 16-byte aligned), x's element offset
+    in it, and the base's own misalignment in elements (0, unless the storage does not start on a boundary: then x
+    itself). A view such as logits[:, 1:] keeps 128-bit loads this way; its rows' own misalignment is the kernels'
+    head."""
     size = x.element_size()
     shift = (x.data_ptr() % 16) // size
     if shift == 0 or x.data_ptr() % size or x.storage_offset() < shift:
         return x, 0, shift
-    return x.as_strided((1,), (1,), x.storage_offset() - shift), shift, 0
+    return x.as_strided((_span(x) + shift,), (1,), x.storage_offset() - shift), shift, 0
 
 
 def _layout(logits: torch.Tensor) -> tuple[int, int, int, int, int]:
@@ -310,7 +316,7 @@ def new_grad(logits: torch.Tensor) -> torch.Tensor:
     elements span at most 1/8 more memory than they fill (``logits[:, :-1]``), else contiguous (a short slice of a
     long buffer, ``logits[:, -k:]``, would waste the rest); first element at logits' phase (its storage offset modulo
     the pack: storages start 16-byte aligned). Shapes and offsets only: the fake implementation allocates the same."""
-    span = 1 + sum((n - 1) * st for n, st in zip(logits.shape, logits.stride()) if n > 1)
+    span = _span(logits)
     if logits.numel() and span <= logits.numel() + logits.numel() // 8:
         strides = tuple(logits.stride())
     else:
@@ -340,7 +346,7 @@ def logprob_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entro
         return grad_logits
     vec = 16 // logits.element_size()
     phase = grad_logits.storage_offset()
-    buffer = grad_logits.as_strided((1,), (1,), 0)  # the allocation's first element: 16-byte aligned
+    buffer = grad_logits.as_strided((_span(grad_logits) + phase,), (1,), 0)  # the allocation: 16-byte aligned
     with_entropy = grad_entropy.numel() > 0
     if full_kl is not None:
         g_kl, ref_logits, ref_shift, mean_diff = full_kl
