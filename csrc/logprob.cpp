@@ -15,6 +15,8 @@
 //   kl_bwd: bwd plus g_kl / T * p_j ((x_j - y_j) - E_p[x - y]) (d KL(p || q) / d x_j, q = softmax(ref_logits / T)),
 //        formed from the shifted x - row_max and y - ref_shift, mean_diff = E_p[(x - row_max) - (y - ref_shift)]:
 //        ppo_actor_loss's exact KL folded into the same pass over the row.
+//   bwd_inplace: bwd (with the KL term when its optional tensors are given) written over logits itself (contiguous):
+//        ppo_actor_loss's chunk of logits is dead once its gradient exists, so no second [n, V] buffer is allocated.
 // Neither direction materialises an [N, V] fp32 temporary: the forward streams each row once through a small
 // fp32 buffer, the backward reads each row once and writes its gradient once.
 #include <ATen/Parallel.h>
@@ -222,13 +224,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprob_fwd_cpu(const
   return {row_max, log_sum, target, mean_xs};
 }
 
-// The backward with an optional full-KL term (ref_logits undefined: none).
+// The backward with an optional full-KL term (ref_logits undefined: none). `in_place`: d(logits) overwrites logits
+// (contiguous), each row's 1024-column step read into the staging buffer before it is written back.
 at::Tensor bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& logits,
                    const at::Tensor& labels, const at::Tensor& row_max, const at::Tensor& log_sum,
                    const at::Tensor& entropy, const at::Tensor& g_kl, const at::Tensor& ref_logits,
                    const at::Tensor& ref_shift, const at::Tensor& mean_diff, double temperature, int64_t ignore_index,
-                   int64_t vocab_start) {
-  const BwdArgs a = bwd_args(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature);
+                   int64_t vocab_start, bool in_place) {
+  BwdArgs a = bwd_args(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature);
+  if (in_place) {
+    TORCH_CHECK_VALUE(logits.is_contiguous(), "logits must be contiguous to take its gradient in place, got strides ",
+                      logits.strides());
+    a.grad_logits = logits;
+  }
   const bool with_kl = ref_logits.defined();
   at::Tensor g_kl_c, ref_shift_c, mean_diff_c;
   if (with_kl) {
@@ -285,7 +293,7 @@ at::Tensor logprob_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_e
                            const at::Tensor& entropy, double temperature, int64_t ignore_index, int64_t vocab_start) {
   const at::Tensor none;
   return bwd_cpu(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, none, none, none, none,
-                 temperature, ignore_index, vocab_start);
+                 temperature, ignore_index, vocab_start, /*in_place=*/false);
 }
 
 at::Tensor logprob_kl_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& logits,
@@ -294,7 +302,22 @@ at::Tensor logprob_kl_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& gra
                               const at::Tensor& ref_shift, const at::Tensor& mean_diff, double temperature,
                               int64_t ignore_index, int64_t vocab_start) {
   return bwd_cpu(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, g_kl, ref_logits, ref_shift,
-                 mean_diff, temperature, ignore_index, vocab_start);
+                 mean_diff, temperature, ignore_index, vocab_start, /*in_place=*/false);
+}
+
+void logprob_bwd_inplace_cpu(const at::Tensor& logits, const at::Tensor& grad_logp, const at::Tensor& grad_entropy,
+                             const at::Tensor& labels, const at::Tensor& row_max, const at::Tensor& log_sum,
+                             const at::Tensor& entropy, const std::optional<at::Tensor>& g_kl,
+                             const std::optional<at::Tensor>& ref_logits, const std::optional<at::Tensor>& ref_shift,
+                             const std::optional<at::Tensor>& mean_diff, double temperature, int64_t ignore_index,
+                             int64_t vocab_start) {
+  const at::Tensor none;
+  const bool with_kl = ref_logits.has_value();
+  TORCH_CHECK_VALUE(with_kl == g_kl.has_value() && with_kl == ref_shift.has_value() && with_kl == mean_diff.has_value(),
+                    "g_kl, ref_logits, ref_shift and mean_diff come together");
+  bwd_cpu(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, with_kl ? *g_kl : none,
+          with_kl ? *ref_logits : none, with_kl ? *ref_shift : none, with_kl ? *mean_diff : none, temperature,
+          ignore_index, vocab_start, /*in_place=*/true);
 }
 
 }  // namespace
@@ -311,10 +334,15 @@ TORCH_LIBRARY_FRAGMENT(instructrl_fast, m) {
       "logprob_kl_bwd(Tensor grad_logp, Tensor grad_entropy, Tensor logits, Tensor labels, Tensor row_max, "
       "Tensor log_sum, Tensor entropy, Tensor g_kl, Tensor ref_logits, Tensor ref_shift, Tensor mean_diff, "
       "float temperature, int ignore_index, int vocab_start) -> Tensor");
+  m.def(
+      "logprob_bwd_inplace(Tensor(a!) logits, Tensor grad_logp, Tensor grad_entropy, Tensor labels, Tensor row_max, "
+      "Tensor log_sum, Tensor entropy, Tensor? g_kl, Tensor? ref_logits, Tensor? ref_shift, Tensor? mean_diff, "
+      "float temperature, int ignore_index, int vocab_start) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(instructrl_fast, CPU, m) {
   m.impl("logprob_fwd", &instructrl_fast::logprob::logprob_fwd_cpu);
   m.impl("logprob_bwd", &instructrl_fast::logprob::logprob_bwd_cpu);
   m.impl("logprob_kl_bwd", &instructrl_fast::logprob::logprob_kl_bwd_cpu);
+  m.impl("logprob_bwd_inplace", &instructrl_fast::logprob::logprob_bwd_inplace_cpu);
 }

@@ -229,9 +229,10 @@ def _walk(hidden, weight, labels, old_logp, adv, w, ref_logp, ref_hidden, ref_we
         # the exact KL's gradient in the same pass (d KL / d x_j = p_j ((x_j - y_j) - E_p[x - y]))
         full_kl = (torch.where(keep, w[sl] * cfg.kl_coef, 0.0), ref_logits[None], shifts[2], mean_diff) if full \
             else None
+        # the chunk's logits are dead once their gradient exists: it is written over them where the backend can
         dlogits = _shard_bwd(backend, g_lp.contiguous(), ent_args[0].contiguous(), logits[None], lab, row_max,
-                             log_sum, ent_args[1], temperature, ignore_index, vocab_start,
-                             full_kl=full_kl).view(-1, V)
+                             log_sum, ent_args[1], temperature, ignore_index, vocab_start, full_kl=full_kl,
+                             in_place=True).view(-1, V)
         if full:
             del ref_logits, full_kl
         del logits

@@ -176,9 +176,10 @@ def _torch_fwd(logits: Tensor, labels: Tensor, temperature: float, ignore_index:
 
 def _torch_bwd(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor, row_max: Tensor,
                log_sum: Tensor, entropy: Tensor, temperature: float, ignore_index: int, vocab_start: int,
-               full_kl: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> Tensor:
+               full_kl: tuple[Tensor, Tensor, Tensor, Tensor] | None = None, in_place: bool = False) -> Tensor:
     B, T, V = logits.shape
-    grad_logits = torch.empty((B, T, V), dtype=logits.dtype, device=logits.device)
+    # in place: each chunk of rows is read (into fp32 temporaries) before its gradient is written over it
+    grad_logits = logits if in_place else torch.empty((B, T, V), dtype=logits.dtype, device=logits.device)
     col, hit = _label_columns(labels, V, ignore_index, vocab_start)
     # Ignored rows get no gradient; d x / d logits = 1 / T is folded into the per-row upstream gradients.
     keep = labels != ignore_index
@@ -260,6 +261,7 @@ if _ext.HAS_CPP and hasattr(torch.ops.instructrl_fast, "logprob_fwd"):
 if _ext.HAS_CPP and hasattr(torch.ops.instructrl_fast, "logprob_kl_bwd"):
     torch.library.register_fake("instructrl_fast::logprob_kl_bwd")(
         lambda grad_logp, grad_entropy, logits, *rest: logits.new_empty(logits.shape))
+    torch.library.register_fake("instructrl_fast::logprob_bwd_inplace")(lambda *args: None)
 
 
 def _shard_fwd(backend: str, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -271,11 +273,19 @@ def _shard_fwd(backend: str, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return torch.ops.instructrl_fast.logprob_fwd(*args)
 
 
-def _shard_bwd(backend: str, *args, full_kl: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> Tensor:
+def _shard_bwd(backend: str, *args, full_kl: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+               in_place: bool = False) -> Tensor:
     """The shard-local backward (schema above) on ``backend``. ``full_kl`` = (g_kl [N], ref_logits (logits' shape),
-    ref_shift [N], mean_diff [N]) adds g_kl * d KL(p || q) / d logits in the same pass (see ops/actor_loss.py)."""
+    ref_shift [N], mean_diff [N]) adds g_kl * d KL(p || q) / d logits in the same pass (see ops/actor_loss.py).
+    ``in_place`` (torch and cpp; logits contiguous and dead afterwards): d(logits) is written over logits, so no
+    second [N, V] buffer is allocated (and, on a CPU, no fresh pages faulted in)."""
     if backend == "torch":
-        return _torch_bwd(*args, full_kl=full_kl)
+        return _torch_bwd(*args, full_kl=full_kl, in_place=in_place)
+    if backend == "cpp" and in_place:
+        logits = args[2]
+        torch.ops.instructrl_fast.logprob_bwd_inplace(logits, *args[:2], *args[3:7], *(full_kl or (None,) * 4),
+                                                      *args[7:])
+        return logits
     if full_kl is not None:
         if backend == "triton":
             from instructrl_fast.kernels import logprob as kernels

@@ -269,6 +269,22 @@ def test_opcheck_cpp_kl_bwd(dtype):
     torch.library.opcheck(torch.ops.instructrl_fast.logprob_kl_bwd.default, (*bwd[:7], *full_kl, *bwd[7:]))
 
 
+@pytest.mark.parametrize("with_kl", [False, True])
+def test_cpp_bwd_in_place_equals_out_of_place(with_kl):
+    """logprob_bwd_inplace (ppo_actor_loss's chunks) writes the very values of logprob_bwd / logprob_kl_bwd over the
+    logits; opcheck sees the declared mutation."""
+    _, bwd = _schema_args("cpu")
+    logits, N = bwd[2].contiguous(), bwd[0].shape[0]
+    args = (bwd[0], bwd[1], logits, *bwd[3:])
+    full_kl = (torch.randn(N), torch.randn(logits.shape), torch.randn(N), torch.randn(N)) if with_kl else None
+    ops = torch.ops.instructrl_fast
+    want = ops.logprob_kl_bwd(*args[:7], *full_kl, *args[7:]) if with_kl else ops.logprob_bwd(*args)
+    inplace_args = (logits.clone(), *args[:2], *args[3:7], *(full_kl or (None,) * 4), *args[7:])
+    ops.logprob_bwd_inplace(*inplace_args)
+    assert torch.equal(inplace_args[0], want)
+    torch.library.opcheck(ops.logprob_bwd_inplace.default, inplace_args)
+
+
 def test_opcheck_triton_and_linear_ops(device):
     fwd, bwd = _schema_args(device, V=200)
     torch.library.opcheck(torch.ops.instructrl_fast.logprob_fwd_triton.default, fwd)
