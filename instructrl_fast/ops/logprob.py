@@ -318,14 +318,15 @@ def _rows_fwd(backend: str, logits: Tensor, labels: Tensor, multi: bool, tempera
 
 def _rows_bwd(backend: str, grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor, multi: bool,
               row_max: Tensor, log_sum: Tensor, entropy: Tensor, temperature: float, ignore_index: int,
-              vocab_start: int) -> Tensor:
-    """d(logits) [B, T, V] of sum(grad_logp [N, K] * logp) + sum(grad_entropy * entropy) on this shard."""
+              vocab_start: int, in_place: bool = False) -> Tensor:
+    """d(logits) [B, T, V] of sum(grad_logp [N, K] * logp) + sum(grad_entropy * entropy) on this shard (written over
+    logits with ``in_place``, where ``_shard_bwd`` can)."""
     if not multi:
         return _shard_bwd(backend, grad_logp[:, 0].contiguous(), grad_entropy, logits, labels[:, 0], row_max,
-                          log_sum, entropy, temperature, ignore_index, vocab_start)
+                          log_sum, entropy, temperature, ignore_index, vocab_start, in_place=in_place)
     g = torch.where(labels != ignore_index, grad_logp, 0.0)
     grad = _shard_bwd(backend, g.sum(1), grad_entropy, logits, _no_label(labels, ignore_index), row_max, log_sum,
-                      entropy, temperature, ignore_index, vocab_start)
+                      entropy, temperature, ignore_index, vocab_start, in_place=in_place)
     B, T, V = logits.shape
     col, hit = _label_columns(labels, V, ignore_index, vocab_start)
     one_hot = torch.where(hit, g * (1.0 / temperature), 0.0).to(grad.dtype)
@@ -418,8 +419,9 @@ def _linear_bwd(grad_logp: Tensor, grad_entropy: Tensor, hidden: Tensor, weight:
     for v0 in range(0, V, cols):
         w_tile = weight[v0:v0 + cols]
         logits = h @ w_tile.T  # [N, c] in the input dtype, fp32 accumulation
+        # the tile's logits are dead once their gradient exists: it is written over them where the backend can
         dlogits = _rows_bwd(backend, grad_logp, grad_entropy, logits[None], labels, multi, row_max, log_sum,
-                            entropy, temperature, ignore_index, vocab_start + v0).view(N, -1)
+                            entropy, temperature, ignore_index, vocab_start + v0, in_place=True).view(N, -1)
         del logits
         torch.mm(dlogits.T, h, out=grad_weight[v0:v0 + cols])
         accumulate_mm(grad_hidden, dlogits, w_tile, first=v0 == 0)
