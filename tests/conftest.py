@@ -18,15 +18,18 @@ from instructrl_fast import backend as _backend
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def backends_for(implemented):
-    """pytest params for every backend an op implements; unbuilt ones are reported as skipped with the reason.
+def backends_for(*ops, skip=()):
+    """pytest params for every backend that the registry holds for each of ``ops``, but those in ``skip``; unbuilt
+    ones are reported as skipped with the reason.
 
     Only a backend that this machine cannot run (cuda without a GPU) is skipped. In CI the cpp backend must exist:
     tests/test_build.py fails when it is missing, so a skip here can never hide a broken build.
     """
     params = []
-    for name in implemented:
-        reason = _backend._unavailable_reason(name, DEVICE)
+    for name in _backend.BACKENDS:
+        if name in skip or any(name not in _backend.REGISTRY[op] for op in ops):
+            continue
+        reason = _backend.unavailable_reason(name, DEVICE)
         marks = [pytest.mark.skip(reason=reason)] if reason else []
         params.append(pytest.param(name, id=name, marks=marks))
     return params

@@ -20,11 +20,11 @@ def test_forced_missing_backend_is_an_error():
     with backend.use_backend("cuda"):
         if not instructrl_fast.build_info()["cuda"]:
             with pytest.raises(backend.BackendError, match="cuda"):
-                backend.resolve("op", torch.device("cpu"), ("triton", "cuda", "cpp"))
+                backend.resolve("gae", torch.device("cpu"))
     with backend.use_backend("cpp"), pytest.raises(backend.BackendError, match="implements only"):
-        backend.resolve("op", torch.device("cpu"), ("triton",))
+        backend.resolve("kl_penalty", torch.device("cpu"))
     with backend.use_backend("torch"):
-        assert backend.resolve("op", torch.device("cpu"), ("triton",)) == "torch"
+        assert backend.resolve("kl_penalty", torch.device("cpu")) == "torch"
 
 
 def test_unknown_backend_name():
@@ -35,5 +35,5 @@ def test_unknown_backend_name():
 def test_automatic_choice_on_cpu():
     assert backend.forced_backend() is None or os.environ.get("INSTRUCTRL_FAST_BACKEND")
     if backend.forced_backend() is None:
-        assert backend.resolve("op", torch.device("cpu"), ("triton", "cuda", "cpp")) == "cpp"
-        assert backend.resolve("op", torch.device("cpu"), ("triton",)) == "torch"
+        assert backend.resolve("gae", torch.device("cpu")) == "cpp"
+        assert backend.resolve("kl_penalty", torch.device("cpu")) == "torch"

@@ -1,6 +1,7 @@
 """Causal self-attention with tensor-parallel heads, and the choice of attention backend.
 
-Backends (``ATTENTION_BACKENDS``), picked per call by ``choose_backend``:
+Backends (``ATTENTION_BACKENDS``), the implementations of the op ``attention`` in ``instructrl_fast.backend``'s
+registry, picked per call by ``choose_backend``:
 
 * ``flash``: flash-attn's ``flash_attn_varlen_func`` (training / prefill, padding removed) and
   ``flash_attn_with_kvcache`` (cached steps), on CUDA fp16/bf16 when the package is importable;
@@ -20,8 +21,6 @@ so that its (unused) output stays finite instead of a 0/0 softmax.
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -29,65 +28,31 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from instructrl_fast import _ext, batch_invariant
-from instructrl_fast.backend import BackendError, triton_interpreting
+from instructrl_fast import batch_invariant
+from instructrl_fast.backend import FAMILIES, available, checked_forced, forcing, implementation, register
 from instructrl_fast.model.kv_cache import KVCache
+from instructrl_fast.ops.decode_attention import decode_attention
 from instructrl_fast.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from instructrl_fast.parallel.mappings import tp_world_size
 
-ATTENTION_BACKENDS = ("flash", "triton", "sdpa")
+ATTENTION_BACKENDS = FAMILIES["attention"]
 
 
-def _check_backend_name(name: str | None) -> str | None:
-    if name in (None, ""):
-        return None
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
-    return name
-
-
-_forced: str | None = _check_backend_name(os.environ.get("INSTRUCTRL_FAST_ATTN"))
-
-
-@contextlib.contextmanager
-def use_attention_backend(name: str | None) -> Iterator[None]:
+def use_attention_backend(name: str | None) -> contextlib.AbstractContextManager[None]:
     """Force the attention backend inside the block (None restores the automatic choice)."""
-    global _forced
-    previous, _forced = _forced, _check_backend_name(name)
-    try:
-        yield
-    finally:
-        _forced = previous
-
-
-def _unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    if name == "sdpa":
-        return None
-    if name == "flash":
-        if not _ext.HAS_FLASH_ATTN:
-            return "flash-attn is not installed (pip install flash-attn)"
-        if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
-            return f"flash-attn needs CUDA fp16/bf16 tensors, got {device.type} {dtype}"
-        return None
-    if not _ext.HAS_TRITON:
-        return "triton is not installed"
-    if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
-        return None
-    return f"the triton decode kernel needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device.type}"
+    return forcing("attention", name)
 
 
 def choose_backend(device: torch.device, dtype: torch.dtype, *, decode: bool) -> str:
     """The attention backend for one call: forced, else flash > triton (decode step only) > sdpa on CUDA."""
-    if _forced is not None:
-        reason = _unavailable_reason(_forced, device, dtype)
-        if reason is not None:
-            raise BackendError(f"attention backend {_forced!r} is forced but unavailable: {reason}")
-        return _forced if (_forced != "triton" or decode) else "sdpa"
+    forced = checked_forced("attention", device, dtype)
+    if forced is not None:
+        return forced if (forced != "triton" or decode) else "sdpa"
     if device.type != "cuda":
         return "sdpa"
-    if _unavailable_reason("flash", device, dtype) is None:
+    if available("flash", device, dtype):
         return "flash"
-    if decode and _unavailable_reason("triton", device, dtype) is None:
+    if decode and available("triton", device, dtype):
         return "triton"
     return "sdpa"
 
@@ -136,10 +101,27 @@ def _sdpa_mask(key_mask: torch.Tensor | None, q_slots: torch.Tensor, S: int) -> 
     return ((causal & key_mask[:, None, :].bool()) | (k_slots == q))[:, None]
 
 
-def _flash_dense(q, k, v, meta: AttentionMeta, sm_scale):
-    """flash-attn over [B, H, T, Dh]: padding removed and rows packed (varlen), causal within each row."""
-    from flash_attn import flash_attn_func, flash_attn_varlen_func
+# The registered implementations take q [B, H_local, T, Dh] and k, v: the new tokens' keys / values, or with
+# ``cached`` the whole cache [B, H_local, S_max, Dh] after this call's update.
+@register("attention", "sdpa", family="attention")
+def _attend_sdpa(q, k, v, meta: AttentionMeta, cached: bool, sm_scale: float) -> torch.Tensor:
+    if not cached and meta.key_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sm_scale)
+    mask = meta.mask_for_sdpa(q.shape[2], k.shape[2], q.device)
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=sm_scale)
 
+
+@register("attention", "flash", family="attention")
+def _attend_flash(q, k, v, meta: AttentionMeta, cached: bool, sm_scale: float) -> torch.Tensor:
+    """flash-attn: without a cache padding removed and rows packed (varlen), causal within each row; with one the
+    queries aligned to the end of each row's [cache_leftpad, cache_seqlens) window."""
+    from flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+
+    if cached:
+        out = flash_attn_with_kvcache(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                      cache_seqlens=meta.kv_len, cache_leftpad=meta.kv_start,
+                                      softmax_scale=sm_scale, causal=True)
+        return out.transpose(1, 2)
     B, H, T, Dh = q.shape
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, T, H, Dh]
     if meta.key_mask is None:
@@ -151,38 +133,22 @@ def _flash_dense(q, k, v, meta: AttentionMeta, sm_scale):
     return out.view(B, T, H, Dh).transpose(1, 2)
 
 
+@register("attention", "triton", family="attention")
+def _attend_triton(q, k, v, meta: AttentionMeta, cached: bool, sm_scale: float) -> torch.Tensor:
+    """The split-KV decode kernel: a cached one-token step only (``choose_backend`` sends other calls to sdpa)."""
+    return decode_attention(q[:, :, 0], k, v, meta.kv_start, meta.kv_len, sm_scale=sm_scale)[:, :, None]
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
            kv_cache: KVCache | None) -> torch.Tensor:
     """Attention for q, k, v [B, H_local, T, Dh] (k, v are the new tokens' keys/values); returns [B, H_local, T, Dh]."""
     sm_scale = q.shape[-1] ** -0.5
-    T = q.shape[2]
     if batch_invariant.is_enabled():
         return _attend_batch_invariant(q, k, v, meta, kv_cache, sm_scale)
-    decode = kv_cache is not None and T == 1
-    name = choose_backend(q.device, q.dtype, decode=decode)
-    if kv_cache is None:
-        if name == "flash":
-            return _flash_dense(q, k, v, meta, sm_scale)
-        if meta.key_mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sm_scale)
-        mask = meta.mask_for_sdpa(T, T, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=sm_scale)
-
-    k_all, v_all = kv_cache.update(meta.input_pos, k, v)  # [B, H_local, S_max, Dh]
-    if name == "triton":
-        from instructrl_fast.ops.decode_attention import decode_attention
-
-        return decode_attention(q[:, :, 0], k_all, v_all, meta.kv_start, meta.kv_len, sm_scale=sm_scale)[:, :, None]
-    if name == "flash":
-        from flash_attn import flash_attn_with_kvcache
-
-        # Queries are aligned to the end of each row's [cache_leftpad, cache_seqlens) window (causal=True).
-        out = flash_attn_with_kvcache(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
-                                      cache_seqlens=meta.kv_len, cache_leftpad=meta.kv_start,
-                                      softmax_scale=sm_scale, causal=True)
-        return out.transpose(1, 2)
-    mask = meta.mask_for_sdpa(T, k_all.shape[2], q.device)
-    return F.scaled_dot_product_attention(q, k_all.to(q.dtype), v_all.to(q.dtype), attn_mask=mask, scale=sm_scale)
+    name = choose_backend(q.device, q.dtype, decode=kv_cache is not None and q.shape[2] == 1)
+    if kv_cache is not None:
+        k, v = kv_cache.update(meta.input_pos, k, v)  # [B, H_local, S_max, Dh]
+    return implementation("attention", name)(q, k, v, meta, kv_cache is not None, sm_scale)
 
 
 def _attend_batch_invariant(q, k, v, meta: AttentionMeta, kv_cache: KVCache | None, sm_scale: float) -> torch.Tensor:

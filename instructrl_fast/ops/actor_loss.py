@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from instructrl_fast import batch_invariant
-from instructrl_fast.backend import resolve
+from instructrl_fast.backend import register, resolve
 from instructrl_fast.ops._checks import (
     check_choice,
     check_float,
@@ -81,8 +81,6 @@ from instructrl_fast.ops.ppo_loss import REDUCTIONS, _check_triple, _valid_upcas
 __all__ = ["ActorLossConfig", "PPOActorLossFunction", "ppo_actor_loss"]
 
 KL_ESTIMATORS = (*ESTIMATORS, "full")
-# The C++/CUDA log-prob ops serve cpp (and would serve cuda, untested without a GPU: not listed).
-_IMPLEMENTED = ("triton", "cpp", "torch")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -294,6 +292,12 @@ class PPOActorLossFunction(torch.autograd.Function):
         return (grad_hidden, grad_weight) + (None,) * 13
 
 
+# One walk serves every backend: it hands the name on to the log-prob kernels and its own per-token kernels. The
+# C++/CUDA log-prob ops serve cpp (and would serve cuda, untested on a GPU: not registered).
+for _name in ("triton", "cpp", "torch"):
+    register("ppo_actor_loss", _name)(PPOActorLossFunction)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Public function.
 # ---------------------------------------------------------------------------------------------------------------
@@ -380,7 +384,7 @@ def ppo_actor_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Ten
     _check_labels(labels2d, weight.shape[0] * _tp_rank_world(tp_group)[1], ignore_index)
     # float64 anywhere on the LM-head side runs on torch (the kernels accumulate in fp32), as in every op.
     lm_dtype = compute_dtype(hidden, *(() if ref_hidden is None else (ref_hidden,)))
-    backend = resolve("ppo_actor_loss", hidden.device, _IMPLEMENTED, lm_dtype)
+    backend = resolve("ppo_actor_loss", hidden.device, lm_dtype)
     # Masked positions are set to 0 (not multiplied by it), so padding garbage (inf, NaN) cannot leak in; the
     # per-token terms are computed in the log-probs' dtype (fp32, float64 for float64 hidden).
     acc = _acc_dtype(hidden)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from instructrl_fast import backend
+from instructrl_fast.backend import dispatch, register
 from instructrl_fast.ops._checks import (
     check_float,
     check_positive,
@@ -19,10 +19,10 @@ from instructrl_fast.ops._checks import (
     eager_data_checks,
 )
 
-_IMPLEMENTED = ("triton", "torch")
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+@register("decode_attention", "torch")
 def _decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_start: torch.Tensor,
                             kv_len: torch.Tensor, sm_scale: float) -> torch.Tensor:
     """Masked softmax over all S cache slots in fp32 (float64 for float64 inputs). Shapes as in ``decode_attention``."""
@@ -37,6 +37,7 @@ def _decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return torch.einsum("bhs,bhsd->bhd", probs, v_cache.to(acc)).to(q.dtype)
 
 
+@register("decode_attention", "triton")
 @torch.library.custom_op("instructrl_fast::decode_attention_triton", mutates_args=())
 def _decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_start: torch.Tensor,
                              kv_len: torch.Tensor, sm_scale: float) -> torch.Tensor:
@@ -98,7 +99,4 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """
     _check_inputs(q, k_cache, v_cache, kv_start, kv_len)
     scale = q.shape[-1] ** -0.5 if sm_scale is None else check_positive("sm_scale", sm_scale)
-    name = backend.resolve("decode_attention", q.device, _IMPLEMENTED, q.dtype)
-    if name == "triton":
-        return _decode_attention_triton(q, k_cache, v_cache, kv_start, kv_len, scale)
-    return _decode_attention_torch(q, k_cache, v_cache, kv_start, kv_len, scale)
+    return dispatch("decode_attention", q.device, q.dtype)(q, k_cache, v_cache, kv_start, kv_len, scale)

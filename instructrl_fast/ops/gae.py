@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from instructrl_fast import _ext, backend
+from instructrl_fast import _ext
+from instructrl_fast.backend import dispatch, register
 from instructrl_fast.ops._checks import (
     check_float,
     check_same_device,
@@ -20,9 +21,8 @@ from instructrl_fast.ops._checks import (
     compute_dtype,
 )
 
-_IMPLEMENTED = ("triton", "cuda", "cpp", "torch")
 
-
+@register("gae", "torch")
 def _gae_torch(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """The recurrence backwards over time, all rows at once; holes leave the carried state untouched."""
     acc = compute_dtype(rewards, values)
@@ -40,6 +40,7 @@ def _gae_torch(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, 
     return advantages, torch.where(mask, advantages + v, 0.0)
 
 
+@register("gae", "triton")
 @torch.library.custom_op("instructrl_fast::gae_triton", mutates_args=())
 def _gae_triton(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
                 lam: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +57,13 @@ def _gae_fake(rewards, values, mask, gamma, lam):
 _gae_triton.register_fake(_gae_fake)
 if _ext.HAS_CPP and hasattr(torch.ops.instructrl_fast, "gae"):
     torch.library.register_fake("instructrl_fast::gae", _gae_fake)
+
+
+@register("gae", "cpp")
+@register("gae", "cuda")
+def _gae_compiled(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """The C++ op of csrc/: the CPU or the CUDA kernel, by the device's dispatch key."""
+    return torch.ops.instructrl_fast.gae(rewards, values, mask, gamma, lam)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0,
@@ -86,9 +94,4 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     gamma = check_unit_interval("gamma", gamma)
     lam = check_unit_interval("lam", lam)
     rewards, values = rewards.detach().contiguous(), values.detach().contiguous()
-    name = backend.resolve("gae", rewards.device, _IMPLEMENTED, compute_dtype(rewards, values))
-    if name == "torch":
-        return _gae_torch(rewards, values, mask, gamma, lam)
-    if name == "triton":
-        return _gae_triton(rewards, values, mask, gamma, lam)
-    return torch.ops.instructrl_fast.gae(rewards, values, mask, gamma, lam)  # cpp / cuda by the device's dispatch key
+    return dispatch("gae", rewards.device, compute_dtype(rewards, values))(rewards, values, mask, gamma, lam)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from instructrl_fast import backend
+from instructrl_fast.backend import dispatch, register
 from instructrl_fast.ops._checks import (
     check_choice,
     check_float,
@@ -25,9 +25,9 @@ from instructrl_fast.ops._checks import (
 )
 
 ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}  # the int codes are the kernels' constexpr ESTIMATOR
-_IMPLEMENTED = ("triton", "torch")
 
 
+@register("kl_penalty", "torch")
 def _kl_torch(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token KL in fp32 (float64 when an input is), differentiable w.r.t. both inputs."""
     dtype = compute_dtype(logp, ref_logp)
@@ -60,6 +60,7 @@ class _K3(torch.autograd.Function):
         return grad * -torch.expm1(-d)
 
 
+@register("shape_rewards", "torch")
 def _shape_rewards_torch(scores, logp, ref_logp, mask, kl_coef: float, estimator: str) -> torch.Tensor:
     """[B, T] fp32 (float64 when an input is) rewards; T >= 1."""
     rewards = torch.where(mask, -kl_coef * _kl_torch(logp, ref_logp, estimator), 0.0)
@@ -122,6 +123,17 @@ def _(scores, logp, ref_logp, mask, kl_coef, estimator):
     return torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
 
 
+@register("kl_penalty", "triton")
+def _kl_penalty_on_triton(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    return _kl_penalty_triton(logp.contiguous(), ref_logp.contiguous(), ESTIMATORS[estimator])
+
+
+@register("shape_rewards", "triton")
+def _shape_rewards_on_triton(scores, logp, ref_logp, mask, kl_coef: float, estimator: str) -> torch.Tensor:
+    return _shape_rewards_triton(scores.contiguous(), logp.contiguous(), ref_logp.contiguous(), mask, kl_coef,
+                                 ESTIMATORS[estimator])
+
+
 def _check_logps(logp, ref_logp, estimator: str) -> None:
     check_float("logp", logp)
     check_float("ref_logp", ref_logp)
@@ -144,10 +156,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "
         Differentiable w.r.t. both inputs (gradients in the inputs' dtypes), so it also serves as a KL loss term.
     """
     _check_logps(logp, ref_logp, estimator)
-    name = backend.resolve("kl_penalty", logp.device, _IMPLEMENTED, compute_dtype(logp, ref_logp))
-    if name == "torch":
-        return _kl_torch(logp, ref_logp, estimator)
-    return _kl_penalty_triton(logp.contiguous(), ref_logp.contiguous(), ESTIMATORS[estimator])
+    return dispatch("kl_penalty", logp.device, compute_dtype(logp, ref_logp))(logp, ref_logp, estimator)
 
 
 def shape_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, *,
@@ -181,8 +190,4 @@ def shape_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tens
     acc = compute_dtype(scores, logp, ref_logp)
     if logp.numel() == 0:
         return torch.zeros((B, T), dtype=acc, device=logp.device)
-    name = backend.resolve("shape_rewards", logp.device, _IMPLEMENTED, acc)
-    if name == "torch":
-        return _shape_rewards_torch(scores, logp, ref_logp, mask, kl_coef, estimator)
-    return _shape_rewards_triton(scores.contiguous(), logp.contiguous(), ref_logp.contiguous(), mask, kl_coef,
-                                 ESTIMATORS[estimator])
+    return dispatch("shape_rewards", logp.device, acc)(scores, logp, ref_logp, mask, kl_coef, estimator)

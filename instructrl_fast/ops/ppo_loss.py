@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from instructrl_fast import _ext, backend
+from instructrl_fast import _ext
+from instructrl_fast.backend import dispatch, register
 from instructrl_fast.ops._checks import (
     check_choice,
     check_float,
@@ -34,8 +35,6 @@ from instructrl_fast.ops._checks import (
 )
 
 REDUCTIONS = {"token_mean": 0, "seq_mean_token_mean": 1, "seq_mean_token_sum": 2}  # the kernels' int codes
-_POLICY_IMPLEMENTED = ("triton", "cuda", "cpp", "torch")
-_VALUE_IMPLEMENTED = ("triton", "cuda", "cpp", "torch")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -82,6 +81,7 @@ def policy_surrogate(logp, old_logp, adv, clip_low, clip_high, dual_clip) -> tup
     return loss, is_clipped
 
 
+@register("ppo_policy_loss", "torch")
 def _policy_loss_torch(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, reduction):
     acc = compute_dtype(logp, old_logp, advantages)
     logp, old_logp, adv = (_valid_upcast(x, mask, acc) for x in (logp, old_logp.detach(), advantages.detach()))
@@ -92,6 +92,7 @@ def _policy_loss_torch(logp, old_logp, advantages, mask, clip_low, clip_high, du
     return masked_reduce(loss, mask, reduction), clipfrac, approx_kl
 
 
+@register("ppo_value_loss", "torch")
 def _value_loss_torch(values, old_values, returns, mask, clip_eps, reduction):
     acc = compute_dtype(values, old_values, returns)
     values, old_values, returns = (_valid_upcast(x, mask, acc)
@@ -241,6 +242,32 @@ if _ext.HAS_CPP and hasattr(torch.ops.instructrl_fast, "ppo_value_loss"):
                                     setup_context=_cpp_setup_context)
 
 
+
+# The triton and C++ ops take the reduction as its int code; the triton forward's extra output is for its backward.
+@register("ppo_policy_loss", "triton")
+def _policy_loss_on_triton(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, reduction):
+    return _policy_loss_triton(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip,
+                               REDUCTIONS[reduction])[:3]
+
+
+@register("ppo_policy_loss", "cpp")
+@register("ppo_policy_loss", "cuda")
+def _policy_loss_compiled(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, reduction):
+    return torch.ops.instructrl_fast.ppo_policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip,
+                                                     REDUCTIONS[reduction])
+
+
+@register("ppo_value_loss", "triton")
+def _value_loss_on_triton(values, old_values, returns, mask, clip_eps, reduction):
+    return _value_loss_triton(values, old_values, returns, mask, clip_eps, REDUCTIONS[reduction])[:2]
+
+
+@register("ppo_value_loss", "cpp")
+@register("ppo_value_loss", "cuda")
+def _value_loss_compiled(values, old_values, returns, mask, clip_eps, reduction):
+    return torch.ops.instructrl_fast.ppo_value_loss(values, old_values, returns, mask, clip_eps, REDUCTIONS[reduction])
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # public functions
 # ------------------------------------------------------------------------------------------------------------------
@@ -286,15 +313,9 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
         dual = check_real("dual_clip", dual_clip)
         if dual <= 1.0:
             raise ValueError(f"dual_clip must be > 1 (or None to disable it), got {dual_clip}")
-    code = REDUCTIONS[reduction]
     inputs = (logp.contiguous(), old_logp.detach().contiguous(), advantages.detach().contiguous(), mask)
-    name = backend.resolve("ppo_policy_loss", logp.device, _POLICY_IMPLEMENTED, compute_dtype(*inputs[:3]))
-    if name == "torch":
-        loss, clipfrac, approx_kl = _policy_loss_torch(*inputs, clip_low, clip_high, dual, reduction)
-    elif name == "triton":
-        loss, clipfrac, approx_kl, _ = _policy_loss_triton(*inputs, clip_low, clip_high, dual, code)
-    else:
-        loss, clipfrac, approx_kl = torch.ops.instructrl_fast.ppo_policy_loss(*inputs, clip_low, clip_high, dual, code)
+    impl = dispatch("ppo_policy_loss", logp.device, compute_dtype(*inputs[:3]))
+    loss, clipfrac, approx_kl = impl(*inputs, clip_low, clip_high, dual, reduction)
     return loss, {"clipfrac": clipfrac.detach(), "approx_kl": approx_kl.detach()}
 
 
@@ -316,13 +337,7 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     """
     mask = _check_triple(("values", "old_values", "returns"), (values, old_values, returns), mask, reduction)
     clip_eps = check_positive("clip_eps", clip_eps)
-    code = REDUCTIONS[reduction]
     inputs = (values.contiguous(), old_values.detach().contiguous(), returns.detach().contiguous(), mask)
-    name = backend.resolve("ppo_value_loss", values.device, _VALUE_IMPLEMENTED, compute_dtype(*inputs[:3]))
-    if name == "torch":
-        loss, clipfrac = _value_loss_torch(*inputs, clip_eps, reduction)
-    elif name == "triton":
-        loss, clipfrac, _ = _value_loss_triton(*inputs, clip_eps, code)
-    else:
-        loss, clipfrac = torch.ops.instructrl_fast.ppo_value_loss(*inputs, clip_eps, code)
+    impl = dispatch("ppo_value_loss", values.device, compute_dtype(*inputs[:3]))
+    loss, clipfrac = impl(*inputs, clip_eps, reduction)
     return loss, {"clipfrac": clipfrac.detach()}

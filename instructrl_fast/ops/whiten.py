@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from instructrl_fast import backend
+from instructrl_fast.backend import dispatch, register
 from instructrl_fast.ops._checks import (
     check_float,
     check_positive,
@@ -21,8 +21,6 @@ from instructrl_fast.ops._checks import (
     checked_bool_mask,
     compute_dtype,
 )
-
-_IMPLEMENTED = ("triton", "torch")
 
 
 def combine_moments(n: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor):
@@ -70,6 +68,28 @@ def _(x, mask, stats, shift_mean):
     return torch.empty(x.shape, dtype=torch.float32, device=x.device)
 
 
+def _mean_rstd(moments: torch.Tensor, eps: float, group) -> torch.Tensor:
+    """[3] local (n, mean, M2) -> [2] (mean, 1 / sqrt(var + eps)) over the valid positions of all ranks of ``group``."""
+    if group is not None:
+        moments = _group_moments(moments, group)
+    n, mean, m2 = moments.unbind()
+    var = torch.where(n > 1, m2 / (n - 1).clamp(min=1.0), 0.0)  # unbiased; defined as 0 for n <= 1
+    return torch.stack((mean, torch.rsqrt(var + eps)))
+
+
+@register("masked_whiten", "torch")
+def _masked_whiten_torch(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, eps: float, group) -> torch.Tensor:
+    x = x.to(compute_dtype(x))
+    mean, rstd = _mean_rstd(_local_moments_torch(x, mask), eps, group)
+    out = (x - mean) * rstd
+    return torch.where(mask, out if shift_mean else out + mean, 0.0)
+
+
+@register("masked_whiten", "triton")
+def _masked_whiten_triton(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, eps: float, group) -> torch.Tensor:
+    return _whiten_apply_triton(x, mask, _mean_rstd(_whiten_moments_triton(x, mask), eps, group), shift_mean)
+
+
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8,
                   group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Whiten ``x`` over its valid positions: (x - mean) / sqrt(var + eps), 0 at masked positions.
@@ -99,15 +119,4 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
     x = x.detach().contiguous()
-    acc = compute_dtype(x)
-    name = backend.resolve("masked_whiten", x.device, _IMPLEMENTED, acc)
-    moments = _whiten_moments_triton(x, mask) if name == "triton" else _local_moments_torch(x.to(acc), mask)
-    if group is not None:
-        moments = _group_moments(moments, group)
-    n, mean, m2 = moments.unbind()
-    var = torch.where(n > 1, m2 / (n - 1).clamp(min=1.0), 0.0)  # unbiased; defined as 0 for n <= 1
-    stats = torch.stack((mean, torch.rsqrt(var + eps)))
-    if name == "triton":
-        return _whiten_apply_triton(x, mask, stats, shift_mean)
-    out = (x.to(acc) - mean) * stats[1]
-    return torch.where(mask, out if shift_mean else out + mean, 0.0)
+    return dispatch("masked_whiten", x.device, compute_dtype(x))(x, mask, shift_mean, eps, group)

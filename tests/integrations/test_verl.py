@@ -40,11 +40,16 @@ def _batch(B=5, T=8):
                            values=torch.randn(B, T, device=DEVICE), returns=torch.randn(B, T, device=DEVICE))
 
 
+# every op the drop-ins call has these backends
+BACKENDS = [pytest.param(None, id="auto")] + backends_for("kl_penalty", "gae", "masked_whiten", "ppo_policy_loss",
+                                                            "ppo_value_loss")
+
+
 def _close(ours, theirs, rtol=1e-5, atol=1e-6):
     torch.testing.assert_close(ours.double(), theirs.double(), rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("backend", [pytest.param(None, id="auto")] + backends_for(("torch", "triton")))
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gamma", [1.0, torch.tensor(0.9)])
 def test_gae_every_position(backend, gamma):
     b = _batch()
@@ -110,7 +115,7 @@ def test_agg_loss_needs_the_global_batch_under_dp():
         verl.agg_loss(b.adv, b.mask, "token-mean-unbiased")
 
 
-@pytest.mark.parametrize("backend", [pytest.param(None, id="auto")] + backends_for(("torch", "triton")))
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", AGG_MODES)
 @pytest.mark.parametrize("clip_ratio_c", [2.0, None], ids=["dual-clip", "standard"])
 def test_policy_loss_vanilla(backend, mode, clip_ratio_c):

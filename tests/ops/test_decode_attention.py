@@ -13,7 +13,7 @@ from instructrl_fast.ops import decode_attention
 from tests.conftest import backends_for
 from tests.reference import decode_attention_ref
 
-BACKENDS = backends_for(("torch", "triton"))
+BACKENDS = backends_for("decode_attention")
 HEAD_DIMS = (64, 80, 96, 128)
 
 

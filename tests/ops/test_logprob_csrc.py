@@ -34,7 +34,7 @@ CASES = [(1, 1, "contiguous"), (3, 7, "sliced"), (9, 1000, "contiguous"), (5, 10
 def _device_params():
     """cpu (the C++ kernels: must be built) and cuda (skipped without a GPU or without instructrl_fast._C_cuda)."""
     params = [pytest.param("cpu", id="cpu")]
-    reason = backend._unavailable_reason("cuda", torch.device("cuda"))
+    reason = backend.unavailable_reason("cuda", torch.device("cuda"))
     if reason is None and not torch.cuda.is_available():
         reason = "no CUDA device"
     params.append(pytest.param("cuda", id="cuda", marks=[pytest.mark.skip(reason=reason)] if reason else []))

@@ -8,8 +8,8 @@ from instructrl_fast.ops.ppo_loss import _policy_loss_torch, _value_loss_torch
 from tests.conftest import DEVICE, backends_for
 from tests.reference import ppo_policy_loss_ref, ppo_value_loss_ref
 
-POLICY_BACKENDS = backends_for(("torch", "triton", "cpp", "cuda"))
-VALUE_BACKENDS = backends_for(("torch", "triton", "cpp", "cuda"))  # "cuda": the CUDA value loss is reachable
+POLICY_BACKENDS = backends_for("ppo_policy_loss")
+VALUE_BACKENDS = backends_for("ppo_value_loss")  # "cuda": the CUDA value loss is reachable
 REDUCTIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 # name: (clip_eps, clip_eps_high, dual_clip)
 CLIPS = {"symmetric": (0.2, None, None), "asymmetric": (0.2, 0.28, None), "dual": (0.1, 0.3, 1.5)}
@@ -238,7 +238,7 @@ def test_value_bad_input():
 # ------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", backends_for(("triton", "cpp", "cuda")))
+@pytest.mark.parametrize("backend", backends_for("ppo_policy_loss", skip=("torch",)))
 def test_policy_opcheck(backend):
     logp, old, adv, mask = _policy_inputs(3, 9)
     logp = logp.to(torch.bfloat16).requires_grad_()
@@ -255,7 +255,7 @@ def test_policy_opcheck(backend):
     torch.library.opcheck(bwd.default, bwd_args)
 
 
-@pytest.mark.parametrize("backend", backends_for(("triton", "cpp")))
+@pytest.mark.parametrize("backend", backends_for("ppo_value_loss", skip=("torch", "cuda")))
 def test_value_opcheck(backend):
     values, old, ret, mask = _value_inputs(3, 9)
     values = values.requires_grad_()

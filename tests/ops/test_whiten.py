@@ -14,7 +14,7 @@ from tests._dist import leave_worker
 from tests.conftest import DEVICE, backends_for
 from tests.reference import masked_whiten_ref
 
-BACKENDS = backends_for(("torch", "triton"))
+BACKENDS = backends_for("masked_whiten")
 
 
 def _mask(kind, B, T):
@@ -104,7 +104,7 @@ def test_masked_whiten_on_the_meta_device():
     assert out.shape == (3, 7) and out.dtype == torch.float32 and out.is_meta
 
 
-@pytest.mark.parametrize("backend", backends_for(("triton",)))
+@pytest.mark.parametrize("backend", backends_for("masked_whiten", skip=("torch",)))
 def test_opcheck(backend):
     x, mask = torch.randn(3, 11, device=DEVICE), torch.rand(3, 11, device=DEVICE) < 0.5
     torch.library.opcheck(torch.ops.instructrl_fast.whiten_moments_triton.default, (x.to(torch.bfloat16), mask))
