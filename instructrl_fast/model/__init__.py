@@ -1,8 +1,13 @@
 """The GPT model (TP-aware), its configuration, attention backends, the KV cache and GPT-2 checkpoint interop."""
 
-from instructrl_fast.model.attention import ATTENTION_BACKENDS, choose_backend, use_attention_backend
+from instructrl_fast.model.attention import (
+    ATTENTION_BACKENDS,
+    choose_backend,
+    positions_from_mask,
+    use_attention_backend,
+)
 from instructrl_fast.model.config import PRESETS, GPTConfig
-from instructrl_fast.model.gpt import GPT, positions_from_mask
+from instructrl_fast.model.gpt import GPT
 from instructrl_fast.model.hf import load_gpt2, save_gpt2
 from instructrl_fast.model.kv_cache import KVCache
 

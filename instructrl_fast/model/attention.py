@@ -139,11 +139,18 @@ def _attend_triton(q, k, v, meta: AttentionMeta, cached: bool, sm_scale: float) 
     return decode_attention(q[:, :, 0], k, v, meta.kv_start, meta.kv_len, sm_scale=sm_scale)[:, :, None]
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
-           kv_cache: KVCache | None) -> torch.Tensor:
-    """Attention for q, k, v [B, H_local, T, Dh] (k, v are the new tokens' keys/values); returns [B, H_local, T, Dh]."""
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] 0/1 mask -> [B, T] int64 position ids: 0 at each row's first real token, counting real tokens only
+    (left padding gets position 0; it is never attended by real tokens)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta, kv_cache: KVCache | None, *,
+           invariant: bool = False) -> torch.Tensor:
+    """Attention for q, k, v [B, H_local, T, Dh] (k, v are the new tokens' keys/values); returns [B, H_local, T, Dh].
+    ``invariant``: ``batch_invariant.attend``, whatever the backend choice."""
     sm_scale = q.shape[-1] ** -0.5
-    if batch_invariant.is_enabled():
+    if invariant:
         return _attend_batch_invariant(q, k, v, meta, kv_cache, sm_scale)
     name = choose_backend(q.device, q.dtype, decode=kv_cache is not None and q.shape[2] == 1)
     if kv_cache is not None:
@@ -154,8 +161,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMet
 def _attend_batch_invariant(q, k, v, meta: AttentionMeta, kv_cache: KVCache | None, sm_scale: float) -> torch.Tensor:
     """``batch_invariant.attend`` on this call's keys: a key is usable if it is real and at or before the row's
     last query slot (later cache slots are not written yet); positions count each row's real tokens."""
-    from instructrl_fast.model.gpt import positions_from_mask
-
     B, _, T, _ = q.shape
     if kv_cache is not None:
         k, v = kv_cache.update(meta.input_pos, k, v)
@@ -169,7 +174,8 @@ def _attend_batch_invariant(q, k, v, meta: AttentionMeta, kv_cache: KVCache | No
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal attention, Megatron TP: the fused QKV projection is column-parallel (each rank owns
-    n_head / p whole heads of Q, K and V), the output projection row-parallel (one all-reduce per layer)."""
+    n_head / p whole heads of Q, K and V), the output projection row-parallel (one all-reduce per layer).
+    ``batch_invariant``: attend through ``batch_invariant.attend`` (set by ``GPT.batch_invariant``)."""
 
     def __init__(self, d_model: int, n_head: int, d_head: int, *, tp_group: dist.ProcessGroup | None = None):
         super().__init__()
@@ -179,9 +185,10 @@ class CausalSelfAttention(nn.Module):
         self.n_head_local, self.d_head = n_head // p, d_head
         self.qkv = ColumnParallelLinear(d_model, 3 * n_head * d_head, n_fused=3, tp_group=tp_group)
         self.proj = RowParallelLinear(n_head * d_head, d_model, tp_group=tp_group)
+        self.batch_invariant = False
 
     def forward(self, x: torch.Tensor, meta: AttentionMeta, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head_local, self.d_head).permute(2, 0, 3, 1, 4).unbind(0)
-        y = attend(q, k, v, meta, kv_cache)  # [B, H_local, T, Dh]
+        y = attend(q, k, v, meta, kv_cache, invariant=self.batch_invariant)  # [B, H_local, T, Dh]
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head_local * self.d_head))

@@ -18,11 +18,12 @@ import torch.utils.checkpoint
 from torch import nn
 
 from instructrl_fast import batch_invariant
-from instructrl_fast.model.attention import AttentionMeta, CausalSelfAttention
+from instructrl_fast.model.attention import AttentionMeta, CausalSelfAttention, positions_from_mask
 from instructrl_fast.model.config import GPTConfig
 from instructrl_fast.model.kv_cache import KVCache
 from instructrl_fast.ops._checks import check_mask, check_positive, check_tensor
 from instructrl_fast.parallel.layers import (
+    DEFAULT_KERNELS,
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
@@ -104,12 +105,6 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln_2(x)), keys, pos, 2 * self.index + 2)
 
 
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T] 0/1 mask -> [B, T] int64 position ids: 0 at each row's first real token, counting real tokens only
-    (left padding gets position 0; it is never attended by real tokens)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
-
-
 class GPT(nn.Module):
     """GPT-2/3 architecture with Megatron tensor parallelism over ``tp_group`` (None: one rank).
 
@@ -143,9 +138,7 @@ class GPT(nn.Module):
         # weights or on FSDP2's bf16 gathered copies alike; LayerNorm, softmax and the log-prob ops stay fp32.
         self.compute_dtype: torch.dtype | None = None
         self.dropout_keys: torch.Tensor | None = None  # [B] int64 of the next forward's rows (see keyed_dropout)
-        # Every kernel of the forward and the LM head gives each row the same bits whatever the batch, padding and
-        # tokens per call (``instructrl_fast.batch_invariant``): rollout log-probs == training log-probs, bitwise.
-        self.batch_invariant = False
+        self._batch_invariant = False  # see the property batch_invariant
         if self.wpe.weight.device.type != "meta":
             self.init_weights(0)
 
@@ -282,14 +275,12 @@ class GPT(nn.Module):
             raise ValueError(f"dropout_keys must be [B={B}], got {tuple(keys.shape)}")
         keys = None if keys is None else keys.to(idx.device)
         pos = pos.expand(B, T)
-        with (torch.autocast(idx.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype is not None),
-              batch_invariant.enabled(self.invariant)):
+        with torch.autocast(idx.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype is not None):
             x = self.drop(self.wte(idx) + self.wpe(pos), keys, pos, 0)
             for i, block in enumerate(self.blocks):
                 if recompute:  # the same dropout masks: keyed ones are a function of the inputs, plain ones are
                     # replayed (checkpoint restores the RNG state for the recompute)
-                    x = torch.utils.checkpoint.checkpoint(block, x, meta, None, keys, pos, use_reentrant=False,
-                                                          context_fn=batch_invariant.checkpoint_contexts)
+                    x = torch.utils.checkpoint.checkpoint(block, x, meta, None, keys, pos, use_reentrant=False)
                 else:
                     x = block(x, meta, None if kv_cache is None else kv_cache[i], keys, pos)
             return self.ln_f(x)
@@ -356,15 +347,29 @@ class GPT(nn.Module):
         return self.wte.vocab_start
 
     @property
-    def invariant(self) -> bool:
-        """Whether this model's calls run the batch-invariant kernels (its own flag or an enclosing mode)."""
-        return self.batch_invariant or batch_invariant.is_enabled()
+    def batch_invariant(self) -> bool:
+        """Whether every kernel of the forward and the LM head gives each row the same bits whatever the batch, padding
+        and tokens per call (``instructrl_fast.batch_invariant``): rollout log-probs == training log-probs, bitwise.
+        Setting it hands the mode's kernels to every layer (or the default ones back)."""
+        return self._batch_invariant
+
+    @batch_invariant.setter
+    def batch_invariant(self, on: bool) -> None:
+        if not isinstance(on, bool):
+            raise TypeError(f"batch_invariant must be a bool, got {type(on).__name__}")
+        for module in self.modules():
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+                module.kernels = batch_invariant.KERNELS if on else DEFAULT_KERNELS
+            elif isinstance(module, CausalSelfAttention):
+                module.batch_invariant = on
+        self._batch_invariant = on
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[B, T, D] -> [B, T, V_local] this rank's logit shard (never gathered). Columns of padded ids
         (>= vocab_size, see GPTConfig.padded_vocab_size) are real model outputs, not masked here."""
         w = self.lm_weight
-        return (batch_invariant.linear if self.invariant else F.linear)(copy_to_tp(h.to(w.dtype), self.tp_group), w)
+        linear = batch_invariant.linear if self.batch_invariant else F.linear
+        return linear(copy_to_tp(h.to(w.dtype), self.tp_group), w)
 
     def token_logprobs(self, idx: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        temperature: float = 1.0, with_entropy: bool = False):
@@ -381,7 +386,7 @@ class GPT(nn.Module):
         # the heads run outside forward's autocast: the hidden state takes the weights' dtype (bf16 on FSDP2's
         # gathered copies or a frozen bf16 model, whatever LayerNorm returned under autocast)
         h = self(idx, attention_mask).to(self.lm_weight.dtype)
-        if self.invariant:
+        if self.batch_invariant:
             return batch_invariant.linear_logprobs(h, self.lm_weight, labels, temperature=temperature,
                                                    with_entropy=with_entropy, tp_group=self.tp_group)
         # No copy_to_tp here: linear_logprobs all-reduces the hidden gradient over tp_group itself.

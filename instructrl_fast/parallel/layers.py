@@ -5,16 +5,21 @@ Notation: ``p`` = TP world size, ``r`` = this rank. A layer's ``tp_sharding`` ma
 holds that many stacked blocks, e.g. Q, K, V, and each block is cut separately so that every rank keeps whole
 heads of each). ``shard_tensor`` / ``unshard_tensor`` implement it; the model uses them to load and save full
 (unsharded) checkpoints. Parameters start uninitialised (``torch.empty``): the model initialises them.
+
+The linears run the kernels of their ``kernels`` (``LayerKernels``): by default ``F.linear`` and the all-reduce of
+``reduce_from_tp``; a model in the batch-invariant mode hands them ``batch_invariant.KERNELS``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from instructrl_fast import batch_invariant
 from instructrl_fast.parallel.mappings import copy_to_tp, reduce_from_tp, tp_rank, tp_world_size
 
 
@@ -24,9 +29,16 @@ def _divide(n: int, p: int, what: str) -> int:
     return n // p
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, or its fixed-tile GEMM in the batch-invariant mode (``instructrl_fast.batch_invariant``)."""
-    return (batch_invariant.linear if batch_invariant.is_enabled() else F.linear)(x, weight, bias)
+@dataclass(frozen=True)
+class LayerKernels:
+    """The kernels a TP linear runs: ``linear(x, weight, bias=None)`` (F.linear's contract) and ``reduce(y, group)``,
+    the sum of the row-parallel partial outputs over the TP group (identity backward, as ``reduce_from_tp``)."""
+
+    linear: Callable = F.linear
+    reduce: Callable = reduce_from_tp
+
+
+DEFAULT_KERNELS = LayerKernels()
 
 
 def shard_tensor(full: torch.Tensor, dim: int, n_fused: int, rank: int, world: int) -> torch.Tensor:
@@ -56,9 +68,10 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features // p, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features // p, device=device, dtype=dtype)) if bias else None
         self.tp_sharding = {"weight": (0, n_fused), "bias": (0, n_fused)}
+        self.kernels = DEFAULT_KERNELS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(copy_to_tp(x, self.tp_group), self.weight, self.bias)
+        return self.kernels.linear(copy_to_tp(x, self.tp_group), self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -76,13 +89,12 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features // p, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.tp_sharding = {"weight": (1, 1)}
+        self.kernels = DEFAULT_KERNELS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tp_world_size(self.tp_group) == 1:
-            return _linear(x, self.weight, self.bias)  # one fused addmm (outside the batch-invariant mode)
-        # the batch-invariant mode sums the ranks' partial outputs in rank order, whatever the all-reduce algorithm
-        reduce = batch_invariant.reduce_fixed_order if batch_invariant.is_enabled() else reduce_from_tp
-        y = reduce(_linear(x, self.weight), self.tp_group)
+            return self.kernels.linear(x, self.weight, self.bias)  # one fused addmm (with the default kernels)
+        y = self.kernels.reduce(self.kernels.linear(x, self.weight), self.tp_group)
         return y if self.bias is None else y + self.bias
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from instructrl_fast import batch_invariant, ops
+from instructrl_fast import ops
 from instructrl_fast.model.gpt import sample_keys
 from instructrl_fast.parallel.dist import parallel_state
 from instructrl_fast.train.batching import encode_prompt, epoch_permutation, left_pad, lm_batch, step_indices
@@ -74,9 +74,8 @@ def actor_loss_of(policy, exp: Experience, config: ops.ActorLossConfig) -> tuple
     """``ops.ppo_actor_loss`` of the policy on one micro-batch: the final hidden states and the tied LM-head weight
     go straight into the fused loss (the same as ``logprobs_of`` then ``ops.ppo_policy_loss``, within rounding)."""
     h = policy(exp.sequences[:, :-1], attention_mask=exp.attention_mask[:, :-1]).to(policy.lm_weight.dtype)
-    with batch_invariant.enabled(policy.invariant):
-        return ops.ppo_actor_loss(h, policy.lm_weight, exp.sequences[:, 1:], exp.old_logp, exp.advantages,
-                                  exp.action_mask, config=config, tp_group=policy.tp_group)
+    return ops.ppo_actor_loss(h, policy.lm_weight, exp.sequences[:, 1:], exp.old_logp, exp.advantages,
+                              exp.action_mask, config=config, tp_group=policy.tp_group)
 
 
 @torch.no_grad()
@@ -132,9 +131,9 @@ class PPOStage:
         self.mesh.dp_share(torch.arange(cfg.rollout_batch_size), "rollout_batch_size")  # fail early, naming it
         self.experience: Experience | None = None
         self.n_prompts = min(cfg.n_prompts, len(self.prompts))
-        self.actor_loss_config = ops.ActorLossConfig(clip_eps=cfg.clip_eps)
         if cfg.batch_invariant:
             policy.batch_invariant = True
+        self.actor_loss_config = ops.ActorLossConfig(clip_eps=cfg.clip_eps, batch_invariant=policy.batch_invariant)
 
     # ---------------------------------------------------------------------------------------------- rollout
     @torch.no_grad()
@@ -182,7 +181,7 @@ class PPOStage:
         micro-batch (``RolloutBatch`` [M, L]), ``micro_batch_size`` sequences per forward (the FSDP models' forwards
         are collectives over dp: every rank runs as many)."""
         # batch-invariant policy: the sampler's log-probs are the training forward's, bitwise; no recomputation
-        sampled = policy_copy.invariant and self.cfg.temperature == 1.0
+        sampled = policy_copy.batch_invariant and self.cfg.temperature == 1.0
         parts = {"ref_logp": [], "old_values": [], "scores": []} if sampled else \
             {"old_logp": [], "ref_logp": [], "old_values": [], "scores": []}
         seq, attn = batch.sequences, batch.attention_mask.bool()
