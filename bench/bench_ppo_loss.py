@@ -46,7 +46,6 @@ CLIP_LOW, CLIP_HIGH, DUAL_CLIP, VALUE_CLIP = 0.2, 0.28, 3.0, 0.2
 CPU_SHAPES = [(256, 1024), (32, 8192)]
 GPU_SHAPES = [(256, 1024), (512, 4096), (64, 32768)]
 GPU_QUICK = [(512, 4096)]
-IMPLEMENTED = {"policy": ("cpp", "cuda", "triton"), "value": ("cpp", "triton")}
 
 
 def policy_loss_eager(logp, old_logp, advantages, mask):
@@ -105,8 +104,8 @@ def make_run(op: str, provider: str, B: int, T: int, dtype_name: str, device: st
 
 def bench_case(op, B, T, dtype_name, device, copy_gbs, quick):
     nbytes = B * T * (7 * DTYPES[dtype_name].itemsize + 2)
-    ours = [f"ours-{b}" for b in IMPLEMENTED[op] if backend_mod.available(b, device)
-            and not (b == "triton" and device.type == "cpu")]
+    ours = [f"ours-{b}" for b in backend_mod.REGISTRY[f"ppo_{op}_loss"] if b != "torch"
+            and backend_mod.available(b, device) and not (b == "triton" and device.type == "cpu")]
     ref_loss, ref_grad = make_run(op, "eager", B, T, dtype_name, str(device))()
     rows, base_ms = [], None
     for provider in ["eager", "compile"] + ours:
