@@ -62,6 +62,7 @@ from pathlib import Path
 
 import torch
 
+from instructrl_fast.model.build import PRECISIONS
 from instructrl_fast.model.config import GPTConfig
 
 ROLES = ("policy", "reference", "reward", "value")
@@ -70,7 +71,7 @@ TRAINED = ("policy", "value")  # in PPO; the reference and the reward model are 
 STAGES = ("sft", "rm", "ppo-rollout", "ppo-train", "ppo-ptx-train")
 TERMS = ("parameters", "gradients", "optimizer state", "EMA", "frozen models", "inference copy", "activations",
          "KV cache", "comm buffers")
-PRECISIONS = {"bf16": 2, "fp32": 4}  # bytes of a compute-dtype element
+ELEMENT_BYTES = {name: (dtype or torch.float32).itemsize for name, dtype in PRECISIONS.items()}  # of the compute dtype
 GiB = 2**30
 # Dense tensor-core peaks of an H100 SXM (vendor sheet): bf16 989 TFLOP/s, TF32 495 TFLOP/s; HBM3 3.35 TB/s.
 DEFAULT_PEAK_TFLOPS = {"bf16": 989.0, "fp32": 495.0}
@@ -290,12 +291,12 @@ class Plan:
 
 def _param_bytes(role: str, spec: PlanSpec) -> int:
     """Bytes per stored parameter: trained models keep fp32 masters, frozen ones the compute dtype."""
-    return 4 if role in TRAINED else PRECISIONS[spec.precision]
+    return 4 if role in TRAINED else ELEMENT_BYTES[spec.precision]
 
 
 def _stage_terms(stage: str, spec: PlanSpec, shards: dict[str, ModelShards], b: int) -> dict[str, int]:
     """Bytes per GPU of ``stage`` at micro-batch ``b`` (see the module docstring for every formula)."""
-    e, tp, ckpt = PRECISIONS[spec.precision], spec.tp, spec.activation_checkpointing
+    e, tp, ckpt = ELEMENT_BYTES[spec.precision], spec.tp, spec.activation_checkpointing
     cfg = spec.models
     terms = dict.fromkeys(TERMS, 0)
     if stage in ("sft", "rm"):
@@ -415,7 +416,7 @@ def _iteration_time(spec: PlanSpec, shards: dict[str, ModelShards]) -> dict[str,
     the PPO update and the ptx term (spread over every GPU)."""
     from instructrl_fast.train.loop import flops_per_token  # the trainer's own MFU formula
 
-    e, tp, cfg = PRECISIONS[spec.precision], spec.tp, spec.models
+    e, tp, cfg = ELEMENT_BYTES[spec.precision], spec.tp, spec.models
     peak = spec.peak_tflops * 1e12 * spec.mfu
     bandwidth = spec.hbm_tbps * 1e12 * spec.bandwidth_utilization
     P, R, s = spec.prompt_len, spec.response_len, spec.prompt_len + spec.response_len

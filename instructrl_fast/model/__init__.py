@@ -6,6 +6,7 @@ from instructrl_fast.model.attention import (
     positions_from_mask,
     use_attention_backend,
 )
+from instructrl_fast.model.build import PRECISIONS, build_gpt
 from instructrl_fast.model.config import PRESETS, GPTConfig
 from instructrl_fast.model.gpt import GPT
 from instructrl_fast.model.hf import load_gpt2, save_gpt2
@@ -14,9 +15,11 @@ from instructrl_fast.model.kv_cache import KVCache
 __all__ = [
            "ATTENTION_BACKENDS",
            "GPT",
+           "PRECISIONS",
            "PRESETS",
            "GPTConfig",
            "KVCache",
+           "build_gpt",
            "choose_backend",
            "load_gpt2",
            "positions_from_mask",

@@ -30,6 +30,7 @@ from instructrl_fast.parallel.layers import (
     shard_tensor,
 )
 from instructrl_fast.parallel.mappings import copy_to_tp, tp_rank, tp_world_size
+from instructrl_fast.parallel.shards import tp_specs
 
 HEADS = ("lm", "scalar")
 
@@ -145,15 +146,6 @@ class GPT(nn.Module):
     # ----------------------------------------------------------------------------------------------------------
     # weights
     # ----------------------------------------------------------------------------------------------------------
-    def tp_shard_specs(self) -> dict[str, tuple[int, int]]:
-        """Parameter name -> (dim, n_fused) for every tensor-parallel parameter (the rest are replicated)."""
-        out = {}
-        for mod_name, mod in self.named_modules():
-            for p_name, spec in getattr(mod, "tp_sharding", {}).items():
-                if getattr(mod, p_name, None) is not None:
-                    out[f"{mod_name}.{p_name}"] = spec
-        return out
-
     def _init_std(self, name: str) -> float | None:
         """Init std of a weight (None: a bias or LayerNorm, set to constants). GPT-2 scales the residual
         projections by 1 / sqrt(2 n_layer) so the residual stream's variance does not grow with depth."""
@@ -174,7 +166,7 @@ class GPT(nn.Module):
         """
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        sharding, p, r = self.tp_shard_specs(), tp_world_size(self.tp_group), tp_rank(self.tp_group)
+        sharding, p, r = tp_specs(self), tp_world_size(self.tp_group), tp_rank(self.tp_group)
         for name, param in self.named_parameters():
             local = param.to_local() if hasattr(param, "to_local") else param
             if local.device.type == "meta":
@@ -184,7 +176,7 @@ class GPT(nn.Module):
                 local.fill_(1.0 if name.endswith("weight") else 0.0)
                 continue
             shape = list(param.shape)  # a DTensor reports its global (TP-local) shape
-            dim, n_fused = sharding.get(name, (0, 1))
+            dim, n_fused, _ = sharding.get(name, (0, 1, None))
             if name in sharding:
                 shape[dim] *= p
             gen = torch.Generator(device=local.device)
@@ -205,7 +197,7 @@ class GPT(nn.Module):
 
         ``strict``: every parameter must be present (else missing ones keep their values). Shapes are checked.
         """
-        from instructrl_fast.parallel.shards import full_slices, local_chunks, reshard, tp_specs
+        from instructrl_fast.parallel.shards import full_slices, local_chunks, reshard
 
         reshard(self)
         specs = tp_specs(self)
@@ -225,7 +217,7 @@ class GPT(nn.Module):
         """The full (TP = 1) parameters on global rank 0 (an empty dict on the other ranks), gathered one tensor at a
         time: a collective, every rank must call it. Prefer ``save_gpt2`` / ``checkpoint.save_weights``, which
         stream to disk without ever holding the whole model."""
-        from instructrl_fast.parallel.shards import gather_full, reshard, tp_specs
+        from instructrl_fast.parallel.shards import gather_full, reshard
 
         reshard(self)
         specs = tp_specs(self)
@@ -401,5 +393,5 @@ class GPT(nn.Module):
 
     def num_params(self, *, local: bool = True) -> int:
         """Parameters of this rank (``local=True``) or of the whole model at TP = 1 (sharded ones times p)."""
-        sharded, p = self.tp_shard_specs(), tp_world_size(self.tp_group)
+        sharded, p = tp_specs(self), tp_world_size(self.tp_group)
         return sum(t.numel() * (1 if local or n not in sharded else p) for n, t in self.named_parameters())

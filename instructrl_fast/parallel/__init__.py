@@ -1,7 +1,7 @@
 """Tensor parallelism (Megatron-style layers and paired mappings), FSDP2 over data parallelism, process-group set-up.
 
-See ``mappings`` for the collectives, ``layers`` for the sharded modules, ``fsdp`` for sharding over dp and model
-construction on the mesh, and ``dist`` for torchrun set-up and the (dp x tp) ``ParallelState``.
+See ``mappings`` for the collectives, ``layers`` for the sharded modules, ``fsdp`` for sharding over dp, ``shards``
+for where each rank's piece of a parameter sits, and ``dist`` for torchrun set-up and the (dp x tp) ``ParallelState``.
 """
 
 from instructrl_fast.parallel.dist import (
@@ -12,7 +12,7 @@ from instructrl_fast.parallel.dist import (
     make_state,
     parallel_state,
 )
-from instructrl_fast.parallel.fsdp import PRECISIONS, apply_fsdp, build_gpt
+from instructrl_fast.parallel.fsdp import apply_fsdp
 from instructrl_fast.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -23,13 +23,11 @@ from instructrl_fast.parallel.layers import (
 from instructrl_fast.parallel.mappings import copy_to_tp, gather_from_tp, reduce_from_tp, tp_rank, tp_world_size
 
 __all__ = [
-    "PRECISIONS",
     "ColumnParallelLinear",
     "ParallelState",
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "apply_fsdp",
-    "build_gpt",
     "copy_to_tp",
     "destroy_distributed",
     "gather_from_tp",

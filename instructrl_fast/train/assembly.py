@@ -4,7 +4,7 @@ the models a stage trains (``load_model``) and the four of PPO (``ppo_models``).
 A model comes from a weights file (``weights.save_weights``: its shape and tokenizer stored with it) or a stage's
 output folder holding one, a GPT-2-family Hugging Face folder (config.json, and tokenizer.json when present), a
 stage's checkpoint (a ``ckpt`` folder or one ``ckpt/step_*`` folder: its stored shape), or nothing (a new model of
-the shape asked for). It is built on the mesh (``parallel.build_gpt``: TP layers, FSDP2 over dp, precision,
+the shape asked for). It is built on the mesh (``model.build_gpt``: TP layers, FSDP2 over dp, precision,
 activation checkpointing; frozen models for the reference and the reward model) and each rank reads only its own
 slices. Problems with the input are ValueErrors naming the file and the option involved.
 """
@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from instructrl_fast.data.tokenizer import load_tokenizer, tokenizer_from_spec, tokenizer_spec
+from instructrl_fast.model import build_gpt
 from instructrl_fast.model.config import GPTConfig
-from instructrl_fast.parallel import ParallelState, build_gpt
+from instructrl_fast.parallel import ParallelState
 from instructrl_fast.train.checkpoint import checkpoint_kind, checkpoint_model, load_model_weights
 from instructrl_fast.train.reward import RewardModel
 from instructrl_fast.weights import load_weights, weights_info

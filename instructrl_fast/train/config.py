@@ -317,7 +317,7 @@ class PipelineConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)  # the final evaluation
     block_size: int = 136  # model context: few-shot prefix (64) + prompt (40) + response (24) + bos/eos, rounded up
     data_seed: int = 0  # DemoTask / GoldLabeler seed
-    precision: str | None = None  # "bf16" or "fp32" (see parallel.build_gpt); None: bf16 on a GPU, fp32 on CPU
+    precision: str | None = None  # "bf16" or "fp32" (see model.build_gpt); None: bf16 on a GPU, fp32 on CPU
     activation_checkpointing: bool = False  # recompute each block in backward (on in the GPT-3-shape presets)
 
     def __post_init__(self):

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from instructrl_fast.parallel.dist import local_tensor, parallel_state
-from instructrl_fast.parallel.mappings import tp_world_size
+from instructrl_fast.parallel.shards import tp_specs
 from instructrl_fast.train import preempt
 from instructrl_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from instructrl_fast.train.config import LoopConfig, OptimConfig
@@ -110,18 +110,16 @@ def peak_flops(device: torch.device) -> float:
 
 
 def _tp_shards(modules: Iterable[torch.nn.Module]) -> tuple[set[int], dist.ProcessGroup | None]:
-    """(ids of the tensor-parallel parameter shards, their TP group); (empty, None) at TP = 1. The TP layers name
-    their sharded parameters in ``tp_sharding``; every other parameter is replicated on the TP ranks."""
-    ids, group = set(), None
+    """(ids of the tensor-parallel parameter shards, their TP group) by ``tp_specs``; (empty, None) at TP = 1.
+    Every other parameter is replicated on the TP ranks."""
+    ids, groups = set(), set()
     for module in modules:
-        for m in module.modules():
-            if tp_world_size(g := getattr(m, "tp_group", None)) == 1:
-                continue
-            if group is not None and g is not group:
-                raise ValueError("the trained modules must share one tensor-parallel group")
-            group = g
-            ids.update(id(p) for name in getattr(m, "tp_sharding", {}) if (p := getattr(m, name, None)) is not None)
-    return ids, group
+        for name, (_, _, group) in tp_specs(module).items():
+            ids.add(id(module.get_parameter(name)))
+            groups.add(group)
+    if len(groups) > 1:
+        raise ValueError("the trained modules must share one tensor-parallel group")
+    return ids, next(iter(groups), None)
 
 
 def _norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:

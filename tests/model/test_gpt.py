@@ -8,6 +8,7 @@ import torch
 
 from instructrl_fast.backend import triton_interpreting, use_backend
 from instructrl_fast.model import GPT, GPTConfig, use_attention_backend
+from instructrl_fast.parallel.shards import tp_specs
 from tests.model._reference import reference_hidden
 
 NEEDS_INTERPRETER = pytest.mark.skipif(not triton_interpreting(), reason="CPU tensors reach the Triton kernel only "
@@ -83,7 +84,7 @@ def test_gpt3_175b_tp8_plan_on_meta_with_a_fake_process_group():
     try:
         with torch.device("meta"):
             model = GPT(cfg, tp_group=dist.group.WORLD)
-        sharded = model.tp_shard_specs()
+        sharded = tp_specs(model)
         local = model.num_params()
         replicated = sum(p.numel() for n, p in model.named_parameters() if n not in sharded)
         assert model.num_params(local=False) == (local - replicated) * 8 + replicated

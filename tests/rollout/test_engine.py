@@ -192,7 +192,8 @@ def _experience_fn(policy, ref, value, rm):
 
 
 def _mesh_worker(rank: int, init_file: str, out_dir: str) -> None:
-    from instructrl_fast.parallel import build_gpt, make_state
+    from instructrl_fast.model import build_gpt
+    from instructrl_fast.parallel import make_state
     from instructrl_fast.train.reward import RewardModel
 
     torch.set_num_threads(1)

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from instructrl_fast.model import GPTConfig
-from instructrl_fast.parallel import build_gpt, destroy_distributed, make_state
+from instructrl_fast.model import GPTConfig, build_gpt
+from instructrl_fast.parallel import destroy_distributed, make_state
 from instructrl_fast.rollout import generate
 from tests._dist import leave_worker
 

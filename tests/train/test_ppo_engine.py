@@ -43,7 +43,7 @@ def _eos_prone_policy_state() -> dict[str, torch.Tensor]:
 
 
 def _stage(slots: int) -> PPOStage:
-    from instructrl_fast.parallel import build_gpt
+    from instructrl_fast.model import build_gpt
 
     cfg = PPOConfig(n_episodes=8, n_prompts=8, rollout_batch_size=8, minibatch_size=4, micro_batch_size=2,
                     rollout_micro_batch_size=slots, max_new_tokens=16, loop=LoopConfig(progress=False))

@@ -21,7 +21,7 @@ PROMPTS = [p.text[:20] for p in DemoTask(0).prompts("train", 5)]  # 5: the last 
 
 
 def _responses(batch_size: int) -> list[list[str]]:
-    from instructrl_fast.parallel import build_gpt
+    from instructrl_fast.model import build_gpt
 
     model = build_gpt(MCFG, seed=1)
     return [respond(model, TOK, PROMPTS, max_new_tokens=8, temperature=t, batch_size=batch_size, seed=3)
@@ -69,7 +69,7 @@ def test_dp2_respond_equals_one_process():
 
 
 def test_respond_sampling_is_keyed_by_seed():
-    from instructrl_fast.parallel import build_gpt
+    from instructrl_fast.model import build_gpt
 
     model = build_gpt(MCFG, seed=1)
     a, b = (respond(model, TOK, PROMPTS, max_new_tokens=8, temperature=1.0, seed=s) for s in (3, 4))
