@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import append_rows, print_table, sync
 from instructrl_fast import batch_invariant
 from instructrl_fast.model import GPT, GPTConfig
-from instructrl_fast.model.gpt import sample_keys
+from instructrl_fast.rng import sample_keys
 from instructrl_fast.rollout import generate
 
 

@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import append_rows, copy_bandwidth_gbs, cpu_peak_bytes, cuda_peak_bytes, print_table, sync
 from instructrl_fast.model import GPT, GPTConfig, load_gpt2, save_gpt2
-from instructrl_fast.model.gpt import sample_keys
+from instructrl_fast.rng import sample_keys
 from instructrl_fast.rollout import generate
 from instructrl_fast.rollout.engine import RolloutEngine, Sampling, inference_copy, rollout_with_experience
 

@@ -1,7 +1,7 @@
 """The import layers, read from the sources with ``ast`` (every import, also those inside functions) over
 instructrl_fast/, kernels/ (the package instructrl_fast.kernels) and bench/: no import circle, and no import from a
-lower layer to a higher one. Ground up: data; parallel primitives, backend registry, checks; ops and kernels; model;
-rollout; train (and the trainers' drop-ins, integrations/); the command line, the planner and the benchmarks.
+lower layer to a higher one. Ground up: data; parallel primitives, rng, backend registry, checks; ops and kernels;
+model; rollout; train (and the trainers' drop-ins, integrations/); the command line, the planner and the benchmarks.
 """
 
 import ast
@@ -17,6 +17,7 @@ LAYERS = {
     "instructrl_fast.backend": 1,
     "instructrl_fast.ops._checks": 1,
     "instructrl_fast.parallel": 1,
+    "instructrl_fast.rng": 1,
     "instructrl_fast.ops": 2,
     "instructrl_fast.kernels": 2,
     "instructrl_fast.batch_invariant": 2,

@@ -30,7 +30,8 @@ from instructrl_fast.parallel.layers import (
     shard_tensor,
 )
 from instructrl_fast.parallel.mappings import copy_to_tp, tp_rank, tp_world_size
-from instructrl_fast.parallel.shards import tp_specs
+from instructrl_fast.parallel.shards import full_slices, gather_full, local_chunks, reshard, tp_specs
+from instructrl_fast.rng import keyed_uniform, mix64
 
 HEADS = ("lm", "scalar")
 
@@ -47,31 +48,6 @@ class MLP(nn.Module):
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 
-_MASK = {s: (1 << (64 - s)) - 1 for s in (29, 31, 32, 40)}  # logical right shifts of int64 (torch's >> is arithmetic)
-
-
-def _mix64(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on int64 tensors (multiplications wrap modulo 2^64): a counter -> 64 random bits."""
-    x = x ^ ((x >> 31) & _MASK[31])
-    x = x * 0x5851F42D4C957F2D
-    x = x ^ ((x >> 29) & _MASK[29])
-    x = x * 0x14057B7EF767814F
-    return x ^ ((x >> 32) & _MASK[32])
-
-
-def sample_keys(seed: int, draw: int, rows: torch.Tensor) -> torch.Tensor:
-    """[B] int64 dropout keys of the samples ``rows`` (dataset indices) at ``draw`` (e.g. the optimizer step):
-    the same sample gets the same masks whatever the batch, micro-batch or dp rank it lands in."""
-    return _mix64(_mix64(torch.full_like(rows, seed) * 1_000_003 + draw) + rows.long())
-
-
-def keyed_uniform(keys: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
-    """keys [B] int64, counter [B, ...] int64 -> [B, ...] fp32 uniforms in (0, 1) (24 random bits each): a pure
-    function of (key, counter), the same on every device and rank, with no generator state."""
-    bits = _mix64(_mix64(keys.view(-1, *(1,) * (counter.dim() - 1)) * 4099) + counter) >> 40
-    return ((bits & _MASK[40]).to(torch.float32) + 0.5) * 2.0**-24
-
-
 class KeyedDropout(nn.Dropout):
     """Dropout whose mask at (row b, position t, feature d) is a hash of (key[b], t, d, site): the draws belong to
     the sample and its token position, not to the process, the batch layout or the global RNG, so a run matches
@@ -84,7 +60,7 @@ class KeyedDropout(nn.Dropout):
         if keys is None or not self.training or self.p == 0:
             return super().forward(x)
         D = x.shape[-1]
-        counter = (_mix64(pos + site * 1_000_003) * D)[..., None] + torch.arange(D, device=x.device)  # [B, T, D]
+        counter = (mix64(pos + site * 1_000_003) * D)[..., None] + torch.arange(D, device=x.device)  # [B, T, D]
         return x * (keyed_uniform(keys, counter) >= self.p).to(x.dtype) / (1.0 - self.p)
 
 
@@ -197,8 +173,6 @@ class GPT(nn.Module):
 
         ``strict``: every parameter must be present (else missing ones keep their values). Shapes are checked.
         """
-        from instructrl_fast.parallel.shards import full_slices, local_chunks, reshard
-
         reshard(self)
         specs = tp_specs(self)
         for name, param in self.named_parameters():
@@ -217,8 +191,6 @@ class GPT(nn.Module):
         """The full (TP = 1) parameters on global rank 0 (an empty dict on the other ranks), gathered one tensor at a
         time: a collective, every rank must call it. Prefer ``save_gpt2`` / ``checkpoint.save_weights``, which
         stream to disk without ever holding the whole model."""
-        from instructrl_fast.parallel.shards import gather_full, reshard
-
         reshard(self)
         specs = tp_specs(self)
         gathered = ((name, gather_full(p, specs.get(name))) for name, p in self.named_parameters())

@@ -142,7 +142,7 @@ class RolloutEngine:
     def stream(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sample_keys: torch.Tensor,
                max_new_tokens: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, RolloutBatch]]:
         """Generate responses to ``prompt_ids`` / ``prompt_mask`` [B, W] (left padded, >= 1 real token per row),
-        row b's draws keyed by ``sample_keys[b]`` (``model.gpt.sample_keys``), and ended at EOS or after
+        row b's draws keyed by ``sample_keys[b]`` (``rng.sample_keys``), and ended at EOS or after
         ``max_new_tokens[b]`` tokens ([B] int64 in [1, N]; default N for every row).
 
         Yields ``(rows, batch)`` for every ``slots`` finished rows (the last group may be smaller), in the order

@@ -22,11 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-from instructrl_fast.model.gpt import GPT, keyed_uniform
+from instructrl_fast.model.gpt import GPT
 from instructrl_fast.ops import gather_logprobs
 from instructrl_fast.ops._checks import check_mask, check_positive, check_tensor
 from instructrl_fast.parallel.dist import parallel_state
 from instructrl_fast.parallel.mappings import gather_from_tp
+from instructrl_fast.rng import keyed_uniform
 from instructrl_fast.rollout.sampling import filter_logits, sample
 
 
@@ -107,10 +108,10 @@ def _check_args(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos
 def _all_ended(ended: torch.Tensor) -> bool:
     """Whether every row has ended on every dp rank. Agreed over the dp group: the replicas hold other prompts,
     and under FSDP2 each forward is a collective, so all of them must run the same number of decode steps."""
-    mesh = parallel_state()
+    parallel = parallel_state()
     running = (~ended).any().int()
-    if mesh.dp_size > 1:
-        torch.distributed.all_reduce(running, op=torch.distributed.ReduceOp.MAX, group=mesh.dp_group)
+    if parallel.dp_size > 1:
+        torch.distributed.all_reduce(running, op=torch.distributed.ReduceOp.MAX, group=parallel.dp_group)
     return not bool(running)
 
 
@@ -130,7 +131,7 @@ def generate(model: GPT, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
         pad_token_id: written after a row's EOS. generator: the sampling RNG (same seed on every TP rank).
         stop_check_every: the host checks "all rows ended" every this many steps (one sync each).
         cuda_graph: run the decode step through torch.compile(mode="reduce-overhead") (CUDA graphs; GPU only).
-        sample_keys: [B] int64 (``model.gpt.sample_keys``), instead of ``generator``: each row's draws are hashed
+        sample_keys: [B] int64 (``rng.sample_keys``), instead of ``generator``: each row's draws are hashed
             from its key, so its sample does not depend on the batch or the dp rank it is generated on.
 
     Returns:

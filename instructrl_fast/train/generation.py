@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from instructrl_fast.model.gpt import sample_keys
 from instructrl_fast.parallel.dist import parallel_state
+from instructrl_fast.rng import sample_keys
 from instructrl_fast.train.batching import encode_prompt, left_pad
 
 

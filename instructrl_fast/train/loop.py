@@ -210,9 +210,9 @@ def train(stage: Stage, optim: OptimConfig, loop: LoopConfig, out_dir: str | os.
         stage.load_state_dict(state["stage"])
         start = state["step"]
     fields = ["lr", "grad_norm", "tokens_per_s", "mfu", *stage.metric_names]
-    mesh = parallel_state()
+    parallel = parallel_state()
     # one writer per file: the first rank logs; every rank computes (evaluation runs collectives under FSDP)
-    logger = MetricsLogger(out_dir, fields=fields, resume_step=start if start else None) if mesh.is_main else None
+    logger = MetricsLogger(out_dir, fields=fields, resume_step=start if start else None) if parallel.is_main else None
     try:
         with preempt.listening():
             return _run(stage, optim, loop, ckpt_dir, start, logger)
@@ -224,7 +224,7 @@ def train(stage: Stage, optim: OptimConfig, loop: LoopConfig, out_dir: str | os.
 def _run(stage: Stage, optim: OptimConfig, loop: LoopConfig, ckpt_dir: Path, start: int,
          logger: MetricsLogger | None) -> dict[str, float]:
     """The loop of ``train`` from optimizer step ``start``."""
-    mesh = parallel_state()
+    parallel = parallel_state()
     log = logger.log if logger is not None else (lambda step, row: None)
     device = _device_of(stage)
     peak = peak_flops(device)
@@ -257,7 +257,7 @@ def _run(stage: Stage, optim: OptimConfig, loop: LoopConfig, ckpt_dir: Path, sta
 
     for m in stage.modules.values():
         m.train()
-    bar = tqdm(total=stage.max_steps, initial=start, desc=stage.name, disable=not (loop.progress and mesh.is_main),
+    bar = tqdm(total=stage.max_steps, initial=start, desc=stage.name, disable=not (loop.progress and parallel.is_main),
                dynamic_ncols=True)
     t_last, tokens = time.perf_counter(), 0
     for step in range(start, stage.max_steps):
@@ -285,7 +285,8 @@ def _run(stage: Stage, optim: OptimConfig, loop: LoopConfig, ckpt_dir: Path, sta
         if (step + 1) % loop.log_interval == 0 or step + 1 == stage.max_steps:
             # the micro-batch means of every dp rank, averaged (one all-reduce per log row)
             keys = sorted(sums)
-            reduced = mesh.dp_sum(torch.stack([torch.as_tensor(sums[k], device=device) for k in keys])) if keys else ()
+            sums_t = [torch.as_tensor(sums[k], device=device) for k in keys]
+            reduced = parallel.dp_sum(torch.stack(sums_t)) if keys else ()
             row = {k: float(v) for k, v in zip(keys, reduced)}
             dt = time.perf_counter() - t_last
             row.update(lr=lr * stage.optimizer.param_groups[0]["peak_lr"], grad_norm=float(grad_norm),
@@ -312,18 +313,18 @@ def _micro_steps(stage: Stage, step: int, device: torch.device) -> tuple[dict[st
     Gradients accumulate into the same .grad buffers (FSDP2 reduce-scatters them over dp). Each loss term is weighted
     by the micro-batch's share of the term's global count, summed over the dp ranks once per step from host-side
     counts."""
-    mesh = parallel_state()
+    parallel = parallel_state()
     batches = list(stage.micro_batches(step))
     counts = torch.stack([stage.loss_counts(b).to(device) for b in batches])  # [M, K] float64
-    total = mesh.dp_sum(counts.sum(0))
+    total = parallel.dp_sum(counts.sum(0))
     # x dp: FSDP2 averages the dp ranks' gradients, and the step's gradient is their sum
-    weights = (counts / total.clamp_min(1) * mesh.dp_size).float()
+    weights = (counts / total.clamp_min(1) * parallel.dp_size).float()
     sums: dict[str, torch.Tensor] = {}
-    n_global, tokens = len(batches) * mesh.dp_size, 0
+    n_global, tokens = len(batches) * parallel.dp_size, 0
     for batch, weight in zip(batches, weights):
         loss, metrics, n_tok = stage.loss(batch, weight)
         loss.backward()
-        tokens += n_tok * mesh.dp_size
+        tokens += n_tok * parallel.dp_size
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v.detach() / n_global
     return sums, tokens

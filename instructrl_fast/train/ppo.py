@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from instructrl_fast import ops
-from instructrl_fast.model.gpt import sample_keys
 from instructrl_fast.parallel.dist import parallel_state
+from instructrl_fast.rng import sample_keys
 from instructrl_fast.train.batching import encode_prompt, epoch_permutation, left_pad, lm_batch, step_indices
 from instructrl_fast.train.checkpoint import ParameterState
 from instructrl_fast.train.config import PPOConfig
@@ -127,8 +127,8 @@ class PPOStage:
         self.max_steps = cfg.max_steps
         self.grad_accum = dp_micro_batches(cfg.minibatch_size, cfg.micro_batch_size)
         self.flops_per_token = 2 * model_flops_per_token(policy, policy.config.block_size)  # policy + value
-        self.mesh = parallel_state()
-        self.mesh.dp_share(torch.arange(cfg.rollout_batch_size), "rollout_batch_size")  # fail early, naming it
+        self.parallel = parallel_state()
+        self.parallel.dp_share(torch.arange(cfg.rollout_batch_size), "rollout_batch_size")  # fail early, naming it
         self.experience: Experience | None = None
         self.n_prompts = min(cfg.n_prompts, len(self.prompts))
         if cfg.batch_invariant:
@@ -142,7 +142,7 @@ class PPOStage:
 
         cfg = self.cfg
         all_rows = step_indices(iteration, n=self.n_prompts, batch_size=cfg.rollout_batch_size, seed=cfg.seed)
-        rows = self.mesh.dp_share(all_rows, "rollout_batch_size")
+        rows = self.parallel.dp_share(all_rows, "rollout_batch_size")
         # one prompt width for the whole batch, so the dp ranks' experience tensors can be gathered
         width = max(len(self.prompts[i]) for i in all_rows.tolist())
         ids, mask = left_pad([self.prompts[i] for i in rows.tolist()], self.tok.pad_id, length=width)
@@ -163,7 +163,7 @@ class PPOStage:
         old_logp, ref_logp, old_values, scores = (exp[k] for k in ("old_logp", "ref_logp", "old_values", "scores"))
         # every dp rank holds the whole rollout batch from here on: a minibatch is then the same episodes at any dp
         seq, attn, action_mask, old_logp, ref_logp, old_values, scores = (
-            self.mesh.dp_gather(t) for t in (seq, attn, action_mask, old_logp, ref_logp, old_values, scores))
+            self.parallel.dp_gather(t) for t in (seq, attn, action_mask, old_logp, ref_logp, old_values, scores))
         rewards = ops.shape_rewards(scores, old_logp, ref_logp, action_mask, kl_coef=cfg.kl_coef)
         advantages, returns = ops.gae(rewards, old_values, action_mask, gamma=cfg.gamma, lam=cfg.lam)
         if cfg.whiten_advantages:
@@ -212,12 +212,12 @@ class PPOStage:
         per_epoch = cfg.rollout_batch_size // cfg.minibatch_size
         epoch, mb = divmod(j, per_epoch)
         order = epoch_permutation(cfg.rollout_batch_size, iteration * cfg.ppo_epochs + epoch, cfg.seed + 1)
-        rows = self.mesh.dp_share(order[mb * cfg.minibatch_size:(mb + 1) * cfg.minibatch_size], "minibatch_size")
-        first = self.mesh.dp_rank * self.grad_accum  # the global index of this rank's first micro-batch
+        rows = self.parallel.dp_share(order[mb * cfg.minibatch_size:(mb + 1) * cfg.minibatch_size], "minibatch_size")
+        first = self.parallel.dp_rank * self.grad_accum  # the global index of this rank's first micro-batch
         for m, part in enumerate(rows.split(cfg.micro_batch_size), first):
             ptx = None
             if cfg.ptx_per_micro_batch:  # keyed to the global micro-batch index: the same windows whatever dp
-                ptx_rows = step_indices(step * self.grad_accum * self.mesh.dp_size + m, n=len(self.ptx_chunks),
+                ptx_rows = step_indices(step * self.grad_accum * self.parallel.dp_size + m, n=len(self.ptx_chunks),
                                         batch_size=cfg.ptx_per_micro_batch, seed=cfg.seed + 2)
                 ptx = lm_batch(self.ptx_chunks[ptx_rows])
             yield self.experience.index(part.to(self.experience.sequences.device)), ptx

@@ -6,8 +6,8 @@ import os
 
 import torch
 
-from instructrl_fast.model.gpt import sample_keys
 from instructrl_fast.parallel.dist import parallel_state
+from instructrl_fast.rng import sample_keys
 from instructrl_fast.train.batching import IGNORE_INDEX, lm_batch, step_indices
 from instructrl_fast.train.config import PretrainConfig
 from instructrl_fast.train.loop import flops_per_token, make_optimizer, train

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from instructrl_fast.model.gpt import sample_keys
 from instructrl_fast.parallel.dist import parallel_state
+from instructrl_fast.rng import sample_keys
 from instructrl_fast.train.batching import lm_batch, sft_batch, step_indices
 from instructrl_fast.train.config import SFTConfig
 from instructrl_fast.train.generation import respond

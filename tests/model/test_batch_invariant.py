@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from instructrl_fast import batch_invariant
 from instructrl_fast.backend import use_backend
 from instructrl_fast.model import GPT, GPTConfig
-from instructrl_fast.model.gpt import sample_keys
 from instructrl_fast.ops import gather_logprobs
+from instructrl_fast.rng import sample_keys
 from instructrl_fast.rollout import generate
 from instructrl_fast.rollout.engine import RolloutEngine, Sampling, inference_copy, rollout_with_experience
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from instructrl_fast.model import GPT, GPTConfig, build_gpt
-from instructrl_fast.model.gpt import KeyedDropout, sample_keys
+from instructrl_fast.model.gpt import KeyedDropout
 from instructrl_fast.parallel import dist, init_distributed
+from instructrl_fast.rng import sample_keys
 from instructrl_fast.train.config import LoopConfig, OptimConfig, PretrainConfig
 from instructrl_fast.train.pretrain import dp_micro_batches, pretrain
 

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from instructrl_fast.backend import triton_interpreting, use_backend
 from instructrl_fast.model import GPT, GPTConfig, use_attention_backend
-from instructrl_fast.model.gpt import sample_keys
+from instructrl_fast.rng import sample_keys
 from instructrl_fast.rollout import generate
 from instructrl_fast.rollout.engine import RolloutEngine, Sampling, inference_copy, rollout_with_experience
 from tests._dist import leave_worker

@@ -6,7 +6,7 @@ import torch
 
 from instructrl_fast.backend import triton_interpreting, use_backend
 from instructrl_fast.model import GPT, GPTConfig, use_attention_backend
-from instructrl_fast.model.gpt import sample_keys
+from instructrl_fast.rng import sample_keys
 from instructrl_fast.rollout import generate
 from instructrl_fast.rollout.generate import _keyed_sample
 

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from instructrl_fast.data import ByteTokenizer, DemoTask
 from instructrl_fast.model import GPT, GPTConfig
-from instructrl_fast.model.gpt import sample_keys
+from instructrl_fast.rng import sample_keys
 from instructrl_fast.rollout import generate
 from instructrl_fast.train.batching import step_indices
 from instructrl_fast.train.config import LoopConfig, PPOConfig
