@@ -62,6 +62,7 @@ from pathlib import Path
 
 import torch
 
+from instructrl_fast.checks import check_positive_int
 from instructrl_fast.model.build import PRECISIONS
 from instructrl_fast.model.config import GPTConfig
 
@@ -116,9 +117,7 @@ class PlanSpec:
         for name in ("gpus", "tp", "sft_micro_batch", "rm_micro_batch", "rm_responses", "seq_len", "ppo_micro_batch",
                      "rollout_micro_batch", "rollout_batch", "ppo_epochs", "prompt_len", "response_len",
                      "ptx_seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"PlanSpec.{name} must be a positive int, got {value!r}")
+            check_positive_int(f"PlanSpec.{name}", getattr(self, name))
         if self.gpus % self.tp:
             raise ValueError(f"PlanSpec.tp ({self.tp}) must divide gpus ({self.gpus})")
         if self.precision not in PRECISIONS:

@@ -15,7 +15,7 @@ LAYERS = {
     "instructrl_fast": 1,  # the package root: lazy re-exports of _ext and backend
     "instructrl_fast._ext": 1,
     "instructrl_fast.backend": 1,
-    "instructrl_fast.ops._checks": 1,
+    "instructrl_fast.checks": 1,
     "instructrl_fast.parallel": 1,
     "instructrl_fast.rng": 1,
     "instructrl_fast.ops": 2,

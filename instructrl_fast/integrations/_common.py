@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from instructrl_fast.ops._checks import check_float, checked_bool_mask, eager_data_checks
+from instructrl_fast.checks import check_float, checked_bool_mask, eager_data_checks
 
 
 def out_dtype(*tensors: torch.Tensor) -> torch.dtype:

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 
 from instructrl_fast import ops
+from instructrl_fast.checks import check_positive_int, check_tensor, checked_bool_mask
 from instructrl_fast.integrations._common import out_dtype, whiten_everywhere
-from instructrl_fast.ops._checks import check_tensor, checked_bool_mask
 from instructrl_fast.ops.ppo_loss import masked_reduce
 
 _IGNORE = -100
@@ -58,8 +58,7 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Te
 
     ``chunk_size`` is accepted for TRL's signature; the fused op never holds more than a row block anyway.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_positive_int("chunk_size", chunk_size)
     return ops.entropy(logits).to(logits.dtype)
 
 

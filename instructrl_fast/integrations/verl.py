@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from instructrl_fast import ops
+from instructrl_fast.checks import check_float, checked_bool_mask, eager_data_checks
 from instructrl_fast.integrations._common import out_dtype, whiten_everywhere
-from instructrl_fast.ops._checks import check_float, checked_bool_mask, eager_data_checks
 from instructrl_fast.ops.ppo_loss import masked_reduce
 
 # verl's loss_agg_mode -> the fused ops' reduction that verl's result is a rescaling of

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from instructrl_fast.checks import check_positive_int
+
 
 @dataclass(kw_only=True)
 class GPTConfig:
@@ -24,9 +26,7 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("n_layer", "n_head", "d_model", "vocab_size", "vocab_multiple", "block_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+            check_positive_int(f"GPTConfig.{name}", getattr(self, name))
         if isinstance(self.d_ff, bool) or not isinstance(self.d_ff, int) or self.d_ff < 0:
             raise ValueError(f"GPTConfig.d_ff must be an int >= 0 (0 = 4 * d_model), got {self.d_ff!r}")
         if self.d_ff == 0:

@@ -18,10 +18,10 @@ import torch.utils.checkpoint
 from torch import nn
 
 from instructrl_fast import batch_invariant
+from instructrl_fast.checks import check_mask, check_positive, check_tensor
 from instructrl_fast.model.attention import AttentionMeta, CausalSelfAttention, positions_from_mask
 from instructrl_fast.model.config import GPTConfig
 from instructrl_fast.model.kv_cache import KVCache
-from instructrl_fast.ops._checks import check_mask, check_positive, check_tensor
 from instructrl_fast.parallel.layers import (
     DEFAULT_KERNELS,
     ColumnParallelLinear,

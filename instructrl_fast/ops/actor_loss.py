@@ -52,7 +52,7 @@ from torch import Tensor
 
 from instructrl_fast import batch_invariant
 from instructrl_fast.backend import register, resolve
-from instructrl_fast.ops._checks import (
+from instructrl_fast.checks import (
     check_choice,
     check_float,
     check_lm_head,

@@ -12,7 +12,7 @@ import torch
 
 from instructrl_fast import _ext
 from instructrl_fast.backend import dispatch, register
-from instructrl_fast.ops._checks import (
+from instructrl_fast.checks import (
     check_float,
     check_same_device,
     check_shape,

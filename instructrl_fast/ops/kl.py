@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from instructrl_fast.backend import dispatch, register
-from instructrl_fast.ops._checks import (
+from instructrl_fast.checks import (
     check_choice,
     check_float,
     check_real,

@@ -23,7 +23,7 @@ import torch
 
 from instructrl_fast import _ext
 from instructrl_fast.backend import dispatch, register
-from instructrl_fast.ops._checks import (
+from instructrl_fast.checks import (
     check_choice,
     check_float,
     check_positive,

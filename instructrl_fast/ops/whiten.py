@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from instructrl_fast.backend import dispatch, register
-from instructrl_fast.ops._checks import (
+from instructrl_fast.checks import (
     check_float,
     check_positive,
     check_same_device,

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from instructrl_fast.checks import check_positive_int
+
 
 @dataclass(kw_only=True)
 class ParallelState:
@@ -95,8 +97,7 @@ def init_distributed(tp_size: int = 1, *, backend: str | None = None, timeout_s:
     ``backend`` defaults to ``nccl`` when CUDA is available, else ``gloo``. ``tp_size`` must divide the world size;
     the rest is data parallel. Returns the ``ParallelState``; without torchrun, a one-process state.
     """
-    if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
-        raise ValueError(f"tp_size must be a positive int, got {tp_size!r}")
+    check_positive_int("tp_size", tp_size)
     if backend is not None and backend not in ("nccl", "gloo"):
         raise ValueError(f"backend must be 'nccl', 'gloo' or None, got {backend!r}")
     global _STATE

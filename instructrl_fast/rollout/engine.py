@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from instructrl_fast.checks import check_mask, check_positive_int, check_tensor, eager_data_checks
 from instructrl_fast.model.gpt import GPT
-from instructrl_fast.ops._checks import check_mask, check_tensor, eager_data_checks
 from instructrl_fast.rollout.generate import RolloutBatch, _check_args, _compiled_decode_step, _decode_step, _next_token
 
 
@@ -110,8 +110,7 @@ class RolloutEngine:
     def __init__(self, model: GPT, *, slots: int, prompt_len: int, sampling: Sampling, continuous: bool = True,
                  cuda_graph: bool = False, check_every: int = 1):
         for name, value in (("slots", slots), ("prompt_len", prompt_len), ("check_every", check_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value)
         if not isinstance(sampling, Sampling):
             raise TypeError(f"sampling must be a Sampling, got {type(sampling).__name__}")
         probe = torch.zeros(1, prompt_len, dtype=torch.long)

@@ -22,13 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
+from instructrl_fast.checks import check_mask, check_positive, check_positive_int, check_tensor
 from instructrl_fast.model.gpt import GPT
 from instructrl_fast.ops import gather_logprobs
-from instructrl_fast.ops._checks import check_mask, check_positive, check_tensor
 from instructrl_fast.parallel.dist import parallel_state
 from instructrl_fast.parallel.mappings import gather_from_tp
-from instructrl_fast.rng import keyed_uniform
-from instructrl_fast.rollout.sampling import filter_logits, sample
+from instructrl_fast.rollout.sampling import sample
 
 
 @dataclass
@@ -47,28 +46,12 @@ class RolloutBatch:
         return torch.cat([self.logprobs.new_zeros(B, self.sequences.shape[1] - N), self.logprobs], dim=1)
 
 
-def _keyed_sample(logits: torch.Tensor, keys: torch.Tensor, n: int, *, temperature: float, top_k, top_p,
-                  vocab_size: int) -> torch.Tensor:
-    """``sample``'s exponential race with its Exp(1) draws hashed from (row key, step n, token id): a row's sample
-    is a function of the row, not of the batch it is in nor of the rank (``keyed_uniform``)."""
-    x = filter_logits(logits, vocab_size=vocab_size, top_k=top_k, top_p=top_p)
-    if temperature == 0.0:
-        return torch.argmax(x, dim=-1)
-    V = x.shape[-1]
-    u = keyed_uniform(keys, (n * V + torch.arange(V, device=x.device)).expand(x.shape[0], V))
-    return torch.argmax(torch.softmax(x / temperature, dim=-1) / -torch.log(u), dim=-1)
-
-
 def _next_token(model: GPT, h_last: torch.Tensor, n: int, temperature: float, top_k, top_p, generator, keys):
     """h_last [B, D] -> (token [B] int64, logp [B] fp32) from this rank's logit shard (gathered to sample)."""
     shard = model.logits(h_last[:, None])[:, 0]  # [B, V_local]
     full = gather_from_tp(shard, model.tp_group)
-    if keys is not None:
-        token = _keyed_sample(full, keys, n, temperature=temperature, top_k=top_k, top_p=top_p,
-                              vocab_size=model.config.vocab_size)
-    else:
-        token = sample(full, temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=model.config.vocab_size,
-                       generator=generator)
+    token = sample(full, temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=model.config.vocab_size,
+                   generator=generator, keys=keys, step=n)
     logp = gather_logprobs(shard, token, temperature=temperature or 1.0, tp_group=model.tp_group)
     return token, logp
 
@@ -91,8 +74,7 @@ def _check_args(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos
         raise TypeError("model must be a GPT with head='lm'")
     check_tensor("prompt_ids", prompt_ids, dtypes=(torch.int64,), ndim=2)
     check_mask("prompt_mask", prompt_mask, prompt_ids.shape, "prompt_ids")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    check_positive_int("max_new_tokens", max_new_tokens)
     if prompt_ids.shape[1] + max_new_tokens > model.config.block_size:
         raise ValueError(f"prompt length + max_new_tokens ({prompt_ids.shape[1] + max_new_tokens}) must be <= "
                          f"block_size ({model.config.block_size})")
@@ -101,8 +83,7 @@ def _check_args(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or not 0 <= value < model.config.vocab_size):
             raise ValueError(f"{name} must be an int in [0, vocab_size={model.config.vocab_size}), got {value!r}")
-    if isinstance(stop_check_every, bool) or not isinstance(stop_check_every, int) or stop_check_every < 1:
-        raise ValueError(f"stop_check_every must be a positive int, got {stop_check_every!r}")
+    check_positive_int("stop_check_every", stop_check_every)
 
 
 def _all_ended(ended: torch.Tensor) -> bool:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from instructrl_fast.ops._checks import check_float, check_positive
+from instructrl_fast.checks import check_float, check_positive, check_positive_int
+from instructrl_fast.rng import keyed_uniform
 
 
 def filter_logits(logits: torch.Tensor, *, vocab_size: int | None = None, top_k: int | None = None,
@@ -25,8 +26,7 @@ def filter_logits(logits: torch.Tensor, *, vocab_size: int | None = None, top_k:
     if vocab_size is not None and vocab_size < V:
         x = x.masked_fill(torch.arange(V, device=x.device) >= vocab_size, float("-inf"))
     if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        check_positive_int("top_k", top_k)
         if top_k < V:
             kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
             x = x.masked_fill(x < kth, float("-inf"))
@@ -41,23 +41,32 @@ def filter_logits(logits: torch.Tensor, *, vocab_size: int | None = None, top_k:
     return x
 
 
-def sample_from_logits(logits: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_from_logits(logits: torch.Tensor, *, generator: torch.Generator | None = None,
+                       keys: torch.Tensor | None = None, step: int = 0) -> torch.Tensor:
     """One id per row from softmax(logits) [B, V] (fp32, -inf allowed) -> [B] int64, with no host sync.
 
     Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) i.i.d. is distributed as p (the Gumbel-max trick in
-    another form). Only elementwise ops and an argmax: no device -> host copy, CUDA-graph friendly.
+    another form). Only elementwise ops and an argmax: no device -> host copy, CUDA-graph friendly. The E_i come from
+    ``generator``, or with ``keys`` [B] int64 are -log of uniforms hashed from (row key, ``step``, token id): a row's
+    sample is then a function of the row, not of the batch it is in nor of the rank (``rng.keyed_uniform``).
     """
     probs = torch.softmax(logits.float(), dim=-1)
-    race = torch.empty_like(probs).exponential_(generator=generator)
+    if keys is None:
+        race = torch.empty_like(probs).exponential_(generator=generator)
+    else:
+        B, V = probs.shape
+        race = -torch.log(keyed_uniform(keys, (step * V + torch.arange(V, device=probs.device)).expand(B, V)))
     return torch.argmax(probs / race, dim=-1)
 
 
 def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           vocab_size: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+           vocab_size: int | None = None, generator: torch.Generator | None = None, keys: torch.Tensor | None = None,
+           step: int = 0) -> torch.Tensor:
     """[B, V] logits -> [B] int64 sampled ids: greedy (argmax) when ``temperature == 0``, else from
-    softmax(logits / temperature) after the top-k / top-p / vocab_size filters."""
+    softmax(logits / temperature) after the top-k / top-p / vocab_size filters, drawn with ``generator`` or from
+    ``keys`` at ``step`` (``sample_from_logits``)."""
     temperature = check_positive("temperature", temperature, allow_zero=True)
     x = filter_logits(logits, vocab_size=vocab_size, top_k=top_k, top_p=top_p)
     if temperature == 0.0:
         return torch.argmax(x, dim=-1)
-    return sample_from_logits(x / temperature, generator=generator)
+    return sample_from_logits(x / temperature, generator=generator, keys=keys, step=step)

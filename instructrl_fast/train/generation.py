@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from instructrl_fast.checks import check_positive_int
 from instructrl_fast.parallel.dist import parallel_state
 from instructrl_fast.rng import sample_keys
 from instructrl_fast.train.batching import encode_prompt, left_pad
@@ -45,8 +46,7 @@ def respond(model, tok, prompts: list[str], *, max_new_tokens: int, temperature:
     on ``batch_size``. A rank past the end repeats prompt 0 (under FSDP2 every rank must run the same forwards).
     A collective over the dp group.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_positive_int("batch_size", batch_size)
     ps = parallel_state()
     n = len(prompts)
     per = -(-n // ps.dp_size)

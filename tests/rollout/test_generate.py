@@ -8,7 +8,7 @@ from instructrl_fast.backend import triton_interpreting, use_backend
 from instructrl_fast.model import GPT, GPTConfig, use_attention_backend
 from instructrl_fast.rng import sample_keys
 from instructrl_fast.rollout import generate
-from instructrl_fast.rollout.generate import _keyed_sample
+from instructrl_fast.rollout.sampling import sample
 
 CFG = GPTConfig(n_layer=2, n_head=4, d_model=32, vocab_size=101, vocab_multiple=8, block_size=40)
 P, N = 7, 9
@@ -154,8 +154,7 @@ def test_keyed_sampling_belongs_to_the_row(model):
     assert not torch.equal(both.sequences, other.sequences)
     # the exponential race with hashed uniforms samples softmax: token frequencies over many keys at one step
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(20000, 4)
-    drawn = _keyed_sample(logits, sample_keys(3, 0, torch.arange(20000)), 0, temperature=1.0, top_k=None, top_p=None,
-                          vocab_size=4)
+    drawn = sample(logits, temperature=1.0, vocab_size=4, keys=sample_keys(3, 0, torch.arange(20000)), step=0)
     freq = torch.bincount(drawn, minlength=4).double() / 20000
     torch.testing.assert_close(freq, torch.softmax(logits[0].double(), 0), atol=0.015, rtol=0)  # 5 sd at p=0.64
     with pytest.raises(ValueError, match="sample_keys"):

@@ -1,4 +1,5 @@
-"""Argument checks shared by the public ops. Each error names the argument and what was expected.
+"""Argument checks shared by the ops, the model, the rollout and the trainers' drop-ins. Each error names the argument
+and what was expected.
 
 Checks that need the data (labels in range) are made eagerly for CPU tensors only; on CUDA they are made on the
 device by the kernels (see docs/DESIGN.md), or eagerly when ``INSTRUCTRL_FAST_CHECKS=1``.
@@ -83,6 +84,13 @@ def check_positive(name: str, value, *, allow_zero: bool = False) -> float:
     value = check_real(name, value)
     if not (value >= 0 if allow_zero else value > 0):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value}")
+    return value
+
+
+def check_positive_int(name: str, value) -> int:
+    """A Python int >= 1 (a bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
 
 
