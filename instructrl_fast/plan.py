@@ -5,7 +5,7 @@ Parameter counts are not a formula: ``simulate_shards`` builds each model with t
 group of the planned world (``dp x tp`` ranks, a ("dp", "tp") ``DeviceMesh``), and reads this rank's shard sizes.
 Everything else is arithmetic on those counts (``make_plan`` is pure given them).
 
-What the plan assumes the trainer does once the scale-out lands (the layout of the DESIGN's second round):
+What the plan assumes the trainer does (the layout of docs/DESIGN.md's scale-out section):
 
 * FSDP2 over dp shards each trained model's (policy, value; SFT model; RM) parameters, gradients and Adam state: per
   GPU, 4 bytes of fp32 parameters (the masters; under ``bf16`` the compute copies are all-gathered in bf16), 4 bytes

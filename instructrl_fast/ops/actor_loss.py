@@ -293,7 +293,7 @@ class PPOActorLossFunction(torch.autograd.Function):
 
 
 # One walk serves every backend: it hands the name on to the log-prob kernels and its own per-token kernels. The
-# C++/CUDA log-prob ops serve cpp (and would serve cuda, untested on a GPU: not registered).
+# C++/CUDA log-prob ops serve cpp (and would serve cuda, not registered until it runs on a GPU).
 for _name in ("triton", "cpp", "torch"):
     register("ppo_actor_loss", _name)(PPOActorLossFunction)
 
