@@ -28,7 +28,7 @@ ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}  # the int codes are the kern
 
 
 @register("kl_penalty", "torch")
-def _kl_torch(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+def kl_torch(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token KL in fp32 (float64 when an input is), differentiable w.r.t. both inputs."""
     dtype = compute_dtype(logp, ref_logp)
     d = logp.to(dtype) - ref_logp.to(dtype)
@@ -63,7 +63,7 @@ class _K3(torch.autograd.Function):
 @register("shape_rewards", "torch")
 def _shape_rewards_torch(scores, logp, ref_logp, mask, kl_coef: float, estimator: str) -> torch.Tensor:
     """[B, T] fp32 (float64 when an input is) rewards; T >= 1."""
-    rewards = torch.where(mask, -kl_coef * _kl_torch(logp, ref_logp, estimator), 0.0)
+    rewards = torch.where(mask, -kl_coef * kl_torch(logp, ref_logp, estimator), 0.0)
     positions = torch.arange(logp.shape[1], device=logp.device)
     last = torch.where(mask, positions, -1).amax(dim=1, keepdim=True)  # [B, 1]; -1 for a fully masked row
     return rewards + torch.where(positions == last, scores.to(rewards.dtype)[:, None], 0.0)

@@ -57,7 +57,7 @@ def masked_reduce(loss: torch.Tensor, mask: torch.Tensor, reduction: str) -> tor
     return rows.sum() / max(rows.numel(), 1)
 
 
-def _valid_upcast(x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def valid_upcast(x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x in ``dtype`` (fp32, or float64 when an input is) with masked positions set to 0, so that padding garbage
     (inf, NaN) cannot turn a zero gradient into NaN (0 * NaN) further down."""
     return torch.where(mask, x.to(dtype), 0.0)
@@ -84,7 +84,7 @@ def policy_surrogate(logp, old_logp, adv, clip_low, clip_high, dual_clip) -> tup
 @register("ppo_policy_loss", "torch")
 def _policy_loss_torch(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, reduction):
     acc = compute_dtype(logp, old_logp, advantages)
-    logp, old_logp, adv = (_valid_upcast(x, mask, acc) for x in (logp, old_logp.detach(), advantages.detach()))
+    logp, old_logp, adv = (valid_upcast(x, mask, acc) for x in (logp, old_logp.detach(), advantages.detach()))
     loss, is_clipped = policy_surrogate(logp, old_logp, adv, clip_low, clip_high, dual_clip)
     with torch.no_grad():
         clipfrac = masked_reduce(is_clipped.to(loss.dtype), mask, "token_mean")
@@ -95,7 +95,7 @@ def _policy_loss_torch(logp, old_logp, advantages, mask, clip_low, clip_high, du
 @register("ppo_value_loss", "torch")
 def _value_loss_torch(values, old_values, returns, mask, clip_eps, reduction):
     acc = compute_dtype(values, old_values, returns)
-    values, old_values, returns = (_valid_upcast(x, mask, acc)
+    values, old_values, returns = (valid_upcast(x, mask, acc)
                                    for x in (values, old_values.detach(), returns.detach()))
     # old + clip(v - old, -eps, eps) as a clamp of v: equal, and exactly v inside the range (no false clips)
     v_clipped = torch.minimum(torch.maximum(values, old_values - clip_eps), old_values + clip_eps)
@@ -273,7 +273,7 @@ def _value_loss_compiled(values, old_values, returns, mask, clip_eps, reduction)
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _check_triple(names: tuple[str, str, str], tensors, mask, reduction: str) -> torch.Tensor:
+def check_triple(names: tuple[str, str, str], tensors, mask, reduction: str) -> torch.Tensor:
     """Three float [B, T] tensors of one shape and device, a mask, a reduction; returns the bool mask."""
     first_name, first = names[0], tensors[0]
     for name, x in zip(names, tensors):
@@ -305,7 +305,7 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
         (loss, stats): loss a 0-dim float32 tensor, differentiable w.r.t. ``logp`` only (gradient in logp's dtype);
         stats {"clipfrac", "approx_kl"}: 0-dim float32 tensors without gradient.
     """
-    mask = _check_triple(("logp", "old_logp", "advantages"), (logp, old_logp, advantages), mask, reduction)
+    mask = check_triple(("logp", "old_logp", "advantages"), (logp, old_logp, advantages), mask, reduction)
     clip_low = check_positive("clip_eps", clip_eps)
     clip_high = clip_low if clip_eps_high is None else check_positive("clip_eps_high", clip_eps_high)
     dual = 0.0  # 0 disables the dual clip in every kernel
@@ -335,7 +335,7 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
         (loss, stats): loss a 0-dim float32 tensor, differentiable w.r.t. ``values`` only; stats {"clipfrac"}:
         the share of valid tokens where the clipped term is strictly larger (0-dim float32, no gradient).
     """
-    mask = _check_triple(("values", "old_values", "returns"), (values, old_values, returns), mask, reduction)
+    mask = check_triple(("values", "old_values", "returns"), (values, old_values, returns), mask, reduction)
     clip_eps = check_positive("clip_eps", clip_eps)
     inputs = (values.contiguous(), old_values.detach().contiguous(), returns.detach().contiguous(), mask)
     impl = dispatch("ppo_value_loss", values.device, compute_dtype(*inputs[:3]))

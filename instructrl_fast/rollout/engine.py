@@ -21,7 +21,7 @@ Per PPO iteration:
 Decode steps have no dp collective (the copy is TP-only); the experience pass is FSDP's, a collective over dp, and
 every dp rank runs the same number of them (ceil(prompts / slots), the rollout batch is split evenly): ranks whose
 rows end at other steps wait in the next experience micro-batch's all-gather, never in a mismatched collective.
-Log-probs come from ``rollout.generate``'s ``_next_token`` (``ops.gather_logprobs`` with ``tp_group``), the
+Log-probs come from ``rollout.generate``'s ``next_token`` (``ops.gather_logprobs`` with ``tp_group``), the
 kernel family of ``GPT.token_logprobs``.
 """
 
@@ -34,7 +34,7 @@ import torch
 
 from instructrl_fast.checks import check_mask, check_positive_int, check_tensor, eager_data_checks
 from instructrl_fast.model.gpt import GPT
-from instructrl_fast.rollout.generate import RolloutBatch, _check_args, _compiled_decode_step, _decode_step, _next_token
+from instructrl_fast.rollout.generate import RolloutBatch, check_args, compiled_decode_step, decode_step, next_token
 
 
 @torch.no_grad()
@@ -114,13 +114,13 @@ class RolloutEngine:
         if not isinstance(sampling, Sampling):
             raise TypeError(f"sampling must be a Sampling, got {type(sampling).__name__}")
         probe = torch.zeros(1, prompt_len, dtype=torch.long)
-        _check_args(model, probe, probe, sampling.max_new_tokens, sampling.temperature, sampling.eos_token_id,
-                    sampling.pad_token_id, 1)
+        check_args(model, probe, probe, sampling.max_new_tokens, sampling.temperature, sampling.eos_token_id,
+                   sampling.pad_token_id, 1)
         self.model, self.slots, self.prompt_len, self.sampling = model, slots, prompt_len, sampling
         self.continuous, self.check_every = continuous, check_every
         self.device = model.wpe.weight.device
         self.cache = model.setup_kv_cache(slots, prompt_len + sampling.max_new_tokens)  # reused by every call
-        self.step_fn = _compiled_decode_step() if cuda_graph and self.device.type == "cuda" else _decode_step
+        self.step_fn = compiled_decode_step() if cuda_graph and self.device.type == "cuda" else decode_step
         self.decode_steps = 0  # decode forwards run so far (one per step, every slot at once)
 
     def _autocast(self):
@@ -210,7 +210,7 @@ class RolloutEngine:
         step = 0
         while True:
             with self._autocast():
-                token, logp = _next_token(model, h, n[:, None], sp.temperature, sp.top_k, sp.top_p, None, keys)
+                token, logp = next_token(model, h, n[:, None], sp.temperature, sp.top_k, sp.top_p, None, keys)
             fresh.zero_()  # every running slot has now sampled from its hidden state
             at = (row, n.clamp(max=N - 1))
             tokens.index_put_(at, torch.where(active, token, tokens[at]))

@@ -46,7 +46,7 @@ class RolloutBatch:
         return torch.cat([self.logprobs.new_zeros(B, self.sequences.shape[1] - N), self.logprobs], dim=1)
 
 
-def _next_token(model: GPT, h_last: torch.Tensor, n: int, temperature: float, top_k, top_p, generator, keys):
+def next_token(model: GPT, h_last: torch.Tensor, n: int, temperature: float, top_k, top_p, generator, keys):
     """h_last [B, D] -> (token [B] int64, logp [B] fp32) from this rank's logit shard (gathered to sample)."""
     shard = model.logits(h_last[:, None])[:, 0]  # [B, V_local]
     full = gather_from_tp(shard, model.tp_group)
@@ -56,20 +56,20 @@ def _next_token(model: GPT, h_last: torch.Tensor, n: int, temperature: float, to
     return token, logp
 
 
-def _decode_step(model: GPT, kv_cache, token: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor):
+def decode_step(model: GPT, kv_cache, token: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor):
     """One cached forward of one token per row -> [B, D] hidden. Fixed shapes: the unit CUDA graphs capture."""
     return model(token[:, None], mask, kv_cache, input_pos)[:, -1]
 
 
 @functools.cache
-def _compiled_decode_step():
-    """``_decode_step`` under torch.compile(mode="reduce-overhead"): one graph (no breaks, checked on CPU) that
+def compiled_decode_step():
+    """``decode_step`` under torch.compile(mode="reduce-overhead"): one graph (no breaks, checked on CPU) that
     inductor records as a CUDA graph after warm-up on a GPU. Compiled once; dynamo guards recompile per model."""
-    return torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
+    return torch.compile(decode_step, mode="reduce-overhead", dynamic=False)
 
 
-def _check_args(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_token_id, pad_token_id,
-                stop_check_every):
+def check_args(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_token_id, pad_token_id,
+               stop_check_every):
     if not isinstance(model, GPT) or model.head != "lm":
         raise TypeError("model must be a GPT with head='lm'")
     check_tensor("prompt_ids", prompt_ids, dtypes=(torch.int64,), ndim=2)
@@ -118,8 +118,8 @@ def generate(model: GPT, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
     Returns:
         ``RolloutBatch`` (sequences, attention_mask, response_mask, logprobs; see its fields).
     """
-    _check_args(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_token_id, pad_token_id,
-                stop_check_every)
+    check_args(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_token_id, pad_token_id,
+               stop_check_every)
     B, P = prompt_ids.shape
     N, dev = max_new_tokens, prompt_ids.device
     if sample_keys is not None:
@@ -136,7 +136,7 @@ def generate(model: GPT, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
         logprobs = torch.zeros(B, N, dtype=torch.float32, device=dev)
         alive = torch.ones(B, N, dtype=torch.bool, device=dev)  # alive[:, n]: token n is part of the response
         ended = torch.zeros(B, dtype=torch.bool, device=dev)
-        step = _compiled_decode_step() if cuda_graph else _decode_step
+        step = compiled_decode_step() if cuda_graph else decode_step
 
         # Every cache slot a row will write is marked real in `mask` from the start: a row attends to
         # [first real slot, current slot] and causality hides the slots not written yet.
@@ -146,7 +146,7 @@ def generate(model: GPT, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
             if n > 0:
                 h = step(model, kv_cache, tokens[:, n - 1], mask, input_pos)
                 input_pos += 1
-            token, logp = _next_token(model, h, n, temperature, top_k, top_p, generator, sample_keys)
+            token, logp = next_token(model, h, n, temperature, top_k, top_p, generator, sample_keys)
             alive[:, n] = ~ended
             tokens[:, n] = torch.where(ended, pad_token_id, token)
             logprobs[:, n] = torch.where(ended, 0.0, logp)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from instructrl_fast import ops, use_backend
-from instructrl_fast.ops.kl import _kl_torch
+from instructrl_fast.ops.kl import kl_torch
 from tests.conftest import DEVICE, backends_for
 from tests.reference import kl_penalty_ref, shape_rewards_ref
 
@@ -111,7 +111,7 @@ def test_shape_rewards_holes_low_precision_float_mask(backend):
 def test_gradcheck_float64_torch_backend():
     logp, ref_logp = (t.double().requires_grad_() for t in _logps((2, 5)))
     for estimator in ESTIMATORS:
-        assert torch.autograd.gradcheck(lambda x, y, e=estimator: _kl_torch(x, y, e), (logp, ref_logp))
+        assert torch.autograd.gradcheck(lambda x, y, e=estimator: kl_torch(x, y, e), (logp, ref_logp))
 
 
 def test_kl_bad_input():

@@ -279,12 +279,12 @@ def test_triton_decode_kernel_reads_each_slot_at_its_own_length():
 def test_decode_step_with_per_slot_columns_is_one_graph():
     """What ``cuda_graph=True`` captures on a GPU: the engine's decode step (every slot at its own column) traces
     into one graph with no break, so no host sync hides in it."""
-    from instructrl_fast.rollout.generate import _decode_step
+    from instructrl_fast.rollout.generate import decode_step
 
     model = _model()
     engine = RolloutEngine(model, slots=3, prompt_len=W, sampling=SAMPLING)
     token, mask = torch.tensor([1, 2, 3]), torch.ones(3, W + N, dtype=torch.long)
     col = torch.tensor([[W], [W + 4], [W + 1]])
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(_decode_step)(model, engine.cache, token, mask, col)
+    explained = torch._dynamo.explain(decode_step)(model, engine.cache, token, mask, col)
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
