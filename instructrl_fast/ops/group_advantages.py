@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import torch
 
-from instructrl_fast import _ext, backend
-from instructrl_fast.ops._checks import (
+from instructrl_fast import _ext
+from instructrl_fast.backend import dispatch, register
+from instructrl_fast.checks import (
     INDEX_DTYPES,
     check_choice,
     check_float,
@@ -43,14 +44,13 @@ from instructrl_fast.ops._checks import (
     compute_dtype,
     eager_data_checks,
 )
-from instructrl_fast.ops.whiten import _local_moments_torch
+from instructrl_fast.ops.whiten import local_moments_torch
 
 # estimator -> the kernels' int code; dr_grpo, gpg and reinforce_pp_baseline share the centred kernel (code 1) and
 # differ only in what this module applies to its result (gpg's batch factor, the baseline variant's whitening)
 ESTIMATORS = {"grpo": 0, "dr_grpo": 1, "gpg": 1, "reinforce_pp_baseline": 1, "rloo": 2, "rloo_vectorized": 3,
               "opo": 4, "passk": 5, "passk_unnormalized": 6}
 _PASSK_CODES = (5, 6)
-_IMPLEMENTED = ("triton", "cpp", "torch")
 
 
 def _seq_advantages_torch(scores: torch.Tensor, lengths: torch.Tensor, group: torch.Tensor, code: int,
@@ -91,6 +91,7 @@ def _seq_advantages_torch(scores: torch.Tensor, lengths: torch.Tensor, group: to
     return torch.where(single, float("nan"), torch.where(rows == first, gap, 0.0))
 
 
+@register("group_advantages", "triton")
 @torch.library.custom_op("instructrl_fast::group_advantages_triton", mutates_args=())
 def _group_advantages_triton(scores: torch.Tensor, lengths: torch.Tensor, group: torch.Tensor, code: int,
                              eps: float) -> torch.Tensor:
@@ -106,6 +107,18 @@ def _seq_fake(scores, lengths, group, code, eps):
 _group_advantages_triton.register_fake(_seq_fake)
 if _ext.HAS_CPP and hasattr(torch.ops.instructrl_fast, "group_advantages"):
     torch.library.register_fake("instructrl_fast::group_advantages", _seq_fake)
+
+
+@register("group_advantages", "torch")
+def _seq_advantages_on_torch(scores: torch.Tensor, lengths: torch.Tensor, group: torch.Tensor, code: int,
+                             eps: float) -> torch.Tensor:
+    return _seq_advantages_torch(scores.to(lengths.dtype), lengths, group, code, eps)  # lengths: the acc dtype
+
+
+@register("group_advantages", "cpp")
+def _group_advantages_compiled(scores: torch.Tensor, lengths: torch.Tensor, group: torch.Tensor, code: int,
+                               eps: float) -> torch.Tensor:
+    return torch.ops.instructrl_fast.group_advantages(scores, lengths, group, code, eps)
 
 
 def _check_groups(group: torch.Tensor, B: int, estimator: str) -> None:
@@ -151,17 +164,11 @@ def group_advantages(scores: torch.Tensor, group: torch.Tensor, mask: torch.Tens
     acc = compute_dtype(scores)
     scores, group = scores.detach().contiguous(), group.contiguous()
     lengths = mask.sum(dim=-1, dtype=acc)
-    name = backend.resolve("group_advantages", scores.device, _IMPLEMENTED, acc)
-    if name == "torch":
-        per_seq = _seq_advantages_torch(scores.to(acc), lengths, group, code, eps)
-    elif name == "triton":
-        per_seq = _group_advantages_triton(scores, lengths, group, code, eps)
-    else:
-        per_seq = torch.ops.instructrl_fast.group_advantages(scores, lengths, group, code, eps)
+    per_seq = dispatch("group_advantages", scores.device, acc)(scores, lengths, group, code, eps)
     if estimator == "gpg":  # GPG's batch factor B / #nonzero scores, a 0-dim tensor: no sync
         per_seq = per_seq * (B / torch.count_nonzero(scores).clamp(min=1).to(per_seq.dtype))
     advantages = torch.where(mask, per_seq.unsqueeze(-1), 0.0)
     if estimator == "reinforce_pp_baseline":  # whitened over every valid token of the batch (REINFORCE++ sec. 3)
-        n, mean, m2 = _local_moments_torch(advantages, mask).unbind()
+        n, mean, m2 = local_moments_torch(advantages, mask).unbind()
         advantages = torch.where(mask, (advantages - mean) * torch.rsqrt(m2 / (n - 1) + 1e-8), 0.0)
     return advantages

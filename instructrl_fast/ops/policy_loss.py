@@ -56,8 +56,9 @@ from dataclasses import dataclass
 
 import torch
 
-from instructrl_fast import _ext, backend
-from instructrl_fast.ops._checks import (
+from instructrl_fast import _ext
+from instructrl_fast.backend import implementation, register, resolve
+from instructrl_fast.checks import (
     check_choice,
     check_float,
     check_positive,
@@ -67,7 +68,7 @@ from instructrl_fast.ops._checks import (
     checked_bool_mask,
     compute_dtype,
 )
-from instructrl_fast.ops.ppo_loss import _valid_upcast, masked_reduce
+from instructrl_fast.ops.ppo_loss import masked_reduce, valid_upcast
 
 LOSS_TYPES = {"vanilla": 0, "gspo": 1, "sapo": 2, "gpg": 3, "reinforce": 4, "clip_cov": 5, "kl_cov": 6,
               "geo_mean": 7, "dro": 8, "cispo": 9, "dppo_tv": 10, "dppo_kl": 11}
@@ -78,7 +79,6 @@ RS_OPTIONS = {"token_k1": 0, "token_k2": 1, "token_k3": 2, "seq_sum_k1": 3, "seq
 _CLAMPED_LOG_RATIO = ("vanilla", "sapo", "cispo", "dppo_tv", "dppo_kl")  # types whose d is clamped to +-20
 _SAFETY_BOUND = 20.0  # |log-ratio| bound before exp (exp(20) ~ 4.9e8), verl's
 _GSPO_LOG_RATIO_MAX = 10.0
-_IMPLEMENTED = ("triton", "cpp", "torch")
 # the types whose term is local to a token (gspo's row mean passed in), on the triton and cpp kernels: the others (a
 # batch-wide sort for clip_cov / kl_cov, geo_mean's per-row exponent) run on torch whatever the backend
 KERNEL_TYPES = ("vanilla", "gspo", "sapo", "gpg", "reinforce", "dro", "cispo", "dppo_tv", "dppo_kl")
@@ -230,6 +230,7 @@ def _rollout_correction(base: torch.Tensor, rollout: torch.Tensor, mask: torch.T
     return weights, keep, stats
 
 
+@register("policy_loss", "torch")
 def _token_loss(cfg: PolicyLossConfig, logp, old, adv, mask, m):
     """The type's per-token loss [B, T] (or, for geo_mean, per-sequence [B]) and its stats (no gradient)."""
     t = cfg.loss_type
@@ -381,6 +382,16 @@ if _ext.HAS_CPP and hasattr(torch.ops.instructrl_fast, "policy_loss"):
     torch.library.register_autograd("instructrl_fast::policy_loss", _cpp_backward, setup_context=_cpp_setup_context)
 
 
+@register("policy_loss", "triton")
+def _policy_loss_on_triton(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _policy_loss_triton(*args)[:4]  # the fifth output serves the backward
+
+
+@register("policy_loss", "cpp")
+def _policy_loss_compiled(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.ops.instructrl_fast.policy_loss(*args)
+
+
 def _policy_loss_on_kernels(name: str, cfg: PolicyLossConfig, logp, old, adv, mask, weights):
     """(loss by the kernels' reduction, stats) of a KERNEL_TYPES loss on backend ``name`` ("triton" / "cpp");
     weights [B, T] or None."""
@@ -392,10 +403,7 @@ def _policy_loss_on_kernels(name: str, cfg: PolicyLossConfig, logp, old, adv, ma
     code = 2 if cfg.reduction == "seq_mean_token_sum_norm" else REDUCTIONS[cfg.reduction]
     args = (logp.contiguous(), old.contiguous(), adv.contiguous(), mask,
             None if weights is None else weights.float().contiguous(), shift, LOSS_TYPES[cfg.loss_type], params, code)
-    if name == "triton":
-        loss, clipfrac, approx_kl, lower, _ = _policy_loss_triton(*args)
-    else:
-        loss, clipfrac, approx_kl, lower = torch.ops.instructrl_fast.policy_loss(*args)
+    loss, clipfrac, approx_kl, lower = implementation("policy_loss", name)(*args)
     return loss, {"approx_kl": approx_kl, "clipfrac": clipfrac, "clipfrac_lower": lower}
 
 
@@ -419,8 +427,8 @@ def rollout_correction(train_logp: torch.Tensor, rollout_logp: torch.Tensor, mas
     check_same_device(train_logp=train_logp, rollout_logp=rollout_logp, mask=mask)
     acc = compute_dtype(train_logp, rollout_logp)
     with torch.no_grad():
-        weights, kept, stats = _rollout_correction(_valid_upcast(train_logp, mask, acc),
-                                                   _valid_upcast(rollout_logp, mask, acc), mask, correction)
+        weights, kept, stats = _rollout_correction(valid_upcast(train_logp, mask, acc),
+                                                   valid_upcast(rollout_logp, mask, acc), mask, correction)
     return weights, kept, stats
 
 
@@ -465,12 +473,12 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     mask = checked_bool_mask("mask", mask, logp.shape, "logp")
     check_same_device(**named, mask=mask)
     acc = compute_dtype(*named.values())
-    name = backend.resolve("policy_loss", logp.device, _IMPLEMENTED, acc)  # a forced missing backend fails here
+    name = resolve("policy_loss", logp.device, acc)  # a forced missing backend fails here
     stats = {}
     if correction is not None:
         base = logp if correction.reference == "current" else old_logp
-        is_w, mask, stats = _rollout_correction(_valid_upcast(base.detach(), mask, acc),
-                                                _valid_upcast(rollout_logp.detach(), mask, acc), mask, correction)
+        is_w, mask, stats = _rollout_correction(valid_upcast(base.detach(), mask, acc),
+                                                valid_upcast(rollout_logp.detach(), mask, acc), mask, correction)
         if is_w is not None:
             weights = is_w if weights is None else weights.detach().to(acc) * is_w
     if name != "torch" and config.loss_type in KERNEL_TYPES:
@@ -480,10 +488,10 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
             total = total / (logp.shape[-1] if config.norm_length is None else config.norm_length)
         stats.update(type_stats)
         return total, {k: v.detach() for k, v in stats.items()}
-    x, old, adv = (_valid_upcast(t, mask, acc) for t in (logp, old_logp.detach(), advantages.detach()))
+    x, old, adv = (valid_upcast(t, mask, acc) for t in (logp, old_logp.detach(), advantages.detach()))
     m = mask.to(acc)
     loss, type_stats = _token_loss(config, x, old, adv, mask, m)
-    w = None if weights is None else _valid_upcast(weights.detach(), mask, acc)
+    w = None if weights is None else valid_upcast(weights.detach(), mask, acc)
     if config.loss_type == "geo_mean":  # per-sequence losses, mean over every row; weights as a geometric mean
         if w is not None:
             loss = loss * torch.exp(_seq_mean(torch.where(mask, torch.log(w + 1e-10), 0.0), m))

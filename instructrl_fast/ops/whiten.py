@@ -37,7 +37,7 @@ def _group_moments(moments: torch.Tensor, group) -> torch.Tensor:
     return torch.stack(combine_moments(*torch.stack(gathered, dim=1)))
 
 
-def _local_moments_torch(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def local_moments_torch(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[3] (n, mean, M2) of the valid positions; masked ones are selected away (padding garbage cannot leak)."""
     n = mask.sum(dtype=x.dtype)
     mean = torch.where(mask, x, 0.0).sum() / n.clamp(min=1.0)
@@ -80,7 +80,7 @@ def _mean_rstd(moments: torch.Tensor, eps: float, group) -> torch.Tensor:
 @register("masked_whiten", "torch")
 def _masked_whiten_torch(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, eps: float, group) -> torch.Tensor:
     x = x.to(compute_dtype(x))
-    mean, rstd = _mean_rstd(_local_moments_torch(x, mask), eps, group)
+    mean, rstd = _mean_rstd(local_moments_torch(x, mask), eps, group)
     out = (x - mean) * rstd
     return torch.where(mask, out if shift_mean else out + mean, 0.0)
 

@@ -239,7 +239,7 @@ ESTIMATOR_DROP_INS = {"compute_grpo_outcome_advantage": "grpo", "compute_grpo_ve
                       "compute_reinforce_plus_plus_baseline_outcome_advantage": "reinforce_pp_baseline"}
 
 
-@pytest.mark.parametrize("backend", [pytest.param(None, id="auto")] + backends_for(("torch", "triton", "cpp")))
+@pytest.mark.parametrize("backend", [pytest.param(None, id="auto")] + backends_for("group_advantages"))
 @pytest.mark.parametrize("name", ESTIMATOR_DROP_INS)
 def test_outcome_estimators(backend, name):
     b = _batch(B=7)

@@ -20,5 +20,5 @@ class NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
 
 def as_on_device(monkeypatch):
     """The eager data checks (made on CPU tensors only) switched off, as they are for CUDA tensors."""
-    for module in ("instructrl_fast.ops._checks", "instructrl_fast.ops.group_advantages"):
+    for module in ("instructrl_fast.checks", "instructrl_fast.ops.group_advantages"):
         monkeypatch.setattr(importlib.import_module(module), "eager_data_checks", lambda x: False)

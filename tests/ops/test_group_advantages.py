@@ -9,7 +9,7 @@ from tests.conftest import DEVICE, backends_for
 from tests.ops._sync import NoHostSync, as_on_device
 from tests.reference import group_advantages_ref
 
-BACKENDS = backends_for(("torch", "triton", "cpp"))
+BACKENDS = backends_for("group_advantages")
 _CUSTOM_OPS = {"triton": "group_advantages_triton", "cpp": "group_advantages"}
 
 

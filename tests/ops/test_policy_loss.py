@@ -49,7 +49,7 @@ def _ref(loss_type, reduction, logp, old, adv, mask, weights=None):
     return loss, x.grad
 
 
-@pytest.mark.parametrize("backend", backends_for(("torch", "triton", "cpp")))
+@pytest.mark.parametrize("backend", backends_for("policy_loss"))
 @pytest.mark.parametrize("loss_type", DETERMINISTIC)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "is-weights"])
@@ -65,7 +65,7 @@ def test_matches_reference(backend, loss_type, reduction, weighted):
     assert bool((grad[~mask] == 0).all())
 
 
-@pytest.mark.parametrize("backend", backends_for(("torch", "triton", "cpp")))
+@pytest.mark.parametrize("backend", backends_for("policy_loss"))
 @pytest.mark.parametrize("loss_type", DETERMINISTIC)
 def test_low_precision_within_2x_composite(backend, loss_type):
     """bf16 inputs: loss and gradient (returned in bf16) within 2x the error of the composite run in bf16."""
@@ -141,7 +141,7 @@ CORRECTIONS = {
 }
 
 
-@pytest.mark.parametrize("backend", backends_for(("torch", "triton", "cpp")))
+@pytest.mark.parametrize("backend", backends_for("policy_loss"))
 @pytest.mark.parametrize("case", CORRECTIONS.values(), ids=CORRECTIONS.keys())
 @pytest.mark.parametrize("reference", ["old", "current"])
 def test_rollout_correction(backend, case, reference):
@@ -181,7 +181,7 @@ def test_gradcheck_float64(loss_type):
                              (logp.clone().requires_grad_(),))
 
 
-@pytest.mark.parametrize("backend", [p for p in backends_for(("triton", "cpp"))])
+@pytest.mark.parametrize("backend", [p for p in backends_for("policy_loss", skip=("torch",))])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_opcheck(backend, weighted):
     logp, old, adv, mask = _inputs(3, 17)
@@ -234,7 +234,7 @@ def test_no_host_sync(loss_type, monkeypatch):
         loss.item()  # the check can fail
 
 
-@pytest.mark.parametrize("backend", backends_for(("torch", "triton", "cpp")))
+@pytest.mark.parametrize("backend", backends_for("policy_loss"))
 @pytest.mark.parametrize("loss_type", ["gspo", "dppo_kl", "kl_cov"])
 def test_torch_compile_fullgraph(backend, loss_type):
     torch._dynamo.reset()
