@@ -44,11 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS_DIR, environment, print_table
 from bench.traffic import count, ideal_head_bytes
-from instructrl_fast import batch_invariant, ops
+from instructrl_fast import ops
 from instructrl_fast.backend import use_backend
 from instructrl_fast.ops import ActorLossConfig
 from instructrl_fast.ops import actor_loss as actor_loss_mod
 from instructrl_fast.ops import logprob as logprob_mod
+from instructrl_fast.ops.logprob import linear_logprobs_in_mode
 
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM
 BF16_FLOPS_PER_S = 989e12  # H100 SXM dense bf16
@@ -64,17 +65,16 @@ def _head_case(op: str, V: int, invariant: bool):
         hidden = torch.randn(B, T, D, dtype=torch.bfloat16, requires_grad=True)
         weight = torch.randn(V, D, dtype=torch.bfloat16, requires_grad=True)
         labels = torch.randint(0, V, (B, T))
-        with batch_invariant.enabled(invariant):
-            if op == "linear_logprobs":
-                head = batch_invariant.linear_logprobs if invariant else ops.linear_logprobs
-                logp, entropy = head(hidden, weight, labels, with_entropy=True)
-                (logp.sum() + entropy.sum()).backward()
-            else:
-                zeros = torch.zeros(B, T)
-                mask = torch.ones(B, T, dtype=torch.bool)
-                cfg = ActorLossConfig(kl_coef=0.05, entropy_coef=0.01)
-                loss, _ = ops.ppo_actor_loss(hidden, weight, labels, zeros, zeros, mask, config=cfg, ref_logp=zeros)
-                loss.backward()
+        if op == "linear_logprobs":
+            logp, entropy = linear_logprobs_in_mode(hidden, weight, labels, temperature=1.0, ignore_index=-100,
+                                                    with_entropy=True, tp_group=None, invariant=invariant)
+            (logp.sum() + entropy.sum()).backward()
+        else:
+            zeros = torch.zeros(B, T)
+            mask = torch.ones(B, T, dtype=torch.bool)
+            cfg = ActorLossConfig(kl_coef=0.05, entropy_coef=0.01, batch_invariant=invariant)
+            loss, _ = ops.ppo_actor_loss(hidden, weight, labels, zeros, zeros, mask, config=cfg, ref_logp=zeros)
+            loss.backward()
 
     return fn, ideal_head_bytes(N, D, V, e)
 

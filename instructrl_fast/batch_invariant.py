@@ -2,9 +2,11 @@
 the row's place in the batch, the padding and the number of tokens processed at once.
 
 Rollout (one token per row against a KV cache) and training (whole sequences in micro-batches) then compute the
-same log-probs to the last bit, so PPO's first-minibatch ratio is exactly 1. ``GPT.batch_invariant = True`` turns
-the mode on for a model's forward passes (``generate`` and the rollout engine follow the model); elsewhere the
-context manager ``enabled(True)`` does. What each kernel does in the mode, and why it is invariant:
+same log-probs to the last bit, so PPO's first-minibatch ratio is exactly 1. The mode is a setting handed down, never
+a global: ``GPT.batch_invariant = True`` gives every TP linear of the model ``KERNELS`` and its attention layers
+``attend`` (``generate`` and the rollout engine follow the model); ``ops.logprob.linear_logprobs_in_mode`` and
+``ops.ppo_actor_loss`` (``ActorLossConfig.batch_invariant``) take it as an argument. What each kernel does in the
+mode, and why it is invariant:
 
 * linears (``linear``, ``matmul_t``): the rows are cut into tiles of ``TILE_ROWS`` rows, the last one padded with
   zeros, and every tile is one ``torch.mm`` of the same [TILE_ROWS, K] x [K, N] shape: a decode step of B rows and a
@@ -40,47 +42,17 @@ split-KV Triton decode kernel by the torch attention above: correct by construct
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["KEY_BLOCK", "TILE_ROWS", "attend", "checkpoint_contexts", "enabled", "is_enabled", "linear",
-           "linear_logprobs", "matmul_t", "reduce_fixed_order"]
+from instructrl_fast.parallel.layers import LayerKernels
+
+__all__ = ["KERNELS", "KEY_BLOCK", "TILE_ROWS", "attend", "linear", "matmul_t", "reduce_fixed_order"]
 
 TILE_ROWS = 32  # rows of every GEMM tile (decode pads its B rows up to it)
 KEY_BLOCK = 32  # key positions per block of the attention's reductions
-
-_state = threading.local()
-
-
-def is_enabled() -> bool:
-    """Whether the batch-invariant kernels are on in this thread."""
-    return getattr(_state, "on", False)
-
-
-@contextlib.contextmanager
-def enabled(on: bool = True) -> Iterator[None]:
-    """Turn the batch-invariant kernels on (or off) inside the block, in this thread."""
-    if not isinstance(on, bool):
-        raise TypeError(f"on must be a bool, got {type(on).__name__}")
-    previous, _state.on = is_enabled(), on
-    try:
-        yield
-    finally:
-        _state.on = previous
-
-
-def checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    """``torch.utils.checkpoint``'s ``context_fn``: the recompute in backward runs in the mode the forward ran in
-    (the checkpoint checks that both save the same tensors, and the two modes' kernels save different ones)."""
-    on = is_enabled()
-    return enabled(on), enabled(on)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # GEMM
@@ -151,6 +123,11 @@ class _ReduceFixedOrder(torch.autograd.Function):
 def reduce_fixed_order(x: Tensor, group) -> Tensor:
     """The sum over the TP group of x, added in rank order (r0 + r1 + ...) on every rank; identity backward."""
     return _ReduceFixedOrder.apply(x, group)
+
+
+# the TP linears' kernels in the mode: the tiled GEMM, and the partial outputs summed in rank order whatever the
+# all-reduce algorithm
+KERNELS = LayerKernels(linear=linear, reduce=reduce_fixed_order)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,20 +205,3 @@ def attend(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, k_usab
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return _Attend.apply(q, k, v, q_pos, k_pos, k_usable, sm_scale)
     return _attend(q, k, v, q_pos, k_pos, k_usable, sm_scale)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# LM head log-probs
-# ---------------------------------------------------------------------------------------------------------------
-def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, temperature: float = 1.0,
-                    ignore_index: int = -100, with_entropy: bool = False, tp_group=None):
-    """``ops.linear_logprobs`` in the batch-invariant mode: hidden [..., D], weight [V, D] (vocab shard under
-    ``tp_group``), labels [...] global ids -> logp [...] fp32 (and the entropy [...] with ``with_entropy``), bitwise
-    the same for a row whatever else is in the batch, and the same bits as ``ops.gather_logprobs`` on ``linear``'s
-    logits (the sampler's log-probs): the op's forward takes token chunks of a multiple of TILE_ROWS rows through
-    ``matmul_t`` and the row-local log-prob kernels. Its backward (not invariant: only the forward values must be)
-    is the op's own, whose dW rows are each written once. Arguments are checked as ``ops.linear_logprobs`` does."""
-    from instructrl_fast.ops.logprob import linear_logprobs_in_mode
-
-    return linear_logprobs_in_mode(hidden, weight, labels, temperature=temperature, ignore_index=ignore_index,
-                                   with_entropy=with_entropy, tp_group=tp_group, invariant=True)

@@ -22,6 +22,7 @@ from instructrl_fast.checks import check_mask, check_positive, check_tensor
 from instructrl_fast.model.attention import AttentionMeta, CausalSelfAttention, positions_from_mask
 from instructrl_fast.model.config import GPTConfig
 from instructrl_fast.model.kv_cache import KVCache
+from instructrl_fast.ops.logprob import linear_logprobs_in_mode
 from instructrl_fast.parallel.layers import (
     DEFAULT_KERNELS,
     ColumnParallelLinear,
@@ -342,20 +343,16 @@ class GPT(nn.Module):
         The caller aligns ``labels`` (usually ``idx`` shifted left by one; ``-100`` where no label). Computed by
         ``ops.linear_logprobs`` on this rank's vocab shard with ``tp_group``: the [B, T, V] logits never exist.
         """
-        from instructrl_fast.ops import linear_logprobs
-
         if self.head != "lm":
             raise ValueError(f"token_logprobs needs the 'lm' head, this model has head={self.head!r}")
         check_positive("temperature", temperature)
         # the heads run outside forward's autocast: the hidden state takes the weights' dtype (bf16 on FSDP2's
         # gathered copies or a frozen bf16 model, whatever LayerNorm returned under autocast)
         h = self(idx, attention_mask).to(self.lm_weight.dtype)
-        if self.batch_invariant:
-            return batch_invariant.linear_logprobs(h, self.lm_weight, labels, temperature=temperature,
-                                                   with_entropy=with_entropy, tp_group=self.tp_group)
         # No copy_to_tp here: linear_logprobs all-reduces the hidden gradient over tp_group itself.
-        return linear_logprobs(h, self.lm_weight, labels, temperature=temperature, with_entropy=with_entropy,
-                               tp_group=self.tp_group)
+        return linear_logprobs_in_mode(h, self.lm_weight, labels, temperature=temperature, ignore_index=-100,
+                                       with_entropy=with_entropy, tp_group=self.tp_group,
+                                       invariant=self.batch_invariant)
 
     def score(self, h: torch.Tensor) -> torch.Tensor:
         """Scalar head: [B, T, D] hidden -> [B, T] fp32 per-position scalar (reward or value)."""

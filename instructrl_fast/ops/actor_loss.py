@@ -50,7 +50,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from instructrl_fast import batch_invariant
 from instructrl_fast.backend import register, resolve
 from instructrl_fast.checks import (
     check_choice,
@@ -62,7 +61,7 @@ from instructrl_fast.checks import (
     check_shape,
     compute_dtype,
 )
-from instructrl_fast.ops.kl import ESTIMATORS, _kl_torch
+from instructrl_fast.ops.kl import ESTIMATORS, kl_torch
 from instructrl_fast.ops.logprob import (
     _acc_dtype,
     _check_labels,
@@ -76,7 +75,7 @@ from instructrl_fast.ops.logprob import (
     accumulate_mm,
     finite_shift,
 )
-from instructrl_fast.ops.ppo_loss import REDUCTIONS, _check_triple, _valid_upcast, masked_reduce, policy_surrogate
+from instructrl_fast.ops.ppo_loss import REDUCTIONS, check_triple, masked_reduce, policy_surrogate, valid_upcast
 
 __all__ = ["ActorLossConfig", "PPOActorLossFunction", "ppo_actor_loss"]
 
@@ -94,6 +93,8 @@ class ActorLossConfig:
     kl_estimator: str = "k3"  # k1 / k2 / k3 / abs of (logp, ref_logp), or "full": exact KL over the vocabulary
     entropy_coef: float = 0.0  # weight of the entropy bonus subtracted from the loss (>= 0)
     reduction: str = "token_mean"  # token_mean / seq_mean_token_mean / seq_mean_token_sum (as ppo_policy_loss)
+    # walk batch_invariant's GEMM tiles: logp then has the bits of a batch-invariant GPT.token_logprobs
+    batch_invariant: bool = False
 
     def __post_init__(self):
         check_positive("clip_eps", self.clip_eps)
@@ -167,7 +168,7 @@ def _chunk_terms(backend, logp, entropy, old_logp, adv, ref_logp, kl_full, w, cf
         ent = entropy.detach().requires_grad_()
         pg, is_clipped = policy_surrogate(lp, old_logp, adv, *cfg.clip_params())
         total = pg - cfg.entropy_coef * ent
-        kl = kl_full if ref_logp is None else _kl_torch(lp, ref_logp, cfg.kl_estimator)
+        kl = kl_full if ref_logp is None else kl_torch(lp, ref_logp, cfg.kl_estimator)
         if kl is not None:
             total = total + cfg.kl_coef * kl
         grad_logp, grad_entropy = torch.autograd.grad((w * total).sum(), (lp, ent), allow_unused=True,
@@ -195,7 +196,7 @@ def _walk(hidden, weight, labels, old_logp, adv, w, ref_logp, ref_hidden, ref_we
     # every chunk adds into dW (the first one overwrites it); zeros only when there is no chunk
     grad_weight = (torch.empty if N else torch.zeros)(weight.shape, **acc) if with_grads else None
     # the batch-invariant mode's GEMM and chunks of whole tiles: logp has the bits of GPT.token_logprobs's
-    rows, gemm = _head_schedule(N, D, V, batch_invariant.is_enabled())
+    rows, gemm = _head_schedule(N, D, V, cfg.batch_invariant)
     for start in range(0, N, rows):
         sl = slice(start, start + rows)
         h, lab = hidden[sl], labels[sl]
@@ -377,7 +378,7 @@ def ppo_actor_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Ten
     labels2d, multi = _flat_labels(labels, "hidden", hidden)
     if multi:
         raise ValueError(f"labels must have shape [B, T] (one action per token), got {tuple(labels.shape)}")
-    mask = _check_triple(("old_logp", "advantages"), (old_logp, advantages), mask, cfg.reduction)
+    mask = check_triple(("old_logp", "advantages"), (old_logp, advantages), mask, cfg.reduction)
     check_shape("old_logp", old_logp, hidden.shape[:2], "hidden without its last dimension")
     check_same_device(hidden=hidden, old_logp=old_logp)
     _check_reference(ref_logp, ref_hidden, ref_weight, cfg, hidden, weight)
@@ -388,8 +389,8 @@ def ppo_actor_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Ten
     # Masked positions are set to 0 (not multiplied by it), so padding garbage (inf, NaN) cannot leak in; the
     # per-token terms are computed in the log-probs' dtype (fp32, float64 for float64 hidden).
     acc = _acc_dtype(hidden)
-    old, adv = (_valid_upcast(x.detach(), mask, acc) for x in (old_logp, advantages))
-    ref = None if ref_logp is None else _valid_upcast(ref_logp.detach(), mask, acc)
+    old, adv = (valid_upcast(x.detach(), mask, acc) for x in (old_logp, advantages))
+    ref = None if ref_logp is None else valid_upcast(ref_logp.detach(), mask, acc)
     loss, stats = PPOActorLossFunction.apply(
         hidden.contiguous(), weight.contiguous(), labels2d.view(labels.shape), old, adv, mask, ref,
         None if ref_hidden is None else ref_hidden.detach().contiguous(),

@@ -43,8 +43,8 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from instructrl_fast import _ext, batch_invariant
-from instructrl_fast.backend import resolve
-from instructrl_fast.ops._checks import (
+from instructrl_fast.backend import implementation, register, resolve
+from instructrl_fast.checks import (
     INDEX_DTYPES,
     check_float,
     check_lm_head,
@@ -57,8 +57,6 @@ from instructrl_fast.ops._checks import (
 
 __all__ = ["GatherLogprobsFunction", "LinearLogprobsFunction", "entropy", "gather_logprobs", "linear_logprobs"]
 
-# Backends in order of preference on a GPU; "torch" is listed so that it can be forced.
-_IMPLEMENTED = ("triton", "cuda", "cpp", "torch")
 
 # torch backend: fp32 elements of one row chunk (4 MiB), so it never holds a [N, V] fp32 tensor.
 _TORCH_CHUNK_ELEMENTS = 1 << 20
@@ -154,6 +152,7 @@ def finite_shift(row_max: Tensor) -> Tensor:
     return torch.where(row_max == float("-inf"), 0.0, row_max)
 
 
+@register("logprob_fwd", "torch")
 def _torch_fwd(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, vocab_start: int,
                with_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     B, T, V = logits.shape
@@ -226,6 +225,7 @@ def _bwd_fake(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: T
     return logits.new_empty(logits.shape)
 
 
+@register("logprob_fwd", "triton")
 @torch.library.custom_op("instructrl_fast::logprob_fwd_triton", mutates_args=())
 def _triton_fwd(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, vocab_start: int,
                 with_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -264,13 +264,16 @@ if _ext.HAS_CPP and hasattr(torch.ops.instructrl_fast, "logprob_kl_bwd"):
     torch.library.register_fake("instructrl_fast::logprob_bwd_inplace")(lambda *args: None)
 
 
-def _shard_fwd(backend: str, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The shard-local forward (schema above) on ``backend``; cpp and cuda share one op, the dispatch key decides."""
-    if backend == "torch":
-        return _torch_fwd(*args)
-    if backend == "triton":
-        return torch.ops.instructrl_fast.logprob_fwd_triton(*args)
+@register("logprob_fwd", "cpp")
+@register("logprob_fwd", "cuda")
+def _compiled_fwd(*args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The C++ op: cpp and cuda share it, the dispatch key decides."""
     return torch.ops.instructrl_fast.logprob_fwd(*args)
+
+
+def _shard_fwd(backend: str, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The shard-local forward (schema above) on ``backend``."""
+    return implementation("logprob_fwd", backend)(*args)
 
 
 def _shard_bwd(backend: str, *args, full_kl: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
@@ -651,7 +654,7 @@ def gather_logprobs(logits: Tensor, labels: Tensor, *, temperature: float = 1.0,
     labels2d, multi = _flat_labels(labels, "logits", logits)
     _, world = _tp_rank_world(tp_group)
     _check_labels(labels2d, V * world, ignore_index)
-    backend = resolve("gather_logprobs", logits.device, _IMPLEMENTED, logits.dtype)
+    backend = resolve("logprob_fwd", logits.device, logits.dtype)
     logp, ent = GatherLogprobsFunction.apply(as_rows(logits), labels2d, multi, temperature, ignore_index,
                                              with_entropy, tp_group, backend)
     return _outputs(logp, ent, labels.shape, multi, with_entropy)
@@ -677,7 +680,7 @@ def entropy(logits: Tensor, *, temperature: float = 1.0, tp_group: dist.ProcessG
     _tp_rank_world(tp_group)
     rows = as_rows(logits)
     no_labels = torch.empty((rows.shape[0] * rows.shape[1], 0), dtype=torch.int64, device=logits.device)
-    backend = resolve("entropy", logits.device, _IMPLEMENTED, logits.dtype)
+    backend = resolve("logprob_fwd", logits.device, logits.dtype)
     _, ent = GatherLogprobsFunction.apply(rows, no_labels, True, temperature, -100, True, tp_group, backend)
     return ent.reshape(logits.shape[:-1])
 
@@ -720,7 +723,7 @@ def linear_logprobs_in_mode(hidden: Tensor, weight: Tensor, labels: Tensor, *, t
     labels2d, multi = _flat_labels(labels, "hidden", hidden)
     _, world = _tp_rank_world(tp_group)
     _check_labels(labels2d, weight.shape[0] * world, ignore_index)
-    backend = resolve("linear_logprobs", hidden.device, _IMPLEMENTED, hidden.dtype)
+    backend = resolve("logprob_fwd", hidden.device, hidden.dtype)
     logp, ent = LinearLogprobsFunction.apply(as_rows(hidden), weight, labels2d, multi, temperature, ignore_index,
                                              with_entropy, tp_group, backend, invariant)
     return _outputs(logp, ent, labels.shape, multi, with_entropy)

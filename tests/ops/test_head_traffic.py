@@ -13,10 +13,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from bench.traffic import count, ideal_head_bytes
-from instructrl_fast import batch_invariant
 from instructrl_fast.backend import use_backend
-from instructrl_fast.ops import linear_logprobs, ppo_actor_loss
+from instructrl_fast.ops import ppo_actor_loss
 from instructrl_fast.ops.actor_loss import ActorLossConfig
+from instructrl_fast.ops.logprob import linear_logprobs_in_mode
 
 N, D, V, B = 8192, 1024, 50304, 8
 
@@ -30,15 +30,14 @@ def _head_bytes(op: str, invariant: bool) -> tuple[int, int]:
         zeros, mask = torch.zeros(B, N // B), torch.ones(B, N // B, dtype=torch.bool)
 
         def step():
-            with batch_invariant.enabled(invariant):
-                if op == "linear_logprobs":
-                    head = batch_invariant.linear_logprobs if invariant else linear_logprobs
-                    logp, entropy = head(hidden, weight, labels, with_entropy=True)
-                    (logp.sum() + 0.1 * entropy.sum()).backward()
-                else:
-                    cfg = ActorLossConfig(kl_coef=0.05, entropy_coef=0.01)
-                    loss, _ = ppo_actor_loss(hidden, weight, labels, zeros, zeros, mask, config=cfg, ref_logp=zeros)
-                    loss.backward()
+            if op == "linear_logprobs":
+                logp, entropy = linear_logprobs_in_mode(hidden, weight, labels, temperature=1.0, ignore_index=-100,
+                                                        with_entropy=True, tp_group=None, invariant=invariant)
+                (logp.sum() + 0.1 * entropy.sum()).backward()
+            else:
+                cfg = ActorLossConfig(kl_coef=0.05, entropy_coef=0.01, batch_invariant=invariant)
+                loss, _ = ppo_actor_loss(hidden, weight, labels, zeros, zeros, mask, config=cfg, ref_logp=zeros)
+                loss.backward()
 
         traffic = count(step)
     return traffic.bytes, traffic.flops
