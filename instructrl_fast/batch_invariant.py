@@ -49,6 +49,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from instructrl_fast.backend import available, forced_backend, resolve
+
 __all__ = ["KEY_BLOCK", "TILE_ROWS", "attend", "checkpoint_contexts", "enabled", "is_enabled", "linear",
            "linear_logprobs", "matmul_t", "reduce_fixed_order"]
 
@@ -85,10 +87,31 @@ def checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib
 # ---------------------------------------------------------------------------------------------------------------
 # GEMM
 # ---------------------------------------------------------------------------------------------------------------
+def _on_kernels(t: Tensor) -> bool:
+    """Whether the mode's Triton kernels run on ``t`` (kernels/invariant_*.py): on CUDA tensors, unless a backend other
+    than triton is forced; on CPU only when triton is forced (the interpreter, in the tests). float64 stays on torch."""
+    forced = forced_backend()
+    if t.dtype == torch.float64 or (forced is not None and forced != "triton"):
+        return False
+    if forced == "triton":
+        resolve("batch_invariant", t.device, ("triton",), t.dtype)  # raises, naming the reason, if it cannot run
+        return True
+    return t.is_cuda and available("triton", t.device)
+
+
 def _tiled_mm(x: Tensor, weight: Tensor) -> Tensor:
     M = x.shape[0]
     if M == 0:
         return x.new_empty(0, weight.shape[0])
+    if _on_kernels(x):
+        from instructrl_fast.kernels.invariant_matmul import invariant_matmul
+
+        if torch.is_autocast_enabled(x.device.type):  # what autocast does to torch.mm's operands
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+        if x.dtype != weight.dtype:
+            raise TypeError(f"x and weight must have one dtype, got {x.dtype} and {weight.dtype}")
+        return invariant_matmul(x, weight)
     pad = -M % TILE_ROWS
     xp = F.pad(x, (0, 0, 0, pad)) if pad else x
     wt = weight.t()
@@ -169,7 +192,16 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, k_usa
             sm_scale: float) -> Tensor:
     """``attend``'s forward (no autograd needed: see ``_Attend``)."""
     B, H, T, Dh = q.shape
-    P = (int(k.shape[2]) + KEY_BLOCK - 1) // KEY_BLOCK * KEY_BLOCK
+    S = int(k.shape[2])
+    P = (S + KEY_BLOCK - 1) // KEY_BLOCK * KEY_BLOCK
+    if _on_kernels(q):
+        from instructrl_fast.kernels.invariant_attention import invariant_attention
+
+        # slot_of[b, p]: the slot of position p's usable key (-1: none); unusable slots land in a dropped column P
+        slots = torch.arange(S, dtype=torch.int32, device=q.device).expand(B, S)
+        slot_of = torch.full((B, P + 1), -1, dtype=torch.int32, device=q.device)
+        slot_of.scatter_(1, torch.where(k_usable, k_pos, P), torch.where(k_usable, slots, -1))
+        return invariant_attention(q, k, v, q_pos, slot_of[:, :P], sm_scale, KEY_BLOCK)
     kp, vp = _to_positions(k, k_pos, k_usable, P), _to_positions(v, k_pos, k_usable, P)
     present = torch.zeros(B, P + 1, dtype=torch.bool, device=q.device)
     present.scatter_(1, torch.where(k_usable, k_pos, P), True)
