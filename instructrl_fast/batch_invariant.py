@@ -9,7 +9,9 @@ context manager ``enabled(True)`` does. What each kernel does in the mode, and w
 * linears (``linear``, ``matmul_t``): the rows are cut into tiles of ``TILE_ROWS`` rows, the last one padded with
   zeros, and every tile is one ``torch.mm`` of the same [TILE_ROWS, K] x [K, N] shape: a decode step of B rows and a
   training micro-batch of B x T rows run the very same GEMM call, whose reduction over K cannot depend on M. The
-  bias is added after the GEMM (an exact elementwise add), not fused into addmm.
+  bias is added after the GEMM (an exact elementwise add), not fused into addmm. On CUDA tensors one Triton GEMM
+  (kernels/invariant_matmul.py: one tile shape per dtype, the K reduction in one fixed order whatever M) replaces the
+  tile loop: a loop of 32-row cuBLAS calls would re-read the whole weight for every tile.
 * attention (``attend``): computed in *position* space, not in slot space, so left / right padding and the cache
   layout do not move a key: keys and values are scattered to their token positions (0 = the row's first real
   token), scores are dot products over the head dimension (an elementwise product and one fixed-size inner
@@ -17,7 +19,9 @@ context manager ``enabled(True)`` does. What each kernel does in the mode, and w
   ``KEY_BLOCK`` positions in increasing order: within a block one fixed-size reduction, across blocks a sequential
   add. Blocks past a query's causal limit contribute exact zeros, so a decode step over S_max slots and a training
   forward over T columns add the same numbers in the same order. One function serves training, prefill and the
-  KV-cached decode step.
+  KV-cached decode step. On CUDA tensors a Triton kernel (kernels/invariant_attention.py) walks the same position
+  blocks with an online softmax in one program shape, gathering keys through a position -> slot map (no copy of the
+  cache); it sums in another order than the torch loop (not bitwise equal to it), and CUDA runs only it.
 * LM head and log-probs: the same tiled GEMM, then the log-prob kernels of ``ops.gather_logprobs`` (the op
   ``generate`` applies to its logits; its per-row kernels and TP combine are row-local) on token chunks of a
   multiple of TILE_ROWS rows; the fused actor loss (``ops.ppo_actor_loss``) walks the same chunks with the same
@@ -34,8 +38,8 @@ context manager ``enabled(True)`` does. What each kernel does in the mode, and w
 Limits: bitwise claims hold at a fixed thread count (the CPU tests run one intra-op thread: a parallel elementwise
 kernel may cut its range where the vectorised loop leaves a scalar tail); the backward pass is not batch invariant
 (only the forward values are compared by PPO; the tiled GEMM and the attention take the plain backward). Tested on
-CPU in fp32 and under bf16 autocast; untested on a GPU (no GPU was lent), where it replaces flash-attn and the
-split-KV Triton decode kernel by the torch attention above: correct by construction, not fast.
+CPU in fp32 and under bf16 autocast; the CUDA kernels are tested under the Triton interpreter (bitwise invariance
+and float64 references), not yet on a GPU (none was lent).
 """
 
 from __future__ import annotations
