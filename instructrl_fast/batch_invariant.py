@@ -53,7 +53,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from instructrl_fast.backend import available, forced_backend, resolve
+from instructrl_fast.backend import available, forced_backend
 
 __all__ = ["KEY_BLOCK", "TILE_ROWS", "attend", "checkpoint_contexts", "enabled", "is_enabled", "linear",
            "linear_logprobs", "matmul_t", "reduce_fixed_order"]
@@ -92,15 +92,12 @@ def checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib
 # GEMM
 # ---------------------------------------------------------------------------------------------------------------
 def _on_kernels(t: Tensor) -> bool:
-    """Whether the mode's Triton kernels run on ``t`` (kernels/invariant_*.py): on CUDA tensors, unless a backend other
-    than triton is forced; on CPU only when triton is forced (the interpreter, in the tests). float64 stays on torch."""
+    """Whether the mode's Triton kernels (kernels/invariant_*.py) run on ``t``: on CUDA tensors, unless a backend other
+    than triton is forced (torch then keeps the loops below). CPU tensors keep the loops even with triton forced: the
+    model tests force it for the log-prob kernels, and a whole model under the interpreter would take minutes; the
+    kernels' own tests run them on CPU by patching this function."""
     forced = forced_backend()
-    if t.dtype == torch.float64 or (forced is not None and forced != "triton"):
-        return False
-    if forced == "triton":
-        resolve("batch_invariant", t.device, ("triton",), t.dtype)  # raises, naming the reason, if it cannot run
-        return True
-    return t.is_cuda and available("triton", t.device)
+    return t.is_cuda and t.dtype != torch.float64 and forced in (None, "triton") and available("triton", t.device)
 
 
 def _tiled_mm(x: Tensor, weight: Tensor) -> Tensor:

@@ -11,11 +11,17 @@ import pytest
 import torch
 
 from instructrl_fast import batch_invariant
-from instructrl_fast.backend import triton_interpreting, use_backend
+from instructrl_fast.backend import triton_interpreting
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or triton_interpreting()),
                                 reason="the Triton kernels need CUDA or TRITON_INTERPRET=1")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _kernels_on_cpu(monkeypatch):
+    """batch_invariant runs the kernels on CUDA tensors only; here on CPU tensors too (the interpreter)."""
+    monkeypatch.setattr(batch_invariant, "_on_kernels", lambda t: t.dtype != torch.float64)
 
 
 def _err(a, b):
@@ -52,18 +58,17 @@ def test_matmul_rows_do_not_depend_on_the_batch(dtype):
         assert _err(full, expected) <= 2 * _err(x @ w.T, expected) + 1e-2
 
 
-def test_matmul_t_runs_the_kernel_when_triton_is_forced():
-    """batch_invariant.matmul_t / linear on the kernel (forced triton), with the plain GEMMs' backward."""
+def test_matmul_t_runs_the_kernel():
+    """batch_invariant.matmul_t / linear on the kernel, with the plain GEMMs' backward."""
     from instructrl_fast.kernels.invariant_matmul import invariant_matmul
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(70, 48, generator=g).to(DEVICE).requires_grad_()
     w = torch.randn(40, 48, generator=g).to(DEVICE).requires_grad_()
     b = torch.randn(40, generator=g).to(DEVICE)
-    with use_backend("triton"):
-        y = batch_invariant.linear(x, w, b)
-        with pytest.raises(TypeError, match="one dtype"):
-            batch_invariant.matmul_t(x.detach(), w.detach().bfloat16())
+    y = batch_invariant.linear(x, w, b)
+    with pytest.raises(TypeError, match="one dtype"):
+        batch_invariant.matmul_t(x.detach(), w.detach().bfloat16())
     assert torch.equal(y, invariant_matmul(x.detach(), w.detach()) + b)
     gy = torch.randn(70, 40, generator=g).to(DEVICE)
     y.backward(gy)
@@ -107,8 +112,7 @@ def _batch(seqs, pads, S, queries):
 
 
 def _attend(*args):
-    with use_backend("triton"):
-        return batch_invariant.attend(*args, DH**-0.5)
+    return batch_invariant.attend(*args, DH**-0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -141,7 +145,10 @@ def test_attention_matches_float64(dtype):
     if dtype == torch.float32:
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     else:
-        composite = batch_invariant.attend(q, k, v, q_pos, k_pos, usable, DH**-0.5)  # the torch loop in bf16
+        # the plain PyTorch composite in bf16 (a query with no visible key: 0)
+        visible = usable[:, None, None, :] & (k_pos[:, None, None, :] <= q_pos[:, None, :, None])
+        scores = ((q @ k.transpose(-1, -2)) * DH**-0.5).masked_fill(~visible, float("-inf"))
+        composite = torch.softmax(scores, -1).nan_to_num(0.0) @ v
         assert _err(out, expected) <= 2 * _err(composite, expected) + 1e-3
 
 
