@@ -392,13 +392,14 @@ def main(argv=None) -> int:
         failures += [f"{m}.{k}: no AOT case compiles this kernel" for m, k in missing]
     args.out.mkdir(parents=True, exist_ok=True)
     columns = ["op", "kernel", "target", "dtype", "config", "regs", "spill_bytes", "smem_bytes", "num_warps",
-               "blocks_per_sm", "occupancy", "compile_s", "error"]
+               "blocks_per_sm", "occupancy", "compile_s", "error", "git_sha", "triton"]
+    sha = _git_sha()
     with open(args.out / "aot_compile.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**r, "git_sha": sha, "triton": triton.__version__} for r in rows)
     ok = [r for r in rows if "error" not in r]
-    summary = {"git_sha": _git_sha(), "triton": triton.__version__, "torch": torch.__version__,
+    summary = {"git_sha": sha, "triton": triton.__version__, "torch": torch.__version__,
                "fp_fusion": FP_FUSION, "targets": [a.name for a in ARCHS], "cases": len(rows),
                "unique_compiles": len(cache), "kernels": len(seen), "errors": len(rows) - len(ok),
                "spills": sum(1 for r in ok if r["spill_bytes"]), "max_regs": max((r["regs"] for r in ok), default=0),

@@ -148,7 +148,7 @@ def launch_config(on_gpu: bool, dtype: torch.dtype, Dh: int) -> DecodeConfig:
         return DecodeConfig(128, block_d, 1, 1)  # the interpreter's cost grows with loop steps: big blocks
     # 16-bit: 8192-element K and V tiles (16 KiB each) over 4 warps: 16-byte loads, 64 elements of each tile per
     # thread, 80-96 registers, 5 programs per SM (at sm_80 and sm_90a, with V loaded before the K reductions).
-    # fp32: 4096-element tiles (16 KiB each) over 8 warps, 16 elements of each tile per thread, ~57 registers, 4
+    # fp32: 4096-element tiles (16 KiB each) over 8 warps, 16 elements of each tile per thread, 48-57 registers, 4
     # programs per SM. 8192 elements over 4 warps took 148-151 registers at sm_80 (3 per SM); 4096 over 4 warps
     # spilled at sm_90a once V was loaded early.
     if dtype == torch.float32:
