@@ -47,24 +47,26 @@ if [ $status -ne 0 ]; then
 fi
 # ptxas -v prints, per kernel and target: "Compiling entry function 'NAME' for 'sm_XX'", then "N bytes stack frame,
 # S bytes spill stores, L bytes spill loads" and "Used R registers".
-cat "$out"/*.log | python -c '
-import re, subprocess, sys
+python - "$out" <<'PY'
+import pathlib, re, subprocess, sys
+
 rows, entry = [], None
-for line in sys.stdin:
-    m = re.search(r"Compiling entry function .(\S+). for .(sm_\w+).", line)
-    if m:
-        entry = [m.group(1), m.group(2), None, 0]
-        rows.append(entry)
-    elif entry and (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)):
-        entry[3] = int(m.group(1)) + int(m.group(2))
-    elif entry and (m := re.search(r"Used (\d+) registers", line)):
-        entry[2] = int(m.group(1))
-names = subprocess.run(["c++filt"], input="\n".join(r[0] for r in rows), capture_output=True, text=True).stdout
-for r, name in zip(rows, names.splitlines()):
-    print(f"check_cuda: {r[1]:7s} regs {r[2]!s:>4s} spill {r[3]:3d} B  {name.split(\"(\")[0][:110]}")
-spilled = [r for r in rows if r[3]]
+for log in sorted(pathlib.Path(sys.argv[1]).glob("*.log")):
+    for line in log.read_text().splitlines():
+        if m := re.search(r"Compiling entry function '(\S+)' for '(sm_\w+)'", line):
+            entry = [m.group(1), m.group(2), 0, 0]
+            rows.append(entry)
+        elif entry and (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)):
+            entry[3] = int(m.group(1)) + int(m.group(2))
+        elif entry and (m := re.search(r"Used (\d+) registers", line)):
+            entry[2] = int(m.group(1))
 if not rows:
-    sys.exit("check_cuda: ptxas -v printed no kernel (the parsing above is out of date)")
-sys.exit(f"check_cuda: {len(spilled)} kernel(s) spill registers" if spilled else 0)
-'
+    sys.exit("check_cuda: ptxas -v printed no kernel (the parsing here is out of date)")
+names = subprocess.run(["c++filt"], input="\n".join(r[0] for r in rows), capture_output=True, text=True).stdout
+for (_, arch, regs, spill), name in zip(rows, names.splitlines()):
+    short = name.replace("(anonymous namespace)::", "").removeprefix("void ").split("(")[0][:100]
+    print(f"check_cuda: {arch:7s} regs {regs:3d} spill {spill:3d} B  {short}")
+spilled = sum(1 for r in rows if r[3])
+sys.exit(f"check_cuda: {spilled} kernel(s) spill registers" if spilled else 0)
+PY
 echo "check_cuda: ${#srcs[@]} CUDA sources compiled for sm_80 and sm_90a (+ compute_80 PTX), no register spills"
