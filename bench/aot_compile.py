@@ -297,8 +297,8 @@ def _ptxas_usage(ptx: str, arch: Arch) -> tuple[int, int]:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
         fmad = [] if FP_FUSION else ["--fmad=false"]
-        cmd = [get_ptxas(arch.capability).path, "-lineinfo", *fmad, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch.name}", str(src),
-               "-o", str(Path(tmp) / "k.cubin")]
+        cmd = [get_ptxas(arch.capability).path, "-lineinfo", *fmad, "-v", "--regAllocOptLevel=2",
+               f"--gpu-name={arch.name}", str(src), "-o", str(Path(tmp) / "k.cubin")]
         log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)

@@ -110,7 +110,8 @@ def _invariant_matmul_kernel(
                 b = b.to(tl.float32)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
         out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        tl.store(out, round_to(acc, out_ptr.dtype.element_ty, UPCAST), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(out, round_to(acc, out_ptr.dtype.element_ty, UPCAST), mask=mask)
 
 
 def invariant_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

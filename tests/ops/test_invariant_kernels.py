@@ -91,7 +91,8 @@ def _tokens(dtype):
 
 def _batch(seqs, pads, S, queries):
     """Rows b = sequences placed at slots pads[b] .. pads[b] + n - 1 of S slots (zeros elsewhere), and the queries
-    of positions [first, last) (zero past a sequence's end): (q, k, v, q_pos, k_pos, k_usable) as ``batch_invariant.attend`` takes them.
+    of positions [first, last) (zero past a sequence's end): (q, k, v, q_pos, k_pos, k_usable) as
+    ``batch_invariant.attend`` takes them.
     Keys after the last query are not usable (not written yet in a cache)."""
     B, dtype = len(seqs), seqs[0][0].dtype
     first, last = queries
