@@ -9,8 +9,10 @@ allocation. Occupancy is resident warps per SM over 64, from registers (64K per 
 256), shared memory (164 KiB per SM on sm_80, 228 KiB on sm_90, plus 1 KiB the runtime reserves per block) and the
 32-block limit.
 
-Fails (exit 1) on a compile error, on any spill, on a kernel of kernels/ that no case compiles, and when a launcher
-assumes more resident programs per SM than fit (the decode kernel's split count). Writes one row per (case, target)
+Fails (exit 1) on a compile error, on any spill, on a kernel of kernels/ that no case compiles, when a launcher
+assumes more resident programs per SM than fit (the decode kernel's split count), and when the batch-invariant
+kernels compile differently for a decode call (M = 1 rows, T = 1 query) than for a training call: the mode needs the
+very same machine code for both. Writes one row per (case, target)
 to bench/results/aot_compile.csv and a summary with the git sha and the Triton version to aot_compile.json.
 
     python bench/aot_compile.py            # every case (~2 minutes on 2 cores; compiles are cached by Triton)
@@ -89,6 +91,7 @@ class Case:
     args: tuple
     kwargs: dict
     resident: int | None = None  # programs per SM the launcher assumes fit (checked), if it assumes any
+    one_kernel: str | None = None  # cases with the same label must bind to one compiled kernel (checked)
     rows: list = field(default_factory=list)
 
 
@@ -262,24 +265,24 @@ def _invariant_cases(arch: Arch) -> list[Case]:
     cases = []
     for dt in (BF16, FP32):
         c = im.matmul_config(dt, False)
-        for M, N, K in ((32768, 4096, 4096), (64, 12288, 4096), (8192, 50304, 1024)):
+        for M, N, K in ((32768, 4096, 4096), (64, 12288, 4096), (1, 12288, 4096), (8192, 50304, 1024)):
             cases.append(Case("invariant_matmul", "invariant_matmul", "_invariant_matmul_kernel", _dt(dt),
                               f"M={M} N={N} K={K} tile={c.block_m}x{c.block_n}x{c.block_k} warps={c.num_warps} "
                               f"stages={c.num_stages}",
                               (Stand(dt), Stand(dt), Stand(dt), M, N, K, K, 1, K, 1),
                               dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
                                    UPCAST=False, INPUT_PRECISION="ieee", num_warps=c.num_warps,
-                                   num_stages=c.num_stages)))
+                                   num_stages=c.num_stages), one_kernel=f"any M, N={N} K={K}" if N == 12288 else None))
     cfg = ia.attention_config()
-    B, H, T, S = 8, 16, 1024, 1024
-    for Dh in (64, 128):
+    B, H, S = 8, 16, 1024
+    for Dh, T in ((64, 1024), (128, 1024), (64, 1), (128, 1)):  # training and decode: one compiled kernel each Dh
         for dt in (BF16, FP32):
             cases.append(Case("invariant_attention", "invariant_attention", "_invariant_attention_kernel", _dt(dt),
                               f"B={B} H={H} T={T} Dh={Dh} BLOCK_Q={cfg.block_q} KEY_BLOCK=32 warps={cfg.num_warps}",
                               (Stand(dt), Stand(dt), Stand(dt), Stand(torch.int64), Stand(torch.int32), Stand(dt),
                                H * T * Dh, T * Dh, Dh, H * S * Dh, S * Dh, Dh, H * S * Dh, S * Dh, Dh, H, T, S, 0.18),
                               dict(HEAD_DIM=Dh, BLOCK_D=max(16, Dh), BLOCK_Q=cfg.block_q, KEY_BLOCK=32, UPCAST=False,
-                                   num_warps=cfg.num_warps)))
+                                   num_warps=cfg.num_warps), one_kernel=f"any T, Dh={Dh}"))
     return cases
 
 
@@ -314,7 +317,7 @@ def _blocks_per_sm(regs: int, smem: int, num_warps: int, arch: Arch) -> int:
     return min(by_regs, by_smem, arch.max_warps // num_warps, arch.max_blocks)
 
 
-def _compile(case: Case, arch: Arch, backend, cache: dict) -> dict:
+def _compile(case: Case, arch: Arch, backend, cache: dict) -> tuple[tuple, dict]:
     fn: JITFunction = getattr(_kernel_module(case.module), case.kernel)
     kwargs = dict(case.kwargs, enable_fp_fusion=FP_FUSION, debug=False)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
@@ -331,7 +334,7 @@ def _compile(case: Case, arch: Arch, backend, cache: dict) -> dict:
         cache[key] = {"regs": regs, "spill_bytes": spill, "smem_bytes": smem, "num_warps": options.num_warps,
                       "blocks_per_sm": blocks, "occupancy": round(blocks * options.num_warps / arch.max_warps, 3),
                       "compile_s": round(time.perf_counter() - t0, 2)}
-    return cache[key]
+    return key, cache[key]
 
 
 def _git_sha() -> str:
@@ -361,7 +364,7 @@ def main(argv=None) -> int:
         # triton.language's own jit functions are made interpreted at `import triton`: nothing would compile
         parser.error("TRITON_INTERPRET is set: unset it (the kernels must be compiled, not interpreted)")
     ops = args.only or sorted(CASES)
-    rows, failures, cache = [], [], {}
+    rows, failures, cache, one_kernel = [], [], {}, {}
     seen = set()
     t0 = time.perf_counter()
     for arch in ARCHS:
@@ -373,12 +376,15 @@ def main(argv=None) -> int:
             row = {"op": case.op, "kernel": case.kernel, "target": arch.name, "dtype": case.dtype,
                    "config": case.config}
             try:
-                row |= _compile(case, arch, backend, cache)
+                key, usage = _compile(case, arch, backend, cache)
+                row |= usage
             except Exception as e:  # a compile error is a finding: report every one, then fail
                 failures.append(f"{case.kernel} {arch.name} {case.dtype} {case.config}: {type(e).__name__}: {e}")
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 rows.append(row)
                 continue
+            if case.one_kernel is not None:
+                one_kernel.setdefault((arch.name, case.kernel, case.dtype, case.one_kernel), set()).add(key)
             if row["spill_bytes"]:
                 failures.append(f"{case.kernel} {arch.name} {case.dtype} {case.config}: spills {row['spill_bytes']} B")
             if case.resident is not None and row["blocks_per_sm"] < case.resident:
@@ -387,6 +393,8 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{arch.name:7s} {case.kernel:34s} {case.dtype:8s} regs {row['regs']:3d} spill {row['spill_bytes']} "
                   f"smem {row['smem_bytes']:6d} occ {row['occupancy']:.2f}  {case.config}", flush=True)
+    failures += [f"{kernel} {arch} {dtype} {label}: {len(keys)} compiled kernels where the batch-invariant mode "
+                 "needs one" for (arch, kernel, dtype, label), keys in one_kernel.items() if len(keys) > 1]
     if args.only is None:
         missing = sorted(_all_kernels() - seen)
         failures += [f"{m}.{k}: no AOT case compiles this kernel" for m, k in missing]

@@ -57,7 +57,9 @@ def attention_config() -> AttentionConfig:
     return _CONFIG
 
 
-@triton.jit
+# T is not specialized: Triton would compile another kernel for T == 1 (every decode step), free to contract
+# a * b + c into FMAs differently from the training kernel's; one compiled kernel for every T keeps them identical.
+@triton.jit(do_not_specialize=["T"])
 def _invariant_attention_kernel(
     q_ptr,  # [B, H, T, Dh] last dim contiguous; fp32/bf16/fp16
     k_ptr,  # [B, H, S, Dh] last dim contiguous, q's dtype: keys by cache slot

@@ -68,7 +68,9 @@ def round_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
     return x.to(dtype)
 
 
-@triton.jit
+# M is not specialized: Triton would compile another kernel for M == 1 (a one-row decode step), free to contract
+# a * b + c into FMAs differently; one compiled kernel for every M keeps the arithmetic identical.
+@triton.jit(do_not_specialize=["M"])
 def _invariant_matmul_kernel(
     x_ptr,  # [M, K] strides (stride_xm, stride_xk); fp32/bf16/fp16
     w_ptr,  # [N, K] strides (stride_wn, stride_wk); x's dtype
