@@ -103,8 +103,8 @@ def _kernel_module(name: str):
 def _sm_count(arch: Arch):
     """Every launcher that reads the SM count sees the target's."""
     with contextlib.ExitStack() as stack:
-        for name in ("logprob", "decode_attention", "invariant_matmul"):
-            mod = _kernel_module(name)
+        for path in sorted((ROOT / "kernels").glob("*.py")):
+            mod = _kernel_module(path.stem)
             if hasattr(mod, "sm_count"):
                 stack.enter_context(mock.patch.object(mod, "sm_count", lambda device: arch.sms))
         yield
@@ -117,34 +117,66 @@ def _dt(dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # cases: what each launcher launches at realistic shapes
 # ---------------------------------------------------------------------------------------------------------------
+def _by_name(module: str, kernel: str, values: dict, ptrs: dict, **launch) -> tuple[tuple, dict]:
+    """(args, kwargs) of a launch of ``module.kernel`` from values by parameter name: the log-prob kernels change
+    their signatures more often than their parameters' names. A ``*_ptr`` parameter not in ``ptrs`` is an fp32
+    tensor; any other missing name is an error naming it."""
+    fn = getattr(_kernel_module(module), kernel)
+    args, kwargs = [], dict(launch)
+    for p in fn.params:
+        if p.name.endswith("_ptr") and p.name not in values:
+            value = ptrs.get(p.name, Stand(FP32))
+        elif p.name in values:
+            value = values[p.name]
+        else:
+            raise KeyError(f"{kernel}: the AOT case has no value for its argument {p.name!r}")
+        if p.is_constexpr:
+            kwargs[p.name] = value
+        else:
+            args.append(value)
+    return tuple(args), kwargs
+
+
+def _logits_layout(dt: torch.dtype, off: int, aligned_base: bool) -> tuple[Stand, int, int]:
+    """(logits pointer, element offset, align) of a view starting ``off`` elements into 16-byte aligned storage: as
+    the launcher passes it, the view's own pointer (offset 0, align its misalignment) or, where the kernels take an
+    aligned base plus an offset (kernels/logprob.py's _aligned_base), the boundary at or before it."""
+    shift = off * dt.itemsize % 16 // dt.itemsize
+    if aligned_base:
+        return Stand(dt, (off - shift) * dt.itemsize), shift, 0
+    return Stand(dt, off * dt.itemsize), 0, shift
+
+
 def _logprob_cases(arch: Arch) -> list[Case]:
     lp = _kernel_module("logprob")
+    aligned_base = "offset" in lp._logprob_fwd_kernel.arg_names
     cases = []
-    # (label, dtype, B, T, V, stride_b, stride_t, base offset in elements)
+    # (label, dtype, B, T, V, stride_b, stride_t, offset of logits[0, 0] in elements)
     shapes = [(f"N=32768 V={V}", dt, 1, 32768, V, 32768 * V, V, 0)
               for V in (50257, 128256, 151936, 262144) for dt in (FP32, BF16)]
-    # TRL's logits[:, :-1] of [32, 1025, V] (aligned base, odd row stride) and logits[:, 1:] (misaligned base)
+    # TRL's logits[:, :-1] of [32, 1025, V] (aligned start, odd row stride) and logits[:, 1:] (misaligned start)
     shapes += [(f"logits[:, :-1] of [32, 1025, {V}]", BF16, 32, 1024, V, 1025 * V, V, 0) for V in (50257,)]
     shapes += [(f"logits[:, 1:] of [32, 1025, {V}]", BF16, 32, 1024, V, 1025 * V, V, V) for V in (50257,)]
     shapes += [("rollout N=64 V=128256", BF16, 1, 64, 128256, 64 * 128256, 128256, 0)]
     for label, dt, B, T, V, sb, st, off in shapes:
         N = B * T
         block_v, splits, num_warps = lp._launch_config(N, V, CUDA)
-        esize = dt.itemsize
-        align = (off * esize % 16) // esize
-        vec = 16 // esize
-        cfg = f"{label} BLOCK_V={block_v} SPLITS={splits} warps={num_warps} align={align}"
-        logits = Stand(dt, off * esize)
-        common = dict(WITH_ENTROPY=True, SPLITS=splits, VEC=vec, HINT=align == 0, BLOCK_V=block_v,
-                      num_warps=num_warps)
-        cases.append(Case("logprob", "logprob", "_logprob_fwd_kernel", _dt(dt), cfg,
-                          (logits, Stand(torch.int64), Stand(FP32), Stand(FP32), N, T, sb, st, V, align, 1.0, -100, 0),
-                          common))
+        vec = 16 // dt.itemsize
+        logits, offset, align = _logits_layout(dt, off, aligned_base)
         same = align == 0 and (st - V) % vec == 0 and (B == 1 or (sb - T * V) % vec == 0)
-        cases.append(Case("logprob", "logprob", "_logprob_bwd_kernel", _dt(dt), cfg,
-                          (Stand(dt), Stand(FP32), Stand(FP32), logits, Stand(torch.int64), Stand(FP32), Stand(FP32),
-                           Stand(FP32), T, sb, st, V, align, 1.0, -100, 0),
-                          dict(common, HINT_OUT=bool(same))))
+        values = {"N": N, "T": T, "stride_b": sb, "stride_t": st, "V": V, "offset": offset, "align": align,
+                  "out_stride_b": T * V, "out_stride_t": V, "out_offset": 0, "inv_temperature": 1.0,
+                  "ignore_index": -100, "vocab_start": 0, "WITH_ENTROPY": True, "FULL_KL": False, "SPLITS": splits,
+                  "VEC": vec, "HINT": align == 0, "HINT_OUT": bool(same), "BLOCK_V": block_v}
+        ptrs = {"logits_ptr": logits, "ref_logits_ptr": logits, "grad_logits_ptr": Stand(dt),
+                "labels_ptr": Stand(torch.int64)}
+        cfg = f"{label} BLOCK_V={block_v} SPLITS={splits} warps={num_warps} offset={offset} align={align}"
+        variants = [("_logprob_fwd_kernel", values, cfg), ("_logprob_bwd_kernel", values, cfg)]
+        if "FULL_KL" in lp._logprob_bwd_kernel.arg_names:
+            variants.append(("_logprob_bwd_kernel", dict(values, FULL_KL=True), f"{cfg} FULL_KL"))
+        for kernel, vals, config in variants:
+            args, kwargs = _by_name("logprob", kernel, vals, ptrs, num_warps=num_warps)
+            cases.append(Case("logprob", "logprob", kernel, _dt(dt), config, args, kwargs))
     return cases
 
 
@@ -152,22 +184,24 @@ def _actor_loss_cases(arch: Arch) -> list[Case]:
     al, lp = _kernel_module("actor_loss"), _kernel_module("logprob")
     cases = []
     for kl_mode, estimator, label in ((0, 0, "no KL"), (1, 2, "k3"), (2, 0, "full KL")):
+        args, kwargs = _by_name("actor_loss", "_actor_token_kernel",
+                                {"n": 32768, "clip_low": 0.2, "clip_high": 0.28, "dual_clip": 3.0, "kl_coef": 0.05,
+                                 "entropy_coef": 0.01, "KL_MODE": kl_mode, "ESTIMATOR": estimator,
+                                 "BLOCK": al._TOKEN_BLOCK}, {"clipped_ptr": Stand(torch.int8)})
         cases.append(Case("actor_loss", "actor_loss", "_actor_token_kernel", "float32",
-                          f"{label} BLOCK={al._TOKEN_BLOCK}",
-                          (*(Stand(FP32) for _ in range(7)), Stand(torch.int8), *(Stand(FP32) for _ in range(4)),
-                           32768, 0.2, 0.28, 3.0, 0.05, 0.01),
-                          dict(KL_MODE=kl_mode, ESTIMATOR=estimator, BLOCK=al._TOKEN_BLOCK)))
-    # the full-KL walks get the head's row chunks: ~max(N*D, 2^22) / V rows (ops/logprob.py _linear_chunk_rows)
+                          f"{label} BLOCK={al._TOKEN_BLOCK}", args, kwargs))
+    # the full-KL walks get the head's row chunks (ops/logprob.py)
+    walks = [k for k in ("_full_kl_fwd_kernel", "_full_kl_bwd_kernel") if hasattr(al, k)]
     for V, rows in ((50257, 1335), (128256, 523), (262144, 256)):
         for dt in (FP32, BF16):
             block_v, _, num_warps = lp._launch_config(rows, V, CUDA)
-            cfg = f"rows={rows} V={V} BLOCK_V={block_v} warps={num_warps}"
-            kw = dict(BLOCK_V=block_v, num_warps=num_warps)
-            cases.append(Case("actor_loss", "actor_loss", "_full_kl_fwd_kernel", _dt(dt), cfg,
-                              (Stand(dt), Stand(dt), *(Stand(FP32) for _ in range(4)), V, V, V, 1.0), kw))
-            cases.append(Case("actor_loss", "actor_loss", "_full_kl_bwd_kernel", _dt(dt), cfg,
-                              (Stand(dt), Stand(FP32), Stand(dt), Stand(dt), *(Stand(FP32) for _ in range(4)), V, V, V,
-                               1.0), kw))
+            values = {"stride": V, "stride_x": V, "stride_y": V, "V": V, "offset": 0, "align": 0,
+                      "inv_temperature": 1.0, "VEC": 16 // dt.itemsize, "HINT": True, "BLOCK_V": block_v}
+            ptrs = {"logits_ptr": Stand(dt), "ref_logits_ptr": Stand(dt), "grad_logits_ptr": Stand(dt)}
+            for kernel in walks:
+                args, kwargs = _by_name("actor_loss", kernel, values, ptrs, num_warps=num_warps)
+                cases.append(Case("actor_loss", "actor_loss", kernel, _dt(dt),
+                                  f"rows={rows} V={V} BLOCK_V={block_v} warps={num_warps}", args, kwargs))
     return cases
 
 
