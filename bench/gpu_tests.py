@@ -256,12 +256,11 @@ def test_invariant_matmul_on_cuda():
     torch.manual_seed(5)
     x = torch.randn(4096, 4096, device=CUDA).bfloat16()
     w = (torch.randn(12288, 4096, device=CUDA) / 64).bfloat16()
-    with batch_invariant.enabled():
-        full = batch_invariant.matmul_t(x, w)
-        for rows in (slice(0, 64), slice(1000, 1001), slice(4032, 4096)):
-            assert torch.equal(batch_invariant.matmul_t(x[rows], w), full[rows]), rows
-        perm = torch.randperm(4096, device=CUDA)[:300]
-        assert torch.equal(batch_invariant.matmul_t(x[perm], w), full[perm])
+    full = batch_invariant.matmul_t(x, w)
+    for rows in (slice(0, 64), slice(1000, 1001), slice(4032, 4096)):
+        assert torch.equal(batch_invariant.matmul_t(x[rows], w), full[rows]), rows
+    perm = torch.randperm(4096, device=CUDA)[:300]
+    assert torch.equal(batch_invariant.matmul_t(x[perm], w), full[perm])
     rows = torch.randint(0, 4096, (64,), device=CUDA)
     expected = x[rows].double() @ w.double().T
     assert _err(full[rows], expected) <= 2 * _err(x[rows] @ w.T, expected) + 1e-3
@@ -292,12 +291,11 @@ def test_invariant_attention_on_cuda():
         q_pos = torch.arange(first, last, device=CUDA).expand(B, -1).contiguous()
         return q, k, v, q_pos, k_pos, usable
 
-    with batch_invariant.enabled():
-        args = batch([1, 0, 2, 3], [700, 0, 300, 1], 1000, 0, n)
-        train = batch_invariant.attend(*args, Dh**-0.5)[1]
-        for t in (0, 31, 32, 500, n - 1):
-            step = batch_invariant.attend(*batch([0, 3], [100, 0], 1100, t, t + 1), Dh**-0.5)[0]
-            assert torch.equal(step[:, 0], train[:, t]), t
+    args = batch([1, 0, 2, 3], [700, 0, 300, 1], 1000, 0, n)
+    train = batch_invariant.attend(*args, Dh**-0.5)[1]
+    for t in (0, 31, 32, 500, n - 1):
+        step = batch_invariant.attend(*batch([0, 3], [100, 0], 1100, t, t + 1), Dh**-0.5)[0]
+        assert torch.equal(step[:, 0], train[:, t]), t
     q, k, v, q_pos, k_pos, usable = (a[1:2] for a in args)
     expected = batch_invariant._attend(q.double().cpu(), k.double().cpu(), v.double().cpu(), q_pos.cpu(),
                                        k_pos.cpu(), usable.cpu(), Dh**-0.5)
