@@ -15,7 +15,7 @@ kernels compile differently for a decode call (M = 1 rows, T = 1 query) than for
 very same machine code for both. Writes one row per (case, target)
 to bench/results/aot_compile.csv and a summary with the git sha and the Triton version to aot_compile.json.
 
-    python bench/aot_compile.py            # every case (~2 minutes on 2 cores; compiles are cached by Triton)
+    python bench/aot_compile.py            # every case (~2 minutes on 2 cores; Triton caches the compiles)
     python bench/aot_compile.py --only decode
 """
 
@@ -272,6 +272,41 @@ def _ppo_loss_cases(arch: Arch) -> list[Case]:
     return cases
 
 
+def _policy_loss_cases(arch: Arch) -> list[Case]:
+    ppo, pl = _kernel_module("ppo_loss"), importlib.import_module("instructrl_fast.ops.policy_loss")
+    B, T = 512, 1024
+    block_t, num_warps = ppo.launch_config(T, CUDA)
+    params = {"clip_low": 0.2, "clip_high": 0.28, "dual": 3.0, "tau_pos": 1.0, "tau_neg": 1.05, "beta": 0.1,
+              "trunc": 2.0}
+    cases = []
+    variants = [(name, code, BF16, True) for name, code in pl.LOSS_TYPES.items()]
+    variants += [("vanilla", 0, FP32, True), ("vanilla", 0, BF16, False)]
+    for name, code, dt, weights in variants:
+        values = dict(params, B=B, T=T, C=triton.cdiv(T, block_t), TYPE=code, HAS_WEIGHTS=weights, BLOCK_T=block_t)
+        ptrs = {"logp_ptr": Stand(dt), "old_ptr": Stand(dt), "adv_ptr": Stand(dt), "mask_ptr": Stand(torch.uint8)}
+        for kernel in ("_policy_loss_fwd_kernel", "_policy_loss_bwd_kernel"):
+            args, kwargs = _by_name("policy_loss", kernel, values, ptrs, num_warps=num_warps)
+            cases.append(Case("policy_loss", "policy_loss", kernel, _dt(dt),
+                              f"{name} weights={weights} B={B} T={T} BLOCK_T={block_t} warps={num_warps}", args,
+                              kwargs))
+    return cases
+
+
+def _group_advantages_cases(arch: Arch) -> list[Case]:
+    ga = importlib.import_module("instructrl_fast.ops.group_advantages")
+    B = 512  # e.g. 64 prompts x 8 samples
+    block = min(triton.next_power_of_2(B), 64)  # the launcher's GPU cap
+    cases = []
+    for code in sorted(set(ga.ESTIMATORS.values())):
+        for dt in (FP32, BF16) if code == 0 else (FP32,):
+            args, kwargs = _by_name("group_advantages", "_group_advantages_fwd_kernel",
+                                    {"B": B, "eps": 1e-6, "MODE": code, "BLOCK_I": block, "BLOCK_J": block},
+                                    {"scores_ptr": Stand(dt), "group_ptr": Stand(torch.int64)}, num_warps=4)
+            cases.append(Case("group_advantages", "group_advantages", "_group_advantages_fwd_kernel", _dt(dt),
+                              f"MODE={code} B={B} BLOCK_I=BLOCK_J={block}", args, kwargs))
+    return cases
+
+
 def _decode_cases(arch: Arch) -> list[Case]:
     da = _kernel_module("decode_attention")
     B, H, S = 8, 16, 4096  # a small rollout batch against a 4096-slot cache: rows split across programs
@@ -321,8 +356,8 @@ def _invariant_cases(arch: Arch) -> list[Case]:
 
 
 CASES = {"logprob": _logprob_cases, "actor_loss": _actor_loss_cases, "kl": _kl_cases, "gae": _gae_cases,
-         "whiten": _whiten_cases, "ppo_loss": _ppo_loss_cases, "decode": _decode_cases,
-         "invariant": _invariant_cases}
+         "whiten": _whiten_cases, "ppo_loss": _ppo_loss_cases, "policy_loss": _policy_loss_cases,
+         "group_advantages": _group_advantages_cases, "decode": _decode_cases, "invariant": _invariant_cases}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -122,10 +122,14 @@ def _ppo_loss_bwd_kernel(
     tl.store(grad_x_ptr + offs, tl.where(valid, grad * scale, 0.0), mask=in_row)
 
 
+def _block_t(T: int, device: torch.device) -> int:
+    # Interpreter cost grows with the number of programs, not elements: one big block per row there.
+    return min(triton.next_power_of_2(max(T, 1)), 2048 if device.type == "cuda" else 32768)
+
+
 def launch_config(T: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_T, num_warps) for rows of T tokens on ``device`` (a plain function: the AOT check calls it)."""
-    # Interpreter cost grows with the number of programs, not elements: one big block per row there.
-    block_t = min(triton.next_power_of_2(max(T, 1)), 2048 if device.type == "cuda" else 32768)
+    block_t = _block_t(T, device)
     return block_t, 4 if block_t <= 1024 else 8
 
 
