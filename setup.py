@@ -64,7 +64,10 @@ def _extensions():
             CUDAExtension(
                 "instructrl_fast._C_cuda",
                 _rel(sources),
-                extra_compile_args={"cxx": cxx, "nvcc": opt + ["--expt-relaxed-constexpr", "-lineinfo"]},
+                # compute_80 PTX beside the cubins of TORCH_CUDA_ARCH_LIST: the driver JITs it on GPUs newer than
+                # every cubin (sm_90a code is arch-specific and runs on no later GPU, so its PTX would not do).
+                extra_compile_args={"cxx": cxx, "nvcc": opt + ["--expt-relaxed-constexpr", "-lineinfo",
+                                                               "-gencode=arch=compute_80,code=compute_80"]},
                 extra_link_args=["-fopenmp"],
             )
         )

@@ -13,7 +13,9 @@ reported, so the load of a shared machine hits both alike. ``cost`` = batch-inva
 
 Where the cost comes from on CPU: every GEMM runs in [TILE_ROWS, K] tiles (a decode step of B < 32 rows pads up to
 32: up to 32 / B times the FLOPs of the skinny GEMM, and a Python loop of tile GEMMs in training), and attention
-runs as elementwise products and fixed-size reductions in position space instead of one SDPA call.
+runs as elementwise products and fixed-size reductions in position space instead of one SDPA call. On a GPU the
+mode runs the Triton kernels kernels/invariant_matmul.py and kernels/invariant_attention.py instead (README: the
+predicted cost there).
 
 Usage:  python bench/bench_batch_invariant.py [--quick] [--threads N]
 Rows are appended to bench/results/batch_invariant.jsonl ($OUT/batch_invariant.jsonl when $OUT is set).

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The project's one prepared GPU check. It cannot pass without a GPU: it stops at once unless CUDA is available and
 # the Triton interpreter is off, and its first test asserts that the CUDA extension is loaded. Then it builds the
-# CUDA extension, runs the op tests on CUDA tensors, the GPU-sized checks of bench/gpu_tests.py (rows of 32768,
-# vocab 50257 and 128256, several blocks per row, N * V > 2^31 once, rows split across programs, strided slices
-# read in place, torch.compile(fullgraph=True) of a loss on CUDA, a CUDA-graph-captured decode step) and two quick
-# microbenchmarks (log-probs, the fused actor loss). Every step runs even when an earlier one failed; each pytest
-# step writes a junit file. The step limits add up to 480 s (8 minutes), Triton's compile time included; none of it has
-# been timed on a GPU yet. Results go
-# to $OUT when it is set (the device tool's output folder), else to bench/results/gpu_check/.
+# CUDA extension, runs the op tests on CUDA tensors (the batch-invariant GEMM and attention kernels included), the
+# GPU-sized checks of bench/gpu_tests.py (rows of 32768, vocab 50257 and 128256, several blocks per row, N * V > 2^31
+# once, rows split across programs, strided slices read in place, torch.compile(fullgraph=True) of a loss on CUDA, a
+# CUDA-graph-captured decode step, the invariant GEMM's rows bitwise the same at M = 1..4096 and the invariant
+# attention the same in training and decode) and four quick microbenchmarks (log-probs, the fused actor loss, decode
+# attention, the batch-invariant mode's cost), then prints for every bench rate the fraction of the device's bound it
+# reached (bytes/s over peak bandwidth, FLOP/s over peak bf16 FLOP/s: bench/bound_fractions.py). Every step runs
+# even when an earlier one failed; each pytest step writes a junit file. The step limits add up to 480 s (8 minutes),
+# Triton's compile time included; none of it has been timed on a GPU yet. Results go to $OUT when it is set (the
+# device tool's output folder), else to bench/results/gpu_check/.
 #
 #   bash bench/gpu_check.sh            # everything
 #   SKIP_BUILD=1 bash bench/gpu_check.sh
@@ -54,12 +57,15 @@ git rev-parse HEAD 2>/dev/null | tee -a "$OUTDIR/device.txt"
 if [ "${SKIP_BUILD:-0}" != "1" ]; then
   # Only the local GPU's architecture: the full sm_80 + sm_90a build is CI's compile check.
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")a}
-  step build 150 env MAX_JOBS=16 python -m pip install -q --no-build-isolation --no-deps -e .
+  step build 135 env MAX_JOBS=16 python -m pip install -q --no-build-isolation --no-deps -e .
 fi
-step build_info 20 python -c "import json, instructrl_fast; print(json.dumps(instructrl_fast.build_info()))"
-step gpu_sized 130 python -m pytest -q -p no:cacheprovider bench/gpu_tests.py --junitxml="$OUTDIR/junit_gpu_sized.xml"
-step op_tests 110 python -m pytest -q -p no:cacheprovider tests/ops tests/test_build.py --junitxml="$OUTDIR/junit_ops.xml"
-step bench_logprobs 35 python bench/bench_logprobs.py --quick
-step bench_actor_loss 35 python bench/bench_actor_loss.py --quick
+step build_info 15 python -c "import json, instructrl_fast; print(json.dumps(instructrl_fast.build_info()))"
+step gpu_sized 120 python -m pytest -q -p no:cacheprovider bench/gpu_tests.py --junitxml="$OUTDIR/junit_gpu_sized.xml"
+step op_tests 95 python -m pytest -q -p no:cacheprovider tests/ops tests/test_build.py --junitxml="$OUTDIR/junit_ops.xml"
+step bench_logprobs 30 python bench/bench_logprobs.py --quick
+step bench_actor_loss 30 python bench/bench_actor_loss.py --quick
+step bench_decode_attention 35 python bench/bench_decode_attention.py --quick
+step bench_batch_invariant 15 python bench/bench_batch_invariant.py --quick
+step bound_fractions 5 python bench/bound_fractions.py "$OUTDIR" --csv "$OUTDIR/bound_fractions.csv"
 echo "gpu_check: status=$status (0 = every step passed); failed steps: ${failed[*]:-none}; log in $LOG" | tee -a "$LOG"
 exit $status

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from instructrl_fast import _ext, ops
+from instructrl_fast import _ext, batch_invariant, ops
 from instructrl_fast.backend import use_backend
 from instructrl_fast.ops.policy_loss import LOSS_TYPES, RS_OPTIONS, PolicyLossConfig, RolloutCorrection
 from tests.reference import entropy_ref, gather_logprobs_ref, linear_logprobs_ref
@@ -250,3 +250,56 @@ def test_policy_loss_and_group_advantages_never_sync_on_cuda(loss_type):
     if loss_type != "clip_cov":  # clip_cov draws its tokens at random
         for ours, ref in zip(results["triton"], results["torch"], strict=True):
             torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+def test_invariant_matmul_on_cuda():
+    """The batch-invariant GEMM (kernels/invariant_matmul.py) at model sizes in bf16: a row's bits do not depend on
+    M (a decode step's 64 rows, a micro-batch's 4096) or on its place; error within 2x of cuBLAS's bf16 GEMM."""
+    torch.manual_seed(5)
+    x = torch.randn(4096, 4096, device=CUDA).bfloat16()
+    w = (torch.randn(12288, 4096, device=CUDA) / 64).bfloat16()
+    full = batch_invariant.matmul_t(x, w)
+    for rows in (slice(0, 64), slice(1000, 1001), slice(4032, 4096)):
+        assert torch.equal(batch_invariant.matmul_t(x[rows], w), full[rows]), rows
+    perm = torch.randperm(4096, device=CUDA)[:300]
+    assert torch.equal(batch_invariant.matmul_t(x[perm], w), full[perm])
+    rows = torch.randint(0, 4096, (64,), device=CUDA)
+    expected = x[rows].double() @ w.double().T
+    assert _err(full[rows], expected) <= 2 * _err(x[rows] @ w.T, expected) + 1e-3
+
+
+def test_invariant_attention_on_cuda():
+    """The batch-invariant attention kernel (kernels/invariant_attention.py) through batch_invariant.attend: a
+    1000-token sequence's outputs are the same bits in a training call (left padded, in a batch of 4) and in decode
+    steps (one query against a 1100-slot cache), and within 2x of the bf16 composite's error against float64."""
+    torch.manual_seed(6)
+    H, Dh, n = 16, 128, 1000
+    seqs = [tuple(torch.randn(H, L, Dh, device=CUDA).bfloat16() for _ in range(3)) for L in (n, 300, 700, 999)]
+
+    def batch(order, pads, S, first, last):
+        B = len(order)
+        k = torch.zeros(B, H, S, Dh, device=CUDA, dtype=torch.bfloat16)
+        v, q = torch.zeros_like(k), torch.zeros(B, H, last - first, Dh, device=CUDA, dtype=torch.bfloat16)
+        usable = torch.zeros(B, S, dtype=torch.bool, device=CUDA)
+        k_pos = torch.zeros(B, S, dtype=torch.int64, device=CUDA)
+        for b, (i, pad) in enumerate(zip(order, pads)):
+            sq, sk, sv = seqs[i]
+            L = sk.shape[1]
+            k[b, :, pad:pad + L], v[b, :, pad:pad + L] = sk, sv
+            part = sq[:, first:last]
+            q[b, :, :part.shape[1]] = part
+            k_pos[b, pad:pad + L] = torch.arange(L, device=CUDA)
+            usable[b, pad:pad + min(L, last)] = True
+        q_pos = torch.arange(first, last, device=CUDA).expand(B, -1).contiguous()
+        return q, k, v, q_pos, k_pos, usable
+
+    args = batch([1, 0, 2, 3], [700, 0, 300, 1], 1000, 0, n)
+    train = batch_invariant.attend(*args, Dh**-0.5)[1]
+    for t in (0, 31, 32, 500, n - 1):
+        step = batch_invariant.attend(*batch([0, 3], [100, 0], 1100, t, t + 1), Dh**-0.5)[0]
+        assert torch.equal(step[:, 0], train[:, t]), t
+    q, k, v, q_pos, k_pos, usable = (a[1:2] for a in args)
+    expected = batch_invariant._attend(q.double().cpu(), k.double().cpu(), v.double().cpu(), q_pos.cpu(),
+                                       k_pos.cpu(), usable.cpu(), Dh**-0.5)
+    mask = k_pos[0][None, :] <= q_pos[0][:, None]
+    composite = torch.softmax(((q.float() @ k.float().transpose(-1, -2)) * Dh**-0.5).masked_fill(~mask, -torch.inf),
+                              -1).bfloat16() @ v
+    assert _err(train.cpu(), expected[0]) <= 2 * _err(composite[0].cpu(), expected[0]) + 1e-3

@@ -11,7 +11,9 @@ mode, and why it is invariant:
 * linears (``linear``, ``matmul_t``): the rows are cut into tiles of ``TILE_ROWS`` rows, the last one padded with
   zeros, and every tile is one ``torch.mm`` of the same [TILE_ROWS, K] x [K, N] shape: a decode step of B rows and a
   training micro-batch of B x T rows run the very same GEMM call, whose reduction over K cannot depend on M. The
-  bias is added after the GEMM (an exact elementwise add), not fused into addmm.
+  bias is added after the GEMM (an exact elementwise add), not fused into addmm. On CUDA tensors one Triton GEMM
+  (kernels/invariant_matmul.py: one tile shape per dtype, the K reduction in one fixed order whatever M) replaces the
+  tile loop: a loop of 32-row cuBLAS calls would re-read the whole weight for every tile.
 * attention (``attend``): computed in *position* space, not in slot space, so left / right padding and the cache
   layout do not move a key: keys and values are scattered to their token positions (0 = the row's first real
   token), scores are dot products over the head dimension (an elementwise product and one fixed-size inner
@@ -19,7 +21,9 @@ mode, and why it is invariant:
   ``KEY_BLOCK`` positions in increasing order: within a block one fixed-size reduction, across blocks a sequential
   add. Blocks past a query's causal limit contribute exact zeros, so a decode step over S_max slots and a training
   forward over T columns add the same numbers in the same order. One function serves training, prefill and the
-  KV-cached decode step.
+  KV-cached decode step. On CUDA tensors a Triton kernel (kernels/invariant_attention.py) walks the same position
+  blocks with an online softmax in one program shape, gathering keys through a position -> slot map (no copy of the
+  cache); it sums in another order than the torch loop (not bitwise equal to it), and CUDA runs only it.
 * LM head and log-probs: the same tiled GEMM, then the log-prob kernels of ``ops.gather_logprobs`` (the op
   ``generate`` applies to its logits; its per-row kernels and TP combine are row-local) on token chunks of a
   multiple of TILE_ROWS rows; the fused actor loss (``ops.ppo_actor_loss``) walks the same chunks with the same
@@ -36,8 +40,8 @@ mode, and why it is invariant:
 Limits: bitwise claims hold at a fixed thread count (the CPU tests run one intra-op thread: a parallel elementwise
 kernel may cut its range where the vectorised loop leaves a scalar tail); the backward pass is not batch invariant
 (only the forward values are compared by PPO; the tiled GEMM and the attention take the plain backward). Tested on
-CPU in fp32 and under bf16 autocast; untested on a GPU (no GPU was lent), where it replaces flash-attn and the
-split-KV Triton decode kernel by the torch attention above: correct by construction, not fast.
+CPU in fp32 and under bf16 autocast; the CUDA kernels are tested under the Triton interpreter (bitwise invariance
+and float64 references), not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from instructrl_fast.backend import available, forced_backend
 from instructrl_fast.parallel.layers import LayerKernels
 
 __all__ = ["KERNELS", "KEY_BLOCK", "TILE_ROWS", "attend", "linear", "matmul_t", "reduce_fixed_order"]
@@ -57,10 +62,28 @@ KEY_BLOCK = 32  # key positions per block of the attention's reductions
 # ---------------------------------------------------------------------------------------------------------------
 # GEMM
 # ---------------------------------------------------------------------------------------------------------------
+def _on_kernels(t: Tensor) -> bool:
+    """Whether the mode's Triton kernels (kernels/invariant_*.py) run on ``t``: on CUDA tensors, unless a backend other
+    than triton is forced (torch then keeps the loops below). CPU tensors keep the loops even with triton forced: the
+    model tests force it for the log-prob kernels, and a whole model under the interpreter would take minutes; the
+    kernels' own tests run them on CPU by patching this function."""
+    forced = forced_backend()
+    return t.is_cuda and t.dtype != torch.float64 and forced in (None, "triton") and available("triton", t.device)
+
+
 def _tiled_mm(x: Tensor, weight: Tensor) -> Tensor:
     M = x.shape[0]
     if M == 0:
         return x.new_empty(0, weight.shape[0])
+    if _on_kernels(x):
+        from instructrl_fast.kernels.invariant_matmul import invariant_matmul
+
+        if torch.is_autocast_enabled(x.device.type):  # what autocast does to torch.mm's operands
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+        if x.dtype != weight.dtype:
+            raise TypeError(f"x and weight must have one dtype, got {x.dtype} and {weight.dtype}")
+        return invariant_matmul(x, weight)
     pad = -M % TILE_ROWS
     xp = F.pad(x, (0, 0, 0, pad)) if pad else x
     wt = weight.t()
@@ -146,7 +169,16 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, k_usa
             sm_scale: float) -> Tensor:
     """``attend``'s forward (no autograd needed: see ``_Attend``)."""
     B, H, T, Dh = q.shape
-    P = (int(k.shape[2]) + KEY_BLOCK - 1) // KEY_BLOCK * KEY_BLOCK
+    S = int(k.shape[2])
+    P = (S + KEY_BLOCK - 1) // KEY_BLOCK * KEY_BLOCK
+    if _on_kernels(q):
+        from instructrl_fast.kernels.invariant_attention import invariant_attention
+
+        # slot_of[b, p]: the slot of position p's usable key (-1: none); unusable slots land in a dropped column P
+        slots = torch.arange(S, dtype=torch.int32, device=q.device).expand(B, S)
+        slot_of = torch.full((B, P + 1), -1, dtype=torch.int32, device=q.device)
+        slot_of.scatter_(1, torch.where(k_usable, k_pos, P), torch.where(k_usable, slots, -1))
+        return invariant_attention(q, k, v, q_pos, slot_of[:, :P], sm_scale, KEY_BLOCK)
     kp, vp = _to_positions(k, k_pos, k_usable, P), _to_positions(v, k_pos, k_usable, P)
     present = torch.zeros(B, P + 1, dtype=torch.bool, device=q.device)
     present.scatter_(1, torch.where(k_usable, k_pos, P), True)

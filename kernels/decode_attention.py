@@ -16,10 +16,12 @@ gain, and it sidesteps the interpreter's wrong bf16 ``tl.dot``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
-from instructrl_fast.kernels._launch import on_device, sm_count
+from instructrl_fast.kernels._launch import FP_FUSION, on_device, sm_count
 
 _LOG2E = 1.4426950408889634
 
@@ -79,12 +81,14 @@ def _decode_attention_split_kernel(
         offs_n64 = offs_n.to(tl.int64)
         tile_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_row + offs_n64[:, None] * stride_ks + offs_d[None, :], mask=tile_mask, other=0.0)
+        # V does not depend on the scores: issued here, its load is in flight during the K reductions and their
+        # barriers instead of starting after them.
+        v = tl.load(v_row + offs_n64[:, None] * stride_vs + offs_d[None, :], mask=tile_mask, other=0.0)
         scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # [BLOCK_N], log2 domain
         scores = tl.where(mask_n, scores, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=0))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new)  # masked slots give exp2(-inf) = 0
-        v = tl.load(v_row + offs_n64[:, None] * stride_vs + offs_d[None, :], mask=tile_mask, other=0.0)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         m_i = m_new
@@ -129,17 +133,40 @@ def _decode_attention_combine_kernel(
     tl.store(out_ptr + pid_bh * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
-def _num_splits(device: torch.device, rows: int, S: int, block_n: int) -> int:
+class DecodeConfig(NamedTuple):
+    block_n: int  # cache slots per loop step
+    block_d: int  # next power of two >= Dh
+    num_warps: int
+    resident: int  # split programs that fit on one SM at once (registers and shared memory; see bench/aot_compile.py)
+
+
+def launch_config(on_gpu: bool, dtype: torch.dtype, Dh: int) -> DecodeConfig:
+    """The split kernel's blocks for head dim Dh and q's dtype (a plain function: the AOT check compiles exactly this
+    configuration and checks ``resident`` against the registers and shared memory ptxas reports)."""
+    block_d = triton.next_power_of_2(Dh)
+    if not on_gpu:
+        return DecodeConfig(128, block_d, 1, 1)  # the interpreter's cost grows with loop steps: big blocks
+    # 16-bit: 8192-element K and V tiles (16 KiB each) over 4 warps: 16-byte loads, 64 elements of each tile per
+    # thread, 80-96 registers, 5 programs per SM (at sm_80 and sm_90a, with V loaded before the K reductions).
+    # fp32: 4096-element tiles (16 KiB each) over 8 warps, 16 elements of each tile per thread, 48-57 registers, 4
+    # programs per SM. 8192 elements over 4 warps took 148-151 registers at sm_80 (3 per SM); 4096 over 4 warps
+    # spilled at sm_90a once V was loaded early.
+    if dtype == torch.float32:
+        return DecodeConfig(max(16, min(128, 4096 // block_d)), block_d, 8, 4)
+    return DecodeConfig(max(16, min(128, 8192 // block_d)), block_d, 4, 5)
+
+
+def _num_splits(device: torch.device, rows: int, S: int, cfg: DecodeConfig) -> int:
     """How many programs share each (b, h) row: from the shapes only, so the grid is fixed for a given cache.
 
-    On a GPU, enough splits to give each SM about four programs, but no more than the cache has blocks (at least
-    one block per split) and at most 64 (beyond that the combine's cost outweighs the extra parallelism).
-    Under the CPU interpreter a fixed 2, which still exercises the combine.
+    On a GPU, enough splits to fill every SM with the programs that fit on it at once (one wave), but no more than
+    the cache has blocks (at least one block per split) and at most 64 (beyond that the combine's cost outweighs the
+    extra parallelism). Under the CPU interpreter a fixed 2, which still exercises the combine.
     """
-    max_splits = triton.cdiv(S, block_n)
+    max_splits = triton.cdiv(S, cfg.block_n)
     if device.type != "cuda":
         return min(2, max_splits)
-    wanted = triton.cdiv(4 * sm_count(device), rows)
+    wanted = triton.cdiv(cfg.resident * sm_count(device), rows)
     return max(1, min(wanted, max_splits, 64))
 
 
@@ -153,15 +180,8 @@ def decode_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     B, H, S, Dh = k_cache.shape
     # The kernels index the ranges as kv_start_ptr + b: a broadcast (stride-0) or strided [B] tensor is made dense.
     kv_start, kv_len = kv_start.contiguous(), kv_len.contiguous()
-    block_d = triton.next_power_of_2(Dh)
-    if q.device.type == "cuda":
-        # 8192-element K and V tiles (16 KiB each in bf16) over 4 warps: 16-byte loads, ~96 registers (sm_90 PTX
-        # compiled ahead of time: no spills), so ~5 programs per SM keep ~160 KiB of loads in flight.
-        block_n, num_warps = max(16, min(128, 8192 // block_d)), 4
-    else:
-        # The interpreter's cost grows with loop steps: big blocks.
-        block_n, num_warps = 128, 1
-    num_splits = _num_splits(q.device, B * H, S, block_n)
+    cfg = launch_config(q.is_cuda, q.dtype, Dh)
+    num_splits = _num_splits(q.device, B * H, S, cfg)
 
     out = torch.empty((B, H, Dh), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
@@ -176,11 +196,12 @@ def decode_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             H, S, sm_scale * _LOG2E,
-            HEAD_DIM=Dh, NUM_SPLITS=num_splits, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+            HEAD_DIM=Dh, NUM_SPLITS=num_splits, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
+            enable_fp_fusion=FP_FUSION,
         )
         _decode_attention_combine_kernel[(B * H,)](
             m, l, acc, out,
-            HEAD_DIM=Dh, NUM_SPLITS=num_splits, BLOCK_SPLITS=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
-            num_warps=num_warps,
+            HEAD_DIM=Dh, NUM_SPLITS=num_splits, BLOCK_SPLITS=triton.next_power_of_2(num_splits), BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
         )
     return out

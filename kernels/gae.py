@@ -17,7 +17,7 @@ registers. All arithmetic is fp32.
 import torch
 import triton
 import triton.language as tl
-from instructrl_fast.kernels._launch import on_device
+from instructrl_fast.kernels._launch import FP_FUSION, on_device
 
 
 @triton.jit
@@ -71,6 +71,12 @@ def _gae_fwd_kernel(
         next_adv = tl.sum(tl.where(first, s, 0.0), axis=0)
 
 
+def launch_config(T: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_T, num_warps) for rows of T tokens on ``device`` (a plain function: the AOT check calls it)."""
+    block_t = min(triton.next_power_of_2(T), 1024 if device.type == "cuda" else 8192)
+    return block_t, 4 if block_t <= 1024 else 8
+
+
 def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """rewards, values [B, T] contiguous (any float dtype), mask [B, T] contiguous bool -> (adv, returns) fp32."""
     B, T = rewards.shape
@@ -78,10 +84,10 @@ def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gam
     ret = torch.empty_like(adv)
     if adv.numel() == 0:
         return adv, ret
-    BLOCK_T = min(triton.next_power_of_2(T), 1024 if rewards.is_cuda else 8192)
+    block_t, num_warps = launch_config(T, rewards.device)
     with on_device(rewards):
         _gae_fwd_kernel[(B,)](
             rewards, values, mask.view(torch.uint8), adv, ret, T, gamma, gamma * lam,
-            BLOCK_T=BLOCK_T, num_warps=4 if BLOCK_T <= 1024 else 8,
+            BLOCK_T=block_t, num_warps=num_warps, enable_fp_fusion=FP_FUSION,
         )
     return adv, ret

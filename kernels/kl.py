@@ -112,6 +112,10 @@ def _shape_rewards_kernel(
         tl.store(rewards_ptr + row_start + t, reward, mask=in_row)
 
 
+# Elements per program on a GPU: of the per-token kernels, and of the per-row reward shaping's loop over T.
+GPU_BLOCK, GPU_BLOCK_T = 2048, 1024
+
+
 def _block(n: int, device: torch.device, gpu_block: int) -> int:
     # Interpreter cost grows with the number of programs / loop steps, not elements: big blocks there.
     return min(triton.next_power_of_2(max(n, 1)), gpu_block if device.type == "cuda" else 65536)
@@ -122,7 +126,7 @@ def kl_fwd(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: int) -> torch.
     kl = torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
     N = kl.numel()
     if N:
-        BLOCK = _block(N, logp.device, 2048)
+        BLOCK = _block(N, logp.device, GPU_BLOCK)
         with on_device(logp):
             _kl_fwd_kernel[(triton.cdiv(N, BLOCK),)](logp, ref_logp, kl, N, ESTIMATOR=estimator, BLOCK=BLOCK,
                                                      enable_fp_fusion=FP_FUSION)
@@ -135,7 +139,7 @@ def kl_bwd(grad_kl: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, es
     grad_ref_logp = torch.empty_like(grad_logp)
     N = grad_logp.numel()
     if N:
-        BLOCK = _block(N, logp.device, 2048)
+        BLOCK = _block(N, logp.device, GPU_BLOCK)
         with on_device(logp):
             _kl_bwd_kernel[(triton.cdiv(N, BLOCK),)](
                 grad_kl.float().contiguous(), logp, ref_logp, grad_logp, grad_ref_logp, N, ESTIMATOR=estimator,
@@ -149,7 +153,7 @@ def shape_rewards_fwd(scores, logp, ref_logp, mask, kl_coef: float, estimator: i
     B, T = logp.shape
     rewards = torch.empty((B, T), dtype=torch.float32, device=logp.device)
     if rewards.numel():
-        BLOCK_T = _block(T, logp.device, 1024)
+        BLOCK_T = _block(T, logp.device, GPU_BLOCK_T)
         with on_device(logp):
             _shape_rewards_kernel[(B,)](
                 scores, logp, ref_logp, mask.view(torch.uint8), rewards, T, kl_coef, ESTIMATOR=estimator,

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from instructrl_fast.kernels._launch import FP_FUSION, on_device
-from instructrl_fast.kernels.ppo_loss import _block_t, _finish
+from instructrl_fast.kernels.ppo_loss import _block_t, _finish, launch_config
 
 VANILLA = tl.constexpr(0)
 GSPO = tl.constexpr(1)
@@ -165,9 +165,9 @@ def _policy_loss_bwd_kernel(
 
 
 def _launch(kernel, grid, B, T, weights, args, params, loss_type):
-    BLOCK_T = _block_t(T, args[0].device)
+    BLOCK_T, num_warps = launch_config(T, args[0].device)
     kernel[grid(BLOCK_T)](*args, *params, TYPE=loss_type, HAS_WEIGHTS=weights is not None, BLOCK_T=BLOCK_T,
-                          num_warps=4 if BLOCK_T <= 1024 else 8, enable_fp_fusion=FP_FUSION)
+                          num_warps=num_warps, enable_fp_fusion=FP_FUSION)
 
 
 def policy_loss_fwd(logp, old, adv, mask, weights, shift, loss_type: int, params, reduction: int):

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from instructrl_fast.kernels._launch import on_device
+from instructrl_fast.kernels._launch import FP_FUSION, on_device
 
 POLICY = tl.constexpr(0)
 VALUE = tl.constexpr(1)
@@ -127,6 +127,12 @@ def _block_t(T: int, device: torch.device) -> int:
     return min(triton.next_power_of_2(max(T, 1)), 2048 if device.type == "cuda" else 32768)
 
 
+def launch_config(T: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_T, num_warps) for rows of T tokens on ``device`` (a plain function: the AOT check calls it)."""
+    block_t = _block_t(T, device)
+    return block_t, 4 if block_t <= 1024 else 8
+
+
 def _finish(partials: torch.Tensor, reduction: int):
     """[K, B, C] chunk sums -> (loss, clipfrac, approx_kl or None, row_scale [B]); all on the device, no sync."""
     sums = partials.sum(dim=2)  # [K, B]
@@ -155,14 +161,14 @@ def ppo_loss_fwd(kind: str, x, x_old, y, mask, params: tuple[float, float, float
     Returns (loss, clipfrac, approx_kl or None, row_scale [B]) in fp32.
     """
     B, T = x.shape
-    BLOCK_T = _block_t(T, x.device)
+    BLOCK_T, num_warps = launch_config(T, x.device)
     C = triton.cdiv(T, BLOCK_T)
     partials = torch.zeros((_N_PARTIALS[kind], B, max(C, 1)), dtype=torch.float32, device=x.device)
     if x.numel():
         with on_device(x):
             _ppo_loss_fwd_kernel[(B, C)](
                 x, x_old, y, mask.view(torch.uint8), partials, B, T, C, *params,
-                KIND=_KINDS[kind], BLOCK_T=BLOCK_T, num_warps=4 if BLOCK_T <= 1024 else 8,
+                KIND=_KINDS[kind], BLOCK_T=BLOCK_T, num_warps=num_warps, enable_fp_fusion=FP_FUSION,
             )
     return _finish(partials, reduction)
 
@@ -172,10 +178,10 @@ def ppo_loss_bwd(kind: str, grad_loss, row_scale, x, x_old, y, mask, params: tup
     B, T = x.shape
     grad_x = torch.empty((B, T), dtype=torch.float32, device=x.device)
     if x.numel():
-        BLOCK_T = _block_t(T, x.device)
+        BLOCK_T, num_warps = launch_config(T, x.device)
         with on_device(x):
             _ppo_loss_bwd_kernel[(B, triton.cdiv(T, BLOCK_T))](
                 grad_loss.float().contiguous(), row_scale, x, x_old, y, mask.view(torch.uint8), grad_x, T, *params,
-                KIND=_KINDS[kind], BLOCK_T=BLOCK_T, num_warps=4 if BLOCK_T <= 1024 else 8,
+                KIND=_KINDS[kind], BLOCK_T=BLOCK_T, num_warps=num_warps, enable_fp_fusion=FP_FUSION,
             )
     return grad_x

@@ -8,7 +8,7 @@ ranks of a process group) with the same formula, then ``whiten_apply`` normalise
 import torch
 import triton
 import triton.language as tl
-from instructrl_fast.kernels._launch import on_device
+from instructrl_fast.kernels._launch import FP_FUSION, on_device
 
 
 @triton.jit
@@ -54,19 +54,21 @@ def _whiten_apply_kernel(
     tl.store(out_ptr + offs, tl.where(valid, y, 0.0), mask=inside)
 
 
-def _block(N: int, device: torch.device) -> int:
+def block_size(N: int, device: torch.device) -> int:
+    """Elements per program for N elements on ``device`` (a plain function: the AOT check calls it)."""
     return min(triton.next_power_of_2(max(N, 1)), 4096 if device.type == "cuda" else 65536)
 
 
 def whiten_moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """x [B, T] contiguous (any float dtype), mask [B, T] contiguous bool -> partial moments [3, P] fp32."""
     N = x.numel()
-    BLOCK = _block(N, x.device)
+    BLOCK = block_size(N, x.device)
     P = triton.cdiv(N, BLOCK)
     partials = torch.zeros((3, max(P, 1)), dtype=torch.float32, device=x.device)
     if N:
         with on_device(x):
-            _whiten_moments_kernel[(P,)](x, mask.view(torch.uint8), partials, N, P, BLOCK=BLOCK)
+            _whiten_moments_kernel[(P,)](x, mask.view(torch.uint8), partials, N, P, BLOCK=BLOCK,
+                                          enable_fp_fusion=FP_FUSION)
     return partials
 
 
@@ -75,9 +77,10 @@ def whiten_apply(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, shift
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     N = x.numel()
     if N:
-        BLOCK = _block(N, x.device)
+        BLOCK = block_size(N, x.device)
         with on_device(x):
             _whiten_apply_kernel[(triton.cdiv(N, BLOCK),)](
-                x, mask.view(torch.uint8), stats, out, N, SHIFT_MEAN=shift_mean, BLOCK=BLOCK
+                x, mask.view(torch.uint8), stats, out, N, SHIFT_MEAN=shift_mean, BLOCK=BLOCK,
+                enable_fp_fusion=FP_FUSION,
             )
     return out
