@@ -169,7 +169,8 @@ def main(argv=None) -> None:
                          "max_err_vs_composite": err})
     print_table(rows, ["op", "provider", "B", "T", "ms", "peak_mib", "max_err_vs_composite"])
     load = os.getloadavg()[0]  # CPU timings on a shared machine mean little under load: record it with them
-    print(f"appended {len(rows)} rows to {append_rows('policy_loss', [{**r, 'load_1min': load} for r in rows], device)}")
+    path = append_rows("policy_loss", [{**r, "load_1min": load} for r in rows], device)
+    print(f"appended {len(rows)} rows to {path}")
 
 
 if __name__ == "__main__":

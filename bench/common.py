@@ -130,7 +130,8 @@ def device_name(device: torch.device | str) -> str:
 def git_sha() -> str:
     try:
         root = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=False)
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=False)
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"

@@ -8,7 +8,8 @@ count in seconds. Two GPU branches are modelled where the CPU's differ: the bf16
 dh / dW run as one GEMM with an fp32 output (``accumulate_mm``'s CUDA branch; a CPU upcasts the operands first), and
 the batch-invariant mode's tiles run as one batched GEMM (the CPU's ``batch_invariant._tiled_mm``; on a GPU a
 persistent kernel over the tiles, each reading the weight through L2). The predicted time is max(bytes / 3.35 TB/s,
-FLOPs / 989 TFLOP/s) (H100 SXM HBM3 bandwidth, dense bf16 tensor-core peak); ``bound`` says which wins. ``min_bytes`` is the least the op must move:
+FLOPs / 989 TFLOP/s) (H100 SXM HBM3 bandwidth, dense bf16 tensor-core peak); ``bound`` says which wins.
+``min_bytes`` is the least the op must move:
 
     gather_logprobs      logits read (forward), logits read and d(logits) written (backward): 3 N V e
     LM head ops          the chunked ideal 6 N V e + 4 (N D + V D) e (every logit chunk written and read a constant

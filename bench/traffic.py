@@ -5,8 +5,8 @@
 * bytes = the bytes of every tensor argument read plus every tensor result written. A tensor counts the bytes of
   the storage span its elements cover (a stride-0 broadcast counts its storage once, a slice only its elements).
   View and allocation ops (``empty``, ``as_strided``, ``t`` ...) move nothing and are skipped; the destination of
-  ``copy_`` / ``fill_`` / ``zero_`` and the ``out=`` tensors of an ``.out`` overload are written, not read; the tensors an
-  op without results mutates are read and written. The
+  ``copy_`` / ``fill_`` / ``zero_`` and the ``out=`` tensors of an ``.out`` overload are written, not read; the
+  tensors an op without results mutates are read and written. The
   numbers are what a kernel per op would move from memory, with no reuse across ops (no fusion, no cache).
 * FLOPs = 2 M N K of every GEMM (mm, addmm, bmm, baddbmm); elementwise work is not counted.
 * Composite ops (``matmul``) are counted as the ops they decompose into.

@@ -563,8 +563,8 @@ def _count(n: int) -> str:
 def _format_text(plan: Plan) -> str:
     spec = plan.spec
     ckpt = "on" if spec.activation_checkpointing else "off"
-    head = (f"Plan: {spec.gpus} GPU{'s' if spec.gpus > 1 else ''} (dp {spec.dp} x tp {spec.tp}), {spec.precision}, activation checkpointing {ckpt}, "
-            f"{spec.gpu_memory_gib:g} GiB per GPU")
+    head = (f"Plan: {spec.gpus} GPU{'s' if spec.gpus > 1 else ''} (dp {spec.dp} x tp {spec.tp}), {spec.precision}, "
+            f"activation checkpointing {ckpt}, {spec.gpu_memory_gib:g} GiB per GPU")
     shape = (f"prompt {spec.prompt_len} + response {spec.response_len} tokens, SFT/RM sequences of {spec.seq_len}, "
              f"{spec.rollout_batch} episodes per PPO iteration, ptx {spec.ptx_per_episode:g} x {spec.ptx_seq_len} "
              "tokens per episode")

@@ -28,6 +28,7 @@ pointer plus an element offset; 16-byte packs in the body); p_j == 0 (x_j = -inf
 import torch
 import triton
 import triton.language as tl
+
 from instructrl_fast.kernels._launch import FP_FUSION, on_device
 from instructrl_fast.kernels.kl import _kl_token
 from instructrl_fast.kernels.logprob import _aligned_base, _edge_columns, _launch_config, _row_layout

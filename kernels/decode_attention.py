@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
 from instructrl_fast.kernels._launch import FP_FUSION, on_device, sm_count
 
 _LOG2E = 1.4426950408889634

@@ -17,6 +17,7 @@ registers. All arithmetic is fp32.
 import torch
 import triton
 import triton.language as tl
+
 from instructrl_fast.kernels._launch import FP_FUSION, on_device
 
 

@@ -33,10 +33,10 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from instructrl_fast.kernels._launch import FP_FUSION, on_device
-from instructrl_fast.kernels.invariant_matmul import round_to
 
 from instructrl_fast.backend import triton_interpreting
+from instructrl_fast.kernels._launch import FP_FUSION, on_device
+from instructrl_fast.kernels.invariant_matmul import round_to
 
 _LOG2E = 1.4426950408889634
 

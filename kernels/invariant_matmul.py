@@ -25,9 +25,9 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from instructrl_fast.kernels._launch import FP_FUSION, on_device, sm_count
 
 from instructrl_fast.backend import triton_interpreting
+from instructrl_fast.kernels._launch import FP_FUSION, on_device, sm_count
 
 
 class MatmulConfig(NamedTuple):

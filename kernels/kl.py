@@ -9,6 +9,7 @@ below |d| = 0.1 it is evaluated by its Taylor series, accurate to fp32 rounding.
 import torch
 import triton
 import triton.language as tl
+
 from instructrl_fast.kernels._launch import FP_FUSION, on_device
 
 K1 = tl.constexpr(0)

@@ -26,9 +26,9 @@ so, which keeps 128-bit vector loads. Row offsets are int64: N * V passes 2^31 a
 import torch
 import triton
 import triton.language as tl
-from instructrl_fast.kernels._launch import FP_FUSION, on_device, sm_count
 
 from instructrl_fast.backend import triton_interpreting
+from instructrl_fast.kernels._launch import FP_FUSION, on_device, sm_count
 
 # Under the interpreter the cost grows with the number of loop steps, not elements: use one big block there.
 _MAX_BLOCK_V_GPU = 4096

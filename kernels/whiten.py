@@ -8,6 +8,7 @@ ranks of a process group) with the same formula, then ``whiten_apply`` normalise
 import torch
 import triton
 import triton.language as tl
+
 from instructrl_fast.kernels._launch import FP_FUSION, on_device
 
 

@@ -11,8 +11,8 @@ A patch replaces each original function in the trainer's own module AND every co
 imported module's global (``from core_algos import agg_loss``), a class attribute (a method, installed as a
 staticmethod), or a value in a module-level dict (verl's ``POLICY_LOSS_REGISTRY``, ``ADV_ESTIMATOR_REGISTRY``). It
 finds them by identity with the original object in ``sys.modules``, so modules imported AFTER the patch pick up
-ours from the trainer's module. Each ``patch_*`` returns a read-only ``{"module.name": original}`` of what it replaced and
-raises ImportError when the trainer is not installed. The drop-ins themselves only need torch:
+ours from the trainer's module. Each ``patch_*`` returns a read-only ``{"module.name": original}`` of what it replaced
+and raises ImportError when the trainer is not installed. The drop-ins themselves only need torch:
 ``instructrl_fast.integrations.{verl,trl,openrlhf}`` can be called directly.
 """
 

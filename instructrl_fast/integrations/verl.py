@@ -24,9 +24,9 @@ defaults, return structure and dtype, and its results at every position, masked 
 Deliberate differences raise ``NotImplementedError`` naming them: ``kl_penalty="full"`` (verl raises too).
 ``rollout_is_weights`` must be >= 0 (importance weights; folded into the advantages). verl's
 per-sequence token mean divides by count + 1e-8, ours by the count (at most 1e-8 relative). Not replaced (verl's
-own function stays): clip_cov (it drops tokens drawn by ``torch.randperm``: no other code can reproduce the draw). bypass_mode returns a subset of
-verl's rollout-correction metrics (see its docstring). tests/integrations/verl_differential.py checks every
-replaced entry against verl's own source.
+own function stays): clip_cov (it drops tokens drawn by ``torch.randperm``: no other code can reproduce the draw).
+bypass_mode returns a subset of verl's rollout-correction metrics (see its docstring).
+tests/integrations/verl_differential.py checks every replaced entry against verl's own source.
 """
 
 from __future__ import annotations
@@ -208,8 +208,8 @@ def compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, clipr
                         cliprange_high=None, clip_ratio_c=3.0, loss_agg_mode: str = "token-mean"):
     """verl's deprecated explicit-argument PPO loss -> (pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower), tensors.
 
-    Note the argument order (old_log_prob first). clip_ratio_c > 1 is the dual clip; None turns it off. pg_clipfrac: share
-    of valid tokens where the clipped surrogate is strictly larger; pg_clipfrac_lower: where the dual clip binds.
+    Note the argument order (old_log_prob first). clip_ratio_c > 1 is the dual clip; None turns it off. pg_clipfrac:
+    share of valid tokens where the clipped surrogate is strictly larger; pg_clipfrac_lower: where the dual clip binds.
     """
     clip_low = cliprange if cliprange_low is None else cliprange_low
     clip_high = cliprange if cliprange_high is None else cliprange_high

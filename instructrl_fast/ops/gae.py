@@ -1,4 +1,5 @@
-"""Generalized advantage estimation (Schulman et al. 2016) over the valid positions of each row (docs/DESIGN.md: ``gae``).
+"""Generalized advantage estimation (Schulman et al. 2016) over the valid positions of each row
+(docs/DESIGN.md: ``gae``).
 
 Backends: ``torch`` (a loop backwards over time, vectorised over rows: the readable reference), ``triton``
 (``kernels/gae.py``: one launch, a reverse associative scan), ``cpp`` / ``cuda`` (the C++ op

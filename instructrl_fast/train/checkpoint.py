@@ -61,7 +61,8 @@ def _barrier() -> None:
 
 @contextmanager
 def dcp_quiet():
-    """Around a DCP call in one process: DCP warns on every call without a process group that it assumes one process: that is the intent here."""
+    """Around a DCP call in one process: DCP warns on every call without a process group that it assumes one
+    process, which is the intent here."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch\.distributed is .*single process")
         yield

@@ -6,9 +6,9 @@ A policy, a value model, an EMA of the policy, one AdamW.
 
 - ``save`` (FSDP2 over dp x our TP): 2 steps, checkpoint, the policy's full weights ``w2``, 2 more steps, ``w4``
   (and the value model's ``v4``); the checkpoint's GPT-2 export ``hf`` loaded into fresh models by
-  ``load_gpt2_weights`` and re-saved as ``w2_from_hf``. Then resume at the same mesh: load the checkpoint into differently initialised
-  models and optimizer, re-save it as ``ckpt_resaved``, 2 more steps, ``w4_resumed`` / ``v4_resumed``; ``w2``
-  loaded into fresh models and re-saved as ``w2_reloaded``.
+  ``load_gpt2_weights`` and re-saved as ``w2_from_hf``. Then resume at the same mesh: load the checkpoint into
+  differently initialised models and optimizer, re-save it as ``ckpt_resaved``, 2 more steps, ``w4_resumed`` /
+  ``v4_resumed``; ``w2`` loaded into fresh models and re-saved as ``w2_reloaded``.
 - ``load`` (TP = world, no FSDP; one process without torchrun): load the checkpoint, write ``w2_tp{TP}`` and re-save
   it as ``ckpt_tp{TP}``; at TP > 1, also check that ``load_gpt2`` of its export reads only each rank's slices and
   that ``load_weights`` of ``w2`` gives the same parameters.

@@ -48,7 +48,8 @@ def _tokenizer_json():
     """A tiny word-level tokenizer.json (a user's HF tokenizer) with an end-of-text token."""
     import tokenizers
 
-    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(["the", "cat", "sat", "on", "a", "mat"])}}
+    words = ["the", "cat", "sat", "on", "a", "mat"]
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     return tok
