@@ -35,7 +35,6 @@ import importlib.util
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 # Every block >= 64 KiB is mmapped, so a freed tensor leaves the RSS (as bench_logprobs.py, for the CPU peak).
@@ -45,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import append_rows, cpu_peak_bytes, cuda_peak_bytes, median_ms, print_table, sync
+from bench.common import append_rows, cpu_peak_bytes, cuda_peak_bytes, median_ms, print_table, sync, time_once
 from instructrl_fast import backend as backend_mod
 from instructrl_fast.ops import ActorLossConfig, kl_penalty, linear_logprobs, ppo_actor_loss, ppo_policy_loss
 from instructrl_fast.ops.ppo_loss import masked_reduce
@@ -197,19 +196,6 @@ def matmul_peak_tflops(dtype, device) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def _time_once(run, device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()  # the CPU waits for the GPU here, once per provider and round
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    run()
-    return (time.perf_counter() - t0) * 1e3
-
-
 def bench_case(B, T, V, D, dtype_name, device, names, rounds, peak_tflops):
     N = B * T
     runs, rows, times = {}, {}, {}
@@ -226,7 +212,7 @@ def bench_case(B, T, V, D, dtype_name, device, names, rounds, peak_tflops):
             rows[provider]["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     for _ in range(rounds):
         for provider, ts in times.items():
-            ts.append(_time_once(runs[provider], device))
+            ts.append(time_once(runs[provider], device))
     runs.clear()
     for provider, ts in times.items():
         ms = statistics.median(ts)

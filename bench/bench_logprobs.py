@@ -34,7 +34,6 @@ import importlib.util
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 # Every block >= 64 KiB is mmapped, so a freed tensor leaves the RSS (read by glibc at start: the CPU memory
@@ -51,6 +50,7 @@ from bench.common import (
     cpu_peak_bytes,
     cuda_peak_bytes,
     print_table,
+    time_once,
 )
 from instructrl_fast import backend as backend_mod
 from instructrl_fast.ops import gather_logprobs, linear_logprobs
@@ -197,20 +197,6 @@ def peak_extra_bytes(op, provider, N, V, D, dtype_name, device) -> int:
     return cuda_peak_bytes(run) - owed
 
 
-def _time_once(run, device) -> float:
-    """Milliseconds of one call (CUDA events on a GPU, perf_counter on CPU)."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()  # the CPU waits for the GPU here, once per provider and round
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    run()
-    return (time.perf_counter() - t0) * 1e3
-
-
 def bench_case(op, N, V, D, dtype_name, device, provider_names, copy_gbs, quick):
     """Every provider's forward and forward + backward, timed in interleaved rounds (one call of each per round,
     medians reported), so the load of a shared machine hits every provider alike."""
@@ -231,8 +217,8 @@ def bench_case(op, N, V, D, dtype_name, device, provider_names, copy_gbs, quick)
             rows[provider]["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     for _ in range(rounds):
         for (fwd, fwd_bwd), fwd_ms, fwd_bwd_ms in runs.values():
-            fwd_ms.append(_time_once(fwd, device))
-            fwd_bwd_ms.append(_time_once(fwd_bwd, device))
+            fwd_ms.append(time_once(fwd, device))
+            fwd_bwd_ms.append(time_once(fwd_bwd, device))
     for provider, (_, fwd_times, fwd_bwd_times) in runs.items():
         fwd_ms, fwd_bwd_ms = statistics.median(fwd_times), statistics.median(fwd_bwd_times)
         extra = peak_extra_bytes(op, provider, N, V, D, dtype_name, device)

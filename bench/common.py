@@ -55,6 +55,21 @@ def median_ms(fn: Callable[[], object], *, device: torch.device | str, warmup: i
     return statistics.median(times)
 
 
+def time_once(run: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call (CUDA events on a GPU, perf_counter on CPU): for providers timed in interleaved
+    rounds, where median_ms's back-to-back repetitions would favour whichever provider runs last."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()  # the CPU waits for the GPU here, once per provider and round
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    run()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def copy_bandwidth_gbs(device: torch.device | str, nbytes: int = 1 << 30) -> float:
     """Measured device copy bandwidth in GB/s: (read + write) bytes of a large ``clone`` over its median time."""
     device = torch.device(device)
