@@ -302,6 +302,27 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class KLSweepConfig:
+    """``instructrl-fast reproduce --kl-sweep``: PPO from one size's PPO init and RM at each beta, everything else as
+    the preset's plain PPO, each run judged by the gold labeler (the paper's "too small and too large a KL
+    coefficient hurt", and the reward over-optimisation of Gao et al. 2022)."""
+
+    betas: tuple[float, ...] = (0.0, 0.02, 0.08, 0.3, 1.0, 3.0)  # KL coefficients, each its own PPO run
+    n_episodes: int | None = None  # PPO budget of every run; None: the preset's PPO budget
+
+    def __post_init__(self):
+        if not isinstance(self.betas, tuple) or not self.betas:
+            raise TypeError(f"KLSweepConfig.betas must be a non-empty tuple, got {self.betas!r}")
+        for b in self.betas:
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < math.inf:
+                raise ValueError(f"KLSweepConfig.betas must hold finite numbers >= 0, got {b!r}")
+        if len(set(self.betas)) != len(self.betas):
+            raise ValueError(f"KLSweepConfig.betas must not repeat a value, got {self.betas!r}")
+        if self.n_episodes is not None:
+            _check_int(self, "n_episodes")
+
+
+@dataclass(kw_only=True)
 class PipelineConfig:
     """The whole recipe: base models -> SFT -> RM -> PPO init (SFT + 10% ptx) -> PPO and PPO-ptx -> evaluation."""
 
@@ -315,6 +336,7 @@ class PipelineConfig:
     ppo: PPOConfig  # plain PPO (ptx_coef = 0)
     ppo_ptx: PPOConfig  # PPO-ptx
     eval: EvalConfig = field(default_factory=EvalConfig)  # the final evaluation
+    kl_sweep: KLSweepConfig = field(default_factory=KLSweepConfig)  # reproduce --kl-sweep
     block_size: int = 136  # model context: few-shot prefix (64) + prompt (40) + response (24) + bos/eos, rounded up
     data_seed: int = 0  # DemoTask / GoldLabeler seed
     precision: str | None = None  # "bf16" or "fp32" (see model.build_gpt); None: bf16 on a GPU, fp32 on CPU
@@ -333,6 +355,9 @@ class PipelineConfig:
                              f"got {self.rm_size!r}")
         if self.ppo.ptx_coef != 0:
             raise ValueError(f"PipelineConfig.ppo must be plain PPO (ptx_coef 0), got {self.ppo.ptx_coef}")
+        if (n := self.kl_sweep.n_episodes) is not None and n % self.ppo.rollout_batch_size:
+            raise ValueError(f"PipelineConfig.kl_sweep.n_episodes ({n}) must be a multiple of "
+                             f"ppo.rollout_batch_size ({self.ppo.rollout_batch_size})")
         if self.ppo_ptx.ptx_coef <= 0:
             raise ValueError(f"PipelineConfig.ppo_ptx.ptx_coef must be > 0, got {self.ppo_ptx.ptx_coef}")
         _check_int(self, "data_seed", minimum=0)
@@ -430,6 +455,8 @@ def _demo() -> PipelineConfig:
         # over the run (PPO's: +0.25), so it takes a larger policy LR, which was measured to beat SFT at every size.
         ppo_ptx=dataclasses.replace(ppo, ptx_coef=27.8, optim=dataclasses.replace(ppo.optim, lr=1e-4)),
         eval=EvalConfig(n_test_prompts=256),
+        # 4x the PPO budget: at 4,096 episodes the KL to the init stays under a nat and the penalty never binds
+        kl_sweep=KLSweepConfig(n_episodes=16384),
     ).with_checkpoints(every_steps=250, every_minutes=1.0)  # a step takes milliseconds to a second on a CPU
 
 
@@ -455,6 +482,7 @@ def _micro() -> PipelineConfig:
         ppo=ppo,
         ppo_ptx=dataclasses.replace(ppo, ptx_coef=27.8),
         eval=EvalConfig(n_test_prompts=8, max_new_tokens=4, n_ptx_batches=1),
+        kl_sweep=KLSweepConfig(betas=(0.0, 0.3)),
         block_size=64,
     ).with_checkpoints(every_steps=2, every_minutes=0.0)  # each stage's half-way point (the resume tests need one)
 
