@@ -436,10 +436,12 @@ def _demo() -> PipelineConfig:
                     n_val_prompts=64, optim=OptimConfig(lr=1e-3), loop=LoopConfig(eval_interval=64))
     # 64 iterations of 256 episodes, minibatch 32 (the paper's 512 / 64 ratio); an EMA horizon 1 / (1 - decay) of 5
     # steps (1% of the run; the paper's 125 of ~4000 steps is 3%).
-    # Beta and budget from `reproduce --kl-sweep` (bench/results/instructgpt_demo/kl_sweep/): at the earlier 4,096
-    # episodes the KL to the init stays under a nat, the penalty never binds and PPO beats SFT only because the short
-    # run stops it early; at 16,384 episodes the gold win rate against SFT is an inverted U in beta (0: 0.441, 0.02:
-    # 0.574, 0.08: 0.668, 0.3: 0.656), so the demo runs 16,384 episodes at its peak, 0.08, not the paper's 0.02.
+    # Beta and budget from `reproduce --kl-sweep` (bench/results/instructgpt_demo/kl_sweep/): at 4,096 episodes the
+    # KL to the init stayed under 0.9 nats, the penalty never bound and PPO beat SFT because the short run stopped it
+    # early; at 16,384 the gold win rate against SFT (greedy / sampled) is an inverted U in beta, 0: 0.441 / 0.422,
+    # 0.02: 0.574 / 0.555, 0.08: 0.668 / 0.613, 0.3: 0.656 / 0.590, 1: 0.660 / 0.547, 3: 0.594 / 0.527, so the demo
+    # runs 16,384 episodes at its peak, 0.08, not the paper's 0.02. At twice that budget beta 0.08 still gives
+    # 0.629 / 0.586 (kl_sweep_2x/).
     ppo = PPOConfig(n_episodes=16384, n_prompts=2048, rollout_batch_size=256, minibatch_size=32, micro_batch_size=32,
                     max_new_tokens=24, kl_coef=0.08, value_lr=1e-3, ptx_per_episode=1.0, ptx_seq_len=64,
                     ema_decay=0.8, optim=OptimConfig(lr=3e-5, schedule="constant", warmup_steps=10, warmup_from=0.1))
