@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=Path, default=None, help="JSONL of {prompt} (default: the demo task)")
     p.add_argument("--ptx", action="store_true", help="PPO-ptx: mix the pretraining log-likelihood in")
     p.add_argument("--kl-coef", type=nonnegative_float, default=None,
-                   help="beta, the per-token KL penalty against the starting policy (default: the preset's, 0.02)")
+                   help="beta, the per-token KL penalty against the starting policy (default: the preset's: demo "
+                        "0.08, instructgpt 0.02)")
     p.add_argument("--ptx-coef", type=positive_float, default=None,
                    help="gamma of PPO-ptx, the weight of the pretraining log-likelihood (with --ptx; default: the "
                         "preset's, 27.8)")
