@@ -11,6 +11,9 @@ Output folder::
         metrics.csv, tb/, ckpt/ (resumable), model.safetensors (the stage's result), learning_curves.png
     <out>/results.json  <out>/figure1.txt  <out>/figure1.png
 
+``Pipeline.kl_sweep`` (``instructrl-fast reproduce --kl-sweep``) adds ``<out>/kl-sweep/beta-<beta>/`` (PPO stages)
+and ``<out>/kl_sweep.json``, ``kl_sweep.txt``, ``kl_sweep.png``.
+
 With ``resume``, a stage whose ``model.safetensors`` exists is loaded instead of trained, and an interrupted stage
 continues from its newest checkpoint.
 """
