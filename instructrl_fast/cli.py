@@ -100,6 +100,14 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def betas(text: str) -> tuple[float, ...]:
+    """argparse type: comma-separated distinct finite floats >= 0 (KL coefficients)."""
+    values = tuple(nonnegative_float(part) for part in text.split(","))
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct values, got {text!r}")
+    return values
+
+
 def add_common_options(p: argparse.ArgumentParser, *, out_required: bool = False) -> None:
     """--out, --preset, --resume, --overwrite, --ckpt-every, --threads, --device, --tp, --precision,
     --activation-checkpointing, --quiet: every training command has them."""
@@ -162,8 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-invariant", action="store_true",
                    help="PPO with batch-invariant kernels: rollout log-probs == training log-probs, bitwise")
 
-    p = sub.add_parser("reproduce", help="every size and method: the Figure-1 table and plot (demo: ~8x `run`)")
+    p = sub.add_parser("reproduce", help="every size and method: the Figure-1 table and plot (demo: ~8x `run`); "
+                                         "with --kl-sweep, PPO at several KL coefficients")
     add_common_options(p)
+    p.add_argument("--kl-sweep", action="store_true",
+                   help="instead: PPO from one size's PPO init and RM at each KL coefficient, each judged by the gold "
+                        "labeler (kl_sweep.txt / .json / .png; demo: 6 betas at 16,384 episodes)")
+    p.add_argument("--from", dest="source", type=Path, default=None, metavar="RUN",
+                   help="with --kl-sweep: take sft-SIZE/, rm/ and ppo-init-SIZE/ from this finished `run` folder "
+                        "(default: train them into --out first)")
+    p.add_argument("--size", default=None, help="with --kl-sweep: which base size (s, m, l); default s")
+    p.add_argument("--betas", type=betas, default=None, metavar="B1,B2,...",
+                   help="with --kl-sweep: the KL coefficients (default: the preset's; demo 0,0.02,0.08,0.3,1,3)")
+    p.add_argument("--episodes", type=positive_int, default=None,
+                   help="with --kl-sweep: PPO episodes of every run (default: the preset's; demo 16384)")
 
     p = sub.add_parser("sft", help="supervised fine-tuning on demonstrations (JSONL of {prompt, response})")
     add_common_options(p, out_required=True)
@@ -195,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=Path, default=None, help="JSONL of {prompt} (default: the demo task)")
     p.add_argument("--ptx", action="store_true", help="PPO-ptx: mix the pretraining log-likelihood in")
     p.add_argument("--kl-coef", type=nonnegative_float, default=None,
-                   help="beta, the per-token KL penalty against the starting policy (default: the preset's, 0.02)")
+                   help="beta, the per-token KL penalty against the starting policy (default: the preset's: demo "
+                        "0.08, instructgpt 0.02)")
     p.add_argument("--ptx-coef", type=positive_float, default=None,
                    help="gamma of PPO-ptx, the weight of the pretraining log-likelihood (with --ptx; default: the "
                         "preset's, 27.8)")
@@ -395,7 +416,39 @@ def cmd_run(args, *, all_sizes: bool = False) -> dict:
 
 
 def cmd_reproduce(args) -> dict:
-    return cmd_run(args, all_sizes=True)
+    if not args.kl_sweep:
+        for option, value in (("--from", args.source), ("--size", args.size), ("--betas", args.betas),
+                              ("--episodes", args.episodes)):
+            if value is not None:
+                raise UserError(f"{option} needs --kl-sweep")
+        return cmd_run(args, all_sizes=True)
+    return cmd_kl_sweep(args)
+
+
+def cmd_kl_sweep(args) -> dict:
+    import dataclasses
+
+    from instructrl_fast.train.assembly import RESULT
+    from instructrl_fast.train.pipeline import Pipeline
+
+    size = args.size or DEFAULT_RUN_SIZE
+    if args.source is not None:  # before _setup creates --out: a wrong --from leaves nothing behind
+        needed = [args.source / stage / RESULT for stage in (f"sft-{size}", "rm", f"ppo-init-{size}")]
+        if missing := [str(p) for p in needed if not p.is_file()]:
+            raise UserError(f"--from {args.source}: no finished run of size {size} there (missing "
+                            f"{', '.join(missing)}); give the --out of an `{PROG} run --size {size}`")
+        if args.source.resolve() == args.out.resolve():
+            raise UserError(f"--from {args.source} is --out as well: the sweep needs a folder of its own")
+    cfg, state = _setup(args)
+    cfg = cfg.only(_check_size(cfg, size))
+    sweep = dataclasses.replace(cfg.kl_sweep, **{k: v for k, v in (("betas", args.betas),
+                                                                   ("n_episodes", args.episodes)) if v is not None})
+    if (n := sweep.n_episodes) is not None and n % cfg.ppo.rollout_batch_size:
+        raise UserError(f"--episodes must be a multiple of the PPO rollout batch ({cfg.ppo.rollout_batch_size} "
+                        f"in preset {cfg.name}), got {n}")
+    cfg = dataclasses.replace(cfg, kl_sweep=sweep)
+    pipe = Pipeline(cfg, args.out, resume=args.resume, device=_device(args, state), log=_log(state))
+    return pipe.kl_sweep(size, args.source)
 
 
 def cmd_sft(args) -> dict:

@@ -11,7 +11,7 @@ What the paper reports and where it is computed here:
   - RM validation accuracy (Section 5.1; ~72 %, bounded by labeler agreement): ``rm_accuracy``.
   - The alignment tax (public NLP regressions, Figure 29): ``pretrain_loss`` on held-out corpus docs.
   - Reward over-optimisation (gold vs RM reward as KL grows; Stiennon et al. 2020, Figure 5):
-    ``overoptimization_summary`` and ``plot_overoptimization``.
+    ``overoptimization_summary`` and ``plot_overoptimization``; across KL coefficients: ``plot_kl_sweep``.
 Plots need matplotlib; without it they warn and return None, so a run never fails at its last step.
 """
 
@@ -240,13 +240,16 @@ def _figure1_grid(results) -> tuple[list[str], list, dict]:
     return methods, sizes, grid
 
 
-def _ci95(rec: dict) -> float | None:
-    """Half-width of the normal-approximation 95 % interval of a win rate measured on ``rec["n"]`` prompts."""
-    n = rec.get("n")
-    if not n:
-        return None
-    p = rec["win_rate"]
+def ci95(p: float, n: float) -> float:
+    """Half-width of the normal-approximation 95 % interval of a share ``p`` (a win rate) measured on ``n``
+    judgements."""
     return 1.96 * math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
+def _ci95(rec: dict) -> float | None:
+    """``ci95`` of a record's win rate over its ``rec["n"]`` prompts (None without ``n``)."""
+    n = rec.get("n")
+    return ci95(rec["win_rate"], n) if n else None
 
 
 def figure1_table(results: Sequence[dict], *, reference: str = "SFT (largest)") -> str:
@@ -465,5 +468,52 @@ def plot_overoptimization(points: Sequence[tuple[float, float, float]] | dict[st
     ax.set_ylabel("reward")
     named = [n for n in runs if n]
     ax.set_title("Reward over-optimisation" + (f": {', '.join(named)}" if named else ""))
+    ax.legend(fontsize="small")
+    return _save(fig, png_path)
+
+
+def plot_kl_sweep(rows: Sequence[dict], png_path: str | os.PathLike, *, reference: str = "SFT") -> str | None:
+    """Two panels of a KL-coefficient sweep (``Pipeline.kl_sweep``'s rows: ``beta``, ``win_rate`` and
+    ``sampled/win_rate`` with their ``n``, and, where the run logged gold scores, ``points`` of
+    (KL, RM score, gold score)): (a) win rate against ``reference`` vs beta, greedy and sampled, with 95 % intervals;
+    (b) RM score (solid) and gold score (dashed) against KL along each run, one colour per beta: the
+    over-optimisation frontier. Returns the PNG path, or None without matplotlib."""
+    if isinstance(rows, dict) or not isinstance(rows, Sequence) or not rows:
+        raise ValueError("rows must be a non-empty list of {beta, win_rate, sampled/win_rate, n, sampled/n} dicts")
+    made = _new_figure("plot_kl_sweep", png_path, 1, 2, size=(6.0, 4.5))
+    if made is None:
+        return None
+    fig, axes = made
+    ax = axes[0, 0]
+    betas = [r["beta"] for r in rows]
+    for key, label, marker in (("win_rate", "greedy", "o"), ("sampled/win_rate", "sampled (T=1)", "s")):
+        n_key = key.replace("win_rate", "n")
+        ax.errorbar(betas, [r[key] for r in rows], yerr=[ci95(r[key], r[n_key]) for r in rows], marker=marker,
+                    capsize=3, label=label)
+    # beta = 0 belongs on the axis: linear up to the smallest positive beta, logarithmic above it
+    positive = [b for b in betas if b > 0]
+    if positive:
+        ax.set_xscale("symlog", linthresh=min(positive))
+    ax.set_xticks(betas, [f"{b:g}" for b in betas])
+    ax.minorticks_off()
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("KL coefficient beta")
+    ax.set_ylabel(f"win rate against {reference}")
+    ax.set_title("(a) gold-labeler win rate of the final policy")
+    ax.legend()
+    ax = axes[0, 1]
+    for i, r in enumerate(rows):
+        if "points" not in r:
+            continue
+        pts = sorted(_check_points(r["points"]))  # KL order: a run's KL goes up and down
+        kls, color = [p[0] for p in pts], f"C{i}"
+        ax.plot(kls, [p[1] for p in pts], color=color, label=f"beta {r['beta']:g}")
+        ax.plot(kls, [p[2] for p in pts], color=color, linestyle="--")
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.axhline(0.0, color="grey", linewidth=0.5)
+    ax.set_xlabel("KL(policy || PPO init) per response, nats (log above 1)")
+    ax.set_ylabel("score of the rollouts")
+    ax.set_title("(b) RM score (solid) and gold score (dashed) along each run")
     ax.legend(fontsize="small")
     return _save(fig, png_path)

@@ -11,6 +11,9 @@ Output folder::
         metrics.csv, tb/, ckpt/ (resumable), model.safetensors (the stage's result), learning_curves.png
     <out>/results.json  <out>/figure1.txt  <out>/figure1.png
 
+``Pipeline.kl_sweep`` (``instructrl-fast reproduce --kl-sweep``) adds ``<out>/kl-sweep/beta-<beta>/`` (PPO stages)
+and ``<out>/kl_sweep.json``, ``kl_sweep.txt``, ``kl_sweep.png``.
+
 With ``resume``, a stage whose ``model.safetensors`` exists is loaded instead of trained, and an interrupted stage
 continues from its newest checkpoint.
 """
@@ -257,15 +260,19 @@ class Pipeline:
     def ppo(self, size: str, *, ptx: bool):
         """PPO (or PPO-ptx) from the PPO starting policy against the RM in ``rm/`` (``assembly.ppo_models``: the
         value model starts from the RM). Returns the EMA."""
-        pc = self.cfg.ppo_ptx if ptx else self.cfg.ppo
-        name = f"{'ppo-ptx' if ptx else 'ppo'}-{size}"
+        return self._ppo(f"{'ppo-ptx' if ptx else 'ppo'}-{size}", size, self.cfg.ppo_ptx if ptx else self.cfg.ppo)
+
+    def _ppo(self, name: str, size: str, pc, source: Path | None = None):
+        """PPO stage ``name`` with config ``pc`` from ``<source>/ppo-init-<size>`` and ``<source>/rm`` (default: this
+        run's own folders)."""
         if (done := self._result(name)) is not None:
             return load_weights(done, self.model(size))
-        policy, ref, value, frozen_rm, _ = ppo_models(self.builder, self.out / f"ppo-init-{size}" / RESULT,
-                                                      self.out / "rm" / RESULT, shape=self.shape(size),
+        source = self.out if source is None else source
+        policy, ref, value, frozen_rm, _ = ppo_models(self.builder, source / f"ppo-init-{size}" / RESULT,
+                                                      source / "rm" / RESULT, shape=self.shape(size),
                                                       rm_shape=self.shape(self.cfg.rm_size))
         prompts = [p.text for p in self.task.prompts("train", pc.n_prompts)]
-        ptx_chunks = self.chunks(self.cfg.pretrain[self.cfg.sizes[0]].n_docs, pc.ptx_seq_len) if ptx else None
+        ptx_chunks = self.chunks(self.cfg.pretrain[self.cfg.sizes[0]].n_docs, pc.ptx_seq_len) if pc.ptx_coef else None
         torch.manual_seed(pc.seed)
         ema, _ = self._train(name, lambda: train_ppo(pc, policy, value, ref, frozen_rm, self.tok, prompts,
                                                      self.out / name, ptx_chunks=ptx_chunks, resume=self.resume,
@@ -294,37 +301,55 @@ class Pipeline:
         return points, ev.overoptimization_summary(points)
 
     # ---------------------------------------------------------------------------------------------- evaluation
-    def evaluate(self, models: dict[str, dict[str, torch.nn.Module]], reference: torch.nn.Module) -> list[dict]:
-        """One record per (size, method): gold-labeler metrics, win rate against ``reference``, corpus loss."""
+    def answers(self, model, prompts, *, temperature: float, prefix: str = "") -> list[str]:
+        """``model``'s responses to the evaluation ``prompts`` (greedy at temperature 0)."""
         from instructrl_fast.train import evaluate as ev
 
+        # one call over every prompt: prompt i samples with the keys (seed, i) whatever the model, the same random
+        # numbers for every policy compared
         ec = self.cfg.eval
-        prompts = self.task.prompts("test", ec.n_test_prompts)
+        texts = [prefix + p.text for p in prompts]
+        return ev.collect_responses(respond(model, self.tok, texts, max_new_tokens=ec.max_new_tokens,
+                                            temperature=temperature, seed=ec.seed), prompts)
 
-        def answers(model, prefix: str = "", temperature: float = ec.temperature) -> list[str]:
-            # one call over every prompt: prompt i samples with the keys (ec.seed, i) whatever the model, the same
-            # random numbers for every policy compared
-            texts = [prefix + p.text for p in prompts]
-            return ev.collect_responses(respond(model, self.tok, texts, max_new_tokens=ec.max_new_tokens,
-                                                temperature=temperature, seed=ec.seed), prompts)
+    def references(self, reference: torch.nn.Module, prompts) -> dict[str, list[str]]:
+        """The reference model's answers, decoded both ways ``judge`` decodes a policy's."""
+        return {mode: self.answers(reference, prompts, temperature=t) for mode, t in self._modes()}
 
-        ref_answers = answers(reference)
+    def _modes(self) -> tuple[tuple[str, float], ...]:
+        # (record key prefix, temperature): the configured decoding (greedy by default), and sampling at T=1, what
+        # PPO optimises and what shows the mass a policy still puts on bad answers (toxicity)
+        return ("", self.cfg.eval.temperature), ("sampled/", 1.0)
+
+    def judge(self, model, prompts, references: dict[str, list[str]], prefix: str = "") -> dict[str, float]:
+        """Gold-labeler metrics of ``model`` (``evaluate.evaluate_policy``) and its win rate against the
+        reference's answers decoded the same way: keys as evaluate_policy's for the configured decoding, prefixed
+        with ``sampled/`` for sampling at temperature 1."""
+        from instructrl_fast.train import evaluate as ev
+
+        out = {}
+        for mode, t in self._modes():
+            responses = self.answers(model, prompts, temperature=t, prefix=prefix)
+            found = {**ev.evaluate_policy(responses, prompts, self.labeler),
+                     "win_rate": ev.win_rate(responses, references[mode], prompts, self.labeler, self.cfg.eval.seed)}
+            out.update({mode + k: v for k, v in found.items()})
+        return out
+
+    def evaluate(self, models: dict[str, dict[str, torch.nn.Module]], reference: torch.nn.Module) -> list[dict]:
+        """One record per (size, method): gold-labeler metrics and win rate against ``reference``, greedy and
+        sampled (``judge``), and the corpus loss."""
+        prompts = self.task.prompts("test", self.cfg.eval.n_test_prompts)
+        refs = self.references(reference, prompts)
         records = []
         todo = [(size, method, model) for size, by_method in models.items() for method, model in by_method.items()]
         for size, method, model in tqdm(todo, desc="eval", disable=not self.progress):
             prefix = self.task.few_shot_prefix() if method == "GPT (prompted)" else ""
-            responses = answers(model, prefix)
-            # Sampled at temperature 1 as well: greedy answers hide what a policy still puts mass on (toxicity).
-            sampled = ev.evaluate_policy(answers(model, prefix, 1.0), prompts, self.labeler)
             rec = {"method": method, "size": size, "params": model.num_params(local=False),
-                   **ev.evaluate_policy(responses, prompts, self.labeler),
-                   **{f"sampled/{k}": sampled[k] for k in ("gold_score", "correct", "toxic_rate")},
-                   "win_rate": ev.win_rate(responses, ref_answers, prompts, self.labeler, ec.seed),
-                   "ptx_loss": self.corpus_loss(model)}
+                   **self.judge(model, prompts, refs, prefix), "ptx_loss": self.corpus_loss(model)}
             records.append(rec)
-            self.log(f"[eval] {size} {method}: win {rec['win_rate']:.3f} gold {rec['gold_score']:.3f} "
-                     f"correct {rec['correct']:.3f} toxic {rec['toxic_rate']:.3f} (sampled "
-                     f"{rec['sampled/toxic_rate']:.3f}) ptx_loss {rec['ptx_loss']:.3f}")
+            self.log(f"[eval] {size} {method}: win {rec['win_rate']:.3f} / sampled {rec['sampled/win_rate']:.3f} "
+                     f"gold {rec['gold_score']:+.3f} / {rec['sampled/gold_score']:+.3f} correct {rec['correct']:.3f} "
+                     f"toxic {rec['toxic_rate']:.3f} / {rec['sampled/toxic_rate']:.3f} ptx_loss {rec['ptx_loss']:.3f}")
         return records
 
     def corpus_loss(self, model) -> float:
@@ -371,10 +396,59 @@ class Pipeline:
                   "threads": torch.get_num_threads()}
         (self.out / "results.json").write_text(json.dumps(report, indent=1))
         reference = f"SFT ({cfg.sizes[-1]})"
-        table = (ev.figure1_table(records, reference=reference) + "\n\n" + format_shape(report["shape"]) + "\n\n"
+        sampled = [{**r, "win_rate": r["sampled/win_rate"]} for r in records]
+        table = (ev.figure1_table(records, reference=reference) + "\n\n"
+                 + ev.figure1_table(sampled, reference=f"{reference}, both sampled at T=1") + "\n\n"
+                 + format_shape(report["shape"]) + "\n\n"
                  + format_extras(records, rm_report, overopt, self.task.heldout))
         (self.out / "figure1.txt").write_text(table + "\n")
         self.log(table)
         ev.plot_figure1(records, self.out / "figure1.png", reference=reference)
         self.log(f"total {wall:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in self.timings.items())})")
+        return report
+
+    def kl_sweep(self, size: str, source: Path | None = None) -> dict:
+        """PPO from the PPO init of ``size`` and the RM at each beta of ``cfg.kl_sweep``, everything else as the
+        preset's plain PPO, into ``kl-sweep/beta-<beta>/``; each run's EMA judged against the SFT model of ``size``
+        (``judge``: greedy and sampled), and each run's (KL, RM score, gold score) per rollout batch.
+
+        ``source``: a finished run's folder holding ``sft-<size>/``, ``rm/`` and ``ppo-init-<size>/``; without it
+        those stages of ``run`` train into this run's folder first. Writes kl_sweep.json, kl_sweep.txt and
+        kl_sweep.png."""
+        from instructrl_fast.train import evaluate as ev
+        from instructrl_fast.train.report import format_kl_sweep
+
+        t0 = time.perf_counter()
+        sc = self.cfg.kl_sweep
+        if source is None:
+            self.base(size)
+            self.sft(size)
+            sft = self.select_sft(size, self.reward_model())
+            self.sft(size, ppo_init=True)
+        else:
+            sft = load_weights(source / f"sft-{size}" / RESULT, self.model(size))
+        pc = self.cfg.ppo if sc.n_episodes is None else dataclasses.replace(self.cfg.ppo, n_episodes=sc.n_episodes)
+        prompts = self.task.prompts("test", self.cfg.eval.n_test_prompts)
+        refs = self._timed("eval", lambda: self.references(sft, prompts))
+        rows = []
+        for beta in sc.betas:
+            name = f"kl-sweep/beta-{beta:g}"
+            policy = self._ppo(name, size, dataclasses.replace(pc, kl_coef=beta), source)
+            row = {"beta": beta, **self._timed("eval", lambda p=policy: self.judge(p, prompts, refs))}
+            if (found := self.overoptimization(name, pc.steps_per_iteration)) is not None:
+                row.update(found[1], points=found[0])
+            rows.append(row)
+            self.log(f"[{name}] win {row['win_rate']:.3f} / sampled {row['sampled/win_rate']:.3f}, gold "
+                     f"{row['gold_score']:+.3f} / {row['sampled/gold_score']:+.3f}")
+        report = {"preset": self.cfg.name, "size": size, "source": str(source or self.out), "n_episodes": pc.n_episodes,
+                  "kl_sweep": rows, "timings_s": self.timings, "cpu_s": self.cpu_times,
+                  "wall_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
+        if not self.mesh.is_main:
+            return report
+        (self.out / "kl_sweep.json").write_text(json.dumps(report, indent=1))
+        text = format_kl_sweep(report, reference=f"SFT ({size})")
+        (self.out / "kl_sweep.txt").write_text(text + "\n")
+        self.log(text)
+        ev.plot_kl_sweep(rows, self.out / "kl_sweep.png", reference=f"SFT ({size})")
+        self.log(f"total {report['wall_s']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in self.timings.items())})")
         return report

@@ -3,6 +3,12 @@ evaluation records, and the rest of its evaluation in a few lines."""
 
 from __future__ import annotations
 
+from instructrl_fast.train.evaluate import ci95
+
+
+def _interval(p: float, n: float) -> str:
+    return f"{p:.3f} ±{ci95(p, n):.3f}"
+
 
 def shape_checks(records: list[dict], init_loss: dict[str, float]) -> dict:
     """The paper's headline orderings, checked on the evaluation records (win rates and corpus losses).
@@ -36,11 +42,13 @@ def format_extras(records: list[dict], rm_report: dict, overopt: dict, heldout: 
     lines = [(f"Reward model: pairwise accuracy {rm_report['accuracy_vs_rankings']:.3f} against the labelers' "
               f"rankings, {rm_report['accuracy_vs_gold']:.3f} against the gold scores "
               f"({rm_report['n_val_comparisons']} held-out comparison sets)")]
-    lines.append(f"Toxic rate greedy / sampled at T=1, gold score sampled, correct on the held-out kind ({heldout}):")
+    lines.append(f"Greedy / sampled at T=1 (each against the reference decoded the same way): win rate, gold score, "
+                 f"toxic rate; correct on the held-out kind ({heldout}):")
     for r in records:
         held = r.get(f"correct/{heldout}", float("nan"))
-        lines.append(f"  {r['size']} {r['method']:<15} toxic {r['toxic_rate']:.3f} / {r['sampled/toxic_rate']:.3f}"
-                     f"  sampled gold {r['sampled/gold_score']:+.3f}  held-out {held:.3f}")
+        lines.append(f"  {r['size']} {r['method']:<15} win {r['win_rate']:.3f} / {r['sampled/win_rate']:.3f}  gold "
+                     f"{r['gold_score']:+.3f} / {r['sampled/gold_score']:+.3f}  toxic {r['toxic_rate']:.3f} / "
+                     f"{r['sampled/toxic_rate']:.3f}  held-out {held:.3f}")
     if overopt:
         lines.append("Over-optimisation along each PPO run (KL to the start, RM score, gold score):")
         for name, o in overopt.items():
@@ -60,4 +68,23 @@ def format_shape(shape: dict) -> str:
                          f"PPO-ptx {tax['ppo_ptx']:.3f}")
         else:
             lines.append(f"  {size}: {'yes' if checks else 'NO'}")
+    return "\n".join(lines)
+
+
+def format_kl_sweep(report: dict, *, reference: str) -> str:
+    """The table of ``Pipeline.kl_sweep``: per beta, the win rate against ``reference`` and the gold score of the
+    final EMA policy, greedy and sampled, then the last rollout batch's KL, RM and gold scores and the gold peak."""
+    head = (f"KL sweep: PPO ({report['size']}, {report['n_episodes']} episodes) from one PPO init and RM at each beta; "
+            f"win rate against {reference} by the gold labeler (± 95 % interval)")
+    cols = (f"{'beta':>6} | {'win greedy':>12} | {'win sampled':>12} | {'gold greedy':>11} | {'gold sampled':>12} | "
+            f"last rollouts: {'KL':>6} {'RM':>6} {'gold':>6} {'RM-gold':>7} | gold peak (KL)")
+    lines = [head, cols, "-" * len(cols)]
+    for r in report["kl_sweep"]:
+        line = (f"{r['beta']:>6g} | {_interval(r['win_rate'], r['n']):>12} | "
+                f"{_interval(r['sampled/win_rate'], r['sampled/n']):>12} | {r['gold_score']:>+11.3f} | "
+                f"{r['sampled/gold_score']:>+12.3f} | ")
+        if "final_kl" in r:
+            line += (f"{'':>14} {r['final_kl']:>6.2f} {r['final_rm']:>+6.3f} {r['final_gold']:>+6.3f} "
+                     f"{r['final_rm'] - r['final_gold']:>+7.3f} | {r['gold_peak']:+.3f} ({r['kl_at_gold_peak']:.2f})")
+        lines.append(line)
     return "\n".join(lines)

@@ -42,6 +42,62 @@ def test_run_writes_every_stage_and_the_table(run_dir):
     assert (run_dir / "figure1.png").is_file() and (run_dir / "ppo-s" / "learning_curves.png").is_file()
 
 
+def test_run_reports_greedy_and_sampled_win_rates_and_gold_scores(run_dir):
+    report = json.loads((run_dir / "results.json").read_text())
+    table = (run_dir / "figure1.txt").read_text()
+    assert "Figure 1: win rate against SFT (s), both sampled at T=1" in table
+    for r in report["results"]:
+        assert 0.0 <= r["win_rate"] <= 1.0 and 0.0 <= r["sampled/win_rate"] <= 1.0
+        assert r["sampled/n"] == r["n"] == 8
+        assert (f"  s {r['method']:<15} win {r['win_rate']:.3f} / {r['sampled/win_rate']:.3f}  gold "
+                f"{r['gold_score']:+.3f} / {r['sampled/gold_score']:+.3f}") in table
+
+
+def test_kl_sweep_from_a_finished_run(run_dir, tmp_path, capsys):
+    """reproduce --kl-sweep --from: one PPO run per beta from the run's PPO init and RM, judged greedy and sampled;
+    beta reaches PPO (at 0 the logged reward is the RM score, at 10^4 the penalty is taken off it); --resume loads
+    the finished runs instead of training them again."""
+    argv = ["reproduce", "--kl-sweep", "--from", str(run_dir), "--out", str(tmp_path), "--betas", "0,10000",
+            "--preset", "micro", "--quiet", "--threads", "1"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "kl_sweep.json").read_text())
+    assert [r["beta"] for r in report["kl_sweep"]] == [0.0, 10000.0] and report["n_episodes"] == 16
+    assert not (tmp_path / "ppo-init-s").exists()  # taken from --from, not trained again
+    for r, folder in zip(report["kl_sweep"], ("beta-0", "beta-10000")):
+        assert (tmp_path / "kl-sweep" / folder / "model.safetensors").is_file()
+        assert 0.0 <= r["win_rate"] <= 1.0 and 0.0 <= r["sampled/win_rate"] <= 1.0
+        assert len(r["points"]) == 2 and all(kl >= 0 for kl, _, _ in r["points"])
+    from instructrl_fast.train.logging import last_values
+
+    free, bound = (last_values(tmp_path / "kl-sweep" / f / "metrics.csv") for f in ("beta-0", "beta-10000"))
+    assert free["kl"] > 0 and free["reward"] == pytest.approx(free["score"], abs=1e-6)
+    assert bound["kl"] > 0 and bound["reward"] < bound["score"] - 1.0  # (the logged KL is k3, the penalty k1's)
+    text = (tmp_path / "kl_sweep.txt").read_text()
+    assert "KL sweep: PPO (s, 16 episodes)" in text and "win rate against SFT (s)" in text
+    assert [line.split("|")[0].strip() for line in text.splitlines()[3:]] == ["0", "10000"]
+    capsys.readouterr()
+    before = (tmp_path / "kl-sweep" / "beta-0" / "model.safetensors").stat().st_mtime_ns
+    assert main([*argv, "--resume"]) == 0
+    assert "[kl-sweep/beta-10000] finished earlier" in capsys.readouterr().out
+    assert (tmp_path / "kl-sweep" / "beta-0" / "model.safetensors").stat().st_mtime_ns == before
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "kl_sweep.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--from", "nowhere"], "--from needs --kl-sweep"),
+    (["--kl-sweep", "--from", "nowhere"], "--from nowhere: no finished run of size s there"),
+    (["--kl-sweep", "--betas", "0,-1"], "argument --betas: expected a finite number >= 0, got -1"),
+    (["--kl-sweep", "--betas", "0,0"], "argument --betas: expected distinct values, got '0,0'"),
+    (["--kl-sweep", "--episodes", "12"], "--episodes must be a multiple of the PPO rollout batch (8 in preset micro)"),
+    (["--kl-sweep", "--size", "xl"], "--size must be one of"),
+])
+def test_kl_sweep_options_are_checked(tmp_path, capsys, argv, fragment):
+    assert main(["reproduce", "--out", str(tmp_path / "o"), "--preset", "micro", "--quiet", *argv]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "instructrl-fast reproduce: error:" in err
+
+
 def test_resume_reuses_finished_stages(run_dir, capsys):
     before = (run_dir / "ppo-s" / "model.safetensors").stat().st_mtime_ns
     assert main(["run", "--preset", "micro", "--out", str(run_dir), "--quiet", "--threads", "1", "--resume"]) == 0

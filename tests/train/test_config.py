@@ -8,6 +8,7 @@ import pytest
 
 from instructrl_fast.train.config import (
     EvalConfig,
+    KLSweepConfig,
     LoopConfig,
     OptimConfig,
     PPOConfig,
@@ -77,9 +78,25 @@ def test_paper_presets():
 def test_demo_keeps_the_ratios():
     demo = preset("demo")
     assert demo.ppo.rollout_batch_size // demo.ppo.minibatch_size == 512 // 64
-    assert demo.ppo_ptx.ptx_coef == 27.8 and demo.ppo.kl_coef == 0.02
+    assert demo.ppo_ptx.ptx_coef == 27.8
+    # beta at the peak of the demo's KL sweep, which brackets it with 0 and values past it
+    assert demo.ppo.kl_coef == demo.ppo_ptx.kl_coef == 0.08 and demo.ppo.n_episodes == 16384
+    assert demo.kl_sweep.betas[0] == 0 and demo.ppo.kl_coef in demo.kl_sweep.betas[1:-1]
     assert demo.sft.epochs == 16 and demo.ppo_init.ptx_fraction == 0.1
     assert demo.only("s").sizes == ("s",) and demo.only("s").rm_size == "s"
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda: KLSweepConfig(betas=()), "KLSweepConfig.betas must be a non-empty tuple"),
+    (lambda: KLSweepConfig(betas=(0.0, -1.0)), "KLSweepConfig.betas must hold finite numbers >= 0"),
+    (lambda: KLSweepConfig(betas=(0.1, 0.1)), "KLSweepConfig.betas must not repeat"),
+    (lambda: KLSweepConfig(n_episodes=0), "KLSweepConfig.n_episodes must be >= 1"),
+    (lambda: dataclasses.replace(preset("micro"), kl_sweep=KLSweepConfig(n_episodes=12)),
+     r"kl_sweep.n_episodes \(12\) must be a multiple of ppo.rollout_batch_size \(8\)"),
+])
+def test_kl_sweep_config_is_checked(make, fragment):
+    with pytest.raises((ValueError, TypeError), match=fragment):
+        make()
 
 
 def test_cosine_schedule_reaches_ten_percent():
