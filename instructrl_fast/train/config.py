@@ -425,12 +425,9 @@ def _demo() -> PipelineConfig:
     # validation every 50 / 64 / 16 steps (pretraining / SFT / RM): a validation curve, not one point at the end,
     # for a few seconds per stage; evaluation forks the RNGs, so training draws the same numbers either way
     pretrain = {
-        "s": PretrainConfig(model="demo-s", max_steps=500, optim=OptimConfig(lr=3e-3, warmup_steps=30, weight_decay=0.1),
-                            loop=LoopConfig(eval_interval=50)),
-        "m": PretrainConfig(model="demo-m", max_steps=600, optim=OptimConfig(lr=2e-3, warmup_steps=30, weight_decay=0.1),
-                            loop=LoopConfig(eval_interval=50)),
-        "l": PretrainConfig(model="demo-l", max_steps=700, optim=OptimConfig(lr=1.5e-3, warmup_steps=30, weight_decay=0.1),
-                            loop=LoopConfig(eval_interval=50)),
+        s: PretrainConfig(model=f"demo-{s}", max_steps=steps, loop=LoopConfig(eval_interval=50),
+                          optim=OptimConfig(lr=lr, warmup_steps=30, weight_decay=0.1))
+        for s, steps, lr in (("s", 500, 3e-3), ("m", 600, 2e-3), ("l", 700, 1.5e-3))
     }
     sft = SFTConfig(epochs=16, batch_size=32, micro_batch_size=32, n_demos=2048, dropout=0.2, select_every=8,
                     n_val_prompts=64, optim=OptimConfig(lr=1e-3), loop=LoopConfig(eval_interval=64))
@@ -469,8 +466,8 @@ def _micro() -> PipelineConfig:
     """Every stage end to end in seconds: the tests' configuration (results are meaningless)."""
     quick = LoopConfig(progress=False)
     # the middle size has another width, so the RM / value model differ in shape from the other sizes' policies
-    pretrain = {s: PretrainConfig(model="micro-m" if s == "m" else "micro", n_docs=64, seq_len=32, batch_size=8, micro_batch_size=4,
-                                  max_steps=4, eval_batches=1, loop=quick,
+    pretrain = {s: PretrainConfig(model="micro-m" if s == "m" else "micro", n_docs=64, seq_len=32, batch_size=8,
+                                  micro_batch_size=4, max_steps=4, eval_batches=1, loop=quick,
                                   optim=OptimConfig(lr=1e-3, warmup_steps=1)) for s in SIZES}
     sft = SFTConfig(epochs=2, batch_size=8, micro_batch_size=4, n_demos=16, select_every=1, n_val_prompts=4,
                     max_new_tokens=4, optim=OptimConfig(lr=1e-3), loop=quick)
