@@ -203,12 +203,12 @@ def _layer_activations(cfg: GPTConfig, b: int, s: int, tp: int, e: int, dropout:
 def _head_activations(cfg: GPTConfig, head: str, b: int, s: int, tp: int, e: int) -> int:
     """The final LayerNorm's input, output and statistics, plus two fp32 logit chunks of ``ops.linear_logprobs``
     for the LM head."""
-    from instructrl_fast.ops.logprob import _linear_chunk_rows  # the op's own chunking, so the two cannot drift
+    from instructrl_fast.ops.logprob import linear_chunk_rows  # the op's own chunking, so the two cannot drift
 
     out = 2 * e * b * s * cfg.d_model + 8 * b * s
     if head == "lm":
         v_local = cfg.padded_vocab_size // tp
-        out += 2 * 4 * _linear_chunk_rows(b * s, cfg.d_model, v_local) * v_local
+        out += 2 * 4 * linear_chunk_rows(b * s, cfg.d_model, v_local) * v_local
     return out
 
 

@@ -1,6 +1,6 @@
 """The PPO / GRPO actor loss fused into the LM-head walk: ``ppo_actor_loss`` never holds the [N, V] logits.
 
-Per token chunk of r of the N = B * T tokens (``logprob._linear_chunk_rows``: about N D / V rows, at least
+Per token chunk of r of the N = B * T tokens (``logprob.linear_chunk_rows``: about N D / V rows, at least
 min(2 D, 2048); whole 32-row tiles through ``batch_invariant.matmul_t`` in the batch-invariant mode):
 
     logits = h @ W.T                                      one GEMM, 2 n D V FLOPs
@@ -63,17 +63,17 @@ from instructrl_fast.checks import (
 )
 from instructrl_fast.ops.kl import ESTIMATORS, kl_torch
 from instructrl_fast.ops.logprob import (
-    _acc_dtype,
-    _check_labels,
-    _check_options,
-    _combine,
-    _flat_labels,
-    _head_schedule,
-    _rows_fwd,
-    _shard_bwd,
-    _tp_rank_world,
+    acc_dtype,
     accumulate_mm,
+    check_labels,
+    check_options,
+    combine_shards,
     finite_shift,
+    flat_labels,
+    head_schedule,
+    rows_fwd,
+    shard_bwd,
+    tp_rank_world,
 )
 from instructrl_fast.ops.ppo_loss import REDUCTIONS, check_triple, masked_reduce, policy_surrogate, valid_upcast
 
@@ -184,11 +184,11 @@ def _walk(hidden, weight, labels, old_logp, adv, w, ref_logp, ref_hidden, ref_we
     costs 2 N D V FLOPs, not 6)."""
     N, D = hidden.shape
     V = weight.shape[0]
-    vocab_start = _tp_rank_world(tp_group)[0] * V
+    vocab_start = tp_rank_world(tp_group)[0] * V
     full = ref_hidden is not None
     with_kl = full or ref_logp is not None
     need_entropy_grad = cfg.entropy_coef != 0.0
-    acc = {"dtype": _acc_dtype(hidden), "device": hidden.device}
+    acc = {"dtype": acc_dtype(hidden), "device": hidden.device}
     pg, total, logp, entropy = (torch.empty(N, **acc) for _ in range(4))
     kl = torch.zeros(N, **acc)  # stays 0 without a reference (not reported then)
     is_clipped = torch.empty(N, dtype=torch.bool, device=hidden.device)
@@ -196,22 +196,22 @@ def _walk(hidden, weight, labels, old_logp, adv, w, ref_logp, ref_hidden, ref_we
     # every chunk adds into dW (the first one overwrites it); zeros only when there is no chunk
     grad_weight = (torch.empty if N else torch.zeros)(weight.shape, **acc) if with_grads else None
     # the batch-invariant mode's GEMM and chunks of whole tiles: logp has the bits of GPT.token_logprobs's
-    rows, gemm = _head_schedule(N, D, V, cfg.batch_invariant)
+    rows, gemm = head_schedule(N, D, V, cfg.batch_invariant)
     for start in range(0, N, rows):
         sl = slice(start, start + rows)
         h, lab = hidden[sl], labels[sl]
         keep = lab != ignore_index
         # [n, V] in the input dtype, fp32 accumulation inside the GEMM
         logits = gemm(h, weight)
-        shard = _rows_fwd(backend, logits[None], lab[:, None], False, temperature, ignore_index, vocab_start, True)
-        logp_c, ent_c, row_max, log_sum = _combine(*shard, lab[:, None], False, ignore_index, True, tp_group)
+        shard = rows_fwd(backend, logits[None], lab[:, None], False, temperature, ignore_index, vocab_start, True)
+        logp_c, ent_c, row_max, log_sum = combine_shards(*shard, lab[:, None], False, ignore_index, True, tp_group)
         logp_c = logp_c[:, 0]
         kl_full = None
         if full:
             ref_logits = ref_hidden[sl] @ ref_weight.T
-            ref_shard = _rows_fwd(backend, ref_logits[None], lab[:, None], False, temperature, ignore_index,
+            ref_shard = rows_fwd(backend, ref_logits[None], lab[:, None], False, temperature, ignore_index,
                                   vocab_start, False)
-            ref_max, ref_log_sum = _combine(*ref_shard, lab[:, None], False, ignore_index, False, tp_group)[2:]
+            ref_max, ref_log_sum = combine_shards(*ref_shard, lab[:, None], False, ignore_index, False, tp_group)[2:]
             shifts = (finite_shift(row_max), log_sum, finite_shift(ref_max))
             mean_diff = _all_reduce_sum(_full_kl_fwd(backend, logits, ref_logits, *shifts, temperature), tp_group)
             # KL = E_p[x - y] - lse_x + lse_y, the row maxes cancelling inside E_p (mean_diff is of the shifted x, y)
@@ -229,7 +229,7 @@ def _walk(hidden, weight, labels, old_logp, adv, w, ref_logp, ref_hidden, ref_we
         full_kl = (torch.where(keep, w[sl] * cfg.kl_coef, 0.0), ref_logits[None], shifts[2], mean_diff) if full \
             else None
         # the chunk's logits are dead once their gradient exists: it is written over them where the backend can
-        dlogits = _shard_bwd(backend, g_lp.contiguous(), ent_args[0].contiguous(), logits[None], lab, row_max,
+        dlogits = shard_bwd(backend, g_lp.contiguous(), ent_args[0].contiguous(), logits[None], lab, row_max,
                              log_sum, ent_args[1], temperature, ignore_index, vocab_start, full_kl=full_kl,
                              in_place=True).view(-1, V)
         if full:
@@ -257,7 +257,7 @@ class PPOActorLossFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_hidden, ref_weight, cfg,
                 temperature, ignore_index, tp_group, backend, with_grads):
         B, T, D = hidden.shape
-        w = _token_weights(mask, cfg.reduction, _acc_dtype(hidden)).reshape(-1)
+        w = _token_weights(mask, cfg.reduction, acc_dtype(hidden)).reshape(-1)
         terms, grads = _walk(hidden.reshape(B * T, D), weight, labels.reshape(-1), old_logp.reshape(-1),
                              adv.reshape(-1), w, None if ref_logp is None else ref_logp.reshape(-1),
                              None if ref_hidden is None else ref_hidden.reshape(B * T, ref_hidden.shape[-1]),
@@ -374,21 +374,21 @@ def ppo_actor_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Ten
     if not isinstance(cfg, ActorLossConfig):
         raise TypeError(f"config must be an ActorLossConfig or None, got {type(cfg).__name__}")
     check_lm_head("hidden", hidden, "weight", weight, ndim=3)
-    temperature = _check_options(temperature, ignore_index, False)
-    labels2d, multi = _flat_labels(labels, "hidden", hidden)
+    temperature = check_options(temperature, ignore_index, False)
+    labels2d, multi = flat_labels(labels, "hidden", hidden)
     if multi:
         raise ValueError(f"labels must have shape [B, T] (one action per token), got {tuple(labels.shape)}")
     mask = check_triple(("old_logp", "advantages"), (old_logp, advantages), mask, cfg.reduction)
     check_shape("old_logp", old_logp, hidden.shape[:2], "hidden without its last dimension")
     check_same_device(hidden=hidden, old_logp=old_logp)
     _check_reference(ref_logp, ref_hidden, ref_weight, cfg, hidden, weight)
-    _check_labels(labels2d, weight.shape[0] * _tp_rank_world(tp_group)[1], ignore_index)
+    check_labels(labels2d, weight.shape[0] * tp_rank_world(tp_group)[1], ignore_index)
     # float64 anywhere on the LM-head side runs on torch (the kernels accumulate in fp32), as in every op.
     lm_dtype = compute_dtype(hidden, *(() if ref_hidden is None else (ref_hidden,)))
     backend = resolve("ppo_actor_loss", hidden.device, lm_dtype)
     # Masked positions are set to 0 (not multiplied by it), so padding garbage (inf, NaN) cannot leak in; the
     # per-token terms are computed in the log-probs' dtype (fp32, float64 for float64 hidden).
-    acc = _acc_dtype(hidden)
+    acc = acc_dtype(hidden)
     old, adv = (valid_upcast(x.detach(), mask, acc) for x in (old_logp, advantages))
     ref = None if ref_logp is None else valid_upcast(ref_logp.detach(), mask, acc)
     loss, stats = PPOActorLossFunction.apply(

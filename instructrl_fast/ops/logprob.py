@@ -61,7 +61,7 @@ __all__ = ["GatherLogprobsFunction", "LinearLogprobsFunction", "entropy", "gathe
 # torch backend: fp32 elements of one row chunk (4 MiB), so it never holds a [N, V] fp32 tensor.
 _TORCH_CHUNK_ELEMENTS = 1 << 20
 
-# The LM head (_linear_chunk_rows): a chunk of logits holds about as many elements as the hidden states (so it never
+# The LM head (linear_chunk_rows): a chunk of logits holds about as many elements as the hidden states (so it never
 # dominates memory the caller already holds: peak extra O(chunk * V + N * D)), at least 2^22 so the GEMMs stay large
 # enough to run near peak, at most 2^26 (256 MiB in fp32); but never fewer than min(2 D, 2048) rows, so that W and the
 # fp32 dW are touched a bounded number of times per call.
@@ -70,7 +70,7 @@ _LINEAR_MAX_CHUNK_ELEMENTS = 1 << 26
 _LINEAR_MIN_CHUNK_ROWS = 2048
 
 
-def _acc_dtype(x: Tensor) -> torch.dtype:
+def acc_dtype(x: Tensor) -> torch.dtype:
     """float32 for the low-precision dtypes and float32; float64 stays float64 (computed on the torch backend)."""
     return torch.promote_types(x.dtype, torch.float32)
 
@@ -135,7 +135,7 @@ def _gather_targets(logits: Tensor, labels: Tensor, temperature: float, ignore_i
     """x at each label: logits [B, T, V], labels [N, K] -> [N, K] in the accumulation dtype, 0 off the shard."""
     B, T, V = logits.shape
     col, hit = _label_columns(labels, V, ignore_index, vocab_start)
-    x = logits.gather(2, col.view(B, T, col.shape[1])).reshape(col.shape).to(_acc_dtype(logits)) * (1.0 / temperature)
+    x = logits.gather(2, col.view(B, T, col.shape[1])).reshape(col.shape).to(acc_dtype(logits)) * (1.0 / temperature)
     return torch.where(hit, x, 0.0)
 
 
@@ -215,7 +215,7 @@ def _torch_bwd(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: 
 def _new_fwd_outputs(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, vocab_start: int,
                      with_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Uninitialised (row_max, log_sum, target, mean_xs) for the schema's forward; also its fake implementation."""
-    N, acc = labels.shape[0], {"dtype": _acc_dtype(logits)}
+    N, acc = labels.shape[0], {"dtype": acc_dtype(logits)}
     return (logits.new_empty(N, **acc), logits.new_empty(N, **acc), logits.new_empty(N, **acc),
             logits.new_empty(N if with_entropy else 0, **acc))
 
@@ -276,7 +276,7 @@ def _shard_fwd(backend: str, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return implementation("logprob_fwd", backend)(*args)
 
 
-def _shard_bwd(backend: str, *args, full_kl: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+def shard_bwd(backend: str, *args, full_kl: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
                in_place: bool = False) -> Tensor:
     """The shard-local backward (schema above) on ``backend``. ``full_kl`` = (g_kl [N], ref_logits (logits' shape),
     ref_shift [N], mean_diff [N]) adds g_kl * d KL(p || q) / d logits in the same pass (see ops/actor_loss.py).
@@ -307,7 +307,7 @@ def _no_label(labels: Tensor, ignore_index: int) -> Tensor:
     return labels.new_full(labels.shape[:1], -1 if ignore_index != -1 else -2)
 
 
-def _rows_fwd(backend: str, logits: Tensor, labels: Tensor, multi: bool, temperature: float, ignore_index: int,
+def rows_fwd(backend: str, logits: Tensor, labels: Tensor, multi: bool, temperature: float, ignore_index: int,
               vocab_start: int, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """logits [B, T, V] shard, labels [N, K] -> (row_max, log_sum, target [N, K], mean_xs), shard-local."""
     if not multi:
@@ -323,12 +323,12 @@ def _rows_bwd(backend: str, grad_logp: Tensor, grad_entropy: Tensor, logits: Ten
               row_max: Tensor, log_sum: Tensor, entropy: Tensor, temperature: float, ignore_index: int,
               vocab_start: int, in_place: bool = False) -> Tensor:
     """d(logits) [B, T, V] of sum(grad_logp [N, K] * logp) + sum(grad_entropy * entropy) on this shard (written over
-    logits with ``in_place``, where ``_shard_bwd`` can)."""
+    logits with ``in_place``, where ``shard_bwd`` can)."""
     if not multi:
-        return _shard_bwd(backend, grad_logp[:, 0].contiguous(), grad_entropy, logits, labels[:, 0], row_max,
+        return shard_bwd(backend, grad_logp[:, 0].contiguous(), grad_entropy, logits, labels[:, 0], row_max,
                           log_sum, entropy, temperature, ignore_index, vocab_start, in_place=in_place)
     g = torch.where(labels != ignore_index, grad_logp, 0.0)
-    grad = _shard_bwd(backend, g.sum(1), grad_entropy, logits, _no_label(labels, ignore_index), row_max, log_sum,
+    grad = shard_bwd(backend, g.sum(1), grad_entropy, logits, _no_label(labels, ignore_index), row_max, log_sum,
                       entropy, temperature, ignore_index, vocab_start, in_place=in_place)
     B, T, V = logits.shape
     col, hit = _label_columns(labels, V, ignore_index, vocab_start)
@@ -342,7 +342,7 @@ def _rows_bwd(backend: str, grad_logp: Tensor, grad_entropy: Tensor, logits: Ten
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _linear_chunk_rows(N: int, D: int, V: int) -> int:
+def linear_chunk_rows(N: int, D: int, V: int) -> int:
     """Rows r of a token chunk of logits [r, V] (the forward of ``linear_logprobs``, the walk of
     ``ppo_actor_loss``; the backward of ``linear_logprobs`` holds [N, r V / N] vocab tiles of the same size).
 
@@ -355,12 +355,12 @@ def _linear_chunk_rows(N: int, D: int, V: int) -> int:
     return max(1, min(N, max(budget, min(2 * D, _LINEAR_MIN_CHUNK_ROWS))))
 
 
-def _head_schedule(N: int, D: int, V: int, invariant: bool):
+def head_schedule(N: int, D: int, V: int, invariant: bool):
     """(rows per token chunk, the chunk's GEMM h [r, D], weight [V, D] -> h @ weight.T [r, V] in the input dtype with
     fp32 accumulation). In the batch-invariant mode the chunk is a whole number of TILE_ROWS tiles and the GEMM is
     ``batch_invariant.matmul_t`` (every tile one GEMM of one shape), so each row's logits do not depend on the
     chunking; else one GEMM per chunk."""
-    rows = _linear_chunk_rows(N, D, V)
+    rows = linear_chunk_rows(N, D, V)
     if invariant:
         tile = batch_invariant.TILE_ROWS
         return -(-rows // tile) * tile, batch_invariant.matmul_t
@@ -373,8 +373,8 @@ def linear_fwd_chunks(hidden: Tensor, weight: Tensor, labels: Tensor, temperatur
     """hidden [B, T, D] (any leading strides), weight [V, D] shard, labels [N, K] -> shard-local
     (row_max, log_sum, target [N, K], mean_xs): the body of the custom op below, which hides it from dispatch modes.
 
-    Token chunks of r = ``_linear_chunk_rows`` rows (a multiple of TILE_ROWS in the batch-invariant mode, whose
-    GEMM ``_head_schedule`` picks; the kernels are row-local, so each row's values do not depend on the chunking).
+    Token chunks of r = ``linear_chunk_rows`` rows (a multiple of TILE_ROWS in the batch-invariant mode, whose
+    GEMM ``head_schedule`` picks; the kernels are row-local, so each row's values do not depend on the chunking).
     Bytes (e = element size): the N V logits written and read once, W read N / r times, h read once:
     2 N V e + (N / r) V D e + N D e.
     """
@@ -382,10 +382,10 @@ def linear_fwd_chunks(hidden: Tensor, weight: Tensor, labels: Tensor, temperatur
     V = weight.shape[0]
     row_max, log_sum, target, mean_xs = _linear_fwd_fake(hidden, weight, labels, temperature, ignore_index,
                                                         vocab_start, with_entropy, multi, backend, invariant)
-    chunk, gemm = _head_schedule(B * T, D, V, invariant)
+    chunk, gemm = head_schedule(B * T, D, V, invariant)
     for index, rows in _row_chunks(B, T, chunk, merge_b=False):
         logits = gemm(hidden[index].reshape(-1, D), weight)  # [rows, V] in the input dtype, fp32 accumulation
-        outs = _rows_fwd(backend, logits[None], labels[rows], multi, temperature, ignore_index, vocab_start,
+        outs = rows_fwd(backend, logits[None], labels[rows], multi, temperature, ignore_index, vocab_start,
                          with_entropy)
         row_max[rows], log_sum[rows], target[rows] = outs[:3]
         if with_entropy:
@@ -417,8 +417,8 @@ def _linear_bwd(grad_logp: Tensor, grad_entropy: Tensor, hidden: Tensor, weight:
     grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
     if N == 0:
         return hidden.new_zeros((B, T, D)), grad_weight.zero_()
-    grad_hidden = h.new_empty((N, D), dtype=_acc_dtype(hidden))
-    cols = max(1, min(V, _linear_chunk_rows(N, D, V) * V // N))
+    grad_hidden = h.new_empty((N, D), dtype=acc_dtype(hidden))
+    cols = max(1, min(V, linear_chunk_rows(N, D, V) * V // N))
     for v0 in range(0, V, cols):
         w_tile = weight[v0:v0 + cols]
         logits = h @ w_tile.T  # [N, c] in the input dtype, fp32 accumulation
@@ -447,7 +447,7 @@ def accumulate_mm(out: Tensor, a: Tensor, b: Tensor, *, first: bool) -> None:
 @_linear_fwd.register_fake
 def _linear_fwd_fake(hidden, weight, labels, temperature, ignore_index, vocab_start, with_entropy, multi, backend,
                      invariant):
-    N, acc = labels.shape[0], {"dtype": _acc_dtype(hidden)}
+    N, acc = labels.shape[0], {"dtype": acc_dtype(hidden)}
     return (hidden.new_empty(N, **acc), hidden.new_empty(N, **acc), hidden.new_empty(labels.shape, **acc),
             hidden.new_empty(N if with_entropy else 0, **acc))
 
@@ -463,7 +463,7 @@ def _linear_bwd_fake(grad_logp, grad_entropy, hidden, weight, labels, row_max, l
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _tp_rank_world(tp_group) -> tuple[int, int]:
+def tp_rank_world(tp_group) -> tuple[int, int]:
     if tp_group is None:
         return 0, 1
     if not isinstance(tp_group, dist.ProcessGroup):
@@ -471,7 +471,7 @@ def _tp_rank_world(tp_group) -> tuple[int, int]:
     return dist.get_rank(tp_group), dist.get_world_size(tp_group)
 
 
-def _combine(row_max: Tensor, log_sum: Tensor, target: Tensor, mean_xs: Tensor, labels: Tensor, multi: bool,
+def combine_shards(row_max: Tensor, log_sum: Tensor, target: Tensor, mean_xs: Tensor, labels: Tensor, multi: bool,
              ignore_index: int, with_entropy: bool, tp_group) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Shard results -> (logp [N, K], entropy [N] or (0,), global row_max, global log_sum).
 
@@ -505,10 +505,10 @@ class GatherLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, multi, temperature, ignore_index, with_entropy, tp_group, backend):
-        vocab_start = _tp_rank_world(tp_group)[0] * logits.shape[-1]
-        row_max, log_sum, target, mean_xs = _rows_fwd(backend, logits, labels, multi, temperature, ignore_index,
+        vocab_start = tp_rank_world(tp_group)[0] * logits.shape[-1]
+        row_max, log_sum, target, mean_xs = rows_fwd(backend, logits, labels, multi, temperature, ignore_index,
                                                      vocab_start, with_entropy)
-        logp, entropy, row_max, log_sum = _combine(row_max, log_sum, target, mean_xs, labels, multi, ignore_index,
+        logp, entropy, row_max, log_sum = combine_shards(row_max, log_sum, target, mean_xs, labels, multi, ignore_index,
                                                    with_entropy, tp_group)
         ctx.save_for_backward(logits, labels, row_max, log_sum, entropy)
         ctx.args = (temperature, ignore_index, vocab_start)
@@ -539,10 +539,10 @@ class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, multi, temperature, ignore_index, with_entropy, tp_group, backend,
                 invariant):
-        vocab_start = _tp_rank_world(tp_group)[0] * weight.shape[0]
+        vocab_start = tp_rank_world(tp_group)[0] * weight.shape[0]
         row_max, log_sum, target, mean_xs = torch.ops.instructrl_fast.linear_logprobs_fwd(
             hidden, weight, labels, temperature, ignore_index, vocab_start, with_entropy, multi, backend, invariant)
-        logp, entropy, row_max, log_sum = _combine(row_max, log_sum, target, mean_xs, labels, multi, ignore_index,
+        logp, entropy, row_max, log_sum = combine_shards(row_max, log_sum, target, mean_xs, labels, multi, ignore_index,
                                                    with_entropy, tp_group)
         ctx.save_for_backward(hidden, weight, labels, row_max, log_sum, entropy)
         ctx.args = (temperature, ignore_index, vocab_start, multi, backend)
@@ -581,7 +581,7 @@ def _grads_or_empty(grad_logp, grad_entropy, labels, row_max, entropy) -> tuple[
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _check_options(temperature, ignore_index, with_entropy) -> float:
+def check_options(temperature, ignore_index, with_entropy) -> float:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not isinstance(with_entropy, bool):
@@ -589,7 +589,7 @@ def _check_options(temperature, ignore_index, with_entropy) -> float:
     return check_positive("temperature", temperature)
 
 
-def _flat_labels(labels, like_name: str, like: Tensor) -> tuple[Tensor, bool]:
+def flat_labels(labels, like_name: str, like: Tensor) -> tuple[Tensor, bool]:
     """labels [...] or [..., K] (int64 or int32) on like's device -> (int64 [N, K] contiguous, whether K-mode)."""
     check_tensor("labels", labels, dtypes=INDEX_DTYPES)
     multi = labels.dim() == like.dim()
@@ -603,7 +603,7 @@ def _flat_labels(labels, like_name: str, like: Tensor) -> tuple[Tensor, bool]:
     return labels.reshape(-1, K).to(torch.int64).contiguous(), multi
 
 
-def _check_labels(labels: Tensor, vocab_size: int, ignore_index: int) -> None:
+def check_labels(labels: Tensor, vocab_size: int, ignore_index: int) -> None:
     """labels in [0, vocab_size) or == ignore_index: eagerly on CPU (or INSTRUCTRL_FAST_CHECKS=1), else on device."""
     ok = (((labels >= 0) & (labels < vocab_size)) | (labels == ignore_index)).all()
     # Traced (torch.compile) and fake/meta tensors have no data to read: they take the device-side path.
@@ -647,13 +647,13 @@ def gather_logprobs(logits: Tensor, labels: Tensor, *, temperature: float = 1.0,
         the backward allocates only d(logits).
     """
     check_float("logits", logits, min_ndim=1)
-    temperature = _check_options(temperature, ignore_index, with_entropy)
+    temperature = check_options(temperature, ignore_index, with_entropy)
     V = logits.shape[-1]
     if V == 0:
         raise ValueError("logits must have a non-empty last (vocab) dimension")
-    labels2d, multi = _flat_labels(labels, "logits", logits)
-    _, world = _tp_rank_world(tp_group)
-    _check_labels(labels2d, V * world, ignore_index)
+    labels2d, multi = flat_labels(labels, "logits", logits)
+    _, world = tp_rank_world(tp_group)
+    check_labels(labels2d, V * world, ignore_index)
     backend = resolve("logprob_fwd", logits.device, logits.dtype)
     logp, ent = GatherLogprobsFunction.apply(as_rows(logits), labels2d, multi, temperature, ignore_index,
                                              with_entropy, tp_group, backend)
@@ -674,10 +674,10 @@ def entropy(logits: Tensor, *, temperature: float = 1.0, tp_group: dist.ProcessG
         tensor in the forward.
     """
     check_float("logits", logits, min_ndim=1)
-    temperature = _check_options(temperature, -100, True)
+    temperature = check_options(temperature, -100, True)
     if logits.shape[-1] == 0:
         raise ValueError("logits must have a non-empty last (vocab) dimension")
-    _tp_rank_world(tp_group)
+    tp_rank_world(tp_group)
     rows = as_rows(logits)
     no_labels = torch.empty((rows.shape[0] * rows.shape[1], 0), dtype=torch.int64, device=logits.device)
     backend = resolve("logprob_fwd", logits.device, logits.dtype)
@@ -689,7 +689,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, temperatu
                     ignore_index: int = -100, with_entropy: bool = False, tp_group: dist.ProcessGroup | None = None):
     """``gather_logprobs(hidden @ weight.T, labels, ...)`` without ever holding the [N, V] logits.
 
-    Schedule (e = element size; r = ``_linear_chunk_rows``: about N D / V rows, at least min(2 D, 2048)): the
+    Schedule (e = element size; r = ``linear_chunk_rows``: about N D / V rows, at least min(2 D, 2048)): the
     forward computes logits in token chunks [r, V] (GEMM in the input dtype, fp32 accumulation), reduces each with
     the shard-local kernel and drops it; the backward walks the vocab in tiles [N, r V / N], recomputing each tile's
     logits from all of h, so each dW row is written once and W is read twice. Forward + backward move
@@ -719,10 +719,10 @@ def linear_logprobs_in_mode(hidden: Tensor, weight: Tensor, labels: Tensor, *, t
     """``linear_logprobs``, its forward values batch invariant with ``invariant`` (``batch_invariant``'s tiled GEMM,
     so a row's log-prob has the bits of ``gather_logprobs`` on ``batch_invariant.linear``'s logits)."""
     check_lm_head("hidden", hidden, "weight", weight, min_ndim=1)
-    temperature = _check_options(temperature, ignore_index, with_entropy)
-    labels2d, multi = _flat_labels(labels, "hidden", hidden)
-    _, world = _tp_rank_world(tp_group)
-    _check_labels(labels2d, weight.shape[0] * world, ignore_index)
+    temperature = check_options(temperature, ignore_index, with_entropy)
+    labels2d, multi = flat_labels(labels, "hidden", hidden)
+    _, world = tp_rank_world(tp_group)
+    check_labels(labels2d, weight.shape[0] * world, ignore_index)
     backend = resolve("logprob_fwd", hidden.device, hidden.dtype)
     logp, ent = LinearLogprobsFunction.apply(as_rows(hidden), weight, labels2d, multi, temperature, ignore_index,
                                              with_entropy, tp_group, backend, invariant)

@@ -172,7 +172,7 @@ def test_odd_shapes_and_many_chunks(backend, monkeypatch):
     crosses chunk boundaries (the stored gradients accumulate over chunks)."""
     from instructrl_fast.ops import logprob
 
-    monkeypatch.setattr(logprob, "_linear_chunk_rows", lambda N, D, V: 2)
+    monkeypatch.setattr(logprob, "linear_chunk_rows", lambda N, D, V: 2)
     fields = {"kl_coef": 0.1, "kl_estimator": "full", "entropy_coef": 0.01}
     for B, T, V in ((3, 1, 70001), (2, 4, 5)):
         hidden, weight, *rest, ref_logp, ref_hidden, ref_weight = _inputs(B, T, 8, V)

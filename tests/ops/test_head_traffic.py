@@ -57,6 +57,6 @@ def test_counting_sees_a_small_chunk_schedule(monkeypatch):
     """The count can fail: with the former chunk size (166 rows at this shape) W and dW traffic dominate."""
     from instructrl_fast.ops import logprob
 
-    monkeypatch.setattr(logprob, "_linear_chunk_rows", lambda N, D, V: 166)
+    monkeypatch.setattr(logprob, "linear_chunk_rows", lambda N, D, V: 166)
     moved, _ = _head_bytes("ppo_actor_loss", False)
     assert moved > 3 * ideal_head_bytes(N, D, V, 4)

@@ -182,7 +182,7 @@ def test_linear_fp32_matches_reference(backend, chunk_rows, device, monkeypatch)
     shape, D, V, T = (2, 7), 24, 1003, 0.9
     if chunk_rows is not None:  # several token chunks, the last one partial (14 = 3 * 4 + 2), and in the backward
         # several vocab tiles of 3 * 1003 // 14 = 214 columns, the last one partial
-        monkeypatch.setattr(logprob_mod, "_linear_chunk_rows", lambda N, D, V: chunk_rows)
+        monkeypatch.setattr(logprob_mod, "linear_chunk_rows", lambda N, D, V: chunk_rows)
     hidden = torch.randn(*shape, D, device=device)
     weight = torch.randn(V, D, device=device) / D**0.5
     labels = _labels(shape, V, device)
@@ -202,12 +202,12 @@ def test_linear_fp32_matches_reference(backend, chunk_rows, device, monkeypatch)
 def test_linear_chunk_rows_bound_memory():
     """A chunk of logits holds about N * D elements, clamped to [2^22, 2^26], but has at least min(2 D, 2048) rows
     (so that the W and dW traffic per chunk stays a fraction of the chunk's logits traffic)."""
-    assert logprob_mod._linear_chunk_rows(131072, 256, 50257) == 131072 * 256 // 50257
-    assert logprob_mod._linear_chunk_rows(4096, 256, 50257) == 512
-    assert logprob_mod._linear_chunk_rows(32768, 4096, 50257) == 2048
-    assert logprob_mod._linear_chunk_rows(32768, 4096, 262144) == 2048
-    assert logprob_mod._linear_chunk_rows(5, 8, 10) == 5
-    assert logprob_mod._linear_chunk_rows(100, 8, 1 << 23) == 16
+    assert logprob_mod.linear_chunk_rows(131072, 256, 50257) == 131072 * 256 // 50257
+    assert logprob_mod.linear_chunk_rows(4096, 256, 50257) == 512
+    assert logprob_mod.linear_chunk_rows(32768, 4096, 50257) == 2048
+    assert logprob_mod.linear_chunk_rows(32768, 4096, 262144) == 2048
+    assert logprob_mod.linear_chunk_rows(5, 8, 10) == 5
+    assert logprob_mod.linear_chunk_rows(100, 8, 1 << 23) == 16
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
