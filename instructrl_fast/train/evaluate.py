@@ -24,6 +24,7 @@ import random
 import warnings
 from collections.abc import Callable, Sequence
 
+from instructrl_fast.checks import check_positive_int
 from instructrl_fast.data.labeler import GoldLabeler, as_rng
 from instructrl_fast.data.task import Prompt, parse_prompt
 
@@ -50,12 +51,6 @@ def _check_labeler(labeler) -> GoldLabeler:
     return labeler
 
 
-def _check_batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    return batch_size
-
-
 def _floats(values, name: str, n: int) -> list[float]:
     """A callable's output (list of numbers or 1-D tensor) as n Python floats; one host read per batch."""
     if hasattr(values, "tolist"):
@@ -71,7 +66,7 @@ def collect_responses(generator: Responses, prompts: Sequence[Prompt | str], *, 
     a list is checked for length and returned."""
     texts = [p.text if isinstance(p, Prompt) else p for p in _as_prompts(prompts)]
     if callable(generator):
-        bs = _check_batch_size(batch_size)
+        bs = check_positive_int("batch_size", batch_size)
         out: list[str] = []
         for i in range(0, len(texts), bs):
             chunk = list(generator(texts[i:i + bs]))
@@ -165,7 +160,7 @@ def rm_accuracy(score_fn: Callable[[list[str], list[str]], Sequence[float]], com
     labeler = _check_labeler(labeler)
     if isinstance(comparisons, dict) or not isinstance(comparisons, Sequence) or not comparisons:
         raise ValueError("comparisons must be a non-empty sequence of {prompt, responses, ranking} dicts")
-    bs = _check_batch_size(batch_size)
+    bs = check_positive_int("batch_size", batch_size)
     # score_fn judges (prompt, response) pairs independently, so the flat list is cut into batches freely
     flat_p = [c["prompt"] for c in comparisons for _ in c["responses"]]
     flat_r = [r for c in comparisons for r in c["responses"]]
@@ -206,7 +201,7 @@ def pretrain_loss(loss_fn: Callable[[list[str]], object], docs: Sequence[str], *
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if isinstance(docs, str) or not isinstance(docs, Sequence) or not docs:
         raise ValueError("docs must be a non-empty sequence of strings")
-    bs = _check_batch_size(batch_size)
+    bs = check_positive_int("batch_size", batch_size)
     total = weight = 0.0
     for i in range(0, len(docs), bs):
         batch = list(docs[i:i + bs])
