@@ -162,7 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description=__doc__.split("\n\nStructure")[0],
         formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+    for add in (_run_parser, _reproduce_parser, _sft_parser, _rm_parser, _ppo_parser, _eval_parser, _plan_parser,
+                _export_parser):
+        add(sub)
+    return parser
 
+
+def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="the whole recipe for one size on the embedded task, then the result table "
                                    "(demo: minutes)")
     add_common_options(p)
@@ -170,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-invariant", action="store_true",
                    help="PPO with batch-invariant kernels: rollout log-probs == training log-probs, bitwise")
 
+
+def _reproduce_parser(sub) -> None:
     p = sub.add_parser("reproduce", help="every size and method: the Figure-1 table and plot (demo: ~8x `run`); "
                                          "with --kl-sweep, PPO at several KL coefficients")
     add_common_options(p)
@@ -185,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=positive_int, default=None,
                    help="with --kl-sweep: PPO episodes of every run (default: the preset's; demo 16384)")
 
+
+def _sft_parser(sub) -> None:
     p = sub.add_parser("sft", help="supervised fine-tuning on demonstrations (JSONL of {prompt, response})")
     add_common_options(p, out_required=True)
     add_model_options(p)
@@ -194,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=positive_int, default=None, help="passes over the data (default: the preset's)")
     p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
 
+
+def _rm_parser(sub) -> None:
     p = sub.add_parser("rm", help="a reward model on K-way rankings (JSONL of {prompt, responses, ranking})")
     add_common_options(p, out_required=True)
     add_model_options(p)
@@ -205,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the best-ranked response of each comparison)")
     p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
 
+
+def _ppo_parser(sub) -> None:
     p = sub.add_parser("ppo", help="PPO, or PPO-ptx with --ptx, against a reward model")
     add_common_options(p, out_required=True)
     add_model_options(p)
@@ -227,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-invariant", action="store_true",
                    help="PPO with batch-invariant kernels: rollout log-probs == training log-probs, bitwise")
 
+
+def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate policies with the gold labeler, or answer prompts from a JSONL")
     add_common_options(p, out_required=True)
     p.add_argument("--policy", action="append", required=True, metavar="NAME=PATH[:SIZE]",
@@ -238,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="a HF tokenizer.json, only for weights saved without their tokenizer")
 
-    _plan_parser(sub)
 
+def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="a stage's weights (written at any mesh) as a folder transformers loads: "
                                       "a policy, a reward model or a value model, with its tokenizer")
     p.add_argument("path", type=Path, help="a stage output folder, a .safetensors file, a ckpt folder or a checkpoint")
@@ -248,7 +264,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which model of a checkpoint (default: ema, policy or model; value for PPO's value model)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="a HF tokenizer.json, only for weights saved without their tokenizer (a checkpoint)")
-    return parser
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -283,7 +298,8 @@ def _setup(args):
     if args.ckpt_every is not None:
         steps, minutes = args.ckpt_every
         cfg = cfg.with_checkpoints(every_steps=steps, every_minutes=minutes)
-    state = init_distributed(args.tp)  # world = dp x tp; one output folder, each file written by the first rank
+    # world = dp x tp on --device (decided here, once); one output folder, each file written by the first rank
+    state = init_distributed(args.tp, device=args.device)
     if args.command == "eval":
         args.out.mkdir(parents=True, exist_ok=True)
     else:
@@ -310,12 +326,6 @@ def _identity(args) -> dict:
     return {"command": args.command, "options": options}
 
 
-def _device(args, state):
-    import torch
-
-    return torch.device(args.device) if args.device else state.device
-
-
 def _log(state):
     """print on the first rank, nothing on the others (every rank runs the same stage)."""
     return print if state.is_main else (lambda *a, **k: None)
@@ -339,63 +349,42 @@ def _shape(cfg, size: str | None, option: str = "--size"):
                  option=f"{option} {size}" if size else None)
 
 
-def _builder(args, cfg, state):
-    """How this command builds models: on the mesh and ``--device``, in ``--precision`` (default bf16 on a GPU)."""
-    import dataclasses
-
+def _builder(cfg, state):
+    """How this command builds models: on the mesh and device of ``state``, in ``--precision`` (default bf16 on a
+    GPU)."""
     from instructrl_fast.train.assembly import Builder
 
-    device = _device(args, state)
-    return Builder(state=dataclasses.replace(state, device=device),
-                   precision=cfg.precision or ("bf16" if device.type == "cuda" else "fp32"),
-                   activation_checkpointing=cfg.activation_checkpointing)
+    return Builder.for_run(cfg, state)
 
 
-def _warn_truncated(path: Path | None, pairs: list[tuple[str, str]], tok, length: int, what: str) -> None:
+def _warn_truncated(state, path: Path | None, pairs: list[tuple[str, str]], tok, length: int, what: str) -> None:
     """One warning per file whose examples do not fit the model's context (``batching.fit`` cuts them)."""
-    from instructrl_fast.parallel import parallel_state
     from instructrl_fast.train.batching import n_truncated
 
-    if path is None or not parallel_state().is_main or not (n := n_truncated(pairs, tok, length)):
+    if path is None or not state.is_main or not (n := n_truncated(pairs, tok, length)):
         return
     print(f"{PROG}: warning: {path}: {n} of {len(pairs)} {what} exceed the model's {length} tokens (block_size "
           f"plus the one shifted out, with bos and eos); their prompts are cut from the left, and a response that "
           f"alone is too long loses its end but keeps its eos", file=sys.stderr)
 
 
-def _pairs(records) -> list[tuple[str, str]]:
-    return [(r["prompt"], r["response"]) for r in records]
-
-
-def _split_val(items: list, n_val: int, path: Path) -> tuple[list, list]:
-    """(train, validation): 10% of ``items`` (at least 1, at most ``n_val``) held out for validation."""
-    if len(items) < 2:
-        raise UserError(f"{path} holds {len(items)} record(s): at least 2 are needed when one is held out for "
-                        "validation (or give --val-data)")
-    n_val = min(n_val, max(1, len(items) // 10))
-    return items[n_val:], items[:n_val]
-
-
-def _write(out: Path, name: str, obj) -> None:
-    from instructrl_fast.parallel import parallel_state
-
-    if not parallel_state().is_main:  # one writer per file
+def _write(state, out: Path, name: str, obj) -> None:
+    if not state.is_main:  # one writer per file
         return
     out.mkdir(parents=True, exist_ok=True)
     (out / name).write_text(json.dumps(obj, indent=1, default=float) + "\n")
 
 
-def _finish(args, returned: dict) -> dict:
+def _finish(args, state, returned: dict) -> dict:
     """The stage's final metrics (the last logged value of every metric, then its final validation metrics):
     printed and written to ``<out>/result.json``."""
-    from instructrl_fast.parallel import parallel_state
     from instructrl_fast.train.logging import last_values
 
-    if not parallel_state().is_main:  # the first rank logged the metrics and reports them
+    if not state.is_main:  # the first rank logged the metrics and reports them
         return returned
     csv_path = args.out / "metrics.csv"
     metrics = {**(last_values(csv_path) if csv_path.is_file() else {}), **returned}
-    _write(args.out, "result.json", metrics)
+    _write(state, args.out, "result.json", metrics)
     print(json.dumps(metrics))
     return metrics
 
@@ -411,7 +400,7 @@ def cmd_run(args, *, all_sizes: bool = False) -> dict:
     cfg, state = _setup(args)
     if not all_sizes:
         cfg = cfg.only(_check_size(cfg, args.size))
-    pipe = Pipeline(cfg, args.out, resume=args.resume, device=_device(args, state), log=_log(state))
+    pipe = Pipeline(cfg, args.out, parallel=state, resume=args.resume, log=_log(state))
     return pipe.run()
 
 
@@ -447,97 +436,70 @@ def cmd_kl_sweep(args) -> dict:
         raise UserError(f"--episodes must be a multiple of the PPO rollout batch ({cfg.ppo.rollout_batch_size} "
                         f"in preset {cfg.name}), got {n}")
     cfg = dataclasses.replace(cfg, kl_sweep=sweep)
-    pipe = Pipeline(cfg, args.out, resume=args.resume, device=_device(args, state), log=_log(state))
+    pipe = Pipeline(cfg, args.out, parallel=state, resume=args.resume, log=_log(state))
     return pipe.kl_sweep(size, args.source)
 
 
-def cmd_sft(args) -> dict:
+def _sft_config(args, sc, n_demos: int):
+    """The SFT config of ``sft``'s options: batch sizes fitted to ``n_demos``, epochs and learning rate."""
     import dataclasses
 
-    from instructrl_fast.data import DemoTask, load_sft_jsonl
-    from instructrl_fast.train.assembly import load_model
-    from instructrl_fast.train.pipeline import resuming, set_dropout
-    from instructrl_fast.train.sft import train_sft
-    from instructrl_fast.weights import save_weights
-
-    cfg, state = _setup(args)
-    sc = cfg.sft
-    if args.data is not None:
-        demos = _pairs(load_sft_jsonl(args.data))
-        val = _pairs(load_sft_jsonl(args.val_data)) if args.val_data else None
-        if val is None:
-            demos, val = _split_val(demos, 64, args.data)
-    else:
-        task = DemoTask(cfg.data_seed)
-        demos = _pairs(task.demonstrations(sc.n_demos))
-        val = [(p.text, " " + p.answer) for p in task.prompts("val", 64)]
-    if not demos:
-        raise UserError(f"{args.data}: no demonstrations to train on")
-    changes = {"n_demos": len(demos), "batch_size": min(sc.batch_size, len(demos))}
+    changes = {"n_demos": n_demos, "batch_size": min(sc.batch_size, n_demos)}
     changes["micro_batch_size"] = min(sc.micro_batch_size, changes["batch_size"])
     if args.epochs is not None:
         changes["epochs"] = args.epochs
     if args.lr is not None:
         changes["optim"] = dataclasses.replace(sc.optim, lr=args.lr)
-    sc = dataclasses.replace(sc, **changes)
-    model, tok = load_model(_builder(args, cfg, state), args.init, shape=_shape(cfg, args.size),
-                            tokenizer=args.tokenizer)
+    return dataclasses.replace(sc, **changes)
+
+
+def cmd_sft(args) -> dict:
+    from instructrl_fast.train.assembly import load_model
+    from instructrl_fast.train.commands import sft_data
+    from instructrl_fast.train.pipeline import resuming, set_dropout
+    from instructrl_fast.train.sft import train_sft
+    from instructrl_fast.weights import save_weights
+
+    cfg, state = _setup(args)
+    demos, val = sft_data(cfg, args.data, args.val_data)
+    sc = _sft_config(args, cfg.sft, len(demos))
+    model, tok = load_model(_builder(cfg, state), args.init, shape=_shape(cfg, args.size), tokenizer=args.tokenizer)
     for path, pairs in ((args.data, demos), (args.val_data, val)):
-        _warn_truncated(path, pairs, tok, model.config.block_size + 1, "demonstrations")
+        _warn_truncated(state, path, pairs, tok, model.config.block_size + 1, "demonstrations")
     set_dropout(model, sc.dropout)
     with resuming(args.out, args.resume, _log(state)):
-        returned = train_sft(sc, model, tok, demos, val, args.out, resume=args.resume)
+        returned = train_sft(sc, model, tok, demos, val, args.out, parallel=state, resume=args.resume)
     save_weights(args.out / "model.safetensors", set_dropout(model, 0.0), tokenizer=tok)
-    return _finish(args, returned)
+    return _finish(args, state, returned)
 
 
 def cmd_rm(args) -> dict:
     import dataclasses
 
-    from instructrl_fast.data import DemoTask, GoldLabeler, load_comparisons_jsonl, load_sft_jsonl
     from instructrl_fast.train.assembly import load_model, stored_kind
+    from instructrl_fast.train.commands import rm_data
     from instructrl_fast.train.pipeline import resuming
     from instructrl_fast.train.reward import RewardModel, train_reward_model
     from instructrl_fast.weights import save_weights
 
     cfg, state = _setup(args)
-    rc = cfg.rm
-    if args.data is not None:
-        comps = load_comparisons_jsonl(args.data)
-        val = load_comparisons_jsonl(args.val_data) if args.val_data else None
-        if val is None:
-            comps, val = _split_val(comps, rc.n_val_comparisons, args.data)
-    else:
-        task = DemoTask(cfg.data_seed)
-        data = task.comparisons(rc.n_comparisons + rc.n_val_comparisons, GoldLabeler(cfg.data_seed))
-        comps, val = data[:rc.n_comparisons], data[rc.n_comparisons:]
-    if not comps:
-        raise UserError(f"{args.data}: no comparisons to train on")
-    demos = (_pairs(load_sft_jsonl(args.demos)) if args.demos is not None
-             else [(c["prompt"], c["responses"][c["ranking"][0]]) for c in comps])
-    batch = min(rc.batch_size, len(comps))
+    comps, val, demos = rm_data(cfg, args.data, args.val_data, args.demos)
+    rc, batch = cfg.rm, min(cfg.rm.batch_size, len(comps))
     rc = dataclasses.replace(rc, n_comparisons=len(comps), batch_size=batch,
                              micro_batch_size=min(rc.micro_batch_size, batch),
                              **({"optim": dataclasses.replace(rc.optim, lr=args.lr)} if args.lr is not None else {}))
     want = "reward" if stored_kind(args.init) == "reward" else "scalar"  # continue training a reward model
-    body, tok = load_model(_builder(args, cfg, state), args.init, shape=_shape(cfg, args.size), want=want,
+    body, tok = load_model(_builder(cfg, state), args.init, shape=_shape(cfg, args.size), want=want,
                            tokenizer=args.tokenizer)
     rm = body if want == "reward" else RewardModel(body)
     for path, items in ((args.data, comps), (args.val_data, val)):
         pairs = [(c["prompt"], r) for c in items for r in c["responses"]]
-        _warn_truncated(path, pairs, tok, rm.config.block_size, "ranked responses")
-    _warn_truncated(args.demos, demos, tok, rm.config.block_size, "demonstrations")
+        _warn_truncated(state, path, pairs, tok, rm.config.block_size, "ranked responses")
+    _warn_truncated(state, args.demos, demos, tok, rm.config.block_size, "demonstrations")
     with resuming(args.out, args.resume, _log(state)):
-        returned = train_reward_model(rc, rm, tok, comps, val, demos, args.out, resume=args.resume)
+        returned = train_reward_model(rc, rm, tok, comps, val, demos, args.out, parallel=state, resume=args.resume)
     save_weights(args.out / "model.safetensors", rm, tokenizer=tok)
-    return _finish(args, returned)
-
-
-def _read_corpus(path: Path) -> list[str]:
-    docs = [d.strip() for d in path.read_text().split("\n\n") if d.strip()]
-    if not docs:
-        raise UserError(f"{path}: no documents (separate documents with a blank line)")
-    return docs
+    return _finish(args, state, returned)
 
 
 def _ppo_config(args, pc, n_prompts: int):
@@ -561,26 +523,20 @@ def _ppo_config(args, pc, n_prompts: int):
 
 
 def cmd_ppo(args) -> dict:
-    from instructrl_fast.data import DemoTask, load_prompts_jsonl
     from instructrl_fast.train.assembly import ppo_models
     from instructrl_fast.train.batching import chunk_corpus
+    from instructrl_fast.train.commands import ppo_prompts, ptx_documents
     from instructrl_fast.train.pipeline import resuming
     from instructrl_fast.train.ppo import train_ppo
     from instructrl_fast.weights import save_weights
 
     cfg, state = _setup(args)
-    task = DemoTask(cfg.data_seed)
     pc = cfg.ppo_ptx if args.ptx else cfg.ppo
-    if args.prompts is not None:
-        prompts = [p.text for p in load_prompts_jsonl(args.prompts)]
-    else:
-        prompts = [p.text for p in task.prompts("train", pc.n_prompts)]
-    if not prompts:
-        raise UserError(f"{args.prompts}: no prompts")
+    prompts = ppo_prompts(cfg, pc, args.prompts)
     pc = _ppo_config(args, pc, len(prompts))
     # A legacy RM (saved without its shape) has the policy's size unless --rm-size names another.
     rm_shape = _shape(cfg, args.rm_size or args.size, "--rm-size" if args.rm_size else "--size")
-    policy, ref, value, rm, tok = ppo_models(_builder(args, cfg, state), args.init, args.rm,
+    policy, ref, value, rm, tok = ppo_models(_builder(cfg, state), args.init, args.rm,
                                              shape=_shape(cfg, args.size), rm_shape=rm_shape,
                                              tokenizer=args.tokenizer)
     limit = policy.config.block_size - pc.max_new_tokens  # PPOStage keeps the last `limit` tokens of bos + prompt
@@ -588,57 +544,49 @@ def cmd_ppo(args) -> dict:
         print(f"{PROG}: warning: {args.prompts}: {n} of {len(prompts)} prompts exceed {limit} tokens (block_size "
               f"{policy.config.block_size} less {pc.max_new_tokens} for the response, with bos); they are cut from "
               "the left", file=sys.stderr)
-    ptx = None
-    if args.ptx:
-        docs = _read_corpus(args.corpus) if args.corpus else task.pretraining_corpus(cfg.pretrain[cfg.sizes[0]].n_docs)
-        ptx = chunk_corpus(docs, tok, pc.ptx_seq_len)
+    ptx = chunk_corpus(ptx_documents(cfg, args.corpus), tok, pc.ptx_seq_len) if args.ptx else None
     with resuming(args.out, args.resume, _log(state)):
-        ema, returned = train_ppo(pc, policy, value, ref, rm, tok, prompts, args.out, ptx_chunks=ptx,
+        ema, returned = train_ppo(pc, policy, value, ref, rm, tok, prompts, args.out, parallel=state, ptx_chunks=ptx,
                                   resume=args.resume)
     save_weights(args.out / "model.safetensors", ema, tokenizer=tok)
-    return _finish(args, returned)
+    return _finish(args, state, returned)
 
 
-def cmd_eval(args) -> dict:
-    from instructrl_fast.data import DemoTask, GoldLabeler, load_prompts_jsonl, save_jsonl
-    from instructrl_fast.train import evaluate as ev
-    from instructrl_fast.train.assembly import load_model
-    from instructrl_fast.train.generation import respond
-
-    cfg, state = _setup(args)
-    builder = _builder(args, cfg, state)
-    ec = cfg.eval
-    gen = {}
-    for spec in args.policy:
+def _policy_specs(specs: list[str]) -> list[tuple[str, Path, str | None]]:
+    """(name, path, size or None) of each ``--policy NAME=PATH[:SIZE]``."""
+    out, names = [], set()
+    for spec in specs:
         name, sep, rest = spec.partition("=")
         if not sep or not name or not rest:
             raise UserError(f"--policy must be NAME=PATH[:SIZE], got {spec!r}")
-        if name in gen:
+        if name in names:
             raise UserError(f"--policy names {name!r} twice")
+        names.add(name)
         path, _, size = rest.partition(":")
-        model, tok = load_model(builder, Path(path), shape=_shape(cfg, size or None), tokenizer=args.tokenizer)
-        # respond() keys prompt i's draws to (ec.seed, i): one call over all prompts, not collect_responses' chunks
-        gen[name] = lambda texts, m=model, t=tok: respond(m, t, texts, max_new_tokens=ec.max_new_tokens,
-                                                          temperature=ec.temperature, seed=ec.seed)
+        out.append((name, Path(path), size or None))
+    return out
+
+
+def cmd_eval(args) -> dict:
+    from instructrl_fast.data import load_prompts_jsonl, save_jsonl
+    from instructrl_fast.train.assembly import load_model
+    from instructrl_fast.train.commands import answer_prompts, judge_policies
+
+    cfg, state = _setup(args)
+    builder = _builder(cfg, state)
+    policies = {name: load_model(builder, path, shape=_shape(cfg, size), tokenizer=args.tokenizer)
+                for name, path, size in _policy_specs(args.policy)}
     if args.prompts is not None:
         prompts = load_prompts_jsonl(args.prompts)
         if not prompts:
             raise UserError(f"{args.prompts}: no prompts")
-        rows = [{"prompt": p.text, **{n: r for n, r in zip(gen, resp)}}
-                for p, *resp in zip(prompts, *(ev.collect_responses(g([p.text for p in prompts]), prompts)
-                                              for g in gen.values()))]
-        if state.is_main:  # respond() gathered every rank's responses; one rank writes them
+        rows = answer_prompts(policies, prompts, cfg.eval, parallel=state)
+        if state.is_main:  # every rank holds every response (respond gathers them); one rank writes them
             save_jsonl(args.out / "responses.jsonl", rows)
             print(f"wrote {len(rows)} rows to {args.out / 'responses.jsonl'}")
         return {"rows": len(rows)}
-    task, labeler = DemoTask(cfg.data_seed), GoldLabeler(cfg.data_seed)
-    prompts = task.prompts("test", ec.n_test_prompts)
-    answers = {n: ev.collect_responses(g([p.text for p in prompts]), prompts) for n, g in gen.items()}
-    reference = next(iter(answers))
-    results = {n: {**ev.evaluate_policy(a, prompts, labeler),
-                   "win_rate": ev.win_rate(a, answers[reference], prompts, labeler, ec.seed)}
-               for n, a in answers.items()}
-    _write(args.out, "eval.json", results)
+    results = judge_policies(policies, cfg.eval, data_seed=cfg.data_seed, parallel=state)
+    _write(state, args.out, "eval.json", results)
     for n, r in results.items():
         if state.is_main:
             print(f"{n}: " + ", ".join(f"{k}={v:.0f}" if k == "n" else f"{k}={v:.3f}" for k, v in r.items()))

@@ -155,14 +155,16 @@ class ModelShards:
 def simulate_shards(config: GPTConfig, head: str, *, dp: int, tp: int) -> ModelShards:
     """Build ``GPT(config, head)`` on the meta device under a fake process group of ``dp * tp`` ranks (this process
     being rank 0, whose FSDP shards are the largest), with the model's TP layers on the mesh's "tp" group and
-    ``apply_fsdp`` over "dp", and count the parameters rank 0 holds. Initialises and destroys the default process
-    group: call it outside any distributed job. About 1.5 s for GPT-3 175B at any world size."""
+    ``model.parallelize_gpt`` applying FSDP2 over "dp", and count the parameters rank 0 holds. Initialises and
+    destroys the default process group: call it outside any distributed job. About 1.5 s for GPT-3 175B at any world
+    size."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    from instructrl_fast.model.build import parallelize_gpt
     from instructrl_fast.model.gpt import GPT
-    from instructrl_fast.parallel.fsdp import apply_fsdp
+    from instructrl_fast.parallel.dist import ParallelState, local_tensor
 
     if dist.is_initialized():
         raise RuntimeError("simulate_shards needs its own (fake) default process group: call it outside a "
@@ -170,13 +172,16 @@ def simulate_shards(config: GPTConfig, head: str, *, dp: int, tp: int) -> ModelS
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=dp * tp)
     try:
         mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+        state = ParallelState(rank=0, world_size=dp * tp, local_rank=0, tp_size=tp, dp_size=dp,
+                              device=torch.device("meta"), mesh=mesh, tp_group=mesh.get_group("tp"),
+                              dp_group=mesh.get_group("dp"))
         with torch.device("meta"):
-            model = GPT(config, head=head, tp_group=mesh.get_group("tp"))
+            model = GPT(config, head=head, tp_group=state.tp_group)
         tp_local = sum(p.numel() for p in model.parameters())
         block = sum(p.numel() for p in model.blocks[0].parameters())
         params = model.num_params(local=False)
-        apply_fsdp(model, mesh)
-        per_gpu = sum(p.to_local().numel() for p in model.parameters())
+        parallelize_gpt(model, state)  # FSDP2 over dp when dp > 1, as the trainers build their models
+        per_gpu = sum(local_tensor(p).numel() for p in model.parameters())
     finally:
         dist.destroy_process_group()
     return ModelShards(params=params, tp_local=tp_local, per_gpu=per_gpu, block=block,

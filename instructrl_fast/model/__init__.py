@@ -6,7 +6,7 @@ from instructrl_fast.model.attention import (
     positions_from_mask,
     use_attention_backend,
 )
-from instructrl_fast.model.build import PRECISIONS, build_gpt
+from instructrl_fast.model.build import PRECISIONS, build_gpt, parallelize_gpt
 from instructrl_fast.model.config import PRESETS, GPTConfig
 from instructrl_fast.model.gpt import GPT
 from instructrl_fast.model.hf import load_gpt2, save_gpt2
@@ -22,6 +22,7 @@ __all__ = [
            "build_gpt",
            "choose_backend",
            "load_gpt2",
+           "parallelize_gpt",
            "positions_from_mask",
            "save_gpt2",
            "use_attention_backend",

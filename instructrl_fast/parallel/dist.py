@@ -31,6 +31,11 @@ class ParallelState:
     tp_group: dist.ProcessGroup | None = None  # None means TP = 1
     dp_group: dist.ProcessGroup | None = None
 
+    @classmethod
+    def single(cls, device: str | torch.device = "cpu") -> ParallelState:
+        """One process, no groups: every TP mapping is the identity and every dp collective a no-op."""
+        return cls(rank=0, world_size=1, local_rank=0, tp_size=1, dp_size=1, device=torch.device(device))
+
     @property
     def tp_rank(self) -> int:
         return self.rank % self.tp_size
@@ -84,18 +89,32 @@ _STATE: ParallelState | None = None  # set by init_distributed / make_state; rea
 
 
 def parallel_state() -> ParallelState:
-    """The process's ``ParallelState``: the one place every stage reads its dp / tp rank and size from (a
-    one-process CPU state before ``init_distributed``)."""
-    if _STATE is None:
-        return ParallelState(rank=0, world_size=1, local_rank=0, tp_size=1, dp_size=1, device=torch.device("cpu"))
-    return _STATE
+    """The state ``init_distributed`` (or ``make_state``) returned last, a one-process CPU state before. Library
+    code takes the ``ParallelState`` as an argument; this is for an entry point that did not keep it (and for
+    ``rollout.generate``'s stop check, which tests/test_layers.py names)."""
+    return _STATE if _STATE is not None else ParallelState.single()
 
 
-def init_distributed(tp_size: int = 1, *, backend: str | None = None, timeout_s: float = 1800.0) -> ParallelState:
+def _pick_device(device: str | torch.device | None, backend: str | None, local_rank: int) -> torch.device:
+    """The process's device: ``device`` as given ("cuda" means this node's GPU ``local_rank``), else cuda:local_rank
+    when CUDA is available and the backend is not gloo, else the CPU."""
+    if device is None:
+        use_cuda = torch.cuda.is_available() and backend != "gloo"
+        return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {str(device)!r}")
+    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
+
+
+def init_distributed(tp_size: int = 1, *, device: str | torch.device | None = None, backend: str | None = None,
+                     timeout_s: float = 1800.0) -> ParallelState:
     """Initialise torch.distributed from the torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
-    ``backend`` defaults to ``nccl`` when CUDA is available, else ``gloo``. ``tp_size`` must divide the world size;
-    the rest is data parallel. Returns the ``ParallelState``; without torchrun, a one-process state.
+    The one place the device is decided: ``device`` (cpu, cuda, cuda:N; default cuda:LOCAL_RANK when CUDA is
+    available, else cpu); every stage then reads ``ParallelState.device``. ``backend`` defaults to ``nccl`` on a
+    GPU, else ``gloo``. ``tp_size`` must divide the world size; the rest is data parallel. Returns the
+    ``ParallelState``; without torchrun, a one-process state.
     """
     check_positive_int("tp_size", tp_size)
     if backend is not None and backend not in ("nccl", "gloo"):
@@ -105,12 +124,12 @@ def init_distributed(tp_size: int = 1, *, backend: str | None = None, timeout_s:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world % tp_size != 0:
         raise ValueError(f"--tp ({tp_size}) must divide the world size ({world} processes): dp = world / tp")
-    use_cuda = torch.cuda.is_available() and backend != "gloo"
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    device = _pick_device(device, backend, local_rank)
+    use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(device)
     if world == 1 and not dist.is_initialized():
-        _STATE = ParallelState(rank=0, world_size=1, local_rank=0, tp_size=1, dp_size=1, device=device)
+        _STATE = ParallelState.single(device)
         return _STATE
     if not dist.is_initialized():
         dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"),

@@ -33,15 +33,22 @@ _SHAPE_FIELDS = ("n_layer", "n_head", "d_head", "d_model", "d_ff", "block_size")
 
 @dataclass(kw_only=True)
 class Builder:
-    """How models are built on the mesh: ``state`` (with the device to build on), compute ``precision`` ("bf16" or
-    "fp32") and activation checkpointing."""
+    """How models are built on the mesh: ``parallel`` (its device is where they are built), compute ``precision``
+    ("bf16" or "fp32") and activation checkpointing."""
 
-    state: ParallelState
+    parallel: ParallelState
     precision: str
     activation_checkpointing: bool = False
 
+    @classmethod
+    def for_run(cls, cfg, parallel: ParallelState) -> Builder:
+        """The builder of a ``PipelineConfig``: its precision (None: bf16 on a GPU, fp32 on CPU) and activation
+        checkpointing, on ``parallel``'s mesh and device."""
+        return cls(parallel=parallel, precision=cfg.precision or ("bf16" if parallel.device.type == "cuda" else "fp32"),
+                   activation_checkpointing=cfg.activation_checkpointing)
+
     def build(self, config: GPTConfig, head: str = "lm", *, frozen: bool = False, seed: int = 0) -> torch.nn.Module:
-        return build_gpt(config, head, seed=seed, state=self.state, precision=self.precision, frozen=frozen,
+        return build_gpt(config, head, state=self.parallel, seed=seed, precision=self.precision, frozen=frozen,
                          activation_checkpointing=self.activation_checkpointing)
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from instructrl_fast.checks import check_positive_int
-from instructrl_fast.parallel.dist import parallel_state
+from instructrl_fast.parallel.dist import ParallelState
 from instructrl_fast.rng import sample_keys
 from instructrl_fast.train.batching import encode_prompt, left_pad
 
@@ -37,17 +37,17 @@ def decode_responses(tok, out, prompt_len: int) -> list[str]:
     return texts
 
 
-def respond(model, tok, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0, batch_size: int = 64,
-            seed: int = 0, draw: int = 0) -> list[str]:
+def respond(model, tok, prompts: list[str], *, max_new_tokens: int, parallel: ParallelState, temperature: float = 0.0,
+            batch_size: int = 64, seed: int = 0, draw: int = 0) -> list[str]:
     """Responses of ``model`` to ``prompts`` as text (greedy when temperature == 0), the same on every rank.
 
     Each dp rank generates a contiguous ceil(N / dp) of the prompts, ``batch_size`` at a time, prompt i sampling
     with the keys ``sample_keys(seed, draw, i)``, and the texts are gathered over dp: they depend neither on dp nor
     on ``batch_size``. A rank past the end repeats prompt 0 (under FSDP2 every rank must run the same forwards).
-    A collective over the dp group.
+    A collective over the dp group of ``parallel``.
     """
     check_positive_int("batch_size", batch_size)
-    ps = parallel_state()
+    ps = parallel
     n = len(prompts)
     per = -(-n // ps.dp_size)
     rows = torch.arange(ps.dp_rank * per, (ps.dp_rank + 1) * per)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from instructrl_fast.parallel.dist import local_tensor, parallel_state
+from instructrl_fast.parallel.dist import ParallelState, local_tensor
 from instructrl_fast.parallel.shards import tp_specs
 from instructrl_fast.train import preempt
 from instructrl_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -35,6 +35,7 @@ class Stage(Protocol):
     """What a training stage hands the shared loop."""
 
     name: str  # progress-bar label
+    parallel: ParallelState  # the mesh the stage runs on (dp share of each step, device, collectives)
     modules: dict[str, torch.nn.Module]  # everything a checkpoint holds (trained models, a ParameterState EMA, ...)
     optimizer: torch.optim.Optimizer  # param groups carry "peak_lr" (see make_optimizer)
     max_steps: int  # optimizer steps of the whole stage
@@ -132,7 +133,7 @@ def _norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
 
 
 def _clip(optimizer: torch.optim.Optimizer, max_norm: float,
-          tp_shards: tuple[set[int], dist.ProcessGroup | None]) -> torch.Tensor:
+          tp_shards: tuple[set[int], dist.ProcessGroup | None], device: torch.device) -> torch.Tensor:
     """Clip each parameter group on its own (policy and value have separate norms); return the largest norm.
 
     The norm is the full model's over both mesh dims: ||g||^2 = the replicated parameters' ||g_i||^2 (once) + the
@@ -145,7 +146,6 @@ def _clip(optimizer: torch.optim.Optimizer, max_norm: float,
     norms = []
     for g in optimizer.param_groups:
         params = [p for p in g["params"] if p.grad is not None]
-        device = local_tensor(params[0]).device if params else torch.device("cpu")
         shard_sq = _norm([p.grad for p in params if id(p) in ids], device) ** 2
         if group is not None:  # once per param group on every rank: the groups match across ranks
             dist.all_reduce(shard_sq, group=group)
@@ -210,9 +210,9 @@ def train(stage: Stage, optim: OptimConfig, loop: LoopConfig, out_dir: str | os.
         stage.load_state_dict(state["stage"])
         start = state["step"]
     fields = ["lr", "grad_norm", "tokens_per_s", "mfu", *stage.metric_names]
-    parallel = parallel_state()
     # one writer per file: the first rank logs; every rank computes (evaluation runs collectives under FSDP)
-    logger = MetricsLogger(out_dir, fields=fields, resume_step=start if start else None) if parallel.is_main else None
+    logger = MetricsLogger(out_dir, fields=fields, resume_step=start if start else None) if stage.parallel.is_main \
+        else None
     try:
         with preempt.listening():
             return _run(stage, optim, loop, ckpt_dir, start, logger)
@@ -221,39 +221,50 @@ def train(stage: Stage, optim: OptimConfig, loop: LoopConfig, out_dir: str | os.
             logger.close()
 
 
-def _run(stage: Stage, optim: OptimConfig, loop: LoopConfig, ckpt_dir: Path, start: int,
-         logger: MetricsLogger | None) -> dict[str, float]:
-    """The loop of ``train`` from optimizer step ``start``."""
-    parallel = parallel_state()
-    log = logger.log if logger is not None else (lambda step, row: None)
-    device = _device_of(stage)
-    peak = peak_flops(device)
-    tp_shards = _tp_shards(stage.modules.values())
-    cadence = _Cadence(loop, device)
+class _Checkpoints:
+    """The checkpoints of one ``train`` call from optimizer step ``start``: periodic ones (``_Cadence``), and the
+    one a signal asks for, after which the loop stops with ``preempt.Preempted``."""
 
-    def checkpoint(step: int) -> Path:
+    def __init__(self, stage: Stage, optim: OptimConfig, loop: LoopConfig, ckpt_dir: Path, start: int):
+        self.stage, self.optim, self.loop, self.ckpt_dir, self.start = stage, optim, loop, ckpt_dir, start
+        self.cadence = _Cadence(loop, stage.parallel.device)
+
+    def write(self, step: int) -> Path:
         # The LR schedule and the data order are pure functions of the step: the step is the scheduler state and
         # the data position (recorded explicitly for readers of the checkpoint).
         # The optimizer goes in as an object: its moments are saved sharded like their parameters (DCP).
+        stage, optim = self.stage, self.optim
         state = {"stage": stage.state_dict(),
                  "scheduler": {"schedule": optim.schedule, "lr_factor": lr_factor(step, stage.max_steps, optim)},
                  "data_position": {"optimizer_steps": step, "micro_batches": step * stage.grad_accum}}
-        path = save_checkpoint(ckpt_dir, step, stage.modules, state, keep=loop.keep_checkpoints,
+        path = save_checkpoint(self.ckpt_dir, step, stage.modules, state, keep=self.loop.keep_checkpoints,
                                optimizer=stage.optimizer)
-        cadence.written()
+        self.cadence.written()
         return path
 
-    def boundary(step: int) -> None:
+    def boundary(self, step: int) -> None:
         """Between optimizer steps: the periodic checkpoint, or the checkpoint a signal asked for, then stop."""
-        due, signum = cadence.check(step)
-        if due and step > start:
-            path = checkpoint(step)
+        due, signum = self.cadence.check(step)
+        if due and step > self.start:
+            path = self.write(step)
             if signum:
-                raise preempt.Preempted(signum, stage=stage.name, step=step, max_steps=stage.max_steps,
-                                        checkpoint=path)
+                self.stop(signum, step, path)
         elif signum:  # nothing trained since the checkpoint this run started from
-            raise preempt.Preempted(signum, stage=stage.name, step=step, max_steps=stage.max_steps,
-                                    checkpoint=latest_checkpoint(ckpt_dir))
+            self.stop(signum, step, latest_checkpoint(self.ckpt_dir))
+
+    def stop(self, signum: int, step: int, path: Path | None) -> None:
+        raise preempt.Preempted(signum, stage=self.stage.name, step=step, max_steps=self.stage.max_steps,
+                                checkpoint=path)
+
+
+def _run(stage: Stage, optim: OptimConfig, loop: LoopConfig, ckpt_dir: Path, start: int,
+         logger: MetricsLogger | None) -> dict[str, float]:
+    """The loop of ``train`` from optimizer step ``start``."""
+    parallel, device = stage.parallel, stage.parallel.device
+    log = logger.log if logger is not None else (lambda step, row: None)
+    peak = peak_flops(device)
+    tp_shards = _tp_shards(stage.modules.values())
+    checkpoints = _Checkpoints(stage, optim, loop, ckpt_dir, start)
 
     for m in stage.modules.values():
         m.train()
@@ -268,14 +279,14 @@ def _run(stage: Stage, optim: OptimConfig, loop: LoopConfig, ckpt_dir: Path, sta
         # eval / checkpoint (a checkpoint at step s holds the state after s optimizer steps)
         if loop.eval_interval and step % loop.eval_interval == 0 and step > start:
             log(step, _evaluate(stage))
-        boundary(step)
+        checkpoints.boundary(step)
 
         # micro-steps: this dp rank's share of the step
-        sums, n_tokens = _micro_steps(stage, step, device)
+        sums, n_tokens = _micro_steps(stage, step)
         tokens += n_tokens
 
         # clip -> step
-        grad_norm = _clip(stage.optimizer, optim.grad_clip, tp_shards)
+        grad_norm = _clip(stage.optimizer, optim.grad_clip, tp_shards, device)
         stage.optimizer.step()
         stage.optimizer.zero_grad(set_to_none=True)
         stage.after_step(step)
@@ -283,39 +294,45 @@ def _run(stage: Stage, optim: OptimConfig, loop: LoopConfig, ckpt_dir: Path, sta
 
         # log: the one place per log row where the CPU waits for the device (.item() on the accumulated metrics)
         if (step + 1) % loop.log_interval == 0 or step + 1 == stage.max_steps:
-            # the micro-batch means of every dp rank, averaged (one all-reduce per log row)
-            keys = sorted(sums)
-            sums_t = [torch.as_tensor(sums[k], device=device) for k in keys]
-            reduced = parallel.dp_sum(torch.stack(sums_t)) if keys else ()
-            row = {k: float(v) for k, v in zip(keys, reduced)}
             dt = time.perf_counter() - t_last
-            row.update(lr=lr * stage.optimizer.param_groups[0]["peak_lr"], grad_norm=float(grad_norm),
-                       tokens_per_s=tokens / dt, mfu=stage.flops_per_token * tokens / dt / peak)
+            row = _log_row(stage, sums, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens / dt, peak=peak)
             log(step + 1, row)
             bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in ("loss", "reward", "tokens_per_s")})
             t_last, tokens = time.perf_counter(), 0
     bar.close()
     if start < stage.max_steps:
         # the stage's last checkpoint comes before the final evaluation: a signal during it loses nothing
-        checkpoint(stage.max_steps)
-    if signum := cadence.check(stage.max_steps)[1]:
-        raise preempt.Preempted(signum, stage=stage.name, step=stage.max_steps, max_steps=stage.max_steps,
-                                checkpoint=latest_checkpoint(ckpt_dir))
+        checkpoints.write(stage.max_steps)
+    if signum := checkpoints.cadence.check(stage.max_steps)[1]:
+        checkpoints.stop(signum, stage.max_steps, latest_checkpoint(ckpt_dir))
     final = _evaluate(stage)
     log(stage.max_steps, final)
     return final
 
 
-def _micro_steps(stage: Stage, step: int, device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
+def _log_row(stage: Stage, sums: dict[str, torch.Tensor], *, lr: float, grad_norm: torch.Tensor,
+             tokens_per_s: float, peak: float) -> dict[str, float]:
+    """One metrics row: the micro-batch means of every dp rank, averaged (one all-reduce per log row), the LR, the
+    gradient norm, tokens/s and MFU."""
+    keys = sorted(sums)
+    sums_t = [torch.as_tensor(sums[k], device=stage.parallel.device) for k in keys]
+    reduced = stage.parallel.dp_sum(torch.stack(sums_t)) if keys else ()
+    row = {k: float(v) for k, v in zip(keys, reduced)}
+    row.update(lr=lr * stage.optimizer.param_groups[0]["peak_lr"], grad_norm=float(grad_norm),
+               tokens_per_s=tokens_per_s, mfu=stage.flops_per_token * tokens_per_s / peak)
+    return row
+
+
+def _micro_steps(stage: Stage, step: int) -> tuple[dict[str, torch.Tensor], int]:
     """Forward and backward of this dp rank's share of optimizer step ``step``; returns (each metric's mean over
     the step's micro-batches on this rank, divided by dp for the later all-reduce, tokens processed on every rank).
 
     Gradients accumulate into the same .grad buffers (FSDP2 reduce-scatters them over dp). Each loss term is weighted
     by the micro-batch's share of the term's global count, summed over the dp ranks once per step from host-side
     counts."""
-    parallel = parallel_state()
+    parallel = stage.parallel
     batches = list(stage.micro_batches(step))
-    counts = torch.stack([stage.loss_counts(b).to(device) for b in batches])  # [M, K] float64
+    counts = torch.stack([stage.loss_counts(b).to(parallel.device) for b in batches])  # [M, K] float64
     total = parallel.dp_sum(counts.sum(0))
     # x dp: FSDP2 averages the dp ranks' gradients, and the step's gradient is their sum
     weights = (counts / total.clamp_min(1) * parallel.dp_size).float()
@@ -329,6 +346,3 @@ def _micro_steps(stage: Stage, step: int, device: torch.device) -> tuple[dict[st
             sums[k] = sums.get(k, 0.0) + v.detach() / n_global
     return sums, tokens
 
-
-def _device_of(stage: Stage) -> torch.device:
-    return local_tensor(next(next(iter(stage.modules.values())).parameters())).device

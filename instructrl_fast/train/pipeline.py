@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from instructrl_fast.data import ByteTokenizer, DemoTask, GoldLabeler
-from instructrl_fast.parallel import parallel_state
+from instructrl_fast.parallel import ParallelState
 from instructrl_fast.train.assembly import RESULT, Builder, Shape, init_from, ppo_models
 from instructrl_fast.train.batching import chunk_corpus
 from instructrl_fast.train.checkpoint import latest_checkpoint
@@ -81,11 +81,10 @@ def resuming(out_dir: str | os.PathLike, resume: bool, log=print, label: str = "
 class Pipeline:
     """Runs the stages of ``cfg`` into ``out_dir``; each stage method returns its trained model."""
 
-    def __init__(self, cfg: PipelineConfig, out_dir: str | os.PathLike, *, resume: bool = False,
-                 device: str | torch.device = "cpu", log=print):
-        self.cfg, self.out, self.resume = cfg, Path(out_dir), resume
-        self.device, self.log = torch.device(device), log
-        self.mesh = parallel_state()  # every rank runs every stage; the first one writes the files
+    def __init__(self, cfg: PipelineConfig, out_dir: str | os.PathLike, *, parallel: ParallelState,
+                 resume: bool = False, log=print):
+        self.cfg, self.out, self.resume, self.log = cfg, Path(out_dir), resume, log
+        self.parallel = parallel  # every rank runs every stage; the first one writes the files
         self.tok = ByteTokenizer()
         self.task = DemoTask(cfg.data_seed)
         self.labeler = GoldLabeler(cfg.data_seed)
@@ -93,9 +92,7 @@ class Pipeline:
         self.timings: dict[str, float] = {}
         self.cpu_times: dict[str, float] = {}
         self.progress = cfg.sft.loop.progress
-        precision = cfg.precision or ("bf16" if self.device.type == "cuda" else "fp32")
-        self.builder = Builder(state=dataclasses.replace(self.mesh, device=self.device), precision=precision,
-                               activation_checkpointing=cfg.activation_checkpointing)
+        self.builder = Builder.for_run(cfg, parallel)
 
     # ---------------------------------------------------------------------------------------------- helpers
     def chunks(self, n_docs: int, seq_len: int, split: str = "train") -> torch.Tensor:
@@ -148,7 +145,7 @@ class Pipeline:
 
     def _finish(self, name: str, module: torch.nn.Module) -> None:
         save_weights(self.out / name / RESULT, module, tokenizer=self.tok)
-        if not self.mesh.is_main:
+        if not self.parallel.is_main:
             return
         try:
             from instructrl_fast.train.evaluate import plot_learning_curves
@@ -167,7 +164,7 @@ class Pipeline:
         set_dropout(model, pc.dropout)
         torch.manual_seed(pc.seed)
         self._train(name, lambda: pretrain(pc, model, self.chunks(pc.n_docs, pc.seq_len), self.val_chunks(),
-                                           self.out / name, resume=self.resume, name=name))
+                                           self.out / name, parallel=self.parallel, resume=self.resume, name=name))
         self._finish(name, set_dropout(model, 0.0))
         return model
 
@@ -190,7 +187,8 @@ class Pipeline:
         set_dropout(model, sc.dropout)
         ptx = self.ptx_chunks(self.cfg.pretrain[size].seq_len) if sc.ptx_fraction > 0 else None
         self._train(name, lambda: train_sft(sc, model, self.tok, self._demos(sc.n_demos), self._val_demos(64),
-                                            self.out / name, ptx_chunks=ptx, resume=self.resume, name=name))
+                                            self.out / name, parallel=self.parallel, ptx_chunks=ptx,
+                                            resume=self.resume, name=name))
         set_dropout(model, 0.0)
         save_weights(last, model, tokenizer=self.tok)
         if ppo_init:
@@ -209,12 +207,13 @@ class Pipeline:
                                                                            rc.model_samples, seed=rc.seed))
         data = self.task.comparisons(n, self.labeler, sampled=sampled)
         train_c, val_c = data[:rc.n_comparisons], data[rc.n_comparisons:]
-        if self.mesh.is_main:
+        if self.parallel.is_main:
             (self.out / "rm").mkdir(parents=True, exist_ok=True)
             (self.out / "rm" / "val_comparisons.json").write_text(json.dumps(val_c))  # for rm_report
         metrics = self._train("rm", lambda: train_reward_model(rc, rm, self.tok, train_c, val_c,
                                                                self._demos(256), self.out / "rm",
-                                                               resume=self.resume, name="rm"))
+                                                               parallel=self.parallel, resume=self.resume,
+                                                               name="rm"))
         self.log(f"[rm] {metrics}")
         self._finish("rm", rm)
         return rm.eval()
@@ -239,7 +238,7 @@ class Pipeline:
         out = []  # per 256 texts for the progress bar; each such call is its own draw, so the keys never repeat
         for i in tqdm(range(0, len(texts), 256), desc="rm-samples", disable=not self.progress):
             out += respond(model, self.tok, texts[i:i + 256], max_new_tokens=self.cfg.ppo.max_new_tokens,
-                           temperature=1.0, batch_size=256, seed=seed, draw=i // 256)
+                           parallel=self.parallel, temperature=1.0, batch_size=256, seed=seed, draw=i // 256)
         return [out[i * k:(i + 1) * k] for i in range(len(prompts))]
 
     def select_sft(self, size: str, rm: RewardModel):
@@ -250,9 +249,9 @@ class Pipeline:
             return load_weights(done, model)
         prompts = [p.text for p in self.task.prompts("val", sc.n_val_prompts)]
         best, scores = select_by_reward(candidates(self.out / name), model, rm, self.tok, prompts,
-                                        max_new_tokens=sc.max_new_tokens)
+                                        max_new_tokens=sc.max_new_tokens, parallel=self.parallel)
         self.log(f"[{name}] RM score per candidate {scores}; chose {best.stem}")
-        if self.mesh.is_main:
+        if self.parallel.is_main:
             (self.out / name / "selection.json").write_text(json.dumps({"scores": scores, "chosen": best.stem}))
         self._finish(name, model)
         return model
@@ -275,8 +274,8 @@ class Pipeline:
         ptx_chunks = self.chunks(self.cfg.pretrain[self.cfg.sizes[0]].n_docs, pc.ptx_seq_len) if pc.ptx_coef else None
         torch.manual_seed(pc.seed)
         ema, _ = self._train(name, lambda: train_ppo(pc, policy, value, ref, frozen_rm, self.tok, prompts,
-                                                     self.out / name, ptx_chunks=ptx_chunks, resume=self.resume,
-                                                     gold_fn=self.gold_scores, name=name))
+                                                     self.out / name, parallel=self.parallel, ptx_chunks=ptx_chunks,
+                                                     resume=self.resume, gold_fn=self.gold_scores, name=name))
         self._finish(name, ema)
         return ema
 
@@ -310,7 +309,7 @@ class Pipeline:
         ec = self.cfg.eval
         texts = [prefix + p.text for p in prompts]
         return ev.collect_responses(respond(model, self.tok, texts, max_new_tokens=ec.max_new_tokens,
-                                            temperature=temperature, seed=ec.seed), prompts)
+                                            parallel=self.parallel, temperature=temperature, seed=ec.seed), prompts)
 
     def references(self, reference: torch.nn.Module, prompts) -> dict[str, list[str]]:
         """The reference model's answers, decoded both ways ``judge`` decodes a policy's."""
@@ -355,7 +354,8 @@ class Pipeline:
     def corpus_loss(self, model) -> float:
         """Held-out pretraining-corpus NLL: the alignment-tax probe."""
         pc = self.cfg.pretrain[self.cfg.sizes[0]]
-        return corpus_loss(model, self.val_chunks(), pc.micro_batch_size, self.cfg.eval.n_ptx_batches)
+        return corpus_loss(model, self.val_chunks(), pc.micro_batch_size, self.cfg.eval.n_ptx_batches,
+                           parallel=self.parallel)
 
     # ---------------------------------------------------------------------------------------------- the recipe
     def run(self) -> dict:
@@ -382,7 +382,7 @@ class Pipeline:
             for name, pc in ((f"ppo-{s}", cfg.ppo), (f"ppo-ptx-{s}", cfg.ppo_ptx)):
                 if (found := self.overoptimization(name, pc.steps_per_iteration)) is not None:
                     overopt[name] = {"points": found[0], **found[1]}
-        if not self.mesh.is_main:  # every rank computed the same report; the first one writes it
+        if not self.parallel.is_main:  # every rank computed the same report; the first one writes it
             return {"preset": cfg.name, "sizes": list(cfg.sizes), "results": records}
         largest = cfg.sizes[-1]  # the plot: both PPO runs of the largest size
         runs = {f"{method} ({largest})": overopt[name]["points"]
@@ -443,7 +443,7 @@ class Pipeline:
         report = {"preset": self.cfg.name, "size": size, "source": str(source or self.out), "n_episodes": pc.n_episodes,
                   "kl_sweep": rows, "timings_s": self.timings, "cpu_s": self.cpu_times,
                   "wall_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
-        if not self.mesh.is_main:
+        if not self.parallel.is_main:
             return report
         (self.out / "kl_sweep.json").write_text(json.dumps(report, indent=1))
         text = format_kl_sweep(report, reference=f"SFT ({size})")

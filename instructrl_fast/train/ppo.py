@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from instructrl_fast import ops
-from instructrl_fast.parallel.dist import parallel_state
+from instructrl_fast.parallel.dist import ParallelState
 from instructrl_fast.rng import sample_keys
 from instructrl_fast.train.batching import encode_prompt, epoch_permutation, left_pad, lm_batch, step_indices
 from instructrl_fast.train.checkpoint import ParameterState
@@ -107,7 +107,7 @@ class PPOStage:
                     "score", "kl", "reward", "response_len", "gold")
 
     def __init__(self, cfg: PPOConfig, policy, value_model, ref, rm: RewardModel, tok, prompts: list[str],
-                 ptx_chunks: torch.Tensor | None, *, gold_fn=None):
+                 ptx_chunks: torch.Tensor | None, *, parallel: ParallelState, gold_fn=None):
         if cfg.ptx_coef > 0 and ptx_chunks is None:
             raise ValueError("ptx_chunks must be given for PPO-ptx (cfg.ptx_coef > 0)")
         if gold_fn is not None and not callable(gold_fn):
@@ -125,9 +125,9 @@ class PPOStage:
         self.optimizer = make_optimizer([(list(policy.parameters()), cfg.optim.lr),
                                          (list(value_model.parameters()), cfg.value_lr)], cfg.optim)
         self.max_steps = cfg.max_steps
-        self.grad_accum = dp_micro_batches(cfg.minibatch_size, cfg.micro_batch_size)
+        self.grad_accum = dp_micro_batches(cfg.minibatch_size, cfg.micro_batch_size, parallel.dp_size)
         self.flops_per_token = 2 * model_flops_per_token(policy, policy.config.block_size)  # policy + value
-        self.parallel = parallel_state()
+        self.parallel = parallel
         self.parallel.dp_share(torch.arange(cfg.rollout_batch_size), "rollout_batch_size")  # fail early, naming it
         self.experience: Experience | None = None
         self.n_prompts = min(cfg.n_prompts, len(self.prompts))
@@ -289,15 +289,15 @@ class PPOStage:
 
 
 def train_ppo(cfg: PPOConfig, policy, value_model, ref, rm: RewardModel, tok, prompts: list[str],
-              out_dir: str | os.PathLike, *, ptx_chunks: torch.Tensor | None = None,
+              out_dir: str | os.PathLike, *, parallel: ParallelState, ptx_chunks: torch.Tensor | None = None,
               resume: bool = False, gold_fn=None, name: str | None = None) -> tuple[torch.nn.Module, dict[str, float]]:
-    """Train ``policy`` and ``value_model`` in place; returns (the EMA policy, final metrics): ``policy`` itself,
-    holding the EMA weights once training ends.
+    """Train ``policy`` and ``value_model`` (on ``parallel``'s mesh) in place; returns (the EMA policy, final
+    metrics): ``policy`` itself, holding the EMA weights once training ends.
 
     ``gold_fn(prompt_texts, response_texts) -> scores``, when given, scores every rollout batch with a true reward
     (the ``gold`` metric), for the over-optimisation curve. ``name`` labels the progress bar (default: ppo or
     ppo-ptx)."""
-    stage = PPOStage(cfg, policy, value_model, ref, rm, tok, prompts, ptx_chunks, gold_fn=gold_fn)
+    stage = PPOStage(cfg, policy, value_model, ref, rm, tok, prompts, ptx_chunks, parallel=parallel, gold_fn=gold_fn)
     stage.name = name or stage.name
     metrics = train(stage, cfg.optim, cfg.loop, out_dir, resume=resume)
     return load_ema(policy, stage.ema), metrics

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from instructrl_fast.parallel.dist import parallel_state
+from instructrl_fast.parallel.dist import ParallelState
 from instructrl_fast.rng import sample_keys
 from instructrl_fast.train.batching import IGNORE_INDEX, lm_batch, step_indices
 from instructrl_fast.train.config import PretrainConfig
@@ -28,10 +28,9 @@ def label_count(labels: torch.Tensor) -> torch.Tensor:
     return (labels != IGNORE_INDEX).sum().double()
 
 
-def dp_micro_batches(batch_size: int, micro_batch_size: int) -> int:
-    """Micro-batches per optimizer step on each dp rank: ``batch_size`` is cut into dp equal shares of whole
-    micro-batches (FSDP2 needs every rank to run the same number of forwards)."""
-    dp = parallel_state().dp_size
+def dp_micro_batches(batch_size: int, micro_batch_size: int, dp: int) -> int:
+    """Micro-batches per optimizer step on each of ``dp`` data-parallel ranks: ``batch_size`` is cut into dp equal
+    shares of whole micro-batches (FSDP2 needs every rank to run the same number of forwards)."""
     if batch_size % (dp * micro_batch_size):
         raise ValueError(f"batch_size ({batch_size}) must be a multiple of dp ({dp}) x micro_batch_size "
                          f"({micro_batch_size})")
@@ -49,18 +48,19 @@ class PretrainStage:
     name = "pretrain"
     metric_names = ("loss", "val_loss")
 
-    def __init__(self, cfg: PretrainConfig, model, train_chunks: torch.Tensor, val_chunks: torch.Tensor):
-        self.cfg, self.model = cfg, model
+    def __init__(self, cfg: PretrainConfig, model, train_chunks: torch.Tensor, val_chunks: torch.Tensor, *,
+                 parallel: ParallelState):
+        self.cfg, self.model, self.parallel = cfg, model, parallel
         self.train_chunks, self.val_chunks = train_chunks, val_chunks
         self.modules = {"model": model}
         self.optimizer = make_optimizer([(list(model.parameters()), cfg.optim.lr)], cfg.optim)
         self.max_steps = cfg.max_steps
-        self.grad_accum = dp_micro_batches(cfg.batch_size, cfg.micro_batch_size)
+        self.grad_accum = dp_micro_batches(cfg.batch_size, cfg.micro_batch_size, parallel.dp_size)
         self.flops_per_token = model_flops_per_token(model, train_chunks.shape[1] - 1)
 
     def micro_batches(self, step: int):
         rows = step_indices(step, n=len(self.train_chunks), batch_size=self.cfg.batch_size, seed=self.cfg.seed)
-        for part in parallel_state().dp_share(rows, "batch_size").split(self.cfg.micro_batch_size):
+        for part in self.parallel.dp_share(rows, "batch_size").split(self.cfg.micro_batch_size):
             yield lm_batch(self.train_chunks[part]), sample_keys(self.cfg.seed, step, part)
 
     def loss_counts(self, batch) -> torch.Tensor:
@@ -76,7 +76,8 @@ class PretrainStage:
         pass
 
     def evaluate(self) -> dict[str, float]:
-        return {"val_loss": corpus_loss(self.model, self.val_chunks, self.cfg.micro_batch_size, self.cfg.eval_batches)}
+        return {"val_loss": corpus_loss(self.model, self.val_chunks, self.cfg.micro_batch_size, self.cfg.eval_batches,
+                                        parallel=self.parallel)}
 
     def state_dict(self) -> dict:
         return {}  # the data position is the step itself
@@ -86,18 +87,19 @@ class PretrainStage:
 
 
 @torch.no_grad()
-def corpus_loss(model, chunks: torch.Tensor, batch_size: int, n_batches: int) -> float:
+def corpus_loss(model, chunks: torch.Tensor, batch_size: int, n_batches: int, *, parallel: ParallelState) -> float:
     """Mean token NLL of ``model`` on the first ``n_batches`` batches of windows (the alignment-tax measure), the
-    batches split over the dp ranks (a collective)."""
+    batches split over the dp ranks of ``parallel`` (a collective)."""
     parts = chunks[: batch_size * n_batches].split(batch_size)
     # the mean of batch means: every window has the same number of labels
-    return float(parallel_state().dp_mean(lambda i: lm_loss(model, *lm_batch(parts[i]))[None], len(parts))[0])
+    return float(parallel.dp_mean(lambda i: lm_loss(model, *lm_batch(parts[i]))[None], len(parts))[0])
 
 
 def pretrain(cfg: PretrainConfig, model, train_chunks: torch.Tensor, val_chunks: torch.Tensor,
-             out_dir: str | os.PathLike, *, resume: bool = False, name: str = "pretrain") -> dict[str, float]:
-    """Train ``model`` (initialised by the caller) in place; checkpoints and metrics under ``out_dir``. ``name``
-    labels the progress bar."""
-    stage = PretrainStage(cfg, model, train_chunks, val_chunks)
+             out_dir: str | os.PathLike, *, parallel: ParallelState, resume: bool = False,
+             name: str = "pretrain") -> dict[str, float]:
+    """Train ``model`` (initialised by the caller, on ``parallel``'s mesh) in place; checkpoints and metrics under
+    ``out_dir``. ``name`` labels the progress bar."""
+    stage = PretrainStage(cfg, model, train_chunks, val_chunks, parallel=parallel)
     stage.name = name
     return train(stage, cfg.optim, cfg.loop, out_dir, resume=resume)

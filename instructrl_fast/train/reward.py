@@ -13,7 +13,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from instructrl_fast.parallel.dist import parallel_state
+from instructrl_fast.parallel.dist import ParallelState
 from instructrl_fast.train.batching import left_pad, ranking_batch, step_indices
 from instructrl_fast.train.config import RMConfig
 from instructrl_fast.train.loop import make_optimizer, train
@@ -80,8 +80,9 @@ class RMStage:
     name = "reward model"
     metric_names = ("loss", "accuracy", "val_loss", "val_accuracy")
 
-    def __init__(self, cfg: RMConfig, rm: RewardModel, tok, comparisons: list[dict], val_comparisons: list[dict]):
-        self.cfg, self.rm, self.tok = cfg, rm, tok
+    def __init__(self, cfg: RMConfig, rm: RewardModel, tok, comparisons: list[dict], val_comparisons: list[dict], *,
+                 parallel: ParallelState):
+        self.cfg, self.rm, self.tok, self.parallel = cfg, rm, tok, parallel
         self.comparisons, self.val_comparisons = comparisons, val_comparisons
         self.max_len = rm.config.block_size
         self.modules = {"rm": rm}
@@ -90,12 +91,12 @@ class RMStage:
             params[name].requires_grad_(False)  # see SHIFT_INVARIANT; left out of the optimizer and the clip
         self.optimizer = make_optimizer([(list(rm.parameters()), cfg.optim.lr)], cfg.optim)
         self.max_steps = cfg.epochs * (len(comparisons) // cfg.batch_size)
-        self.grad_accum = dp_micro_batches(cfg.batch_size, cfg.micro_batch_size)
+        self.grad_accum = dp_micro_batches(cfg.batch_size, cfg.micro_batch_size, parallel.dp_size)
         self.flops_per_token = model_flops_per_token(rm.body, self.max_len)
 
     def micro_batches(self, step: int):
         rows = step_indices(step, n=len(self.comparisons), batch_size=self.cfg.batch_size, seed=self.cfg.seed)
-        for part in parallel_state().dp_share(rows, "batch_size").split(self.cfg.micro_batch_size):
+        for part in self.parallel.dp_share(rows, "batch_size").split(self.cfg.micro_batch_size):
             yield len(part), ranking_batch([self.comparisons[i] for i in part.tolist()], self.tok, self.max_len)
 
     def loss_counts(self, batch) -> torch.Tensor:
@@ -111,7 +112,7 @@ class RMStage:
         pass
 
     def evaluate(self) -> dict[str, float]:
-        loss, acc = rm_eval(self.rm, self.tok, self.val_comparisons, self.cfg.micro_batch_size)
+        loss, acc = rm_eval(self.rm, self.tok, self.val_comparisons, self.cfg.micro_batch_size, parallel=self.parallel)
         return {"val_loss": loss, "val_accuracy": acc}
 
     def state_dict(self) -> dict:
@@ -122,16 +123,17 @@ class RMStage:
 
 
 @torch.no_grad()
-def rm_eval(rm: RewardModel, tok, comparisons: list[dict], batch_size: int) -> tuple[float, float]:
+def rm_eval(rm: RewardModel, tok, comparisons: list[dict], batch_size: int, *,
+            parallel: ParallelState) -> tuple[float, float]:
     """Mean ranking loss and pairwise accuracy (against the recorded rankings) over ``comparisons``, batches split
-    over the dp ranks (a collective)."""
+    over the dp ranks of ``parallel`` (a collective)."""
     def metrics(i: int) -> torch.Tensor:
         part = comparisons[i * batch_size:(i + 1) * batch_size]
         ids, mask, w, lo, wt = ranking_batch(part, tok, rm.config.block_size)
         device = rm.bias.device
         return torch.stack(ranking_loss(rm(ids.to(device), mask.to(device)), w, lo, wt.to(device)))
 
-    loss, acc = parallel_state().dp_mean(metrics, -(-len(comparisons) // batch_size)).tolist()
+    loss, acc = parallel.dp_mean(metrics, -(-len(comparisons) // batch_size)).tolist()
     return loss, acc
 
 
@@ -158,11 +160,11 @@ def normalize_to_demos(rm: RewardModel, tok, demos: list[tuple[str, str]], *, ba
 
 
 def train_reward_model(cfg: RMConfig, rm: RewardModel, tok, comparisons: list[dict], val_comparisons: list[dict],
-                       demos: list[tuple[str, str]], out_dir: str | os.PathLike, *,
+                       demos: list[tuple[str, str]], out_dir: str | os.PathLike, *, parallel: ParallelState,
                        resume: bool = False, name: str = "reward model") -> dict[str, float]:
-    """Train ``rm`` in place, then centre it on ``demos``. Returns the final validation metrics (+ ``bias``).
-    ``name`` labels the progress bar."""
-    stage = RMStage(cfg, rm, tok, comparisons, val_comparisons)
+    """Train ``rm`` (on ``parallel``'s mesh) in place, then centre it on ``demos``. Returns the final validation
+    metrics (+ ``bias``). ``name`` labels the progress bar."""
+    stage = RMStage(cfg, rm, tok, comparisons, val_comparisons, parallel=parallel)
     stage.name = name
     metrics = train(stage, cfg.optim, cfg.loop, out_dir, resume=resume)
     metrics["bias"] = normalize_to_demos(rm, tok, demos, batch_size=cfg.micro_batch_size)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from instructrl_fast.parallel.dist import parallel_state
+from instructrl_fast.parallel.dist import ParallelState
 from instructrl_fast.rng import sample_keys
 from instructrl_fast.train.batching import lm_batch, sft_batch, step_indices
 from instructrl_fast.train.config import SFTConfig
@@ -32,10 +32,10 @@ class SFTStage:
     metric_names = ("loss", "demo_loss", "ptx_loss", "val_loss")
 
     def __init__(self, cfg: SFTConfig, model, tok, demos: list[tuple[str, str]], val_demos: list[tuple[str, str]],
-                 ptx_chunks: torch.Tensor | None, candidates_dir: str | os.PathLike):
+                 ptx_chunks: torch.Tensor | None, candidates_dir: str | os.PathLike, *, parallel: ParallelState):
         if cfg.ptx_fraction > 0 and ptx_chunks is None:
             raise ValueError("ptx_chunks must be given when cfg.ptx_fraction > 0")
-        self.cfg, self.model, self.tok = cfg, model, tok
+        self.cfg, self.model, self.tok, self.parallel = cfg, model, tok, parallel
         self.demos, self.val_demos, self.ptx_chunks = demos, val_demos, ptx_chunks
         self.candidates_dir = Path(candidates_dir)
         self.max_len = model.config.block_size
@@ -43,7 +43,7 @@ class SFTStage:
         self.optimizer = make_optimizer([(list(model.parameters()), cfg.optim.lr)], cfg.optim)
         self.steps_per_epoch = len(demos) // cfg.batch_size
         self.max_steps = cfg.epochs * self.steps_per_epoch
-        self.grad_accum = dp_micro_batches(cfg.batch_size, cfg.micro_batch_size)
+        self.grad_accum = dp_micro_batches(cfg.batch_size, cfg.micro_batch_size, parallel.dp_size)
         # f of the examples are pretraining windows: n_ptx / (n_ptx + n_demo) = f per micro-batch
         f = cfg.ptx_fraction
         self.n_ptx = round(cfg.micro_batch_size * f / (1 - f)) if f > 0 else 0
@@ -51,7 +51,7 @@ class SFTStage:
 
     def micro_batches(self, step: int):
         rows = step_indices(step, n=len(self.demos), batch_size=self.cfg.batch_size, seed=self.cfg.seed)
-        state = parallel_state()
+        state = self.parallel
         first = state.dp_rank * self.grad_accum  # the global index of this rank's first micro-batch
         for m, part in enumerate(state.dp_share(rows, "batch_size").split(self.cfg.micro_batch_size), first):
             # dropout keyed to (seed, step, demonstration): the same masks whatever dp and micro-batch size
@@ -94,7 +94,7 @@ class SFTStage:
         mb = self.cfg.micro_batch_size
         batch = lambda i: sft_batch(self.val_demos[i * mb:(i + 1) * mb], self.tok, self.max_len)
         n = -(-len(self.val_demos) // mb)
-        return {"val_loss": float(parallel_state().dp_mean(lambda i: lm_loss(self.model, *batch(i))[None], n)[0])}
+        return {"val_loss": float(self.parallel.dp_mean(lambda i: lm_loss(self.model, *batch(i))[None], n)[0])}
 
     def state_dict(self) -> dict:
         return {}
@@ -104,12 +104,12 @@ class SFTStage:
 
 
 def train_sft(cfg: SFTConfig, model, tok, demos: list[tuple[str, str]], val_demos: list[tuple[str, str]],
-              out_dir: str | os.PathLike, *, ptx_chunks: torch.Tensor | None = None,
+              out_dir: str | os.PathLike, *, parallel: ParallelState, ptx_chunks: torch.Tensor | None = None,
               resume: bool = False, name: str = "sft") -> dict[str, float]:
-    """Fine-tune ``model`` in place; candidates under ``<out_dir>/candidates``. Returns final validation metrics.
-    ``name`` labels the progress bar (the PPO starting policy is an SFT run too)."""
+    """Fine-tune ``model`` (on ``parallel``'s mesh) in place; candidates under ``<out_dir>/candidates``. Returns
+    final validation metrics. ``name`` labels the progress bar (the PPO starting policy is an SFT run too)."""
     torch.manual_seed(cfg.seed)  # the global stream (keyed dropout does not draw from it; a caller's own forwards may)
-    stage = SFTStage(cfg, model, tok, demos, val_demos, ptx_chunks, Path(out_dir) / "candidates")
+    stage = SFTStage(cfg, model, tok, demos, val_demos, ptx_chunks, Path(out_dir) / "candidates", parallel=parallel)
     stage.name = name
     return train(stage, cfg.optim, cfg.loop, out_dir, resume=resume)
 
@@ -120,8 +120,8 @@ def candidates(out_dir: str | os.PathLike) -> list[Path]:
 
 
 @torch.no_grad()
-def select_by_reward(paths: list[Path], model, rm, tok, prompts: list[str], *,
-                     max_new_tokens: int) -> tuple[Path, dict[str, float]]:
+def select_by_reward(paths: list[Path], model, rm, tok, prompts: list[str], *, max_new_tokens: int,
+                     parallel: ParallelState) -> tuple[Path, dict[str, float]]:
     """Load each candidate into ``model``, answer ``prompts`` greedily, score with ``rm``; keep the best mean.
 
     Returns (best path, {candidate name: mean RM score}); ``model`` is left holding the best weights.
@@ -131,7 +131,7 @@ def select_by_reward(paths: list[Path], model, rm, tok, prompts: list[str], *,
     scores = {}
     for path in paths:
         load_weights(path, model)
-        responses = respond(model, tok, prompts, max_new_tokens=max_new_tokens)
+        responses = respond(model, tok, prompts, max_new_tokens=max_new_tokens, parallel=parallel)
         scores[path.stem] = float(score_texts(rm, tok, list(zip(prompts, responses))).mean())
     best = max(paths, key=lambda p: scores[p.stem])
     load_weights(best, model)
