@@ -108,3 +108,31 @@ def test_named_rules():
     broken = [(a, b) for a, deps in _graph().items() for b in deps for low, highs in rules
               if a.startswith(low + ".") and b.startswith(highs) and (a, b) not in ALLOWED]
     assert not broken, f"layering rules broken: {broken}"
+
+
+# The entry points that may obtain the ParallelState from parallel_state(); every other module takes it as an argument.
+ENTRY_POINTS = {"instructrl_fast.cli", "instructrl_fast.train.pipeline"}
+# Modules still reading it, each with the change that removes it; an entry that no longer reads it fails the test.
+STATE_READERS_LEFT = {
+    "instructrl_fast.rollout.generate",  # the decode loop's dp stop check: the state passed to generate (issue 17)
+}
+
+
+def _calls_parallel_state(path: Path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call):
+            f = node.func
+            if (isinstance(f, ast.Name) and f.id == "parallel_state") or (
+                    isinstance(f, ast.Attribute) and f.attr == "parallel_state"):
+                return True
+    return False
+
+
+def test_parallel_state_is_passed_not_read_from_the_global():
+    """Below the entry points, a stage, trainer or function receives the ParallelState as an argument: none calls
+    ``parallel.parallel_state()`` (the module global set by ``init_distributed``)."""
+    readers = {name for name, path in _module_files().items() if _calls_parallel_state(path)}
+    assert readers - ENTRY_POINTS - STATE_READERS_LEFT == set(), (
+        "modules that read the parallel state from the global instead of taking it as an argument:\n"
+        + "\n".join(sorted(readers - ENTRY_POINTS - STATE_READERS_LEFT)))
+    assert STATE_READERS_LEFT - readers == set(), f"no longer read there (drop them): {STATE_READERS_LEFT - readers}"

@@ -238,6 +238,9 @@ def test_init_distributed_without_torchrun_is_one_process(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     state = init_distributed(tp_size=1)
     assert (state.world_size, state.tp_size, state.dp_size, state.tp_group, state.is_main) == (1, 1, 1, None, True)
+    assert init_distributed(tp_size=1, device="cpu").device == torch.device("cpu")  # the device is decided here
+    with pytest.raises(ValueError, match="device must be cpu, cuda or cuda:N"):
+        init_distributed(tp_size=1, device="meta")
     with pytest.raises(ValueError, match="tp_size"):
         init_distributed(tp_size=0)
     with pytest.raises(ValueError, match="divide the world size"):

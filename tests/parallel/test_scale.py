@@ -17,6 +17,7 @@ from instructrl_fast.train.config import LoopConfig, OptimConfig, PretrainConfig
 from instructrl_fast.train.pretrain import dp_micro_batches, pretrain
 
 CFG = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=32, dropout=0.2)
+ONE = dist.ParallelState.single()
 
 
 def _grads(model: GPT, idx: torch.Tensor, keys: torch.Tensor | None) -> list[torch.Tensor]:
@@ -28,7 +29,7 @@ def _grads(model: GPT, idx: torch.Tensor, keys: torch.Tensor | None) -> list[tor
 
 @pytest.mark.parametrize("keyed", [True, False], ids=["keyed-dropout", "global-rng-dropout"])
 def test_activation_checkpointing_gives_the_same_gradients(keyed):
-    model = build_gpt(CFG, seed=3)
+    model = build_gpt(CFG, state=ONE, seed=3)
     model.train()
     idx = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(0))
     keys = sample_keys(0, 5, torch.arange(3)) if keyed else None
@@ -62,11 +63,11 @@ def test_keyed_dropout_belongs_to_the_sample_and_position():
 
 
 def _pretrain_losses(tmp_path, precision: str) -> list[float]:
-    model = build_gpt(CFG.replace(dropout=0.0), seed=0, precision=precision)
+    model = build_gpt(CFG.replace(dropout=0.0), state=ONE, seed=0, precision=precision)
     chunks = torch.randint(0, 64, (32, 17), generator=torch.Generator().manual_seed(0))
     cfg = PretrainConfig(model="micro", n_docs=8, seq_len=16, batch_size=8, micro_batch_size=4, max_steps=6,
                          eval_batches=1, loop=LoopConfig(progress=False), optim=OptimConfig(lr=3e-3, warmup_steps=1))
-    pretrain(cfg, model, chunks, chunks[:8], tmp_path / precision)
+    pretrain(cfg, model, chunks, chunks[:8], tmp_path / precision, parallel=ONE)
     with open(tmp_path / precision / "metrics.csv", newline="") as f:
         return [float(r["loss"]) for r in csv.DictReader(f) if r["loss"]]
 
@@ -81,25 +82,25 @@ def test_bf16_losses_are_within_bf16_tolerance_of_fp32(tmp_path):
 
 
 def test_frozen_bf16_model_stores_bf16_and_trained_one_fp32():
-    frozen, trained = build_gpt(CFG, precision="bf16", frozen=True), build_gpt(CFG, precision="bf16")
+    frozen = build_gpt(CFG, state=ONE, precision="bf16", frozen=True)
+    trained = build_gpt(CFG, state=ONE, precision="bf16")
     assert {p.dtype for p in frozen.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in trained.parameters()} == {torch.float32}
     assert trained.setup_kv_cache(2, 8)[0].k_cache.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="precision"):
-        build_gpt(CFG, precision="fp16")
+        build_gpt(CFG, state=ONE, precision="fp16")
 
 
 def test_mesh_errors_name_the_numbers(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "6")
     with pytest.raises(ValueError, match=r"--tp \(4\) must divide the world size \(6"):
         init_distributed(4)
-    monkeypatch.setattr(dist, "_STATE", dist.ParallelState(rank=0, world_size=6, local_rank=0, tp_size=2, dp_size=3,
-                                                           device=torch.device("cpu")))
+    state = dist.ParallelState(rank=0, world_size=6, local_rank=0, tp_size=2, dp_size=3, device=torch.device("cpu"))
     with pytest.raises(ValueError, match=r"batch_size \(8\) must be a multiple of dp \(3\) x micro_batch_size \(2\)"):
-        dp_micro_batches(8, 2)
-    assert dp_micro_batches(12, 2) == 2
+        dp_micro_batches(8, 2, state.dp_size)
+    assert dp_micro_batches(12, 2, state.dp_size) == 2
     with pytest.raises(ValueError, match=r"rollout_batch_size \(8\) must be divisible by the data-parallel size \(3\)"):
-        dist.parallel_state().dp_share(torch.arange(8), "rollout_batch_size")
+        state.dp_share(torch.arange(8), "rollout_batch_size")
 
 
 def test_presets_choose_precision_and_checkpointing():
@@ -134,7 +135,7 @@ def test_sft_result_does_not_depend_on_the_micro_batch_size(tmp_path):
         model = micro_gpt(seed=1, dropout=0.2)
         cfg = SFTConfig(epochs=1, batch_size=8, micro_batch_size=micro, n_demos=16, select_every=1,
                         optim=OptimConfig(lr=1e-3), loop=LoopConfig(progress=False))
-        train_sft(cfg, model, tok, demos, demos[:4], tmp_path / f"micro{micro}")
+        train_sft(cfg, model, tok, demos, demos[:4], tmp_path / f"micro{micro}", parallel=ONE)
         weights.append(model.state_dict())
     for k, v in weights[0].items():
         torch.testing.assert_close(weights[1][k], v, atol=2e-6, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")

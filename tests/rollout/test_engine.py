@@ -200,7 +200,8 @@ def _mesh_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         state = make_state(TP, device=torch.device("cpu"))
-        models = {k: build_gpt(CFG, "scalar" if k in ("value", "rm") else "lm", seed=s) for k, s in SEEDS.items()}
+        models = {k: build_gpt(CFG, "scalar" if k in ("value", "rm") else "lm", state=state, seed=s)
+                  for k, s in SEEDS.items()}
         rm = RewardModel(models["rm"])
         ids, mask, keys = _prompts()
         rows = state.dp_share(torch.arange(B), "prompts")
@@ -217,7 +218,7 @@ def _mesh_worker(rank: int, init_file: str, out_dir: str) -> None:
                         - m.token_logprobs(s[:, :-1], s[:, 1:], a[:, :-1])).abs().max()
 
             # FSDP2 in bf16 (fp32 masters, bf16 gathered weights): the copy holds the gathered bf16 weights
-            p16 = build_gpt(CFG, seed=1, precision="bf16")
+            p16 = build_gpt(CFG, state=state, seed=1, precision="bf16")
             c16 = inference_copy(p16)
             gaps = [gap(copy, models["policy"]), gap(c16, p16)]
         result = {k: state.dp_gather(v) for k, v in {**vars(out), **exp}.items()}

@@ -5,6 +5,9 @@ import torch
 
 from instructrl_fast.data import ByteTokenizer, DemoTask, GoldLabeler
 from instructrl_fast.model import GPT, GPTConfig
+from instructrl_fast.parallel import ParallelState
+
+ONE = ParallelState.single()  # one process on the CPU: what every single-process trainer test runs on
 
 
 def micro_gpt(head: str = "lm", *, seed: int = 0, dropout: float = 0.0) -> GPT:

@@ -19,7 +19,7 @@ from instructrl_fast.train.loop import train
 from instructrl_fast.train.ppo import PPOStage
 from instructrl_fast.train.sft import SFTStage
 from instructrl_fast.weights import load_weights, save_weights
-from tests.train.conftest import assert_same_weights, micro_gpt
+from tests.train.conftest import ONE, assert_same_weights, micro_gpt
 from tests.train.test_ppo import _cfg as ppo_cfg
 from tests.train.test_ppo import _stage as ppo_stage
 
@@ -43,13 +43,14 @@ def _interrupt_at(stage, step: int):
     return stage
 
 
-def _sft_stage(tok, task, out):
+def _sft_stage(tok, task, out, parallel=ONE):
     cfg = SFTConfig(epochs=3, batch_size=4, micro_batch_size=2, n_demos=8, dropout=0.2, ptx_fraction=0.2,
                     optim=OptimConfig(lr=1e-3), loop=LoopConfig(ckpt_interval=2, progress=False))
     demos = [(d["prompt"], d["response"]) for d in task.demonstrations(8)]
     torch.manual_seed(0)
     chunks = torch.randint(0, 256, (16, 33))
-    return cfg, SFTStage(cfg, micro_gpt(dropout=0.2), tok, demos, demos[:2], chunks, out / "candidates")
+    return cfg, SFTStage(cfg, micro_gpt(dropout=0.2), tok, demos, demos[:2], chunks, out / "candidates",
+                         parallel=parallel)
 
 
 def test_sft_resume_is_bitwise_exact(tmp_path, tok, task):
@@ -158,7 +159,7 @@ _SCRIPT = textwrap.dedent("""
     from instructrl_fast.train.config import LoopConfig, OptimConfig, PretrainConfig
     from instructrl_fast.train.loop import train
     from instructrl_fast.train.pretrain import PretrainStage
-    from tests.train.conftest import micro_gpt
+    from tests.train.conftest import ONE, micro_gpt
 
     out, resume, slow = sys.argv[1], sys.argv[2] == "1", float(sys.argv[3])
     cfg = PretrainConfig(model="micro", seq_len=16, batch_size=4, micro_batch_size=2, max_steps=18, dropout=0.1,
@@ -166,7 +167,7 @@ _SCRIPT = textwrap.dedent("""
     tok = ByteTokenizer()
     chunks = chunk_corpus(DemoTask(0).pretraining_corpus(40), tok, 16)
     torch.manual_seed(0)
-    stage = PretrainStage(cfg, micro_gpt(dropout=0.1), chunks[:-4], chunks[-4:])
+    stage = PretrainStage(cfg, micro_gpt(dropout=0.1), chunks[:-4], chunks[-4:], parallel=ONE)
     step_fn = stage.after_step
     stage.after_step = lambda s: (step_fn(s), time.sleep(slow))
     train(stage, cfg.optim, cfg.loop, out, resume=resume)

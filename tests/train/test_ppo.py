@@ -10,7 +10,7 @@ from instructrl_fast.train.assembly import init_from
 from instructrl_fast.train.config import LoopConfig, OptimConfig, PPOConfig
 from instructrl_fast.train.ppo import PPOStage, ema_init, ema_update, load_ema, train_ppo
 from instructrl_fast.train.reward import RewardModel
-from tests.train.conftest import micro_gpt
+from tests.train.conftest import ONE, micro_gpt
 
 
 def _cfg(**kw):
@@ -28,7 +28,7 @@ def _stage(cfg, tok, task, corpus=True):
     prompts = [p.text for p in task.prompts("train", cfg.n_prompts)]
     g = torch.Generator().manual_seed(0)
     chunks = torch.randint(0, 256, (32, cfg.ptx_seq_len + 1), generator=g) if corpus else None
-    return PPOStage(cfg, policy, value, ref, rm, tok, prompts, chunks)
+    return PPOStage(cfg, policy, value, ref, rm, tok, prompts, chunks, parallel=ONE)
 
 
 def _grads(params):
@@ -100,14 +100,16 @@ def test_gold_fn_is_logged_per_rollout_and_checked(tok, task):
         calls.append((texts, responses))
         return [float(len(r)) for r in responses]
 
-    gold_stage = PPOStage(cfg, stage.policy, stage.value, stage.ref, stage.rm, tok, prompts, None, gold_fn=gold)
+    gold_stage = PPOStage(cfg, stage.policy, stage.value, stage.ref, stage.rm, tok, prompts, None, parallel=ONE,
+                          gold_fn=gold)
     exp = gold_stage.rollout(0)
     (texts, responses), = calls
     assert len(texts) == len(responses) == cfg.rollout_batch_size and set(texts) <= set(prompts)
     # the logged gold is the mean of gold_fn over the batch; here the response length in characters
     assert exp.stats["gold"].item() == pytest.approx(sum(len(r) for r in responses) / len(responses))
     with pytest.raises(TypeError, match="gold_fn"):
-        PPOStage(cfg, stage.policy, stage.value, stage.ref, stage.rm, tok, prompts, None, gold_fn="labeler")
+        PPOStage(cfg, stage.policy, stage.value, stage.ref, stage.rm, tok, prompts, None, parallel=ONE,
+                 gold_fn="labeler")
 
 
 def test_ppo_ptx_runs_and_logs(tmp_path, tok, task):
@@ -115,7 +117,8 @@ def test_ppo_ptx_runs_and_logs(tmp_path, tok, task):
     stage = _stage(cfg, tok, task)
     before = [p.detach().clone() for p in stage.policy.parameters()]
     ema, _ = train_ppo(cfg, stage.policy, stage.value, stage.ref, stage.rm, tok,
-                             [p.text for p in task.prompts("train", 8)], tmp_path, ptx_chunks=stage.ptx_chunks)
+                             [p.text for p in task.prompts("train", 8)], tmp_path, parallel=ONE,
+                             ptx_chunks=stage.ptx_chunks)
     # the returned EMA policy moved from the start, by less than decay^0 would: it is the average, not the last step
     assert ema is stage.policy
     assert any(not torch.equal(a, b) for a, b in zip(before, ema.parameters()))

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 from instructrl_fast.data import ByteTokenizer, DemoTask
 from instructrl_fast.model import GPT, GPTConfig
+from instructrl_fast.parallel import ParallelState
 from instructrl_fast.rng import sample_keys
 from instructrl_fast.rollout import generate
 from instructrl_fast.train.batching import step_indices
@@ -42,17 +43,18 @@ def _eos_prone_policy_state() -> dict[str, torch.Tensor]:
     return state
 
 
-def _stage(slots: int) -> PPOStage:
+def _stage(slots: int, state) -> PPOStage:
     from instructrl_fast.model import build_gpt
 
     cfg = PPOConfig(n_episodes=8, n_prompts=8, rollout_batch_size=8, minibatch_size=4, micro_batch_size=2,
                     rollout_micro_batch_size=slots, max_new_tokens=16, loop=LoopConfig(progress=False))
-    policy, ref = build_gpt(MCFG, seed=1), build_gpt(MCFG, seed=1)
+    policy, ref = build_gpt(MCFG, state=state, seed=1), build_gpt(MCFG, state=state, seed=1)
     for m in (policy, ref):
         m.load_full_state_dict(_eos_prone_policy_state())
-    value, rm = build_gpt(MCFG, "scalar", seed=9), RewardModel(build_gpt(MCFG, "scalar", seed=5))
+    value = build_gpt(MCFG, "scalar", state=state, seed=9)
+    rm = RewardModel(build_gpt(MCFG, "scalar", state=state, seed=5))
     prompts = [p.text for p in DemoTask(0).prompts("train", cfg.n_prompts)]
-    return PPOStage(cfg, policy, value, ref, rm, TOK, prompts, None)
+    return PPOStage(cfg, policy, value, ref, rm, TOK, prompts, None, parallel=state)
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -62,7 +64,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         state = make_state(1, device=torch.device("cpu"))
-        exp = _stage(slots=2).rollout(0)
+        exp = _stage(2, state).rollout(0)
         if state.is_main:
             torch.save({**{f: getattr(exp, f) for f in FIELDS}, **exp.stats}, os.path.join(out_dir, "exp.pt"))
         dist.barrier()  # neither rank tears the group down while the other still talks to it (gloo aborts)
@@ -79,7 +81,7 @@ def test_dp2_continuous_rollout_equals_one_process_one_prompt_at_a_time():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
         got = torch.load(os.path.join(tmp, "exp.pt"))
-    stage = _stage(slots=1)
+    stage = _stage(1, ParallelState.single())
     ref = stage.rollout(0)
     # the one-slot engine is generate() on each prompt alone, with the prompt's keys
     cfg, N = stage.cfg, stage.cfg.max_new_tokens

@@ -41,7 +41,7 @@ def _run(tmp_path, tok, task, fused: bool) -> list[dict[str, str]]:
     cfg = _cfg(ptx_coef=27.8, fused_actor_loss=fused)
     stage = _stage(cfg, tok, task)
     train_ppo(cfg, stage.policy, stage.value, stage.ref, stage.rm, tok, [p.text for p in task.prompts("train", 8)],
-              tmp_path, ptx_chunks=stage.ptx_chunks)
+              tmp_path, parallel=stage.parallel, ptx_chunks=stage.ptx_chunks)
     with open(tmp_path / "metrics.csv") as f:
         return [r for r in csv.DictReader(f) if r["loss"]]
 

@@ -37,7 +37,7 @@ def test_logged_first_step_is_on_policy(tmp_path, tok, task):
     cfg = _cfg(rollout_batch_size=4, minibatch_size=4, micro_batch_size=2, batch_invariant=True)
     stage = _stage(cfg, tok, task, corpus=False)
     train_ppo(cfg, stage.policy, stage.value, stage.ref, stage.rm, tok, [p.text for p in task.prompts("train", 8)],
-              tmp_path)
+              tmp_path, parallel=stage.parallel)
     with open(tmp_path / "metrics.csv") as f:
         first = next(r for r in csv.DictReader(f) if r["loss"])
     assert float(first["clipfrac"]) == 0.0 and float(first["approx_kl"]) == 0.0

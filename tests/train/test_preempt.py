@@ -200,8 +200,8 @@ def _signal_one_rank_worker(rank: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        make_state(1, device=torch.device("cpu"))
-        cfg, stage = _sft_stage(ByteTokenizer(), DemoTask(0), Path(out))
+        state = make_state(1, device=torch.device("cpu"))
+        cfg, stage = _sft_stage(ByteTokenizer(), DemoTask(0), Path(out), state)
         original = stage.micro_batches
 
         def micro_batches(step):

@@ -17,7 +17,7 @@ from instructrl_fast.train.reward import (
     score_texts,
     train_reward_model,
 )
-from tests.train.conftest import micro_gpt
+from tests.train.conftest import ONE, micro_gpt
 
 
 def _pairwise_reference(rm, tok, items):
@@ -83,7 +83,7 @@ def test_rm_training_lowers_the_loss_and_saves_the_bias(tmp_path, tok, task, lab
     with torch.no_grad():
         before = float(ranking_loss(rm(ids, mask), w, lo, wt)[0])
     demos = [(d["prompt"], d["response"]) for d in task.demonstrations(16)]
-    metrics = train_reward_model(cfg, rm, tok, data[:32], data[32:], demos, tmp_path)
+    metrics = train_reward_model(cfg, rm, tok, data[:32], data[32:], demos, tmp_path, parallel=ONE)
     with torch.no_grad():
         after = float(ranking_loss(rm(ids, mask), w, lo, wt)[0])
     assert after < before
