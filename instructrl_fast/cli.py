@@ -10,9 +10,11 @@ for bit. Scale out with torchrun: torchrun --nproc-per-node N -m instructrl_fast
 parallelism and N / T data-parallel replicas (FSDP2).
 `instructrl-fast COMMAND --help` lists a command's options.
 
-Structure (for adding a command): ``build_parser()`` declares every command with a one-line help and its options
-(shared ones through ``add_common_options`` / ``add_model_options``); ``COMMANDS`` maps each to its ``cmd_*``
-handler; ``main`` turns user errors into ``instructrl-fast CMD: error: ...`` and exit code 2.
+Structure (for adding a command): ``build_parser()`` calls one ``_<command>_parser`` per command, which declares it
+with a one-line help and its options (shared ones through ``add_common_options`` / ``add_model_options``);
+``COMMANDS`` maps each to its ``cmd_*`` handler, which parses, builds the configs and calls a stage (the commands'
+data and ``eval``'s evaluation live in ``train.commands``); ``main`` turns user errors into
+``instructrl-fast CMD: error: ...`` and exit code 2.
 """
 
 from __future__ import annotations
