@@ -91,6 +91,20 @@ def test_frozen_bf16_model_stores_bf16_and_trained_one_fp32():
         build_gpt(CFG, state=ONE, precision="fp16")
 
 
+def test_parallelize_gpt_applies_the_settings_and_refuses_another_tp_group():
+    from instructrl_fast.model import parallelize_gpt
+
+    with torch.device("meta"):
+        model = GPT(CFG)
+    with pytest.raises(ValueError, match="another tensor-parallel group"):
+        parallelize_gpt(model, dataclasses.replace(ONE, tp_group=object()))
+    with pytest.raises(ValueError, match="precision"):
+        parallelize_gpt(model, ONE, precision="fp16")
+    assert parallelize_gpt(model, ONE, precision="bf16", frozen=True, activation_checkpointing=True) is model
+    assert model.activation_checkpointing and model.compute_dtype == torch.bfloat16
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # frozen: stored in the compute dtype
+
+
 def test_mesh_errors_name_the_numbers(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "6")
     with pytest.raises(ValueError, match=r"--tp \(4\) must divide the world size \(6"):
