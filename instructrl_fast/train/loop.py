@@ -211,8 +211,9 @@ def train(stage: Stage, optim: OptimConfig, loop: LoopConfig, out_dir: str | os.
         start = state["step"]
     fields = ["lr", "grad_norm", "tokens_per_s", "mfu", *stage.metric_names]
     # one writer per file: the first rank logs; every rank computes (evaluation runs collectives under FSDP)
-    logger = MetricsLogger(out_dir, fields=fields, resume_step=start if start else None) if stage.parallel.is_main \
-        else None
+    logger = None
+    if stage.parallel.is_main:
+        logger = MetricsLogger(out_dir, fields=fields, resume_step=start if start else None)
     try:
         with preempt.listening():
             return _run(stage, optim, loop, ckpt_dir, start, logger)
