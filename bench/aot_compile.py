@@ -217,9 +217,12 @@ def _kl_cases(arch: Arch) -> list[Case]:
                               (Stand(dt), Stand(dt), Stand(FP32), N), kw))
             cases.append(Case("kl", "kl", "_kl_bwd_kernel", _dt(dt), f"{name} BLOCK={block}",
                               (Stand(FP32), Stand(dt), Stand(dt), Stand(FP32), Stand(FP32), N), kw))
-            cases.append(Case("kl", "kl", "_shape_rewards_kernel", _dt(dt), f"{name} B={B} T={T} BLOCK_T={block_t}",
-                              (Stand(dt), Stand(dt), Stand(dt), Stand(torch.uint8), Stand(FP32), T, 0.05),
-                              dict(ESTIMATOR=est, BLOCK_T=block_t)))
+            for packed in (False, True):
+                cases.append(Case("kl", "kl", "_shape_rewards_kernel", _dt(dt),
+                                  f"{name} B={B} T={T} BLOCK_T={block_t} PACKED={packed}",
+                                  (Stand(dt), Stand(dt), Stand(dt), Stand(torch.uint8), Stand(FP32),
+                                   Stand(torch.int32 if packed else FP32), T, 0.05),
+                                  dict(ESTIMATOR=est, PACKED=packed, BLOCK_T=block_t)))
     return cases
 
 
@@ -229,9 +232,12 @@ def _gae_cases(arch: Arch) -> list[Case]:
     for T in (1024, 4096):
         block_t, num_warps = gae.launch_config(T, CUDA)
         for dt in (FP32, BF16):
-            cases.append(Case("gae", "gae", "_gae_fwd_kernel", _dt(dt), f"T={T} BLOCK_T={block_t} warps={num_warps}",
-                              (Stand(dt), Stand(dt), Stand(torch.uint8), Stand(FP32), Stand(FP32), T, 1.0, 0.95),
-                              dict(BLOCK_T=block_t, num_warps=num_warps)))
+            for packed in (False, True):  # packed: one program per sequence, offsets from cu_seqlens (int32)
+                cu = Stand(torch.int32) if packed else Stand(FP32)
+                cases.append(Case("gae", "gae", "_gae_fwd_kernel", _dt(dt),
+                                  f"T={T} BLOCK_T={block_t} warps={num_warps} PACKED={packed}",
+                                  (Stand(dt), Stand(dt), Stand(torch.uint8), Stand(FP32), Stand(FP32), cu, T, 1.0,
+                                   0.95), dict(PACKED=packed, BLOCK_T=block_t, num_warps=num_warps)))
     return cases
 
 
@@ -260,15 +266,16 @@ def _ppo_loss_cases(arch: Arch) -> list[Case]:
         block_t, num_warps = ppo.launch_config(T, CUDA)
         C = triton.cdiv(T, block_t)
         for kind, code in ppo._KINDS.items():
-            for dt in (FP32, BF16):
-                cfg = f"{kind} B={B} T={T} BLOCK_T={block_t} warps={num_warps}"
-                kw = dict(KIND=code, BLOCK_T=block_t, num_warps=num_warps)
+            for dt, packed in ((FP32, False), (BF16, False), (BF16, True)):  # packed: cu_seqlens int32, C = 1
+                cfg = f"{kind} B={B} T={T} BLOCK_T={block_t} warps={num_warps} PACKED={packed}"
+                kw = dict(KIND=code, PACKED=packed, BLOCK_T=block_t, num_warps=num_warps)
+                cu = Stand(torch.int32) if packed else Stand(dt)
                 cases.append(Case("ppo_loss", "ppo_loss", "_ppo_loss_fwd_kernel", _dt(dt), cfg,
-                                  (Stand(dt), Stand(dt), Stand(dt), Stand(torch.uint8), Stand(FP32), B, T, C,
-                                   0.2, 0.28, 3.0), kw))
+                                  (Stand(dt), Stand(dt), Stand(dt), Stand(torch.uint8), Stand(FP32), cu, B, T,
+                                   1 if packed else C, 0.2, 0.28, 3.0), kw))
                 cases.append(Case("ppo_loss", "ppo_loss", "_ppo_loss_bwd_kernel", _dt(dt), cfg,
                                   (Stand(FP32), Stand(FP32), Stand(dt), Stand(dt), Stand(dt), Stand(torch.uint8),
-                                   Stand(FP32), T, 0.2, 0.28, 3.0), kw))
+                                   Stand(FP32), cu, T, 0.2, 0.28, 3.0), kw))
     return cases
 
 
@@ -279,16 +286,18 @@ def _policy_loss_cases(arch: Arch) -> list[Case]:
     params = {"clip_low": 0.2, "clip_high": 0.28, "dual": 3.0, "tau_pos": 1.0, "tau_neg": 1.05, "beta": 0.1,
               "trunc": 2.0}
     cases = []
-    variants = [(name, code, BF16, True) for name, code in pl.LOSS_TYPES.items()]
-    variants += [("vanilla", 0, FP32, True), ("vanilla", 0, BF16, False)]
-    for name, code, dt, weights in variants:
-        values = dict(params, B=B, T=T, C=triton.cdiv(T, block_t), TYPE=code, HAS_WEIGHTS=weights, BLOCK_T=block_t)
-        ptrs = {"logp_ptr": Stand(dt), "old_ptr": Stand(dt), "adv_ptr": Stand(dt), "mask_ptr": Stand(torch.uint8)}
+    variants = [(name, code, BF16, True, False) for name, code in pl.LOSS_TYPES.items()]
+    variants += [("vanilla", 0, FP32, True, False), ("vanilla", 0, BF16, False, False), ("gspo", 1, BF16, True, True)]
+    for name, code, dt, weights, packed in variants:
+        values = dict(params, B=B, T=T, C=1 if packed else triton.cdiv(T, block_t), TYPE=code, HAS_WEIGHTS=weights,
+                      PACKED=packed, BLOCK_T=block_t)
+        ptrs = {"logp_ptr": Stand(dt), "old_ptr": Stand(dt), "adv_ptr": Stand(dt), "mask_ptr": Stand(torch.uint8),
+                "cu_ptr": Stand(torch.int32 if packed else FP32)}
         for kernel in ("_policy_loss_fwd_kernel", "_policy_loss_bwd_kernel"):
             args, kwargs = _by_name("policy_loss", kernel, values, ptrs, num_warps=num_warps)
             cases.append(Case("policy_loss", "policy_loss", kernel, _dt(dt),
-                              f"{name} weights={weights} B={B} T={T} BLOCK_T={block_t} warps={num_warps}", args,
-                              kwargs))
+                              f"{name} weights={weights} B={B} T={T} BLOCK_T={block_t} warps={num_warps} "
+                              f"PACKED={packed}", args, kwargs))
     return cases
 
 

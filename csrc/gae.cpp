@@ -4,7 +4,8 @@
 //
 // The recurrence runs over each row's valid positions only, in order, skipping masked ones: for consecutive valid
 // positions t < t', delta_t = r_t + gamma * V_t' - V_t and A_t = delta_t + gamma * lam * A_t'; after the last valid
-// position V = 0 and A = 0. returns = A + V at valid positions; both are exactly 0 at masked positions.
+// position V = 0 and A = 0. returns = A + V at valid positions; both are exactly 0 at masked positions. With
+// cu_seqlens, rewards [1, total] is a packed batch and the recurrence runs over each sequence, ending at its end.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -22,15 +23,12 @@ void gae_rows_cpu(const scalar_t* rewards,  // [B, T]
                   const bool* mask,         // [B, T]
                   float* advantages,        // [B, T] out
                   float* returns,           // [B, T] out
-                  int64_t B, int64_t T, double gamma, double lam) {
+                  const RowSpans& rows, double gamma, double lam) {
   // At least GRAIN_SIZE tokens per task, so short rows are not spread over threads one by one.
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(T, 1));
-  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows.rows, rows.rows_per_task(at::internal::GRAIN_SIZE), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t row = b * T;
-      double next_value = 0.0, next_adv = 0.0;
-      for (int64_t t = T - 1; t >= 0; --t) {
-        const int64_t i = row + t;
+      double next_value = 0.0, next_adv = 0.0;  // the episode ends at the row's (sequence's) end
+      for (int64_t i = rows.end(b) - 1; i >= rows.begin(b); --i) {
         if (!mask[i]) {
           advantages[i] = 0.0f;
           returns[i] = 0.0f;
@@ -48,8 +46,11 @@ void gae_rows_cpu(const scalar_t* rewards,  // [B, T]
 }
 
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
-                                           const at::Tensor& mask, double gamma, double lam) {
+                                           const at::Tensor& mask, double gamma, double lam,
+                                           const std::optional<at::Tensor>& cu_seqlens) {
   check_gae_args(rewards, values, mask, gamma, lam);
+  at::Tensor offsets;
+  const RowSpans rows = row_spans(rewards, cu_seqlens, offsets);
   const auto inputs = in_common_dtype({rewards, values});
   const int64_t B = rewards.size(0), T = rewards.size(1);
   auto advantages = at::empty({B, T}, rewards.options().dtype(at::kFloat));
@@ -57,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
   INSTRUCTRL_FAST_DISPATCH_FLOAT(inputs[0].scalar_type(), "gae_cpu", [&] {
     gae_rows_cpu<scalar_t>(inputs[0].const_data_ptr<scalar_t>(), inputs[1].const_data_ptr<scalar_t>(),
                            mask.const_data_ptr<bool>(), advantages.mutable_data_ptr<float>(),
-                           returns.mutable_data_ptr<float>(), B, T, gamma, lam);
+                           returns.mutable_data_ptr<float>(), rows, gamma, lam);
   });
   return {advantages, returns};
 }
@@ -66,7 +67,9 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
 }  // namespace instructrl_fast::rl
 
 TORCH_LIBRARY_FRAGMENT(instructrl_fast, m) {
-  m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
+  m.def(
+      "gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam, Tensor? cu_seqlens=None) -> "
+      "(Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(instructrl_fast, CPU, m) {

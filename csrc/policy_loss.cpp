@@ -3,7 +3,8 @@
 // PolicyTypeTerm; autograd and the fake impls are registered from instructrl_fast/ops/policy_loss.py.
 //
 // As csrc/ppo_loss.cpp: per-row partial sums in parallel over rows, then a serial fold in row order (the result does
-// not depend on the number of threads); importance weights multiply the per-token loss and its gradient.
+// not depend on the number of threads; with cu_seqlens a row is a sequence of a packed batch); importance weights
+// multiply the per-token loss and its gradient.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -16,13 +17,9 @@
 namespace instructrl_fast::rl {
 namespace {
 
-int64_t grain_rows(int64_t T) {
-  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(T, 1));
-}
-
 PolicyTypeTerm check_args(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
                           const at::Tensor& mask, const std::optional<at::Tensor>& weights, const at::Tensor& shift,
-                          int64_t loss_type, at::ArrayRef<double> params) {
+                          int64_t loss_type, at::ArrayRef<double> params, const RowSpans& spans) {
   check_rows(logp, "logp");
   check_rows_like(old_logp, "old_logp", logp, "logp");
   check_rows_like(advantages, "advantages", logp, "logp");
@@ -31,8 +28,8 @@ PolicyTypeTerm check_args(const at::Tensor& logp, const at::Tensor& old_logp, co
     TORCH_CHECK(weights->scalar_type() == at::kFloat && weights->sizes() == logp.sizes() && weights->is_contiguous(),
                 "weights must be a contiguous float32 tensor of the shape of logp ", logp.sizes());
   }
-  TORCH_CHECK(shift.scalar_type() == at::kFloat && shift.dim() == 1 && shift.size(0) == logp.size(0),
-              "shift must be a float32 [B] tensor");
+  TORCH_CHECK(shift.scalar_type() == at::kFloat && shift.dim() == 1 && shift.size(0) == spans.rows,
+              "shift must be a float32 [B] tensor (B: rows, or packed sequences)");
   TORCH_CHECK(loss_type == kVanilla || loss_type == kGspo || loss_type == kSapo || loss_type == kGpg ||
                   loss_type == kReinforce || loss_type == kDro || loss_type == kCispo || loss_type == kDppoTv ||
                   loss_type == kDppoKl,
@@ -42,20 +39,20 @@ PolicyTypeTerm check_args(const at::Tensor& logp, const at::Tensor& old_logp, co
   return {loss_type, f(0), f(1), f(2), f(3), f(4), f(5), f(6)};
 }
 
-// Runs `fn(b, i, term)` for every valid token i of every row b, rows in parallel.
+// Runs `fn(b, i, term)` for every valid token i of every row (packed sequence) b, rows in parallel.
 template <typename Fn>
 void for_valid_tokens(const PolicyTypeTerm& term, const at::Tensor& logp, const at::Tensor& old_logp,
-                      const at::Tensor& advantages, const at::Tensor& mask, const at::Tensor& shift, Fn fn) {
-  const int64_t B = logp.size(0), T = logp.size(1);
+                      const at::Tensor& advantages, const at::Tensor& mask, const at::Tensor& shift,
+                      const RowSpans& spans, Fn fn) {
   const bool* mp = mask.const_data_ptr<bool>();          // [B, T]
   const float* sp = shift.const_data_ptr<float>();       // [B]
   INSTRUCTRL_FAST_DISPATCH_FLOAT(logp.scalar_type(), "policy_loss_cpu", [&] {
     const scalar_t* xp = logp.const_data_ptr<scalar_t>();        // [B, T]
     const scalar_t* op = old_logp.const_data_ptr<scalar_t>();    // [B, T]
     const scalar_t* ap = advantages.const_data_ptr<scalar_t>();  // [B, T]
-    at::parallel_for(0, B, grain_rows(T), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, spans.rows, spans.rows_per_task(at::internal::GRAIN_SIZE), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        for (int64_t i = b * T; i < (b + 1) * T; ++i) {
+        for (int64_t i = spans.begin(b); i < spans.end(b); ++i) {
           if (!mp[i]) continue;  // padding never enters, whatever it holds (even inf / NaN)
           fn(b, i, term(static_cast<float>(xp[i]), static_cast<float>(op[i]), static_cast<float>(ap[i]), sp[b]));
         }
@@ -67,15 +64,17 @@ void for_valid_tokens(const PolicyTypeTerm& term, const at::Tensor& logp, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
     const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages, const at::Tensor& mask,
     const std::optional<at::Tensor>& weights, const at::Tensor& shift, int64_t loss_type, at::ArrayRef<double> params,
-    int64_t reduction) {
-  const auto term = check_args(logp, old_logp, advantages, mask, weights, shift, loss_type, params);
+    int64_t reduction, const std::optional<at::Tensor>& cu_seqlens) {
+  at::Tensor offsets;
+  const RowSpans spans = row_spans(logp, cu_seqlens, offsets);
+  const auto term = check_args(logp, old_logp, advantages, mask, weights, shift, loss_type, params, spans);
   const auto mode = check_reduction(reduction);
   const auto in = in_common_dtype({logp, old_logp, advantages});
-  const int64_t B = logp.size(0);
+  const int64_t B = spans.rows;
   const float* wp = weights.has_value() ? weights->const_data_ptr<float>() : nullptr;
   std::vector<RowPartial<double>> rows(B, RowPartial<double>{});
   std::vector<int64_t> lower(B, 0);
-  for_valid_tokens(term, in[0], in[1], in[2], mask, shift, [&](int64_t b, int64_t i, const TypedTerm& tok) {
+  for_valid_tokens(term, in[0], in[1], in[2], mask, shift, spans, [&](int64_t b, int64_t i, const TypedTerm& tok) {
     TokenTerm weighted = tok.term;
     if (wp != nullptr) weighted.loss *= wp[i];
     add_token(rows[b], weighted);  // row b is owned by one task
@@ -100,22 +99,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
 at::Tensor policy_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logp, const at::Tensor& old_logp,
                                     const at::Tensor& advantages, const at::Tensor& mask,
                                     const std::optional<at::Tensor>& weights, const at::Tensor& shift,
-                                    int64_t loss_type, at::ArrayRef<double> params, int64_t reduction) {
-  const auto term = check_args(logp, old_logp, advantages, mask, weights, shift, loss_type, params);
+                                    int64_t loss_type, at::ArrayRef<double> params, int64_t reduction,
+                                    const std::optional<at::Tensor>& cu_seqlens) {
+  at::Tensor offsets;
+  const RowSpans spans = row_spans(logp, cu_seqlens, offsets);
+  const auto term = check_args(logp, old_logp, advantages, mask, weights, shift, loss_type, params, spans);
   check_grad_loss(grad_loss, logp);
   const auto mode = check_reduction(reduction);
   const auto in = in_common_dtype({logp, old_logp, advantages});
-  const int64_t B = logp.size(0), T = logp.size(1);
+  const int64_t B = spans.rows;
   const bool* mp = mask.const_data_ptr<bool>();
   std::vector<int64_t> row_count(B, 0);
-  for (int64_t b = 0; b < B; ++b) row_count[b] = std::count(mp + b * T, mp + (b + 1) * T, true);
+  for (int64_t b = 0; b < B; ++b) row_count[b] = std::count(mp + spans.begin(b), mp + spans.end(b), true);
   int64_t total_count = 0;
   for (int64_t n : row_count) total_count += n;
   const float g = grad_loss.item<float>();  // a CPU scalar: reading it is no device sync
   const float* wp = weights.has_value() ? weights->const_data_ptr<float>() : nullptr;
-  auto grad = at::zeros({B, T}, logp.options().dtype(at::kFloat));
+  auto grad = at::zeros(logp.sizes(), logp.options().dtype(at::kFloat));
   float* gp = grad.mutable_data_ptr<float>();
-  for_valid_tokens(term, in[0], in[1], in[2], mask, shift, [&](int64_t b, int64_t i, const TypedTerm& tok) {
+  for_valid_tokens(term, in[0], in[1], in[2], mask, shift, spans, [&](int64_t b, int64_t i, const TypedTerm& tok) {
     const float w = wp != nullptr ? wp[i] : 1.0f;
     gp[i] = g * token_weight(mode, B, total_count, row_count[b]) * w * tok.term.grad;
   });
@@ -128,11 +130,12 @@ at::Tensor policy_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tenso
 TORCH_LIBRARY_FRAGMENT(instructrl_fast, m) {
   m.def(
       "policy_loss(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, Tensor? weights, Tensor shift, "
-      "int loss_type, float[] params, int reduction) -> (Tensor loss, Tensor clipfrac, Tensor approx_kl, "
-      "Tensor clipfrac_lower)");
+      "int loss_type, float[] params, int reduction, Tensor? cu_seqlens=None) -> (Tensor loss, Tensor clipfrac, "
+      "Tensor approx_kl, Tensor clipfrac_lower)");
   m.def(
       "policy_loss_backward(Tensor grad_loss, Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, "
-      "Tensor? weights, Tensor shift, int loss_type, float[] params, int reduction) -> Tensor");
+      "Tensor? weights, Tensor shift, int loss_type, float[] params, int reduction, Tensor? cu_seqlens=None) -> "
+      "Tensor");
 }
 
 TORCH_LIBRARY_IMPL(instructrl_fast, CPU, m) {

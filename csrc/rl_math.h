@@ -6,9 +6,11 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <vector>
 
 namespace instructrl_fast::rl {
@@ -63,6 +65,40 @@ inline void check_grad_loss(const at::Tensor& grad_loss, const at::Tensor& like)
   TORCH_CHECK(grad_loss.scalar_type() == at::kFloat, "grad_loss must be float32, got ", grad_loss.scalar_type());
   TORCH_CHECK(grad_loss.device() == like.device(), "grad_loss is on ", grad_loss.device(), " but the inputs are on ",
               like.device());
+}
+
+// Where row b of a batch lies in the flat token array: row b of a [B, T] batch is [b * T, (b + 1) * T); sequence b
+// of a packed batch ([1, total] tokens, cu_seqlens [B + 1] cumulative offsets) is [cu[b], cu[b + 1]).
+struct RowSpans {
+  const int64_t* offsets;  // [B + 1] cumulative offsets, or nullptr for rows of T tokens
+  int64_t rows;            // B: rows or packed sequences
+  int64_t T;               // tokens per row; for a packed batch the total
+  int64_t begin(int64_t b) const { return offsets != nullptr ? offsets[b] : b * T; }
+  int64_t end(int64_t b) const { return offsets != nullptr ? offsets[b + 1] : (b + 1) * T; }
+  // Rows per parallel task for at least `grain_size` tokens each (rows of the mean length for a packed batch).
+  int64_t rows_per_task(int64_t grain_size) const {
+    const int64_t len = offsets != nullptr ? T / (rows > 1 ? rows : 1) : T;
+    return std::max<int64_t>(1, grain_size / std::max<int64_t>(len, 1));
+  }
+};
+
+// The rows of `x` [B, T], or with `cu_seqlens` the sequences of the packed `x` [1, total]. CPU only: the offsets are
+// read (and checked: 0 first, total last, non-decreasing) on the host. `holder` keeps their int64 copy alive.
+inline RowSpans row_spans(const at::Tensor& x, const std::optional<at::Tensor>& cu_seqlens, at::Tensor& holder) {
+  if (!cu_seqlens.has_value()) return {nullptr, x.size(0), x.size(1)};
+  const at::Tensor& cu = *cu_seqlens;
+  TORCH_CHECK(x.size(0) == 1, "a packed batch (cu_seqlens given) must be [1, total], got shape ", x.sizes());
+  TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 1 && (cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong),
+              "cu_seqlens must be a 1-D int32 or int64 tensor [n_seq + 1], got ", cu.scalar_type(), " of shape ",
+              cu.sizes());
+  TORCH_CHECK(cu.device() == x.device(), "cu_seqlens is on ", cu.device(), " but the inputs are on ", x.device());
+  holder = cu.to(at::kLong).contiguous();
+  const int64_t* o = holder.const_data_ptr<int64_t>();
+  const int64_t S = cu.numel() - 1, total = x.size(1);
+  TORCH_CHECK(o[0] == 0 && o[S] == total, "cu_seqlens must start at 0 and end at the number of tokens ", total,
+              ", got ", o[0], " and ", o[S]);
+  for (int64_t b = 0; b < S; ++b) TORCH_CHECK(o[b] <= o[b + 1], "cu_seqlens must be non-decreasing");
+  return {o, S, total};
 }
 
 // The kernels read every float input in one dtype: inputs that already agree are passed through untouched; mixed

@@ -12,6 +12,9 @@ A_t = S_t at valid positions. Each recurrence is the reverse associative scan of
 assumes a zero state on its right and gets the true state as x_t = a_t + (prod_{s>=t} c_s) * carry, where carry is
 the state at the first position of the chunk processed before (the one on the right). So any T runs in BLOCK_T
 registers. All arithmetic is fp32.
+
+A packed batch (PACKED, ``cu_seqlens`` [S + 1] offsets into one [1, N] row) runs one program per sequence over its
+tokens [cu_seqlens[s], cu_seqlens[s + 1]): the same scan, so the state is 0 past each sequence's end.
 """
 
 import torch
@@ -34,12 +37,19 @@ def _gae_fwd_kernel(
     mask_ptr,  # [B, T] contiguous uint8 (a bool mask viewed as bytes)
     adv_ptr,  # [B, T] fp32 out: advantages, 0 at masked positions
     ret_ptr,  # [B, T] fp32 out: returns = advantages + values, 0 at masked positions
-    T,
+    cu_ptr,  # [B + 1] int32/int64 sequence offsets into a [1, N] row when PACKED (B sequences), else unused
+    T_rows,  # T, the row length (unused when PACKED)
     gamma,
     gamma_lam,  # gamma * lam
+    PACKED: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    row_start = tl.program_id(0).to(tl.int64) * T  # int64: B * T may pass 2^31
+    if PACKED:
+        row_start = tl.load(cu_ptr + tl.program_id(0)).to(tl.int64)
+        T = (tl.load(cu_ptr + tl.program_id(0) + 1).to(tl.int64) - row_start).to(tl.int32)
+    else:
+        row_start = tl.program_id(0).to(tl.int64) * T_rows  # int64: B * T may pass 2^31
+        T = T_rows
     next_value = 0.0  # y at the first position of the chunk on the right (0 past the row's end)
     next_adv = 0.0  # S at the first position of the chunk on the right
     n_chunks = tl.cdiv(T, BLOCK_T)
@@ -78,17 +88,23 @@ def launch_config(T: int, device: torch.device) -> tuple[int, int]:
     return block_t, 4 if block_t <= 1024 else 8
 
 
-def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
-    """rewards, values [B, T] contiguous (any float dtype), mask [B, T] contiguous bool -> (adv, returns) fp32."""
+def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
+            cu_seqlens: torch.Tensor | None = None):
+    """rewards, values [B, T] contiguous (any float dtype), mask [B, T] contiguous bool -> (adv, returns) fp32.
+
+    With cu_seqlens [S + 1] (int32/int64), the inputs are one packed row [1, N] of S sequences.
+    """
     B, T = rewards.shape
     adv = torch.empty((B, T), dtype=torch.float32, device=rewards.device)
     ret = torch.empty_like(adv)
     if adv.numel() == 0:
         return adv, ret
-    block_t, num_warps = launch_config(T, rewards.device)
+    block_t, num_warps = launch_config(T, rewards.device)  # a packed sequence is at most the row's T = N tokens
+    rows = B if cu_seqlens is None else cu_seqlens.numel() - 1
     with on_device(rewards):
-        _gae_fwd_kernel[(B,)](
-            rewards, values, mask.view(torch.uint8), adv, ret, T, gamma, gamma * lam,
-            BLOCK_T=block_t, num_warps=num_warps, enable_fp_fusion=FP_FUSION,
+        _gae_fwd_kernel[(rows,)](
+            rewards, values, mask.view(torch.uint8), adv, ret, adv if cu_seqlens is None else cu_seqlens, T, gamma,
+            gamma * lam, PACKED=cu_seqlens is not None, BLOCK_T=block_t, num_warps=num_warps,
+            enable_fp_fusion=FP_FUSION,
         )
     return adv, ret

@@ -88,13 +88,20 @@ def _shape_rewards_kernel(
     ref_logp_ptr,  # [B, T] contiguous, any float dtype
     mask_ptr,  # [B, T] contiguous uint8 (a bool mask viewed as bytes)
     rewards_ptr,  # [B, T] fp32 out
-    T,
+    cu_ptr,  # [B + 1] int32/int64 sequence offsets into a packed [1, N] row when PACKED (B sequences), else unused
+    T_rows,  # T, the row length (unused when PACKED)
     kl_coef,
     ESTIMATOR: tl.constexpr,
+    PACKED: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    row_start = row * T
+    if PACKED:  # a sequence of a packed row is a row of its own
+        row_start = tl.load(cu_ptr + row).to(tl.int64)
+        T = (tl.load(cu_ptr + row + 1).to(tl.int64) - row_start).to(tl.int32)
+    else:
+        row_start = row * T_rows
+        T = T_rows
     # pass 1: the last valid position (reads only the mask); -1 for a fully masked row
     last = -1
     for start in range(0, T, BLOCK_T):
@@ -149,15 +156,19 @@ def kl_bwd(grad_kl: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, es
     return grad_logp, grad_ref_logp
 
 
-def shape_rewards_fwd(scores, logp, ref_logp, mask, kl_coef: float, estimator: int) -> torch.Tensor:
-    """scores [B], logp / ref_logp [B, T] contiguous, mask [B, T] contiguous bool -> rewards [B, T] fp32."""
+def shape_rewards_fwd(scores, logp, ref_logp, mask, kl_coef: float, estimator: int,
+                      cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """scores [B], logp / ref_logp [B, T] contiguous, mask [B, T] contiguous bool -> rewards [B, T] fp32; or a
+    packed [1, N] row of S sequences with cu_seqlens [S + 1] and scores [S] (one program per sequence)."""
     B, T = logp.shape
     rewards = torch.empty((B, T), dtype=torch.float32, device=logp.device)
-    if rewards.numel():
+    rows = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if rewards.numel() and rows:
         BLOCK_T = _block(T, logp.device, GPU_BLOCK_T)
         with on_device(logp):
-            _shape_rewards_kernel[(B,)](
-                scores, logp, ref_logp, mask.view(torch.uint8), rewards, T, kl_coef, ESTIMATOR=estimator,
-                BLOCK_T=BLOCK_T, enable_fp_fusion=FP_FUSION,
+            _shape_rewards_kernel[(rows,)](
+                scores, logp, ref_logp, mask.view(torch.uint8), rewards, logp if cu_seqlens is None else cu_seqlens,
+                T, kl_coef, ESTIMATOR=estimator, PACKED=cu_seqlens is not None, BLOCK_T=BLOCK_T,
+                enable_fp_fusion=FP_FUSION,
             )
     return rewards

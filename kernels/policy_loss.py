@@ -5,7 +5,9 @@ mean passed in as ``shift``), sapo, gpg, reinforce, dro, cispo, dppo_tv, dppo_kl
 Like kernels/ppo_loss.py: the grid is (B, cdiv(T, BLOCK_T)); the forward writes per-(row, chunk) partial sums
 [5, B, C] (weighted loss, valid count, clipped, -log-ratio, lower-clipped), finished on the device by
 ``kernels.ppo_loss._finish`` into the reduction and ``row_scale`` [B] = d loss / d l_t; the backward recomputes the
-token's term and multiplies its derivative by the weight, row_scale and the upstream gradient.
+token's term and multiplies its derivative by the weight, row_scale and the upstream gradient. A packed batch
+(PACKED, ``cu_seqlens``) runs one program per sequence, as there (``kernels.ppo_loss.row_span``); ``shift`` is then
+per sequence.
 """
 
 import torch
@@ -13,7 +15,7 @@ import triton
 import triton.language as tl
 
 from instructrl_fast.kernels._launch import FP_FUSION, on_device
-from instructrl_fast.kernels.ppo_loss import _block_t, _finish, launch_config
+from instructrl_fast.kernels.ppo_loss import _finish, grid_shape, row_span
 
 VANILLA = tl.constexpr(0)
 GSPO = tl.constexpr(1)
@@ -116,28 +118,41 @@ def _policy_loss_fwd_kernel(
     weights_ptr,  # [B, T] contiguous fp32 importance weights (read only when HAS_WEIGHTS)
     shift_ptr,  # [B] fp32: gspo's per-row mean log-ratio (else unused)
     partial_ptr,  # [5, B, C] fp32 out: per-chunk sums (loss * w, count, clipped, -log-ratio, lower-clipped)
+    cu_ptr,  # [B + 1] int32/int64 sequence offsets when PACKED (then C = 1), else unused
     B, T, C,
     clip_low, clip_high, dual, tau_pos, tau_neg, beta, trunc,
     TYPE: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
+    PACKED: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    t = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
-    in_row = t < T
-    offs = row * T + t  # int64: B * T may pass 2^31
-    valid, logp, old, adv, w = _load(logp_ptr, old_ptr, adv_ptr, mask_ptr, weights_ptr, offs, in_row, HAS_WEIGHTS)
+    start, end, first, last = row_span(cu_ptr, row, chunk, T, BLOCK_T, PACKED)
     shift = tl.load(shift_ptr + row)
-    loss, clipped, lower, _, kl = _loss_token(logp, old, adv, shift, clip_low, clip_high, dual, tau_pos, tau_neg,
-                                              beta, trunc, TYPE)
+    loss_sum = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    count = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    clip_count = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    kl_sum = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    lower_count = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for c in range(first, last):
+        offs = start + c * BLOCK_T + tl.arange(0, BLOCK_T)
+        valid, logp, old, adv, w = _load(logp_ptr, old_ptr, adv_ptr, mask_ptr, weights_ptr, offs, offs < end,
+                                         HAS_WEIGHTS)
+        loss, clipped, lower, _, kl = _loss_token(logp, old, adv, shift, clip_low, clip_high, dual, tau_pos,
+                                                  tau_neg, beta, trunc, TYPE)
+        loss_sum += tl.where(valid, loss * w, 0.0)
+        count += valid.to(tl.float32)
+        clip_count += (valid & clipped).to(tl.float32)
+        kl_sum += tl.where(valid, kl, 0.0)
+        lower_count += (valid & lower).to(tl.float32)
     out = partial_ptr + row * C + chunk
     plane = B * C
-    tl.store(out, tl.sum(tl.where(valid, loss * w, 0.0), axis=0))
-    tl.store(out + plane, tl.sum(valid.to(tl.float32), axis=0))
-    tl.store(out + 2 * plane, tl.sum((valid & clipped).to(tl.float32), axis=0))
-    tl.store(out + 3 * plane, tl.sum(tl.where(valid, kl, 0.0), axis=0))
-    tl.store(out + 4 * plane, tl.sum((valid & lower).to(tl.float32), axis=0))
+    tl.store(out, tl.sum(loss_sum, axis=0))
+    tl.store(out + plane, tl.sum(count, axis=0))
+    tl.store(out + 2 * plane, tl.sum(clip_count, axis=0))
+    tl.store(out + 3 * plane, tl.sum(kl_sum, axis=0))
+    tl.store(out + 4 * plane, tl.sum(lower_count, axis=0))
 
 
 @triton.jit
@@ -146,54 +161,61 @@ def _policy_loss_bwd_kernel(
     row_scale_ptr,  # [B] fp32: d loss / d l_t for a valid token of each row (from the forward)
     logp_ptr, old_ptr, adv_ptr, mask_ptr, weights_ptr, shift_ptr,  # as in the forward
     grad_ptr,  # [B, T] fp32 out: d loss / d logp
+    cu_ptr,  # [B + 1] int32/int64 sequence offsets when PACKED, else unused
     T,
     clip_low, clip_high, dual, tau_pos, tau_neg, beta, trunc,
     TYPE: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
+    PACKED: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    in_row = t < T
-    offs = row * T + t
-    valid, logp, old, adv, w = _load(logp_ptr, old_ptr, adv_ptr, mask_ptr, weights_ptr, offs, in_row, HAS_WEIGHTS)
+    start, end, first, last = row_span(cu_ptr, row, tl.program_id(1), T, BLOCK_T, PACKED)
     shift = tl.load(shift_ptr + row)
-    _, _, _, grad, _ = _loss_token(logp, old, adv, shift, clip_low, clip_high, dual, tau_pos, tau_neg, beta, trunc,
-                                   TYPE)
     scale = tl.load(grad_loss_ptr) * tl.load(row_scale_ptr + row)
-    tl.store(grad_ptr + offs, tl.where(valid, grad * w * scale, 0.0), mask=in_row)
+    for c in range(first, last):
+        offs = start + c * BLOCK_T + tl.arange(0, BLOCK_T)
+        in_row = offs < end
+        valid, logp, old, adv, w = _load(logp_ptr, old_ptr, adv_ptr, mask_ptr, weights_ptr, offs, in_row,
+                                         HAS_WEIGHTS)
+        _, _, _, grad, _ = _loss_token(logp, old, adv, shift, clip_low, clip_high, dual, tau_pos, tau_neg, beta,
+                                       trunc, TYPE)
+        tl.store(grad_ptr + offs, tl.where(valid, grad * w * scale, 0.0), mask=in_row)
 
 
-def _launch(kernel, grid, B, T, weights, args, params, loss_type):
-    BLOCK_T, num_warps = launch_config(T, args[0].device)
-    kernel[grid(BLOCK_T)](*args, *params, TYPE=loss_type, HAS_WEIGHTS=weights is not None, BLOCK_T=BLOCK_T,
-                          num_warps=num_warps, enable_fp_fusion=FP_FUSION)
+def _launch(kernel, x, cu_seqlens, weights, args, params, loss_type):
+    rows, C, BLOCK_T, num_warps = grid_shape(x, cu_seqlens)
+    if x.numel() and rows:
+        with on_device(x):
+            kernel[(rows, C)](*args, *params, TYPE=loss_type, HAS_WEIGHTS=weights is not None,
+                              PACKED=cu_seqlens is not None, BLOCK_T=BLOCK_T, num_warps=num_warps,
+                              enable_fp_fusion=FP_FUSION)
 
 
-def policy_loss_fwd(logp, old, adv, mask, weights, shift, loss_type: int, params, reduction: int):
-    """Forward on [B, T] contiguous inputs (weights fp32 or None, shift [B] fp32); params = (clip_low, clip_high,
-    dual, tau_pos, tau_neg, beta, trunc). Returns (loss, clipfrac, approx_kl, clipfrac_lower, row_scale [B])."""
-    B, T = logp.shape
-    C = triton.cdiv(T, _block_t(T, logp.device))
-    partials = torch.zeros((5, B, max(C, 1)), dtype=torch.float32, device=logp.device)
-    if logp.numel():
-        w = logp if weights is None else weights  # a placeholder pointer when unused
-        with on_device(logp):
-            _launch(_policy_loss_fwd_kernel, lambda bt: (B, triton.cdiv(T, bt)), B, T, weights,
-                    (logp, old, adv, mask.view(torch.uint8), w, shift, partials, B, T, C), params, loss_type)
+def policy_loss_fwd(logp, old, adv, mask, weights, shift, loss_type: int, params, reduction: int,
+                    cu_seqlens: torch.Tensor | None = None):
+    """Forward on [B, T] contiguous inputs (weights fp32 or None, shift [B] fp32), or on a packed [1, N] row with
+    ``cu_seqlens`` [S + 1] (shift [S]); params = (clip_low, clip_high, dual, tau_pos, tau_neg, beta, trunc).
+    Returns (loss, clipfrac, approx_kl, clipfrac_lower, row_scale [B or S])."""
+    rows, C, _, _ = grid_shape(logp, cu_seqlens)
+    partials = torch.zeros((5, rows, max(C, 1)), dtype=torch.float32, device=logp.device)
+    w = logp if weights is None else weights  # placeholder pointers when unused
+    cu = logp if cu_seqlens is None else cu_seqlens
+    _launch(_policy_loss_fwd_kernel, logp, cu_seqlens, weights,
+            (logp, old, adv, mask.view(torch.uint8), w, shift, partials, cu, rows, logp.shape[1], C), params,
+            loss_type)
     loss, clipfrac, approx_kl, row_scale = _finish(partials[:4], reduction)
     lower = partials[4].sum() / partials[1].sum().clamp(min=1.0)
     return loss, clipfrac, approx_kl, lower, row_scale
 
 
-def policy_loss_bwd(grad_loss, row_scale, logp, old, adv, mask, weights, shift, loss_type: int, params):
+def policy_loss_bwd(grad_loss, row_scale, logp, old, adv, mask, weights, shift, loss_type: int, params,
+                    cu_seqlens: torch.Tensor | None = None):
     """d loss / d logp [B, T] fp32 (see policy_loss_fwd)."""
-    B, T = logp.shape
-    grad = torch.empty((B, T), dtype=torch.float32, device=logp.device)
-    if logp.numel():
-        w = logp if weights is None else weights
-        with on_device(logp):
-            _launch(_policy_loss_bwd_kernel, lambda bt: (B, triton.cdiv(T, bt)), B, T, weights,
-                    (grad_loss.float().contiguous(), row_scale, logp, old, adv, mask.view(torch.uint8), w, shift,
-                     grad, T), params, loss_type)
+    grad = torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
+    w = logp if weights is None else weights
+    cu = logp if cu_seqlens is None else cu_seqlens
+    _launch(_policy_loss_bwd_kernel, logp, cu_seqlens, weights,
+            (grad_loss.float().contiguous(), row_scale, logp, old, adv, mask.view(torch.uint8), w, shift, grad, cu,
+             logp.shape[1]), params, loss_type)
     return grad

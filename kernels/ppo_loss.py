@@ -5,6 +5,9 @@ each program handles one chunk of one row. The forward writes per-(row, chunk) p
 m, clipped * m and, for the policy loss, (old_logp - logp) * m); the launcher finishes them on the device into the
 reduction and into `row_scale` [B], d loss / d l_t for a valid token of row b, which the backward uses so it never
 reduces again. The backward recomputes the per-token branch (cheap, elementwise) instead of saving it.
+
+A packed batch (PACKED: one [1, N] row of S sequences at the offsets ``cu_seqlens`` [S + 1]) runs one program per
+sequence that loops over the sequence's chunks (``row_span``), so its rows are the sequences: partials [K, S, 1].
 """
 
 import torch
@@ -66,12 +69,30 @@ def _load_token_terms(x_ptr, x_old_ptr, y_ptr, mask_ptr, offs, in_row, p0, p1, p
 
 
 @triton.jit
+def row_span(cu_ptr, row, chunk, T, BLOCK_T: tl.constexpr, PACKED: tl.constexpr):
+    """(start, end, first chunk, end chunk) of the tokens one program handles: chunk ``chunk`` of row ``row`` of a
+    [B, T] batch, or every chunk of the packed sequence ``row`` (tokens [cu_ptr[row], cu_ptr[row + 1]))."""
+    if PACKED:
+        start = tl.load(cu_ptr + row).to(tl.int64)
+        end = tl.load(cu_ptr + row + 1).to(tl.int64)
+        first = 0
+        last = tl.cdiv(end - start, BLOCK_T)
+    else:
+        start = row * T  # int64: B * T may pass 2^31
+        end = start + T
+        first = chunk
+        last = chunk + 1
+    return start, end, first, last
+
+
+@triton.jit
 def _ppo_loss_fwd_kernel(
     x_ptr,  # [B, T] contiguous, any float dtype: logp (policy) or values (value)
     x_old_ptr,  # [B, T] contiguous, any float dtype: old_logp or old_values
     y_ptr,  # [B, T] contiguous, any float dtype: advantages or returns
     mask_ptr,  # [B, T] contiguous uint8 (a bool mask viewed as bytes)
     partial_ptr,  # [K, B, C] fp32 out, C = cdiv(T, BLOCK_T): per-chunk sums (loss, count, clipped, kl)
+    cu_ptr,  # [B + 1] int32/int64 sequence offsets when PACKED (then C = 1), else unused
     B,
     T,
     C,
@@ -79,22 +100,31 @@ def _ppo_loss_fwd_kernel(
     p1,
     p2,
     KIND: tl.constexpr,
+    PACKED: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    t = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
-    in_row = t < T
-    offs = row * T + t  # int64: B * T may pass 2^31
-    valid, x, x_old, loss, is_clipped, _ = _load_token_terms(x_ptr, x_old_ptr, y_ptr, mask_ptr, offs, in_row,
-                                                             p0, p1, p2, KIND)
+    start, end, first, last = row_span(cu_ptr, row, chunk, T, BLOCK_T, PACKED)
+    loss_sum = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    count = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    clip_count = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    kl_sum = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for c in range(first, last):
+        offs = start + c * BLOCK_T + tl.arange(0, BLOCK_T)
+        valid, x, x_old, loss, is_clipped, _ = _load_token_terms(x_ptr, x_old_ptr, y_ptr, mask_ptr, offs, offs < end,
+                                                                 p0, p1, p2, KIND)
+        loss_sum += tl.where(valid, loss, 0.0)
+        count += valid.to(tl.float32)
+        clip_count += (valid & is_clipped).to(tl.float32)
+        kl_sum += tl.where(valid, x_old - x, 0.0)
     out = partial_ptr + row * C + chunk
     plane = B * C
-    tl.store(out, tl.sum(tl.where(valid, loss, 0.0), axis=0))
-    tl.store(out + plane, tl.sum(valid.to(tl.float32), axis=0))
-    tl.store(out + 2 * plane, tl.sum((valid & is_clipped).to(tl.float32), axis=0))
+    tl.store(out, tl.sum(loss_sum, axis=0))
+    tl.store(out + plane, tl.sum(count, axis=0))
+    tl.store(out + 2 * plane, tl.sum(clip_count, axis=0))
     if KIND == POLICY:
-        tl.store(out + 3 * plane, tl.sum(tl.where(valid, x_old - x, 0.0), axis=0))
+        tl.store(out + 3 * plane, tl.sum(kl_sum, axis=0))
 
 
 @triton.jit
@@ -106,20 +136,24 @@ def _ppo_loss_bwd_kernel(
     y_ptr,  # [B, T] contiguous, any float dtype
     mask_ptr,  # [B, T] contiguous uint8
     grad_x_ptr,  # [B, T] fp32 out: d loss / d x
+    cu_ptr,  # [B + 1] int32/int64 sequence offsets when PACKED, else unused
     T,
     p0,
     p1,
     p2,
     KIND: tl.constexpr,
+    PACKED: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    in_row = t < T
-    offs = row * T + t
-    valid, _, _, _, _, grad = _load_token_terms(x_ptr, x_old_ptr, y_ptr, mask_ptr, offs, in_row, p0, p1, p2, KIND)
+    start, end, first, last = row_span(cu_ptr, row, tl.program_id(1), T, BLOCK_T, PACKED)
     scale = tl.load(grad_loss_ptr) * tl.load(row_scale_ptr + row)
-    tl.store(grad_x_ptr + offs, tl.where(valid, grad * scale, 0.0), mask=in_row)
+    for c in range(first, last):
+        offs = start + c * BLOCK_T + tl.arange(0, BLOCK_T)
+        in_row = offs < end
+        valid, _, _, _, _, grad = _load_token_terms(x_ptr, x_old_ptr, y_ptr, mask_ptr, offs, in_row, p0, p1, p2,
+                                                    KIND)
+        tl.store(grad_x_ptr + offs, tl.where(valid, grad * scale, 0.0), mask=in_row)
 
 
 def _block_t(T: int, device: torch.device) -> int:
@@ -154,34 +188,46 @@ def _finish(partials: torch.Tensor, reduction: int):
     return loss, clipfrac, approx_kl, row_scale
 
 
-def ppo_loss_fwd(kind: str, x, x_old, y, mask, params: tuple[float, float, float], reduction: int):
-    """Forward of the ``kind`` ("policy" / "value") loss on [B, T] contiguous inputs and a contiguous bool mask.
+def grid_shape(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[int, int, int, int]:
+    """(rows, chunks per program row C, BLOCK_T, num_warps) of a [B, T] batch, or of the packed [1, N] row with
+    ``cu_seqlens`` (one program per sequence, C = 1)."""
+    B, T = x.shape
+    BLOCK_T, num_warps = launch_config(T, x.device)  # a packed sequence is at most the row's N tokens
+    if cu_seqlens is not None:
+        return cu_seqlens.numel() - 1, 1, BLOCK_T, num_warps
+    return B, triton.cdiv(T, BLOCK_T), BLOCK_T, num_warps
+
+
+def ppo_loss_fwd(kind: str, x, x_old, y, mask, params: tuple[float, float, float], reduction: int,
+                 cu_seqlens: torch.Tensor | None = None):
+    """Forward of the ``kind`` ("policy" / "value") loss on [B, T] contiguous inputs and a contiguous bool mask
+    (or a packed [1, N] row with ``cu_seqlens`` [S + 1]: its rows are then the S sequences).
 
     params: (clip_low, clip_high, dual_clip) for the policy loss, (clip_eps, 0, 0) for the value loss.
-    Returns (loss, clipfrac, approx_kl or None, row_scale [B]) in fp32.
+    Returns (loss, clipfrac, approx_kl or None, row_scale [B or S]) in fp32.
     """
-    B, T = x.shape
-    BLOCK_T, num_warps = launch_config(T, x.device)
-    C = triton.cdiv(T, BLOCK_T)
-    partials = torch.zeros((_N_PARTIALS[kind], B, max(C, 1)), dtype=torch.float32, device=x.device)
-    if x.numel():
+    rows, C, BLOCK_T, num_warps = grid_shape(x, cu_seqlens)
+    partials = torch.zeros((_N_PARTIALS[kind], rows, max(C, 1)), dtype=torch.float32, device=x.device)
+    if x.numel() and rows:
         with on_device(x):
-            _ppo_loss_fwd_kernel[(B, C)](
-                x, x_old, y, mask.view(torch.uint8), partials, B, T, C, *params,
-                KIND=_KINDS[kind], BLOCK_T=BLOCK_T, num_warps=num_warps, enable_fp_fusion=FP_FUSION,
+            _ppo_loss_fwd_kernel[(rows, C)](
+                x, x_old, y, mask.view(torch.uint8), partials, x if cu_seqlens is None else cu_seqlens, rows,
+                x.shape[1], C, *params, KIND=_KINDS[kind], PACKED=cu_seqlens is not None, BLOCK_T=BLOCK_T,
+                num_warps=num_warps, enable_fp_fusion=FP_FUSION,
             )
     return _finish(partials, reduction)
 
 
-def ppo_loss_bwd(kind: str, grad_loss, row_scale, x, x_old, y, mask, params: tuple[float, float, float]):
+def ppo_loss_bwd(kind: str, grad_loss, row_scale, x, x_old, y, mask, params: tuple[float, float, float],
+                 cu_seqlens: torch.Tensor | None = None):
     """d loss / d x [B, T] fp32 for the ``kind`` loss; grad_loss [] and row_scale [B] fp32 (see ppo_loss_fwd)."""
-    B, T = x.shape
-    grad_x = torch.empty((B, T), dtype=torch.float32, device=x.device)
-    if x.numel():
-        BLOCK_T, num_warps = launch_config(T, x.device)
+    grad_x = torch.empty(x.shape, dtype=torch.float32, device=x.device)  # the sequences cover every packed token
+    rows, C, BLOCK_T, num_warps = grid_shape(x, cu_seqlens)
+    if x.numel() and rows:
         with on_device(x):
-            _ppo_loss_bwd_kernel[(B, triton.cdiv(T, BLOCK_T))](
-                grad_loss.float().contiguous(), row_scale, x, x_old, y, mask.view(torch.uint8), grad_x, T, *params,
-                KIND=_KINDS[kind], BLOCK_T=BLOCK_T, num_warps=num_warps, enable_fp_fusion=FP_FUSION,
+            _ppo_loss_bwd_kernel[(rows, C)](
+                grad_loss.float().contiguous(), row_scale, x, x_old, y, mask.view(torch.uint8), grad_x,
+                x if cu_seqlens is None else cu_seqlens, x.shape[1], *params, KIND=_KINDS[kind],
+                PACKED=cu_seqlens is not None, BLOCK_T=BLOCK_T, num_warps=num_warps, enable_fp_fusion=FP_FUSION,
             )
     return grad_x

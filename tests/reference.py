@@ -389,3 +389,40 @@ def policy_loss_ref(logp, old_logp, advantages, mask, loss_type="vanilla", reduc
         return reduce_ref(per_tok, mask, "seq_mean_token_sum") / (mask.shape[-1] if norm_length is None
                                                                    else norm_length)
     return reduce_ref(per_tok, mask, reduction)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed (padding-free) batches: a packed op's reference is the padded reference on the unpacked sequences
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def pad_packed(x, cu_seqlens, fill=0.0):
+    """Packed per-token values [N] (or [1, N]) -> [S, L] rows (L the longest sequence, at least 1), ``fill`` past
+    each sequence's end; a Python loop over the sequences that keeps x's dtype and autograd graph."""
+    flat, cu = x.reshape(-1), cu_seqlens.tolist()
+    lengths = [cu[s + 1] - cu[s] for s in range(len(cu) - 1)]
+    L = max(lengths + [1])
+    rows = [torch.cat((flat[cu[s]:cu[s + 1]], torch.full((L - n,), fill, dtype=flat.dtype, device=flat.device)))
+            for s, n in enumerate(lengths)]
+    return torch.stack(rows) if rows else flat.new_zeros((0, L))
+
+
+def unpad_rows(rows, cu_seqlens):
+    """[S, L] rows -> the packed [N] tokens (the first cu[s + 1] - cu[s] of row s, in order)."""
+    cu = cu_seqlens.tolist()
+    parts = [rows[s, :cu[s + 1] - cu[s]] for s in range(len(cu) - 1)]
+    return torch.cat(parts) if parts else rows.new_zeros((0,))
+
+
+def gae_packed_ref(rewards, values, mask, cu_seqlens, gamma=1.0, lam=0.95):
+    """GAE of each packed sequence as an episode of its own: ``gae_ref`` on the unpacked rows, packed back [N]."""
+    adv, ret = gae_ref(pad_packed(_rl_f64(rewards), cu_seqlens), pad_packed(_rl_f64(values), cu_seqlens),
+                       pad_packed(mask.bool(), cu_seqlens, False), gamma, lam)
+    return unpad_rows(adv, cu_seqlens), unpad_rows(ret, cu_seqlens)
+
+
+def shape_rewards_packed_ref(scores, logp, ref_logp, mask, cu_seqlens, kl_coef, estimator="k1"):
+    """``shape_rewards_ref`` on the unpacked sequences (scores [S]), packed back [N]."""
+    rows = shape_rewards_ref(scores, pad_packed(_rl_f64(logp), cu_seqlens), pad_packed(_rl_f64(ref_logp), cu_seqlens),
+                             pad_packed(mask.bool(), cu_seqlens, False), kl_coef, estimator)
+    return unpad_rows(rows, cu_seqlens)

@@ -139,8 +139,12 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp, 4)
 }
 
 std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at::Tensor& values,
-                                            const at::Tensor& mask, double gamma, double lam) {
+                                            const at::Tensor& mask, double gamma, double lam,
+                                            const std::optional<at::Tensor>& cu_seqlens) {
   check_gae_args(rewards, values, mask, gamma, lam);
+  TORCH_CHECK(!cu_seqlens.has_value(), "cu_seqlens: the CUDA kernels take [B, T] rows only; packed batches run "
+              "on the triton backend");
+
   const c10::cuda::CUDAGuard guard(rewards.device());
   const auto inputs = in_common_dtype({rewards, values});
   const int64_t B = rewards.size(0), T = rewards.size(1);

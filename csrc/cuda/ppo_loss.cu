@@ -174,7 +174,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cuda(const at::Te
                                                                     const at::Tensor& advantages,
                                                                     const at::Tensor& mask, double clip_low,
                                                                     double clip_high, double dual_clip,
-                                                                    int64_t reduction) {
+                                                                    int64_t reduction,
+                                                                    const std::optional<at::Tensor>& cu_seqlens) {
+  TORCH_CHECK(!cu_seqlens.has_value(), "cu_seqlens: the CUDA kernels take [B, T] rows only; packed batches run "
+              "on the triton backend");
   const auto term = check_policy_args(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip);
   const auto in = in_common_dtype({logp, old_logp, advantages});
   auto out = ppo_loss_forward_cuda(term, in[0], in[1], in[2], mask, check_reduction(reduction), /*with_kl=*/true);
@@ -184,7 +187,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cuda(const at::Te
 at::Tensor ppo_policy_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logp,
                                          const at::Tensor& old_logp, const at::Tensor& advantages,
                                          const at::Tensor& mask, double clip_low, double clip_high, double dual_clip,
-                                         int64_t reduction) {
+                                         int64_t reduction, const std::optional<at::Tensor>& cu_seqlens) {
+  TORCH_CHECK(!cu_seqlens.has_value(), "cu_seqlens: the CUDA kernels take [B, T] rows only; packed batches run "
+              "on the triton backend");
   const auto term = check_policy_args(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip);
   check_grad_loss(grad_loss, logp);
   const auto in = in_common_dtype({logp, old_logp, advantages});
@@ -193,7 +198,10 @@ at::Tensor ppo_policy_loss_backward_cuda(const at::Tensor& grad_loss, const at::
 
 std::tuple<at::Tensor, at::Tensor> ppo_value_loss_cuda(const at::Tensor& values, const at::Tensor& old_values,
                                                        const at::Tensor& returns, const at::Tensor& mask,
-                                                       double clip_eps, int64_t reduction) {
+                                                       double clip_eps, int64_t reduction,
+                                                       const std::optional<at::Tensor>& cu_seqlens) {
+  TORCH_CHECK(!cu_seqlens.has_value(), "cu_seqlens: the CUDA kernels take [B, T] rows only; packed batches run "
+              "on the triton backend");
   const auto term = check_value_args(values, old_values, returns, mask, clip_eps);
   const auto in = in_common_dtype({values, old_values, returns});
   auto out = ppo_loss_forward_cuda(term, in[0], in[1], in[2], mask, check_reduction(reduction), /*with_kl=*/false);
@@ -202,7 +210,10 @@ std::tuple<at::Tensor, at::Tensor> ppo_value_loss_cuda(const at::Tensor& values,
 
 at::Tensor ppo_value_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& values,
                                         const at::Tensor& old_values, const at::Tensor& returns,
-                                        const at::Tensor& mask, double clip_eps, int64_t reduction) {
+                                        const at::Tensor& mask, double clip_eps, int64_t reduction,
+                                        const std::optional<at::Tensor>& cu_seqlens) {
+  TORCH_CHECK(!cu_seqlens.has_value(), "cu_seqlens: the CUDA kernels take [B, T] rows only; packed batches run "
+              "on the triton backend");
   const auto term = check_value_args(values, old_values, returns, mask, clip_eps);
   check_grad_loss(grad_loss, values);
   const auto in = in_common_dtype({values, old_values, returns});

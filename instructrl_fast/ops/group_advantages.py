@@ -25,6 +25,8 @@ with its uid strings), so every per-group buffer has B slots.
 Backends: ``torch`` (index_add / scatter_reduce), ``triton`` (``kernels/group_advantages.py``: each program compares
 its block of sequences with every other, so no atomics and a result independent of the launch), ``cpp`` (the C++
 op ``instructrl_fast::group_advantages``, one O(B) pass in double). Not differentiable (advantages are constants).
+A packed batch (``cu_seqlens``, see ``ops.packing``) only changes the lengths and the broadcast: the backends see
+the same [B] per-sequence inputs either way.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from instructrl_fast.checks import (
     compute_dtype,
     eager_data_checks,
 )
+from instructrl_fast.ops.packing import Rows, check_packed, packed_shape
 from instructrl_fast.ops.whiten import local_moments_torch
 
 # estimator -> the kernels' int code; dr_grpo, gpg and reinforce_pp_baseline share the centred kernel (code 1) and
@@ -133,7 +136,7 @@ def _check_groups(group: torch.Tensor, B: int, estimator: str) -> None:
 
 
 def group_advantages(scores: torch.Tensor, group: torch.Tensor, mask: torch.Tensor, *, estimator: str = "grpo",
-                     eps: float = 1e-6) -> torch.Tensor:
+                     eps: float = 1e-6, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Outcome advantages normalised within groups of sequences (see the module docstring for each estimator).
 
     Args:
@@ -143,17 +146,25 @@ def group_advantages(scores: torch.Tensor, group: torch.Tensor, mask: torch.Tens
         estimator: one of ``ESTIMATORS``: "grpo", "dr_grpo", "gpg", "reinforce_pp_baseline", "rloo",
             "rloo_vectorized", "opo", "passk", "passk_unnormalized".
         eps: added to the group std (grpo, passk), > 0.
+        cu_seqlens: None for a [B, T] mask; for a packed batch, [B + 1] int32/int64 sequence offsets
+            (``ops.packing``) with mask packed as [1, N] or [N]: each sequence's advantage fills its own tokens.
 
     Returns:
-        [B, T] advantages, each sequence's value at its valid tokens and exactly 0 at masked ones; float32 (float64
-        on the torch backend when scores is). Not differentiable (the scores are treated as constants).
+        advantages of mask's shape ([B, T], or packed), each sequence's value at its valid tokens and exactly 0 at
+        masked ones; float32 (float64 on the torch backend when scores is). Not differentiable (the scores are
+        treated as constants).
     """
     check_float("scores", scores, ndim=1)
     check_tensor("group", group, dtypes=INDEX_DTYPES, ndim=1)
     B = scores.shape[0]
     if group.shape[0] != B:
         raise ValueError(f"group must have the shape of scores ({B},), got {tuple(group.shape)}")
-    if mask.dim() != 2 or mask.shape[0] != B:
+    if cu_seqlens is not None:
+        check_packed(cu_seqlens, packed_shape("mask", mask), "mask", mask.device)
+        if cu_seqlens.shape[0] != B + 1:
+            raise ValueError(f"cu_seqlens must hold B + 1 = {B + 1} offsets (one sequence per score), got "
+                             f"{cu_seqlens.shape[0]}")
+    elif mask.dim() != 2 or mask.shape[0] != B:
         raise ValueError(f"mask must have shape [B = {B}, T], got {tuple(mask.shape)}")
     mask = checked_bool_mask("mask", mask, mask.shape, "mask")
     check_same_device(scores=scores, group=group, mask=mask)
@@ -163,11 +174,12 @@ def group_advantages(scores: torch.Tensor, group: torch.Tensor, mask: torch.Tens
     code = ESTIMATORS[estimator]
     acc = compute_dtype(scores)
     scores, group = scores.detach().contiguous(), group.contiguous()
-    lengths = mask.sum(dim=-1, dtype=acc)
+    rows = Rows(mask, cu_seqlens)
+    lengths = rows.sum(mask.to(acc))
     per_seq = dispatch("group_advantages", scores.device, acc)(scores, lengths, group, code, eps)
     if estimator == "gpg":  # GPG's batch factor B / #nonzero scores, a 0-dim tensor: no sync
         per_seq = per_seq * (B / torch.count_nonzero(scores).clamp(min=1).to(per_seq.dtype))
-    advantages = torch.where(mask, per_seq.unsqueeze(-1), 0.0)
+    advantages = torch.where(mask, rows.expand(per_seq), 0.0)
     if estimator == "reinforce_pp_baseline":  # whitened over every valid token of the batch (REINFORCE++ sec. 3)
         n, mean, m2 = local_moments_torch(advantages, mask).unbind()
         advantages = torch.where(mask, (advantages - mean) * torch.rsqrt(m2 / (n - 1) + 1e-8), 0.0)

@@ -7,6 +7,10 @@ k3 is evaluated by its Taylor series below |d| = 0.1, where the closed form canc
 Backends: ``torch`` (the readable reference) and ``triton`` (``kernels/kl.py``, as torch custom ops with fake
 implementations, so both run under ``torch.compile(fullgraph=True)``). Outputs are float32; float64 inputs are
 computed and returned in float64 on the torch backend.
+
+``shape_rewards`` takes packed batches (``cu_seqlens``, see ``ops.packing``): each sequence gets its score at its
+own last valid token (torch: one scatter; triton: one program per sequence). ``kl_penalty`` is per token and
+takes any shape, packed ones included.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from instructrl_fast.checks import (
     checked_bool_mask,
     compute_dtype,
 )
+from instructrl_fast.ops.packing import check_packed, last_valid, packed_shape, seq_ids
 
 ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}  # the int codes are the kernels' constexpr ESTIMATOR
 
@@ -61,9 +66,15 @@ class _K3(torch.autograd.Function):
 
 
 @register("shape_rewards", "torch")
-def _shape_rewards_torch(scores, logp, ref_logp, mask, kl_coef: float, estimator: str) -> torch.Tensor:
-    """[B, T] fp32 (float64 when an input is) rewards; T >= 1."""
+def _shape_rewards_torch(scores, logp, ref_logp, mask, kl_coef: float, estimator: str,
+                         cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] fp32 (float64 when an input is) rewards; T >= 1. Packed: [1, N] with scores [S]."""
     rewards = torch.where(mask, -kl_coef * kl_torch(logp, ref_logp, estimator), 0.0)
+    if cu_seqlens is not None:  # each score at its sequence's last valid token; one with none goes to slot N
+        N, S = rewards.numel(), cu_seqlens.numel() - 1
+        last = last_valid(mask.flatten(), seq_ids(cu_seqlens, N), S)
+        placed = rewards.new_zeros(N + 1).index_add(0, torch.where(last >= 0, last, N), scores.to(rewards.dtype))
+        return rewards + placed[:N].view(rewards.shape)
     positions = torch.arange(logp.shape[1], device=logp.device)
     last = torch.where(mask, positions, -1).amax(dim=1, keepdim=True)  # [B, 1]; -1 for a fully masked row
     return rewards + torch.where(positions == last, scores.to(rewards.dtype)[:, None], 0.0)
@@ -112,14 +123,14 @@ _kl_penalty_triton.register_autograd(_kl_backward, setup_context=_kl_setup_conte
 
 @torch.library.custom_op("instructrl_fast::shape_rewards_triton", mutates_args=())
 def _shape_rewards_triton(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
-                          kl_coef: float, estimator: int) -> torch.Tensor:
+                          kl_coef: float, estimator: int, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     from instructrl_fast.kernels.kl import shape_rewards_fwd
 
-    return shape_rewards_fwd(scores, logp, ref_logp, mask, kl_coef, estimator)
+    return shape_rewards_fwd(scores, logp, ref_logp, mask, kl_coef, estimator, cu_seqlens)
 
 
 @_shape_rewards_triton.register_fake
-def _(scores, logp, ref_logp, mask, kl_coef, estimator):
+def _(scores, logp, ref_logp, mask, kl_coef, estimator, cu_seqlens=None):
     return torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
 
 
@@ -129,9 +140,10 @@ def _kl_penalty_on_triton(logp: torch.Tensor, ref_logp: torch.Tensor, estimator:
 
 
 @register("shape_rewards", "triton")
-def _shape_rewards_on_triton(scores, logp, ref_logp, mask, kl_coef: float, estimator: str) -> torch.Tensor:
+def _shape_rewards_on_triton(scores, logp, ref_logp, mask, kl_coef: float, estimator: str,
+                             cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     return _shape_rewards_triton(scores.contiguous(), logp.contiguous(), ref_logp.contiguous(), mask, kl_coef,
-                                 ESTIMATORS[estimator])
+                                 ESTIMATORS[estimator], cu_seqlens)
 
 
 def _check_logps(logp, ref_logp, estimator: str) -> None:
@@ -160,7 +172,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "
 
 
 def shape_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, *,
-                  kl_coef: float, estimator: str = "k1") -> torch.Tensor:
+                  kl_coef: float, estimator: str = "k1", cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token rewards of RLHF: a KL penalty at every valid token plus the sequence score at the last one.
 
     rewards[b, t] = -kl_coef * kl_penalty(logp, ref_logp)[b, t] at valid tokens, plus scores[b] at the last valid
@@ -173,21 +185,33 @@ def shape_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tens
         mask: [B, T] bool or 0/1: the response tokens.
         kl_coef: the KL coefficient beta, a finite Python number (0 turns the penalty off).
         estimator: see ``kl_penalty``.
+        cu_seqlens: None for [B, T] rows; for a packed batch, [S + 1] int32/int64 sequence offsets (``ops.packing``)
+            with logp, ref_logp and mask packed as [1, N] or [N] and scores [S]: each sequence's score goes to its
+            own last valid token.
 
     Returns:
-        [B, T] float32 rewards (float64 when an input is). Not differentiable: the inputs are treated as
+        Rewards of logp's shape, float32 (float64 when an input is). Not differentiable: the inputs are treated as
         constants (detached).
     """
-    check_float("logp", logp, ndim=2)
+    check_float("logp", logp, ndim=2 if cu_seqlens is None else None)
     _check_logps(logp, ref_logp, estimator)
-    B, T = logp.shape
+    mask = checked_bool_mask("mask", mask, logp.shape, "logp")
     check_float("scores", scores, ndim=1)
-    check_shape("scores", scores, (B,), "logp's batch")
-    mask = checked_bool_mask("mask", mask, (B, T), "logp")
+    if cu_seqlens is None:
+        check_shape("scores", scores, logp.shape[:1], "logp's batch")
+    else:
+        n_seq = check_packed(cu_seqlens, packed_shape("logp", logp), "logp", logp.device)
+        check_shape("scores", scores, (n_seq,), "cu_seqlens' sequences")
     check_same_device(logp=logp, scores=scores, mask=mask)
     kl_coef = check_real("kl_coef", kl_coef)
     scores, logp, ref_logp = scores.detach(), logp.detach(), ref_logp.detach()
     acc = compute_dtype(scores, logp, ref_logp)
     if logp.numel() == 0:
-        return torch.zeros((B, T), dtype=acc, device=logp.device)
-    return dispatch("shape_rewards", logp.device, acc)(scores, logp, ref_logp, mask, kl_coef, estimator)
+        return torch.zeros(logp.shape, dtype=acc, device=logp.device)
+    impl = dispatch("shape_rewards", logp.device, acc)
+    if cu_seqlens is None:
+        return impl(scores, logp, ref_logp, mask, kl_coef, estimator)
+    shape = logp.shape
+    rewards = impl(scores, logp.reshape(1, -1), ref_logp.reshape(1, -1), mask.reshape(1, -1), kl_coef, estimator,
+                   cu_seqlens.contiguous())
+    return rewards.view(shape)

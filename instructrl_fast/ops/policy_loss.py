@@ -68,6 +68,7 @@ from instructrl_fast.checks import (
     checked_bool_mask,
     compute_dtype,
 )
+from instructrl_fast.ops.packing import Rows, check_packed, packed_backend, packed_shape
 from instructrl_fast.ops.ppo_loss import masked_reduce, valid_upcast
 
 LOSS_TYPES = {"vanilla": 0, "gspo": 1, "sapo": 2, "gpg": 3, "reinforce": 4, "clip_cov": 5, "kl_cov": 6,
@@ -157,11 +158,6 @@ class RolloutCorrection:
         check_choice("reference", self.reference, ("old", "current"))
 
 
-def _seq_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Per-row mean over the valid tokens; 0 for a fully masked row (x is already 0 there)."""
-    return x.sum(-1) / m.sum(-1).clamp(min=1.0)
-
-
 def _select_ranked(key: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Bool [B, T]: the ``k`` (a 0-dim tensor) eligible entries of smallest key, by ranks from one sort (no sync)."""
     flat = torch.where(eligible, key, float("inf")).flatten()
@@ -170,9 +166,10 @@ def _select_ranked(key: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -
     return (rank.view(key.shape) < k) & eligible
 
 
-def _rollout_correction(base: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor, corr: RolloutCorrection):
+def _rollout_correction(base: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor, corr: RolloutCorrection,
+                        rows: Rows):
     """(weights [B, T] or None, surviving mask [B, T], stats) from the training-side and rollout log-probs (both
-    upcast, 0 at masked positions)."""
+    upcast, 0 at masked positions); ``rows`` are the sequences (rows, or packed sequences)."""
     m = mask.to(base.dtype)
     raw = torch.where(mask, base - rollout, 0.0)
     rho = raw.clamp(-_SAFETY_BOUND, _SAFETY_BOUND)
@@ -183,8 +180,8 @@ def _rollout_correction(base: torch.Tensor, rollout: torch.Tensor, mask: torch.T
         if corr.is_level == "token":
             raw_w = torch.where(mask, rho.exp(), 0.0)
         else:  # the sequence's ratio, or its geometric mean over the valid tokens (a length-free scale)
-            seq_log = raw.sum(-1) if corr.is_level == "sequence" else _seq_mean(raw, m)
-            raw_w = torch.where(mask, seq_log.unsqueeze(-1).clamp(-_SAFETY_BOUND, _SAFETY_BOUND).exp(), 0.0)
+            seq_log = rows.sum(raw) if corr.is_level == "sequence" else rows.mean(raw, m)
+            raw_w = torch.where(mask, rows.expand(seq_log).clamp(-_SAFETY_BOUND, _SAFETY_BOUND).exp(), 0.0)
         low = 1.0 / corr.is_threshold if corr.is_threshold_lower is None else corr.is_threshold_lower
         if corr.is_threshold_lower is None:  # truncated IS (Ionides 2008; TIS)
             weights = raw_w.clamp(max=corr.is_threshold)
@@ -202,8 +199,8 @@ def _rollout_correction(base: torch.Tensor, rollout: torch.Tensor, mask: torch.T
             if corr.is_level == "token":
                 mean = stats["rollout_is_mean"]
             else:
-                has_valid = mask.any(-1)
-                mean = torch.where(has_valid, _seq_mean(weights, m), 0.0).sum() / has_valid.sum().clamp(min=1)
+                has_valid = rows.any(mask)
+                mean = torch.where(has_valid, rows.mean(weights, m), 0.0).sum() / has_valid.sum().clamp(min=1)
             weights = torch.where(mean > 1e-8, weights / mean, weights)
     keep = mask
     k1, k2, k3 = -rho, 0.5 * rho * rho, torch.expm1(rho) - rho  # the divergence estimators of the ratio (Schulman)
@@ -211,12 +208,12 @@ def _rollout_correction(base: torch.Tensor, rollout: torch.Tensor, mask: torch.T
         level, estimator = option.rsplit("_", 1)
         stat = {"k1": k1, "k2": k2, "k3": k3}[estimator]
         if level == "seq_sum":
-            stat = torch.where(mask, stat, 0.0).sum(-1, keepdim=True)
+            stat = rows.expand(rows.sum(torch.where(mask, stat, 0.0)))
         elif level == "seq_mean":
-            stat = _seq_mean(torch.where(mask, stat, 0.0), m).unsqueeze(-1)
+            stat = rows.expand(rows.mean(torch.where(mask, stat, 0.0), m))
         elif level == "seq_max":
-            stat = torch.where(mask, stat, float("-inf")).amax(-1, keepdim=True)
-            stat = torch.where(mask.any(-1, keepdim=True), stat, 0.0)
+            most = rows.amax(torch.where(mask, stat, float("-inf")))
+            stat = rows.expand(torch.where(rows.any(mask), most, 0.0))
         if estimator == "k1":
             lower = 1.0 / upper if lower is None else lower
             passed = (stat >= math.log(lower)) & (stat <= math.log(upper))
@@ -226,13 +223,14 @@ def _rollout_correction(base: torch.Tensor, rollout: torch.Tensor, mask: torch.T
     if corr.rs:
         rejected = mask & ~keep
         stats["rollout_rs_masked_fraction"] = masked_reduce(rejected.to(m.dtype), mask, "token_mean")
-        stats["rollout_rs_seq_masked_fraction"] = rejected.any(-1).to(m.dtype).mean()
+        stats["rollout_rs_seq_masked_fraction"] = rows.any(rejected).to(m.dtype).mean()
     return weights, keep, stats
 
 
 @register("policy_loss", "torch")
-def _token_loss(cfg: PolicyLossConfig, logp, old, adv, mask, m):
-    """The type's per-token loss [B, T] (or, for geo_mean, per-sequence [B]) and its stats (no gradient)."""
+def _token_loss(cfg: PolicyLossConfig, logp, old, adv, mask, m, rows: Rows):
+    """The type's per-token loss [B, T] (or, for geo_mean, per-sequence [B]) and its stats (no gradient); ``rows``
+    are the sequences (the rows, or the packed sequences: [S] for geo_mean)."""
     t = cfg.loss_type
     d = logp - old
     if t in _CLAMPED_LOG_RATIO:
@@ -242,7 +240,7 @@ def _token_loss(cfg: PolicyLossConfig, logp, old, adv, mask, m):
     stats = {"approx_kl": masked_reduce(-d.detach(), mask, "token_mean"), "clipfrac": zero, "clipfrac_lower": zero}
     if t in ("vanilla", "gspo", "clip_cov"):
         if t == "gspo":  # the sequence ratio, with the token's own gradient path (GSPO eq. 10)
-            seq = _seq_mean(torch.where(mask, d, 0.0), m).detach().unsqueeze(-1)
+            seq = rows.expand(rows.mean(torch.where(mask, d, 0.0), m).detach())
             d = (logp - logp.detach() + seq).clamp(max=_GSPO_LOG_RATIO_MAX)
         ratio = torch.exp(d)
         unclipped = -adv * ratio
@@ -284,7 +282,7 @@ def _token_loss(cfg: PolicyLossConfig, logp, old, adv, mask, m):
         clipped = (d != d.clamp(-low, high)).detach()
         stats["clipfrac"] = masked_reduce((clipped & (adv > 0)).to(m.dtype), mask, "token_mean")
         stats["clipfrac_lower"] = masked_reduce((clipped & (adv < 0)).to(m.dtype), mask, "token_mean")
-        return -_seq_mean(adv, m) * torch.exp(_seq_mean(torch.where(mask, d_min, 0.0), m)), stats
+        return -rows.mean(adv, m) * torch.exp(rows.mean(torch.where(mask, d_min, 0.0), m)), stats
     if t == "dro":
         return -(logp * adv - 0.5 * cfg.dro_beta * d * d), stats
     if t == "cispo":  # the clipped ratio as a constant weight on the REINFORCE term (MiniMax-M1 eq. 4)
@@ -312,28 +310,29 @@ def _token_loss(cfg: PolicyLossConfig, logp, old, adv, mask, m):
 @torch.library.custom_op("instructrl_fast::policy_loss_triton", mutates_args=())
 def _policy_loss_triton(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                         weights: torch.Tensor | None, shift: torch.Tensor, loss_type: int, params: list[float],
-                        reduction: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                 torch.Tensor]:
+                        reduction: int, cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
     from instructrl_fast.kernels.policy_loss import policy_loss_fwd
 
-    return policy_loss_fwd(logp, old_logp, advantages, mask, weights, shift, loss_type, params, reduction)
+    return policy_loss_fwd(logp, old_logp, advantages, mask, weights, shift, loss_type, params, reduction, cu_seqlens)
 
 
 @_policy_loss_triton.register_fake
-def _(logp, old_logp, advantages, mask, weights, shift, loss_type, params, reduction):
+def _(logp, old_logp, advantages, mask, weights, shift, loss_type, params, reduction, cu_seqlens=None):
     scalar = logp.new_empty((), dtype=torch.float32)
-    return (scalar, *(torch.empty_like(scalar) for _ in range(3)),
-            logp.new_empty(logp.shape[:1], dtype=torch.float32))
+    return (scalar, *(torch.empty_like(scalar) for _ in range(3)), torch.empty_like(shift))
 
 
 @torch.library.custom_op("instructrl_fast::policy_loss_triton_backward", mutates_args=())
 def _policy_loss_triton_backward(grad_loss: torch.Tensor, row_scale: torch.Tensor, logp: torch.Tensor,
                                  old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                                  weights: torch.Tensor | None, shift: torch.Tensor, loss_type: int,
-                                 params: list[float]) -> torch.Tensor:
+                                 params: list[float], cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     from instructrl_fast.kernels.policy_loss import policy_loss_bwd
 
-    return policy_loss_bwd(grad_loss, row_scale, logp, old_logp, advantages, mask, weights, shift, loss_type, params)
+    return policy_loss_bwd(grad_loss, row_scale, logp, old_logp, advantages, mask, weights, shift, loss_type, params,
+                           cu_seqlens)
 
 
 @_policy_loss_triton_backward.register_fake
@@ -342,15 +341,15 @@ def _(grad_loss, row_scale, logp, *args):
 
 
 def _triton_setup_context(ctx, inputs, output):
-    logp, old_logp, advantages, mask, weights, shift, loss_type, params, _ = inputs
-    ctx.save_for_backward(output[-1], logp, old_logp, advantages, mask, weights, shift)
+    logp, old_logp, advantages, mask, weights, shift, loss_type, params, _, cu_seqlens = inputs
+    ctx.save_for_backward(output[-1], logp, old_logp, advantages, mask, weights, shift, cu_seqlens)
     ctx.loss_type, ctx.params = loss_type, params
 
 
 def _triton_backward(ctx, grad_loss, *_):
-    row_scale, logp, *rest = ctx.saved_tensors
-    grad = _policy_loss_triton_backward(grad_loss, row_scale, logp, *rest, ctx.loss_type, ctx.params)
-    return grad.to(logp.dtype), None, None, None, None, None, None, None, None
+    row_scale, logp, *rest, cu_seqlens = ctx.saved_tensors
+    grad = _policy_loss_triton_backward(grad_loss, row_scale, logp, *rest, ctx.loss_type, ctx.params, cu_seqlens)
+    return grad.to(logp.dtype), None, None, None, None, None, None, None, None, None
 
 
 _policy_loss_triton.register_autograd(_triton_backward, setup_context=_triton_setup_context)
@@ -362,15 +361,15 @@ _policy_loss_triton.register_autograd(_triton_backward, setup_context=_triton_se
 
 
 def _cpp_setup_context(ctx, inputs, output):
-    logp, old_logp, advantages, mask, weights, shift, loss_type, params, reduction = inputs
-    ctx.save_for_backward(logp, old_logp, advantages, mask, weights, shift)
+    logp, old_logp, advantages, mask, weights, shift, loss_type, params, reduction, cu_seqlens = inputs
+    ctx.save_for_backward(logp, old_logp, advantages, mask, weights, shift, cu_seqlens)
     ctx.args = (loss_type, params, reduction)
 
 
 def _cpp_backward(ctx, grad_loss, *_):
-    logp, *rest = ctx.saved_tensors
-    grad = torch.ops.instructrl_fast.policy_loss_backward(grad_loss.float(), logp, *rest, *ctx.args)
-    return grad.to(logp.dtype), None, None, None, None, None, None, None, None
+    logp, *rest, cu_seqlens = ctx.saved_tensors
+    grad = torch.ops.instructrl_fast.policy_loss_backward(grad_loss.float(), logp, *rest, *ctx.args, cu_seqlens)
+    return grad.to(logp.dtype), None, None, None, None, None, None, None, None, None
 
 
 if _ext.HAS_CPP and hasattr(torch.ops.instructrl_fast, "policy_loss"):
@@ -392,50 +391,68 @@ def _policy_loss_compiled(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return torch.ops.instructrl_fast.policy_loss(*args)
 
 
-def _policy_loss_on_kernels(name: str, cfg: PolicyLossConfig, logp, old, adv, mask, weights):
+def _policy_loss_on_kernels(name: str, cfg: PolicyLossConfig, logp, old, adv, mask, weights, rows: Rows):
     """(loss by the kernels' reduction, stats) of a KERNEL_TYPES loss on backend ``name`` ("triton" / "cpp");
-    weights [B, T] or None."""
-    shift = torch.zeros(logp.shape[:1], dtype=torch.float32, device=logp.device)
-    if cfg.loss_type == "gspo":  # the per-row mean log-ratio, a [B] reduction done once here
-        shift = _seq_mean(torch.where(mask, logp.detach().float() - old.float(), 0.0), mask.float())
+    weights [B, T] or None; a packed batch as one [1, N] row with ``rows.cu_seqlens``."""
+    n_rows = logp.shape[0] if rows.cu_seqlens is None else rows.n
+    shift = torch.zeros(n_rows, dtype=torch.float32, device=logp.device)
+    if cfg.loss_type == "gspo":  # the per-sequence mean log-ratio, a [B] reduction done once here
+        shift = rows.mean(torch.where(mask, logp.detach().float() - old.float(), 0.0), mask.float())
     params = [cfg.clip_eps, cfg.clip_high, float(cfg.dual_clip or 0.0), cfg.tau_pos, cfg.tau_neg, cfg.dro_beta,
               cfg.trunc_ratio]
     code = 2 if cfg.reduction == "seq_mean_token_sum_norm" else REDUCTIONS[cfg.reduction]
     args = (logp.contiguous(), old.contiguous(), adv.contiguous(), mask,
-            None if weights is None else weights.float().contiguous(), shift, LOSS_TYPES[cfg.loss_type], params, code)
+            None if weights is None else weights.float().contiguous(), shift, LOSS_TYPES[cfg.loss_type], params, code,
+            rows.cu_seqlens)
     loss, clipfrac, approx_kl, lower = implementation("policy_loss", name)(*args)
     return loss, {"approx_kl": approx_kl, "clipfrac": clipfrac, "clipfrac_lower": lower}
 
 
+def _checked_inputs(named: dict, mask, cu_seqlens):
+    """Checks the float inputs (all of the first one's shape), the mask and, for a packed batch, ``cu_seqlens``;
+    returns (inputs, bool mask, rows), a packed batch viewed as one [1, N] row."""
+    (first_name, first), packed = next(iter(named.items())), cu_seqlens is not None
+    for name, x in named.items():
+        check_float(name, x, ndim=None if packed else 2)
+        check_shape(name, x, first.shape, first_name)
+    mask = checked_bool_mask("mask", mask, first.shape, first_name)
+    check_same_device(**named, mask=mask)
+    if packed:
+        check_packed(cu_seqlens, packed_shape(first_name, first), first_name, first.device)
+        named = {name: x.reshape(1, -1) for name, x in named.items()}
+        mask, cu_seqlens = mask.reshape(1, -1), cu_seqlens.contiguous()
+    return named, mask, Rows(mask, cu_seqlens)
+
+
 def rollout_correction(train_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
-                       correction: RolloutCorrection) -> tuple[torch.Tensor | None, torch.Tensor, dict]:
+                       correction: RolloutCorrection, *,
+                       cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor, dict]:
     """The rollout correction on its own, as a trainer applies it once per batch before the loss.
 
     ``correction.reference`` is ignored here: ``train_logp`` [B, T] is the training side of the ratio (old_logp,
-    or the current log-probs for bypass mode), ``rollout_logp`` [B, T] the rollout engine's, mask [B, T].
+    or the current log-probs for bypass mode), ``rollout_logp`` [B, T] the rollout engine's, mask [B, T]; or, with
+    ``cu_seqlens`` [S + 1], a packed batch ([1, N] or [N]) whose sequences are the ones of the sequence levels.
 
     Returns:
-        (weights [B, T] float32 / float64 or None when ``is_level`` is None, surviving bool mask [B, T], stats of
-        0-dim tensors as listed in ``policy_loss``). No gradient, no host sync.
+        (weights float32 / float64 or None when ``is_level`` is None, surviving bool mask, both of train_logp's
+        shape, stats of 0-dim tensors as listed in ``policy_loss``). No gradient, no host sync.
     """
     if not isinstance(correction, RolloutCorrection):
         raise TypeError(f"correction must be a RolloutCorrection, got {type(correction).__name__}")
-    for name, x in (("train_logp", train_logp), ("rollout_logp", rollout_logp)):
-        check_float(name, x, ndim=2)
-        check_shape(name, x, train_logp.shape, "train_logp")
-    mask = checked_bool_mask("mask", mask, train_logp.shape, "train_logp")
-    check_same_device(train_logp=train_logp, rollout_logp=rollout_logp, mask=mask)
-    acc = compute_dtype(train_logp, rollout_logp)
+    shape = train_logp.shape
+    named, mask, rows = _checked_inputs({"train_logp": train_logp, "rollout_logp": rollout_logp}, mask, cu_seqlens)
+    acc = compute_dtype(*named.values())
     with torch.no_grad():
-        weights, kept, stats = _rollout_correction(valid_upcast(train_logp, mask, acc),
-                                                   valid_upcast(rollout_logp, mask, acc), mask, correction)
-    return weights, kept, stats
+        weights, kept, stats = _rollout_correction(valid_upcast(named["train_logp"], mask, acc),
+                                                   valid_upcast(named["rollout_logp"], mask, acc), mask, correction,
+                                                   rows)
+    return None if weights is None else weights.view(shape), kept.view(shape), stats
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                 config: PolicyLossConfig | None = None, weights: torch.Tensor | None = None,
-                rollout_logp: torch.Tensor | None = None,
-                correction: RolloutCorrection | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                rollout_logp: torch.Tensor | None = None, correction: RolloutCorrection | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A policy-gradient loss of ``config.loss_type`` with optional importance weights and rollout correction.
 
     Args:
@@ -447,6 +464,10 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         weights: [B, T] per-token importance weights >= 0 multiplied into the loss (constants), or None.
         rollout_logp: [B, T] the rollout engine's log-probs; required with ``correction``.
         correction: rollout importance weights and rejection (see ``RolloutCorrection``), or None.
+        cu_seqlens: None for [B, T] rows; for a packed batch (every per-token input [1, N] or [N]), [S + 1]
+            int32/int64 sequence offsets (``ops.packing``): the sequence-level terms (seq-mean reductions, GSPO's
+            ratio, geo_mean, sequence-level correction) are then per sequence, and seq_mean_token_sum_norm needs
+            ``config.norm_length`` (there is no padded T).
 
     Returns:
         (loss, stats): loss 0-dim float32 (float64 for float64 inputs), differentiable w.r.t. ``logp`` only;
@@ -467,41 +488,43 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         if rollout_logp is None:
             raise ValueError("rollout_logp is required with a rollout correction")
         named["rollout_logp"] = rollout_logp
-    for name, x in named.items():
-        check_float(name, x, ndim=2)
-        check_shape(name, x, logp.shape, "logp")
-    mask = checked_bool_mask("mask", mask, logp.shape, "logp")
-    check_same_device(**named, mask=mask)
+    if config.reduction == "seq_mean_token_sum_norm" and config.norm_length is None and cu_seqlens is not None:
+        raise ValueError("config.norm_length is required by seq_mean_token_sum_norm on a packed batch (cu_seqlens): "
+                         "it has no padded length T to default to")
+    named, mask, rows = _checked_inputs(named, mask, cu_seqlens)
+    logp, old_logp, advantages = named["logp"], named["old_logp"], named["advantages"]
+    weights, rollout_logp = named.get("weights"), named.get("rollout_logp")
     acc = compute_dtype(*named.values())
-    name = resolve("policy_loss", logp.device, acc)  # a forced missing backend fails here
+    name = (resolve if cu_seqlens is None else packed_backend)("policy_loss", logp.device, acc)  # forced: checked
     stats = {}
     if correction is not None:
         base = logp if correction.reference == "current" else old_logp
         is_w, mask, stats = _rollout_correction(valid_upcast(base.detach(), mask, acc),
-                                                valid_upcast(rollout_logp.detach(), mask, acc), mask, correction)
+                                                valid_upcast(rollout_logp.detach(), mask, acc), mask, correction, rows)
         if is_w is not None:
             weights = is_w if weights is None else weights.detach().to(acc) * is_w
+    norm = logp.shape[-1] if config.norm_length is None else config.norm_length
     if name != "torch" and config.loss_type in KERNEL_TYPES:
         total, type_stats = _policy_loss_on_kernels(name, config, logp, old_logp.detach(), advantages.detach(), mask,
-                                                   None if weights is None else weights.detach())
+                                                   None if weights is None else weights.detach(), rows)
         if config.reduction == "seq_mean_token_sum_norm":
-            total = total / (logp.shape[-1] if config.norm_length is None else config.norm_length)
+            total = total / norm
         stats.update(type_stats)
         return total, {k: v.detach() for k, v in stats.items()}
     x, old, adv = (valid_upcast(t, mask, acc) for t in (logp, old_logp.detach(), advantages.detach()))
     m = mask.to(acc)
-    loss, type_stats = _token_loss(config, x, old, adv, mask, m)
+    loss, type_stats = _token_loss(config, x, old, adv, mask, m, rows)
     w = None if weights is None else valid_upcast(weights.detach(), mask, acc)
     if config.loss_type == "geo_mean":  # per-sequence losses, mean over every row; weights as a geometric mean
         if w is not None:
-            loss = loss * torch.exp(_seq_mean(torch.where(mask, torch.log(w + 1e-10), 0.0), m))
+            loss = loss * torch.exp(rows.mean(torch.where(mask, torch.log(w + 1e-10), 0.0), m))
         total = loss.sum() / max(loss.numel(), 1)
     else:
         if w is not None:
             loss = loss * w
         reduction = "seq_mean_token_sum" if config.reduction == "seq_mean_token_sum_norm" else config.reduction
-        total = masked_reduce(loss, mask, reduction)
+        total = masked_reduce(loss, mask, reduction, rows.cu_seqlens)
         if config.reduction == "seq_mean_token_sum_norm":
-            total = total / (logp.shape[-1] if config.norm_length is None else config.norm_length)
+            total = total / norm
     stats.update(type_stats)
     return total, {k: v.detach() for k, v in stats.items()}

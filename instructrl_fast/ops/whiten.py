@@ -6,6 +6,10 @@ exactly: n = sum n_i, mean = sum n_i mean_i / n, M2 = sum M2_i + sum n_i (mean_i
 rank all-gathers its (n, mean, M2) triple (3 floats per rank) and combines them the same way.
 
 Backends: ``torch`` and ``triton`` (``kernels/whiten.py``: fused block moments, then one normalisation pass).
+
+A packed batch (``cu_seqlens``, see ``ops.packing``) changes nothing here: the moments are global over the valid
+tokens, wherever the sequence boundaries lie, so packed and padded layouts of the same tokens whiten alike (the
+argument is accepted, and checked, so that every per-token op takes the same layout).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from instructrl_fast.checks import (
     checked_bool_mask,
     compute_dtype,
 )
+from instructrl_fast.ops.packing import check_packed, packed_shape
 
 
 def combine_moments(n: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor):
@@ -91,7 +96,7 @@ def _masked_whiten_triton(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool,
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8,
-                  group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                  group: dist.ProcessGroup | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Whiten ``x`` over its valid positions: (x - mean) / sqrt(var + eps), 0 at masked positions.
 
     mean and the unbiased variance (M2 / (n - 1)) are taken over all valid positions of the whole tensor (and of
@@ -105,12 +110,16 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
         eps: added to the variance (> 0).
         group: a torch.distributed process group whose ranks' moments are combined (a collective: every rank
             of the group must call it), or None for local moments.
+        cu_seqlens: None, or the [S + 1] sequence offsets of a packed x ([1, N] or [N]; ``ops.packing``): checked,
+            and the result is the same as without it (the moments do not depend on the boundaries).
 
     Returns:
-        [B, T] float32 (float64 for float64 x, on the torch backend). Not differentiable: the inputs are treated
-        as constants (detached).
+        x's shape, float32 (float64 for float64 x, on the torch backend). Not differentiable: the inputs are
+        treated as constants (detached).
     """
-    check_float("x", x, ndim=2)
+    check_float("x", x, ndim=2 if cu_seqlens is None else None)
+    if cu_seqlens is not None:
+        check_packed(cu_seqlens, packed_shape("x", x), "x", x.device)
     mask = checked_bool_mask("mask", mask, x.shape, "x")
     check_same_device(x=x, mask=mask)
     eps = check_positive("eps", eps)

@@ -212,3 +212,24 @@ def openrlhf_get_cumulative_returns(rewards, action_mask, gamma):
         running = rewards[:, t] + gamma * running
         returns[:, t] = running
     return returns
+
+
+def openrlhf_packed_compute_reward(r, kl_coef, kl, num_actions, reward_clip_range=None):
+    """OpenRLHF's ``compute_reward`` on packed samples before its padding refactor (PR #923): a loop over the
+    samples' kl tensors, r[i] added at position num_actions[i] - 1."""
+    kl_coef = max(kl_coef, 0.0)
+    if reward_clip_range:
+        r = r.clamp(min=reward_clip_range[0], max=reward_clip_range[1])
+    reward = []
+    for i, (kl_seg, action_len) in enumerate(zip(kl, num_actions)):
+        kl_reward = -kl_coef * kl_seg
+        kl_reward[action_len - 1] += r[i]
+        reward.append(kl_reward)
+    return reward
+
+
+def openrlhf_packed_gae(values, rewards, gamma, lambd):
+    """The experience maker's GAE on packed samples before PR #923: one call per sample, without a mask."""
+    out = [openrlhf_get_advantages_and_returns(v.unsqueeze(0), r.unsqueeze(0), None, gamma, lambd)
+           for v, r in zip(values, rewards)]
+    return [a.squeeze(0) for a, _ in out], [ret.squeeze(0) for _, ret in out]

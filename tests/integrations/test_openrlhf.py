@@ -65,7 +65,7 @@ def test_compute_reward_every_position(backend, kl_coef, clip_range):
         rewards = openrlhf.compute_reward(r, kl_coef, kl, action_mask=mask, reward_clip_range=clip_range)
     assert rewards.dtype == kl.dtype
     _close(rewards, ref.openrlhf_compute_reward(r.double(), kl_coef, kl.double(), mask, clip_range))
-    with pytest.raises(NotImplementedError, match="packed"):
+    with pytest.raises(ValueError, match="action_mask=None"):
         openrlhf.compute_reward(r, kl_coef, [kl[0]], mask)
     with pytest.raises(ValueError, match="action_mask"):
         openrlhf.compute_reward(r, kl_coef, kl)
@@ -102,3 +102,44 @@ def test_log_probs_from_logits(temperature):
     _close(logp.detach(), theirs.detach())
     _close(x.grad, x64.grad)
     torch.testing.assert_close(logits, before, rtol=0, atol=0)  # unlike OpenRLHF, the input is left alone
+
+
+def _samples(lengths, dtype=torch.float32):
+    return [torch.randn(n, device=DEVICE).to(dtype) for n in lengths]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kl_coef, clip_range", [(0.05, None), (0.1, (-0.5, 0.5))])
+def test_compute_reward_packed_samples(backend, kl_coef, clip_range):
+    """Packed samples (lists of per-sample tensors, as OpenRLHF passed them before PR #923): one packed op, the
+    same rewards as OpenRLHF's loop over the samples."""
+    kl = _samples([5, 1, 12, 3])
+    r = torch.randn(4, device=DEVICE) * 2
+    with use_backend(backend):
+        rewards = openrlhf.compute_reward(r, kl_coef, kl, reward_clip_range=clip_range)
+    theirs = ref.openrlhf_packed_compute_reward(r.double(), kl_coef, [t.double() for t in kl], [5, 1, 12, 3],
+                                                clip_range)
+    assert isinstance(rewards, list) and len(rewards) == 4
+    for ours, want, k in zip(rewards, theirs, kl):
+        assert ours.dtype == k.dtype and ours.shape == k.shape
+        _close(ours, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gae_and_cumulative_returns_packed_samples(backend):
+    lengths = [7, 1, 16, 4]
+    values, rewards = _samples(lengths), _samples(lengths)
+    with use_backend(backend):
+        adv, ret = openrlhf.get_advantages_and_returns(values, rewards, None, 0.99, 0.95)
+        cum = openrlhf.get_cumulative_returns(rewards, None, 0.97)
+    ref_adv, ref_ret = ref.openrlhf_packed_gae([v.double() for v in values], [r.double() for r in rewards], 0.99,
+                                               0.95)
+    for ours, want in zip(adv + ret, ref_adv + ref_ret):
+        _close(ours, want, atol=1e-5)
+    for ours, r in zip(cum, rewards):
+        _close(ours, ref.openrlhf_get_cumulative_returns(r.double().unsqueeze(0), None, 0.97)[0], atol=1e-5)
+    assert [t.shape[0] for t in adv] == [t.shape[0] for t in cum] == lengths
+    with pytest.raises(ValueError, match="packed values need packed rewards"):
+        openrlhf.get_advantages_and_returns(values, rewards[:3], None, 0.99, 0.95)
+    with pytest.raises(ValueError, match="action_mask=None"):
+        openrlhf.get_cumulative_returns(rewards, torch.ones(4, 16, device=DEVICE), 0.97)
