@@ -354,3 +354,21 @@ def test_packed_torch_compile_fullgraph(backend):
         results.append((loss, x.grad))
     torch.testing.assert_close(results[1][0], results[0][0], **TOL)
     torch.testing.assert_close(results[1][1], results[0][1], **TOL)
+
+
+def test_triton_packed_sequences_across_chunks(monkeypatch):
+    """The triton kernels walk a packed sequence chunk by chunk (GAE carries its state across chunks): with
+    16-token blocks, sequences of up to 33 tokens span up to three chunks, and chunks start inside sequences."""
+    if "triton" not in [p.values[0] for p in backends_for("gae") if not p.marks]:
+        pytest.skip("triton is not available here")
+    from instructrl_fast.kernels import gae as gae_kernels
+    from instructrl_fast.kernels import kl as kl_kernels
+    from instructrl_fast.kernels import ppo_loss as ppo_kernels
+
+    monkeypatch.setattr(gae_kernels, "launch_config", lambda T, device: (16, 4))
+    monkeypatch.setattr(ppo_kernels, "launch_config", lambda T, device: (16, 4))
+    monkeypatch.setattr(kl_kernels, "_block", lambda n, device, gpu_block: 16)
+    test_gae_packed("triton", "mixed", torch.int32)
+    test_shape_rewards_packed("triton", "mixed", "k3")
+    test_ppo_policy_loss_packed("triton", "seq_mean_token_mean", "mixed")
+    test_policy_loss_packed("triton", "gspo", "seq_mean_token_sum")
