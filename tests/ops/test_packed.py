@@ -372,3 +372,16 @@ def test_triton_packed_sequences_across_chunks(monkeypatch):
     test_shape_rewards_packed("triton", "mixed", "k3")
     test_ppo_policy_loss_packed("triton", "seq_mean_token_mean", "mixed")
     test_policy_loss_packed("triton", "gspo", "seq_mean_token_sum")
+
+
+def test_cu_seqlens_device_side_check(monkeypatch):
+    """Where the data may not be read on the host (CUDA tensors), the offsets are checked by torch._assert_async:
+    on CPU tensors that assertion raises at once, which exercises the same condition."""
+    from instructrl_fast.ops import packing
+
+    monkeypatch.setattr(packing, "eager_data_checks", lambda x: False)
+    x, mask = torch.randn(1, 6), torch.ones(1, 6, dtype=torch.bool)
+    ops.gae(x, x, mask, cu_seqlens=torch.tensor([0, 2, 6]))  # valid offsets pass
+    for bad in ([1, 6], [0, 5], [0, 4, 3, 6]):
+        with pytest.raises(RuntimeError, match="cu_seqlens must start at 0"):
+            ops.gae(x, x, mask, cu_seqlens=torch.tensor(bad))
