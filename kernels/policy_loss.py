@@ -130,29 +130,29 @@ def _policy_loss_fwd_kernel(
     chunk = tl.program_id(1)
     start, end, first, last = row_span(cu_ptr, row, chunk, T, BLOCK_T, PACKED)
     shift = tl.load(shift_ptr + row)
-    loss_sum = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    count = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    clip_count = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    kl_sum = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    lower_count = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    loss_sum = 0.0
+    count = 0.0
+    clip_count = 0.0
+    kl_sum = 0.0
+    lower_count = 0.0
     for c in range(first, last):
         offs = start + c * BLOCK_T + tl.arange(0, BLOCK_T)
         valid, logp, old, adv, w = _load(logp_ptr, old_ptr, adv_ptr, mask_ptr, weights_ptr, offs, offs < end,
                                          HAS_WEIGHTS)
         loss, clipped, lower, _, kl = _loss_token(logp, old, adv, shift, clip_low, clip_high, dual, tau_pos,
                                                   tau_neg, beta, trunc, TYPE)
-        loss_sum += tl.where(valid, loss * w, 0.0)
-        count += valid.to(tl.float32)
-        clip_count += (valid & clipped).to(tl.float32)
-        kl_sum += tl.where(valid, kl, 0.0)
-        lower_count += (valid & lower).to(tl.float32)
+        loss_sum += tl.sum(tl.where(valid, loss * w, 0.0), axis=0)
+        count += tl.sum(valid.to(tl.float32), axis=0)
+        clip_count += tl.sum((valid & clipped).to(tl.float32), axis=0)
+        kl_sum += tl.sum(tl.where(valid, kl, 0.0), axis=0)
+        lower_count += tl.sum((valid & lower).to(tl.float32), axis=0)
     out = partial_ptr + row * C + chunk
     plane = B * C
-    tl.store(out, tl.sum(loss_sum, axis=0))
-    tl.store(out + plane, tl.sum(count, axis=0))
-    tl.store(out + 2 * plane, tl.sum(clip_count, axis=0))
-    tl.store(out + 3 * plane, tl.sum(kl_sum, axis=0))
-    tl.store(out + 4 * plane, tl.sum(lower_count, axis=0))
+    tl.store(out, loss_sum)
+    tl.store(out + plane, count)
+    tl.store(out + 2 * plane, clip_count)
+    tl.store(out + 3 * plane, kl_sum)
+    tl.store(out + 4 * plane, lower_count)
 
 
 @triton.jit

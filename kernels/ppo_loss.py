@@ -106,25 +106,25 @@ def _ppo_loss_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     start, end, first, last = row_span(cu_ptr, row, chunk, T, BLOCK_T, PACKED)
-    loss_sum = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    count = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    clip_count = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    kl_sum = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    loss_sum = 0.0
+    count = 0.0
+    clip_count = 0.0
+    kl_sum = 0.0
     for c in range(first, last):
         offs = start + c * BLOCK_T + tl.arange(0, BLOCK_T)
         valid, x, x_old, loss, is_clipped, _ = _load_token_terms(x_ptr, x_old_ptr, y_ptr, mask_ptr, offs, offs < end,
                                                                  p0, p1, p2, KIND)
-        loss_sum += tl.where(valid, loss, 0.0)
-        count += valid.to(tl.float32)
-        clip_count += (valid & is_clipped).to(tl.float32)
-        kl_sum += tl.where(valid, x_old - x, 0.0)
+        loss_sum += tl.sum(tl.where(valid, loss, 0.0), axis=0)
+        count += tl.sum(valid.to(tl.float32), axis=0)
+        clip_count += tl.sum((valid & is_clipped).to(tl.float32), axis=0)
+        kl_sum += tl.sum(tl.where(valid, x_old - x, 0.0), axis=0)
     out = partial_ptr + row * C + chunk
     plane = B * C
-    tl.store(out, tl.sum(loss_sum, axis=0))
-    tl.store(out + plane, tl.sum(count, axis=0))
-    tl.store(out + 2 * plane, tl.sum(clip_count, axis=0))
+    tl.store(out, loss_sum)
+    tl.store(out + plane, count)
+    tl.store(out + 2 * plane, clip_count)
     if KIND == POLICY:
-        tl.store(out + 3 * plane, tl.sum(kl_sum, axis=0))
+        tl.store(out + 3 * plane, kl_sum)
 
 
 @triton.jit
