@@ -109,6 +109,8 @@ def test_masked_whiten_packed(backend, shift_mean):
     with use_backend(backend):
         out = ops.masked_whiten(x, mask, shift_mean=shift_mean, cu_seqlens=cu)
         padded = ops.masked_whiten(_padded(x, cu), _padded(mask, cu, False), shift_mean=shift_mean)
+        flat = ops.masked_whiten(x[0], mask[0], shift_mean=shift_mean, cu_seqlens=cu)  # the [N] layout
+    torch.testing.assert_close(flat, out[0], rtol=0, atol=0)
     torch.testing.assert_close(out.double().cpu(), masked_whiten_ref(x, mask, shift_mean).cpu(), **TOL)
     torch.testing.assert_close(out, _packed(padded, cu, out), **TOL)
 
@@ -156,6 +158,10 @@ def test_ppo_policy_loss_packed(backend, reduction, lengths):
     torch.testing.assert_close(grad.double().cpu(), _packed(ref_x.grad, cu, logp).cpu(), **TOL)
     torch.testing.assert_close(loss, pad_loss, **TOL)
     torch.testing.assert_close(grad, pad_grad, **TOL)
+    with use_backend(backend):  # the [N] layout
+        flat = ops.ppo_policy_loss(logp[0], old_logp[0], adv[0], mask[0], clip_eps=0.2, clip_eps_high=0.28,
+                                   dual_clip=3.0, reduction=reduction, cu_seqlens=cu)[0]
+    torch.testing.assert_close(flat, loss, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", backends_for("ppo_value_loss", skip=PACKED_SKIP))
@@ -268,8 +274,10 @@ def test_group_advantages_packed(backend, estimator):
     group = torch.tensor([0, 1, 1, 0, 2, 2], device=DEVICE)  # no group of only empty or masked sequences
     with use_backend(backend):
         adv = ops.group_advantages(scores, group, mask, estimator=estimator, cu_seqlens=cu)
+        flat = ops.group_advantages(scores, group, mask[0], estimator=estimator, cu_seqlens=cu)  # the [N] layout
     ref = group_advantages_ref(scores, group, _padded(mask, cu, False), estimator)
     torch.testing.assert_close(adv.double(), _packed(ref, cu, adv), **TOL)
+    torch.testing.assert_close(flat, adv[0], rtol=0, atol=0)
 
 
 def test_cu_seqlens_checks():
