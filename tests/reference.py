@@ -391,6 +391,35 @@ def policy_loss_ref(logp, old_logp, advantages, mask, loss_type="vanilla", reduc
     return reduce_ref(per_tok, mask, reduction)
 
 
+def policy_actor_loss_ref(hidden, weight, labels, old_logp, advantages, mask, *, policy, correction=None,
+                          rollout_logp=None, ref_logp=None, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0,
+                          temperature=1.0, ignore_index=-100):
+    """float64 ppo_actor_loss with a policy-loss type: linear_logprobs_ref; rollout_correction_ref of old_logp (or of
+    the current logp, detached, for correction["reference"] == "current") against rollout_logp; policy_loss_ref over
+    the surviving mask with the correction's weights; + kl_coef * reduce(KL) - entropy_coef * reduce(H) over the
+    surviving mask by the policy's reduction. ``policy``: policy_loss_ref's keywords (loss_type, reduction, ...);
+    ``correction``: rollout_correction_ref's keywords plus "reference", or None. Returns the loss."""
+    logp, entropy = linear_logprobs_ref(hidden, weight, labels, temperature, ignore_index)
+    keep, weights = mask.bool(), None
+    if correction is not None:
+        corr = dict(correction)
+        base = logp.detach() if corr.pop("reference", "old") == "current" else old_logp.double()
+        weights, keep = rollout_correction_ref(base, rollout_logp.double(), keep, **corr)
+    loss = policy_loss_ref(logp, old_logp.double(), advantages.double(), keep, weights=weights, **policy)
+    reduction = policy.get("reduction", "token_mean")
+
+    def reduce(x):
+        if reduction != "seq_mean_token_sum_norm":
+            return reduce_ref(x, keep, reduction)
+        norm = policy.get("norm_length") or keep.shape[-1]
+        return reduce_ref(x, keep, "seq_mean_token_sum") / norm
+
+    loss = loss - entropy_coef * reduce(entropy)
+    if ref_logp is not None:
+        loss = loss + kl_coef * reduce(kl_penalty_ref(logp, ref_logp.double(), kl_estimator))
+    return loss
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Packed (padding-free) batches: a packed op's reference is the padded reference on the unpacked sequences
 # ---------------------------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ Not a torch custom op: the walk runs collectives between kernels, so torch.compi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -75,11 +76,21 @@ from instructrl_fast.ops.logprob import (
     shard_bwd,
     tp_rank_world,
 )
+from instructrl_fast.ops.policy_loss import (
+    TOKEN_LOCAL_TYPES,
+    PolicyLossConfig,
+    RolloutCorrection,
+    policy_loss,
+    rollout_correction,
+    token_loss_grad,
+)
 from instructrl_fast.ops.ppo_loss import REDUCTIONS, check_triple, masked_reduce, policy_surrogate, valid_upcast
 
 __all__ = ["ActorLossConfig", "PPOActorLossFunction", "ppo_actor_loss"]
 
 KL_ESTIMATORS = (*ESTIMATORS, "full")
+# ActorLossConfig's own surrogate fields and their defaults (with policy= they move into the PolicyLossConfig)
+_SURROGATE_FIELDS = {"clip_eps": 0.2, "clip_eps_high": None, "dual_clip": None, "reduction": "token_mean"}
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -95,8 +106,22 @@ class ActorLossConfig:
     reduction: str = "token_mean"  # token_mean / seq_mean_token_mean / seq_mean_token_sum (as ppo_policy_loss)
     # walk batch_invariant's GEMM tiles: logp then has the bits of a batch-invariant GPT.token_logprobs
     batch_invariant: bool = False
+    # a policy-loss type of ops.policy_loss and its parameters (its reduction then applies to every term; the four
+    # surrogate fields above stay at their defaults); None: the PPO surrogate of ppo_policy_loss from those fields
+    policy: PolicyLossConfig | None = None
+    # importance weights / rejection against the rollout engine's log-probs (ppo_actor_loss's rollout_logp), or None
+    correction: RolloutCorrection | None = None
 
     def __post_init__(self):
+        if self.policy is not None:
+            if not isinstance(self.policy, PolicyLossConfig):
+                raise TypeError(f"policy must be a PolicyLossConfig or None, got {type(self.policy).__name__}")
+            moved = [f for f in _SURROGATE_FIELDS if getattr(self, f) != _SURROGATE_FIELDS[f]]
+            if moved:
+                raise ValueError(f"{', '.join(moved)} must stay at the default with policy= (set them in the "
+                                 f"PolicyLossConfig)")
+        if self.correction is not None and not isinstance(self.correction, RolloutCorrection):
+            raise TypeError(f"correction must be a RolloutCorrection or None, got {type(self.correction).__name__}")
         check_positive("clip_eps", self.clip_eps)
         if self.clip_eps_high is not None:
             check_positive("clip_eps_high", self.clip_eps_high)
@@ -106,6 +131,18 @@ class ActorLossConfig:
         check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         check_positive("entropy_coef", self.entropy_coef, allow_zero=True)
         check_choice("reduction", self.reduction, tuple(REDUCTIONS))
+
+    @property
+    def uses_policy_loss(self) -> bool:
+        """Whether the loss is ``ops.policy_loss``'s (a policy type or a rollout correction given)."""
+        return self.policy is not None or self.correction is not None
+
+    def policy_config(self) -> PolicyLossConfig:
+        """The ``PolicyLossConfig`` of the loss: ``policy``, or vanilla PPO from the surrogate fields."""
+        if self.policy is not None:
+            return self.policy
+        return PolicyLossConfig(loss_type="vanilla", reduction=self.reduction, clip_eps=self.clip_eps,
+                                clip_eps_high=self.clip_eps_high, dual_clip=self.dual_clip)
 
     def clip_params(self) -> tuple[float, float, float]:
         """(clip_low, clip_high, dual) as ``policy_surrogate`` takes them (dual 0 disables the dual clip)."""
@@ -176,27 +213,27 @@ def _chunk_terms(backend, logp, entropy, old_logp, adv, ref_logp, kl_full, w, cf
     return pg.detach(), None if kl is None else kl.detach(), is_clipped, total.detach(), grad_logp, grad_entropy
 
 
-def _walk(hidden, weight, labels, old_logp, adv, w, ref_logp, ref_hidden, ref_weight, cfg: ActorLossConfig,
+def _walk(hidden, weight, labels, ref_hidden, ref_weight, chunk_fn, entropy_grad: bool, batch_invariant: bool,
           temperature, ignore_index, tp_group, backend, with_grads):
-    """hidden [N, D], weight [V, D] (shard), labels [N] int64, old_logp/adv/w/ref_logp [N] -> per-token terms [N]
-    (pg, kl, is_clipped, total, logp, entropy; fp32, float64 for float64 hidden) and the unscaled gradients
-    (d hidden [N, D], d weight [V, D] fp32), or None without ``with_grads`` (a no_grad call for the value and stats
-    costs 2 N D V FLOPs, not 6)."""
+    """hidden [N, D], weight [V, D] (shard), labels [N] int64, ref_hidden [N, D_ref] / ref_weight [V, D_ref] for the
+    full KL or None -> (logp, entropy, full KL or None) [N] (fp32, float64 for float64 hidden) and the unscaled
+    gradients (d hidden [N, D], d weight [V, D] fp32), or None without ``with_grads`` (2 N D V FLOPs, not 6).
+
+    ``chunk_fn(sl, logp_c, entropy_c, kl_full_c)`` is called once per chunk (when given) and returns the chunk's
+    (d loss / d logp, d loss / d entropy or None, d loss / d full KL or None), each [n]: the loss's per-token part.
+    """
     N, D = hidden.shape
     V = weight.shape[0]
     vocab_start = tp_rank_world(tp_group)[0] * V
     full = ref_hidden is not None
-    with_kl = full or ref_logp is not None
-    need_entropy_grad = cfg.entropy_coef != 0.0
     acc = {"dtype": acc_dtype(hidden), "device": hidden.device}
-    pg, total, logp, entropy = (torch.empty(N, **acc) for _ in range(4))
-    kl = torch.zeros(N, **acc)  # stays 0 without a reference (not reported then)
-    is_clipped = torch.empty(N, dtype=torch.bool, device=hidden.device)
+    logp, entropy = torch.empty(N, **acc), torch.empty(N, **acc)
+    kl = torch.empty(N, **acc) if full else None
     grad_hidden = torch.empty_like(hidden) if with_grads else None
     # every chunk adds into dW (the first one overwrites it); zeros only when there is no chunk
     grad_weight = (torch.empty if N else torch.zeros)(weight.shape, **acc) if with_grads else None
     # the batch-invariant mode's GEMM and chunks of whole tiles: logp has the bits of GPT.token_logprobs's
-    rows, gemm = head_schedule(N, D, V, cfg.batch_invariant)
+    rows, gemm = head_schedule(N, D, V, batch_invariant)
     for start in range(0, N, rows):
         sl = slice(start, start + rows)
         h, lab = hidden[sl], labels[sl]
@@ -205,8 +242,7 @@ def _walk(hidden, weight, labels, old_logp, adv, w, ref_logp, ref_hidden, ref_we
         logits = gemm(h, weight)
         shard = rows_fwd(backend, logits[None], lab[:, None], False, temperature, ignore_index, vocab_start, True)
         logp_c, ent_c, row_max, log_sum = combine_shards(*shard, lab[:, None], False, ignore_index, True, tp_group)
-        logp_c = logp_c[:, 0]
-        kl_full = None
+        logp[sl], entropy[sl] = logp_c[:, 0], ent_c
         if full:
             ref_logits = ref_hidden[sl] @ ref_weight.T
             ref_shard = rows_fwd(backend, ref_logits[None], lab[:, None], False, temperature, ignore_index,
@@ -215,19 +251,14 @@ def _walk(hidden, weight, labels, old_logp, adv, w, ref_logp, ref_hidden, ref_we
             shifts = (finite_shift(row_max), log_sum, finite_shift(ref_max))
             mean_diff = _all_reduce_sum(_full_kl_fwd(backend, logits, ref_logits, *shifts, temperature), tp_group)
             # KL = E_p[x - y] - lse_x + lse_y, the row maxes cancelling inside E_p (mean_diff is of the shifted x, y)
-            kl_full = torch.where(keep, mean_diff - log_sum + ref_log_sum, 0.0)
-        ref_c = None if ref_logp is None else ref_logp[sl]
-        pg[sl], kl_c, is_clipped[sl], total[sl], g_lp, g_ent = _chunk_terms(
-            backend, logp_c, ent_c, old_logp[sl], adv[sl], ref_c, kl_full, w[sl], cfg)
-        if with_kl:
-            kl[sl] = kl_c
-        logp[sl], entropy[sl] = logp_c, ent_c
+            kl[sl] = torch.where(keep, mean_diff - log_sum + ref_log_sum, 0.0)
+        g_lp, g_ent, g_kl = (None,) * 3 if chunk_fn is None else chunk_fn(sl, logp[sl], ent_c,
+                                                                           kl[sl] if full else None)
         if not with_grads:
             continue
-        ent_args = (g_ent, ent_c) if need_entropy_grad else (log_sum.new_empty(0), log_sum.new_empty(0))
+        ent_args = (g_ent, ent_c) if entropy_grad else (log_sum.new_empty(0), log_sum.new_empty(0))
         # the exact KL's gradient in the same pass (d KL / d x_j = p_j ((x_j - y_j) - E_p[x - y]))
-        full_kl = (torch.where(keep, w[sl] * cfg.kl_coef, 0.0), ref_logits[None], shifts[2], mean_diff) if full \
-            else None
+        full_kl = (torch.where(keep, g_kl, 0.0), ref_logits[None], shifts[2], mean_diff) if full else None
         # the chunk's logits are dead once their gradient exists: it is written over them where the backend can
         dlogits = shard_bwd(backend, g_lp.contiguous(), ent_args[0].contiguous(), logits[None], lab, row_max,
                              log_sum, ent_args[1], temperature, ignore_index, vocab_start, full_kl=full_kl,
@@ -237,7 +268,7 @@ def _walk(hidden, weight, labels, old_logp, adv, w, ref_logp, ref_hidden, ref_we
         del logits
         accumulate_mm(grad_hidden[sl], dlogits, weight, first=True)
         accumulate_mm(grad_weight, dlogits.T, h, first=start == 0)
-    terms = (pg, kl, is_clipped, total, logp, entropy)
+    terms = (logp, entropy, kl)
     if not with_grads:
         return terms, None
     # hidden is replicated over the TP group: its gradient sums every shard's (Megatron's copy-to-TP backward).
@@ -245,40 +276,141 @@ def _walk(hidden, weight, labels, old_logp, adv, w, ref_logp, ref_hidden, ref_we
     return terms, (grad_hidden, grad_weight)
 
 
-class PPOActorLossFunction(torch.autograd.Function):
-    """hidden [B, T, D], weight [V, D] (vocab shard), labels [B, T] int64 ... -> (loss 0-dim, stats [5]), fp32
-    (float64 for float64 hidden).
+def _ppo_forward(hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_hidden, ref_weight, cfg: ActorLossConfig,
+                 temperature, ignore_index, tp_group, backend, with_grads):
+    """``ppo_policy_loss``'s surrogate + KL + entropy, every gradient taken in the one walk -> (loss 0-dim, stats,
+    grads or None). Inputs as ``PPOActorLossFunction`` (old_logp, adv, ref_logp upcast, 0 where masked)."""
+    B, T, D = hidden.shape
+    N = B * T
+    acc = {"dtype": acc_dtype(hidden), "device": hidden.device}
+    w = _token_weights(mask, cfg.reduction, acc["dtype"]).reshape(-1)
+    old, a = old_logp.reshape(-1), adv.reshape(-1)
+    ref = None if ref_logp is None else ref_logp.reshape(-1)
+    pg, total = torch.empty(N, **acc), torch.empty(N, **acc)
+    kl = torch.zeros(N, **acc)  # stays 0 without a reference (not reported then)
+    is_clipped = torch.empty(N, dtype=torch.bool, device=hidden.device)
 
-    stats = (clipfrac, approx_kl, entropy, kl (nan without a reference), pg_loss); only the loss is differentiable.
-    The forward computes the gradients; the backward scales them by the upstream gradient of the loss.
+    def chunk(sl, logp_c, ent_c, kl_full):
+        pg[sl], kl_c, is_clipped[sl], total[sl], g_lp, g_ent = _chunk_terms(
+            backend, logp_c, ent_c, old[sl], a[sl], None if ref is None else ref[sl], kl_full, w[sl], cfg)
+        if kl_c is not None:
+            kl[sl] = kl_c
+        return g_lp, g_ent, w[sl] * cfg.kl_coef
+
+    (logp, entropy, _), grads = _walk(
+        hidden.reshape(N, D), weight, labels.reshape(-1), _flat_ref(ref_hidden), ref_weight, chunk,
+        cfg.entropy_coef != 0.0, cfg.batch_invariant, temperature, ignore_index, tp_group, backend, with_grads)
+    pg, kl, is_clipped, total, logp, entropy = (t.view(B, T) for t in (pg, kl, is_clipped, total, logp, entropy))
+    loss = masked_reduce(total, mask, cfg.reduction)
+    stats = {"clipfrac": masked_reduce(is_clipped.to(total.dtype), mask, "token_mean"),
+             "approx_kl": masked_reduce(old_logp - logp, mask, "token_mean"),
+             "entropy": masked_reduce(entropy, mask, "token_mean"),
+             "pg_loss": masked_reduce(pg, mask, cfg.reduction)}
+    if ref_logp is not None or ref_hidden is not None:
+        stats["kl"] = masked_reduce(kl, mask, "token_mean")
+    return loss, stats, grads
+
+
+def _flat_ref(ref_hidden: Tensor | None) -> Tensor | None:
+    return None if ref_hidden is None else ref_hidden.reshape(-1, ref_hidden.shape[-1])
+
+
+def _reduce_weights(mask: Tensor, cfg: PolicyLossConfig, dtype: torch.dtype) -> Tensor:
+    """[B, T] w_t of ``cfg.reduction`` over ``mask`` (seq_mean_token_sum_norm: seq_mean_token_sum's / norm_length,
+    T by default, as ``policy_loss`` divides)."""
+    if cfg.reduction != "seq_mean_token_sum_norm":
+        return _token_weights(mask, cfg.reduction, dtype)
+    norm = mask.shape[-1] if cfg.norm_length is None else cfg.norm_length
+    return _token_weights(mask, "seq_mean_token_sum", dtype) / norm
+
+
+def _estimated_kl_grad(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
+    """d KL_t / d logp_t [n] of a k1 / k2 / k3 / abs estimator (``kl_penalty``'s formula, by autograd on [n])."""
+    with torch.enable_grad():
+        lp = logp.detach().requires_grad_()
+        (grad,) = torch.autograd.grad(kl_torch(lp, ref_logp, estimator).sum(), lp)
+    return grad
+
+
+def _policy_forward(hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_hidden, ref_weight, rollout_logp,
+                    cfg: ActorLossConfig, temperature, ignore_index, tp_group, backend, with_grads):
+    """``ops.policy_loss``'s loss (with the rollout correction) + KL + entropy -> (loss, stats, grads or None).
+
+    Fused (a ``TOKEN_LOCAL_TYPES`` type, correction against old_logp or none): the correction's weights and
+    surviving mask are known before the walk, so each chunk's d loss / d logp_t = w_t is_t l'_t (+ the KL's, the
+    entropy's) is final in the chunk. Two-pass (gspo, clip_cov, kl_cov, geo_mean, bypass mode): a walk for logp and
+    entropy, ``policy_loss`` with autograd on the [B, T] log-probs, then a second walk that applies that per-token
+    gradient. Either way the value and the metrics are ``policy_loss``'s own, on the walk's log-probs."""
+    B, T, D = hidden.shape
+    pcfg, corr = cfg.policy_config(), cfg.correction
+    bypass = corr is not None and corr.reference == "current"
+    fused = pcfg.loss_type in TOKEN_LOCAL_TYPES and not bypass
+    dtype = acc_dtype(hidden)
+    is_w, kept = None, mask
+    if corr is not None and not bypass:  # weights from old_logp vs rollout_logp: constants of the walk
+        is_w, kept, _ = rollout_correction(old_logp, rollout_logp, mask, corr)
+    w = _reduce_weights(kept, pcfg, dtype)
+    w_pg = (w if is_w is None else w * is_w).reshape(-1)
+    keep, old, a, w = (x.reshape(-1) for x in (kept, old_logp, adv, w))
+    ref = None if ref_logp is None else ref_logp.reshape(-1)
+    head = (hidden.reshape(B * T, D), weight, labels.reshape(-1), _flat_ref(ref_hidden), ref_weight)
+    walk_opts = (cfg.entropy_coef != 0.0, cfg.batch_invariant, temperature, ignore_index, tp_group, backend)
+
+    def fused_chunk(sl, logp_c, ent_c, kl_full):
+        g = token_loss_grad(backend, pcfg, logp_c, old[sl], a[sl], keep[sl], w_pg[sl])
+        if ref is not None and cfg.kl_coef != 0.0:
+            g = g + (cfg.kl_coef * w[sl]) * _estimated_kl_grad(logp_c, ref[sl], cfg.kl_estimator)
+        return g, -cfg.entropy_coef * w[sl], cfg.kl_coef * w[sl]
+
+    (logp, entropy, kl_full), grads = _walk(*head, fused_chunk if fused and with_grads else None, *walk_opts,
+                                            with_grads and fused)
+    two_pass = with_grads and not fused
+    lp = logp.view(B, T).detach().requires_grad_(two_pass)
+    ent = entropy.view(B, T).detach().requires_grad_(two_pass and cfg.entropy_coef != 0.0)
+    with torch.enable_grad():
+        pg, stats = policy_loss(lp, old_logp, adv, mask, config=pcfg, rollout_logp=rollout_logp, correction=corr)
+        if bypass:  # the surviving mask depends on the current log-probs: known after the first walk
+            kept = rollout_correction(lp.detach(), rollout_logp, mask, corr)[1]
+            w = _reduce_weights(kept, pcfg, dtype).reshape(-1)
+        w2 = w.view(B, T)
+        total = pg - cfg.entropy_coef * (w2 * ent).sum()
+        kl = kl_full.view(B, T) if kl_full is not None else None
+        if ref is not None:
+            kl = kl_torch(lp, ref_logp, cfg.kl_estimator)
+        if kl is not None:
+            total = total + cfg.kl_coef * (w2 * kl).sum()
+        if two_pass:
+            g_lp, *g_ent = torch.autograd.grad(total, (lp, ent) if ent.requires_grad else (lp,))
+    stats.update(entropy=masked_reduce(entropy.view(B, T), kept, "token_mean"), pg_loss=pg.detach())
+    if kl is not None:
+        stats["kl"] = masked_reduce(kl.detach(), kept, "token_mean")
+    if two_pass:  # the second walk: the logits again (2 N D V) and their gradient's two GEMMs (4 N D V)
+        g_lp, g_ent, g_kl = g_lp.reshape(-1), (g_ent or [g_lp])[0].reshape(-1), cfg.kl_coef * w
+        grads = _walk(*head, lambda sl, *_: (g_lp[sl], g_ent[sl], g_kl[sl]), *walk_opts, True)[1]
+    return total.detach(), stats, grads
+
+
+class PPOActorLossFunction(torch.autograd.Function):
+    """hidden [B, T, D], weight [V, D] (vocab shard), run, names -> (loss 0-dim, stats [k]), fp32 (float64 for
+    float64 hidden).
+
+    ``run()`` (``_ppo_forward`` or ``_policy_forward`` with the other inputs bound) returns the loss, its stats and
+    the gradients, all computed in the forward; ``names`` (a list) receives the stats' names. Only the loss is
+    differentiable; the backward scales the stored gradients by the upstream gradient of the loss.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_hidden, ref_weight, cfg,
-                temperature, ignore_index, tp_group, backend, with_grads):
-        B, T, D = hidden.shape
-        w = _token_weights(mask, cfg.reduction, acc_dtype(hidden)).reshape(-1)
-        terms, grads = _walk(hidden.reshape(B * T, D), weight, labels.reshape(-1), old_logp.reshape(-1),
-                             adv.reshape(-1), w, None if ref_logp is None else ref_logp.reshape(-1),
-                             None if ref_hidden is None else ref_hidden.reshape(B * T, ref_hidden.shape[-1]),
-                             ref_weight, cfg, temperature, ignore_index, tp_group, backend, with_grads)
-        with_kl = ref_logp is not None or ref_hidden is not None
-        pg, kl, is_clipped, total, logp, entropy = (t.reshape(B, T) for t in terms)
-        loss = masked_reduce(total, mask, cfg.reduction)
-        stats = torch.stack([
-            masked_reduce(is_clipped.to(total.dtype), mask, "token_mean"),
-            masked_reduce(old_logp - logp, mask, "token_mean"),
-            masked_reduce(entropy, mask, "token_mean"),
-            masked_reduce(kl, mask, "token_mean") if with_kl else loss.new_full((), float("nan")),
-            masked_reduce(pg, mask, cfg.reduction),
-        ])
+    def forward(ctx, hidden, weight, run, names):
+        loss, stats, grads = run()
+        names.extend(stats)
+        stacked = torch.stack(list(stats.values())).to(loss.dtype)
         # Kept on ctx, not saved for backward: the backward scales them in place (no second copy of d weight at
         # the peak), so they serve exactly one backward.
         ctx.grads = grads
         ctx.weight_dtype = weight.dtype
         ctx.hidden_shape = hidden.shape
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
+        ctx.mark_non_differentiable(stacked)
+        return loss, stacked
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
@@ -290,7 +422,7 @@ class PPOActorLossFunction(torch.autograd.Function):
         g = grad_loss.to(grad_weight.dtype)
         grad_hidden = grad_hidden.mul_(g).reshape(ctx.hidden_shape)
         grad_weight = grad_weight.mul_(g).to(ctx.weight_dtype)
-        return (grad_hidden, grad_weight) + (None,) * 13
+        return grad_hidden, grad_weight, None, None
 
 
 # One walk serves every backend: it hands the name on to the log-prob kernels and its own per-token kernels. The
@@ -330,11 +462,25 @@ def _check_reference(ref_logp, ref_hidden, ref_weight, cfg: ActorLossConfig, lik
                          + ("ref_hidden and ref_weight" if cfg.kl_estimator == "full" else "ref_logp"))
 
 
+def _check_rollout(rollout_logp: Tensor | None, cfg: ActorLossConfig, like: Tensor, mask: Tensor,
+                   acc: torch.dtype) -> Tensor | None:
+    """rollout_logp [B, T] (upcast, 0 where masked), required exactly when ``cfg.correction`` is set."""
+    if (rollout_logp is None) != (cfg.correction is None):
+        raise ValueError("rollout_logp must be given exactly when config.correction is set, got rollout_logp="
+                         f"{'None' if rollout_logp is None else 'a tensor'} and correction={cfg.correction}")
+    if rollout_logp is None:
+        return None
+    check_float("rollout_logp", rollout_logp, ndim=2)
+    check_shape("rollout_logp", rollout_logp, like.shape[:2], "hidden without its last dimension")
+    check_same_device(hidden=like, rollout_logp=rollout_logp)
+    return valid_upcast(rollout_logp.detach(), mask, acc)
+
+
 def ppo_actor_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                    *, config: ActorLossConfig | None = None, ref_logp: Tensor | None = None,
                    ref_hidden: Tensor | None = None, ref_weight: Tensor | None = None, temperature: float = 1.0,
-                   ignore_index: int = -100,
-                   tp_group: dist.ProcessGroup | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                   ignore_index: int = -100, tp_group: dist.ProcessGroup | None = None,
+                   rollout_logp: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The PPO / GRPO actor loss from the LM head's input, never holding the [B*T, V] logits (module docstring).
 
     Equals, on the same inputs: logp, H = ``linear_logprobs(hidden, weight, labels, temperature=..., ignore_index=...,
@@ -391,13 +537,16 @@ def ppo_actor_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Ten
     acc = acc_dtype(hidden)
     old, adv = (valid_upcast(x.detach(), mask, acc) for x in (old_logp, advantages))
     ref = None if ref_logp is None else valid_upcast(ref_logp.detach(), mask, acc)
-    loss, stats = PPOActorLossFunction.apply(
-        hidden.contiguous(), weight.contiguous(), labels2d.view(labels.shape), old, adv, mask, ref,
-        None if ref_hidden is None else ref_hidden.detach().contiguous(),
-        None if ref_weight is None else ref_weight.detach().contiguous(), cfg, temperature, ignore_index, tp_group,
-        backend, torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad))
-    names = ("clipfrac", "approx_kl", "entropy", "kl", "pg_loss")
-    out = dict(zip(names, stats.unbind()))
-    if ref_logp is None and ref_hidden is None:
-        del out["kl"]
-    return loss, out
+    inputs = (hidden.contiguous(), weight.contiguous(), labels2d.view(labels.shape), old, adv, mask, ref,
+              None if ref_hidden is None else ref_hidden.detach().contiguous(),
+              None if ref_weight is None else ref_weight.detach().contiguous())
+    rollout = _check_rollout(rollout_logp, cfg, hidden, mask, acc)
+    options = (cfg, temperature, ignore_index, tp_group, backend,
+               torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad))
+    if cfg.uses_policy_loss:
+        run = partial(_policy_forward, *inputs, rollout, *options)
+    else:
+        run = partial(_ppo_forward, *inputs, *options)
+    names: list[str] = []
+    loss, stats = PPOActorLossFunction.apply(inputs[0], inputs[1], run, names)
+    return loss, dict(zip(names, stats.unbind()))

@@ -83,6 +83,9 @@ _GSPO_LOG_RATIO_MAX = 10.0
 # the types whose term is local to a token (gspo's row mean passed in), on the triton and cpp kernels: the others (a
 # batch-wide sort for clip_cov / kl_cov, geo_mean's per-row exponent) run on torch whatever the backend
 KERNEL_TYPES = ("vanilla", "gspo", "sapo", "gpg", "reinforce", "dro", "cispo", "dppo_tv", "dppo_kl")
+# the types whose loss and gradient at a token depend only on that token's log-prob and fixed inputs (gspo needs its
+# row's mean): ``token_loss_grad`` serves them one token chunk at a time (ops.ppo_actor_loss's fused walk)
+TOKEN_LOCAL_TYPES = tuple(t for t in KERNEL_TYPES if t != "gspo")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -391,6 +394,41 @@ def _policy_loss_compiled(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return torch.ops.instructrl_fast.policy_loss(*args)
 
 
+def _kernel_params(cfg: PolicyLossConfig) -> list[float]:
+    """(clip_low, clip_high, dual, tau_pos, tau_neg, beta, trunc) as the triton and C++ kernels take them."""
+    return [cfg.clip_eps, cfg.clip_high, float(cfg.dual_clip or 0.0), cfg.tau_pos, cfg.tau_neg, cfg.dro_beta,
+            cfg.trunc_ratio]
+
+
+def token_loss_grad(name: str, cfg: PolicyLossConfig, logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor,
+                    mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """d (sum_t weights_t l_t) / d logp_t [n] for a ``TOKEN_LOCAL_TYPES`` loss on 1-D vectors [n] (old, adv
+    detached, 0 where ``mask`` is False; weights [n] 0 there) on backend ``name``: the backward kernel of the
+    triton / C++ op run on one [1, n] row with unit row scale, or autograd through the torch formula. Float32 (float64
+    on torch for float64 logp); no host sync."""
+    if cfg.loss_type not in TOKEN_LOCAL_TYPES:
+        raise ValueError(f"token_loss_grad serves {TOKEN_LOCAL_TYPES}, got loss_type={cfg.loss_type!r}")
+    row = [x.reshape(1, -1).contiguous() for x in (logp, old, adv)]
+    m = mask.reshape(1, -1)
+    if name == "torch":
+        with torch.enable_grad():
+            x = row[0].detach().requires_grad_()
+            loss = _token_loss(cfg, x, row[1], row[2], m, m.to(x.dtype), Rows(m))[0]
+            (grad,) = torch.autograd.grad((loss * weights.reshape(1, -1)).sum(), x)
+        return grad.reshape(-1)
+    shift = torch.zeros(1, dtype=torch.float32, device=logp.device)
+    w = weights.float().reshape(1, -1).contiguous()
+    one = torch.ones((), dtype=torch.float32, device=logp.device)
+    if name == "triton":
+        from instructrl_fast.kernels.policy_loss import policy_loss_bwd
+
+        grad = policy_loss_bwd(one, one.reshape(1), *row, m, w, shift, LOSS_TYPES[cfg.loss_type], _kernel_params(cfg))
+    else:  # the C++ op; seq_mean_token_sum over one row weighs every token by 1
+        grad = torch.ops.instructrl_fast.policy_loss_backward(one, *row, m, w, shift, LOSS_TYPES[cfg.loss_type],
+                                                              _kernel_params(cfg), REDUCTIONS["seq_mean_token_sum"])
+    return grad.reshape(-1)
+
+
 def _policy_loss_on_kernels(name: str, cfg: PolicyLossConfig, logp, old, adv, mask, weights, rows: Rows):
     """(loss by the kernels' reduction, stats) of a KERNEL_TYPES loss on backend ``name`` ("triton" / "cpp");
     weights [B, T] or None; a packed batch as one [1, N] row with ``rows.cu_seqlens``."""
@@ -398,8 +436,7 @@ def _policy_loss_on_kernels(name: str, cfg: PolicyLossConfig, logp, old, adv, ma
     shift = torch.zeros(n_rows, dtype=torch.float32, device=logp.device)
     if cfg.loss_type == "gspo":  # the per-sequence mean log-ratio, a [B] reduction done once here
         shift = rows.mean(torch.where(mask, logp.detach().float() - old.float(), 0.0), mask.float())
-    params = [cfg.clip_eps, cfg.clip_high, float(cfg.dual_clip or 0.0), cfg.tau_pos, cfg.tau_neg, cfg.dro_beta,
-              cfg.trunc_ratio]
+    params = _kernel_params(cfg)
     code = 2 if cfg.reduction == "seq_mean_token_sum_norm" else REDUCTIONS[cfg.reduction]
     args = (logp.contiguous(), old.contiguous(), adv.contiguous(), mask,
             None if weights is None else weights.float().contiguous(), shift, LOSS_TYPES[cfg.loss_type], params, code,

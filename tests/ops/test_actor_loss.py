@@ -11,11 +11,21 @@ import torch.multiprocessing as mp
 
 from instructrl_fast import backend as backend_mod
 from instructrl_fast.backend import use_backend
-from instructrl_fast.ops import ActorLossConfig, kl_penalty, linear_logprobs, ppo_actor_loss, ppo_policy_loss
+from instructrl_fast.ops import (
+    ActorLossConfig,
+    PolicyLossConfig,
+    RolloutCorrection,
+    kl_penalty,
+    linear_logprobs,
+    policy_loss,
+    ppo_actor_loss,
+    ppo_policy_loss,
+    rollout_correction,
+)
 from instructrl_fast.ops.ppo_loss import masked_reduce
 from tests._dist import leave_worker
 from tests.conftest import DEVICE, backends_for
-from tests.reference import linear_logprobs_ref, ppo_actor_loss_ref
+from tests.reference import full_kl_ref, linear_logprobs_ref, policy_actor_loss_ref, ppo_actor_loss_ref, reduce_ref
 
 BACKENDS = backends_for("ppo_actor_loss")
 IGNORE = -100
@@ -359,6 +369,175 @@ def test_bad_arguments_raise():
         ppo_actor_loss(hidden, weight, labels, old_logp[:, :2], adv[:, :2], mask[:, :2])
     with pytest.raises(ValueError, match="temperature must be > 0"):
         ppo_actor_loss(*args, temperature=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Policy-loss types of ops.policy_loss and the rollout correction inside the walk.
+# ---------------------------------------------------------------------------------------------------------------
+
+# parameters that put a share of the tokens on each side of the type's clip / window / selection
+POLICY_PARAMS = {
+    "vanilla": {"clip_eps_high": 0.28, "dual_clip": 2.0}, "gspo": {"clip_eps": 0.1}, "sapo": {"tau_neg": 1.3},
+    "gpg": {}, "reinforce": {}, "clip_cov": {"cov_ratio": 0.3, "clip_cov_bounds": (-1.0, 5.0)},
+    "kl_cov": {"cov_ratio": 0.3, "kl_cov_coef": 2.0}, "geo_mean": {"clip_eps": 0.3}, "dro": {"dro_beta": 0.5},
+    "cispo": {"clip_eps_high": 0.3}, "dppo_tv": {"clip_eps": 0.1}, "dppo_kl": {"clip_eps": 0.05, "trunc_ratio": 1.5},
+}
+POLICY_REDUCTIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+# "tis": token TIS + token k1 rejection against old_logp; "seq": geometric-mean IcePop weights, batch-normalised, with
+# sequence rejection; "bypass": against the current log-probs (old_logp = the rollout's, verl's bypass mode)
+CORRECTIONS = {
+    "none": None,
+    "tis": {"is_level": "token", "is_threshold": 1.5, "rs": ("token_k1",), "rs_thresholds": ((None, 2.0),)},
+    "seq": {"is_level": "geometric", "is_threshold": 1.3, "is_threshold_lower": 0.8, "is_batch_normalize": True,
+            "rs": ("seq_mean_k3",), "rs_thresholds": ((None, 0.08),)},
+    "bypass": {"is_level": "token", "is_threshold": 1.5, "rs": ("token_k2",), "rs_thresholds": ((None, 0.3),),
+               "reference": "current"},
+}
+
+
+def _policy_setup(loss_type, reduction, corr_name, shape=(3, 7, 16, 257), kl_coef=0.05, entropy_coef=0.02, seed=0):
+    """(hidden, weight, rest, cfg, kwargs of ppo_actor_loss, float64 reference kwargs) of one case."""
+    hidden, weight, labels, old_logp, adv, mask, ref_logp, _, _ = _inputs(*shape, seed=seed)
+    rollout = old_logp + 0.4 * torch.randn(old_logp.shape, generator=torch.Generator().manual_seed(seed + 7))
+    corr = CORRECTIONS[corr_name]
+    if corr is not None and corr.get("reference") == "current":
+        old_logp = rollout  # bypass: the ratio is taken against the rollout's log-probs
+    params = dict(POLICY_PARAMS[loss_type], norm_length=5.0 if reduction == "seq_mean_token_sum_norm" else None)
+    cfg = ActorLossConfig(policy=PolicyLossConfig(loss_type=loss_type, reduction=reduction, **params),
+                          correction=None if corr is None else RolloutCorrection(**corr), kl_coef=kl_coef,
+                          kl_estimator="k3", entropy_coef=entropy_coef)
+    kwargs = {"ref_logp": ref_logp, **({} if corr is None else {"rollout_logp": rollout})}
+    ref_params = {k.replace("cov_ratio", "kl_cov_ratio"): v for k, v in params.items() if k != "clip_cov_bounds"}
+    ref_kw = {"policy": {"loss_type": loss_type, "reduction": reduction, **ref_params}, "correction": corr,
+              "rollout_logp": rollout, "ref_logp": ref_logp, "kl_coef": kl_coef, "entropy_coef": entropy_coef}
+    return hidden, weight, (labels, old_logp, adv, mask), cfg, kwargs, ref_kw
+
+
+def _policy_composite(backend, hidden, weight, rest, cfg, kwargs, temperature=1.0):
+    """linear_logprobs, then ops.policy_loss (its own rollout correction) + KL and entropy reduced over the
+    surviving mask: (loss, stats, d hidden, d weight) with the upstream gradient applied."""
+    labels, old_logp, adv, mask = rest
+    pcfg, corr = cfg.policy, cfg.correction
+    h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    with use_backend(backend):
+        logp, entropy = linear_logprobs(h, w, labels, temperature=temperature, ignore_index=IGNORE, with_entropy=True)
+        rollout = kwargs.get("rollout_logp")
+        pg, stats = policy_loss(logp, old_logp, adv, mask, config=pcfg, rollout_logp=rollout, correction=corr)
+    keep = mask.bool()
+    if corr is not None:
+        keep = rollout_correction(logp.detach() if corr.reference == "current" else old_logp, rollout, keep, corr)[1]
+    red = "seq_mean_token_sum" if pcfg.reduction == "seq_mean_token_sum_norm" else pcfg.reduction
+    norm = (pcfg.norm_length or keep.shape[-1]) if pcfg.reduction == "seq_mean_token_sum_norm" else 1.0
+    kl = kl_penalty(logp, kwargs["ref_logp"], estimator=cfg.kl_estimator)
+    loss = (pg + (cfg.kl_coef * masked_reduce(kl, keep, red) - cfg.entropy_coef * masked_reduce(entropy, keep, red))
+            / norm)
+    stats.update(entropy=masked_reduce(entropy.detach(), keep, "token_mean"), pg_loss=pg.detach(),
+                 kl=masked_reduce(kl.detach(), keep, "token_mean"))
+    loss.backward(torch.tensor(UPSTREAM, device=loss.device))
+    return loss.detach(), stats, h.grad, w.grad
+
+
+def _check_policy_case(backend, loss_type, reduction, corr_name, **setup):
+    hidden, weight, rest, cfg, kwargs, ref_kw = _policy_setup(loss_type, reduction, corr_name, **setup)
+    torch.manual_seed(0)  # clip_cov's draw: the same for both (one torch.rand_like of the [B, T] batch each)
+    ours = _ours(backend, hidden, weight, rest, cfg, 1.0, kwargs)
+    torch.manual_seed(0)
+    loss, stats, gh, gw = _policy_composite(backend, hidden, weight, rest, cfg, kwargs)
+    _assert_matches(ours, (loss.double(), {k: v.double() for k, v in stats.items()}, gh.double(), gw.double()))
+    if loss_type != "clip_cov":  # its random pick is not modelled by the reference
+        h, w = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+        ref = policy_actor_loss_ref(h, w, *rest, ignore_index=IGNORE, **ref_kw)
+        ref.backward(torch.tensor(UPSTREAM, dtype=torch.float64))
+        torch.testing.assert_close(ours[0].double(), ref.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours[2].double(), h.grad, **GRAD_TOL)
+        torch.testing.assert_close(ours[3].double(), w.grad, **GRAD_TOL)
+    assert ours[2].abs().sum() > 0 and ours[3].abs().sum() > 0  # a gradient flows
+    return ours
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "triton"])
+@pytest.mark.parametrize("corr_name", ["none", "tis", "bypass"])
+@pytest.mark.parametrize("reduction", POLICY_REDUCTIONS)
+@pytest.mark.parametrize("loss_type", list(POLICY_PARAMS))
+def test_policy_types_equal_composite_and_reference(backend, loss_type, reduction, corr_name):
+    """Every policy-loss type x reduction x correction: ppo_actor_loss equals linear_logprobs + ops.policy_loss
+    (loss, every metric, d hidden, d weight) on the same backend, and the float64 reference."""
+    _, stats, _, _ = _check_policy_case(backend, loss_type, reduction, corr_name)
+    if corr_name != "none":
+        assert 0 < float(stats["rollout_rs_masked_fraction"]) < 1  # the rejection drops some tokens, not all
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", ["vanilla", "dppo_kl", "gspo", "geo_mean"])
+def test_policy_types_sequence_correction(backend, loss_type):
+    """Sequence-level (geometric-mean IcePop, batch-normalised) weights with sequence rejection, fused
+    (vanilla, dppo_kl) and two-pass (gspo, geo_mean), on every backend (the triton one through the interpreter)."""
+    _, stats, _, _ = _check_policy_case(backend, loss_type, "seq_mean_token_mean", "seq", shape=(4, 5, 8, 67))
+    assert 0 < float(stats["rollout_rs_seq_masked_fraction"]) < 1
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] == "triton"])
+@pytest.mark.parametrize("loss_type", list(POLICY_PARAMS))
+def test_policy_types_triton(backend, loss_type):
+    """Every type with token TIS + rejection on the triton backend (interpreter: a small shape): the fused types'
+    per-chunk gradient is the policy-loss backward kernel's."""
+    _check_policy_case(backend, loss_type, "token_mean", "tis", shape=(2, 5, 8, 67))
+
+
+@pytest.mark.parametrize("loss_type", ["sapo", "gspo"])
+def test_policy_types_full_kl(loss_type):
+    """The exact full-vocabulary KL with a policy type: fused (sapo) and two-pass (gspo, whose second walk recomputes
+    the reference's logits) equal the float64 reference."""
+    hidden, weight, rest, cfg, kwargs, _ = _policy_setup(loss_type, "token_mean", "tis")
+    _, _, _, _, _, _, _, ref_hidden, ref_weight = _inputs(3, 7, 16, 257)
+    cfg = ActorLossConfig(policy=cfg.policy, correction=cfg.correction, kl_coef=0.3, kl_estimator="full",
+                          entropy_coef=0.02)
+    full_kw = {"ref_hidden": ref_hidden, "ref_weight": ref_weight, "rollout_logp": kwargs["rollout_logp"]}
+    loss, stats, gh, gw = _ours("torch", hidden, weight, rest, cfg, 0.8, full_kw)
+    h, w = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    keep = rollout_correction(rest[1], kwargs["rollout_logp"], rest[3], cfg.correction)[1]
+    kl = full_kl_ref(h, w, ref_hidden, ref_weight, rest[0], 0.8, IGNORE)
+    ref = (policy_actor_loss_ref(h, w, *rest, policy={"loss_type": loss_type, **POLICY_PARAMS[loss_type]},
+                                 correction=CORRECTIONS["tis"], rollout_logp=kwargs["rollout_logp"], entropy_coef=0.02,
+                                 temperature=0.8, ignore_index=IGNORE) + 0.3 * reduce_ref(kl, keep, "token_mean"))
+    ref.backward(torch.tensor(UPSTREAM, dtype=torch.float64))
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats["kl"].double(), reduce_ref(kl.detach(), keep, "token_mean"), rtol=1e-5,
+                               atol=1e-6)
+    torch.testing.assert_close(gh.double(), h.grad, **GRAD_TOL)
+    torch.testing.assert_close(gw.double(), w.grad, **GRAD_TOL)
+
+
+def test_policy_config_errors():
+    """A surrogate field beside policy=, a missing or stray rollout_logp, a wrong config type: clear errors."""
+    hidden, weight, rest, cfg, kwargs, _ = _policy_setup("vanilla", "token_mean", "tis")
+    with pytest.raises(ValueError, match="clip_eps, reduction must stay at the default with policy="):
+        ActorLossConfig(policy=PolicyLossConfig(), clip_eps=0.3, reduction="seq_mean_token_sum")
+    with pytest.raises(TypeError, match="policy must be a PolicyLossConfig"):
+        ActorLossConfig(policy={"loss_type": "gspo"})
+    with pytest.raises(TypeError, match="correction must be a RolloutCorrection"):
+        ActorLossConfig(correction={"is_level": "token"})
+    with pytest.raises(ValueError, match="rollout_logp must be given exactly when config.correction is set"):
+        ppo_actor_loss(hidden, weight, *rest, config=cfg, ref_logp=kwargs["ref_logp"])
+    with pytest.raises(ValueError, match="rollout_logp must be given exactly when config.correction is set"):
+        ppo_actor_loss(hidden, weight, *rest, rollout_logp=kwargs["rollout_logp"])
+    with pytest.raises(ValueError, match="rollout_logp must have the shape of hidden"):
+        ppo_actor_loss(hidden, weight, *rest, config=cfg, ref_logp=kwargs["ref_logp"],
+                       rollout_logp=kwargs["rollout_logp"][:, :2])
+
+
+def test_correction_without_policy_is_vanilla_policy_loss():
+    """correction= alone runs ops.policy_loss's vanilla PPO built from the surrogate fields."""
+    cfg = ActorLossConfig(clip_eps=0.15, dual_clip=2.5, reduction="seq_mean_token_mean",
+                          correction=RolloutCorrection(**CORRECTIONS["tis"]))
+    assert cfg.policy_config() == PolicyLossConfig(loss_type="vanilla", reduction="seq_mean_token_mean",
+                                                   clip_eps=0.15, dual_clip=2.5)
+    hidden, weight, rest, _, kwargs, _ = _policy_setup("vanilla", "token_mean", "tis")
+    explicit = ActorLossConfig(policy=cfg.policy_config(), correction=cfg.correction)
+    a = _ours("torch", hidden, weight, rest, cfg, 1.0, {"rollout_logp": kwargs["rollout_logp"]})
+    b = _ours("torch", hidden, weight, rest, explicit, 1.0, {"rollout_logp": kwargs["rollout_logp"]})
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
