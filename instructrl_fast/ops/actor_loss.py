@@ -24,6 +24,30 @@ written (N / r (2 e + 8) V D); h read twice, dh written (3 N D e). At N = 8192, 
 reference's GEMM, its logits written and read by its forward kernel, the full-KL forward pass and the backward
 (4 N V e), and the full-KL forward pass's read of the policy's logits (N V e).
 
+Policy-loss types and rollout correction (``ActorLossConfig.policy`` / ``.correction`` with ``rollout_logp``): the
+loss is then ``ops.policy_loss`` of the walk's log-probs, with verl 0.10's meaning (every type, every reduction, TIS /
+IcePop / rejection at token, sequence or geometric level, bypass mode), plus the KL and entropy terms reduced by the
+policy's reduction over the mask that survives the rejection. Its value and metrics come from ``policy_loss`` itself
+on the [B, T] log-probs (O(N) work). Two schedules, picked by the type; neither holds [N, V] nor syncs with the host
+(per-sequence terms are [B] tensor reductions):
+
+* fused: a ``policy_loss.TOKEN_LOCAL_TYPES`` type (vanilla, sapo, gpg, reinforce, dro, cispo, dppo_tv, dppo_kl) with
+  no correction or one against old_logp. The correction's weights is_t and surviving mask come from (old_logp,
+  rollout_logp) before the walk (detached), so d loss / d logp_t = w_t is_t l'_t(logp_t), w_t the reduction's weight
+  over the surviving mask, is final in the chunk (``policy_loss.token_loss_grad``: the triton / C++ policy-loss
+  backward kernel on the chunk's [1, n] row, torch autograd on torch). 6 N D V FLOPs and the bytes below.
+* two-pass: gspo (its sequence ratio needs the row's mean log-ratio), clip_cov / kl_cov (a covariance over all valid
+  tokens and a batch-wide selection), geo_mean (a per-sequence exponent) and bypass mode (correction.reference =
+  "current": weights and rejection depend on the current log-probs). Walk 1 computes logp and entropy (2 N D V FLOPs;
+  the logits written and read once, 2 N V e bytes; W and h read once per chunk); ``policy_loss`` with autograd on the
+  [B, T] log-probs gives d loss / d logp [N]; walk 2 recomputes the logits and applies it (6 N D V FLOPs and the
+  6 N V e + weight / hidden bytes below). In all 8 N D V FLOPs and 8 N V e logits bytes, as ``linear_logprobs``
+  followed by ``policy_loss``, at the fused path's memory. With the full KL each walk also runs the reference's GEMM
+  (2 N D V FLOPs more per walk).
+
+Without either field the loss is the vanilla / dual-clip surrogate of ``ppo_policy_loss`` (no log-ratio clamp), its
+per-token terms computed in the walk as below.
+
 The exact KL (kl_estimator="full") is KL(pi || pi_ref) = sum_j p_j (log p_j - log q_j) over the whole vocabulary,
 with q = softmax(ref_hidden @ ref_weight.T / T); per chunk the reference logits are computed too and dropped (2 N D V
 more FLOPs, the reference's GEMM): with x, y the tempered logits shifted by their row max (the log-prob schema's
@@ -483,7 +507,11 @@ def ppo_actor_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Ten
                    rollout_logp: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The PPO / GRPO actor loss from the LM head's input, never holding the [B*T, V] logits (module docstring).
 
-    Equals, on the same inputs: logp, H = ``linear_logprobs(hidden, weight, labels, temperature=..., ignore_index=...,
+    With ``config.policy`` or ``config.correction`` it equals, on the same inputs: logp, H = ``linear_logprobs(...,
+    with_entropy=True)``; loss = ``policy_loss(logp, old_logp, advantages, mask, config=config.policy_config(),
+    rollout_logp=rollout_logp, correction=config.correction)[0]`` + (kl_coef * KL - entropy_coef * H) reduced by the
+    policy's reduction over the mask that survives the correction's rejection. Otherwise it equals, on the same
+    inputs: logp, H = ``linear_logprobs(hidden, weight, labels, temperature=..., ignore_index=...,
     with_entropy=True, tp_group=...)``; loss = ``ppo_policy_loss(logp, old_logp, advantages, mask, ...)[0]``
     + kl_coef * reduce(``kl_penalty(logp, ref_logp, estimator=...)``) - entropy_coef * reduce(H), every term
     reduced by ``config.reduction`` over ``mask``; with kl_estimator="full" the KL term is the exact
@@ -508,13 +536,18 @@ def ppo_actor_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Ten
         temperature: > 0, the distribution is softmax(logits / temperature) (the reference's too).
         ignore_index: the label value to ignore.
         tp_group: vocab-parallel process group, or None.
+        rollout_logp: [B, T] the rollout engine's log-probs, required exactly when ``config.correction`` is set
+            (for bypass mode old_logp is the rollout's too, as verl passes it).
 
     Returns:
         (loss, stats): loss a 0-dim float32 tensor (float64 for float64 hidden, computed on the torch backend),
         differentiable w.r.t. hidden and weight (d weight accumulated in fp32). stats: 0-dim tensors of the loss's
         dtype without gradient, no host sync: "clipfrac" and "approx_kl" (as in
         ``ppo_policy_loss``), "entropy" (token_mean of H), "pg_loss" (the surrogate term alone, reduced), and "kl"
-        (token_mean of the per-token KL) when a reference is given.
+        (token_mean of the per-token KL) when a reference is given. With a policy type or a correction: the stats
+        of ``policy_loss`` (approx_kl, clipfrac, clipfrac_lower and the correction's rollout_kl, rollout_k3_kl,
+        rollout_is_mean / _fraction_high / _fraction_low, rollout_rs_masked_fraction / _seq_masked_fraction), plus
+        "entropy", "pg_loss" and "kl" over the surviving mask.
     """
     cfg = ActorLossConfig() if config is None else config
     if not isinstance(cfg, ActorLossConfig):

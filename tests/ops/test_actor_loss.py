@@ -508,6 +508,19 @@ def test_policy_types_full_kl(loss_type):
     torch.testing.assert_close(gw.double(), w.grad, **GRAD_TOL)
 
 
+@pytest.mark.parametrize("loss_type,corr_name", [("sapo", "tis"), ("gspo", "bypass"), ("kl_cov", "none")])
+def test_policy_types_without_grad(loss_type, corr_name):
+    """Under no_grad (one walk, no gradients) the loss and stats are those of the differentiable call."""
+    hidden, weight, rest, cfg, kwargs, _ = _policy_setup(loss_type, "seq_mean_token_sum", corr_name)
+    loss, stats, _, _ = _ours("torch", hidden, weight, rest, cfg, 1.0, kwargs)
+    with torch.no_grad(), use_backend("torch"):
+        loss_ng, stats_ng = ppo_actor_loss(hidden, weight, *rest, config=cfg, ignore_index=IGNORE, **kwargs)
+    torch.testing.assert_close(loss_ng, loss, rtol=0, atol=0)
+    assert stats_ng.keys() == stats.keys()
+    for key in stats:
+        torch.testing.assert_close(stats_ng[key], stats[key], rtol=0, atol=0, msg=key)
+
+
 def test_policy_config_errors():
     """A surrogate field beside policy=, a missing or stray rollout_logp, a wrong config type: clear errors."""
     hidden, weight, rest, cfg, kwargs, _ = _policy_setup("vanilla", "token_mean", "tis")
@@ -587,6 +600,44 @@ def test_vocab_parallel_equals_unsharded():
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the children inherit it
         mp.spawn(_tp_worker, args=(os.path.join(tmp, "init"), backends), nprocs=WORLD, join=True)
+
+
+def _tp_policy_worker(rank: int, init_file: str, backends: list[str]) -> None:
+    """Policy types under a 2-way vocab split: fused (sapo, dppo_kl) and two-pass (gspo, geo_mean), with the token
+    and the bypass corrections, equal the unsharded call on every rank."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        V = 131
+        shard = slice(rank * V, (rank + 1) * V)
+        for name in backends:
+            for loss_type, corr_name in (("sapo", "tis"), ("dppo_kl", "bypass"), ("gspo", "tis"),
+                                         ("geo_mean", "bypass")):
+                hidden, weight, rest, cfg, kwargs, _ = _policy_setup(loss_type, "seq_mean_token_mean", corr_name,
+                                                                     shape=(3, 5, 8, WORLD * V))
+                ref = _ours(name, hidden, weight, rest, cfg, 0.9, kwargs)
+                loss, stats, gh, gw = _ours(name, hidden, weight[shard], rest, cfg, 0.9, kwargs,
+                                            tp_group=dist.group.WORLD)
+                what = f"rank {rank}, backend {name}, {loss_type}, {corr_name}"
+                torch.testing.assert_close(loss, ref[0], rtol=1e-5, atol=1e-6, msg=f"{what}: loss")
+                assert set(stats) == set(ref[1])
+                for key in ref[1]:
+                    torch.testing.assert_close(stats[key], ref[1][key], rtol=1e-5, atol=1e-6, msg=f"{what}: {key}")
+                torch.testing.assert_close(gh, ref[2], **GRAD_TOL, msg=f"{what}: grad hidden (all-reduced)")
+                torch.testing.assert_close(gw, ref[3][shard], **GRAD_TOL, msg=f"{what}: grad weight shard")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    leave_worker()
+
+
+@pytest.mark.dist
+def test_vocab_parallel_policy_types_equal_unsharded():
+    device = torch.device("cpu")
+    backends = [b for b in ("torch", "cpp", "triton") if backend_mod.available(b, device)]
+    assert "torch" in backends
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        mp.spawn(_tp_policy_worker, args=(os.path.join(tmp, "init"), backends), nprocs=WORLD, join=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
