@@ -403,13 +403,14 @@ def _policy_forward(hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_h
             kl = kl_torch(lp, ref_logp, cfg.kl_estimator)
         if kl is not None:
             total = total + cfg.kl_coef * (w2 * kl).sum()
-        if two_pass:
+        if two_pass:  # d total / d (logp, entropy) [B, T]
             g_lp, *g_ent = torch.autograd.grad(total, (lp, ent) if ent.requires_grad else (lp,))
     stats.update(entropy=masked_reduce(entropy.view(B, T), kept, "token_mean"), pg_loss=pg.detach())
     if kl is not None:
         stats["kl"] = masked_reduce(kl.detach(), kept, "token_mean")
     if two_pass:  # the second walk: the logits again (2 N D V) and their gradient's two GEMMs (4 N D V)
-        g_lp, g_ent, g_kl = g_lp.reshape(-1), (g_ent or [g_lp])[0].reshape(-1), cfg.kl_coef * w
+        g_ent = g_ent[0] if g_ent else torch.zeros_like(g_lp)  # no entropy term: 0 (the walk skips it)
+        g_lp, g_ent, g_kl = g_lp.reshape(-1), g_ent.reshape(-1), cfg.kl_coef * w
         grads = _walk(*head, lambda sl, *_: (g_lp[sl], g_ent[sl], g_kl[sl]), *walk_opts, True)[1]
     return total.detach(), stats, grads
 

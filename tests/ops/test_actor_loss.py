@@ -25,6 +25,7 @@ from instructrl_fast.ops import (
 from instructrl_fast.ops.ppo_loss import masked_reduce
 from tests._dist import leave_worker
 from tests.conftest import DEVICE, backends_for
+from tests.ops._sync import NoHostSync, as_on_device
 from tests.reference import full_kl_ref, linear_logprobs_ref, policy_actor_loss_ref, ppo_actor_loss_ref, reduce_ref
 
 BACKENDS = backends_for("ppo_actor_loss")
@@ -521,6 +522,22 @@ def test_policy_types_without_grad(loss_type, corr_name):
         torch.testing.assert_close(stats_ng[key], stats[key], rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.parametrize("loss_type,corr_name", [("dppo_kl", "tis"), ("gspo", "seq"), ("kl_cov", "bypass")])
+def test_policy_types_no_host_sync(loss_type, corr_name, monkeypatch):
+    """Fused and two-pass walks, sequence weights and rejection: no op reads device data back, forward or backward."""
+    from instructrl_fast.ops import logprob
+
+    as_on_device(monkeypatch)
+    monkeypatch.setattr(logprob, "eager_data_checks", lambda x: False)  # the label check as on a GPU
+    hidden, weight, rest, cfg, kwargs, _ = _policy_setup(loss_type, "seq_mean_token_mean", corr_name)
+    h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    with NoHostSync(), use_backend("torch"):
+        loss, _ = ppo_actor_loss(h, w, *rest, config=cfg, ignore_index=IGNORE, **kwargs)
+        loss.backward()
+    with pytest.raises(AssertionError, match="reads device data"), NoHostSync():
+        loss.item()  # the check can fail
+
+
 def test_policy_config_errors():
     """A surrogate field beside policy=, a missing or stray rollout_logp, a wrong config type: clear errors."""
     hidden, weight, rest, cfg, kwargs, _ = _policy_setup("vanilla", "token_mean", "tis")
@@ -592,14 +609,19 @@ def _tp_worker(rank: int, init_file: str, backends: list[str]) -> None:
     leave_worker()
 
 
-@pytest.mark.dist
-def test_vocab_parallel_equals_unsharded():
+def _spawn_tp(worker) -> None:
+    """``worker(rank, init_file, backends)`` on WORLD gloo processes, with every backend that runs on the CPU."""
     device = torch.device("cpu")
     backends = [b for b in ("torch", "cpp", "triton") if backend_mod.available(b, device)]
     assert "torch" in backends
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the children inherit it
-        mp.spawn(_tp_worker, args=(os.path.join(tmp, "init"), backends), nprocs=WORLD, join=True)
+        mp.spawn(worker, args=(os.path.join(tmp, "init"), backends), nprocs=WORLD, join=True)
+
+
+@pytest.mark.dist
+def test_vocab_parallel_equals_unsharded():
+    _spawn_tp(_tp_worker)
 
 
 def _tp_policy_worker(rank: int, init_file: str, backends: list[str]) -> None:
@@ -632,12 +654,7 @@ def _tp_policy_worker(rank: int, init_file: str, backends: list[str]) -> None:
 
 @pytest.mark.dist
 def test_vocab_parallel_policy_types_equal_unsharded():
-    device = torch.device("cpu")
-    backends = [b for b in ("torch", "cpp", "triton") if backend_mod.available(b, device)]
-    assert "torch" in backends
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-        mp.spawn(_tp_policy_worker, args=(os.path.join(tmp, "init"), backends), nprocs=WORLD, join=True)
+    _spawn_tp(_tp_policy_worker)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
