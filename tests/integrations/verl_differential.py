@@ -7,7 +7,9 @@ real source files of a verl checkout into a sandboxed module tree: ``verl/traine
 what they import (config classes, DataProto, omegaconf, the device helper, the deprecation decorator) is a small
 stand-in that carries no maths. Then every registry entry we replace is called both ways on random inputs with holes
 in the mask, every loss_agg_mode, with and without IS weights, and the loss, d loss / d log_prob and the metrics
-(or the advantages and returns) are compared; finally patch_verl() is applied to the loaded module and its
+(or the advantages and returns) are compared; ``ops.ppo_actor_loss`` with each registry loss inside the LM-head walk
+is compared with verl's full-logits pipeline (log_softmax, its rollout correction, the loss) through to the gradients
+w.r.t. the head's input and weight; finally patch_verl() is applied to the loaded module and its
 registries are checked and restored.
 
     python tests/integrations/verl_differential.py --git-dir /path/to/verl.git   # or --src /path/to/verl-checkout
@@ -30,7 +32,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # the triton backend on CPU tens
 import numpy as np
 import torch
 
-from instructrl_fast import _ext, use_backend
+from instructrl_fast import _ext, ops, use_backend
 from instructrl_fast.integrations import patch_verl, unpatch, verl
 
 FILES = ("verl/trainer/ppo/core_algos.py", "verl/trainer/ppo/rollout_corr_helper.py", "verl/utils/groupwise.py",
@@ -191,6 +193,80 @@ def check_bypass_mode(core, report: Report):
             report.close(f"{what} metrics", results[1][2], results[0][2])
 
 
+# ops.ppo_actor_loss's PolicyLossConfig parameters for each verl registry loss under check_actor_loss's actor config
+# (clip 0.2 / 0.28, clip_ratio_c unset: verl's 3.0 dual clip for vanilla, 20 truncation for dppo)
+_ACTOR_PARAMS = {
+    "vanilla": {"clip_eps": 0.2, "clip_eps_high": 0.28, "dual_clip": 3.0},
+    "gspo": {"clip_eps": 0.2, "clip_eps_high": 0.28}, "sapo": {"tau_pos": 1.0, "tau_neg": 1.05}, "gpg": {},
+    "kl_cov": {"cov_ratio": 0.05, "kl_cov_coef": 0.7}, "geo_mean": {"clip_eps": 0.2, "clip_eps_high": 0.28},
+    "dro": {"dro_beta": 0.3}, "cispo": {"clip_eps": 0.2, "clip_eps_high": 0.28},
+    "dppo_tv": {"clip_eps": 0.2, "clip_eps_high": 0.28, "trunc_ratio": 20.0},
+    "dppo_kl": {"clip_eps": 0.2, "clip_eps_high": 0.28, "trunc_ratio": 20.0},
+}
+
+
+def _head_batch(B=6, T=7, D=16, V=97):
+    """hidden [B, T, D], weight [V, D], labels, and old / rollout log-probs near the head's own, a holed mask."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(B, T, D, generator=g)
+    weight = torch.randn(V, D, generator=g) * 2 / D**0.5
+    labels = torch.randint(0, V, (B, T), generator=g)
+    with torch.no_grad():
+        logp = torch.log_softmax(hidden @ weight.T, -1).gather(-1, labels[..., None]).squeeze(-1)
+    old = logp + 0.4 * torch.randn(B, T, generator=g)
+    rollout = old + 0.3 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, T, generator=g)
+    mask = torch.rand(B, T, generator=g) < 0.8
+    mask[0, 5:] = False
+    mask[3] = False
+    return hidden, weight, labels, old, rollout, adv, mask
+
+
+def check_actor_loss(core, report: Report):
+    """ops.ppo_actor_loss (each loss inside the LM-head walk, fused or two-pass) against verl's own pipeline on the
+    same head: the full logits, log_softmax + gather, verl's rollout_corr_helper (IS weights and the rejected mask),
+    then the registry loss. Same loss (times the drop-ins' agg factor) and gradient w.r.t. hidden and weight."""
+    helper = sys.modules["verl.trainer.ppo.rollout_corr_helper"]
+    config = core.ActorConfigForTests(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=0.28, tau_pos=1.0,
+                                      tau_neg=1.05, global_batch_info={},
+                                      policy_loss=_Config(kl_cov_ratio=0.05, ppo_kl_coef=0.7, dro_beta=0.3))
+    hidden, weight, labels, old, rollout, adv, mask = _head_batch()
+    corrections = [None, {"rollout_is": "token", "rollout_is_threshold": 2.0, "rollout_rs": "token_k1",
+                          "rollout_rs_threshold": "0.5_2.0"},
+                   {"rollout_is": "sequence", "rollout_is_threshold": "0.5_5.0", "rollout_is_batch_normalize": True,
+                    "rollout_rs": "seq_mean_k3", "rollout_rs_threshold": 0.3}]
+    backends = ["torch", "triton"] + (["cpp"] if _ext.HAS_CPP else [])
+    for name, params in _ACTOR_PARAMS.items():
+        for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
+            for corr in corrections:
+                h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+                logp = torch.log_softmax(h @ w.T, -1).gather(-1, labels[..., None]).squeeze(-1)
+                kept, is_w = mask.float(), None
+                if corr is not None:
+                    proto, kept, _ = helper.compute_rollout_correction_and_rejection_mask(old, rollout, mask.float(),
+                                                                                          **corr)
+                    is_w = None if proto is None else proto.batch["rollout_is_weights"]
+                theirs, _ = core.POLICY_LOSS_REGISTRY[name](old, logp, adv, kept, mode, config, is_w)
+                (theirs * 1.3).backward()
+                agg = "seq-mean-token-mean" if name in ("gspo", "sapo") else mode  # verl fixes theirs
+                reduction, factor = verl._agg_scale(agg, kept.bool(), 1, None, None, None)
+                if name == "geo_mean":  # the mean over the rows whatever the mode
+                    reduction, factor = "token_mean", 1.0
+                correction = None if corr is None else verl.rollout_correction_from_verl(**corr)
+                cfg = ops.ActorLossConfig(policy=ops.PolicyLossConfig(loss_type=name, reduction=reduction, **params),
+                                          correction=correction)
+                for backend in backends:
+                    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+                    with use_backend(backend):
+                        ours, _ = ops.ppo_actor_loss(h2, w2, labels, old, adv, mask, config=cfg,
+                                                     rollout_logp=None if corr is None else rollout)
+                    (ours * factor * 1.3).backward()
+                    what = f"actor_loss {name} [{backend}] {mode} is={(corr or {}).get('rollout_is')}"
+                    report.close(f"{what} loss", ours.detach() * factor, theirs.detach())
+                    report.close(f"{what} grad hidden", h2.grad, h.grad, rtol=1e-4, atol=1e-6)
+                    report.close(f"{what} grad weight", w2.grad, w.grad, rtol=1e-4, atol=1e-6)
+
+
 def check_advantages(core, report: Report):
     backends = ["torch", "triton"] + (["cpp"] if _ext.HAS_CPP else [])
     g = torch.Generator().manual_seed(1)
@@ -287,7 +363,7 @@ def main():
         parser.error("give --src or --git-dir")
     core = load_verl(_read_sources(args))
     report = Report()
-    for check in (check_policy_losses, check_bypass_mode, check_advantages, check_patch):
+    for check in (check_policy_losses, check_bypass_mode, check_actor_loss, check_advantages, check_patch):
         before = report.failures
         check(core, report)
         print(f"{check.__name__}: {'ok' if report.failures == before else 'FAILED'}")
