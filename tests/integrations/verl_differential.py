@@ -165,19 +165,21 @@ def check_policy_losses(core, report: Report):
                         report.close(f"{what} metrics", results[1][2], results[0][2])
 
 
+BYPASS_CORRECTIONS = [
+    _Config(loss_type="reinforce", rollout_is="token", rollout_is_threshold=2.0),
+    _Config(loss_type="reinforce", rollout_is="sequence", rollout_is_threshold="0.5_5.0",
+            rollout_is_batch_normalize=True, rollout_rs="token_k1,seq_mean_k3", rollout_rs_threshold="0.5_2.0,0.2"),
+    _Config(loss_type="ppo_clip", rollout_rs="seq_max_k2", rollout_rs_threshold=0.5),
+    _Config(loss_type="reinforce", rollout_is="token", rollout_is_threshold=1.5, rollout_rs="seq_sum_k2,token_k3",
+            rollout_rs_threshold="3.0,0.3"),
+]
+
+
 def check_bypass_mode(core, report: Report):
     actor_config = core.ActorConfigForTests
     logp, old, adv, mask, _ = _batch()
     rollout = old
-    corrections = [
-        _Config(loss_type="reinforce", rollout_is="token", rollout_is_threshold=2.0),
-        _Config(loss_type="reinforce", rollout_is="sequence", rollout_is_threshold="0.5_5.0",
-                rollout_is_batch_normalize=True, rollout_rs="token_k1,seq_mean_k3", rollout_rs_threshold="0.5_2.0,0.2"),
-        _Config(loss_type="ppo_clip", rollout_rs="seq_max_k2", rollout_rs_threshold=0.5),
-        _Config(loss_type="reinforce", rollout_is="token", rollout_is_threshold=1.5, rollout_rs="seq_sum_k2,token_k3",
-                rollout_rs_threshold="3.0,0.3"),
-    ]
-    for corr in corrections:
+    for corr in BYPASS_CORRECTIONS:
         for mode in AGG_MODES:
             config = actor_config(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=0.28,
                                   policy_loss=_Config(rollout_correction=corr), global_batch_info={})
@@ -235,7 +237,6 @@ def check_actor_loss(core, report: Report):
                           "rollout_rs_threshold": "0.5_2.0"},
                    {"rollout_is": "sequence", "rollout_is_threshold": "0.5_5.0", "rollout_is_batch_normalize": True,
                     "rollout_rs": "seq_mean_k3", "rollout_rs_threshold": 0.3}]
-    backends = ["torch", "triton"] + (["cpp"] if _ext.HAS_CPP else [])
     for name, params in _ACTOR_PARAMS.items():
         for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
             for corr in corrections:
@@ -255,16 +256,49 @@ def check_actor_loss(core, report: Report):
                 correction = None if corr is None else verl.rollout_correction_from_verl(**corr)
                 cfg = ops.ActorLossConfig(policy=ops.PolicyLossConfig(loss_type=name, reduction=reduction, **params),
                                           correction=correction)
-                for backend in backends:
-                    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-                    with use_backend(backend):
-                        ours, _ = ops.ppo_actor_loss(h2, w2, labels, old, adv, mask, config=cfg,
-                                                     rollout_logp=None if corr is None else rollout)
-                    (ours * factor * 1.3).backward()
-                    what = f"actor_loss {name} [{backend}] {mode} is={(corr or {}).get('rollout_is')}"
-                    report.close(f"{what} loss", ours.detach() * factor, theirs.detach())
-                    report.close(f"{what} grad hidden", h2.grad, h.grad, rtol=1e-4, atol=1e-6)
-                    report.close(f"{what} grad weight", w2.grad, w.grad, rtol=1e-4, atol=1e-6)
+                _ours_vs_verl(report, f"actor_loss {name} {mode} is={(corr or {}).get('rollout_is')}",
+                              (theirs, h.grad, w.grad), cfg, factor, (hidden, weight, labels, old, adv, mask),
+                              None if corr is None else rollout)
+
+
+def _ours_vs_verl(report: Report, what: str, verl_result, cfg, factor, inputs, rollout):
+    """ops.ppo_actor_loss(*inputs, config=cfg, rollout_logp=rollout) * factor on every backend against verl's
+    (loss, d hidden, d weight) taken with the upstream gradient 1.3."""
+    hidden, weight, *rest = inputs
+    for backend in ["torch", "triton"] + (["cpp"] if _ext.HAS_CPP else []):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with use_backend(backend):
+            ours, _ = ops.ppo_actor_loss(h, w, *rest, config=cfg, rollout_logp=rollout)
+        (ours * factor * 1.3).backward()
+        report.close(f"{what} [{backend}] loss", ours.detach() * factor, verl_result[0].detach())
+        report.close(f"{what} [{backend}] grad hidden", h.grad, verl_result[1], rtol=1e-4, atol=1e-6)
+        report.close(f"{what} [{backend}] grad weight", w.grad, verl_result[2], rtol=1e-4, atol=1e-6)
+
+
+def check_actor_loss_bypass(core, report: Report):
+    """verl's bypass mode on the full logits (old_log_prob = the rollout's; IS weights and rejection against the
+    current log-probs) against ops.ppo_actor_loss with correction.reference = "current" (the two-walk schedule)."""
+    hidden, weight, labels, _, rollout, adv, mask = _head_batch()
+    for corr in BYPASS_CORRECTIONS:
+        for mode in AGG_MODES:
+            config = core.ActorConfigForTests(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=0.28,
+                                              policy_loss=_Config(rollout_correction=corr), global_batch_info={})
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            logp = torch.log_softmax(h @ w.T, -1).gather(-1, labels[..., None]).squeeze(-1)
+            theirs, _ = core.POLICY_LOSS_REGISTRY["bypass_mode"](rollout, logp, adv, mask.float(), mode, config, None)
+            (theirs * 1.3).backward()
+            reinforce = corr["loss_type"] == "reinforce"
+            correction = verl.rollout_correction_from_verl(
+                corr.get("rollout_is") if reinforce else None, corr.get("rollout_is_threshold", 2.0),
+                corr.get("rollout_is_batch_normalize", False), corr.get("rollout_rs"), corr.get("rollout_rs_threshold"),
+                reference="current")
+            kept = ops.rollout_correction(logp.detach(), rollout, mask, correction)[1]
+            reduction, factor = verl._agg_scale(mode, kept, 1, None, None, None)
+            policy = (ops.PolicyLossConfig(loss_type="reinforce", reduction=reduction) if reinforce else
+                      ops.PolicyLossConfig(reduction=reduction, clip_eps=0.2, clip_eps_high=0.28, dual_clip=3.0))
+            _ours_vs_verl(report, f"actor_loss bypass {corr['loss_type']} rs={corr.get('rollout_rs')} {mode}",
+                          (theirs, h.grad, w.grad), ops.ActorLossConfig(policy=policy, correction=correction), factor,
+                          (hidden, weight, labels, rollout, adv, mask), rollout)
 
 
 def check_advantages(core, report: Report):
@@ -363,7 +397,8 @@ def main():
         parser.error("give --src or --git-dir")
     core = load_verl(_read_sources(args))
     report = Report()
-    for check in (check_policy_losses, check_bypass_mode, check_actor_loss, check_advantages, check_patch):
+    for check in (check_policy_losses, check_bypass_mode, check_actor_loss, check_actor_loss_bypass,
+                  check_advantages, check_patch):
         before = report.failures
         check(core, report)
         print(f"{check.__name__}: {'ok' if report.failures == before else 'FAILED'}")
