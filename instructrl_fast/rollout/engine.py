@@ -21,20 +21,29 @@ Per PPO iteration:
 Decode steps have no dp collective (the copy is TP-only); the experience pass is FSDP's, a collective over dp, and
 every dp rank runs the same number of them (ceil(prompts / slots), the rollout batch is split evenly): ranks whose
 rows end at other steps wait in the next experience micro-batch's all-gather, never in a mismatched collective.
-Log-probs come from ``rollout.generate``'s ``next_token`` (``ops.gather_logprobs`` with ``tp_group``), the
-kernel family of ``GPT.token_logprobs``.
+The decode loop is ``rollout.decode.DecodeLoop``, the one ``generate`` runs; its log-probs come from
+``ops.gather_logprobs`` with ``tp_group``, the kernel family of ``GPT.token_logprobs``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 
 from instructrl_fast.checks import check_mask, check_positive_int, check_tensor, eager_data_checks
 from instructrl_fast.model.gpt import GPT
-from instructrl_fast.rollout.generate import RolloutBatch, check_args, compiled_decode_step, decode_step, next_token
+from instructrl_fast.rollout.decode import (
+    DecodeLoop,
+    RolloutBatch,
+    Sampling,
+    check_rollout_args,
+    compiled_decode_step,
+    decode_step,
+    prefill,
+)
+
+__all__ = ["RolloutEngine", "Sampling", "inference_copy", "rollout_with_experience"]
 
 
 @torch.no_grad()
@@ -79,18 +88,6 @@ def inference_copy(model: GPT, *, dtype: torch.dtype | None = None) -> GPT:
     return copy.eval()
 
 
-@dataclass(kw_only=True, frozen=True)
-class Sampling:
-    """How responses are sampled (the arguments of ``rollout.generate``)."""
-
-    max_new_tokens: int  # N: response length bound
-    temperature: float = 1.0  # 0: greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    eos_token_id: int | None = None  # a row ends after emitting it; None: after N tokens
-    pad_token_id: int = 0  # written after a row's end
-
-
 class RolloutEngine:
     """Continuous-batching generation on ``slots`` preallocated KV-cache rows of ``prompt_len + max_new_tokens``.
 
@@ -114,8 +111,7 @@ class RolloutEngine:
         if not isinstance(sampling, Sampling):
             raise TypeError(f"sampling must be a Sampling, got {type(sampling).__name__}")
         probe = torch.zeros(1, prompt_len, dtype=torch.long)
-        check_args(model, probe, probe, sampling.max_new_tokens, sampling.temperature, sampling.eos_token_id,
-                   sampling.pad_token_id, 1)
+        check_rollout_args(model, probe, probe, sampling, 1)
         self.model, self.slots, self.prompt_len, self.sampling = model, slots, prompt_len, sampling
         self.continuous, self.check_every = continuous, check_every
         self.device = model.wpe.weight.device
@@ -123,19 +119,38 @@ class RolloutEngine:
         self.step_fn = compiled_decode_step() if cuda_graph and self.device.type == "cuda" else decode_step
         self.decode_steps = 0  # decode forwards run so far (one per step, every slot at once)
 
-    def _autocast(self):
-        dtype = self.model.compute_dtype
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
-
-    def _prefill(self, slot_ids: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Prompts ids, mask [n, W] into the cache rows ``slot_ids`` [n] (columns 0..W-1) -> last hidden [n, D]."""
-        W = self.prompt_len
-        scratch = self.model.setup_kv_cache(ids.shape[0], W, dtype=self.cache[0].k_cache.dtype)
-        h = self.model(ids, mask, scratch, torch.arange(W, device=self.device))[:, -1]
+    def _prefill(self, slots: list[int], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Prompts ids, mask [n, W] into the cache rows ``slots`` (columns 0..W-1) -> last hidden [n, D]: through
+        a scratch cache of n rows, so the other slots decode on undisturbed."""
+        scratch = self.model.setup_kv_cache(ids.shape[0], self.prompt_len, dtype=self.cache[0].k_cache.dtype)
+        h = prefill(self.model, ids, mask, scratch)
+        index = torch.tensor(slots, device=self.device)
         for layer, new in zip(self.cache, scratch, strict=True):
-            layer.k_cache[slot_ids, :, :W] = new.k_cache
-            layer.v_cache[slot_ids, :, :W] = new.v_cache
+            layer.k_cache[index, :, :self.prompt_len] = new.k_cache
+            layer.v_cache[index, :, :self.prompt_len] = new.v_cache
         return h
+
+    def _check_prompts(self, prompt_ids, prompt_mask, sample_keys, max_new_tokens) -> torch.Tensor:
+        """The checks of ``stream``'s arguments; returns ``max_new_tokens`` ([B] int64, N by default)."""
+        W, N = self.prompt_len, self.sampling.max_new_tokens
+        check_tensor("prompt_ids", prompt_ids, dtypes=(torch.int64,), ndim=2)
+        check_mask("prompt_mask", prompt_mask, prompt_ids.shape, "prompt_ids")
+        if prompt_ids.shape[1] != W:
+            raise ValueError(f"prompt_ids must be [B, prompt_len={W}], got {tuple(prompt_ids.shape)}")
+        check_tensor("sample_keys", sample_keys, dtypes=(torch.int64,), ndim=1)
+        B = prompt_ids.shape[0]
+        if sample_keys.shape[0] != B:
+            raise ValueError(f"sample_keys must be [B={B}], got {tuple(sample_keys.shape)}")
+        if B == 0:
+            raise ValueError("prompt_ids must hold at least one prompt")
+        if max_new_tokens is None:
+            return None
+        check_tensor("max_new_tokens", max_new_tokens, dtypes=(torch.int64,), ndim=1)
+        if max_new_tokens.shape[0] != B:
+            raise ValueError(f"max_new_tokens must be [B={B}], got {tuple(max_new_tokens.shape)}")
+        if eager_data_checks(max_new_tokens) and not bool(((max_new_tokens >= 1) & (max_new_tokens <= N)).all()):
+            raise ValueError(f"max_new_tokens must lie in [1, {N}] (the sampling's max_new_tokens)")
+        return max_new_tokens.to(self.device)
 
     @torch.no_grad()
     def stream(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sample_keys: torch.Tensor,
@@ -148,117 +163,42 @@ class RolloutEngine:
         they finish: ``rows`` [M] int64 prompt indices, ``batch`` the ``RolloutBatch`` of those prompts (the
         layout of ``generate``'s, [M, W + N]). Every prompt is yielded once; ceil(B / slots) groups in all.
         """
-        model, sp, S, W = self.model, self.sampling, self.slots, self.prompt_len
-        N, dev = sp.max_new_tokens, self.device
-        check_tensor("prompt_ids", prompt_ids, dtypes=(torch.int64,), ndim=2)
-        check_mask("prompt_mask", prompt_mask, prompt_ids.shape, "prompt_ids")
-        if prompt_ids.shape[1] != W:
-            raise ValueError(f"prompt_ids must be [B, prompt_len={W}], got {tuple(prompt_ids.shape)}")
-        check_tensor("sample_keys", sample_keys, dtypes=(torch.int64,), ndim=1)
-        if sample_keys.shape[0] != prompt_ids.shape[0]:
-            raise ValueError(f"sample_keys must be [B={prompt_ids.shape[0]}], got {tuple(sample_keys.shape)}")
-        B = prompt_ids.shape[0]
-        if B == 0:
-            raise ValueError("prompt_ids must hold at least one prompt")
-        if max_new_tokens is None:
-            max_new_tokens = torch.full((B,), N, dtype=torch.long)
-        check_tensor("max_new_tokens", max_new_tokens, dtypes=(torch.int64,), ndim=1)
-        if max_new_tokens.shape[0] != B:
-            raise ValueError(f"max_new_tokens must be [B={B}], got {tuple(max_new_tokens.shape)}")
-        if eager_data_checks(max_new_tokens) and not bool(((max_new_tokens >= 1) & (max_new_tokens <= N)).all()):
-            raise ValueError(f"max_new_tokens must lie in [1, {N}] (the sampling's max_new_tokens)")
-        ids, pmask, keys_in = prompt_ids.to(dev), prompt_mask.to(dev).long(), sample_keys.to(dev)
-        limits_in = max_new_tokens.to(dev)
-        # Per prompt (row B: a sink that idle slots write to, so no step has to skip them on the host)
-        tokens = torch.full((B + 1, N), sp.pad_token_id, dtype=torch.long, device=dev)
-        logprobs = torch.zeros(B + 1, N, dtype=torch.float32, device=dev)
-        lengths = torch.zeros(B + 1, dtype=torch.long, device=dev)
-        # Per slot: its prompt (B when idle), tokens sampled so far, running, draws' key, mask over its cache row.
-        row = torch.full((S,), B, dtype=torch.long, device=dev)
-        n = torch.zeros(S, dtype=torch.long, device=dev)
-        active = torch.zeros(S, dtype=torch.bool, device=dev)
-        fresh = torch.zeros(S, dtype=torch.bool, device=dev)  # prefilled since the last decode step
-        keys = torch.zeros(S, dtype=torch.long, device=dev)
-        limit = torch.full((S,), N, dtype=torch.long, device=dev)
-        # Every column a row will write is marked real from its admission: causality hides the ones not written
-        # yet, and a reused slot's stale keys/values beyond its column are never read.
-        mask = torch.ones(S, W + N, dtype=torch.long, device=dev)
-        h = None
-        occupant: list[int | None] = [None] * S  # the host's copy of `row` (it makes every admission itself)
+        limits = self._check_prompts(prompt_ids, prompt_mask, sample_keys, max_new_tokens)
+        B, S = prompt_ids.shape[0], self.slots
+        ids, pmask, keys = prompt_ids.to(self.device), prompt_mask.to(self.device).long(), sample_keys.to(self.device)
+        loop = DecodeLoop(self.model, self.cache, self.sampling, prompts=B, prompt_len=self.prompt_len,
+                          step_fn=self.step_fn, check_every=self.check_every, head_autocast=True)
         queued, finished = 0, []
 
-        def admit(free: list[int]) -> list[int]:
-            nonlocal queued, h
+        def admit(free: list[int]) -> None:
+            nonlocal queued
             take = free[:B - queued]
-            if not take:
-                return take
-            slot_ids = torch.tensor(take, device=dev)
-            new = torch.arange(queued, queued + len(take), device=dev)
-            for s in take:
-                occupant[s], queued = queued, queued + 1
-            with self._autocast():
-                hp = self._prefill(slot_ids, ids[new], pmask[new])
-            if h is None:
-                h = hp.new_zeros(S, hp.shape[-1])
-            h[slot_ids] = hp
-            row[slot_ids], n[slot_ids], keys[slot_ids], limit[slot_ids] = new, 0, keys_in[new], limits_in[new]
-            active[slot_ids], fresh[slot_ids] = True, True
-            mask[slot_ids, :W] = pmask[new]
-            return take
+            if take:
+                new = torch.arange(queued, queued + len(take), device=self.device)
+                with loop.autocast():
+                    h = self._prefill(take, ids[new], pmask[new])
+                loop.admit(take, list(range(queued, queued + len(take))), h, pmask[new], keys[new],
+                           None if limits is None else limits[new])
+                queued += len(take)
 
-        admit(list(range(S)))
-        step = 0
-        while True:
-            with self._autocast():
-                token, logp = next_token(model, h, n[:, None], sp.temperature, sp.top_k, sp.top_p, None, keys)
-            fresh.zero_()  # every running slot has now sampled from its hidden state
-            at = (row, n.clamp(max=N - 1))
-            tokens.index_put_(at, torch.where(active, token, tokens[at]))
-            logprobs.index_put_(at, torch.where(active, logp, logprobs[at]))
-            n += active
-            lengths.index_put_((row,), torch.where(active, n, lengths[row]))
-            ended = n >= limit
-            if sp.eos_token_id is not None:
-                ended |= token == sp.eos_token_id
-            active &= ~ended
-            step += 1
-            if step % self.check_every == 0:
-                # the scheduler's one host sync: which slots are free now
-                running = active.tolist()
-                done = [s for s in range(S) if occupant[s] is not None and not running[s]]
-                for s in done:
-                    finished.append(occupant[s])
-                    occupant[s] = None
-                if done:
-                    row[torch.tensor(done, device=dev)] = B
+        def group(rows: list[int]) -> tuple[torch.Tensor, RolloutBatch]:
+            r = torch.tensor(rows, device=self.device)
+            return r, loop.batch(rows, ids[r], pmask[r])
+
+        try:
+            admit(list(range(S)))
+            for ended in loop.run():
+                finished += ended
                 while len(finished) >= S:
-                    yield self._group(finished[:S], ids, pmask, tokens, logprobs, lengths)
+                    yield group(finished[:S])
                     del finished[:S]
-                free = [s for s in range(S) if occupant[s] is None]
-                admitted = set(admit(free) if free and (self.continuous or len(free) == S) else [])
-                if all(occupant[s] is None or s in admitted for s in range(S)):
-                    if not admitted:
-                        break
-                    continue  # every running slot is fresh: the next tokens come from the prefill
-            # Feed each running row's last token at its own column W + n - 1. Fresh slots keep their prefill
-            # hidden state; the token fed for them (and for idle slots) writes a column they overwrite before
-            # reading it.
-            col = (W + n - 1).clamp(min=W, max=W + N - 1)
-            h_step = self.step_fn(model, self.cache, token, mask, col[:, None])
-            self.decode_steps += 1
-            h = torch.where(fresh[:, None], h, h_step.to(h.dtype))
-        if finished:
-            yield self._group(finished, ids, pmask, tokens, logprobs, lengths)
-
-    @staticmethod
-    def _group(rows: list[int], ids, pmask, tokens, logprobs, lengths) -> tuple[torch.Tensor, RolloutBatch]:
-        r = torch.tensor(rows, device=ids.device)
-        N = tokens.shape[1]
-        alive = (torch.arange(N, device=ids.device) < lengths[r, None]).long()
-        return r, RolloutBatch(sequences=torch.cat([ids[r], tokens[r]], 1),
-                               attention_mask=torch.cat([pmask[r], alive], 1),
-                               response_mask=torch.cat([torch.zeros_like(pmask[r]), alive], 1),
-                               logprobs=logprobs[r])
+                free = loop.free_slots()
+                if free and (self.continuous or len(free) == S):
+                    admit(free)
+            if finished:
+                yield group(finished)
+        finally:
+            self.decode_steps += loop.decode_steps
 
 
 def rollout_with_experience(engine: RolloutEngine, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,

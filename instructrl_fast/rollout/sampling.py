@@ -42,13 +42,14 @@ def filter_logits(logits: torch.Tensor, *, vocab_size: int | None = None, top_k:
 
 
 def sample_from_logits(logits: torch.Tensor, *, generator: torch.Generator | None = None,
-                       keys: torch.Tensor | None = None, step: int = 0) -> torch.Tensor:
+                       keys: torch.Tensor | None = None, step: int | torch.Tensor = 0) -> torch.Tensor:
     """One id per row from softmax(logits) [B, V] (fp32, -inf allowed) -> [B] int64, with no host sync.
 
     Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) i.i.d. is distributed as p (the Gumbel-max trick in
     another form). Only elementwise ops and an argmax: no device -> host copy, CUDA-graph friendly. The E_i come from
-    ``generator``, or with ``keys`` [B] int64 are -log of uniforms hashed from (row key, ``step``, token id): a row's
-    sample is then a function of the row, not of the batch it is in nor of the rank (``rng.keyed_uniform``).
+    ``generator``, or with ``keys`` [B] int64 are -log of uniforms hashed from (row key, ``step``, token id), where
+    ``step`` is an int or [B, 1] int64 (each row at its own step): a row's sample is then a function of the row, not
+    of the batch it is in nor of the rank (``rng.keyed_uniform``).
     """
     probs = torch.softmax(logits.float(), dim=-1)
     if keys is None:
@@ -61,7 +62,7 @@ def sample_from_logits(logits: torch.Tensor, *, generator: torch.Generator | Non
 
 def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            vocab_size: int | None = None, generator: torch.Generator | None = None, keys: torch.Tensor | None = None,
-           step: int = 0) -> torch.Tensor:
+           step: int | torch.Tensor = 0) -> torch.Tensor:
     """[B, V] logits -> [B] int64 sampled ids: greedy (argmax) when ``temperature == 0``, else from
     softmax(logits / temperature) after the top-k / top-p / vocab_size filters, drawn with ``generator`` or from
     ``keys`` at ``step`` (``sample_from_logits``)."""
