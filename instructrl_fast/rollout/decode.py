@@ -4,10 +4,11 @@ S rows of a preallocated KV cache (slots) each hold one prompt's sequence at its
 token per slot from its last hidden state (``next_token``), records it for the slot's prompt, ends the slots that
 emitted EOS or reached their prompt's token limit, and feeds the sampled tokens through one fixed-shape cached
 forward (``decode_step``, every slot at its own cache column), the unit ``torch.compile(mode="reduce-overhead")``
-captures as a CUDA graph. EOS and the limits are tracked on the device; the host reads which slots ended only every
-``check_every`` steps (one sync each), and not at all once every occupied slot has sampled its N tokens (the host
-counts those steps itself). At each check the loop yields the prompts that ended; its caller then admits new
-prompts into the free slots (continuous batching: the engine) or none (``generate``).
+captures as a CUDA graph. EOS and the limits are tracked on the device. The host reads which slots ended every
+``check_every`` steps when a slot can end early (EOS or per-prompt limits; one sync each), and without reading the
+device once every occupied slot has sampled its N tokens (the host counts those steps itself). At each check the
+loop yields the prompts that ended; its caller then admits new prompts into the free slots (continuous batching:
+the engine) or none (``generate``).
 
 Log-probs of the sampled tokens are computed with ``ops.gather_logprobs`` on the last position's logit shard,
 ``tp_group`` included: the kernel family the trainer uses (``GPT.token_logprobs`` -> ``ops.linear_logprobs``), so
@@ -123,7 +124,8 @@ class DecodeLoop:
         sampling: ``Sampling`` (N = ``sampling.max_new_tokens``).
         step_fn: ``decode_step`` or ``compiled_decode_step()``.
         check_every: the host reads which slots ended every this many steps (one sync each); a slot that ends in
-            between idles until the next check.
+            between idles until the next check, or until every occupied slot has sampled its N tokens (the host
+            counts those steps: no sync).
         generator: the draws of the prompts admitted without keys (None: the global RNG).
         head_autocast: the LM head and the sampling under ``torch.autocast(model.compute_dtype)``, as the training
             forward runs the head (the engine's inference copy); False: in the weights' dtype.
@@ -174,6 +176,7 @@ class DecodeLoop:
         return torch.autocast(self.row.device.type, dtype=dtype, enabled=dtype is not None)
 
     def free_slots(self) -> list[int]:
+        """The slots no prompt occupies (host side, no sync)."""
         return [s for s, o in enumerate(self.occupant) if o is None]
 
     def admit(self, slots: list[int], rows: list[int], h: torch.Tensor, prompt_mask: torch.Tensor,

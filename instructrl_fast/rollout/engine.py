@@ -101,7 +101,8 @@ class RolloutEngine:
         cuda_graph: the decode step through ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) on a GPU; CPU
             models run eager whatever the flag.
         check_every: the host reads which slots ended every this many steps (one sync each); a slot that ends in
-            between idles until the next check.
+            between idles until the next check, or until every occupied slot has sampled its N tokens (which the
+            host counts without a sync).
     """
 
     def __init__(self, model: GPT, *, slots: int, prompt_len: int, sampling: Sampling, continuous: bool = True,
@@ -130,8 +131,8 @@ class RolloutEngine:
             layer.v_cache[index, :, :self.prompt_len] = new.v_cache
         return h
 
-    def _check_prompts(self, prompt_ids, prompt_mask, sample_keys, max_new_tokens) -> torch.Tensor:
-        """The checks of ``stream``'s arguments; returns ``max_new_tokens`` ([B] int64, N by default)."""
+    def _check_prompts(self, prompt_ids, prompt_mask, sample_keys, max_new_tokens) -> torch.Tensor | None:
+        """The checks of ``stream``'s arguments; returns ``max_new_tokens`` on the engine's device (None: N)."""
         W, N = self.prompt_len, self.sampling.max_new_tokens
         check_tensor("prompt_ids", prompt_ids, dtypes=(torch.int64,), ndim=2)
         check_mask("prompt_mask", prompt_mask, prompt_ids.shape, "prompt_ids")
@@ -165,40 +166,42 @@ class RolloutEngine:
         """
         limits = self._check_prompts(prompt_ids, prompt_mask, sample_keys, max_new_tokens)
         B, S = prompt_ids.shape[0], self.slots
-        ids, pmask, keys = prompt_ids.to(self.device), prompt_mask.to(self.device).long(), sample_keys.to(self.device)
+        prompts = (prompt_ids.to(self.device), prompt_mask.to(self.device).long(), sample_keys.to(self.device), limits)
         loop = DecodeLoop(self.model, self.cache, self.sampling, prompts=B, prompt_len=self.prompt_len,
                           step_fn=self.step_fn, check_every=self.check_every, head_autocast=True)
-        queued, finished = 0, []
-
-        def admit(free: list[int]) -> None:
-            nonlocal queued
-            take = free[:B - queued]
-            if take:
-                new = torch.arange(queued, queued + len(take), device=self.device)
-                with loop.autocast():
-                    h = self._prefill(take, ids[new], pmask[new])
-                loop.admit(take, list(range(queued, queued + len(take))), h, pmask[new], keys[new],
-                           None if limits is None else limits[new])
-                queued += len(take)
-
-        def group(rows: list[int]) -> tuple[torch.Tensor, RolloutBatch]:
-            r = torch.tensor(rows, device=self.device)
-            return r, loop.batch(rows, ids[r], pmask[r])
-
+        finished: list[int] = []
         try:
-            admit(list(range(S)))
+            queued = self._admit(loop, list(range(S)), 0, prompts)
             for ended in loop.run():
                 finished += ended
                 while len(finished) >= S:
-                    yield group(finished[:S])
+                    yield self._group(loop, finished[:S], prompts)
                     del finished[:S]
                 free = loop.free_slots()
                 if free and (self.continuous or len(free) == S):
-                    admit(free)
+                    queued += self._admit(loop, free, queued, prompts)
             if finished:
-                yield group(finished)
+                yield self._group(loop, finished, prompts)
         finally:
             self.decode_steps += loop.decode_steps
+
+    def _admit(self, loop: DecodeLoop, free: list[int], start: int, prompts) -> int:
+        """Prefill the prompts from index ``start`` on into the ``free`` slots (as many as there are of either);
+        returns how many were admitted. ``prompts``: (ids [B, W], mask [B, W], keys [B], limits [B] or None)."""
+        ids, pmask, keys, limits = prompts
+        take = free[:ids.shape[0] - start]
+        if take:
+            new = torch.arange(start, start + len(take), device=self.device)
+            with loop.autocast():
+                h = self._prefill(take, ids[new], pmask[new])
+            loop.admit(take, list(range(start, start + len(take))), h, pmask[new], keys[new],
+                       None if limits is None else limits[new])
+        return len(take)
+
+    @staticmethod
+    def _group(loop: DecodeLoop, rows: list[int], prompts) -> tuple[torch.Tensor, RolloutBatch]:
+        r = torch.tensor(rows, device=prompts[0].device)
+        return r, loop.batch(rows, prompts[0][r], prompts[1][r])
 
 
 def rollout_with_experience(engine: RolloutEngine, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
