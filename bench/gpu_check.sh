@@ -9,7 +9,7 @@
 # attention, the batch-invariant mode's cost), then prints for every bench rate the fraction of the device's bound it
 # reached (bytes/s over peak bandwidth, FLOP/s over peak bf16 FLOP/s: bench/bound_fractions.py). Every step runs
 # even when an earlier one failed; each pytest step writes a junit file. The step limits add up to 480 s (8 minutes),
-# Triton's compile time included; none of it has been timed on a GPU yet. Results go to $OUT when it is set (the
+# Triton's compile time included; they are estimates, not GPU timings. Results go to $OUT when it is set (the
 # device tool's output folder), else to bench/results/gpu_check/.
 #
 #   bash bench/gpu_check.sh            # everything

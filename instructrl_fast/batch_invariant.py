@@ -41,7 +41,7 @@ Limits: bitwise claims hold at a fixed thread count (the CPU tests run one intra
 kernel may cut its range where the vectorised loop leaves a scalar tail); the backward pass is not batch invariant
 (only the forward values are compared by PPO; the tiled GEMM and the attention take the plain backward). Tested on
 CPU in fp32 and under bf16 autocast; the CUDA kernels are tested under the Triton interpreter (bitwise invariance
-and float64 references), not yet run on a GPU.
+and float64 references); bench/gpu_tests.py runs the same checks on a GPU.
 """
 
 from __future__ import annotations

@@ -198,7 +198,7 @@ def test_odd_shapes_and_many_chunks(backend, monkeypatch):
 @pytest.mark.parametrize("estimator", ["k3", "k1"])
 def test_equals_unfused_composite(backend, reduction, estimator):
     """The fused loss, stats and gradients equal linear_logprobs + ppo_policy_loss + kl_penalty - entropy on the
-    same inputs and backend (what the trainer computes today without the fused op)."""
+    same inputs and backend (the trainer's composite path without the fused op)."""
     hidden, weight, labels, old_logp, adv, mask, ref_logp, _, _ = _inputs(4, 6, 16, 517, temperature=0.9)
     cfg = ActorLossConfig(clip_eps=0.2, clip_eps_high=0.25, dual_clip=3.0, kl_coef=0.05, kl_estimator=estimator,
                           entropy_coef=0.01, reduction=reduction)
