@@ -140,7 +140,7 @@ def _by_name(module: str, kernel: str, values: dict, ptrs: dict, **launch) -> tu
 def _logits_layout(dt: torch.dtype, off: int, aligned_base: bool) -> tuple[Stand, int, int]:
     """(logits pointer, element offset, align) of a view starting ``off`` elements into 16-byte aligned storage: as
     the launcher passes it, the view's own pointer (offset 0, align its misalignment) or, where the kernels take an
-    aligned base plus an offset (kernels/logprob.py's _aligned_base), the boundary at or before it."""
+    aligned base plus an offset (kernels/logprob.py's aligned_base), the boundary at or before it."""
     shift = off * dt.itemsize % 16 // dt.itemsize
     if aligned_base:
         return Stand(dt, (off - shift) * dt.itemsize), shift, 0
@@ -160,7 +160,7 @@ def _logprob_cases(arch: Arch) -> list[Case]:
     shapes += [("rollout N=64 V=128256", BF16, 1, 64, 128256, 64 * 128256, 128256, 0)]
     for label, dt, B, T, V, sb, st, off in shapes:
         N = B * T
-        block_v, splits, num_warps = lp._launch_config(N, V, CUDA)
+        block_v, splits, num_warps = lp.launch_config(N, V, CUDA)
         vec = 16 // dt.itemsize
         logits, offset, align = _logits_layout(dt, off, aligned_base)
         same = align == 0 and (st - V) % vec == 0 and (B == 1 or (sb - T * V) % vec == 0)
@@ -194,7 +194,7 @@ def _actor_loss_cases(arch: Arch) -> list[Case]:
     walks = [k for k in ("_full_kl_fwd_kernel", "_full_kl_bwd_kernel") if hasattr(al, k)]
     for V, rows in ((50257, 1335), (128256, 523), (262144, 256)):
         for dt in (FP32, BF16):
-            block_v, _, num_warps = lp._launch_config(rows, V, CUDA)
+            block_v, _, num_warps = lp.launch_config(rows, V, CUDA)
             values = {"stride": V, "stride_x": V, "stride_y": V, "V": V, "offset": 0, "align": 0,
                       "inv_temperature": 1.0, "VEC": 16 // dt.itemsize, "HINT": True, "BLOCK_V": block_v}
             ptrs = {"logits_ptr": Stand(dt), "ref_logits_ptr": Stand(dt), "grad_logits_ptr": Stand(dt)}

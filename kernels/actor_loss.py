@@ -31,7 +31,7 @@ import triton.language as tl
 
 from instructrl_fast.kernels._launch import FP_FUSION, on_device
 from instructrl_fast.kernels.kl import _kl_token
-from instructrl_fast.kernels.logprob import _aligned_base, _edge_columns, _launch_config, _row_layout
+from instructrl_fast.kernels.logprob import _edge_columns, _row_layout, aligned_base, launch_config
 from instructrl_fast.kernels.ppo_loss import _policy_token
 
 KL_NONE = tl.constexpr(0)  # no KL term
@@ -109,7 +109,7 @@ def _full_kl_fwd_kernel(
     mean_diff_ptr,  # [N] fp32 out: this shard's sum_j p_j * (xs_j - ys_j)
     stride,  # row stride of both, in elements
     V,  # shard vocab size
-    offset,  # element offset of row 0 from the base pointers (kernels/logprob.py's _aligned_base)
+    offset,  # element offset of row 0 from the base pointers (kernels/logprob.py's aligned_base)
     align,  # the base pointers' misalignment in elements (0: HINT)
     inv_temperature,  # fp32: 1 / temperature
     VEC: tl.constexpr,  # elements per 16 bytes
@@ -138,11 +138,11 @@ def full_kl_fwd(logits, ref_logits, shift_x, log_sum_x, shift_y, temperature: fl
     mean_diff = torch.empty(N, dtype=torch.float32, device=logits.device)
     if N == 0:
         return mean_diff
-    base, offset, align = _aligned_base(logits)
-    ref_base, ref_offset, ref_align = _aligned_base(ref_logits)
+    base, offset, align = aligned_base(logits)
+    ref_base, ref_offset, ref_align = aligned_base(ref_logits)
     if ref_logits.stride() != logits.stride() or (ref_offset, ref_align) != (offset, align):
         raise ValueError("ref_logits must have the strides and 16-byte alignment of logits")
-    block_v, _, num_warps = _launch_config(N, V, logits.device)  # one program per row: no split
+    block_v, _, num_warps = launch_config(N, V, logits.device)  # one program per row: no split
     with on_device(logits):
         _full_kl_fwd_kernel[(N,)](base, ref_base, shift_x, log_sum_x, shift_y, mean_diff, logits.stride(0), V, offset,
                                   align, 1.0 / temperature, VEC=16 // logits.element_size(), HINT=align == 0,

@@ -14,7 +14,7 @@ instructrl_fast/ops/logprob.py): with x_j = logits[n, j] / temperature in fp32,
 
 Layout: logits [B, T, V] with any strides in B and T and a contiguous last dim (row n = b * T + t), so a slice such
 as ``logits[:, :-1][:, -k:]`` is read in place, from a base pointer on the 16-byte boundary at or before its first
-element plus an element offset (``_aligned_base``), so that a view starting mid-pack (``logits[:, 1:]``) keeps the
+element plus an element offset (``aligned_base``), so that a view starting mid-pack (``logits[:, 1:]``) keeps the
 alignment hints. Each row is split across SPLITS programs (grid (N, SPLITS)): the forward writes one online-softmax
 state (m, s, t) per program, combined here in a few [N, SPLITS] operations, so a call with few rows (rollout time:
 8-64) still fills the GPU. Within a row, the columns before the first 16-byte
@@ -88,7 +88,7 @@ def _logprob_fwd_kernel(
     stride_b,  # strides of logits, in elements
     stride_t,
     V,  # shard vocab size
-    offset,  # element offset of logits[0, 0] from logits_ptr (see _aligned_base)
+    offset,  # element offset of logits[0, 0] from logits_ptr (see aligned_base)
     align,  # (logits_ptr % 16) / element size: 0 unless the storage itself is misaligned
     inv_temperature,  # fp32 scalar: 1 / temperature (a multiply, like the C++/CUDA kernels)
     ignore_index,  # int
@@ -236,7 +236,7 @@ def _span(x: torch.Tensor) -> int:
     return 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride()) if n > 1) if x.numel() else 0
 
 
-def _aligned_base(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+def aligned_base(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """(base, offset, align): a 1-D view of x's storage from the 16-byte boundary at or before x's first element to
     its last (its pointer is what the kernel gets: Triton then specialises it as 16-byte aligned), x's element offset
     in it, and the base's own misalignment in elements (0, unless the storage does not start on a boundary: then x
@@ -263,7 +263,7 @@ def _num_splits(device: torch.device, N: int, blocks: int) -> int:
     return max(1, min(triton.cdiv(4 * sm_count(device), N), blocks))
 
 
-def _launch_config(N: int, V: int, device: torch.device) -> tuple[int, int, int]:
+def launch_config(N: int, V: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_V, SPLITS, num_warps)."""
     if triton_interpreting():
         block_v = min(triton.next_power_of_2(max(V, 1)), _MAX_BLOCK_V_INTERPRETER)
@@ -284,10 +284,10 @@ def logprob_fwd(logits, labels, temperature: float, ignore_index: int, vocab_sta
     if N == 0:
         empty = torch.empty(0, dtype=torch.float32, device=logits.device)
         return empty, torch.empty_like(empty), target, torch.empty_like(empty)
-    block_v, splits, num_warps = _launch_config(N, V, logits.device)
+    block_v, splits, num_warps = launch_config(N, V, logits.device)
     parts = torch.empty((3, N, splits), dtype=torch.float32, device=logits.device)
     vec = 16 // logits.element_size()
-    base, offset, align = _aligned_base(logits)
+    base, offset, align = aligned_base(logits)
     with on_device(logits):
         _logprob_fwd_kernel[(N, splits)](
             base, labels, parts, target, N, T, stride_b, stride_t, V, offset, align, 1.0 / temperature, ignore_index,
@@ -337,7 +337,7 @@ def logprob_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entro
     (g_kl [N], ref_logits (logits' shape and strides), ref_shift [N], mean_diff [N]) adds g_kl * d KL(p || q) /
     d logits in the same pass (ops.ppo_actor_loss's kl_estimator="full").
     """
-    base, offset, align = _aligned_base(logits)
+    base, offset, align = aligned_base(logits)
     grad_logits = new_grad(logits)
     logits, out = _as_3d(logits), _as_3d(grad_logits)
     B, T, V, stride_b, stride_t = _layout(logits)
@@ -351,12 +351,12 @@ def logprob_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entro
     if full_kl is not None:
         g_kl, ref_logits, ref_shift, mean_diff = full_kl
         ref_logits = _as_3d(ref_logits)
-        ref_base, ref_offset, ref_align = _aligned_base(ref_logits)
+        ref_base, ref_offset, ref_align = aligned_base(ref_logits)
         if ref_logits.stride() != logits.stride() or (ref_offset, ref_align) != (offset, align):
             raise ValueError("ref_logits must have the strides and 16-byte alignment of logits")
     else:
         g_kl = ref_base = ref_shift = mean_diff = row_max
-    block_v, splits, num_warps = _launch_config(N, V, logits.device)
+    block_v, splits, num_warps = launch_config(N, V, logits.device)
     # Output row n starts at phase + b * out_stride_b + t * out_stride_t of an aligned buffer: it shares the input
     # row's 16-byte phase when the strides agree modulo the pack (always, when new_grad kept logits' own).
     out_stride_b, out_stride_t = out.stride(0), out.stride(1)

@@ -4,10 +4,10 @@ mean passed in as ``shift``), sapo, gpg, reinforce, dro, cispo, dppo_tv, dppo_kl
 
 Like kernels/ppo_loss.py: the grid is (B, cdiv(T, BLOCK_T)); the forward writes per-(row, chunk) partial sums
 [5, B, C] (weighted loss, valid count, clipped, -log-ratio, lower-clipped), finished on the device by
-``kernels.ppo_loss._finish`` into the reduction and ``row_scale`` [B] = d loss / d l_t; the backward recomputes the
-token's term and multiplies its derivative by the weight, row_scale and the upstream gradient. A packed batch
-(PACKED, ``cu_seqlens``) runs one program per sequence, as there (``kernels.ppo_loss.row_span``); ``shift`` is then
-per sequence.
+``kernels.ppo_loss.finish_reduction`` into the reduction and ``row_scale`` [B] = d loss / d l_t; the backward
+recomputes the token's term and multiplies its derivative by the weight, row_scale and the upstream gradient. A
+packed batch (PACKED, ``cu_seqlens``) runs one program per sequence, as there (``kernels.ppo_loss.row_span``);
+``shift`` is then per sequence.
 """
 
 import torch
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from instructrl_fast.kernels._launch import FP_FUSION, on_device
-from instructrl_fast.kernels.ppo_loss import _finish, grid_shape, row_span
+from instructrl_fast.kernels.ppo_loss import finish_reduction, grid_shape, row_span
 
 VANILLA = tl.constexpr(0)
 GSPO = tl.constexpr(1)
@@ -204,7 +204,7 @@ def policy_loss_fwd(logp, old, adv, mask, weights, shift, loss_type: int, params
     _launch(_policy_loss_fwd_kernel, logp, cu_seqlens, weights,
             (logp, old, adv, mask.view(torch.uint8), w, shift, partials, cu, rows, logp.shape[1], C), params,
             loss_type)
-    loss, clipfrac, approx_kl, row_scale = _finish(partials[:4], reduction)
+    loss, clipfrac, approx_kl, row_scale = finish_reduction(partials[:4], reduction)
     lower = partials[4].sum() / partials[1].sum().clamp(min=1.0)
     return loss, clipfrac, approx_kl, lower, row_scale
 

@@ -156,18 +156,19 @@ def _ppo_loss_bwd_kernel(
         tl.store(grad_x_ptr + offs, tl.where(valid, grad * scale, 0.0), mask=in_row)
 
 
-def _block_t(T: int, device: torch.device) -> int:
+def time_block(T: int, device: torch.device) -> int:
+    """BLOCK_T, the tokens of a row one program reads (policy_loss.py's launcher uses it too)."""
     # Interpreter cost grows with the number of programs, not elements: one big block per row there.
     return min(triton.next_power_of_2(max(T, 1)), 2048 if device.type == "cuda" else 32768)
 
 
 def launch_config(T: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_T, num_warps) for rows of T tokens on ``device`` (a plain function: the AOT check calls it)."""
-    block_t = _block_t(T, device)
+    block_t = time_block(T, device)
     return block_t, 4 if block_t <= 1024 else 8
 
 
-def _finish(partials: torch.Tensor, reduction: int):
+def finish_reduction(partials: torch.Tensor, reduction: int):
     """[K, B, C] chunk sums -> (loss, clipfrac, approx_kl or None, row_scale [B]); all on the device, no sync."""
     sums = partials.sum(dim=2)  # [K, B]
     loss_rows, counts = sums[0], sums[1]
@@ -215,7 +216,7 @@ def ppo_loss_fwd(kind: str, x, x_old, y, mask, params: tuple[float, float, float
                 x.shape[1], C, *params, KIND=_KINDS[kind], PACKED=cu_seqlens is not None, BLOCK_T=BLOCK_T,
                 num_warps=num_warps, enable_fp_fusion=FP_FUSION,
             )
-    return _finish(partials, reduction)
+    return finish_reduction(partials, reduction)
 
 
 def ppo_loss_bwd(kind: str, grad_loss, row_scale, x, x_old, y, mask, params: tuple[float, float, float],

@@ -617,7 +617,7 @@ def test_triton_misaligned_views_keep_aligned_base_and_results(dtype, device):
     V = 2003
     base = torch.randn(2, 6, V, device=device).to(dtype) * 3
     view = base[:, 1:]  # starts V elements in: misaligned, as every row after it
-    aligned, offset, align = kernels._aligned_base(view)
+    aligned, offset, align = kernels.aligned_base(view)
     assert view.data_ptr() % 16 and aligned.data_ptr() % 16 == 0 and align == 0
     assert aligned.data_ptr() + offset * view.element_size() == view.data_ptr()
     labels = torch.randint(0, V, (2, 5), device=device)
