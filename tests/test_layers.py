@@ -113,9 +113,8 @@ def test_named_rules():
 # The entry points that may obtain the ParallelState from parallel_state(); every other module takes it as an argument.
 ENTRY_POINTS = {"instructrl_fast.cli", "instructrl_fast.train.pipeline"}
 # Modules still reading it, each with the change that removes it; an entry that no longer reads it fails the test.
-STATE_READERS_LEFT = {
-    "instructrl_fast.rollout.generate",  # the decode loop's dp stop check: the state passed to generate (issue 17)
-}
+# None is left.
+STATE_READERS_LEFT: set[str] = set()
 
 
 def _calls_parallel_state(path: Path) -> bool:
@@ -136,3 +135,72 @@ def test_parallel_state_is_passed_not_read_from_the_global():
         "modules that read the parallel state from the global instead of taking it as an argument:\n"
         + "\n".join(sorted(readers - ENTRY_POINTS - STATE_READERS_LEFT)))
     assert STATE_READERS_LEFT - readers == set(), f"no longer read there (drop them): {STATE_READERS_LEFT - readers}"
+
+
+def _is_module(module: str, name: str, files: dict[str, Path]) -> bool:
+    """Whether ``module.name`` is a module: a source file of the project or a compiled extension (``_C``)."""
+    if f"{module}.{name}" in files:
+        return True
+    package = files.get(module)
+    return package is not None and package.name == "__init__.py" and any(package.parent.glob(f"{name}.*.so"))
+
+
+def _triton_jit(path: Path, name: str) -> bool:
+    """Whether ``name`` is a ``@triton.jit`` function of the module at ``path``."""
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            return any(ast.unparse(d).startswith(("triton.jit", "jit")) for d in node.decorator_list)
+    return False
+
+
+def _private_uses(name: str, path: Path, files: dict[str, Path]) -> list[str]:
+    """``module._name`` that module ``name`` takes from another project module, by ``from module import _name``
+    or as an attribute of an imported project module (``module._name``)."""
+    tree = ast.parse(path.read_text(), str(path))
+    aliases: dict[str, str] = {}  # local name -> project module it is bound to
+    uses = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases.update((a.asname, a.name) for a in node.names if a.asname and a.name in files)
+        elif isinstance(node, ast.ImportFrom) and node.module in files:
+            for a in node.names:
+                if _is_module(node.module, a.name, files):
+                    aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+                elif a.name.startswith("_"):
+                    uses.append(f"{node.module}.{a.name}")
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            uses.append(f"{aliases[node.value.id]}.{node.attr}")
+    return [u for u in uses if u.rpartition(".")[0] != name]
+
+
+def test_no_private_name_taken_from_another_module():
+    """What two modules of the package (instructrl_fast/ and kernels/) share is public: none takes a ``_name``
+    from another project module. Allowed: a module whose own name starts with ``_`` (``_ext``, the compiled
+    ``_C``, kernels' ``_launch``: internal to the package, imported by its siblings), and a ``@triton.jit`` device
+    function of kernels/ (the kernels' naming keeps their underscore; a kernel calls another file's device
+    function, the only way to share device code). bench/ and tests/ may reach into internals to check them."""
+    files = _module_files()
+    broken = []
+    for name, path in files.items():
+        if not name.startswith("instructrl_fast"):
+            continue
+        for use in _private_uses(name, path, files):
+            module, _, attr = use.rpartition(".")
+            if not _is_module(module, attr, files) and not _triton_jit(files[module], attr):
+                broken.append(f"{name} uses {use}")
+    assert not broken, "private names taken from another module:\n" + "\n".join(sorted(broken))
+
+
+def test_no_function_over_100_lines():
+    """Functions stay short (about 80 lines); this bounds every function and method of the package
+    (instructrl_fast/ and kernels/), its ``def`` line to its last line, at 100."""
+    long = []
+    for name, path in _module_files().items():
+        if not name.startswith("instructrl_fast"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100:
+                long.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not long, "functions over 100 lines:\n" + "\n".join(long)
