@@ -1,7 +1,8 @@
 """generate() on two data-parallel replicas (FSDP2 over dp = 2, gloo): the replicas hold other prompts, one of them
 ends every row at the first step, and both still run the same number of forwards (the early stop is agreed over the
 dp group). Without the agreement the replica that stopped would leave the other one blocked in an FSDP all-gather
-(the process group's 60 s timeout turns that into a failure)."""
+(the process group's 60 s timeout turns that into a failure). A plain model's replicas agree when ``parallel``
+names the dp group, and stop on their own without it."""
 
 import datetime
 import os
@@ -69,5 +70,58 @@ def test_early_stop_is_agreed_over_dp():
         pytest.skip("gloo is not available in this torch build")
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        results = {r: Path(tmp, f"rank{r}").read_text() for r in range(2)}
+    assert results == {0: "ok", 1: "ok"}, "\n".join(f"rank {r}:\n{t}" for r, t in results.items())
+
+
+def _plain_worker(rank: int, init_file: str, result_dir: str) -> None:
+    """A plain (not FSDP) model on dp = 2: its forwards are no collectives, so only ``parallel`` makes the replicas
+    agree on the stop; without it each replica stops on its own."""
+    from instructrl_fast.model import GPT
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        state = make_state(1, device=torch.device("cpu"))  # dp = 2, tp = 1
+        with torch.device("meta"):
+            model = GPT(CFG, head="lm")
+        model.to_empty(device="cpu").init_weights(0)
+        forwards = []
+        model.register_forward_hook(lambda *_: forwards.append(1))
+        ids = torch.randint(1, CFG.vocab_size, (2, 5), generator=torch.Generator().manual_seed(rank))
+        mask = torch.ones_like(ids)
+        eos = generate(model, ids, mask, max_new_tokens=1, temperature=0.0).sequences[0, -1].clone()
+        dist.broadcast(eos, src=0)
+        if rank == 0:
+            ids = ids[:1].expand(2, 5).contiguous()  # both rows end at the first token
+        counts = {}
+        for agreed in (True, False):
+            forwards.clear()
+            out = generate(model, ids, mask, max_new_tokens=N, temperature=0.0, eos_token_id=int(eos),
+                           stop_check_every=1, parallel=state if agreed else None)
+            gathered = [torch.zeros((), dtype=torch.long) for _ in range(2)]
+            dist.all_gather(gathered, torch.tensor(len(forwards)))
+            counts[agreed] = [int(c) for c in gathered]
+            if rank == 0:
+                assert out.response_mask.sum(1).tolist() == [1, 1]
+        assert counts[True][0] == counts[True][1] > 1, counts
+        assert counts[False][0] == 1 < counts[False][1], counts  # replica 0: the prefill only
+        result = "ok"
+        dist.barrier()
+    except Exception:  # noqa: BLE001 - reported with its traceback by the test
+        result = traceback.format_exc()
+    finally:
+        destroy_distributed()
+    with open(os.path.join(result_dir, f"rank{rank}"), "w") as f:
+        f.write(result)
+    leave_worker()
+
+
+def test_parallel_state_names_the_agreement_group():
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("gloo is not available in this torch build")
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_plain_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
         results = {r: Path(tmp, f"rank{r}").read_text() for r in range(2)}
     assert results == {0: "ok", 1: "ok"}, "\n".join(f"rank {r}:\n{t}" for r, t in results.items())
