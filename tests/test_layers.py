@@ -110,31 +110,25 @@ def test_named_rules():
     assert not broken, f"layering rules broken: {broken}"
 
 
-# The entry points that may obtain the ParallelState from parallel_state(); every other module takes it as an argument.
-ENTRY_POINTS = {"instructrl_fast.cli", "instructrl_fast.train.pipeline"}
-# Modules still reading it, each with the change that removes it; an entry that no longer reads it fails the test.
-# None is left.
-STATE_READERS_LEFT: set[str] = set()
+def _global_statements(path: Path) -> list[str]:
+    return [name for node in ast.walk(ast.parse(path.read_text(), str(path))) if isinstance(node, ast.Global)
+            for name in node.names]
 
 
-def _calls_parallel_state(path: Path) -> bool:
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Call):
-            f = node.func
-            if (isinstance(f, ast.Name) and f.id == "parallel_state") or (
-                    isinstance(f, ast.Attribute) and f.attr == "parallel_state"):
-                return True
-    return False
-
-
-def test_parallel_state_is_passed_not_read_from_the_global():
-    """Below the entry points, a stage, trainer or function receives the ParallelState as an argument: none calls
-    ``parallel.parallel_state()`` (the module global set by ``init_distributed``)."""
-    readers = {name for name, path in _module_files().items() if _calls_parallel_state(path)}
-    assert readers - ENTRY_POINTS - STATE_READERS_LEFT == set(), (
-        "modules that read the parallel state from the global instead of taking it as an argument:\n"
-        + "\n".join(sorted(readers - ENTRY_POINTS - STATE_READERS_LEFT)))
-    assert STATE_READERS_LEFT - readers == set(), f"no longer read there (drop them): {STATE_READERS_LEFT - readers}"
+def test_parallel_state_is_passed_not_kept_in_a_global():
+    """``init_distributed`` returns the ParallelState and every stage, trainer or function receives it as an argument:
+    instructrl_fast.parallel keeps no process-wide state (no ``global`` statement) and no module defines or calls a
+    getter of one (``parallel_state()``)."""
+    files = _module_files()
+    kept = {name: g for name, path in files.items() if name.startswith("instructrl_fast.parallel")
+            if (g := _global_statements(path))}
+    assert not kept, f"module globals in the parallel package: {kept}"
+    getters = sorted(name for name, path in files.items()
+                     if any(isinstance(n, (ast.FunctionDef, ast.Name, ast.Attribute))
+                            and "parallel_state" in (getattr(n, "name", None), getattr(n, "id", None),
+                                                     getattr(n, "attr", None))
+                            for n in ast.walk(ast.parse(path.read_text(), str(path)))))
+    assert not getters, f"modules defining or reading parallel_state(): {getters}"
 
 
 def _is_module(module: str, name: str, files: dict[str, Path]) -> bool:

@@ -10,7 +10,6 @@ from instructrl_fast.parallel.dist import (
     init_distributed,
     local_tensor,
     make_state,
-    parallel_state,
 )
 from instructrl_fast.parallel.fsdp import apply_fsdp
 from instructrl_fast.parallel.layers import (
@@ -34,7 +33,6 @@ __all__ = [
     "init_distributed",
     "local_tensor",
     "make_state",
-    "parallel_state",
     "reduce_from_tp",
     "shard_tensor",
     "tp_rank",

@@ -85,16 +85,6 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-_STATE: ParallelState | None = None  # set by init_distributed / make_state; read through parallel_state()
-
-
-def parallel_state() -> ParallelState:
-    """The state ``init_distributed`` (or ``make_state``) returned last, a one-process CPU state before. Library
-    code takes the ``ParallelState`` as an argument; this is for an entry point that did not keep it (and for
-    ``rollout.generate``'s stop check, which tests/test_layers.py names)."""
-    return _STATE if _STATE is not None else ParallelState.single()
-
-
 def _pick_device(device: str | torch.device | None, backend: str | None, local_rank: int) -> torch.device:
     """The process's device: ``device`` as given ("cuda" means this node's GPU ``local_rank``), else cuda:local_rank
     when CUDA is available and the backend is not gloo, else the CPU."""
@@ -119,7 +109,6 @@ def init_distributed(tp_size: int = 1, *, device: str | torch.device | None = No
     check_positive_int("tp_size", tp_size)
     if backend is not None and backend not in ("nccl", "gloo"):
         raise ValueError(f"backend must be 'nccl', 'gloo' or None, got {backend!r}")
-    global _STATE
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world % tp_size != 0:
@@ -129,8 +118,7 @@ def init_distributed(tp_size: int = 1, *, device: str | torch.device | None = No
     if use_cuda:
         torch.cuda.set_device(device)
     if world == 1 and not dist.is_initialized():
-        _STATE = ParallelState.single(device)
-        return _STATE
+        return ParallelState.single(device)
     if not dist.is_initialized():
         dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"),
                                 timeout=datetime.timedelta(seconds=timeout_s))
@@ -141,20 +129,16 @@ def make_state(tp_size: int, *, device: torch.device) -> ParallelState:
     """The ``ParallelState`` of an already initialised default group (used by tests that spawn workers)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    global _STATE
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % tp_size != 0:
         raise ValueError(f"tp_size ({tp_size}) must divide the world size ({world})")
     mesh = init_device_mesh(device.type, (world // tp_size, tp_size), mesh_dim_names=("dp", "tp"))
-    _STATE = ParallelState(rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", rank)),
-                           tp_size=tp_size, dp_size=world // tp_size, device=device, mesh=mesh,
-                           tp_group=mesh.get_group("tp"), dp_group=mesh.get_group("dp"))
-    return _STATE
+    return ParallelState(rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", rank)),
+                         tp_size=tp_size, dp_size=world // tp_size, device=device, mesh=mesh,
+                         tp_group=mesh.get_group("tp"), dp_group=mesh.get_group("dp"))
 
 
 def destroy_distributed() -> None:
     """Tear down the default process group if one exists."""
-    global _STATE
-    _STATE = None
     if dist.is_initialized():
         dist.destroy_process_group()
