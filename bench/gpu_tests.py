@@ -15,7 +15,15 @@ import torch
 from instructrl_fast import _ext, batch_invariant, ops
 from instructrl_fast.backend import use_backend
 from instructrl_fast.ops.policy_loss import LOSS_TYPES, RS_OPTIONS, PolicyLossConfig, RolloutCorrection
-from tests.reference import entropy_ref, gather_logprobs_ref, linear_logprobs_ref
+from tests.reference import (
+    entropy_ref,
+    gae_ref,
+    gather_logprobs_ref,
+    linear_logprobs_ref,
+    pad_packed,
+    ppo_policy_loss_ref,
+    ppo_value_loss_ref,
+)
 
 IGNORE = -100
 CUDA = torch.device("cuda")
@@ -250,6 +258,61 @@ def test_policy_loss_and_group_advantages_never_sync_on_cuda(loss_type):
     if loss_type != "clip_cov":  # clip_cov draws its tokens at random
         for ours, ref in zip(results["triton"], results["torch"], strict=True):
             torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_packed_gae_and_ppo_losses_on_cuda(backend):
+    """A verl-sized packed batch (512 sequences of 0..4095 tokens, about 1M in all, bf16, int32 cu_seqlens):
+    GAE and both PPO losses forward and backward make no host sync, equal the float64 references on the padded
+    rows (GAE on a subset of sequences, the longest included), and equal the same backend on the padded layout."""
+    torch.manual_seed(6)
+    S = 512
+    lengths = torch.randint(0, 4096, (S,), device=CUDA)
+    lengths[::37] = 0  # empty sequences
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).int()
+    N = int(cu[-1])
+    mask = torch.rand(1, N, device=CUDA) < 0.9
+    rewards, values, logp = torch.randn(3, 1, N, device=CUDA).bfloat16()
+    old, old_values = (torch.cat([logp, values]).float() + 0.3 * torch.randn(2, N, device=CUDA)).bfloat16()
+    returns = values + 0.5
+    adv = torch.randn(1, N, device=CUDA)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with use_backend(backend):
+            out_adv, out_ret = ops.gae(rewards, values, mask, gamma=0.99, lam=0.95, cu_seqlens=cu)
+            x, v = logp.clone().requires_grad_(), values.clone().requires_grad_()
+            policy, stats = ops.ppo_policy_loss(x, old, adv, mask, clip_eps_high=0.28, dual_clip=3.0,
+                                                reduction="seq_mean_token_mean", cu_seqlens=cu)
+            value, _ = ops.ppo_value_loss(v, old_values, returns, mask, reduction="seq_mean_token_sum",
+                                          cu_seqlens=cu)
+            (policy * 0.7 + value).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+    rows = {name: pad_packed(t, cu) for name, t in (("r", rewards), ("v", values), ("lp", logp), ("old", old),
+                                                        ("old_v", old_values), ("adv", adv), ("ret", returns))}
+    m = pad_packed(mask, cu, False)
+    subset = torch.cat([torch.randint(0, S, (24,), device=CUDA), lengths.argmax()[None]])
+    ref_adv, ref_ret = gae_ref(rows["r"][subset], rows["v"][subset], m[subset], 0.99, 0.95)
+    assert _err(pad_packed(out_adv, cu)[subset].cpu(), ref_adv) < 1e-4
+    assert _err(pad_packed(out_ret, cu)[subset].cpu(), ref_ret) < 1e-4
+    x64, v64 = rows["lp"].double().requires_grad_(), rows["v"].double().requires_grad_()
+    ref_policy = ppo_policy_loss_ref(x64, rows["old"].double(), rows["adv"].double(), m, 0.2, 0.28, 3.0,
+                                     "seq_mean_token_mean")
+    ref_value = ppo_value_loss_ref(v64, rows["old_v"].double(), rows["ret"].double(), m, 0.2, "seq_mean_token_sum")
+    (ref_policy[0] * 0.7 + ref_value[0]).backward()
+    assert _err(policy, ref_policy[0]) < 1e-5 and _err(value, ref_value[0]) < 1e-5
+    assert _err(stats["clipfrac"], ref_policy[1]) < 1e-5 and _err(stats["approx_kl"], ref_policy[2]) < 1e-5
+    # the gradients come back in logp's / values' dtype (bf16): one rounding of values <= 1 / S
+    assert _err(pad_packed(x.grad, cu), x64.grad) < 1e-5 and _err(pad_packed(v.grad, cu), v64.grad) < 1e-5
+
+    with use_backend(backend):
+        pad_adv, _ = ops.gae(rows["r"], rows["v"], m, gamma=0.99, lam=0.95)
+        pad_policy, _ = ops.ppo_policy_loss(rows["lp"], rows["old"], rows["adv"], m, clip_eps_high=0.28,
+                                            dual_clip=3.0, reduction="seq_mean_token_mean")
+    torch.testing.assert_close(pad_packed(out_adv, cu), pad_adv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(policy, pad_policy, rtol=1e-5, atol=1e-6)
+
+
 def test_invariant_matmul_on_cuda():
     """The batch-invariant GEMM (kernels/invariant_matmul.py) at model sizes in bf16: a row's bits do not depend on
     M (a decode step's 64 rows, a micro-batch's 4096) or on its place; error within 2x of cuBLAS's bf16 GEMM."""

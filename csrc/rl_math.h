@@ -68,13 +68,24 @@ inline void check_grad_loss(const at::Tensor& grad_loss, const at::Tensor& like)
 }
 
 // Where row b of a batch lies in the flat token array: row b of a [B, T] batch is [b * T, (b + 1) * T); sequence b
-// of a packed batch ([1, total] tokens, cu_seqlens [B + 1] cumulative offsets) is [cu[b], cu[b + 1]).
+// of a packed batch ([1, total] tokens, cu_seqlens [B + 1] cumulative offsets) is [cu[b], cu[b + 1]). Used on the
+// host by the CPU kernels and on the device by the CUDA kernels (`offsets` then points to device memory).
 struct RowSpans {
   const int64_t* offsets;  // [B + 1] cumulative offsets, or nullptr for rows of T tokens
   int64_t rows;            // B: rows or packed sequences
   int64_t T;               // tokens per row; for a packed batch the total
-  int64_t begin(int64_t b) const { return offsets != nullptr ? offsets[b] : b * T; }
-  int64_t end(int64_t b) const { return offsets != nullptr ? offsets[b + 1] : (b + 1) * T; }
+  // A packed span is clamped into [0, T] with a non-negative length: offsets that were not checked where they are
+  // read (CUDA: see row_spans) then still never index outside the tokens. Checked offsets pass unchanged.
+  C10_HOST_DEVICE int64_t begin(int64_t b) const {
+    if (offsets == nullptr) return b * T;
+    const int64_t o = offsets[b];
+    return o < 0 ? 0 : (o > T ? T : o);
+  }
+  C10_HOST_DEVICE int64_t end(int64_t b) const {
+    if (offsets == nullptr) return (b + 1) * T;
+    const int64_t lo = begin(b), o = offsets[b + 1];
+    return o < lo ? lo : (o > T ? T : o);
+  }
   // Rows per parallel task for at least `grain_size` tokens each (rows of the mean length for a packed batch).
   int64_t rows_per_task(int64_t grain_size) const {
     const int64_t len = offsets != nullptr ? T / (rows > 1 ? rows : 1) : T;
@@ -82,8 +93,10 @@ struct RowSpans {
   }
 };
 
-// The rows of `x` [B, T], or with `cu_seqlens` the sequences of the packed `x` [1, total]. CPU only: the offsets are
-// read (and checked: 0 first, total last, non-decreasing) on the host. `holder` keeps their int64 copy alive.
+// The rows of `x` [B, T], or with `cu_seqlens` the sequences of the packed `x` [1, total], with their offsets as an
+// int64 copy on x's device (`holder` keeps it alive). On CPU the offsets are read and checked here (0 first, total
+// last, non-decreasing); for CUDA tensors reading them would sync with the host, so they are left on the device
+// unread: ops.packing checks them there (torch._assert_async), and RowSpans clamps what the kernels read.
 inline RowSpans row_spans(const at::Tensor& x, const std::optional<at::Tensor>& cu_seqlens, at::Tensor& holder) {
   if (!cu_seqlens.has_value()) return {nullptr, x.size(0), x.size(1)};
   const at::Tensor& cu = *cu_seqlens;
@@ -95,9 +108,11 @@ inline RowSpans row_spans(const at::Tensor& x, const std::optional<at::Tensor>& 
   holder = cu.to(at::kLong).contiguous();
   const int64_t* o = holder.const_data_ptr<int64_t>();
   const int64_t S = cu.numel() - 1, total = x.size(1);
-  TORCH_CHECK(o[0] == 0 && o[S] == total, "cu_seqlens must start at 0 and end at the number of tokens ", total,
-              ", got ", o[0], " and ", o[S]);
-  for (int64_t b = 0; b < S; ++b) TORCH_CHECK(o[b] <= o[b + 1], "cu_seqlens must be non-decreasing");
+  if (holder.is_cpu()) {
+    TORCH_CHECK(o[0] == 0 && o[S] == total, "cu_seqlens must start at 0 and end at the number of tokens ", total,
+                ", got ", o[0], " and ", o[S]);
+    for (int64_t b = 0; b < S; ++b) TORCH_CHECK(o[b] <= o[b + 1], "cu_seqlens must be non-decreasing");
+  }
   return {o, S, total};
 }
 

@@ -30,6 +30,8 @@ def backends_for(*ops, skip=()):
         if name in skip or any(name not in _backend.REGISTRY[op] for op in ops):
             continue
         reason = _backend.unavailable_reason(name, DEVICE)
+        if reason and name == "cuda" and not torch.cuda.is_available():
+            reason = f"no GPU ({reason})"
         marks = [pytest.mark.skip(reason=reason)] if reason else []
         params.append(pytest.param(name, id=name, marks=marks))
     return params

@@ -8,6 +8,10 @@
 // Backward, one elementwise pass (one block per row) that reads grad_loss from device memory; token_mean needs the
 // batch's valid-token count first (one ATen integer sum of the mask, deterministic); seq_mean_token_mean counts its
 // row inside the same kernel.
+// A packed batch (cu_seqlens) runs the same kernels with its sequences as the rows: block b walks the span of
+// sequence b in the packed tokens (RowSpans, offsets read on the device), so every per-row quantity (the partial
+// sums, n_b of seq_mean_token_mean, the number of rows B of the seq-mean reductions) is per sequence, and an empty
+// sequence is a row without tokens (zero partial sums, no gradient to write).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -55,17 +59,16 @@ __device__ __forceinline__ Partial block_sum(Partial p) {
 // mask, so inf / NaN in padding cannot leak), which lets the loads be issued without waiting for the mask.
 template <typename Term, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    ppo_rows_kernel(const scalar_t* __restrict__ x,  // [B, T] row-major
-                    const scalar_t* __restrict__ y,  // [B, T]
-                    const scalar_t* __restrict__ z,  // [B, T]
-                    const bool* __restrict__ mask,   // [B, T]
-                    Term term, int64_t T,
+    ppo_rows_kernel(const scalar_t* __restrict__ x,  // [B, T] row-major, or [1, total] packed
+                    const scalar_t* __restrict__ y,  // like x
+                    const scalar_t* __restrict__ z,  // like x
+                    const bool* __restrict__ mask,   // like x
+                    Term term, RowSpans spans,       // the B rows or packed sequences (offsets in device memory)
                     Partial* __restrict__ rows) {    // [B] out: per-row partial sums
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * T;  // int64: B * T passes 2^31 at real sizes
+  const int64_t end = spans.end(blockIdx.x);  // int64: B * T passes 2^31 at real sizes
   Partial p{};
 #pragma unroll 4
-  for (int64_t t = threadIdx.x; t < T; t += kThreads) {
-    const int64_t i = row + t;
+  for (int64_t i = spans.begin(blockIdx.x) + threadIdx.x; i < end; i += kThreads) {
     const TokenTerm tok = term(static_cast<float>(x[i]), static_cast<float>(y[i]), static_cast<float>(z[i]));
     if (mask[i]) add_token(p, tok);
   }
@@ -91,28 +94,27 @@ __global__ void __launch_bounds__(kThreads)
 template <typename Term, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     ppo_backward_kernel(const float* __restrict__ grad_loss,    // 0-dim
-                        const scalar_t* __restrict__ x,         // [B, T] row-major
-                        const scalar_t* __restrict__ y,         // [B, T]
-                        const scalar_t* __restrict__ z,         // [B, T]
-                        const bool* __restrict__ mask,          // [B, T]
-                        Term term, int64_t B, int64_t T, Reduction mode,
+                        const scalar_t* __restrict__ x,         // [B, T] row-major, or [1, total] packed
+                        const scalar_t* __restrict__ y,         // like x
+                        const scalar_t* __restrict__ z,         // like x
+                        const bool* __restrict__ mask,          // like x
+                        Term term, RowSpans spans, Reduction mode,
                         const int64_t* __restrict__ total_count,  // 0-dim: valid tokens in the batch (token_mean only)
-                        float* __restrict__ grad) {              // [B, T] out
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * T;
+                        float* __restrict__ grad) {              // like x, out
+  const int64_t begin = spans.begin(blockIdx.x), end = spans.end(blockIdx.x);
   int64_t row_count = 0;
   if (mode == kSeqMeanTokenMean) {  // uniform over the block, so block_sum's barrier is reached by all threads
     __shared__ int64_t shared_count;
     Partial p{};
-    for (int64_t t = threadIdx.x; t < T; t += kThreads) p.count += mask[row + t];
+    for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) p.count += mask[i];
     p = block_sum(p);
     if (threadIdx.x == 0) shared_count = p.count;
     __syncthreads();
     row_count = shared_count;
   }
-  const float w = *grad_loss * token_weight(mode, B, mode == kTokenMean ? *total_count : 0, row_count);
+  const float w = *grad_loss * token_weight(mode, spans.rows, mode == kTokenMean ? *total_count : 0, row_count);
 #pragma unroll 4
-  for (int64_t t = threadIdx.x; t < T; t += kThreads) {
-    const int64_t i = row + t;
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
     const TokenTerm tok = term(static_cast<float>(x[i]), static_cast<float>(y[i]), static_cast<float>(z[i]));
     grad[i] = mask[i] ? w * tok.grad : 0.0f;
   }
@@ -121,12 +123,15 @@ __global__ void __launch_bounds__(kThreads)
 // Forward of either loss: (loss, clipfrac) and, when with_kl, approx_kl; x, y, z in one dtype (in_common_dtype).
 template <typename Term>
 std::vector<at::Tensor> ppo_loss_forward_cuda(const Term& term, const at::Tensor& x, const at::Tensor& y,
-                                              const at::Tensor& z, const at::Tensor& mask, Reduction mode,
+                                              const at::Tensor& z, const at::Tensor& mask,
+                                              const std::optional<at::Tensor>& cu_seqlens, Reduction mode,
                                               bool with_kl) {
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t B = x.size(0), T = x.size(1);
-  TORCH_CHECK(B <= INT32_MAX, "too many rows for one launch: ", B);
+  at::Tensor offsets;
+  const RowSpans spans = row_spans(x, cu_seqlens, offsets);
+  const int64_t B = spans.rows;
+  TORCH_CHECK(B <= INT32_MAX, "too many rows (sequences) for one launch: ", B);
   const auto opts = x.options().dtype(at::kFloat);
   std::vector<at::Tensor> out = {at::empty({}, opts), at::empty({}, opts)};
   if (with_kl) out.push_back(at::empty({}, opts));
@@ -137,7 +142,7 @@ std::vector<at::Tensor> ppo_loss_forward_cuda(const Term& term, const at::Tensor
     INSTRUCTRL_FAST_DISPATCH_FLOAT(x.scalar_type(), "ppo_loss_forward_cuda", [&] {
       ppo_rows_kernel<Term, scalar_t><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
           x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(),
-          mask.const_data_ptr<bool>(), term, T, rows_ptr);
+          mask.const_data_ptr<bool>(), term, spans, rows_ptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -150,19 +155,22 @@ std::vector<at::Tensor> ppo_loss_forward_cuda(const Term& term, const at::Tensor
 
 template <typename Term>
 at::Tensor ppo_loss_backward_cuda(const Term& term, const at::Tensor& grad_loss, const at::Tensor& x,
-                                  const at::Tensor& y, const at::Tensor& z, const at::Tensor& mask, Reduction mode) {
+                                  const at::Tensor& y, const at::Tensor& z, const at::Tensor& mask,
+                                  const std::optional<at::Tensor>& cu_seqlens, Reduction mode) {
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t B = x.size(0), T = x.size(1);
-  TORCH_CHECK(B <= INT32_MAX, "too many rows for one launch: ", B);
-  auto grad = at::empty({B, T}, x.options().dtype(at::kFloat));
-  if (grad.numel() == 0) return grad;
+  at::Tensor offsets;
+  const RowSpans spans = row_spans(x, cu_seqlens, offsets);
+  const int64_t B = spans.rows;
+  TORCH_CHECK(B <= INT32_MAX, "too many rows (sequences) for one launch: ", B);
+  auto grad = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  if (grad.numel() == 0 || B == 0) return grad;
   // token_mean weighs every token by 1 / N: N is summed on the device (enqueued on the current stream, no sync).
   at::Tensor total_count = mode == kTokenMean ? mask.sum(at::kLong) : at::Tensor();
   INSTRUCTRL_FAST_DISPATCH_FLOAT(x.scalar_type(), "ppo_loss_backward_cuda", [&] {
     ppo_backward_kernel<Term, scalar_t><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
         grad_loss.const_data_ptr<float>(), x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-        z.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(), term, B, T, mode,
+        z.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(), term, spans, mode,
         total_count.defined() ? total_count.const_data_ptr<int64_t>() : nullptr, grad.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -176,11 +184,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cuda(const at::Te
                                                                     double clip_high, double dual_clip,
                                                                     int64_t reduction,
                                                                     const std::optional<at::Tensor>& cu_seqlens) {
-  TORCH_CHECK(!cu_seqlens.has_value(), "cu_seqlens: the CUDA kernels take [B, T] rows only; packed batches run "
-              "on the triton backend");
   const auto term = check_policy_args(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip);
   const auto in = in_common_dtype({logp, old_logp, advantages});
-  auto out = ppo_loss_forward_cuda(term, in[0], in[1], in[2], mask, check_reduction(reduction), /*with_kl=*/true);
+  auto out = ppo_loss_forward_cuda(term, in[0], in[1], in[2], mask, cu_seqlens, check_reduction(reduction),
+                                   /*with_kl=*/true);
   return {out[0], out[1], out[2]};
 }
 
@@ -188,23 +195,20 @@ at::Tensor ppo_policy_loss_backward_cuda(const at::Tensor& grad_loss, const at::
                                          const at::Tensor& old_logp, const at::Tensor& advantages,
                                          const at::Tensor& mask, double clip_low, double clip_high, double dual_clip,
                                          int64_t reduction, const std::optional<at::Tensor>& cu_seqlens) {
-  TORCH_CHECK(!cu_seqlens.has_value(), "cu_seqlens: the CUDA kernels take [B, T] rows only; packed batches run "
-              "on the triton backend");
   const auto term = check_policy_args(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip);
   check_grad_loss(grad_loss, logp);
   const auto in = in_common_dtype({logp, old_logp, advantages});
-  return ppo_loss_backward_cuda(term, grad_loss, in[0], in[1], in[2], mask, check_reduction(reduction));
+  return ppo_loss_backward_cuda(term, grad_loss, in[0], in[1], in[2], mask, cu_seqlens, check_reduction(reduction));
 }
 
 std::tuple<at::Tensor, at::Tensor> ppo_value_loss_cuda(const at::Tensor& values, const at::Tensor& old_values,
                                                        const at::Tensor& returns, const at::Tensor& mask,
                                                        double clip_eps, int64_t reduction,
                                                        const std::optional<at::Tensor>& cu_seqlens) {
-  TORCH_CHECK(!cu_seqlens.has_value(), "cu_seqlens: the CUDA kernels take [B, T] rows only; packed batches run "
-              "on the triton backend");
   const auto term = check_value_args(values, old_values, returns, mask, clip_eps);
   const auto in = in_common_dtype({values, old_values, returns});
-  auto out = ppo_loss_forward_cuda(term, in[0], in[1], in[2], mask, check_reduction(reduction), /*with_kl=*/false);
+  auto out = ppo_loss_forward_cuda(term, in[0], in[1], in[2], mask, cu_seqlens, check_reduction(reduction),
+                                   /*with_kl=*/false);
   return {out[0], out[1]};
 }
 
@@ -212,12 +216,10 @@ at::Tensor ppo_value_loss_backward_cuda(const at::Tensor& grad_loss, const at::T
                                         const at::Tensor& old_values, const at::Tensor& returns,
                                         const at::Tensor& mask, double clip_eps, int64_t reduction,
                                         const std::optional<at::Tensor>& cu_seqlens) {
-  TORCH_CHECK(!cu_seqlens.has_value(), "cu_seqlens: the CUDA kernels take [B, T] rows only; packed batches run "
-              "on the triton backend");
   const auto term = check_value_args(values, old_values, returns, mask, clip_eps);
   check_grad_loss(grad_loss, values);
   const auto in = in_common_dtype({values, old_values, returns});
-  return ppo_loss_backward_cuda(term, grad_loss, in[0], in[1], in[2], mask, check_reduction(reduction));
+  return ppo_loss_backward_cuda(term, grad_loss, in[0], in[1], in[2], mask, cu_seqlens, check_reduction(reduction));
 }
 
 }  // namespace

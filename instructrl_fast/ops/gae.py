@@ -8,8 +8,8 @@ implementations, so ``gae`` runs under ``torch.compile(fullgraph=True)``.
 
 Packed batches (``cu_seqlens``, see ``ops.packing``): every backend runs the recurrence per sequence, restarting
 at each sequence's end. The torch backend does it as two reverse linear scans over the packed row (log2(N)
-vectorised steps, no loop over tokens); triton runs one program per sequence; cpp one task per sequence; the
-cuda kernels take [B, T] rows only (``packing.packed_backend``).
+vectorised steps, no loop over tokens); triton runs one program per sequence; cpp one task per sequence; cuda one
+warp per sequence.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from instructrl_fast import _ext
-from instructrl_fast.backend import dispatch, implementation, register
+from instructrl_fast.backend import dispatch, register
 from instructrl_fast.checks import (
     check_float,
     check_same_device,
@@ -26,7 +26,7 @@ from instructrl_fast.checks import (
     checked_bool_mask,
     compute_dtype,
 )
-from instructrl_fast.ops.packing import check_packed, packed_backend, packed_shape, seq_ends, seq_ids
+from instructrl_fast.ops.packing import check_packed, packed_shape, seq_ends, seq_ids
 
 
 @register("gae", "torch")
@@ -146,6 +146,6 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     check_packed(cu_seqlens, N, "rewards", rewards.device)
     shape = rewards.shape
     rewards, values, mask = rewards.view(1, N), values.view(1, N), mask.view(1, N)
-    impl = implementation("gae", packed_backend("gae", rewards.device, acc))
-    advantages, returns = impl(rewards, values, mask, gamma, lam, cu_seqlens.contiguous())
+    advantages, returns = dispatch("gae", rewards.device, acc)(rewards, values, mask, gamma, lam,
+                                                               cu_seqlens.contiguous())
     return advantages.view(shape), returns.view(shape)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 
-from instructrl_fast.backend import BackendError, checked_forced, resolve
 from instructrl_fast.checks import INDEX_DTYPES, check_tensor, eager_data_checks
 
 
@@ -110,14 +109,3 @@ class Rows:
         """A per-row value [B] / [S] at every token of its row: [B, 1] (broadcasts over T) or the packed shape."""
         return per_row.unsqueeze(-1) if self.cu_seqlens is None else per_row[self.ids].view(self.shape)
 
-
-def packed_backend(op: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """The backend that runs ``op`` on a packed batch: ``backend.resolve``'s choice, except that the CUDA kernels
-    take [B, T] rows only: forced, ``cuda`` raises BackendError; chosen automatically, torch runs instead."""
-    name = resolve(op, device, dtype)
-    if name != "cuda":
-        return name
-    if checked_forced(op, device, dtype) == "cuda":
-        raise BackendError(f"{op}: backend 'cuda' is forced but its kernels take [B, T] rows only; packed batches "
-                           "(cu_seqlens) run on triton, cpp or torch")
-    return "torch"

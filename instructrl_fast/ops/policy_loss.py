@@ -68,7 +68,7 @@ from instructrl_fast.checks import (
     checked_bool_mask,
     compute_dtype,
 )
-from instructrl_fast.ops.packing import Rows, check_packed, packed_backend, packed_shape
+from instructrl_fast.ops.packing import Rows, check_packed, packed_shape
 from instructrl_fast.ops.ppo_loss import masked_reduce, valid_upcast
 
 LOSS_TYPES = {"vanilla": 0, "gspo": 1, "sapo": 2, "gpg": 3, "reinforce": 4, "clip_cov": 5, "kl_cov": 6,
@@ -532,7 +532,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     logp, old_logp, advantages = named["logp"], named["old_logp"], named["advantages"]
     weights, rollout_logp = named.get("weights"), named.get("rollout_logp")
     acc = compute_dtype(*named.values())
-    name = (resolve if cu_seqlens is None else packed_backend)("policy_loss", logp.device, acc)  # forced: checked
+    name = resolve("policy_loss", logp.device, acc)  # forced: checked
     stats = {}
     if correction is not None:
         base = logp if correction.reference == "current" else old_logp

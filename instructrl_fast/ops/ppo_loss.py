@@ -18,7 +18,7 @@ kernel, both torch custom ops), ``cpp`` / ``cuda`` (the C++ ops ``instructrl_fas
 
 Packed batches (``cu_seqlens``, see ``ops.packing``): the sequences are the rows of the seq-mean reductions (mean
 over the S sequences); token_mean and the stats are unchanged. torch (``masked_reduce``), triton (one program per
-sequence) and cpp run them; the cuda kernels take [B, T] rows only.
+sequence), cpp (one task per sequence) and cuda (one block per sequence) run them.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from instructrl_fast import _ext
-from instructrl_fast.backend import dispatch, implementation, register
+from instructrl_fast.backend import dispatch, register
 from instructrl_fast.checks import (
     check_choice,
     check_float,
@@ -37,7 +37,7 @@ from instructrl_fast.checks import (
     checked_bool_mask,
     compute_dtype,
 )
-from instructrl_fast.ops.packing import Rows, check_packed, packed_backend, packed_shape
+from instructrl_fast.ops.packing import Rows, check_packed, packed_shape
 
 REDUCTIONS = {"token_mean": 0, "seq_mean_token_mean": 1, "seq_mean_token_sum": 2}  # the kernels' int codes
 
@@ -320,14 +320,6 @@ def _loss_inputs(x, x_old, y, mask, cu_seqlens):
     return tuple(t.reshape(1, -1) for t in inputs), cu_seqlens.contiguous()
 
 
-def _loss_impl(op: str, inputs, cu_seqlens):
-    """The implementation of ``op`` for these inputs (packed batches avoid the cuda kernels)."""
-    acc = compute_dtype(*inputs[:3])
-    if cu_seqlens is None:
-        return dispatch(op, inputs[0].device, acc)
-    return implementation(op, packed_backend(op, inputs[0].device, acc))
-
-
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                     clip_eps: float = 0.2, clip_eps_high: float | None = None, dual_clip: float | None = None,
                     reduction: str = "token_mean",
@@ -361,7 +353,7 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
         if dual <= 1.0:
             raise ValueError(f"dual_clip must be > 1 (or None to disable it), got {dual_clip}")
     inputs, cu_seqlens = _loss_inputs(logp, old_logp, advantages, mask, cu_seqlens)
-    impl = _loss_impl("ppo_policy_loss", inputs, cu_seqlens)
+    impl = dispatch("ppo_policy_loss", inputs[0].device, compute_dtype(*inputs[:3]))
     loss, clipfrac, approx_kl = impl(*inputs, clip_low, clip_high, dual, reduction, cu_seqlens)
     return loss, {"clipfrac": clipfrac.detach(), "approx_kl": approx_kl.detach()}
 
@@ -387,6 +379,6 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
                         cu_seqlens)
     clip_eps = check_positive("clip_eps", clip_eps)
     inputs, cu_seqlens = _loss_inputs(values, old_values, returns, mask, cu_seqlens)
-    impl = _loss_impl("ppo_value_loss", inputs, cu_seqlens)
+    impl = dispatch("ppo_value_loss", inputs[0].device, compute_dtype(*inputs[:3]))
     loss, clipfrac = impl(*inputs, clip_eps, reduction, cu_seqlens)
     return loss, {"clipfrac": clipfrac.detach()}

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from instructrl_fast import ops, use_backend
-from instructrl_fast.backend import BackendError
 from instructrl_fast.ops.policy_loss import KERNEL_TYPES, PolicyLossConfig, RolloutCorrection
 from tests.conftest import DEVICE, backends_for
 from tests.reference import (
@@ -28,7 +27,6 @@ from tests.reference import (
 LENGTHS = {"mixed": [5, 0, 1, 17, 9, 33, 0], "one": [40], "short": [2, 3]}
 REDUCTIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 TOL = dict(rtol=1e-5, atol=1e-5)
-PACKED_SKIP = ("cuda",)  # the cuda kernels take [B, T] rows only: test_cuda_backend_refuses_packed
 
 
 def _batch(lengths, cu_dtype=torch.int32, p_valid=0.8):
@@ -51,7 +49,7 @@ def _packed(rows, cu, like):
     return unpad_rows(rows, cu).view(like.shape)
 
 
-@pytest.mark.parametrize("backend", backends_for("gae", skip=PACKED_SKIP))
+@pytest.mark.parametrize("backend", backends_for("gae"))
 @pytest.mark.parametrize("lengths", LENGTHS)
 @pytest.mark.parametrize("cu_dtype", [torch.int32, torch.int64], ids=["cu32", "cu64"])
 def test_gae_packed(backend, lengths, cu_dtype):
@@ -72,7 +70,7 @@ def test_gae_packed(backend, lengths, cu_dtype):
     assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
 
 
-@pytest.mark.parametrize("backend", backends_for("gae", skip=PACKED_SKIP))
+@pytest.mark.parametrize("backend", backends_for("gae"))
 def test_gae_packed_does_not_bleed(backend):
     """A large reward at the start of each sequence must not reach the previous sequence's tokens: with gamma =
     lam = 1 and zero values, each token's advantage is the sum of its own sequence's remaining rewards."""
@@ -85,7 +83,7 @@ def test_gae_packed_does_not_bleed(backend):
     torch.testing.assert_close(adv, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", backends_for("shape_rewards", skip=PACKED_SKIP))
+@pytest.mark.parametrize("backend", backends_for("shape_rewards"))
 @pytest.mark.parametrize("lengths", LENGTHS)
 @pytest.mark.parametrize("estimator", ["k1", "k3"])
 def test_shape_rewards_packed(backend, lengths, estimator):
@@ -101,7 +99,7 @@ def test_shape_rewards_packed(backend, lengths, estimator):
     torch.testing.assert_close(rewards, _packed(padded, cu, rewards), **TOL)
 
 
-@pytest.mark.parametrize("backend", backends_for("masked_whiten", skip=PACKED_SKIP))
+@pytest.mark.parametrize("backend", backends_for("masked_whiten"))
 @pytest.mark.parametrize("shift_mean", [True, False])
 def test_masked_whiten_packed(backend, shift_mean):
     cu, mask = _batch(LENGTHS["mixed"])
@@ -135,7 +133,7 @@ def _grads(fn, x, cu):
     return out
 
 
-@pytest.mark.parametrize("backend", backends_for("ppo_policy_loss", skip=PACKED_SKIP))
+@pytest.mark.parametrize("backend", backends_for("ppo_policy_loss"))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("lengths", ["mixed", "one"])
 def test_ppo_policy_loss_packed(backend, reduction, lengths):
@@ -164,7 +162,7 @@ def test_ppo_policy_loss_packed(backend, reduction, lengths):
     torch.testing.assert_close(flat, loss, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", backends_for("ppo_value_loss", skip=PACKED_SKIP))
+@pytest.mark.parametrize("backend", backends_for("ppo_value_loss"))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_ppo_value_loss_packed(backend, reduction):
     cu, mask = _batch(LENGTHS["mixed"])
@@ -190,7 +188,7 @@ def test_ppo_value_loss_packed(backend, reduction):
 _POLICY_TYPES = (*KERNEL_TYPES, "geo_mean", "kl_cov")
 
 
-@pytest.mark.parametrize("backend", backends_for("policy_loss", skip=PACKED_SKIP))
+@pytest.mark.parametrize("backend", backends_for("policy_loss"))
 @pytest.mark.parametrize("loss_type", _POLICY_TYPES)
 @pytest.mark.parametrize("reduction", [*REDUCTIONS, "seq_mean_token_sum_norm"])
 def test_policy_loss_packed(backend, loss_type, reduction):
@@ -243,7 +241,7 @@ def test_rollout_correction_packed(correction):
         torch.testing.assert_close(stats[name], value, **TOL, msg=name)
 
 
-@pytest.mark.parametrize("backend", backends_for("policy_loss", skip=PACKED_SKIP))
+@pytest.mark.parametrize("backend", backends_for("policy_loss"))
 def test_policy_loss_packed_with_correction(backend):
     """GSPO's sequence ratio with a sequence-level correction and rejection, packed == padded."""
     cu, mask = _batch(LENGTHS["mixed"])
@@ -265,7 +263,7 @@ def test_policy_loss_packed_with_correction(backend):
     torch.testing.assert_close(grad, pad_grad, **TOL)
 
 
-@pytest.mark.parametrize("backend", backends_for("group_advantages", skip=PACKED_SKIP))
+@pytest.mark.parametrize("backend", backends_for("group_advantages"))
 @pytest.mark.parametrize("estimator", ["grpo", "opo", "reinforce_pp_baseline"])
 def test_group_advantages_packed(backend, estimator):
     lengths = [4, 6, 0, 3, 9, 2]
@@ -312,7 +310,7 @@ def test_cu_seqlens_checks():
 # ------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", backends_for("ppo_policy_loss", skip=("torch", "cuda")))
+@pytest.mark.parametrize("backend", backends_for("ppo_policy_loss", skip=("torch",)))
 def test_packed_opcheck(backend):
     cu, mask = _batch(LENGTHS["mixed"])
     logp, old, adv = _loss_inputs(mask)
@@ -333,13 +331,14 @@ def test_packed_opcheck(backend):
         cases = [(ns.gae, (adv.detach(), old, mask, 0.99, 0.9, cu)),
                  (ns.ppo_policy_loss, (logp, old, adv, mask, 0.2, 0.3, 2.0, 1, cu)),
                  (ns.ppo_policy_loss_backward, (grad, logp.detach(), old, adv, mask, 0.2, 0.3, 2.0, 1, cu)),
-                 (ns.ppo_value_loss, (logp, old, adv, mask, 0.2, 2, cu)),
-                 (ns.policy_loss, (logp, old, adv, mask, None, shift, 1, params, 1, cu))]
+                 (ns.ppo_value_loss, (logp, old, adv, mask, 0.2, 2, cu))]
+        if backend == "cpp":  # policy_loss has no CUDA kernel
+            cases.append((ns.policy_loss, (logp, old, adv, mask, None, shift, 1, params, 1, cu)))
     for op, args in cases:
         torch.library.opcheck(op.default, args)
 
 
-@pytest.mark.parametrize("backend", backends_for("ppo_policy_loss", skip=PACKED_SKIP))
+@pytest.mark.parametrize("backend", backends_for("ppo_policy_loss"))
 def test_packed_torch_compile_fullgraph(backend):
     """GAE, the PPO loss and GSPO on a packed batch inside torch.compile(fullgraph=True), equal to eager."""
     torch._dynamo.reset()
@@ -368,7 +367,7 @@ def test_packed_torch_compile_fullgraph(backend):
 def test_triton_packed_sequences_across_chunks(monkeypatch):
     """The triton kernels walk a packed sequence chunk by chunk (GAE carries its state across chunks): with
     16-token blocks, sequences of up to 33 tokens span up to three chunks, and chunks start inside sequences."""
-    if "triton" not in [p.values[0] for p in backends_for("gae", skip=PACKED_SKIP) if not p.marks]:
+    if "triton" not in [p.values[0] for p in backends_for("gae") if not p.marks]:
         pytest.skip("triton is not available here")
     from instructrl_fast.kernels import gae as gae_kernels
     from instructrl_fast.kernels import kl as kl_kernels
@@ -394,15 +393,3 @@ def test_cu_seqlens_device_side_check(monkeypatch):
     for bad in ([1, 6], [0, 5], [0, 4, 3, 6]):
         with pytest.raises(RuntimeError, match="cu_seqlens must start at 0"):
             ops.gae(x, x, mask, cu_seqlens=torch.tensor(bad))
-
-
-@pytest.mark.parametrize("backend", [p for p in backends_for("gae", "ppo_policy_loss") if p.values[0] == "cuda"])
-def test_cuda_backend_refuses_packed(backend):
-    """Forced onto the cuda kernels (which take [B, T] rows only), a packed call is a BackendError naming it; the
-    automatic choice on CUDA tensors (triton) runs it."""
-    cu, mask = _batch(LENGTHS["short"])
-    x = torch.randn(mask.shape, device=DEVICE)
-    with use_backend("cuda"), pytest.raises(BackendError, match="packed batches"):
-        ops.gae(x, x, mask, cu_seqlens=cu)
-    with use_backend("cuda"), pytest.raises(BackendError, match="packed batches"):
-        ops.ppo_policy_loss(x, x, x, mask, cu_seqlens=cu)

@@ -6,11 +6,14 @@ kernels read them exactly and accumulate in fp32, so the fp32 tolerance applies.
 instructrl_fast._C_cuda exist (the project's GPU script), and are reported as skipped elsewhere.
 """
 
+import itertools
+
 import pytest
 import torch
 
 import instructrl_fast  # noqa: F401  (loads instructrl_fast._C and, where built, _C_cuda)
 from instructrl_fast import _ext
+from tests.reference import pad_packed, unpad_rows
 
 ops = torch.ops.instructrl_fast
 
@@ -308,6 +311,135 @@ def test_value_loss_forward_backward(device, reduction, B, T, kind, dtype):
                                        reduction)
     (ref_grad,) = torch.autograd.grad(ref_loss, v64, grad_outputs=torch.tensor(-2.5, dtype=torch.float64))
     _close(grad, ref_grad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed batches (cu_seqlens): each sequence of the [1, N] row is a row
+# ---------------------------------------------------------------------------------------------------------------
+
+# Sequence lengths: empty ones first, inside and last; 1, 31, 32, 33 tokens (a warp's width); 255-257 (the GAE chunk
+# and the loss kernels' 256-thread stride); 700 (three GAE chunks, three strides). Nine sequences: the GAE kernel's
+# last block of four warps is partly idle. The sixth sequence (33 tokens) is fully masked.
+PACKED_LENGTHS = [0, 1, 31, 0, 32, 33, 255, 256, 257, 700, 0]
+
+
+def _packed_batch(device, cu_dtype=torch.int32):
+    """(cu_seqlens [S + 1], mask [1, N]): holes everywhere, the sixth sequence fully masked."""
+    cu = torch.tensor([0, *itertools.accumulate(PACKED_LENGTHS)], dtype=cu_dtype, device=device)
+    mask = torch.rand(1, int(cu[-1]), device=device) < 0.7
+    mask[0, int(cu[5]):int(cu[6])] = False
+    return cu, mask
+
+
+def _rows(x, cu, fill=0.0):
+    """The packed x [1, N] as the [S, L] rows of the padded layout, contiguous, on x's device."""
+    return pad_packed(x, cu, fill).contiguous()
+
+
+def _unrows(rows, cu):
+    return unpad_rows(rows, cu).view(1, -1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cu_dtype", [torch.int32, torch.int64], ids=["cu32", "cu64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gae_packed(device, cu_dtype, dtype):
+    """Packed GAE equals the float64 reference on the unpacked sequences (each an episode of its own) and the
+    kernel's own padded result; exactly 0 at masked positions."""
+    cu, mask = _packed_batch(device, cu_dtype)
+    rewards, values = (torch.randn(2, *mask.shape, device=device) * 2).to(dtype)
+    adv, ret = ops.gae(rewards, values, mask, 0.99, 0.95, cu)
+    assert adv.shape == ret.shape == mask.shape and adv.dtype == torch.float32 and adv.device.type == device
+    ref_adv, ref_ret = ref_gae(_rows(rewards, cu), _rows(values, cu), _rows(mask, cu, False), 0.99, 0.95)
+    _close(adv, _unrows(ref_adv, cu))
+    _close(ret, _unrows(ref_ret, cu))
+    pad_adv, pad_ret = ops.gae(_rows(rewards, cu), _rows(values, cu), _rows(mask, cu, False), 0.99, 0.95)
+    _close(adv, _unrows(pad_adv, cu))
+    _close(ret, _unrows(pad_ret, cu))
+    assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gae_packed_restarts_at_each_sequence_end(device):
+    """gamma = lam = 1 and zero values: a token's advantage is the sum of its own sequence's remaining rewards, so
+    a large reward at a sequence's start must not reach the previous sequence (700 tokens: over several chunks)."""
+    cu = torch.tensor([0, 3, 3, 703, 704], device=device)
+    rewards = torch.ones(1, 704, device=device)
+    rewards[0, 3] = 1000.0
+    rewards[0, 703] = 1e6
+    adv, _ = ops.gae(rewards, torch.zeros_like(rewards), torch.ones_like(rewards, dtype=torch.bool), 1.0, 1.0, cu)
+    expected = torch.cat([torch.tensor([3.0, 2.0, 1.0]), torch.arange(700, 0, -1.0), torch.tensor([1e6])])
+    expected[3] += 999.0
+    torch.testing.assert_close(adv[0].cpu(), expected, rtol=0, atol=0)
+
+
+def _packed_loss(op, device, reduction, dtype=torch.float32):
+    """((x, y, z) [1, N], mask [1, N], cu_seqlens, the op's arguments after the mask) of one loss."""
+    cu, mask = _packed_batch(device)
+    N = mask.shape[1]
+    if op == "ppo_policy_loss":
+        return _policy_inputs(1, N, device, dtype), mask, cu, (0.2, 0.28, 2.0, reduction)
+    return _value_inputs(1, N, device, dtype), mask, cu, (0.2, reduction)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["ppo_policy_loss", "ppo_value_loss"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_losses_packed_forward_backward(device, op, reduction, dtype):
+    """A packed loss (the seq-mean reductions average over the S sequences, empty ones included) and its gradient
+    equal the float64 reference on the padded [S, L] rows and the kernels' own padded results."""
+    (x, y, z), mask, cu, args = _packed_loss(op, device, reduction, dtype)
+    out = getattr(ops, op)(x, y, z, mask, *args, cu)
+    grad_loss = torch.tensor(-1.3, device=device)  # a non-unit upstream gradient
+    grad = getattr(ops, f"{op}_backward")(grad_loss, x, y, z, mask, *args, cu)
+    assert grad.shape == mask.shape and grad.dtype == torch.float32 and (grad[~mask] == 0).all()
+
+    rows = [_rows(t, cu) for t in (x, y, z)] + [_rows(mask, cu, False)]
+    x64 = rows[0].double().cpu().requires_grad_()
+    ref_fn = ref_policy_loss if op == "ppo_policy_loss" else ref_value_loss
+    ref = ref_fn(x64, *(t.double().cpu() for t in rows[1:3]), rows[3].cpu(), *args)
+    for a, b in zip(out, ref, strict=True):
+        _close(a, b)
+    (ref_grad,) = torch.autograd.grad(ref[0], x64, grad_outputs=torch.tensor(-1.3, dtype=torch.float64))
+    _close(grad, _unrows(ref_grad, cu))
+
+    padded = getattr(ops, op)(*rows, *args)
+    for a, b in zip(out, padded, strict=True):
+        _close(a, b)
+    _close(grad, _unrows(getattr(ops, f"{op}_backward")(grad_loss, *rows, *args), cu))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_without_tokens(device):
+    """Only empty sequences (N = 0), and no sequence at all: zeros, no launch over nothing."""
+    x, mask = torch.zeros(1, 0, device=device), torch.zeros(1, 0, dtype=torch.bool, device=device)
+    for cu in (torch.zeros(3, dtype=torch.int32, device=device), torch.zeros(1, dtype=torch.int32, device=device)):
+        adv, ret = ops.gae(x, x, mask, 0.99, 0.95, cu)
+        assert adv.shape == ret.shape == (1, 0)
+        for reduction in REDUCTIONS:
+            for value in ops.ppo_policy_loss(x, x, x, mask, 0.2, 0.2, 0.0, reduction, cu):
+                assert value.item() == 0.0
+            grad = ops.ppo_value_loss_backward(torch.tensor(1.0, device=device), x, x, x, mask, 0.2, reduction, cu)
+            assert grad.shape == (1, 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_layout_is_checked(device):
+    """The layout checks shared by the CPU and CUDA kernels (rl_math.h, row_spans), each naming cu_seqlens or
+    the packed shape."""
+    x, mask = torch.zeros(2, 3, device=device), torch.ones(2, 3, dtype=torch.bool, device=device)
+    cu = torch.tensor([0, 3, 6], device=device)
+    with pytest.raises(RuntimeError, match=r"a packed batch \(cu_seqlens given\) must be \[1, total\]"):
+        ops.gae(x, x, mask, 0.99, 0.95, cu)
+    x, mask = x.view(1, 6), mask.view(1, 6)
+    with pytest.raises(RuntimeError, match="cu_seqlens must be a 1-D int32 or int64 tensor"):
+        ops.ppo_policy_loss(x, x, x, mask, 0.2, 0.2, 0.0, 0, cu.to(torch.int16))
+    with pytest.raises(RuntimeError, match="cu_seqlens must be a 1-D int32 or int64 tensor"):
+        ops.ppo_value_loss_backward(torch.tensor(1.0, device=device), x, x, x, mask, 0.2, 0, cu.view(1, 3))
+    if device == "cuda":  # offsets on another device than the tokens
+        with pytest.raises(RuntimeError, match="cu_seqlens is on cpu but the inputs are on cuda"):
+            ops.gae(x, x, mask, 0.99, 0.95, cu.cpu())
 
 
 # ---------------------------------------------------------------------------------------------------------------
