@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from instructrl_fast.backend import triton_interpreting
-from instructrl_fast.kernels._launch import FP_FUSION, on_device, sm_count
+from instructrl_fast.kernels._launch import FP_FUSION, new_grad, on_device, sm_count, span
 
 # Under the interpreter the cost grows with the number of loop steps, not elements: use one big block there.
 _MAX_BLOCK_V_GPU = 4096
@@ -231,11 +231,6 @@ def _as_3d(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dim() == 3 else logits.unsqueeze(0)
 
 
-def _span(x: torch.Tensor) -> int:
-    """Elements from x's first element to its last (0 for an empty x)."""
-    return 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride()) if n > 1) if x.numel() else 0
-
-
 def aligned_base(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """(base, offset, align): a 1-D view of x's storage from the 16-byte boundary at or before x's first element to
     its last (its pointer is what the kernel gets: Triton then specialises it as 16-byte aligned), x's element offset
@@ -246,7 +241,7 @@ def aligned_base(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     shift = (x.data_ptr() % 16) // size
     if shift == 0 or x.data_ptr() % size or x.storage_offset() < shift:
         return x, 0, shift
-    return x.as_strided((_span(x) + shift,), (1,), x.storage_offset() - shift), shift, 0
+    return x.as_strided((span(x) + shift,), (1,), x.storage_offset() - shift), shift, 0
 
 
 def _layout(logits: torch.Tensor) -> tuple[int, int, int, int, int]:
@@ -310,43 +305,31 @@ def logprob_fwd(logits, labels, temperature: float, ignore_index: int, vocab_sta
     return row_max, torch.log(total), target, mean_xs
 
 
-def new_grad(logits: torch.Tensor) -> torch.Tensor:
-    """Uninitialised d(logits) for logits [..., V] (last dim contiguous), laid out so that each gradient row starts at
-    its input row's 16-byte phase and the backward's stores stay 128-bit whatever V is: logits' own strides when its
-    elements span at most 1/8 more memory than they fill (``logits[:, :-1]``), else contiguous (a short slice of a
-    long buffer, ``logits[:, -k:]``, would waste the rest); first element at logits' phase (its storage offset modulo
-    the pack: storages start 16-byte aligned). Shapes and offsets only: the fake implementation allocates the same."""
-    span = _span(logits)
-    if logits.numel() and span <= logits.numel() + logits.numel() // 8:
-        strides = tuple(logits.stride())
-    else:
-        strides, size = [], 1
-        for n in reversed(logits.shape):
-            strides.append(size)
-            size *= max(n, 1)
-        strides, span = tuple(reversed(strides)), logits.numel()
-    phase = logits.storage_offset() % (16 // logits.element_size())
-    return logits.new_empty(span + phase).as_strided(logits.shape, strides, phase)
-
-
 def logprob_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature: float,
-                ignore_index: int, vocab_start: int, full_kl=None):
+                ignore_index: int, vocab_start: int, full_kl=None, in_place: bool = False):
     """Shard-local backward: -> d(logits) of logits' shape and dtype, laid out by ``new_grad``.
 
     grad_entropy and entropy are fp32 [N], or both of shape (0,) when there is no entropy output. ``full_kl``:
     (g_kl [N], ref_logits (logits' shape and strides), ref_shift [N], mean_diff [N]) adds g_kl * d KL(p || q) /
-    d logits in the same pass (ops.ppo_actor_loss's kl_estimator="full").
+    d logits in the same pass (ops.ppo_actor_loss's kl_estimator="full"). ``in_place`` (logits contiguous, as the
+    C++ op logprob_bwd_inplace asks): d(logits) is written over logits and logits returned; each element is read by
+    the program that then writes its gradient, so no second buffer is needed.
     """
     base, offset, align = aligned_base(logits)
-    grad_logits = new_grad(logits)
+    if in_place and not logits.is_contiguous():
+        raise ValueError(f"logits must be contiguous to take its gradient in place, got strides {logits.stride()}")
+    grad_logits = logits if in_place else new_grad(logits)
     logits, out = _as_3d(logits), _as_3d(grad_logits)
     B, T, V, stride_b, stride_t = _layout(logits)
     N = B * T
     if N == 0:
         return grad_logits
     vec = 16 // logits.element_size()
-    phase = grad_logits.storage_offset()
-    buffer = grad_logits.as_strided((_span(grad_logits) + phase,), (1,), 0)  # the allocation: 16-byte aligned
+    if in_place:  # the output rows are the input rows, reached from the same base
+        buffer, phase = base, offset
+    else:
+        phase = grad_logits.storage_offset()
+        buffer = grad_logits.as_strided((span(grad_logits) + phase,), (1,), 0)  # the allocation: 16-byte aligned
     with_entropy = grad_entropy.numel() > 0
     if full_kl is not None:
         g_kl, ref_logits, ref_shift, mean_diff = full_kl
@@ -360,7 +343,7 @@ def logprob_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entro
     # Output row n starts at phase + b * out_stride_b + t * out_stride_t of an aligned buffer: it shares the input
     # row's 16-byte phase when the strides agree modulo the pack (always, when new_grad kept logits' own).
     out_stride_b, out_stride_t = out.stride(0), out.stride(1)
-    same = (buffer.data_ptr() % 16 == 0 and phase == offset % vec and (stride_t - out_stride_t) % vec == 0
+    same = (buffer.data_ptr() % 16 == 0 and (phase - offset) % vec == 0 and (stride_t - out_stride_t) % vec == 0
             and (B == 1 or (stride_b - out_stride_b) % vec == 0))
     with on_device(logits):
         _logprob_bwd_kernel[(N, splits)](

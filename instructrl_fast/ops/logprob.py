@@ -16,7 +16,8 @@ All reduce to one shard-local kernel pair, fixed by the schema that the C++/CUDA
     logprob_fwd(logits [B, T, V] or [N, V], labels [N], T, ignore_index, vocab_start, with_entropy)
         -> (row_max, log_sum, target, mean_xs)
     logprob_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, T, ignore_index, vocab_start)
-        -> dlogits (logits' shape; contiguous, or strided as logits on the triton backend: kernels/logprob.py)
+        -> dlogits (logits' shape; contiguous on the cpp backend, laid out by kernels/_launch.py's new_grad on the
+           triton and cuda backends: each row at its input row's 16-byte phase)
 
 with x = logits / T in fp32: row_max = max(x) and log_sum = log sum exp(x - row_max) over the shard (so
 logsumexp(x) = row_max + log_sum, kept apart: the backward forms p = exp((x - row_max) - log_sum) without the rounding
@@ -54,6 +55,7 @@ from instructrl_fast.checks import (
     check_tensor,
     eager_data_checks,
 )
+from instructrl_fast.kernels._launch import new_grad
 
 __all__ = ["GatherLogprobsFunction", "LinearLogprobsFunction", "entropy", "gather_logprobs", "linear_logprobs"]
 
@@ -173,10 +175,13 @@ def _torch_fwd(logits: Tensor, labels: Tensor, temperature: float, ignore_index:
     return row_max, log_sum, target, mean_xs
 
 
+@register("logprob_bwd", "torch")
 def _torch_bwd(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor, row_max: Tensor,
                log_sum: Tensor, entropy: Tensor, temperature: float, ignore_index: int, vocab_start: int,
                full_kl: tuple[Tensor, Tensor, Tensor, Tensor] | None = None, in_place: bool = False) -> Tensor:
     B, T, V = logits.shape
+    if in_place and not logits.is_contiguous():
+        raise ValueError(f"logits must be contiguous to take its gradient in place, got strides {logits.stride()}")
     # in place: each chunk of rows is read (into fp32 temporaries) before its gradient is written over it
     grad_logits = logits if in_place else torch.empty((B, T, V), dtype=logits.dtype, device=logits.device)
     col, hit = _label_columns(labels, V, ignore_index, vocab_start)
@@ -220,9 +225,10 @@ def _new_fwd_outputs(logits: Tensor, labels: Tensor, temperature: float, ignore_
             logits.new_empty(N if with_entropy else 0, **acc))
 
 
-def _bwd_fake(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor, row_max: Tensor,
-              log_sum: Tensor, entropy: Tensor, temperature: float, ignore_index: int, vocab_start: int) -> Tensor:
-    return logits.new_empty(logits.shape)
+def _bwd_fake(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, *rest) -> Tensor:
+    """d(logits) as the C++ ops (logprob_bwd, logprob_kl_bwd) lay it out: contiguous from the CPU kernels, as
+    ``new_grad`` from the CUDA ones (each row at its input row's 16-byte phase)."""
+    return new_grad(logits) if logits.device.type == "cuda" else logits.new_empty(logits.shape)
 
 
 @register("logprob_fwd", "triton")
@@ -247,9 +253,7 @@ def _triton_bwd(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels:
 def _triton_bwd_fake(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, labels: Tensor, row_max: Tensor,
                      log_sum: Tensor, entropy: Tensor, temperature: float, ignore_index: int,
                      vocab_start: int) -> Tensor:
-    from instructrl_fast.kernels import logprob as kernels
-
-    return kernels.new_grad(logits)
+    return new_grad(logits)
 
 
 _triton_fwd.register_fake(_new_fwd_outputs)
@@ -259,8 +263,7 @@ if _ext.HAS_CPP and hasattr(torch.ops.instructrl_fast, "logprob_fwd"):
     torch.library.register_fake("instructrl_fast::logprob_fwd")(_new_fwd_outputs)
     torch.library.register_fake("instructrl_fast::logprob_bwd")(_bwd_fake)
 if _ext.HAS_CPP and hasattr(torch.ops.instructrl_fast, "logprob_kl_bwd"):
-    torch.library.register_fake("instructrl_fast::logprob_kl_bwd")(
-        lambda grad_logp, grad_entropy, logits, *rest: logits.new_empty(logits.shape))
+    torch.library.register_fake("instructrl_fast::logprob_kl_bwd")(_bwd_fake)
     torch.library.register_fake("instructrl_fast::logprob_bwd_inplace")(lambda *args: None)
 
 
@@ -276,28 +279,44 @@ def _shard_fwd(backend: str, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return implementation("logprob_fwd", backend)(*args)
 
 
-def shard_bwd(backend: str, *args, full_kl: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
-               in_place: bool = False) -> Tensor:
-    """The shard-local backward (schema above) on ``backend``. ``full_kl`` = (g_kl [N], ref_logits (logits' shape),
-    ref_shift [N], mean_diff [N]) adds g_kl * d KL(p || q) / d logits in the same pass (see ops/actor_loss.py).
-    ``in_place`` (torch and cpp; logits contiguous and dead afterwards): d(logits) is written over logits, so no
-    second [N, V] buffer is allocated (and, on a CPU, no fresh pages faulted in)."""
-    if backend == "torch":
-        return _torch_bwd(*args, full_kl=full_kl, in_place=in_place)
-    if backend == "cpp" and in_place:
+@register("logprob_bwd", "cpp")
+@register("logprob_bwd", "cuda")
+def _compiled_bwd(*args, full_kl: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+                  in_place: bool = False) -> Tensor:
+    """The C++ ops (csrc/logprob.cpp, csrc/cuda/logprob.cu): cpp and cuda share them, the dispatch key decides.
+    In place through logprob_bwd_inplace (logits contiguous), else logprob_kl_bwd / logprob_bwd."""
+    ops = torch.ops.instructrl_fast
+    if in_place:
         logits = args[2]
-        torch.ops.instructrl_fast.logprob_bwd_inplace(logits, *args[:2], *args[3:7], *(full_kl or (None,) * 4),
-                                                      *args[7:])
+        ops.logprob_bwd_inplace(logits, *args[:2], *args[3:7], *(full_kl or (None,) * 4), *args[7:])
         return logits
     if full_kl is not None:
-        if backend == "triton":
-            from instructrl_fast.kernels import logprob as kernels
+        return ops.logprob_kl_bwd(*args[:7], *full_kl, *args[7:])
+    return ops.logprob_bwd(*args)
 
-            return kernels.logprob_bwd(*args, full_kl=full_kl)
-        return torch.ops.instructrl_fast.logprob_kl_bwd(*args[:7], *full_kl, *args[7:])
-    if backend == "triton":
+
+@register("logprob_bwd", "triton")
+def _triton_shard_bwd(*args, full_kl: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+                      in_place: bool = False) -> Tensor:
+    """The Triton backward (kernels/logprob.py): the custom op, or the launcher itself for the full-KL term and in
+    place (no custom op takes those; callers run them inside opaque custom ops or the actor loss's own forward)."""
+    if full_kl is None and not in_place:
         return torch.ops.instructrl_fast.logprob_bwd_triton(*args)
-    return torch.ops.instructrl_fast.logprob_bwd(*args)
+    from instructrl_fast.kernels import logprob as kernels  # lazy: TRITON_INTERPRET is read at kernel definition
+
+    return kernels.logprob_bwd(*args, full_kl=full_kl, in_place=in_place)
+
+
+def shard_bwd(backend: str, *args, full_kl: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+              in_place: bool = False) -> Tensor:
+    """The shard-local backward (schema above) on ``backend``: ``backend.REGISTRY["logprob_bwd"][backend]``.
+
+    ``full_kl`` = (g_kl [N], ref_logits (logits' shape), ref_shift [N], mean_diff [N]) adds g_kl * d KL(p || q) /
+    d logits in the same pass (see ops/actor_loss.py); every backend takes it. ``in_place`` (logits contiguous and
+    dead afterwards): d(logits) is written over logits by every backend, so no second [N, V] buffer is allocated
+    (and, on a CPU, no fresh pages faulted in). Returns d(logits): logits itself when written in place.
+    """
+    return implementation("logprob_bwd", backend)(*args, full_kl=full_kl, in_place=in_place)
 
 
 # One label per row (labels [N, 1]) goes through the kernels' own label; several (labels [N, K], ``multi``) are

@@ -7,7 +7,7 @@ from instructrl_fast.backend import use_backend
 from instructrl_fast.ops import entropy, gather_logprobs, linear_logprobs
 from instructrl_fast.ops import logprob as logprob_mod
 from tests.conftest import backends_for
-from tests.reference import gather_logprobs_ref, linear_logprobs_ref
+from tests.reference import entropy_ref, full_kl_ref, gather_logprobs_ref, linear_logprobs_ref
 
 BACKENDS = backends_for("logprob_fwd")
 IGNORE = -100
@@ -650,3 +650,91 @@ def test_triton_misaligned_views_keep_aligned_base_and_results(dtype, device):
     want = ((xs - stats[1][:, None].double()).exp() * (xs - ys)).sum(-1)
     for got in kl:
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def _shard_bwd_case(device, with_kl, N=6, V=2003, T=0.8):
+    """Inputs of shard_bwd on one shard (vocab_start 0): logits [1, N, V] fp32, labels [N] with an ignored row, the
+    row statistics (row_max, log_sum, entropy) and the full-KL tuple (g_kl, ref_logits, ref_shift, mean_diff; None
+    without ``with_kl``) from a float64 forward, and the float64 reference d(logits) of sum(g_lp logp + g_ent H
+    [+ g_kl KL(p || q)]) by autograd through tests/reference.py (logits = h @ I: the LM-head references with an
+    identity weight)."""
+    logits = torch.randn(1, N, V, device=device) * 3
+    ref_logits = logits + torch.randn(1, N, V, device=device)
+    labels = torch.randint(0, V, (N,), device=device)
+    labels[2] = IGNORE
+    g_lp, g_ent, g_kl = (torch.randn(N, device=device) for _ in range(3))
+    eye = torch.eye(V, dtype=torch.float64, device=device)
+    h = logits[0].double().requires_grad_()
+    logp, ent = linear_logprobs_ref(h, eye, labels, T)
+    loss = g_lp * logp + g_ent * ent
+    if with_kl:
+        loss = loss + g_kl * full_kl_ref(h, eye, ref_logits[0].double(), eye, labels, T)
+    keep = labels != IGNORE
+    (want,) = torch.autograd.grad(torch.where(keep, loss, 0.0).sum(), h)
+    x, y = logits[0].double() / T, ref_logits[0].double() / T
+    row_max, ref_shift = x.amax(-1), y.amax(-1)
+    log_sum = torch.logsumexp(x - row_max[:, None], -1)
+    p = torch.softmax(x, -1)
+    mean_diff = (p * ((x - row_max[:, None]) - (y - ref_shift[:, None]))).sum(-1)
+    stats = [t.float() for t in (row_max, log_sum, entropy_ref(logits[0].double(), T))]
+    args = (g_lp, g_ent, logits, labels, stats[0], stats[1], stats[2], T, IGNORE, 0)
+    full_kl = (torch.where(keep, g_kl, 0.0), ref_logits, ref_shift.float(), mean_diff.float())
+    return args, full_kl if with_kl else None, want
+
+
+@pytest.mark.parametrize("backend", backends_for("logprob_bwd"))
+@pytest.mark.parametrize("in_place", [False, True], ids=["fresh", "in_place"])
+@pytest.mark.parametrize("with_kl", [False, True], ids=["logp", "kl"])
+def test_shard_bwd_through_the_registry(backend, in_place, with_kl, device):
+    """shard_bwd runs backend.REGISTRY["logprob_bwd"][backend] (torch, triton, cpp, cuda: each takes full_kl and
+    in_place), against the float64 reference; in place, d(logits) is logits itself."""
+    from instructrl_fast.backend import REGISTRY
+
+    args, full_kl, want = _shard_bwd_case(device, with_kl)
+    assert set(REGISTRY["logprob_bwd"]) == {"torch", "triton", "cpp", "cuda"}
+    logits = args[2].clone()
+    grad = logprob_mod.shard_bwd(backend, *args[:2], logits, *args[3:], full_kl=full_kl, in_place=in_place)
+    assert (grad is logits) == in_place
+    torch.testing.assert_close(grad[0].double(), want, **GRAD_TOL)
+
+
+@pytest.mark.parametrize("backend", backends_for("logprob_bwd"))
+def test_shard_bwd_in_place_needs_contiguous_logits(backend, device):
+    args, _, _ = _shard_bwd_case(device, False)
+    with pytest.raises(ValueError, match="logits must be contiguous to take its gradient in place"):
+        logprob_mod.shard_bwd(backend, *args[:2], args[2][..., 1:], *args[3:], in_place=True)
+
+
+def test_new_grad_layout():
+    """kernels/_launch.new_grad (d(logits) of the triton and CUDA backwards, and their fakes): logits' strides when
+    they span at most 1/8 more than its elements and no two elements alias, else contiguous; first element at
+    logits' 16-byte phase."""
+    from instructrl_fast.kernels._launch import new_grad
+
+    base = torch.randn(2, 9, 2003)
+    views = [(base[:, 1:], True), (base[:, :-1], True), (base.bfloat16()[:, 1:], True), (base[:, -2:], False),
+             (base[:1].expand(3, 9, 2003), False), (base[:, :1].expand(2, 4, 2003), False)]
+    for x, keeps in views:
+        g = new_grad(x)
+        assert g.shape == x.shape and g.dtype == x.dtype
+        assert g.stride() == (x.stride() if keeps else x.contiguous().stride()), x.stride()
+        assert g.storage_offset() == x.storage_offset() % (16 // x.element_size())
+        assert g.untyped_storage().nbytes() == (g.storage_offset() + (g.shape[0] - 1) * g.stride(0)
+                                                + (g.shape[1] - 1) * g.stride(1) + g.shape[2]) * x.element_size()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gather_expanded_logits(backend, device):
+    """Logits whose rows alias (an expanded row, stride 0): each position still gets its own gradient row."""
+    V = 1003
+    row = torch.randn(1, 1, V, device=device, requires_grad=True)
+    labels = torch.randint(0, V, (2, 3), device=device)
+    grads = _upstream((2, 3), device)
+    with use_backend(backend):
+        logp, ent = gather_logprobs(row.expand(2, 3, V), labels, temperature=0.9, with_entropy=True)
+    torch.autograd.backward((logp, ent), grads)
+    x = row.detach().double().requires_grad_()
+    ref = gather_logprobs_ref(x.expand(2, 3, V), labels, 0.9)
+    torch.autograd.backward(ref, [g.double() for g in grads])
+    torch.testing.assert_close(logp.double(), ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(row.grad.double(), x.grad, **GRAD_TOL)
