@@ -4,7 +4,8 @@
 # CUDA extension, runs the op tests on CUDA tensors (the batch-invariant GEMM and attention kernels included), the
 # GPU-sized checks of bench/gpu_tests.py (rows of 32768, vocab 50257 and 128256, several blocks per row, N * V > 2^31
 # once, rows split across programs, strided slices read in place, packed (cu_seqlens) GAE and PPO losses on the cuda
-# and triton kernels without a host sync, torch.compile(fullgraph=True) of a loss on CUDA, a
+# and triton kernels without a host sync, the full-KL actor loss through the in-place backward and its KL term on
+# misaligned views, torch.compile(fullgraph=True) of a loss on CUDA, a
 # CUDA-graph-captured decode step, the invariant GEMM's rows bitwise the same at M = 1..4096 and the invariant
 # attention the same in training and decode) and four quick microbenchmarks (log-probs, the fused actor loss, decode
 # attention, the batch-invariant mode's cost), then prints for every bench rate the fraction of the device's bound it

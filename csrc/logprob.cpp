@@ -28,6 +28,7 @@
 #include <tuple>
 
 #include "logprob.h"
+#include "rl_math.h"
 
 namespace instructrl_fast::logprob {
 namespace {
@@ -93,21 +94,19 @@ INSTRUCTRL_LOGPROB_CLONES void add_exp_sums(const float* x, int64_t len, float m
 }
 
 // In place x -> grad_x = g * (0 - p) - g_ent * p * (xs - mean_xs) with xs = x - shift, p = exp(xs - log_sum) and
-// mean_xs = E_p[x] - shift, over x[0, len): the backward's formula without its one-hot term, every term formed from
-// x - shift (not from |x| ~ 20, whose rounding would enter every p). g and g_ent arrive divided by the temperature.
+// mean_xs = E_p[x] - shift, over x[0, len): the backward's formula without its one-hot term (rl::logprob_grad, shared
+// with the CUDA kernel). g and g_ent arrive divided by the temperature.
 INSTRUCTRL_LOGPROB_CLONES void softmax_grad(float* x, int64_t len, float g, float g_ent, float shift, float log_sum,
                                             float mean_xs) {
 #pragma omp simd
   for (int64_t k = 0; k < len; ++k) {
     const float xs = x[k] - shift;
-    const float p = exp_f32(xs - log_sum);
-    x[k] = -g * p - g_ent * p * (p > 0.0f ? xs - mean_xs : 0.0f);  // p = 0 (x = -inf) gives 0, not nan
+    x[k] = rl::logprob_grad(exp_f32(xs - log_sum), xs, g, g_ent, mean_xs);
   }
 }
 
-// softmax_grad plus the exact full-KL term g_kl * p * ((xs - ys) - mean_diff), ys = y - shift_y the reference's
-// shifted logits over y[0, len) (d KL(p || q) / d x_j = p_j ((x_j - y_j) - E_p[x - y]); g_kl arrives divided by the
-// temperature, mean_diff = E_p[xs - ys]).
+// softmax_grad plus the exact full-KL term g_kl * p * ((xs - ys) - mean_diff) (rl::full_kl_grad), ys = y - shift_y the
+// reference's shifted logits over y[0, len); g_kl arrives divided by the temperature, mean_diff = E_p[xs - ys].
 INSTRUCTRL_LOGPROB_CLONES void softmax_kl_grad(float* x, const float* y, int64_t len, float g, float g_ent, float g_kl,
                                                float shift, float log_sum, float mean_xs, float shift_y,
                                                float mean_diff) {
@@ -115,9 +114,7 @@ INSTRUCTRL_LOGPROB_CLONES void softmax_kl_grad(float* x, const float* y, int64_t
   for (int64_t k = 0; k < len; ++k) {
     const float xs = x[k] - shift;
     const float p = exp_f32(xs - log_sum);
-    const bool live = p > 0.0f;  // p = 0 (x = -inf) gives 0, not nan
-    const float kl_term = live ? (xs - (y[k] - shift_y)) - mean_diff : 0.0f;
-    x[k] = -g * p - g_ent * p * (live ? xs - mean_xs : 0.0f) + g_kl * p * kl_term;
+    x[k] = rl::logprob_grad(p, xs, g, g_ent, mean_xs) + rl::full_kl_grad(p, xs, y[k] - shift_y, g_kl, mean_diff);
   }
 }
 
@@ -224,47 +221,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprob_fwd_cpu(const
   return {row_max, log_sum, target, mean_xs};
 }
 
-// The backward with an optional full-KL term (ref_logits undefined: none). `in_place`: d(logits) overwrites logits
-// (contiguous), each row's 1024-column step read into the staging buffer before it is written back.
-at::Tensor bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& logits,
-                   const at::Tensor& labels, const at::Tensor& row_max, const at::Tensor& log_sum,
-                   const at::Tensor& entropy, const at::Tensor& g_kl, const at::Tensor& ref_logits,
-                   const at::Tensor& ref_shift, const at::Tensor& mean_diff, double temperature, int64_t ignore_index,
-                   int64_t vocab_start, bool in_place) {
-  BwdArgs a = bwd_args(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature);
-  if (in_place) {
-    TORCH_CHECK_VALUE(logits.is_contiguous(), "logits must be contiguous to take its gradient in place, got strides ",
-                      logits.strides());
-    a.grad_logits = logits;
-  }
-  const bool with_kl = ref_logits.defined();
-  at::Tensor g_kl_c, ref_shift_c, mean_diff_c;
-  if (with_kl) {
-    check_row_vector("g_kl", g_kl, logits, /*optional=*/false);
-    check_row_vector("ref_shift", ref_shift, logits, /*optional=*/false);
-    check_row_vector("mean_diff", mean_diff, logits, /*optional=*/false);
-    TORCH_CHECK_VALUE(ref_logits.sizes() == logits.sizes() && ref_logits.scalar_type() == logits.scalar_type() &&
-                          ref_logits.device() == logits.device() && ref_logits.stride(-1) == 1,
-                      "ref_logits must have logits' shape, dtype and device and a contiguous last dim, got ",
-                      ref_logits.sizes(), " ", ref_logits.scalar_type());
-    g_kl_c = g_kl.contiguous();
-    ref_shift_c = ref_shift.contiguous();
-    mean_diff_c = mean_diff.contiguous();
-  }
+// The backward with an optional full-KL term (kl undefined: none) into grad_logits (logits' shape, contiguous; logits
+// itself for the in-place op: each row's 1024-column step is read into the staging buffer before it is written back).
+void bwd_cpu(const BwdArgs& a, const KlArgs& kl, const at::Tensor& logits, const at::Tensor& grad_logits,
+             double temperature, int64_t ignore_index, int64_t vocab_start) {
+  const bool with_kl = kl.defined();
   const RowLayout layout(logits);
   const int64_t N = layout.N, V = layout.V;
   const float inv_temp = static_cast<float>(1.0 / temperature);
   INSTRUCTRL_LOGPROB_DISPATCH(logits.scalar_type(), "logprob_bwd_cpu", [&] {
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
-    scalar_t* out = a.grad_logits.mutable_data_ptr<scalar_t>();
+    scalar_t* out = grad_logits.mutable_data_ptr<scalar_t>();
     const int64_t* lab = a.labels.const_data_ptr<int64_t>();
     const float* g_lp = a.grad_logp.const_data_ptr<float>();
     const float* g_ent = a.with_entropy ? a.grad_entropy.const_data_ptr<float>() : nullptr;
     const float* max_p = a.row_max.const_data_ptr<float>();
     const float* log_sum_p = a.log_sum.const_data_ptr<float>();
     const float* ent_p = a.with_entropy ? a.entropy.const_data_ptr<float>() : nullptr;
-    const RowLayout ref_layout = with_kl ? RowLayout(ref_logits) : layout;
-    const scalar_t* y = with_kl ? ref_logits.const_data_ptr<scalar_t>() : nullptr;
+    const RowLayout ref_layout = with_kl ? RowLayout(kl.ref_logits) : layout;
+    const scalar_t* y = with_kl ? kl.ref_logits.const_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, N, std::max<int64_t>(1, kGrain / V), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         scalar_t* out_row = out + n * V;
@@ -277,48 +252,21 @@ at::Tensor bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, 
         const float mean_xs = g_ent != nullptr ? log_sum_p[n] - ent_p[n] : 0.0f;
         KlRow<scalar_t> kl_row{};
         if (with_kl) {
-          kl_row = {y + ref_layout.offset(n), g_kl_c.const_data_ptr<float>()[n] * inv_temp,
-                    ref_shift_c.const_data_ptr<float>()[n], mean_diff_c.const_data_ptr<float>()[n]};
+          kl_row = {y + ref_layout.offset(n), kl.g_kl.const_data_ptr<float>()[n] * inv_temp,
+                    kl.ref_shift.const_data_ptr<float>()[n], kl.mean_diff.const_data_ptr<float>()[n]};
         }
         bwd_row(x + layout.offset(n), out_row, V, lab[n] - vocab_start, inv_temp, g_lp[n] * inv_temp, g_ent_n,
                 max_p[n], log_sum_p[n], mean_xs, with_kl ? &kl_row : nullptr);
       }
     });
   });
-  return a.grad_logits;
 }
 
-at::Tensor logprob_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& logits,
-                           const at::Tensor& labels, const at::Tensor& row_max, const at::Tensor& log_sum,
-                           const at::Tensor& entropy, double temperature, int64_t ignore_index, int64_t vocab_start) {
-  const at::Tensor none;
-  return bwd_cpu(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, none, none, none, none,
-                 temperature, ignore_index, vocab_start, /*in_place=*/false);
+at::Tensor contiguous_grad(const at::Tensor& logits) {
+  return at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
-at::Tensor logprob_kl_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& logits,
-                              const at::Tensor& labels, const at::Tensor& row_max, const at::Tensor& log_sum,
-                              const at::Tensor& entropy, const at::Tensor& g_kl, const at::Tensor& ref_logits,
-                              const at::Tensor& ref_shift, const at::Tensor& mean_diff, double temperature,
-                              int64_t ignore_index, int64_t vocab_start) {
-  return bwd_cpu(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, g_kl, ref_logits, ref_shift,
-                 mean_diff, temperature, ignore_index, vocab_start, /*in_place=*/false);
-}
-
-void logprob_bwd_inplace_cpu(const at::Tensor& logits, const at::Tensor& grad_logp, const at::Tensor& grad_entropy,
-                             const at::Tensor& labels, const at::Tensor& row_max, const at::Tensor& log_sum,
-                             const at::Tensor& entropy, const std::optional<at::Tensor>& g_kl,
-                             const std::optional<at::Tensor>& ref_logits, const std::optional<at::Tensor>& ref_shift,
-                             const std::optional<at::Tensor>& mean_diff, double temperature, int64_t ignore_index,
-                             int64_t vocab_start) {
-  const at::Tensor none;
-  const bool with_kl = ref_logits.has_value();
-  TORCH_CHECK_VALUE(with_kl == g_kl.has_value() && with_kl == ref_shift.has_value() && with_kl == mean_diff.has_value(),
-                    "g_kl, ref_logits, ref_shift and mean_diff come together");
-  bwd_cpu(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, with_kl ? *g_kl : none,
-          with_kl ? *ref_logits : none, with_kl ? *ref_shift : none, with_kl ? *mean_diff : none, temperature,
-          ignore_index, vocab_start, /*in_place=*/true);
-}
+using CpuBwdOps = BwdOps<bwd_cpu, contiguous_grad>;
 
 }  // namespace
 }  // namespace instructrl_fast::logprob
@@ -342,7 +290,7 @@ TORCH_LIBRARY_FRAGMENT(instructrl_fast, m) {
 
 TORCH_LIBRARY_IMPL(instructrl_fast, CPU, m) {
   m.impl("logprob_fwd", &instructrl_fast::logprob::logprob_fwd_cpu);
-  m.impl("logprob_bwd", &instructrl_fast::logprob::logprob_bwd_cpu);
-  m.impl("logprob_kl_bwd", &instructrl_fast::logprob::logprob_kl_bwd_cpu);
-  m.impl("logprob_bwd_inplace", &instructrl_fast::logprob::logprob_bwd_inplace_cpu);
+  m.impl("logprob_bwd", &instructrl_fast::logprob::CpuBwdOps::bwd);
+  m.impl("logprob_kl_bwd", &instructrl_fast::logprob::CpuBwdOps::kl_bwd);
+  m.impl("logprob_bwd_inplace", &instructrl_fast::logprob::CpuBwdOps::inplace);
 }

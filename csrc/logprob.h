@@ -1,5 +1,6 @@
 // Shared by the CPU (csrc/logprob.cpp) and CUDA (csrc/cuda/logprob.cu) kernels of instructrl_fast::logprob_fwd /
-// logprob_bwd: argument checks, output allocation and the dtype dispatch. The public Python functions
+// logprob_bwd / logprob_kl_bwd / logprob_bwd_inplace: argument checks, the forward's output allocation and the dtype
+// dispatch. The public Python functions
 // (instructrl_fast/ops/logprob.py) check their arguments first; these checks guard direct calls of the ops, and the
 // kernels rely on them never to read out of bounds.
 #pragma once
@@ -8,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <tuple>
 
 // Runs __VA_ARGS__ (a lambda) with scalar_t = float, c10::BFloat16 or c10::Half: the logits dtypes of the ops.
@@ -34,7 +36,8 @@ struct RowLayout {
         T(logits.dim() == 3 ? std::max<int64_t>(logits.size(1), 1) : std::max<int64_t>(logits.size(0), 1)),
         stride_b(logits.dim() == 3 ? logits.stride(0) : 0),
         stride_t(logits.stride(-2)) {}
-  INSTRUCTRL_HOST_DEVICE int64_t offset(int64_t n) const { return (n / T) * stride_b + (n % T) * stride_t; }
+  INSTRUCTRL_HOST_DEVICE int64_t offset(int64_t n) const { return offset(n / T, n % T); }
+  INSTRUCTRL_HOST_DEVICE int64_t offset(int64_t b, int64_t t) const { return b * stride_b + t * stride_t; }
 };
 
 // logits [N, V] or [B, T, V] fp32/bf16/fp16 with a contiguous last dim; labels [N] int64 on the same device.
@@ -81,11 +84,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_outputs(co
 }
 
 // The arguments of logprob_bwd once checked: the per-row vectors made contiguous (an upstream gradient is often an
-// expanded, stride-0 tensor), and the output grad_logits (logits' shape, contiguous, logits' dtype) allocated.
+// expanded, stride-0 tensor). Each kernel allocates its output itself (the CPU a contiguous d(logits), CUDA one laid
+// out as logits, see new_grad in csrc/cuda/logprob.cu; the in-place ops none).
 struct BwdArgs {
   at::Tensor grad_logp, grad_entropy, labels, row_max, log_sum, entropy;  // [N]; grad_entropy/entropy (0,) if absent
-  bool with_entropy;       // grad_entropy (and so entropy) has shape [N]
-  at::Tensor grad_logits;  // logits' shape, contiguous: row n at n * V
+  bool with_entropy;  // grad_entropy (and so entropy) has shape [N]
 };
 
 inline BwdArgs bwd_args(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& logits,
@@ -99,14 +102,84 @@ inline BwdArgs bwd_args(const at::Tensor& grad_logp, const at::Tensor& grad_entr
   const bool has_entropy = check_row_vector("entropy", entropy, logits, /*optional=*/true);
   TORCH_CHECK_VALUE(!with_entropy || has_entropy, "entropy must have shape [N] = [", RowLayout(logits).N,
                     "] when grad_entropy is given, got ", entropy.sizes());
-  return {grad_logp.contiguous(),
-          grad_entropy.contiguous(),
-          labels.contiguous(),
-          row_max.contiguous(),
-          log_sum.contiguous(),
-          entropy.contiguous(),
-          with_entropy,
-          at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous))};
+  return {grad_logp.contiguous(), grad_entropy.contiguous(), labels.contiguous(), row_max.contiguous(),
+          log_sum.contiguous(),   entropy.contiguous(),      with_entropy};
 }
+
+// The full-KL term's inputs of logprob_kl_bwd / logprob_bwd_inplace once checked (ref_logits undefined: no term):
+// g_kl, ref_shift and mean_diff float32 [N] made contiguous, ref_logits with logits' shape, dtype and device and a
+// contiguous last dim (any other strides: its rows are found through their own RowLayout).
+struct KlArgs {
+  at::Tensor g_kl, ref_logits, ref_shift, mean_diff;
+  bool defined() const { return ref_logits.defined(); }
+};
+
+inline KlArgs kl_args(const at::Tensor& g_kl, const at::Tensor& ref_logits, const at::Tensor& ref_shift,
+                      const at::Tensor& mean_diff, const at::Tensor& logits) {
+  check_row_vector("g_kl", g_kl, logits, /*optional=*/false);
+  check_row_vector("ref_shift", ref_shift, logits, /*optional=*/false);
+  check_row_vector("mean_diff", mean_diff, logits, /*optional=*/false);
+  TORCH_CHECK_VALUE(ref_logits.sizes() == logits.sizes() && ref_logits.scalar_type() == logits.scalar_type() &&
+                        ref_logits.device() == logits.device() && ref_logits.stride(-1) == 1,
+                    "ref_logits must have logits' shape, dtype and device and a contiguous last dim, got ",
+                    ref_logits.sizes(), " ", ref_logits.scalar_type(), " on ", ref_logits.device());
+  return {g_kl.contiguous(), ref_logits, ref_shift.contiguous(), mean_diff.contiguous()};
+}
+
+// logprob_bwd_inplace's optional full-KL tensors: all four or none.
+inline KlArgs optional_kl_args(const std::optional<at::Tensor>& g_kl, const std::optional<at::Tensor>& ref_logits,
+                               const std::optional<at::Tensor>& ref_shift, const std::optional<at::Tensor>& mean_diff,
+                               const at::Tensor& logits) {
+  const bool with_kl = ref_logits.has_value();
+  TORCH_CHECK_VALUE(with_kl == g_kl.has_value() && with_kl == ref_shift.has_value() && with_kl == mean_diff.has_value(),
+                    "g_kl, ref_logits, ref_shift and mean_diff come together");
+  return with_kl ? kl_args(*g_kl, *ref_logits, *ref_shift, *mean_diff, logits) : KlArgs{};
+}
+
+// logprob_bwd_inplace writes d(logits) over logits: it must be contiguous (rows that alias, such as an expanded
+// tensor's, would receive several rows' gradients).
+inline void check_in_place(const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(logits.is_contiguous(), "logits must be contiguous to take its gradient in place, got strides ",
+                    logits.strides());
+}
+
+// The entry points of logprob_bwd, logprob_kl_bwd and logprob_bwd_inplace around a device's backward driver
+// Run(args, kl, logits, grad_logits, temperature, ignore_index, vocab_start) (kl undefined: no KL term; grad_logits
+// logits itself: in place) and its d(logits) allocator Alloc(logits): the CPU and CUDA ops differ only in those two.
+template <auto Run, auto Alloc>
+struct BwdOps {
+  static at::Tensor bwd(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& logits,
+                        const at::Tensor& labels, const at::Tensor& row_max, const at::Tensor& log_sum,
+                        const at::Tensor& entropy, double temperature, int64_t ignore_index, int64_t vocab_start) {
+    const BwdArgs a = bwd_args(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature);
+    at::Tensor grad_logits = Alloc(logits);
+    Run(a, KlArgs{}, logits, grad_logits, temperature, ignore_index, vocab_start);
+    return grad_logits;
+  }
+
+  static at::Tensor kl_bwd(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& logits,
+                           const at::Tensor& labels, const at::Tensor& row_max, const at::Tensor& log_sum,
+                           const at::Tensor& entropy, const at::Tensor& g_kl, const at::Tensor& ref_logits,
+                           const at::Tensor& ref_shift, const at::Tensor& mean_diff, double temperature,
+                           int64_t ignore_index, int64_t vocab_start) {
+    const BwdArgs a = bwd_args(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature);
+    const KlArgs kl = kl_args(g_kl, ref_logits, ref_shift, mean_diff, logits);
+    at::Tensor grad_logits = Alloc(logits);
+    Run(a, kl, logits, grad_logits, temperature, ignore_index, vocab_start);
+    return grad_logits;
+  }
+
+  static void inplace(const at::Tensor& logits, const at::Tensor& grad_logp, const at::Tensor& grad_entropy,
+                      const at::Tensor& labels, const at::Tensor& row_max, const at::Tensor& log_sum,
+                      const at::Tensor& entropy, const std::optional<at::Tensor>& g_kl,
+                      const std::optional<at::Tensor>& ref_logits, const std::optional<at::Tensor>& ref_shift,
+                      const std::optional<at::Tensor>& mean_diff, double temperature, int64_t ignore_index,
+                      int64_t vocab_start) {
+    const BwdArgs a = bwd_args(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, temperature);
+    check_in_place(logits);
+    const KlArgs kl = optional_kl_args(g_kl, ref_logits, ref_shift, mean_diff, logits);
+    Run(a, kl, logits, logits, temperature, ignore_index, vocab_start);
+  }
+};
 
 }  // namespace instructrl_fast::logprob

@@ -1,7 +1,8 @@
-// Shared pieces of the RL-math ops (gae, ppo_policy_loss, ppo_value_loss, policy_loss) for their CPU kernels (csrc/*.cpp) and
-// CUDA kernels (csrc/cuda/*.cu): argument checks, the dtype dispatch, and the per-token loss terms and reduction
-// weights. The per-token maths is written once here (C10_HOST_DEVICE) so that the CPU and CUDA kernels, forward and
-// backward, cannot drift apart. Semantics: DESIGN.md, "The public ops API".
+// Shared pieces of the RL-math ops (gae, ppo_policy_loss, ppo_value_loss, policy_loss, and the log-prob backward's
+// per-element terms) for their CPU kernels (csrc/*.cpp) and CUDA kernels (csrc/cuda/*.cu): argument checks, the dtype
+// dispatch, and the per-token loss terms and reduction weights. The per-token maths is written once here
+// (C10_HOST_DEVICE) so that the CPU and CUDA kernels, forward and backward, cannot drift apart. Semantics: DESIGN.md,
+// "The public ops API".
 #pragma once
 
 #include <ATen/ATen.h>
@@ -328,6 +329,28 @@ struct PolicyTypeTerm {
     }
   }
 };
+
+// ---------------------------------------------------------------------------------------------------------------
+// The log-prob backward's per-element terms (csrc/logprob.cpp, csrc/cuda/logprob.cu)
+// ---------------------------------------------------------------------------------------------------------------
+// Forced inline (C10_ALWAYS_INLINE): the CPU kernels' vectorised loops are compiled under their own optimisation
+// options (no trapping math), and gcc inlines a function defined outside them only when forced to; each caller
+// forms p with its own exp (exp_f32 on CPU, __expf on CUDA).
+
+// d/dx_j of g_lp * logp + g_ent * H without logp's one-hot term g_lp * 1[j == label] (the caller adds it in fp32):
+// -g_lp p_j - g_ent p_j (xs_j - mean_xs), with xs = x - row_max, p = exp(xs - log_sum), mean_xs = E_p[x] - row_max
+// (d logp / d x_j = 1[j == label] - p_j; d H / d x_j = -p_j (x_j - E_p[x])). Every term is formed from x - row_max,
+// never from x itself (|x| ~ 20 would put its rounding into every p_j); p = 0 (x = -inf) gives 0, not 0 * inf.
+C10_HOST_DEVICE C10_ALWAYS_INLINE float logprob_grad(float p, float xs, float g_lp, float g_ent, float mean_xs) {
+  return -g_lp * p - g_ent * p * (p > 0.0f ? xs - mean_xs : 0.0f);
+}
+
+// g_kl * d KL(p || q) / d x_j = g_kl p_j ((x_j - y_j) - E_p[x - y]) (q = softmax(y), the reference's tempered
+// logits; exact, the reference gets no gradient), from the shifted xs = x - row_max, ys = y - ref_shift and
+// mean_diff = E_p[xs - ys]; p = 0 gives 0.
+C10_HOST_DEVICE C10_ALWAYS_INLINE float full_kl_grad(float p, float xs, float ys, float g_kl, float mean_diff) {
+  return g_kl * p * (p > 0.0f ? (xs - ys) - mean_diff : 0.0f);
+}
 
 // Adds one valid token to a row's partial sums.
 template <typename acc_t>

@@ -20,6 +20,7 @@ import torch
 
 import instructrl_fast  # noqa: F401  (loads instructrl_fast._C, and _C_cuda where built)
 from instructrl_fast import backend
+from instructrl_fast.kernels._launch import new_grad
 
 IGNORE = -100
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -102,6 +103,29 @@ def _ref_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy,
     return torch.where((labels == IGNORE)[:, None], 0.0, grad)
 
 
+def _ref_kl_term(logits, ref_logits, labels, row_max, log_sum, g_kl, ref_shift, mean_diff, T, dtype=torch.float64):
+    """g_kl / T * p_j ((xs_j - ys_j) - mean_diff) [N, V] (d KL(p || q) / d x_j from the shifted xs = x - row_max,
+    ys = y - ref_shift), 0 on ignored rows, in `dtype`."""
+    x, y = _rows(logits).to(dtype) / T, _rows(ref_logits).to(dtype) / T
+    xs, ys = x - row_max.to(dtype)[:, None], y - ref_shift.to(dtype)[:, None]
+    p = torch.exp(xs - log_sum.to(dtype)[:, None])
+    term = g_kl.to(dtype)[:, None] * p * torch.where(p > 0, (xs - ys) - mean_diff.to(dtype)[:, None], 0.0) / T
+    return torch.where((labels == IGNORE)[:, None], 0.0, term)
+
+
+def _assert_grad_layout(grad, logits):
+    """d(logits) is contiguous from the CPU kernels, laid out as new_grad from the CUDA ones: logits' strides where
+    they span little more than its elements (and no two alias), each row at its input row's 16-byte phase."""
+    if grad.device.type == "cpu":
+        assert grad.is_contiguous()
+        return
+    want = new_grad(logits)
+    assert (grad.stride(), grad.storage_offset()) == (want.stride(), want.storage_offset())
+    if want.stride() == logits.stride():
+        rows_in, rows_out = _rows(logits), _rows(grad)
+        assert all(a.data_ptr() % 16 == b.data_ptr() % 16 for a, b in zip(rows_in, rows_out))
+
+
 def _composite_fwd(logits, labels, T, vocab_start):
     """The plain PyTorch composite in the logits' own dtype: the error budget for bf16/fp16 (docs/DESIGN.md)."""
     x = _rows(logits) / T
@@ -169,7 +193,8 @@ def test_bwd_matches_reference(device, dtype, N, V, layout, with_entropy):
     grad = op.logprob_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, T, IGNORE,
                           vocab_start)
 
-    assert grad.shape == logits.shape and grad.dtype == dtype and grad.is_contiguous()
+    assert grad.shape == logits.shape and grad.dtype == dtype
+    _assert_grad_layout(grad, logits)
     grad = _rows(grad)
     ref = _ref_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy, T, vocab_start)
     if dtype == torch.float32:
@@ -213,6 +238,122 @@ def test_vocab_shards_combine_to_the_full_softmax(device, shards):
     grads = [op.logprob_bwd(g_lp, g_ent, x_s, labels, row_max, log_sum, entropy.float(), T, IGNORE, start)
              for start, x_s in parts]
     torch.testing.assert_close(torch.cat(grads, dim=1), (ref_grad / T).float())
+
+
+def _bwd_inputs(logits, labels, T, vocab_start, device, with_entropy=True):
+    """(grad_logp, grad_entropy, row_max, log_sum, entropy): non-unit upstream gradients and GLOBAL statistics as if
+    other shards held more of the vocab."""
+    N = labels.shape[0]
+    ref_max, ref_log_sum = _ref_fwd(logits, labels, T, vocab_start)[:2]
+    g_ent = torch.randn(N, device=device) if with_entropy else torch.empty(0, device=device)
+    entropy = torch.rand(N, device=device) * 3 if with_entropy else torch.empty(0, device=device)
+    return torch.randn(N, device=device), g_ent, (ref_max + 0.3).float(), (ref_log_sum + 0.1).float(), entropy
+
+
+def _kl_inputs(logits, N, device, ref_layout):
+    """(g_kl, ref_logits, ref_shift, mean_diff) of the full-KL term; ref_logits laid out as logits ("same") or
+    contiguous ("contiguous": its rows then start at another 16-byte phase than sliced logits' rows)."""
+    ref = torch.empty_like(logits) if ref_layout == "same" else torch.empty(logits.shape, device=device,
+                                                                               dtype=logits.dtype)
+    ref.copy_(logits.float() + torch.randn(logits.shape, device=device))
+    ref_shift = _rows(ref).float().amax(-1) + 0.2
+    return torch.randn(N, device=device), ref, ref_shift, torch.randn(N, device=device) * 0.1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,V,layout", CASES)
+@pytest.mark.parametrize("ref_layout", ["same", "contiguous"])
+def test_kl_bwd_matches_reference(device, dtype, N, V, layout, ref_layout):
+    """logprob_kl_bwd: the log-prob backward plus g_kl * d KL(p || q) / d logits in the same pass, against the
+    float64 formula; the reference logits in logits' layout or in another one."""
+    vocab_start, T = 37, 0.8
+    logits = _logits(N, V, dtype, layout, device)
+    labels = _labels(N, V, vocab_start, device)
+    g_lp, g_ent, row_max, log_sum, entropy = _bwd_inputs(logits, labels, T, vocab_start, device)
+    g_kl, ref_logits, ref_shift, mean_diff = _kl_inputs(logits, N, device, ref_layout)
+
+    grad = op.logprob_kl_bwd(g_lp, g_ent, logits, labels, row_max, log_sum, entropy, g_kl, ref_logits, ref_shift,
+                             mean_diff, T, IGNORE, vocab_start)
+
+    assert grad.shape == logits.shape and grad.dtype == dtype
+    _assert_grad_layout(grad, logits)
+    kl_args = (labels, row_max, log_sum, g_kl, ref_shift, mean_diff, T)
+    ref = (_ref_bwd(g_lp, g_ent, logits, labels, row_max, log_sum, entropy, T, vocab_start)
+           + _ref_kl_term(logits, ref_logits, *kl_args))
+    if dtype == torch.float32:
+        torch.testing.assert_close(_rows(grad), ref.float())
+    else:
+        composite = (_ref_bwd(g_lp, g_ent, logits, labels, row_max, log_sum, entropy, T, vocab_start, dtype=dtype)
+                     + _ref_kl_term(logits, ref_logits, *kl_args, dtype=dtype))
+        _assert_within_budget("grad_logits", _rows(grad), composite, ref, atol=1e-5)
+    assert torch.all(_rows(grad)[labels == IGNORE] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,V", [(1, 1), (5, 1000), (6, 4099), (2, 70003)])
+@pytest.mark.parametrize("with_kl", [False, True], ids=["logp", "kl"])
+def test_bwd_inplace_equals_out_of_place(device, dtype, N, V, with_kl):
+    """logprob_bwd_inplace writes the very values of logprob_bwd / logprob_kl_bwd over the (contiguous) logits."""
+    vocab_start, T = 0, 0.9
+    logits = _logits(N, V, dtype, "contiguous", device)
+    labels = _labels(N, V, vocab_start, device)
+    g_lp, g_ent, row_max, log_sum, entropy = _bwd_inputs(logits, labels, T, vocab_start, device)
+    args = (g_lp, g_ent, logits, labels, row_max, log_sum, entropy, T, IGNORE, vocab_start)
+    full_kl = _kl_inputs(logits, N, device, "contiguous") if with_kl else None
+    want = op.logprob_kl_bwd(*args[:7], *full_kl, *args[7:]) if with_kl else op.logprob_bwd(*args)
+    target = logits.clone()
+    assert op.logprob_bwd_inplace(target, *args[:2], *args[3:7], *(full_kl or (None,) * 4), *args[7:]) is None
+    assert torch.equal(target, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bwd_inplace_rejects_bad_arguments(device):
+    logits = torch.randn(4, 10, device=device)
+    g, labels = torch.ones(4, device=device), torch.zeros(4, dtype=torch.long, device=device)
+    nothing = torch.empty(0, device=device)
+    with pytest.raises(ValueError, match="logits must be contiguous to take its gradient in place"):
+        op.logprob_bwd_inplace(logits[:, :9], g, nothing, labels, g, g, nothing, None, None, None, None, 1.0, IGNORE,
+                               0)
+    with pytest.raises(ValueError, match="g_kl, ref_logits, ref_shift and mean_diff come together"):
+        op.logprob_bwd_inplace(logits, g, nothing, labels, g, g, nothing, g, None, g, g, 1.0, IGNORE, 0)
+    with pytest.raises(ValueError, match="ref_logits must have logits' shape"):
+        op.logprob_kl_bwd(g, nothing, logits, labels, g, g, nothing, g, logits[:3], g, g, 1.0, IGNORE, 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("view", ["[:, 1:]", "[:, :-1]", "[:, -2:]", "expanded"])
+def test_bwd_of_misaligned_views(device, dtype, view):
+    """TRL-style views of [B, T + 1, V] logits with an odd V, so that rows start at every 16-byte phase: the forward
+    and backward (with the full-KL term too) equal those of a contiguous copy, and d(logits) is laid out as
+    new_grad (on CUDA: rows at their input rows' phase, so its stores stay 128-bit; aliasing rows get their own)."""
+    V, T = 2003, 0.7
+    base = (torch.randn(2, 9, V, device=device) * 3).to(dtype)
+    logits = {"[:, 1:]": base[:, 1:], "[:, :-1]": base[:, :-1], "[:, -2:]": base[:, -2:],
+              "expanded": base[:1, :1].expand(3, 5, V)}[view]  # [:, -2:]: a short slice
+    N = logits.shape[0] * logits.shape[1]
+    labels = _labels(N, V, 0, device)
+    fwd = [op.logprob_fwd(x, labels, T, IGNORE, 0, True) for x in (logits, logits.contiguous())]
+    for got, want in zip(*fwd):  # the columns reach the lanes in another order: fp32 rounding apart
+        torch.testing.assert_close(got, want)
+    g_lp, g_ent, row_max, log_sum, entropy = _bwd_inputs(logits, labels, T, 0, device)
+    g_kl, ref_logits, ref_shift, mean_diff = _kl_inputs(logits.contiguous(), N, device, "same")
+    args = (g_lp, g_ent, logits, labels, row_max, log_sum, entropy)
+    kl_args = (labels, row_max, log_sum, g_kl, ref_shift, mean_diff, T)
+    for kl in (False, True):
+        if kl:
+            grad = op.logprob_kl_bwd(*args, g_kl, ref_logits, ref_shift, mean_diff, T, IGNORE, 0)
+        else:
+            grad = op.logprob_bwd(*args, T, IGNORE, 0)
+        _assert_grad_layout(grad, logits)
+        ref, composite = (_ref_bwd(*args, T, 0, dtype=d) + (_ref_kl_term(logits, ref_logits, *kl_args, dtype=d)
+                                                             if kl else 0.0) for d in (torch.float64, dtype))
+        if dtype == torch.float32:
+            torch.testing.assert_close(_rows(grad), ref.float())
+        else:
+            _assert_within_budget("grad_logits", _rows(grad), composite, ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -353,6 +494,14 @@ def test_opcheck(device):
     torch.library.opcheck(op.logprob_fwd.default, (batched, labels6, 0.9, IGNORE, 0, True))
     g6 = torch.randn(6, device=device)
     torch.library.opcheck(op.logprob_bwd.default, (g6, g6, batched, labels6, g6, g6.abs(), g6.abs(), 0.9, IGNORE, 0))
+    # the full-KL backward on the misaligned view (its fake lays d(logits) out as the kernel does), and in place
+    full_kl = (g, torch.randn(logits.shape, device=device).to(logits.dtype), row_max, log_sum)
+    torch.library.opcheck(op.logprob_kl_bwd.default, (g, g, logits, labels, row_max, log_sum, entropy, *full_kl, 0.9,
+                                                      IGNORE, 0))
+    dense = logits.contiguous()
+    for kl in (full_kl, (None,) * 4):
+        torch.library.opcheck(op.logprob_bwd_inplace.default, (dense.clone(), g, g, labels, row_max, log_sum, entropy,
+                                                               *kl, 0.9, IGNORE, 0))
 
 
 def test_cpu_exp_is_accurate_across_the_range():
