@@ -6,7 +6,9 @@ What the ops must move (x = logits, N tokens, V vocab, D hidden, s = itemsize of
     gather forward + backward reads N * V * s twice, writes d(logits) once  GB/s = 3*N*V*s / t_fwd_bwd
     linear forward            2 * N * V * D FLOPs                          TFLOP/s = 2*N*V*D / t_fwd
     linear forward + backward 6 * N * V * D model FLOPs (fwd, dh, dW)      TFLOP/s = 6*N*V*D / t_fwd_bwd
-                              (ours recomputes the logits: it executes 8 * N * V * D, but is credited with 6)
+                              (ours executes 6 * N * V * D when the forward is one chunk, N <= linear_chunk_rows,
+                              and keeps its logits for the backward; else it recomputes them: 8 * N * V * D,
+                              credited with 6)
 
 GB/s is reported beside the measured copy bandwidth of the device (bench.common.copy_bandwidth_gbs).
 
@@ -23,7 +25,8 @@ Providers: ``eager`` (log_softmax in fp32 + gather; linear: the matmul first), `
 time), and ``liger`` / ``flash_attn`` cross entropy (reduction="none", logp = -loss) when installed (GPU only).
 
 Usage:  python bench/bench_logprobs.py [--quick] [--op gather|linear|all] [--shape N,V,D,dtype] [--providers ...]
-        (e.g. OMP_NUM_THREADS=1 ... --op linear --shape 1024,50257,1024,fp32 --providers eager,ours-cpp)
+                                     [--rounds R]
+        (e.g. OMP_NUM_THREADS=1 ... --op linear --shape 1024,50257,1024,fp32 --providers eager,ours-cpp --rounds 7)
 Rows are appended to bench/results/logprobs.jsonl ($OUT/logprobs.jsonl when $OUT is set).
 """
 
@@ -197,12 +200,13 @@ def peak_extra_bytes(op, provider, N, V, D, dtype_name, device) -> int:
     return cuda_peak_bytes(run) - owed
 
 
-def bench_case(op, N, V, D, dtype_name, device, provider_names, copy_gbs, quick):
-    """Every provider's forward and forward + backward, timed in interleaved rounds (one call of each per round,
-    medians reported), so the load of a shared machine hits every provider alike."""
+def bench_case(op, N, V, D, dtype_name, device, provider_names, copy_gbs, quick, rounds=None):
+    """Every provider's forward and forward + backward, timed in ``rounds`` interleaved rounds (one call of each per
+    round, medians reported; default 3 on CPU or with ``quick``, else 10), so the load of a shared machine hits every
+    provider alike."""
     dtype = DTYPES[dtype_name]
     itemsize = dtype.itemsize
-    rounds = 3 if device.type == "cpu" or quick else 10
+    rounds = rounds or (3 if device.type == "cpu" or quick else 10)
     rows, runs = {}, {}
     for provider in provider_names:
         rows[provider] = {"op": op, "provider": provider, "N": N, "V": V, "D": D or None, "dtype": dtype_name}
@@ -239,6 +243,7 @@ def main() -> None:
     parser.add_argument("--op", choices=("gather", "linear", "all"), default="all")
     parser.add_argument("--shape", default=None, help="N,V,D,dtype instead of the default cases (with --op)")
     parser.add_argument("--providers", default=None, help="comma-separated subset of the providers (default: all)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (3 on CPU, 10 on GPU)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cases = CPU_CASES if device.type == "cpu" else (GPU_QUICK if args.quick else GPU_CASES)
@@ -255,7 +260,7 @@ def main() -> None:
         names = providers(op, device, args.quick)
         if args.providers:
             names = [n for n in args.providers.split(",") if n in names]
-        case_rows = bench_case(op, N, V, D, dtype_name, device, names, copy_gbs, args.quick)
+        case_rows = bench_case(op, N, V, D, dtype_name, device, names, copy_gbs, args.quick, args.rounds)
         rate = ["fwd_gbs", "fwd_bwd_gbs", "copy_gbs"] if op == "gather" else ["fwd_tflops", "fwd_bwd_tflops"]
         print(f"\n{op}_logprobs N={N} V={V}" + (f" D={D}" if D else "") + f" {dtype_name}")
         print_table(case_rows, ["provider", "fwd_ms", "fwd_bwd_ms", *rate, "peak_extra_mib",

@@ -57,10 +57,11 @@ def _gemm_flops(name: str, args) -> int:
 
 @dataclass
 class Traffic:
-    """What ``count`` saw: total bytes and GEMM FLOPs, and bytes per ATen op name."""
+    """What ``count`` saw: total bytes, GEMM FLOPs and GEMM calls, and bytes per ATen op name."""
 
     bytes: int = 0
     flops: int = 0
+    gemms: int = 0
     by_op: Counter = field(default_factory=Counter)
 
 
@@ -107,6 +108,7 @@ class _Mode(TorchDispatchMode):
         self.traffic.by_op[name] += read + written
         if name in _GEMMS:
             self.traffic.flops += _gemm_flops(name, args)
+            self.traffic.gemms += 1
         return out
 
 

@@ -386,40 +386,63 @@ def head_schedule(N: int, D: int, V: int, invariant: bool):
     return rows, lambda h, weight: h @ weight.T
 
 
+def keeps_logits(N: int, D: int, V: int, invariant: bool, keep_logits: bool) -> bool:
+    """Whether the forward hands its logits to the backward: asked for (gradients will be taken) and the forward is
+    one chunk (N <= r). A function of the shapes and flags only, so the fake implementation agrees with the op."""
+    return keep_logits and head_schedule(N, D, V, invariant)[0] >= N
+
+
 def linear_fwd_chunks(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float, ignore_index: int,
-                      vocab_start: int, with_entropy: bool, multi: bool, backend: str,
-                      invariant: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                      vocab_start: int, with_entropy: bool, multi: bool, backend: str, invariant: bool,
+                      keep_logits: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """hidden [B, T, D] (any leading strides), weight [V, D] shard, labels [N, K] -> shard-local
-    (row_max, log_sum, target [N, K], mean_xs): the body of the custom op below, which hides it from dispatch modes.
+    (row_max, log_sum, target [N, K], mean_xs, kept logits): the body of the custom op below, which hides it from
+    dispatch modes.
 
     Token chunks of r = ``linear_chunk_rows`` rows (a multiple of TILE_ROWS in the batch-invariant mode, whose
     GEMM ``head_schedule`` picks; the kernels are row-local, so each row's values do not depend on the chunking).
     Bytes (e = element size): the N V logits written and read once, W read N / r times, h read once:
     2 N V e + (N / r) V D e + N D e.
+
+    Kept logits (``keeps_logits``): the chunk's logits [N, V] in the input dtype, for the backward to use in place
+    of recomputing them; else an empty [0, V]. With B > 1 (leading dims that do not merge) the rows of each b are
+    written into one [N, V] buffer (by the GEMM itself; copied in the batch-invariant mode, whose tiled GEMM has no
+    output argument).
     """
     B, T, D = hidden.shape
-    V = weight.shape[0]
-    row_max, log_sum, target, mean_xs = _linear_fwd_fake(hidden, weight, labels, temperature, ignore_index,
-                                                        vocab_start, with_entropy, multi, backend, invariant)
-    chunk, gemm = head_schedule(B * T, D, V, invariant)
+    V, N = weight.shape[0], B * T
+    keep = keeps_logits(N, D, V, invariant, keep_logits)
+    row_max, log_sum, target, mean_xs, _ = _linear_fwd_fake(hidden, weight, labels, temperature, ignore_index,
+                                                            vocab_start, with_entropy, multi, backend, invariant,
+                                                            False)
+    kept = hidden.new_empty((N, V) if keep and B > 1 else (0, V))
+    chunk, gemm = head_schedule(N, D, V, invariant)
     for index, rows in _row_chunks(B, T, chunk, merge_b=False):
-        logits = gemm(hidden[index].reshape(-1, D), weight)  # [rows, V] in the input dtype, fp32 accumulation
+        h = hidden[index].reshape(-1, D)
+        into = kept[rows] if kept.numel() else None
+        # [rows, V] in the input dtype, fp32 accumulation
+        logits = torch.mm(h, weight.T, out=into) if into is not None and not invariant else gemm(h, weight)
+        if into is not None and invariant:
+            into.copy_(logits)
         outs = rows_fwd(backend, logits[None], labels[rows], multi, temperature, ignore_index, vocab_start,
                          with_entropy)
         row_max[rows], log_sum[rows], target[rows] = outs[:3]
         if with_entropy:
             mean_xs[rows] = outs[3]
-    return row_max, log_sum, target, mean_xs
+        if keep and B == 1:
+            kept = logits
+    return row_max, log_sum, target, mean_xs, kept
 
 
 _linear_fwd = torch.library.custom_op("instructrl_fast::linear_logprobs_fwd", linear_fwd_chunks, mutates_args=())
 
 
-@torch.library.custom_op("instructrl_fast::linear_logprobs_bwd", mutates_args=())
+@torch.library.custom_op("instructrl_fast::linear_logprobs_bwd", mutates_args=("logits",))
 def _linear_bwd(grad_logp: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor,
-                row_max: Tensor, log_sum: Tensor, entropy: Tensor, temperature: float, ignore_index: int,
-                vocab_start: int, multi: bool, backend: str) -> tuple[Tensor, Tensor]:
-    """-> (grad_hidden [B, T, D] contiguous, grad_weight [V, D]) of this shard.
+                row_max: Tensor, log_sum: Tensor, entropy: Tensor, logits: Tensor, temperature: float,
+                ignore_index: int, vocab_start: int, multi: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """-> (grad_hidden [B, T, D] contiguous, grad_weight [V, D]) of this shard. ``logits``: the forward's kept
+    logits [N, V] (``keeps_logits``; overwritten here by their gradient), or empty [0, V] to recompute them.
 
     The vocab is walked in tiles of c columns (an [N, c] tile holds as many elements as a forward chunk): each
     tile's logits are recomputed from all N rows of h, its d(logits) formed by the shard-local backward (the tile is
@@ -428,7 +451,8 @@ def _linear_bwd(grad_logp: Tensor, grad_entropy: Tensor, hidden: Tensor, weight:
     and dh += d(logits) @ W_tile accumulated in the accumulation dtype. Bytes (e = element size, a = 4 for the fp32
     dh of low-precision inputs): 5 N V e of logits (written, read, d(logits) written, read by two GEMMs), W read
     twice and dW written once (3 V D e), h read twice per tile and dh read and written per tile
-    (2 (V / c) N D (e + a)).
+    (2 (V / c) N D (e + a)). With kept logits the one tile is all V columns and its recomputation (a GEMM of
+    2 N D V FLOPs, N V e written and V D e read) is skipped.
     """
     B, T, D = hidden.shape
     V, N = weight.shape[0], B * T
@@ -437,14 +461,15 @@ def _linear_bwd(grad_logp: Tensor, grad_entropy: Tensor, hidden: Tensor, weight:
     if N == 0:
         return hidden.new_zeros((B, T, D)), grad_weight.zero_()
     grad_hidden = h.new_empty((N, D), dtype=acc_dtype(hidden))
-    cols = max(1, min(V, linear_chunk_rows(N, D, V) * V // N))
+    kept = logits.numel() > 0
+    cols = V if kept else max(1, min(V, linear_chunk_rows(N, D, V) * V // N))
     for v0 in range(0, V, cols):
         w_tile = weight[v0:v0 + cols]
-        logits = h @ w_tile.T  # [N, c] in the input dtype, fp32 accumulation
+        tile = logits if kept else h @ w_tile.T  # [N, c] in the input dtype, fp32 accumulation
         # the tile's logits are dead once their gradient exists: it is written over them where the backend can
-        dlogits = _rows_bwd(backend, grad_logp, grad_entropy, logits[None], labels, multi, row_max, log_sum,
+        dlogits = _rows_bwd(backend, grad_logp, grad_entropy, tile[None], labels, multi, row_max, log_sum,
                             entropy, temperature, ignore_index, vocab_start + v0, in_place=True).view(N, -1)
-        del logits
+        del tile
         torch.mm(dlogits.T, h, out=grad_weight[v0:v0 + cols])
         accumulate_mm(grad_hidden, dlogits, w_tile, first=v0 == 0)
     return grad_hidden.view(B, T, D).to(hidden.dtype), grad_weight
@@ -465,14 +490,16 @@ def accumulate_mm(out: Tensor, a: Tensor, b: Tensor, *, first: bool) -> None:
 
 @_linear_fwd.register_fake
 def _linear_fwd_fake(hidden, weight, labels, temperature, ignore_index, vocab_start, with_entropy, multi, backend,
-                     invariant):
-    N, acc = labels.shape[0], {"dtype": acc_dtype(hidden)}
+                     invariant, keep_logits):
+    (B, T, D), V, acc = hidden.shape, weight.shape[0], {"dtype": acc_dtype(hidden)}
+    N = B * T
+    kept = (N, V) if keeps_logits(N, D, V, invariant, keep_logits) else (0, V)
     return (hidden.new_empty(N, **acc), hidden.new_empty(N, **acc), hidden.new_empty(labels.shape, **acc),
-            hidden.new_empty(N if with_entropy else 0, **acc))
+            hidden.new_empty(N if with_entropy else 0, **acc), hidden.new_empty(kept))
 
 
 @_linear_bwd.register_fake
-def _linear_bwd_fake(grad_logp, grad_entropy, hidden, weight, labels, row_max, log_sum, entropy, temperature,
+def _linear_bwd_fake(grad_logp, grad_entropy, hidden, weight, labels, row_max, log_sum, entropy, logits, temperature,
                      ignore_index, vocab_start, multi, backend):
     return hidden.new_empty(hidden.shape), torch.empty_like(weight)
 
@@ -552,18 +579,23 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
     Under TP, hidden is replicated over the group and its gradient is all-reduced here (the backward twin of
     Megatron's copy-to-TP region is built in), so do NOT also pass hidden through copy_to_tp. ``invariant``: the
-    forward values are batch invariant (``linear_fwd_chunks``); the backward is the same in both modes.
+    forward values are batch invariant (``linear_fwd_chunks``); the backward is the same in both modes. ``keep``:
+    a backward will follow, so a one-chunk forward hands its logits to it (``linear_logprobs``).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, multi, temperature, ignore_index, with_entropy, tp_group, backend,
-                invariant):
+                invariant, keep):
         vocab_start = tp_rank_world(tp_group)[0] * weight.shape[0]
-        row_max, log_sum, target, mean_xs = torch.ops.instructrl_fast.linear_logprobs_fwd(
-            hidden, weight, labels, temperature, ignore_index, vocab_start, with_entropy, multi, backend, invariant)
+        row_max, log_sum, target, mean_xs, logits = torch.ops.instructrl_fast.linear_logprobs_fwd(
+            hidden, weight, labels, temperature, ignore_index, vocab_start, with_entropy, multi, backend, invariant,
+            keep)
         logp, entropy, row_max, log_sum = combine_shards(row_max, log_sum, target, mean_xs, labels, multi, ignore_index,
                                                    with_entropy, tp_group)
         ctx.save_for_backward(hidden, weight, labels, row_max, log_sum, entropy)
+        # Held on ctx, not saved for backward: the first backward writes d(logits) over them, and a later one
+        # (retain_graph) finds None and recomputes.
+        ctx.logits = logits if keep else None
         ctx.args = (temperature, ignore_index, vocab_start, multi, backend)
         ctx.tp_group = tp_group
         ctx.set_materialize_grads(False)
@@ -575,11 +607,14 @@ class LinearLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, labels, row_max, log_sum, entropy = ctx.saved_tensors
         grad_logp, grad_entropy, entropy = _grads_or_empty(grad_logp, grad_entropy, labels, row_max, entropy)
+        logits = hidden.new_empty((0, weight.shape[0]))
+        if ctx.logits is not None:
+            logits, ctx.logits = ctx.logits, None
         grad_hidden, grad_weight = torch.ops.instructrl_fast.linear_logprobs_bwd(
-            grad_logp, grad_entropy, hidden, weight, labels, row_max, log_sum, entropy, *ctx.args)
+            grad_logp, grad_entropy, hidden, weight, labels, row_max, log_sum, entropy, logits, *ctx.args)
         if ctx.tp_group is not None and dist.get_world_size(ctx.tp_group) > 1:
             dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.tp_group)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
 
 
 def _grads_or_empty(grad_logp, grad_entropy, labels, row_max, entropy) -> tuple[Tensor, Tensor, Tensor]:
@@ -717,6 +752,16 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, temperatu
     (tests/ops/test_head_traffic.py counts it). Peak extra memory O(r V + N D): one chunk of logits and its
     gradient.
 
+    When the forward is one chunk (N <= r) and a backward will follow (grad mode on, hidden or weight requiring
+    grad, not under torch.compile), the forward keeps that chunk's logits [N, V] (input dtype) and the backward uses
+    them as its one vocab tile, writing d(logits) over them, instead of recomputing them: 6 N D V FLOPs instead of
+    8. The peak does not grow: the backward would allocate a tile of that very size (c = V columns at N <= r) and
+    hold it with the same inputs and outputs alive, and the kept chunk is no larger than the forward's own. In a
+    model the head's backward is the first step of the backward pass, so between the head's forward and its backward
+    only the loss runs, and the step's peak (all activations saved plus the head's tile) is unchanged too. Caveat:
+    several such forwards before one backward (losses summed over micro-batches) each hold their chunk until the
+    backward. A second backward through the same graph (retain_graph) recomputes the logits.
+
     Args:
         hidden: [..., D] fp32/bf16/fp16/fp64, any leading strides with the last dim contiguous (no copy in the
             forward); replicated over ``tp_group``, whose gradient it all-reduces.
@@ -743,6 +788,10 @@ def linear_logprobs_in_mode(hidden: Tensor, weight: Tensor, labels: Tensor, *, t
     _, world = tp_rank_world(tp_group)
     check_labels(labels2d, weight.shape[0] * world, ignore_index)
     backend = resolve("logprob_fwd", hidden.device, hidden.dtype)
+    # Keep the forward's logits for the backward only when one will run; a traced graph recomputes them (a
+    # compiled graph cannot hand a tensor from the forward to the backward outside its saved tensors).
+    keep = (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+            and not torch.compiler.is_compiling())
     logp, ent = LinearLogprobsFunction.apply(as_rows(hidden), weight, labels2d, multi, temperature, ignore_index,
-                                             with_entropy, tp_group, backend, invariant)
+                                             with_entropy, tp_group, backend, invariant, keep)
     return _outputs(logp, ent, labels.shape, multi, with_entropy)

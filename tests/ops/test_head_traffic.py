@@ -21,8 +21,8 @@ from instructrl_fast.ops.logprob import linear_logprobs_in_mode
 N, D, V, B = 8192, 1024, 50304, 8
 
 
-def _head_bytes(op: str, invariant: bool) -> tuple[int, int]:
-    """(bytes counted, GEMM FLOPs) of one forward + backward of ``op`` on fake fp32 CPU tensors."""
+def _head_traffic(op: str, invariant: bool, N: int = N):
+    """What one forward + backward of ``op`` moves and computes (bench.traffic.Traffic), on fake fp32 CPU tensors."""
     with FakeTensorMode(), use_backend("cpp"):
         hidden = torch.randn(B, N // B, D, requires_grad=True)
         weight = torch.randn(V, D, requires_grad=True)
@@ -39,7 +39,12 @@ def _head_bytes(op: str, invariant: bool) -> tuple[int, int]:
                 loss, _ = ppo_actor_loss(hidden, weight, labels, zeros, zeros, mask, config=cfg, ref_logp=zeros)
                 loss.backward()
 
-        traffic = count(step)
+        return count(step)
+
+
+def _head_bytes(op: str, invariant: bool) -> tuple[int, int]:
+    """(bytes counted, GEMM FLOPs) of one forward + backward of ``op``."""
+    traffic = _head_traffic(op, invariant)
     return traffic.bytes, traffic.flops
 
 
@@ -60,3 +65,15 @@ def test_counting_sees_a_small_chunk_schedule(monkeypatch):
     monkeypatch.setattr(logprob, "linear_chunk_rows", lambda N, D, V: 166)
     moved, _ = _head_bytes("ppo_actor_loss", False)
     assert moved > 3 * ideal_head_bytes(N, D, V, 4)
+
+
+@pytest.mark.parametrize("invariant", [False, True], ids=["normal", "batch-invariant"])
+def test_one_chunk_linear_logprobs_keeps_its_logits_for_the_backward(invariant):
+    """N <= r (one forward chunk, one backward vocab tile of the same [N, V]): the forward's logits serve the
+    backward, so forward + backward run 3 GEMMs (logits, dW, dh) and 6 N D V FLOPs, not 4 and 8."""
+    from instructrl_fast.ops.logprob import linear_chunk_rows
+
+    n = 1024
+    assert linear_chunk_rows(n, D, V) >= n
+    traffic = _head_traffic("linear_logprobs", invariant, N=n)
+    assert (traffic.gemms, traffic.flops) == (3, 6 * n * D * V)

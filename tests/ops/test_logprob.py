@@ -292,11 +292,14 @@ def test_opcheck_triton_and_linear_ops(device):
     hidden, weight = torch.randn(2, 4, 8, device=device)[:, 1:], torch.randn(200, 8, device=device)
     for labels, multi in ((fwd[1][:, None], False), (torch.randint(0, 200, (6, 3), device=device), True)):
         for invariant in (False, True):
-            torch.library.opcheck(torch.ops.instructrl_fast.linear_logprobs_fwd.default,
-                                  (hidden, weight, labels, 0.8, IGNORE, 0, True, multi, "torch", invariant))
+            for keep in (False, True):  # B = 2 unmergeable rows: the kept logits are gathered into one buffer
+                torch.library.opcheck(torch.ops.instructrl_fast.linear_logprobs_fwd.default,
+                                      (hidden, weight, labels, 0.8, IGNORE, 0, True, multi, "torch", invariant, keep))
         grad_logp = torch.randn(labels.shape, device=device)
-        torch.library.opcheck(torch.ops.instructrl_fast.linear_logprobs_bwd.default,
-                              (grad_logp, bwd[1], hidden, weight, labels, *bwd[4:7], 0.8, IGNORE, 0, multi, "torch"))
+        for logits in (torch.empty(0, 200, device=device), torch.randn(6, 200, device=device)):
+            torch.library.opcheck(torch.ops.instructrl_fast.linear_logprobs_bwd.default,
+                                  (grad_logp, bwd[1], hidden, weight, labels, *bwd[4:7], logits, 0.8, IGNORE, 0,
+                                   multi, "torch"))
 
 
 def test_meta_and_fake_tensors():
@@ -524,7 +527,8 @@ def test_strided_inputs_are_read_in_place(backend, device, monkeypatch):
     # Inside the op (a custom op hides its body from dispatch modes): GEMMs on views of the caller's hidden.
     with use_backend(backend), _OpRecorder() as body:
         logprob_mod.linear_fwd_chunks(logprob_mod.as_rows(hidden.detach()), weight.detach(),
-                                      (labels % 50).view(-1, 1), 1.0, IGNORE, 0, False, False, backend, False)
+                                      (labels % 50).view(-1, 1), 1.0, IGNORE, 0, False, False, backend, False,
+                                      False)
     gemms = [c for c in body.calls if c[0].startswith("aten.mm")]
     assert len(gemms) == 2 and all(hidden_ptr in storages for _, storages, _ in gemms)
     assert all(max(sizes, default=0) < 10 * 64 for _, _, sizes in body.calls)
@@ -532,6 +536,67 @@ def test_strided_inputs_are_read_in_place(backend, device, monkeypatch):
     linear_logprobs_ref(ref_h[:, 1:-3], ref_w, labels % 50)[0].sum().backward()
     torch.testing.assert_close(hidden_base.grad, ref_h.grad.float(), **GRAD_TOL)
     torch.testing.assert_close(weight.grad, ref_w.grad.float(), **GRAD_TOL)
+
+
+def _kept_sizes(fn) -> list[int]:
+    """The largest output of every linear_logprobs_fwd call while ``fn()`` runs: N * V where it kept its logits."""
+    with _OpRecorder() as rec:
+        fn()
+    return [max(sizes) for name, _, sizes in rec.calls if name.startswith("instructrl_fast.linear_logprobs_fwd")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("invariant", [False, True], ids=["normal", "batch-invariant"])
+@pytest.mark.parametrize("strided", [False, True], ids=["rows-merge", "B>1"])
+def test_linear_kept_logits_serve_one_backward_then_recompute(backend, invariant, strided, device):
+    """A one-chunk forward that needs gradients keeps its logits [N, V]; the first backward writes d(logits) over
+    them, retain_graph's second one recomputes them: each against the float64 reference. The forward values are
+    those of a forward that keeps nothing (bitwise). Leading dims that do not merge (B > 1) gather the rows of
+    each b into one buffer."""
+    D, V, T = 24, 1003, 0.9
+    base = torch.randn(2, 9, D, device=device)
+    cut = (slice(None), slice(1, -2) if strided else slice(None))
+    weight = torch.randn(V, D, device=device) / D**0.5
+    shape = base[cut].shape[:2]
+    labels = _labels(shape, V, device)
+    grads = _upstream(shape, device)
+    hb, w = base.clone().requires_grad_(), weight.clone().requires_grad_()
+    assert hb[cut].is_contiguous() != strided
+
+    def call(h, w):
+        with use_backend(backend):
+            return logprob_mod.linear_logprobs_in_mode(h, w, labels, temperature=T, ignore_index=IGNORE,
+                                                       with_entropy=True, tp_group=None, invariant=invariant)
+
+    outs = []
+    assert _kept_sizes(lambda: outs.append(call(hb[cut], w))) == [shape.numel() * V]
+    with torch.no_grad():
+        plain = call(hb[cut], w)
+    for out, ref in zip(outs[0], plain):
+        assert torch.equal(out, ref)
+    hr, wr = base.double().requires_grad_(), weight.double().requires_grad_()
+    torch.autograd.backward(linear_logprobs_ref(hr[cut], wr, labels, T, IGNORE), [g.double() for g in grads])
+    for times in (1, 2):
+        torch.autograd.backward(outs[0], grads, retain_graph=True)
+        torch.testing.assert_close(hb.grad.double(), times * hr.grad, **GRAD_TOL)
+        torch.testing.assert_close(w.grad.double(), times * wr.grad, **GRAD_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_keeps_no_logits_without_a_backward_or_with_several_chunks(backend, device, monkeypatch):
+    """Under no_grad, with inputs that need no gradient, and when the forward takes several chunks, the forward op
+    returns no logits (an empty [0, V]); a forward with gradients keeps its one chunk."""
+    N, D, V = 12, 16, 501
+    hidden, weight = torch.randn(N, D, device=device), torch.randn(V, D, device=device)
+    labels = torch.randint(0, V, (N,), device=device)
+    leaf = hidden.clone().requires_grad_()
+    with use_backend(backend):
+        assert _kept_sizes(lambda: linear_logprobs(leaf, weight, labels)) == [N * V]
+        with torch.no_grad():
+            assert max(_kept_sizes(lambda: linear_logprobs(leaf, weight, labels))) < N * V
+        assert max(_kept_sizes(lambda: linear_logprobs(hidden, weight, labels))) < N * V
+        monkeypatch.setattr(logprob_mod, "linear_chunk_rows", lambda N, D, V: 5)
+        assert max(_kept_sizes(lambda: linear_logprobs(leaf, weight, labels))) < N * V
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -56,14 +56,18 @@ def _worker(rank: int, init_file: str, backends: list[str]) -> None:
                     w_full = weight.clone().requires_grad_()
                     w = w_full if tp is None else weight[shard].clone().requires_grad_()
                     lp, ent = linear_logprobs(h, w, labels, temperature=0.8, with_entropy=True, tp_group=tp)
-                    (lp * g_lp + ent * g_ent).sum().backward()
+                    (lp * g_lp + ent * g_ent).sum().backward(retain_graph=tp is not None)
                     if tp is None:
                         ref = (lp.detach(), ent.detach(), h.grad, w_full.grad[shard])
-                    else:
-                        _close(lp.detach(), ref[0], "linear logp", rank, name)
-                        _close(ent.detach(), ref[1], "linear entropy", rank, name)
-                        _close(h.grad, ref[2], "linear grad hidden (all-reduced)", rank, name)
-                        _close(w.grad, ref[3], "linear grad weight shard", rank, name)
+                        continue
+                    _close(lp.detach(), ref[0], "linear logp", rank, name)
+                    _close(ent.detach(), ref[1], "linear entropy", rank, name)
+                    _close(h.grad, ref[2], "linear grad hidden (all-reduced)", rank, name)
+                    _close(w.grad, ref[3], "linear grad weight shard", rank, name)
+                    # the first backward used the forward's kept logits; a second one recomputes them
+                    (lp * g_lp + ent * g_ent).sum().backward()
+                    _close(h.grad, 2 * ref[2], "linear grad hidden, second backward", rank, name)
+                    _close(w.grad, 2 * ref[3], "linear grad weight shard, second backward", rank, name)
         dist.barrier()  # neither rank tears the group down while the other still talks to it (gloo aborts)
     finally:
         dist.destroy_process_group()
