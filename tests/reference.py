@@ -40,6 +40,26 @@ def linear_logprobs_ref(hidden, weight, labels, temperature=1.0, ignore_index=-1
     return gather_logprobs_ref(hidden.double() @ weight.double().T, labels, temperature, ignore_index)
 
 
+def head_logits_ref(hidden, weight, bias=None, softcap=None, logit_scale=1.0):
+    """float64 LM-head logits with the head options in Hugging Face's order: the linear's bias, then the logit scale
+    (Cohere), then the final soft-cap (Gemma-2): softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap).
+    Differentiable w.r.t. hidden, weight and bias."""
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+def linear_logprobs_head_ref(hidden, weight, labels, temperature=1.0, ignore_index=-100, *, bias=None, softcap=None,
+                             logit_scale=1.0):
+    """gather_logprobs_ref of head_logits_ref: linear_logprobs with an output bias, soft-capping and a logit scale."""
+    return gather_logprobs_ref(head_logits_ref(hidden, weight, bias, softcap, logit_scale), labels, temperature,
+                               ignore_index)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # RL math (kl_penalty, shape_rewards, gae, masked_whiten, ppo_policy_loss, ppo_value_loss)
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,6 +240,19 @@ def ppo_actor_loss_ref(hidden, weight, labels, old_logp, advantages, mask, *, cl
         loss = loss + kl_coef * reduce_ref(kl, m, reduction)
         stats["kl"] = reduce_ref(kl.detach(), m, "token_mean")
     return loss, stats
+
+
+def ppo_actor_loss_head_ref(hidden, weight, labels, old_logp, advantages, mask, *, bias=None, softcap=None,
+                            logit_scale=1.0, ref_hidden=None, ref_weight=None, **kwargs):
+    """ppo_actor_loss_ref with the LM head's options: the float64 head logits (head_logits_ref; the reference's
+    with the same softcap and logit_scale, no bias) enter ppo_actor_loss_ref as the hidden states of an identity
+    head, which passes them through exactly (each logit times 1, plus zeros; its gradient likewise)."""
+    z = head_logits_ref(hidden, weight, bias, softcap, logit_scale)
+    eye = torch.eye(z.shape[-1], dtype=torch.float64, device=z.device)
+    ref = {}
+    if ref_hidden is not None:
+        ref = {"ref_hidden": head_logits_ref(ref_hidden, ref_weight, None, softcap, logit_scale), "ref_weight": eye}
+    return ppo_actor_loss_ref(z, eye, labels, old_logp, advantages, mask, **ref, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------

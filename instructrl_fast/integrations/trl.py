@@ -6,7 +6,8 @@ Install them with ``instructrl_fast.integrations.patch_trl()``. Replaced (where 
   ``row_mask``), ``entropy_from_logits``, ``selective_log_softmax_and_entropy`` (1.16) -> ``ops.gather_logprobs``
   / ``ops.entropy``; results in the logits' dtype, as TRL's (half precision is computed in fp32 and rounded once).
 * ``trl.kernels.ChunkedLogProbFunction`` (1.16: the fused LM head that GRPO and RLOO score completions with)
-  -> ``ops.linear_logprobs`` for the outputs it provides (log-probs, entropy).
+  -> ``ops.linear_logprobs`` for the outputs it provides (log-probs, entropy), with the LM head's bias, logit scale
+  and final soft-capping (``ops.linear_logprobs``'s ``bias``, ``logit_scale``, ``softcap``).
 * ``masked_whiten`` of TRL's PPO trainer (1.9 ``trl.experimental.ppo``), with TRL's values at masked positions.
 
 Not patched into the trainers (their loss code is inline in ``_compute_loss``), but usable from a subclass:
@@ -14,9 +15,9 @@ Not patched into the trainers (their loss code is inline in ``_compute_loss``), 
 (1.16's sequence-level RLOO loss), each with TRL's metrics as 0-dim tensors of this process (TRL gathers them
 across processes before logging).
 
-Deliberate differences raise ``NotImplementedError`` naming them: in ``ChunkedLogProbFunction`` a bias, logit
-soft-capping, a logit scale other than 1 and the outputs log_sum_sq_probs / mean_logits / is_top1; in
-``grpo_loss`` a ``delta`` below 1 + epsilon_high (it is then no longer a dual clip).
+Deliberate differences raise ``NotImplementedError`` naming them: in ``ChunkedLogProbFunction`` the outputs
+log_sum_sq_probs / mean_logits / is_top1; in ``grpo_loss`` a ``delta`` below 1 + epsilon_high (it is then no longer
+a dual clip).
 """
 
 from __future__ import annotations
@@ -86,22 +87,23 @@ class ChunkedLogProbFunction:
               temperature: float, chunk_size: int, final_logit_softcapping: float | None = None,
               logit_scale: float = 1.0, outputs: tuple[str, ...] = ("entropy", "log_sum_sq_probs", "mean_logits",
                                                                      "is_top1")):
-        """hidden [N, D], weight [V, D], targets [N] -> float32 log-probs [N] (and entropy [N] when asked) of
-        softmax(hidden @ weight.T / temperature), without forming the [N, V] logits.
+        """hidden [N, D], weight [V, D], bias [V] or None, targets [N] -> float32 log-probs [N] (and entropy [N]
+        when asked) of softmax(z / temperature), z = final_logit_softcapping * tanh(logit_scale * (hidden @ weight.T
+        + bias) / final_logit_softcapping) (TRL's order; no soft-capping when it is None), without forming the
+        [N, V] logits. Differentiable w.r.t. hidden, weight and bias.
 
         The logits are formed in hidden's dtype with fp32 accumulation, also under autocast (TRL forms them in
         the autocast dtype, e.g. bf16 on a CPU run whose TrainingArguments say bf16): more accurate, not equal.
         """
         unsupported = [name for name in outputs if name not in _LINEAR_OUTPUTS]
-        if bias is not None or final_logit_softcapping is not None or logit_scale != 1.0 or unsupported:
-            what = ("bias" if bias is not None else "final_logit_softcapping" if final_logit_softcapping is not None
-                    else "logit_scale != 1" if logit_scale != 1.0 else f"outputs {unsupported}")
-            raise NotImplementedError(f"ChunkedLogProbFunction drop-in: {what} is not supported by "
+        if unsupported:
+            raise NotImplementedError(f"ChunkedLogProbFunction drop-in: outputs {unsupported} are not supported by "
                                       "ops.linear_logprobs; unpatch TRL for this model")
-        if weight.dtype != hidden.dtype:  # TRL computes in one dtype too (its cast_lm_head_to_fp32 / autocast)
-            weight = weight.to(hidden.dtype)
+        # TRL computes in one dtype too (its cast_lm_head_to_fp32 / autocast)
+        weight, bias = (None if x is None else x.to(hidden.dtype) for x in (weight, bias))
         with_entropy = "entropy" in outputs
-        result = ops.linear_logprobs(hidden, weight, targets, temperature=temperature, with_entropy=with_entropy)
+        result = ops.linear_logprobs(hidden, weight, targets, temperature=temperature, with_entropy=with_entropy,
+                                     bias=bias, softcap=final_logit_softcapping, logit_scale=logit_scale)
         logp, entropy = result if with_entropy else (result, None)
         return logp, entropy, None, None, None
 

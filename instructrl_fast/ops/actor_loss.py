@@ -3,19 +3,22 @@
 Per token chunk of r of the N = B * T tokens (``logprob.linear_chunk_rows``: about N D / V rows, at least
 min(2 D, 2048); whole 32-row tiles through ``batch_invariant.matmul_t`` in the batch-invariant mode):
 
-    logits = h @ W.T                                      one GEMM, 2 n D V FLOPs
+    logits = h @ W.T                                      one GEMM, 2 n D V FLOPs (then the head options: bias,
+                                                          logit_scale, soft-cap; ``logprob.head_logits_``)
     row_max, log_sum, log p(label), entropy H             the log-prob kernels' shard-local pass + the TP combine
     l_t = clipped / dual-clipped surrogate(log p)         ``ppo_loss.policy_surrogate``, the unfused op's formula
         + kl_coef * KL_t - entropy_coef * H_t             KL_t: k1/k2/k3/abs of (log p, ref_logp), or "full"
     g_t = w_t * d l_t / d(log p, H)                       w_t = d reduction / d l_t: a function of the mask only
-    dlogits = the log-prob kernels' backward(g_t)         (the exact full-KL term added in the same pass)
+    dlogits = the log-prob kernels' backward(g_t)         (the exact full-KL term added in the same pass; times
+                                                          the head options' factor, ``logprob.head_grad_``)
     d h = dlogits @ W;  d W += dlogits.T @ h              two GEMMs while the chunk is in memory
 
 Every reduction is linear in l_t with weights fixed by the mask (token_mean: m_t / sum m; seq_mean_token_mean: m_t /
 (B * sum of row b's m); seq_mean_token_sum: m_t / B), so each chunk's gradient is final when the chunk is done and
 the backward only scales the stored d(hidden), d(weight) by the upstream gradient: forward + backward execute 6 N D
-V FLOPs where ``linear_logprobs`` followed by ``ppo_policy_loss`` execute 8 N D V (the backward recomputes the
-logits). The price is holding d(hidden) [N, D] and an fp32 d(weight) [V, D] from the forward to the backward.
+V FLOPs where ``linear_logprobs`` followed by ``ppo_policy_loss`` execute 8 N D V once its forward takes several
+chunks (its backward then recomputes the logits). The price is holding d(hidden) [N, D] and an fp32 d(weight)
+[V, D] from the forward to the backward.
 
 Bytes moved (e = element size, N / r chunks): the logits written by the GEMM, read by the forward kernel, read by the
 backward kernel, d(logits) written and read by the two GEMMs (6 N V e); per chunk W read twice and the fp32 dW read and
@@ -88,13 +91,17 @@ from instructrl_fast.checks import (
 )
 from instructrl_fast.ops.kl import ESTIMATORS, kl_torch
 from instructrl_fast.ops.logprob import (
+    HeadOptions,
     acc_dtype,
     accumulate_mm,
+    check_head,
     check_labels,
     check_options,
     combine_shards,
     finite_shift,
     flat_labels,
+    head_grad_,
+    head_logits_,
     head_schedule,
     rows_fwd,
     shard_bwd,
@@ -238,10 +245,12 @@ def _chunk_terms(backend, logp, entropy, old_logp, adv, ref_logp, kl_full, w, cf
 
 
 def _walk(hidden, weight, labels, ref_hidden, ref_weight, chunk_fn, entropy_grad: bool, batch_invariant: bool,
-          temperature, ignore_index, tp_group, backend, with_grads):
+          temperature, ignore_index, tp_group, backend, with_grads, *, head: HeadOptions):
     """hidden [N, D], weight [V, D] (shard), labels [N] int64, ref_hidden [N, D_ref] / ref_weight [V, D_ref] for the
     full KL or None -> (logp, entropy, full KL or None) [N] (fp32, float64 for float64 hidden) and the unscaled
-    gradients (d hidden [N, D], d weight [V, D] fp32), or None without ``with_grads`` (2 N D V FLOPs, not 6).
+    gradients (d hidden [N, D], d weight [V, D] fp32, d bias [V] fp32 or None), or None without ``with_grads``
+    (2 N D V FLOPs, not 6). ``head``: the options applied to every chunk of logits (``logprob.head_logits_``), the
+    reference's too (its bias excepted: it has none).
 
     ``chunk_fn(sl, logp_c, entropy_c, kl_full_c)`` is called once per chunk (when given) and returns the chunk's
     (d loss / d logp, d loss / d entropy or None, d loss / d full KL or None), each [n]: the loss's per-token part.
@@ -256,6 +265,7 @@ def _walk(hidden, weight, labels, ref_hidden, ref_weight, chunk_fn, entropy_grad
     grad_hidden = torch.empty_like(hidden) if with_grads else None
     # every chunk adds into dW (the first one overwrites it); zeros only when there is no chunk
     grad_weight = (torch.empty if N else torch.zeros)(weight.shape, **acc) if with_grads else None
+    grad_bias = torch.zeros(V, **acc) if with_grads and head.bias is not None else None
     # the batch-invariant mode's GEMM and chunks of whole tiles: logp has the bits of GPT.token_logprobs's
     rows, gemm = head_schedule(N, D, V, batch_invariant)
     for start in range(0, N, rows):
@@ -263,12 +273,12 @@ def _walk(hidden, weight, labels, ref_hidden, ref_weight, chunk_fn, entropy_grad
         h, lab = hidden[sl], labels[sl]
         keep = lab != ignore_index
         # [n, V] in the input dtype, fp32 accumulation inside the GEMM
-        logits = gemm(h, weight)
+        logits = head_logits_(gemm(h, weight), head.bias, head.logit_scale, head.softcap)
         shard = rows_fwd(backend, logits[None], lab[:, None], False, temperature, ignore_index, vocab_start, True)
         logp_c, ent_c, row_max, log_sum = combine_shards(*shard, lab[:, None], False, ignore_index, True, tp_group)
         logp[sl], entropy[sl] = logp_c[:, 0], ent_c
         if full:
-            ref_logits = ref_hidden[sl] @ ref_weight.T
+            ref_logits = head_logits_(ref_hidden[sl] @ ref_weight.T, None, head.logit_scale, head.softcap)
             ref_shard = rows_fwd(backend, ref_logits[None], lab[:, None], False, temperature, ignore_index,
                                   vocab_start, False)
             ref_max, ref_log_sum = combine_shards(*ref_shard, lab[:, None], False, ignore_index, False, tp_group)[2:]
@@ -282,26 +292,33 @@ def _walk(hidden, weight, labels, ref_hidden, ref_weight, chunk_fn, entropy_grad
             continue
         ent_args = (g_ent, ent_c) if entropy_grad else (log_sum.new_empty(0), log_sum.new_empty(0))
         # the exact KL's gradient in the same pass (d KL / d x_j = p_j ((x_j - y_j) - E_p[x - y]))
-        full_kl = (torch.where(keep, g_kl, 0.0), ref_logits[None], shifts[2], mean_diff) if full else None
-        # the chunk's logits are dead once their gradient exists: it is written over them where the backend can
-        dlogits = shard_bwd(backend, g_lp.contiguous(), ent_args[0].contiguous(), logits[None], lab, row_max,
-                             log_sum, ent_args[1], temperature, ignore_index, vocab_start, full_kl=full_kl,
-                             in_place=True).view(-1, V)
+        full_kl = (torch.where(keep, g_kl, 0.0), ref_logits, shifts[2], mean_diff) if full else None
+
+        def grad_z(z_rows, rows):  # the chunk's logits are dead once their gradient exists: written over them
+            kl_rows = None if full_kl is None else (full_kl[0][rows], full_kl[1][rows][None], full_kl[2][rows],
+                                                    full_kl[3][rows])
+            return shard_bwd(backend, g_lp[rows].contiguous(), ent_args[0][rows].contiguous(), z_rows[None],
+                             lab[rows], row_max[rows], log_sum[rows], ent_args[1][rows], temperature, ignore_index,
+                             vocab_start, full_kl=kl_rows, in_place=True).view(z_rows.shape)
+
+        dlogits = head_grad_(logits, head.logit_scale, head.softcap, grad_z)
         if full:
             del ref_logits, full_kl
         del logits
         accumulate_mm(grad_hidden[sl], dlogits, weight, first=True)
         accumulate_mm(grad_weight, dlogits.T, h, first=start == 0)
+        if grad_bias is not None:
+            grad_bias += dlogits.sum(0, dtype=grad_bias.dtype)
     terms = (logp, entropy, kl)
     if not with_grads:
         return terms, None
     # hidden is replicated over the TP group: its gradient sums every shard's (Megatron's copy-to-TP backward).
     _all_reduce_sum(grad_hidden, tp_group)
-    return terms, (grad_hidden, grad_weight)
+    return terms, (grad_hidden, grad_weight, grad_bias)
 
 
 def _ppo_forward(hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_hidden, ref_weight, cfg: ActorLossConfig,
-                 temperature, ignore_index, tp_group, backend, with_grads):
+                 temperature, ignore_index, tp_group, backend, with_grads, *, head: HeadOptions):
     """``ppo_policy_loss``'s surrogate + KL + entropy, every gradient taken in the one walk -> (loss 0-dim, stats,
     grads or None). Inputs as ``PPOActorLossFunction`` (old_logp, adv, ref_logp upcast, 0 where masked)."""
     B, T, D = hidden.shape
@@ -323,7 +340,8 @@ def _ppo_forward(hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_hidd
 
     (logp, entropy, _), grads = _walk(
         hidden.reshape(N, D), weight, labels.reshape(-1), _flat_ref(ref_hidden), ref_weight, chunk,
-        cfg.entropy_coef != 0.0, cfg.batch_invariant, temperature, ignore_index, tp_group, backend, with_grads)
+        cfg.entropy_coef != 0.0, cfg.batch_invariant, temperature, ignore_index, tp_group, backend, with_grads,
+        head=head)
     pg, kl, is_clipped, total, logp, entropy = (t.view(B, T) for t in (pg, kl, is_clipped, total, logp, entropy))
     loss = masked_reduce(total, mask, cfg.reduction)
     stats = {"clipfrac": masked_reduce(is_clipped.to(total.dtype), mask, "token_mean"),
@@ -357,7 +375,8 @@ def _estimated_kl_grad(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor
 
 
 def _policy_forward(hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_hidden, ref_weight, rollout_logp,
-                    cfg: ActorLossConfig, temperature, ignore_index, tp_group, backend, with_grads):
+                    cfg: ActorLossConfig, temperature, ignore_index, tp_group, backend, with_grads, *,
+                    head: HeadOptions):
     """``ops.policy_loss``'s loss (with the rollout correction) + KL + entropy -> (loss, stats, grads or None).
 
     Fused (a ``TOKEN_LOCAL_TYPES`` type, correction against old_logp or none): the correction's weights and
@@ -377,7 +396,7 @@ def _policy_forward(hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_h
     w_pg = (w if is_w is None else w * is_w).reshape(-1)
     keep, old, a, w = (x.reshape(-1) for x in (kept, old_logp, adv, w))
     ref = None if ref_logp is None else ref_logp.reshape(-1)
-    head = (hidden.reshape(B * T, D), weight, labels.reshape(-1), _flat_ref(ref_hidden), ref_weight)
+    lm = (hidden.reshape(B * T, D), weight, labels.reshape(-1), _flat_ref(ref_hidden), ref_weight)
     walk_opts = (cfg.entropy_coef != 0.0, cfg.batch_invariant, temperature, ignore_index, tp_group, backend)
 
     def fused_chunk(sl, logp_c, ent_c, kl_full):
@@ -386,8 +405,8 @@ def _policy_forward(hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_h
             g = g + (cfg.kl_coef * w[sl]) * _estimated_kl_grad(logp_c, ref[sl], cfg.kl_estimator)
         return g, -cfg.entropy_coef * w[sl], cfg.kl_coef * w[sl]
 
-    (logp, entropy, kl_full), grads = _walk(*head, fused_chunk if fused and with_grads else None, *walk_opts,
-                                            with_grads and fused)
+    (logp, entropy, kl_full), grads = _walk(*lm, fused_chunk if fused and with_grads else None, *walk_opts,
+                                            with_grads and fused, head=head)
     two_pass = with_grads and not fused
     lp = logp.view(B, T).detach().requires_grad_(two_pass)
     ent = entropy.view(B, T).detach().requires_grad_(two_pass and cfg.entropy_coef != 0.0)
@@ -411,13 +430,13 @@ def _policy_forward(hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_h
     if two_pass:  # the second walk: the logits again (2 N D V) and their gradient's two GEMMs (4 N D V)
         g_ent = g_ent[0] if g_ent else torch.zeros_like(g_lp)  # no entropy term: 0 (the walk skips it)
         g_lp, g_ent, g_kl = g_lp.reshape(-1), g_ent.reshape(-1), cfg.kl_coef * w
-        grads = _walk(*head, lambda sl, *_: (g_lp[sl], g_ent[sl], g_kl[sl]), *walk_opts, True)[1]
+        grads = _walk(*lm, lambda sl, *_: (g_lp[sl], g_ent[sl], g_kl[sl]), *walk_opts, True, head=head)[1]
     return total.detach(), stats, grads
 
 
 class PPOActorLossFunction(torch.autograd.Function):
-    """hidden [B, T, D], weight [V, D] (vocab shard), run, names -> (loss 0-dim, stats [k]), fp32 (float64 for
-    float64 hidden).
+    """hidden [B, T, D], weight [V, D] (vocab shard), bias [V] or None, run, names -> (loss 0-dim, stats [k]), fp32
+    (float64 for float64 hidden).
 
     ``run()`` (``_ppo_forward`` or ``_policy_forward`` with the other inputs bound) returns the loss, its stats and
     the gradients, all computed in the forward; ``names`` (a list) receives the stats' names. Only the loss is
@@ -425,7 +444,7 @@ class PPOActorLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, run, names):
+    def forward(ctx, hidden, weight, bias, run, names):
         loss, stats, grads = run()
         names.extend(stats)
         stacked = torch.stack(list(stats.values())).to(loss.dtype)
@@ -442,12 +461,14 @@ class PPOActorLossFunction(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("ppo_actor_loss computes its gradients in the forward and hands them to the first "
                                "backward: backward through the same call twice (retain_graph) is not supported")
-        grad_hidden, grad_weight = ctx.grads
+        grad_hidden, grad_weight, grad_bias = ctx.grads
         ctx.grads = None
         g = grad_loss.to(grad_weight.dtype)
         grad_hidden = grad_hidden.mul_(g).reshape(ctx.hidden_shape)
         grad_weight = grad_weight.mul_(g).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None
+        if grad_bias is not None:
+            grad_bias = grad_bias.mul_(g).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None
 
 
 # One walk serves every backend: it hands the name on to the log-prob kernels and its own per-token kernels. The
@@ -505,7 +526,8 @@ def ppo_actor_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Ten
                    *, config: ActorLossConfig | None = None, ref_logp: Tensor | None = None,
                    ref_hidden: Tensor | None = None, ref_weight: Tensor | None = None, temperature: float = 1.0,
                    ignore_index: int = -100, tp_group: dist.ProcessGroup | None = None,
-                   rollout_logp: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                   rollout_logp: Tensor | None = None, bias: Tensor | None = None, softcap: float | None = None,
+                   logit_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
     """The PPO / GRPO actor loss from the LM head's input, never holding the [B*T, V] logits (module docstring).
 
     With ``config.policy`` or ``config.correction`` it equals, on the same inputs: logp, H = ``linear_logprobs(...,
@@ -516,11 +538,14 @@ def ppo_actor_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Ten
     with_entropy=True, tp_group=...)``; loss = ``ppo_policy_loss(logp, old_logp, advantages, mask, ...)[0]``
     + kl_coef * reduce(``kl_penalty(logp, ref_logp, estimator=...)``) - entropy_coef * reduce(H), every term
     reduced by ``config.reduction`` over ``mask``; with kl_estimator="full" the KL term is the exact
-    KL(pi || pi_ref) summed over the vocabulary, pi_ref = softmax(ref_hidden @ ref_weight.T / temperature).
+    KL(pi || pi_ref) summed over the vocabulary, pi_ref = softmax(z_ref / temperature) with z_ref the reference's
+    logits ref_hidden @ ref_weight.T under the same softcap and logit_scale (the same architecture). The head
+    options (bias, softcap, logit_scale) act as in ``linear_logprobs``, whose log-probs all of the above take.
 
     The PPO options live in one ``ActorLossConfig`` (a dataclass checked once at construction) instead of seven
-    more keywords: the signature stays under the eight keywords STYLE.md allows, a trainer builds the config once
-    from its own config, and the options mean exactly what they mean in ``ppo_policy_loss`` / ``kl_penalty``.
+    more keywords: a trainer builds the config once from its own config, and the options mean exactly what they
+    mean in ``ppo_policy_loss`` / ``kl_penalty``. The keywords are the inputs and the distribution's definition
+    (temperature and the head options, named as in ``linear_logprobs``).
 
     Args:
         hidden: [B, T, D] fp32/bf16/fp16/fp64, the LM head's input (replicated over ``tp_group``; its gradient is
@@ -539,11 +564,14 @@ def ppo_actor_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Ten
         tp_group: vocab-parallel process group, or None.
         rollout_logp: [B, T] the rollout engine's log-probs, required exactly when ``config.correction`` is set
             (for bypass mode old_logp is the rollout's too, as verl passes it).
+        bias, softcap, logit_scale: the LM head's options, as in ``linear_logprobs``: logits = softcap * tanh(
+            logit_scale * (hidden @ weight.T + bias) / softcap); bias [V] (vocab shard) gets a gradient. Not with
+            kl_estimator="full" for the bias (the reference head's bias has no argument).
 
     Returns:
         (loss, stats): loss a 0-dim float32 tensor (float64 for float64 hidden, computed on the torch backend),
-        differentiable w.r.t. hidden and weight (d weight accumulated in fp32). stats: 0-dim tensors of the loss's
-        dtype without gradient, no host sync: "clipfrac" and "approx_kl" (as in
+        differentiable w.r.t. hidden, weight and bias (d weight, d bias accumulated in fp32). stats: 0-dim tensors
+        of the loss's dtype without gradient, no host sync: "clipfrac" and "approx_kl" (as in
         ``ppo_policy_loss``), "entropy" (token_mean of H), "pg_loss" (the surrogate term alone, reduced), and "kl"
         (token_mean of the per-token KL) when a reference is given. With a policy type or a correction: the stats
         of ``policy_loss`` (approx_kl, clipfrac, clipfrac_lower and the correction's rollout_kl, rollout_k3_kl,
@@ -554,6 +582,9 @@ def ppo_actor_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Ten
     if not isinstance(cfg, ActorLossConfig):
         raise TypeError(f"config must be an ActorLossConfig or None, got {type(cfg).__name__}")
     check_lm_head("hidden", hidden, "weight", weight, ndim=3)
+    head = check_head(bias, softcap, logit_scale, weight)
+    if bias is not None and cfg.kl_estimator == "full":
+        raise ValueError('bias is not supported with kl_estimator="full" (the reference head\'s bias has no argument)')
     temperature = check_options(temperature, ignore_index, False)
     labels2d, multi = flat_labels(labels, "hidden", hidden)
     if multi:
@@ -575,12 +606,12 @@ def ppo_actor_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Ten
               None if ref_hidden is None else ref_hidden.detach().contiguous(),
               None if ref_weight is None else ref_weight.detach().contiguous())
     rollout = _check_rollout(rollout_logp, cfg, hidden, mask, acc)
-    options = (cfg, temperature, ignore_index, tp_group, backend,
-               torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad))
+    needs_grad = hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    options = (cfg, temperature, ignore_index, tp_group, backend, torch.is_grad_enabled() and needs_grad)
     if cfg.uses_policy_loss:
-        run = partial(_policy_forward, *inputs, rollout, *options)
+        run = partial(_policy_forward, *inputs, rollout, *options, head=head)
     else:
-        run = partial(_ppo_forward, *inputs, *options)
+        run = partial(_ppo_forward, *inputs, *options, head=head)
     names: list[str] = []
-    loss, stats = PPOActorLossFunction.apply(inputs[0], inputs[1], run, names)
+    loss, stats = PPOActorLossFunction.apply(inputs[0], inputs[1], bias, run, names)
     return loss, dict(zip(names, stats.unbind()))

@@ -3,8 +3,8 @@
 Public ops (see docs/DESIGN.md, "The public ops API"):
 
 * ``gather_logprobs(logits [..., V], labels [...] or [..., K])`` -> logp [...] or [..., K] (and entropy [...]).
-* ``linear_logprobs(hidden [..., D], weight [V, D], labels)`` -> the same outputs for logits = hidden @ weight.T,
-  without ever holding the [N, V] logits.
+* ``linear_logprobs(hidden [..., D], weight [V, D], labels)`` -> the same outputs for logits = hidden @ weight.T
+  (with an optional output bias, logit scale and soft-cap: ``head_logits_``), without ever holding the [N, V] logits.
 * ``entropy(logits [..., V])`` -> entropy [...] alone.
 
 Outputs are float32 (float64 for float64 inputs, computed on the torch backend). Inputs may have any strides in their
@@ -38,6 +38,8 @@ ignored position is 0 too; with labels [..., K] ignore_index applies to each ent
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -50,6 +52,7 @@ from instructrl_fast.checks import (
     check_float,
     check_lm_head,
     check_positive,
+    check_real,
     check_same_device,
     check_shape,
     check_tensor,
@@ -386,6 +389,83 @@ def head_schedule(N: int, D: int, V: int, invariant: bool):
     return rows, lambda h, weight: h @ weight.T
 
 
+class HeadOptions(NamedTuple):
+    """The LM head's output options (``linear_logprobs``, ``ppo_actor_loss``): the log-prob kernels see
+    z = softcap * tanh(logit_scale * (h @ W.T + bias) / softcap), then divide by the temperature."""
+
+    bias: Tensor | None = None  # [V] (this rank's vocab shard), weight's dtype
+    logit_scale: float = 1.0
+    softcap: float | None = None  # > 0; None: no soft-capping
+
+    @property
+    def plain(self) -> bool:
+        return self.bias is None and self.logit_scale == 1.0 and self.softcap is None
+
+
+def check_head(bias, softcap, logit_scale, weight: Tensor) -> HeadOptions:
+    """The head options of ``linear_logprobs`` / ``ppo_actor_loss`` checked against weight [V, D]."""
+    if bias is not None:
+        check_float("bias", bias, ndim=1)
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias must have the dtype of weight ({weight.dtype}), got {bias.dtype}")
+        check_same_device(weight=weight, bias=bias)
+        check_shape("bias", bias, weight.shape[:1], "weight's vocab dimension [V]")
+    if softcap is not None:
+        softcap = check_positive("softcap", softcap)
+    return HeadOptions(bias, check_real("logit_scale", logit_scale), softcap)
+
+
+def head_logits_(logits: Tensor, bias: Tensor | None, logit_scale: float, softcap: float | None) -> Tensor:
+    """logits [n, c] = h @ W.T of a chunk or vocab tile (input dtype), bias its [c] columns (or None) -> z, written
+    over logits and returned.
+
+    z = softcap * tanh(s / softcap) with s = logit_scale * (logits + bias), the order of Hugging Face's models (the
+    linear's bias, then Cohere's ``logit_scale``, then Gemma-2's ``final_logit_softcapping``) and of TRL's chunked
+    head; the temperature divides z afterwards (in the kernels). Computed in the accumulation dtype: in place for
+    fp32 / float64, through fp32 blocks of rows for bf16 / fp16 (one rounding to the input dtype).
+    """
+    if bias is None and logit_scale == 1.0 and softcap is None:
+        return logits
+    acc = acc_dtype(logits)
+    step = logits.shape[0] if logits.dtype == acc else max(1, _TORCH_CHUNK_ELEMENTS // max(1, logits.shape[1]))
+    for r0 in range(0, logits.shape[0], step):
+        x = logits[r0:r0 + step]
+        y = x.to(acc)  # x itself when it is already in the accumulation dtype
+        if bias is not None:
+            y.add_(bias)
+        if logit_scale != 1.0:
+            y.mul_(logit_scale)
+        if softcap is not None:
+            y.div_(softcap).tanh_().mul_(softcap)
+        if y is not x:
+            x.copy_(y)
+    return logits
+
+
+def head_grad_(z: Tensor, logit_scale: float, softcap: float | None, grad_z) -> Tensor:
+    """z [n, c] (``head_logits_``'s output) -> d(loss) / d(logits) [n, c] of the raw logits h @ W.T (+ bias).
+
+    ``grad_z(z[rows], rows)`` returns d(loss) / dz of z[rows] (the log-prob backward; written over z[rows] where
+    the backend can). dz / d logits = logit_scale * (1 - tanh^2(s / softcap)) = logit_scale * (1 - (z / softcap)^2),
+    formed from z before the backward overwrites it, one block of rows at a time (an fp32 [rows, c] block beside
+    the tile, not a second tile). Without soft-capping the factor is the constant logit_scale.
+    """
+    if softcap is None:
+        dz = grad_z(z, slice(None))
+        return dz.mul_(logit_scale) if logit_scale != 1.0 else dz
+    step = max(1, _TORCH_CHUNK_ELEMENTS // max(1, z.shape[1]))
+    for r0 in range(0, z.shape[0], step):
+        rows = slice(r0, r0 + step)
+        factor = z[rows].to(acc_dtype(z)) / softcap
+        factor.square_().neg_().add_(1.0).mul_(logit_scale)
+        dz = grad_z(z[rows], rows)
+        if torch._C._is_alias_of(dz, z):  # written over z[rows] (torch, cpp)
+            dz.mul_(factor)
+        else:
+            z[rows].copy_(dz.mul_(factor))
+    return z
+
+
 def keeps_logits(N: int, D: int, V: int, invariant: bool, keep_logits: bool) -> bool:
     """Whether the forward hands its logits to the backward: asked for (gradients will be taken) and the forward is
     one chunk (N <= r). A function of the shapes and flags only, so the fake implementation agrees with the op."""
@@ -394,7 +474,8 @@ def keeps_logits(N: int, D: int, V: int, invariant: bool, keep_logits: bool) -> 
 
 def linear_fwd_chunks(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float, ignore_index: int,
                       vocab_start: int, with_entropy: bool, multi: bool, backend: str, invariant: bool,
-                      keep_logits: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      keep_logits: bool, bias: Tensor | None = None, logit_scale: float = 1.0,
+                      softcap: float | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """hidden [B, T, D] (any leading strides), weight [V, D] shard, labels [N, K] -> shard-local
     (row_max, log_sum, target [N, K], mean_xs, kept logits): the body of the custom op below, which hides it from
     dispatch modes.
@@ -402,9 +483,10 @@ def linear_fwd_chunks(hidden: Tensor, weight: Tensor, labels: Tensor, temperatur
     Token chunks of r = ``linear_chunk_rows`` rows (a multiple of TILE_ROWS in the batch-invariant mode, whose
     GEMM ``head_schedule`` picks; the kernels are row-local, so each row's values do not depend on the chunking).
     Bytes (e = element size): the N V logits written and read once, W read N / r times, h read once:
-    2 N V e + (N / r) V D e + N D e.
+    2 N V e + (N / r) V D e + N D e. The head options (bias [V], logit_scale, softcap: ``head_logits_``) act on
+    each chunk between the GEMM and the kernels (one more read and write of the chunk when any is set).
 
-    Kept logits (``keeps_logits``): the chunk's logits [N, V] in the input dtype, for the backward to use in place
+    Kept logits (``keeps_logits``): the chunk's logits z [N, V] in the input dtype, for the backward to use in place
     of recomputing them; else an empty [0, V]. With B > 1 (leading dims that do not merge) the rows of each b are
     written into one [N, V] buffer (by the GEMM itself; copied in the batch-invariant mode, whose tiled GEMM has no
     output argument).
@@ -414,7 +496,7 @@ def linear_fwd_chunks(hidden: Tensor, weight: Tensor, labels: Tensor, temperatur
     keep = keeps_logits(N, D, V, invariant, keep_logits)
     row_max, log_sum, target, mean_xs, _ = _linear_fwd_fake(hidden, weight, labels, temperature, ignore_index,
                                                             vocab_start, with_entropy, multi, backend, invariant,
-                                                            False)
+                                                            False, bias, logit_scale, softcap)
     kept = hidden.new_empty((N, V) if keep and B > 1 else (0, V))
     chunk, gemm = head_schedule(N, D, V, invariant)
     for index, rows in _row_chunks(B, T, chunk, merge_b=False):
@@ -422,6 +504,7 @@ def linear_fwd_chunks(hidden: Tensor, weight: Tensor, labels: Tensor, temperatur
         into = kept[rows] if kept.numel() else None
         # [rows, V] in the input dtype, fp32 accumulation
         logits = torch.mm(h, weight.T, out=into) if into is not None and not invariant else gemm(h, weight)
+        head_logits_(logits, bias, logit_scale, softcap)
         if into is not None and invariant:
             into.copy_(logits)
         outs = rows_fwd(backend, logits[None], labels[rows], multi, temperature, ignore_index, vocab_start,
@@ -440,9 +523,12 @@ _linear_fwd = torch.library.custom_op("instructrl_fast::linear_logprobs_fwd", li
 @torch.library.custom_op("instructrl_fast::linear_logprobs_bwd", mutates_args=("logits",))
 def _linear_bwd(grad_logp: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor,
                 row_max: Tensor, log_sum: Tensor, entropy: Tensor, logits: Tensor, temperature: float,
-                ignore_index: int, vocab_start: int, multi: bool, backend: str) -> tuple[Tensor, Tensor]:
-    """-> (grad_hidden [B, T, D] contiguous, grad_weight [V, D]) of this shard. ``logits``: the forward's kept
-    logits [N, V] (``keeps_logits``; overwritten here by their gradient), or empty [0, V] to recompute them.
+                ignore_index: int, vocab_start: int, multi: bool, backend: str, bias: Tensor | None = None,
+                logit_scale: float = 1.0, softcap: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (grad_hidden [B, T, D] contiguous, grad_weight [V, D], grad_bias [V] or (0,) without a bias) of this
+    shard. ``logits``: the forward's kept logits [N, V] (``keeps_logits``; overwritten here by their gradient), or
+    empty [0, V] to recompute them. The head options as in ``linear_fwd_chunks``: each tile's d(logits) passes
+    through ``head_grad_``, and its column sums are the bias gradient (fp32).
 
     The vocab is walked in tiles of c columns (an [N, c] tile holds as many elements as a forward chunk): each
     tile's logits are recomputed from all N rows of h, its d(logits) formed by the shard-local backward (the tile is
@@ -458,21 +544,30 @@ def _linear_bwd(grad_logp: Tensor, grad_entropy: Tensor, hidden: Tensor, weight:
     V, N = weight.shape[0], B * T
     h = hidden.reshape(N, D)
     grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    grad_bias = hidden.new_zeros(0 if bias is None else V, dtype=acc_dtype(hidden))
     if N == 0:
-        return hidden.new_zeros((B, T, D)), grad_weight.zero_()
+        return hidden.new_zeros((B, T, D)), grad_weight.zero_(), grad_bias.to(weight.dtype)
     grad_hidden = h.new_empty((N, D), dtype=acc_dtype(hidden))
     kept = logits.numel() > 0
     cols = V if kept else max(1, min(V, linear_chunk_rows(N, D, V) * V // N))
     for v0 in range(0, V, cols):
         w_tile = weight[v0:v0 + cols]
-        tile = logits if kept else h @ w_tile.T  # [N, c] in the input dtype, fp32 accumulation
-        # the tile's logits are dead once their gradient exists: it is written over them where the backend can
-        dlogits = _rows_bwd(backend, grad_logp, grad_entropy, tile[None], labels, multi, row_max, log_sum,
-                            entropy, temperature, ignore_index, vocab_start + v0, in_place=True).view(N, -1)
-        del tile
+        # [N, c] in the input dtype, fp32 accumulation
+        z = logits if kept else head_logits_(h @ w_tile.T, None if bias is None else bias[v0:v0 + cols],
+                                             logit_scale, softcap)
+
+        def grad_z(z_rows, rows):  # d(loss) / dz of the tile's rows, written over them where the backend can
+            return _rows_bwd(backend, grad_logp[rows], grad_entropy[rows], z_rows[None], labels[rows], multi,
+                             row_max[rows], log_sum[rows], entropy[rows], temperature, ignore_index,
+                             vocab_start + v0, in_place=True).view(z_rows.shape)
+
+        dlogits = head_grad_(z, logit_scale, softcap, grad_z)
+        del z
         torch.mm(dlogits.T, h, out=grad_weight[v0:v0 + cols])
         accumulate_mm(grad_hidden, dlogits, w_tile, first=v0 == 0)
-    return grad_hidden.view(B, T, D).to(hidden.dtype), grad_weight
+        if bias is not None:
+            torch.sum(dlogits, 0, dtype=grad_bias.dtype, out=grad_bias[v0:v0 + cols])
+    return grad_hidden.view(B, T, D).to(hidden.dtype), grad_weight, grad_bias.to(weight.dtype)
 
 
 def accumulate_mm(out: Tensor, a: Tensor, b: Tensor, *, first: bool) -> None:
@@ -490,7 +585,7 @@ def accumulate_mm(out: Tensor, a: Tensor, b: Tensor, *, first: bool) -> None:
 
 @_linear_fwd.register_fake
 def _linear_fwd_fake(hidden, weight, labels, temperature, ignore_index, vocab_start, with_entropy, multi, backend,
-                     invariant, keep_logits):
+                     invariant, keep_logits, bias=None, logit_scale=1.0, softcap=None):
     (B, T, D), V, acc = hidden.shape, weight.shape[0], {"dtype": acc_dtype(hidden)}
     N = B * T
     kept = (N, V) if keeps_logits(N, D, V, invariant, keep_logits) else (0, V)
@@ -500,8 +595,9 @@ def _linear_fwd_fake(hidden, weight, labels, temperature, ignore_index, vocab_st
 
 @_linear_bwd.register_fake
 def _linear_bwd_fake(grad_logp, grad_entropy, hidden, weight, labels, row_max, log_sum, entropy, logits, temperature,
-                     ignore_index, vocab_start, multi, backend):
-    return hidden.new_empty(hidden.shape), torch.empty_like(weight)
+                     ignore_index, vocab_start, multi, backend, bias=None, logit_scale=1.0, softcap=None):
+    return (hidden.new_empty(hidden.shape), torch.empty_like(weight),
+            weight.new_empty(0 if bias is None else weight.shape[0]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -580,23 +676,25 @@ class LinearLogprobsFunction(torch.autograd.Function):
     Under TP, hidden is replicated over the group and its gradient is all-reduced here (the backward twin of
     Megatron's copy-to-TP region is built in), so do NOT also pass hidden through copy_to_tp. ``invariant``: the
     forward values are batch invariant (``linear_fwd_chunks``); the backward is the same in both modes. ``keep``:
-    a backward will follow, so a one-chunk forward hands its logits to it (``linear_logprobs``).
+    a backward will follow, so a one-chunk forward hands its logits to it (``linear_logprobs``). ``bias`` [V] or
+    None, with ``head`` = (logit_scale, softcap): the head options (``HeadOptions``).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, multi, temperature, ignore_index, with_entropy, tp_group, backend,
-                invariant, keep):
+    def forward(ctx, hidden, weight, bias, labels, multi, temperature, ignore_index, with_entropy, tp_group, backend,
+                invariant, keep, head):
         vocab_start = tp_rank_world(tp_group)[0] * weight.shape[0]
         row_max, log_sum, target, mean_xs, logits = torch.ops.instructrl_fast.linear_logprobs_fwd(
             hidden, weight, labels, temperature, ignore_index, vocab_start, with_entropy, multi, backend, invariant,
-            keep)
+            keep, bias, *head)
         logp, entropy, row_max, log_sum = combine_shards(row_max, log_sum, target, mean_xs, labels, multi, ignore_index,
                                                    with_entropy, tp_group)
-        ctx.save_for_backward(hidden, weight, labels, row_max, log_sum, entropy)
+        ctx.save_for_backward(hidden, weight, bias, labels, row_max, log_sum, entropy)
         # Held on ctx, not saved for backward: the first backward writes d(logits) over them, and a later one
         # (retain_graph) finds None and recomputes.
         ctx.logits = logits if keep else None
         ctx.args = (temperature, ignore_index, vocab_start, multi, backend)
+        ctx.head = head
         ctx.tp_group = tp_group
         ctx.set_materialize_grads(False)
         if not with_entropy:
@@ -605,16 +703,17 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, labels, row_max, log_sum, entropy = ctx.saved_tensors
+        hidden, weight, bias, labels, row_max, log_sum, entropy = ctx.saved_tensors
         grad_logp, grad_entropy, entropy = _grads_or_empty(grad_logp, grad_entropy, labels, row_max, entropy)
         logits = hidden.new_empty((0, weight.shape[0]))
         if ctx.logits is not None:
             logits, ctx.logits = ctx.logits, None
-        grad_hidden, grad_weight = torch.ops.instructrl_fast.linear_logprobs_bwd(
-            grad_logp, grad_entropy, hidden, weight, labels, row_max, log_sum, entropy, logits, *ctx.args)
+        grad_hidden, grad_weight, grad_bias = torch.ops.instructrl_fast.linear_logprobs_bwd(
+            grad_logp, grad_entropy, hidden, weight, labels, row_max, log_sum, entropy, logits, *ctx.args, bias,
+            *ctx.head)
         if ctx.tp_group is not None and dist.get_world_size(ctx.tp_group) > 1:
             dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.tp_group)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
+        return (grad_hidden, grad_weight, None if bias is None else grad_bias) + (None,) * 10
 
 
 def _grads_or_empty(grad_logp, grad_entropy, labels, row_max, entropy) -> tuple[Tensor, Tensor, Tensor]:
@@ -740,8 +839,10 @@ def entropy(logits: Tensor, *, temperature: float = 1.0, tp_group: dist.ProcessG
 
 
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, temperature: float = 1.0,
-                    ignore_index: int = -100, with_entropy: bool = False, tp_group: dist.ProcessGroup | None = None):
-    """``gather_logprobs(hidden @ weight.T, labels, ...)`` without ever holding the [N, V] logits.
+                    ignore_index: int = -100, with_entropy: bool = False, tp_group: dist.ProcessGroup | None = None,
+                    bias: Tensor | None = None, softcap: float | None = None, logit_scale: float = 1.0):
+    """``gather_logprobs(z, labels, ...)`` of the LM head's logits z = hidden @ weight.T (with the head options
+    below) without ever holding the [N, V] logits.
 
     Schedule (e = element size; r = ``linear_chunk_rows``: about N D / V rows, at least min(2 D, 2048)): the
     forward computes logits in token chunks [r, V] (GEMM in the input dtype, fp32 accumulation), reduces each with
@@ -762,27 +863,40 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, temperatu
     several such forwards before one backward (losses summed over micro-batches) each hold their chunk until the
     backward. A second backward through the same graph (retain_graph) recomputes the logits.
 
+    Head options (``head_logits_``), applied to each chunk / tile in this order, as Hugging Face's models and TRL
+    do: z = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap), then softmax(z / temperature).
+    Their gradients are exact: d z / d(h @ W.T) = logit_scale * (1 - tanh^2(. / softcap)), and d bias is the sum
+    over tokens of d(logits) (fp32). With any option set each chunk is read and written once more.
+
     Args:
         hidden: [..., D] fp32/bf16/fp16/fp64, any leading strides with the last dim contiguous (no copy in the
             forward); replicated over ``tp_group``, whose gradient it all-reduces.
         weight: [V, D] same dtype and device as hidden; under ``tp_group`` this rank's contiguous vocab shard.
         labels: [...] or [..., K] int64/int32, as in ``gather_logprobs``.
         temperature, ignore_index, with_entropy, tp_group: as in ``gather_logprobs``.
+        bias: [V] (this rank's vocab shard under ``tp_group``), weight's dtype and device, or None: the LM head's
+            output bias.
+        softcap: > 0, soft-capping of the logits (Gemma-2's ``final_logit_softcapping``), or None.
+        logit_scale: finite, a multiplier of the logits (Cohere's ``logit_scale``; 1: none).
 
     Returns:
         logp (the shape of labels), or (logp, entropy [...]); float32 (float64 for float64 inputs). Differentiable
-        w.r.t. hidden and weight (dW accumulated in fp32).
+        w.r.t. hidden, weight and bias (dW and d bias accumulated in fp32).
     """
     return linear_logprobs_in_mode(hidden, weight, labels, temperature=temperature, ignore_index=ignore_index,
-                                   with_entropy=with_entropy, tp_group=tp_group, invariant=False)
+                                   with_entropy=with_entropy, tp_group=tp_group, invariant=False, bias=bias,
+                                   softcap=softcap, logit_scale=logit_scale)
 
 
 def linear_logprobs_in_mode(hidden: Tensor, weight: Tensor, labels: Tensor, *, temperature: float,
                             ignore_index: int, with_entropy: bool, tp_group: dist.ProcessGroup | None,
-                            invariant: bool):
+                            invariant: bool, bias: Tensor | None = None, softcap: float | None = None,
+                            logit_scale: float = 1.0):
     """``linear_logprobs``, its forward values batch invariant with ``invariant`` (``batch_invariant``'s tiled GEMM,
-    so a row's log-prob has the bits of ``gather_logprobs`` on ``batch_invariant.linear``'s logits)."""
+    so a row's log-prob has the bits of ``gather_logprobs`` on ``batch_invariant.linear``'s logits, with the head
+    options applied to them)."""
     check_lm_head("hidden", hidden, "weight", weight, min_ndim=1)
+    head = check_head(bias, softcap, logit_scale, weight)
     temperature = check_options(temperature, ignore_index, with_entropy)
     labels2d, multi = flat_labels(labels, "hidden", hidden)
     _, world = tp_rank_world(tp_group)
@@ -790,8 +904,9 @@ def linear_logprobs_in_mode(hidden: Tensor, weight: Tensor, labels: Tensor, *, t
     backend = resolve("logprob_fwd", hidden.device, hidden.dtype)
     # Keep the forward's logits for the backward only when one will run; a traced graph recomputes them (a
     # compiled graph cannot hand a tensor from the forward to the backward outside its saved tensors).
-    keep = (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-            and not torch.compiler.is_compiling())
-    logp, ent = LinearLogprobsFunction.apply(as_rows(hidden), weight, labels2d, multi, temperature, ignore_index,
-                                             with_entropy, tp_group, backend, invariant, keep)
+    needs_grad = hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    keep = torch.is_grad_enabled() and needs_grad and not torch.compiler.is_compiling()
+    logp, ent = LinearLogprobsFunction.apply(as_rows(hidden), weight, bias, labels2d, multi, temperature,
+                                             ignore_index, with_entropy, tp_group, backend, invariant, keep,
+                                             (head.logit_scale, head.softcap))
     return _outputs(logp, ent, labels.shape, multi, with_entropy)

@@ -157,10 +157,28 @@ def test_chunked_logprob_function_matches_trl(temperature, outputs):
         results.append((out[0].detach(), h.grad, w.grad) + ((out[1].detach(),) if out[1] is not None else ()))
     for o, t in zip(*results, strict=True):
         torch.testing.assert_close(o, t, rtol=1e-5, atol=1e-5)
-    with pytest.raises(NotImplementedError, match="bias"):
-        fast.ChunkedLogProbFunction.apply(hidden, weight, weight[:, 0], targets, 1.0, 32768)
     with pytest.raises(NotImplementedError, match="is_top1"):
         fast.ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 32768, None, 1.0, ("is_top1",))
+
+
+@pytest.mark.parametrize("softcap,logit_scale", [(None, 0.5), (4.0, 1.0), (4.0, 1.7)])
+def test_chunked_logprob_function_head_options_match_trl(softcap, logit_scale):
+    """An LM-head bias, Gemma-2's final soft-capping and a logit scale (Cohere's; Granite's 1 / logits_scaling), as
+    TRL's add_fused_lm_head passes them: outputs and the gradients of hidden, weight and bias equal TRL's own."""
+    hidden = torch.randn(20, 32, device=DEVICE)
+    weight = torch.randn(27, 32, device=DEVICE)
+    bias = torch.randn(27, device=DEVICE) * 2
+    targets = torch.randint(0, 27, (20,), device=DEVICE)
+    grads, results = [torch.randn(20, device=DEVICE), torch.randn(20, device=DEVICE)], []
+    for F in (fast.ChunkedLogProbFunction, TRL.chunked):
+        h, w, b = (x.clone().requires_grad_() for x in (hidden, weight, bias))
+        out = F.apply(h, w, b, targets, 0.9, 32768, softcap, logit_scale, ("entropy",))
+        ((out[0] * grads[0]).sum() + (out[1] * grads[1]).sum()).backward()
+        results.append((out[0].detach(), out[1].detach(), h.grad, w.grad, b.grad))
+    for o, t in zip(*results, strict=True):
+        torch.testing.assert_close(o, t, rtol=1e-5, atol=1e-5)
+    plain = fast.ChunkedLogProbFunction.apply(hidden, weight, None, targets, 0.9, 32768, None, 1.0, ())[0]
+    assert (plain - results[0][0]).abs().max() > 1e-2  # the options are exercised
 
 
 def trl116_grpo_loss(logps, old, adv, mask, loss_type, eps_low, eps_high, delta, beta, ref, normalizer):

@@ -26,7 +26,14 @@ from instructrl_fast.ops.ppo_loss import masked_reduce
 from tests._dist import leave_worker
 from tests.conftest import DEVICE, backends_for
 from tests.ops._sync import NoHostSync, as_on_device
-from tests.reference import full_kl_ref, linear_logprobs_ref, policy_actor_loss_ref, ppo_actor_loss_ref, reduce_ref
+from tests.reference import (
+    full_kl_ref,
+    linear_logprobs_ref,
+    policy_actor_loss_ref,
+    ppo_actor_loss_head_ref,
+    ppo_actor_loss_ref,
+    reduce_ref,
+)
 
 BACKENDS = backends_for("ppo_actor_loss")
 IGNORE = -100
@@ -676,3 +683,69 @@ def test_empty_inputs_give_zero_gradients(backend, dtype, shape, estimator):
     assert loss.shape == () and loss.item() == 0.0 and set(stats) >= {"clipfrac", "kl"}
     for leaf in (hidden, weight):
         assert leaf.grad.shape == leaf.shape and leaf.grad.dtype == dtype and not leaf.grad.any()
+
+
+# LM-head options: output bias, soft-capping, logit scale (the reference's logits get the same cap and scale).
+# ---------------------------------------------------------------------------------------------------------------
+
+# (ActorLossConfig fields, reference kind, with a bias, softcap, logit_scale)
+HEAD_CASES = [
+    pytest.param({"kl_coef": 0.1, "entropy_coef": 0.05}, "logp", True, None, 1.0, id="bias"),
+    pytest.param({"entropy_coef": 0.05}, None, False, 2.0, 1.0, id="softcap"),
+    pytest.param({"kl_coef": 0.1, "kl_estimator": "k1"}, "logp", False, None, 0.6, id="scale"),
+    pytest.param({"kl_coef": 0.2, "kl_estimator": "full", "entropy_coef": 0.05}, "full", False, 2.0, 1.7,
+                 id="full-kl-softcap-scale"),
+    pytest.param({"kl_coef": 0.1, "entropy_coef": 0.05, "dual_clip": 2.0, "reduction": "seq_mean_token_mean"},
+                 "logp", True, 2.0, 1.7, id="bias-softcap-scale"),
+]
+
+
+def _head_ours(backend, leaves, rest, cfg, ref_kw, head_kw, tp_group=None):
+    """(loss, stats, d hidden, d weight[, d bias]) of ppo_actor_loss with the head options, upstream UPSTREAM."""
+    hidden, weight, bias = (x.detach().clone().requires_grad_() if x is not None else None for x in leaves)
+    with use_backend(backend):
+        loss, stats = ppo_actor_loss(hidden, weight, *rest, config=cfg, temperature=0.9, ignore_index=IGNORE,
+                                     tp_group=tp_group, bias=bias, **ref_kw, **head_kw)
+    loss.backward(torch.tensor(UPSTREAM, device=loss.device))
+    return (loss.detach(), stats, hidden.grad, weight.grad) + (() if bias is None else (bias.grad,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fields,ref_kind,with_bias,softcap,logit_scale", HEAD_CASES)
+def test_head_options_match_reference(backend, fields, ref_kind, with_bias, softcap, logit_scale, monkeypatch):
+    """Loss, stats and the gradients of hidden, weight and bias against the float64 reference, over several token
+    chunks (d bias accumulated over them) and several row blocks of the soft-cap's gradient factor."""
+    from instructrl_fast.ops import logprob
+
+    monkeypatch.setattr(logprob, "linear_chunk_rows", lambda N, D, V: 8)
+    monkeypatch.setattr(logprob, "_TORCH_CHUNK_ELEMENTS", 3000)
+    hidden, weight, *rest, ref_logp, ref_hidden, ref_weight = _inputs(3, 7, 16, 1003, temperature=0.9)
+    bias = torch.randn(1003, generator=torch.Generator().manual_seed(1)).to(DEVICE) * 2 if with_bias else None
+    ref_kw = _ref_kwargs(ref_kind, ref_logp, ref_hidden, ref_weight)
+    head_kw = {"softcap": softcap, "logit_scale": logit_scale}
+    ours = _head_ours(backend, (hidden, weight, bias), rest, ActorLossConfig(**fields), ref_kw, head_kw)
+    leaves = [x.detach().double().requires_grad_() if x is not None else None for x in (hidden, weight, bias)]
+    ref_loss, ref_stats = ppo_actor_loss_head_ref(leaves[0], leaves[1], *rest, bias=leaves[2], temperature=0.9,
+                                                  ignore_index=IGNORE, **head_kw, **fields, **ref_kw)
+    ref_loss.backward(torch.tensor(UPSTREAM, dtype=torch.float64, device=ref_loss.device))
+    _assert_matches(ours[:4], (ref_loss.detach(), ref_stats, leaves[0].grad, leaves[1].grad))
+    if with_bias:
+        torch.testing.assert_close(ours[4].double(), leaves[2].grad, **GRAD_TOL)
+    plain = _reference(hidden, weight, rest, fields, 0.9, ref_kw)[0]  # the options are exercised
+    assert (ours[0].double() - plain).abs() > 1e-3
+
+
+def test_head_options_bad_arguments_raise():
+    hidden, weight, labels, old_logp, adv, mask, _, ref_hidden, ref_weight = _inputs(2, 3, 8, 50)
+    args = (hidden, weight, labels, old_logp, adv, mask)
+    full = {"config": ActorLossConfig(kl_estimator="full"), "ref_hidden": ref_hidden, "ref_weight": ref_weight}
+    cases = [
+        (ValueError, "softcap must be > 0", {"softcap": 0.0}),
+        (ValueError, "logit_scale must be finite", {"logit_scale": float("inf")}),
+        (ValueError, "bias must have the shape of weight's vocab dimension", {"bias": torch.randn(49)}),
+        (TypeError, "bias must have the dtype of weight", {"bias": torch.randn(50).double()}),
+        (ValueError, 'bias is not supported with kl_estimator="full"', {"bias": torch.randn(50), **full}),
+    ]
+    for exc, match, kw in cases:
+        with pytest.raises(exc, match=match):
+            ppo_actor_loss(*args, **kw)

@@ -7,7 +7,13 @@ from instructrl_fast.backend import use_backend
 from instructrl_fast.ops import entropy, gather_logprobs, linear_logprobs
 from instructrl_fast.ops import logprob as logprob_mod
 from tests.conftest import backends_for
-from tests.reference import entropy_ref, full_kl_ref, gather_logprobs_ref, linear_logprobs_ref
+from tests.reference import (
+    entropy_ref,
+    full_kl_ref,
+    gather_logprobs_ref,
+    linear_logprobs_head_ref,
+    linear_logprobs_ref,
+)
 
 BACKENDS = backends_for("logprob_fwd")
 IGNORE = -100
@@ -803,3 +809,196 @@ def test_gather_expanded_logits(backend, device):
     torch.autograd.backward(ref, [g.double() for g in grads])
     torch.testing.assert_close(logp.double(), ref[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(row.grad.double(), x.grad, **GRAD_TOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LM-head options: output bias, soft-capping, logit scale
+# ---------------------------------------------------------------------------------------------------------------
+
+# (bias, softcap, logit_scale): each alone, and all three; the logits reach |x| ~ 10, so a cap of 4 bends them.
+HEADS = [
+    pytest.param(True, None, 1.0, id="bias"),
+    pytest.param(False, 4.0, 1.0, id="softcap"),
+    pytest.param(False, None, 0.6, id="scale"),
+    pytest.param(False, 30.0, 2.5, id="softcap30-scale"),
+    pytest.param(True, 4.0, 1.7, id="bias-softcap-scale"),
+]
+
+
+def _head_inputs(shape, D, V, device, dtype=torch.float32):
+    hidden = torch.randn(*shape, D, device=device)
+    weight = torch.randn(V, D, device=device) * 3 / D**0.5
+    bias = torch.randn(V, device=device) * 2
+    return hidden.to(dtype), weight.to(dtype), bias.to(dtype)
+
+
+def _head_fwd_bwd(fn, leaves, labels, grads, **kw):
+    """Outputs (logp, entropy) and gradients of hidden, weight and bias (when one is given) under ``grads``."""
+    leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in leaves]
+    hidden, weight, bias = leaves
+    outs = fn(hidden, weight, labels, bias=bias, **kw)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(outs, grads)
+    return [o.detach() for o in outs], [x.grad for x in leaves if x is not None]
+
+
+def _head_reference(leaves, labels, grads, **kw):
+    leaves = [x.detach().double().requires_grad_() if x is not None else None for x in leaves]
+    hidden, weight, bias = leaves
+    outs = linear_logprobs_head_ref(hidden, weight, labels, bias=bias, **kw)[:len(grads)]
+    torch.autograd.backward(outs, [g.double() for g in grads])
+    return [o.detach() for o in outs], [x.grad for x in leaves if x is not None]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_bias,softcap,logit_scale", HEADS)
+@pytest.mark.parametrize("chunk_rows", [None, 3], ids=["one-chunk", "chunks-of-3"])
+def test_linear_head_options_match_reference(backend, with_bias, softcap, logit_scale, chunk_rows, device,
+                                             monkeypatch):
+    """logp, entropy and the gradients of hidden, weight and bias against the float64 reference, with one forward
+    chunk (its logits kept for the backward) and with several chunks and vocab tiles (recomputed in the backward),
+    the gradient factor formed over several row blocks."""
+    if chunk_rows is not None:
+        monkeypatch.setattr(logprob_mod, "linear_chunk_rows", lambda N, D, V: chunk_rows)
+    monkeypatch.setattr(logprob_mod, "_TORCH_CHUNK_ELEMENTS", 2048)  # row blocks of 2 rows in head_grad_
+    shape, D, V, T = (2, 7), 24, 1003, 0.9
+    hidden, weight, bias = _head_inputs(shape, D, V, device)
+    leaves = [hidden, weight, bias if with_bias else None]
+    labels = _labels(shape, V, device)
+    grads = _upstream(shape, device)
+    kw = {"temperature": T, "ignore_index": IGNORE, "softcap": softcap, "logit_scale": logit_scale}
+    outs, ours = _head_fwd_bwd(_run(backend, linear_logprobs), leaves, labels, grads, with_entropy=True, **kw)
+    ref_outs, refs = _head_reference(leaves, labels, grads, **kw)
+    for out, ref in zip(outs, ref_outs):
+        assert out.dtype == torch.float32 and out.shape == shape
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-5)
+    for g, ref in zip(ours, refs, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g.double(), ref, **GRAD_TOL)
+    # the options are exercised: the plain head's log-probs are elsewhere
+    plain = linear_logprobs_ref(hidden, weight, labels, T, IGNORE)[0]
+    assert (outs[0].double() - plain).abs().max() > 1e-2
+
+
+def _head_composite(h, w, labels, bias, *, softcap, logit_scale, temperature=1.0):
+    """A Hugging Face model's head and the plain log-softmax, all in the input dtype: the yardstick for errors that
+    the dtype itself causes (bf16 throughout; fp32 GEMM reductions over a large vocabulary)."""
+    z = torch.nn.functional.linear(h, w, bias) * logit_scale
+    z = (z / softcap).tanh() * softcap
+    return _composite(z, labels, temperature)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_head_options_k_labels_and_bf16(backend, device):
+    """labels [..., K] with every option, and bf16 inputs within 2x of the plain PyTorch composite run in bf16 (the
+    options applied in bf16 as a Hugging Face model does)."""
+    shape, D, V, K = (3, 5), 32, 2001, 3
+    hidden, weight, bias = _head_inputs(shape, D, V, device)
+    labels = torch.randint(0, V, (*shape, K), device=device)
+    labels[0, 1, 2] = IGNORE
+    kw = {"softcap": 5.0, "logit_scale": 1.3}
+    grads = (torch.randn(*shape, K, device=device), torch.rand(*shape, device=device) + 0.5)
+    outs, ours = _head_fwd_bwd(_run(backend, linear_logprobs), [hidden, weight, bias], labels, grads,
+                               with_entropy=True, ignore_index=IGNORE, **kw)
+    ref_outs, refs = _head_reference([hidden, weight, bias], labels, grads, ignore_index=IGNORE, **kw)
+    for out, ref in zip(outs + ours, ref_outs + refs):
+        torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=2e-5)
+
+    low = [x.bfloat16() for x in (hidden, weight, bias)]
+    labels1 = _labels(shape, V, device)
+    grads1 = _upstream(shape, device)
+
+    outs, ours = _head_fwd_bwd(_run(backend, linear_logprobs), low, labels1, grads1, with_entropy=True,
+                               ignore_index=IGNORE, **kw)
+    comp_outs, comp = _head_fwd_bwd(_head_composite, low, labels1, grads1, **kw)
+    ref_outs, refs = _head_reference(low, labels1, grads1, ignore_index=IGNORE, **kw)
+    for out, c, ref in zip(outs, comp_outs, ref_outs):
+        assert _err(out, ref) <= 2 * _err(c, ref) + 1e-5
+    for g, c, ref in zip(ours, comp, refs, strict=True):
+        assert g.dtype == torch.bfloat16
+        assert _err(g, ref) <= 2 * _err(c, ref) + 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_head_options_gradcheck_float64(backend):
+    """torch.autograd.gradcheck w.r.t. hidden, weight and bias with every option (float64: the torch backend)."""
+    V = 13
+    hidden = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[2, IGNORE, 12], [0, 4, 4]])
+    with use_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda h, w, b: linear_logprobs(h, w, labels, temperature=1.2, with_entropy=True, bias=b, softcap=1.5,
+                                            logit_scale=0.8), (hidden, weight, bias))
+
+
+def test_linear_head_options_bad_input():
+    hidden, weight, labels = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    cases = [
+        (ValueError, "softcap must be > 0", {"softcap": 0.0}),
+        (ValueError, "softcap must be > 0", {"softcap": -2.0}),
+        (ValueError, "softcap", {"softcap": float("inf")}),
+        (TypeError, "softcap", {"softcap": "30"}),
+        (ValueError, "logit_scale must be finite", {"logit_scale": float("nan")}),
+        (TypeError, "logit_scale", {"logit_scale": torch.tensor(2.0)}),
+        (ValueError, r"bias must have the shape of weight's vocab dimension \[V\] \(10,\)", {"bias": torch.randn(11)}),
+        (ValueError, "bias must have 1 dimensions", {"bias": torch.randn(10, 1)}),
+        (TypeError, "bias must have the dtype of weight", {"bias": torch.randn(10).double()}),
+        (TypeError, "bias", {"bias": torch.arange(10)}),
+        (TypeError, "bias must be a torch.Tensor", {"bias": [0.0] * 10}),
+        (ValueError, "bias is on meta", {"bias": torch.randn(10, device="meta")}),
+    ]
+    for exc, match, kw in cases:
+        with pytest.raises(exc, match=match):
+            linear_logprobs(hidden, weight, labels, **kw)
+
+
+# The vocabularies of Qwen2 / Qwen2.5 (151936, 152064) and Gemma-2/3 (262144).
+@pytest.mark.parametrize("backend", backends_for("logprob_fwd", skip=("triton", "cuda")))
+@pytest.mark.parametrize("V", [151936, 152064, 262144])
+def test_linear_head_options_at_large_vocabularies(backend, V, device):
+    """Every option at real vocabulary sizes, a few tokens: the forward and d weight, d bias against the float64
+    reference; d hidden, a sum of V products, within 2x of the fp32 composite's error (at V = 262144 the fp32
+    GEMM's own rounding, ~7e-5 here, exceeds GRAD_TOL's atol for PyTorch's composite as for ours)."""
+    shape, D = (3,), 8
+    hidden, weight, bias = _head_inputs(shape, D, V, device)
+    labels = torch.tensor([0, V - 1, 12345], device=device)
+    grads = _upstream(shape, device)
+    kw = {"temperature": 0.8, "softcap": 3.0, "logit_scale": 1.5}
+    outs, ours = _head_fwd_bwd(_run(backend, linear_logprobs), [hidden, weight, bias], labels, grads,
+                               with_entropy=True, **kw)
+    _, comp = _head_fwd_bwd(_head_composite, [hidden, weight, bias], labels, grads, **kw)
+    ref_outs, refs = _head_reference([hidden, weight, bias], labels, grads, **kw)
+    for out, ref in zip(outs, ref_outs):
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-5)
+    assert _err(ours[0], refs[0]) <= 2 * _err(comp[0], refs[0]), (_err(ours[0], refs[0]), _err(comp[0], refs[0]))
+    for g, ref in zip(ours[1:], refs[1:], strict=True):
+        torch.testing.assert_close(g.double(), ref, **GRAD_TOL)
+
+
+@pytest.mark.slow
+def test_linear_head_with_bias_past_2_31_logits():
+    """N * V > 2^31 logits (N = 8193, V = 262144, a bias, the cpp backend; minutes on one thread, so the other
+    options, one more pass over the logits each, are left to the tests above): the schedule never holds more than a
+    chunk (2^22 elements here), so no kernel sees a 2^31-element tensor, and rows past element 2^31 of the virtual
+    [N, V] logits come out right. Upstream gradients on a few rows only, so the float64 reference needs only
+    those rows (the [N, V] reference would take 17 GB): their logp, and d weight / d bias / d hidden exactly as
+    from those rows alone (the other rows' d hidden exactly 0)."""
+    N, D, V = 8193, 8, 262144
+    assert N * V > 2**31
+    torch.manual_seed(0)
+    hidden, weight, bias = _head_inputs((N,), D, V, "cpu")
+    labels = torch.randint(0, V, (N,))
+    rows = torch.tensor([0, 4096, 8191, 8192])  # 8192 * V = 2^31: the last row starts past it
+    g = torch.zeros(N)
+    g[rows] = torch.randn(len(rows))
+    outs, ours = _head_fwd_bwd(_run("cpp", linear_logprobs), [hidden, weight, bias], labels, (g,))
+    ref_outs, refs = _head_reference([hidden[rows], weight, bias], labels[rows], (g[rows],))
+    torch.testing.assert_close(outs[0][rows].double(), ref_outs[0], rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(ours[0][rows].double(), refs[0], **GRAD_TOL)
+    others = torch.ones(N, dtype=torch.bool)
+    others[rows] = False
+    assert (ours[0][others] == 0).all()
+    for got, ref in zip(ours[1:], refs[1:], strict=True):
+        torch.testing.assert_close(got.double(), ref, **GRAD_TOL)

@@ -1,4 +1,5 @@
-"""Vocab-parallel gather_logprobs / linear_logprobs on 2 gloo processes equal the unsharded results and gradients."""
+"""Vocab-parallel gather_logprobs / linear_logprobs (and the LM-head options, also in ppo_actor_loss) on 2 gloo
+processes equal the unsharded results and gradients."""
 
 import os
 import tempfile
@@ -10,7 +11,7 @@ import torch.multiprocessing as mp
 
 from instructrl_fast import backend as backend_mod
 from instructrl_fast.backend import use_backend
-from instructrl_fast.ops import gather_logprobs, linear_logprobs
+from instructrl_fast.ops import ActorLossConfig, gather_logprobs, linear_logprobs, ppo_actor_loss
 from tests._dist import leave_worker
 
 WORLD = 2
@@ -68,10 +69,37 @@ def _worker(rank: int, init_file: str, backends: list[str]) -> None:
                     (lp * g_lp + ent * g_ent).sum().backward()
                     _close(h.grad, 2 * ref[2], "linear grad hidden, second backward", rank, name)
                     _close(w.grad, 2 * ref[3], "linear grad weight shard, second backward", rank, name)
+            _check_head_options(rank, name, group, hidden, weight, labels, g_lp, g_ent, shard)
         dist.barrier()  # neither rank tears the group down while the other still talks to it (gloo aborts)
     finally:
         dist.destroy_process_group()
     leave_worker()
+
+
+def _check_head_options(rank, name, group, hidden, weight, labels, g_lp, g_ent, shard):
+    """linear_logprobs and ppo_actor_loss with a bias (its vocab shard per rank), soft-capping and a logit scale:
+    values and the gradients of hidden (all-reduced), the weight shard and the bias shard equal the unsharded."""
+    head = {"softcap": 3.0, "logit_scale": 1.4}
+    bias = torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(1))
+    mask = labels != IGNORE
+    old_logp, adv = torch.randn(labels.shape), torch.randn(labels.shape)
+    cfg = ActorLossConfig(entropy_coef=0.05)
+
+    def run(w, b, tp):
+        leaves = [x.clone().requires_grad_() for x in (hidden, w, b)]
+        with use_backend(name):
+            lp, ent = linear_logprobs(*leaves[:2], labels, temperature=0.8, with_entropy=True, tp_group=tp,
+                                      bias=leaves[2], **head)
+            loss, _ = ppo_actor_loss(leaves[0][None], leaves[1], labels[None], old_logp[None], adv[None], mask[None],
+                                     config=cfg, temperature=0.8, tp_group=tp, bias=leaves[2], **head)
+        (lp * g_lp + ent * g_ent).sum().add(loss).backward()
+        return [lp.detach(), ent.detach(), loss.detach()] + [x.grad for x in leaves]
+
+    ref = run(weight, bias, None)
+    got = run(weight[shard], bias[shard], group)
+    names = ("logp", "entropy", "actor loss", "grad hidden (all-reduced)", "grad weight shard", "grad bias shard")
+    for what, a, b in zip(names, got, ref[:4] + [ref[4][shard], ref[5][shard]], strict=True):
+        _close(a, b, f"head options: {what}", rank, name)
 
 
 @pytest.mark.dist
