@@ -28,10 +28,12 @@ from tests.conftest import DEVICE, backends_for
 from tests.ops._sync import NoHostSync, as_on_device
 from tests.reference import (
     full_kl_ref,
+    linear_logprobs_head_ref,
     linear_logprobs_ref,
     policy_actor_loss_ref,
     ppo_actor_loss_head_ref,
     ppo_actor_loss_ref,
+    ppo_policy_loss_ref,
     reduce_ref,
 )
 
@@ -700,11 +702,11 @@ HEAD_CASES = [
 ]
 
 
-def _head_ours(backend, leaves, rest, cfg, ref_kw, head_kw, tp_group=None):
+def _head_ours(backend, leaves, rest, cfg, ref_kw, head_kw, tp_group=None, temperature=0.9):
     """(loss, stats, d hidden, d weight[, d bias]) of ppo_actor_loss with the head options, upstream UPSTREAM."""
     hidden, weight, bias = (x.detach().clone().requires_grad_() if x is not None else None for x in leaves)
     with use_backend(backend):
-        loss, stats = ppo_actor_loss(hidden, weight, *rest, config=cfg, temperature=0.9, ignore_index=IGNORE,
+        loss, stats = ppo_actor_loss(hidden, weight, *rest, config=cfg, temperature=temperature, ignore_index=IGNORE,
                                      tp_group=tp_group, bias=bias, **ref_kw, **head_kw)
     loss.backward(torch.tensor(UPSTREAM, device=loss.device))
     return (loss.detach(), stats, hidden.grad, weight.grad) + (() if bias is None else (bias.grad,))
@@ -749,3 +751,39 @@ def test_head_options_bad_arguments_raise():
     for exc, match, kw in cases:
         with pytest.raises(exc, match=match):
             ppo_actor_loss(*args, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("V", [151936, 152064, 262144])
+def test_head_options_at_large_vocabularies(backend, V):
+    """At the vocabularies of Qwen2 / Qwen2.5 and Gemma-2/3, with every head option: loss, d weight and d bias
+    against the float64 reference (linear_logprobs_head_ref + ppo_policy_loss_ref - entropy: the identity head of
+    ppo_actor_loss_head_ref would need a [V, V] matrix); d hidden, a sum of V products, within 2x of the error of
+    the plain PyTorch composite in fp32 (a Hugging Face head, log_softmax, ppo_policy_loss; its d hidden is one
+    GEMM over V too, on the same contiguous weight: the GEMM's rounding depends on the layout)."""
+    hidden, weight, labels, old_logp, adv, mask, *_ = _inputs(1, 4, 8, V, temperature=0.9, noncontiguous=False)
+    bias = torch.randn(V, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    head = {"softcap": 3.0, "logit_scale": 1.5}
+
+    def composite(h, w, labels, temperature, ignore_index, bias, softcap, logit_scale):
+        z = (torch.nn.functional.linear(h, w, bias) * logit_scale / softcap).tanh() * softcap
+        logq = torch.log_softmax(z / temperature, dim=-1)
+        return logq.gather(-1, labels[..., None]).squeeze(-1), -(logq.exp() * logq).sum(-1)
+
+    def loss_and_grads(logprobs, leaves, ppo_loss, reduce):
+        logp, entropy = logprobs(*leaves[:2], labels, 0.9, IGNORE, bias=leaves[2], **head)[:2]
+        loss = ppo_loss(logp, old_logp, adv, mask)[0] - 0.05 * reduce(entropy, mask, "token_mean")
+        loss.backward(torch.tensor(UPSTREAM, dtype=loss.dtype, device=loss.device))
+        return [loss.detach()] + [x.grad for x in leaves]
+
+    labels = labels.clamp(min=0)  # the composite gathers every position; the mask leaves out what it must
+    comp = loss_and_grads(composite, [x.detach().clone().requires_grad_() for x in (hidden, weight, bias)],
+                          ppo_policy_loss, masked_reduce)
+    ref = loss_and_grads(linear_logprobs_head_ref, [x.detach().double().requires_grad_()
+                                                    for x in (hidden, weight, bias)], ppo_policy_loss_ref, reduce_ref)
+    ours = _head_ours(backend, (hidden, weight, bias), (labels, old_logp, adv, mask), ActorLossConfig(
+        entropy_coef=0.05), {}, head, temperature=0.9)
+    torch.testing.assert_close(ours[0].double(), ref[0], rtol=1e-5, atol=1e-5)
+    assert (ours[2] - ref[1]).abs().max() <= 2 * (comp[1] - ref[1]).abs().max()
+    for got, want in zip(ours[3:], ref[2:], strict=True):
+        torch.testing.assert_close(got.double(), want, **GRAD_TOL)
