@@ -258,20 +258,24 @@ def _num_splits(device: torch.device, N: int, blocks: int) -> int:
     return max(1, min(triton.cdiv(4 * sm_count(device), N), blocks))
 
 
-def launch_config(N: int, V: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_V, SPLITS, num_warps)."""
+def launch_config(N: int, V: int, device: torch.device, invariant: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_V, SPLITS, num_warps). With few rows a row is split over several programs in smaller blocks, which
+    changes the order of its reductions with N; ``invariant`` gives every N the configuration of a large batch (one
+    program per row, the widest block), so a row's values do not depend on how many rows the call has."""
     if triton_interpreting():
         block_v = min(triton.next_power_of_2(max(V, 1)), _MAX_BLOCK_V_INTERPRETER)
     else:
-        # Few rows: smaller blocks, so that a row splits across more programs.
-        block_v = min(triton.next_power_of_2(max(V, 1)), _MAX_BLOCK_V_GPU if N >= 4 * sm_count(device) else 1024)
-    splits = _num_splits(device, N, triton.cdiv(V, block_v))
+        wide = invariant or N >= 4 * sm_count(device)
+        block_v = min(triton.next_power_of_2(max(V, 1)), _MAX_BLOCK_V_GPU if wide else 1024)
+    splits = 1 if invariant else _num_splits(device, N, triton.cdiv(V, block_v))
     return block_v, splits, 8 if block_v >= 2048 else 4
 
 
-def logprob_fwd(logits, labels, temperature: float, ignore_index: int, vocab_start: int, with_entropy: bool):
+def logprob_fwd(logits, labels, temperature: float, ignore_index: int, vocab_start: int, with_entropy: bool,
+                invariant: bool = False):
     """Shard-local forward: logits [B, T, V] or [N, V] (last dim contiguous, any other strides), labels [N] int64
-    -> (row_max, log_sum, target, mean_xs), fp32 [N]; mean_xs is (0,) unless ``with_entropy``."""
+    -> (row_max, log_sum, target, mean_xs), fp32 [N]; mean_xs is (0,) unless ``with_entropy``. ``invariant``: the
+    launch configuration does not depend on N (``launch_config``)."""
     logits = _as_3d(logits)
     B, T, V, stride_b, stride_t = _layout(logits)
     N = B * T
@@ -279,9 +283,12 @@ def logprob_fwd(logits, labels, temperature: float, ignore_index: int, vocab_sta
     if N == 0:
         empty = torch.empty(0, dtype=torch.float32, device=logits.device)
         return empty, torch.empty_like(empty), target, torch.empty_like(empty)
-    block_v, splits, num_warps = launch_config(N, V, logits.device)
+    block_v, splits, num_warps = launch_config(N, V, logits.device, invariant)
     parts = torch.empty((3, N, splits), dtype=torch.float32, device=logits.device)
-    vec = 16 // logits.element_size()
+    # A row's head (the columns before its first 16-byte boundary) depends on where the row lies in memory, hence
+    # on its place in the call; the invariant mode walks every row from its column 0 in blocks of BLOCK_V instead
+    # (VEC = 1: no head, no pack hints), so the order of its reductions is the same wherever it lies.
+    vec = 1 if invariant else 16 // logits.element_size()
     base, offset, align = aligned_base(logits)
     with on_device(logits):
         _logprob_fwd_kernel[(N, splits)](

@@ -274,13 +274,14 @@ def _walk(hidden, weight, labels, ref_hidden, ref_weight, chunk_fn, entropy_grad
         keep = lab != ignore_index
         # [n, V] in the input dtype, fp32 accumulation inside the GEMM
         logits = head_logits_(gemm(h, weight), head.bias, head.logit_scale, head.softcap)
-        shard = rows_fwd(backend, logits[None], lab[:, None], False, temperature, ignore_index, vocab_start, True)
+        shard = rows_fwd(backend, logits[None], lab[:, None], False, temperature, ignore_index, vocab_start, True,
+                         batch_invariant)
         logp_c, ent_c, row_max, log_sum = combine_shards(*shard, lab[:, None], False, ignore_index, True, tp_group)
         logp[sl], entropy[sl] = logp_c[:, 0], ent_c
         if full:
             ref_logits = head_logits_(ref_hidden[sl] @ ref_weight.T, None, head.logit_scale, head.softcap)
             ref_shard = rows_fwd(backend, ref_logits[None], lab[:, None], False, temperature, ignore_index,
-                                  vocab_start, False)
+                                  vocab_start, False, batch_invariant)
             ref_max, ref_log_sum = combine_shards(*ref_shard, lab[:, None], False, ignore_index, False, tp_group)[2:]
             shifts = (finite_shift(row_max), log_sum, finite_shift(ref_max))
             mean_diff = _all_reduce_sum(_full_kl_fwd(backend, logits, ref_logits, *shifts, temperature), tp_group)

@@ -46,7 +46,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from instructrl_fast import _ext, batch_invariant
-from instructrl_fast.backend import implementation, register, resolve
+from instructrl_fast.backend import REGISTRY, BackendError, implementation, register, resolve
 from instructrl_fast.checks import (
     INDEX_DTYPES,
     check_float,
@@ -158,6 +158,7 @@ def finite_shift(row_max: Tensor) -> Tensor:
 
 
 @register("logprob_fwd", "torch")
+@register("logprob_fwd_invariant", "torch")
 def _torch_fwd(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, vocab_start: int,
                with_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     B, T, V = logits.shape
@@ -260,6 +261,23 @@ def _triton_bwd_fake(grad_logp: Tensor, grad_entropy: Tensor, logits: Tensor, la
 
 
 _triton_fwd.register_fake(_new_fwd_outputs)
+
+
+@register("logprob_fwd_invariant", "triton")
+@torch.library.custom_op("instructrl_fast::logprob_fwd_triton_invariant", mutates_args=())
+def _triton_fwd_invariant(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, vocab_start: int,
+                          with_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``logprob_fwd_triton`` launched as for a large batch whatever N (kernels/logprob.py ``launch_config``), so a
+    row's values do not depend on the rows around it: the batch-invariant mode's forward. The torch and cpp
+    forwards serve both ops (a row's reductions run in one order whatever the batch, tests/model/
+    test_batch_invariant.py). The cuda forward has no invariant entry: its vector loads start at each row's first
+    16-byte boundary, which depends on the row's place in the call (a forced cuda backend in the mode raises)."""
+    from instructrl_fast.kernels import logprob as kernels
+
+    return kernels.logprob_fwd(logits, labels, temperature, ignore_index, vocab_start, with_entropy, invariant=True)
+
+
+_triton_fwd_invariant.register_fake(_new_fwd_outputs)
 # The C++ library defines the schema; the guard keeps this module importable from a build that predates the op
 # (the cpp backend then fails loudly when called, and the opcheck tests fail).
 if _ext.HAS_CPP and hasattr(torch.ops.instructrl_fast, "logprob_fwd"):
@@ -272,14 +290,18 @@ if _ext.HAS_CPP and hasattr(torch.ops.instructrl_fast, "logprob_kl_bwd"):
 
 @register("logprob_fwd", "cpp")
 @register("logprob_fwd", "cuda")
+@register("logprob_fwd_invariant", "cpp")
 def _compiled_fwd(*args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The C++ op: cpp and cuda share it, the dispatch key decides."""
     return torch.ops.instructrl_fast.logprob_fwd(*args)
 
 
-def _shard_fwd(backend: str, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The shard-local forward (schema above) on ``backend``."""
-    return implementation("logprob_fwd", backend)(*args)
+def _shard_fwd(backend: str, *args, invariant: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The shard-local forward (schema above) on ``backend``; ``invariant``: its batch-invariant implementation."""
+    if invariant and backend not in REGISTRY["logprob_fwd_invariant"]:
+        raise BackendError(f"the batch-invariant mode has no log-prob forward on the {backend!r} backend (it has "
+                           f"{tuple(REGISTRY['logprob_fwd_invariant'])})")
+    return implementation("logprob_fwd_invariant" if invariant else "logprob_fwd", backend)(*args)
 
 
 @register("logprob_bwd", "cpp")
@@ -330,14 +352,16 @@ def _no_label(labels: Tensor, ignore_index: int) -> Tensor:
 
 
 def rows_fwd(backend: str, logits: Tensor, labels: Tensor, multi: bool, temperature: float, ignore_index: int,
-              vocab_start: int, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """logits [B, T, V] shard, labels [N, K] -> (row_max, log_sum, target [N, K], mean_xs), shard-local."""
+              vocab_start: int, with_entropy: bool,
+              invariant: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """logits [B, T, V] shard, labels [N, K] -> (row_max, log_sum, target [N, K], mean_xs), shard-local.
+    ``invariant``: each row's values independent of the other rows of the call (the batch-invariant mode)."""
     if not multi:
         row_max, log_sum, target, mean_xs = _shard_fwd(backend, logits, labels[:, 0], temperature, ignore_index,
-                                                      vocab_start, with_entropy)
+                                                      vocab_start, with_entropy, invariant=invariant)
         return row_max, log_sum, target[:, None], mean_xs
     row_max, log_sum, _, mean_xs = _shard_fwd(backend, logits, _no_label(labels, ignore_index), temperature,
-                                             ignore_index, vocab_start, with_entropy)
+                                             ignore_index, vocab_start, with_entropy, invariant=invariant)
     return row_max, log_sum, _gather_targets(logits, labels, temperature, ignore_index, vocab_start), mean_xs
 
 
@@ -508,7 +532,7 @@ def linear_fwd_chunks(hidden: Tensor, weight: Tensor, labels: Tensor, temperatur
         if into is not None and invariant:
             into.copy_(logits)
         outs = rows_fwd(backend, logits[None], labels[rows], multi, temperature, ignore_index, vocab_start,
-                         with_entropy)
+                         with_entropy, invariant)
         row_max[rows], log_sum[rows], target[rows] = outs[:3]
         if with_entropy:
             mean_xs[rows] = outs[3]

@@ -651,6 +651,34 @@ def test_triton_rows_split_across_programs(dtype, device, monkeypatch):
     assert (grad[1] == 0).all()
 
 
+@pytest.mark.skipif("triton" not in [p.values[0] for p in BACKENDS if not p.marks], reason="triton unavailable")
+def test_triton_invariant_forward_does_not_split_rows_by_batch_size(device, monkeypatch):
+    """On a GPU the triton forward splits a row over more programs (in narrower blocks) the fewer rows a call has,
+    which reorders the row's reductions, and a row's misaligned head depends on where the row lies (V = 4099 fp32).
+    The batch-invariant mode's forward launches every N as a large batch and walks every row from its column 0: with
+    the GPU's N-dependent split emulated under the interpreter, a row's log-prob and entropy have the same bits
+    alone, in a few rows and in a large call at another place."""
+    from instructrl_fast.kernels import logprob as kernels
+
+    monkeypatch.setattr(kernels, "_num_splits", lambda device, N, blocks: max(1, min(-(-8 // N), blocks)))
+    monkeypatch.setattr(kernels, "_MAX_BLOCK_V_INTERPRETER", 512)  # 9 blocks per row: room to split
+    g = torch.Generator().manual_seed(5)
+    N, D, V = 64, 32, 4099
+    hidden = torch.randn(N, D, generator=g).to(device)
+    weight = (torch.randn(V, D, generator=g) / D**0.5).to(device)
+    labels = torch.randint(0, V, (N,), generator=g).to(device)
+    opts = {"temperature": 0.9, "ignore_index": IGNORE, "with_entropy": True, "tp_group": None, "invariant": True}
+    with use_backend("triton"), torch.no_grad():
+        full = logprob_mod.linear_logprobs_in_mode(hidden, weight, labels, **opts)
+        for rows in (slice(0, 1), slice(7, 9), slice(3, 35)):
+            part = logprob_mod.linear_logprobs_in_mode(hidden[rows], weight, labels[rows], **opts)
+            for got, want in zip(part, full, strict=True):
+                assert torch.equal(got, want[rows]), rows
+    monkeypatch.setattr(kernels, "triton_interpreting", lambda: False)
+    configs = {kernels.launch_config(n, 50257, torch.device("cuda"), invariant=True) for n in (1, 7, 132, 32768)}
+    assert configs == {(kernels._MAX_BLOCK_V_GPU, 1, 8)}  # one program per row, the widest block, 8 warps
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("shape", [(0, 5), (2, 0), (0,)], ids=["B=0", "T=0", "N=0"])
