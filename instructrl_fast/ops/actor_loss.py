@@ -19,6 +19,8 @@ the backward only scales the stored d(hidden), d(weight) by the upstream gradien
 V FLOPs where ``linear_logprobs`` followed by ``ppo_policy_loss`` execute 8 N D V once its forward takes several
 chunks (its backward then recomputes the logits). The price is holding d(hidden) [N, D] and an fp32 d(weight)
 [V, D] from the forward to the backward.
+On a packed batch (``cu_seqlens``, ``ops.packing``: one [1, N] row of S sequences) the rows of these weights, of
+a policy type's sequence-level terms and of the correction's sequence levels are the S sequences (B reads S).
 
 Bytes moved (e = element size, N / r chunks): the logits written by the GEMM, read by the forward kernel, read by the
 backward kernel, d(logits) written and read by the two GEMMs (6 N V e); per chunk W read twice and the fp32 dW read and
@@ -107,6 +109,7 @@ from instructrl_fast.ops.logprob import (
     shard_bwd,
     tp_rank_world,
 )
+from instructrl_fast.ops.packing import check_packed, packed_shape
 from instructrl_fast.ops.policy_loss import (
     TOKEN_LOCAL_TYPES,
     PolicyLossConfig,
@@ -210,12 +213,13 @@ def _all_reduce_sum(x: Tensor, tp_group) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _token_weights(mask: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
-    """w_t = d masked_reduce(l, mask, reduction) / d l_t: the reduction is linear in l, so its gradient at any point
-    is its weights (taken from the unfused op's own reduction, so both agree by construction)."""
+def _token_weights(mask: Tensor, reduction: str, dtype: torch.dtype, cu_seqlens: Tensor | None = None) -> Tensor:
+    """w_t = d masked_reduce(l, mask, reduction, cu_seqlens) / d l_t: the reduction is linear in l, so its gradient
+    at any point is its weights (taken from the unfused op's own reduction, so both agree by construction; a packed
+    [1, N] batch's seq-mean weights per sequence)."""
     with torch.enable_grad():
         z = torch.zeros(mask.shape, dtype=dtype, device=mask.device, requires_grad=True)
-        (w,) = torch.autograd.grad(masked_reduce(z, mask, reduction), z)
+        (w,) = torch.autograd.grad(masked_reduce(z, mask, reduction, cu_seqlens), z)
     return w
 
 
@@ -319,13 +323,15 @@ def _walk(hidden, weight, labels, ref_hidden, ref_weight, chunk_fn, entropy_grad
 
 
 def _ppo_forward(hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_hidden, ref_weight, cfg: ActorLossConfig,
-                 temperature, ignore_index, tp_group, backend, with_grads, *, head: HeadOptions):
+                 temperature, ignore_index, tp_group, backend, with_grads, *, head: HeadOptions,
+                 cu_seqlens=None):
     """``ppo_policy_loss``'s surrogate + KL + entropy, every gradient taken in the one walk -> (loss 0-dim, stats,
-    grads or None). Inputs as ``PPOActorLossFunction`` (old_logp, adv, ref_logp upcast, 0 where masked)."""
+    grads or None). Inputs as ``PPOActorLossFunction`` (old_logp, adv, ref_logp upcast, 0 where masked); a packed
+    batch as one [1, N] row with ``cu_seqlens`` [S + 1]."""
     B, T, D = hidden.shape
     N = B * T
     acc = {"dtype": acc_dtype(hidden), "device": hidden.device}
-    w = _token_weights(mask, cfg.reduction, acc["dtype"]).reshape(-1)
+    w = _token_weights(mask, cfg.reduction, acc["dtype"], cu_seqlens).reshape(-1)
     old, a = old_logp.reshape(-1), adv.reshape(-1)
     ref = None if ref_logp is None else ref_logp.reshape(-1)
     pg, total = torch.empty(N, **acc), torch.empty(N, **acc)
@@ -344,11 +350,11 @@ def _ppo_forward(hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_hidd
         cfg.entropy_coef != 0.0, cfg.batch_invariant, temperature, ignore_index, tp_group, backend, with_grads,
         head=head)
     pg, kl, is_clipped, total, logp, entropy = (t.view(B, T) for t in (pg, kl, is_clipped, total, logp, entropy))
-    loss = masked_reduce(total, mask, cfg.reduction)
+    loss = masked_reduce(total, mask, cfg.reduction, cu_seqlens)
     stats = {"clipfrac": masked_reduce(is_clipped.to(total.dtype), mask, "token_mean"),
              "approx_kl": masked_reduce(old_logp - logp, mask, "token_mean"),
              "entropy": masked_reduce(entropy, mask, "token_mean"),
-             "pg_loss": masked_reduce(pg, mask, cfg.reduction)}
+             "pg_loss": masked_reduce(pg, mask, cfg.reduction, cu_seqlens)}
     if ref_logp is not None or ref_hidden is not None:
         stats["kl"] = masked_reduce(kl, mask, "token_mean")
     return loss, stats, grads
@@ -358,13 +364,13 @@ def _flat_ref(ref_hidden: Tensor | None) -> Tensor | None:
     return None if ref_hidden is None else ref_hidden.reshape(-1, ref_hidden.shape[-1])
 
 
-def _reduce_weights(mask: Tensor, cfg: PolicyLossConfig, dtype: torch.dtype) -> Tensor:
+def _reduce_weights(mask: Tensor, cfg: PolicyLossConfig, dtype: torch.dtype, cu_seqlens: Tensor | None) -> Tensor:
     """[B, T] w_t of ``cfg.reduction`` over ``mask`` (seq_mean_token_sum_norm: seq_mean_token_sum's / norm_length,
-    T by default, as ``policy_loss`` divides)."""
+    T by default, as ``policy_loss`` divides); a packed [1, N] batch's per sequence of ``cu_seqlens``."""
     if cfg.reduction != "seq_mean_token_sum_norm":
-        return _token_weights(mask, cfg.reduction, dtype)
+        return _token_weights(mask, cfg.reduction, dtype, cu_seqlens)
     norm = mask.shape[-1] if cfg.norm_length is None else cfg.norm_length
-    return _token_weights(mask, "seq_mean_token_sum", dtype) / norm
+    return _token_weights(mask, "seq_mean_token_sum", dtype, cu_seqlens) / norm
 
 
 def _estimated_kl_grad(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
@@ -377,8 +383,9 @@ def _estimated_kl_grad(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor
 
 def _policy_forward(hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_hidden, ref_weight, rollout_logp,
                     cfg: ActorLossConfig, temperature, ignore_index, tp_group, backend, with_grads, *,
-                    head: HeadOptions):
-    """``ops.policy_loss``'s loss (with the rollout correction) + KL + entropy -> (loss, stats, grads or None).
+                    head: HeadOptions, cu_seqlens=None):
+    """``ops.policy_loss``'s loss (with the rollout correction) + KL + entropy -> (loss, stats, grads or None); a
+    packed batch as one [1, N] row with ``cu_seqlens`` [S + 1] (its sequences those of every sequence-level term).
 
     Fused (a ``TOKEN_LOCAL_TYPES`` type, correction against old_logp or none): the correction's weights and
     surviving mask are known before the walk, so each chunk's d loss / d logp_t = w_t is_t l'_t (+ the KL's, the
@@ -392,8 +399,8 @@ def _policy_forward(hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_h
     dtype = acc_dtype(hidden)
     is_w, kept = None, mask
     if corr is not None and not bypass:  # weights from old_logp vs rollout_logp: constants of the walk
-        is_w, kept, _ = rollout_correction(old_logp, rollout_logp, mask, corr)
-    w = _reduce_weights(kept, pcfg, dtype)
+        is_w, kept, _ = rollout_correction(old_logp, rollout_logp, mask, corr, cu_seqlens=cu_seqlens)
+    w = _reduce_weights(kept, pcfg, dtype, cu_seqlens)
     w_pg = (w if is_w is None else w * is_w).reshape(-1)
     keep, old, a, w = (x.reshape(-1) for x in (kept, old_logp, adv, w))
     ref = None if ref_logp is None else ref_logp.reshape(-1)
@@ -412,10 +419,11 @@ def _policy_forward(hidden, weight, labels, old_logp, adv, mask, ref_logp, ref_h
     lp = logp.view(B, T).detach().requires_grad_(two_pass)
     ent = entropy.view(B, T).detach().requires_grad_(two_pass and cfg.entropy_coef != 0.0)
     with torch.enable_grad():
-        pg, stats = policy_loss(lp, old_logp, adv, mask, config=pcfg, rollout_logp=rollout_logp, correction=corr)
+        pg, stats = policy_loss(lp, old_logp, adv, mask, config=pcfg, rollout_logp=rollout_logp, correction=corr,
+                                cu_seqlens=cu_seqlens)
         if bypass:  # the surviving mask depends on the current log-probs: known after the first walk
-            kept = rollout_correction(lp.detach(), rollout_logp, mask, corr)[1]
-            w = _reduce_weights(kept, pcfg, dtype).reshape(-1)
+            kept = rollout_correction(lp.detach(), rollout_logp, mask, corr, cu_seqlens=cu_seqlens)[1]
+            w = _reduce_weights(kept, pcfg, dtype, cu_seqlens).reshape(-1)
         w2 = w.view(B, T)
         total = pg - cfg.entropy_coef * (w2 * ent).sum()
         kl = kl_full.view(B, T) if kl_full is not None else None
@@ -523,12 +531,36 @@ def _check_rollout(rollout_logp: Tensor | None, cfg: ActorLossConfig, like: Tens
     return valid_upcast(rollout_logp.detach(), mask, acc)
 
 
+def _as_packed_row(cu_seqlens: Tensor, cfg: ActorLossConfig, hidden: Tensor, weight: Tensor,
+                   per_token: dict[str, Tensor | None], ref_hidden: Tensor | None) -> tuple:
+    """A packed batch as one [1, N] row: hidden [1, N, D] or [N, D] -> [1, N, D] (ref_hidden alike), every
+    per-token tensor [1, N] or [N] -> [1, N]; ``cu_seqlens`` checked against N. Returns (hidden, per_token,
+    ref_hidden); shapes that disagree are left to the padded checks, which name them."""
+    check_lm_head("hidden", hidden, "weight", weight)
+    if not (hidden.dim() == 2 or (hidden.dim() == 3 and hidden.shape[0] == 1)):
+        raise ValueError("hidden must be packed as [1, total_tokens, D] or [total_tokens, D] when cu_seqlens is "
+                         f"given, got shape {tuple(hidden.shape)}")
+    check_packed(cu_seqlens, hidden.shape[-2], "hidden", hidden.device)
+    pcfg = cfg.policy_config()
+    if pcfg.reduction == "seq_mean_token_sum_norm" and pcfg.norm_length is None:
+        raise ValueError("config.policy.norm_length is required by seq_mean_token_sum_norm on a packed batch "
+                         "(cu_seqlens): it has no padded length T to default to")
+
+    def row(name, x):
+        return x.reshape(1, packed_shape(name, x)) if isinstance(x, Tensor) else x
+
+    if isinstance(ref_hidden, Tensor) and ref_hidden.dim() == 2:
+        ref_hidden = ref_hidden[None]
+    return hidden.reshape(1, *hidden.shape[-2:]), {k: row(k, x) for k, x in per_token.items()}, ref_hidden
+
+
 def ppo_actor_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                    *, config: ActorLossConfig | None = None, ref_logp: Tensor | None = None,
                    ref_hidden: Tensor | None = None, ref_weight: Tensor | None = None, temperature: float = 1.0,
                    ignore_index: int = -100, tp_group: dist.ProcessGroup | None = None,
                    rollout_logp: Tensor | None = None, bias: Tensor | None = None, softcap: float | None = None,
-                   logit_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+                   logit_scale: float = 1.0,
+                   cu_seqlens: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The PPO / GRPO actor loss from the LM head's input, never holding the [B*T, V] logits (module docstring).
 
     With ``config.policy`` or ``config.correction`` it equals, on the same inputs: logp, H = ``linear_logprobs(...,
@@ -568,6 +600,11 @@ def ppo_actor_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Ten
         bias, softcap, logit_scale: the LM head's options, as in ``linear_logprobs``: logits = softcap * tanh(
             logit_scale * (hidden @ weight.T + bias) / softcap); bias [V] (vocab shard) gets a gradient. Not with
             kl_estimator="full" for the bias (the reference head's bias has no argument).
+        cu_seqlens: None for [B, T] rows; for a packed batch (hidden / ref_hidden [1, N, D] or [N, D], every
+            per-token input [1, N] or [N]), [S + 1] int32/int64 sequence offsets (``ops.packing``): the seq-mean
+            reductions' weights, a policy type's sequence-level terms and the correction's sequence levels are then
+            per sequence, equal to the padded [S, L] batch of the same sequences (seq_mean_token_sum_norm needs
+            ``norm_length``). The gradient w.r.t. hidden has hidden's shape.
 
     Returns:
         (loss, stats): loss a 0-dim float32 tensor (float64 for float64 hidden, computed on the torch backend),
@@ -582,6 +619,12 @@ def ppo_actor_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Ten
     cfg = ActorLossConfig() if config is None else config
     if not isinstance(cfg, ActorLossConfig):
         raise TypeError(f"config must be an ActorLossConfig or None, got {type(cfg).__name__}")
+    if cu_seqlens is not None:
+        per_token = {"labels": labels, "old_logp": old_logp, "advantages": advantages, "mask": mask,
+                     "ref_logp": ref_logp, "rollout_logp": rollout_logp}
+        hidden, per_token, ref_hidden = _as_packed_row(cu_seqlens, cfg, hidden, weight, per_token, ref_hidden)
+        labels, old_logp, advantages, mask, ref_logp, rollout_logp = per_token.values()
+        cu_seqlens = cu_seqlens.contiguous()
     check_lm_head("hidden", hidden, "weight", weight, ndim=3)
     head = check_head(bias, softcap, logit_scale, weight)
     if bias is not None and cfg.kl_estimator == "full":
@@ -610,9 +653,9 @@ def ppo_actor_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Ten
     needs_grad = hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     options = (cfg, temperature, ignore_index, tp_group, backend, torch.is_grad_enabled() and needs_grad)
     if cfg.uses_policy_loss:
-        run = partial(_policy_forward, *inputs, rollout, *options, head=head)
+        run = partial(_policy_forward, *inputs, rollout, *options, head=head, cu_seqlens=cu_seqlens)
     else:
-        run = partial(_ppo_forward, *inputs, *options, head=head)
+        run = partial(_ppo_forward, *inputs, *options, head=head, cu_seqlens=cu_seqlens)
     names: list[str] = []
     loss, stats = PPOActorLossFunction.apply(inputs[0], inputs[1], bias, run, names)
     return loss, dict(zip(names, stats.unbind()))
