@@ -208,3 +208,33 @@ def test_packed_no_host_sync(loss_type, corr_name, monkeypatch):
         loss, _ = ppo_actor_loss(h, w, *rest, config=cfg, ignore_index=IGNORE, cu_seqlens=cu, **kwargs)
         loss.backward()
     assert h.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", NON_TRITON)
+def test_packed_with_head_options_equals_padded(backend):
+    """The LM-head options (bias, softcap, logit_scale) on a packed batch: loss, metrics and the gradients w.r.t.
+    hidden, weight and bias equal the padded call's."""
+    hidden, weight, rest, cfg, kwargs, _ = _policy_setup("gspo", "seq_mean_token_mean", "seq",
+                                                         shape=(len(LENGTHS), L, 16, 257), seed=3)
+    rest, cu = (*rest[:3], _cut(rest[3])), _cu()
+    bias = torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    def run(h, r, kw):
+        h, w, b = (x.detach().clone().requires_grad_() for x in (h, weight, bias))
+        with use_backend(backend):
+            loss, stats = ppo_actor_loss(h, w, *r, config=cfg, ignore_index=IGNORE, bias=b, softcap=3.0,
+                                         logit_scale=0.8, **kw)
+        loss.backward()
+        return loss.detach(), stats, h.grad, w.grad, b.grad
+
+    padded = run(hidden, rest, kwargs)
+    packed = run(_pack(hidden, cu), tuple(_pack(x, cu) for x in rest),
+                 {**{k: _pack(v, cu) for k, v in kwargs.items()}, "cu_seqlens": cu})
+    torch.testing.assert_close(packed[0], padded[0], **TOL)
+    assert packed[1].keys() == padded[1].keys()
+    for name in padded[1]:
+        torch.testing.assert_close(packed[1][name], padded[1][name], **TOL, msg=name)
+    torch.testing.assert_close(packed[2], _pack(padded[2], cu), **GRAD_TOL)
+    for ours, theirs in zip(packed[3:], padded[3:]):
+        torch.testing.assert_close(ours, theirs, **GRAD_TOL)
+    assert packed[4].abs().sum() > 0
