@@ -187,14 +187,24 @@ def test_no_private_name_taken_from_another_module():
     assert not broken, "private names taken from another module:\n" + "\n".join(sorted(broken))
 
 
-def test_no_function_over_100_lines():
-    """Functions stay short (about 80 lines); this bounds every function and method of the package
-    (instructrl_fast/ and kernels/), its ``def`` line to its last line, at 100."""
+def _code_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """A function's lines from its ``def`` to its last line, less its docstring's."""
+    lines = node.end_lineno - node.lineno + 1
+    first = node.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        lines -= first.end_lineno - first.lineno + 1
+    return lines
+
+
+def test_no_function_over_80_lines_of_code():
+    """Functions stay short: every function and method of the package (instructrl_fast/ and kernels/, Triton kernels
+    included) has at most 80 lines from its ``def`` to its last line, its docstring (the Args and Returns of a
+    public op) not counted."""
     long = []
     for name, path in _module_files().items():
         if not name.startswith("instructrl_fast"):
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100:
-                long.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
-    assert not long, "functions over 100 lines:\n" + "\n".join(long)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _code_lines(node) > 80:
+                long.append(f"{name}.{node.name}: {_code_lines(node)} lines")
+    assert not long, "functions over 80 lines of code:\n" + "\n".join(long)
