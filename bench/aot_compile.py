@@ -177,6 +177,22 @@ def _logprob_cases(arch: Arch) -> list[Case]:
         for kernel, vals, config in variants:
             args, kwargs = _by_name("logprob", kernel, vals, ptrs, num_warps=num_warps)
             cases.append(Case("logprob", "logprob", kernel, _dt(dt), config, args, kwargs))
+    return cases + _invariant_logprob_cases(lp)
+
+
+def _invariant_logprob_cases(lp) -> list[Case]:
+    """The batch-invariant mode's forward (kernels/logprob.py launch_config(invariant=True)): one program per row,
+    rows walked from column 0 (VEC = 1), at a rollout's few rows and a training chunk's many."""
+    cases = []
+    for N, V, dt in ((64, 50257, BF16), (2048, 128256, BF16), (2048, 50257, FP32)):
+        block_v, splits, num_warps = lp.launch_config(N, V, CUDA, invariant=True)
+        values = {"N": N, "T": N, "stride_b": N * V, "stride_t": V, "V": V, "offset": 0, "align": 0,
+                  "inv_temperature": 1.0, "ignore_index": -100, "vocab_start": 0, "WITH_ENTROPY": True,
+                  "SPLITS": splits, "VEC": 1, "HINT": True, "BLOCK_V": block_v}
+        ptrs = {"logits_ptr": Stand(dt), "labels_ptr": Stand(torch.int64)}
+        cfg = f"invariant N={N} V={V} BLOCK_V={block_v} SPLITS={splits} warps={num_warps} VEC=1"
+        args, kwargs = _by_name("logprob", "_logprob_fwd_kernel", values, ptrs, num_warps=num_warps)
+        cases.append(Case("logprob", "logprob", "_logprob_fwd_kernel", _dt(dt), cfg, args, kwargs))
     return cases
 
 
