@@ -17,28 +17,6 @@
 namespace instructrl_fast::rl {
 namespace {
 
-PolicyTypeTerm check_args(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
-                          const at::Tensor& mask, const std::optional<at::Tensor>& weights, const at::Tensor& shift,
-                          int64_t loss_type, at::ArrayRef<double> params, const RowSpans& spans) {
-  check_rows(logp, "logp");
-  check_rows_like(old_logp, "old_logp", logp, "logp");
-  check_rows_like(advantages, "advantages", logp, "logp");
-  check_mask_like(mask, logp, "logp");
-  if (weights.has_value()) {
-    TORCH_CHECK(weights->scalar_type() == at::kFloat && weights->sizes() == logp.sizes() && weights->is_contiguous(),
-                "weights must be a contiguous float32 tensor of the shape of logp ", logp.sizes());
-  }
-  TORCH_CHECK(shift.scalar_type() == at::kFloat && shift.dim() == 1 && shift.size(0) == spans.rows,
-              "shift must be a float32 [B] tensor (B: rows, or packed sequences)");
-  TORCH_CHECK(loss_type == kVanilla || loss_type == kGspo || loss_type == kSapo || loss_type == kGpg ||
-                  loss_type == kReinforce || loss_type == kDro || loss_type == kCispo || loss_type == kDppoTv ||
-                  loss_type == kDppoKl,
-              "loss_type must be a token-local type code (0-4, 8-11), got ", loss_type);
-  TORCH_CHECK(params.size() == 7, "params must be (clip_low, clip_high, dual_clip, tau_pos, tau_neg, beta, trunc)");
-  auto f = [&](size_t i) { return static_cast<float>(params[i]); };
-  return {loss_type, f(0), f(1), f(2), f(3), f(4), f(5), f(6)};
-}
-
 // Runs `fn(b, i, term)` for every valid token i of every row (packed sequence) b, rows in parallel.
 template <typename Fn>
 void for_valid_tokens(const PolicyTypeTerm& term, const at::Tensor& logp, const at::Tensor& old_logp,
@@ -67,7 +45,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
     int64_t reduction, const std::optional<at::Tensor>& cu_seqlens) {
   at::Tensor offsets;
   const RowSpans spans = row_spans(logp, cu_seqlens, offsets);
-  const auto term = check_args(logp, old_logp, advantages, mask, weights, shift, loss_type, params, spans);
+  const auto term =
+      check_policy_type_args(logp, old_logp, advantages, mask, weights, shift, loss_type, params, spans);
   const auto mode = check_reduction(reduction);
   const auto in = in_common_dtype({logp, old_logp, advantages});
   const int64_t B = spans.rows;
@@ -90,9 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
   auto loss = at::empty({}, opts), clipfrac = at::empty({}, opts), approx_kl = at::empty({}, opts);
   finish(total, mode, B, loss.mutable_data_ptr<float>(), clipfrac.mutable_data_ptr<float>(),
          approx_kl.mutable_data_ptr<float>());
-  auto clipfrac_lower = at::full({}, static_cast<float>(static_cast<double>(total_lower) /
-                                                        static_cast<double>(std::max<int64_t>(total.count, 1))),
-                                 opts);
+  auto clipfrac_lower = at::full({}, event_fraction(total_lower, total.count), opts);
   return {loss, clipfrac, approx_kl, clipfrac_lower};
 }
 
@@ -103,7 +80,8 @@ at::Tensor policy_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tenso
                                     const std::optional<at::Tensor>& cu_seqlens) {
   at::Tensor offsets;
   const RowSpans spans = row_spans(logp, cu_seqlens, offsets);
-  const auto term = check_args(logp, old_logp, advantages, mask, weights, shift, loss_type, params, spans);
+  const auto term =
+      check_policy_type_args(logp, old_logp, advantages, mask, weights, shift, loss_type, params, spans);
   check_grad_loss(grad_loss, logp);
   const auto mode = check_reduction(reduction);
   const auto in = in_common_dtype({logp, old_logp, advantages});

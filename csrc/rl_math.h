@@ -330,6 +330,58 @@ struct PolicyTypeTerm {
   }
 };
 
+// The fraction of the valid tokens at which an event (a clip branch, a truncation) happened: events / max(count, 1),
+// formed in double and rounded once to fp32 (exact counts up to 2^53).
+C10_HOST_DEVICE inline float event_fraction(int64_t events, int64_t count) {
+  return static_cast<float>(static_cast<double>(events) / static_cast<double>(count > 1 ? count : 1));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Group-normalised outcome advantages (ops.group_advantages; csrc/group_advantages.cpp, csrc/cuda/
+// group_advantages.cu). Mode codes: instructrl_fast/ops/group_advantages.py (ESTIMATORS). All in double.
+// ---------------------------------------------------------------------------------------------------------------
+
+enum GroupMode : int64_t { kGrpo = 0, kCenter, kRloo, kRlooVectorized, kOpo, kPassk, kPasskUnnormalized };
+
+// One group's statistics: the first pass sums count, total, w_total, w_count and takes best; the second (which
+// needs the mean total / count and best) sums m2 and n_best and takes below (the best score under best).
+struct GroupStats {
+  double count;    // sequences in the group
+  double total;    // sum of their scores
+  double w_total;  // sum of length * score (OPO)
+  double w_count;  // sum of lengths (OPO)
+  double best;     // highest score (-inf before any)
+  double m2;       // sum of squared deviations from the mean
+  double n_best;   // sequences that score best
+  double below;    // highest score strictly under best (-inf if none)
+};
+
+// The advantage of a sequence with score s in group g (is_first: it is the group's first best sequence in batch
+// order); single-sequence groups as documented per estimator; pass@k's singleton is NaN.
+C10_HOST_DEVICE inline double group_advantage(int64_t mode, double s, bool is_first, const GroupStats& g,
+                                              double eps) {
+  const double n = g.count, mean = g.total / n;
+  const bool single = n <= 1.0;
+  const double sd = ::sqrt(g.m2 / (n - 1.0 > 1.0 ? n - 1.0 : 1.0));  // unbiased, as torch.std
+  switch (mode) {
+    case kGrpo:  // Shao et al. 2024; a singleton group has mean 0 and std 1
+      return single ? s / (1.0 + eps) : (s - mean) / (sd + eps);
+    case kCenter:  // Dr. GRPO (Liu et al. 2025)
+      return single ? s : s - mean;
+    case kRloo:  // leave-one-out baseline (Ahmadian et al. 2024); a singleton keeps its score
+      return single ? s : n / (n - 1.0) * (s - mean);
+    case kRlooVectorized:
+      return single ? 0.0 : (n * s - g.total) / (n - 1.0);
+    case kOpo:  // length-weighted group mean as the baseline (Hao et al. 2025)
+      return single ? s : s - g.w_total / g.w_count;
+    default: {  // pass@k (Chen et al. 2025): the first best sequence moves by the gap to the second best
+      const double second = g.n_best >= 2.0 ? g.best : g.below;
+      const double gap = mode == kPassk ? (g.best - second) / (sd + eps) : g.best - second;
+      return single ? static_cast<double>(NAN) : (is_first ? gap : 0.0);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // The log-prob backward's per-element terms (csrc/logprob.cpp, csrc/cuda/logprob.cu)
 // ---------------------------------------------------------------------------------------------------------------
@@ -365,6 +417,19 @@ C10_HOST_DEVICE inline void add_token(RowPartial<acc_t>& row, const TokenTerm& t
 // Argument checks of the ops, the same on CPU and CUDA
 // ---------------------------------------------------------------------------------------------------------------
 
+// Checks the inputs of group_advantages (the group ids' range is checked where they are read: on CPU).
+inline void check_group_args(const at::Tensor& scores, const at::Tensor& lengths, const at::Tensor& group,
+                             int64_t mode) {
+  TORCH_CHECK(scores.dim() == 1, "scores must be 1-D [B], got shape ", scores.sizes());
+  TORCH_CHECK(lengths.sizes() == scores.sizes() && group.sizes() == scores.sizes(),
+              "lengths and group must have the shape of scores ", scores.sizes());
+  TORCH_CHECK(group.scalar_type() == at::kLong || group.scalar_type() == at::kInt,
+              "group must be int64 or int32, got ", group.scalar_type());
+  TORCH_CHECK(mode >= kGrpo && mode <= kPasskUnnormalized, "mode must be in [0, 6], got ", mode);
+  TORCH_CHECK(lengths.device() == scores.device() && group.device() == scores.device(),
+              "lengths and group must be on the device of scores ", scores.device());
+}
+
 inline void check_gae_args(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask, double gamma,
                            double lam) {
   check_rows(rewards, "rewards");
@@ -396,6 +461,34 @@ inline ValueTerm check_value_args(const at::Tensor& values, const at::Tensor& ol
   check_mask_like(mask, values, "values");
   TORCH_CHECK(clip_eps >= 0.0, "clip_eps must be >= 0, got ", clip_eps);
   return {static_cast<float>(clip_eps)};
+}
+
+// Checks the inputs of policy_loss(_backward) and returns its per-token term; `spans` are logp's rows (sequences).
+inline PolicyTypeTerm check_policy_type_args(const at::Tensor& logp, const at::Tensor& old_logp,
+                                             const at::Tensor& advantages, const at::Tensor& mask,
+                                             const std::optional<at::Tensor>& weights, const at::Tensor& shift,
+                                             int64_t loss_type, at::ArrayRef<double> params, const RowSpans& spans) {
+  check_rows(logp, "logp");
+  check_rows_like(old_logp, "old_logp", logp, "logp");
+  check_rows_like(advantages, "advantages", logp, "logp");
+  check_mask_like(mask, logp, "logp");
+  if (weights.has_value()) {
+    TORCH_CHECK(weights->scalar_type() == at::kFloat && weights->sizes() == logp.sizes() && weights->is_contiguous(),
+                "weights must be a contiguous float32 tensor of the shape of logp ", logp.sizes());
+    TORCH_CHECK(weights->device() == logp.device(), "weights is on ", weights->device(), " but logp is on ",
+                logp.device());
+  }
+  TORCH_CHECK(shift.scalar_type() == at::kFloat && shift.dim() == 1 && shift.size(0) == spans.rows,
+              "shift must be a float32 [B] tensor (B: rows, or packed sequences)");
+  TORCH_CHECK(shift.is_contiguous() && shift.device() == logp.device(),
+              "shift must be contiguous and on logp's device ", logp.device());
+  TORCH_CHECK(loss_type == kVanilla || loss_type == kGspo || loss_type == kSapo || loss_type == kGpg ||
+                  loss_type == kReinforce || loss_type == kDro || loss_type == kCispo || loss_type == kDppoTv ||
+                  loss_type == kDppoKl,
+              "loss_type must be a token-local type code (0-4, 8-11), got ", loss_type);
+  TORCH_CHECK(params.size() == 7, "params must be (clip_low, clip_high, dual_clip, tau_pos, tau_neg, beta, trunc)");
+  auto f = [&](size_t i) { return static_cast<float>(params[i]); };
+  return {loss_type, f(0), f(1), f(2), f(3), f(4), f(5), f(6)};
 }
 
 }  // namespace instructrl_fast::rl

@@ -24,7 +24,9 @@ with its uid strings), so every per-group buffer has B slots.
 
 Backends: ``torch`` (index_add / scatter_reduce), ``triton`` (``kernels/group_advantages.py``: each program compares
 its block of sequences with every other, so no atomics and a result independent of the launch), ``cpp`` (the C++
-op ``instructrl_fast::group_advantages``, one O(B) pass in double). Not differentiable (advantages are constants).
+op ``instructrl_fast::group_advantages``, one O(B) pass in double), ``cuda`` (the same op's CUDA kernel,
+``csrc/cuda/group_advantages.cu``: one block per sequence gathers its group's statistics in double, O(B^2) reads,
+no atomics). Not differentiable (advantages are constants).
 A packed batch (``cu_seqlens``, see ``ops.packing``) only changes the lengths and the broadcast: the backends see
 the same [B] per-sequence inputs either way.
 """
@@ -119,6 +121,7 @@ def _seq_advantages_on_torch(scores: torch.Tensor, lengths: torch.Tensor, group:
 
 
 @register("group_advantages", "cpp")
+@register("group_advantages", "cuda")
 def _group_advantages_compiled(scores: torch.Tensor, lengths: torch.Tensor, group: torch.Tensor, code: int,
                                eps: float) -> torch.Tensor:
     return torch.ops.instructrl_fast.group_advantages(scores, lengths, group, code, eps)

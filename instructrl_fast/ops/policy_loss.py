@@ -43,10 +43,10 @@ rejection: tokens or whole sequences whose divergence statistic (k1 = -rho withi
 with the weights multiplied in (before the type's own weighting) over the surviving mask.
 
 Backends: ``torch`` (autograd on the formulas) for every type; ``triton`` (``kernels/policy_loss.py``: one forward
-and one backward kernel, torch custom ops) and ``cpp`` (the C++ ops ``instructrl_fast::policy_loss(_backward)``,
-csrc/policy_loss.cpp) for the token-local ``KERNEL_TYPES`` -- clip_cov, kl_cov (a batch-wide sort) and geo_mean (a
+and one backward kernel, torch custom ops), ``cpp`` (the C++ ops ``instructrl_fast::policy_loss(_backward)``,
+csrc/policy_loss.cpp) and ``cuda`` (the same ops' CUDA kernels, csrc/cuda/policy_loss.cu: one block per row or
+packed sequence) for the token-local ``KERNEL_TYPES`` -- clip_cov, kl_cov (a batch-wide sort) and geo_mean (a
 per-row exponent) run on torch under them. The rollout correction is a few masked passes in torch before the loss.
-No cuda kernel yet (CUDA tensors take triton).
 """
 
 from __future__ import annotations
@@ -390,6 +390,7 @@ def _policy_loss_on_triton(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 @register("policy_loss", "cpp")
+@register("policy_loss", "cuda")
 def _policy_loss_compiled(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.ops.instructrl_fast.policy_loss(*args)
 
@@ -430,7 +431,7 @@ def token_loss_grad(name: str, cfg: PolicyLossConfig, logp: torch.Tensor, old: t
 
 
 def _policy_loss_on_kernels(name: str, cfg: PolicyLossConfig, logp, old, adv, mask, weights, rows: Rows):
-    """(loss by the kernels' reduction, stats) of a KERNEL_TYPES loss on backend ``name`` ("triton" / "cpp");
+    """(loss by the kernels' reduction, stats) of a KERNEL_TYPES loss on backend ``name`` (triton / cpp / cuda);
     weights [B, T] or None; a packed batch as one [1, N] row with ``rows.cu_seqlens``."""
     n_rows = logp.shape[0] if rows.cu_seqlens is None else rows.n
     shift = torch.zeros(n_rows, dtype=torch.float32, device=logp.device)

@@ -10,7 +10,7 @@ from tests.ops._sync import NoHostSync, as_on_device
 from tests.reference import group_advantages_ref
 
 BACKENDS = backends_for("group_advantages")
-_CUSTOM_OPS = {"triton": "group_advantages_triton", "cpp": "group_advantages"}
+_CUSTOM_OPS = {"triton": "group_advantages_triton", "cpp": "group_advantages", "cuda": "group_advantages"}
 
 
 def _inputs(B=11, T=7, dtype=torch.float32):

@@ -331,9 +331,9 @@ def test_packed_opcheck(backend):
         cases = [(ns.gae, (adv.detach(), old, mask, 0.99, 0.9, cu)),
                  (ns.ppo_policy_loss, (logp, old, adv, mask, 0.2, 0.3, 2.0, 1, cu)),
                  (ns.ppo_policy_loss_backward, (grad, logp.detach(), old, adv, mask, 0.2, 0.3, 2.0, 1, cu)),
-                 (ns.ppo_value_loss, (logp, old, adv, mask, 0.2, 2, cu))]
-        if backend == "cpp":  # policy_loss has no CUDA kernel
-            cases.append((ns.policy_loss, (logp, old, adv, mask, None, shift, 1, params, 1, cu)))
+                 (ns.ppo_value_loss, (logp, old, adv, mask, 0.2, 2, cu)),
+                 (ns.policy_loss, (logp, old, adv, mask, None, shift, 1, params, 1, cu)),
+                 (ns.policy_loss_backward, (grad, logp.detach(), old, adv, mask, None, shift, 1, params, 1, cu))]
     for op, args in cases:
         torch.library.opcheck(op.default, args)
 

@@ -188,7 +188,7 @@ def test_opcheck(backend, weighted):
     weights = torch.rand_like(logp) if weighted else None
     shift = torch.zeros(3, device=DEVICE)
     params = [0.2, 0.28, 1.5, 1.0, 1.05, 0.3, 20.0]
-    op = {"triton": "policy_loss_triton", "cpp": "policy_loss"}[backend]
+    op = {"triton": "policy_loss_triton", "cpp": "policy_loss", "cuda": "policy_loss"}[backend]
     torch.library.opcheck(getattr(torch.ops.instructrl_fast, op).default,
                           (logp.requires_grad_(), old, adv, mask, weights, shift, 0, params, 1))
 
@@ -215,8 +215,9 @@ def test_bad_input():
         ops.policy_loss(logp, old, adv, mask, correction=RolloutCorrection())
     with pytest.raises(ValueError, match="weights"):
         ops.policy_loss(logp, old, adv, mask, weights=old[:, :3])
-    with use_backend("cuda"), pytest.raises(BackendError, match="policy_loss"):
-        ops.policy_loss(logp, old, adv, mask)
+    cpu = [x.cpu() for x in (logp, old, adv, mask)]
+    with use_backend("cuda"), pytest.raises(BackendError, match="policy_loss: .*'cuda' is forced but unavailable"):
+        ops.policy_loss(*cpu)  # the cuda backend runs on CUDA tensors only
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)

@@ -1,8 +1,10 @@
-"""The C++ (CPU) and CUDA kernels of gae and the PPO losses, called directly as torch.ops.instructrl_fast.*.
+"""The C++ (CPU) and CUDA kernels of gae, the PPO losses, group_advantages and policy_loss, called directly as
+torch.ops.instructrl_fast.*.
 
 Every result is compared with a float64 reference written here plainly from the formulas of docs/DESIGN.md (a Python
-loop for GAE). Low-precision inputs are compared with the reference evaluated on the same rounded values: the
-kernels read them exactly and accumulate in fp32, so the fp32 tolerance applies. CUDA cases run where a GPU and
+loop for GAE), or tests/reference.py's for group_advantages and policy_loss. Low-precision inputs are compared with
+the reference evaluated on the same rounded values: the kernels read them exactly and accumulate in fp32, so the
+fp32 tolerance applies. CUDA cases run where a GPU and
 instructrl_fast._C_cuda exist (the project's GPU script), and are reported as skipped elsewhere.
 """
 
@@ -13,7 +15,7 @@ import torch
 
 import instructrl_fast  # noqa: F401  (loads instructrl_fast._C and, where built, _C_cuda)
 from instructrl_fast import _ext
-from tests.reference import pad_packed, unpad_rows
+from tests.reference import group_advantages_ref, pad_packed, policy_loss_ref, unpad_rows
 
 ops = torch.ops.instructrl_fast
 
@@ -533,3 +535,180 @@ def test_opcheck(op):
     if op in ("ppo_policy_loss", "ppo_value_loss"):
         args[0].requires_grad_()
     torch.library.opcheck(getattr(ops, op).default, tuple(args))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# group_advantages (the per-sequence op: ops.group_advantages broadcasts its result and applies gpg / whitening)
+# ---------------------------------------------------------------------------------------------------------------
+
+GROUP_CODES = {"grpo": 0, "dr_grpo": 1, "rloo": 2, "rloo_vectorized": 3, "opo": 4, "passk": 5,
+               "passk_unnormalized": 6}
+
+
+def _group_inputs(B, size, device, ties):
+    """scores [B] (in {0, 1, 2} with ties, to hit pass@k's tie and second-best branches), group ids [B] of groups of
+    `size` in shuffled batch order, and a [B, 40] mask with random holes and >= 1 valid token per row."""
+    scores = torch.randint(0, 3, (B,), device=device).float() if ties else torch.randn(B, device=device)
+    group = (torch.arange(B, device=device) // size)[torch.randperm(B, device=device)]
+    mask = torch.rand(B, 40, device=device) < 0.6
+    mask[:, 0] = True
+    return scores, group, mask
+
+
+# (estimator, B, group size, integer scores with ties): 300 and 600 sequences are more than a CUDA block's 256
+# threads; pass@k needs >= 2 sequences in every group (its singleton NaN is tested below), so it takes whole groups.
+_GROUPINGS = ((1, 1, False), (7, 3, False), (300, 4, True), (600, 5, False))
+GROUP_CASES = [(e, B, size, ties) for e in GROUP_CODES for B, size, ties in _GROUPINGS
+               if not e.startswith("passk") or (size > 1 and B % size == 0)]
+GROUP_CASES += [("passk", 7, 7, True), ("passk_unnormalized", 7, 7, True)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("estimator,B,size,ties", GROUP_CASES, ids=[f"{c[0]}-{c[1]}" for c in GROUP_CASES])
+def test_group_advantages_matches_reference(device, estimator, B, size, ties):
+    scores, group, mask = _group_inputs(B, size, device, ties)
+    lengths = mask.sum(-1).float()
+    out = ops.group_advantages(scores, lengths, group, GROUP_CODES[estimator], 1e-6)
+    assert out.shape == (B,) and out.dtype == torch.float32 and out.device.type == device
+    ref = group_advantages_ref(scores.cpu(), group.cpu(), mask.cpu(), estimator)
+    _close(torch.where(mask, out[:, None], 0.0), ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_group_advantages_low_precision_int32_ids_and_passk_singleton(device):
+    scores, group, mask = _group_inputs(64, 4, device, ties=False)
+    scores, group = scores.to(torch.bfloat16), group.int()
+    out = ops.group_advantages(scores, mask.sum(-1).float(), group, GROUP_CODES["grpo"], 1e-6)
+    ref = group_advantages_ref(scores.cpu(), group.cpu(), mask.cpu(), "grpo")
+    _close(torch.where(mask, out[:, None], 0.0), ref)  # bf16 scores are read exactly, the maths is in double
+    single = ops.group_advantages(scores[:3], mask[:3].sum(-1).float(), torch.arange(3, device=device), 5, 1e-6)
+    assert torch.isnan(single).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_group_advantages_empty_batch(device):
+    empty = torch.zeros(0, device=device)
+    out = ops.group_advantages(empty, empty, torch.zeros(0, dtype=torch.long, device=device), 0, 1e-6)
+    assert out.shape == (0,) and out.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# policy_loss (the token-local loss types of ops.policy_loss)
+# ---------------------------------------------------------------------------------------------------------------
+
+POLICY_TYPES = {"vanilla": 0, "gspo": 1, "sapo": 2, "gpg": 3, "reinforce": 4, "dro": 8, "cispo": 9, "dppo_tv": 10,
+                "dppo_kl": 11}
+REDUCTION_NAMES = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
+TYPE_PARAMS = [0.2, 0.28, 2.0, 1.0, 1.05, 0.3, 1.5]  # clip_low, clip_high, dual_clip, tau_pos, tau_neg, beta, trunc
+
+
+def _type_ref(logp64, old, adv, mask, loss_type, reduction, weights):
+    """float64 reference loss of ``tests.reference.policy_loss_ref`` with TYPE_PARAMS."""
+    low, high, dual, tau_pos, tau_neg, beta, trunc = TYPE_PARAMS
+    return policy_loss_ref(
+        logp64, old.double().cpu(), adv.double().cpu(), mask.cpu(), loss_type, REDUCTION_NAMES[reduction],
+        clip_eps=low, clip_eps_high=high, dual_clip=dual if loss_type == "vanilla" else None, tau_pos=tau_pos,
+        tau_neg=tau_neg, dro_beta=beta, trunc_ratio=trunc, weights=None if weights is None else weights.cpu())
+
+
+def _row_shift(logp, old, mask):
+    """GSPO's per-row mean log-ratio over the valid tokens, float32 [B]."""
+    d = torch.where(mask, logp.float() - old.float(), 0.0)
+    return d.sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("loss_type", POLICY_TYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_policy_type_loss_forward_backward(device, loss_type, reduction, weighted):
+    B, T = 5, 300  # 300 > 256 threads per block: a thread walks two tokens of a row on CUDA
+    logp, old_logp, advantages = _policy_inputs(B, T, device, spread=0.3)
+    mask = _mask(B, T, "ragged", device)
+    weights = torch.rand(B, T, device=device) if weighted else None
+    shift = _row_shift(logp, old_logp, mask)
+    args = (mask, weights, shift, POLICY_TYPES[loss_type], TYPE_PARAMS, reduction)
+    loss, clipfrac, approx_kl, lower = ops.policy_loss(logp, old_logp, advantages, *args)
+    assert all(x.shape == () and x.dtype == torch.float32 for x in (loss, clipfrac, approx_kl, lower))
+    logp64 = logp.double().cpu().requires_grad_()
+    ref = _type_ref(logp64, old_logp, advantages, mask, loss_type, reduction, weights)
+    _close(loss, ref)
+    d = (logp64.detach() - old_logp.double().cpu())
+    if loss_type not in ("gspo", "gpg", "reinforce", "dro"):
+        d = d.clamp(-20, 20)
+    _close(approx_kl, (-d)[mask.cpu()].mean())
+    grad = ops.policy_loss_backward(torch.tensor(0.7, device=device), logp, old_logp, advantages, *args)
+    (ref_grad,) = torch.autograd.grad(ref, logp64, grad_outputs=torch.tensor(0.7, dtype=torch.float64))
+    assert grad.dtype == torch.float32 and grad.shape == (B, T)
+    _close(grad, ref_grad)
+    assert (grad[~mask] == 0).all()
+    if device == "cuda":  # the clip fractions (counts of the same branch events) agree with the CPU kernel exactly
+        cpu = ops.policy_loss(*(x.cpu() if isinstance(x, torch.Tensor) else x for x in
+                                (logp, old_logp, advantages, mask, weights, shift)), *args[3:])
+        torch.testing.assert_close(clipfrac.cpu(), cpu[1], rtol=0, atol=0)
+        torch.testing.assert_close(lower.cpu(), cpu[3], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_policy_type_loss_clip_fractions(device):
+    """vanilla's clipfrac and clipfrac_lower (the dual clip binds) against their float64 definitions."""
+    logp, old_logp, advantages = _policy_inputs(4, 300, device)
+    mask = _mask(4, 300, "holes", device)
+    shift = torch.zeros(4, device=device)
+    _, clipfrac, _, lower = ops.policy_loss(logp, old_logp, advantages, mask, None, shift, 0, TYPE_PARAMS, TOKEN_MEAN)
+    low, high, dual = TYPE_PARAMS[:3]
+    a, m = advantages.double().cpu(), mask.cpu()
+    r = (logp.double() - old_logp.double()).cpu().clamp(-20, 20).exp()
+    clipped = -a * r.clamp(1 - low, 1 + high) > -a * r
+    surrogate = torch.maximum(-a * r, -a * r.clamp(1 - low, 1 + high))
+    dual_binds = (a < 0) & (surrogate > -a * dual)
+    assert dual_binds[m].any() and clipped[m].any()
+    _close(clipfrac, clipped[m].double().mean())
+    _close(lower, dual_binds[m].double().mean())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("loss_type", ["vanilla", "gspo", "dppo_kl"])
+def test_policy_type_loss_packed(device, reduction, loss_type):
+    """cu_seqlens: each packed sequence is a row (an empty one included), as the padded batch it unpads from."""
+    lengths = [37, 0, 300, 5]
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), device=device)
+    T = max(lengths)
+    logp, old_logp, advantages = _policy_inputs(len(lengths), T, device, spread=0.3)
+    mask = _mask(len(lengths), T, "holes", device) & (torch.arange(T, device=device) < cu.diff()[:, None])
+    weights = torch.rand(len(lengths), T, device=device)
+    packed = [unpad_rows(x, cu).view(1, -1).contiguous() for x in (logp, old_logp, advantages, mask, weights)]
+    shift = _row_shift(logp, old_logp, mask)
+    args = (POLICY_TYPES[loss_type], TYPE_PARAMS, reduction, cu)
+    out = ops.policy_loss(*packed, shift, *args)
+    logp64 = logp.double().cpu().requires_grad_()
+    ref = _type_ref(logp64, old_logp, advantages, mask, loss_type, reduction, weights)
+    _close(out[0], ref)
+    grad = ops.policy_loss_backward(torch.tensor(1.3, device=device), *packed, shift, *args)
+    (ref_grad,) = torch.autograd.grad(ref, logp64, grad_outputs=torch.tensor(1.3, dtype=torch.float64))
+    assert grad.shape == packed[0].shape
+    _close(grad, unpad_rows(ref_grad, cu.cpu()).view(1, -1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_policy_type_loss_low_precision_and_padding(device, dtype):
+    """16-bit (and mixed) inputs are read exactly; NaN in padding never reaches the loss or the gradient."""
+    logp, old_logp, advantages = _policy_inputs(3, 120, device, dtype, spread=0.3)
+    old_logp = old_logp.float()
+    mask = _mask(3, 120, "ragged", device)
+    shift = _row_shift(logp, old_logp, mask)
+    args = (mask, None, shift, POLICY_TYPES["sapo"], TYPE_PARAMS, SEQ_MEAN_TOKEN_MEAN)
+    out = ops.policy_loss(logp, old_logp, advantages, *args)
+    logp64 = logp.double().cpu().requires_grad_()
+    ref = _type_ref(logp64, old_logp, advantages, mask, "sapo", SEQ_MEAN_TOKEN_MEAN, None)
+    _close(out[0], ref)
+    one = torch.tensor(1.0, device=device)
+    grad = ops.policy_loss_backward(one, logp, old_logp, advantages, *args)
+    _close(grad, torch.autograd.grad(ref, logp64)[0])
+    nan = float("nan")
+    poisoned = (logp.masked_fill(~mask, nan), old_logp.masked_fill(~mask, nan), advantages.masked_fill(~mask, nan))
+    for a, b in zip(out, ops.policy_loss(*poisoned, *args)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(ops.policy_loss_backward(one, *poisoned, *args), grad, rtol=0, atol=0)
