@@ -17,12 +17,11 @@
 #include <torch/library.h>
 
 #include "../rl_math.h"
+#include "block_sum.cuh"
 
 namespace instructrl_fast::rl {
 namespace {
 
-constexpr int kWarp = 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kThreads = 256;  // per block; one block per row
 
 // A row's partial sums (RowPartial) and its count of lower-clip events (TypedTerm::lower). An aggregate without
@@ -44,19 +43,10 @@ __device__ __forceinline__ Partial warp_sum(Partial p) {
   return p;
 }
 
-// Sum over a block of kThreads threads; the result is valid in thread 0. Called once per kernel.
-__device__ __forceinline__ Partial block_sum(Partial p) {
-  __shared__ Partial warp_sums[kThreads / kWarp];
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  p = warp_sum(p);
-  if (lane == 0) warp_sums[warp] = p;
-  __syncthreads();
-  if (warp == 0) {
-    p = lane < kThreads / kWarp ? warp_sums[lane] : Partial{};
-    p = warp_sum(p);
-  }
-  return p;
-}
+// warp_sum as a callable for block_sum.
+struct WarpSum {
+  __device__ __forceinline__ Partial operator()(Partial p) const { return warp_sum(p); }
+};
 
 // The term is evaluated for every token and dropped at padding by a select (never multiplied by the mask, so inf /
 // NaN in padding cannot leak).
@@ -84,7 +74,7 @@ __global__ void __launch_bounds__(kThreads)
       p.lower += tok.lower;
     }
   }
-  p = block_sum(p);
+  p = block_sum<kThreads>(p, WarpSum{});
   if (threadIdx.x == 0) rows[blockIdx.x] = p;
 }
 
@@ -102,7 +92,7 @@ __global__ void __launch_bounds__(kThreads)
     add_row(total.row, rows[b].row, mode);
     total.lower += rows[b].lower;
   }
-  total = block_sum(total);
+  total = block_sum<kThreads>(total, WarpSum{});
   if (threadIdx.x == 0) {
     finish(total.row, mode, B, loss, clipfrac, approx_kl);
     *clipfrac_lower = event_fraction(total.lower, total.row.count);
@@ -128,7 +118,7 @@ __global__ void __launch_bounds__(kThreads)
     __shared__ int64_t shared_count;
     Partial p{};
     for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) p.row.count += mask[i];
-    p = block_sum(p);
+    p = block_sum<kThreads>(p, WarpSum{});
     if (threadIdx.x == 0) shared_count = p.row.count;
     __syncthreads();
     row_count = shared_count;

@@ -19,12 +19,11 @@
 #include <torch/library.h>
 
 #include "../rl_math.h"
+#include "block_sum.cuh"
 
 namespace instructrl_fast::rl {
 namespace {
 
-constexpr int kWarp = 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kThreads = 256;  // per block; one block per row
 
 using Partial = RowPartial<float>;
@@ -40,19 +39,10 @@ __device__ __forceinline__ Partial warp_sum(Partial p) {
   return p;
 }
 
-// Sum over a block of kThreads threads; the result is valid in thread 0. Called once per kernel.
-__device__ __forceinline__ Partial block_sum(Partial p) {
-  __shared__ Partial warp_sums[kThreads / kWarp];
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  p = warp_sum(p);
-  if (lane == 0) warp_sums[warp] = p;
-  __syncthreads();
-  if (warp == 0) {
-    p = lane < kThreads / kWarp ? warp_sums[lane] : Partial{};
-    p = warp_sum(p);
-  }
-  return p;
-}
+// warp_sum as a callable for block_sum.
+struct WarpSum {
+  __device__ __forceinline__ Partial operator()(Partial p) const { return warp_sum(p); }
+};
 
 // x, y, z are the term's inputs: (logp, old_logp, advantages) for PolicyTerm, (values, old_values, returns) for
 // ValueTerm. The term is evaluated for every token and dropped at padding by a select (never multiplied by the
@@ -72,7 +62,7 @@ __global__ void __launch_bounds__(kThreads)
     const TokenTerm tok = term(static_cast<float>(x[i]), static_cast<float>(y[i]), static_cast<float>(z[i]));
     if (mask[i]) add_token(p, tok);
   }
-  p = block_sum(p);
+  p = block_sum<kThreads>(p, WarpSum{});
   if (threadIdx.x == 0) rows[blockIdx.x] = p;
 }
 
@@ -86,7 +76,7 @@ __global__ void __launch_bounds__(kThreads)
                         float* __restrict__ approx_kl) {   // 0-dim out, or null
   Partial total{};
   for (int64_t b = threadIdx.x; b < B; b += kThreads) add_row(total, rows[b], mode);
-  total = block_sum(total);
+  total = block_sum<kThreads>(total, WarpSum{});
   if (threadIdx.x == 0) finish(total, mode, B, loss, clipfrac, approx_kl);
 }
 
@@ -107,7 +97,7 @@ __global__ void __launch_bounds__(kThreads)
     __shared__ int64_t shared_count;
     Partial p{};
     for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) p.count += mask[i];
-    p = block_sum(p);
+    p = block_sum<kThreads>(p, WarpSum{});
     if (threadIdx.x == 0) shared_count = p.count;
     __syncthreads();
     row_count = shared_count;
