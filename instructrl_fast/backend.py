@@ -62,8 +62,11 @@ def register(op: str, backend: str, *, family: str = "kernels") -> Callable[[Cal
 
 
 def implementation(op: str, backend: str) -> Callable:
-    """``op``'s implementation on ``backend`` (a name ``resolve`` returned)."""
-    return REGISTRY[op][backend]
+    """``op``'s implementation on ``backend`` (a name ``resolve`` returned); ``BackendError`` where it has none."""
+    impls = REGISTRY[op]
+    if backend not in impls:
+        raise BackendError(f"{op} has no {backend!r} implementation (it has {tuple(impls)})")
+    return impls[backend]
 
 
 def _check_name(name: str | None, family: str, what: str) -> str | None:

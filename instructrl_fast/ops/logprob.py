@@ -46,7 +46,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from instructrl_fast import _ext, batch_invariant
-from instructrl_fast.backend import REGISTRY, BackendError, implementation, register, resolve
+from instructrl_fast.backend import implementation, register, resolve
 from instructrl_fast.checks import (
     INDEX_DTYPES,
     check_float,
@@ -298,9 +298,6 @@ def _compiled_fwd(*args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 def _shard_fwd(backend: str, *args, invariant: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The shard-local forward (schema above) on ``backend``; ``invariant``: its batch-invariant implementation."""
-    if invariant and backend not in REGISTRY["logprob_fwd_invariant"]:
-        raise BackendError(f"the batch-invariant mode has no log-prob forward on the {backend!r} backend (it has "
-                           f"{tuple(REGISTRY['logprob_fwd_invariant'])})")
     return implementation("logprob_fwd_invariant" if invariant else "logprob_fwd", backend)(*args)
 
 

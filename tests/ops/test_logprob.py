@@ -679,6 +679,16 @@ def test_triton_invariant_forward_does_not_split_rows_by_batch_size(device, monk
     assert configs == {(kernels._MAX_BLOCK_V_GPU, 1, 8)}  # one program per row, the widest block, 8 warps
 
 
+def test_invariant_forward_refuses_a_backend_without_one():
+    """The cuda log-prob forward has no batch-invariant variant: asking for it is a BackendError naming the op and the
+    backends it has, not a KeyError (the registry's own check)."""
+    from instructrl_fast.backend import BackendError
+
+    logits, labels = torch.zeros(1, 2, 3), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(BackendError, match=r"logprob_fwd_invariant has no 'cuda' implementation \(it has"):
+        logprob_mod._shard_fwd("cuda", logits, labels, 1.0, IGNORE, 0, False, invariant=True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("shape", [(0, 5), (2, 0), (0,)], ids=["B=0", "T=0", "N=0"])
