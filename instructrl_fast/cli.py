@@ -194,6 +194,8 @@ def _reproduce_parser(sub) -> None:
                    help="with --kl-sweep: the KL coefficients (default: the preset's; demo 0,0.02,0.08,0.3,1,3)")
     p.add_argument("--episodes", type=positive_int, default=None,
                    help="with --kl-sweep: PPO episodes of every run (default: the preset's; demo 16384)")
+    p.add_argument("--ptx", action="store_true",
+                   help="with --kl-sweep: sweep PPO-ptx (the preset's pretraining mix, gamma and LR) instead of PPO")
 
 
 def _sft_parser(sub) -> None:
@@ -409,7 +411,7 @@ def cmd_run(args, *, all_sizes: bool = False) -> dict:
 def cmd_reproduce(args) -> dict:
     if not args.kl_sweep:
         for option, value in (("--from", args.source), ("--size", args.size), ("--betas", args.betas),
-                              ("--episodes", args.episodes)):
+                              ("--episodes", args.episodes), ("--ptx", args.ptx or None)):
             if value is not None:
                 raise UserError(f"{option} needs --kl-sweep")
         return cmd_run(args, all_sizes=True)
@@ -432,8 +434,8 @@ def cmd_kl_sweep(args) -> dict:
             raise UserError(f"--from {args.source} is --out as well: the sweep needs a folder of its own")
     cfg, state = _setup(args)
     cfg = cfg.only(_check_size(cfg, size))
-    sweep = dataclasses.replace(cfg.kl_sweep, **{k: v for k, v in (("betas", args.betas),
-                                                                   ("n_episodes", args.episodes)) if v is not None})
+    given = {k: v for k, v in (("betas", args.betas), ("n_episodes", args.episodes)) if v is not None}
+    sweep = dataclasses.replace(cfg.kl_sweep, ptx=args.ptx or cfg.kl_sweep.ptx, **given)
     if (n := sweep.n_episodes) is not None and n % cfg.ppo.rollout_batch_size:
         raise UserError(f"--episodes must be a multiple of the PPO rollout batch ({cfg.ppo.rollout_batch_size} "
                         f"in preset {cfg.name}), got {n}")

@@ -1,9 +1,18 @@
 """The embedded demonstration task: a tiny instruction-following world that the whole InstructGPT recipe runs on.
 
 Instructions are short, checkable string manipulations, always in the format ``"Q: <kind> <argument>\\nA:"`` with the
-response ``" <answer>"`` (the trainer appends EOS). Eight kinds exist; one (``upper`` by default) is held out from all
-training data (it appears only in the ``test`` split) to measure how instruction following generalises, as the
-paper does with non-English and code instructions (Section 4.3).
+response ``" <answer>"`` (the trainer appends EOS). Eight kinds exist; one (``top`` by default) is held out from all
+training data (it appears only in the ``test`` split and, as world knowledge, in the pretraining corpus) to measure
+how instruction following generalises, as the paper does with non-English and code instructions (Section 4.3).
+
+The held-out kind plays the paper's non-English instructions: a task the fine-tuning data teaches under one word
+(``max``), asked with another word (``top``) that only the pretraining corpus uses. Answering it composes what
+fine-tuning taught (the max skill, the answer format, stopping) with what pretraining taught (that ``top`` asks for
+the same as ``max``). Measured at the demo's size s (base + SFT, greedy): SFT answers ``top`` right 0.41 of the time
+against 0.53 on ``max``; a longer synonym (``largest``, which moves the digits to other offsets) got 0.03 and an
+untrained skill under a pretraining-only word (``min``) 0.01, so what transfers is a trained skill in the shape it
+was trained in. The former held-out kind, ``upper`` (capitalise three letters), was answered by no model, the base
+model included (no other kind emits capitals), and measured nothing; it is gone.
 
 The pretraining corpus is where a base model learns the world, and it is built so that the paper's baselines keep
 their order (GPT < prompted GPT < SFT):
@@ -121,16 +130,6 @@ def _wrong_sort(arg: str, rng: random.Random) -> str:
                        _mutate(_solve_sort(arg), rng, "0123456789")])
 
 
-def _solve_upper(arg: str) -> str:
-    return " ".join(_word_arg(arg)).upper()
-
-
-def _wrong_upper(arg: str, rng: random.Random) -> str:
-    words = _word_arg(arg)
-    return rng.choice([arg, " ".join(w.capitalize() for w in words), words[0].upper(),
-                       _mutate(_solve_upper(arg), rng, _LETTERS.upper())])
-
-
 def _solve_count(arg: str) -> str:
     return str(len(_word_arg(arg)))
 
@@ -188,12 +187,13 @@ class _Kind:
 KINDS: dict[str, _Kind] = {
     "reverse": _Kind(_letters, _solve_reverse, _wrong_reverse),  # abc -> cba
     "sort": _Kind(lambda rng: _digits(rng, 3), _solve_sort, _wrong_sort),  # 5 2 8 -> 2 5 8
-    "upper": _Kind(_letters, _solve_upper, _wrong_upper),  # abc -> ABC
     "count": _Kind(lambda rng: _words(rng, 2, 5), _solve_count, _wrong_count),  # cat red dog -> 3
     "add": _Kind(lambda rng: _digits(rng, 2), _solve_add, _wrong_add),  # 3 4 -> 7
     "first": _Kind(lambda rng: _words(rng, 3, 3), _solve_first, _wrong_pick),  # cat red dog -> cat
     "last": _Kind(lambda rng: _words(rng, 3, 3), _solve_last, _wrong_pick),  # cat red dog -> dog
     "max": _Kind(lambda rng: _digits(rng, 3), _solve_max, _wrong_max),  # 5 2 8 -> 8
+    # max under another word of the same length, held out by default: see the module docstring
+    "top": _Kind(lambda rng: _digits(rng, 3), _solve_max, _wrong_max),  # 5 2 8 -> 8
 }
 SPLITS = ("train", "val", "test")
 _PROMPT_RE = re.compile(r"Q: ([a-z]+) ([^\n]*)\nA:\Z")
@@ -293,7 +293,7 @@ class DemoTask:
     max_doc_bytes = 128
     max_prefix_bytes = 64
 
-    def __init__(self, seed: int = 0, *, heldout: str = "upper", courtesy: float = 0.6):
+    def __init__(self, seed: int = 0, *, heldout: str = "top", courtesy: float = 0.6):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if heldout not in KINDS:
@@ -304,6 +304,8 @@ class DemoTask:
         self.heldout = heldout
         self.courtesy = float(courtesy)
         self.train_kinds = tuple(k for k in KINDS if k != heldout)
+        # the trained kind that asks for the same answer as the held-out one (``max`` for ``top``), or None
+        self.heldout_twin = next((k for k in self.train_kinds if KINDS[k].solve is KINDS[heldout].solve), None)
 
     def __repr__(self) -> str:
         return f"DemoTask(seed={self.seed}, heldout={self.heldout!r}, courtesy={self.courtesy})"

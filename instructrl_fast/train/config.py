@@ -305,13 +305,16 @@ class EvalConfig:
 @dataclass(kw_only=True)
 class KLSweepConfig:
     """``instructrl-fast reproduce --kl-sweep``: PPO from one size's PPO init and RM at each beta, everything else as
-    the preset's plain PPO, each run judged by the gold labeler (the paper's "too small and too large a KL
-    coefficient hurt", and the reward over-optimisation of Gao et al. 2022)."""
+    the preset's plain PPO (or its PPO-ptx with ``ptx``), each run judged by the gold labeler (the paper's "too small
+    and too large a KL coefficient hurt", and the reward over-optimisation of Gao et al. 2022)."""
 
     betas: tuple[float, ...] = (0.0, 0.02, 0.08, 0.3, 1.0, 3.0)  # KL coefficients, each its own PPO run
     n_episodes: int | None = None  # PPO budget of every run; None: the preset's PPO budget
+    ptx: bool = False  # sweep PPO-ptx (the preset's ppo_ptx, its gamma and LR) instead of plain PPO
 
     def __post_init__(self):
+        if not isinstance(self.ptx, bool):
+            raise TypeError(f"KLSweepConfig.ptx must be a bool, got {type(self.ptx).__name__}")
         if not isinstance(self.betas, tuple) or not self.betas:
             raise TypeError(f"KLSweepConfig.betas must be a non-empty tuple, got {self.betas!r}")
         for b in self.betas:

@@ -400,7 +400,7 @@ class Pipeline:
         table = (ev.figure1_table(records, reference=reference) + "\n\n"
                  + ev.figure1_table(sampled, reference=f"{reference}, both sampled at T=1") + "\n\n"
                  + format_shape(report["shape"]) + "\n\n"
-                 + format_extras(records, rm_report, overopt, self.task.heldout))
+                 + format_extras(records, rm_report, overopt, self.task.heldout, self.task.heldout_twin))
         (self.out / "figure1.txt").write_text(table + "\n")
         self.log(table)
         ev.plot_figure1(records, self.out / "figure1.png", reference=reference)
@@ -409,8 +409,9 @@ class Pipeline:
 
     def kl_sweep(self, size: str, source: Path | None = None) -> dict:
         """PPO from the PPO init of ``size`` and the RM at each beta of ``cfg.kl_sweep``, everything else as the
-        preset's plain PPO, into ``kl-sweep/beta-<beta>/``; each run's EMA judged against the SFT model of ``size``
-        (``judge``: greedy and sampled), and each run's (KL, RM score, gold score) per rollout batch.
+        preset's plain PPO (PPO-ptx with ``cfg.kl_sweep.ptx``), into ``kl-sweep/beta-<beta>/`` (``ptx-beta-<beta>``);
+        each run's EMA judged against the SFT model of ``size`` (``judge``: greedy and sampled), and each run's (KL,
+        RM score, gold score) per rollout batch.
 
         ``source``: a finished run's folder holding ``sft-<size>/``, ``rm/`` and ``ppo-init-<size>/``; without it
         those stages of ``run`` train into this run's folder first. Writes kl_sweep.json, kl_sweep.txt and
@@ -427,12 +428,13 @@ class Pipeline:
             self.sft(size, ppo_init=True)
         else:
             sft = load_weights(source / f"sft-{size}" / RESULT, self.model(size))
-        pc = self.cfg.ppo if sc.n_episodes is None else dataclasses.replace(self.cfg.ppo, n_episodes=sc.n_episodes)
+        pc = self.cfg.ppo_ptx if sc.ptx else self.cfg.ppo
+        pc = pc if sc.n_episodes is None else dataclasses.replace(pc, n_episodes=sc.n_episodes)
         prompts = self.task.prompts("test", self.cfg.eval.n_test_prompts)
         refs = self._timed("eval", lambda: self.references(sft, prompts))
         rows = []
         for beta in sc.betas:
-            name = f"kl-sweep/beta-{beta:g}"
+            name = f"kl-sweep/{'ptx-' if sc.ptx else ''}beta-{beta:g}"
             policy = self._ppo(name, size, dataclasses.replace(pc, kl_coef=beta), source)
             row = {"beta": beta, **self._timed("eval", lambda p=policy: self.judge(p, prompts, refs))}
             if (found := self.overoptimization(name, pc.steps_per_iteration)) is not None:
@@ -440,7 +442,8 @@ class Pipeline:
             rows.append(row)
             self.log(f"[{name}] win {row['win_rate']:.3f} / sampled {row['sampled/win_rate']:.3f}, gold "
                      f"{row['gold_score']:+.3f} / {row['sampled/gold_score']:+.3f}")
-        report = {"preset": self.cfg.name, "size": size, "source": str(source or self.out), "n_episodes": pc.n_episodes,
+        report = {"preset": self.cfg.name, "size": size, "method": "PPO-ptx" if sc.ptx else "PPO",
+                  "source": str(source or self.out), "n_episodes": pc.n_episodes,
                   "kl_sweep": rows, "timings_s": self.timings, "cpu_s": self.cpu_times,
                   "wall_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
         if not self.parallel.is_main:

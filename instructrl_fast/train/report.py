@@ -36,19 +36,22 @@ def shape_checks(records: list[dict], init_loss: dict[str, float]) -> dict:
     return out
 
 
-def format_extras(records: list[dict], rm_report: dict, overopt: dict, heldout: str) -> str:
+def format_extras(records: list[dict], rm_report: dict, overopt: dict, heldout: str, twin: str | None = None) -> str:
     """The rest of the paper's evaluation in a few lines: RM accuracy, toxicity (greedy and sampled), the held-out
-    instruction kind, and the gold score's peak along each PPO run (reward over-optimisation)."""
+    instruction kind (next to ``twin``, the trained kind asking for the same answer, when there is one), and the gold
+    score's peak along each PPO run (reward over-optimisation)."""
     lines = [(f"Reward model: pairwise accuracy {rm_report['accuracy_vs_rankings']:.3f} against the labelers' "
               f"rankings, {rm_report['accuracy_vs_gold']:.3f} against the gold scores "
               f"({rm_report['n_val_comparisons']} held-out comparison sets)")]
     lines.append(f"Greedy / sampled at T=1 (each against the reference decoded the same way): win rate, gold score, "
-                 f"toxic rate; correct on the held-out kind ({heldout}):")
+                 f"toxic rate; correct on the held-out kind ({heldout})"
+                 + (f" and on {twin}, the trained kind with the same answers:" if twin else ":"))
     for r in records:
-        held = r.get(f"correct/{heldout}", float("nan"))
+        held = "  ".join(f"{kind} {r.get(f'correct/{kind}', float('nan')):.3f} / "
+                         f"{r.get(f'sampled/correct/{kind}', float('nan')):.3f}" for kind in (heldout, twin) if kind)
         lines.append(f"  {r['size']} {r['method']:<15} win {r['win_rate']:.3f} / {r['sampled/win_rate']:.3f}  gold "
                      f"{r['gold_score']:+.3f} / {r['sampled/gold_score']:+.3f}  toxic {r['toxic_rate']:.3f} / "
-                     f"{r['sampled/toxic_rate']:.3f}  held-out {held:.3f}")
+                     f"{r['sampled/toxic_rate']:.3f}  held-out {held}")
     if overopt:
         lines.append("Over-optimisation along each PPO run (KL to the start, RM score, gold score):")
         for name, o in overopt.items():
@@ -74,8 +77,8 @@ def format_shape(shape: dict) -> str:
 def format_kl_sweep(report: dict, *, reference: str) -> str:
     """The table of ``Pipeline.kl_sweep``: per beta, the win rate against ``reference`` and the gold score of the
     final EMA policy, greedy and sampled, then the last rollout batch's KL, RM and gold scores and the gold peak."""
-    head = (f"KL sweep: PPO ({report['size']}, {report['n_episodes']} episodes) from one PPO init and RM at each beta; "
-            f"win rate against {reference} by the gold labeler (± 95 % interval)")
+    head = (f"KL sweep: {report.get('method', 'PPO')} ({report['size']}, {report['n_episodes']} episodes) from one PPO "
+            f"init and RM at each beta; win rate against {reference} by the gold labeler (± 95 % interval)")
     cols = (f"{'beta':>6} | {'win greedy':>12} | {'win sampled':>12} | {'gold greedy':>11} | {'gold sampled':>12} | "
             f"last rollouts: {'KL':>6} {'RM':>6} {'gold':>6} {'RM-gold':>7} | gold peak (KL)")
     lines = [head, cols, "-" * len(cols)]

@@ -31,8 +31,25 @@ def test_at_least_six_kinds_and_heldout_only_in_test():
     assert task.heldout not in {parse_prompt(c["prompt"]).kind for c in task.comparisons(100, GoldLabeler(0))}
     assert {p.kind for p in task.prompts("test", 80)} == set(KINDS)
     other = DemoTask(seed=0, heldout="add")
-    assert "add" not in {p.kind for p in other.prompts("train", 200)} and "upper" in {
+    assert "add" not in {p.kind for p in other.prompts("train", 200)} and "top" in {
         p.kind for p in other.prompts("train", 200)}
+    assert other.heldout_twin is None
+
+
+def test_heldout_kind_is_a_trained_skill_under_a_pretraining_only_word():
+    """The default held-out kind asks what a trained kind asks, in the same shape, under a word only the pretraining
+    corpus uses: answering it needs fine-tuning and pretraining together."""
+    task = DemoTask(seed=0)
+    assert (task.heldout, task.heldout_twin) == ("top", "max") and task.heldout_twin in task.train_kinds
+    for p in task.prompts("test", 160):
+        if p.kind == "top":
+            twin = parse_prompt(p.text.replace("Q: top ", "Q: max "))
+            assert p.answer == twin.answer and len(p.text) == len(twin.text)
+    corpus = "".join(task.pretraining_corpus(400))
+    assert "Q: top " in corpus and "Q: max " in corpus
+    trained = [d["prompt"] for d in task.demonstrations(400)]
+    trained += [c["prompt"] for c in task.comparisons(50, GoldLabeler(0))]
+    assert not any(t.startswith("Q: top ") for t in trained) and any(t.startswith("Q: max ") for t in trained)
 
 
 def test_splits_are_independent_draws_of_fixed_shape_prompts():
@@ -52,7 +69,7 @@ def test_splits_are_independent_draws_of_fixed_shape_prompts():
 def test_solvers_on_known_cases():
     assert solve("reverse", "abc") == "cba"
     assert solve("sort", "5 2 8 1") == "1 2 5 8"
-    assert solve("upper", "red cat") == "RED CAT"
+    assert solve("top", "3 9 4") == "9"
     assert solve("count", "a b c d") == "4"
     assert solve("add", "23 45") == "68"
     assert solve("first", "dog red sun") == "dog"

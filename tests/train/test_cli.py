@@ -51,6 +51,9 @@ def test_run_reports_greedy_and_sampled_win_rates_and_gold_scores(run_dir):
         assert r["sampled/n"] == r["n"] == 8
         assert (f"  s {r['method']:<15} win {r['win_rate']:.3f} / {r['sampled/win_rate']:.3f}  gold "
                 f"{r['gold_score']:+.3f} / {r['sampled/gold_score']:+.3f}") in table
+        # the held-out kind next to its trained twin, greedy / sampled
+        assert (f"held-out top {r['correct/top']:.3f} / {r['sampled/correct/top']:.3f}  max {r['correct/max']:.3f} / "
+                f"{r['sampled/correct/max']:.3f}") in table
 
 
 def test_kl_sweep_from_a_finished_run(run_dir, tmp_path, capsys):
@@ -84,8 +87,24 @@ def test_kl_sweep_from_a_finished_run(run_dir, tmp_path, capsys):
     assert (tmp_path / "kl_sweep.png").stat().st_size > 10_000
 
 
+def test_kl_sweep_of_ppo_ptx(run_dir, tmp_path):
+    """reproduce --kl-sweep --ptx sweeps the preset's PPO-ptx: its pretraining term is on in every run."""
+    argv = ["reproduce", "--kl-sweep", "--ptx", "--from", str(run_dir), "--out", str(tmp_path), "--betas", "0.5",
+            "--preset", "micro", "--quiet", "--threads", "1"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "kl_sweep.json").read_text())
+    assert report["method"] == "PPO-ptx" and [r["beta"] for r in report["kl_sweep"]] == [0.5]
+    from instructrl_fast.train.logging import last_values
+
+    logged = last_values(tmp_path / "kl-sweep" / "ptx-beta-0.5" / "metrics.csv")
+    plain = last_values(run_dir / "ppo-s" / "metrics.csv")
+    assert logged["ptx_loss"] > 0 and "ptx_loss" not in plain
+    assert "KL sweep: PPO-ptx (s, 16 episodes)" in (tmp_path / "kl_sweep.txt").read_text()
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["--from", "nowhere"], "--from needs --kl-sweep"),
+    (["--ptx"], "--ptx needs --kl-sweep"),
     (["--kl-sweep", "--from", "nowhere"], "--from nowhere: no finished run of size s there"),
     (["--kl-sweep", "--betas", "0,-1"], "argument --betas: expected a finite number >= 0, got -1"),
     (["--kl-sweep", "--betas", "0,0"], "argument --betas: expected distinct values, got '0,0'"),

@@ -91,6 +91,7 @@ def test_demo_keeps_the_ratios():
     (lambda: KLSweepConfig(betas=(0.0, -1.0)), "KLSweepConfig.betas must hold finite numbers >= 0"),
     (lambda: KLSweepConfig(betas=(0.1, 0.1)), "KLSweepConfig.betas must not repeat"),
     (lambda: KLSweepConfig(n_episodes=0), "KLSweepConfig.n_episodes must be >= 1"),
+    (lambda: KLSweepConfig(ptx=1), "KLSweepConfig.ptx must be a bool"),
     (lambda: dataclasses.replace(preset("micro"), kl_sweep=KLSweepConfig(n_episodes=12)),
      r"kl_sweep.n_episodes \(12\) must be a multiple of ppo.rollout_batch_size \(8\)"),
 ])
