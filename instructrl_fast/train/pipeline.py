@@ -443,6 +443,7 @@ class Pipeline:
             self.log(f"[{name}] win {row['win_rate']:.3f} / sampled {row['sampled/win_rate']:.3f}, gold "
                      f"{row['gold_score']:+.3f} / {row['sampled/gold_score']:+.3f}")
         report = {"preset": self.cfg.name, "size": size, "method": "PPO-ptx" if sc.ptx else "PPO",
+                  "heldout": self.task.heldout,
                   "source": str(source or self.out), "n_episodes": pc.n_episodes,
                   "kl_sweep": rows, "timings_s": self.timings, "cpu_s": self.cpu_times,
                   "wall_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}

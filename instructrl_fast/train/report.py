@@ -76,11 +76,15 @@ def format_shape(shape: dict) -> str:
 
 def format_kl_sweep(report: dict, *, reference: str) -> str:
     """The table of ``Pipeline.kl_sweep``: per beta, the win rate against ``reference`` and the gold score of the
-    final EMA policy, greedy and sampled, then the last rollout batch's KL, RM and gold scores and the gold peak."""
+    final EMA policy, greedy and sampled, then the last rollout batch's KL, RM and gold scores and the gold peak, and
+    the share of right answers on the held-out kind (greedy / sampled) when the report names it."""
     head = (f"KL sweep: {report.get('method', 'PPO')} ({report['size']}, {report['n_episodes']} episodes) from one PPO "
             f"init and RM at each beta; win rate against {reference} by the gold labeler (± 95 % interval)")
     cols = (f"{'beta':>6} | {'win greedy':>12} | {'win sampled':>12} | {'gold greedy':>11} | {'gold sampled':>12} | "
             f"last rollouts: {'KL':>6} {'RM':>6} {'gold':>6} {'RM-gold':>7} | gold peak (KL)")
+    heldout = report.get("heldout")
+    if heldout:
+        cols += f" | held-out {heldout}"
     lines = [head, cols, "-" * len(cols)]
     for r in report["kl_sweep"]:
         line = (f"{r['beta']:>6g} | {_interval(r['win_rate'], r['n']):>12} | "
@@ -89,5 +93,8 @@ def format_kl_sweep(report: dict, *, reference: str) -> str:
         if "final_kl" in r:
             line += (f"{'':>14} {r['final_kl']:>6.2f} {r['final_rm']:>+6.3f} {r['final_gold']:>+6.3f} "
                      f"{r['final_rm'] - r['final_gold']:>+7.3f} | {r['gold_peak']:+.3f} ({r['kl_at_gold_peak']:.2f})")
+        if heldout:
+            nan = float("nan")
+            line += f" | {r.get(f'correct/{heldout}', nan):.3f} / {r.get(f'sampled/correct/{heldout}', nan):.3f}"
         lines.append(line)
     return "\n".join(lines)

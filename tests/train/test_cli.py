@@ -78,6 +78,8 @@ def test_kl_sweep_from_a_finished_run(run_dir, tmp_path, capsys):
     text = (tmp_path / "kl_sweep.txt").read_text()
     assert "KL sweep: PPO (s, 16 episodes)" in text and "win rate against SFT (s)" in text
     assert [line.split("|")[0].strip() for line in text.splitlines()[3:]] == ["0", "10000"]
+    assert text.splitlines()[1].endswith("| held-out top") and text.splitlines()[3].endswith(
+        f"| {report['kl_sweep'][0]['correct/top']:.3f} / {report['kl_sweep'][0]['sampled/correct/top']:.3f}")
     capsys.readouterr()
     before = (tmp_path / "kl-sweep" / "beta-0" / "model.safetensors").stat().st_mtime_ns
     assert main([*argv, "--resume"]) == 0
