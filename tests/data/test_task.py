@@ -192,3 +192,20 @@ def test_bad_arguments():
         DemoTask(seed="0")
     with pytest.raises(ValueError, match="k_range"):
         task.comparisons(2, GoldLabeler(0), k_range=(1, 3))
+
+
+def test_heldout_ablation_variants_swap_the_kind_and_restore_the_task():
+    """bench/heldout_ablation.py's variants replace ``top`` in the corpus and the test split, and leave the task as
+    it was afterwards."""
+    from bench.heldout_ablation import task_variant
+
+    before = (dict(KINDS), DemoTask.kinds, DemoTask(seed=0).prompts("test", 16))
+    with task_variant("min"):
+        task = DemoTask(seed=0)
+        assert task.heldout == "min" and "top" not in task.kinds and task.heldout_twin is None
+        mins = [p for p in task.prompts("test", 64) if p.kind == "min"]
+        assert mins and all(p.answer == str(min(int(d) for d in p.text.split()[2:5])) for p in mins)
+        assert "Q: min " in "".join(task.pretraining_corpus(200)) and "min" not in task.train_kinds
+    with task_variant("largest"):
+        assert DemoTask(seed=0).heldout_twin == "max"
+    assert (dict(KINDS), DemoTask.kinds, DemoTask(seed=0).prompts("test", 16)) == before
