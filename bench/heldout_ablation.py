@@ -11,7 +11,12 @@ selects among epochs by RM score, so its SFT model can differ) and prints, for t
 
     python bench/heldout_ablation.py --out runs/heldout-ablation     # about 3 min of CPU per variant at 1 thread
 
-Writes ``heldout_ablation.json`` under ``--out`` (default also copied to bench/results/instructgpt_demo/heldout/).
+``--run RUN`` instead judges the five models of a finished ``instructrl-fast run`` (size s: GPT, GPT (prompted),
+SFT, PPO, PPO-ptx) on ``--prompts-per-kind`` prompts of ``top`` and of ``max`` (``run`` itself sees 32 of each, too
+few to compare models on one kind).
+
+Writes ``heldout_ablation.json`` (``heldout_run.json`` with ``--run``) under ``--out``, and a copy in
+bench/results/instructgpt_demo/heldout/ unless ``--no-save``.
 """
 
 from __future__ import annotations
@@ -78,11 +83,9 @@ def measure(heldout: str, out: Path, per_kind: int) -> dict:
     from instructrl_fast.parallel import init_distributed
     from instructrl_fast.train import evaluate as ev
     from instructrl_fast.train.config import preset
-    from instructrl_fast.train.pipeline import Pipeline
 
-    cfg = preset("demo").only("s")
     with task_variant(heldout):
-        pipe = Pipeline(cfg, out / heldout, parallel=init_distributed(1), resume=True, log=lambda *a: None)
+        pipe = _pipeline(preset("demo").only("s"), out / heldout, init_distributed(1))
         t0 = time.process_time()
         base, sft = pipe.base("s"), pipe.sft("s")
         cpu = time.process_time() - t0
@@ -98,11 +101,43 @@ def measure(heldout: str, out: Path, per_kind: int) -> dict:
     return row
 
 
+def judge_run(run: Path, per_kind: int) -> list[dict]:
+    """Right answers on ``top`` and ``max`` of each model of the finished size-s ``run``, greedy and sampled."""
+    from instructrl_fast.parallel import init_distributed
+    from instructrl_fast.train import evaluate as ev
+    from instructrl_fast.train.assembly import RESULT
+    from instructrl_fast.train.config import preset
+    from instructrl_fast.weights import load_weights
+
+    pipe = _pipeline(preset("demo").only("s"), run, init_distributed(1))
+    prompts = [p for p in pipe.task.prompts("test", per_kind * len(pipe.task.kinds)) if p.kind in ("top", "max")]
+    models = {"GPT": ("base-s", ""), "GPT (prompted)": ("base-s", pipe.task.few_shot_prefix()), "SFT": ("sft-s", ""),
+              "PPO": ("ppo-s", ""), "PPO-ptx": ("ppo-ptx-s", "")}
+    rows = []
+    for method, (stage, prefix) in models.items():
+        model = load_weights(run / stage / RESULT, pipe.model("s"))
+        row = {"method": method, "stage": stage, "n_per_kind": per_kind}
+        for mode, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+            found = ev.evaluate_policy(pipe.answers(model, prompts, temperature=temperature, prefix=prefix),
+                                       prompts, pipe.labeler)
+            row.update({f"{mode} {kind}": found[f"correct/{kind}"] for kind in ("top", "max")})
+        rows.append(row)
+    return rows
+
+
+def _pipeline(cfg, out: Path, parallel):
+    from instructrl_fast.train.pipeline import Pipeline
+
+    return Pipeline(cfg, out, parallel=parallel, resume=True, log=lambda *a: None)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/heldout-ablation"), help="training folders")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {tuple(VARIANTS)}")
     p.add_argument("--prompts-per-kind", type=int, default=64, help="test prompts of each kind (default 64)")
+    p.add_argument("--run", type=Path, default=None, metavar="RUN",
+                   help="judge the models of this finished `instructrl-fast run` (size s) instead of training")
     p.add_argument("--no-save", action="store_true", help="do not copy the JSON into bench/results/")
     args = p.parse_args(argv)
     variants = args.variants.split(",")
@@ -111,6 +146,19 @@ def main(argv=None) -> None:
     if args.prompts_per_kind < 1:
         p.error(f"--prompts-per-kind must be >= 1, got {args.prompts_per_kind}")
     torch.set_num_threads(1)
+    from bench.common import git_sha
+
+    if args.run is not None:
+        if not (args.run / "ppo-ptx-s" / "model.safetensors").is_file():
+            p.error(f"--run {args.run}: no finished `instructrl-fast run` of size s there (no ppo-ptx-s/)")
+        rows = judge_run(args.run, args.prompts_per_kind)
+        print(f"{args.run}: right answers on top (held out) / on max (trained), {args.prompts_per_kind} prompts each; "
+              f"greedy | sampled at T=1")
+        for r in rows:
+            print(f"  {r['method']:<15} {r['greedy top']:.3f} / {r['greedy max']:.3f} | "
+                  f"{r['sampled top']:.3f} / {r['sampled max']:.3f}")
+        _write(args, "heldout_run.json", {"git_sha": git_sha(), "threads": 1, "run": str(args.run), "rows": rows})
+        return
     rows = []
     for v in variants:
         rows.append(measure(v, args.out, args.prompts_per_kind))
@@ -119,14 +167,14 @@ def main(argv=None) -> None:
         for name in ("GPT (prompted)", "SFT"):
             print(f"  {name:<15} {r[f'{name} greedy {v}']:.3f} / {r[f'{name} greedy max']:.3f} | "
                   f"{r[f'{name} sampled {v}']:.3f} / {r[f'{name} sampled max']:.3f}", flush=True)
-    from bench.common import git_sha
+    _write(args, "heldout_ablation.json", {"git_sha": git_sha(), "threads": 1, "rows": rows})
 
-    report = {"git_sha": git_sha(), "threads": 1, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "heldout_ablation.json").write_text(json.dumps(report, indent=1))
-    if not args.no_save:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "heldout_ablation.json").write_text(json.dumps(report, indent=1))
+
+def _write(args, name: str, report: dict) -> None:
+    for folder in (args.out, None if args.no_save else RESULTS):
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":
