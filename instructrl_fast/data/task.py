@@ -8,10 +8,10 @@ how instruction following generalises, as the paper does with non-English and co
 The held-out kind plays the paper's non-English instructions: a task the fine-tuning data teaches under one word
 (``max``), asked with another word (``top``) that only the pretraining corpus uses. Answering it composes what
 fine-tuning taught (the max skill, the answer format, stopping) with what pretraining taught (that ``top`` asks for
-the same as ``max``). Measured at the demo's size s (base + SFT, greedy): SFT answers ``top`` right 0.41 of the time
-against 0.53 on ``max``; a longer synonym (``largest``, which moves the digits to other offsets) got 0.03 and an
-untrained skill under a pretraining-only word (``min``) 0.01, so what transfers is a trained skill in the shape it
-was trained in. The former held-out kind, ``upper`` (capitalise three letters), was answered by no model, the base
+the same as ``max``). Measured at the demo's size s (greedy, bench/heldout_ablation.py): SFT answers ``top`` right
+0.43 of the time against 0.43 on ``max``; held out instead, a longer synonym (``largest``, which moves the digits to
+other offsets) got 0.03 and an untrained skill under a pretraining-only word (``min``) 0.02, so what transfers is a
+trained skill in the shape it was trained in. The former held-out kind, ``upper`` (capitalise three letters), was answered by no model, the base
 model included (no other kind emits capitals), and measured nothing; it is gone.
 
 The pretraining corpus is where a base model learns the world, and it is built so that the paper's baselines keep
