@@ -11,8 +11,8 @@ fine-tuning taught (the max skill, the answer format, stopping) with what pretra
 the same as ``max``). Measured at the demo's size s (greedy, bench/heldout_ablation.py): SFT answers ``top`` right
 0.43 of the time against 0.43 on ``max``; held out instead, a longer synonym (``largest``, which moves the digits to
 other offsets) got 0.03 and an untrained skill under a pretraining-only word (``min``) 0.02, so what transfers is a
-trained skill in the shape it was trained in. The former held-out kind, ``upper`` (capitalise three letters), was answered by no model, the base
-model included (no other kind emits capitals), and measured nothing; it is gone.
+trained skill in the shape it was trained in. The former held-out kind, ``upper`` (capitalise three letters), was
+answered by no model, the base model included (no other kind emits capitals), and measured nothing; it is gone.
 
 The pretraining corpus is where a base model learns the world, and it is built so that the paper's baselines keep
 their order (GPT < prompted GPT < SFT):
