@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -38,22 +39,19 @@ RESULTS = Path(__file__).resolve().parent / "results" / "instructgpt_demo" / "he
 
 
 def _solve_min(arg: str) -> str:
-    return str(min(demo_task._int_arg(arg)))
+    return str(min(int(d) for d in arg.split()))
 
 
 def _wrong_min(arg: str, rng) -> str:
-    vals = demo_task._int_arg(arg)
+    vals = [int(d) for d in arg.split()]
     return rng.choice([str(max(vals)), str(vals[0]), str(min(vals) + 1)])
 
 
-def _digits(rng) -> str:
-    return demo_task._digits(rng, 3)
-
-
+# each a kind spec like KINDS' entries (argument maker, solver, wrong-answer maker), built from max's
 VARIANTS = {
     "top": None,  # the demo task as it is
-    "largest": demo_task._Kind(_digits, demo_task._solve_max, demo_task._wrong_max),
-    "min": demo_task._Kind(_digits, _solve_min, _wrong_min),
+    "largest": demo_task.KINDS["max"],
+    "min": dataclasses.replace(demo_task.KINDS["max"], solve=_solve_min, wrong=_wrong_min),
 }
 
 
