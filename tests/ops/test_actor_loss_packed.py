@@ -6,9 +6,11 @@ import itertools
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from instructrl_fast.backend import use_backend
 from instructrl_fast.ops import ActorLossConfig, PolicyLossConfig, ppo_actor_loss
+from tests._dist import leave_worker
 from tests.conftest import DEVICE
 from tests.ops._sync import NoHostSync, as_on_device
 from tests.ops.test_actor_loss import (
@@ -16,11 +18,13 @@ from tests.ops.test_actor_loss import (
     CORRECTIONS,
     GRAD_TOL,
     IGNORE,
+    WORLD,
     _assert_matches,
     _inputs,
     _ours,
     _policy_setup,
     _reference,
+    _spawn_tp,
 )
 from tests.reference import policy_actor_loss_ref, unpad_rows
 
@@ -139,6 +143,43 @@ def test_policy_packed_equals_padded(backend, loss_type, corr_name, reduction, m
 @pytest.mark.parametrize("loss_type,corr_name", [("vanilla", "seq"), ("gspo", "none")])
 def test_policy_packed_equals_padded_triton(backend, loss_type, corr_name):
     _policy_case(backend, loss_type, "seq_mean_token_mean", corr_name)
+
+
+def _tp_packed_worker(rank: int, init_file: str, backends: list[str]) -> None:
+    """A packed batch under a 2-way vocab split: a fused type with a token correction, the two-pass gspo with a
+    sequence correction, and the PPO surrogate, each equal to the unsharded packed call on every rank."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        V = 131  # per rank
+        shard, cu = slice(rank * V, (rank + 1) * V), _cu()
+        for name in backends:
+            for loss_type, corr_name in (("dppo_kl", "tis"), ("gspo", "seq"), (None, "none")):
+                hidden, weight, rest, cfg, kwargs, _ = _policy_setup(loss_type or "vanilla", "seq_mean_token_mean",
+                                                                     corr_name, shape=(len(LENGTHS), L, 8, WORLD * V))
+                if loss_type is None:  # the plain PPO surrogate (no policy type)
+                    cfg = ActorLossConfig(reduction="seq_mean_token_mean", kl_coef=0.1, entropy_coef=0.05)
+                rest = tuple(_pack(x, cu) for x in (*rest[:3], _cut(rest[3])))
+                packed_kw = {**{k: _pack(v, cu) for k, v in kwargs.items()}, "cu_seqlens": cu}
+                ref = _ours(name, _pack(hidden, cu), weight, rest, cfg, 0.9, packed_kw)
+                loss, stats, gh, gw = _ours(name, _pack(hidden, cu), weight[shard], rest, cfg, 0.9, packed_kw,
+                                            tp_group=dist.group.WORLD)
+                what = f"rank {rank}, backend {name}, {loss_type}, {corr_name}"
+                torch.testing.assert_close(loss, ref[0], rtol=1e-5, atol=1e-6, msg=f"{what}: loss")
+                assert set(stats) == set(ref[1])
+                for key in ref[1]:
+                    torch.testing.assert_close(stats[key], ref[1][key], rtol=1e-5, atol=1e-6, msg=f"{what}: {key}")
+                torch.testing.assert_close(gh, ref[2], **GRAD_TOL, msg=f"{what}: grad hidden (all-reduced)")
+                torch.testing.assert_close(gw, ref[3][shard], **GRAD_TOL, msg=f"{what}: grad weight shard")
+                assert gh.abs().sum() > 0 and gw.abs().sum() > 0
+        dist.barrier()  # neither rank tears the group down while the other still talks to it
+    finally:
+        dist.destroy_process_group()
+    leave_worker()
+
+
+@pytest.mark.dist
+def test_vocab_parallel_packed_equals_unsharded():
+    _spawn_tp(_tp_packed_worker)
 
 
 # ---------------------------------------------------------------------------------------------------------------
