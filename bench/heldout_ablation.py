@@ -79,7 +79,6 @@ def task_variant(heldout: str):
 
 def measure(heldout: str, out: Path, per_kind: int) -> dict:
     from instructrl_fast.parallel import init_distributed
-    from instructrl_fast.train import evaluate as ev
     from instructrl_fast.train.config import preset
 
     with task_variant(heldout):
@@ -91,18 +90,25 @@ def measure(heldout: str, out: Path, per_kind: int) -> dict:
                    if p.kind in (heldout, "max")]
         row = {"heldout": heldout, "n_per_kind": per_kind, "train_cpu_s": round(cpu, 1)}
         for name, model, prefix in (("GPT (prompted)", base, pipe.task.few_shot_prefix()), ("SFT", sft, "")):
-            for mode, temperature in (("greedy", 0.0), ("sampled", 1.0)):
-                found = ev.evaluate_policy(pipe.answers(model, prompts, temperature=temperature, prefix=prefix),
-                                           prompts, pipe.labeler)
-                for kind in (heldout, "max"):
-                    row[f"{name} {mode} {kind}"] = found[f"correct/{kind}"]
+            row.update({f"{name} {key}": v for key, v in _correct(pipe, model, prompts, prefix, heldout).items()})
     return row
+
+
+def _correct(pipe, model, prompts, prefix: str, heldout: str) -> dict[str, float]:
+    """``model``'s share of right answers on ``heldout`` and on ``max``, keyed "<greedy|sampled> <kind>"."""
+    from instructrl_fast.train import evaluate as ev
+
+    out = {}
+    for mode, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+        found = ev.evaluate_policy(pipe.answers(model, prompts, temperature=temperature, prefix=prefix), prompts,
+                                   pipe.labeler)
+        out.update({f"{mode} {kind}": found[f"correct/{kind}"] for kind in (heldout, "max")})
+    return out
 
 
 def judge_run(run: Path, per_kind: int) -> list[dict]:
     """Right answers on ``top`` and ``max`` of each model of the finished size-s ``run``, greedy and sampled."""
     from instructrl_fast.parallel import init_distributed
-    from instructrl_fast.train import evaluate as ev
     from instructrl_fast.train.assembly import RESULT
     from instructrl_fast.train.config import preset
     from instructrl_fast.weights import load_weights
@@ -114,12 +120,8 @@ def judge_run(run: Path, per_kind: int) -> list[dict]:
     rows = []
     for method, (stage, prefix) in models.items():
         model = load_weights(run / stage / RESULT, pipe.model("s"))
-        row = {"method": method, "stage": stage, "n_per_kind": per_kind}
-        for mode, temperature in (("greedy", 0.0), ("sampled", 1.0)):
-            found = ev.evaluate_policy(pipe.answers(model, prompts, temperature=temperature, prefix=prefix),
-                                       prompts, pipe.labeler)
-            row.update({f"{mode} {kind}": found[f"correct/{kind}"] for kind in ("top", "max")})
-        rows.append(row)
+        rows.append({"method": method, "stage": stage, "n_per_kind": per_kind,
+                     **_correct(pipe, model, prompts, prefix, "top")})
     return rows
 
 
