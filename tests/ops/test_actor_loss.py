@@ -586,6 +586,17 @@ def test_correction_without_policy_is_vanilla_policy_loss():
 WORLD = 2
 
 
+def assert_shard_matches(sharded, ref, shard: slice, what: str) -> None:
+    """(loss, stats, d hidden, d weight shard) of a vocab-parallel call against the unsharded call's ``ref``."""
+    loss, stats, gh, gw = sharded
+    torch.testing.assert_close(loss, ref[0], rtol=1e-5, atol=1e-6, msg=f"{what}: loss")
+    assert set(stats) == set(ref[1])
+    for key in ref[1]:
+        torch.testing.assert_close(stats[key], ref[1][key], rtol=1e-5, atol=1e-6, msg=f"{what}: {key}")
+    torch.testing.assert_close(gh, ref[2], **GRAD_TOL, msg=f"{what}: grad hidden (all-reduced)")
+    torch.testing.assert_close(gw, ref[3][shard], **GRAD_TOL, msg=f"{what}: grad weight shard")
+
+
 def _tp_worker(rank: int, init_file: str, backends: list[str]) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
@@ -604,14 +615,8 @@ def _tp_worker(rank: int, init_file: str, backends: list[str]) -> None:
                 full_kw = _ref_kwargs(kind, ref_logp, ref_hidden, ref_weight)
                 ref = _ours(name, hidden, weight, rest, cfg, 0.8, full_kw)
                 shard_kw = dict(full_kw, ref_weight=ref_weight[shard]) if kind == "full" else full_kw
-                loss, stats, gh, gw = _ours(name, hidden, weight[shard], rest, cfg, 0.8, shard_kw,
-                                            tp_group=dist.group.WORLD)
-                what = f"rank {rank}, backend {name}, {kind}"
-                torch.testing.assert_close(loss, ref[0], rtol=1e-5, atol=1e-6, msg=f"{what}: loss")
-                for key in ref[1]:
-                    torch.testing.assert_close(stats[key], ref[1][key], rtol=1e-5, atol=1e-6, msg=f"{what}: {key}")
-                torch.testing.assert_close(gh, ref[2], **GRAD_TOL, msg=f"{what}: grad hidden (all-reduced)")
-                torch.testing.assert_close(gw, ref[3][shard], **GRAD_TOL, msg=f"{what}: grad weight shard")
+                sharded = _ours(name, hidden, weight[shard], rest, cfg, 0.8, shard_kw, tp_group=dist.group.WORLD)
+                assert_shard_matches(sharded, ref, shard, f"rank {rank}, backend {name}, {kind}")
         dist.barrier()  # neither rank tears the group down while the other still talks to it
     finally:
         dist.destroy_process_group()
@@ -646,15 +651,8 @@ def _tp_policy_worker(rank: int, init_file: str, backends: list[str]) -> None:
                 hidden, weight, rest, cfg, kwargs, _ = _policy_setup(loss_type, "seq_mean_token_mean", corr_name,
                                                                      shape=(3, 5, 8, WORLD * V))
                 ref = _ours(name, hidden, weight, rest, cfg, 0.9, kwargs)
-                loss, stats, gh, gw = _ours(name, hidden, weight[shard], rest, cfg, 0.9, kwargs,
-                                            tp_group=dist.group.WORLD)
-                what = f"rank {rank}, backend {name}, {loss_type}, {corr_name}"
-                torch.testing.assert_close(loss, ref[0], rtol=1e-5, atol=1e-6, msg=f"{what}: loss")
-                assert set(stats) == set(ref[1])
-                for key in ref[1]:
-                    torch.testing.assert_close(stats[key], ref[1][key], rtol=1e-5, atol=1e-6, msg=f"{what}: {key}")
-                torch.testing.assert_close(gh, ref[2], **GRAD_TOL, msg=f"{what}: grad hidden (all-reduced)")
-                torch.testing.assert_close(gw, ref[3][shard], **GRAD_TOL, msg=f"{what}: grad weight shard")
+                sharded = _ours(name, hidden, weight[shard], rest, cfg, 0.9, kwargs, tp_group=dist.group.WORLD)
+                assert_shard_matches(sharded, ref, shard, f"rank {rank}, backend {name}, {loss_type}, {corr_name}")
         dist.barrier()
     finally:
         dist.destroy_process_group()
